@@ -1,0 +1,82 @@
+// Argument checks for the Python bindings: every array that reaches a kernel has been checked
+// for dtype, C-contiguity, writability and shape here, so bad input raises ValueError with a
+// message naming the function and argument, and never reaches C++ as a wild pointer.
+#pragma once
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace ftte {
+namespace py = pybind11;
+
+inline std::string shape_str(const py::array& a) {
+  std::ostringstream s;
+  s << "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s << (i ? ", " : "") << a.shape(i);
+  if (a.ndim() == 1) s << ",";
+  s << ")";
+  return s.str();
+}
+
+template <class T>
+inline const char* dtype_name();
+template <> inline const char* dtype_name<float>() { return "float32"; }
+template <> inline const char* dtype_name<int8_t>() { return "int8"; }
+template <> inline const char* dtype_name<uint8_t>() { return "uint8"; }
+template <> inline const char* dtype_name<int32_t>() { return "int32"; }
+
+[[noreturn]] inline void fail(const std::string& fn, const std::string& msg) {
+  throw py::value_error(fn + ": " + msg);
+}
+
+// Checks `a` is a C-contiguous array of T with ndim == dims.size(); dims entries >= 0 must match
+// exactly, -1 means any. Returns a pointer to its data.
+template <class T>
+T* checked(const std::string& fn, const char* name, const py::handle& obj, std::initializer_list<int64_t> dims,
+           bool writable = false) {
+  if (!py::isinstance<py::array>(obj)) fail(fn, std::string(name) + " must be a numpy array");
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(py::dtype::of<T>()))
+    fail(fn, std::string(name) + " must have dtype " + dtype_name<T>() + ", got " + std::string(py::str(a.dtype())));
+  if (a.ndim() != static_cast<py::ssize_t>(dims.size()))
+    fail(fn, std::string(name) + " must have " + std::to_string(dims.size()) + " dimensions, got shape " +
+                 shape_str(a));
+  int i = 0;
+  for (int64_t d : dims) {
+    if (d >= 0 && a.shape(i) != d) {
+      std::ostringstream s;
+      s << name << " has shape " << shape_str(a) << " but dimension " << i << " must be " << d;
+      fail(fn, s.str());
+    }
+    ++i;
+  }
+  if (!(a.flags() & py::array::c_style)) fail(fn, std::string(name) + " must be C-contiguous");
+  if (writable && !a.writeable()) fail(fn, std::string(name) + " must be writable");
+  return static_cast<T*>(const_cast<void*>(a.data()));
+}
+
+inline int64_t dim(const py::handle& obj, int i) { return py::reinterpret_borrow<py::array>(obj).shape(i); }
+
+// Output rows selection: None means all `n` rows. Checks range and uniqueness is the caller's
+// business only where it matters (gradients written to distinct slots need no uniqueness).
+inline std::vector<int32_t> rows_or_all(const std::string& fn, const py::handle& rows, int64_t n) {
+  std::vector<int32_t> out;
+  if (rows.is_none()) {
+    out.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = static_cast<int32_t>(i);
+    return out;
+  }
+  const int32_t* r = checked<int32_t>(fn, "rows", rows, {-1});
+  int64_t len = dim(rows, 0);
+  out.assign(r, r + len);
+  for (int32_t v : out)
+    if (v < 0 || v >= n) fail(fn, "rows holds " + std::to_string(v) + ", outside [0, " + std::to_string(n) + ")");
+  return out;
+}
+
+}  // namespace ftte
