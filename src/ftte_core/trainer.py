@@ -188,6 +188,29 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------------
     def step(self, x: np.ndarray, labels: np.ndarray) -> float:
         """One SGD step on a batch; returns the batch's mean loss before the update."""
+        loss = self._forward_backward(x, labels)
+        self._apply_update()
+        return loss
+
+    def gradients(self, x: np.ndarray, labels: np.ndarray) -> Tuple[float, Dict[str, np.ndarray]]:
+        """(mean loss, gradients of the subset's tensors) on a batch, without updating anything.
+
+        Keys and shapes follow ``Subset.tensors``: "layer.weight" -> [rows, row_size] for the
+        selected rows, "layer.bias" -> [1, out]. The arrays are copies.
+        """
+        loss = self._forward_backward(x, labels)
+        out = {}
+        for layer in self.model.param_layers:
+            g = self._grads.get(layer.name)
+            if g is None:
+                continue
+            if g.dw is not None:
+                out[f"{layer.name}.weight"] = g.dw.reshape(g.dw.shape[0], -1).copy()
+            if g.db is not None:
+                out[f"{layer.name}.bias"] = g.db.reshape(1, -1).copy()
+        return loss, out
+
+    def _forward_backward(self, x: np.ndarray, labels: np.ndarray) -> float:
         model = self.model
         n = x.shape[0]
         x = model.check_input(x)
@@ -238,7 +261,6 @@ class Trainer:
                            outputs[i] if layer.saves_output else None, dy, dx, self._scopes[i])
             dy = dx
 
-        self._apply_update()
         self._workspace_peak = max(self._workspace_peak, K.workspace_peak_bytes() - base)
         return float(loss)
 
