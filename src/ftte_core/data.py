@@ -112,6 +112,12 @@ class Dataset:
 
 # ----------------------------------------------------------------------------- loading
 
+def _one_line(e: BaseException) -> str:
+    """Library messages can span lines (NumPy header errors do); reports must not."""
+    msg = " ".join(str(e).split())
+    return msg if len(msg) <= 200 else msg[:197] + "..."
+
+
 def _read_npz(path) -> dict:
     """Read every array of an .npz without pickle; any failure becomes a one-line DataError."""
     where = f"data file {str(path)!r}"
@@ -126,15 +132,15 @@ def _read_npz(path) -> dict:
         if "pickle" in str(e):
             raise DataError(f"{where} is not an .npz archive (looks like pickled or unknown "
                             f"data; pickles are never loaded)") from None
-        raise DataError(f"{where} cannot be read: {e}") from None
+        raise DataError(f"{where} cannot be read: {_one_line(e)}") from None
     except EOFError:
         raise DataError(f"{where} is empty or truncated") from None
     except zipfile.BadZipFile as e:
-        raise DataError(f"{where} is not a valid .npz (corrupt zip: {e})") from None
+        raise DataError(f"{where} is not a valid .npz (corrupt zip: {_one_line(e)})") from None
     except OSError as e:
-        raise DataError(f"cannot read {where}: {e.strerror or e}") from None
+        raise DataError(f"cannot read {where}: {e.strerror or _one_line(e)}") from None
     except Exception as e:  # zip parsing can fail in more ways than zipfile documents
-        raise DataError(f"{where} cannot be read ({type(e).__name__}: {e})") from None
+        raise DataError(f"{where} cannot be read ({type(e).__name__}: {_one_line(e)})") from None
     if isinstance(obj, np.ndarray):
         raise DataError(f"{where} holds a single .npy array; expected an .npz archive with "
                         f"arrays 'x' and 'y'")
@@ -157,7 +163,7 @@ def _read_npz(path) -> dict:
                 if "allow_pickle" in str(e) or "pickle" in str(e):
                     raise DataError(f"{where}: array {k!r} is an object array, which needs "
                                     f"pickle to load; save plain numeric arrays instead") from None
-                raise DataError(f"{where}: array {k!r} cannot be read: {e}") from None
+                raise DataError(f"{where}: array {k!r} cannot be read: {_one_line(e)}") from None
             except MemoryError:
                 raise DataError(f"{where}: array {k!r} is too large for memory") from None
             except Exception as e:
@@ -165,7 +171,7 @@ def _read_npz(path) -> dict:
                 # parser (BadZipFile, zlib.error, EOFError, NotImplementedError for a garbled
                 # compression id, ...); the list is open-ended, the answer is the same.
                 raise DataError(f"{where}: array {k!r} is corrupt "
-                                f"({type(e).__name__}: {e})") from None
+                                f"({type(e).__name__}: {_one_line(e)})") from None
     return out
 
 
