@@ -1,34 +1,242 @@
-// Straightforward reference implementation; to be replaced by the packed, blocked version.
-#include "gemm.h"
+// Packed, cache-blocked SGEMM (BLIS structure):
+//   for jc over N in NC blocks, pc over K in KC blocks, ic over M in MC blocks:
+//     pack op(B)[pc:, jc:] into NR-column panels and op(A)[ic:, pc:] into MR-row panels
+//     (transposes and index gathers are applied here, so the micro-kernel only ever sees
+//     unit-stride, zero-padded panels), then run the MR x NR micro-kernel over C tiles.
+// Threads split only tiles of C; every C element sums its K blocks in the same order on one
+// thread, so the result is bit-identical for any thread count.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
+#include "gemm.h"
+#include "gemm_kernel.h"
 #include "parallel.h"
+#include "workspace.h"
 
 namespace ftte {
+namespace gemm_detail {
+namespace {
 
-static inline float a_at(const GemmOperand& A, int64_t i, int64_t k) {
-  int64_t r = A.index ? A.index[i] : i;
-  return A.trans ? A.data[k * A.ld + r] : A.data[r * A.ld + k];
+// ---- generic micro-kernel: GCC/Clang vector extensions, lowered to SSE2 / NEON / scalar ----
+typedef float v4sf __attribute__((vector_size(16)));
+
+template <int MR, int NV>  // NR = 4 * NV
+void ukernel_generic(int64_t kc, const float* A, const float* B, float* C, int64_t ldc, float alpha, float beta) {
+  constexpr int NR = 4 * NV;
+  v4sf acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = v4sf{0.f, 0.f, 0.f, 0.f};
+  for (int64_t k = 0; k < kc; ++k) {
+    v4sf b[NV];
+    std::memcpy(b, B, sizeof(b));  // memcpy: no aliasing/alignment assumptions, still one load
+    for (int i = 0; i < MR; ++i) {
+      const float s = A[i];
+      const v4sf a = {s, s, s, s};
+      for (int v = 0; v < NV; ++v) acc[i][v] += a * b[v];
+    }
+    A += MR;
+    B += NR;
+  }
+  const v4sf va = {alpha, alpha, alpha, alpha};
+  const v4sf vb = {beta, beta, beta, beta};
+  for (int i = 0; i < MR; ++i) {
+    float* c = C + i * ldc;
+    for (int v = 0; v < NV; ++v) {
+      v4sf r = va * acc[i][v];
+      if (beta != 0.f) {
+        v4sf old;
+        std::memcpy(&old, c + 4 * v, sizeof(old));
+        r += beta == 1.f ? old : vb * old;
+      }
+      std::memcpy(c + 4 * v, &r, sizeof(r));
+    }
+  }
 }
-static inline float b_at(const GemmOperand& B, int64_t k, int64_t j) {
-  int64_t c = B.index ? B.index[j] : j;
-  return B.trans ? B.data[c * B.ld + k] : B.data[k * B.ld + c];
+
+#if defined(__aarch64__)
+// 32 NEON registers: 8 x 12 uses 24 accumulators + 3 B vectors + 1 broadcast.
+constexpr int kGenMR = 8, kGenNV = 3;
+#else
+// 16 vector registers (SSE2, armv7 NEON): 6 x 8 uses 12 accumulators + 2 B + 1 broadcast.
+constexpr int kGenMR = 6, kGenNV = 2;
+#endif
+
+KernelInfo generic_kernel() { return {"generic", kGenMR, 4 * kGenNV, &ukernel_generic<kGenMR, kGenNV>}; }
+
+KernelInfo choose_kernel() {
+  const char* env = std::getenv("FTTE_GEMM_KERNEL");
+  const bool force_generic = env && std::strcmp(env, "generic") == 0;
+  (void)force_generic;
+#if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
+  __builtin_cpu_init();
+  if (!force_generic && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2_kernel();
+#endif
+  return generic_kernel();
 }
+
+const KernelInfo& kernel() {
+  static const KernelInfo k = choose_kernel();
+  return k;
+}
+
+// Cache blocking. KC * NR floats of B (16 KB for 16 x 256) stay in L1 while a micro-panel of A
+// streams; MC x KC of A (144 KB) sits in L2; NC bounds the packed B block (1 MB at KC = 256),
+// which matters on 1 GB boards more than the last few percent of speed.
+constexpr int64_t kKC = 256, kMC = 144, kNC = 1024;
+// Compute tasks are tiles of this many micro-tiles (fixed, not thread-count dependent).
+constexpr int64_t kTaskRowPanels = 8, kTaskColElems = 64;
+constexpr int kMaxMR = 16, kMaxNR = 16;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Ap[k*MR + ii] = op(A)(i0 + ii, p0 + k), rows past `rows` zero.
+void pack_a(const GemmOperand& A, int64_t i0, int64_t rows, int64_t p0, int64_t kc, int MR, float* dst) {
+  if (!A.trans) {
+    const float* src[kMaxMR];
+    for (int64_t ii = 0; ii < rows; ++ii) {
+      int64_t r = A.index ? A.index[i0 + ii] : i0 + ii;
+      src[ii] = A.data + r * A.ld + p0;
+    }
+    for (int64_t k = 0; k < kc; ++k) {
+      float* d = dst + k * MR;
+      for (int64_t ii = 0; ii < rows; ++ii) d[ii] = src[ii][k];
+      for (int64_t ii = rows; ii < MR; ++ii) d[ii] = 0.f;
+    }
+  } else {
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* s = A.data + (p0 + k) * A.ld;
+      float* d = dst + k * MR;
+      if (A.index) {
+        for (int64_t ii = 0; ii < rows; ++ii) d[ii] = s[A.index[i0 + ii]];
+      } else {
+        for (int64_t ii = 0; ii < rows; ++ii) d[ii] = s[i0 + ii];
+      }
+      for (int64_t ii = rows; ii < MR; ++ii) d[ii] = 0.f;
+    }
+  }
+}
+
+// Bp[k*NR + jj] = op(B)(p0 + k, j0 + jj), columns past `cols` zero.
+void pack_b(const GemmOperand& B, int64_t j0, int64_t cols, int64_t p0, int64_t kc, int NR, float* dst) {
+  if (!B.trans) {
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* s = B.data + (p0 + k) * B.ld;
+      float* d = dst + k * NR;
+      if (B.index) {
+        for (int64_t jj = 0; jj < cols; ++jj) d[jj] = s[B.index[j0 + jj]];
+      } else {
+        for (int64_t jj = 0; jj < cols; ++jj) d[jj] = s[j0 + jj];
+      }
+      for (int64_t jj = cols; jj < NR; ++jj) d[jj] = 0.f;
+    }
+  } else {
+    const float* src[kMaxNR];
+    for (int64_t jj = 0; jj < cols; ++jj) {
+      int64_t c = B.index ? B.index[j0 + jj] : j0 + jj;
+      src[jj] = B.data + c * B.ld + p0;
+    }
+    for (int64_t k = 0; k < kc; ++k) {
+      float* d = dst + k * NR;
+      for (int64_t jj = 0; jj < cols; ++jj) d[jj] = src[jj][k];
+      for (int64_t jj = cols; jj < NR; ++jj) d[jj] = 0.f;
+    }
+  }
+}
+
+void scale_c(int64_t M, int64_t N, float beta, float* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) {
+    float* c = C + i * ldc;
+    if (beta == 0.f)
+      std::fill(c, c + N, 0.f);
+    else if (beta != 1.f)
+      for (int64_t j = 0; j < N; ++j) c[j] *= beta;
+  }
+}
+
+}  // namespace
+}  // namespace gemm_detail
 
 void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, const GemmOperand& B, float beta,
            float* C, int64_t ldc) {
-  parallel_for(
-      M,
-      [&](int64_t i) {
-        for (int64_t j = 0; j < N; ++j) {
-          float acc = 0.f;
-          for (int64_t k = 0; k < K; ++k) acc += a_at(A, i, k) * b_at(B, k, j);
-          float* c = &C[i * ldc + j];
-          *c = beta == 0.f ? alpha * acc : alpha * acc + beta * *c;
-        }
-      },
-      2.0 * M * N * K);
+  using namespace gemm_detail;
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0 || alpha == 0.f) {
+    scale_c(M, N, beta, C, ldc);
+    return;
+  }
+  const KernelInfo& kern = kernel();
+  const int MR = kern.mr, NR = kern.nr;
+  const int64_t MC = kMC / MR * MR, NC = std::max<int64_t>(kNC / NR, 1) * NR;
+  // Equal K blocks (e.g. 784 -> 3 x 262 rather than 256+256+256+16) so no block is all overhead.
+  const int64_t n_kb = ceil_div(K, kKC), KC = ceil_div(K, n_kb);
+
+  const int64_t mc_max = std::min(M, MC), nc_max = std::min(N, NC);
+  Scratch<float> a_buf(static_cast<size_t>(ceil_div(mc_max, MR) * MR * KC));
+  Scratch<float> b_buf(static_cast<size_t>(ceil_div(nc_max, NR) * NR * KC));
+  float* Ap = a_buf.data();
+  float* Bp = b_buf.data();
+  const int64_t task_rows = kTaskRowPanels * MR;
+  const int64_t task_cols = std::max<int64_t>(kTaskColElems / NR, 1) * NR;
+
+  for (int64_t jc = 0; jc < N; jc += NC) {
+    const int64_t nc = std::min(NC, N - jc);
+    const int64_t nb_panels = ceil_div(nc, NR);
+    for (int64_t pc = 0; pc < K; pc += KC) {
+      const int64_t kc = std::min(KC, K - pc);
+      const float beta_k = pc == 0 ? beta : 1.f;  // later K blocks add onto the first
+      for (int64_t ic = 0; ic < M; ic += MC) {
+        const int64_t mc = std::min(MC, M - ic);
+        const int64_t na_panels = ceil_div(mc, MR);
+        // Packing: B once per (jc, pc), A per ic. Work estimate = elements moved, so small
+        // problems pack inline instead of waking threads.
+        const int64_t pack_b_tasks = ic == 0 ? nb_panels : 0;
+        parallel_for(
+            pack_b_tasks + na_panels,
+            [&](int64_t t) {
+              if (t < pack_b_tasks) {
+                pack_b(B, jc + t * NR, std::min<int64_t>(NR, nc - t * NR), pc, kc, NR, Bp + t * NR * kc);
+              } else {
+                int64_t p = t - pack_b_tasks;
+                pack_a(A, ic + p * MR, std::min<int64_t>(MR, mc - p * MR), pc, kc, MR, Ap + p * MR * kc);
+              }
+            },
+            double(pack_b_tasks * NR + na_panels * MR) * double(kc));
+
+        const int64_t tr = ceil_div(mc, task_rows), tc = ceil_div(nc, task_cols);
+        parallel_for(
+            tr * tc,
+            [&](int64_t t) {
+              const int64_t r0 = (t / tc) * task_rows, c0 = (t % tc) * task_cols;
+              const int64_t r1 = std::min(mc, r0 + task_rows), c1 = std::min(nc, c0 + task_cols);
+              alignas(64) float tmp[kMaxMR * kMaxNR];
+              for (int64_t j = c0; j < c1; j += NR) {
+                const float* bp = Bp + (j / NR) * NR * kc;
+                const int64_t cols = std::min<int64_t>(NR, c1 - j);
+                for (int64_t i = r0; i < r1; i += MR) {
+                  const float* ap = Ap + (i / MR) * MR * kc;
+                  const int64_t rows = std::min<int64_t>(MR, r1 - i);
+                  float* c = C + (ic + i) * ldc + (jc + j);
+                  if (rows == MR && cols == NR) {
+                    kern.fn(kc, ap, bp, c, ldc, alpha, beta_k);
+                  } else {  // edge tile: full tile into tmp, then merge only the valid part
+                    kern.fn(kc, ap, bp, tmp, NR, 1.f, 0.f);
+                    for (int64_t ii = 0; ii < rows; ++ii)
+                      for (int64_t jj = 0; jj < cols; ++jj) {
+                        float v = alpha * tmp[ii * NR + jj];
+                        float& dst = c[ii * ldc + jj];
+                        dst = beta_k == 0.f ? v : (beta_k == 1.f ? dst + v : v + beta_k * dst);
+                      }
+                  }
+                }
+              }
+            },
+            2.0 * double(mc) * double(nc) * double(kc));
+      }
+    }
+  }
 }
 
-const char* sgemm_kernel_name() { return "reference"; }
+const char* sgemm_kernel_name() { return gemm_detail::kernel().name; }
 
 }  // namespace ftte
