@@ -86,60 +86,108 @@ const KernelInfo& kernel() {
 constexpr int64_t kKC = 256, kMC = 144, kNC = 1024;
 // Compute tasks are tiles of this many micro-tiles (fixed, not thread-count dependent).
 constexpr int64_t kTaskRowPanels = 8, kTaskColElems = 64;
-constexpr int kMaxMR = 16, kMaxNR = 16;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+typedef int v4si __attribute__((vector_size(16)));
+#if defined(__clang__)
+#define FTTE_SHUF(a, b, i0, i1, i2, i3) __builtin_shufflevector(a, b, i0, i1, i2, i3)
+#else
+#define FTTE_SHUF(a, b, i0, i1, i2, i3) __builtin_shuffle(a, b, v4si{i0, i1, i2, i3})
+#endif
+
+// dst[k*LD + r] = src[r][k] for r < R (compile-time), k < kc: the transposing copy both packers
+// need (A rows -> MR-interleaved panel, B^T rows -> NR-interleaved panel). Four rows at a time
+// go through a 4x4 register transpose so reads and writes stay vector-wide.
+template <int R, int LD>
+inline void transpose_rows(const float* const* src, int64_t kc, float* dst) {
+  int64_t k = 0;
+  constexpr int R4 = R / 4 * 4;
+  for (; k + 4 <= kc; k += 4) {
+    for (int g = 0; g < R4; g += 4) {
+      v4sf r0, r1, r2, r3;
+      std::memcpy(&r0, src[g] + k, 16);
+      std::memcpy(&r1, src[g + 1] + k, 16);
+      std::memcpy(&r2, src[g + 2] + k, 16);
+      std::memcpy(&r3, src[g + 3] + k, 16);
+      const v4sf t0 = FTTE_SHUF(r0, r1, 0, 4, 1, 5), t1 = FTTE_SHUF(r0, r1, 2, 6, 3, 7);
+      const v4sf t2 = FTTE_SHUF(r2, r3, 0, 4, 1, 5), t3 = FTTE_SHUF(r2, r3, 2, 6, 3, 7);
+      const v4sf o0 = FTTE_SHUF(t0, t2, 0, 1, 4, 5), o1 = FTTE_SHUF(t0, t2, 2, 3, 6, 7);
+      const v4sf o2 = FTTE_SHUF(t1, t3, 0, 1, 4, 5), o3 = FTTE_SHUF(t1, t3, 2, 3, 6, 7);
+      std::memcpy(dst + (k + 0) * LD + g, &o0, 16);
+      std::memcpy(dst + (k + 1) * LD + g, &o1, 16);
+      std::memcpy(dst + (k + 2) * LD + g, &o2, 16);
+      std::memcpy(dst + (k + 3) * LD + g, &o3, 16);
+    }
+    for (int r = R4; r < R; ++r)
+      for (int q = 0; q < 4; ++q) dst[(k + q) * LD + r] = src[r][k + q];
+  }
+  for (; k < kc; ++k)
+    for (int r = 0; r < R; ++r) dst[k * LD + r] = src[r][k];
+}
+
 // Ap[k*MR + ii] = op(A)(i0 + ii, p0 + k), rows past `rows` zero.
-void pack_a(const GemmOperand& A, int64_t i0, int64_t rows, int64_t p0, int64_t kc, int MR, float* dst) {
+template <int MR>
+void pack_a(const GemmOperand& A, int64_t i0, int64_t rows, int64_t p0, int64_t kc, float* dst) {
   if (!A.trans) {
-    const float* src[kMaxMR];
-    for (int64_t ii = 0; ii < rows; ++ii) {
-      int64_t r = A.index ? A.index[i0 + ii] : i0 + ii;
-      src[ii] = A.data + r * A.ld + p0;
+    const float* src[MR];
+    for (int64_t ii = 0; ii < MR; ++ii) {
+      int64_t r = ii < rows ? (A.index ? A.index[i0 + ii] : i0 + ii) : -1;
+      src[ii] = r >= 0 ? A.data + r * A.ld + p0 : nullptr;
+    }
+    if (rows == MR) {
+      transpose_rows<MR, MR>(src, kc, dst);
+      return;
     }
     for (int64_t k = 0; k < kc; ++k) {
       float* d = dst + k * MR;
-      for (int64_t ii = 0; ii < rows; ++ii) d[ii] = src[ii][k];
-      for (int64_t ii = rows; ii < MR; ++ii) d[ii] = 0.f;
+      for (int64_t ii = 0; ii < MR; ++ii) d[ii] = ii < rows ? src[ii][k] : 0.f;
     }
   } else {
     for (int64_t k = 0; k < kc; ++k) {
       const float* s = A.data + (p0 + k) * A.ld;
       float* d = dst + k * MR;
-      if (A.index) {
-        for (int64_t ii = 0; ii < rows; ++ii) d[ii] = s[A.index[i0 + ii]];
+      if (rows == MR && !A.index) {
+        std::memcpy(d, s + i0, sizeof(float) * MR);
+      } else if (rows == MR) {
+        const int32_t* ix = A.index + i0;
+        for (int ii = 0; ii < MR; ++ii) d[ii] = s[ix[ii]];
       } else {
-        for (int64_t ii = 0; ii < rows; ++ii) d[ii] = s[i0 + ii];
+        for (int64_t ii = 0; ii < MR; ++ii) d[ii] = ii < rows ? s[A.index ? A.index[i0 + ii] : i0 + ii] : 0.f;
       }
-      for (int64_t ii = rows; ii < MR; ++ii) d[ii] = 0.f;
     }
   }
 }
 
 // Bp[k*NR + jj] = op(B)(p0 + k, j0 + jj), columns past `cols` zero.
-void pack_b(const GemmOperand& B, int64_t j0, int64_t cols, int64_t p0, int64_t kc, int NR, float* dst) {
+template <int NR>
+void pack_b(const GemmOperand& B, int64_t j0, int64_t cols, int64_t p0, int64_t kc, float* dst) {
   if (!B.trans) {
     for (int64_t k = 0; k < kc; ++k) {
       const float* s = B.data + (p0 + k) * B.ld;
       float* d = dst + k * NR;
-      if (B.index) {
-        for (int64_t jj = 0; jj < cols; ++jj) d[jj] = s[B.index[j0 + jj]];
+      if (cols == NR && !B.index) {
+        std::memcpy(d, s + j0, sizeof(float) * NR);
+      } else if (cols == NR) {
+        const int32_t* ix = B.index + j0;
+        for (int jj = 0; jj < NR; ++jj) d[jj] = s[ix[jj]];
       } else {
-        for (int64_t jj = 0; jj < cols; ++jj) d[jj] = s[j0 + jj];
+        for (int64_t jj = 0; jj < NR; ++jj) d[jj] = jj < cols ? s[B.index ? B.index[j0 + jj] : j0 + jj] : 0.f;
       }
-      for (int64_t jj = cols; jj < NR; ++jj) d[jj] = 0.f;
     }
   } else {
-    const float* src[kMaxNR];
-    for (int64_t jj = 0; jj < cols; ++jj) {
-      int64_t c = B.index ? B.index[j0 + jj] : j0 + jj;
-      src[jj] = B.data + c * B.ld + p0;
+    const float* src[NR];
+    for (int64_t jj = 0; jj < NR; ++jj) {
+      int64_t c = jj < cols ? (B.index ? B.index[j0 + jj] : j0 + jj) : -1;
+      src[jj] = c >= 0 ? B.data + c * B.ld + p0 : nullptr;
+    }
+    if (cols == NR) {
+      transpose_rows<NR, NR>(src, kc, dst);
+      return;
     }
     for (int64_t k = 0; k < kc; ++k) {
       float* d = dst + k * NR;
-      for (int64_t jj = 0; jj < cols; ++jj) d[jj] = src[jj][k];
-      for (int64_t jj = cols; jj < NR; ++jj) d[jj] = 0.f;
+      for (int64_t jj = 0; jj < NR; ++jj) d[jj] = jj < cols ? src[jj][k] : 0.f;
     }
   }
 }
@@ -154,19 +202,9 @@ void scale_c(int64_t M, int64_t N, float beta, float* C, int64_t ldc) {
   }
 }
 
-}  // namespace
-}  // namespace gemm_detail
-
-void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, const GemmOperand& B, float beta,
-           float* C, int64_t ldc) {
-  using namespace gemm_detail;
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0 || alpha == 0.f) {
-    scale_c(M, N, beta, C, ldc);
-    return;
-  }
-  const KernelInfo& kern = kernel();
-  const int MR = kern.mr, NR = kern.nr;
+template <int MR, int NR>
+void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A,
+                   const GemmOperand& B, float beta, float* C, int64_t ldc) {
   const int64_t MC = kMC / MR * MR, NC = std::max<int64_t>(kNC / NR, 1) * NR;
   // Equal K blocks (e.g. 784 -> 3 x 262 rather than 256+256+256+16) so no block is all overhead.
   const int64_t n_kb = ceil_div(K, kKC), KC = ceil_div(K, n_kb);
@@ -195,10 +233,10 @@ void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, c
             pack_b_tasks + na_panels,
             [&](int64_t t) {
               if (t < pack_b_tasks) {
-                pack_b(B, jc + t * NR, std::min<int64_t>(NR, nc - t * NR), pc, kc, NR, Bp + t * NR * kc);
+                pack_b<NR>(B, jc + t * NR, std::min<int64_t>(NR, nc - t * NR), pc, kc, Bp + t * NR * kc);
               } else {
                 int64_t p = t - pack_b_tasks;
-                pack_a(A, ic + p * MR, std::min<int64_t>(MR, mc - p * MR), pc, kc, MR, Ap + p * MR * kc);
+                pack_a<MR>(A, ic + p * MR, std::min<int64_t>(MR, mc - p * MR), pc, kc, Ap + p * MR * kc);
               }
             },
             double(pack_b_tasks * NR + na_panels * MR) * double(kc));
@@ -209,7 +247,7 @@ void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, c
             [&](int64_t t) {
               const int64_t r0 = (t / tc) * task_rows, c0 = (t % tc) * task_cols;
               const int64_t r1 = std::min(mc, r0 + task_rows), c1 = std::min(nc, c0 + task_cols);
-              alignas(64) float tmp[kMaxMR * kMaxNR];
+              alignas(64) float tmp[MR * NR];
               for (int64_t j = c0; j < c1; j += NR) {
                 const float* bp = Bp + (j / NR) * NR * kc;
                 const int64_t cols = std::min<int64_t>(NR, c1 - j);
@@ -218,9 +256,9 @@ void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, c
                   const int64_t rows = std::min<int64_t>(MR, r1 - i);
                   float* c = C + (ic + i) * ldc + (jc + j);
                   if (rows == MR && cols == NR) {
-                    kern.fn(kc, ap, bp, c, ldc, alpha, beta_k);
+                    ukernel(kc, ap, bp, c, ldc, alpha, beta_k);
                   } else {  // edge tile: full tile into tmp, then merge only the valid part
-                    kern.fn(kc, ap, bp, tmp, NR, 1.f, 0.f);
+                    ukernel(kc, ap, bp, tmp, NR, 1.f, 0.f);
                     for (int64_t ii = 0; ii < rows; ++ii)
                       for (int64_t jj = 0; jj < cols; ++jj) {
                         float v = alpha * tmp[ii * NR + jj];
@@ -235,6 +273,27 @@ void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, c
       }
     }
   }
+}
+
+}  // namespace
+}  // namespace gemm_detail
+
+void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, const GemmOperand& B, float beta,
+           float* C, int64_t ldc) {
+  using namespace gemm_detail;
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0 || alpha == 0.f) {
+    scale_c(M, N, beta, C, ldc);
+    return;
+  }
+  const KernelInfo& kern = kernel();
+  // Panel shapes are compile-time in the packers so their copies unroll and vectorise.
+  if (kern.mr == kGenMR && kern.nr == 4 * kGenNV)
+    sgemm_blocked<kGenMR, 4 * kGenNV>(kern.fn, M, N, K, alpha, A, B, beta, C, ldc);
+#if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
+  else if (kern.mr == 6 && kern.nr == 16)
+    sgemm_blocked<6, 16>(kern.fn, M, N, K, alpha, A, B, beta, C, ldc);
+#endif
 }
 
 const char* sgemm_kernel_name() { return gemm_detail::kernel().name; }
