@@ -22,7 +22,6 @@ void dense_forward(const float* x, const float* w, const float* b, float* y, int
 
 void dense_backward(const float* x, const float* w, const float* dy, int64_t N, int64_t I, int64_t O,
                     const int32_t* rows, int64_t R, float* dw, float* db, float* dx, bool accumulate) {
-  if (!rows) R = O;
   const float beta = accumulate ? 1.f : 0.f;
   // dw[r, :] = sum_n dy[n, rows[r]] * x[n, :]  ==  op(A) = dy^T with rows gathered, B = x.
   if (dw) sgemm(R, I, N, 1.f, GemmOperand{dy, O, true, rows}, GemmOperand{x, I}, beta, dw, I);

@@ -8,7 +8,7 @@ namespace ftte {
 // x[N,I], w[O,I], b[O] or nullptr, y[N,O].
 void dense_forward(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t I, int64_t O);
 
-// dy[N,O]. rows[R] selects output rows (nullptr: all, R == O). dw[R,I], db[R], dx[N,I]; any may
+// dy[N,O]. rows[R] selects output rows (nullptr: identity, caller passes R == O). dw[R,I], db[R], dx[N,I]; any may
 // be nullptr. accumulate adds into dw/db; dx is always overwritten with dy @ w (all rows).
 void dense_backward(const float* x, const float* w, const float* dy, int64_t N, int64_t I, int64_t O,
                     const int32_t* rows, int64_t R, float* dw, float* db, float* dx, bool accumulate);

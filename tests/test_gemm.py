@@ -1,0 +1,148 @@
+"""sgemm: NumPy reference, gathers through the dense backward, edge sizes, errors, thread and
+micro-kernel independence."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ftte_core import _kernels as K
+
+SIZES = [(1, 1, 1), (1, 7, 3), (5, 1, 9), (7, 13, 5), (6, 16, 1), (13, 33, 17), (32, 256, 64), (37, 70, 300),
+         (150, 1100, 530)]
+
+
+def _ref(a, b, c, ta, tb, alpha, beta):
+    A = (a.T if ta else a).astype(np.float64)
+    B = (b.T if tb else b).astype(np.float64)
+    out = alpha * (A @ B)
+    if beta != 0:
+        out = out + beta * c.astype(np.float64)
+    return out
+
+
+@pytest.mark.parametrize("M,N,Kd", SIZES)
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+def test_sgemm_matches_numpy(M, N, Kd, ta, tb):
+    rng = np.random.default_rng(M * 1000 + N * 10 + Kd)
+    a = rng.standard_normal((Kd, M) if ta else (M, Kd)).astype(np.float32)
+    b = rng.standard_normal((N, Kd) if tb else (Kd, N)).astype(np.float32)
+    for alpha, beta in [(1.0, 0.0), (1.0, 1.0), (0.5, 0.5), (-2.0, 0.25)]:
+        c = rng.standard_normal((M, N)).astype(np.float32)
+        expect = _ref(a, b, c, ta, tb, alpha, beta)
+        K.sgemm(a, b, c, ta, tb, alpha, beta)
+        np.testing.assert_allclose(c, expect, rtol=1e-4, atol=2e-6 * np.sqrt(Kd) * max(1.0, abs(alpha)) * 4)
+
+
+def test_beta_zero_ignores_nan_and_k_zero():
+    a = np.ones((3, 4), np.float32)
+    b = np.ones((4, 5), np.float32)
+    c = np.full((3, 5), np.nan, np.float32)
+    K.sgemm(a, b, c)
+    np.testing.assert_array_equal(c, 4.0)
+    # K == 0: C = beta * C (and beta == 0 clears, even NaN)
+    c = np.full((3, 5), 2.0, np.float32)
+    K.sgemm(np.zeros((3, 0), np.float32), np.zeros((0, 5), np.float32), c, beta=0.5)
+    np.testing.assert_array_equal(c, 1.0)
+    c[:] = np.nan
+    K.sgemm(np.zeros((3, 0), np.float32), np.zeros((0, 5), np.float32), c)
+    np.testing.assert_array_equal(c, 0.0)
+    # M or N == 0: nothing to do, no crash
+    K.sgemm(np.zeros((0, 4), np.float32), b, np.zeros((0, 5), np.float32))
+    K.sgemm(a, np.zeros((4, 0), np.float32), np.zeros((3, 0), np.float32))
+
+
+def test_sgemm_sub_view_copy_of_larger_array():
+    # Bindings take C-contiguous arrays; strided operands are exercised inside the dense
+    # backward (ld = O for dy^T with a gather). Here: a column block of a bigger matrix, copied.
+    rng = np.random.default_rng(3)
+    big = rng.standard_normal((40, 100)).astype(np.float32)
+    a = np.ascontiguousarray(big[:, 13:60])
+    b = rng.standard_normal((47, 29)).astype(np.float32)
+    c = np.empty((40, 29), np.float32)
+    K.sgemm(a, b, c)
+    np.testing.assert_allclose(c, big[:, 13:60].astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
+
+
+def test_sgemm_errors():
+    a = np.ones((3, 4), np.float32)
+    b = np.ones((4, 5), np.float32)
+    c = np.zeros((3, 5), np.float32)
+    with pytest.raises(ValueError, match="sgemm: a must have dtype float32"):
+        K.sgemm(a.astype(np.float64), b, c)
+    with pytest.raises(ValueError, match="sgemm: b has shape"):
+        K.sgemm(a, np.ones((5, 5), np.float32), c)
+    with pytest.raises(ValueError, match="sgemm: b has shape"):
+        K.sgemm(a, b, c, trans_b=True)
+    with pytest.raises(ValueError, match="sgemm: c has shape"):
+        K.sgemm(a, b, np.zeros((3, 6), np.float32))
+    with pytest.raises(ValueError, match="sgemm: c must be C-contiguous"):
+        K.sgemm(a, b, np.zeros((5, 3), np.float32).T)
+    ro = np.zeros((3, 5), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="sgemm: c must be writable"):
+        K.sgemm(a, b, ro)
+    with pytest.raises(ValueError, match="sgemm: a must have 2 dimensions"):
+        K.sgemm(np.ones(4, np.float32), b, c)
+    with pytest.raises(ValueError, match="sgemm: a must be a numpy array"):
+        K.sgemm([[1.0]], b, c)
+    sq = np.ones((4, 4), np.float32)
+    with pytest.raises(ValueError, match="must not share memory"):
+        K.sgemm(sq, sq, sq)
+
+
+def test_thread_count_bit_identical():
+    rng = np.random.default_rng(7)
+    shapes = [(32, 256, 256, False, True), (256, 256, 32, True, False), (16, 6272, 72, False, False),
+              (301, 1500, 700, False, False)]
+    try:
+        for M, N, Kd, ta, tb in shapes:
+            a = rng.standard_normal((Kd, M) if ta else (M, Kd)).astype(np.float32)
+            b = rng.standard_normal((N, Kd) if tb else (Kd, N)).astype(np.float32)
+            c0 = rng.standard_normal((M, N)).astype(np.float32)
+            outs = []
+            for t in (1, 2):
+                K.set_num_threads(t)
+                c = c0.copy()
+                K.sgemm(a, b, c, ta, tb, 0.7, 0.3)
+                outs.append(c)
+            np.testing.assert_array_equal(outs[0], outs[1])
+    finally:
+        K.set_num_threads(0)
+
+
+def test_kernel_name():
+    assert K.sgemm_kernel_name() in ("avx2-fma", "generic")
+
+
+_CHILD = r"""
+import numpy as np, sys
+from ftte_core import _kernels as K
+rng = np.random.default_rng(11)
+outs = []
+for M, N, Kd, ta, tb in [(37, 70, 300, False, True), (13, 33, 17, True, False), (200, 90, 600, True, True)]:
+    a = rng.standard_normal((Kd, M) if ta else (M, Kd)).astype(np.float32)
+    b = rng.standard_normal((N, Kd) if tb else (Kd, N)).astype(np.float32)
+    c = rng.standard_normal((M, N)).astype(np.float32)
+    K.sgemm(a, b, c, ta, tb, 1.0, 0.5)
+    outs.append(c)
+np.savez(sys.argv[1], *outs, name=K.sgemm_kernel_name())
+"""
+
+
+def test_generic_kernel_agrees_with_default(tmp_path):
+    res = {}
+    for kern in ("", "generic"):
+        env = dict(os.environ)
+        env.pop("FTTE_GEMM_KERNEL", None)
+        if kern:
+            env["FTTE_GEMM_KERNEL"] = kern
+        out = tmp_path / f"k{kern or 'default'}.npz"
+        subprocess.run([sys.executable, "-c", _CHILD, str(out)], env=env, check=True)
+        res[kern] = np.load(out)
+    assert str(res["generic"]["name"]) == "generic"
+    for i in range(3):
+        x, y = res[""][f"arr_{i}"], res["generic"][f"arr_{i}"]
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
