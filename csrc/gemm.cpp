@@ -22,7 +22,8 @@ namespace {
 typedef float v4sf __attribute__((vector_size(16)));
 
 template <int MR, int NV>  // NR = 4 * NV
-void ukernel_generic(int64_t kc, const float* A, const float* B, float* C, int64_t ldc, float alpha, float beta) {
+void ukernel_generic(int64_t kc, const float* A, int64_t as, const float* B, int64_t bs, float* C, int64_t ldc,
+                     float alpha, float beta, int m, int n) {
   constexpr int NR = 4 * NV;
   v4sf acc[MR][NV];
   for (int i = 0; i < MR; ++i)
@@ -35,8 +36,19 @@ void ukernel_generic(int64_t kc, const float* A, const float* B, float* C, int64
       const v4sf a = {s, s, s, s};
       for (int v = 0; v < NV; ++v) acc[i][v] += a * b[v];
     }
-    A += MR;
-    B += NR;
+    A += as;
+    B += bs;
+  }
+  if (m < MR || n < NR) {  // edge tile: same arithmetic, element by element
+    float t[MR][NR];
+    std::memcpy(t, acc, sizeof(t));
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < n; ++j) {
+        float& c = C[i * ldc + j];
+        const float r = alpha * t[i][j];
+        c = beta == 0.f ? r : (beta == 1.f ? r + c : r + beta * c);
+      }
+    return;
   }
   const v4sf va = {alpha, alpha, alpha, alpha};
   const v4sf vb = {beta, beta, beta, beta};
@@ -86,6 +98,8 @@ const KernelInfo& kernel() {
 constexpr int64_t kKC = 256, kMC = 144, kNC = 1024;
 // Compute tasks are tiles of this many micro-tiles (fixed, not thread-count dependent).
 constexpr int64_t kTaskRowPanels = 8, kTaskColElems = 64;
+// Read an operand in place (no packing) when the other operand has at most this many rows/cols.
+constexpr int64_t kDirectMaxOther = 64;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -216,6 +230,8 @@ void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float a
   float* Bp = b_buf.data();
   const int64_t task_rows = kTaskRowPanels * MR;
   const int64_t task_cols = std::max<int64_t>(kTaskColElems / NR, 1) * NR;
+  const bool direct_b = !B.trans && !B.index && M <= kDirectMaxOther;
+  const bool direct_a = A.trans && !A.index && N <= kDirectMaxOther;
 
   for (int64_t jc = 0; jc < N; jc += NC) {
     const int64_t nc = std::min(NC, N - jc);
@@ -226,17 +242,20 @@ void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float a
       for (int64_t ic = 0; ic < M; ic += MC) {
         const int64_t mc = std::min(MC, M - ic);
         const int64_t na_panels = ceil_div(mc, MR);
-        // Packing: B once per (jc, pc), A per ic. Work estimate = elements moved, so small
-        // problems pack inline instead of waking threads.
+        // Packing: B once per (jc, pc), A per ic. Full panels whose source already is a
+        // unit-stride panel (B plain, A transposed, no gather) are read in place when the other
+        // operand is small, i.e. when a packed copy would be reused too few times to pay off.
+        // Work estimate = elements moved, so small problems pack inline.
         const int64_t pack_b_tasks = ic == 0 ? nb_panels : 0;
         parallel_for(
             pack_b_tasks + na_panels,
             [&](int64_t t) {
               if (t < pack_b_tasks) {
-                pack_b<NR>(B, jc + t * NR, std::min<int64_t>(NR, nc - t * NR), pc, kc, Bp + t * NR * kc);
+                const int64_t cols = std::min<int64_t>(NR, nc - t * NR);
+                if (!(direct_b && cols == NR)) pack_b<NR>(B, jc + t * NR, cols, pc, kc, Bp + t * NR * kc);
               } else {
-                int64_t p = t - pack_b_tasks;
-                pack_a<MR>(A, ic + p * MR, std::min<int64_t>(MR, mc - p * MR), pc, kc, Ap + p * MR * kc);
+                const int64_t p = t - pack_b_tasks, rows = std::min<int64_t>(MR, mc - p * MR);
+                if (!(direct_a && rows == MR)) pack_a<MR>(A, ic + p * MR, rows, pc, kc, Ap + p * MR * kc);
               }
             },
             double(pack_b_tasks * NR + na_panels * MR) * double(kc));
@@ -247,25 +266,17 @@ void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float a
             [&](int64_t t) {
               const int64_t r0 = (t / tc) * task_rows, c0 = (t % tc) * task_cols;
               const int64_t r1 = std::min(mc, r0 + task_rows), c1 = std::min(nc, c0 + task_cols);
-              alignas(64) float tmp[MR * NR];
               for (int64_t j = c0; j < c1; j += NR) {
-                const float* bp = Bp + (j / NR) * NR * kc;
-                const int64_t cols = std::min<int64_t>(NR, c1 - j);
+                const int cols = static_cast<int>(std::min<int64_t>(NR, c1 - j));
+                const bool bd = direct_b && cols == NR;
+                const float* bp = bd ? B.data + pc * B.ld + jc + j : Bp + (j / NR) * NR * kc;
+                const int64_t bs = bd ? B.ld : NR;
                 for (int64_t i = r0; i < r1; i += MR) {
-                  const float* ap = Ap + (i / MR) * MR * kc;
-                  const int64_t rows = std::min<int64_t>(MR, r1 - i);
-                  float* c = C + (ic + i) * ldc + (jc + j);
-                  if (rows == MR && cols == NR) {
-                    ukernel(kc, ap, bp, c, ldc, alpha, beta_k);
-                  } else {  // edge tile: full tile into tmp, then merge only the valid part
-                    ukernel(kc, ap, bp, tmp, NR, 1.f, 0.f);
-                    for (int64_t ii = 0; ii < rows; ++ii)
-                      for (int64_t jj = 0; jj < cols; ++jj) {
-                        float v = alpha * tmp[ii * NR + jj];
-                        float& dst = c[ii * ldc + jj];
-                        dst = beta_k == 0.f ? v : (beta_k == 1.f ? dst + v : v + beta_k * dst);
-                      }
-                  }
+                  const int rows = static_cast<int>(std::min<int64_t>(MR, r1 - i));
+                  const bool ad = direct_a && rows == MR;
+                  const float* ap = ad ? A.data + pc * A.ld + ic + i : Ap + (i / MR) * MR * kc;
+                  const int64_t as = ad ? A.ld : MR;
+                  ukernel(kc, ap, as, bp, bs, C + (ic + i) * ldc + (jc + j), ldc, alpha, beta_k, rows, cols);
                 }
               }
             },
