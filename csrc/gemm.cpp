@@ -101,6 +101,12 @@ constexpr int64_t kTaskRowPanels = 8, kTaskColElems = 64;
 // Read an operand in place (no packing) when the other operand has at most this many rows/cols.
 constexpr int64_t kDirectMaxOther = 64;
 
+// Waking the pool costs several microseconds (much more when other processes hold the cores),
+// and a GEMM opens two regions per block, so a compute region goes parallel only when it holds
+// at least ~20 us of single-thread work; below that it runs inline.
+constexpr double kMinParallelRegionFlops = 1.0e6;
+inline double region_work(double flops) { return flops >= kMinParallelRegionFlops ? flops : 0.0; }
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 typedef int v4si __attribute__((vector_size(16)));
@@ -280,7 +286,7 @@ void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float a
                 }
               }
             },
-            2.0 * double(mc) * double(nc) * double(kc));
+            region_work(2.0 * double(mc) * double(nc) * double(kc)));
       }
     }
   }
