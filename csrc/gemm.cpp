@@ -146,23 +146,19 @@ inline void transpose_rows(const float* const* src, int64_t kc, float* dst) {
     for (int r = 0; r < R; ++r) dst[k * LD + r] = src[r][k];
 }
 
-// Ap[k*MR + ii] = op(A)(i0 + ii, p0 + k), rows past `rows` zero.
+// Ap[k*MR + ii] = op(A)(i0 + ii, p0 + k). Padding rows (ii >= rows) hold zeros or copies of a
+// real row: only their values being finite matters, since the micro-kernel never stores them.
 template <int MR>
 void pack_a(const GemmOperand& A, int64_t i0, int64_t rows, int64_t p0, int64_t kc, float* dst) {
   if (!A.trans) {
+    // Padding rows repeat the last real row: the micro-kernel never stores rows >= m, so their
+    // values only need to be ordinary floats, and the fast transpose then serves edges too.
     const float* src[MR];
     for (int64_t ii = 0; ii < MR; ++ii) {
-      int64_t r = ii < rows ? (A.index ? A.index[i0 + ii] : i0 + ii) : -1;
-      src[ii] = r >= 0 ? A.data + r * A.ld + p0 : nullptr;
+      const int64_t i = i0 + std::min<int64_t>(ii, rows - 1);
+      src[ii] = A.data + (A.index ? A.index[i] : i) * A.ld + p0;
     }
-    if (rows == MR) {
-      transpose_rows<MR, MR>(src, kc, dst);
-      return;
-    }
-    for (int64_t k = 0; k < kc; ++k) {
-      float* d = dst + k * MR;
-      for (int64_t ii = 0; ii < MR; ++ii) d[ii] = ii < rows ? src[ii][k] : 0.f;
-    }
+    transpose_rows<MR, MR>(src, kc, dst);
   } else {
     for (int64_t k = 0; k < kc; ++k) {
       const float* s = A.data + (p0 + k) * A.ld;
@@ -179,7 +175,7 @@ void pack_a(const GemmOperand& A, int64_t i0, int64_t rows, int64_t p0, int64_t 
   }
 }
 
-// Bp[k*NR + jj] = op(B)(p0 + k, j0 + jj), columns past `cols` zero.
+// Bp[k*NR + jj] = op(B)(p0 + k, j0 + jj). Padding columns as for pack_a.
 template <int NR>
 void pack_b(const GemmOperand& B, int64_t j0, int64_t cols, int64_t p0, int64_t kc, float* dst) {
   if (!B.trans) {
@@ -196,19 +192,12 @@ void pack_b(const GemmOperand& B, int64_t j0, int64_t cols, int64_t p0, int64_t 
       }
     }
   } else {
-    const float* src[NR];
+    const float* src[NR];  // padding columns repeat the last real one (never stored)
     for (int64_t jj = 0; jj < NR; ++jj) {
-      int64_t c = jj < cols ? (B.index ? B.index[j0 + jj] : j0 + jj) : -1;
-      src[jj] = c >= 0 ? B.data + c * B.ld + p0 : nullptr;
+      const int64_t j = j0 + std::min<int64_t>(jj, cols - 1);
+      src[jj] = B.data + (B.index ? B.index[j] : j) * B.ld + p0;
     }
-    if (cols == NR) {
-      transpose_rows<NR, NR>(src, kc, dst);
-      return;
-    }
-    for (int64_t k = 0; k < kc; ++k) {
-      float* d = dst + k * NR;
-      for (int64_t jj = 0; jj < NR; ++jj) d[jj] = jj < cols ? src[jj][k] : 0.f;
-    }
+    transpose_rows<NR, NR>(src, kc, dst);
   }
 }
 

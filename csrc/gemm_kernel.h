@@ -10,8 +10,9 @@ namespace gemm_detail {
 
 // One MR x NR tile of C (row stride ldc):  C = alpha * sum_k A[k*as + i] * B[k*bs + j] + beta * C,
 // storing only rows i < m and columns j < n (1 <= m <= MR, 1 <= n <= NR). A and B are packed
-// panels (as = MR, bs = NR, zero padded) or, when the source already has that layout, the
-// source itself (as / bs = its leading dimension); either way all MR x NR inputs are readable.
+// panels (as = MR, bs = NR; padding rows/columns hold finite filler) or, when the source already
+// has that layout, the source itself (as / bs = its leading dimension); either way all MR x NR
+// inputs are readable.
 // beta == 0 never reads C.
 using MicroKernel = void (*)(int64_t kc, const float* A, int64_t as, const float* B, int64_t bs, float* C,
                              int64_t ldc, float alpha, float beta, int m, int n);
