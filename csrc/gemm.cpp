@@ -2,7 +2,8 @@
 //   for jc over N in NC blocks, pc over K in KC blocks, ic over M in MC blocks:
 //     pack op(B)[pc:, jc:] into NR-column panels and op(A)[ic:, pc:] into MR-row panels
 //     (transposes and index gathers are applied here, so the micro-kernel only ever sees
-//     unit-stride, zero-padded panels), then run the MR x NR micro-kernel over C tiles.
+//     unit-stride panels; operands already in that layout are read in place when a packed
+//     copy would be reused too little), then run the MR x NR micro-kernel over C tiles.
 // Threads split only tiles of C; every C element sums its K blocks in the same order on one
 // thread, so the result is bit-identical for any thread count.
 #include <algorithm>
