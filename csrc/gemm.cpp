@@ -67,13 +67,17 @@ void ukernel_generic(int64_t kc, const float* A, int64_t as, const float* B, int
   }
 }
 
-#if defined(__aarch64__)
+// FTTE_GEMM_GENERIC_MR / _NV override the shape so tests can run the aarch64 shape on x86.
+#if defined(FTTE_GEMM_GENERIC_MR) && defined(FTTE_GEMM_GENERIC_NV)
+constexpr int kGenMR = FTTE_GEMM_GENERIC_MR, kGenNV = FTTE_GEMM_GENERIC_NV;
+#elif defined(__aarch64__)
 // 32 NEON registers: 8 x 12 uses 24 accumulators + 3 B vectors + 1 broadcast.
 constexpr int kGenMR = 8, kGenNV = 3;
 #else
 // 16 vector registers (SSE2, armv7 NEON): 6 x 8 uses 12 accumulators + 2 B + 1 broadcast.
 constexpr int kGenMR = 6, kGenNV = 2;
 #endif
+static_assert(kGenMR >= 1 && kGenMR <= 16 && kGenNV >= 1 && kGenNV <= 4, "generic micro-kernel shape");
 
 KernelInfo generic_kernel() { return {"generic", kGenMR, 4 * kGenNV, &ukernel_generic<kGenMR, kGenNV>}; }
 

@@ -200,8 +200,9 @@ int main() {
 """
 
 
-@pytest.mark.parametrize("kernel", ["default", "generic"])
+@pytest.mark.parametrize("kernel", ["default", "generic", "generic-8x12", "generic-4x4"])
 def test_cpp_strided_and_gathered_operands(tmp_path, kernel):
+    # generic-8x12 is the aarch64 shape, 4x4 an odd one: both run here through the override.
     import platform
     import shutil
 
@@ -220,6 +221,10 @@ def test_cpp_strided_and_gathered_operands(tmp_path, kernel):
         subprocess.run([cxx, "-std=c++17", "-O2", "-mavx2", "-mfma", "-DFTTE_HAVE_AVX2_KERNEL=1", "-I", csrc, "-c",
                         os.path.join(csrc, "gemm_avx2.cpp"), "-o", str(avx)], check=True)
         cmd += ["-DFTTE_HAVE_AVX2_KERNEL=1", str(avx)]
+    if kernel == "generic-8x12":
+        cmd += ["-DFTTE_GEMM_GENERIC_MR=8", "-DFTTE_GEMM_GENERIC_NV=3"]
+    if kernel == "generic-4x4":
+        cmd += ["-DFTTE_GEMM_GENERIC_MR=4", "-DFTTE_GEMM_GENERIC_NV=1"]
     subprocess.run(cmd + ["-o", str(exe), "-pthread"], check=True)
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
