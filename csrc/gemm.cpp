@@ -114,6 +114,22 @@ inline double region_work(double flops) { return flops >= kMinParallelRegionFlop
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+#if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
+// Dot products win when both operands run along k (A plain, B transposed), the batch is small
+// (a packed W^T panel would be reused only a few times) and K is long enough to amortise the
+// horizontal sums (measured: a loss at K = 64, a 1.2-1.7x win at K >= 128). FTTE_GEMM_DOT=0
+// disables it (for comparisons).
+bool use_dot_path(const KernelInfo& kern, int64_t M, int64_t N, int64_t K, const GemmOperand& A,
+                  const GemmOperand& B) {
+  static const bool enabled = [] {
+    const char* e = std::getenv("FTTE_GEMM_DOT");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  (void)N;
+  return enabled && std::strcmp(kern.name, "avx2-fma") == 0 && !A.trans && B.trans && M <= 64 && K >= 128;
+}
+#endif
+
 typedef int v4si __attribute__((vector_size(16)));
 #if defined(__clang__)
 #define FTTE_SHUF(a, b, i0, i1, i2, i3) __builtin_shufflevector(a, b, i0, i1, i2, i3)
@@ -286,6 +302,40 @@ void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float a
   }
 }
 
+#if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
+// C = A B^T by dot products (no packing): for the small-batch dense forward the packed path
+// spends much of its time transposing W into panels that are used only a few times.
+void sgemm_dot_avx2(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, const GemmOperand& B,
+                    float beta, float* C, int64_t ldc) {
+  constexpr int64_t kTaskRows = 8 * kDotMR, kTaskCols = 16 * kDotNR;
+  const int64_t tr = ceil_div(M, kTaskRows), tc = ceil_div(N, kTaskCols);
+  parallel_for(
+      tr * tc,
+      [&](int64_t t) {
+        const int64_t r0 = (t / tc) * kTaskRows, c0 = (t % tc) * kTaskCols;
+        const int64_t r1 = std::min(M, r0 + kTaskRows), c1 = std::min(N, c0 + kTaskCols);
+        for (int64_t j = c0; j < c1; j += kDotNR) {
+          const int n = static_cast<int>(std::min<int64_t>(kDotNR, c1 - j));
+          const float* b[kDotNR];
+          for (int jj = 0; jj < kDotNR; ++jj) {
+            const int64_t c = j + std::min(jj, n - 1);  // padding repeats a real row, never stored
+            b[jj] = B.data + (B.index ? B.index[c] : c) * B.ld;
+          }
+          for (int64_t i = r0; i < r1; i += kDotMR) {
+            const int m = static_cast<int>(std::min<int64_t>(kDotMR, r1 - i));
+            const float* a[kDotMR];
+            for (int ii = 0; ii < kDotMR; ++ii) {
+              const int64_t r = i + std::min(ii, m - 1);
+              a[ii] = A.data + (A.index ? A.index[r] : r) * A.ld;
+            }
+            dot_block_avx2(K, a, b, C + i * ldc + j, ldc, alpha, beta, m, n);
+          }
+        }
+      },
+      region_work(2.0 * double(M) * double(N) * double(K)));
+}
+#endif
+
 }  // namespace
 }  // namespace gemm_detail
 
@@ -298,6 +348,12 @@ void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, c
     return;
   }
   const KernelInfo& kern = kernel();
+#if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
+  if (use_dot_path(kern, M, N, K, A, B)) {
+    sgemm_dot_avx2(M, N, K, alpha, A, B, beta, C, ldc);
+    return;
+  }
+#endif
   // Panel shapes are compile-time in the packers so their copies unroll and vectorise.
   if (kern.mr == kGenMR && kern.nr == 4 * kGenNV)
     sgemm_blocked<kGenMR, 4 * kGenNV>(kern.fn, M, N, K, alpha, A, B, beta, C, ldc);
