@@ -240,14 +240,15 @@ void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float a
   const int64_t n_kb = ceil_div(K, kKC), KC = ceil_div(K, n_kb);
 
   const int64_t mc_max = std::min(M, MC), nc_max = std::min(N, NC);
-  Scratch<float> a_buf(static_cast<size_t>(ceil_div(mc_max, MR) * MR * KC));
-  Scratch<float> b_buf(static_cast<size_t>(ceil_div(nc_max, NR) * NR * KC));
-  float* Ap = a_buf.data();
-  float* Bp = b_buf.data();
   const int64_t task_rows = kTaskRowPanels * MR;
   const int64_t task_cols = std::max<int64_t>(kTaskColElems / NR, 1) * NR;
   const bool direct_b = !B.trans && !B.index && M <= kDirectMaxOther;
   const bool direct_a = A.trans && !A.index && N <= kDirectMaxOther;
+  // An operand read in place needs a packed copy only of its one partial edge panel (slot 0).
+  Scratch<float> a_buf(static_cast<size_t>((direct_a ? 1 : ceil_div(mc_max, MR)) * MR * KC));
+  Scratch<float> b_buf(static_cast<size_t>((direct_b ? 1 : ceil_div(nc_max, NR)) * NR * KC));
+  float* Ap = a_buf.data();
+  float* Bp = b_buf.data();
 
   for (int64_t jc = 0; jc < N; jc += NC) {
     const int64_t nc = std::min(NC, N - jc);
@@ -268,10 +269,10 @@ void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float a
             [&](int64_t t) {
               if (t < pack_b_tasks) {
                 const int64_t cols = std::min<int64_t>(NR, nc - t * NR);
-                if (!(direct_b && cols == NR)) pack_b<NR>(B, jc + t * NR, cols, pc, kc, Bp + t * NR * kc);
+                if (!(direct_b && cols == NR)) pack_b<NR>(B, jc + t * NR, cols, pc, kc, Bp + (direct_b ? 0 : t) * NR * kc);
               } else {
                 const int64_t p = t - pack_b_tasks, rows = std::min<int64_t>(MR, mc - p * MR);
-                if (!(direct_a && rows == MR)) pack_a<MR>(A, ic + p * MR, rows, pc, kc, Ap + p * MR * kc);
+                if (!(direct_a && rows == MR)) pack_a<MR>(A, ic + p * MR, rows, pc, kc, Ap + (direct_a ? 0 : p) * MR * kc);
               }
             },
             double(pack_b_tasks * NR + na_panels * MR) * double(kc));
@@ -285,12 +286,12 @@ void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float a
               for (int64_t j = c0; j < c1; j += NR) {
                 const int cols = static_cast<int>(std::min<int64_t>(NR, c1 - j));
                 const bool bd = direct_b && cols == NR;
-                const float* bp = bd ? B.data + pc * B.ld + jc + j : Bp + (j / NR) * NR * kc;
+                const float* bp = bd ? B.data + pc * B.ld + jc + j : Bp + (direct_b ? 0 : j / NR) * NR * kc;
                 const int64_t bs = bd ? B.ld : NR;
                 for (int64_t i = r0; i < r1; i += MR) {
                   const int rows = static_cast<int>(std::min<int64_t>(MR, r1 - i));
                   const bool ad = direct_a && rows == MR;
-                  const float* ap = ad ? A.data + pc * A.ld + ic + i : Ap + (i / MR) * MR * kc;
+                  const float* ap = ad ? A.data + pc * A.ld + ic + i : Ap + (direct_a ? 0 : i / MR) * MR * kc;
                   const int64_t as = ad ? A.ld : MR;
                   ukernel(kc, ap, as, bp, bs, C + (ic + i) * ldc + (jc + j), ldc, alpha, beta_k, rows, cols);
                 }
