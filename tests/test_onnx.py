@@ -352,6 +352,9 @@ def variant_avgpool_cip0(rng):
     return _avgpool(rng, 0, 0, [1, 0, 1, 1])
 
 
+def variant_avgpool_cip1_ceil(rng):
+    return _avgpool(rng, 1, 1, [0, 1, 1, 0])
+
 def variant_dropout_identity_softmax(rng):
     n = [helper.make_node("Constant", [], ["ratio"], value=numpy_helper.from_array(np.array(0.3, np.float32))),
          helper.make_node("Gemm", ["x", "W1", "C1"], ["h"], name="fc1", transB=1),
@@ -572,3 +575,35 @@ def test_unreadable_inputs(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(OnnxImportError):
         load_model(empty)
+
+
+
+def test_malformed_nodes_give_clear_errors():
+    rng = np.random.default_rng(0)
+    tail, inits = _dense_tail(rng, 4)
+    nodes = [helper.make_node("Gemm", ["x"], ["h"], name="half")] + tail
+    with pytest.raises(OnnxImportError, match=r"Gemm needs at least 2 inputs.*'half'"):
+        load_model(make_model(nodes, inits, (4,), 3))
+    tail, inits = _dense_tail(rng, 2 * 4 * 4)
+    nodes = [helper.make_node("MaxPool", ["x"], ["p"], name="mp0", kernel_shape=[2, 2], strides=[0, 1]),
+             helper.make_node("Flatten", ["p"], ["h"], name="f")] + tail
+    with pytest.raises(OnnxImportError, match=r"strides.*'mp0'"):
+        load_model(make_model(nodes, inits, (2, 4, 4), 3))
+    nodes = [helper.make_node("MaxPool", ["x"], ["p"], name="big", kernel_shape=[9, 9]),
+             helper.make_node("Flatten", ["p"], ["h"], name="f")] + tail
+    with pytest.raises(OnnxImportError, match=r"larger than.*'big'"):
+        load_model(make_model(nodes, inits, (2, 4, 4), 3))
+    # the weight of a Gemm given as an int tensor
+    tail, inits = _dense_tail(rng, 4)
+    nodes = [helper.make_node("Gemm", ["x", "Wi"], ["h"], name="intw", transB=1)] + tail
+    with pytest.raises(OnnxImportError, match=r"dtype int64.*'intw'"):
+        load_model(make_model(nodes, dict(inits, Wi=np.ones((4, 4), np.int64)), (4,), 3))
+    # a model that does not end in class scores
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="r")]
+    proto = make_model(nodes, {}, (2, 3, 3), 3)
+    with pytest.raises(OnnxImportError, match="classifier"):
+        load_model(proto)
+    # a symbolic non-batch dim
+    proto = make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], {}, ("F",), 3)
+    with pytest.raises(OnnxImportError, match="fixed sizes"):
+        load_model(proto)

@@ -221,6 +221,8 @@ class _Importer:
             handler = getattr(self, f"_op_{op}", None)
             if handler is None:
                 self._fail(f"unsupported ONNX op '{op}'")
+            if len(node.input) < self._MIN_INPUTS.get(op, 1):
+                self._fail(f"{op} needs at least {self._MIN_INPUTS.get(op, 1)} inputs, got {len(node.input)}")
             step = handler(node, nodes, i)  # may swallow following nodes (MatMul+Add)
             if op in ("Softmax", "LogSoftmax"):
                 finished_by = self.label
@@ -236,9 +238,9 @@ class _Importer:
             raise OnnxImportError(f"imported graph is not a classifier chain: {e}") from None
 
     def _input_shape(self, inp: onnx.ValueInfoProto) -> Shape:
-        tt = inp.type.tensor_type
         if not inp.type.HasField("tensor_type"):
             raise OnnxImportError(f"graph input '{inp.name}' is not a tensor")
+        tt = inp.type.tensor_type
         if tt.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
             raise OnnxImportError(f"graph input '{inp.name}' has element type "
                                   f"{TensorProto.DataType.Name(tt.elem_type)}; expected float")
@@ -258,7 +260,7 @@ class _Importer:
     def _constant(self, node: onnx.NodeProto) -> None:
         a = _attrs(node)
         if "value" in a:
-            value = numpy_helper.to_array(a["value"])
+            value = self._tensor(a["value"], f"Constant at node '{self.label}'")
         elif "value_float" in a:
             value = np.array(a["value_float"], np.float32)
         elif "value_floats" in a:
@@ -276,6 +278,8 @@ class _Importer:
         return 1
 
     # -- one method per op: build the layer, advance the chain -------------------------------
+    _MIN_INPUTS = {"Gemm": 2, "MatMul": 2, "Conv": 2, "Reshape": 2, "Add": 2}
+
     def _op_Identity(self, node, nodes, i):
         return self._out(node)
 
@@ -429,6 +433,8 @@ class _Importer:
         if tuple(kernel) != tuple(w.shape[2:]):
             self._fail(f"Conv kernel_shape {list(kernel)} does not match weight {w.shape}")
         strides = self._ints2(a, "strides", (1, 1))
+        if min(strides) < 1:
+            self._fail(f"Conv strides {list(strides)} must be positive")
         pads = self._pads(a, kernel, strides)
         bias = None
         if len(node.input) > 2 and node.input[2]:
@@ -448,6 +454,8 @@ class _Importer:
             self._fail(f"{node.op_type} needs kernel_shape")
         kernel = self._ints2(a, "kernel_shape", ())
         strides = self._ints2(a, "strides", (1, 1))  # ONNX default is 1, not the kernel size
+        if min(kernel) < 1 or min(strides) < 1:
+            self._fail(f"{node.op_type} kernel_shape {list(kernel)} and strides {list(strides)} must be positive")
         pads = self._pads(a, kernel, strides)
         try:
             layer = cls(self._name(node), kernel, strides, pads, bool(int(a.get("ceil_mode", 0))), **extra)
