@@ -210,9 +210,8 @@ class _Importer:
                     f"is used {users.get(current, 0)} times" + (" and is a graph output" if current in graph_outputs else ""))
             if finished_by is not None and op != "Identity":
                 self._fail(f"Softmax at node '{finished_by}' must be the last node, but {op} follows it")
-            outs = [t for t in node.output if t]
-            if not outs:
-                self._fail(f"{op} has no output")
+            if not node.output or not node.output[0]:
+                self._fail(f"{op} has no (first) output")
             for extra in node.output[1:]:
                 if extra and op == "MaxPool":
                     self._fail("MaxPool's second output (indices) is not supported")
