@@ -1,0 +1,335 @@
+"""Local training on a parameter subset: SGD (optional momentum and weight decay).
+
+The step's whole flow, in order:
+  forward   every layer runs; layers below the earliest trainable one run in inference mode and
+            write into two reused scratch buffers (nothing of theirs is kept);
+  loss      softmax cross-entropy on the logits;
+  backward  from the loss down to the earliest trainable layer only; weight gradients exist only
+            for the selected rows (buffers of that many rows), bias gradients only where a bias
+            trains; input gradients are not computed below the earliest trainable layer;
+  update    SGD on the selected rows, in place in the model's arrays.
+
+Every buffer comes from an ``Arena`` that counts bytes by category, so ``Trainer.memory`` is
+what this step really held (kernel scratch included, read from the C++ counter), to be compared
+with the prediction of ``cost.predict_memory``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from . import _kernels as K
+from .graph import VIEW_KINDS, Layer, Model
+from .subset import Subset
+
+CATEGORIES = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations", "workspace")
+
+
+@dataclass
+class MemoryRecord:
+    """Bytes one training step held, by category."""
+
+    frozen_weights: int = 0
+    trainable_weights: int = 0
+    gradients: int = 0
+    optimizer_state: int = 0
+    activations: int = 0
+    workspace: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, c) for c in CATEGORIES)
+
+    def as_dict(self) -> Dict[str, int]:
+        d = {c: getattr(self, c) for c in CATEGORIES}
+        d["total"] = self.total
+        return d
+
+
+class Arena:
+    """Training buffers, allocated on first use and reused by later steps of the same shape."""
+
+    def __init__(self):
+        self._buffers: Dict[tuple, np.ndarray] = {}
+        self._category: Dict[tuple, str] = {}
+        self._flat: Dict[tuple, np.ndarray] = {}
+
+    def get(self, key: tuple, shape: tuple, dtype, category: str, zero: bool = False) -> np.ndarray:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
+            buf = np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
+            self._buffers[key] = buf
+            self._category[key] = category
+        return buf
+
+    def scratch(self, key: tuple, shape: tuple, capacity: int) -> np.ndarray:
+        """A float32 view of `shape` into a flat reusable buffer of `capacity` elements."""
+        flat = self._flat.get(key)
+        if flat is None or flat.size != capacity:
+            flat = np.empty(capacity, np.float32)
+            self._flat[key] = flat
+        return flat[: int(np.prod(shape))].reshape(shape)
+
+    def bytes_by_category(self) -> Dict[str, int]:
+        out = {c: 0 for c in CATEGORIES}
+        for key, buf in self._buffers.items():
+            out[self._category[key]] += buf.nbytes
+        out["workspace"] += sum(f.nbytes for f in self._flat.values())
+        return out
+
+
+class Scope:
+    """What one layer may take from the arena during a training step."""
+
+    def __init__(self, trainer: "Trainer", index: int, layer: Layer):
+        self.trainer = trainer
+        self.index = index
+        self.layer = layer
+        self.keep = True
+        self.rng = trainer.rng
+        self.in_shape = trainer.model.shapes[index]
+
+    def saved(self, name: str, shape: tuple, dtype) -> np.ndarray:
+        """A buffer kept from forward to backward (counted as activations)."""
+        return self.trainer.arena.get((self.index, name), shape, dtype, "activations")
+
+    def grad_buffers(self, layer: Layer) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
+        """(rows, weight-gradient buffer [R, ...] or None, bias-gradient buffer [out] or None).
+
+        rows None means every row. The bias trains as a whole whichever weight rows train, so
+        its gradient always covers every output.
+        """
+        g = self.trainer._grads.get(layer.name)
+        if g is None:
+            return None, None, None
+        return g.rows, g.dw, g.db
+
+
+@dataclass
+class _LayerGrads:
+    rows: Optional[np.ndarray]
+    dw: Optional[np.ndarray]
+    db: Optional[np.ndarray]
+    vw: Optional[np.ndarray] = None
+    vb: Optional[np.ndarray] = None
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    samples: int = 0
+    mean_loss: float = float("nan")
+    losses: List[float] = field(default_factory=list)
+
+
+class Trainer:
+    """SGD on ``subset`` of ``model``'s parameters (updates the model's arrays in place)."""
+
+    def __init__(self, model: Model, subset: Optional[Subset] = None, lr: float = 0.05, momentum: float = 0.0,
+                 weight_decay: float = 0.0, seed: int = 0):
+        if not lr > 0 or not np.isfinite(lr):
+            raise ValueError(f"learning rate must be a positive number, got {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"weight decay must be >= 0, got {weight_decay}")
+        self.model = model
+        self.subset = subset if subset is not None else Subset.full(model)
+        self.subset.validate(model)
+        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        self.rng = np.random.default_rng(seed)
+        self.arena = Arena()
+        self.first = self.subset.earliest_layer_index(model)
+        if self.first is None:
+            raise ValueError("the subset trains nothing")
+        self._grads: Dict[str, _LayerGrads] = {}
+        self._alloc_grads()
+        self._keep_out = self._outputs_kept()
+        self._scopes = [Scope(self, i, layer) for i, layer in enumerate(model.layers)]
+        self._workspace_peak = 0
+
+    # -- planning ------------------------------------------------------------------------------
+    def _alloc_grads(self) -> None:
+        for layer in self.model.param_layers:
+            ls = self.subset.get(layer.name)
+            if ls is None:
+                continue
+            full = ls.rows.size == layer.weight.shape[0]
+            rows = None if full else (ls.rows if ls.rows.size else None)
+            dw = (self.arena.get((layer.name, "dw"), (ls.rows.size,) + layer.weight.shape[1:], np.float32, "gradients")
+                  if ls.rows.size else None)
+            db = self.arena.get((layer.name, "db"), layer.bias.shape, np.float32, "gradients") if ls.bias else None
+            g = _LayerGrads(rows, dw, db)
+            if self.momentum:
+                g.vw = self.arena.get((layer.name, "vw"), dw.shape, np.float32, "optimizer_state", zero=True) \
+                    if dw is not None else None
+                g.vb = self.arena.get((layer.name, "vb"), db.shape, np.float32, "optimizer_state", zero=True) \
+                    if db is not None else None
+            self._grads[layer.name] = g
+
+    def _trains_weight(self, layer: Layer) -> bool:
+        ls = self.subset.get(layer.name)
+        return ls is not None and ls.rows.size > 0
+
+    def _outputs_kept(self) -> List[bool]:
+        """keep[i]: layer i's output must survive until backward (else it goes to scratch)."""
+        layers = self.model.layers
+        keep = [False] * len(layers)
+        for i, layer in enumerate(layers):
+            if i >= self.first and layer.saves_output:
+                keep[i] = True
+            if i + 1 >= self.first and i + 1 < len(layers) and \
+                    layers[i + 1].saves_input(self._trains_weight(layers[i + 1])):
+                keep[i] = True
+        for i in range(len(layers) - 1, 0, -1):  # a view's output is its input's memory
+            if keep[i] and layers[i].kind in VIEW_KINDS:
+                keep[i - 1] = True
+        return keep
+
+    # -- one step ------------------------------------------------------------------------------
+    def step(self, x: np.ndarray, labels: np.ndarray) -> float:
+        """One SGD step on a batch; returns the batch's mean loss before the update."""
+        loss = self._forward_backward(x, labels)
+        self._apply_update()
+        return loss
+
+    def gradients(self, x: np.ndarray, labels: np.ndarray) -> Tuple[float, Dict[str, np.ndarray]]:
+        """(mean loss, gradients of the subset's tensors) on a batch, without updating anything.
+
+        Keys and shapes follow ``Subset.tensors``: "layer.weight" -> [rows, row_size] for the
+        selected rows, "layer.bias" -> [1, out]. The arrays are copies.
+        """
+        loss = self._forward_backward(x, labels)
+        out = {}
+        for layer in self.model.param_layers:
+            g = self._grads.get(layer.name)
+            if g is None:
+                continue
+            if g.dw is not None:
+                out[f"{layer.name}.weight"] = g.dw.reshape(g.dw.shape[0], -1).copy()
+            if g.db is not None:
+                out[f"{layer.name}.bias"] = g.db.reshape(1, -1).copy()
+        return loss, out
+
+    def _forward_backward(self, x: np.ndarray, labels: np.ndarray) -> float:
+        model = self.model
+        n = x.shape[0]
+        x = model.check_input(x)
+        labels = np.ascontiguousarray(labels, dtype=np.int32)
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
+        K.reset_workspace_peak()
+        base = K.workspace_current_bytes()
+        arena, shapes, layers = self.arena, model.shapes, model.layers
+
+        fwd_capacity = n * max(int(np.prod(s)) for s in shapes[1:])
+        inputs: List[Optional[np.ndarray]] = [None] * len(layers)
+        outputs: List[Optional[np.ndarray]] = [None] * len(layers)
+        h, h_slot = x, None  # h_slot: which scratch buffer holds h (None: a kept buffer or x)
+        for i, layer in enumerate(layers):
+            out_shape = (n,) + shapes[i + 1]
+            inputs[i] = h
+            if layer.kind in VIEW_KINDS:
+                h = h.reshape(out_shape)
+            else:
+                if self._keep_out[i]:
+                    y, slot = arena.get((i, "out"), out_shape, np.float32, "activations"), None
+                else:
+                    slot = 1 if h_slot == 0 else 0
+                    y = arena.scratch(("fwd", slot), out_shape, fwd_capacity)
+                layer.forward(h, y, self._scopes[i] if i >= self.first else None)
+                h, h_slot = y, slot
+            outputs[i] = h
+
+        probs = arena.get(("loss", "probs"), h.shape, np.float32, "activations")
+        loss = K.softmax_xent_forward(h, labels, probs)
+
+        bwd_capacity = n * max(int(np.prod(s)) for s in shapes[self.first + 1:])
+        dy_slot = 0
+        dy = arena.scratch(("bwd", dy_slot), h.shape, bwd_capacity)
+        K.softmax_xent_backward(probs, labels, dy, 1.0 / n)
+        for i in range(len(layers) - 1, self.first - 1, -1):
+            layer = layers[i]
+            in_shape = (n,) + shapes[i]
+            if layer.kind in VIEW_KINDS:
+                dy = dy.reshape(in_shape)
+                continue
+            dx = None
+            if i > self.first:
+                dy_slot ^= 1
+                dx = arena.scratch(("bwd", dy_slot), in_shape, bwd_capacity)
+            layer.backward(inputs[i] if layer.saves_input(self._trains_weight(layer)) else None,
+                           outputs[i] if layer.saves_output else None, dy, dx, self._scopes[i])
+            dy = dx
+
+        self._workspace_peak = max(self._workspace_peak, K.workspace_peak_bytes() - base)
+        return float(loss)
+
+    def _apply_update(self) -> None:
+        for layer in self.model.param_layers:
+            g = self._grads.get(layer.name)
+            if g is None:
+                continue
+            if g.dw is not None:
+                rows_n = layer.weight.shape[0]
+                K.sgd_update_rows(layer.weight.reshape(rows_n, -1), g.rows, g.dw.reshape(g.dw.shape[0], -1),
+                                  None if g.vw is None else g.vw.reshape(g.vw.shape[0], -1),
+                                  self.lr, self.momentum, self.weight_decay)
+            if g.db is not None:
+                K.sgd_update_rows(layer.bias, None, g.db, g.vb, self.lr, self.momentum, self.weight_decay)
+
+    # -- loops ---------------------------------------------------------------------------------
+    def train(self, x: np.ndarray, y: np.ndarray, epochs: float = 1.0, batch_size: int = 32,
+              max_steps: Optional[int] = None) -> TrainStats:
+        """Shuffled mini-batch SGD over (x, y) for `epochs` passes (fractions allowed)."""
+        x = self.model.check_input(x)
+        y = np.ascontiguousarray(y, dtype=np.int32)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
+        if x.shape[0] == 0:
+            raise ValueError("no training samples")
+        n = x.shape[0]
+        bs = min(batch_size, n)
+        steps = max(1, int(round(epochs * n / bs)))
+        if max_steps is not None:
+            steps = min(steps, max_steps)
+        stats = TrainStats()
+        for xb, yb in self._batches(x, y, bs, steps):
+            stats.losses.append(self.step(xb, yb))
+            stats.steps += 1
+            stats.samples += xb.shape[0]
+        stats.mean_loss = float(np.mean(stats.losses))
+        return stats
+
+    def _batches(self, x, y, bs, steps) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        n = x.shape[0]
+        order = self.rng.permutation(n)
+        pos = 0
+        for _ in range(steps):
+            if pos + bs > n:
+                order, pos = self.rng.permutation(n), 0
+            idx = order[pos:pos + bs]
+            pos += bs
+            yield x[idx], y[idx]
+
+    # -- memory ---------------------------------------------------------------------------------
+    @property
+    def memory(self) -> MemoryRecord:
+        """What the last steps held: weights by trainability, arena buffers, kernel scratch peak."""
+        frozen = trainable = 0
+        for layer in self.model.param_layers:
+            ls = self.subset.get(layer.name)
+            row_bytes = layer.weight.nbytes // layer.weight.shape[0]
+            trained_rows = 0 if ls is None else ls.rows.size
+            trainable += trained_rows * row_bytes
+            frozen += (layer.weight.shape[0] - trained_rows) * row_bytes
+            if ls is not None and ls.bias:
+                trainable += layer.bias.nbytes
+            else:
+                frozen += layer.bias.nbytes
+        by_cat = self.arena.bytes_by_category()
+        return MemoryRecord(frozen_weights=frozen, trainable_weights=trainable, gradients=by_cat["gradients"],
+                            optimizer_state=by_cat["optimizer_state"], activations=by_cat["activations"],
+                            workspace=by_cat["workspace"] + self._workspace_peak)

@@ -1,0 +1,174 @@
+import numpy as np
+import pytest
+
+import ftte_core as ft
+from ftte_core import _kernels as K
+
+from np_reference import loss_and_grads
+
+
+def _batch(model, n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n,) + model.input_shape).astype(np.float32)
+    y = rng.integers(0, model.num_classes, n).astype(np.int32)
+    return x, y
+
+
+MODELS = {
+    "mlp": lambda: ft.zoo("mlp", (20,), 5, seed=1, hidden=(24, 16)),
+    "cnn": lambda: ft.zoo("cnn", (1, 8, 8), 4, seed=2, channels=(3, 5)),
+}
+
+
+def _sgd_reference(model, subset, x, y, lr, steps=1, momentum=0.0, wd=0.0):
+    """NumPy SGD on the subset: full-model float64 gradients, applied to the selected rows only."""
+    ref = model.copy()
+    vel = {}
+    for _ in range(steps):
+        _, grads = loss_and_grads(ref, x, y)
+        for key, ls_layer, view, rows in subset.tensors(ref):
+            g = grads[key].reshape(view.shape[0], -1) if key.endswith("weight") else grads[key].reshape(1, -1)
+            r = rows if rows is not None else np.arange(view.shape[0])
+            g = g[r] + wd * view[r]
+            if momentum:
+                vel[key] = momentum * vel.get(key, 0) + g
+                g = vel[key]
+            view[r] -= (lr * g).astype(np.float32)
+    return ref
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("which", ["full", "sparse", "last"])
+def test_step_matches_numpy_sgd(name, which):
+    model = MODELS[name]()
+    names = [l.name for l in model.param_layers]
+    if which == "full":
+        subset = ft.Subset.full(model)
+    elif which == "sparse":
+        subset = ft.Subset.of(model, {names[-1]: {"rows": "all", "bias": True},
+                                      names[-2]: {"rows": [0, 2, 3], "bias": False}})
+    else:
+        subset = ft.Subset.of(model, {names[-1]: {"rows": None, "bias": True}})
+    x, y = _batch(model)
+    ref = _sgd_reference(model, subset, x, y, lr=0.1, steps=2, momentum=0.9, wd=1e-3)
+    before = {k: v.copy() for k, v in model.state().items()}
+    tr = ft.Trainer(model, subset, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    tr.step(x, y)
+    tr.step(x, y)
+    for key, got in model.state().items():
+        np.testing.assert_allclose(got, ref.state()[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    # frozen values are bit-for-bit untouched
+    for layer in model.param_layers:
+        ls = subset.get(layer.name)
+        w_before = before[f"{layer.name}.weight"].reshape(layer.weight.shape[0], -1)
+        frozen_rows = np.setdiff1d(np.arange(layer.weight.shape[0]), [] if ls is None else ls.rows)
+        assert np.array_equal(layer.weight.reshape(layer.weight.shape[0], -1)[frozen_rows], w_before[frozen_rows])
+        if ls is None or not ls.bias:
+            assert np.array_equal(layer.bias, before[f"{layer.name}.bias"])
+
+
+def test_loss_is_reference_loss():
+    model = MODELS["cnn"]()
+    x, y = _batch(model)
+    ref_loss, _ = loss_and_grads(model, x, y)
+    loss = ft.Trainer(model, ft.Subset.full(model), lr=1e-9).step(x, y)
+    assert abs(loss - ref_loss) < 1e-5
+
+
+def test_layers_below_earliest_trainable_keep_nothing():
+    model = ft.zoo("mlp", (64,), 10, seed=0)
+    subset = ft.Subset.of(model, {"fc3": {"rows": "all", "bias": True}})
+    tr = ft.Trainer(model, subset)
+    x, y = _batch(model, 32)
+    tr.step(x, y)
+    kept = [key for key, buf in tr.arena._buffers.items() if tr.arena._category[key] == "activations"]
+    first = subset.earliest_layer_index(model)
+    # only the input of fc3 (kept by the ReLU before it) and the softmax probabilities
+    assert all(key[0] == "loss" or key[0] >= first - 1 for key in kept), kept
+    assert len(kept) == 2
+    assert tr.memory.gradients == (10 * 256 + 10) * 4
+
+
+def test_sparse_step_uses_much_less_memory_and_gradient_rows_only():
+    model = ft.zoo("cnn", (1, 28, 28), 10, seed=0)
+    full = ft.Trainer(model.copy(), ft.Subset.full(model), momentum=0.9)
+    sparse_subset = ft.Subset.of(model, {"fc1": {"rows": "all", "bias": True},
+                                         "conv2": {"rows": 0.25, "bias": True}})
+    sparse = ft.Trainer(model.copy(), sparse_subset, momentum=0.9)
+    x, y = _batch(model, 32)
+    full.step(x, y)
+    sparse.step(x, y)
+    assert sparse.memory.total < 0.5 * full.memory.total
+    assert sparse.memory.gradients == (4 * 8 * 9 + 16 + 10 * 784 + 10) * 4
+
+
+@pytest.mark.parametrize("zoo_args", [("mlp", (64,), 10, {}), ("mlp", (784,), 10, {"hidden": (128,)}),
+                                      ("cnn", (1, 28, 28), 10, {}), ("cnn", (1, 8, 8), 10, {}),
+                                      ("cnn", (3, 32, 32), 10, {})])
+@pytest.mark.parametrize("which", ["full", "last", "sparse", "bias"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_cost_model_predicts_recorded_memory(zoo_args, which, momentum):
+    name, shape, classes, opts = zoo_args
+    model = ft.zoo(name, shape, classes, seed=0, **opts)
+    names = [l.name for l in model.param_layers]
+    spec = {"full": None,
+            "last": {names[-1]: {"rows": "all", "bias": True}},
+            "sparse": {names[-1]: {"rows": "all", "bias": True}, names[-2]: {"rows": 0.25, "bias": False}},
+            "bias": {n: {"rows": None, "bias": True} for n in names}}[which]
+    subset = ft.Subset.full(model) if spec is None else ft.Subset.of(model, spec)
+    tr = ft.Trainer(model, subset, momentum=momentum)
+    x, y = _batch(model, 32)
+    tr.step(x, y)
+    tr.step(x, y)
+    got = tr.memory.as_dict()
+    want = ft.predict_memory(model, subset, batch_size=32, momentum=momentum)
+    assert abs(want["total"] - got["total"]) <= 0.10 * got["total"], (want, got)
+    for cat in ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations"):
+        assert want[cat] == got[cat], (cat, want, got)
+
+
+def test_training_learns_digits():
+    ds = ft.load_bundled("digits")
+    model = ft.zoo("mlp", ds.feature_shape, ds.num_classes, seed=0, hidden=(64,))
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(ds))
+    tr_idx, va_idx = idx[:1400], idx[1400:]
+    _, acc0 = model.evaluate(ds.x[va_idx], ds.y[va_idx])
+    trainer = ft.Trainer(model, lr=0.1, momentum=0.9)
+    stats = trainer.train(ds.x[tr_idx], ds.y[tr_idx], epochs=5, batch_size=32)
+    _, acc = model.evaluate(ds.x[va_idx], ds.y[va_idx])
+    assert acc0 < 0.3 and acc > 0.9, (acc0, acc)
+    assert stats.losses[-1] < stats.losses[0]
+
+
+def test_step_is_identical_for_any_thread_count():
+    results = []
+    for threads in (1, 2):
+        K.set_num_threads(threads)
+        try:
+            model = ft.zoo("cnn", (1, 28, 28), 10, seed=3)
+            x, y = _batch(model, 64, seed=5)
+            ft.Trainer(model, lr=0.05, momentum=0.9).train(x, y, epochs=2, batch_size=32)
+            results.append(model.state())
+        finally:
+            K.set_num_threads(0)
+    for key in results[0]:
+        assert np.array_equal(results[0][key], results[1][key]), key
+
+
+def test_trainer_rejects_bad_arguments():
+    model = MODELS["mlp"]()
+    with pytest.raises(ValueError, match="learning rate"):
+        ft.Trainer(model, lr=-1)
+    with pytest.raises(ValueError, match="momentum"):
+        ft.Trainer(model, momentum=1.5)
+    with pytest.raises(ValueError, match="trains nothing"):
+        ft.Trainer(model, ft.Subset({}))
+    tr = ft.Trainer(model)
+    x, y = _batch(model)
+    with pytest.raises(ValueError, match="labels"):
+        tr.step(x, y[:3])
+    with pytest.raises(ValueError, match="expects"):
+        tr.step(np.zeros((4, 7), np.float32), y[:4])
+    with pytest.raises(ValueError):
+        tr.step(x, np.full_like(y, 99))
