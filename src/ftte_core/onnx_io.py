@@ -84,6 +84,12 @@ class _Importer:
 
     @staticmethod
     def _tensor(t: onnx.TensorProto, what: str) -> np.ndarray:
+        # onnx.load(path) has already pulled external data in (with its own path checks); one
+        # still marked external came as bytes/proto, and reading it would open files relative to
+        # the current directory on the say-so of the model: refuse.
+        if t.data_location == TensorProto.EXTERNAL:
+            raise OnnxImportError(f"cannot read {what}: it is stored as external data; "
+                                  f"load the model from its file path instead of bytes")
         try:
             return numpy_helper.to_array(t)
         except Exception as e:  # external data missing, bad raw_data size, ...
