@@ -88,8 +88,11 @@ class Scope:
         self.index = index
         self.layer = layer
         self.keep = True
-        self.rng = trainer.rng
         self.in_shape = trainer.model.shapes[index]
+
+    @property
+    def rng(self) -> np.random.Generator:
+        return self.trainer.rng
 
     def saved(self, name: str, shape: tuple, dtype) -> np.ndarray:
         """A buffer kept from forward to backward (counted as activations)."""
