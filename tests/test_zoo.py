@@ -87,3 +87,12 @@ def test_zoo_predicts(name, shape):
     x = np.random.default_rng(0).normal(size=(3,) + shape).astype(np.float32)
     y = m.predict(x)
     assert y.shape == (3, 10) and y.dtype == np.float32 and np.all(np.isfinite(y))
+
+
+def test_zoo_does_not_load_onnx():
+    # agents build zoo models without paying for the onnx package (see ftte_core.__init__)
+    import subprocess
+    import sys
+    code = ("import sys, ftte_core; ftte_core.zoo('cnn', (1, 8, 8), 10); "
+            "assert 'onnx' not in sys.modules, 'zoo imported onnx'")
+    subprocess.run([sys.executable, "-c", code], check=True)
