@@ -154,6 +154,10 @@ void conv2d_backward(const ConvGeom& g, const float* x, const float* w, const fl
         static_cast<double>(R) * g.N * P);
 
   if (!dw && !dx) return;
+  if (g.N == 0) {  // an empty batch has zero gradient (dx is empty itself)
+    if (dw && !accumulate) std::fill(dw, dw + R * K, 0.f);
+    return;
+  }
 
   // Images are grouped into chunks fixed by N (not by the thread count). Chunk 0 writes dW
   // itself, the others their own partial buffer; partials are added in chunk order at the end.

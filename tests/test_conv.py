@@ -336,3 +336,14 @@ def test_bias_only_and_dx_only_without_x():
     np.testing.assert_allclose(dx, rdx, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="x is needed to compute dw"):
         K.conv2d_backward(None, w, dy, None, np.empty_like(w), None, None, stride, pad)
+
+
+def test_empty_batch():
+    x = np.zeros((0, 2, 5, 5), np.float32)
+    w = np.ones((3, 2, 3, 3), np.float32)
+    y = np.zeros((0, 3, 3, 3), np.float32)
+    K.conv2d_forward(x, w, None, y)
+    dw = np.full(w.shape, np.nan, np.float32)
+    db = np.full(3, np.nan, np.float32)
+    K.conv2d_backward(x, w, y, None, dw, db, np.zeros_like(x))
+    assert not dw.any() and not db.any()
