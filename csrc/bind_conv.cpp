@@ -12,6 +12,7 @@
 #include "activation.h"
 #include "check.h"
 #include "conv2d.h"
+#include "parallel.h"
 #include "pool.h"
 #include "xent.h"
 
@@ -252,6 +253,32 @@ void register_conv(py::module_& m) {
       "Gradients of conv2d_forward. rows: int32 [R] output channels (None: all). dw[R,C,KH,KW], db[R] "
       "(None to skip; accumulate=True adds into them) and dx[N,C,H,W] (None to skip; overwritten, all "
       "output channels contribute).");
+
+  m.def(
+      "conv2d_scratch_bytes",
+      [](py::object x_shape, py::object w_shape, py::object stride, py::object padding, bool backward,
+         py::object n_rows, bool dw, bool dx, int threads) {
+        const std::string fn = "conv2d_scratch_bytes";
+        const auto xs = int_tuple<4>(fn, "x_shape", x_shape);
+        const auto ws = int_tuple<4>(fn, "w_shape", w_shape);
+        for (int64_t v : xs)
+          if (v < 0) fail(fn, "x_shape must be >= 0");
+        if (ws[0] < 0 || ws[1] != xs[1] || ws[2] < 1 || ws[3] < 1 || xs[1] < 1)
+          fail(fn, "w_shape must be [OC, C, KH, KW] with C matching x_shape and a kernel of at least 1x1");
+        const Window win = parse_window(fn, ws[2], ws[3], stride, padding);
+        const auto o = out_hw(fn, xs[2], xs[3], win, false);
+        const int64_t R = n_rows.is_none() ? ws[0] : as_int(fn, "n_rows", n_rows);
+        if (R < 0) fail(fn, "n_rows must be >= 0");
+        const ftte::ConvGeom g = conv_geom(xs[0], xs[1], xs[2], xs[3], ws[0], win, o);
+        return ftte::conv2d_scratch_bytes(g, backward, R, dw, dx, threads > 0 ? threads : ftte::get_num_threads());
+      },
+      py::arg("x_shape"), py::arg("w_shape"), py::arg("stride") = stride1, py::arg("padding") = pad0,
+      py::arg("backward") = false, py::arg("n_rows") = py::none(), py::arg("dw") = true, py::arg("dx") = true,
+      py::arg("threads") = 0,
+      "Most bytes of scratch (im2col columns, dW partial sums) conv2d_forward or, with backward=True, "
+      "conv2d_backward holds for these shapes with `threads` threads (0: the current setting); n_rows: "
+      "selected output channels (None: all); dw/dx: whether those gradients are asked for. Excludes "
+      "sgemm's own packing buffers.");
 
   // ---- pooling ----
   m.def(

@@ -110,6 +110,20 @@ void for_each_image(int64_t n_images, double work, const std::function<void(int6
 constexpr int64_t kMaxChunks = 8;
 constexpr int64_t kPartialBudgetFloats = int64_t(1) << 20;  // 4 MiB
 
+// Image chunks of the backward pass: fixed by the batch and layer sizes, never by threads.
+int64_t backward_chunks(const ConvGeom& g, int64_t R, bool want_dw) {
+  if (!want_dw) return g.N;
+  const int64_t K = g.C * g.KH * g.KW;
+  const int64_t chunks = std::min(g.N, kMaxChunks);
+  return std::max<int64_t>(1, std::min(chunks, 1 + kPartialBudgetFloats / std::max<int64_t>(1, R * K)));
+}
+
+// How many per-task column buffers can be live at once (see for_each_image).
+int64_t live_tasks(int64_t n_tasks, int threads) {
+  if (n_tasks <= 0) return 0;
+  return n_tasks >= threads ? std::min<int64_t>(threads, n_tasks) : 1;
+}
+
 }  // namespace
 
 void conv2d_forward(const ConvGeom& g, const float* x, const float* w, const float* b, float* y) {
@@ -161,11 +175,7 @@ void conv2d_backward(const ConvGeom& g, const float* x, const float* w, const fl
 
   // Images are grouped into chunks fixed by N (not by the thread count). Chunk 0 writes dW
   // itself, the others their own partial buffer; partials are added in chunk order at the end.
-  int64_t chunks = g.N;
-  if (dw) {
-    chunks = std::min(g.N, kMaxChunks);
-    chunks = std::max<int64_t>(1, std::min(chunks, 1 + kPartialBudgetFloats / std::max<int64_t>(1, R * K)));
-  }
+  const int64_t chunks = backward_chunks(g, R, dw != nullptr);
   Scratch<float> partials(dw ? static_cast<size_t>((chunks - 1) * R * K) : 0);
 
   auto run_chunk = [&](int64_t ch) {
@@ -210,6 +220,18 @@ void conv2d_backward(const ConvGeom& g, const float* x, const float* w, const fl
         },
         static_cast<double>(total) * (chunks - 1));
   }
+}
+
+size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool want_dw, bool want_dx, int threads) {
+  const int64_t K = g.C * g.KH * g.KW, P = g.OH * g.OW;
+  const int64_t cols = pointwise(g) ? 0 : K * P;
+  threads = std::max(threads, 1);
+  if (!backward) return static_cast<size_t>(cols * live_tasks(g.N, threads)) * sizeof(float);
+  if (R == 0) want_dw = false;
+  if ((!want_dw && !want_dx) || g.N == 0) return 0;
+  const int64_t chunks = backward_chunks(g, R, want_dw);
+  const int64_t partials = want_dw ? (chunks - 1) * R * K : 0;
+  return static_cast<size_t>(partials + cols * live_tasks(chunks, threads)) * sizeof(float);
 }
 
 }  // namespace ftte

@@ -2,6 +2,7 @@
 // restricted to selected output channels ("rows") so a partly-frozen layer only pays for the
 // channels that train. Pure C++: no Python here (cross-compiled on its own).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace ftte {
@@ -30,5 +31,10 @@ void conv2d_forward(const ConvGeom& g, const float* x, const float* w, const flo
 // x may be null when dw is.
 void conv2d_backward(const ConvGeom& g, const float* x, const float* w, const float* dy, const int32_t* rows,
                      int64_t R, float* dw, float* db, float* dx, bool accumulate);
+
+// Bytes of scratch conv2d_forward (backward == false) or conv2d_backward hold at most, with
+// `threads` threads: im2col columns and dW partial sums, NOT counting sgemm's own packing
+// panels. Mirrors the kernels' own choices, for the memory cost model.
+size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool want_dw, bool want_dx, int threads);
 
 }  // namespace ftte

@@ -347,3 +347,43 @@ def test_empty_batch():
     db = np.full(3, np.nan, np.float32)
     K.conv2d_backward(x, w, y, None, dw, db, np.zeros_like(x))
     assert not dw.any() and not db.any()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("N", [1, 3, 20])
+def test_scratch_bytes_matches_recorded_peak(threads, N):
+    """conv2d_scratch_bytes (for the cost model) is what the kernels really hold, up to sgemm's packing."""
+    rng = np.random.default_rng(N)
+    C, H, W, OC = 4, 11, 9, 12
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    w = rng.standard_normal((OC, C, 3, 3)).astype(np.float32)
+    stride, pad = (1, 2), (1, 1, 0, 1)
+    y = np.empty((N, OC, 10, 5), np.float32)
+    rows = np.array([0, 5, 7], np.int32)
+    dw = np.empty((3, C, 3, 3), np.float32)
+    dx = np.empty_like(x)
+    calls = [
+        (lambda: K.conv2d_forward(x, w, None, y, stride, pad), dict()),
+        (lambda: K.conv2d_backward(x, w, y, rows, dw, None, dx, stride, pad), dict(backward=True, n_rows=3)),
+        (lambda: K.conv2d_backward(x, w, y, rows, dw, None, None, stride, pad),
+         dict(backward=True, n_rows=3, dx=False)),
+        (lambda: K.conv2d_backward(None, w, y, None, None, None, dx, stride, pad), dict(backward=True, dw=False)),
+    ]
+    before = K.get_num_threads()
+    try:
+        K.set_num_threads(threads)
+        for call, kw in calls:
+            want = K.conv2d_scratch_bytes(x.shape, w.shape, stride, pad, threads=threads, **kw)
+            base = K.workspace_current_bytes()
+            K.reset_workspace_peak()
+            call()
+            used = K.workspace_peak_bytes() - base
+            # Upper bound (small calls may run on one thread); sgemm may pack on top.
+            assert used <= want + 256 * 1024, (kw, used, want)
+            if threads == 1:
+                assert want <= used, (kw, used, want)
+    finally:
+        K.set_num_threads(before)
+    assert K.conv2d_scratch_bytes((2, 3, 8, 8), (4, 3, 1, 1)) == 0  # pointwise reads x directly
+    with pytest.raises(ValueError, match="conv2d_scratch_bytes: w_shape must be"):
+        K.conv2d_scratch_bytes((2, 3, 8, 8), (4, 2, 3, 3))
