@@ -281,3 +281,16 @@ def test_errors():
         K.global_avgpool_forward(x, np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match="global_avgpool_backward: dx has shape"):
         K.global_avgpool_backward(np.zeros((2, 3), np.float32), np.zeros((3, 3, 2, 2), np.float32))
+
+
+def test_maxpool_propagates_nan():
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    x[0, 0, 0, 1] = np.nan
+    x[0, 0, 3, 3] = np.nan
+    x[0, 0, 2, 2] = 100
+    y = np.empty((1, 1, 2, 2), np.float32)
+    am = np.empty((1, 1, 2, 2), np.int32)
+    K.maxpool2d_forward(x, y, am, 2, 2)
+    assert np.isnan(y[0, 0, 0, 0]) and am[0, 0, 0, 0] == 1
+    assert np.isnan(y[0, 0, 1, 1]) and am[0, 0, 1, 1] == 15
+    assert y[0, 0, 0, 1] == 7 and y[0, 0, 1, 0] == 13
