@@ -277,8 +277,8 @@ void register_conv(py::module_& m) {
       py::arg("threads") = 0,
       "Most bytes of scratch (im2col columns, dW partial sums) conv2d_forward or, with backward=True, "
       "conv2d_backward holds for these shapes with `threads` threads (0: the current setting); n_rows: "
-      "selected output channels (None: all); dw/dx: whether those gradients are asked for. Excludes "
-      "sgemm's own packing buffers.");
+      "selected output channels (None: all); dw/dx: whether those gradients are asked for. Includes "
+      "the packing buffers of the GEMM calls.");
 
   // ---- pooling ----
   m.def(

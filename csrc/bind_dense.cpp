@@ -129,6 +129,17 @@ void register_dense(py::module_& m) {
         py::arg("trans_b") = false, py::arg("alpha") = 1.0f, py::arg("beta") = 0.0f,
         "c = alpha * op(a) @ op(b) + beta * c, in place (float32, C-contiguous 2-D). beta == 0 ignores c.");
   m.def("sgemm_kernel_name", &ftte::sgemm_kernel_name, "GEMM micro-kernel in use: 'avx2-fma' or 'generic'.");
+  m.def(
+      "sgemm_scratch_bytes",
+      [](int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, bool gather_a) {
+        static const int32_t some_rows[1] = {0};
+        const float* any = nullptr;
+        return ftte::sgemm_scratch_bytes(M, N, K, ftte::GemmOperand{any, 0, trans_a, gather_a ? some_rows : nullptr},
+                                         ftte::GemmOperand{any, 0, trans_b});
+      },
+      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("trans_a") = false, py::arg("trans_b") = false,
+      py::arg("gather_a") = false,
+      "Packing scratch (bytes) sgemm takes for an MxNxK product with these operand layouts; the cost model's source.");
   m.def("dense_forward", &py_dense_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"),
         "y[N,O] = x[N,I] @ w[O,I]^T + b[O] (b may be None), in place.");
   m.def("dense_backward", &py_dense_backward, py::arg("x"), py::arg("w"), py::arg("dy"), py::arg("rows"),

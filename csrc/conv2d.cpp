@@ -226,12 +226,25 @@ size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool wa
   const int64_t K = g.C * g.KH * g.KW, P = g.OH * g.OW;
   const int64_t cols = pointwise(g) ? 0 : K * P;
   threads = std::max(threads, 1);
-  if (!backward) return static_cast<size_t>(cols * live_tasks(g.N, threads)) * sizeof(float);
+  // Each live task holds its columns and the packing panels of its own GEMM calls.
+  const float* any = nullptr;
+  if (!backward) {
+    const size_t pack = sgemm_scratch_bytes(g.OC, P, K, GemmOperand{any, K}, GemmOperand{any, P});
+    return (static_cast<size_t>(cols) * sizeof(float) + pack) * static_cast<size_t>(live_tasks(g.N, threads));
+  }
   if (R == 0) want_dw = false;
   if ((!want_dw && !want_dx) || g.N == 0) return 0;
   const int64_t chunks = backward_chunks(g, R, want_dw);
   const int64_t partials = want_dw ? (chunks - 1) * R * K : 0;
-  return static_cast<size_t>(partials + cols * live_tasks(chunks, threads)) * sizeof(float);
+  static const int32_t some_rows[1] = {0};
+  size_t pack = 0;
+  if (want_dw)
+    pack = sgemm_scratch_bytes(R, K, P, GemmOperand{any, P, false, R < g.OC ? some_rows : nullptr},
+                               GemmOperand{any, P, true});
+  if (want_dx)
+    pack = std::max(pack, sgemm_scratch_bytes(K, P, g.OC, GemmOperand{any, K, true}, GemmOperand{any, P}));
+  return static_cast<size_t>(partials) * sizeof(float) +
+         (static_cast<size_t>(cols) * sizeof(float) + pack) * static_cast<size_t>(live_tasks(chunks, threads));
 }
 
 }  // namespace ftte

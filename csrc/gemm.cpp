@@ -232,21 +232,41 @@ void scale_c(int64_t M, int64_t N, float beta, float* C, int64_t ldc) {
   }
 }
 
+// Blocking and packing-buffer sizes of one blocked call: sgemm and sgemm_scratch_bytes both
+// read them from here, so the memory the cost model is told is the memory sgemm takes.
+struct BlockedPlan {
+  int64_t MC, NC, KC;
+  bool direct_a, direct_b;
+  size_t a_elems, b_elems;
+};
+
+BlockedPlan blocked_plan(int MR, int NR, int64_t M, int64_t N, int64_t K, const GemmOperand& A,
+                         const GemmOperand& B) {
+  BlockedPlan p;
+  p.MC = kMC / MR * MR;
+  p.NC = std::max<int64_t>(kNC / NR, 1) * NR;
+  // Equal K blocks (e.g. 784 -> 3 x 262 rather than 256+256+256+16) so no block is all overhead.
+  const int64_t n_kb = ceil_div(K, kKC);
+  p.KC = ceil_div(K, n_kb);
+  const int64_t mc_max = std::min(M, p.MC), nc_max = std::min(N, p.NC);
+  p.direct_b = !B.trans && !B.index && M <= kDirectMaxOther;
+  p.direct_a = A.trans && !A.index && N <= kDirectMaxOther;
+  // An operand read in place needs a packed copy only of its one partial edge panel (slot 0).
+  p.a_elems = static_cast<size_t>((p.direct_a ? 1 : ceil_div(mc_max, MR)) * MR * p.KC);
+  p.b_elems = static_cast<size_t>((p.direct_b ? 1 : ceil_div(nc_max, NR)) * NR * p.KC);
+  return p;
+}
+
 template <int MR, int NR>
 void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A,
                    const GemmOperand& B, float beta, float* C, int64_t ldc) {
-  const int64_t MC = kMC / MR * MR, NC = std::max<int64_t>(kNC / NR, 1) * NR;
-  // Equal K blocks (e.g. 784 -> 3 x 262 rather than 256+256+256+16) so no block is all overhead.
-  const int64_t n_kb = ceil_div(K, kKC), KC = ceil_div(K, n_kb);
-
-  const int64_t mc_max = std::min(M, MC), nc_max = std::min(N, NC);
+  const BlockedPlan plan = blocked_plan(MR, NR, M, N, K, A, B);
+  const int64_t MC = plan.MC, NC = plan.NC, KC = plan.KC;
+  const bool direct_a = plan.direct_a, direct_b = plan.direct_b;
   const int64_t task_rows = kTaskRowPanels * MR;
   const int64_t task_cols = std::max<int64_t>(kTaskColElems / NR, 1) * NR;
-  const bool direct_b = !B.trans && !B.index && M <= kDirectMaxOther;
-  const bool direct_a = A.trans && !A.index && N <= kDirectMaxOther;
-  // An operand read in place needs a packed copy only of its one partial edge panel (slot 0).
-  Scratch<float> a_buf(static_cast<size_t>((direct_a ? 1 : ceil_div(mc_max, MR)) * MR * KC));
-  Scratch<float> b_buf(static_cast<size_t>((direct_b ? 1 : ceil_div(nc_max, NR)) * NR * KC));
+  Scratch<float> a_buf(plan.a_elems);
+  Scratch<float> b_buf(plan.b_elems);
   float* Ap = a_buf.data();
   float* Bp = b_buf.data();
 
@@ -365,5 +385,16 @@ void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, c
 }
 
 const char* sgemm_kernel_name() { return gemm_detail::kernel().name; }
+
+size_t sgemm_scratch_bytes(int64_t M, int64_t N, int64_t K, const GemmOperand& A, const GemmOperand& B) {
+  using namespace gemm_detail;
+  if (M <= 0 || N <= 0 || K <= 0) return 0;
+  const KernelInfo& kern = kernel();
+#if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
+  if (use_dot_path(kern, M, N, K, A, B)) return 0;
+#endif
+  const BlockedPlan plan = blocked_plan(kern.mr, kern.nr, M, N, K, A, B);
+  return (plan.a_elems + plan.b_elems) * sizeof(float);
+}
 
 }  // namespace ftte

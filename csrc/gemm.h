@@ -11,6 +11,7 @@
 // Work is split over tiles of C only (never over K), so results are identical for any thread
 // count. beta == 0 ignores C's old contents (NaN in C does not propagate).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace ftte {
@@ -24,6 +25,9 @@ struct GemmOperand {
 
 void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, const GemmOperand& B, float beta,
            float* C, int64_t ldc);
+
+// Bytes of packing scratch sgemm would take for this call (0 when it reads operands in place).
+size_t sgemm_scratch_bytes(int64_t M, int64_t N, int64_t K, const GemmOperand& A, const GemmOperand& B);
 
 // Which micro-kernel sgemm uses on this CPU ("avx2-fma", "generic").
 const char* sgemm_kernel_name();

@@ -81,11 +81,12 @@ def test_layers_below_earliest_trainable_keep_nothing():
     tr = ft.Trainer(model, subset)
     x, y = _batch(model, 32)
     tr.step(x, y)
-    kept = [key for key, buf in tr.arena._buffers.items() if tr.arena._category[key] == "activations"]
-    first = subset.earliest_layer_index(model)
-    # only the input of fc3 (kept by the ReLU before it) and the softmax probabilities
-    assert all(key[0] == "loss" or key[0] >= first - 1 for key in kept), kept
-    assert len(kept) == 2
+    kept = sorted(key for key, buf in tr.arena._buffers.items() if tr.arena._category[key] == "activations")
+    # only the frozen prefix's output (fc3's input) and the softmax probabilities
+    assert kept == [("loss", "probs"), ("prefix", "out")], kept
+    assert tr.arena._buffers[("prefix", "out")].shape == (32, 256)
+    # the frozen layers ran 8 samples at a time: their scratch holds 8 rows, not 32
+    assert tr.memory.workspace < 32 * 256 * 4 + 10 * 32 * 4 * 2 + 8 * 256 * 4 * 2 + 64 * 1024
     assert tr.memory.gradients == (10 * 256 + 10) * 4
 
 
@@ -98,7 +99,11 @@ def test_sparse_step_uses_much_less_memory_and_gradient_rows_only():
     x, y = _batch(model, 32)
     full.step(x, y)
     sparse.step(x, y)
-    assert sparse.memory.total < 0.5 * full.memory.total
+    # conv1 and its pooling run in chunks of 8 samples and keep nothing: less than half the
+    # activations, and clearly less scratch (gradients stop at conv2)
+    assert sparse.memory.activations < 0.5 * full.memory.activations
+    assert sparse.memory.workspace < 0.75 * full.memory.workspace
+    assert sparse.memory.total < 0.6 * full.memory.total
     assert sparse.memory.gradients == (4 * 8 * 9 + 16 + 10 * 784 + 10) * 4
 
 
@@ -116,15 +121,25 @@ def test_cost_model_predicts_recorded_memory(zoo_args, which, momentum):
             "sparse": {names[-1]: {"rows": "all", "bias": True}, names[-2]: {"rows": 0.25, "bias": False}},
             "bias": {n: {"rows": None, "bias": True} for n in names}}[which]
     subset = ft.Subset.full(model) if spec is None else ft.Subset.of(model, spec)
-    tr = ft.Trainer(model, subset, momentum=momentum)
     x, y = _batch(model, 32)
-    tr.step(x, y)
-    tr.step(x, y)
-    got = tr.memory.as_dict()
-    want = ft.predict_memory(model, subset, batch_size=32, momentum=momentum)
-    assert abs(want["total"] - got["total"]) <= 0.10 * got["total"], (want, got)
-    for cat in ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations"):
-        assert want[cat] == got[cat], (cat, want, got)
+    for threads in (1, 2):
+        # With several threads, how much kernel scratch is live at once depends on scheduling;
+        # the prediction assumes every thread holds its share at the same moment.
+        K.set_num_threads(threads)
+        try:
+            tr = ft.Trainer(model.copy(), subset, momentum=momentum)
+            tr.step(x, y)
+            tr.step(x, y)
+        finally:
+            K.set_num_threads(0)
+        got = tr.memory.as_dict()
+        want = ft.predict_memory(model, subset, batch_size=32, momentum=momentum, threads=threads)
+        for cat in ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations"):
+            assert want[cat] == got[cat], (cat, want, got)
+        if threads == 1:
+            assert abs(want["total"] - got["total"]) <= 0.10 * got["total"], (want, got)
+        else:
+            assert got["total"] <= 1.10 * want["total"], (want, got)
 
 
 def test_training_learns_digits():

@@ -32,12 +32,6 @@ F32 = 4
 _ACTIVATION_KINDS = ("relu", "sigmoid", "tanh")
 _WEIGHT_KINDS = ("dense", "conv2d")
 
-# GEMM packing panel bounds (elements); see csrc/gemm.cpp.
-GEMM_KC = 256
-GEMM_MC = 96
-GEMM_NC = 2048
-
-
 def _numel(shape) -> int:
     return int(np.prod(shape))
 
@@ -48,7 +42,7 @@ def _trained_rows(subset: Subset, name: str) -> int:
 
 
 def predict_memory(model: Model, subset: Optional[Subset] = None, batch_size: int = 32, momentum: float = 0.0,
-                   threads: Optional[int] = None) -> Dict[str, int]:
+                   threads: Optional[int] = None, prefix_chunk: int = 8) -> Dict[str, int]:
     """Predicted bytes of one training step by category, plus "total"."""
     subset = subset if subset is not None else Subset.full(model)
     threads = threads or K.get_num_threads()
@@ -69,18 +63,44 @@ def predict_memory(model: Model, subset: Optional[Subset] = None, batch_size: in
         frozen += (rows - r) * row_bytes + (0 if bias_trains else F32 * layer.bias.size)
         grads += r * row_bytes + (F32 * layer.bias.size if bias_trains else 0)
 
-    # Which layer outputs survive until backward.
-    kept = [False] * len(layers)
-    for i in range(max(first - 1, 0), len(layers)):
+    # Buffers: an activation right after a layer that does not keep its own output runs in place
+    # in that layer's buffer; `owner[i]` is the layer whose buffer holds i's output.
+    owner, inplace, prev = list(range(len(layers))), [False] * len(layers), None
+    for i, layer in enumerate(layers):
+        if layer.kind == "flatten":
+            owner[i] = owner[prev] if prev is not None else i
+            continue
+        if layer.kind in _ACTIVATION_KINDS and prev is not None and layers[prev].kind not in _ACTIVATION_KINDS:
+            inplace[i], owner[i] = True, owner[prev]
+        prev = i
+    kept = [False] * len(layers)  # by owner: must survive until backward
+    for i in range(len(layers)):
         if i >= first and layers[i].kind in _ACTIVATION_KINDS:
-            kept[i] = True
+            kept[owner[i]] = True
         nxt = i + 1
-        if nxt < len(layers) and layers[nxt].kind in _WEIGHT_KINDS and _trained_rows(subset, layers[nxt].name):
-            kept[i] = True
-    for i in range(len(layers) - 1, 0, -1):
-        if kept[i] and layers[i].kind == "flatten":
-            kept[i - 1], kept[i] = True, False
-    activations = sum(F32 * n * _numel(shapes[i + 1]) for i in range(len(layers)) if kept[i])
+        if first <= nxt < len(layers) and layers[nxt].kind in _WEIGHT_KINDS and _trained_rows(subset, layers[nxt].name):
+            kept[owner[i]] = True
+    real = [i for i in range(len(layers)) if layers[i].kind != "flatten"]
+    prefix = [i for i in real if i < first]
+
+    # The frozen prefix runs `prefix_chunk` samples at a time; only its last output is whole-batch.
+    activations = workspace = 0
+    if prefix:
+        last = prefix[-1]
+        size = F32 * n * _numel(shapes[first])
+        if kept[owner[last]]:
+            activations += size
+        else:
+            workspace += size
+        chunk = min(prefix_chunk, n)
+        slot_max, slot = {}, None
+        for j in prefix[:-1]:
+            if not inplace[j]:
+                slot = 1 if slot == 0 else 0
+                slot_max[slot] = max(slot_max.get(slot, 0), chunk * _numel(shapes[j + 1]))
+        workspace += F32 * sum(slot_max.values())
+    activations += sum(F32 * n * _numel(shapes[i + 1]) for i in real
+                       if i >= first and kept[i] and owner[i] == i)
     for i in range(first, len(layers)):
         if layers[i].kind == "maxpool2d":
             activations += 4 * n * _numel(shapes[i + 1])  # int32 argmax
@@ -88,21 +108,25 @@ def predict_memory(model: Model, subset: Optional[Subset] = None, batch_size: in
             activations += F32 * n * _numel(shapes[i])
     activations += F32 * n * model.num_classes  # softmax probabilities
 
-    # Scratch: forward values nobody keeps go round two buffers; so do backward gradients.
-    # A transient output goes to the scratch buffer its input is not in: two transient outputs
-    # in a row need both buffers, a transient output after a kept one only the first.
-    slots_used, slot = set(), None
-    for i, layer in enumerate(layers):
-        if layer.kind == "flatten":
+    # The rest of the forward values go round two scratch buffers: an output goes to the one its
+    # input is not in. Backward gradients likewise, except that activations update in place.
+    # Each buffer grows to the largest tensor it ever holds.
+    slot_max, slot = {}, None
+    for i in real:
+        if i < first or inplace[i]:
             continue
         slot = None if kept[i] else (1 if slot == 0 else 0)
         if slot is not None:
-            slots_used.add(slot)
-    fwd_slots = len(slots_used)
-    workspace = fwd_slots * F32 * n * max(_numel(s) for s in shapes[1:])
-    has_dx = any(layers[i].kind != "flatten" for i in range(first + 1, len(layers)))
-    workspace += (2 if has_dx else 1) * F32 * n * max(_numel(s) for s in shapes[first + 1:])
-    workspace += _kernel_scratch(model, subset, first, n, threads)
+            slot_max[slot] = max(slot_max.get(slot, 0), n * _numel(shapes[i + 1]))
+    workspace += F32 * sum(slot_max.values())
+    slot_max, slot = {0: n * model.num_classes}, 0  # the loss gradient starts in buffer 0
+    for i in reversed(real):
+        if i <= first or inplace[i]:
+            continue
+        slot ^= 1
+        slot_max[slot] = max(slot_max.get(slot, 0), n * _numel(shapes[i]))
+    workspace += F32 * sum(slot_max.values())
+    workspace += _kernel_scratch(model, subset, first, n, threads, min(prefix_chunk, n))
 
     out = {"frozen_weights": frozen, "trainable_weights": trainable, "gradients": grads,
            "optimizer_state": grads if momentum else 0, "activations": activations, "workspace": workspace}
@@ -110,28 +134,46 @@ def predict_memory(model: Model, subset: Optional[Subset] = None, batch_size: in
     return out
 
 
-def _gemm_pack_bytes(m: int, n: int, k: int, threads: int) -> int:
-    """Upper bound of one GEMM's packing panels (A panel per thread, one shared B panel)."""
-    kc = min(k, GEMM_KC)
-    return F32 * kc * (min(n, GEMM_NC) + threads * min(m, GEMM_MC))
+def _kernel_scratch(model: Model, subset: Subset, first: int, n: int, threads: int, chunk: int) -> int:
+    """Largest scratch any single kernel call of the step holds (calls do not overlap).
 
-
-def _kernel_scratch(model: Model, subset: Subset, first: int, n: int, threads: int) -> int:
-    """Largest scratch any single kernel call of the step holds (calls do not overlap)."""
+    The kernels say what they would take for a shape (GEMM packing panels, im2col columns,
+    per-chunk weight-gradient partials) without running: ``sgemm_scratch_bytes`` and
+    ``conv2d_scratch_bytes`` share their sizing code with the kernels themselves.
+    """
     peak = 0
+    batch = n
     for i, layer in enumerate(model.layers):
-        s_in, s_out = model.shapes[i], model.shapes[i + 1]
+        s_in = model.shapes[i]
+        n = chunk if i < first else batch  # the frozen prefix runs a chunk of samples at a time
         if layer.kind == "dense":
-            peak = max(peak, _gemm_pack_bytes(n, layer.out_features, layer.in_features, threads))
-        elif layer.kind == "conv2d":
-            oc, c, kh, kw = layer.weight.shape
-            pixels = s_out[1] * s_out[2]
-            cols = F32 * c * kh * kw * pixels * min(threads, n)
-            peak = max(peak, cols + _gemm_pack_bytes(oc, pixels, c * kh * kw, threads))
+            o, f = layer.out_features, layer.in_features
+            peak = max(peak, K.sgemm_scratch_bytes(n, o, f, False, True))
             if i >= first:
                 r = _trained_rows(subset, layer.name)
-                # weight gradient: per-chunk partial sums of dW plus the dcol buffer for dx
-                peak = max(peak, 2 * cols + F32 * max(r, 1) * c * kh * kw * min(threads, n))
+                if r:
+                    peak = max(peak, K.sgemm_scratch_bytes(r, f, n, True, False, r < o))
+                if subset.get(layer.name) is not None and subset.get(layer.name).bias:
+                    peak = max(peak, F32 * (r if 0 < r == o else o))
+                if i > first:
+                    peak = max(peak, K.sgemm_scratch_bytes(n, f, o, False, False))
+        elif layer.kind == "conv2d":
+            x_shape = (n,) + tuple(s_in)
+            peak = max(peak, K.conv2d_scratch_bytes(x_shape, layer.weight.shape, layer.stride, layer.padding,
+                                                    threads=threads))
+            if i >= first:
+                r = _trained_rows(subset, layer.name)
+                ls = subset.get(layer.name)
+                full = r == layer.weight.shape[0]
+                need_dx = i > first
+                if r or need_dx:
+                    peak = max(peak, K.conv2d_scratch_bytes(x_shape, layer.weight.shape, layer.stride, layer.padding,
+                                                            backward=True, n_rows=r if r else None, dw=r > 0,
+                                                            dx=need_dx, threads=threads))
+                if ls is not None and ls.bias and not full:  # the whole bias, in a call of its own
+                    peak = max(peak, K.conv2d_scratch_bytes(x_shape, layer.weight.shape, layer.stride,
+                                                            layer.padding, backward=True, n_rows=None, dw=False,
+                                                            dx=False, threads=threads))
     return peak
 
 

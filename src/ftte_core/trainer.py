@@ -64,13 +64,14 @@ class Arena:
             self._category[key] = category
         return buf
 
-    def scratch(self, key: tuple, shape: tuple, capacity: int) -> np.ndarray:
-        """A float32 view of `shape` into a flat reusable buffer of `capacity` elements."""
+    def scratch(self, key: tuple, shape: tuple) -> np.ndarray:
+        """A float32 view of `shape` into a reusable flat buffer that grows to the largest use."""
+        need = int(np.prod(shape))
         flat = self._flat.get(key)
-        if flat is None or flat.size != capacity:
-            flat = np.empty(capacity, np.float32)
+        if flat is None or flat.size < need:
+            flat = np.empty(need, np.float32)
             self._flat[key] = flat
-        return flat[: int(np.prod(shape))].reshape(shape)
+        return flat[:need].reshape(shape)
 
     def bytes_by_category(self) -> Dict[str, int]:
         out = {c: 0 for c in CATEGORIES}
@@ -131,7 +132,7 @@ class Trainer:
     """SGD on ``subset`` of ``model``'s parameters (updates the model's arrays in place)."""
 
     def __init__(self, model: Model, subset: Optional[Subset] = None, lr: float = 0.05, momentum: float = 0.0,
-                 weight_decay: float = 0.0, seed: int = 0):
+                 weight_decay: float = 0.0, seed: int = 0, prefix_chunk: int = 8):
         if not lr > 0 or not np.isfinite(lr):
             raise ValueError(f"learning rate must be a positive number, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -142,6 +143,9 @@ class Trainer:
         self.subset = subset if subset is not None else Subset.full(model)
         self.subset.validate(model)
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        if prefix_chunk < 1:
+            raise ValueError(f"prefix_chunk must be >= 1, got {prefix_chunk}")
+        self.prefix_chunk = int(prefix_chunk)  # samples per pass through the frozen layers
         self.rng = np.random.default_rng(seed)
         self.arena = Arena()
         self.first = self.subset.earliest_layer_index(model)
@@ -149,7 +153,7 @@ class Trainer:
             raise ValueError("the subset trains nothing")
         self._grads: Dict[str, _LayerGrads] = {}
         self._alloc_grads()
-        self._keep_out = self._outputs_kept()
+        self._plan_buffers()
         self._scopes = [Scope(self, i, layer) for i, layer in enumerate(model.layers)]
         self._workspace_peak = 0
 
@@ -176,20 +180,37 @@ class Trainer:
         ls = self.subset.get(layer.name)
         return ls is not None and ls.rows.size > 0
 
-    def _outputs_kept(self) -> List[bool]:
-        """keep[i]: layer i's output must survive until backward (else it goes to scratch)."""
+    def _plan_buffers(self) -> None:
+        """Decide, once, where every layer's output lives during a step.
+
+        - An activation right after a layer that does not need its own output runs in place
+          (its input is nobody else's business), so the pair costs one buffer.
+        - keep[i]: the buffer holding layer i's output must survive until backward: an
+          activation's output, or the input of a layer whose weight rows train.
+        - Everything else goes to two reused scratch buffers.
+        """
         layers = self.model.layers
-        keep = [False] * len(layers)
+        n_layers = len(layers)
+        self._inplace = [False] * n_layers
+        owner = list(range(n_layers))  # the layer whose buffer holds layer i's output
+        prev = None
+        for i, layer in enumerate(layers):
+            if layer.kind in VIEW_KINDS:
+                if prev is not None:
+                    owner[i] = owner[prev]
+                continue
+            if layer.saves_output and prev is not None and not layers[prev].saves_output:
+                self._inplace[i] = True
+                owner[i] = owner[prev]
+            prev = i
+        keep = [False] * n_layers
         for i, layer in enumerate(layers):
             if i >= self.first and layer.saves_output:
-                keep[i] = True
-            if i + 1 >= self.first and i + 1 < len(layers) and \
-                    layers[i + 1].saves_input(self._trains_weight(layers[i + 1])):
-                keep[i] = True
-        for i in range(len(layers) - 1, 0, -1):  # a view's output is its input's memory
-            if keep[i] and layers[i].kind in VIEW_KINDS:
-                keep[i - 1] = True
-        return keep
+                keep[owner[i]] = True
+            if self.first <= i + 1 < n_layers and layers[i + 1].saves_input(self._trains_weight(layers[i + 1])):
+                keep[owner[i]] = True
+        self._keep_out = keep
+        self._owner = owner
 
     # -- one step ------------------------------------------------------------------------------
     def step(self, x: np.ndarray, labels: np.ndarray) -> float:
@@ -227,31 +248,34 @@ class Trainer:
         base = K.workspace_current_bytes()
         arena, shapes, layers = self.arena, model.shapes, model.layers
 
-        fwd_capacity = n * max(int(np.prod(s)) for s in shapes[1:])
         inputs: List[Optional[np.ndarray]] = [None] * len(layers)
         outputs: List[Optional[np.ndarray]] = [None] * len(layers)
-        h, h_slot = x, None  # h_slot: which scratch buffer holds h (None: a kept buffer or x)
-        for i, layer in enumerate(layers):
+        h = self._forward_prefix(x) if self.first > 0 else x
+        h_slot = None  # which scratch buffer holds h (None: a kept buffer, the prefix output or x)
+        for i in range(self.first, len(layers)):
+            layer = layers[i]
             out_shape = (n,) + shapes[i + 1]
             inputs[i] = h
             if layer.kind in VIEW_KINDS:
                 h = h.reshape(out_shape)
             else:
-                if self._keep_out[i]:
+                slot = h_slot
+                if self._inplace[i]:
+                    y = h
+                elif self._keep_out[i]:
                     y, slot = arena.get((i, "out"), out_shape, np.float32, "activations"), None
                 else:
                     slot = 1 if h_slot == 0 else 0
-                    y = arena.scratch(("fwd", slot), out_shape, fwd_capacity)
-                layer.forward(h, y, self._scopes[i] if i >= self.first else None)
+                    y = arena.scratch(("fwd", slot), out_shape)
+                layer.forward(h, y, self._scopes[i])
                 h, h_slot = y, slot
             outputs[i] = h
 
         probs = arena.get(("loss", "probs"), h.shape, np.float32, "activations")
         loss = K.softmax_xent_forward(h, labels, probs)
 
-        bwd_capacity = n * max(int(np.prod(s)) for s in shapes[self.first + 1:])
         dy_slot = 0
-        dy = arena.scratch(("bwd", dy_slot), h.shape, bwd_capacity)
+        dy = arena.scratch(("bwd", dy_slot), h.shape)
         K.softmax_xent_backward(probs, labels, dy, 1.0 / n)
         for i in range(len(layers) - 1, self.first - 1, -1):
             layer = layers[i]
@@ -261,14 +285,52 @@ class Trainer:
                 continue
             dx = None
             if i > self.first:
-                dy_slot ^= 1
-                dx = arena.scratch(("bwd", dy_slot), in_shape, bwd_capacity)
+                if self._inplace[i]:  # elementwise: the gradient can overwrite itself
+                    dx = dy.reshape(in_shape)
+                else:
+                    dy_slot ^= 1
+                    dx = arena.scratch(("bwd", dy_slot), in_shape)
             layer.backward(inputs[i] if layer.saves_input(self._trains_weight(layer)) else None,
                            outputs[i] if layer.saves_output else None, dy, dx, self._scopes[i])
             dy = dx
 
         self._workspace_peak = max(self._workspace_peak, K.workspace_peak_bytes() - base)
         return float(loss)
+
+    def _forward_prefix(self, x: np.ndarray) -> np.ndarray:
+        """Layers below the earliest trainable one, in inference mode, a few samples at a time.
+
+        Nothing of theirs is needed by backward, so only their final output is held for the
+        whole batch; their intermediate values need scratch for ``prefix_chunk`` samples only.
+        """
+        layers, shapes, n = self.model.layers, self.model.shapes, x.shape[0]
+        out_shape = (n,) + shapes[self.first]
+        real = [j for j in range(self.first) if layers[j].kind not in VIEW_KINDS]
+        if not real:
+            return x.reshape(out_shape)
+        last = real[-1]
+        category = "activations" if self._keep_out[self._owner[last]] else "workspace"
+        out = self.arena.get(("prefix", "out"), out_shape, np.float32, category)
+        chunk = self.prefix_chunk
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            h, h_slot = x[a:b], None
+            for j in range(self.first):
+                layer, shape = layers[j], (b - a,) + shapes[j + 1]
+                if layer.kind in VIEW_KINDS:
+                    h = h.reshape(shape)
+                    continue
+                slot = h_slot
+                if j == last:
+                    y = out[a:b].reshape(shape)
+                elif self._inplace[j]:
+                    y = h
+                else:
+                    slot = 1 if h_slot == 0 else 0
+                    y = self.arena.scratch(("prefix", slot), shape)
+                layer.forward(h, y, None)
+                h, h_slot = y, slot
+        return out
 
     def _apply_update(self) -> None:
         for layer in self.model.param_layers:
