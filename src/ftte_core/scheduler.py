@@ -149,7 +149,7 @@ class RoundDriver:
 
         self.devices: Dict[str, _Device] = {}
         self._outstanding: Dict[str, _TaskRecord] = {}
-        self._consumed: Set[str] = set()
+        self._consumed: Dict[str, str] = {}  # task id -> "delivered" | "expired"
         self._task_counter = 0
         self._values: Optional[tuple] = None  # (version, read-only values) shared by that version's tasks
         self._buffer: List[Update] = []
@@ -255,14 +255,16 @@ class RoundDriver:
         tid = update.task_id
         rec = self._outstanding.get(tid)
         if rec is None:
-            if tid in self._consumed:
+            if self._consumed.get(tid) == "delivered":
                 return self._reject(device_id, "duplicate", f"task {tid!r} was already delivered", tid)
+            if tid in self._consumed:
+                return self._reject(device_id, "late", f"task {tid!r} expired: its FedAvg round has ended", tid)
             return self._reject(device_id, "unknown_task", f"no task {tid[:40]!r} is outstanding", tid)
         if rec.device_id != device_id or (update.device_id and update.device_id != device_id):
             return self._reject(device_id, "wrong_device", f"task {tid!r} belongs to {rec.device_id!r}", tid)
         # from here on the task is spent, whatever the verdict: one delivery per task
         del self._outstanding[tid]
-        self._consumed.add(tid)
+        self._consumed[tid] = "delivered"
         if update.base_version != rec.base_version:
             return self._reject(device_id, "version", f"task {tid!r} was at version {rec.base_version}, "
                                 f"the update claims {update.base_version}", tid)
@@ -301,6 +303,53 @@ class RoundDriver:
         self._buffer.clear()
         return report
 
+    # -- checkpoint ------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume after a crash: ``{"meta": JSON-able dict, "buffer": [update bytes]}``.
+
+        Save it atomically together with the model after every merge *and* after every accepted
+        arrival (acknowledged updates sit in the buffer until the merge). The model itself is not
+        included: the caller checkpoints it (ONNX or state arrays) alongside.
+        """
+        meta = {
+            "format": 1, "strategy": self.strategy.name, "subset_fingerprint": self.fingerprint,
+            "version": self.version, "round": self._round, "task_counter": self._task_counter,
+            "outstanding": {t: [r.device_id, r.base_version, r.round] for t, r in self._outstanding.items()},
+            "consumed": dict(self._consumed), "cohort": sorted(self._cohort), "cohort_open": self._cohort_open,
+            "merges": self.merges, "merged_updates": self.merged_updates, "staleness_sum": self._staleness_sum,
+            "accepted": self.accepted, "rejected": dict(self.rejected), "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out, "tasks_issued": self.tasks_issued, "closed": self.closed,
+        }
+        return {"meta": meta, "buffer": [u.to_bytes() for u in self._buffer]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from ``state_dict()`` (the model must already hold the checkpointed values)."""
+        from .update import Update
+
+        meta = state["meta"]
+        if meta.get("format") != 1:
+            raise ValueError(f"unknown driver checkpoint format {meta.get('format')!r}")
+        if meta["strategy"] != self.strategy.name or meta["subset_fingerprint"] != self.fingerprint:
+            raise ValueError(f"checkpoint is for {meta['strategy']} on subset {meta['subset_fingerprint']}, "
+                             f"this driver runs {self.strategy.name} on {self.fingerprint}")
+        if meta["version"] < self.version:
+            raise ValueError(f"checkpoint version {meta['version']} is behind this driver's {self.version}")
+        self.version = int(meta["version"])
+        buffer = [Update.from_bytes(b) for b in state["buffer"]]
+        for u in buffer:
+            check_update(u, self.model, self.subset, self.version, bits=self.strategy.bits, fingerprint=self.fingerprint)
+        self._buffer = buffer
+        self._round, self._task_counter = int(meta["round"]), int(meta["task_counter"])
+        self._outstanding = {t: _TaskRecord(str(d), int(v), int(r)) for t, (d, v, r) in meta["outstanding"].items()}
+        self._consumed = dict(meta["consumed"])
+        self._cohort, self._cohort_open = set(meta["cohort"]), bool(meta["cohort_open"])
+        self.merges, self.merged_updates = int(meta["merges"]), int(meta["merged_updates"])
+        self._staleness_sum, self.accepted = int(meta["staleness_sum"]), int(meta["accepted"])
+        self.rejected = Counter(meta["rejected"])
+        self.bytes_in, self.bytes_out = int(meta["bytes_in"]), int(meta["bytes_out"])
+        self.tasks_issued, self.closed = int(meta["tasks_issued"]), bool(meta["closed"])
+        self._values = None
+
     # -- internals -------------------------------------------------------------------------------
     def current_values(self) -> Dict[str, np.ndarray]:
         """The subset's values at the current version, computed once per version and shared read-only."""
@@ -324,7 +373,7 @@ class RoundDriver:
     def _drop_outstanding(self, device_id: str, round_: int) -> None:
         for tid in [t for t, r in self._outstanding.items() if r.device_id == device_id and r.round == round_]:
             del self._outstanding[tid]
-            self._consumed.add(tid)
+            self._consumed[tid] = "expired"
 
     def _reject(self, device_id: str, reason: str, message: str, tid: str) -> Arrival:
         self.rejected[reason] += 1
@@ -353,7 +402,7 @@ class RoundDriver:
         self._cohort_open = True
         for tid in [t for t, r in self._outstanding.items() if r.round < self._round]:
             del self._outstanding[tid]  # FedAvg never merges an old round's update
-            self._consumed.add(tid)
+            self._consumed[tid] = "expired"
 
     def _merge(self, partial: bool) -> MergeReport:
         updates, self._buffer = self._buffer, []
