@@ -19,7 +19,7 @@ def _sparse(model):
 
 def _driver(name="ftte", k=3, **kw):
     m = _model()
-    return RoundDriver(m, _sparse(m), make_strategy(name, buffer_size=k), TaskConfig(seed=1), **kw)
+    return RoundDriver(m, _sparse(m), make_strategy(name, buffer_size=k), TaskConfig(), seed=1, **kw)
 
 
 def _work(driver, task, seed=0, scale=0.01, samples=10):
@@ -48,7 +48,7 @@ def test_task_contents_and_shared_values():
     assert isinstance(t1, Task) and t1.base_version == 0 and t1.device_id == "a" and t1.id != t2.id
     assert t1.values is t2.values  # one copy per version, shared by its tasks
     assert all(not v.flags.writeable for v in t1.values.values())
-    assert t1.bits == 8 and t1.subset_fingerprint == _sparse(d.model).fingerprint() and t1.config.seed == 1
+    assert t1.bits == 8 and t1.subset_fingerprint == _sparse(d.model).fingerprint() and d.seed == 1 and isinstance(t1.config, TaskConfig)
     assert t1.seed != t2.seed
     assert t1.payload_bytes == sum(v.nbytes for v in t1.values.values())
     assert list(t1.values) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
@@ -198,6 +198,24 @@ def test_future_base_version_rejected():
     _rejects(d, "a", u, "future_version")
 
 
+def test_update_without_task_id_matches_the_devices_task_at_its_version():
+    d = _driver("ftte", 2)
+    old = d.device_idle("a")
+    d.device_gone("a")  # it dropped out; its task stays deliverable
+    ta, tb = d.device_idle("a"), d.device_idle("b")
+    u = _work(d, ta)
+    u.task_id = ""
+    assert d.update_arrived("a", u).accepted  # takes the newest matching task
+    u = _work(d, old)
+    u.task_id = ""
+    assert d.update_arrived("a", u).accepted  # then the older one at the same version
+    u = _work(d, tb)
+    u.task_id = ""
+    u.base_version = 1  # no task of b at version 1
+    _rejects(d, "b", u, "unknown_task")
+    assert d.version == 1
+
+
 def test_late_delivery_after_device_gone_is_accepted_as_stale():
     d = _driver("ftte", 1)
     t = d.device_idle("a")
@@ -298,7 +316,7 @@ def test_checkpoint_restore_keeps_version_buffer_and_tasks():
     import json
     json.dumps(state["meta"])  # JSON-able apart from the buffered update bytes
     m2 = d.model.copy()
-    d2 = RoundDriver(m2, _sparse(m2), make_strategy("ftte", buffer_size=3), TaskConfig(seed=1))
+    d2 = RoundDriver(m2, _sparse(m2), make_strategy("ftte", buffer_size=3), TaskConfig(), seed=1)
     d2.load_state_dict(state)
     assert d2.version == d.version and d2.buffered == 1
     assert d2.update_arrived("b", _work(d2, t1)).accepted
@@ -329,7 +347,7 @@ def test_end_to_end_real_training(name):
     y = ((x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0)).astype(np.int32)
     m = _model()
     sub = ft.Subset.of(m, {"fc1": {"rows": "all", "bias": True}, "fc2": {"rows": "all", "bias": True}})
-    d = RoundDriver(m, sub, make_strategy(name, buffer_size=3), TaskConfig(lr=0.2, epochs=2, batch_size=16),
+    d = RoundDriver(m, sub, make_strategy(name, buffer_size=3), TaskConfig(lr=0.2, local_epochs=2, batch_size=16),
                     max_versions=12)
     loss0, _ = m.evaluate(x, y)
     devices = {f"d{i}": (m.copy(), x[i::4], y[i::4]) for i in range(4)}

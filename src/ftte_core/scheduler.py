@@ -31,43 +31,12 @@ from typing import Any, Dict, List, Mapping, Optional, Set
 import numpy as np
 
 from .graph import Model
+from .local import TaskConfig  # one task-settings class for hub, agent and simulator
 from .strategies import MergeReport, Strategy
 from .subset import Subset
-from .update import Update, UpdateRejected, check_update, encode_update, load_values, subset_values
+from .update import Update, UpdateRejected, check_update, subset_values
 
-
-@dataclass(frozen=True)
-class TaskConfig:
-    """Local-training hyper-parameters sent with every task."""
-
-    lr: float = 0.05
-    epochs: float = 1.0
-    max_steps: Optional[int] = None
-    batch_size: int = 32
-    momentum: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self):
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"task lr must be positive, got {self.lr}")
-        if not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise ValueError(f"task epochs must be positive, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"task max_steps must be >= 1 or None, got {self.max_steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"task batch_size must be >= 1, got {self.batch_size}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"task momentum must be in [0, 1), got {self.momentum}")
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TaskConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"task config has unknown fields {sorted(unknown)}")
-        return cls(**d)
+__all__ = ["Arrival", "RoundDriver", "Task", "TaskConfig", "run_task"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +47,7 @@ class Task:
     device_id: str
     base_version: int
     values: Mapping[str, np.ndarray]
-    config: TaskConfig
+    config: Any                # the driver's task_config (a local.TaskConfig): lr, local_epochs, batch size...
     seed: int                  # this task's seed: local shuffling and stochastic rounding
     bits: int                  # how to encode the delta (8/4 quantised, 32 float)
     subset: Subset
@@ -126,8 +95,10 @@ class RoundDriver:
     def __init__(self, model: Model, subset: Optional[Subset], strategy: Strategy,
                  task_config: Optional[TaskConfig] = None, max_versions: Optional[int] = None,
                  merge_partial_at_shutdown: bool = False, max_staleness: Optional[int] = None,
-                 initial_version: int = 0):
+                 initial_version: int = 0, seed: Optional[int] = None):
         """``subset``: the hub's chosen subset (used by sparse strategies; full strategies train all).
+
+        ``seed``: base of the per-task seeds (default: ``task_config.seed`` if it has one, else 0).
 
         ``max_versions``: stop handing out tasks (and merging) once the version reaches it.
         ``max_staleness``: optionally reject updates older than this many versions.
@@ -140,7 +111,8 @@ class RoundDriver:
         self.subset = strategy.training_subset(model, subset)
         self.subset.validate(model)
         self.fingerprint = self.subset.fingerprint()
-        self.task_config = task_config or TaskConfig()
+        self.task_config = task_config if task_config is not None else TaskConfig()
+        self.seed = int(seed if seed is not None else getattr(self.task_config, "seed", 0) or 0)
         self.max_versions = max_versions
         self.merge_partial_at_shutdown = bool(merge_partial_at_shutdown)
         self.max_staleness = max_staleness
@@ -252,7 +224,7 @@ class RoundDriver:
             return self._reject(device_id, "shutdown", "the driver has shut down", "")
         if not isinstance(update, Update):
             return self._reject(device_id, "malformed", f"expected an Update, got {type(update).__name__}", "")
-        tid = update.task_id
+        tid = update.task_id or self._guess_task(device_id, update)
         rec = self._outstanding.get(tid)
         if rec is None:
             if self._consumed.get(tid) == "delivered":
@@ -367,8 +339,17 @@ class RoundDriver:
         self.tasks_issued += 1
         self.devices[device_id].tasks_issued += 1
         return Task(id=tid, device_id=device_id, base_version=self.version, values=self.current_values(),
-                    config=self.task_config, seed=_task_seed(self.task_config.seed, self._task_counter),
+                    config=self.task_config, seed=_task_seed(self.seed, self._task_counter),
                     bits=self.strategy.bits, subset=self.subset, subset_fingerprint=self.fingerprint)
+
+    def _guess_task(self, device_id: str, update: Update) -> str:
+        """An update that names no task: the device's newest outstanding task at the update's base
+        version (tasks of one device at one version carry identical values, so any of them fits)."""
+        best = ""
+        for tid, rec in self._outstanding.items():  # insertion order = issue order
+            if rec.device_id == device_id and rec.base_version == update.base_version:
+                best = tid
+        return best
 
     def _drop_outstanding(self, device_id: str, round_: int) -> None:
         for tid in [t for t, r in self._outstanding.items() if r.device_id == device_id and r.round == round_]:
@@ -419,18 +400,16 @@ class RoundDriver:
 
 # -- device side (simulator, agent, tests) ------------------------------------------------------------
 def run_task(model: Model, task: Task, x: np.ndarray, y: np.ndarray, device_id: Optional[str] = None) -> Update:
-    """Train ``task`` on local data with the engine and return the encoded update.
+    """Train ``task`` on local data with the engine (``LocalWorker``) and return the encoded update.
 
     ``model`` is the device's copy (its frozen part matches the hub's); the task's values are
-    loaded into it first, so the same copy can run task after task.
+    loaded into it first, so the same copy can run task after task. For many tasks on one device
+    keep a ``LocalWorker`` instead (it reuses the trainer's buffers) and set ``update.task_id``.
     """
-    from .trainer import Trainer  # local import: the hub side never needs the trainer
+    from .local import LocalWorker  # the hub side never needs the trainer
 
-    cfg = task.config
-    load_values(model, task.subset, task.values)
-    trainer = Trainer(model, task.subset, lr=cfg.lr, momentum=cfg.momentum, seed=task.seed)
-    stats = trainer.train(x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, max_steps=cfg.max_steps)
-    return encode_update(model, task.subset, dict(task.values), task.base_version, num_samples=int(len(x)),
-                         loss=stats.mean_loss, bits=task.bits, stochastic=True, seed=task.seed,
-                         device_id=device_id if device_id is not None else task.device_id, task_id=task.id,
-                         peak_memory_bytes=trainer.memory.total)
+    res = LocalWorker(model, task.subset).run(dict(task.values), task.base_version, x, y, task.config,
+                                              bits=task.bits, seed=task.seed,
+                                              device_id=device_id if device_id is not None else task.device_id)
+    res.update.task_id = task.id
+    return res.update
