@@ -95,7 +95,7 @@ class Strategy:
         for i, (key, layer, view, rows) in enumerate(subset.tensors(model)):
             # the kernel writes through `view`; a reshape that had to copy would lose the merge
             assert np.may_share_memory(view, layer.weight if key.endswith(".weight") else layer.bias), key
-            before = view[rows] if rows is not None else view.copy()
+            before = view[rows] if rows is not None else view.copy()  # a copy either way
             parts = [u.tensors[i] for u in updates]
             if any(p.key != key for p in parts):
                 raise ValueError(f"{self.name}: update tensors are not in the subset's order at {key!r}")
@@ -107,9 +107,8 @@ class Strategy:
                 else:
                     fn = K.merge_int8 if bits == 8 else K.merge_int4
                     fn(view, rows, [parts[k].data for k in idx], [parts[k].scales for k in idx], a)
-            after = view[rows] if rows is not None else view
-            d = (after.astype(np.float64) - before).ravel()
-            sq += float(d @ d)
+            before -= view[rows] if rows is not None else view
+            sq += float(np.einsum("ij,ij->", before, before, dtype=np.float64))
         n = np.array([u.num_samples for u in updates], dtype=np.float64)
         losses = np.array([u.loss for u in updates], dtype=np.float64)
         return MergeReport(
@@ -173,15 +172,20 @@ class FTTE(Strategy):
         if K_ < 2:
             return np.zeros(K_)
         p = np.array([u.num_samples for u in updates], dtype=np.float64)
-        p /= p.sum()
+        p = (p / p.sum()).astype(np.float32)
         dist = np.zeros(K_)
         energy = 0.0
         for i in range(len(updates[0].tensors)):
-            D = np.stack([decode_tensor(u.tensors[i]).ravel() for u in updates]).astype(np.float64)  # [K, n]
-            mean = p @ D
-            diff = D - mean
-            dist += np.einsum("kn,kn->k", diff, diff)
-            energy += float(np.einsum("kn,kn->", D, D)) / K_
+            R, F = updates[0].tensors[i].shape
+            D = np.empty((K_, R * F), np.float32)  # decoded in place by the C++ decoders, one tensor at a time
+            for k, u in enumerate(updates):
+                decode_tensor(u.tensors[i], out=D[k].reshape(R, F))
+            energy += sum(float(np.dot(row, row)) for row in D) / K_
+            mean = p[0] * D[0]
+            for k in range(1, K_):  # K axpys: far faster here than numpy's float32 vector-matrix product
+                mean += p[k] * D[k]
+            D -= mean  # float32 differences: their error stays at ulp level of the deltas
+            dist += [float(np.dot(row, row)) for row in D]
         spread = dist.mean()
         if energy == 0.0 or spread <= self.SPREAD_FLOOR * energy:
             return np.zeros(K_)

@@ -367,12 +367,15 @@ def check_update(update: Update, model: Model, subset: Subset, current_version: 
                 raise UpdateRejected("shape", f"tensor {t.key!r} holds int8 level -128, outside [-127, 127]")
 
 
-def decode_tensor(t: TensorDelta) -> np.ndarray:
+def decode_tensor(t: TensorDelta, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """The float32 [R, F] delta (into ``out`` if given: C-contiguous float32 [R, F])."""
     R, F = t.shape
+    if out is None:
+        out = np.empty((R, F), np.float32)
     if t.bits == 32:
-        return np.array(t.data, dtype=np.float32, copy=True)
-    out = np.empty((R, F), np.float32)
-    (K.decode_int8 if t.bits == 8 else K.decode_int4)(np.ascontiguousarray(t.data), np.ascontiguousarray(t.scales), out)
+        np.copyto(out, t.data)
+    else:
+        (K.decode_int8 if t.bits == 8 else K.decode_int4)(np.ascontiguousarray(t.data), np.ascontiguousarray(t.scales), out)
     return out
 
 
