@@ -386,8 +386,9 @@ class RoundDriver:
             self._consumed[tid] = "expired"
 
     def _merge(self, partial: bool) -> MergeReport:
-        updates, self._buffer = self._buffer, []
-        report = self.strategy.merge(self.model, self.subset, updates, self.version)
+        updates = self._buffer
+        report = self.strategy.merge(self.model, self.subset, updates, self.version)  # raises: buffer kept
+        self._buffer = []
         report.partial = partial
         self.version += 1
         report.version = self.version

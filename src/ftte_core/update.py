@@ -183,7 +183,7 @@ def _data_bytes(bits: int, shape) -> int:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def _parse_header(head):
@@ -334,7 +334,7 @@ def check_update(update: Update, model: Model, subset: Subset, current_version: 
                              f"base_version {update.base_version} is ahead of the current version {current_version}")
     if not _is_int(update.num_samples) or update.num_samples <= 0:
         raise UpdateRejected("samples", f"num_samples must be a positive integer, got {update.num_samples!r}")
-    if not isinstance(update.loss, (int, float)) or not math.isfinite(update.loss):
+    if not isinstance(update.loss, (int, float, np.integer, np.floating)) or not math.isfinite(update.loss):
         raise UpdateRejected("non_finite", f"loss must be finite, got {update.loss!r}")
     shapes = expected_shapes(model, subset)
     keys = [t.key for t in update.tensors]
