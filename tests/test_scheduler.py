@@ -338,7 +338,10 @@ def test_same_events_same_results_any_thread_count():
     assert _same(outs[0], outs[1]) and _same(outs[0], outs[2])
 
 
-@pytest.mark.skipif(not hasattr(K, "dense_forward"), reason="dense kernels not built yet")
+_TRAINING_KERNELS = ("dense_forward", "dense_backward", "relu_forward", "softmax_xent_forward", "sgd_update_rows")
+
+
+@pytest.mark.skipif(not all(hasattr(K, n) for n in _TRAINING_KERNELS), reason="training kernels not built yet")
 @pytest.mark.parametrize("name", ["ftte", "fedbuff", "fedavg"])
 def test_end_to_end_real_training(name):
     """Real Trainer-produced updates through the driver improve a real model."""
