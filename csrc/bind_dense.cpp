@@ -66,11 +66,13 @@ void py_dense_forward(py::handle x, py::handle w, py::handle b, py::handle y) {
 void py_dense_backward(py::handle x, py::handle w, py::handle dy, py::handle rows, py::handle dw, py::handle db,
                        py::handle dx, bool accumulate) {
   const std::string fn = "dense_backward";
-  const float* px = checked<float>(fn, "x", x, {-1, -1});
-  const int64_t N = dim(x, 0), I = dim(x, 1);
-  const float* pw = checked<float>(fn, "w", w, {-1, I});
-  const int64_t O = dim(w, 0);
-  const float* pdy = checked<float>(fn, "dy", dy, {N, O});
+  // x is only read for dw: a caller that wants no weight gradient need not keep it.
+  if (x.is_none() && !dw.is_none()) fail(fn, "x is required when dw is requested");
+  const float* pw = checked<float>(fn, "w", w, {-1, -1});
+  const int64_t O = dim(w, 0), I = dim(w, 1);
+  const float* pdy = checked<float>(fn, "dy", dy, {-1, O});
+  const int64_t N = dim(dy, 0);
+  const float* px = x.is_none() ? nullptr : checked<float>(fn, "x", x, {N, I});
   std::vector<int32_t> r = ftte::rows_or_all(fn, rows, O);
   const int64_t R = static_cast<int64_t>(r.size());
   float* pdw = const_cast<float*>(opt_f32(fn, "dw", dw, {R, I}, true));
