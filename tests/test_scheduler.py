@@ -362,8 +362,9 @@ def test_end_to_end_real_training(name):
         assert u.peak_memory_bytes and u.peak_memory_bytes > 0 and u.num_samples == len(xs)
         a = d.update_arrived(t.device_id, u, nbytes=u.nbytes)
         assert a.accepted, a.message
+        busy = {q.device_id for q in queue}  # only idle devices ask for work
         for dev in (devices if d.strategy.synchronous else [t.device_id]):
-            nt = d.device_idle(dev)
+            nt = d.device_idle(dev) if dev not in busy else None
             if nt is not None:
                 queue.append(nt)
     loss1, acc1 = m.evaluate(x, y)
