@@ -71,8 +71,8 @@ def predict_memory(model: Model, subset: Optional[Subset] = None, batch_size: in
 
     # Which layer outputs survive until backward.
     kept = [False] * len(layers)
-    for i in range(first, len(layers)):
-        if layers[i].kind in _ACTIVATION_KINDS:
+    for i in range(max(first - 1, 0), len(layers)):
+        if i >= first and layers[i].kind in _ACTIVATION_KINDS:
             kept[i] = True
         nxt = i + 1
         if nxt < len(layers) and layers[nxt].kind in _WEIGHT_KINDS and _trained_rows(subset, layers[nxt].name):
@@ -89,8 +89,16 @@ def predict_memory(model: Model, subset: Optional[Subset] = None, batch_size: in
     activations += F32 * n * model.num_classes  # softmax probabilities
 
     # Scratch: forward values nobody keeps go round two buffers; so do backward gradients.
-    transient = [i for i in range(len(layers)) if not kept[i] and layers[i].kind != "flatten"]
-    fwd_slots = min(2, len(transient))
+    # A transient output goes to the scratch buffer its input is not in: two transient outputs
+    # in a row need both buffers, a transient output after a kept one only the first.
+    slots_used, slot = set(), None
+    for i, layer in enumerate(layers):
+        if layer.kind == "flatten":
+            continue
+        slot = None if kept[i] else (1 if slot == 0 else 0)
+        if slot is not None:
+            slots_used.add(slot)
+    fwd_slots = len(slots_used)
     workspace = fwd_slots * F32 * n * max(_numel(s) for s in shapes[1:])
     has_dx = any(layers[i].kind != "flatten" for i in range(first + 1, len(layers)))
     workspace += (2 if has_dx else 1) * F32 * n * max(_numel(s) for s in shapes[first + 1:])

@@ -110,6 +110,9 @@ class Dense(Layer):
 
     def backward(self, x, y, dy, dx, scope):
         rows, dw, db = scope.grad_buffers(self)
+        if rows is not None and db is not None:  # a whole bias with only some weight rows
+            K.dense_backward(None, self.weight, dy, None, None, db, None)
+            db = None
         K.dense_backward(x, self.weight, dy, rows, dw, db, dx)
 
 
@@ -162,6 +165,9 @@ class Conv2d(Layer):
 
     def backward(self, x, y, dy, dx, scope):
         rows, dw, db = scope.grad_buffers(self)
+        if rows is not None and db is not None:  # a whole bias with only some weight rows
+            K.conv2d_backward(None, self.weight, dy, None, None, db, None, self.stride, self.padding)
+            db = None
         K.conv2d_backward(x, self.weight, dy, rows, dw, db, dx, self.stride, self.padding)
 
 

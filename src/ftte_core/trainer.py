@@ -88,15 +88,22 @@ class Scope:
         self.index = index
         self.layer = layer
         self.keep = True
-        self.rng = trainer.rng
         self.in_shape = trainer.model.shapes[index]
+
+    @property
+    def rng(self) -> np.random.Generator:
+        return self.trainer.rng
 
     def saved(self, name: str, shape: tuple, dtype) -> np.ndarray:
         """A buffer kept from forward to backward (counted as activations)."""
         return self.trainer.arena.get((self.index, name), shape, dtype, "activations")
 
     def grad_buffers(self, layer: Layer) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
-        """(rows, weight-gradient buffer [R, ...] or None, bias-gradient buffer or None)."""
+        """(rows, weight-gradient buffer [R, ...] or None, bias-gradient buffer [out] or None).
+
+        rows None means every row. The bias trains as a whole whichever weight rows train, so
+        its gradient always covers every output.
+        """
         g = self.trainer._grads.get(layer.name)
         if g is None:
             return None, None, None
@@ -174,11 +181,10 @@ class Trainer:
         layers = self.model.layers
         keep = [False] * len(layers)
         for i, layer in enumerate(layers):
-            if i < self.first:
-                continue
-            if layer.saves_output:
+            if i >= self.first and layer.saves_output:
                 keep[i] = True
-            if i + 1 < len(layers) and layers[i + 1].saves_input(self._trains_weight(layers[i + 1])):
+            if i + 1 >= self.first and i + 1 < len(layers) and \
+                    layers[i + 1].saves_input(self._trains_weight(layers[i + 1])):
                 keep[i] = True
         for i in range(len(layers) - 1, 0, -1):  # a view's output is its input's memory
             if keep[i] and layers[i].kind in VIEW_KINDS:

@@ -1,0 +1,1 @@
+"""FTTE fleet hub: drives federated rounds over the fleet (and over simulated fleets)."""

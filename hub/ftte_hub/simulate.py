@@ -1,0 +1,359 @@
+"""The fleet on a virtual clock: real training, real encoded updates, simulated time.
+
+Every device trains with the real engine on its own data and sends a real encoded update; the
+same ``RoundDriver`` the networked hub uses decides what to merge and when. Only time is
+simulated: a task takes
+
+    download (bytes down / down_bps + latency)
+  + compute  (training flops of that subset on that batch / device flops_per_s, x slowdown)
+  + upload   (actual update bytes / up_bps + latency)
+
+and events are processed in virtual-time order. A task's training is computed when its update
+arrives (from the values of the version the task started at), so work that would never arrive
+before the run ends costs nothing.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+import ftte_core as ft
+from ftte_core import data as ftdata
+from ftte_core.cost import predict_memory, training_flops
+from ftte_core.local import LocalWorker, TaskConfig
+from ftte_core.scheduler import RoundDriver
+from ftte_core.search import importance_scores, search_subset
+from ftte_core.strategies import make_strategy
+from ftte_core.subset import Subset
+
+F32 = 4
+
+
+# ---------------------------------------------------------------------------------------------
+# devices
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    flops_per_s: float
+    memory_budget: int
+    down_bps: float
+    up_bps: float
+    latency_s: float = 0.005
+    dropout: float = 0.0
+    rejoin_s: float = 30.0
+    weight: float = 1.0
+
+
+def load_profiles(path: Optional[str] = None) -> Dict[str, DeviceProfile]:
+    """Profiles from a JSON file ({"profiles": {name: {...}}}), or the shipped presets."""
+    if path is None:
+        text = resources.files("ftte_hub").joinpath("profiles.json").read_text()
+        where = "built-in profiles"
+    else:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ValueError(f"cannot read profiles file {path}: {e.strerror}") from None
+    try:
+        raw = json.loads(text)["profiles"]
+        profiles = {name: DeviceProfile(name=name, **spec) for name, spec in raw.items()}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{where}: expected {{\"profiles\": {{name: {{flops_per_s, memory_budget, down_bps, "
+                         f"up_bps, ...}}}}}}: {e}") from None
+    for p in profiles.values():
+        if min(p.flops_per_s, p.down_bps, p.up_bps, p.memory_budget) <= 0 or not 0 <= p.dropout < 1:
+            raise ValueError(f"{where}: profile {p.name!r} needs positive speeds/budget and dropout in [0, 1)")
+    if not profiles:
+        raise ValueError(f"{where}: no profiles")
+    return profiles
+
+
+@dataclass
+class SimDevice:
+    id: str
+    profile: DeviceProfile
+    slowdown: float
+    x: np.ndarray
+    y: np.ndarray
+    has_frozen: bool = False
+    online: bool = True
+    busy: bool = False
+    tasks_done: int = 0
+    updates_merged: int = 0
+
+    @property
+    def straggler(self) -> bool:
+        return self.slowdown > 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration and results
+@dataclass
+class SimConfig:
+    clients: int = 100
+    stragglers: float = 0.9
+    straggler_slowdown: float = 10.0
+    strategies: Sequence[str] = ("ftte", "fedbuff", "fedavg")
+    dataset: str = "digits"
+    alpha: float = 0.5
+    samples_per_device: int = 64
+    model: str = "mlp"
+    buffer: int = 10
+    max_versions: int = 60
+    local_epochs: float = 1.0
+    batch_size: int = 16
+    lr: float = 0.05
+    server_lr: float = 1.0
+    pretrain_fraction: float = 0.1
+    memory_budget: Optional[int] = None
+    profiles_path: Optional[str] = None
+    seed: int = 0
+    target_fraction: float = 0.95
+
+
+@dataclass
+class StrategyRun:
+    name: str
+    curve: List[tuple] = field(default_factory=list)  # (virtual seconds, version, accuracy)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    tasks: int = 0
+    merges: int = 0
+    staleness: List[int] = field(default_factory=list)
+    peak_memory_predicted: int = 0
+    peak_memory_recorded: int = 0
+    trainable_params: int = 0
+    subset: str = ""
+    wall_seconds: float = 0.0
+    rejected: int = 0
+    per_task_down: List[int] = field(default_factory=list)
+    per_task_up: List[int] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+class _Setup:
+    """What every strategy shares: data, devices, the start model and the hub's subset."""
+
+    def __init__(self, cfg: SimConfig, log: Callable[[str], None]):
+        self.cfg = cfg
+        rng = np.random.default_rng(cfg.seed)
+        if cfg.dataset == "digits":
+            ds = ftdata.load_bundled("digits")
+        else:
+            ds = ftdata.load_npz(cfg.dataset)
+        self.dataset_name = ds.name if cfg.dataset == "digits" else str(cfg.dataset)
+        train, val = ftdata.train_val_split(ds, val_fraction=0.2, seed=cfg.seed)
+        self.val = val
+        # A small public split pretrains the start model, as on-device fine-tuning usually starts.
+        n_pre = int(round(cfg.pretrain_fraction * len(train)))
+        order = rng.permutation(len(train))
+        pre, fleet = train.subset(order[:n_pre]), train.subset(order[n_pre:])
+        extra = {"hidden": (256, 256)} if cfg.model == "mlp" else {}
+        self.model = ft.zoo(cfg.model, ds.feature_shape, ds.num_classes, seed=cfg.seed, **extra)
+        if n_pre:
+            ft.Trainer(self.model, lr=cfg.lr, momentum=0.9, seed=cfg.seed).train(pre.x, pre.y, epochs=5, batch_size=32)
+        self.start_state = {k: v.copy() for k, v in self.model.state().items()}
+        _, self.start_accuracy = self.model.evaluate(val.x, val.y)
+        self.pretrained = n_pre > 0
+        log(f"data: {self.dataset_name}, {len(fleet)} samples across {cfg.clients} devices "
+            f"(Dirichlet alpha {cfg.alpha}), {len(val)} for validation, {n_pre} to pretrain "
+            f"(start accuracy {self.start_accuracy:.3f})")
+
+        # Devices: profiles drawn by weight; a fraction of stragglers; non-IID data.
+        profiles = load_profiles(cfg.profiles_path)
+        names = sorted(profiles)
+        weights = np.array([profiles[n].weight for n in names], float)
+        picks = rng.choice(len(names), size=cfg.clients, p=weights / weights.sum())
+        n_slow = int(round(cfg.stragglers * cfg.clients))
+        slow = set(rng.choice(cfg.clients, size=n_slow, replace=False).tolist()) if n_slow else set()
+        parts = ftdata.partition_dirichlet(fleet, cfg.clients, cfg.alpha, seed=cfg.seed, min_size=1)
+        self.devices: List[SimDevice] = []
+        for i, part in enumerate(parts):
+            if len(part) < cfg.samples_per_device:
+                # Large fleets: each device draws its own shifted+noisy copies of its partition.
+                part = _grow(part, cfg.samples_per_device, seed=cfg.seed * 100003 + i)
+            self.devices.append(SimDevice(f"dev{i:04d}", profiles[names[picks[i]]],
+                                          cfg.straggler_slowdown if i in slow else 1.0, part.x, part.y))
+        self.augmented = any(len(p) < cfg.samples_per_device for p in parts)
+
+        # The FTTE subset: the smallest device budget, importance from the hub's validation data.
+        self.m_min = cfg.memory_budget or min(d.profile.memory_budget for d in self.devices)
+        scores = importance_scores(self.model, val.x, val.y, seed=cfg.seed)
+        self.search = search_subset(self.model, scores, self.m_min, batch_size=cfg.batch_size)
+        self.model.load_state(self.start_state)
+        self.ftte_subset = self.search.subset
+        self.full_subset = Subset.full(self.model)
+        log(f"FTTE subset for M_min {self.m_min / 1024:.0f} KiB: {self.ftte_subset.describe(self.model)} "
+            f"({self.ftte_subset.num_trainable(self.model):,}/{self.model.num_params():,} parameters, "
+            f"predicted {self.search.predicted_bytes / 1024:.0f} KiB)")
+
+
+def _grow(part: "ftdata.Dataset", n: int, seed: int) -> "ftdata.Dataset":
+    extra = ftdata.augment(part, n - len(part), seed=seed)
+    return ftdata.Dataset(np.concatenate([part.x, extra.x]), np.concatenate([part.y, extra.y]),
+                          part.num_classes, part.name)
+
+
+def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None]) -> StrategyRun:
+    cfg = setup.cfg
+    strategy = make_strategy(name, buffer_size=cfg.buffer, server_lr=cfg.server_lr)
+    model = setup.model.copy()
+    model.load_state(setup.start_state)
+    subset = setup.ftte_subset if strategy.sparse else setup.full_subset
+    task_cfg = TaskConfig(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size)
+    driver = RoundDriver(model, subset, strategy, task_cfg, max_versions=cfg.max_versions)
+    worker = LocalWorker(model.copy(), subset)
+    run = StrategyRun(name, subset=subset.describe(model), trainable_params=subset.num_trainable(model))
+    run.peak_memory_predicted = predict_memory(model, subset, cfg.batch_size)["total"]
+    flops_per_sample = training_flops(model, subset, 1)
+    frozen_bytes = F32 * (model.num_params() - subset.num_trainable(model))
+    values_bytes = F32 * subset.num_trainable(model)
+
+    rng = np.random.default_rng(cfg.seed + 7)
+    devices = [_fresh(d) for d in setup.devices]
+    by_id = {d.id: d for d in devices}
+    events: list = []
+    seq = 0
+
+    def push(t, kind, dev, payload=None):
+        nonlocal seq
+        heapq.heappush(events, (t, seq, kind, dev.id, payload))
+        seq += 1
+
+    def dispatch(t, dev):
+        if not dev.online or dev.busy or driver.done:
+            return
+        task = driver.device_idle(dev.id)
+        if task is None:
+            return
+        dev.busy = True
+        down = values_bytes + (0 if dev.has_frozen else frozen_bytes)
+        dev.has_frozen = True
+        steps = max(1, int(round(cfg.local_epochs * len(dev.y) / min(cfg.batch_size, len(dev.y)))))
+        samples = steps * min(cfg.batch_size, len(dev.y))
+        compute = flops_per_sample * samples / dev.profile.flops_per_s * dev.slowdown
+        t_down = down / dev.profile.down_bps + dev.profile.latency_s
+        if rng.random() < dev.profile.dropout:  # leaves mid-task: the work is lost
+            push(t + t_down + rng.random() * compute, "gone", dev)
+            run.bytes_down += down
+            return
+        push(t + t_down + compute, "trained", dev, (task, down))
+
+    for d in devices:
+        driver.device_joined(d.id)
+    for d in devices:
+        dispatch(0.0, d)
+    run.curve.append((0.0, driver.version, setup.start_accuracy))
+    wall0 = time.perf_counter()
+    last_report = wall0
+    now = 0.0
+    while events and not driver.done:
+        now, _, kind, dev_id, payload = heapq.heappop(events)
+        dev = by_id[dev_id]
+        if kind == "trained":
+            task, down = payload
+            res = worker.run(task.values, task.base_version, dev.x, dev.y, task.config, bits=strategy.bits,
+                             seed=cfg.seed * 1000003 + run.tasks, device_id=dev.id)
+            run.peak_memory_recorded = max(run.peak_memory_recorded, res.memory.total)
+            up = res.update.nbytes
+            run.tasks += 1
+            run.bytes_down += down
+            run.bytes_up += up
+            run.per_task_down.append(down)
+            run.per_task_up.append(up)
+            push(now + up / dev.profile.up_bps + dev.profile.latency_s, "arrived", dev, (task, res.update))
+        elif kind == "arrived":
+            task, update = payload
+            dev.busy = False
+            dev.tasks_done += 1
+            arrival = driver.update_arrived(dev.id, update)
+            if not arrival.accepted:
+                run.rejected += 1
+            if arrival.merge is not None:
+                run.merges += 1
+                run.staleness.extend(arrival.merge.staleness)
+                _, acc = model.evaluate(setup.val.x, setup.val.y)
+                run.curve.append((now, driver.version, acc))
+                if time.perf_counter() - last_report > 0.5 or driver.done:
+                    last_report = time.perf_counter()
+                    progress(f"  {name:<11} version {driver.version:>4}/{cfg.max_versions}  t={now:9.1f}s  "
+                             f"accuracy {acc:.3f}  tasks {run.tasks}")
+                for d in devices:  # a merge may open a new round (FedAvg) or new work
+                    dispatch(now, d)
+            else:
+                dispatch(now, dev)
+        elif kind == "gone":
+            dev.busy = False
+            dev.online = False
+            driver.device_gone(dev.id)
+            push(now + dev.profile.rejoin_s, "rejoin", dev)
+            for d in devices:  # a shrunken FedAvg cohort may complete its round
+                dispatch(now, d)
+        elif kind == "rejoin":
+            dev.online = True
+            driver.device_joined(dev.id)
+            dispatch(now, dev)
+    run.wall_seconds = time.perf_counter() - wall0
+    return run
+
+
+def _fresh(d: SimDevice) -> SimDevice:
+    return SimDevice(d.id, d.profile, d.slowdown, d.x, d.y)
+
+
+# ---------------------------------------------------------------------------------------------
+def simulate(cfg: SimConfig, log: Callable[[str], None] = print) -> Dict[str, object]:
+    """Run every strategy on the same devices and data; return the results dictionary."""
+    setup = _Setup(cfg, log)
+    runs = {}
+    for name in cfg.strategies:
+        log(f"running {name} ...")
+        runs[name] = _run_strategy(setup, name, log)
+    return _summarise(cfg, setup, runs)
+
+
+def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun]) -> Dict[str, object]:
+    finals = {n: r.curve[-1][2] for n, r in runs.items()}
+    target = cfg.target_fraction * max(finals.values())
+    out = {
+        "clients": cfg.clients, "stragglers": cfg.stragglers, "straggler_slowdown": cfg.straggler_slowdown,
+        "seed": cfg.seed, "dataset": setup.dataset_name, "alpha": cfg.alpha, "model": cfg.model,
+        "buffer": cfg.buffer, "max_versions": cfg.max_versions, "pretrained": setup.pretrained,
+        "augmented_device_data": setup.augmented, "samples_per_device": cfg.samples_per_device,
+        "memory_budget_min": setup.m_min, "start_accuracy": setup.start_accuracy,
+        "target_accuracy": target,
+        "target_definition": f"{cfg.target_fraction:.0%} of the best final accuracy any strategy reached",
+        "strategies": {},
+    }
+    for name, r in runs.items():
+        reached = next((t for t, _, acc in r.curve if acc >= target), None)
+        out["strategies"][name] = {
+            "time_to_target_s": reached,
+            "final_accuracy": r.curve[-1][2],
+            "best_accuracy": max(acc for _, _, acc in r.curve),
+            "final_time_s": r.curve[-1][0],
+            "peak_device_memory_bytes": r.peak_memory_recorded,
+            "peak_device_memory_predicted_bytes": r.peak_memory_predicted,
+            "bytes_down_total": r.bytes_down,
+            "bytes_up_total": r.bytes_up,
+            "bytes_down_per_task": float(np.mean(r.per_task_down)) if r.per_task_down else 0.0,
+            "bytes_up_per_task": float(np.mean(r.per_task_up)) if r.per_task_up else 0.0,
+            "tasks": r.tasks,
+            "merges": r.merges,
+            "mean_staleness": float(np.mean(r.staleness)) if r.staleness else 0.0,
+            "rejected_updates": r.rejected,
+            "trainable_params": r.trainable_params,
+            "subset": r.subset,
+            "wall_seconds": r.wall_seconds,
+            "curve": [[round(t, 3), v, round(a, 4)] for t, v, a in r.curve],
+        }
+    return out
