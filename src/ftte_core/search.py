@@ -46,6 +46,9 @@ DEFAULT_RATIOS = (1 / 8, 1 / 4, 1 / 2, 1.0)
 MAX_FRONTIER = 200_000
 #: Grid cells over the budget used when coarsening.
 COARSE_CELLS = 20_000
+#: The second linearisation point (see search_subset) is probed only up to this many
+#: parameter layers: probes grow with the square of the layer count.
+RICH_BASE_MAX_LAYERS = 12
 
 SCORE_METHOD = "mean over mini-batches of the squared gradient norm per weight row / per bias (full-model gradients)"
 
@@ -374,41 +377,26 @@ def search_subset(model: Model, scores: Union[Scores, Mapping[str, object]], bud
     table = []
     minimum = None
     for e in range(P):
-        base = {e: (0, True)}
-        c_base = costs.total(base)
-        groups = []  # (layer index, options, d_cost, d_score)
-        e_totals = [costs.total({e: o}) for o in layers[e].options]
-        groups.append((e, list(layers[e].options), np.array(e_totals, np.int64) - c_base,
-                       np.array([layers[e].score(o) for o in layers[e].options])))
-        for j in range(e + 1, P):
-            opts = [(0, False)] + list(layers[j].options)
-            d = [0] + [costs.total({e: (0, True), j: o}) - c_base for o in layers[j].options]
-            groups.append((j, opts, np.array(d, np.int64), np.array([layers[j].score(o) for o in opts])))
-        e_min = min(e_totals)
+        # Two linearisation points: only the bias of e (options measured alone, exact for
+        # every single unit), and the fewest rows + bias everywhere from e up (every input kept:
+        # measures options where the others already keep their activations).
+        groups, c_base = _groups_around(layers, costs, {e: (0, True)}, e)
+        e_min = c_base + int(groups[0][2].min())
         minimum = e_min if minimum is None else min(minimum, e_min)
-
-        # lowest possible cost still to come after each group, so pruning never drops a point
-        # that negative later differences could bring back under the budget
-        rest = np.zeros(len(groups) + 1, np.int64)
-        for g in range(len(groups) - 1, -1, -1):
-            rest[g] = rest[g + 1] + min(0, int(groups[g][2].min()))
-        cost = np.zeros(1, np.int64)
-        score = np.zeros(1, np.float64)
-        pick = np.zeros((1, 0), np.int16)
-        for g, (_, _, d_cost, d_score) in enumerate(groups):
-            cost, score, pick = _pareto_merge(cost, score, pick, d_cost, d_score,
-                                              budget - c_base - int(rest[g + 1]), budget)
-        total = cost + c_base
-        ok = total <= budget
-        row = {"earliest": layers[e].name, "frontier": int(cost.size), "best_score": None, "est_bytes": None,
+        found = _knapsack(groups, c_base, budget)
+        found_rich = []
+        if P <= RICH_BASE_MAX_LAYERS:
+            rich = {j: (layers[j].options[1][0], True) for j in range(e, P)}
+            found_rich = _knapsack(*_groups_around(layers, costs, rich, e), budget)
+        # single units are measured exactly: with them in, something verifies whenever the
+        # cheapest unit fits, whatever the estimates of combinations did
+        singles = [(float(sc_), c_base + int(d), {e: o}) for o, d, sc_ in zip(*groups[0][1:]) if c_base + d <= budget]
+        candidates += found + found_rich + singles
+        row = {"earliest": layers[e].name, "frontier": len(found), "best_score": None, "est_bytes": None,
                "min_bytes": int(e_min)}
-        if ok.any():
-            idx = np.nonzero(ok)[0]
-            for i in idx:
-                choice = {groups[g][0]: groups[g][1][pick[i, g]] for g in range(len(groups))}
-                candidates.append((float(score[i]), int(total[i]), choice))
-            best = idx[np.argmax(score[idx])]
-            row["best_score"], row["est_bytes"] = float(score[best]), int(total[best])
+        if found:
+            best = max(found, key=lambda t: (t[0], -t[1]))
+            row["best_score"], row["est_bytes"] = best[0], best[1]
         table.append(row)
 
     if not candidates:
@@ -416,19 +404,19 @@ def search_subset(model: Model, scores: Union[Scores, Mapping[str, object]], bud
                              f"needs {format_size(minimum)} (batch size {batch_size})", minimum, budget)
 
     # -- verify: best score first, fewer bytes on ties; never return anything over budget -----
-    candidates.sort(key=lambda t: (-t[0], t[1]))
-    chosen = None
-    for s, _, choice in candidates:
-        real = costs.total(choice)
-        if real <= budget:
-            chosen = (s, real, _clean(choice))
-            break
-    if chosen is None:  # cannot happen while single options are exact, but never trust that
-        raise BudgetTooSmall(f"memory budget {format_size(budget)} is too small: no candidate subset verified "
-                             f"under it (the cheapest single unit needs {format_size(minimum)})", minimum, budget)
+    chosen = _first_verified(candidates, costs, budget)
+    if chosen is None:  # single units are exact candidates, so this means nothing fits
+        raise BudgetTooSmall(f"memory budget {format_size(budget)} is too small: the cheapest trainable subset "
+                             f"needs {format_size(minimum)} (batch size {batch_size})", minimum, budget)
 
-    # -- hill-climb on verified moves: use slack left by the conservative workspace sum -------
-    chosen = _improve(layers, costs, chosen, budget)
+    # -- local refinement, every step verified: re-solve the knapsack with option costs measured
+    # around the current pick (captures interactions the probe base could not see), then single
+    # option changes; repeat while the score rises.
+    while True:
+        better = _improve(layers, costs, _relinearise(layers, costs, chosen, budget), budget)
+        if better[0] <= chosen[0]:
+            break
+        chosen = better
 
     s, real, choice = chosen
     subset = costs.subset(choice, top_rows=True)
@@ -439,6 +427,67 @@ def search_subset(model: Model, scores: Union[Scores, Mapping[str, object]], bud
                         memory=memory, choices=choices, table=table, max_score=float(max_score),
                         options=sum(len(lay.options) for lay in layers), probes=costs.calls,
                         seconds=time.perf_counter() - t0)
+
+
+def _knapsack(groups, c_base: int, budget: int) -> List[Tuple[float, int, Dict[int, Tuple[int, bool]]]]:
+    """Pareto-optimal (score, estimated bytes, choice) combinations, one option per group, under budget.
+
+    groups: (layer index, options, cost differences from the base, option scores).
+    """
+    # lowest possible cost still to come after each group, so pruning never drops a point that
+    # negative later differences could bring back under the budget
+    rest = np.zeros(len(groups) + 1, np.int64)
+    for g in range(len(groups) - 1, -1, -1):
+        rest[g] = rest[g + 1] + min(0, int(groups[g][2].min()))
+    cost = np.zeros(1, np.int64)
+    score = np.zeros(1, np.float64)
+    pick = np.zeros((1, 0), np.int16)
+    for g, (_, _, d_cost, d_score) in enumerate(groups):
+        cost, score, pick = _pareto_merge(cost, score, pick, d_cost, d_score, budget - c_base - int(rest[g + 1]),
+                                          budget)
+    total = cost + c_base
+    out = []
+    for i in np.nonzero(total <= budget)[0]:
+        choice = {groups[g][0]: groups[g][1][pick[i, g]] for g in range(len(groups))}
+        out.append((float(score[i]), int(total[i]), choice))
+    return out
+
+
+def _first_verified(candidates, costs: "_Costs", budget: int):
+    """Best score first (fewer estimated bytes on ties): the first whose real prediction fits."""
+    for s, _, choice in sorted(candidates, key=lambda t: (-t[0], t[1])):
+        real = costs.total(choice)
+        if real <= budget:
+            return s, real, _clean(choice)
+    return None
+
+
+def _groups_around(layers: List[_Layer], costs: "_Costs", base: Mapping[int, Tuple[int, bool]], e: int):
+    """Knapsack groups for layers e.. with option costs measured as single changes of ``base``.
+
+    Layer e must train something (no "none" option); later layers may train nothing.
+    Returns (groups, predict_memory of base).
+    """
+    c_base = costs.total(base)
+    groups = []
+    for j in range(e, len(layers)):
+        opts = list(layers[j].options) if j == e else [(0, False)] + list(layers[j].options)
+        d = [costs.total(_clean({**base, j: o})) - c_base for o in opts]
+        groups.append((j, opts, np.array(d, np.int64), np.array([layers[j].score(o) for o in opts])))
+    return groups, c_base
+
+
+def _relinearise(layers: List[_Layer], costs: "_Costs", chosen, budget: int):
+    """The knapsack again, with each option's cost measured as a change of the current pick.
+
+    Keeps the current earliest layer (it must still train something); only a verified better
+    pick replaces the current one.
+    """
+    score, real, choice = chosen
+    groups, _ = _groups_around(layers, costs, choice, min(choice))
+    found = [c for c in _knapsack(groups, real, budget) if c[0] > score]
+    better = _first_verified(found, costs, budget)
+    return better if better is not None and better[0] > score else chosen
 
 
 def _clean(choice: Mapping[int, Tuple[int, bool]]) -> Dict[int, Tuple[int, bool]]:
