@@ -16,14 +16,16 @@ Memory is not additive over layers: backward keeps activations from the earliest
 up, so the cost of training anything in a layer depends on which layer trains first. The search
 therefore enumerates that earliest layer ``e`` and, for each, solves the per-layer choice as a
 grouped knapsack over the layers from ``e`` up. Per-option costs come from the cost model itself:
-``predict_memory`` of a probe subset (the option on top of "bias of layer e") minus that of the
-probe base. Given ``e`` the gradients, optimizer state and kept activations are exactly additive
-this way; the workspace terms (a max over kernels, a count of scratch buffers) are not, but the
-probe differences never underestimate them (increments of a max are subadditive), so the knapsack
-stays conservative. The knapsack is solved exactly as a Pareto frontier (bytes up, score up) over
-all option combinations, pruned to the budget. Every pick is then verified with
-``predict_memory`` and a pick over budget is never returned (the next candidate is tried); a last
-hill-climb, each move verified, uses any slack the conservative sum left. See docs/search.md.
+``predict_memory`` of the option applied to a probe base, minus that of the base, at two bases
+("only the bias of e" and "the fewest rows + bias of every layer from e up"). Given ``e`` the
+gradients, optimizer state and kept activations are exactly additive this way; the workspace
+(a max over kernels' scratch, and how many reused scratch buffers the forward needs) is not,
+and the two bases see it from both sides. The knapsack is solved exactly as a Pareto frontier
+(bytes up, score up) over all option combinations, pruned to the budget. Every pick is verified
+with ``predict_memory`` (best score first; a pick over budget is never returned, the next is
+tried); then, until the score stops rising, the knapsack is solved again with costs measured
+as changes of the current pick, and single option changes are tried, each verified.
+See docs/search.md.
 """
 from __future__ import annotations
 
