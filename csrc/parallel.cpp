@@ -33,7 +33,8 @@ class ThreadPool {
     lock.lock();
     threads_.clear();
     stop_ = false;
-    for (int i = 0; i < workers; ++i) threads_.emplace_back([this] { worker_loop(); });
+    const uint64_t gen = generation_;  // read under the lock: a job posted before a worker starts is not missed
+    for (int i = 0; i < workers; ++i) threads_.emplace_back([this, gen] { worker_loop(gen); });
   }
 
   int workers() const { return static_cast<int>(threads_.size()); }
@@ -69,8 +70,7 @@ class ThreadPool {
     }
   }
 
-  void worker_loop() {
-    uint64_t seen = generation_;
+  void worker_loop(uint64_t seen) {
     for (;;) {
       std::unique_lock<std::mutex> lock(mutex_);
       cv_start_.wait(lock, [&] { return generation_ != seen; });

@@ -20,12 +20,23 @@ from . import _kernels
 from .cost import predict_memory, training_flops
 from .data import Dataset, DataError, load_bundled, load_npz
 from .graph import Model
-from .onnx_io import OnnxImportError, load_model, save_onnx
 from .subset import LayerSubset, Subset
 from .trainer import MemoryRecord, Trainer
 from .zoo import zoo
 
 __version__ = "0.1.0"
+
+# ONNX support loads the onnx package (about 13 MB of memory): only when asked for, so an agent
+# that never touches ONNX files stays small.
+_LAZY = {"load_model", "save_onnx", "to_onnx", "OnnxImportError"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from . import onnx_io
+        return getattr(onnx_io, name)
+    raise AttributeError(f"module 'ftte_core' has no attribute {name!r}")
+
 
 if _os.environ.get("FTTE_NUM_THREADS", "").strip():
     try:
