@@ -1,4 +1,5 @@
 import itertools
+import json
 import time
 
 import numpy as np
@@ -207,6 +208,9 @@ def test_chosen_rows_are_the_top_scoring_rows():
             total += s[ls.rows].sum() + (scores[f"{name}.bias"] if ls.bias else 0.0)
         assert total == pytest.approx(r.score)
         assert r.format_table().count("\n") == len(model.param_layers) + 1
+        d = r.to_dict()
+        assert json.loads(json.dumps(d))["predicted_bytes"] == r.predicted_bytes
+        assert Subset.from_dict(model, d["subset"]) == r.subset
 
 
 def test_coarsened_frontier_stays_within_budget(monkeypatch):

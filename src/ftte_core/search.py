@@ -250,6 +250,13 @@ class SearchResult:
             parts.append(f"{name}: bias" if c["rows"] == 0 else f"{name}: {rows}{' + bias' if c['bias'] else ''}")
         return "; ".join(parts) or "(nothing trains)"
 
+    def to_dict(self) -> Dict[str, object]:
+        """JSON-friendly summary (what a hub logs or checkpoints next to the subset)."""
+        return {"subset": self.subset.to_dict(), "fingerprint": self.subset.fingerprint(), "score": self.score,
+                "max_score": self.max_score, "predicted_bytes": self.predicted_bytes, "budget": self.budget,
+                "memory": dict(self.memory), "choices": self.choices, "table": self.table, "options": self.options,
+                "probes": self.probes, "seconds": self.seconds}
+
     def format_table(self) -> str:
         lines = [f"{'earliest':<12} {'frontier':>8} {'best score':>12} {'bytes (est)':>14} {'cheapest':>12}"]
         for row in self.table:
