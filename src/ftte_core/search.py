@@ -390,8 +390,12 @@ def search_subset(model: Model, scores: Union[Scores, Mapping[str, object]], bud
         # every single unit), and the fewest rows + bias everywhere from e up (every input kept:
         # measures options where the others already keep their activations).
         groups, c_base = _groups_around(layers, costs, {e: (0, True)}, e)
-        e_min = c_base + int(groups[0][2].min())
-        minimum = e_min if minimum is None else min(minimum, e_min)
+        i_min = int(np.argmin(groups[0][2]))
+        e_min = c_base + int(groups[0][2][i_min])
+        if minimum is None or e_min < minimum[0]:
+            k, b = groups[0][1][i_min]
+            minimum = (e_min, f"{layers[e].name} " + ("bias" if k == 0 else f"{k}/{layers[e].rows} rows"
+                                                       + (" + bias" if b else "")))
         found = _knapsack(groups, c_base, budget)
         found_rich = []
         if P <= RICH_BASE_MAX_LAYERS:
@@ -408,15 +412,16 @@ def search_subset(model: Model, scores: Union[Scores, Mapping[str, object]], bud
             row["best_score"], row["est_bytes"] = best[0], best[1]
         table.append(row)
 
+    too_small = BudgetTooSmall(f"memory budget {format_size(budget)} is too small: the cheapest trainable subset "
+                               f"({minimum[1]}, batch size {batch_size}) needs {format_size(minimum[0])}",
+                               minimum[0], budget)
     if not candidates:
-        raise BudgetTooSmall(f"memory budget {format_size(budget)} is too small: the cheapest trainable subset "
-                             f"needs {format_size(minimum)} (batch size {batch_size})", minimum, budget)
+        raise too_small
 
     # -- verify: best score first, fewer bytes on ties; never return anything over budget -----
     chosen = _first_verified(candidates, costs, budget)
     if chosen is None:  # single units are exact candidates, so this means nothing fits
-        raise BudgetTooSmall(f"memory budget {format_size(budget)} is too small: the cheapest trainable subset "
-                             f"needs {format_size(minimum)} (batch size {batch_size})", minimum, budget)
+        raise too_small
 
     # -- local refinement, every step verified: re-solve the knapsack with option costs measured
     # around the current pick (captures interactions the probe base could not see), then single
