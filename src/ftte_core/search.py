@@ -435,7 +435,9 @@ def search_subset(model: Model, scores: Union[Scores, Mapping[str, object]], bud
     s, real, choice = chosen
     subset = costs.subset(choice, top_rows=True)
     memory = predict_memory(model, subset, batch_size=int(batch_size), momentum=float(momentum), threads=threads)
-    assert memory["total"] == real <= budget
+    if memory["total"] != real or real > budget:  # never hand out a pick over budget, even with -O
+        raise RuntimeError(f"subset search: verified {real} bytes but predict_memory now says {memory['total']} "
+                           f"(budget {budget})")
     choices = {layers[j].name: {"rows": k, "of": layers[j].rows, "bias": b} for j, (k, b) in sorted(choice.items())}
     return SearchResult(subset=subset, score=float(s), predicted_bytes=int(memory["total"]), budget=budget,
                         memory=memory, choices=choices, table=table, max_score=float(max_score),
