@@ -21,16 +21,19 @@ F32 = np.float32
 
 
 # ---------------------------------------------------------------- timing
-def measure(fn, reps, warmup=3):
-    """Median seconds and spread (p10, p90) of `reps` calls after `warmup` calls."""
+def measure_pair(kfn, nfn, reps, warmup=3):
+    """Times kernel and NumPy alternately (so load bursts on this shared box hit both alike).
+    Returns per side (median, p10, p90) seconds over `reps` calls after `warmup` calls."""
     for _ in range(warmup):
-        fn()
-    ts = np.empty(reps)
+        kfn()
+        nfn()
+    ts = np.empty((2, reps))
     for i in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts[i] = time.perf_counter() - t0
-    return float(np.median(ts)), float(np.percentile(ts, 10)), float(np.percentile(ts, 90))
+        for j, fn in enumerate((kfn, nfn)):
+            t0 = time.perf_counter()
+            fn()
+            ts[j, i] = time.perf_counter() - t0
+    return [(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90))) for t in ts]
 
 
 # ---------------------------------------------------------------- NumPy equivalents
@@ -133,8 +136,7 @@ def bench_codec(O, F, R, Kn, reps, threads):
     K.set_num_threads(threads)
     results = []
     for name, kfn, nfn, nbytes in codec_cases(O, F, R, Kn):
-        km, k10, k90 = measure(kfn, reps)
-        nm, n10, n90 = measure(nfn, max(5, reps // 5))
+        (km, k10, k90), (nm, n10, n90) = measure_pair(kfn, nfn, reps)
         results.append(dict(name=name, kernel_s=km, kernel_spread=(k10, k90), numpy_s=nm, numpy_spread=(n10, n90),
                             kernel_gbs=nbytes / km / 1e9, numpy_gbs=nbytes / nm / 1e9, ratio=nm / km))
     K.set_num_threads(0)

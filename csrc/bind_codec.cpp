@@ -38,6 +38,20 @@ const int32_t* rows_arg(const std::string& fn, const py::object& rows, int64_t O
   return r;
 }
 
+// Any integer (Python or NumPy) is a seed; it is taken modulo 2^64 so negative seeds (e.g. from
+// hash()) work. Non-integers (floats, None) raise ValueError.
+uint64_t seed_arg(const char* fn, const py::object& seed) {
+  PyObject* idx = PyNumber_Index(seed.ptr());
+  if (!idx) {
+    PyErr_Clear();
+    fail(fn, "seed must be an integer, got " + std::string(py::str(py::type::of(seed).attr("__name__"))));
+  }
+  uint64_t s = PyLong_AsUnsignedLongLongMask(idx);
+  Py_DECREF(idx);
+  if (PyErr_Occurred()) throw py::error_already_set();
+  return s;
+}
+
 void check_finite(const std::string& fn, const std::string& name, const float* p, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
     if (!std::isfinite(p[i])) fail(fn, name + "[" + std::to_string(i) + "] is not finite");
@@ -140,11 +154,12 @@ void register_codec(py::module_& m) {
   m.def(
       "encode_int8",
       [](py::object newp, py::object base, py::object rows, py::object q, py::object scales, bool stochastic,
-         uint64_t seed) { encode<false>("encode_int8", newp, base, rows, q, scales, stochastic, seed); },
+         py::object seed) { encode<false>("encode_int8", newp, base, rows, q, scales, stochastic, seed_arg("encode_int8", seed)); },
       py::arg("new"), py::arg("base"), py::arg("rows"), py::arg("q"), py::arg("scales"), py::arg("stochastic") = false,
       py::arg("seed") = 0,
       "delta = new[rows] - base quantized to int8 q [R,F] with scales [R] = max|delta|/127 per row. "
-      "Nearest rounds half away from zero; stochastic is unbiased and reproducible from (seed, r, c). "
+      "Nearest rounds half away from zero; stochastic is unbiased and reproducible from (seed, r, c) "
+      "(seed: any integer, taken mod 2**64; r: position in rows). "
       "rows: int32 [R] or None (all rows). ValueError names the first row holding NaN/Inf.");
   m.def(
       "decode_int8", [](py::object q, py::object scales, py::object out) { decode<false>("decode_int8", q, scales, out); },
@@ -152,7 +167,7 @@ void register_codec(py::module_& m) {
   m.def(
       "encode_int4",
       [](py::object newp, py::object base, py::object rows, py::object q, py::object scales, bool stochastic,
-         uint64_t seed) { encode<true>("encode_int4", newp, base, rows, q, scales, stochastic, seed); },
+         py::object seed) { encode<true>("encode_int4", newp, base, rows, q, scales, stochastic, seed_arg("encode_int4", seed)); },
       py::arg("new"), py::arg("base"), py::arg("rows"), py::arg("q"), py::arg("scales"), py::arg("stochastic") = false,
       py::arg("seed") = 0,
       "Like encode_int8 with levels [-7, 7] (scale = max/7), packed into q uint8 [R, (F+1)//2]: element 2i "
@@ -183,7 +198,7 @@ void register_codec(py::module_& m) {
       py::arg("target"), py::arg("rows"), py::arg("deltas"), py::arg("alphas"),
       "target[rows[r]] += sum_k alphas[k] * deltas[k][r]; deltas: K float32 [R,F].");
   m.def(
-      "codec_random_bits", [](uint64_t seed, int64_t r, int64_t c) { return ftte::codec_random_bits(seed, r, c); },
+      "codec_random_bits", [](py::object seed, int64_t r, int64_t c) { return ftte::codec_random_bits(seed_arg("codec_random_bits", seed), r, c); },
       py::arg("seed"), py::arg("r"), py::arg("c"),
       "The 32 random bits stochastic rounding uses for (seed, r, c); u = (bits >> 8) / 2**24.");
 }

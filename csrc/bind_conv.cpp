@@ -1,3 +1,437 @@
+// Python bindings for conv2d, pooling, activations and softmax cross-entropy. Every argument is
+// checked here, with the GIL held, before any kernel sees a pointer; the kernels then run with
+// the GIL released.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#include <array>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "activation.h"
+#include "check.h"
+#include "conv2d.h"
+#include "parallel.h"
+#include "pool.h"
+#include "xent.h"
+
 namespace py = pybind11;
-void register_conv(py::module_& m) { (void)m; }
+using ftte::checked;
+using ftte::dim;
+using ftte::fail;
+
+namespace {
+
+int64_t as_int(const std::string& fn, const char* name, const py::handle& h) {
+  if (py::isinstance<py::bool_>(h) || !PyIndex_Check(h.ptr())) fail(fn, std::string(name) + " must hold integers");
+  return py::reinterpret_steal<py::int_>(PyNumber_Index(h.ptr())).cast<int64_t>();
+}
+
+// An int (used for every axis) or a sequence of exactly n ints.
+template <size_t n>
+std::array<int64_t, n> int_tuple(const std::string& fn, const char* name, const py::handle& obj) {
+  std::array<int64_t, n> out{};
+  if (PyIndex_Check(obj.ptr()) && !py::isinstance<py::bool_>(obj)) {
+    out.fill(as_int(fn, name, obj));
+    return out;
+  }
+  if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj))
+    fail(fn, std::string(name) + " must be an int or a sequence of " + std::to_string(n) + " ints");
+  py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
+  if (seq.size() != n)
+    fail(fn, std::string(name) + " must have " + std::to_string(n) + " entries, got " + std::to_string(seq.size()));
+  for (size_t i = 0; i < n; ++i) out[i] = as_int(fn, name, seq[i]);
+  return out;
+}
+
+struct Window {
+  int64_t kh, kw, sh, sw, pt, pl, pb, pr;
+};
+
+// kernel (kh, kw), stride (sh, sw) >= 1 and padding (top, left, bottom, right) >= 0.
+Window parse_window(const std::string& fn, int64_t kh, int64_t kw, const py::handle& stride,
+                    const py::handle& padding) {
+  auto s = int_tuple<2>(fn, "stride", stride);
+  auto p = int_tuple<4>(fn, "padding", padding);
+  if (s[0] < 1 || s[1] < 1) fail(fn, "stride must be >= 1, got (" + std::to_string(s[0]) + ", " + std::to_string(s[1]) + ")");
+  for (int64_t v : p)
+    if (v < 0) fail(fn, "padding must be >= 0, got " + std::to_string(v));
+  return Window{kh, kw, s[0], s[1], p[0], p[1], p[2], p[3]};
+}
+
+// Output (OH, OW); fails when the padded input is smaller than the kernel.
+std::array<int64_t, 2> out_hw(const std::string& fn, int64_t H, int64_t W, const Window& w, bool ceil_mode) {
+  int64_t OH = ftte::window_out_size(H, w.kh, w.sh, w.pt, w.pb, ceil_mode);
+  int64_t OW = ftte::window_out_size(W, w.kw, w.sw, w.pl, w.pr, ceil_mode);
+  if (OH < 1 || OW < 1)
+    fail(fn, "kernel " + std::to_string(w.kh) + "x" + std::to_string(w.kw) + " does not fit the padded input " +
+                 std::to_string(H + w.pt + w.pb) + "x" + std::to_string(W + w.pl + w.pr));
+  return {OH, OW};
+}
+
+ftte::ConvGeom conv_geom(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC, const Window& w,
+                         std::array<int64_t, 2> o) {
+  return ftte::ConvGeom{N, C, H, W, OC, w.kh, w.kw, w.sh, w.sw, w.pt, w.pl, w.pb, w.pr, o[0], o[1]};
+}
+
+// Pooling windows: padding must be smaller than the kernel so no window is padding only.
+Window pool_window(const std::string& fn, const py::handle& kernel, const py::handle& stride,
+                   const py::handle& padding) {
+  auto k = int_tuple<2>(fn, "kernel", kernel);
+  if (k[0] < 1 || k[1] < 1) fail(fn, "kernel must be >= 1");
+  Window w = parse_window(fn, k[0], k[1], stride, padding);
+  if (w.pt >= w.kh || w.pb >= w.kh || w.pl >= w.kw || w.pr >= w.kw)
+    fail(fn, "padding must be smaller than the kernel on every side");
+  return w;
+}
+
+ftte::PoolGeom pool_geom(int64_t N, int64_t C, int64_t H, int64_t W, const Window& w, std::array<int64_t, 2> o) {
+  return ftte::PoolGeom{N, C, H, W, w.kh, w.kw, w.sh, w.sw, w.pt, w.pl, w.pb, w.pr, o[0], o[1]};
+}
+
+// Any-shape float32 array for the elementwise kernels: returns data pointer and element count.
+struct Flat {
+  float* data;
+  int64_t size;
+};
+Flat flat(const std::string& fn, const char* name, const py::handle& obj, bool writable) {
+  if (!py::isinstance<py::array>(obj)) fail(fn, std::string(name) + " must be a numpy array");
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(py::dtype::of<float>()))
+    fail(fn, std::string(name) + " must have dtype float32, got " + std::string(py::str(a.dtype())));
+  if (!(a.flags() & py::array::c_style)) fail(fn, std::string(name) + " must be C-contiguous");
+  if (writable && !a.writeable()) fail(fn, std::string(name) + " must be writable");
+  return Flat{static_cast<float*>(const_cast<void*>(a.data())), static_cast<int64_t>(a.size())};
+}
+
+// In-place (same start) is fine for elementwise kernels; a shifted overlap would read cells
+// already overwritten.
+void same_or_disjoint(const std::string& fn, const char* an, const void* a, int64_t abytes, const char* bn,
+                      const void* b, int64_t bbytes) {
+  auto pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
+  if (pa == pb || abytes == 0 || bbytes == 0) return;
+  if (pa < pb + static_cast<uintptr_t>(bbytes) && pb < pa + static_cast<uintptr_t>(abytes))
+    fail(fn, std::string(an) + " and " + bn + " overlap without being the same array");
+}
+
+void check_same_size(const std::string& fn, const char* an, const Flat& a, const char* bn, const Flat& b) {
+  if (a.size != b.size)
+    fail(fn, std::string(an) + " has " + std::to_string(a.size) + " elements but " + bn + " has " +
+                 std::to_string(b.size));
+  same_or_disjoint(fn, an, a.data, a.size * 4, bn, b.data, b.size * 4);
+}
+
+using Unary = void (*)(int64_t, const float*, float*);
+using Binary = void (*)(int64_t, const float*, const float*, float*);
+
+void def_unary(py::module_& m, const char* name, Unary f, const char* doc) {
+  m.def(
+      name,
+      [name, f](py::object x, py::object y) {
+        const std::string fn = name;
+        Flat xf = flat(fn, "x", x, false), yf = flat(fn, "y", y, true);
+        check_same_size(fn, "x", xf, "y", yf);
+        py::gil_scoped_release nogil;
+        f(xf.size, xf.data, yf.data);
+      },
+      py::arg("x"), py::arg("y"), doc);
+}
+
+void def_backward(py::module_& m, const char* name, Binary f, const char* doc) {
+  m.def(
+      name,
+      [name, f](py::object y, py::object dy, py::object dx) {
+        const std::string fn = name;
+        Flat yf = flat(fn, "y", y, false), dyf = flat(fn, "dy", dy, false), dxf = flat(fn, "dx", dx, true);
+        check_same_size(fn, "y", yf, "dy", dyf);
+        check_same_size(fn, "dy", dyf, "dx", dxf);
+        check_same_size(fn, "y", yf, "dx", dxf);
+        py::gil_scoped_release nogil;
+        f(yf.size, yf.data, dyf.data, dxf.data);
+      },
+      py::arg("y"), py::arg("dy"), py::arg("dx"), doc);
+}
+
+const int32_t* checked_labels(const std::string& fn, const py::handle& labels, int64_t N, int64_t C) {
+  const int32_t* lab = checked<int32_t>(fn, "labels", labels, {N});
+  for (int64_t i = 0; i < N; ++i)
+    if (lab[i] < 0 || lab[i] >= C)
+      fail(fn, "labels[" + std::to_string(i) + "] = " + std::to_string(lab[i]) + " is outside [0, " +
+                   std::to_string(C) + ")");
+  return lab;
+}
+
+}  // namespace
+
+void register_conv(py::module_& m) {
+  const auto stride1 = py::make_tuple(1, 1);
+  const auto pad0 = py::make_tuple(0, 0, 0, 0);
+
+  m.def(
+      "window_out_size",
+      [](int64_t in, int64_t k, int64_t stride, int64_t pad_begin, int64_t pad_end, bool ceil_mode) {
+        const std::string fn = "window_out_size";
+        if (in < 0 || k < 1 || stride < 1 || pad_begin < 0 || pad_end < 0)
+          fail(fn, "need in >= 0, k >= 1, stride >= 1, pads >= 0");
+        return ftte::window_out_size(in, k, stride, pad_begin, pad_end, ceil_mode);
+      },
+      py::arg("in_size"), py::arg("kernel"), py::arg("stride"), py::arg("pad_begin"), py::arg("pad_end"),
+      py::arg("ceil_mode") = false,
+      "Output length along one axis for conv/pooling (<= 0: the kernel does not fit). With ceil_mode a last "
+      "window starting inside the end padding is dropped, as onnxruntime and PyTorch do.");
+
+  // ---- conv2d ----
+  m.def(
+      "conv2d_forward",
+      [](py::object x, py::object w, py::object b, py::object y, py::object stride, py::object padding) {
+        const std::string fn = "conv2d_forward";
+        const float* xp = checked<float>(fn, "x", x, {-1, -1, -1, -1});
+        const int64_t N = dim(x, 0), C = dim(x, 1), H = dim(x, 2), W = dim(x, 3);
+        const float* wp = checked<float>(fn, "w", w, {-1, C, -1, -1});
+        const int64_t OC = dim(w, 0), KH = dim(w, 2), KW = dim(w, 3);
+        if (KH < 1 || KW < 1 || C < 1) fail(fn, "w must have C >= 1 and a kernel of at least 1x1");
+        const float* bp = b.is_none() ? nullptr : checked<float>(fn, "b", b, {OC});
+        const Window win = parse_window(fn, KH, KW, stride, padding);
+        const auto o = out_hw(fn, H, W, win, false);
+        float* yp = checked<float>(fn, "y", y, {N, OC, o[0], o[1]}, true);
+        same_or_disjoint(fn, "x", xp, N * C * H * W * 4, "y", yp, N * OC * o[0] * o[1] * 4);
+        if (xp == yp && N * C * H * W > 0) fail(fn, "y must not be x");
+        const ftte::ConvGeom g = conv_geom(N, C, H, W, OC, win, o);
+        py::gil_scoped_release nogil;
+        ftte::conv2d_forward(g, xp, wp, bp, yp);
+      },
+      py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), py::arg("stride") = stride1,
+      py::arg("padding") = pad0,
+      "y[N,OC,OH,OW] = conv2d(x[N,C,H,W], w[OC,C,KH,KW]) + b[OC] (b may be None). stride (sh, sw); "
+      "padding ONNX-style (top, left, bottom, right).");
+
+  m.def(
+      "conv2d_backward",
+      [](py::object x, py::object w, py::object dy, py::object rows, py::object dw, py::object db, py::object dx,
+         py::object stride, py::object padding, bool accumulate) {
+        const std::string fn = "conv2d_backward";
+        const float* wp = checked<float>(fn, "w", w, {-1, -1, -1, -1});
+        const int64_t OC = dim(w, 0), C = dim(w, 1), KH = dim(w, 2), KW = dim(w, 3);
+        if (KH < 1 || KW < 1 || C < 1) fail(fn, "w must have C >= 1 and a kernel of at least 1x1");
+        const Window win = parse_window(fn, KH, KW, stride, padding);
+        // The input size comes from x, else from dx; with neither (bias gradient only) dy's
+        // own size is taken as it is.
+        const float* xp = nullptr;
+        float* dxp = nullptr;
+        int64_t N = -1, H = -1, W = -1;
+        if (!x.is_none()) {
+          xp = checked<float>(fn, "x", x, {-1, C, -1, -1});
+          N = dim(x, 0), H = dim(x, 2), W = dim(x, 3);
+        } else if (!dw.is_none()) {
+          fail(fn, "x is needed to compute dw");
+        }
+        if (!dx.is_none()) {
+          dxp = checked<float>(fn, "dx", dx, {N, C, H, W}, true);
+          N = dim(dx, 0), H = dim(dx, 2), W = dim(dx, 3);
+        }
+        std::array<int64_t, 2> o{-1, -1};
+        if (H >= 0) o = out_hw(fn, H, W, win, false);
+        const float* dyp = checked<float>(fn, "dy", dy, {N, OC, o[0], o[1]});
+        if (H < 0) N = dim(dy, 0), o = {dim(dy, 2), dim(dy, 3)};
+        std::vector<int32_t> sel;
+        const int32_t* rp = nullptr;
+        int64_t R = OC;
+        if (!rows.is_none()) {
+          sel = ftte::rows_or_all(fn, rows, OC);
+          rp = sel.data();
+          R = static_cast<int64_t>(sel.size());
+        }
+        float* dwp = dw.is_none() ? nullptr : checked<float>(fn, "dw", dw, {R, C, KH, KW}, true);
+        float* dbp = db.is_none() ? nullptr : checked<float>(fn, "db", db, {R}, true);
+        const ftte::ConvGeom g = conv_geom(N, C, H, W, OC, win, o);
+        py::gil_scoped_release nogil;
+        ftte::conv2d_backward(g, xp, wp, dyp, rp, R, dwp, dbp, dxp, accumulate);
+      },
+      py::arg("x"), py::arg("w"), py::arg("dy"), py::arg("rows"), py::arg("dw"), py::arg("db"), py::arg("dx"),
+      py::arg("stride") = stride1, py::arg("padding") = pad0, py::arg("accumulate") = false,
+      "Gradients of conv2d_forward. rows: int32 [R] output channels (None: all). dw[R,C,KH,KW], db[R] "
+      "(None to skip; accumulate=True adds into them) and dx[N,C,H,W] (None to skip; overwritten, all "
+      "output channels contribute).");
+
+  m.def(
+      "conv2d_scratch_bytes",
+      [](py::object x_shape, py::object w_shape, py::object stride, py::object padding, bool backward,
+         py::object n_rows, bool dw, bool dx, int threads) {
+        const std::string fn = "conv2d_scratch_bytes";
+        const auto xs = int_tuple<4>(fn, "x_shape", x_shape);
+        const auto ws = int_tuple<4>(fn, "w_shape", w_shape);
+        for (int64_t v : xs)
+          if (v < 0) fail(fn, "x_shape must be >= 0");
+        if (ws[0] < 0 || ws[1] != xs[1] || ws[2] < 1 || ws[3] < 1 || xs[1] < 1)
+          fail(fn, "w_shape must be [OC, C, KH, KW] with C matching x_shape and a kernel of at least 1x1");
+        const Window win = parse_window(fn, ws[2], ws[3], stride, padding);
+        const auto o = out_hw(fn, xs[2], xs[3], win, false);
+        const int64_t R = n_rows.is_none() ? ws[0] : as_int(fn, "n_rows", n_rows);
+        if (R < 0) fail(fn, "n_rows must be >= 0");
+        const ftte::ConvGeom g = conv_geom(xs[0], xs[1], xs[2], xs[3], ws[0], win, o);
+        return ftte::conv2d_scratch_bytes(g, backward, R, dw, dx, threads > 0 ? threads : ftte::get_num_threads());
+      },
+      py::arg("x_shape"), py::arg("w_shape"), py::arg("stride") = stride1, py::arg("padding") = pad0,
+      py::arg("backward") = false, py::arg("n_rows") = py::none(), py::arg("dw") = true, py::arg("dx") = true,
+      py::arg("threads") = 0,
+      "Most bytes of scratch (im2col columns, dW partial sums) conv2d_forward or, with backward=True, "
+      "conv2d_backward holds for these shapes with `threads` threads (0: the current setting); n_rows: "
+      "selected output channels (None: all); dw/dx: whether those gradients are asked for. Excludes "
+      "sgemm's own packing buffers.");
+
+  // ---- pooling ----
+  m.def(
+      "maxpool2d_forward",
+      [](py::object x, py::object y, py::object argmax, py::object kernel, py::object stride, py::object padding,
+         bool ceil_mode) {
+        const std::string fn = "maxpool2d_forward";
+        const float* xp = checked<float>(fn, "x", x, {-1, -1, -1, -1});
+        const int64_t N = dim(x, 0), C = dim(x, 1), H = dim(x, 2), W = dim(x, 3);
+        if (H * W > std::numeric_limits<int32_t>::max()) fail(fn, "input plane too large for int32 argmax");
+        const Window win = pool_window(fn, kernel, stride, padding);
+        const auto o = out_hw(fn, H, W, win, ceil_mode);
+        float* yp = checked<float>(fn, "y", y, {N, C, o[0], o[1]}, true);
+        int32_t* ap = argmax.is_none() ? nullptr : checked<int32_t>(fn, "argmax", argmax, {N, C, o[0], o[1]}, true);
+        same_or_disjoint(fn, "x", xp, N * C * H * W * 4, "y", yp, N * C * o[0] * o[1] * 4);
+        if (xp == yp && N * C > 0) fail(fn, "y must not be x");
+        const ftte::PoolGeom g = pool_geom(N, C, H, W, win, o);
+        py::gil_scoped_release nogil;
+        ftte::maxpool2d_forward(g, xp, yp, ap);
+      },
+      py::arg("x"), py::arg("y"), py::arg("argmax"), py::arg("kernel"), py::arg("stride"), py::arg("padding") = pad0,
+      py::arg("ceil_mode") = false,
+      "y = max over each window; argmax (int32 like y, or None) gets the flat index h*W+w of the first max in "
+      "the input plane. Padding never wins.");
+
+  m.def(
+      "maxpool2d_backward",
+      [](py::object dy, py::object argmax, py::object dx) {
+        const std::string fn = "maxpool2d_backward";
+        const float* dyp = checked<float>(fn, "dy", dy, {-1, -1, -1, -1});
+        const int64_t N = dim(dy, 0), C = dim(dy, 1), OH = dim(dy, 2), OW = dim(dy, 3);
+        const int32_t* ap = checked<int32_t>(fn, "argmax", argmax, {N, C, OH, OW});
+        float* dxp = checked<float>(fn, "dx", dx, {N, C, -1, -1}, true);
+        const int64_t HW = dim(dx, 2) * dim(dx, 3);
+        for (int64_t i = 0, n = N * C * OH * OW; i < n; ++i)
+          if (ap[i] < 0 || ap[i] >= HW)
+            fail(fn, "argmax holds " + std::to_string(ap[i]) + ", outside the input plane [0, " + std::to_string(HW) +
+                         ")");
+        py::gil_scoped_release nogil;
+        ftte::maxpool2d_backward(N * C, HW, OH * OW, dyp, ap, dxp);
+      },
+      py::arg("dy"), py::arg("argmax"), py::arg("dx"),
+      "dx[N,C,H,W] = 0, then dy scattered (+=) to the argmax positions from maxpool2d_forward.");
+
+  m.def(
+      "avgpool2d_forward",
+      [](py::object x, py::object y, py::object kernel, py::object stride, py::object padding, bool ceil_mode,
+         bool count_include_pad) {
+        const std::string fn = "avgpool2d_forward";
+        const float* xp = checked<float>(fn, "x", x, {-1, -1, -1, -1});
+        const int64_t N = dim(x, 0), C = dim(x, 1), H = dim(x, 2), W = dim(x, 3);
+        const Window win = pool_window(fn, kernel, stride, padding);
+        const auto o = out_hw(fn, H, W, win, ceil_mode);
+        float* yp = checked<float>(fn, "y", y, {N, C, o[0], o[1]}, true);
+        same_or_disjoint(fn, "x", xp, N * C * H * W * 4, "y", yp, N * C * o[0] * o[1] * 4);
+        if (xp == yp && N * C > 0) fail(fn, "y must not be x");
+        const ftte::PoolGeom g = pool_geom(N, C, H, W, win, o);
+        py::gil_scoped_release nogil;
+        ftte::avgpool2d_forward(g, xp, yp, count_include_pad);
+      },
+      py::arg("x"), py::arg("y"), py::arg("kernel"), py::arg("stride"), py::arg("padding") = pad0,
+      py::arg("ceil_mode") = false, py::arg("count_include_pad") = false,
+      "ONNX AveragePool. Divisor: real cells in the window, or with count_include_pad the window clipped to "
+      "the padded input.");
+
+  m.def(
+      "avgpool2d_backward",
+      [](py::object dy, py::object dx, py::object kernel, py::object stride, py::object padding, bool ceil_mode,
+         bool count_include_pad) {
+        const std::string fn = "avgpool2d_backward";
+        float* dxp = checked<float>(fn, "dx", dx, {-1, -1, -1, -1}, true);
+        const int64_t N = dim(dx, 0), C = dim(dx, 1), H = dim(dx, 2), W = dim(dx, 3);
+        const Window win = pool_window(fn, kernel, stride, padding);
+        const auto o = out_hw(fn, H, W, win, ceil_mode);
+        const float* dyp = checked<float>(fn, "dy", dy, {N, C, o[0], o[1]});
+        same_or_disjoint(fn, "dy", dyp, N * C * o[0] * o[1] * 4, "dx", dxp, N * C * H * W * 4);
+        if (dxp == dyp && N * C > 0) fail(fn, "dx must not be dy");
+        const ftte::PoolGeom g = pool_geom(N, C, H, W, win, o);
+        py::gil_scoped_release nogil;
+        ftte::avgpool2d_backward(g, dyp, dxp, count_include_pad);
+      },
+      py::arg("dy"), py::arg("dx"), py::arg("kernel"), py::arg("stride"), py::arg("padding") = pad0,
+      py::arg("ceil_mode") = false, py::arg("count_include_pad") = false,
+      "Gradient of avgpool2d_forward; dx[N,C,H,W] is overwritten and gives the input size.");
+
+  m.def(
+      "global_avgpool_forward",
+      [](py::object x, py::object y) {
+        const std::string fn = "global_avgpool_forward";
+        const float* xp = checked<float>(fn, "x", x, {-1, -1, -1, -1});
+        const int64_t N = dim(x, 0), C = dim(x, 1), HW = dim(x, 2) * dim(x, 3);
+        if (HW < 1) fail(fn, "x must have H, W >= 1");
+        float* yp = checked<float>(fn, "y", y, {N, C}, true);
+        same_or_disjoint(fn, "x", xp, N * C * HW * 4, "y", yp, N * C * 4);
+        if (xp == yp && N * C > 0) fail(fn, "y must not be x");
+        py::gil_scoped_release nogil;
+        ftte::global_avgpool_forward(N * C, HW, xp, yp);
+      },
+      py::arg("x"), py::arg("y"), "y[N,C] = mean of x[N,C,H,W] over H and W.");
+
+  m.def(
+      "global_avgpool_backward",
+      [](py::object dy, py::object dx) {
+        const std::string fn = "global_avgpool_backward";
+        const float* dyp = checked<float>(fn, "dy", dy, {-1, -1});
+        const int64_t N = dim(dy, 0), C = dim(dy, 1);
+        float* dxp = checked<float>(fn, "dx", dx, {N, C, -1, -1}, true);
+        const int64_t HW = dim(dx, 2) * dim(dx, 3);
+        if (HW < 1) fail(fn, "dx must have H, W >= 1");
+        same_or_disjoint(fn, "dy", dyp, N * C * 4, "dx", dxp, N * C * HW * 4);
+        if (dxp == dyp && N * C > 0) fail(fn, "dx must not be dy");
+        py::gil_scoped_release nogil;
+        ftte::global_avgpool_backward(N * C, HW, dyp, dxp);
+      },
+      py::arg("dy"), py::arg("dx"), "dx[N,C,H,W] = dy[N,C] / (H*W) broadcast over the plane.");
+
+  // ---- activations (any shape; output may be the input for in-place) ----
+  def_unary(m, "relu_forward", ftte::relu_forward, "y = max(x, 0); y may be x.");
+  def_backward(m, "relu_backward", ftte::relu_backward, "dx = dy * (y > 0), y the forward output; dx may be dy.");
+  def_unary(m, "sigmoid_forward", ftte::sigmoid_forward, "y = 1 / (1 + exp(-x)); y may be x.");
+  def_backward(m, "sigmoid_backward", ftte::sigmoid_backward, "dx = dy * y * (1 - y), y the forward output.");
+  def_unary(m, "tanh_forward", ftte::tanh_forward, "y = tanh(x); y may be x.");
+  def_backward(m, "tanh_backward", ftte::tanh_backward, "dx = dy * (1 - y^2), y the forward output.");
+
+  // ---- softmax cross-entropy ----
+  m.def(
+      "softmax_xent_forward",
+      [](py::object logits, py::object labels, py::object probs) {
+        const std::string fn = "softmax_xent_forward";
+        const float* zp = checked<float>(fn, "logits", logits, {-1, -1});
+        const int64_t N = dim(logits, 0), C = dim(logits, 1);
+        if (N < 1 || C < 1) fail(fn, "logits must have at least one row and one class");
+        const int32_t* lp = checked_labels(fn, labels, N, C);
+        float* pp = checked<float>(fn, "probs", probs, {N, C}, true);
+        same_or_disjoint(fn, "logits", zp, N * C * 4, "probs", pp, N * C * 4);
+        py::gil_scoped_release nogil;
+        return ftte::softmax_xent_forward(N, C, zp, lp, pp);
+      },
+      py::arg("logits"), py::arg("labels"), py::arg("probs"),
+      "probs = softmax(logits) row-wise (probs may be logits); returns the mean cross-entropy over rows.");
+
+  m.def(
+      "softmax_xent_backward",
+      [](py::object probs, py::object labels, py::object dlogits, float scale) {
+        const std::string fn = "softmax_xent_backward";
+        const float* pp = checked<float>(fn, "probs", probs, {-1, -1});
+        const int64_t N = dim(probs, 0), C = dim(probs, 1);
+        const int32_t* lp = checked_labels(fn, labels, N, C);
+        float* dp = checked<float>(fn, "dlogits", dlogits, {N, C}, true);
+        same_or_disjoint(fn, "probs", pp, N * C * 4, "dlogits", dp, N * C * 4);
+        py::gil_scoped_release nogil;
+        ftte::softmax_xent_backward(N, C, pp, lp, dp, scale);
+      },
+      py::arg("probs"), py::arg("labels"), py::arg("dlogits"), py::arg("scale"),
+      "dlogits = (probs - onehot(labels)) * scale (pass 1/N for the mean loss); dlogits may be probs.");
+}

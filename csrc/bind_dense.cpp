@@ -1,3 +1,142 @@
+// Python bindings for sgemm, dense forward/backward and SGD on selected rows. Every argument is
+// validated here with the GIL held; kernels then run with the GIL released.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#include <string>
+#include <vector>
+
+#include "check.h"
+#include "dense.h"
+#include "gemm.h"
+#include "optim.h"
+
 namespace py = pybind11;
-void register_dense(py::module_& m) { (void)m; }
+using ftte::checked;
+using ftte::dim;
+using ftte::fail;
+
+namespace {
+
+// Outputs must not share memory with inputs: the kernels read inputs while writing outputs.
+void check_no_overlap(const std::string& fn, const char* out_name, const py::handle& out, const char* in_name,
+                      const py::handle& in) {
+  if (out.is_none() || in.is_none()) return;
+  py::array a = py::reinterpret_borrow<py::array>(out), b = py::reinterpret_borrow<py::array>(in);
+  auto lo_a = static_cast<const char*>(a.data()), lo_b = static_cast<const char*>(b.data());
+  auto hi_a = lo_a + a.nbytes(), hi_b = lo_b + b.nbytes();
+  if (a.nbytes() > 0 && b.nbytes() > 0 && lo_a < hi_b && lo_b < hi_a)
+    fail(fn, std::string(out_name) + " must not share memory with " + in_name);
+}
+
+const float* opt_f32(const std::string& fn, const char* name, const py::handle& obj, std::initializer_list<int64_t> dims,
+                     bool writable = false) {
+  return obj.is_none() ? nullptr : checked<float>(fn, name, obj, dims, writable);
+}
+
+void py_sgemm(py::handle a, py::handle b, py::handle c, bool trans_a, bool trans_b, float alpha, float beta) {
+  const std::string fn = "sgemm";
+  const float* pa = checked<float>(fn, "a", a, {-1, -1});
+  const int64_t M = trans_a ? dim(a, 1) : dim(a, 0), K = trans_a ? dim(a, 0) : dim(a, 1);
+  const float* pb = trans_b ? checked<float>(fn, "b", b, {-1, K}) : checked<float>(fn, "b", b, {K, -1});
+  const int64_t N = trans_b ? dim(b, 0) : dim(b, 1);
+  float* pc = checked<float>(fn, "c", c, {M, N}, true);
+  check_no_overlap(fn, "c", c, "a", a);
+  check_no_overlap(fn, "c", c, "b", b);
+  py::gil_scoped_release nogil;
+  ftte::sgemm(M, N, K, alpha, ftte::GemmOperand{pa, dim(a, 1), trans_a}, ftte::GemmOperand{pb, dim(b, 1), trans_b},
+              beta, pc, N);
+}
+
+void py_dense_forward(py::handle x, py::handle w, py::handle b, py::handle y) {
+  const std::string fn = "dense_forward";
+  const float* px = checked<float>(fn, "x", x, {-1, -1});
+  const int64_t N = dim(x, 0), I = dim(x, 1);
+  const float* pw = checked<float>(fn, "w", w, {-1, I});
+  const int64_t O = dim(w, 0);
+  const float* pb = opt_f32(fn, "b", b, {O});
+  float* py_ = checked<float>(fn, "y", y, {N, O}, true);
+  check_no_overlap(fn, "y", y, "x", x);
+  check_no_overlap(fn, "y", y, "w", w);
+  check_no_overlap(fn, "y", y, "b", b);
+  py::gil_scoped_release nogil;
+  ftte::dense_forward(px, pw, pb, py_, N, I, O);
+}
+
+void py_dense_backward(py::handle x, py::handle w, py::handle dy, py::handle rows, py::handle dw, py::handle db,
+                       py::handle dx, bool accumulate) {
+  const std::string fn = "dense_backward";
+  // x is only read for dw: a caller that wants no weight gradient need not keep it.
+  if (x.is_none() && !dw.is_none()) fail(fn, "x is required when dw is requested");
+  const float* pw = checked<float>(fn, "w", w, {-1, -1});
+  const int64_t O = dim(w, 0), I = dim(w, 1);
+  const float* pdy = checked<float>(fn, "dy", dy, {-1, O});
+  const int64_t N = dim(dy, 0);
+  const float* px = x.is_none() ? nullptr : checked<float>(fn, "x", x, {N, I});
+  std::vector<int32_t> r = ftte::rows_or_all(fn, rows, O);
+  const int64_t R = static_cast<int64_t>(r.size());
+  float* pdw = const_cast<float*>(opt_f32(fn, "dw", dw, {R, I}, true));
+  float* pdb = const_cast<float*>(opt_f32(fn, "db", db, {R}, true));
+  float* pdx = const_cast<float*>(opt_f32(fn, "dx", dx, {N, I}, true));
+  const std::pair<const char*, py::handle> outs[] = {{"dw", dw}, {"db", db}, {"dx", dx}};
+  const std::pair<const char*, py::handle> ins[] = {{"x", x}, {"w", w}, {"dy", dy}};
+  for (const auto& o : outs) {
+    for (const auto& i : ins) check_no_overlap(fn, o.first, o.second, i.first, i.second);
+    for (const auto& o2 : outs)
+      if (o.first != o2.first) check_no_overlap(fn, o.first, o.second, o2.first, o2.second);
+  }
+  const int32_t* prows = rows.is_none() ? nullptr : r.data();
+  py::gil_scoped_release nogil;
+  ftte::dense_backward(px, pw, pdy, N, I, O, prows, R, pdw, pdb, pdx, accumulate);
+}
+
+void py_sgd_update_rows(py::handle param, py::handle rows, py::handle grad, py::handle velocity, float lr,
+                        float momentum, float weight_decay) {
+  const std::string fn = "sgd_update_rows";
+  if (!py::isinstance<py::array>(param)) fail(fn, "param must be a numpy array");
+  const int nd = static_cast<int>(py::reinterpret_borrow<py::array>(param).ndim());
+  if (nd != 1 && nd != 2) fail(fn, "param must have 1 or 2 dimensions, got " + std::to_string(nd));
+  float* pp = nd == 2 ? checked<float>(fn, "param", param, {-1, -1}, true) : checked<float>(fn, "param", param, {-1}, true);
+  const int64_t O = dim(param, 0), F = nd == 2 ? dim(param, 1) : 1;
+  std::vector<int32_t> r = ftte::rows_or_all(fn, rows, O);
+  const int64_t R = static_cast<int64_t>(r.size());
+  if (!rows.is_none()) {
+    std::vector<char> seen(static_cast<size_t>(O), 0);
+    for (int32_t v : r) {
+      if (seen[static_cast<size_t>(v)]) fail(fn, "rows holds " + std::to_string(v) + " more than once");
+      seen[static_cast<size_t>(v)] = 1;
+    }
+  }
+  const float* pg = nd == 2 ? checked<float>(fn, "grad", grad, {R, F}) : checked<float>(fn, "grad", grad, {R});
+  float* pv = nullptr;
+  if (!velocity.is_none())
+    pv = nd == 2 ? checked<float>(fn, "velocity", velocity, {R, F}, true)
+                 : checked<float>(fn, "velocity", velocity, {R}, true);
+  else if (momentum != 0.f)
+    fail(fn, "velocity is required when momentum != 0");
+  check_no_overlap(fn, "param", param, "grad", grad);
+  check_no_overlap(fn, "param", param, "velocity", velocity);
+  check_no_overlap(fn, "velocity", velocity, "grad", grad);
+  const int32_t* prows = rows.is_none() ? nullptr : r.data();
+  py::gil_scoped_release nogil;
+  ftte::sgd_update_rows(pp, O, F, prows, R, pg, pv, lr, momentum, weight_decay);
+}
+
+}  // namespace
+
+void register_dense(py::module_& m) {
+  m.def("sgemm", &py_sgemm, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("trans_a") = false,
+        py::arg("trans_b") = false, py::arg("alpha") = 1.0f, py::arg("beta") = 0.0f,
+        "c = alpha * op(a) @ op(b) + beta * c, in place (float32, C-contiguous 2-D). beta == 0 ignores c.");
+  m.def("sgemm_kernel_name", &ftte::sgemm_kernel_name, "GEMM micro-kernel in use: 'avx2-fma' or 'generic'.");
+  m.def("dense_forward", &py_dense_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"),
+        "y[N,O] = x[N,I] @ w[O,I]^T + b[O] (b may be None), in place.");
+  m.def("dense_backward", &py_dense_backward, py::arg("x"), py::arg("w"), py::arg("dy"), py::arg("rows"),
+        py::arg("dw"), py::arg("db"), py::arg("dx"), py::arg("accumulate") = false,
+        "Gradients for the selected output rows (int32 [R] or None = all): dw[R,I], db[R], dx[N,I] = dy @ w "
+        "(each may be None). accumulate adds into dw/db; dx is always overwritten.");
+  m.def("sgd_update_rows", &py_sgd_update_rows, py::arg("param"), py::arg("rows"), py::arg("grad"),
+        py::arg("velocity"), py::arg("lr"), py::arg("momentum") = 0.0f, py::arg("weight_decay") = 0.0f,
+        "PyTorch-style SGD on param rows `rows` (unique int32, or None = all): g = grad + wd*param; "
+        "v = momentum*v + g; param -= lr * (v if momentum else g). In place.");
+}

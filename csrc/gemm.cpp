@@ -1,34 +1,369 @@
-// Straightforward reference implementation; to be replaced by the packed, blocked version.
-#include "gemm.h"
+// Packed, cache-blocked SGEMM (BLIS structure):
+//   for jc over N in NC blocks, pc over K in KC blocks, ic over M in MC blocks:
+//     pack op(B)[pc:, jc:] into NR-column panels and op(A)[ic:, pc:] into MR-row panels
+//     (transposes and index gathers are applied here, so the micro-kernel only ever sees
+//     unit-stride panels; operands already in that layout are read in place when a packed
+//     copy would be reused too little), then run the MR x NR micro-kernel over C tiles.
+// Threads split only tiles of C; every C element sums its K blocks in the same order on one
+// thread, so the result is bit-identical for any thread count.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
+#include "gemm.h"
+#include "gemm_kernel.h"
 #include "parallel.h"
+#include "workspace.h"
 
 namespace ftte {
+namespace gemm_detail {
+namespace {
 
-static inline float a_at(const GemmOperand& A, int64_t i, int64_t k) {
-  int64_t r = A.index ? A.index[i] : i;
-  return A.trans ? A.data[k * A.ld + r] : A.data[r * A.ld + k];
+// ---- generic micro-kernel: GCC/Clang vector extensions, lowered to SSE2 / NEON / scalar ----
+typedef float v4sf __attribute__((vector_size(16)));
+
+template <int MR, int NV>  // NR = 4 * NV
+void ukernel_generic(int64_t kc, const float* A, int64_t as, const float* B, int64_t bs, float* C, int64_t ldc,
+                     float alpha, float beta, int m, int n) {
+  constexpr int NR = 4 * NV;
+  v4sf acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = v4sf{0.f, 0.f, 0.f, 0.f};
+  for (int64_t k = 0; k < kc; ++k) {
+    v4sf b[NV];
+    std::memcpy(b, B, sizeof(b));  // memcpy: no aliasing/alignment assumptions, still one load
+    for (int i = 0; i < MR; ++i) {
+      const float s = A[i];
+      const v4sf a = {s, s, s, s};
+      for (int v = 0; v < NV; ++v) acc[i][v] += a * b[v];
+    }
+    A += as;
+    B += bs;
+  }
+  if (m < MR || n < NR) {  // edge tile: same arithmetic, element by element
+    float t[MR][NR];
+    std::memcpy(t, acc, sizeof(t));
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < n; ++j) {
+        float& c = C[i * ldc + j];
+        const float r = alpha * t[i][j];
+        c = beta == 0.f ? r : (beta == 1.f ? r + c : r + beta * c);
+      }
+    return;
+  }
+  const v4sf va = {alpha, alpha, alpha, alpha};
+  const v4sf vb = {beta, beta, beta, beta};
+  for (int i = 0; i < MR; ++i) {
+    float* c = C + i * ldc;
+    for (int v = 0; v < NV; ++v) {
+      v4sf r = va * acc[i][v];
+      if (beta != 0.f) {
+        v4sf old;
+        std::memcpy(&old, c + 4 * v, sizeof(old));
+        r += beta == 1.f ? old : vb * old;
+      }
+      std::memcpy(c + 4 * v, &r, sizeof(r));
+    }
+  }
 }
-static inline float b_at(const GemmOperand& B, int64_t k, int64_t j) {
-  int64_t c = B.index ? B.index[j] : j;
-  return B.trans ? B.data[c * B.ld + k] : B.data[k * B.ld + c];
+
+// FTTE_GEMM_GENERIC_MR / _NV override the shape so tests can run the aarch64 shape on x86.
+#if defined(FTTE_GEMM_GENERIC_MR) && defined(FTTE_GEMM_GENERIC_NV)
+constexpr int kGenMR = FTTE_GEMM_GENERIC_MR, kGenNV = FTTE_GEMM_GENERIC_NV;
+#elif defined(__aarch64__)
+// 32 NEON registers: 8 x 12 uses 24 accumulators + 3 B vectors + 1 broadcast.
+constexpr int kGenMR = 8, kGenNV = 3;
+#else
+// 16 vector registers (SSE2, armv7 NEON): 6 x 8 uses 12 accumulators + 2 B + 1 broadcast.
+constexpr int kGenMR = 6, kGenNV = 2;
+#endif
+static_assert(kGenMR >= 1 && kGenMR <= 16 && kGenNV >= 1 && kGenNV <= 4, "generic micro-kernel shape");
+
+KernelInfo generic_kernel() { return {"generic", kGenMR, 4 * kGenNV, &ukernel_generic<kGenMR, kGenNV>}; }
+
+KernelInfo choose_kernel() {
+  const char* env = std::getenv("FTTE_GEMM_KERNEL");
+  const bool force_generic = env && std::strcmp(env, "generic") == 0;
+  (void)force_generic;
+#if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
+  __builtin_cpu_init();
+  if (!force_generic && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2_kernel();
+#endif
+  return generic_kernel();
 }
+
+const KernelInfo& kernel() {
+  static const KernelInfo k = choose_kernel();
+  return k;
+}
+
+// Cache blocking. KC * NR floats of B (16 KB for 16 x 256) stay in L1 while a micro-panel of A
+// streams; MC x KC of A (144 KB) sits in L2; NC bounds the packed B block (1 MB at KC = 256),
+// which matters on 1 GB boards more than the last few percent of speed.
+constexpr int64_t kKC = 256, kMC = 144, kNC = 1024;
+// Compute tasks are tiles of this many micro-tiles (fixed, not thread-count dependent).
+constexpr int64_t kTaskRowPanels = 8, kTaskColElems = 64;
+// Read an operand in place (no packing) when the other operand has at most this many rows/cols.
+constexpr int64_t kDirectMaxOther = 64;
+
+// Waking the pool costs several microseconds (much more when other processes hold the cores),
+// and a GEMM opens two regions per block, so a compute region goes parallel only when it holds
+// at least ~20 us of single-thread work; below that it runs inline.
+constexpr double kMinParallelRegionFlops = 1.0e6;
+inline double region_work(double flops) { return flops >= kMinParallelRegionFlops ? flops : 0.0; }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+#if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
+// Dot products win when both operands run along k (A plain, B transposed), the batch is small
+// (a packed W^T panel would be reused only a few times) and K is long enough to amortise the
+// horizontal sums (measured: a loss at K = 64, a 1.2-1.7x win at K >= 128). FTTE_GEMM_DOT=0
+// disables it (for comparisons).
+bool use_dot_path(const KernelInfo& kern, int64_t M, int64_t N, int64_t K, const GemmOperand& A,
+                  const GemmOperand& B) {
+  static const bool enabled = [] {
+    const char* e = std::getenv("FTTE_GEMM_DOT");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  (void)N;
+  return enabled && std::strcmp(kern.name, "avx2-fma") == 0 && !A.trans && B.trans && M <= 64 && K >= 128;
+}
+#endif
+
+typedef int v4si __attribute__((vector_size(16)));
+#if defined(__clang__)
+#define FTTE_SHUF(a, b, i0, i1, i2, i3) __builtin_shufflevector(a, b, i0, i1, i2, i3)
+#else
+#define FTTE_SHUF(a, b, i0, i1, i2, i3) __builtin_shuffle(a, b, v4si{i0, i1, i2, i3})
+#endif
+
+// dst[k*LD + r] = src[r][k] for r < R (compile-time), k < kc: the transposing copy both packers
+// need (A rows -> MR-interleaved panel, B^T rows -> NR-interleaved panel). Four rows at a time
+// go through a 4x4 register transpose so reads and writes stay vector-wide.
+template <int R, int LD>
+inline void transpose_rows(const float* const* src, int64_t kc, float* dst) {
+  int64_t k = 0;
+  constexpr int R4 = R / 4 * 4;
+  for (; k + 4 <= kc; k += 4) {
+    for (int g = 0; g < R4; g += 4) {
+      v4sf r0, r1, r2, r3;
+      std::memcpy(&r0, src[g] + k, 16);
+      std::memcpy(&r1, src[g + 1] + k, 16);
+      std::memcpy(&r2, src[g + 2] + k, 16);
+      std::memcpy(&r3, src[g + 3] + k, 16);
+      const v4sf t0 = FTTE_SHUF(r0, r1, 0, 4, 1, 5), t1 = FTTE_SHUF(r0, r1, 2, 6, 3, 7);
+      const v4sf t2 = FTTE_SHUF(r2, r3, 0, 4, 1, 5), t3 = FTTE_SHUF(r2, r3, 2, 6, 3, 7);
+      const v4sf o0 = FTTE_SHUF(t0, t2, 0, 1, 4, 5), o1 = FTTE_SHUF(t0, t2, 2, 3, 6, 7);
+      const v4sf o2 = FTTE_SHUF(t1, t3, 0, 1, 4, 5), o3 = FTTE_SHUF(t1, t3, 2, 3, 6, 7);
+      std::memcpy(dst + (k + 0) * LD + g, &o0, 16);
+      std::memcpy(dst + (k + 1) * LD + g, &o1, 16);
+      std::memcpy(dst + (k + 2) * LD + g, &o2, 16);
+      std::memcpy(dst + (k + 3) * LD + g, &o3, 16);
+    }
+    for (int r = R4; r < R; ++r)
+      for (int q = 0; q < 4; ++q) dst[(k + q) * LD + r] = src[r][k + q];
+  }
+  for (; k < kc; ++k)
+    for (int r = 0; r < R; ++r) dst[k * LD + r] = src[r][k];
+}
+
+// Ap[k*MR + ii] = op(A)(i0 + ii, p0 + k). Padding rows (ii >= rows) hold zeros or copies of a
+// real row: only their values being finite matters, since the micro-kernel never stores them.
+template <int MR>
+void pack_a(const GemmOperand& A, int64_t i0, int64_t rows, int64_t p0, int64_t kc, float* dst) {
+  if (!A.trans) {
+    // Padding rows repeat the last real row: the micro-kernel never stores rows >= m, so their
+    // values only need to be ordinary floats, and the fast transpose then serves edges too.
+    const float* src[MR];
+    for (int64_t ii = 0; ii < MR; ++ii) {
+      const int64_t i = i0 + std::min<int64_t>(ii, rows - 1);
+      src[ii] = A.data + (A.index ? A.index[i] : i) * A.ld + p0;
+    }
+    transpose_rows<MR, MR>(src, kc, dst);
+  } else {
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* s = A.data + (p0 + k) * A.ld;
+      float* d = dst + k * MR;
+      if (rows == MR && !A.index) {
+        std::memcpy(d, s + i0, sizeof(float) * MR);
+      } else if (rows == MR) {
+        const int32_t* ix = A.index + i0;
+        for (int ii = 0; ii < MR; ++ii) d[ii] = s[ix[ii]];
+      } else {
+        for (int64_t ii = 0; ii < MR; ++ii) d[ii] = ii < rows ? s[A.index ? A.index[i0 + ii] : i0 + ii] : 0.f;
+      }
+    }
+  }
+}
+
+// Bp[k*NR + jj] = op(B)(p0 + k, j0 + jj). Padding columns as for pack_a.
+template <int NR>
+void pack_b(const GemmOperand& B, int64_t j0, int64_t cols, int64_t p0, int64_t kc, float* dst) {
+  if (!B.trans) {
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* s = B.data + (p0 + k) * B.ld;
+      float* d = dst + k * NR;
+      if (cols == NR && !B.index) {
+        std::memcpy(d, s + j0, sizeof(float) * NR);
+      } else if (cols == NR) {
+        const int32_t* ix = B.index + j0;
+        for (int jj = 0; jj < NR; ++jj) d[jj] = s[ix[jj]];
+      } else {
+        for (int64_t jj = 0; jj < NR; ++jj) d[jj] = jj < cols ? s[B.index ? B.index[j0 + jj] : j0 + jj] : 0.f;
+      }
+    }
+  } else {
+    const float* src[NR];  // padding columns repeat the last real one (never stored)
+    for (int64_t jj = 0; jj < NR; ++jj) {
+      const int64_t j = j0 + std::min<int64_t>(jj, cols - 1);
+      src[jj] = B.data + (B.index ? B.index[j] : j) * B.ld + p0;
+    }
+    transpose_rows<NR, NR>(src, kc, dst);
+  }
+}
+
+void scale_c(int64_t M, int64_t N, float beta, float* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) {
+    float* c = C + i * ldc;
+    if (beta == 0.f)
+      std::fill(c, c + N, 0.f);
+    else if (beta != 1.f)
+      for (int64_t j = 0; j < N; ++j) c[j] *= beta;
+  }
+}
+
+template <int MR, int NR>
+void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A,
+                   const GemmOperand& B, float beta, float* C, int64_t ldc) {
+  const int64_t MC = kMC / MR * MR, NC = std::max<int64_t>(kNC / NR, 1) * NR;
+  // Equal K blocks (e.g. 784 -> 3 x 262 rather than 256+256+256+16) so no block is all overhead.
+  const int64_t n_kb = ceil_div(K, kKC), KC = ceil_div(K, n_kb);
+
+  const int64_t mc_max = std::min(M, MC), nc_max = std::min(N, NC);
+  const int64_t task_rows = kTaskRowPanels * MR;
+  const int64_t task_cols = std::max<int64_t>(kTaskColElems / NR, 1) * NR;
+  const bool direct_b = !B.trans && !B.index && M <= kDirectMaxOther;
+  const bool direct_a = A.trans && !A.index && N <= kDirectMaxOther;
+  // An operand read in place needs a packed copy only of its one partial edge panel (slot 0).
+  Scratch<float> a_buf(static_cast<size_t>((direct_a ? 1 : ceil_div(mc_max, MR)) * MR * KC));
+  Scratch<float> b_buf(static_cast<size_t>((direct_b ? 1 : ceil_div(nc_max, NR)) * NR * KC));
+  float* Ap = a_buf.data();
+  float* Bp = b_buf.data();
+
+  for (int64_t jc = 0; jc < N; jc += NC) {
+    const int64_t nc = std::min(NC, N - jc);
+    const int64_t nb_panels = ceil_div(nc, NR);
+    for (int64_t pc = 0; pc < K; pc += KC) {
+      const int64_t kc = std::min(KC, K - pc);
+      const float beta_k = pc == 0 ? beta : 1.f;  // later K blocks add onto the first
+      for (int64_t ic = 0; ic < M; ic += MC) {
+        const int64_t mc = std::min(MC, M - ic);
+        const int64_t na_panels = ceil_div(mc, MR);
+        // Packing: B once per (jc, pc), A per ic. Full panels whose source already is a
+        // unit-stride panel (B plain, A transposed, no gather) are read in place when the other
+        // operand is small, i.e. when a packed copy would be reused too few times to pay off.
+        // Work estimate = elements moved, so small problems pack inline.
+        const int64_t pack_b_tasks = ic == 0 ? nb_panels : 0;
+        parallel_for(
+            pack_b_tasks + na_panels,
+            [&](int64_t t) {
+              if (t < pack_b_tasks) {
+                const int64_t cols = std::min<int64_t>(NR, nc - t * NR);
+                if (!(direct_b && cols == NR)) pack_b<NR>(B, jc + t * NR, cols, pc, kc, Bp + (direct_b ? 0 : t) * NR * kc);
+              } else {
+                const int64_t p = t - pack_b_tasks, rows = std::min<int64_t>(MR, mc - p * MR);
+                if (!(direct_a && rows == MR)) pack_a<MR>(A, ic + p * MR, rows, pc, kc, Ap + (direct_a ? 0 : p) * MR * kc);
+              }
+            },
+            double(pack_b_tasks * NR + na_panels * MR) * double(kc));
+
+        const int64_t tr = ceil_div(mc, task_rows), tc = ceil_div(nc, task_cols);
+        parallel_for(
+            tr * tc,
+            [&](int64_t t) {
+              const int64_t r0 = (t / tc) * task_rows, c0 = (t % tc) * task_cols;
+              const int64_t r1 = std::min(mc, r0 + task_rows), c1 = std::min(nc, c0 + task_cols);
+              for (int64_t j = c0; j < c1; j += NR) {
+                const int cols = static_cast<int>(std::min<int64_t>(NR, c1 - j));
+                const bool bd = direct_b && cols == NR;
+                const float* bp = bd ? B.data + pc * B.ld + jc + j : Bp + (direct_b ? 0 : j / NR) * NR * kc;
+                const int64_t bs = bd ? B.ld : NR;
+                for (int64_t i = r0; i < r1; i += MR) {
+                  const int rows = static_cast<int>(std::min<int64_t>(MR, r1 - i));
+                  const bool ad = direct_a && rows == MR;
+                  const float* ap = ad ? A.data + pc * A.ld + ic + i : Ap + (direct_a ? 0 : i / MR) * MR * kc;
+                  const int64_t as = ad ? A.ld : MR;
+                  ukernel(kc, ap, as, bp, bs, C + (ic + i) * ldc + (jc + j), ldc, alpha, beta_k, rows, cols);
+                }
+              }
+            },
+            region_work(2.0 * double(mc) * double(nc) * double(kc)));
+      }
+    }
+  }
+}
+
+#if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
+// C = A B^T by dot products (no packing): for the small-batch dense forward the packed path
+// spends much of its time transposing W into panels that are used only a few times.
+void sgemm_dot_avx2(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, const GemmOperand& B,
+                    float beta, float* C, int64_t ldc) {
+  constexpr int64_t kTaskRows = 8 * kDotMR, kTaskCols = 16 * kDotNR;
+  const int64_t tr = ceil_div(M, kTaskRows), tc = ceil_div(N, kTaskCols);
+  parallel_for(
+      tr * tc,
+      [&](int64_t t) {
+        const int64_t r0 = (t / tc) * kTaskRows, c0 = (t % tc) * kTaskCols;
+        const int64_t r1 = std::min(M, r0 + kTaskRows), c1 = std::min(N, c0 + kTaskCols);
+        for (int64_t j = c0; j < c1; j += kDotNR) {
+          const int n = static_cast<int>(std::min<int64_t>(kDotNR, c1 - j));
+          const float* b[kDotNR];
+          for (int jj = 0; jj < kDotNR; ++jj) {
+            const int64_t c = j + std::min(jj, n - 1);  // padding repeats a real row, never stored
+            b[jj] = B.data + (B.index ? B.index[c] : c) * B.ld;
+          }
+          for (int64_t i = r0; i < r1; i += kDotMR) {
+            const int m = static_cast<int>(std::min<int64_t>(kDotMR, r1 - i));
+            const float* a[kDotMR];
+            for (int ii = 0; ii < kDotMR; ++ii) {
+              const int64_t r = i + std::min(ii, m - 1);
+              a[ii] = A.data + (A.index ? A.index[r] : r) * A.ld;
+            }
+            dot_block_avx2(K, a, b, C + i * ldc + j, ldc, alpha, beta, m, n);
+          }
+        }
+      },
+      region_work(2.0 * double(M) * double(N) * double(K)));
+}
+#endif
+
+}  // namespace
+}  // namespace gemm_detail
 
 void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, const GemmOperand& B, float beta,
            float* C, int64_t ldc) {
-  parallel_for(
-      M,
-      [&](int64_t i) {
-        for (int64_t j = 0; j < N; ++j) {
-          float acc = 0.f;
-          for (int64_t k = 0; k < K; ++k) acc += a_at(A, i, k) * b_at(B, k, j);
-          float* c = &C[i * ldc + j];
-          *c = beta == 0.f ? alpha * acc : alpha * acc + beta * *c;
-        }
-      },
-      2.0 * M * N * K);
+  using namespace gemm_detail;
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0 || alpha == 0.f) {
+    scale_c(M, N, beta, C, ldc);
+    return;
+  }
+  const KernelInfo& kern = kernel();
+#if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
+  if (use_dot_path(kern, M, N, K, A, B)) {
+    sgemm_dot_avx2(M, N, K, alpha, A, B, beta, C, ldc);
+    return;
+  }
+#endif
+  // Panel shapes are compile-time in the packers so their copies unroll and vectorise.
+  if (kern.mr == kGenMR && kern.nr == 4 * kGenNV)
+    sgemm_blocked<kGenMR, 4 * kGenNV>(kern.fn, M, N, K, alpha, A, B, beta, C, ldc);
+#if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
+  else if (kern.mr == 6 && kern.nr == 16)
+    sgemm_blocked<6, 16>(kern.fn, M, N, K, alpha, A, B, beta, C, ldc);
+#endif
 }
 
-const char* sgemm_kernel_name() { return "reference"; }
+const char* sgemm_kernel_name() { return gemm_detail::kernel().name; }
 
 }  // namespace ftte

@@ -53,6 +53,7 @@ void merge_block_int4(float* target, int64_t F, const int32_t* rows, int64_t r0,
                       const uint8_t* const* qs, const float* const* scales, const float* alphas) {
   const int64_t Fb = (F + 1) / 2;
   float acc[kChunk];
+  int8_t u8[kChunk];
   for (int64_t r = r0; r < r1; ++r) {
     float* tr = target + (rows ? rows[r] : r) * F;
     for (int64_t c0 = 0; c0 < F; c0 += kChunk) {  // c0 even, so chunks start on a byte
@@ -61,14 +62,16 @@ void merge_block_int4(float* target, int64_t F, const int32_t* rows, int64_t r0,
       for (int64_t k = 0; k < K; ++k) {
         const float w = alphas[k] * scales[k][r];
         if (w == 0.0f) continue;
+        // Unpack to int8 first (a cheap byte shuffle), so the multiply-add below is the same
+        // contiguous loop as int8's; accumulating into interleaved even/odd slots directly
+        // vectorises poorly.
         const uint8_t* q = qs[k] + r * Fb + c0 / 2;
         for (int64_t i = 0; i < pairs; ++i) {
-          const int8_t lo = static_cast<int8_t>(static_cast<uint8_t>(q[i] << 4)) >> 4;
-          const int8_t hi = static_cast<int8_t>(q[i]) >> 4;
-          acc[2 * i] += w * static_cast<float>(lo);
-          acc[2 * i + 1] += w * static_cast<float>(hi);
+          u8[2 * i] = static_cast<int8_t>(static_cast<uint8_t>(q[i] << 4)) >> 4;
+          u8[2 * i + 1] = static_cast<int8_t>(q[i]) >> 4;
         }
-        if (n & 1) acc[n - 1] += w * static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(q[pairs] << 4)) >> 4);
+        if (n & 1) u8[n - 1] = static_cast<int8_t>(static_cast<uint8_t>(q[pairs] << 4)) >> 4;
+        for (int64_t j = 0; j < n; ++j) acc[j] += w * static_cast<float>(u8[j]);
       }
       for (int64_t j = 0; j < n; ++j) tr[c0 + j] += acc[j];
     }

@@ -1,1 +1,37 @@
-// (in progress)
+// SGD on selected rows. The gradient and velocity buffers hold only the R trained rows, so row
+// r of them belongs to parameter row rows[r]. Element-wise, so any split is deterministic.
+#include "optim.h"
+
+#include <algorithm>
+
+#include "parallel.h"
+
+namespace ftte {
+
+void sgd_update_rows(float* param, int64_t O, int64_t F, const int32_t* rows, int64_t R, const float* grad,
+                     float* velocity, float lr, float momentum, float weight_decay) {
+  (void)O;  // rows were range-checked against O by the binding
+  constexpr int64_t kRowsPerTask = 16;
+  const int64_t n_tasks = (R + kRowsPerTask - 1) / kRowsPerTask;
+  parallel_for(
+      n_tasks,
+      [&](int64_t t) {
+        const int64_t r1 = std::min<int64_t>(R, (t + 1) * kRowsPerTask);
+        for (int64_t r = t * kRowsPerTask; r < r1; ++r) {
+          float* p = param + (rows ? rows[r] : r) * F;
+          const float* g = grad + r * F;
+          if (momentum != 0.f) {
+            float* v = velocity + r * F;
+            for (int64_t f = 0; f < F; ++f) {
+              v[f] = momentum * v[f] + (g[f] + weight_decay * p[f]);
+              p[f] -= lr * v[f];
+            }
+          } else {
+            for (int64_t f = 0; f < F; ++f) p[f] -= lr * (g[f] + weight_decay * p[f]);
+          }
+        }
+      },
+      4.0 * double(R) * double(F));
+}
+
+}  // namespace ftte

@@ -216,6 +216,14 @@ def test_stochastic_reproducible(width):
     assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
     assert a[0].tobytes() != c[0].tobytes()
     np.testing.assert_array_equal(a[1], c[1])  # scales do not depend on the seed
+    # any Python int is a seed, taken modulo 2**64
+    m = encode(width, new, base, rows, True, -1)
+    p = encode(width, new, base, rows, True, 2**64 - 1)
+    assert m[0].tobytes() == p[0].tobytes()
+    n = encode(width, new, base, rows, True, np.int64(-1))  # NumPy integers work too
+    assert n[0].tobytes() == p[0].tobytes()
+    with pytest.raises(ValueError, match="seed must be an integer, got float"):
+        encode(width, new, base, rows, True, 1.5)
 
 
 @pytest.mark.parametrize("width", [8, 4])

@@ -181,6 +181,8 @@ class _Pool(Layer):
         self.ceil_mode = bool(ceil_mode)
         if len(self.kernel) != 2 or len(self.stride) != 2 or len(self.padding) != 4:
             raise ValueError(f"{name}: pooling needs 2-D kernel/stride and 4 pads")
+        if min(self.kernel) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
+            raise ValueError(f"{name}: bad pooling kernel {self.kernel}, stride {self.stride} or padding {self.padding}")
 
     def out_shape(self, in_shape: Shape) -> Shape:
         if len(in_shape) != 3:

@@ -1,0 +1,40 @@
+// 2-D convolution (groups=1, dilation=1) as im2col + sgemm, NCHW float32, with the backward
+// restricted to selected output channels ("rows") so a partly-frozen layer only pays for the
+// channels that train. Pure C++: no Python here (cross-compiled on its own).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace ftte {
+
+// Output length of a sliding window along one axis, ONNX/PyTorch rules: floor (or ceil) of
+// (in + pad_begin + pad_end - k) / stride, plus one; with ceil_mode a last window that would
+// start inside the end padding is dropped (what onnxruntime and PyTorch do, so every window
+// holds at least one real cell when the padding is smaller than the kernel).
+// Returns <= 0 when the padded input is shorter than the kernel.
+int64_t window_out_size(int64_t in, int64_t k, int64_t stride, int64_t pad_begin, int64_t pad_end, bool ceil_mode);
+
+struct ConvGeom {
+  int64_t N, C, H, W;  // input
+  int64_t OC, KH, KW;  // weight [OC, C, KH, KW]
+  int64_t sh, sw;      // stride
+  int64_t pt, pl, pb, pr;  // padding: top, left, bottom, right
+  int64_t OH, OW;      // output
+};
+
+// y[N,OC,OH,OW] = conv(x, w) + b   (b may be null)
+void conv2d_forward(const ConvGeom& g, const float* x, const float* w, const float* b, float* y);
+
+// Gradients for output channels rows[0..R) (rows == null: all OC, R == OC):
+//   dw[R,C,KH,KW], db[R] (each may be null; += when accumulate), and
+//   dx[N,C,H,W] (may be null; overwritten; every output channel contributes).
+// x may be null when dw is.
+void conv2d_backward(const ConvGeom& g, const float* x, const float* w, const float* dy, const int32_t* rows,
+                     int64_t R, float* dw, float* db, float* dx, bool accumulate);
+
+// Bytes of scratch conv2d_forward (backward == false) or conv2d_backward hold at most, with
+// `threads` threads: im2col columns and dW partial sums, NOT counting sgemm's own packing
+// panels. Mirrors the kernels' own choices, for the memory cost model.
+size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool want_dw, bool want_dx, int threads);
+
+}  // namespace ftte

@@ -1,0 +1,39 @@
+// Micro-kernel interface shared by gemm.cpp (driver, packing, generic kernel) and
+// gemm_avx2.cpp (compiled with -mavx2 -mfma, x86-64 only). Kept free of inline templates so the
+// two translation units, built with different -m flags, never share a function body the linker
+// could pick the wrong copy of.
+#pragma once
+#include <cstdint>
+
+namespace ftte {
+namespace gemm_detail {
+
+// One MR x NR tile of C (row stride ldc):  C = alpha * sum_k A[k*as + i] * B[k*bs + j] + beta * C,
+// storing only rows i < m and columns j < n (1 <= m <= MR, 1 <= n <= NR). A and B are packed
+// panels (as = MR, bs = NR; padding rows/columns hold finite filler) or, when the source already
+// has that layout, the source itself (as / bs = its leading dimension); either way all MR x NR
+// inputs are readable.
+// beta == 0 never reads C.
+using MicroKernel = void (*)(int64_t kc, const float* A, int64_t as, const float* B, int64_t bs, float* C,
+                             int64_t ldc, float alpha, float beta, int m, int n);
+
+struct KernelInfo {
+  const char* name;
+  int mr, nr;
+  MicroKernel fn;
+};
+
+#if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
+KernelInfo avx2_kernel();  // 6 x 16, defined in gemm_avx2.cpp
+
+// Dot-product block for C = A B^T with both operands' rows contiguous in k (the dense forward
+// x @ W^T): C[i][j] = alpha * dot(a[i], b[j], K) + beta * C[i][j] for i < m <= 3, j < n <= 4.
+// a[3] and b[4] must all be readable rows (callers repeat a real row for padding). Needs no
+// packing; kept free of std:: templates so no AVX2 copy of a shared inline function exists.
+constexpr int kDotMR = 3, kDotNR = 4;
+void dot_block_avx2(int64_t K, const float* const* a, const float* const* b, float* C, int64_t ldc, float alpha,
+                    float beta, int m, int n);
+#endif
+
+}  // namespace gemm_detail
+}  // namespace ftte

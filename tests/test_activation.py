@@ -1,0 +1,127 @@
+"""ReLU / sigmoid / tanh: NumPy references, finite differences, in-place use, errors, threads."""
+import numpy as np
+import pytest
+
+from ftte_core import _kernels as K
+
+ACTS = {
+    "relu": (lambda x: np.maximum(x, 0), lambda y, dy: dy * (y > 0)),
+    "sigmoid": (lambda x: 1 / (1 + np.exp(-x)), lambda y, dy: dy * y * (1 - y)),
+    "tanh": (np.tanh, lambda y, dy: dy * (1 - y * y)),
+}
+
+
+def fwd(name):
+    return getattr(K, name + "_forward")
+
+
+def bwd(name):
+    return getattr(K, name + "_backward")
+
+
+@pytest.mark.parametrize("name", ACTS)
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4, 5), (1, 40000)])
+def test_matches_numpy(name, shape):
+    ref_f, ref_b = ACTS[name]
+    rng = np.random.default_rng(len(shape))
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    y = np.full(shape, np.nan, np.float32)
+    fwd(name)(x, y)
+    want = ref_f(x.astype(np.float64))
+    np.testing.assert_allclose(y, want, rtol=2e-6, atol=1e-7)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    dx = np.full(shape, np.nan, np.float32)
+    bwd(name)(y, dy, dx)
+    np.testing.assert_allclose(dx, ref_b(y.astype(np.float64), dy.astype(np.float64)), rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ACTS)
+def test_in_place_and_reshaped(name):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    y = np.empty_like(x)
+    fwd(name)(x, y)
+    z = x.copy()
+    fwd(name)(z, z)
+    np.testing.assert_array_equal(z, y)
+    dy = rng.standard_normal((4, 6)).astype(np.float32)
+    dx = np.empty_like(dy)
+    bwd(name)(y, dy, dx)
+    bwd(name)(y, dy, dy)  # dx may be dy
+    np.testing.assert_array_equal(dy, dx)
+    out = np.empty(24, np.float32)  # any shape with the same number of elements
+    fwd(name)(x, out)
+    np.testing.assert_array_equal(out, y.reshape(-1))
+
+
+def test_extremes():
+    x = np.array([-1e4, -100, -88, 0, 88, 100, 1e4], np.float32)
+    y = np.empty_like(x)
+    K.sigmoid_forward(x, y)
+    assert np.all(np.isfinite(y)) and y[0] == 0 and y[-1] == 1 and y[3] == 0.5
+    K.tanh_forward(x, y)
+    np.testing.assert_array_equal(y[[0, -1]], [-1, 1])
+    K.relu_forward(x, y)
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+
+
+@pytest.mark.parametrize("name", ACTS)
+def test_finite_differences(name):
+    """L = sum(f(x) * r): float64 central differences of the NumPy forward vs the kernel backward
+    fed the kernel's float32 forward output (ReLU inputs kept away from the kink)."""
+    ref_f, _ = ACTS[name]
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(50)
+    if name == "relu":
+        x = np.where(np.abs(x) < 0.05, 0.5, x)
+    r = rng.standard_normal(50)
+    y = np.empty(50, np.float32)
+    fwd(name)(x.astype(np.float32), y)
+    dx = np.empty(50, np.float32)
+    bwd(name)(y, r.astype(np.float32), dx)
+    eps = 1e-4
+    fd = np.array([((ref_f(x + eps * e) - ref_f(x - eps * e)) * r).sum() / (2 * eps) for e in np.eye(50)])
+    # float32 y carries a relative error ~6e-8 into the derivative formula; 1e-5 is ample.
+    np.testing.assert_allclose(dx, fd, rtol=1e-5, atol=1e-6)
+
+
+def test_thread_count_independent():
+    x = np.random.default_rng(0).standard_normal(300001).astype(np.float32)
+    before = K.get_num_threads()
+    res = []
+    try:
+        for t in (1, 2):
+            K.set_num_threads(t)
+            outs = []
+            for name in ACTS:
+                y = np.empty_like(x)
+                fwd(name)(x, y)
+                dx = np.empty_like(x)
+                bwd(name)(y, x, dx)
+                outs += [y, dx]
+            res.append(outs)
+    finally:
+        K.set_num_threads(before)
+    for a, b in zip(*res):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_errors():
+    x = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="relu_forward: x has 12 elements but y has 11"):
+        K.relu_forward(x, np.zeros(11, np.float32))
+    with pytest.raises(ValueError, match="sigmoid_forward: x must have dtype float32, got float64"):
+        K.sigmoid_forward(x.astype(np.float64), x)
+    with pytest.raises(ValueError, match="tanh_forward: y must be C-contiguous"):
+        K.tanh_forward(np.zeros((4, 3), np.float32), x.T)
+    ro = np.zeros_like(x)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="relu_backward: dx must be writable"):
+        K.relu_backward(x, x, ro)
+    with pytest.raises(ValueError, match="tanh_backward: y has 12 elements but dy has 4"):
+        K.tanh_backward(x, np.zeros(4, np.float32), x)
+    buf = np.zeros(13, np.float32)
+    with pytest.raises(ValueError, match="overlap without being the same array"):
+        K.relu_forward(buf[1:], buf[:-1])
+    with pytest.raises(ValueError, match="must be a numpy array"):
+        K.relu_forward([1.0, 2.0], x)

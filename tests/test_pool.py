@@ -1,0 +1,296 @@
+"""Max/avg/global-avg pooling against NumPy loops (ONNX semantics), onnxruntime, finite differences."""
+import numpy as np
+import pytest
+
+from ftte_core import _kernels as K
+
+
+def out_size(n, k, s, p0, p1, ceil_mode):
+    span = n + p0 + p1 - k
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= n + p0:  # a window starting in the end padding is dropped
+        out -= 1
+    return out
+
+
+def windows(H, W, kernel, stride, pad, ceil_mode):
+    """Yields (oh, ow, h0, h1, w0, w1, padded_count) with [h0,h1)x[w0,w1) the real cells."""
+    (kh, kw), (sh, sw), (pt, pl, pb, pr) = kernel, stride, pad
+    OH, OW = out_size(H, kh, sh, pt, pb, ceil_mode), out_size(W, kw, sw, pl, pr, ceil_mode)
+    for oh in range(OH):
+        hs = oh * sh - pt
+        he = min(hs + kh, H + pb)
+        for ow in range(OW):
+            ws = ow * sw - pl
+            we = min(ws + kw, W + pr)
+            yield oh, ow, max(hs, 0), min(he, H), max(ws, 0), min(we, W), (he - hs) * (we - ws)
+
+
+def oshape(x, kernel, stride, pad, ceil_mode):
+    N, C, H, W = x.shape
+    return (N, C, out_size(H, kernel[0], stride[0], pad[0], pad[2], ceil_mode),
+            out_size(W, kernel[1], stride[1], pad[1], pad[3], ceil_mode))
+
+
+def ref_max(x, kernel, stride, pad, ceil_mode):
+    N, C, H, W = x.shape
+    y = np.zeros(oshape(x, kernel, stride, pad, ceil_mode))
+    am = np.zeros(y.shape, np.int64)
+    for oh, ow, h0, h1, w0, w1, _ in windows(H, W, kernel, stride, pad, ceil_mode):
+        win = x[:, :, h0:h1, w0:w1].reshape(N, C, -1)
+        k = win.argmax(axis=2)  # first max
+        y[:, :, oh, ow] = np.take_along_axis(win, k[..., None], 2)[..., 0]
+        am[:, :, oh, ow] = (h0 + k // (w1 - w0)) * W + w0 + k % (w1 - w0)
+    return y, am
+
+
+def ref_avg(x, kernel, stride, pad, ceil_mode, cip):
+    x = x.astype(np.float64)
+    N, C, H, W = x.shape
+    y = np.zeros(oshape(x, kernel, stride, pad, ceil_mode))
+    for oh, ow, h0, h1, w0, w1, padded in windows(H, W, kernel, stride, pad, ceil_mode):
+        n = padded if cip else (h1 - h0) * (w1 - w0)
+        y[:, :, oh, ow] = x[:, :, h0:h1, w0:w1].sum(axis=(2, 3)) / n
+    return y
+
+
+def ref_avg_backward(dy, xshape, kernel, stride, pad, ceil_mode, cip):
+    dx = np.zeros(xshape)
+    H, W = xshape[2:]
+    for oh, ow, h0, h1, w0, w1, padded in windows(H, W, kernel, stride, pad, ceil_mode):
+        n = padded if cip else (h1 - h0) * (w1 - w0)
+        dx[:, :, h0:h1, w0:w1] += dy[:, :, oh, ow][:, :, None, None] / n
+    return dx
+
+
+# (shape, kernel, stride, padding, ceil_mode)
+CASES = [
+    ((2, 3, 8, 8), (2, 2), (2, 2), (0, 0, 0, 0), False),
+    ((1, 2, 7, 9), (3, 3), (2, 2), (1, 1, 1, 1), False),
+    ((2, 1, 7, 9), (3, 3), (2, 2), (1, 1, 1, 1), True),
+    ((1, 4, 9, 8), (3, 2), (2, 3), (0, 1, 2, 0), True),   # asymmetric, windows clipped at the end
+    ((2, 2, 5, 5), (2, 2), (2, 2), (1, 1, 1, 1), True),   # ceil would add a pad-only window
+    ((1, 3, 11, 6), (5, 3), (1, 1), (2, 1, 2, 1), False),
+    ((3, 2, 6, 7), (1, 1), (2, 2), (0, 0, 0, 0), True),
+    ((1, 1, 4, 4), (4, 4), (1, 1), (0, 0, 0, 0), False),
+]
+
+
+@pytest.mark.parametrize("ci", range(len(CASES)))
+def test_maxpool_matches_numpy(ci):
+    shape, kernel, stride, pad, ceil_mode = CASES[ci]
+    rng = np.random.default_rng(ci)
+    x = rng.standard_normal(shape).astype(np.float32)
+    want, want_am = ref_max(x, kernel, stride, pad, ceil_mode)
+    y = np.full(want.shape, np.nan, np.float32)
+    am = np.full(want.shape, -1, np.int32)
+    K.maxpool2d_forward(x, y, am, kernel, stride, pad, ceil_mode)
+    np.testing.assert_array_equal(y, want.astype(np.float32))
+    np.testing.assert_array_equal(am, want_am)
+    y2 = np.empty_like(y)
+    K.maxpool2d_forward(x, y2, None, kernel, stride, padding=pad, ceil_mode=ceil_mode)
+    np.testing.assert_array_equal(y2, y)
+
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = np.full(shape, np.nan, np.float32)
+    K.maxpool2d_backward(dy, am, dx)
+    want_dx = np.zeros(shape)
+    N, C, H, W = shape
+    for n in range(N):
+        for c in range(C):
+            np.add.at(want_dx[n, c].reshape(-1), want_am[n, c].reshape(-1), dy[n, c].reshape(-1))
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-6, atol=1e-6)
+
+
+def test_maxpool_ties_and_padding():
+    # Ties: the first max in row-major window order wins. Negative inputs: padding never wins.
+    x = np.array([[[[1, 3, 3], [3, 2, 0], [-5, -5, -7]]]], np.float32)
+    y = np.empty((1, 1, 2, 2), np.float32)
+    am = np.empty((1, 1, 2, 2), np.int32)
+    K.maxpool2d_forward(x, y, am, (2, 2), (1, 1))
+    np.testing.assert_array_equal(am[0, 0], [[1, 1], [3, 4]])
+    xn = -np.ones((1, 1, 3, 3), np.float32) - np.arange(9, dtype=np.float32).reshape(1, 1, 3, 3)
+    y = np.empty((1, 1, 2, 2), np.float32)
+    K.maxpool2d_forward(xn, y, am, (2, 2), (2, 2), (1, 1, 1, 1))
+    np.testing.assert_array_equal(y[0, 0], [[-1, -2], [-4, -5]])
+    np.testing.assert_array_equal(am[0, 0], [[0, 1], [3, 4]])
+
+
+@pytest.mark.parametrize("cip", [False, True])
+@pytest.mark.parametrize("ci", range(len(CASES)))
+def test_avgpool_matches_numpy(ci, cip):
+    shape, kernel, stride, pad, ceil_mode = CASES[ci]
+    rng = np.random.default_rng(50 + ci)
+    x = rng.standard_normal(shape).astype(np.float32)
+    want = ref_avg(x, kernel, stride, pad, ceil_mode, cip)
+    y = np.full(want.shape, np.nan, np.float32)
+    K.avgpool2d_forward(x, y, kernel, stride, pad, ceil_mode, cip)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = np.full(shape, np.nan, np.float32)
+    K.avgpool2d_backward(dy, dx, kernel, stride, pad, ceil_mode, count_include_pad=cip)
+    np.testing.assert_allclose(dx, ref_avg_backward(dy, shape, kernel, stride, pad, ceil_mode, cip),
+                               rtol=1e-5, atol=1e-6)
+
+
+def _ort_run(op, x, **attrs):
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(op, ["x"], ["y"], **attrs)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # ONNX shape inference disagrees about dropped ceil windows; ORT's run is what counts
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("ci", range(len(CASES)))
+def test_matches_onnxruntime(ci):
+    shape, kernel, stride, pad, ceil_mode = CASES[ci]
+    x = np.random.default_rng(ci).standard_normal(shape).astype(np.float32)
+    attrs = dict(kernel_shape=list(kernel), strides=list(stride), pads=list(pad), ceil_mode=int(ceil_mode))
+    want = _ort_run("MaxPool", x, **attrs)
+    y = np.empty(oshape(x, kernel, stride, pad, ceil_mode), np.float32)
+    K.maxpool2d_forward(x, y, None, kernel, stride, pad, ceil_mode)
+    np.testing.assert_array_equal(y, want)
+    for cip in (0, 1):
+        want = _ort_run("AveragePool", x, count_include_pad=cip, **attrs)
+        K.avgpool2d_forward(x, y, kernel, stride, pad, ceil_mode, bool(cip))
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+def test_global_avgpool():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 5, 7, 6)).astype(np.float32)
+    y = np.empty((3, 5), np.float32)
+    K.global_avgpool_forward(x, y)
+    np.testing.assert_allclose(y, x.astype(np.float64).mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
+    dy = rng.standard_normal((3, 5)).astype(np.float32)
+    dx = np.empty_like(x)
+    K.global_avgpool_backward(dy, dx)
+    np.testing.assert_allclose(dx, np.broadcast_to(dy[:, :, None, None] / 42, x.shape), rtol=1e-6)
+
+
+def _fd(loss, arr, idxs, eps):
+    out = []
+    for idx in idxs:
+        old = arr[idx]
+        arr[idx] = old + eps
+        lp = loss()
+        arr[idx] = old - eps
+        lm = loss()
+        arr[idx] = old
+        out.append((lp - lm) / (2 * eps))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("ci", [1, 3, 4])
+def test_finite_differences(ci):
+    """float64 central differences of L = sum(pool(x) * r) on the float64 reference forwards,
+    against the kernels' backward. Maxpool inputs are spaced apart so eps never flips a max."""
+    shape, kernel, stride, pad, ceil_mode = CASES[ci]
+    rng = np.random.default_rng(7 + ci)
+    n = int(np.prod(shape))
+    x = (rng.permutation(n).reshape(shape) * 0.1).astype(np.float64)  # distinct, gaps of 0.1
+    idxs = [tuple(rng.integers(0, s) for s in shape) for _ in range(15)]
+    eps = 1e-3
+    r = rng.standard_normal(oshape(x, kernel, stride, pad, ceil_mode))
+    for cip in (False, True):
+        dx = np.empty(shape, np.float32)
+        K.avgpool2d_backward(r.astype(np.float32), dx, kernel, stride, pad, ceil_mode, cip)
+        fd = _fd(lambda: float((ref_avg(x, kernel, stride, pad, ceil_mode, cip) * r).sum()), x, idxs, eps)
+        np.testing.assert_allclose([dx[i] for i in idxs], fd, rtol=1e-4, atol=1e-5)
+    x32 = x.astype(np.float32)
+    y = np.empty(r.shape, np.float32)
+    am = np.empty(r.shape, np.int32)
+    K.maxpool2d_forward(x32, y, am, kernel, stride, pad, ceil_mode)
+    dx = np.empty(shape, np.float32)
+    K.maxpool2d_backward(r.astype(np.float32), am, dx)
+    fd = _fd(lambda: float((ref_max(x, kernel, stride, pad, ceil_mode)[0] * r).sum()), x, idxs, eps)
+    np.testing.assert_allclose([dx[i] for i in idxs], fd, rtol=1e-4, atol=1e-5)
+
+    xg = rng.standard_normal((2, 3, 4, 5))
+    rg = rng.standard_normal((2, 3))
+    dxg = np.empty(xg.shape, np.float32)
+    K.global_avgpool_backward(rg.astype(np.float32), dxg)
+    gi = [tuple(rng.integers(0, s) for s in xg.shape) for _ in range(8)]
+    fd = _fd(lambda: float((xg.mean(axis=(2, 3)) * rg).sum()), xg, gi, eps)
+    np.testing.assert_allclose([dxg[i] for i in gi], fd, rtol=1e-4, atol=1e-6)
+
+
+def test_thread_count_independent():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((8, 16, 24, 24)).astype(np.float32)
+    args = ((3, 3), (2, 2), (1, 1, 1, 1), True)
+    before = K.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2):
+            K.set_num_threads(t)
+            y = np.empty(oshape(x, *args[:3], args[3]), np.float32)
+            am = np.empty(y.shape, np.int32)
+            K.maxpool2d_forward(x, y, am, *args)
+            dx1 = np.empty_like(x)
+            K.maxpool2d_backward(y, am, dx1)
+            ya = np.empty_like(y)
+            K.avgpool2d_forward(x, ya, *args, True)
+            dx2 = np.empty_like(x)
+            K.avgpool2d_backward(ya, dx2, *args, False)
+            outs.append((y, am, dx1, ya, dx2))
+    finally:
+        K.set_num_threads(before)
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_errors():
+    x = np.zeros((2, 3, 8, 8), np.float32)
+    y = np.zeros((2, 3, 4, 4), np.float32)
+    am = np.zeros((2, 3, 4, 4), np.int32)
+    K.maxpool2d_forward(x, y, am, (2, 2), (2, 2))
+    with pytest.raises(ValueError, match=r"maxpool2d_forward: y has shape \(2, 3, 4, 4\).*must be 3"):
+        K.maxpool2d_forward(x, y, am, (3, 3), (2, 2))
+    with pytest.raises(ValueError, match="argmax must have dtype int32, got int64"):
+        K.maxpool2d_forward(x, y, am.astype(np.int64), (2, 2), (2, 2))
+    with pytest.raises(ValueError, match="padding must be smaller than the kernel"):
+        K.maxpool2d_forward(x, np.zeros((2, 3, 5, 5), np.float32), None, (2, 2), (2, 2), (2, 2, 2, 2))
+    with pytest.raises(ValueError, match="kernel must have 2 entries"):
+        K.maxpool2d_forward(x, y, None, (2, 2, 2), (2, 2))
+    with pytest.raises(ValueError, match="does not fit"):
+        K.avgpool2d_forward(x, y, (9, 9), (1, 1))
+    with pytest.raises(ValueError, match="x must be C-contiguous"):
+        K.avgpool2d_forward(np.zeros((2, 3, 8, 16), np.float32)[..., ::2], y, 2, 2)
+    with pytest.raises(ValueError, match="y must have dtype float32"):
+        K.avgpool2d_forward(x, y.astype(np.float64), 2, 2)
+    with pytest.raises(ValueError, match="avgpool2d_backward: dy has shape"):
+        K.avgpool2d_backward(np.zeros((2, 3, 5, 4), np.float32), x, 2, 2)
+    bad = am.copy()
+    bad[1, 2, 3, 3] = 64
+    with pytest.raises(ValueError, match="maxpool2d_backward: argmax holds 64, outside the input plane"):
+        K.maxpool2d_backward(y, bad, x)
+    with pytest.raises(ValueError, match="dx has shape"):
+        K.maxpool2d_backward(y, am, np.zeros((2, 4, 8, 8), np.float32))
+    ro = np.zeros_like(y)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="y must be writable"):
+        K.maxpool2d_forward(x, ro, None, 2, 2)
+    with pytest.raises(ValueError, match="global_avgpool_forward: y has shape"):
+        K.global_avgpool_forward(x, np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match="global_avgpool_backward: dx has shape"):
+        K.global_avgpool_backward(np.zeros((2, 3), np.float32), np.zeros((3, 3, 2, 2), np.float32))
+
+
+def test_maxpool_propagates_nan():
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    x[0, 0, 0, 1] = np.nan
+    x[0, 0, 3, 3] = np.nan
+    x[0, 0, 2, 2] = 100
+    y = np.empty((1, 1, 2, 2), np.float32)
+    am = np.empty((1, 1, 2, 2), np.int32)
+    K.maxpool2d_forward(x, y, am, 2, 2)
+    assert np.isnan(y[0, 0, 0, 0]) and am[0, 0, 0, 0] == 1
+    assert np.isnan(y[0, 0, 1, 1]) and am[0, 0, 1, 1] == 15
+    assert y[0, 0, 0, 1] == 7 and y[0, 0, 1, 0] == 13
