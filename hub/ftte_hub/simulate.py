@@ -340,7 +340,8 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun]) -> D
         "strategies": {},
     }
     for name, r in runs.items():
-        reached = next((t for t, _, acc in r.curve if acc >= target), None)
+        curve = [[round(t, 3), v, round(a, 4)] for t, v, a in r.curve]
+        reached = next((t for t, _, acc in curve if acc >= round(target, 4)), None)
         out["strategies"][name] = {
             "time_to_target_s": reached,
             "final_accuracy": r.curve[-1][2],
@@ -359,6 +360,6 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun]) -> D
             "trainable_params": r.trainable_params,
             "subset": r.subset,
             "wall_seconds": r.wall_seconds,
-            "curve": [[round(t, 3), v, round(a, 4)] for t, v, a in r.curve],
+            "curve": curve,
         }
     return out
