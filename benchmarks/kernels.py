@@ -168,7 +168,42 @@ def main(argv=None):
         label = "1 thread" if threads == 1 else f"all threads ({K.default_num_threads()})"
         res = bench_codec(args.rows, args.cols, args.subset, args.K, args.reps, threads)
         print_codec_table(res, f"Delta codec and merge, {shape}, kernel at {label} (NumPy single-threaded)")
-    # Further benchmarks (e.g. peak RSS of a process training an MLP) are appended here.
+    print_peak_rss()
+
+
+RSS_CHILD = r"""
+import resource, sys, time
+import numpy as np
+t0 = time.perf_counter()
+import ftte_core as ft
+model = ft.zoo("mlp", (64,), 10, seed=0, hidden=(256, 256))
+trainer = ft.Trainer(model, lr=0.05, momentum=0.9)
+rng = np.random.default_rng(0)
+x = rng.standard_normal((32, 64)).astype(np.float32)
+y = rng.integers(0, 10, 32).astype(np.int32)
+for _ in range(100):
+    trainer.step(x, y)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "onnx" in sys.modules, time.perf_counter() - t0)
+"""
+
+BASELINE_CHILD = "import resource, numpy; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+
+
+def print_peak_rss(runs=5):
+    """Peak RSS of a fresh process that imports ftte_core and trains MLP-64 for 100 steps."""
+    import subprocess
+    import sys
+    train, base = [], []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", RSS_CHILD], capture_output=True, text=True, check=True).stdout.split()
+        train.append(int(out[0]) / 1024)
+        onnx_loaded = out[1] == "True"
+        base.append(int(subprocess.run([sys.executable, "-c", BASELINE_CHILD], capture_output=True, text=True,
+                                       check=True).stdout) / 1024)
+    print(f"\nPeak RSS of a fresh process, {runs} runs (MiB, median [min-max]):")
+    print(f"  python + numpy only                               {np.median(base):6.1f} [{min(base):.1f}-{max(base):.1f}]")
+    print(f"  import ftte_core + train MLP-64 for 100 steps     {np.median(train):6.1f} [{min(train):.1f}-{max(train):.1f}]"
+          f"   (onnx imported: {onnx_loaded})")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def main() -> None:
 @click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=0.05, help="Local SGD learning rate.")
 @click.option("--server-lr", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
               help="Server learning rate applied to each merge.")
-@click.option("--pretrain-fraction", type=click.FloatRange(0.0, 0.9), default=0.1,
+@click.option("--pretrain-fraction", type=click.FloatRange(0.0, 0.9), default=0.05,
               help="Share of the training data used to pretrain the start model centrally (0 = from scratch).")
 @click.option("--memory-budget", default=None,
               help="Override M_min, the smallest device budget (e.g. 256KiB); default: from the profiles.")

@@ -113,7 +113,7 @@ class SimConfig:
     batch_size: int = 16
     lr: float = 0.05
     server_lr: float = 1.0
-    pretrain_fraction: float = 0.1
+    pretrain_fraction: float = 0.05
     memory_budget: Optional[int] = None
     profiles_path: Optional[str] = None
     seed: int = 0
