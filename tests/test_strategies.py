@@ -175,12 +175,17 @@ def test_merge_matches_numpy(name, bits):
                         samples=[10, 20, 30], stochastic=True)
     before = {k: v.copy() for k, v in m.state().items()}
     w = s.weights(ups, 2)
+    # FTTE scales the whole step by the buffer's sample-weighted mean age factor
+    g = 1.0
+    if name == "ftte":
+        g = float(np.dot([10, 20, 30], (1.0 + np.array([0, 1, 2])) ** -0.5) / 60)
+        assert s.step_scale(ups, 2) == pytest.approx(g)
     expect = {k: v.astype(np.float64).copy() for k, v in before.items()}
     decs = [decode_update(u) for u in ups]
     for key, layer, view, rows in sub.tensors(m):
         e = expect[key].reshape(view.shape[0], -1)
         r = rows if rows is not None else np.arange(view.shape[0])
-        e[r] += 0.7 * sum(wk * d[key] for wk, d in zip(w, decs))
+        e[r] += 0.7 * g * sum(wk * d[key] for wk, d in zip(w, decs))
     report = s.merge(m, sub, ups, 2)
     for k, v in m.state().items():
         np.testing.assert_allclose(v, expect[k].reshape(v.shape), rtol=1e-5, atol=1e-6)
@@ -191,7 +196,7 @@ def test_merge_matches_numpy(name, bits):
         assert set(report.factors) == {"data", "age", "variance"}
     assert report.num_updates == 3 and report.staleness == [0, 1, 2] and report.mean_staleness == 1.0
     np.testing.assert_allclose(report.weights, w)
-    np.testing.assert_allclose(report.alphas, 0.7 * w, rtol=1e-6)
+    np.testing.assert_allclose(report.alphas, 0.7 * g * w, rtol=1e-6)
     assert report.num_samples == 60 and report.device_ids == ["d0", "d1", "d2"] and not report.partial
     diff = np.concatenate([(m.state()[k].astype(np.float64) - before[k]).ravel() for k in before])
     assert report.update_norm == pytest.approx(np.linalg.norm(diff), rel=1e-6)

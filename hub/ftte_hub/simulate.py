@@ -248,21 +248,35 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None]) -> 
             return
         push(t + t_down + compute, "trained", dev, (task, down))
 
+    def merged(now, report):
+        nonlocal last_report
+        run.merges += 1
+        run.staleness.extend(report.staleness)
+        _, acc = model.evaluate(setup.val.x, setup.val.y)
+        run.curve.append((now, driver.version, acc))
+        if time.perf_counter() - last_report > 0.5 or driver.done:
+            last_report = time.perf_counter()
+            progress(f"  {name:<11} version {driver.version:>4}/{cfg.max_versions}  t={now:9.1f}s  "
+                     f"accuracy {acc:.3f}  tasks {run.tasks}")
+        for d in devices:  # a merge may open a new round (FedAvg) or new work
+            dispatch(now, d)
+
+    last_report = time.perf_counter()
     for d in devices:
         driver.device_joined(d.id)
     for d in devices:
         dispatch(0.0, d)
     run.curve.append((0.0, driver.version, setup.start_accuracy))
     wall0 = time.perf_counter()
-    last_report = wall0
     now = 0.0
     while events and not driver.done:
         now, _, kind, dev_id, payload = heapq.heappop(events)
         dev = by_id[dev_id]
         if kind == "trained":
             task, down = payload
-            res = worker.run(task.values, task.base_version, dev.x, dev.y, task.config, bits=strategy.bits,
-                             seed=cfg.seed * 1000003 + run.tasks, device_id=dev.id)
+            res = worker.run(task.values, task.base_version, dev.x, dev.y, task.config, bits=task.bits,
+                             seed=task.seed, device_id=dev.id)
+            res.update.task_id = task.id
             run.peak_memory_recorded = max(run.peak_memory_recorded, res.memory.total)
             up = res.update.nbytes
             run.tasks += 1
@@ -275,29 +289,20 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None]) -> 
             task, update = payload
             dev.busy = False
             dev.tasks_done += 1
-            arrival = driver.update_arrived(dev.id, update)
+            arrival = driver.update_arrived(dev.id, update, nbytes=update.nbytes)
             if not arrival.accepted:
                 run.rejected += 1
             if arrival.merge is not None:
-                run.merges += 1
-                run.staleness.extend(arrival.merge.staleness)
-                _, acc = model.evaluate(setup.val.x, setup.val.y)
-                run.curve.append((now, driver.version, acc))
-                if time.perf_counter() - last_report > 0.5 or driver.done:
-                    last_report = time.perf_counter()
-                    progress(f"  {name:<11} version {driver.version:>4}/{cfg.max_versions}  t={now:9.1f}s  "
-                             f"accuracy {acc:.3f}  tasks {run.tasks}")
-                for d in devices:  # a merge may open a new round (FedAvg) or new work
-                    dispatch(now, d)
+                merged(now, arrival.merge)
             else:
                 dispatch(now, dev)
         elif kind == "gone":
             dev.busy = False
             dev.online = False
-            driver.device_gone(dev.id)
+            report = driver.device_gone(dev.id)  # a shrunken FedAvg cohort may complete its round
             push(now + dev.profile.rejoin_s, "rejoin", dev)
-            for d in devices:  # a shrunken FedAvg cohort may complete its round
-                dispatch(now, d)
+            if report is not None:
+                merged(now, report)
         elif kind == "rejoin":
             dev.online = True
             driver.device_joined(dev.id)
@@ -335,7 +340,8 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun]) -> D
         "strategies": {},
     }
     for name, r in runs.items():
-        reached = next((t for t, _, acc in r.curve if acc >= target), None)
+        curve = [[round(t, 3), v, round(a, 4)] for t, v, a in r.curve]
+        reached = next((t for t, _, acc in curve if acc >= round(target, 4)), None)
         out["strategies"][name] = {
             "time_to_target_s": reached,
             "final_accuracy": r.curve[-1][2],
@@ -354,6 +360,6 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun]) -> D
             "trainable_params": r.trainable_params,
             "subset": r.subset,
             "wall_seconds": r.wall_seconds,
-            "curve": [[round(t, 3), v, round(a, 4)] for t, v, a in r.curve],
+            "curve": curve,
         }
     return out

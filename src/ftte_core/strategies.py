@@ -79,6 +79,10 @@ class Strategy:
     def _factors(self, updates, current_version) -> Dict[str, List[float]]:
         return {}
 
+    def step_scale(self, updates: Sequence[Update], current_version: int) -> float:
+        """Multiplies the whole merge step (1: the weights alone set its size)."""
+        return 1.0
+
     def merge(self, model: Model, subset: Subset, updates: Sequence[Update], current_version: int) -> MergeReport:
         """model[subset] += server_lr * sum_k w_k * delta_k, one fused kernel call per tensor.
 
@@ -90,7 +94,7 @@ class Strategy:
         w = np.asarray(self.weights(updates, current_version), dtype=np.float64)
         if w.shape != (len(updates),) or not np.all(np.isfinite(w)):
             raise ValueError(f"{self.name}: weights must be {len(updates)} finite numbers, got {w}")
-        alphas = (self.server_lr * w).astype(np.float32)
+        alphas = (self.server_lr * self.step_scale(updates, current_version) * w).astype(np.float32)
         sq = 0.0
         for i, (key, layer, view, rows) in enumerate(subset.tensors(model)):
             # the kernel writes through `view`; a reshape that had to copy would lose the merge
@@ -138,6 +142,9 @@ class FTTE(Strategy):
 
     w_k ∝ n_k · (1 + τ_k)^(-a) · 1 / (1 + b·d_k), normalised to sum 1, where
     d_k = ||D_k - D̄||² / mean_j ||D_j - D̄||² and D̄ = Σ_j n_j D_j / Σ_j n_j (decoded deltas).
+    The step is then scaled by the buffer's sample-weighted mean age factor
+    g = Σ n_k (1 + τ_k)^(-a) / Σ n_k, so a buffer of stale updates moves the model less (with
+    normalised weights alone, ten equally stale updates would still take a full step).
     """
 
     sparse = True
@@ -195,6 +202,10 @@ class FTTE(Strategy):
         if not self.variance:
             return np.ones(len(updates))
         return 1.0 / (1.0 + self.variance_strength * self.outlier_distances(updates))
+
+    def step_scale(self, updates: Sequence[Update], current_version: int) -> float:
+        data = np.array([u.num_samples for u in updates], dtype=np.float64)
+        return float(np.dot(data, self.age_factors(updates, current_version)) / data.sum())
 
     def _all_factors(self, updates, current_version):
         data = np.array([u.num_samples for u in updates], dtype=np.float64)

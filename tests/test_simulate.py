@@ -1,0 +1,124 @@
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ftte_hub.cli import main as hub_cli
+from ftte_hub.report import write_results
+from ftte_hub.simulate import SimConfig, load_profiles, simulate
+
+SMALL = dict(clients=12, stragglers=0.5, max_versions=4, buffer=3, samples_per_device=24, local_epochs=1.0)
+
+
+def _strip_wall(results):
+    out = json.loads(json.dumps(results))
+    for r in out["strategies"].values():
+        r.pop("wall_seconds")
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_run():
+    return simulate(SimConfig(strategies=("ftte", "fedbuff", "fedavg"), seed=3, **SMALL), log=lambda m: None)
+
+
+def test_results_have_the_documented_fields(small_run):
+    r = small_run
+    for key in ("strategies", "target_accuracy", "clients", "stragglers", "seed", "dataset"):
+        assert key in r
+    assert r["clients"] == 12 and r["seed"] == 3 and r["dataset"] == "digits"
+    best_final = max(s["final_accuracy"] for s in r["strategies"].values())
+    assert r["target_accuracy"] == pytest.approx(0.95 * best_final)
+    for name, s in r["strategies"].items():
+        for key in ("time_to_target_s", "final_accuracy", "best_accuracy", "peak_device_memory_bytes",
+                    "bytes_down_total", "bytes_up_total", "merges"):
+            assert key in s, (name, key)
+        assert s["merges"] == 4  # max_versions merges, no more
+        versions = [v for _, v, _ in s["curve"]]
+        assert versions == sorted(versions) and versions[-1] == 4
+        times = [t for t, _, _ in s["curve"]]
+        assert times == sorted(times)
+        assert s["bytes_up_total"] > 0 and s["bytes_down_total"] > 0
+        if s["time_to_target_s"] is not None:
+            first = next(t for t, _, acc in s["curve"] if acc >= round(r["target_accuracy"], 4))
+            assert first == s["time_to_target_s"]
+
+
+def test_ftte_is_sparse_int8_and_lighter_than_the_baselines(small_run):
+    s = small_run["strategies"]
+    f, avg = s["ftte"], s["fedavg"]
+    assert f["trainable_params"] < avg["trainable_params"]
+    # int8 deltas of a subset against float32 deltas of the full model
+    assert f["bytes_up_per_task"] < 0.25 * avg["bytes_up_per_task"]
+    assert f["peak_device_memory_bytes"] <= small_run["memory_budget_min"]
+    assert f["peak_device_memory_bytes"] < avg["peak_device_memory_bytes"]
+    # the engine's own record agrees with the cost model for every strategy
+    for r in s.values():
+        assert abs(r["peak_device_memory_bytes"] - r["peak_device_memory_predicted_bytes"]) <= \
+            0.1 * r["peak_device_memory_bytes"]
+    assert s["fedavg"]["mean_staleness"] == 0.0
+
+
+def test_same_seed_same_results_different_seed_differs(small_run):
+    again = simulate(SimConfig(strategies=("ftte", "fedbuff", "fedavg"), seed=3, **SMALL), log=lambda m: None)
+    assert _strip_wall(again) == _strip_wall(small_run)
+    other = simulate(SimConfig(strategies=("ftte",), seed=4, **SMALL), log=lambda m: None)
+    assert other["strategies"]["ftte"]["curve"] != small_run["strategies"]["ftte"]["curve"]
+
+
+def test_outputs_written(small_run, tmp_path):
+    paths = write_results(small_run, str(tmp_path))
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["strategies"].keys() == small_run["strategies"].keys()
+    md = (tmp_path / "results.md").read_text()
+    assert "Target accuracy" in md and "| ftte |" in md and "| fedavg |" in md
+    root = ET.parse(paths["svg"]).getroot()
+    assert root.tag.endswith("svg")
+    assert len(root.findall("{http://www.w3.org/2000/svg}polyline")) == 3
+
+
+def test_cli_simulate_runs_and_rejects_bad_input(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "sim"
+    res = runner.invoke(hub_cli, ["simulate", "--clients", "8", "--max-versions", "2", "--buffer", "2",
+                                  "--strategies", "ftte,ftte-noage,ftte-novar", "--samples-per-device", "16",
+                                  "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert set(json.loads((out / "results.json").read_text())["strategies"]) == {"ftte", "ftte-noage", "ftte-novar"}
+    bad = runner.invoke(hub_cli, ["simulate", "--strategies", "ftte,fedprox", "--out", str(out)])
+    assert bad.exit_code == 2 and "unknown strategy fedprox" in bad.output
+    missing = runner.invoke(hub_cli, ["simulate", "--clients", "4", "--dataset", str(tmp_path / "nope.npz"),
+                                      "--out", str(out)])
+    assert missing.exit_code == 2 and "error" in missing.output and "Traceback" not in missing.output
+    tiny = runner.invoke(hub_cli, ["simulate", "--clients", "4", "--memory-budget", "1KiB", "--out", str(out)])
+    assert tiny.exit_code == 2 and "too small" in tiny.output and "needs" in tiny.output
+
+
+def test_profiles_from_a_file(tmp_path):
+    good = tmp_path / "p.json"
+    good.write_text(json.dumps({"profiles": {"node": {"flops_per_s": 1e9, "memory_budget": 600000,
+                                                      "down_bps": 1e6, "up_bps": 1e6}}}))
+    profiles = load_profiles(str(good))
+    assert list(profiles) == ["node"] and profiles["node"].dropout == 0.0
+    r = simulate(SimConfig(strategies=("ftte",), profiles_path=str(good), **SMALL), log=lambda m: None)
+    assert r["memory_budget_min"] == 600000
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"profiles": {"node": {"flops_per_s": -1, "memory_budget": 1, "down_bps": 1,
+                                                     "up_bps": 1}}}))
+    with pytest.raises(ValueError, match="positive"):
+        load_profiles(str(bad))
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="expected"):
+        load_profiles(str(bad))
+    shipped = load_profiles()
+    assert {"pi-zero-2w", "pi4", "pi5", "jetson"} <= set(shipped)
+
+
+def test_ftte_hub_console_script_help():
+    proc = subprocess.run([sys.executable, "-m", "ftte_hub.cli", "simulate", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert "--stragglers" in proc.stdout and "default: 0.9" in proc.stdout
