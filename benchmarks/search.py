@@ -2,8 +2,9 @@
 
     python benchmarks/search.py [--reps 9] [--batch 32] [--seed 0]
 
-Models: MLP-784 (784-1024-256-10 ReLU, ~1.07M parameters), the zoo CNN at 3x32x32, and the zoo
-CNN at 1x8x8 on the bundled digits. Search rows use synthetic (random exponential, per-layer
+Models: MLP-784 (784-1024-256-10 ReLU, ~1.07M parameters), the zoo CNN at 3x32x32, the zoo
+CNN at 1x8x8 on the bundled digits, and a deeper MLP (9 parameter layers) to show how the
+search scales with depth (probes grow with the square of the parameter-layer count). Search rows use synthetic (random exponential, per-layer
 scaled) scores, since only the search is timed; budgets are the cheapest single unit plus a
 fraction of the way to training everything. Times are medians of `reps` runs (each a fresh
 search: probes, knapsack, verification, hill-climb), with the min-max spread.
@@ -70,6 +71,7 @@ def main():
         ("MLP 784-1024-256-10", ft.zoo("mlp", (784,), 10, seed=0, hidden=(1024, 256))),
         ("CNN zoo 3x32x32", ft.zoo("cnn", (3, 32, 32), 10, seed=0)),
         ("CNN zoo 1x8x8 (digits)", ft.zoo("cnn", ds.feature_shape, ds.num_classes, seed=0)),
+        ("MLP 784-256x8-10 (9 layers)", ft.zoo("mlp", (784,), 10, seed=0, hidden=(256,) * 8)),
     ]
     print(f"threads {ft.get_num_threads()}, batch {args.batch}, median of {args.reps} runs (min-max)\n")
     header = (f"| model | params | options | budget (MiB) | search ms | chosen subset | predicted MiB | "
