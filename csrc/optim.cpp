@@ -4,9 +4,29 @@
 
 #include <algorithm>
 
+#include "vectorize.h"
 #include "parallel.h"
 
 namespace ftte {
+namespace {
+
+// One row: separate restrict-qualified loops so the compiler vectorises them (the three
+// buffers never overlap: the binding checks it).
+FTTE_VECTOR_CLONES
+void sgd_row(float* __restrict p, const float* __restrict g, float* __restrict v, int64_t F, float lr,
+             float momentum, float weight_decay) {
+  if (v) {
+    for (int64_t f = 0; f < F; ++f) {
+      const float vf = momentum * v[f] + (g[f] + weight_decay * p[f]);
+      v[f] = vf;
+      p[f] -= lr * vf;
+    }
+  } else {
+    for (int64_t f = 0; f < F; ++f) p[f] -= lr * (g[f] + weight_decay * p[f]);
+  }
+}
+
+}  // namespace
 
 void sgd_update_rows(float* param, int64_t O, int64_t F, const int32_t* rows, int64_t R, const float* grad,
                      float* velocity, float lr, float momentum, float weight_decay) {
@@ -17,19 +37,9 @@ void sgd_update_rows(float* param, int64_t O, int64_t F, const int32_t* rows, in
       n_tasks,
       [&](int64_t t) {
         const int64_t r1 = std::min<int64_t>(R, (t + 1) * kRowsPerTask);
-        for (int64_t r = t * kRowsPerTask; r < r1; ++r) {
-          float* p = param + (rows ? rows[r] : r) * F;
-          const float* g = grad + r * F;
-          if (momentum != 0.f) {
-            float* v = velocity + r * F;
-            for (int64_t f = 0; f < F; ++f) {
-              v[f] = momentum * v[f] + (g[f] + weight_decay * p[f]);
-              p[f] -= lr * v[f];
-            }
-          } else {
-            for (int64_t f = 0; f < F; ++f) p[f] -= lr * (g[f] + weight_decay * p[f]);
-          }
-        }
+        for (int64_t r = t * kRowsPerTask; r < r1; ++r)
+          sgd_row(param + (rows ? rows[r] : r) * F, grad + r * F, momentum != 0.f ? velocity + r * F : nullptr, F,
+                  lr, momentum, weight_decay);
       },
       4.0 * double(R) * double(F));
 }

@@ -175,15 +175,15 @@ class _Setup:
         picks = rng.choice(len(names), size=cfg.clients, p=weights / weights.sum())
         n_slow = int(round(cfg.stragglers * cfg.clients))
         slow = set(rng.choice(cfg.clients, size=n_slow, replace=False).tolist()) if n_slow else set()
-        parts = ftdata.partition_dirichlet(fleet, cfg.clients, cfg.alpha, seed=cfg.seed, min_size=1)
+        self.augmented = cfg.clients * cfg.samples_per_device > len(fleet)
+        if self.augmented:
+            parts = _augmented_parts(fleet, cfg.clients, cfg.samples_per_device, cfg.alpha, cfg.seed)
+        else:
+            parts = ftdata.partition_dirichlet(fleet, cfg.clients, cfg.alpha, seed=cfg.seed, min_size=1)
         self.devices: List[SimDevice] = []
         for i, part in enumerate(parts):
-            if len(part) < cfg.samples_per_device:
-                # Large fleets: each device draws its own shifted+noisy copies of its partition.
-                part = _grow(part, cfg.samples_per_device, seed=cfg.seed * 100003 + i)
             self.devices.append(SimDevice(f"dev{i:04d}", profiles[names[picks[i]]],
                                           cfg.straggler_slowdown if i in slow else 1.0, part.x, part.y))
-        self.augmented = any(len(p) < cfg.samples_per_device for p in parts)
 
         # The FTTE subset: the smallest device budget, importance from the hub's validation data.
         self.m_min = cfg.memory_budget or min(d.profile.memory_budget for d in self.devices)
@@ -197,10 +197,25 @@ class _Setup:
             f"predicted {self.search.predicted_bytes / 1024:.0f} KiB)")
 
 
-def _grow(part: "ftdata.Dataset", n: int, seed: int) -> "ftdata.Dataset":
-    extra = ftdata.augment(part, n - len(part), seed=seed)
-    return ftdata.Dataset(np.concatenate([part.x, extra.x]), np.concatenate([part.y, extra.y]),
-                          part.num_classes, part.name)
+def _augmented_parts(fleet: "ftdata.Dataset", clients: int, per_device: int, alpha: float,
+                     seed: int) -> List["ftdata.Dataset"]:
+    """Device datasets for fleets larger than the data: label-skewed, augmented, per device.
+
+    Each device draws its class mix from Dirichlet(alpha), picks that many originals of each class
+    from the shared pool, and keeps shifted, noisy copies of them (``ftte_core.data.augment``),
+    so every device holds its own ``per_device`` samples with its own label skew.
+    """
+    rng = np.random.default_rng(seed + 1)
+    pools = [np.flatnonzero(fleet.y == c) for c in range(fleet.num_classes)]
+    present = np.array([len(p) > 0 for p in pools], float)
+    parts = []
+    for i in range(clients):
+        p = rng.dirichlet(np.full(fleet.num_classes, alpha)) * present
+        p = p / p.sum() if p.sum() > 0 else present / present.sum()
+        counts = rng.multinomial(per_device, p)
+        idx = np.concatenate([rng.choice(pools[c], size=k) for c, k in enumerate(counts) if k])
+        parts.append(ftdata.augment(fleet.subset(idx), per_device, seed=seed * 100003 + i))
+    return parts
 
 
 def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None]) -> StrategyRun:
