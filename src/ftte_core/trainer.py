@@ -111,6 +111,42 @@ class Scope:
         return g.rows, g.dw, g.db
 
 
+class _XRef:
+    """Rows a:b of the step's input batch, viewed as `shape`: a placeholder inside a plan."""
+
+    __slots__ = ("a", "b", "shape")
+
+    def __init__(self, a: int, b: int, shape: tuple):
+        self.a, self.b, self.shape = a, b, tuple(shape)
+
+    def reshape(self, shape) -> "_XRef":
+        return _XRef(self.a, self.b, shape)
+
+
+def _call(fn, *args) -> tuple:
+    """A plan entry: (fn, args, positions of input-batch placeholders in args)."""
+    return fn, args, tuple(i for i, a in enumerate(args) if isinstance(a, _XRef))
+
+
+def _run(entries, x: np.ndarray) -> None:
+    for fn, args, xpos in entries:
+        if xpos:
+            args = list(args)
+            for i in xpos:
+                r = args[i]
+                args[i] = x[r.a:r.b].reshape(r.shape)
+        fn(*args)
+
+
+@dataclass
+class _Plan:
+    forward: list
+    logits: np.ndarray
+    probs: np.ndarray
+    dlogits: np.ndarray
+    backward: list
+
+
 @dataclass
 class _LayerGrads:
     rows: Optional[np.ndarray]
@@ -155,6 +191,7 @@ class Trainer:
         self._alloc_grads()
         self._plan_buffers()
         self._scopes = [Scope(self, i, layer) for i, layer in enumerate(model.layers)]
+        self._plans: Dict[int, _Plan] = {}
         self._workspace_peak = 0
 
     # -- planning ------------------------------------------------------------------------------
@@ -238,19 +275,37 @@ class Trainer:
         return loss, out
 
     def _forward_backward(self, x: np.ndarray, labels: np.ndarray) -> float:
-        model = self.model
         n = x.shape[0]
-        x = model.check_input(x)
+        x = self.model.check_input(x)
         labels = np.ascontiguousarray(labels, dtype=np.int32)
         if labels.shape != (n,):
             raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
+        plan = self._plans.get(n)
+        if plan is None:
+            self._build_plan(n)  # a first pass grows every scratch buffer to its final size,
+            plan = self._plans[n] = self._build_plan(n)  # so the plan's views all see final memory
         K.reset_workspace_peak()
         base = K.workspace_current_bytes()
-        arena, shapes, layers = self.arena, model.shapes, model.layers
+        _run(plan.forward, x)
+        loss = K.softmax_xent_forward(plan.logits, labels, plan.probs)
+        K.softmax_xent_backward(plan.probs, labels, plan.dlogits, 1.0 / n)
+        _run(plan.backward, x)
+        self._workspace_peak = max(self._workspace_peak, K.workspace_peak_bytes() - base)
+        return float(loss)
 
-        inputs: List[Optional[np.ndarray]] = [None] * len(layers)
-        outputs: List[Optional[np.ndarray]] = [None] * len(layers)
-        h = self._forward_prefix(x) if self.first > 0 else x
+    def _build_plan(self, n: int) -> "_Plan":
+        """The step for batch size n as a list of kernel calls over fixed buffers.
+
+        Decided once per batch size, so a step is a tight loop of calls: which buffer every
+        layer reads and writes, what is kept, where gradients go. The input batch appears as
+        ``_XRef`` placeholders, filled in when the plan runs.
+        """
+        arena, shapes, layers = self.arena, self.model.shapes, self.model.layers
+        forward: list = []
+        x = _XRef(0, n, (n,) + shapes[0])
+        inputs: List[object] = [None] * len(layers)
+        outputs: List[object] = [None] * len(layers)
+        h = self._plan_prefix(x, n, forward) if self.first > 0 else x
         h_slot = None  # which scratch buffer holds h (None: a kept buffer, the prefix output or x)
         for i in range(self.first, len(layers)):
             layer = layers[i]
@@ -267,16 +322,14 @@ class Trainer:
                 else:
                     slot = 1 if h_slot == 0 else 0
                     y = arena.scratch(("fwd", slot), out_shape)
-                layer.forward(h, y, self._scopes[i])
+                forward.append(_call(layer.forward, h, y, self._scopes[i]))
                 h, h_slot = y, slot
             outputs[i] = h
 
         probs = arena.get(("loss", "probs"), h.shape, np.float32, "activations")
-        loss = K.softmax_xent_forward(h, labels, probs)
-
+        backward: list = []
         dy_slot = 0
-        dy = arena.scratch(("bwd", dy_slot), h.shape)
-        K.softmax_xent_backward(probs, labels, dy, 1.0 / n)
+        dlogits = dy = arena.scratch(("bwd", dy_slot), h.shape)
         for i in range(len(layers) - 1, self.first - 1, -1):
             layer = layers[i]
             in_shape = (n,) + shapes[i]
@@ -290,20 +343,19 @@ class Trainer:
                 else:
                     dy_slot ^= 1
                     dx = arena.scratch(("bwd", dy_slot), in_shape)
-            layer.backward(inputs[i] if layer.saves_input(self._trains_weight(layer)) else None,
-                           outputs[i] if layer.saves_output else None, dy, dx, self._scopes[i])
+            backward.append(_call(layer.backward,
+                                  inputs[i] if layer.saves_input(self._trains_weight(layer)) else None,
+                                  outputs[i] if layer.saves_output else None, dy, dx, self._scopes[i]))
             dy = dx
+        return _Plan(forward, h, probs, dlogits, backward)
 
-        self._workspace_peak = max(self._workspace_peak, K.workspace_peak_bytes() - base)
-        return float(loss)
-
-    def _forward_prefix(self, x: np.ndarray) -> np.ndarray:
+    def _plan_prefix(self, x: "_XRef", n: int, forward: list) -> object:
         """Layers below the earliest trainable one, in inference mode, a few samples at a time.
 
         Nothing of theirs is needed by backward, so only their final output is held for the
         whole batch; their intermediate values need scratch for ``prefix_chunk`` samples only.
         """
-        layers, shapes, n = self.model.layers, self.model.shapes, x.shape[0]
+        layers, shapes = self.model.layers, self.model.shapes
         out_shape = (n,) + shapes[self.first]
         real = [j for j in range(self.first) if layers[j].kind not in VIEW_KINDS]
         if not real:
@@ -314,7 +366,7 @@ class Trainer:
         chunk = self.prefix_chunk
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            h, h_slot = x[a:b], None
+            h, h_slot = _XRef(a, b, (b - a,) + shapes[0]), None
             for j in range(self.first):
                 layer, shape = layers[j], (b - a,) + shapes[j + 1]
                 if layer.kind in VIEW_KINDS:
@@ -328,7 +380,7 @@ class Trainer:
                 else:
                     slot = 1 if h_slot == 0 else 0
                     y = self.arena.scratch(("prefix", slot), shape)
-                layer.forward(h, y, None)
+                forward.append(_call(layer.forward, h, y, None))
                 h, h_slot = y, slot
         return out
 
