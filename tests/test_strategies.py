@@ -83,7 +83,7 @@ def test_age_factor_older_gets_less_weight():
     w = s.weights(ups, current_version=5)
     assert np.all(np.isfinite(w)) and w.sum() == pytest.approx(1.0)
     assert w[0] > w[1] > w[2] > w[3]
-    np.testing.assert_allclose(s.age_factors(ups, 5), (1.0 + np.array([0, 1, 3, 5])) ** -0.5)
+    np.testing.assert_allclose(s.age_factors(ups, 5), (1.0 + np.array([0, 1, 3, 5])) ** -1.0)
     # the switch: without the age factor staleness no longer matters
     w_off = FTTE(buffer_size=4, age=False, variance=False).weights(ups, current_version=5)
     np.testing.assert_allclose(w_off, 0.25)
@@ -91,7 +91,7 @@ def test_age_factor_older_gets_less_weight():
     w_stale = FTTE(buffer_size=4, age=False).weights(ups, 5)
     np.testing.assert_allclose(w_fresh, w_stale, rtol=1e-12)  # same deltas, different ages
     # a larger exponent discounts faster
-    w_steep = FTTE(buffer_size=4, variance=False, age_exponent=1.0).weights(ups, 5)
+    w_steep = FTTE(buffer_size=4, variance=False, age_exponent=2.0).weights(ups, 5)
     assert w_steep[3] < w[3]
 
 
@@ -178,7 +178,7 @@ def test_merge_matches_numpy(name, bits):
     # FTTE scales the whole step by the buffer's sample-weighted mean age factor
     g = 1.0
     if name == "ftte":
-        g = float(np.dot([10, 20, 30], (1.0 + np.array([0, 1, 2])) ** -0.5) / 60)
+        g = float(np.dot([10, 20, 30], (1.0 + np.array([0, 1, 2])) ** -1.0) / 60)
         assert s.step_scale(ups, 2) == pytest.approx(g)
     expect = {k: v.astype(np.float64).copy() for k, v in before.items()}
     decs = [decode_update(u) for u in ups]

@@ -151,7 +151,7 @@ class FTTE(Strategy):
     synchronous = False
 
     def __init__(self, buffer_size: int = 10, server_lr: float = 1.0, age: bool = True, variance: bool = True,
-                 age_exponent: float = 0.5, variance_strength: float = 1.0, bits: int = 8, name: str = "ftte"):
+                 age_exponent: float = 1.0, variance_strength: float = 1.0, bits: int = 8, name: str = "ftte"):
         self.name = name
         super().__init__(buffer_size, server_lr)
         if bits not in (4, 8):
