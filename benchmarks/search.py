@@ -74,8 +74,8 @@ def main():
         ("MLP 784-256x8-10 (9 layers)", ft.zoo("mlp", (784,), 10, seed=0, hidden=(256,) * 8)),
     ]
     print(f"threads {ft.get_num_threads()}, batch {args.batch}, median of {args.reps} runs (min-max)\n")
-    header = (f"| model | params | options | budget (MiB) | search ms | chosen subset | predicted MiB | "
-              f"score share | probes |")
+    header = ("| model | params | options | budget (MiB) | search ms | chosen subset | predicted MiB | "
+              "score share | probes |")
     print(header)
     print("|---|---:|---:|---:|---:|---|---:|---:|---:|")
     for label, model in models:

@@ -248,7 +248,7 @@ def main():
             print(f"{name:<8} {r['threads']:>3} | {fmt(e):>20} | {fmt(npy):>20} | "
                   f"{fmt(tt) if tt else 'n/a':>20} | {npy[0] / e[0]:>7.2f}x | "
                   f"{(f'{tt[0] / e[0]:.2f}x') if tt else 'n/a':>8}")
-    print(f"\nSparse step (last layer + 25% of the rows of the layer before it) against the full step")
+    print("\nSparse step (last layer + 25% of the rows of the layer before it) against the full step")
     print(f"{'model':<8} {'thr':>3} | {'sparse us':>20} | {'time ratio':>10} | {'full mem KiB':>12} | "
           f"{'sparse mem KiB':>14} | {'mem ratio':>9} | {'predicted full/sparse KiB':>26}")
     for r in results:

@@ -3,7 +3,6 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from importlib import resources

@@ -8,11 +8,14 @@ counted by category (see ``trainer.py``).
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import _kernels as K
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from .trainer import Scope
 
 Shape = Tuple[int, ...]
 

@@ -23,9 +23,8 @@ a round that already ended.
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Set
 
 import numpy as np
