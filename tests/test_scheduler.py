@@ -104,7 +104,7 @@ def test_staleness_comes_from_each_updates_base_version():
     assert a.accepted and a.staleness == 2
     a = d.update_arrived("mid", _work(d, mid))
     assert a.merge is not None and a.merge.staleness == [2, 0]
-    assert a.merge.factors["age"] == pytest.approx([3 ** -0.5, 1.0])
+    assert a.merge.factors["age"] == pytest.approx([3 ** -1.0, 1.0])
 
 
 def _rejects(d, dev, update, reason):
