@@ -28,13 +28,20 @@ void blocks(int64_t n, double flops_per_elem, const F& f) {
 
 void relu_forward(int64_t n, const float* x, float* y) {
   blocks(n, 1, [&](int64_t i0, int64_t i1) {
+#pragma GCC ivdep
     for (int64_t i = i0; i < i1; ++i) y[i] = x[i] > 0.f ? x[i] : 0.f;
   });
 }
 
 void relu_backward(int64_t n, const float* y, const float* dy, float* dx) {
   blocks(n, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) dx[i] = y[i] > 0.f ? dy[i] : 0.f;
+    // ivdep: dx may be dy itself (same index, read before write); the binding rejects partial
+    // overlaps. Without it the in-place call falls back to a scalar, branchy loop.
+#pragma GCC ivdep
+    for (int64_t i = i0; i < i1; ++i) {
+      const float d = dy[i];  // an unconditional load lets the select vectorise (no branch)
+      dx[i] = y[i] > 0.f ? d : 0.f;
+    }
   });
 }
 
@@ -47,6 +54,7 @@ void sigmoid_forward(int64_t n, const float* x, float* y) {
 
 void sigmoid_backward(int64_t n, const float* y, const float* dy, float* dx) {
   blocks(n, 3, [&](int64_t i0, int64_t i1) {
+#pragma GCC ivdep
     for (int64_t i = i0; i < i1; ++i) dx[i] = dy[i] * y[i] * (1.f - y[i]);
   });
 }
@@ -59,6 +67,7 @@ void tanh_forward(int64_t n, const float* x, float* y) {
 
 void tanh_backward(int64_t n, const float* y, const float* dy, float* dx) {
   blocks(n, 3, [&](int64_t i0, int64_t i1) {
+#pragma GCC ivdep
     for (int64_t i = i0; i < i1; ++i) dx[i] = dy[i] * (1.f - y[i] * y[i]);
   });
 }

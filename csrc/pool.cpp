@@ -3,6 +3,8 @@
 #include "pool.h"
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 
 #include "parallel.h"
 #include "workspace.h"
@@ -35,7 +37,55 @@ struct Windows {
 
 }  // namespace
 
+namespace {
+
+// The same first-max / NaN-propagating rule as the generic loop, as selects rather than branches
+// (random data mispredicts nearly every branch of the generic loop).
+inline void take_if_greater(float v, int32_t i, float& best, int32_t& best_i) {
+  // Bit masks rather than ?: so no branch can be emitted (measured on [32, 8, 28, 28] at one
+  // thread: generic loop 700 us, this 600 us; still scalar -- a vector version is future work).
+  const uint32_t take = 0u - static_cast<uint32_t>(!(v <= best) & (best == best));
+  uint32_t vb, bb;
+  std::memcpy(&vb, &v, 4);
+  std::memcpy(&bb, &best, 4);
+  bb = (vb & take) | (bb & ~take);
+  std::memcpy(&best, &bb, 4);
+  best_i = static_cast<int32_t>((static_cast<uint32_t>(i) & take) | (static_cast<uint32_t>(best_i) & ~take));
+}
+
+// 2x2 windows, stride 2, no padding: the zoo's pooling, and most CNNs'.
+void maxpool2x2(const PoolGeom& g, const float* x, float* y, int32_t* argmax) {
+  const int64_t HW = g.H * g.W, OHW = g.OH * g.OW, W = g.W;
+  for_planes(g, static_cast<double>(OHW * 4), [&](int64_t p) {
+    const float* xp = x + p * HW;
+    float* yp = y + p * OHW;
+    int32_t* ap = argmax ? argmax + p * OHW : nullptr;
+    for (int64_t oh = 0; oh < g.OH; ++oh) {
+      const float* r0 = xp + 2 * oh * W;
+      const float* r1 = r0 + W;
+      const int32_t base = static_cast<int32_t>(2 * oh * W);
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        const int32_t c = static_cast<int32_t>(2 * ow);
+        float best = r0[c];
+        int32_t best_i = base + c;
+        take_if_greater(r0[c + 1], base + c + 1, best, best_i);
+        take_if_greater(r1[c], base + static_cast<int32_t>(W) + c, best, best_i);
+        take_if_greater(r1[c + 1], base + static_cast<int32_t>(W) + c + 1, best, best_i);
+        yp[oh * g.OW + ow] = best;
+        if (ap) ap[oh * g.OW + ow] = best_i;
+      }
+    }
+  });
+}
+
+}  // namespace
+
 void maxpool2d_forward(const PoolGeom& g, const float* x, float* y, int32_t* argmax) {
+  if (g.KH == 2 && g.KW == 2 && g.sh == 2 && g.sw == 2 && g.pt == 0 && g.pl == 0 && 2 * g.OH <= g.H &&
+      2 * g.OW <= g.W) {
+    maxpool2x2(g, x, y, argmax);
+    return;
+  }
   const Windows win(g);
   const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
   for_planes(g, static_cast<double>(OHW * g.KH * g.KW), [&](int64_t p) {
