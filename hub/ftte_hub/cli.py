@@ -34,7 +34,11 @@ def main() -> None:
 @click.option("--model", type=click.Choice(["mlp", "cnn"]), default="mlp", help="Zoo model to train.")
 @click.option("--buffer", "buffer_k", type=click.IntRange(1), default=10,
               help="K: updates per merge (FedAvg: cohort size).")
-@click.option("--max-versions", type=click.IntRange(1), default=60, help="Merges per strategy.")
+@click.option("--max-versions", type=click.IntRange(1), default=60,
+              help="FedAvg rounds; its finishing time becomes every strategy's time budget (see --max-time).")
+@click.option("--max-time", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="Virtual seconds every strategy runs for; default: the time FedAvg takes for --max-versions "
+                   "rounds (without fedavg: --max-versions merges each).")
 @click.option("--samples-per-device", type=click.IntRange(1), default=64,
               help="Minimum samples per device; smaller partitions are topped up with augmented copies.")
 @click.option("--local-epochs", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
@@ -52,7 +56,7 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, help="Seed for data, devices, training.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="ftte-sim", help="Output folder.")
 def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha, model, buffer_k, max_versions,
-             samples_per_device, local_epochs, batch_size, lr, server_lr, pretrain_fraction, memory_budget,
+             max_time, samples_per_device, local_epochs, batch_size, lr, server_lr, pretrain_fraction, memory_budget,
              profiles_path, seed, out_dir):
     """Run the fleet on a virtual clock and compare strategies.
 
@@ -71,7 +75,7 @@ def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha
         budget = parse_size(memory_budget) if memory_budget else None
         cfg = SimConfig(clients=clients, stragglers=stragglers, straggler_slowdown=straggler_slowdown,
                         strategies=names, dataset=dataset, alpha=alpha, model=model, buffer=buffer_k,
-                        max_versions=max_versions, samples_per_device=samples_per_device,
+                        max_versions=max_versions, max_time=max_time, samples_per_device=samples_per_device,
                         local_epochs=local_epochs, batch_size=batch_size, lr=lr, server_lr=server_lr,
                         pretrain_fraction=pretrain_fraction, memory_budget=budget,
                         profiles_path=profiles_path, seed=seed)

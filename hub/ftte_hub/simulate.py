@@ -108,6 +108,12 @@ class SimConfig:
     model: str = "mlp"
     buffer: int = 10
     max_versions: int = 60
+    # Virtual-time horizon (s) for every strategy. None: the synchronous baseline runs its
+    # max_versions rounds first and its finishing time becomes everyone's horizon, so the
+    # semi-asynchronous strategies get the same time, not the same number of merges
+    # (up to async_version_cap merges).
+    max_time: Optional[float] = None
+    async_version_cap: int = 2000
     local_epochs: float = 1.0
     batch_size: int = 16
     lr: float = 0.05
@@ -217,14 +223,16 @@ def _augmented_parts(fleet: "ftdata.Dataset", clients: int, per_device: int, alp
     return parts
 
 
-def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None]) -> StrategyRun:
+def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
+                  horizon: Optional[float] = None) -> StrategyRun:
     cfg = setup.cfg
     strategy = make_strategy(name, buffer_size=cfg.buffer, server_lr=cfg.server_lr)
+    max_versions = cfg.max_versions if horizon is None or strategy.synchronous else cfg.async_version_cap
     model = setup.model.copy()
     model.load_state(setup.start_state)
     subset = setup.ftte_subset if strategy.sparse else setup.full_subset
     task_cfg = TaskConfig(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size)
-    driver = RoundDriver(model, subset, strategy, task_cfg, max_versions=cfg.max_versions)
+    driver = RoundDriver(model, subset, strategy, task_cfg, max_versions=max_versions)
     worker = LocalWorker(model.copy(), subset)
     run = StrategyRun(name, subset=subset.describe(model), trainable_params=subset.num_trainable(model))
     run.peak_memory_predicted = predict_memory(model, subset, cfg.batch_size)["total"]
@@ -270,20 +278,24 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None]) -> 
         run.curve.append((now, driver.version, acc))
         if time.perf_counter() - last_report > 0.5 or driver.done:
             last_report = time.perf_counter()
-            progress(f"  {name:<11} version {driver.version:>4}/{cfg.max_versions}  t={now:9.1f}s  "
+            progress(f"  {name:<11} version {driver.version:>4}/{max_versions}  t={now:9.1f}s  "
                      f"accuracy {acc:.3f}  tasks {run.tasks}")
-        for d in devices:  # a merge may open a new round (FedAvg) or new work
-            dispatch(now, d)
+        # A merge may open a new round (FedAvg) or new work: idle devices ask in random order,
+        # so a synchronous cohort is a random sample of the idle fleet, not its first K.
+        for j in rng.permutation(len(devices)):
+            dispatch(now, devices[j])
 
     last_report = time.perf_counter()
     for d in devices:
         driver.device_joined(d.id)
-    for d in devices:
-        dispatch(0.0, d)
+    for j in rng.permutation(len(devices)):
+        dispatch(0.0, devices[j])
     run.curve.append((0.0, driver.version, setup.start_accuracy))
     wall0 = time.perf_counter()
     now = 0.0
     while events and not driver.done:
+        if horizon is not None and events[0][0] > horizon:
+            break
         now, _, kind, dev_id, payload = heapq.heappop(events)
         dev = by_id[dev_id]
         if kind == "trained":
@@ -334,19 +346,29 @@ def simulate(cfg: SimConfig, log: Callable[[str], None] = print) -> Dict[str, ob
     """Run every strategy on the same devices and data; return the results dictionary."""
     setup = _Setup(cfg, log)
     runs = {}
-    for name in cfg.strategies:
+    horizon = cfg.max_time
+    order = list(cfg.strategies)
+    if horizon is None and "fedavg" in order:  # the synchronous baseline sets the time budget
+        order.remove("fedavg")
+        log("running fedavg (its finishing time is every strategy's time budget) ...")
+        runs["fedavg"] = _run_strategy(setup, "fedavg", log)
+        horizon = runs["fedavg"].curve[-1][0]
+    for name in order:
         log(f"running {name} ...")
-        runs[name] = _run_strategy(setup, name, log)
-    return _summarise(cfg, setup, runs)
+        runs[name] = _run_strategy(setup, name, log, horizon)
+    runs = {name: runs[name] for name in cfg.strategies}
+    return _summarise(cfg, setup, runs, horizon)
 
 
-def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun]) -> Dict[str, object]:
+def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
+               horizon: Optional[float]) -> Dict[str, object]:
     finals = {n: r.curve[-1][2] for n, r in runs.items()}
     target = cfg.target_fraction * max(finals.values())
     out = {
         "clients": cfg.clients, "stragglers": cfg.stragglers, "straggler_slowdown": cfg.straggler_slowdown,
         "seed": cfg.seed, "dataset": setup.dataset_name, "alpha": cfg.alpha, "model": cfg.model,
-        "buffer": cfg.buffer, "max_versions": cfg.max_versions, "pretrained": setup.pretrained,
+        "buffer": cfg.buffer, "max_versions": cfg.max_versions, "time_budget_s": horizon,
+        "pretrained": setup.pretrained,
         "augmented_device_data": setup.augmented, "samples_per_device": cfg.samples_per_device,
         "memory_budget_min": setup.m_min, "start_accuracy": setup.start_accuracy,
         "target_accuracy": target,

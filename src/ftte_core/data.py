@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from importlib import resources
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
+
+from .atomic import atomic_write
 
 __all__ = [
     "DataError", "Dataset", "load_npz", "load_bundled", "save_npz", "train_val_split",
@@ -295,32 +296,14 @@ def save_npz(path: PathLike, dataset: Dataset, compress: bool = False) -> None:
     """
     if not isinstance(dataset, Dataset):
         raise TypeError(f"save_npz: expected a Dataset, got {type(dataset).__name__}")
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(
-                f, x=np.ascontiguousarray(dataset.x, dtype=np.float32),
-                y=np.ascontiguousarray(dataset.y, dtype=np.int32),
-                num_classes=np.asarray(dataset.num_classes, dtype=np.int64))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable; not possible on every platform/filesystem
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+
+    def write(f):
+        (np.savez_compressed if compress else np.savez)(
+            f, x=np.ascontiguousarray(dataset.x, dtype=np.float32),
+            y=np.ascontiguousarray(dataset.y, dtype=np.int32),
+            num_classes=np.asarray(dataset.num_classes, dtype=np.int64))
+
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------- splitting

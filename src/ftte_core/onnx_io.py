@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper, TensorProto
 
+from .atomic import atomic_write
 from .graph import (AvgPool2d, Conv2d, Dense, Dropout, Flatten, GlobalAvgPool, Layer, MaxPool2d,
                     Model, ReLU, Sigmoid, Tanh)
 
@@ -551,19 +551,4 @@ def to_onnx(model: Model, opset: int = 13) -> onnx.ModelProto:
 def save_onnx(model: Model, path: Union[str, os.PathLike], opset: int = 13) -> None:
     """Write ``model`` to ``path`` as ONNX, atomically (a reader never sees a half-written file)."""
     data = to_onnx(model, opset).SerializeToString()
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model file is not a secret
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda f: f.write(data))
