@@ -294,3 +294,29 @@ def test_maxpool_propagates_nan():
     assert np.isnan(y[0, 0, 0, 0]) and am[0, 0, 0, 0] == 1
     assert np.isnan(y[0, 0, 1, 1]) and am[0, 0, 1, 1] == 15
     assert y[0, 0, 0, 1] == 7 and y[0, 0, 1, 0] == 13
+
+
+@pytest.mark.parametrize("hw", [(28, 28), (9, 30), (4, 6)])
+def test_maxpool_2x2_fast_path_keeps_first_max_and_nan_rules(hw):
+    """The vectorised 2x2/stride-2 path agrees with the window rule: first max wins, NaN sticks."""
+    rng = np.random.default_rng(hw[1])
+    H, W = hw
+    x = rng.integers(0, 3, size=(3, 2, H, W)).astype(np.float32)  # many ties
+    x.reshape(-1)[rng.choice(x.size, size=max(1, x.size // 50), replace=False)] = np.nan
+    OH, OW = H // 2, W // 2
+    y = np.empty((3, 2, OH, OW), np.float32)
+    am = np.empty((3, 2, OH, OW), np.int32)
+    K.maxpool2d_forward(x, y, am, (2, 2), (2, 2))
+    for n in range(3):
+        for c in range(2):
+            for i in range(OH):
+                for j in range(OW):
+                    cells = [(2 * i, 2 * j), (2 * i, 2 * j + 1), (2 * i + 1, 2 * j), (2 * i + 1, 2 * j + 1)]
+                    best, best_k = x[n, c, cells[0][0], cells[0][1]], 0
+                    for k, (a, b) in enumerate(cells[1:], 1):
+                        v = x[n, c, a, b]
+                        if not (v <= best) and best == best:
+                            best, best_k = v, k
+                    a, b = cells[best_k]
+                    assert am[n, c, i, j] == a * W + b
+                    assert (np.isnan(best) and np.isnan(y[n, c, i, j])) or y[n, c, i, j] == best
