@@ -274,11 +274,17 @@ class Connection:
         self.bytes_received += mv.nbytes
         if self._state == _CLOSED and mv.nbytes:
             self._fail(MalformedFrame(f"{mv.nbytes} bytes arrived after the peer's close"))
-        self._in += mv
         events: List[Event] = []
         try:
-            while self._step(events):
-                pass
+            if self._state == _OPEN and not self._in:
+                # Fast path: whole frames are decrypted straight from the caller's buffer; only a
+                # partial frame at the end is copied into ours.
+                used = self._read_frames(mv, events)
+                self._in += mv[used:]
+            else:
+                self._in += mv
+                while self._step(events):
+                    pass
         except ProtocolError as e:
             self._fail(e)
         return events
@@ -344,11 +350,14 @@ class Connection:
         if self._send_ctr > _MAX_COUNTER:
             self._fail(CounterExhausted("send(): 2**64 frames sent; the nonce counter is exhausted"))
         header = _LEN.pack(length)
-        ct = self._send_aead.encrypt(_nonce(self._send_ctr), bytes([msg_type]) + bytes(body), header)
+        ct = self._send_aead.encrypt(_nonce(self._send_ctr), b"".join((bytes((msg_type,)), body)), header)
         self._send_ctr += 1
-        self._out += header
-        self._out += ct
-        return self.data_to_send()
+        if self._out:  # pending handshake bytes go first
+            self._out += header
+            self._out += ct
+            return self.data_to_send()
+        self.bytes_sent += 4 + len(ct)
+        return header + ct
 
     def _step(self, events: List[Event]) -> bool:
         """Consume one unit from the input buffer if complete; False when more bytes are needed."""
@@ -357,7 +366,10 @@ class Connection:
         if self._state == _WAIT_FIN:
             return self._read_client_fin(events)
         if self._state == _OPEN:
-            return self._read_frame(events)
+            with memoryview(self._in) as view:
+                used = self._read_frames(view, events)
+            del self._in[:used]
+            return False
         if self._state == _CLOSED and self._in:
             raise MalformedFrame(f"{len(self._in)} bytes arrived after the peer's close")
         return False
@@ -432,38 +444,38 @@ class Connection:
         events.append(HandshakeComplete(peer_role="client"))
         return True
 
-    def _read_frame(self, events: List[Event]) -> bool:
-        buf = self._in
-        if len(buf) < 4:
-            return False
-        (length,) = _LEN.unpack_from(buf, 0)
-        if length > self.max_frame:  # before a single body byte is kept
-            raise FrameTooLarge(f"peer declared a {length}-byte frame, over max_frame {self.max_frame}")
-        if length < 1 + TAG_BYTES:
-            raise MalformedFrame(f"frame of {length} bytes is shorter than the {1 + TAG_BYTES}-byte minimum")
-        if len(buf) < 4 + length:
-            return False
-        if self._recv_ctr > _MAX_COUNTER:
-            raise CounterExhausted("2**64 frames received; the nonce counter is exhausted")
-        header, ct = bytes(buf[:4]), bytes(buf[4:4 + length])
-        del buf[:4 + length]
-        try:
-            pt = self._recv_aead.decrypt(_nonce(self._recv_ctr), ct, header)
-        except InvalidTag:
-            raise AuthenticationFailed(f"frame {self._recv_ctr} failed authentication "
-                                       f"(tampered, replayed, reordered or dropped)") from None
-        self._recv_ctr += 1
-        if pt[0] == MSG_CLOSE:
-            if len(pt) != 1:
-                raise MalformedFrame(f"close frame carries {len(pt) - 1} body bytes")
-            self._state = _CLOSED
-            self._recv_aead = None
-            events.append(Closed())
-            if buf:
-                raise MalformedFrame(f"{len(buf)} bytes arrived after the peer's close")
-            return False
-        events.append(Message(pt[0], pt[1:]))
-        return True
+    def _read_frames(self, view: memoryview, events: List[Event]) -> int:
+        """Decrypt every complete frame at the start of ``view``; returns the bytes consumed."""
+        pos, n = 0, len(view)
+        while n - pos >= 4:
+            (length,) = _LEN.unpack_from(view, pos)
+            if length > self.max_frame:  # before a single body byte is kept
+                raise FrameTooLarge(f"peer declared a {length}-byte frame, over max_frame {self.max_frame}")
+            if length < 1 + TAG_BYTES:
+                raise MalformedFrame(f"frame of {length} bytes is shorter than the {1 + TAG_BYTES}-byte minimum")
+            if n - pos - 4 < length:
+                break
+            if self._recv_ctr > _MAX_COUNTER:
+                raise CounterExhausted("2**64 frames received; the nonce counter is exhausted")
+            header = bytes(view[pos:pos + 4])
+            try:
+                pt = self._recv_aead.decrypt(_nonce(self._recv_ctr), view[pos + 4:pos + 4 + length], header)
+            except InvalidTag:
+                raise AuthenticationFailed(f"frame {self._recv_ctr} failed authentication "
+                                           f"(tampered, replayed, reordered or dropped)") from None
+            self._recv_ctr += 1
+            pos += 4 + length
+            if pt[0] == MSG_CLOSE:
+                if len(pt) != 1:
+                    raise MalformedFrame(f"close frame carries {len(pt) - 1} body bytes")
+                if pos < n:
+                    raise MalformedFrame(f"{n - pos} bytes arrived after the peer's close")
+                self._state = _CLOSED
+                self._recv_aead = None
+                events.append(Closed())
+                break
+            events.append(Message(pt[0], pt[1:]))
+        return pos
 
 
 def _nonce(counter: int) -> bytes:
