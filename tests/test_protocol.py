@@ -144,6 +144,36 @@ def test_wrong_roles_and_reflection():
         c.receive_data(h + b"\0" * 32)  # own HELLO reflected
 
 
+def test_invalid_ephemeral_key_and_tampered_hello():
+    c, s = Connection("client", KEY), Connection("server", KEY)
+    hello = bytearray(c.initiate())
+    hello[40:72] = bytes(32)  # X25519 point of small order: all-zero shared secret
+    with pytest.raises(HandshakeError, match="invalid X25519"):
+        s.receive_data(bytes(hello))
+    # a man in the middle who changes any HELLO byte (nonce, ephemeral key) breaks the FINISHED check
+    for pos in (10, 50):
+        c, s = Connection("client", KEY), Connection("server", KEY)
+        s.receive_data(c.initiate())
+        reply = bytearray(s.data_to_send())
+        reply[pos] ^= 1
+        with pytest.raises(HandshakeError, match="did not prove"):
+            c.receive_data(bytes(reply))
+        with pytest.raises(HandshakeError, match="did not prove"):
+            s.receive_data(c.data_to_send())
+
+
+def test_bytes_like_input():
+    c, s = handshake()
+    f = bytearray(c.send(1, memoryview(b"abc")))
+    assert s.receive_data(memoryview(f)) == [Message(1, b"abc")]
+    f[:] = bytes(len(f))  # the caller may reuse its buffer: the body is our own copy
+    c2, s2 = handshake()
+    buf = bytearray(c2.send(2, b"xyz"))
+    (ev,) = s2.receive_data(buf)
+    buf[:] = bytes(len(buf))
+    assert ev.body == b"xyz" and isinstance(ev.body, bytes)
+
+
 # -- record layer ------------------------------------------------------------------------------
 def test_tampered_byte_anywhere_fails():
     n = len(handshake()[0].send(3, b"payload bytes"))

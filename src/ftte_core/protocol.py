@@ -18,13 +18,16 @@ Handshake (details and the security argument: docs/protocol.md). Each side prove
 32-byte pre-shared fleet key; every later byte is encrypted and authenticated with keys derived
 for this connection alone:
 
-    client -> server   HELLO_C  = b"FTTE" | version u16 | role u8 (1) | flags u8 (0) | nonce_c 32
-    server -> client   HELLO_S  = b"FTTE" | version u16 | role u8 (2) | flags u8 (0) | nonce_s 32
+    client -> server   HELLO_C  = b"FTTE" | version u16 | role u8 (1) | flags u8 (0) | nonce_c 32 | epk_c 32
+    server -> client   HELLO_S  = b"FTTE" | version u16 | role u8 (2) | flags u8 (0) | nonce_s 32 | epk_s 32
                        FIN_S    = HMAC-SHA256(mac_s, b"server finished" | SHA256(HELLO_C | HELLO_S))
     client -> server   FIN_C    = HMAC-SHA256(mac_c, b"client finished" | SHA256(HELLO_C | HELLO_S))
 
-    aead_c2s | aead_s2c | mac_c | mac_s = HKDF-SHA256(ikm=key, salt=nonce_c | nonce_s,
-                                  info=b"ftte-fleet v1 keys" | SHA256(HELLO_C | HELLO_S), 128 bytes)
+    aead_c2s | aead_s2c | mac_c | mac_s = HKDF-SHA256(ikm=key | X25519(eph, peer epk),
+                 salt=nonce_c | nonce_s, info=b"ftte-fleet v1 keys" | SHA256(HELLO_C | HELLO_S), 128 bytes)
+
+(epk: a fresh X25519 key per connection, so a fleet key stolen later does not decrypt recorded
+traffic.)
 
 Records (both directions, only after the handshake): ``u32 big-endian length L | ciphertext (L
 bytes)``, ciphertext = ChaCha20-Poly1305(aead_dir, nonce = 4 zero bytes | u64 BE counter,
@@ -49,6 +52,7 @@ from typing import List, Optional, Union
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -67,7 +71,7 @@ MSG_CLOSE = 0                       # reserved: authenticated end of stream
 
 ROLES = {"client": 1, "server": 2}
 _ROLE_NAMES = {v: k for k, v in ROLES.items()}
-_HELLO = struct.Struct(">4sHBB32s")     # magic, version, role, flags, nonce
+_HELLO = struct.Struct(">4sHBB32s32s")  # magic, version, role, flags, nonce, X25519 public key
 _PREFIX = struct.Struct(">4sH")         # enough to tell a foreign or other-version peer early
 _LEN = struct.Struct(">I")
 _MAC_BYTES = 32
@@ -218,7 +222,9 @@ class Connection:
         self.max_frame = max_frame
         self._psk = bytes(key)
         self._nonce = secrets.token_bytes(NONCE_BYTES)
-        self._hello = _HELLO.pack(MAGIC, PROTOCOL_VERSION, ROLES[role], 0, self._nonce)
+        self._eph = X25519PrivateKey.generate()  # ephemeral: forward secrecy if the fleet key leaks later
+        self._hello = _HELLO.pack(MAGIC, PROTOCOL_VERSION, ROLES[role], 0, self._nonce,
+                                  self._eph.public_key().public_bytes_raw())
         self._state = _WAIT_HELLO        # receive side; the send side needs only _handshake_done
         self._handshake_done = False
         self._initiated = False
@@ -333,6 +339,7 @@ class Connection:
         self._in.clear()
         self._send_aead = self._recv_aead = None
         self._psk = b""
+        self._eph = None
         raise err
 
     def _seal(self, msg_type: int, body) -> bytes:
@@ -389,7 +396,7 @@ class Connection:
         if len(buf) < need:
             return False
         peer_hello = bytes(buf[:_HELLO.size])
-        _, _, role, flags, peer_nonce = _HELLO.unpack(peer_hello)
+        _, _, role, flags, peer_nonce, peer_pub = _HELLO.unpack(peer_hello)
         want = 2 if self.role == "client" else 1
         if role != want:
             raise HandshakeError(f"peer claims role {_ROLE_NAMES.get(role, role)!r}; a {self.role} "
@@ -402,9 +409,14 @@ class Connection:
             hello_c, hello_s, nonce_c, nonce_s = peer_hello, self._hello, peer_nonce, self._nonce
         if nonce_c == nonce_s:  # our own HELLO reflected back at us
             raise HandshakeError("peer echoed this side's nonce (reflection)")
+        try:
+            dh = self._eph.exchange(X25519PublicKey.from_public_bytes(peer_pub))
+        except ValueError:  # a low-order point gives the all-zero secret; OpenSSL refuses it
+            raise HandshakeError("peer sent an invalid X25519 public key") from None
+        self._eph = None
         th = hashlib.sha256(hello_c + hello_s).digest()
         okm = HKDF(algorithm=hashes.SHA256(), length=128, salt=nonce_c + nonce_s,
-                   info=_KDF_INFO + th).derive(self._psk)
+                   info=_KDF_INFO + th).derive(self._psk + dh)
         k_c2s, k_s2c, mac_c, mac_s = okm[:32], okm[32:64], okm[64:96], okm[96:]
         fin_c = hmac.new(mac_c, b"client finished" + th, hashlib.sha256).digest()
         fin_s = hmac.new(mac_s, b"server finished" + th, hashlib.sha256).digest()
