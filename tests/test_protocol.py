@@ -122,6 +122,14 @@ def test_version_mismatch_names_both():
     struct.pack_into(">H", hello, 4, 7)
     with pytest.raises(VersionMismatch, match=r"version 7, this side speaks 1"):
         s.receive_data(bytes(hello[:6]))  # detected from the first 6 bytes
+    # the server still answers with its HELLO, so an old client names both versions too
+    reply = bytearray(s.data_to_send())
+    assert len(reply) == 72
+    c = Connection("client", KEY)
+    c.initiate()
+    struct.pack_into(">H", reply, 4, 2)
+    with pytest.raises(VersionMismatch, match=r"peer speaks protocol version 2, this side speaks 1"):
+        c.receive_data(bytes(reply))
     assert isinstance(VersionMismatch("x"), HandshakeError)
 
 
@@ -129,7 +137,11 @@ def test_version_mismatch_names_both():
 def test_garbage_handshake(garbage):
     s = Connection("server", KEY)
     with pytest.raises(HandshakeError, match="not an FTTE peer"):
-        s.receive_data(b"ZZ" + garbage)
+        s.receive_data(b"Z" + garbage)  # caught on the first byte
+    s = Connection("server", KEY)
+    assert s.receive_data(b"FT") == []
+    with pytest.raises(HandshakeError, match="not an FTTE peer"):
+        s.receive_data(b"X")
 
 
 def test_wrong_roles_and_reflection():
@@ -279,7 +291,7 @@ def test_authenticated_close():
     wire = c.send(1, b"bye") + c.close()
     assert s.receive_data(wire) == [Message(1, b"bye"), Closed()]
     s.receive_eof()
-    assert s.clean_close
+    assert s.clean_close and s.closed
     with pytest.raises(ProtocolError, match="already sent close"):
         c.send(1, b"more")
     assert c.receive_data(s.send(2, b"half-close still works")) == [Message(2, b"half-close still works")]
@@ -288,6 +300,10 @@ def test_authenticated_close():
     s.receive_data(c.send(1, b"x"))
     s.receive_eof()
     assert not s.clean_close
+    s.receive_eof()
+    assert not s.clean_close
+    with pytest.raises(MalformedFrame, match="after"):
+        s.receive_data(b"x")
     # and nothing is accepted after the close
     c, s = handshake()
     with pytest.raises(MalformedFrame, match="after the peer's close"):
@@ -380,3 +396,30 @@ def test_key_from_file_completes_handshake(tmp_path):
     path = tmp_path / "fleet.key"
     P.write_key(path, P.generate_key())
     handshake(P.read_key(path), P.read_key(path))
+
+
+def test_fuzz_only_protocol_errors():
+    """Random garbage and random mutations never escape as anything but ProtocolError."""
+    import random
+    rng = random.Random(4)
+    c, s = handshake()
+    good = c.send(1, b"abc" * 10)
+    for trial in range(300):
+        fresh_c, fresh_s = Connection("client", KEY), Connection("server", KEY)
+        if trial % 3 == 0:  # mutated client HELLO + FIN stream into a server
+            target, data = fresh_s, bytearray(fresh_c.initiate() + os.urandom(32))
+        elif trial % 3 == 1:  # mutated server reply into a client
+            fresh_s.receive_data(fresh_c.initiate())
+            target, data = fresh_c, bytearray(fresh_s.data_to_send())
+        else:  # mutated record into an established server
+            _, target = handshake()
+            data = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            data = data[:rng.randrange(len(data))]
+        try:
+            target.receive_data(bytes(data))
+            target.receive_eof()
+        except ProtocolError:
+            pass

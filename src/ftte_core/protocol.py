@@ -235,6 +235,7 @@ class Connection:
         self._send_aead = self._recv_aead = None
         self._send_ctr = self._recv_ctr = 0
         self.clean_close = False   # set by receive_eof: True if the peer sent close() first
+        self._peer_sent_close = False
         self.bytes_sent = 0        # wire bytes produced / consumed, for overhead accounting
         self.bytes_received = 0
         if role == "server":
@@ -305,7 +306,7 @@ class Connection:
             self._fail(MalformedFrame(f"connection closed inside a frame ({len(self._in)} bytes pending)"))
         # Not an error: the wrapper decides. ``clean_close`` tells a finished stream (the peer sent
         # close()) from one cut off by the network or an attacker.
-        self.clean_close = self._state == _CLOSED
+        self.clean_close = self._peer_sent_close
         self._state = _CLOSED
         return []
 
@@ -385,11 +386,14 @@ class Connection:
         buf = self._in
         # Magic and version are checked as soon as they arrive, so a foreign or other-version peer
         # is named clearly even if its HELLO has another length.
-        if len(buf) >= 4 and bytes(buf[:4]) != MAGIC:
+        if not MAGIC.startswith(bytes(buf[:4])):
             raise HandshakeError(f"not an FTTE peer: first bytes {bytes(buf[:4])!r}, expected {MAGIC!r}")
         if len(buf) >= _PREFIX.size:
             _, version = _PREFIX.unpack_from(buf, 0)
             if version != PROTOCOL_VERSION:
+                if self.role == "server":  # answer with our HELLO (public values only) so the
+                    self._out += self._hello  # client can name both versions too
+
                 raise VersionMismatch(f"peer speaks protocol version {version}, this side speaks "
                                       f"{PROTOCOL_VERSION}; upgrade the older side")
         need = _HELLO.size + (_MAC_BYTES if self.role == "client" else 0)
@@ -483,6 +487,7 @@ class Connection:
                 if pos < n:
                     raise MalformedFrame(f"{n - pos} bytes arrived after the peer's close")
                 self._state = _CLOSED
+                self._peer_sent_close = True
                 self._recv_aead = None
                 events.append(Closed())
                 break
