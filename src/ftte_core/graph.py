@@ -71,20 +71,25 @@ class Layer:
         return f"{type(self).__name__}({self.name!r})"
 
 
+def _weight_and_bias(name: str, weight, bias, ndim: int, what: str) -> Tuple[np.ndarray, np.ndarray]:
+    """float32 C-contiguous copies; a missing bias is zeros (every weight layer has one to train)."""
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    if w.ndim != ndim:
+        raise ValueError(f"{name}: {what}, got shape {w.shape}")
+    rows = w.shape[0]
+    b = np.zeros(rows, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
+    if b.shape != (rows,):
+        raise ValueError(f"{name}: bias has {b.size} entries, weight has {rows} output rows")
+    return w, b
+
+
 class Dense(Layer):
     kind = "dense"
     has_params = True
 
     def __init__(self, name: str, weight: np.ndarray, bias: Optional[np.ndarray] = None):
         super().__init__(name)
-        self.weight = np.ascontiguousarray(weight, dtype=np.float32)
-        if self.weight.ndim != 2:
-            raise ValueError(f"{name}: dense weight must be 2-D [out, in], got shape {self.weight.shape}")
-        out_features = self.weight.shape[0]
-        self.bias = (np.zeros(out_features, np.float32) if bias is None
-                     else np.ascontiguousarray(bias, dtype=np.float32).reshape(-1))
-        if self.bias.shape != (out_features,):
-            raise ValueError(f"{name}: bias has {self.bias.size} entries, weight has {out_features} rows")
+        self.weight, self.bias = _weight_and_bias(name, weight, bias, 2, "dense weight must be 2-D [out, in]")
 
     @property
     def in_features(self) -> int:
@@ -126,14 +131,8 @@ class Conv2d(Layer):
     def __init__(self, name: str, weight: np.ndarray, bias: Optional[np.ndarray] = None,
                  stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0, 0, 0)):
         super().__init__(name)
-        self.weight = np.ascontiguousarray(weight, dtype=np.float32)
-        if self.weight.ndim != 4:
-            raise ValueError(f"{name}: conv weight must be 4-D [out_ch, in_ch, kh, kw], got {self.weight.shape}")
-        oc = self.weight.shape[0]
-        self.bias = (np.zeros(oc, np.float32) if bias is None
-                     else np.ascontiguousarray(bias, dtype=np.float32).reshape(-1))
-        if self.bias.shape != (oc,):
-            raise ValueError(f"{name}: bias has {self.bias.size} entries, weight has {oc} output channels")
+        self.weight, self.bias = _weight_and_bias(name, weight, bias, 4,
+                                                  "conv weight must be 4-D [out_ch, in_ch, kh, kw]")
         self.stride = tuple(int(s) for s in stride)
         self.padding = tuple(int(p) for p in padding)  # top, left, bottom, right (ONNX order)
         if len(self.stride) != 2 or len(self.padding) != 4 or min(self.stride) < 1 or min(self.padding) < 0:
