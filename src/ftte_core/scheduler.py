@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Set
 import numpy as np
 
 from .graph import Model
-from .local import TaskConfig  # one task-settings class for hub, agent and simulator
+from .local import LocalWorker, TaskConfig  # one task-settings class for hub, agent and simulator
 from .strategies import MergeReport, Strategy
 from .subset import Subset
 from .update import Update, UpdateRejected, check_update, subset_values
@@ -406,8 +406,6 @@ def run_task(model: Model, task: Task, x: np.ndarray, y: np.ndarray, device_id: 
     loaded into it first, so the same copy can run task after task. For many tasks on one device
     keep a ``LocalWorker`` instead (it reuses the trainer's buffers) and set ``update.task_id``.
     """
-    from .local import LocalWorker  # the hub side never needs the trainer
-
     res = LocalWorker(model, task.subset).run(dict(task.values), task.base_version, x, y, task.config,
                                               bits=task.bits, seed=task.seed,
                                               device_id=device_id if device_id is not None else task.device_id)
