@@ -256,20 +256,20 @@ class _Activation(Layer):
 
 class ReLU(_Activation):
     kind = "relu"
-    _forward = staticmethod(lambda x, y: K.relu_forward(x, y))
-    _backward = staticmethod(lambda y, dy, dx: K.relu_backward(y, dy, dx))
+    _forward = staticmethod(K.relu_forward)
+    _backward = staticmethod(K.relu_backward)
 
 
 class Sigmoid(_Activation):
     kind = "sigmoid"
-    _forward = staticmethod(lambda x, y: K.sigmoid_forward(x, y))
-    _backward = staticmethod(lambda y, dy, dx: K.sigmoid_backward(y, dy, dx))
+    _forward = staticmethod(K.sigmoid_forward)
+    _backward = staticmethod(K.sigmoid_backward)
 
 
 class Tanh(_Activation):
     kind = "tanh"
-    _forward = staticmethod(lambda x, y: K.tanh_forward(x, y))
-    _backward = staticmethod(lambda y, dy, dx: K.tanh_backward(y, dy, dx))
+    _forward = staticmethod(K.tanh_forward)
+    _backward = staticmethod(K.tanh_backward)
 
 
 class Flatten(Layer):
