@@ -1,0 +1,154 @@
+"""``protocol.Connection`` over asyncio streams: the one adapter the hub and the agent share.
+
+The caller opens or accepts the TCP connection (sockets, addresses and retries belong to the
+programs); this only moves bytes between the stream and the sans-IO protocol:
+
+    reader, writer = await asyncio.open_connection(host, port)
+    ch = await Channel.open(reader, writer, "client", key, timeout=10)   # handshake or ChannelError
+    await ch.send(messages.PING, body)
+    msg_type, body = await ch.recv()          # raises ChannelClosed at the end of the stream
+    await ch.close()
+
+Every failure is a ``ChannelError`` with a one-line reason naming the peer.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Deque, Optional, Tuple
+
+from .protocol import DEFAULT_MAX_FRAME, Closed, Connection, HandshakeComplete, Message, ProtocolError
+
+READ_CHUNK = 1 << 16
+
+
+class ChannelError(ConnectionError):
+    """The connection failed: I/O error, timeout, or a protocol defect (one-line reason)."""
+
+
+class ChannelClosed(ChannelError):
+    """The peer ended the stream (``clean`` tells an authenticated close from a cut)."""
+
+    def __init__(self, message: str, clean: bool):
+        super().__init__(message)
+        self.clean = clean
+
+
+class Channel:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection, peer: str):
+        self.reader, self.writer, self.conn, self.peer = reader, writer, conn, peer
+        self._inbox: Deque[Tuple[int, bytes]] = deque()
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+
+    @classmethod
+    async def open(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, role: str, key: bytes,
+                   timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME) -> "Channel":
+        """Run the handshake (``role``: "client" dials, "server" accepted). Closes the stream on failure."""
+        peername = writer.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        ch = cls(reader, writer, Connection(role, key, max_frame=max_frame), peer)
+        try:
+            await asyncio.wait_for(ch._handshake(), timeout)
+        except asyncio.TimeoutError:
+            ch.abort()
+            raise ChannelError(f"{peer}: no handshake within {timeout:g} s") from None
+        except BaseException:
+            ch.abort()
+            raise
+        return ch
+
+    async def _handshake(self) -> None:
+        if self.conn.role == "client":
+            await self._write(self.conn.initiate())
+        while True:
+            events = await self._read_events()
+            for ev in events:
+                if isinstance(ev, Message):
+                    self._inbox.append((ev.type, ev.body))
+            if any(isinstance(ev, HandshakeComplete) for ev in events):
+                return
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.conn.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self.conn.bytes_received
+
+    async def send(self, msg_type: int, body: bytes = b"") -> None:
+        async with self._send_lock:  # one frame at a time: frames from two tasks must not interleave
+            try:
+                data = self.conn.send(msg_type, body)
+            except ProtocolError as e:
+                raise ChannelError(f"{self.peer}: {e}") from None
+            await self._write(data)
+
+    async def recv(self, timeout: Optional[float] = None) -> Tuple[int, bytes]:
+        """The next message; ``timeout`` seconds without one raises ChannelError."""
+        while not self._inbox:
+            try:
+                events = await asyncio.wait_for(self._read_events(), timeout)
+            except asyncio.TimeoutError:
+                raise ChannelError(f"{self.peer}: nothing received for {timeout:g} s") from None
+            for ev in events:
+                if isinstance(ev, Message):
+                    self._inbox.append((ev.type, ev.body))
+                elif isinstance(ev, Closed):
+                    pass  # the EOF that follows ends the stream
+        return self._inbox.popleft()
+
+    async def close(self) -> None:
+        """Send the authenticated close (if possible) and close the stream. Never raises."""
+        if self._closed:
+            return
+        try:
+            if self.conn.established and not self.conn.closed:
+                async with self._send_lock:
+                    self.writer.write(self.conn.close())
+                    await asyncio.wait_for(self.writer.drain(), 2.0)
+        except (ProtocolError, OSError, asyncio.TimeoutError, RuntimeError):
+            pass
+        self.abort()
+
+    def abort(self) -> None:
+        """Close the stream now, without the close frame."""
+        self._closed = True
+        try:
+            self.writer.close()
+        except (OSError, RuntimeError):
+            pass
+
+    # -- internals ---------------------------------------------------------------------------------
+    async def _write(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except (OSError, RuntimeError) as e:
+            raise ChannelError(f"{self.peer}: send failed: {e or type(e).__name__}") from None
+
+    async def _read_events(self):
+        try:
+            data = await self.reader.read(READ_CHUNK)
+        except (OSError, RuntimeError) as e:
+            raise ChannelError(f"{self.peer}: receive failed: {e or type(e).__name__}") from None
+        try:
+            if not data:
+                self.conn.receive_eof()
+                raise ChannelClosed(f"{self.peer}: connection closed"
+                                    + ("" if self.conn.clean_close else " without a close frame"),
+                                    clean=self.conn.clean_close)
+            try:
+                events = self.conn.receive_data(data)
+            finally:
+                # flush handshake replies even after an error: the client's FIN lets a server with
+                # another key report a wrong key instead of a bare EOF
+                out = self.conn.data_to_send()
+                if out:
+                    self.writer.write(out)
+        except ProtocolError as e:
+            raise ChannelError(f"{self.peer}: {e}") from None
+        return events
