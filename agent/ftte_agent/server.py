@@ -39,6 +39,7 @@ from ftte_core.subset import Subset
 from ftte_core.update import Update, UpdateError
 
 from . import __version__
+from .device import peak_rss
 from .state import StateDir
 
 log = logging.getLogger("ftte_agent")
@@ -198,9 +199,9 @@ class Agent:
                 return
             self.state.put_pending(task.task_id, blob)
             self.tasks_done += 1
-            log.info("task %s: trained %d steps in %.3f s, loss %.4f, update %d bytes, peak memory %d bytes",
-                     task.task_id, result.steps, train_seconds, update.loss, len(blob),
-                     update.peak_memory_bytes or 0)
+            log.info("task %s: trained %d steps in %.3f s, loss %.4f, update %d bytes, training memory %d bytes, "
+                     "process peak RSS %s", task.task_id, result.steps, train_seconds, update.loss, len(blob),
+                     update.peak_memory_bytes or 0, _mib(peak_rss()))
         session = self.session
         if session is None:
             log.info("task %s: no hub connected; the update stays in pending/ for the next one", task.task_id)
@@ -416,6 +417,10 @@ class Session:
             await self.flush_pending()
         except ChannelError as e:
             log.info("update kept for the next connection: %s", e)
+
+
+def _mib(n: Optional[int]) -> str:
+    return "unknown" if n is None else f"{n / (1 << 20):.1f} MiB"
 
 
 def _one_line(e: BaseException) -> str:

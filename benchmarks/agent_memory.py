@@ -1,0 +1,121 @@
+"""Peak memory of an ftte-agent process: idle, and while training zoo models on the digits data.
+
+    python benchmarks/agent_memory.py [--tasks 3] [--no-mdns]
+
+Starts a real agent (loopback only, mDNS on 127.0.0.1 unless --no-mdns), plays the hub with
+Channel + messages, and reads the agent's /proc/PID/status: VmHWM (peak resident set) and VmRSS.
+One fresh agent per model, so each peak belongs to that model alone. The subset is the whole
+model (the worst case: every gradient exists); tasks are one epoch over all 1797 samples, batch 32.
+Prints a table; the target is "well inside 64 MB".
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ftte_core import messages as M
+from ftte_core.channel import Channel
+from ftte_core.data import load_bundled, save_npz
+from ftte_core.local import TaskConfig
+from ftte_core.modelfile import content_hash, model_to_bytes
+from ftte_core.protocol import generate_key, write_key
+from ftte_core.subset import Subset
+from ftte_core.update import Update, subset_values
+from ftte_core.zoo import zoo
+
+MIB = 1 << 20
+
+
+def proc_memory(pid: int) -> dict:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return out
+
+
+def start_agent(key: Path, data: Path, state: Path, mdns: bool) -> tuple:
+    cmd = [sys.executable, "-m", "ftte_agent.cli", "--key", str(key), "--data", str(data), "--state-dir", str(state),
+           "--port", "0", "--interface", "127.0.0.1", "--name", "bench", "--memory-budget", "64MiB"]
+    if not mdns:
+        cmd.append("--no-mdns")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    for line in proc.stderr:
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if m:
+            return proc, int(m.group(1))
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise SystemExit(f"agent_memory: the agent did not start: {proc.stderr.read()[-500:]}")
+
+
+async def drive(port: int, key: bytes, model, tasks: int) -> float:
+    subset = Subset.full(model)
+    blob = model_to_bytes(model)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    ch = await Channel.open(reader, writer, "client", key)
+    await ch.recv(timeout=10)  # AGENT_INFO
+    await ch.send(M.MODEL, blob)
+    seconds = 0.0
+    for i in range(tasks):
+        msg = M.TaskMessage(task_id=f"bench-{i}", base_version=0, model_hash=content_hash(blob),
+                            subset=subset.to_dict(), subset_fingerprint=subset.fingerprint(),
+                            config=TaskConfig(lr=0.05, batch_size=32, local_epochs=1.0), seed=i, bits=8,
+                            values=subset_values(model, subset))
+        await ch.send(M.TASK, M.encode_task(msg))
+        while True:
+            t, body = await ch.recv(timeout=120)
+            if t == M.UPDATE:
+                upd = Update.from_bytes(body)
+                seconds += upd.stats["train_seconds"]
+                await ch.send(M.ACK, M.encode_json({"task_id": upd.task_id, "accepted": True, "reason": "",
+                                                    "message": "", "version": 0}))
+                break
+            if t in (M.TASK_FAILED, M.ERROR):
+                raise SystemExit(f"agent_memory: {M.name(t)} {M.decode_json(body, t)}")
+    await ch.close()
+    return seconds / tasks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", type=int, default=3, help="tasks per model")
+    ap.add_argument("--no-mdns", action="store_true", help="run the agents without mDNS")
+    args = ap.parse_args()
+    ds = load_bundled("digits")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        key = generate_key()
+        write_key(tmp / "fleet.key", key)
+        save_npz(tmp / "digits.npz", ds)
+        for name in ("mlp", "cnn"):
+            model = zoo(name, ds.feature_shape, ds.num_classes, seed=0)
+            proc, port = start_agent(tmp / "fleet.key", tmp / "digits.npz", tmp / f"state-{name}", not args.no_mdns)
+            try:
+                time.sleep(2.5 if not args.no_mdns else 0.5)  # let the advertisement settle
+                idle = proc_memory(proc.pid)
+                task_s = asyncio.run(drive(port, key, model, args.tasks))
+                busy = proc_memory(proc.pid)
+            finally:
+                proc.terminate()
+                proc.wait(10)
+            rows.append((name, model.num_params(), idle["VmHWM"], busy["VmHWM"], busy["VmRSS"], task_s))
+    print(f"ftte-agent memory (digits, {ds.x.shape[0]} samples, full-model subset, {args.tasks} tasks of 1 epoch, "
+          f"mDNS {'off' if args.no_mdns else 'on'})")
+    print(f"{'model':6} {'params':>8} {'idle VmHWM':>11} {'train VmHWM':>12} {'train VmRSS':>12} {'s/task':>7}")
+    for name, params, idle_hwm, hwm, rss, s in rows:
+        print(f"{name:6} {params:>8} {idle_hwm / MIB:>9.1f}Mi {hwm / MIB:>10.1f}Mi {rss / MIB:>10.1f}Mi {s:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()

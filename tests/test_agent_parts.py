@@ -1,0 +1,182 @@
+"""ftte-agent's parts in-process: state dir, memory rule, speed, TASK peeking, mDNS re-announcement."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import struct
+import time
+
+import pytest
+
+from ftte_agent import device
+from ftte_agent.advertise import Advertiser, instance_name
+from ftte_agent.server import peek_task_id
+from ftte_agent.state import MAX_CACHED_MODELS, StateDir, StateError, default_state_dir
+from ftte_core import messages as M
+from ftte_core.modelfile import content_hash, model_to_bytes
+from ftte_core.zoo import zoo
+
+MIB = 1 << 20
+
+
+# -- memory rule and speed -------------------------------------------------------------------------
+@pytest.mark.parametrize("available, expect", [
+    (100 * MIB, 25 * MIB),          # a quarter
+    (40 * MIB, 16 * MIB),           # floor
+    (64 << 30, 1 << 30),            # cap
+])
+def test_default_memory_budget_rule(available, expect):
+    budget, rule = device.default_memory_budget(available)
+    assert budget == expect and "MemAvailable" in rule
+
+
+def test_memory_budget_falls_back_without_meminfo(tmp_path, monkeypatch):
+    real = device.mem_available
+    monkeypatch.setattr(device, "mem_available", lambda: None)
+    assert device.default_memory_budget() == (device.BUDGET_FALLBACK, "MemAvailable unknown: fallback")
+    monkeypatch.setattr(device, "mem_available", real)
+    assert device.mem_available(str(tmp_path / "missing")) is None
+    (tmp_path / "meminfo").write_text("MemTotal:  1000 kB\nMemAvailable:    2048 kB\n")
+    assert device.mem_available(str(tmp_path / "meminfo")) == 2048 * 1024
+    (tmp_path / "garbled").write_text("MemAvailable: lots\n")
+    assert device.mem_available(str(tmp_path / "garbled")) is None
+
+
+def test_speed_benchmark_is_short_and_positive():
+    t0 = time.perf_counter()
+    gflops = device.measure_speed(0.1)
+    assert gflops > 0.01 and time.perf_counter() - t0 < 2.0
+
+
+# -- state dir ---------------------------------------------------------------------------------------
+def test_agent_id_is_created_once_and_kept(tmp_path):
+    a = StateDir(tmp_path / "s")
+    assert StateDir(tmp_path / "s").agent_id == a.agent_id
+    assert (tmp_path / "s" / "agent_id").read_text().strip() == a.agent_id
+    (tmp_path / "s" / "agent_id").write_text("not hex!\n")
+    b = StateDir(tmp_path / "s")
+    assert b.agent_id != a.agent_id and len(b.agent_id) == 16
+
+
+def test_unusable_state_dir_is_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StateError, match=r"state dir .*not writable"):
+        StateDir(tmp_path / "file" / "sub")
+
+
+def test_default_state_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert default_state_dir("pi-1") == tmp_path / "ftte-agent" / "pi-1"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_state_dir("pi-1") == tmp_path / ".local" / "state" / "ftte-agent" / "pi-1"
+
+
+def test_model_cache_verifies_hash_and_deletes_corrupt_files(tmp_path):
+    s = StateDir(tmp_path)
+    blob = model_to_bytes(zoo("mlp", (4,), 2, hidden=(3,)))
+    h = content_hash(blob)
+    s.put_model(h, blob)
+    assert s.has_model(h) and s.get_model(h) == blob and s.verified_models() == [h]
+    s.model_path(h).write_bytes(blob[:-1] + b"\x01")
+    assert s.get_model(h) is None and not s.model_path(h).exists()
+    s.put_model(h, blob)
+    (s.models_dir / ("0" * 64 + ".ftm")).write_bytes(blob)        # misnamed
+    (s.models_dir / "junk.ftm").write_bytes(b"x")
+    assert s.verified_models() == [h]
+    assert sorted(p.name for p in s.models_dir.iterdir()) == [h + ".ftm"]
+    assert s.get_model("../../etc/passwd") is None and not s.has_model("ABC")
+    with pytest.raises(ValueError):
+        s.model_path("../x")
+
+
+def test_model_cache_keeps_the_most_recent(tmp_path):
+    s = StateDir(tmp_path)
+    hashes = []
+    for i in range(MAX_CACHED_MODELS + 3):
+        blob = f"model {i}".encode()
+        h = content_hash(blob)
+        s.put_model(h, blob)
+        os.utime(s.model_path(h), ns=(10**18 + i, 10**18 + i))
+        hashes.append(h)
+    s.put_model(hashes[-1], b"model %d" % (MAX_CACHED_MODELS + 2))  # triggers pruning again
+    kept = set(s.verified_models())
+    assert len(kept) == MAX_CACHED_MODELS and hashes[-1] in kept and hashes[0] not in kept
+
+
+@pytest.mark.parametrize("task_id", ["t-1", "../../etc/passwd", "a/b c%20d", "ünï cödé", "x" * 128, "."])
+def test_pending_file_names_are_safe_and_round_trip(tmp_path, task_id):
+    s = StateDir(tmp_path)
+    path = s.put_pending(task_id, b"update")
+    assert path.parent == s.pending_dir and path.name.endswith(".upd") and "/" not in path.name
+    assert s.pending() == [(task_id, path)]
+    assert s.drop_pending(task_id) and s.pending() == [] and not s.drop_pending(task_id)
+
+
+def test_pending_rejects_empty_and_overlong_ids(tmp_path):
+    s = StateDir(tmp_path)
+    for bad in ["", "x" * 129]:
+        with pytest.raises(ValueError):
+            s.pending_path(bad)
+        assert not s.drop_pending(bad)
+
+
+def test_pending_is_oldest_first(tmp_path):
+    s = StateDir(tmp_path)
+    for i, tid in enumerate(["c", "a", "b"]):
+        os.utime(s.put_pending(tid, b"u"), ns=(10**18 + i, 10**18 + i))
+    assert [t for t, _ in s.pending()] == ["c", "a", "b"]
+
+
+# -- TASK peeking ------------------------------------------------------------------------------------
+def test_peek_task_id_from_broken_bodies():
+    head = json.dumps({"task_id": "t-9", "values": "nonsense"}).encode()
+    assert peek_task_id(struct.pack("<I", len(head)) + head + b"\x00\x01") == "t-9"
+    assert peek_task_id(b"\x01") is None
+    assert peek_task_id(struct.pack("<I", 3) + b"{{{") is None
+    assert peek_task_id(struct.pack("<I", 2) + b"[]") is None
+    assert peek_task_id(struct.pack("<I", 0xFFFFFFFF)) is None
+    head = json.dumps({"task_id": 5}).encode()
+    assert peek_task_id(struct.pack("<I", len(head)) + head) is None
+
+
+# -- mDNS ----------------------------------------------------------------------------------------------
+def test_instance_name_is_a_valid_dns_label():
+    assert instance_name("pi-1", "abcdef0123456789") == "pi-1-abcdef"
+    long = instance_name("x" * 100 + ".bad name", "abcdef0123456789")
+    assert len(long) <= 63 and long.endswith("-abcdef") and "." not in long and " " not in long
+
+
+def test_readvertises_when_the_address_set_changes():
+    """No address -> registered when 127.0.0.1 appears -> withdrawn when it goes, seen by a browser."""
+    from zeroconf import IPVersion, ServiceStateChange
+    from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
+
+    addresses = []
+
+    async def go():
+        events = asyncio.Queue()
+        zc = AsyncZeroconf(ip_version=IPVersion.V4Only, interfaces=["127.0.0.1"])
+
+        def on_change(zeroconf, service_type, name, state_change):
+            if name.startswith("moving-"):
+                events.put_nowait(state_change)
+        browser = AsyncServiceBrowser(zc.zeroconf, [M.SERVICE_TYPE], handlers=[on_change])
+        adv = Advertiser("moving", "0123456789abcdef", 7851, {"id": "0123456789abcdef"}, poll_seconds=0.1,
+                         list_addresses=lambda: list(addresses))
+        task = asyncio.create_task(adv.run())
+        try:
+            await asyncio.sleep(0.5)
+            assert events.empty() and adv.addresses == []
+            addresses.append("127.0.0.1")
+            assert await asyncio.wait_for(events.get(), 15) is ServiceStateChange.Added
+            assert adv.addresses == ["127.0.0.1"]
+            addresses.clear()
+            assert await asyncio.wait_for(events.get(), 15) is ServiceStateChange.Removed
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await browser.async_cancel()
+            await zc.async_close()
+    asyncio.run(asyncio.wait_for(go(), 40))
