@@ -61,3 +61,35 @@ def test_three_agents_reach_target_and_export_matching_onnx(tmp_path):
     assert saved["version"] == summary["version"]
     assert sum(a["accepted"] for a in saved["agents"].values()) == summary["accepted"]
     assert set(saved["agents"]) == {"a0", "a1", "a2"}
+
+
+def test_bad_peers_are_rejected_and_the_run_completes(tmp_path, caplog):
+    val, parts = digits_split(4)
+
+    async def main():
+        good = [FakeAgent(KEY, parts[i], f"good{i}") for i in range(3)]
+        bad = [FakeAgent(KEY, parts[3], f"bad-{b}", behaviour=b)
+               for b in ("garbage", "nan", "wrong_shape", "raw_garbage", "bad_info", "silent")]
+        stranger = FakeAgent(generate_key(), parts[3], "stranger")
+        agents = good + bad + [stranger]
+        for a in agents:
+            await a.start()
+        cfg = _config(tmp_path, val, agents, min_agents=3, target_accuracy=0.9, task_timeout=0.3)
+        return await _run(cfg, agents), {a.agent_id: a for a in agents}
+
+    summary, agents = asyncio.run(main())
+    assert summary["accuracy"] >= 0.9
+    per = summary["agents"]
+    for name in ("bad-garbage", "bad-nan", "bad-wrong_shape"):
+        assert per[name]["accepted"] == 0 and per[name]["rejected"] >= 1, per[name]
+        assert all(not a["accepted"] for a in agents[name].acks)
+    assert summary["rejected_by_reason"].get("malformed", 0) >= 2
+    assert summary["rejected_by_reason"].get("shape", 0) >= 1
+    assert "stranger" not in per and agents["stranger"].tasks == 0   # wrong key: nothing trained
+    assert "bad-raw_garbage" not in per and "bad-bad_info" not in per
+    assert all(per[f"good{i}"]["accepted"] >= 1 for i in range(3))
+    # the silent agent's task was given up after --task-timeout (its session ends; the loop re-dials)
+    assert per["bad-silent"]["accepted"] == 0
+    assert any("no UPDATE for task" in r.getMessage() and "bad-silent" in r.getMessage() for r in caplog.records)
+    # one log line per bad peer event, naming it
+    assert any("wrong key" in r.getMessage() for r in caplog.records)

@@ -49,6 +49,7 @@ class Hooks:
     on_update: Optional[Callable[[str, Any, float], None]] = None        # agent_id, Arrival, t (before ACK)
     on_merge: Optional[Callable[[Any, float], None]] = None              # MergeReport, t (right after the merge)
     on_metrics: Optional[Callable[[Dict[str, Any]], None]] = None        # the metrics.jsonl line
+    on_ready: Optional[Callable[["Fleet"], None]] = None                 # setup done; fleet.add_address works
 
 
 class SessionEnd(Exception):
@@ -401,7 +402,7 @@ class Session:
     async def _heartbeat(self) -> None:
         s = self.fleet.settings
         while True:
-            await asyncio.sleep(min(s.ping_interval, 1.0) if self.task_id else s.ping_interval)
+            await asyncio.sleep(min(s.ping_interval, 1.0, s.task_timeout / 2) if self.task_id else s.ping_interval)
             now = time.monotonic()
             if self.task_id is not None and now - self.task_sent_at > s.task_timeout:
                 raise SessionEnd(f"no UPDATE for task {self.task_id} after {s.task_timeout:g} s "

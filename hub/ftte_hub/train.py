@@ -491,6 +491,8 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
             run._finish("target_accuracy", f"accuracy {run.last_accuracy:.4f} already meets --target-accuracy")
         fleet.ready.set()
         fleet.wake()
+        if hooks.on_ready:
+            hooks.on_ready(fleet)
         await run.finished.wait()
         if run.fatal:
             raise TrainError(run.fatal)
