@@ -285,7 +285,10 @@ class _Run:
         params = {k: v.copy() for k, v in self.model.state().items()}
         state = self.driver.state_dict()
         agents = json.loads(json.dumps(self.coord.agents))
-        self._merges.put_nowait((report, params, state, agents, self.driver.stats()))
+        stats = self.driver.stats()
+        stats["agents_active"] = self.fleet.active_agents()  # as at the merge, not when it is logged
+        stats["transport"] = self.fleet.bytes_totals()
+        self._merges.put_nowait((report, params, state, agents, stats))
         if self.driver.done:
             self._finish("max_versions", f"reached --max-versions {self.cfg.max_versions}")
 
@@ -321,16 +324,16 @@ class _Run:
                         replayed: bool = False) -> None:
         self.last_accuracy, self.last_loss = float(acc), float(loss)
         self.best_accuracy = max(self.best_accuracy, float(acc))
-        b_in, b_out = self.fleet.bytes_totals()
+        b_in, b_out = stats.get("transport") or self.fleet.bytes_totals()
         line = {
             "version": report.version, "accuracy": round(float(acc), 6), "loss": round(float(loss), 6),
             "time_s": round(self.elapsed, 3), "unix_time": round(time.time(), 3),
-            "agents_active": self.fleet.active_agents(), "mean_staleness": report.mean_staleness,
+            "agents_active": stats.get("agents_active", self.fleet.active_agents()), "mean_staleness": report.mean_staleness,
             "bytes_in": b_in, "bytes_out": b_out, "update_bytes_in": stats["bytes_in"],
             "merged_updates": report.num_updates, "merged_updates_total": stats["merged_updates"],
             "samples": report.num_samples, "train_loss": report.mean_loss, "update_norm": report.update_norm,
             "partial": report.partial, "staleness": report.staleness, "weights": report.weights,
-            "factors": report.factors, "devices": report.device_ids, "rejected_total": stats["rejected"],
+            "factors": report.factors, "devices": report.device_ids, "tasks": report.task_ids, "rejected_total": stats["rejected"],
         }
         if replayed:
             line["replayed"] = True
