@@ -543,22 +543,23 @@ def test_mdns_advertisement_with_txt(fleet, tmp_path):
 
     a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--memory-budget", "48MiB", "--slowdown", "2",
                     mdns=True)
+    # other fleets on this host may advertise on 127.0.0.1 too: look for this agent's own instance
+    mine = "test-agent-" + (tmp_path / "state" / "agent_id").read_text().strip()[:6] + "."
     try:
         async def browse():
             zc = AsyncZeroconf(ip_version=IPVersion.V4Only, interfaces=["127.0.0.1"])
             found, removed = asyncio.Queue(), asyncio.Queue()
 
             def on_change(zeroconf, service_type, name, state_change):
+                if not name.startswith(mine):
+                    return
                 if state_change is ServiceStateChange.Added:
                     found.put_nowait(name)
                 elif state_change is ServiceStateChange.Removed:
                     removed.put_nowait(name)
             browser = AsyncServiceBrowser(zc.zeroconf, [M.SERVICE_TYPE], handlers=[on_change])
             try:
-                while True:
-                    name = await asyncio.wait_for(found.get(), 20)
-                    if name.startswith("test-agent-"):
-                        break
+                name = await asyncio.wait_for(found.get(), 20)
                 info = AsyncServiceInfo(M.SERVICE_TYPE, name)
                 assert await info.async_request(zc.zeroconf, 3000)
                 txt = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
@@ -576,6 +577,7 @@ def test_mdns_advertisement_with_txt(fleet, tmp_path):
     assert a.proc.returncode == 0
     assert port == a.port and addrs == ["127.0.0.1"]
     assert re.fullmatch(r"[0-9a-f]{16}", txt["id"]) and name.startswith(f"test-agent-{txt['id'][:6]}.")
+    assert name.startswith(mine)
     assert txt["name"] == "test-agent" and txt["proto"] == str(PROTOCOL_VERSION)
     assert txt["budget"] == str(48 << 20) and float(txt["speed"]) > 0 and txt["arch"]
     assert gone == name

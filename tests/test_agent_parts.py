@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import struct
 import time
 
@@ -154,16 +155,18 @@ def test_readvertises_when_the_address_set_changes():
     from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
 
     addresses = []
+    agent_id = secrets.token_hex(8)  # a unique instance: other test runs may advertise on 127.0.0.1 too
+    mine = instance_name("moving", agent_id) + "."
 
     async def go():
         events = asyncio.Queue()
         zc = AsyncZeroconf(ip_version=IPVersion.V4Only, interfaces=["127.0.0.1"])
 
         def on_change(zeroconf, service_type, name, state_change):
-            if name.startswith("moving-"):
+            if name.startswith(mine):
                 events.put_nowait(state_change)
         browser = AsyncServiceBrowser(zc.zeroconf, [M.SERVICE_TYPE], handlers=[on_change])
-        adv = Advertiser("moving", "0123456789abcdef", 7851, {"id": "0123456789abcdef"}, poll_seconds=0.1,
+        adv = Advertiser("moving", agent_id, 7851, {"id": agent_id}, poll_seconds=0.1,
                          list_addresses=lambda: list(addresses))
         task = asyncio.create_task(adv.run())
         try:
