@@ -280,6 +280,39 @@ def test_corrupt_cached_model_is_deleted_and_task_fails_cleanly(fleet, tmp_path)
         assert a.stop() == 0
 
 
+def test_model_corrupted_while_running_makes_the_hub_resend_it(fleet, tmp_path):
+    model, subset = make_model(seed=10)
+    other_subset = Subset.of(model, {"fc2": {"rows": "all", "bias": False}})
+    blob = model_to_bytes(model)
+    h = content_hash(blob)
+    state = tmp_path / "state"
+    a = start_agent(fleet["key"], fleet["data"], state)
+    try:
+        async def go():
+            ch, _ = await hello(a.port, fleet["key"])
+            await train_one(ch, model, subset, "before")
+            await ack(ch, "before")
+            (state / "models" / f"{h}.ftm").write_bytes(blob[:100])  # the SD card lost it
+            # a new subset needs the model file again
+            await ch.send(M.TASK, M.encode_task(task_message(model, other_subset, "after")))
+            t, body = await recv_skip_pings(ch)
+            assert t == M.TASK_FAILED and "corrupt" in M.decode_json(body, t)["message"]
+            t, body = await recv_skip_pings(ch)
+            assert t == M.ERROR and "reconnect" in M.decode_json(body, t)["message"]
+            with pytest.raises(ChannelError):
+                await recv_skip_pings(ch)
+            ch.abort()
+            ch, info = await hello(a.port, fleet["key"])
+            assert h not in info["models"]
+            upd = await train_one(ch, model, other_subset, "again")  # MODEL sent again
+            await ack(ch, "again")
+            await ch.close()
+            return upd
+        check_update(run(go()), model, other_subset, current_version=0)
+    finally:
+        assert a.stop() == 0
+
+
 def test_pending_update_survives_vanished_hub_and_ack_deletes_it(fleet, tmp_path):
     model, subset = make_model(seed=5)
     state = tmp_path / "state"
@@ -626,3 +659,29 @@ def test_port_in_use_fails_with_one_line(agent, fleet, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1].startswith("ftte-agent: error: cannot serve on port")
+
+
+def test_sigterm_mid_task_exits_zero_promptly_with_json_logs(fleet, tmp_path):
+    import json
+    model, subset = make_model(seed=11)
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--log-format", "json")
+    try:
+        async def go():
+            ch, _ = await hello(a.port, fleet["key"])
+            await ch.send(M.MODEL, model_to_bytes(model))
+            long = task_message(model, subset, "long", config=TaskConfig(batch_size=16, local_epochs=1e5))
+            await ch.send(M.TASK, M.encode_task(long))
+            await asyncio.sleep(0.1)
+            return ch
+        run(go())
+        a.wait_for(r"task long: training")
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        a.proc.send_signal(signal.SIGTERM)
+        assert a.proc.wait(10) == 0 and time.monotonic() - t0 < 5
+    finally:
+        a.stop()
+    records = [json.loads(line) for line in a.lines]  # every line is one JSON object
+    assert {"t", "level", "logger", "msg"} <= set(records[0])
+    assert any(r["msg"].startswith("listening on 127.0.0.1:") for r in records)
+    assert records[-1]["msg"] == "stopped"

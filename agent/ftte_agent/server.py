@@ -64,7 +64,15 @@ class AgentSettings:
 
 
 class TaskFailure(Exception):
-    """A task that cannot be trained (one-line reason for TASK_FAILED)."""
+    """A task that cannot be trained (one-line reason for TASK_FAILED).
+
+    ``resync``: the hub's picture of this agent is wrong (a cached model turned out corrupt), so
+    the connection is closed after TASK_FAILED; the hub reconnects and reads a fresh AGENT_INFO.
+    """
+
+    def __init__(self, message: str, resync: bool = False):
+        super().__init__(message)
+        self.resync = resync
 
 
 class _EndSession(Exception):
@@ -178,7 +186,7 @@ class Agent:
             try:
                 result: TaskResult = await run_in_daemon_thread(self._train, task)
             except TaskFailure as e:
-                await self._task_failed(task.task_id, str(e))
+                await self._task_failed(task.task_id, str(e), resync=e.resync)
                 return
             except Exception as e:  # a bug or an engine error must cost one task, not the agent
                 await self._task_failed(task.task_id, f"training failed: {type(e).__name__}: {_one_line(e)}")
@@ -220,9 +228,13 @@ class Agent:
                                 seed=task.seed, device_id=self.state.agent_id)
 
     def _make_worker(self, task: M.TaskMessage) -> LocalWorker:
+        was_cached = self.state.has_model(task.model_hash)
         blob = self.state.get_model(task.model_hash)
+        if blob is None and was_cached:
+            raise TaskFailure(f"cached model {task.model_hash[:16]} was corrupt and is deleted: reconnect and send "
+                              f"MODEL first", resync=True)
         if blob is None:
-            raise TaskFailure(f"model {task.model_hash[:16]} is not cached here (or was corrupt): send MODEL first")
+            raise TaskFailure(f"model {task.model_hash[:16]} is not cached here: send MODEL first")
         try:
             model = model_from_bytes(blob)
         except ModelFileError as e:
@@ -242,7 +254,7 @@ class Agent:
             raise TaskFailure(f"local data has labels up to {int(d.y.max())}, the model has {model.num_classes} classes")
         return LocalWorker(model, subset)
 
-    async def _task_failed(self, task_id: str, message: str) -> None:
+    async def _task_failed(self, task_id: str, message: str, resync: bool = False) -> None:
         self.tasks_failed += 1
         log.warning("task %s failed: %s", task_id, message)
         session = self.session
@@ -250,7 +262,11 @@ class Agent:
             try:
                 await session.ch.send(M.TASK_FAILED, M.encode_json({"task_id": task_id, "message": message}))
             except ChannelError:
-                pass  # the session's own loop reports the broken connection
+                return  # the session's own loop reports the broken connection
+            if resync:
+                await session._send_error("the model cache changed: reconnect for a fresh AGENT_INFO")
+                log.info("closing the connection to %s so the hub reads the model cache again", session.ch.peer)
+                session.cancel()
 
     async def shutdown(self) -> None:
         if self.session is not None:

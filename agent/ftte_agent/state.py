@@ -66,6 +66,7 @@ class StateDir:
         except OSError as e:
             raise StateError(f"state dir {self.root}: not writable ({e.strerror or e})") from None
         self.agent_id = self._load_or_create_id()
+        self._verified: Optional[set] = None  # model hashes checked this run (hashing is paid once per file)
 
     # -- identity -----------------------------------------------------------------------------
     def _load_or_create_id(self) -> str:
@@ -93,6 +94,8 @@ class StateDir:
         """Store a model file the caller has already parsed and hashed; prunes old ones."""
         path = self.model_path(model_hash)
         atomic_write(path, lambda f: f.write(blob), mode=0o600)
+        if self._verified is not None:
+            self._verified.add(model_hash)
         self._prune_models(keep=path)
 
     def get_model(self, model_hash: str) -> Optional[bytes]:
@@ -108,15 +111,22 @@ class StateDir:
         if hashlib.sha256(blob).hexdigest() != model_hash:
             log.warning("model cache: %s is corrupt (hash mismatch); deleted", path.name)
             _unlink(path)
+            if self._verified is not None:
+                self._verified.discard(model_hash)
             return None
         os.utime(path)  # most recently used survives pruning
         return blob
 
     def verified_models(self) -> List[str]:
-        """Hashes of the cached models, each file checked against its name (corrupt ones deleted)."""
+        """Hashes of the cached models. Each file is checked against its name the first time it is
+        listed in this run (corrupt or misnamed ones are deleted); a task re-checks before use."""
+        known = self._verified if self._verified is not None else set()
         out = []
         for path in sorted(self.models_dir.glob("*" + MODEL_SUFFIX)):
             h = path.name[:-len(MODEL_SUFFIX)]
+            if h in known:
+                out.append(h)
+                continue
             try:
                 ok = _HASH_RE.fullmatch(h) is not None and file_sha256(path) == h
             except OSError:
@@ -126,6 +136,7 @@ class StateDir:
             else:
                 log.warning("model cache: %s is corrupt or misnamed; deleted", path.name)
                 _unlink(path)
+        self._verified = set(out)
         return out
 
     def has_model(self, model_hash: str) -> bool:
