@@ -684,4 +684,4 @@ def test_sigterm_mid_task_exits_zero_promptly_with_json_logs(fleet, tmp_path):
     records = [json.loads(line) for line in a.lines]  # every line is one JSON object
     assert {"t", "level", "logger", "msg"} <= set(records[0])
     assert any(r["msg"].startswith("listening on 127.0.0.1:") for r in records)
-    assert records[-1]["msg"] == "stopped"
+    assert records[-1]["msg"] == "stopped (abandoned the task in training)"

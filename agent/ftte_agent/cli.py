@@ -4,8 +4,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from typing import List, Optional, Sequence
 
@@ -128,6 +130,15 @@ def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, in
         asyncio.run(serve(Agent(settings), list(interfaces), port, mdns=not no_mdns))
     except OSError as e:
         _fail(f"cannot serve on port {port}: {e.strerror or e}")
+    training = [t for t in threading.enumerate() if t.name == "ftte-train" and t.is_alive()]
+    if training:
+        # A task still training is abandoned (the hub times it out). Interpreter finalisation would
+        # pull the thread out of the C++ kernels and abort the process, so leave without it: the
+        # state dir is already consistent (every file there is written atomically and fsynced).
+        log.info("stopped (abandoned the task in training)")
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(0)
     log.info("stopped")
 
 
