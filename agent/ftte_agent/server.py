@@ -270,6 +270,7 @@ class Agent:
 
     async def shutdown(self) -> None:
         if self.session is not None:
+            await self.session.ch.close()  # the authenticated close: the hub sees a clean goodbye
             self.session.cancel()
         for t in list(self._training):
             t.cancel()
