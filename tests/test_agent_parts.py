@@ -22,19 +22,23 @@ MIB = 1 << 20
 
 
 # -- memory rule and speed -------------------------------------------------------------------------
-@pytest.mark.parametrize("available, expect", [
-    (100 * MIB, 25 * MIB),          # a quarter
-    (40 * MIB, 16 * MIB),           # floor
-    (64 << 30, 1 << 30),            # cap
+@pytest.mark.parametrize("available, cgroup, expect", [
+    (100 * MIB, None, 25 * MIB),          # a quarter
+    (40 * MIB, None, 16 * MIB),           # floor
+    (20 * MIB, None, 10 * MIB),           # the floor never takes more than half
+    (64 << 30, None, 1 << 30),            # cap
+    (8 << 30, 200 * MIB, 50 * MIB),       # a tighter cgroup wins
+    (100 * MIB, 8 << 30, 25 * MIB),       # a looser one does not
 ])
-def test_default_memory_budget_rule(available, expect):
-    budget, rule = device.default_memory_budget(available)
-    assert budget == expect and "MemAvailable" in rule
+def test_default_memory_budget_rule(available, cgroup, expect):
+    budget, rule = device.default_memory_budget(available, cgroup)
+    assert budget == expect and ("cgroup" in rule) == (cgroup is not None and cgroup < available)
 
 
 def test_memory_budget_falls_back_without_meminfo(tmp_path, monkeypatch):
     real = device.mem_available
     monkeypatch.setattr(device, "mem_available", lambda: None)
+    monkeypatch.setattr(device, "cgroup_memory_available", lambda: None)
     assert device.default_memory_budget() == (device.BUDGET_FALLBACK, "MemAvailable unknown: fallback")
     monkeypatch.setattr(device, "mem_available", real)
     assert device.mem_available(str(tmp_path / "missing")) is None
@@ -42,6 +46,31 @@ def test_memory_budget_falls_back_without_meminfo(tmp_path, monkeypatch):
     assert device.mem_available(str(tmp_path / "meminfo")) == 2048 * 1024
     (tmp_path / "garbled").write_text("MemAvailable: lots\n")
     assert device.mem_available(str(tmp_path / "garbled")) is None
+
+
+def _cgroup_tree(tmp_path, proc_lines, files):
+    (tmp_path / "cgroup").write_text("\n".join(proc_lines) + "\n")
+    for rel, text in files.items():
+        f = tmp_path / "sys" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    return str(tmp_path / "cgroup"), str(tmp_path / "sys")
+
+
+@pytest.mark.parametrize("proc_lines, files, expect", [
+    (["0::/system.slice/ftte-agent.service"],                      # v2, e.g. systemd MemoryMax=64M
+     {"system.slice/ftte-agent.service/memory.max": "67108864\n",
+      "system.slice/ftte-agent.service/memory.current": "50331648\n"}, 16 * MIB),
+    (["0::/"], {"memory.max": "max\n", "memory.current": "5\n"}, None),   # v2 without a limit
+    (["4:memory:/docker/abc", "0::/"],                              # v1 inside a container namespace
+     {"memory/memory.limit_in_bytes": str(300 * MIB), "memory/memory.usage_in_bytes": str(100 * MIB)}, 200 * MIB),
+    (["4:memory:/", "0::/"], {"memory/memory.limit_in_bytes": "9223372036854771712",
+                              "memory/memory.usage_in_bytes": "1000"}, None),   # v1 unlimited
+    (["garbage"], {}, None),
+])
+def test_cgroup_memory_headroom(tmp_path, proc_lines, files, expect):
+    proc, root = _cgroup_tree(tmp_path, proc_lines, files)
+    assert device.cgroup_memory_available(proc, root) == expect
 
 
 def test_speed_benchmark_is_short_and_positive():

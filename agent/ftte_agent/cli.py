@@ -47,8 +47,8 @@ def setup_logging(fmt: str, level: str) -> None:
               help="Local training data: .npz with x [N, ...] and integer labels y [N] (never sent anywhere).")
 @click.option("--name", default=None, help="Agent name in logs and mDNS; default: the host name.")
 @click.option("--memory-budget", default=None,
-              help="Training memory this device offers, e.g. 64MiB; default: 1/4 of MemAvailable, "
-                   "within [16 MiB, 1 GiB].")
+              help="Training memory this device offers, e.g. 64MiB; default: 1/4 of the available memory "
+                   "(MemAvailable, or the memory cgroup's headroom if smaller), at most 1 GiB.")
 @click.option("--port", type=click.IntRange(0, 65535), default=None,
               help="TCP port to serve on (0 = any free port; the log names it).  [default: 7850]")
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,

@@ -1,9 +1,11 @@
 """Facts about this device: default memory budget, measured training speed, addresses, peak RSS.
 
-Memory rule (the default of --memory-budget): a quarter of MemAvailable from /proc/meminfo,
-capped at 1 GiB and at least 16 MiB; 64 MiB when /proc/meminfo cannot be read. A quarter leaves
-the device's own work room to grow; the cap keeps big boxes from offering more than any subset
-we search for needs.
+Memory rule (the default of --memory-budget): available = MemAvailable from /proc/meminfo, or
+less if this process's memory cgroup (v2 memory.max - memory.current, v1 limit - usage; e.g. a
+systemd MemoryMax= or a container limit) leaves less. Budget = a quarter of that, at most 1 GiB
+and at least min(16 MiB, half of it); 64 MiB when neither can be read. A quarter leaves the
+device's own work room to grow; the cap keeps big boxes from offering more than any subset we
+search for needs.
 
 Speed: a fixed micro-benchmark (full training steps of a 64-256-256-10 MLP, batch 32, for about
 0.25 s) converted to GFLOP/s with ``cost.training_flops``; the same on every device, so hubs can
@@ -11,6 +13,7 @@ compare devices. --slowdown X divides it.
 """
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import time
@@ -39,14 +42,65 @@ def mem_available(path: str = "/proc/meminfo") -> Optional[int]:
     return None
 
 
-def default_memory_budget(available: Optional[int] = None) -> Tuple[int, str]:
-    """(budget bytes, the rule that produced it, for the log)."""
+def _read_int(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        return None if text == "max" else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+UNLIMITED = 1 << 60   # cgroup v1 reports "no limit" as a number near 2**63
+
+
+def cgroup_memory_available(proc_cgroup: str = "/proc/self/cgroup", sys_root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """Bytes this process's memory cgroup still allows (limit - usage), or None without a limit."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            bases, names = [sys_root, os.path.join(sys_root, "unified")], ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            bases, names = [os.path.join(sys_root, "memory")], ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        for base in bases:
+            # inside a container the cgroup namespace puts our own group at the mount's root
+            for d in (os.path.join(base, path.lstrip("/")), base):
+                limit, usage = _read_int(os.path.join(d, names[0])), _read_int(os.path.join(d, names[1]))
+                if limit is not None and usage is not None:
+                    if limit < UNLIMITED:
+                        found.append(max(0, limit - usage))
+                    break
+            else:
+                continue
+            break
+    return min(found) if found else None
+
+
+def default_memory_budget(available: Optional[int] = None, cgroup: Optional[int] = None) -> Tuple[int, str]:
+    """(budget bytes, the rule that produced it, for the log). Arguments override the readings."""
     if available is None:
         available = mem_available()
+    if cgroup is None:
+        cgroup = cgroup_memory_available()
+    source = "MemAvailable"
+    if cgroup is not None and (available is None or cgroup < available):
+        available, source = cgroup, "memory cgroup headroom"
     if available is None:
         return BUDGET_FALLBACK, "MemAvailable unknown: fallback"
-    budget = int(min(BUDGET_CAP, max(BUDGET_FLOOR, available * BUDGET_SHARE)))
-    return budget, f"1/4 of MemAvailable {available // MIB} MiB, within [16 MiB, 1 GiB]"
+    floor = min(BUDGET_FLOOR, available // 2)
+    budget = int(min(BUDGET_CAP, max(floor, available * BUDGET_SHARE)))
+    return budget, f"1/4 of {source} {available / MIB:.0f} MiB, within [min(16 MiB, half), 1 GiB]"
 
 
 def measure_speed(seconds: float = BENCH_SECONDS) -> float:
