@@ -30,7 +30,7 @@ def test_demo_trains_a_fleet_and_exports_a_model_onnxruntime_agrees_with(tmp_pat
 
     val = ftdata.load_npz(out / "data" / "val.npz")
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    x = val.x.reshape(val.x.shape[0], -1).astype(np.float32)
+    x = val.x.astype(np.float32)
     logits = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     acc = float(np.mean(np.argmax(logits, 1) == val.y))
     assert abs(acc - summary["accuracy"]) < 1e-9
