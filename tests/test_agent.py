@@ -664,7 +664,7 @@ def test_port_in_use_fails_with_one_line(agent, fleet, tmp_path):
 def test_sigterm_mid_task_exits_zero_promptly_with_json_logs(fleet, tmp_path):
     import json
     model, subset = make_model(seed=11)
-    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--log-format", "json")
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--log-format", "json", "--log-level", "debug")
     try:
         async def go():
             ch, _ = await hello(a.port, fleet["key"])

@@ -180,7 +180,7 @@ class Agent:
 
     async def _run_task(self, task: M.TaskMessage) -> None:
         async with self._train_lock:
-            log.info("task %s: training (version %d, model %s, subset %s)", task.task_id, task.base_version,
+            log.debug("task %s: training (version %d, model %s, subset %s)", task.task_id, task.base_version,
                      task.model_hash[:12], task.subset_fingerprint)
             start = time.perf_counter()
             try:
@@ -214,7 +214,7 @@ class Agent:
         if session is None:
             log.info("task %s: no hub connected; the update stays in pending/ for the next one", task.task_id)
         else:
-            await session.flush_pending_quietly()
+            await session.flush_pending_quietly(fresh={task.task_id})
 
     def _train(self, task: M.TaskMessage) -> TaskResult:
         """In the training thread: the worker for this model+subset (reused), then one run."""
@@ -410,8 +410,9 @@ class Session:
                         str(ack.get("message", ""))[:300])
 
     # -- pending updates --------------------------------------------------------------------------
-    async def flush_pending(self) -> None:
-        """Send every kept update not yet sent on this connection, oldest first."""
+    async def flush_pending(self, fresh: Set[str] = frozenset()) -> None:
+        """Send every kept update not yet sent on this connection, oldest first (``fresh``: ids
+        trained during this connection, for the log)."""
         async with self._flush_lock:
             for task_id, path in self.state.pending():
                 if task_id in self._sent:
@@ -427,11 +428,13 @@ class Session:
                     continue
                 await self.ch.send(M.UPDATE, blob)
                 self._sent.add(task_id)
-                log.info("update %s sent to %s (%d bytes)", task_id, self.ch.peer, len(blob))
+                # a fresh update's delivery is routine; one kept from an earlier connection is news
+                log.log(logging.DEBUG if task_id in fresh else logging.INFO, "update %s sent to %s (%d bytes)%s",
+                        task_id, self.ch.peer, len(blob), "" if task_id in fresh else ", kept from earlier")
 
-    async def flush_pending_quietly(self) -> None:
+    async def flush_pending_quietly(self, fresh: Set[str] = frozenset()) -> None:
         try:
-            await self.flush_pending()
+            await self.flush_pending(fresh)
         except ChannelError as e:
             log.info("update kept for the next connection: %s", e)
 
