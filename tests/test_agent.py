@@ -447,6 +447,27 @@ def test_oversized_frame_dropped_then_good_hub_served(agent, fleet):
     agent.wait_for(r"hub connection dropped: .*(limit|large|exceeds|max)", start=mark)
 
 
+def test_replayed_frame_dropped_then_good_hub_served(agent, fleet):
+    mark = agent.mark()
+
+    async def go():
+        ch, _ = await hello(agent.port, fleet["key"])
+        frame = ch.conn.send(M.PING, M.encode_json({"t": 3.0}))
+        ch.writer.write(frame)
+        await ch.writer.drain()
+        t, _ = await recv_skip_pings(ch)
+        assert t == M.PONG  # the original was answered
+        ch.writer.write(frame)  # the same record again: it must not authenticate
+        await ch.writer.drain()
+        with pytest.raises(ChannelError):
+            while True:
+                await ch.recv(timeout=TIMEOUT)
+        ch.abort()
+        await still_serving(agent.port, fleet["key"])
+    run(go())
+    agent.wait_for(r"hub connection dropped: .*(authenticat|tamper|replay)", start=mark)
+
+
 def test_silent_half_open_connection_times_out(fleet, tmp_path):
     a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--handshake-timeout", "0.5")
     try:
@@ -646,6 +667,8 @@ def test_bad_key_or_data_fails_fast_with_one_line(fleet, tmp_path, what, make, e
     (["--memory-budget", "lots"], "--memory-budget"),
     (["--interface", "eth0"], "IPv4"),
     (["--slowdown", "0.5"], "slowdown"),
+    (["--name", "../../etc"], "--name"),
+    (["--name", "x" * 64], "--name"),
 ])
 def test_bad_options_fail_with_one_line(fleet, tmp_path, args, expect):
     r = subprocess.run(agent_cmd(fleet["key"], fleet["data"], tmp_path / "state", "--no-mdns", *args),

@@ -5,6 +5,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -14,6 +15,8 @@ from typing import List, Optional, Sequence
 import click
 
 log = logging.getLogger("ftte_agent")
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,62}")  # also a directory name and an mDNS label
 
 
 def _fail(msg: str) -> None:
@@ -87,6 +90,8 @@ def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, in
     from .server import Agent, AgentSettings
     from .state import StateDir, StateError, default_state_dir
 
+    if name is not None and not NAME_RE.fullmatch(name):
+        _fail(f"--name {name[:80]!r}: use 1-63 letters, digits, '.', '_', '-' or spaces, starting with a letter or digit")
     for ip in interfaces:
         if not _is_ipv4(ip):
             _fail(f"--interface {ip!r} is not an IPv4 address")
