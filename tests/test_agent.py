@@ -368,7 +368,9 @@ def test_pending_updates_go_out_oldest_first(fleet, tmp_path):
                      task_id=tid)
         path = state.put_pending(tid, upd.to_bytes())
         os.utime(path, ns=(10**18 + i, 10**18 + i))
+    state.put_pending("torn", upd.to_bytes()[:-3])  # e.g. a disk that lost the end of a file
     a = start_agent(fleet["key"], fleet["data"], state.root)
+    a.wait_for(r"pending update torn\.upd is unreadable .*; deleted")
     try:
         async def go():
             ch, info = await hello(a.port, fleet["key"])

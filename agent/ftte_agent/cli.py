@@ -131,8 +131,12 @@ def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, in
     settings = AgentSettings(key=key, data=data, name=name, state=state, memory_budget=budget, speed=speed,
                              slowdown=slowdown, arch=device.arch(), handshake_timeout=handshake_timeout,
                              silence_timeout=silence_timeout, ping_interval=ping_interval)
+    agent = Agent(settings)
+    kept = agent.check_pending()
+    if kept:
+        log.info("%d update(s) kept from an earlier run wait for the next hub connection", kept)
     try:
-        asyncio.run(serve(Agent(settings), list(interfaces), port, mdns=not no_mdns))
+        asyncio.run(serve(agent, list(interfaces), port, mdns=not no_mdns))
     except OSError as e:
         _fail(f"cannot serve on port {port}: {e.strerror or e}")
     training = [t for t in threading.enumerate() if t.name == "ftte-train" and t.is_alive()]

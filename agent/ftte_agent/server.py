@@ -130,6 +130,18 @@ class Agent:
         self.tasks_done = 0
         self.tasks_failed = 0
 
+    def check_pending(self) -> int:
+        """At start: delete kept updates that no longer parse (one log line each); returns how many are left."""
+        left = 0
+        for task_id, path in self.state.pending():
+            try:
+                Update.from_bytes(path.read_bytes())
+                left += 1
+            except (OSError, UpdateError) as e:
+                log.warning("pending update %s is unreadable (%s); deleted", path.name, _one_line(e))
+                self.state.drop_pending(task_id)
+        return left
+
     # -- connections ----------------------------------------------------------------------------
     async def handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
