@@ -552,13 +552,21 @@ def test_undecodable_task_and_bad_model_get_error(agent, fleet):
 def test_not_used_and_stop_keep_the_connection(agent, fleet):
     mark = agent.mark()
 
+    model, subset = make_model(seed=12)
+
     async def go():
         ch, _ = await hello(agent.port, fleet["key"])
         await ch.send(M.NOT_USED, M.encode_json({"reason": "budget", "needed_bytes": 9 << 20, "budget_bytes": 1 << 20}))
+        await train_one(ch, model, subset, "before-stop")
+        await ack(ch, "before-stop")
         await ch.send(M.STOP, M.encode_json({"reason": "target accuracy reached"}))
         await still_alive(ch)
+        # the next run: the released model is loaded again from the cache
+        upd = await train_one(ch, model, subset, "after-stop", send_model=False)
+        await ack(ch, "after-stop")
         await ch.close()
-    run(go())
+        return upd
+    check_update(run(go()), model, subset, current_version=0)
     agent.wait_for(r"not used by hub .*needs 9437184 bytes, budget 1048576 bytes", start=mark)
     agent.wait_for(r"stopped the run: target accuracy reached", start=mark)
 

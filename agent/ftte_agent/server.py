@@ -239,6 +239,11 @@ class Agent:
         return self._worker.run(task.values, task.base_version, x, y, task.config, bits=task.bits,
                                 seed=task.seed, device_id=self.state.agent_id)
 
+    def release_worker(self) -> None:
+        """Free the model and training buffers between runs (a later task loads them again)."""
+        if not self._train_lock.locked():
+            self._worker, self._worker_key = None, None
+
     def _make_worker(self, task: M.TaskMessage) -> LocalWorker:
         was_cached = self.state.has_model(task.model_hash)
         blob = self.state.get_model(task.model_hash)
@@ -364,6 +369,7 @@ class Session:
         elif msg_type == M.STOP:
             m = M.decode_json(body, msg_type)
             log.info("hub %s stopped the run: %s", self.ch.peer, m.get("reason", ""))
+            self.agent.release_worker()
         elif msg_type == M.ERROR:
             m = M.decode_json(body, msg_type)
             log.warning("hub %s reported an error: %s", self.ch.peer, str(m.get("message", ""))[:300])
