@@ -718,3 +718,52 @@ def test_sigterm_mid_task_exits_zero_promptly_with_json_logs(fleet, tmp_path):
     assert {"t", "level", "logger", "msg"} <= set(records[0])
     assert any(r["msg"].startswith("listening on 127.0.0.1:") for r in records)
     assert records[-1]["msg"] == "stopped (abandoned the task in training)"
+
+
+def test_heartbeats_flow_while_a_long_task_trains(fleet, tmp_path):
+    model, subset = make_model(seed=13)
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--ping-interval", "0.3")
+    try:
+        async def go():
+            ch, _ = await hello(a.port, fleet["key"])
+            await ch.send(M.MODEL, model_to_bytes(model))
+            long = task_message(model, subset, "long", config=TaskConfig(batch_size=16, local_epochs=1e5))
+            await ch.send(M.TASK, M.encode_task(long))
+            await asyncio.sleep(0.5)
+            pings, t0 = 0, time.monotonic()
+            for i in range(3):
+                await ch.send(M.PING, M.encode_json({"t": float(i)}))
+                while True:
+                    t, body = await ch.recv(timeout=2)
+                    assert t in (M.PING, M.PONG), M.name(t)  # no UPDATE: still training
+                    if t == M.PING:
+                        pings += 1
+                    else:
+                        assert M.decode_json(body, t)["t"] == float(i)
+                        break
+                await asyncio.sleep(0.3)
+            ch.abort()
+            return pings, time.monotonic() - t0
+        pings, seconds = run(go())
+        assert seconds < 4 and pings >= 1
+    finally:
+        assert a.stop() == 0
+
+
+def test_tasks_sent_back_to_back_are_trained_in_order(agent, fleet):
+    model, subset = make_model(seed=14)
+
+    async def go():
+        ch, _ = await hello(agent.port, fleet["key"])
+        await ch.send(M.MODEL, model_to_bytes(model))
+        for tid in ("q1", "q2", "q3"):
+            await ch.send(M.TASK, M.encode_task(task_message(model, subset, tid)))
+        got = []
+        for _ in range(3):
+            t, body = await recv_skip_pings(ch)
+            assert t == M.UPDATE
+            got.append(Update.from_bytes(body).task_id)
+            await ack(ch, got[-1])
+        await ch.close()
+        return got
+    assert run(go()) == ["q1", "q2", "q3"]
