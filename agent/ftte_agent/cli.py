@@ -132,9 +132,10 @@ def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, in
                              slowdown=slowdown, arch=device.arch(), handshake_timeout=handshake_timeout,
                              silence_timeout=silence_timeout, ping_interval=ping_interval)
     agent = Agent(settings)
+    models = state.verified_models()  # hashed now, not when the first hub is waiting
     kept = agent.check_pending()
-    if kept:
-        log.info("%d update(s) kept from an earlier run wait for the next hub connection", kept)
+    if models or kept:
+        log.info("state: %d cached model(s), %d update(s) kept for the next hub connection", len(models), kept)
     try:
         asyncio.run(serve(agent, list(interfaces), port, mdns=not no_mdns))
     except OSError as e:
