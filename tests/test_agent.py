@@ -676,6 +676,7 @@ def test_bad_key_or_data_fails_fast_with_one_line(fleet, tmp_path, what, make, e
 @pytest.mark.parametrize("args, expect", [
     (["--memory-budget", "lots"], "--memory-budget"),
     (["--interface", "eth0"], "IPv4"),
+    (["--interface", "192.0.2.1"], "cannot listen on 192.0.2.1:"),   # not an address of this host
     (["--slowdown", "0.5"], "slowdown"),
     (["--name", "../../etc"], "--name"),
     (["--name", "x" * 64], "--name"),
@@ -691,7 +692,8 @@ def test_port_in_use_fails_with_one_line(agent, fleet, tmp_path):
     cmd[cmd.index("--port") + 1] = str(agent.port)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
-    assert r.stderr.strip().splitlines()[-1].startswith("ftte-agent: error: cannot serve on port")
+    assert r.stderr.strip().splitlines()[-1] == (f"ftte-agent: error: cannot listen on 127.0.0.1:{agent.port}: "
+                                                 "Address already in use")
 
 
 def test_sigterm_mid_task_exits_zero_promptly_with_json_logs(fleet, tmp_path):

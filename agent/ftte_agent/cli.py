@@ -138,8 +138,8 @@ def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, in
         log.info("state: %d cached model(s), %d update(s) kept for the next hub connection", len(models), kept)
     try:
         asyncio.run(serve(agent, list(interfaces), port, mdns=not no_mdns))
-    except OSError as e:
-        _fail(f"cannot serve on port {port}: {e.strerror or e}")
+    except ListenError as e:
+        _fail(str(e))
     training = [t for t in threading.enumerate() if t.name == "ftte-train" and t.is_alive()]
     if training:
         # A task still training is abandoned (the hub times it out). Interpreter finalisation would
@@ -150,6 +150,10 @@ def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, in
         sys.stderr.flush()
         os._exit(0)
     log.info("stopped")
+
+
+class ListenError(OSError):
+    """The TCP port cannot be bound (one line naming the address)."""
 
 
 async def serve(agent, interfaces: Sequence[str], port: int, mdns: bool) -> None:
@@ -165,7 +169,13 @@ async def serve(agent, interfaces: Sequence[str], port: int, mdns: bool) -> None
     servers: List[asyncio.base_events.Server] = []
     for host in hosts:
         # with port 0 the first bind picks the port and every other address uses the same one
-        srv = await asyncio.start_server(agent.handle_connection, host=host, port=port, reuse_address=True)
+        try:
+            srv = await asyncio.start_server(agent.handle_connection, host=host, port=port, reuse_address=True)
+        except OSError as e:
+            for other in servers:
+                other.close()
+            reason = os.strerror(e.errno) if e.errno else str(e)  # asyncio's own text repeats the address
+            raise ListenError(f"cannot listen on {host}:{port}: {reason}") from None
         port = srv.sockets[0].getsockname()[1]
         servers.append(srv)
         log.info("listening on %s:%d", host, port)
