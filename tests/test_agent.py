@@ -660,6 +660,9 @@ def test_agent_imports_neither_onnx_nor_hub():
     ("key", lambda p: None, "does not exist"),
     ("data", lambda p: p.write_bytes(b"PK\x03\x04 not really a zip"), "data file"),
     ("data", lambda p: np.savez(p, x=np.zeros((3, 2), np.float32)), "data file"),
+    ("data", lambda p: np.savez(p, x=np.zeros((0, 2), np.float32), y=np.zeros(0, np.int64)), "no samples"),
+    ("data", lambda p: np.savez(p, x=np.full((3, 2), np.nan, np.float32), y=np.zeros(3, np.int64)), "non-finite"),
+    ("data", lambda p: np.savez(p, x=np.array([{}] * 3, dtype=object), y=np.zeros(3, np.int64)), "pickle"),
 ])
 def test_bad_key_or_data_fails_fast_with_one_line(fleet, tmp_path, what, make, expect):
     bad = tmp_path / ("bad.key" if what == "key" else "bad.npz")
