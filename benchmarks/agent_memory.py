@@ -3,7 +3,8 @@
     python benchmarks/agent_memory.py [--tasks 3] [--no-mdns]
 
 Starts a real agent (loopback only, mDNS on 127.0.0.1 unless --no-mdns), plays the hub with
-Channel + messages, and reads the agent's /proc/PID/status: VmHWM (peak resident set) and VmRSS.
+Channel + messages, and reads the agent's /proc/PID/status: VmHWM (peak resident set), VmRSS, and
+its split into RssAnon (the process's heap) and RssFile (library pages).
 One fresh agent per model, so each peak belongs to that model alone. The subset is the whole
 model (the worst case: every gradient exists); tasks are one epoch over all 1797 samples, batch 32.
 Prints a table; the target is "well inside 64 MB".
@@ -36,7 +37,7 @@ def proc_memory(pid: int) -> dict:
     out = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith(("VmHWM:", "VmRSS:")):
+            if line.startswith(("VmHWM:", "VmRSS:", "RssAnon:", "RssFile:")):
                 out[line.split(":")[0]] = int(line.split()[1]) * 1024
     return out
 
@@ -109,12 +110,16 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(10)
-            rows.append((name, model.num_params(), idle["VmHWM"], busy["VmHWM"], busy["VmRSS"], task_s))
+            rows.append((name, model.num_params(), idle["VmHWM"], busy["VmHWM"], busy["VmRSS"], busy["RssAnon"],
+                         busy["RssFile"], task_s))
     print(f"ftte-agent memory (digits, {ds.x.shape[0]} samples, full-model subset, {args.tasks} tasks of 1 epoch, "
           f"mDNS {'off' if args.no_mdns else 'on'})")
-    print(f"{'model':6} {'params':>8} {'idle VmHWM':>11} {'train VmHWM':>12} {'train VmRSS':>12} {'s/task':>7}")
-    for name, params, idle_hwm, hwm, rss, s in rows:
-        print(f"{name:6} {params:>8} {idle_hwm / MIB:>9.1f}Mi {hwm / MIB:>10.1f}Mi {rss / MIB:>10.1f}Mi {s:>7.3f}")
+    print(f"{'model':6} {'params':>8} {'idle VmHWM':>11} {'train VmHWM':>12} {'train VmRSS':>12} {'(anon':>8} "
+          f"{'+ file)':>8} {'s/task':>7}")
+    for name, params, idle_hwm, hwm, rss, anon, file_, s in rows:
+        print(f"{name:6} {params:>8} {idle_hwm / MIB:>9.1f}Mi {hwm / MIB:>10.1f}Mi {rss / MIB:>10.1f}Mi "
+              f"{anon / MIB:>6.1f}Mi {file_ / MIB:>6.1f}Mi {s:>7.3f}")
+    print("VmHWM: peak resident set; anon: the process's own heap; file: shared-library pages (shared, reclaimable)")
 
 
 if __name__ == "__main__":
