@@ -772,3 +772,10 @@ def test_tasks_sent_back_to_back_are_trained_in_order(agent, fleet):
         await ch.close()
         return got
     assert run(go()) == ["q1", "q2", "q3"]
+
+
+def test_sigint_exits_zero(fleet, tmp_path):
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state")
+    a.proc.send_signal(signal.SIGINT)
+    assert a.proc.wait(10) == 0
+    a.wait_for(r"stopped$")

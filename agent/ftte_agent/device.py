@@ -8,7 +8,7 @@ device's own work room to grow; the cap keeps big boxes from offering more than 
 search for needs.
 
 Speed: a fixed micro-benchmark (full training steps of a 64-256-256-10 MLP, batch 32, for about
-0.25 s) converted to GFLOP/s with ``cost.training_flops``; the same on every device, so hubs can
+0.2 s) converted to GFLOP/s with ``cost.training_flops``; the same on every device, so hubs can
 compare devices. --slowdown X divides it.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ BUDGET_SHARE = 0.25
 BUDGET_CAP = 1 << 30
 BUDGET_FLOOR = 16 * MIB
 BUDGET_FALLBACK = 64 * MIB
-BENCH_SECONDS = 0.25
+BENCH_SECONDS = 0.2
 
 
 def mem_available(path: str = "/proc/meminfo") -> Optional[int]:
