@@ -779,3 +779,41 @@ def test_sigint_exits_zero(fleet, tmp_path):
     a.proc.send_signal(signal.SIGINT)
     assert a.proc.wait(10) == 0
     a.wait_for(r"stopped$")
+
+
+def test_state_dir_write_failures_fail_one_task_or_connection(fleet, tmp_path):
+    """As if the disk filled up: the task or connection fails with one line, the agent serves on."""
+    import shutil
+    model, subset = make_model(seed=15)
+    other, _ = make_model(seed=16)
+    state = tmp_path / "state"
+    a = start_agent(fleet["key"], fleet["data"], state)
+    try:
+        async def go():
+            ch, _ = await hello(a.port, fleet["key"])
+            await ch.send(M.MODEL, model_to_bytes(model))
+            shutil.rmtree(state / "pending")
+            (state / "pending").write_text("not a directory")
+            await ch.send(M.TASK, M.encode_task(task_message(model, subset, "nowhere")))
+            t, body = await recv_skip_pings(ch)
+            assert t == M.TASK_FAILED and "cannot keep the update" in M.decode_json(body, t)["message"]
+            (state / "pending").unlink()
+            (state / "pending").mkdir()
+            shutil.rmtree(state / "models")
+            (state / "models").write_text("not a directory")
+            await ch.send(M.MODEL, model_to_bytes(other))
+            t, body = await recv_skip_pings(ch)
+            assert t == M.ERROR and "agent error" in M.decode_json(body, t)["message"]
+            ch.abort()
+            (state / "models").unlink()
+            (state / "models").mkdir()
+            ch, _ = await hello(a.port, fleet["key"])
+            upd = await train_one(ch, model, subset, "after-disk-trouble")
+            await ack(ch, "after-disk-trouble")
+            await ch.close()
+            return upd
+        check_update(run(go()), model, subset, current_version=0)
+        a.wait_for(r"connection ended by an internal error: NotADirectoryError")
+    finally:
+        assert a.stop() == 0
+    assert not [ln for ln in a.lines if "Traceback" in ln]

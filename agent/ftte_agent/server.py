@@ -217,7 +217,12 @@ class Agent:
             except UpdateError as e:  # e.g. the loss diverged to NaN
                 await self._task_failed(task.task_id, f"update cannot be encoded: {e}")
                 return
-            self.state.put_pending(task.task_id, blob)
+            try:
+                self.state.put_pending(task.task_id, blob)
+            except OSError as e:  # e.g. a full SD card: an update that cannot be kept is not sent
+                await self._task_failed(task.task_id, f"cannot keep the update in the state dir: "
+                                                      f"{e.strerror or e}")
+                return
             self.tasks_done += 1
             log.info("task %s: trained %d steps in %.3f s, loss %.4f, update %d bytes, training memory %d bytes, "
                      "process peak RSS %s", task.task_id, result.steps, train_seconds, update.loss, len(blob),
@@ -330,6 +335,10 @@ class Session:
         except asyncio.CancelledError:
             if not self._cancelled:
                 raise
+        except Exception as e:  # e.g. the state dir's disk is full: this connection ends, the agent serves on
+            log.error("hub %s: connection ended by an internal error: %s: %s", self.ch.peer, type(e).__name__,
+                      _one_line(e))
+            await self._send_error(f"agent error: {type(e).__name__}: {_one_line(e)}")
         finally:
             pinger.cancel()
             await self.ch.close()
