@@ -1,0 +1,143 @@
+"""Real ftte-agent processes with the real ftte-hub on loopback: kill -9 either side mid-run.
+
+Static --peer addresses (no mDNS) keep these runs quick and deterministic; discovery over mDNS
+is covered by test_agent.py (the advertisement) and the hub's own tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ftte_core.data import load_bundled, partition_dirichlet, save_npz, train_val_split
+from ftte_core.protocol import generate_key, write_key
+
+from test_agent import AgentProc
+
+HUB = [sys.executable, "-m", "ftte_hub.cli", "train"]
+RUN_SECONDS = 120
+
+
+class HubProc:
+    """ftte-hub train with its stderr collected line by line."""
+
+    def __init__(self, args):
+        # unbuffered: the test acts on progress lines as they happen
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(HUB + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        self.lines: list = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self):
+        for raw in self.proc.stdout:
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 60):
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError(f"hub: no line matching {pattern!r}; log:\n" + "\n".join(self.lines[-30:]))
+                self._cond.wait(0.2)
+
+    def finish(self, timeout: float = RUN_SECONDS) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("hub did not finish; log:\n" + "\n".join(self.lines[-30:]))
+
+
+@pytest.fixture
+def fleet3(tmp_path):
+    key = tmp_path / "fleet.key"
+    write_key(key, generate_key())
+    train, val = train_val_split(load_bundled("digits"), 0.2, seed=0)
+    save_npz(tmp_path / "val.npz", val)
+    agents = []
+    try:
+        for i, part in enumerate(partition_dirichlet(train, 3, alpha=1.0, seed=0, min_size=64)):
+            save_npz(tmp_path / f"d{i}.npz", part)
+            cmd = [sys.executable, "-m", "ftte_agent.cli", "--key", str(key), "--data", str(tmp_path / f"d{i}.npz"),
+                   "--state-dir", str(tmp_path / f"agent{i}"), "--name", f"dev{i}", "--port", "0",
+                   "--interface", "127.0.0.1", "--no-mdns", "--slowdown", str(1 + 2 * i)]
+            agents.append(AgentProc(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+        yield {"key": key, "val": tmp_path / "val.npz", "agents": agents, "out": tmp_path / "out"}
+    finally:
+        for a in agents:
+            a.stop()
+
+
+def hub_args(f, max_versions):
+    args = ["--key", str(f["key"]), "--model", "mlp", "--val-data", str(f["val"]), "--out", str(f["out"]),
+            "--min-agents", "3", "--buffer", "3", "--max-versions", str(max_versions), "--no-mdns",
+            "--task-timeout", "20", "--wait-timeout", "30", "--batch-size", "16", "--local-epochs", "2"]
+    for a in f["agents"]:
+        args += ["--peer", f"127.0.0.1:{a.port}"]
+    return args
+
+
+def metrics_versions(out: Path):
+    return [json.loads(line)["version"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_kill_9_an_agent_mid_run_and_the_run_completes(fleet3):
+    hub = HubProc(hub_args(fleet3, max_versions=30))
+    hub.wait_for(r"version 5/30")
+    assert hub.proc.poll() is None
+    victim = fleet3["agents"][0]
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(10)
+    assert hub.finish() == 0, "\n".join(hub.lines[-30:])
+    # the hub noticed the loss (its wording is its own business)
+    assert any(("dev0" in ln or f":{victim.port}" in ln) and "warning" in ln.lower() for ln in hub.lines)
+    summary = json.loads((fleet3["out"] / "summary.json").read_text())
+    assert summary["version"] == 30
+    assert summary["agents"]  # per-agent table
+    assert metrics_versions(fleet3["out"]) == list(range(1, 31))
+    for a in fleet3["agents"][1:]:  # the survivors kept training after the loss
+        a.wait_for(r"hub .* stopped the run")
+
+
+@pytest.mark.slow
+def test_kill_9_the_hub_mid_run_and_a_restart_resumes_with_the_same_agents(fleet3):
+    first = HubProc(hub_args(fleet3, max_versions=40))
+    first.wait_for(r"version 8/40")
+    assert first.proc.poll() is None
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    before = metrics_versions(fleet3["out"])
+    assert before and before == list(range(1, len(before) + 1))
+    time.sleep(0.5)  # agents finishing their tasks now keep the updates in pending/
+    kept = [p for i in range(3) for p in (fleet3["out"].parent / f"agent{i}" / "pending").iterdir()]
+
+    second = HubProc(hub_args(fleet3, max_versions=40))
+    second.wait_for(r"resumed from .*: version \d+")
+    assert second.finish() == 0, "\n".join(second.lines[-30:])
+    after = metrics_versions(fleet3["out"])
+    assert after == list(range(1, 41))  # versions continue; none repeated, none lost
+    for a in fleet3["agents"]:
+        a.wait_for(r"hub .* stopped the run")  # every agent served the restarted hub
+        assert not [ln for ln in a.lines if "Traceback" in ln]
+    # updates finished while no hub was up went to the restarted one (accepted, or refused as duplicates
+    # when the first hub had journaled them before the kill) and left the agents' state dirs
+    assert kept and any("kept from earlier" in ln for a in fleet3["agents"] for ln in a.lines)
+    assert not [p for p in kept if p.exists()]
