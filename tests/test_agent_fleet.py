@@ -141,3 +141,23 @@ def test_kill_9_the_hub_mid_run_and_a_restart_resumes_with_the_same_agents(fleet
     # when the first hub had journaled them before the kill) and left the agents' state dirs
     assert kept and any("kept from earlier" in ln for a in fleet3["agents"] for ln in a.lines)
     assert not [p for p in kept if p.exists()]
+
+
+@pytest.mark.slow
+def test_an_agent_with_another_key_is_refused_and_trains_nothing(fleet3, tmp_path):
+    stranger_key = tmp_path / "other.key"
+    write_key(stranger_key, generate_key())
+    cmd = [sys.executable, "-m", "ftte_agent.cli", "--key", str(stranger_key), "--data", str(tmp_path / "d0.npz"),
+           "--state-dir", str(tmp_path / "stranger"), "--name", "stranger", "--port", "0",
+           "--interface", "127.0.0.1", "--no-mdns"]
+    stranger = AgentProc(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    try:
+        hub = HubProc(hub_args(fleet3, max_versions=6) + ["--peer", f"127.0.0.1:{stranger.port}"])
+        assert hub.finish() == 0, "\n".join(hub.lines[-30:])
+        stranger.wait_for(r"refused 127\.0\.0\.1:\d+: .*key")
+    finally:
+        stranger.stop()
+    summary = json.loads((fleet3["out"] / "summary.json").read_text())
+    assert sorted(a.get("name", k) for k, a in summary["agents"].items()) == ["dev0", "dev1", "dev2"]
+    assert not [ln for ln in stranger.lines if "trained" in ln or "connected" in ln]
+    assert not list((tmp_path / "stranger" / "models").iterdir())
