@@ -93,3 +93,17 @@ def test_bad_peers_are_rejected_and_the_run_completes(tmp_path, caplog):
     assert any("no UPDATE for task" in r.getMessage() and "bad-silent" in r.getMessage() for r in caplog.records)
     # one log line per bad peer event, naming it
     assert any("wrong key" in r.getMessage() for r in caplog.records)
+
+
+def test_two_addresses_of_one_agent_are_one_device(tmp_path, caplog):
+    val, parts = digits_split(2)
+
+    async def main():
+        a = FakeAgent(KEY, parts[0], "twice")
+        await a.start()
+        cfg = _config(tmp_path, val, [a], peers=[a.address, f"localhost:{a.port}"], buffer=1, max_versions=6)
+        return await _run(cfg, [a]), a
+
+    summary, agent = asyncio.run(main())
+    assert list(summary["agents"]) == ["twice"] and summary["agents"]["twice"]["accepted"] >= 5
+    assert agent.connections <= 3  # one replacement at most, no flip-flopping between the addresses

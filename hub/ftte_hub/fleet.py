@@ -2,8 +2,10 @@
 
 One dial loop per address (mDNS or --peer). A loop connects (the hub is the protocol "client"),
 runs one session until the connection ends, and dials again with backoff (BACKOFF_MIN doubling
-to BACKOFF_MAX). The session's device is the AGENT_INFO ``agent_id``: a second address that
-answers with an agent id already in session is closed and retried at BACKOFF_MAX.
+to BACKOFF_MAX). The session's device is the AGENT_INFO ``agent_id``. An agent serves one hub
+connection at a time (a new authenticated one supersedes the old), so when a second address
+answers with an agent id already in session, the new session replaces the old one, and the
+address that lost is not dialled again while its agent is in session elsewhere.
 
 Timeouts (see docs/hub.md): the hub sends PING every ``ping_interval`` s; a connection that
 brings no message for ``dead_after`` s is dead; a task with no UPDATE after ``task_timeout`` s
@@ -94,6 +96,7 @@ class Fleet:
         self.sessions: Dict[str, "Session"] = {}
         self.agent_joined = asyncio.Event()   # pulsed on every new AGENT_INFO (wait-for-agents)
         self._addresses: Dict[Tuple[str, int], asyncio.Task] = {}
+        self._addr_agent: Dict[Tuple[str, int], str] = {}   # which agent answered at an address
         self._channels: Set[Channel] = set()
         self._closed_in = 0
         self._closed_out = 0
@@ -150,6 +153,13 @@ class Fleet:
         delay = BACKOFF_MIN
         last_error = None
         while not self.stopping:
+            if self.coordinator is not None and self.coordinator.driver.done:
+                return  # the run is over; fleet.stop() follows
+            other = self.sessions.get(self._addr_agent.get(addr, ""))
+            if other is not None and other.addr != addr:
+                # the same agent is in session at another address: dialling here would supersede it
+                await asyncio.wait([other.done], timeout=BACKOFF_MAX)
+                continue
             ch = None
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
@@ -173,8 +183,7 @@ class Fleet:
                 self._closed_out += ch.bytes_sent
             if self.stopping or outcome == "stopped":
                 return
-            delay = BACKOFF_MIN if outcome == "served" else BACKOFF_MAX if outcome == "duplicate" \
-                else min(delay * 2, BACKOFF_MAX)
+            delay = BACKOFF_MIN if outcome in ("served", "superseded") else min(delay * 2, BACKOFF_MAX)
             await asyncio.sleep(delay)
 
     async def _serve(self, ch: Channel, addr: Tuple[str, int]) -> str:
@@ -193,11 +202,14 @@ class Fleet:
                 event("agent_refused", f"agent at {host}:{port}: {one_line(e)}", logging.WARNING)
                 return "bad"
             aid = info["agent_id"]
-            if aid in self.sessions:
-                event("duplicate_address", f"{host}:{port} is agent {aid!r} again (already in session at "
-                      f"{self.sessions[aid].addr[0]}:{self.sessions[aid].addr[1]}); not using this address",
-                      logging.DEBUG)
-                return "duplicate"
+            self._addr_agent[addr] = aid
+            old = self.sessions.get(aid)
+            if old is not None:
+                # the agent has already dropped the old connection for this one
+                event("same_agent", f"{host}:{port} is agent {info['name']} ({aid}) again, in session at "
+                      f"{old.addr[0]}:{old.addr[1]}; the new connection replaces the old one")
+                old.supersede()
+                await asyncio.wait([old.done], timeout=HELLO_TIMEOUT)
             session = Session(self, ch, aid, info, addr)
             self.sessions[aid] = session
             self.infos[aid] = info
@@ -209,25 +221,33 @@ class Fleet:
             try:
                 await session.run()
                 return "stopped" if self.stopping else "served"
-            except SessionEnd as e:
-                event("agent_left", f"agent {info['name']} ({aid}): {e}", logging.WARNING)
-                return "served" if session.served else "bad"
-            except ChannelClosed as e:
-                event("agent_left", f"agent {info['name']} ({aid}) disconnected"
-                      + ("" if e.clean else " (connection cut)"), logging.WARNING)
-                return "served"
-            except ChannelError as e:
-                event("agent_left", f"agent {info['name']} ({aid}): {one_line(e)}", logging.WARNING)
-                return "served" if session.served else "bad"
+            except (SessionEnd, ChannelError) as e:
+                if not session.superseded:
+                    return self._session_ended(session, e)
+                event("agent_superseded", f"agent {info['name']} ({aid}): the connection via {host}:{port} "
+                      f"was replaced", logging.DEBUG)
+                return "superseded"
             finally:
-                del self.sessions[aid]
+                current = self.sessions.get(aid) is session
+                if current:
+                    del self.sessions[aid]
                 if not session.done.done():
                     session.done.set_result(None)
-                if session.joined and self.coordinator is not None and not self.stopping:
+                if current and session.joined and self.coordinator is not None and not self.stopping:
                     self.coordinator.gone(aid)
                     self.wake()  # FedAvg: a round may have ended without it
         finally:
             await ch.close()
+
+
+    @staticmethod
+    def _session_ended(session: "Session", e: Exception) -> str:
+        who = f"agent {session.name} ({session.agent_id})"
+        if isinstance(e, ChannelClosed):
+            event("agent_left", f"{who} disconnected" + ("" if e.clean else " (connection cut)"), logging.WARNING)
+            return "served"
+        event("agent_left", f"{who}: {e if isinstance(e, SessionEnd) else one_line(e)}", logging.WARNING)
+        return "served" if session.served else "bad"
 
 
 async def _send_error(ch: Channel, message: str) -> None:
@@ -253,6 +273,12 @@ class Session:
         self.not_before = 0.0          # after failed tasks: wait before the next one
         self.failures = 0
         self.last_rx = time.monotonic()
+        self.superseded = False
+
+    def supersede(self) -> None:
+        """The agent took a newer connection from this hub: end this session quietly."""
+        self.superseded = True
+        self.ch.abort()
 
     async def run(self) -> None:
         tasks = [asyncio.ensure_future(self._reader()), asyncio.ensure_future(self._worker()),
