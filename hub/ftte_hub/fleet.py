@@ -215,9 +215,10 @@ class Fleet:
             self.infos[aid] = info
             self.agent_joined.set()
             self.agent_joined = asyncio.Event()
+            speed = info.get("speed")
+            speed = f"{speed:.2f} GFLOP/s" if isinstance(speed, (int, float)) else "speed unknown"
             event("agent_joined", f"agent {info['name']} ({aid}) at {host}:{port}: budget "
-                  f"{info['memory_budget'] / 2**20:.1f} MiB, speed {info.get('speed', 0)} GFLOP/s, "
-                  f"{info.get('pending', 0)} pending update(s)")
+                  f"{info['memory_budget'] / 2**20:.1f} MiB, {speed}, {info.get('pending', 0)} pending update(s)")
             try:
                 await session.run()
                 return "stopped" if self.stopping else "served"
