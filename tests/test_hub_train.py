@@ -107,3 +107,34 @@ def test_two_addresses_of_one_agent_are_one_device(tmp_path, caplog):
     summary, agent = asyncio.run(main())
     assert list(summary["agents"]) == ["twice"] and summary["agents"]["twice"]["accepted"] >= 5
     assert agent.connections <= 3  # one replacement at most, no flip-flopping between the addresses
+
+
+def test_task_body_decodes_like_encode_task():
+    import ftte_core as ft
+    from ftte_core import messages as M
+    from ftte_core.local import TaskConfig
+    from ftte_core.scheduler import RoundDriver
+    from ftte_core.strategies import make_strategy
+    from ftte_core.subset import Subset
+    from ftte_hub.fleet import Fleet, FleetSettings
+
+    async def main():
+        model = ft.zoo("mlp", (64,), 10)
+        subset = Subset.of(model, {"fc2": {"rows": [1, 5, 7], "bias": True}})
+        driver = RoundDriver(model, subset, make_strategy("ftte", buffer_size=2), TaskConfig(lr=0.2))
+        fleet = Fleet(KEY, FleetSettings())
+        fleet.model_hash, fleet.subset_dict = "h" * 64, subset.to_dict()
+        for dev in ("a", "b"):
+            task = driver.device_idle(dev)
+            ours = M.decode_task(fleet.task_body(task))
+            ref = M.decode_task(M.encode_task(M.TaskMessage(
+                task_id=task.id, base_version=task.base_version, model_hash=fleet.model_hash, subset=fleet.subset_dict,
+                subset_fingerprint=task.subset_fingerprint, config=task.config, seed=task.seed, bits=task.bits,
+                values=dict(task.values))))
+            assert ours.task_id == ref.task_id == task.id and ours.seed == ref.seed
+            assert (ours.subset, ours.config, ours.bits, ours.model_hash) == (ref.subset, ref.config, ref.bits, ref.model_hash)
+            assert list(ours.values) == list(ref.values)
+            for k in ref.values:
+                np.testing.assert_array_equal(ours.values[k], ref.values[k])
+
+    asyncio.run(main())

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Set, Tuple
+
+import numpy as np
 
 from ftte_core import messages as M
 from ftte_core.channel import Channel, ChannelClosed, ChannelError
@@ -33,6 +36,7 @@ BACKOFF_MIN = 0.5
 BACKOFF_MAX = 10.0
 HELLO_TIMEOUT = 10.0          # handshake, then AGENT_INFO
 FAILED_TASK_BACKOFF_MAX = 30.0
+_TASK_PREFIX = struct.Struct("<I")
 
 
 @dataclass
@@ -100,6 +104,7 @@ class Fleet:
         self._channels: Set[Channel] = set()
         self._closed_in = 0
         self._closed_out = 0
+        self._task_values = None              # (values of one version, shapes, their bytes)
 
     # -- addresses ---------------------------------------------------------------------------------
     def add_address(self, host: str, port: int, source: str) -> None:
@@ -127,17 +132,18 @@ class Fleet:
     def active_agents(self) -> int:
         return sum(1 for s in self.sessions.values() if s.usable)
 
-    def wake(self) -> None:
-        """New work may exist (a merge, the run's end): every session looks again."""
+    def wake(self, everyone: bool = False) -> None:
+        """New work may exist (a merge, the run's end): sessions without a task look again."""
         for s in list(self.sessions.values()):
-            s.kick.set()
+            if everyone or s.task_id is None:
+                s.kick.set()
 
     async def stop(self, reason: str, grace: float = 5.0) -> None:
         """STOP to every agent in session, then end every dial loop."""
         self.stopping = True
         self.stop_reason = reason
         self.ready.set()
-        self.wake()
+        self.wake(everyone=True)
         sessions = [s.done for s in self.sessions.values()]
         if sessions:
             await asyncio.wait(sessions, timeout=grace)
@@ -146,6 +152,24 @@ class Fleet:
             t.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
+
+    def task_body(self, task) -> bytes:
+        """``messages.encode_task`` bytes for ``task``, with the values' bytes built once per version.
+
+        Every task of a version carries the same values (often most of the TASK's bytes); only the
+        JSON header (task id, seed) differs. Same layout as encode_task: u32 LE header length |
+        header | float32 LE arrays in header order.
+        """
+        cached = self._task_values
+        if cached is None or cached[0] is not task.values:
+            arrays = {k: np.ascontiguousarray(v, dtype="<f4") for k, v in task.values.items()}
+            shapes = [[k, [int(d) for d in v.shape]] for k, v in arrays.items()]
+            self._task_values = cached = (task.values, shapes, b"".join(v.tobytes() for v in arrays.values()))
+        header = M.encode_json({
+            "task_id": task.id, "base_version": int(task.base_version), "model_hash": self.model_hash,
+            "subset": self.subset_dict, "subset_fingerprint": task.subset_fingerprint,
+            "config": task.config.as_dict(), "seed": int(task.seed), "bits": int(task.bits), "values": cached[1]})
+        return b"".join([_TASK_PREFIX.pack(len(header)), header, cached[2]])
 
     # -- dialling ----------------------------------------------------------------------------------
     async def _dial_loop(self, addr: Tuple[str, int]) -> None:
@@ -406,10 +430,7 @@ class Session:
             if self.task_id is None and wait <= 0:
                 task = coord.task_for(self.agent_id)
                 if task is not None:
-                    body = M.encode_task(M.TaskMessage(
-                        task_id=task.id, base_version=task.base_version, model_hash=fleet.model_hash,
-                        subset=fleet.subset_dict, subset_fingerprint=task.subset_fingerprint, config=task.config,
-                        seed=task.seed, bits=task.bits, values=dict(task.values)))
+                    body = fleet.task_body(task)
                     self.task_id, self.task_sent_at = task.id, time.monotonic()
                     await self.ch.send(M.TASK, body)
                     self.served = True

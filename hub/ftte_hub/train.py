@@ -312,12 +312,10 @@ class _Run:
             if self._merges.empty():
                 meta = self._meta(state, agents)
                 try:
-                    await loop.run_in_executor(None, ckpt.save_checkpoint, self.out, meta, params, state["buffer"])
+                    await loop.run_in_executor(None, self._write_checkpoint, meta, params, state)
                 except OSError as e:  # without checkpoints a crash would lose acknowledged work: stop
                     self.fatal = f"cannot write the checkpoint in {self.out}: {e.strerror or e}"
                     self.finished.set()
-                else:
-                    self._drop_journals(state["meta"]["version"])
             self._merges.task_done()
 
     def _record_metrics(self, report: MergeReport, loss: float, acc: float, stats: Dict[str, Any],
@@ -373,6 +371,11 @@ class _Run:
                     start_accuracy=self.start_accuracy, last_accuracy=self.last_accuracy,
                     best_accuracy=self.best_accuracy, version=state["meta"]["version"], finished=finished,
                     finish_reason=self.finish_reason if finished else "")
+
+    def _write_checkpoint(self, meta, params, state) -> None:
+        """In a worker thread: the checkpoint, then the journals it makes redundant."""
+        ckpt.save_checkpoint(self.out, meta, params, state["buffer"])
+        self._drop_journals(state["meta"]["version"])
 
     def _save_checkpoint_now(self, finished: bool = False) -> None:
         state = self.driver.state_dict()
