@@ -306,10 +306,12 @@ class Session:
         self.ch.abort()
 
     async def run(self) -> None:
-        tasks = [asyncio.ensure_future(self._reader()), asyncio.ensure_future(self._worker()),
-                 asyncio.ensure_future(self._heartbeat())]
+        worker = asyncio.ensure_future(self._worker())
+        tasks = [asyncio.ensure_future(self._reader()), worker, asyncio.ensure_future(self._heartbeat())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if worker in done and worker.exception() is None:
+                return  # STOP was sent: whatever the reader or heartbeat hit after that is no news
             for t in done:
                 t.result()  # re-raise the reason this session ended
         finally:

@@ -74,6 +74,7 @@ class TrainConfig:
     wait_timeout: Optional[float] = None         # s to wait for --min-agents (None: forever)
     max_staleness: Optional[int] = None
     seed: int = 0
+    model_options: Optional[Dict[str, Any]] = None   # zoo options, e.g. {"hidden": [384, 192]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,11 +86,11 @@ def load_validation(path: str) -> ftdata.Dataset:
         raise TrainError(str(e)) from None
 
 
-def build_model(spec: str, val: ftdata.Dataset, seed: int = 0) -> ft.Model:
-    """A zoo model shaped by the data, or an ONNX model checked against it."""
+def build_model(spec: str, val: ftdata.Dataset, seed: int = 0, options: Optional[Dict[str, Any]] = None) -> ft.Model:
+    """A zoo model shaped by the data (``options``: zoo options), or an ONNX model checked against it."""
     if spec in zoo_names():
         try:
-            return ft.zoo(spec, val.feature_shape, val.num_classes, seed=seed)
+            return ft.zoo(spec, val.feature_shape, val.num_classes, seed=seed, **(options or {}))
         except ValueError as e:
             raise TrainError(f"zoo model {spec!r} for data of shape {list(val.feature_shape)}: {e}") from None
     if not (spec.lower().endswith(".onnx") or os.path.exists(spec)):
@@ -150,7 +151,7 @@ class _Run:
     # -- setup -------------------------------------------------------------------------------------
     async def setup_fresh(self) -> None:
         cfg = self.cfg
-        model = build_model(cfg.model, self.val, seed=cfg.seed)
+        model = build_model(cfg.model, self.val, seed=cfg.seed, options=cfg.model_options)
         strategy = make_strategy(cfg.strategy, buffer_size=cfg.buffer, server_lr=cfg.server_lr)
         agents = await self.wait_for_agents()
         m_min = min(int(self.fleet.infos[a]["memory_budget"]) for a in agents)
