@@ -157,3 +157,28 @@ def test_log_lines_text_and_json():
         for h in list(log.handlers):
             log.removeHandler(h)
         log.propagate = True
+
+
+def test_fresh_run_in_a_folder_with_leftovers_starts_clean(tmp_path):
+    from ftte_hub import checkpoint as ckpt
+
+    val, parts = digits_split(1)
+    out = tmp_path / "run"
+    (out / "journal").mkdir(parents=True)
+    j = ckpt.Journal(ckpt.journal_path(out, 0))
+    j.write({"e": "task", "dev": "ghost", "tid": "t1"})
+    j.close_now()
+    (out / "metrics.jsonl").write_text('{"version": 7}\n')
+
+    async def main():
+        a = FakeAgent(KEY, parts[0], "a")
+        await a.start()
+        try:
+            return await run_train(_cfg(tmp_path, val, [a.address], buffer=1, max_versions=2), KEY)
+        finally:
+            await a.close()
+
+    summary = asyncio.run(main())
+    versions = [__import__("json").loads(l)["version"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert versions == [1, 2] and summary["version"] == 2
+    assert (out / "metrics.jsonl.old").read_text() == '{"version": 7}\n'

@@ -174,6 +174,7 @@ class _Run:
               f"{format_size(needed)} at batch size {cfg.batch_size}",
               fields={"m_min": m_min, "trainable": subset.num_trainable(model), "params": model.num_params(),
                       "predicted_bytes": needed, "batch_size": cfg.batch_size})
+        self._clear_leftovers()
         blob = model_to_bytes(model)
         atomic_write(self.out / ckpt.INITIAL_MODEL, lambda f: f.write(blob))
         task_cfg = TaskConfig(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size)
@@ -188,6 +189,16 @@ class _Run:
         self.last_accuracy = self.best_accuracy = self.start_accuracy
         self._save_checkpoint_now()
         self.coord.open_journal()
+
+    def _clear_leftovers(self) -> None:
+        """A fresh run in a folder without a checkpoint: journals and metrics there belong to no run."""
+        self._drop_journals(1 << 62)
+        stale = [n for n in (METRICS, SUMMARY, MODEL_ONNX) if (self.out / n).exists()]
+        for name in stale:
+            os.replace(self.out / name, self.out / (name + ".old"))
+        if stale:
+            event("stale_outputs", f"{self.out} had no checkpoint but {', '.join(stale)}: starting afresh, "
+                  f"kept them as *.old", logging.WARNING)
 
     def setup_resume(self, meta: Dict[str, Any], params: Dict[str, np.ndarray], buffer: List[bytes]) -> None:
         cfg = self.cfg
