@@ -330,6 +330,13 @@ class _Run:
                     self.finished.set()
             self._merges.task_done()
 
+    def writer_ended(self, task: asyncio.Task) -> None:
+        """The merge processor must never stop while the run goes on: if it failed, the run fails."""
+        if not task.cancelled() and task.exception() is not None:
+            e = task.exception()
+            self.fatal = f"after a merge: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.finished.set()
+
     def _record_metrics(self, report: MergeReport, loss: float, acc: float, stats: Dict[str, Any],
                         replayed: bool = False) -> None:
         self.last_accuracy, self.last_loss = float(acc), float(loss)
@@ -503,6 +510,7 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
               f"stop at {'version ' + str(config.max_versions) if config.max_versions else 'no version limit'}"
               + (f" or accuracy {config.target_accuracy:g}" if config.target_accuracy is not None else ""))
         writer = asyncio.ensure_future(run.process_merges())
+        writer.add_done_callback(run.writer_ended)
         if run.driver.done:
             run._finish("max_versions", f"version {run.driver.version} is already at --max-versions")
         elif config.target_accuracy is not None and run.last_accuracy >= config.target_accuracy:
