@@ -69,7 +69,7 @@ def test_bad_peers_are_rejected_and_the_run_completes(tmp_path, caplog):
     async def main():
         good = [FakeAgent(KEY, parts[i], f"good{i}") for i in range(3)]
         bad = [FakeAgent(KEY, parts[3], f"bad-{b}", behaviour=b)
-               for b in ("garbage", "nan", "wrong_shape", "raw_garbage", "bad_info", "silent")]
+               for b in ("garbage", "nan", "wrong_shape", "raw_garbage", "bad_info", "silent", "unexpected", "fails")]
         stranger = FakeAgent(generate_key(), parts[3], "stranger")
         agents = good + bad + [stranger]
         for a in agents:
@@ -91,6 +91,8 @@ def test_bad_peers_are_rejected_and_the_run_completes(tmp_path, caplog):
     # the silent agent's task was given up after --task-timeout (its session ends; the loop re-dials)
     assert per["bad-silent"]["accepted"] == 0
     assert any("no UPDATE for task" in r.getMessage() and "bad-silent" in r.getMessage() for r in caplog.records)
+    assert per["bad-fails"]["failed"] >= 1 and per["bad-fails"]["accepted"] == 0
+    assert any("sent an unexpected STOP; dropped" in r.getMessage() for r in caplog.records)
     # one log line per bad peer event, naming it
     assert any("wrong key" in r.getMessage() for r in caplog.records)
 
