@@ -147,6 +147,9 @@ class Fleet:
         sessions = [s.done for s in self.sessions.values()]
         if sessions:
             await asyncio.wait(sessions, timeout=grace)
+        late = [s.name for s in self.sessions.values() if not s.done.done()]
+        if late:
+            event("stop_slow", f"no clean end within {grace:g} s for {', '.join(late)}", logging.DEBUG)
         tasks = list(self._addresses.values())
         for t in tasks:
             t.cancel()
