@@ -154,3 +154,18 @@ def test_a_task_without_update_is_given_up_after_task_timeout(tmp_path, caplog):
     assert summary["version"] == 40 and summary["agents"]["silent"]["accepted"] == 0
     assert any("no UPDATE for task" in r.getMessage() and "(silent)" in r.getMessage() for r in caplog.records)
     assert silent.connections >= 2 and silent.tasks >= 2   # the session was re-established and served again
+
+
+@pytest.mark.parametrize("strategy", ["fedbuff", "fedavg"])
+def test_baseline_strategies_run_over_the_network(tmp_path, strategy):
+    val, parts = digits_split(3)
+
+    async def main():
+        agents = [FakeAgent(KEY, parts[i], f"b{i}") for i in range(3)]
+        for a in agents:
+            await a.start()
+        return await _run(_config(tmp_path, val, agents, strategy=strategy, max_versions=4), agents)
+
+    summary = asyncio.run(main())
+    assert summary["version"] == 4 and summary["strategy"] == strategy and summary["subset"] == "the full model"
+    assert summary["rejected"] == 0 and summary["accuracy"] > 0.5
