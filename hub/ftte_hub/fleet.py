@@ -37,6 +37,7 @@ BACKOFF_MAX = 10.0
 HELLO_TIMEOUT = 10.0          # handshake, then AGENT_INFO
 FAILED_TASK_BACKOFF_MAX = 30.0
 _TASK_PREFIX = struct.Struct("<I")
+MAX_BIG_SENDS = 8             # TASK/MODEL frames being encrypted and written at once
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Fleet:
         self._closed_in = 0
         self._closed_out = 0
         self._task_values = None              # (values of one version, shapes, their bytes)
+        self.big_sends = asyncio.Semaphore(MAX_BIG_SENDS)
 
     # -- addresses ---------------------------------------------------------------------------------
     def add_address(self, host: str, port: int, source: str) -> None:
@@ -426,7 +428,8 @@ class Session:
         self.joined = True
         self.usable = True
         if fleet.model_hash not in self.info["models"]:
-            await self.ch.send(M.MODEL, fleet.model_blob)
+            async with fleet.big_sends:
+                await self.ch.send(M.MODEL, fleet.model_blob)
         while True:
             if fleet.stopping or coord.driver.done:
                 await self._stop()
@@ -435,9 +438,9 @@ class Session:
             if self.task_id is None and wait <= 0:
                 task = coord.task_for(self.agent_id)
                 if task is not None:
-                    body = fleet.task_body(task)
                     self.task_id, self.task_sent_at = task.id, time.monotonic()
-                    await self.ch.send(M.TASK, body)
+                    async with fleet.big_sends:  # bounds the TASK bytes in flight (a burst of 200 is 80 MB)
+                        await self.ch.send(M.TASK, fleet.task_body(task))
                     self.served = True
                     if fleet.hooks.on_task_sent:
                         fleet.hooks.on_task_sent(self.agent_id, task, time.perf_counter())
