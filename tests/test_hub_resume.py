@@ -15,7 +15,7 @@ from ftte_core.subset import Subset
 from ftte_hub import checkpoint as ckpt
 from ftte_hub.coordinator import Coordinator
 from ftte_hub.fleet import Hooks
-from ftte_hub.train import TrainConfig, TrainError, run_train
+from ftte_hub.train import TrainConfig, run_train
 
 from test_hub_fakes import FakeAgent, digits_split
 
@@ -141,7 +141,6 @@ def test_hub_restart_resumes_versions_and_keeps_acknowledged_updates(tmp_path):
 
 def test_resume_replays_merges_the_checkpoint_missed_and_rewrites_their_metrics(tmp_path, monkeypatch):
     """A crash after merges whose checkpoints never reached the disk: the journal has them."""
-    import shutil
 
     from ftte_hub import train as train_mod
 

@@ -142,7 +142,7 @@ def test_log_lines_text_and_json():
     from ftte_hub.logs import event, log, setup_logging
 
     buf = io.StringIO()
-    handler = setup_logging("json", stream=buf)
+    setup_logging("json", stream=buf)
     try:
         event("merge", "version 3 accuracy 0.5", fields={"version": 3, "accuracy": 0.5})
         event("agent_left", "agent x disconnected", logging.WARNING)

@@ -29,7 +29,7 @@ from ftte_core import messages as M
 from ftte_core.channel import Channel, ChannelClosed, ChannelError
 from ftte_core.update import Update, UpdateError
 
-from .coordinator import Coordinator, log_rejection, new_agent_stats
+from .coordinator import Coordinator, log_rejection
 from .logs import event
 
 BACKOFF_MIN = 0.5

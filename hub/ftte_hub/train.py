@@ -16,9 +16,9 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -30,8 +30,8 @@ from ftte_core.modelfile import ModelFileError, content_hash, model_from_bytes, 
 from ftte_core.scheduler import RoundDriver
 from ftte_core.search import BudgetTooSmall, format_size, importance_scores, search_subset
 from ftte_core.strategies import MergeReport, make_strategy
-from ftte_core.subset import Subset
 from ftte_core.atomic import atomic_write
+from ftte_core.subset import Subset
 from ftte_core.zoo import zoo_names
 
 from . import checkpoint as ckpt
