@@ -47,7 +47,8 @@ def test_impaired_link_adds_its_delay_and_loses_frames(lan):
     stats = lan.ping(a, slow, count=100, interval=0.01)
     # the relay holds each direction DELAY_MS, so a round trip is at least twice that
     assert stats["rtt_min_ms"] >= 2 * DELAY_MS - 1, stats
-    assert stats["rtt_avg_ms"] < 2 * DELAY_MS + 40, stats
+    # not much more (the mean is no measure here: a lost ARP frame holds a ping back a whole second)
+    assert stats["rtt_min_ms"] < 2 * DELAY_MS + 20, stats
     # 20 % each way: about 36 % of echoes lost; 100 pings keep this far from flaky
     assert 0.10 <= stats["loss"] <= 0.65, stats
 
