@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import signal
 import sys
 import time
@@ -49,7 +50,7 @@ class FakeStats:
     pings: int = 0
     sessions: int = 0
     stopped: int = 0
-    errors: List[str] = field(default_factory=list)
+    errors: List[tuple] = field(default_factory=list)   # (perf_counter, one-line message)
     body_bytes: int = 0       # message bodies, both directions (what the application asked to move)
     wire_bytes: int = 0       # bytes on the socket, both directions (handshake, framing, tags included)
     frames: int = 0           # messages, both directions (each costs FRAME_OVERHEAD bytes of framing and tag)
@@ -77,8 +78,8 @@ class UpdateTemplates:
 
 class FakeFleet:
     def __init__(self, n: int, key: bytes, budget: int, train_ms: float = 0.0, num_samples: int = 100,
-                 host: str = "127.0.0.1", seed: int = 0):
-        self.n, self.key, self.budget, self.host = n, key, budget, host
+                 host: str = "127.0.0.1", seed: int = 0, first_id: int = 0):
+        self.n, self.key, self.budget, self.host, self.first_id = n, key, budget, host, first_id
         self.train_s = train_ms / 1000.0
         self.num_samples = num_samples
         self.templates = UpdateTemplates(seed)
@@ -93,7 +94,7 @@ class FakeFleet:
         self._known_models: set = set()
 
     async def start(self) -> List[str]:
-        for i in range(self.n):
+        for i in range(self.first_id, self.first_id + self.n):
             agent_id = f"fake-{i:04d}"
             server = await asyncio.start_server(lambda r, w, a=agent_id: self._serve(a, r, w), self.host, 0,
                                                 backlog=64)
@@ -110,7 +111,7 @@ class FakeFleet:
         try:
             ch = await Channel.open(reader, writer, "server", self.key, timeout=10)
         except ChannelError as e:
-            stats.errors.append(f"{agent_id}: {e}")
+            stats.errors.append((time.perf_counter(), f"{agent_id}: {e}"))
             return
         stats.sessions += 1
         body_bytes = 0
@@ -169,12 +170,12 @@ class FakeFleet:
                         self.all_stopped.set()
                     break
                 elif msg_type == M.ERROR:
-                    stats.errors.append(f"{agent_id}: hub sent ERROR {body[:200]!r}")
+                    stats.errors.append((time.perf_counter(), f"{agent_id}: hub sent ERROR {body[:200]!r}"))
                     break
         except ChannelClosed:
             pass
         except (ChannelError, M.MessageError) as e:
-            stats.errors.append(f"{agent_id}: {e}")
+            stats.errors.append((time.perf_counter(), f"{agent_id}: {e}"))
         finally:
             stats.body_bytes += body_bytes
             stats.wire_bytes += ch.bytes_sent + ch.bytes_received
@@ -183,16 +184,18 @@ class FakeFleet:
 
     def report(self) -> dict:
         s = self.stats
-        return {"agents": self.n, "tasks": s.tasks, "updates_sent": s.updates_sent, "accepted": s.accepted,
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {"cpu_s": usage.ru_utime + usage.ru_stime,"agents": self.n, "tasks": s.tasks, "updates_sent": s.updates_sent, "accepted": s.accepted,
                 "rejected": s.rejected, "not_used": s.not_used, "models": s.models, "pings": s.pings,
-                "sessions": s.sessions, "stopped": s.stopped, "errors": s.errors[:20], "error_count": len(s.errors),
+                "sessions": s.sessions, "stopped": s.stopped, "errors": s.errors[:1000], "error_count": len(s.errors),
                 "body_bytes": s.body_bytes, "wire_bytes": s.wire_bytes, "frames": s.frames,
                 "update_sent_at": self.update_sent_at, "next_task_at": self.next_task_at}
 
 
 async def serve(args) -> None:
     key = read_key(args.key)
-    fleet = FakeFleet(args.agents, key, parse_size(args.budget), args.train_ms, args.num_samples, seed=args.seed)
+    fleet = FakeFleet(args.agents, key, parse_size(args.budget), args.train_ms, args.num_samples, seed=args.seed,
+                      first_id=args.first_id)
     addresses = await fleet.start()
     print("ready " + " ".join(addresses), flush=True)
     loop = asyncio.get_running_loop()
@@ -218,6 +221,7 @@ def main(argv=None) -> None:
     p.add_argument("--train-ms", type=float, default=0.0, help="mean think time per task in ms (uniform 0.5x-1.5x)")
     p.add_argument("--num-samples", type=int, default=100, help="sample count each update reports")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--first-id", type=int, default=0, help="agent ids are fake-NNNN from this number on")
     p.add_argument("--max-seconds", type=float, default=600.0, help="give up serving after this many seconds")
     p.add_argument("--out", required=True, help="JSON file for the measurements")
     args = p.parse_args(argv)

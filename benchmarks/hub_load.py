@@ -16,8 +16,12 @@ Measured:
   * merge-and-redispatch latency: for every update that triggered a merge, from the moment its
     fake agent finished writing the UPDATE to the moment that agent received its next TASK (the
     hub's receive, decode, checks, merge, journal fsync, ACK and the new TASK's encoding and
-    encryption all fall inside). ``hub-side`` is the part the hub's hooks see: from the arrival
-    having been merged to the next TASK written.
+    encryption all fall inside), split into three legs at the hub's hooks: UPDATE written ->
+    merged (transfer, decode, checks, the merge), merged -> next TASK written (journal fsync, ACK,
+    TASK encoding and encryption, waiting for the event loop), TASK written -> received.
+    ``--train-ms 0`` saturates the hub (every fake answers at once), so its latency is mostly
+    queueing; a think time that keeps the offered load under the hub's capacity measures the
+    hub's response time.
   * updates/s: accepted updates over the time from the first TASK sent to the last merge.
   * hub peak RSS: the hub process's ru_maxrss.
   * protocol overhead: framing + tag bytes (21 per message) over message-body bytes, summed over
@@ -50,7 +54,7 @@ def hub_child(config_path: str) -> None:
     from ftte_hub.train import TrainConfig, run_train
 
     cfg = json.loads(Path(config_path).read_text())
-    merges = []            # (agent id, task id, perf_counter after the merge)
+    merges = []            # (agent id, task id, perf_counter after the merge[, when the next TASK was written])
     pending = {}           # agent id -> index into merges, until that agent's next TASK
     redispatch = []        # hub-side latency, s
     first_task = []
@@ -68,16 +72,26 @@ def hub_child(config_path: str) -> None:
         i = pending.pop(agent_id, None)
         if i is not None:
             redispatch.append(t - merges[i][2])
+            merges[i] = merges[i] + (t,)
 
     config = TrainConfig(model="mlp", val_data=cfg["val_data"], out=cfg["out"], min_agents=cfg["agents"],
                          peers=cfg["peers"], buffer=cfg["buffer"], max_versions=cfg["max_versions"], mdns=False,
                          wait_timeout=120.0, seed=0)
+    hooks = Hooks(on_update=on_update, on_task_sent=on_task_sent)
     t0 = time.perf_counter()
-    summary = asyncio.run(run_train(config, read_key(cfg["key"]), Hooks(on_update=on_update, on_task_sent=on_task_sent)))
+    if cfg.get("profile"):
+        import cProfile
+        profiler = cProfile.Profile()
+        summary = profiler.runcall(asyncio.run, run_train(config, read_key(cfg["key"]), hooks))
+        profiler.dump_stats(cfg["profile"])
+    else:
+        summary = asyncio.run(run_train(config, read_key(cfg["key"]), hooks))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     result = {"summary": summary, "merges": merges, "redispatch_s": redispatch,
+              "cpu_s": usage.ru_utime + usage.ru_stime,
               "first_task": first_task[0] if first_task else None, "last_merge": merge_times[-1] if merge_times else None,
               "wall_s": time.perf_counter() - t0,
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+              "peak_rss_bytes": usage.ru_maxrss * 1024}
     Path(cfg["result"]).write_text(json.dumps(result, default=str))
 
 
@@ -143,9 +157,11 @@ def main(argv=None) -> None:
     p.add_argument("--features", type=int, default=256,
                    help="input features of the synthetic data (zoo MLP features-256-256-10: 134k parameters at 256)")
     p.add_argument("--val-samples", type=int, default=256, help="validation samples the hub evaluates after each merge")
+    p.add_argument("--fake-procs", type=int, default=2, help="processes the fake agents are spread over")
     p.add_argument("--train-ms", type=float, default=0.0, help="fake think time per task, ms (0: answer at once)")
     p.add_argument("--max-seconds", type=float, default=300.0, help="abort the run after this many seconds")
     p.add_argument("--keep", default=None, help="keep the hub's output folder and logs here (default: a temp dir)")
+    p.add_argument("--profile", action="store_true", help="profile the hub with cProfile (KEEP/hub.prof)")
     p.add_argument("--hub-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.hub_child:
@@ -164,23 +180,34 @@ def main(argv=None) -> None:
     budget, subset_params, model_params = budget_for_subset(val_path, args.subset_params)
     print(f"# budget {format_size(budget)} -> {subset_params:,} of {model_params:,} parameters trained", flush=True)
 
-    fakes_out, hub_result = work / "fakes.json", work / "hub_result.json"
+    hub_result = work / "hub_result.json"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    fakes = subprocess.Popen([sys.executable, str(HERE / "fake_agents.py"), "--agents", str(args.agents),
-                              "--key", str(key_path), "--budget", str(budget), "--train-ms", str(args.train_ms),
-                              "--max-seconds", str(args.max_seconds), "--out", str(fakes_out)],
-                             stdout=subprocess.PIPE, stderr=open(work / "fakes.log", "w"), text=True, env=env)
+    shares = [args.agents // args.fake_procs + (1 if i < args.agents % args.fake_procs else 0)
+              for i in range(args.fake_procs)]
+    fakes, fake_outs = [], []
     hub = None
     try:
-        ready = fakes.stdout.readline().split()
-        if not ready or ready[0] != "ready":
-            raise SystemExit(f"hub_load: fake agents did not start (see {work / 'fakes.log'})")
-        config = {"val_data": str(val_path), "out": str(work / "hub-out"), "agents": args.agents, "peers": ready[1:],
+        first = 0
+        for i, n in enumerate(shares):
+            fake_outs.append(work / f"fakes{i}.json")
+            fakes.append(subprocess.Popen(
+                [sys.executable, str(HERE / "fake_agents.py"), "--agents", str(n), "--first-id", str(first),
+                 "--seed", str(i), "--key", str(key_path), "--budget", str(budget), "--train-ms", str(args.train_ms),
+                 "--max-seconds", str(args.max_seconds), "--out", str(fake_outs[-1])],
+                stdout=subprocess.PIPE, stderr=open(work / f"fakes{i}.log", "w"), text=True, env=env))
+            first += n
+        peers = []
+        for i, proc in enumerate(fakes):
+            ready = proc.stdout.readline().split()
+            if not ready or ready[0] != "ready":
+                raise SystemExit(f"hub_load: fake agents did not start (see {work / f'fakes{i}.log'})")
+            peers += ready[1:]
+        config = {"val_data": str(val_path), "out": str(work / "hub-out"), "agents": args.agents, "peers": peers,
                   "buffer": args.buffer, "max_versions": max(1, args.updates // args.buffer), "key": str(key_path),
-                  "result": str(hub_result)}
+                  "result": str(hub_result), "profile": str(work / "hub.prof") if args.profile else ""}
         (work / "hub_config.json").write_text(json.dumps(config))
-        print(f"# {args.agents} fake agents listening; starting the hub (K={args.buffer}, "
-              f"{config['max_versions']} versions)", flush=True)
+        print(f"# {args.agents} fake agents listening in {args.fake_procs} process(es); starting the hub "
+              f"(K={args.buffer}, {config['max_versions']} versions)", flush=True)
         t0 = time.perf_counter()
         hub = subprocess.Popen([sys.executable, __file__, "--hub-child", str(work / "hub_config.json")],
                                stdout=subprocess.DEVNULL, stderr=open(work / "hub.log", "w"), env=env)
@@ -192,23 +219,30 @@ def main(argv=None) -> None:
         wall = time.perf_counter() - t0
         if code != 0:
             raise SystemExit(f"hub_load: the hub exited with {code}: {_last_line(work / 'hub.log')}")
-        try:
-            fakes.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            fakes.terminate()
-            fakes.wait(timeout=10)
+        for proc in fakes:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait(timeout=10)
     finally:
-        for proc in (hub, fakes):
+        for proc in [hub] + fakes:
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
 
     hubr = json.loads(hub_result.read_text())
-    fk = json.loads(fakes_out.read_text())
+    fk = _merge_fake_reports([json.loads(path.read_text()) for path in fake_outs])
     sent_at, next_at = fk["update_sent_at"], fk["next_task_at"]
-    latency = [next_at[tid] - sent_at[tid] for _, tid, _ in hubr["merges"] if tid in sent_at and tid in next_at]
-    hub_side = hubr["redispatch_s"]
-    accepted = fk["accepted"]
+    # perf_counter is CLOCK_MONOTONIC, one clock for every process on the machine: the legs add up
+    complete = [m for m in hubr["merges"] if len(m) == 4 and m[1] in sent_at and m[1] in next_at]
+    latency = [next_at[tid] - sent_at[tid] for _, tid, _, _ in complete]
+    legs = {"UPDATE written -> merged": [t_merge - sent_at[tid] for _, tid, t_merge, _ in complete],
+            "merged -> next TASK written": [t_task - t_merge for _, _, t_merge, t_task in complete],
+            "TASK written -> received": [next_at[tid] - t_task for _, tid, _, t_task in complete]}
+    end = hubr["last_merge"] or float("inf")
+    errors = [msg for t, msg in fk["errors"] if t <= end]  # later ones: fakes still sending after the hub stopped
+    accepted = int(hubr["summary"].get("accepted", fk["accepted"]))
     span = (hubr["last_merge"] - hubr["first_task"]) if hubr["first_task"] and hubr["last_merge"] else float("nan")
     framing = fk["frames"] * 21
     body = fk["body_bytes"]
@@ -217,27 +251,44 @@ def main(argv=None) -> None:
         ("K (buffer)", f"{args.buffer}"),
         ("subset params", f"{subset_params:,} of {model_params:,}"),
         ("fake think time", f"{args.train_ms:g} ms"),
-        ("updates accepted / sent", f"{accepted} / {fk['updates_sent']}" + (f" (rejected {fk['rejected']})" if fk["rejected"] else "")),
+        ("updates accepted / sent", f"{accepted} / {fk['updates_sent']}"
+         + (f" (rejected: {hubr['summary'].get('rejected_by_reason')})" if hubr["summary"].get("rejected") else "")),
         ("merges (versions)", f"{len(hubr['merges'])} (-> v{hubr['summary'].get('version')})"),
         ("merge->next TASK, median", f"{1e3 * statistics.median(latency):.1f} ms" if latency else "n/a"),
         ("merge->next TASK, p99", f"{1e3 * pct(latency, 0.99):.1f} ms" if latency else "n/a"),
         ("merge->next TASK, max", f"{1e3 * max(latency):.1f} ms" if latency else "n/a"),
-        ("  hub-side part, median / p99", f"{1e3 * statistics.median(hub_side):.1f} / {1e3 * pct(hub_side, 0.99):.1f} ms"
-         if hub_side else "n/a"),
+    ] + [(f"  {leg}, median / p99", f"{1e3 * statistics.median(v):.1f} / {1e3 * pct(v, 0.99):.1f} ms")
+         for leg, v in legs.items() if v] + [
         ("updates/s", f"{accepted / span:.0f}" if span == span and span > 0 else "n/a"),
         ("hub peak RSS", f"{hubr['peak_rss_bytes'] / 2**20:.0f} MiB"),
+        ("hub CPU time", f"{hubr['cpu_s']:.1f} s ({1e3 * hubr['cpu_s'] / max(1, fk['updates_sent']):.1f} ms per update)"),
+        ("fake agents' CPU time", f"{fk['cpu_s']:.1f} s in {args.fake_procs} process(es)"),
         ("payload (message bodies)", f"{body / 1e6:.1f} MB in {fk['frames']:,} messages"),
         ("protocol overhead, framing+tag", f"{100 * framing / body:.4f} %"),
         ("  incl. handshakes and closes", f"{100 * (fk['wire_bytes'] - body) / body:.4f} %"),
         ("wall time (hub process)", f"{wall:.1f} s"),
     ]
-    if fk["error_count"]:
-        rows.append(("fake-agent errors", f"{fk['error_count']} (first: {fk['errors'][0]})"))
+    if errors:
+        rows.append(("fake-agent errors during the run", f"{len(errors)} (first: {errors[0]})"))
+    rows.append(("machine load average (1 min) at the end", f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     (work / "table.json").write_text(json.dumps(dict(rows)))
     print(f"# details in {work}")
+
+
+def _merge_fake_reports(reports):
+    total = {"update_sent_at": {}, "next_task_at": {}, "errors": [], "rejected": {}}
+    for r in reports:
+        for k, v in r.items():
+            if isinstance(v, dict):
+                total.setdefault(k, {}).update(v)
+            elif isinstance(v, list):
+                total.setdefault(k, []).extend(v)
+            else:
+                total[k] = total.get(k, 0) + v
+    return total
 
 
 def _last_line(path: Path) -> str:
