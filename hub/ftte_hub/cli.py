@@ -1,6 +1,9 @@
-"""`ftte-hub`: the coordinator's command line."""
+"""`ftte-hub`: the coordinator's command line (keygen, train, simulate)."""
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import sys
 import time
 
@@ -86,6 +89,111 @@ def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha
         _fail(str(e))
     click.echo(open(paths["md"]).read())
     click.echo(f"wrote {', '.join(paths.values())} in {time.perf_counter() - t0:.1f} s", err=True)
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite an existing key file (every device then needs the new key).")
+def keygen(path, force):
+    """Write a new fleet key to PATH (mode 0600); copy it to every device."""
+    from ftte_core.protocol import generate_key, write_key
+
+    if os.path.lexists(path) and not force:
+        _fail(f"{path} already exists; refusing to overwrite a fleet key (use --force to replace it)")
+    if os.path.isdir(path):
+        _fail(f"{path} is a directory")
+    try:
+        write_key(path, generate_key())
+    except OSError as e:
+        _fail(f"cannot write {path}: {e.strerror or e}")
+    click.echo(f"wrote a new fleet key to {path} (mode 0600); copy it to each device's --key path", err=True)
+
+
+@main.command()
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
+              help="Fleet key file (from `ftte-hub keygen`).")
+@click.option("--model", "model_spec", required=True,
+              help="Zoo model name (mlp, cnn; shaped by the validation data) or an .onnx file.")
+@click.option("--val-data", required=True, type=click.Path(dir_okay=False),
+              help="Validation .npz (x, y) the hub evaluates on and scores the subset search with.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder: checkpoint, metrics.jsonl, model.onnx, summary.json. Reused = resumed.")
+@click.option("--min-agents", type=click.IntRange(1), default=1, help="Agents to wait for before the subset search.")
+@click.option("--peer", "peers", multiple=True, metavar="HOST:PORT",
+              help="Static agent address (repeatable), for networks where mDNS is blocked.")
+@click.option("--buffer", "buffer_k", type=click.IntRange(1), default=10, help="K: updates per merge.")
+@click.option("--max-versions", type=click.IntRange(1), default=100, help="Stop after this many merged versions.")
+@click.option("--target-accuracy", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Stop once validation accuracy reaches this (0..1).")
+@click.option("--interface", "interfaces", multiple=True, metavar="IP",
+              help="IPv4 address of an interface mDNS uses (repeatable); default: all IPv4 interfaces.")
+@click.option("--no-mdns", is_flag=True, help="Do not browse mDNS; use --peer addresses only.")
+@click.option("--strategy", type=click.Choice(["ftte", "ftte-noage", "ftte-novar", "fedbuff", "fedavg"]),
+              default="ftte", help="Aggregation strategy.")
+@click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=0.05, help="Device SGD learning rate.")
+@click.option("--local-epochs", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
+              help="Passes over a device's data per task.")
+@click.option("--batch-size", type=click.IntRange(1), default=32,
+              help="Device mini-batch (samples); the memory cost model uses the same.")
+@click.option("--server-lr", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
+              help="Server learning rate of each merge.")
+@click.option("--task-timeout", type=click.FloatRange(min=0.0, min_open=True), default=600.0,
+              help="Seconds without an UPDATE before a task is given up (the session is re-established).")
+@click.option("--ping-interval", type=click.FloatRange(min=0.0, min_open=True), default=5.0,
+              help="Seconds between heartbeats.")
+@click.option("--dead-after", type=click.FloatRange(min=0.0, min_open=True), default=30.0,
+              help="Seconds of silence after which a connection counts as dead.")
+@click.option("--wait-timeout", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="Seconds to wait for --min-agents before giving up; default: wait forever.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              help="Log and progress lines as text or JSON lines (stderr).")
+@click.option("--seed", type=int, default=0, help="Seed for the model initialisation, scoring and task seeds.")
+@click.option("-v", "--verbose", is_flag=True, help="Also log debug events (addresses found, duplicates).")
+def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, max_versions, target_accuracy,
+          interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, task_timeout, ping_interval,
+          dead_after, wait_timeout, log_format, seed, verbose):
+    """Coordinate federated training over the agents on this network.
+
+    Finds agents over mDNS and --peer, waits for --min-agents, chooses the trainable subset for
+    the smallest memory budget, and trains until --target-accuracy or --max-versions. Writes
+    OUT/metrics.jsonl (one line per merge), OUT/model.onnx and OUT/summary.json; checkpoints
+    after every merge, so running it again with the same --out resumes.
+    """
+    from ftte_core.protocol import KeyFileError, read_key
+
+    from .logs import setup_logging
+    from .train import TrainConfig, TrainError, run_train
+
+    setup_logging(log_format, logging.DEBUG if verbose else logging.INFO)
+    try:
+        key = read_key(key_path)
+    except KeyFileError as e:
+        _fail(str(e))
+    cfg = TrainConfig(model=model_spec, val_data=val_data, out=out_dir, min_agents=min_agents, peers=list(peers),
+                      buffer=buffer_k, max_versions=max_versions, target_accuracy=target_accuracy,
+                      interfaces=list(interfaces) or None, mdns=not no_mdns, strategy=strategy, lr=lr,
+                      local_epochs=local_epochs, batch_size=batch_size, server_lr=server_lr,
+                      task_timeout=task_timeout, ping_interval=ping_interval, dead_after=dead_after,
+                      wait_timeout=wait_timeout, seed=seed)
+    try:
+        summary = asyncio.run(run_train(cfg, key))
+    except TrainError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; run again with the same --out to resume")
+    _print_summary(summary)
+
+
+def _print_summary(s) -> None:
+    click.echo(f"accuracy {s['accuracy']:.4f} (start {s['start_accuracy']:.4f}, best {s['best_accuracy']:.4f}) "
+               f"at version {s['version']} after {s['time_s']:.1f} s ({s['reason']})")
+    click.echo(f"bytes moved: {s['bytes_in']:,} in, {s['bytes_out']:,} out; {s['merged_updates']} updates merged, "
+               f"{s['rejected']} rejected")
+    click.echo(f"{'agent':<24} {'tasks':>6} {'accepted':>9} {'rejected':>9} {'samples':>9}")
+    for aid, a in s["agents"].items():
+        note = "  (not used: budget too small)" if a.get("not_used") else ""
+        click.echo(f"{a['name'][:24]:<24} {a['tasks']:>6} {a['accepted']:>9} {a['rejected']:>9} {a['samples']:>9}{note}")
+    click.echo(f"wrote {s['outputs']['model']}, {s['outputs']['metrics']}, {s['outputs']['summary']}")
 
 
 if __name__ == "__main__":

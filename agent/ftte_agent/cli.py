@@ -1,0 +1,194 @@
+"""`ftte-agent`: serve one device of the fleet (see docs/agent.md)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import click
+
+log = logging.getLogger("ftte_agent")
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"ftte-agent: error: {msg}", err=True)
+    sys.exit(2)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"t": round(record.created, 3), "level": record.levelname.lower(),
+                           "logger": record.name, "msg": record.getMessage()}, separators=(",", ":"))
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s ftte-agent %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("zeroconf").setLevel(logging.WARNING)  # its debug chatter is not our events
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="ftte-fleet")
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
+              help="Fleet key file (from `ftte-hub keygen`).")
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
+              help="Local training data: .npz with x [N, ...] and integer labels y [N] (never sent anywhere).")
+@click.option("--name", default=None, help="Agent name in logs and mDNS; default: the host name.")
+@click.option("--memory-budget", default=None,
+              help="Training memory this device offers, e.g. 64MiB; default: 1/4 of MemAvailable, "
+                   "within [16 MiB, 1 GiB].")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="TCP port to serve on (0 = any free port; the log names it).  [default: 7850]")
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+              help="Agent id, model cache and unacknowledged updates; default: "
+                   "$XDG_STATE_HOME/ftte-agent/NAME or ~/.local/state/ftte-agent/NAME.")
+@click.option("--slowdown", type=click.FloatRange(min=1.0), default=1.0,
+              help="Make this device X times slower (straggler emulation): sleeps (X-1) x training time "
+                   "after each task and divides the advertised speed by X.")
+@click.option("--interface", "interfaces", multiple=True, metavar="IP",
+              help="IPv4 address to serve and advertise on (repeatable); default: listen on all, "
+                   "advertise every non-loopback IPv4 address.")
+@click.option("--no-mdns", is_flag=True, help="Do not advertise over mDNS (the hub then needs --peer HOST:PORT).")
+@click.option("--handshake-timeout", type=click.FloatRange(min=0.1), default=10.0,
+              help="Seconds a new connection has to complete the authenticated handshake.")
+@click.option("--silence-timeout", type=click.FloatRange(min=1.0), default=60.0,
+              help="Seconds without any message after which a hub connection is dropped.")
+@click.option("--ping-interval", type=click.FloatRange(min=0.1), default=20.0,
+              help="Seconds between the agent's heartbeats to a connected hub.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", help="Log line format (stderr).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", help="Log verbosity.")
+def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, interfaces, no_mdns,
+         handshake_timeout, silence_timeout, ping_interval, log_format, log_level):
+    """Serve one device of the FTTE fleet: advertise, accept the hub, train tasks, send deltas.
+
+    Only encoded parameter deltas and summary numbers leave the device, over connections
+    authenticated and encrypted with the fleet key. SIGTERM or Ctrl-C withdraws the mDNS
+    advertisement and exits 0.
+    """
+    setup_logging(log_format, log_level)
+    from ftte_core import messages
+    from ftte_core.data import DataError, load_npz
+    from ftte_core.protocol import KeyFileError, read_key
+    from ftte_core.search import format_size, parse_size
+
+    from . import device
+    from .server import Agent, AgentSettings
+    from .state import StateDir, StateError, default_state_dir
+
+    for ip in interfaces:
+        if not _is_ipv4(ip):
+            _fail(f"--interface {ip!r} is not an IPv4 address")
+    try:
+        key = read_key(key_path)
+    except KeyFileError as e:
+        _fail(str(e))
+    try:
+        data = load_npz(data_path)
+    except DataError as e:
+        _fail(str(e))
+    if memory_budget is not None:
+        try:
+            budget, rule = parse_size(memory_budget), "--memory-budget"
+        except ValueError as e:
+            _fail(f"--memory-budget: {e}")
+        if budget <= 0:
+            _fail("--memory-budget must be positive")
+    else:
+        budget, rule = device.default_memory_budget()
+    name = name or device.host_name()
+    try:
+        state = StateDir(state_dir or default_state_dir(name))
+    except StateError as e:
+        _fail(str(e))
+    port = messages.DEFAULT_AGENT_PORT if port is None else port
+
+    log.info("agent %s (id %s): %d samples of shape %s, %d classes; state dir %s", name, state.agent_id, len(data),
+             list(data.feature_shape), data.num_classes, state.root)
+    log.info("memory budget %s (%s)", format_size(budget), rule)
+    t0 = time.perf_counter()
+    raw_speed = device.measure_speed()
+    speed = raw_speed / slowdown
+    log.info("speed %.2f GFLOP/s (measured %.2f in %.2f s, slowdown x%g)", speed, raw_speed,
+             time.perf_counter() - t0, slowdown)
+
+    settings = AgentSettings(key=key, data=data, name=name, state=state, memory_budget=budget, speed=speed,
+                             slowdown=slowdown, arch=device.arch(), handshake_timeout=handshake_timeout,
+                             silence_timeout=silence_timeout, ping_interval=ping_interval)
+    try:
+        asyncio.run(serve(Agent(settings), list(interfaces), port, mdns=not no_mdns))
+    except OSError as e:
+        _fail(f"cannot serve on port {port}: {e.strerror or e}")
+    log.info("stopped")
+
+
+async def serve(agent, interfaces: Sequence[str], port: int, mdns: bool) -> None:
+    """Listen, advertise, and run until SIGTERM/SIGINT."""
+    from .advertise import Advertiser
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    hosts = list(interfaces) or ["0.0.0.0"]
+    servers: List[asyncio.base_events.Server] = []
+    for host in hosts:
+        # with port 0 the first bind picks the port and every other address uses the same one
+        srv = await asyncio.start_server(agent.handle_connection, host=host, port=port, reuse_address=True)
+        port = srv.sockets[0].getsockname()[1]
+        servers.append(srv)
+        log.info("listening on %s:%d", host, port)
+
+    advertiser_task: Optional[asyncio.Task] = None
+    if mdns:
+        s = agent.s
+        txt = {"id": agent.state.agent_id, "name": s.name, "proto": str(_protocol_version()),
+               "budget": str(int(s.memory_budget)), "speed": f"{s.speed:.3f}", "arch": s.arch}
+        adv = Advertiser(s.name, agent.state.agent_id, port, txt, interfaces=list(interfaces) or None)
+        advertiser_task = asyncio.create_task(adv.run())
+    else:
+        log.info("mDNS disabled (--no-mdns): the hub must be given --peer HOST:%d", port)
+
+    await stop.wait()
+    log.info("shutting down")
+    for srv in servers:
+        srv.close()
+    await agent.shutdown()
+    if advertiser_task is not None:
+        advertiser_task.cancel()
+        try:
+            await asyncio.wait_for(advertiser_task, 5.0)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            pass
+        except Exception as e:
+            log.warning("mDNS shutdown: %s", e)
+    # let the cancelled sessions send their close frames
+    await asyncio.sleep(0.05)
+
+
+def _protocol_version() -> int:
+    from ftte_core.protocol import PROTOCOL_VERSION
+    return PROTOCOL_VERSION
+
+
+def _is_ipv4(text: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.IPv4Address(text)
+        return True
+    except ValueError:
+        return False
+
+
+if __name__ == "__main__":
+    main()

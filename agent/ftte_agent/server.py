@@ -1,0 +1,423 @@
+"""Serving hub connections: handshake, the conversation of ``ftte_core.messages``, and training.
+
+One ``Agent`` per process. Each accepted TCP connection runs the handshake (``Channel``, role
+"server") within ``handshake_timeout``; a peer that fails it (wrong key, garbage, a stale protocol
+version, an oversized frame, silence) is logged in one line and dropped, and the agent keeps
+serving. An authenticated connection becomes the *current* hub session and supersedes the previous
+one, so a restarted hub is never locked out by a half-dead old connection.
+
+Training belongs to the agent, not to a connection: a task keeps running when its connection
+drops, its UPDATE is written to ``pending/`` before it is sent and deleted only when an ACK names
+it, and every new session sends what is pending (oldest first) right after AGENT_INFO. One task
+trains at a time, in a worker thread, so heartbeats keep flowing while it runs.
+
+Timeouts (seconds, all options of ``ftte-agent``): handshake 10; silence 60 (a hub connection that
+sent nothing, not even a PING or PONG, for that long is dropped); the agent PINGs the hub every 20
+so a live hub always has something to answer.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import numpy as np
+
+from ftte_core import messages as M
+from ftte_core.channel import Channel, ChannelClosed, ChannelError
+from ftte_core.data import Dataset
+from ftte_core.local import LocalWorker, TaskResult
+from ftte_core.modelfile import ModelFileError, content_hash, model_from_bytes
+from ftte_core.protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
+from ftte_core.subset import Subset
+from ftte_core.update import Update, UpdateError
+
+from . import __version__
+from .state import StateDir
+
+log = logging.getLogger("ftte_agent")
+
+MAX_HANDSHAKES = 64          # connections still in their handshake; more are closed at once
+
+
+@dataclass
+class AgentSettings:
+    key: bytes
+    data: Dataset
+    name: str
+    state: StateDir
+    memory_budget: int
+    speed: float                       # GFLOP/s as advertised (already divided by slowdown)
+    slowdown: float = 1.0
+    arch: str = ""
+    handshake_timeout: float = 10.0
+    silence_timeout: float = 60.0
+    ping_interval: float = 20.0
+    max_frame: int = DEFAULT_MAX_FRAME
+
+
+class TaskFailure(Exception):
+    """A task that cannot be trained (one-line reason for TASK_FAILED)."""
+
+
+class _EndSession(Exception):
+    pass
+
+
+async def run_in_daemon_thread(fn, *args):
+    """``asyncio.to_thread`` on a daemon thread: a long training step never holds up exit on SIGTERM."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(setter, value):
+        if not fut.done():
+            setter(value)
+
+    def target():
+        try:
+            result = fn(*args)
+        except BaseException as e:  # handed to the awaiting coroutine
+            outcome = (fut.set_exception, e)
+        else:
+            outcome = (fut.set_result, result)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:
+            pass  # the loop has closed: the agent is exiting
+
+    threading.Thread(target=target, name="ftte-train", daemon=True).start()
+    return await fut
+
+
+def peek_task_id(body: bytes) -> Optional[str]:
+    """The task id of a TASK body that does not fully parse, so the failure can name the task."""
+    try:
+        (hlen,) = struct.unpack_from("<I", body, 0)
+        if hlen > M.MAX_JSON_BYTES:
+            return None
+        head = json.loads(bytes(body[4:4 + hlen]).decode("utf-8"))
+        tid = head.get("task_id") if isinstance(head, dict) else None
+        return tid if isinstance(tid, str) and tid else None
+    except (struct.error, ValueError, UnicodeDecodeError):
+        return None
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings):
+        self.s = settings
+        self.state = settings.state
+        self.session: Optional["Session"] = None
+        self._handshaking = 0
+        self._train_lock = asyncio.Lock()
+        self._worker: Optional[LocalWorker] = None
+        self._worker_key: Optional[Tuple[str, str]] = None
+        self._training: Set[asyncio.Task] = set()
+        self.tasks_done = 0
+        self.tasks_failed = 0
+
+    # -- connections ----------------------------------------------------------------------------
+    async def handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peername = writer.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        if self._handshaking >= MAX_HANDSHAKES:
+            log.warning("refused %s: %d connections are already in their handshake", peer, self._handshaking)
+            writer.close()
+            return
+        self._handshaking += 1
+        try:
+            ch = await Channel.open(reader, writer, "server", self.s.key, timeout=self.s.handshake_timeout,
+                                    max_frame=self.s.max_frame)
+        except ChannelError as e:
+            log.warning("refused %s", e)
+            return
+        except Exception as e:  # never let one peer take the server down
+            log.warning("refused %s: %s", peer, e)
+            writer.close()
+            return
+        finally:
+            self._handshaking -= 1
+        session = Session(self, ch, asyncio.current_task())
+        old, self.session = self.session, session
+        if old is not None:
+            log.info("hub %s supersedes the connection from %s", ch.peer, old.ch.peer)
+            old.cancel()
+        try:
+            await session.run()
+        finally:
+            if self.session is session:
+                self.session = None
+
+    def info(self) -> Dict[str, Any]:
+        d = self.s.data
+        return {"agent_id": self.state.agent_id, "name": self.s.name, "protocol": PROTOCOL_VERSION,
+                "memory_budget": int(self.s.memory_budget), "speed": float(self.s.speed),
+                "slowdown": float(self.s.slowdown), "models": self.state.verified_models(),
+                "pending": len(self.state.pending()), "num_samples": int(len(d)), "arch": self.s.arch,
+                "software": f"ftte-agent {__version__}",
+                # optional extras (not required by the contract): let a hub check the data fits its model
+                "input_shape": [int(v) for v in d.feature_shape], "num_classes": int(d.num_classes)}
+
+    # -- tasks ------------------------------------------------------------------------------------
+    def start_task(self, task: M.TaskMessage) -> None:
+        t = asyncio.create_task(self._run_task(task), name=f"task {task.task_id}")
+        self._training.add(t)
+        t.add_done_callback(self._training.discard)
+
+    async def _run_task(self, task: M.TaskMessage) -> None:
+        async with self._train_lock:
+            log.info("task %s: training (version %d, model %s, subset %s)", task.task_id, task.base_version,
+                     task.model_hash[:12], task.subset_fingerprint)
+            start = time.perf_counter()
+            try:
+                result: TaskResult = await run_in_daemon_thread(self._train, task)
+            except TaskFailure as e:
+                await self._task_failed(task.task_id, str(e))
+                return
+            except Exception as e:  # a bug or an engine error must cost one task, not the agent
+                await self._task_failed(task.task_id, f"training failed: {type(e).__name__}: {_one_line(e)}")
+                return
+            train_seconds = time.perf_counter() - start
+            if self.s.slowdown > 1:
+                await asyncio.sleep((self.s.slowdown - 1) * train_seconds)
+            update = result.update
+            update.task_id = task.task_id
+            update.device_id = self.state.agent_id
+            update.stats.update({"train_seconds": train_seconds,
+                                 "elapsed_seconds": time.perf_counter() - start,
+                                 "steps": float(result.steps)})
+            try:
+                blob = update.to_bytes()
+            except UpdateError as e:  # e.g. the loss diverged to NaN
+                await self._task_failed(task.task_id, f"update cannot be encoded: {e}")
+                return
+            self.state.put_pending(task.task_id, blob)
+            self.tasks_done += 1
+            log.info("task %s: trained %d steps in %.3f s, loss %.4f, update %d bytes, peak memory %d bytes",
+                     task.task_id, result.steps, train_seconds, update.loss, len(blob),
+                     update.peak_memory_bytes or 0)
+        session = self.session
+        if session is None:
+            log.info("task %s: no hub connected; the update stays in pending/ for the next one", task.task_id)
+        else:
+            await session.flush_pending_quietly()
+
+    def _train(self, task: M.TaskMessage) -> TaskResult:
+        """In the training thread: the worker for this model+subset (reused), then one run."""
+        key = (task.model_hash, task.subset_fingerprint)
+        if self._worker_key != key:
+            self._worker, self._worker_key = None, None  # free the old model before loading the next
+            self._worker = self._make_worker(task)
+            self._worker_key = key
+        x, y = self.s.data.x, self.s.data.y
+        return self._worker.run(task.values, task.base_version, x, y, task.config, bits=task.bits,
+                                seed=task.seed, device_id=self.state.agent_id)
+
+    def _make_worker(self, task: M.TaskMessage) -> LocalWorker:
+        blob = self.state.get_model(task.model_hash)
+        if blob is None:
+            raise TaskFailure(f"model {task.model_hash[:16]} is not cached here (or was corrupt): send MODEL first")
+        try:
+            model = model_from_bytes(blob)
+        except ModelFileError as e:
+            raise TaskFailure(f"cached model {task.model_hash[:16]}: {e}") from None
+        try:
+            subset = Subset.from_dict(model, task.subset)
+        except (ValueError, TypeError, KeyError) as e:
+            raise TaskFailure(f"bad subset: {_one_line(e)}") from None
+        if subset.fingerprint() != task.subset_fingerprint:
+            raise TaskFailure(f"subset fingerprint is {subset.fingerprint()}, the task says {task.subset_fingerprint}")
+        d = self.s.data
+        want = tuple(model.input_shape)
+        have = tuple(d.feature_shape)
+        if have != want and int(np.prod(have)) != int(np.prod(want)):
+            raise TaskFailure(f"local data has samples of shape {list(have)}, the model expects {list(want)}")
+        if int(d.y.max()) >= model.num_classes:
+            raise TaskFailure(f"local data has labels up to {int(d.y.max())}, the model has {model.num_classes} classes")
+        return LocalWorker(model, subset)
+
+    async def _task_failed(self, task_id: str, message: str) -> None:
+        self.tasks_failed += 1
+        log.warning("task %s failed: %s", task_id, message)
+        session = self.session
+        if session is not None:
+            try:
+                await session.ch.send(M.TASK_FAILED, M.encode_json({"task_id": task_id, "message": message}))
+            except ChannelError:
+                pass  # the session's own loop reports the broken connection
+
+    async def shutdown(self) -> None:
+        if self.session is not None:
+            self.session.cancel()
+        for t in list(self._training):
+            t.cancel()
+
+
+class Session:
+    """One authenticated hub connection."""
+
+    def __init__(self, agent: Agent, ch: Channel, task: Optional[asyncio.Task]):
+        self.agent, self.ch, self.task = agent, ch, task
+        self.state = agent.state
+        self._sent: Set[str] = set()          # pending task ids already sent on this connection
+        self._flush_lock = asyncio.Lock()
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+        self.ch.abort()
+
+    async def run(self) -> None:
+        log.info("hub %s connected", self.ch.peer)
+        pinger = asyncio.create_task(self._ping_loop())
+        try:
+            await self.ch.send(M.AGENT_INFO, M.encode_json(self.agent.info()))
+            await self.flush_pending()
+            while True:
+                msg_type, body = await self.ch.recv(timeout=self.agent.s.silence_timeout)
+                await self._dispatch(msg_type, body)
+        except ChannelClosed as e:
+            log.info("hub %s", e)
+        except ChannelError as e:
+            log.warning("hub connection dropped: %s", e)
+        except M.MessageError as e:
+            log.warning("hub %s sent a bad message: %s", self.ch.peer, e)
+            await self._send_error(str(e))
+        except _EndSession:
+            pass
+        except asyncio.CancelledError:
+            if not self._cancelled:
+                raise
+        finally:
+            pinger.cancel()
+            await self.ch.close()
+
+    async def _ping_loop(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.agent.s.ping_interval)
+                await self.ch.send(M.PING, M.encode_json({"t": time.time()}))
+        except ChannelError:
+            pass
+
+    async def _send_error(self, message: str) -> None:
+        try:
+            await self.ch.send(M.ERROR, M.encode_json({"message": message}))
+        except ChannelError:
+            pass
+
+    # -- messages ---------------------------------------------------------------------------------
+    async def _dispatch(self, msg_type: int, body: bytes) -> None:
+        if msg_type == M.PING:
+            ping = M.decode_json(body, msg_type)
+            t = ping.get("t")
+            await self.ch.send(M.PONG, M.encode_json({"t": t if isinstance(t, (int, float)) and math.isfinite(t) else 0.0}))
+        elif msg_type == M.PONG:
+            pass  # any frame resets the silence timer
+        elif msg_type == M.MODEL:
+            await self._on_model(body)
+        elif msg_type == M.TASK:
+            await self._on_task(body)
+        elif msg_type == M.ACK:
+            self._on_ack(M.decode_json(body, msg_type, {"task_id": str, "accepted": bool}))
+        elif msg_type == M.NOT_USED:
+            m = M.decode_json(body, msg_type)
+            log.warning("not used by hub %s: %s (needs %s bytes, budget %s bytes); staying idle", self.ch.peer,
+                        m.get("reason", "?"), m.get("needed_bytes", "?"), m.get("budget_bytes", "?"))
+        elif msg_type == M.STOP:
+            m = M.decode_json(body, msg_type)
+            log.info("hub %s stopped the run: %s", self.ch.peer, m.get("reason", ""))
+        elif msg_type == M.ERROR:
+            m = M.decode_json(body, msg_type)
+            log.warning("hub %s reported an error: %s", self.ch.peer, str(m.get("message", ""))[:300])
+            raise _EndSession()
+        else:
+            log.warning("hub %s: ignored unexpected %s message (%d bytes)", self.ch.peer, M.name(msg_type), len(body))
+
+    async def _on_model(self, body: bytes) -> None:
+        blob = bytes(body)
+        model_hash = content_hash(blob)
+        if self.state.has_model(model_hash):
+            log.info("model %s: already cached", model_hash[:12])
+            return
+        try:
+            model = await run_in_daemon_thread(model_from_bytes, blob)
+        except ModelFileError as e:
+            raise M.MessageError(f"MODEL: {e}") from None
+        self.state.put_model(model_hash, blob)
+        log.info("model %s: received and cached (%d bytes, %s, %d parameters)", model_hash[:12], len(blob),
+                 model.name, model.num_params())
+
+    async def _on_task(self, body: bytes) -> None:
+        try:
+            task = M.decode_task(body)
+        except M.MessageError as e:
+            task_id = peek_task_id(body)
+            if task_id is None:
+                raise
+            await self._fail(task_id, str(e))
+            return
+        try:
+            self.state.pending_path(task.task_id)
+        except ValueError as e:
+            await self._fail(task.task_id, f"TASK: {e}")
+            return
+        if not self.state.has_model(task.model_hash):
+            await self._fail(task.task_id, f"model {task.model_hash[:16]} is not cached here: send MODEL first")
+            return
+        self.agent.start_task(task)
+
+    async def _fail(self, task_id: str, message: str) -> None:
+        self.agent.tasks_failed += 1
+        log.warning("task %s refused: %s", task_id[:80], message)
+        await self.ch.send(M.TASK_FAILED, M.encode_json({"task_id": task_id, "message": message}))
+
+    def _on_ack(self, ack: Dict[str, Any]) -> None:
+        tid = ack["task_id"]
+        known = self.state.drop_pending(tid)
+        self._sent.discard(tid)
+        if not known:
+            log.info("ACK for task %s, which has no kept update (already acknowledged?)", tid[:80])
+        elif ack["accepted"]:
+            log.info("update %s accepted (hub version %s)", tid, ack.get("version", "?"))
+        else:
+            log.warning("update %s rejected by the hub: %s: %s", tid, ack.get("reason", "?"),
+                        str(ack.get("message", ""))[:300])
+
+    # -- pending updates --------------------------------------------------------------------------
+    async def flush_pending(self) -> None:
+        """Send every kept update not yet sent on this connection, oldest first."""
+        async with self._flush_lock:
+            for task_id, path in self.state.pending():
+                if task_id in self._sent:
+                    continue
+                try:
+                    blob = path.read_bytes()
+                    Update.from_bytes(blob)
+                except FileNotFoundError:
+                    continue  # acknowledged meanwhile
+                except (OSError, UpdateError) as e:
+                    log.warning("pending update %s is unreadable (%s); deleted", path.name, _one_line(e))
+                    self.state.drop_pending(task_id)
+                    continue
+                await self.ch.send(M.UPDATE, blob)
+                self._sent.add(task_id)
+                log.info("update %s sent to %s (%d bytes)", task_id, self.ch.peer, len(blob))
+
+    async def flush_pending_quietly(self) -> None:
+        try:
+            await self.flush_pending()
+        except ChannelError as e:
+            log.info("update kept for the next connection: %s", e)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__

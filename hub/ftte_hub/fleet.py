@@ -1,0 +1,411 @@
+"""The hub's side of every agent connection: dial, authenticate, serve tasks, reconnect.
+
+One dial loop per address (mDNS or --peer). A loop connects (the hub is the protocol "client"),
+runs one session until the connection ends, and dials again with backoff (BACKOFF_MIN doubling
+to BACKOFF_MAX). The session's device is the AGENT_INFO ``agent_id``: a second address that
+answers with an agent id already in session is closed and retried at BACKOFF_MAX.
+
+Timeouts (see docs/hub.md): the hub sends PING every ``ping_interval`` s; a connection that
+brings no message for ``dead_after`` s is dead; a task with no UPDATE after ``task_timeout`` s
+is given up. Either way the session ends (the driver hears ``device_gone``) and the loop
+re-dials; a late UPDATE for the given-up task is still accepted if it arrives (as stale work).
+Anything bad from one peer ends that peer's session or rejects its update, with one log line;
+every other session goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Set, Tuple
+
+from ftte_core import messages as M
+from ftte_core.channel import Channel, ChannelClosed, ChannelError
+from ftte_core.update import Update, UpdateError
+
+from .coordinator import Coordinator, log_rejection, new_agent_stats
+from .logs import event
+
+BACKOFF_MIN = 0.5
+BACKOFF_MAX = 10.0
+HELLO_TIMEOUT = 10.0          # handshake, then AGENT_INFO
+FAILED_TASK_BACKOFF_MAX = 30.0
+
+
+@dataclass
+class FleetSettings:
+    ping_interval: float = 5.0
+    dead_after: float = 30.0
+    task_timeout: float = 600.0
+    connect_timeout: float = 5.0
+
+
+@dataclass
+class Hooks:
+    """Callbacks for benchmarks and tests (all optional; ``t`` is time.perf_counter())."""
+
+    on_task_sent: Optional[Callable[[str, Any, float], None]] = None     # agent_id, Task, t
+    on_update: Optional[Callable[[str, Any, float], None]] = None        # agent_id, Arrival, t (before ACK)
+    on_merge: Optional[Callable[[Any, float], None]] = None              # MergeReport, t (right after the merge)
+    on_metrics: Optional[Callable[[Dict[str, Any]], None]] = None        # the metrics.jsonl line
+    on_ready: Optional[Callable[["Fleet"], None]] = None                 # setup done; fleet.add_address works
+
+
+class SessionEnd(Exception):
+    """This session is over (one-line reason)."""
+
+
+def one_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return (s.splitlines()[0] if s else type(e).__name__)[:300]
+
+
+def parse_agent_info(body: bytes) -> Dict[str, Any]:
+    info = M.decode_json(body, M.AGENT_INFO, {"agent_id": str, "memory_budget": int})
+    aid = info["agent_id"]
+    if not 0 < len(aid) <= 128 or not aid.isprintable():
+        raise M.MessageError(f"AGENT_INFO: agent_id must be 1..128 printable characters, got {aid!r:.60}")
+    if info["memory_budget"] < 0:
+        raise M.MessageError(f"AGENT_INFO: memory_budget must be >= 0, got {info['memory_budget']}")
+    models = info.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise M.MessageError("AGENT_INFO: models must be a list of model hashes")
+    info["models"] = models
+    name = info.get("name")
+    info["name"] = name if isinstance(name, str) and name else aid
+    return info
+
+
+class Fleet:
+    def __init__(self, key: bytes, settings: FleetSettings, hooks: Optional[Hooks] = None):
+        self.key = key
+        self.settings = settings
+        self.hooks = hooks or Hooks()
+        self.ready = asyncio.Event()          # set once the driver, model and subset exist
+        self.coordinator: Optional[Coordinator] = None
+        self.needed_bytes = 0                 # predicted training memory of the run's subset
+        self.model_blob = b""
+        self.model_hash = ""
+        self.subset_dict: Dict[str, Any] = {}
+        self.stopping = False
+        self.stop_reason = ""
+        self.infos: Dict[str, Dict[str, Any]] = {}      # every agent that introduced itself
+        self.sessions: Dict[str, "Session"] = {}
+        self.agent_joined = asyncio.Event()   # pulsed on every new AGENT_INFO (wait-for-agents)
+        self._addresses: Dict[Tuple[str, int], asyncio.Task] = {}
+        self._channels: Set[Channel] = set()
+        self._closed_in = 0
+        self._closed_out = 0
+
+    # -- addresses ---------------------------------------------------------------------------------
+    def add_address(self, host: str, port: int, source: str) -> None:
+        addr = (host, int(port))
+        if self.stopping or addr in self._addresses:
+            return
+        event("address", f"agent address {host}:{port} ({source})", logging.DEBUG)
+        task = asyncio.ensure_future(self._dial_loop(addr))
+        self._addresses[addr] = task
+
+    def remove_address(self, host: str, port: int) -> None:
+        """An mDNS service went away: stop re-dialing it unless a session is running there."""
+        addr = (host, int(port))
+        if not any(s.addr == addr for s in self.sessions.values()):
+            task = self._addresses.pop(addr, None)
+            if task is not None:
+                task.cancel()
+
+    # -- counters ----------------------------------------------------------------------------------
+    def bytes_totals(self) -> Tuple[int, int]:
+        """(bytes received, bytes sent) on every connection so far, framing and encryption included."""
+        return (self._closed_in + sum(c.bytes_received for c in self._channels),
+                self._closed_out + sum(c.bytes_sent for c in self._channels))
+
+    def active_agents(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.usable)
+
+    def wake(self) -> None:
+        """New work may exist (a merge, the run's end): every session looks again."""
+        for s in list(self.sessions.values()):
+            s.kick.set()
+
+    async def stop(self, reason: str, grace: float = 5.0) -> None:
+        """STOP to every agent in session, then end every dial loop."""
+        self.stopping = True
+        self.stop_reason = reason
+        self.ready.set()
+        self.wake()
+        sessions = [s.done for s in self.sessions.values()]
+        if sessions:
+            await asyncio.wait(sessions, timeout=grace)
+        tasks = list(self._addresses.values())
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+
+    # -- dialling ----------------------------------------------------------------------------------
+    async def _dial_loop(self, addr: Tuple[str, int]) -> None:
+        host, port = addr
+        delay = BACKOFF_MIN
+        last_error = None
+        while not self.stopping:
+            ch = None
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                                        self.settings.connect_timeout)
+                ch = await Channel.open(reader, writer, "client", self.key, timeout=HELLO_TIMEOUT)
+            except (OSError, asyncio.TimeoutError, ChannelError) as e:
+                msg = one_line(e) if not isinstance(e, asyncio.TimeoutError) else "connect timed out"
+                if msg != last_error:  # one line per new kind of failure, not one per retry
+                    event("connect_failed", f"cannot use agent at {host}:{port}: {msg} (retrying)", logging.WARNING)
+                    last_error = msg
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            last_error = None
+            self._channels.add(ch)
+            try:
+                outcome = await self._serve(ch, addr)
+            finally:
+                self._channels.discard(ch)
+                self._closed_in += ch.bytes_received
+                self._closed_out += ch.bytes_sent
+            if self.stopping or outcome == "stopped":
+                return
+            delay = BACKOFF_MIN if outcome == "served" else BACKOFF_MAX if outcome == "duplicate" \
+                else min(delay * 2, BACKOFF_MAX)
+            await asyncio.sleep(delay)
+
+    async def _serve(self, ch: Channel, addr: Tuple[str, int]) -> str:
+        host, port = addr
+        try:
+            try:
+                msg_type, body = await ch.recv(timeout=HELLO_TIMEOUT)
+                if msg_type != M.AGENT_INFO:
+                    raise M.MessageError(f"expected AGENT_INFO first, got {M.name(msg_type)}")
+                info = parse_agent_info(body)
+            except M.MessageError as e:
+                event("agent_refused", f"agent at {host}:{port} refused: {e}", logging.WARNING)
+                await _send_error(ch, str(e))
+                return "bad"
+            except ChannelError as e:
+                event("agent_refused", f"agent at {host}:{port}: {one_line(e)}", logging.WARNING)
+                return "bad"
+            aid = info["agent_id"]
+            if aid in self.sessions:
+                event("duplicate_address", f"{host}:{port} is agent {aid!r} again (already in session at "
+                      f"{self.sessions[aid].addr[0]}:{self.sessions[aid].addr[1]}); not using this address",
+                      logging.DEBUG)
+                return "duplicate"
+            session = Session(self, ch, aid, info, addr)
+            self.sessions[aid] = session
+            self.infos[aid] = info
+            self.agent_joined.set()
+            self.agent_joined = asyncio.Event()
+            event("agent_joined", f"agent {info['name']} ({aid}) at {host}:{port}: budget "
+                  f"{info['memory_budget'] / 2**20:.1f} MiB, speed {info.get('speed', 0)} GFLOP/s, "
+                  f"{info.get('pending', 0)} pending update(s)")
+            try:
+                await session.run()
+                return "stopped" if self.stopping else "served"
+            except SessionEnd as e:
+                event("agent_left", f"agent {info['name']} ({aid}): {e}", logging.WARNING)
+                return "served" if session.served else "bad"
+            except ChannelClosed as e:
+                event("agent_left", f"agent {info['name']} ({aid}) disconnected"
+                      + ("" if e.clean else " (connection cut)"), logging.WARNING)
+                return "served"
+            except ChannelError as e:
+                event("agent_left", f"agent {info['name']} ({aid}): {one_line(e)}", logging.WARNING)
+                return "served" if session.served else "bad"
+            finally:
+                del self.sessions[aid]
+                if not session.done.done():
+                    session.done.set_result(None)
+                if session.joined and self.coordinator is not None and not self.stopping:
+                    self.coordinator.gone(aid)
+                    self.wake()  # FedAvg: a round may have ended without it
+        finally:
+            await ch.close()
+
+
+async def _send_error(ch: Channel, message: str) -> None:
+    try:
+        await ch.send(M.ERROR, M.encode_json({"message": message[:500]}))
+    except ChannelError:
+        pass
+
+
+class Session:
+    """One connected agent: its reader, its task loop and its heartbeat."""
+
+    def __init__(self, fleet: Fleet, ch: Channel, agent_id: str, info: Dict[str, Any], addr: Tuple[str, int]):
+        self.fleet, self.ch, self.agent_id, self.info, self.addr = fleet, ch, agent_id, info, addr
+        self.name = info["name"]
+        self.kick = asyncio.Event()
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.task_id: Optional[str] = None
+        self.task_sent_at = 0.0
+        self.usable = False
+        self.joined = False            # the driver knows this device (device_joined was called)
+        self.served = False            # at least one update or task went through
+        self.not_before = 0.0          # after failed tasks: wait before the next one
+        self.failures = 0
+        self.last_rx = time.monotonic()
+
+    async def run(self) -> None:
+        tasks = [asyncio.ensure_future(self._reader()), asyncio.ensure_future(self._worker()),
+                 asyncio.ensure_future(self._heartbeat())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()  # re-raise the reason this session ended
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- receiving ---------------------------------------------------------------------------------
+    async def _reader(self) -> None:
+        fleet = self.fleet
+        while True:
+            msg_type, body = await self.ch.recv(timeout=fleet.settings.dead_after)
+            self.last_rx = time.monotonic()
+            if msg_type == M.PING:
+                await self.ch.send(M.PONG, body)
+            elif msg_type == M.PONG:
+                pass
+            elif msg_type == M.UPDATE:
+                await fleet.ready.wait()
+                if fleet.stopping:
+                    return
+                await self._on_update(body)
+            elif msg_type == M.TASK_FAILED:
+                self._on_task_failed(body)
+            elif msg_type == M.ERROR:
+                try:
+                    msg = M.decode_json(body, M.ERROR, {"message": str})["message"]
+                except M.MessageError:
+                    msg = "(unreadable ERROR)"
+                raise SessionEnd(f"agent reported an error: {msg[:300]}")
+            else:
+                await _send_error(self.ch, f"unexpected {M.name(msg_type)} from an agent")
+                raise SessionEnd(f"sent an unexpected {M.name(msg_type)}; dropped")
+
+    async def _on_update(self, body: bytes) -> None:
+        fleet = self.fleet
+        coord = fleet.coordinator
+        raw = bytes(body)
+        try:
+            update = Update.from_bytes(raw)
+        except UpdateError as e:
+            event("update_rejected", f"update from {self.name} ({self.agent_id}) rejected (malformed): {e}",
+                  logging.WARNING)
+            coord.stats_for(self.agent_id)["rejected"] += 1
+            coord.driver.rejected["malformed"] += 1
+            current, self.task_id = self.task_id, None
+            await self.ch.send(M.ACK, M.encode_json({"task_id": current or "", "accepted": False,
+                                                      "reason": "malformed", "message": str(e)[:300],
+                                                      "version": coord.driver.version}))
+            self.kick.set()
+            return
+        arrival, journal, seq = coord.update_from(self.agent_id, update, raw, len(raw))
+        if fleet.hooks.on_update:
+            fleet.hooks.on_update(self.agent_id, arrival, time.perf_counter())
+        if not arrival.accepted:
+            log_rejection(f"{self.name} ({self.agent_id})", arrival)
+        if journal is not None and seq:
+            await journal.sync(seq)  # the ACK promises the update survives a crash
+        self.served = True
+        await self.ch.send(M.ACK, M.encode_json({"task_id": arrival.task_id or update.task_id, "accepted": arrival.accepted,
+                                                  "reason": arrival.reason, "message": arrival.message[:300],
+                                                  "version": coord.driver.version}))
+        if self.task_id is not None and update.task_id in (self.task_id, ""):
+            self.task_id = None
+            self.failures = 0
+            self.kick.set()
+
+    def _on_task_failed(self, body: bytes) -> None:
+        try:
+            msg = M.decode_json(body, M.TASK_FAILED, {"task_id": str, "message": str})
+        except M.MessageError as e:
+            raise SessionEnd(str(e)) from None
+        event("task_failed", f"agent {self.name} ({self.agent_id}) failed task {msg['task_id']}: "
+              f"{msg['message'][:300]}", logging.WARNING)
+        if self.fleet.coordinator is not None:
+            self.fleet.coordinator.stats_for(self.agent_id)["failed"] += 1
+        if msg["task_id"] == self.task_id:
+            self.task_id = None
+            self.failures += 1
+            self.not_before = time.monotonic() + min(FAILED_TASK_BACKOFF_MAX, 0.5 * 2 ** self.failures)
+            self.kick.set()
+
+    # -- sending -----------------------------------------------------------------------------------
+    async def _worker(self) -> None:
+        fleet = self.fleet
+        await fleet.ready.wait()
+        if fleet.stopping:
+            await self._stop()
+            return
+        coord = fleet.coordinator
+        st = coord.stats_for(self.agent_id)
+        st["name"] = self.name
+        budget = int(self.info["memory_budget"])
+        if budget < fleet.needed_bytes:
+            event("agent_not_used", f"agent {self.name} ({self.agent_id}) not used: its memory budget "
+                  f"{budget:,} bytes is below the {fleet.needed_bytes:,} bytes the run's subset needs",
+                  logging.WARNING)
+            await self.ch.send(M.NOT_USED, M.encode_json({
+                "reason": f"memory budget {budget} bytes is below the {fleet.needed_bytes} bytes "
+                          f"this run's subset needs", "needed_bytes": int(fleet.needed_bytes),
+                "budget_bytes": budget}))
+            st["not_used"] = True
+            while not fleet.stopping:
+                await self.kick.wait()
+                self.kick.clear()
+            await self._stop()
+            return
+        coord.driver.device_joined(self.agent_id, self.info)
+        self.joined = True
+        self.usable = True
+        if fleet.model_hash not in self.info["models"]:
+            await self.ch.send(M.MODEL, fleet.model_blob)
+        while True:
+            if fleet.stopping or coord.driver.done:
+                await self._stop()
+                return
+            wait = self.not_before - time.monotonic()
+            if self.task_id is None and wait <= 0:
+                task = coord.task_for(self.agent_id)
+                if task is not None:
+                    body = M.encode_task(M.TaskMessage(
+                        task_id=task.id, base_version=task.base_version, model_hash=fleet.model_hash,
+                        subset=fleet.subset_dict, subset_fingerprint=task.subset_fingerprint, config=task.config,
+                        seed=task.seed, bits=task.bits, values=dict(task.values)))
+                    self.task_id, self.task_sent_at = task.id, time.monotonic()
+                    await self.ch.send(M.TASK, body)
+                    self.served = True
+                    if fleet.hooks.on_task_sent:
+                        fleet.hooks.on_task_sent(self.agent_id, task, time.perf_counter())
+            try:
+                await asyncio.wait_for(self.kick.wait(), timeout=max(wait, 0.05) if wait > 0 else None)
+            except asyncio.TimeoutError:
+                pass
+            self.kick.clear()
+
+    async def _stop(self) -> None:
+        reason = self.fleet.stop_reason or "the run is over"
+        await self.ch.send(M.STOP, M.encode_json({"reason": reason}))
+        await self.ch.close()
+
+    async def _heartbeat(self) -> None:
+        s = self.fleet.settings
+        while True:
+            await asyncio.sleep(min(s.ping_interval, 1.0, s.task_timeout / 2) if self.task_id else s.ping_interval)
+            now = time.monotonic()
+            if self.task_id is not None and now - self.task_sent_at > s.task_timeout:
+                raise SessionEnd(f"no UPDATE for task {self.task_id} after {s.task_timeout:g} s "
+                                 f"(--task-timeout); giving it up and reconnecting")
+            if now - self.last_rx >= s.ping_interval * 0.9:
+                await self.ch.send(M.PING, M.encode_json({"t": time.time()}))

@@ -1,0 +1,517 @@
+"""`ftte-hub train`: one federated run over networked agents, from setup to exported model.
+
+    summary = await run_train(TrainConfig(model="mlp", val_data="val.npz", out="run", peers=["pi:7850"]), key)
+
+Setup (a fresh --out): load the validation data, build the model (zoo name: shape and classes
+from the data; ONNX file: checked against the data), discover agents, wait for --min-agents, run
+the subset search for the smallest budget among them, write the initial model and checkpoint.
+Resume (--out holds a checkpoint): rebuild model, subset and round driver from it, replay the
+journal, carry on; no new search. Then: serve tasks until --target-accuracy or --max-versions,
+STOP every agent, export DIR/model.onnx and DIR/summary.json.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+import ftte_core as ft
+from ftte_core import data as ftdata
+from ftte_core.cost import predict_memory
+from ftte_core.local import TaskConfig
+from ftte_core.modelfile import ModelFileError, content_hash, model_from_bytes, model_to_bytes
+from ftte_core.scheduler import RoundDriver
+from ftte_core.search import BudgetTooSmall, format_size, importance_scores, search_subset
+from ftte_core.strategies import MergeReport, make_strategy
+from ftte_core.subset import Subset
+from ftte_core.atomic import atomic_write
+from ftte_core.zoo import zoo_names
+
+from . import checkpoint as ckpt
+from .coordinator import Coordinator
+from .discovery import MdnsBrowser, parse_peer
+from .fleet import Fleet, FleetSettings, Hooks
+from .logs import event
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+MODEL_ONNX = "model.onnx"
+WAIT_REPORT_S = 5.0
+
+
+class TrainError(Exception):
+    """The run cannot start or go on (one-line reason)."""
+
+
+@dataclass
+class TrainConfig:
+    model: str                                   # zoo name or path to an .onnx file
+    val_data: str                                # .npz with x and y
+    out: str                                     # output folder (checkpoint, metrics, model.onnx)
+    min_agents: int = 1
+    peers: Sequence[str] = ()                    # static HOST:PORT agent addresses
+    buffer: int = 10                             # K: updates per merge
+    max_versions: Optional[int] = 100
+    target_accuracy: Optional[float] = None
+    interfaces: Optional[Sequence[str]] = None   # IPv4 addresses mDNS uses (None: all)
+    mdns: bool = True
+    strategy: str = "ftte"
+    lr: float = 0.05
+    local_epochs: float = 1.0
+    batch_size: int = 32                         # also the batch size of the memory cost model
+    server_lr: float = 1.0
+    task_timeout: float = 600.0                  # s without an UPDATE before a task is given up
+    ping_interval: float = 5.0                   # s between heartbeats
+    dead_after: float = 30.0                     # s of silence after which a connection is dead
+    connect_timeout: float = 5.0
+    wait_timeout: Optional[float] = None         # s to wait for --min-agents (None: forever)
+    max_staleness: Optional[int] = None
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# model and data
+def load_validation(path: str) -> ftdata.Dataset:
+    try:
+        return ftdata.load_npz(path)
+    except ftdata.DataError as e:
+        raise TrainError(str(e)) from None
+
+
+def build_model(spec: str, val: ftdata.Dataset, seed: int = 0) -> ft.Model:
+    """A zoo model shaped by the data, or an ONNX model checked against it."""
+    if spec in zoo_names():
+        try:
+            return ft.zoo(spec, val.feature_shape, val.num_classes, seed=seed)
+        except ValueError as e:
+            raise TrainError(f"zoo model {spec!r} for data of shape {list(val.feature_shape)}: {e}") from None
+    if not (spec.lower().endswith(".onnx") or os.path.exists(spec)):
+        raise TrainError(f"--model {spec!r} is neither a zoo model ({', '.join(zoo_names())}) nor an existing .onnx file")
+    if not os.path.isfile(spec):
+        raise TrainError(f"model file {spec} does not exist")
+    try:
+        model = ft.load_model(spec)
+    except (ValueError, OSError) as e:  # OnnxImportError is a ValueError
+        raise TrainError(f"model file {spec}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    check_model_fits_data(model, val, spec)
+    return model
+
+
+def check_model_fits_data(model: ft.Model, val: ftdata.Dataset, where: str) -> None:
+    try:
+        model.check_input(val.x[:1])
+    except ValueError:
+        raise TrainError(f"{where} takes inputs of shape {list(model.input_shape)}, but the validation data "
+                         f"has samples of shape {list(val.feature_shape)}") from None
+    if model.num_classes < val.num_classes:
+        raise TrainError(f"{where} has {model.num_classes} outputs, but the validation data has "
+                         f"{val.num_classes} classes")
+
+
+# ---------------------------------------------------------------------------------------------
+class _Run:
+    """The state of one run in this process (fresh or resumed)."""
+
+    def __init__(self, config: TrainConfig, fleet: Fleet, hooks: Hooks):
+        self.cfg = config
+        self.out = Path(config.out)
+        self.fleet = fleet
+        self.hooks = hooks
+        self.val: Optional[ftdata.Dataset] = None
+        self.model: Optional[ft.Model] = None
+        self.eval_model: Optional[ft.Model] = None
+        self.driver: Optional[RoundDriver] = None
+        self.coord: Optional[Coordinator] = None
+        self.meta_base: Dict[str, Any] = {}      # what every checkpoint repeats (model hash, subset...)
+        self.elapsed_before = 0.0                # run time of earlier processes (resume)
+        self.t0 = time.monotonic()
+        self.start_accuracy = 0.0
+        self.last_accuracy = 0.0
+        self.last_loss = float("nan")
+        self.best_accuracy = 0.0
+        self.metrics_versions: set = set()
+        self.finished = asyncio.Event()
+        self.finish_reason = ""
+        self.fatal = ""
+        self._merges: asyncio.Queue = asyncio.Queue()
+        self._writer: Optional[asyncio.Task] = None
+
+    @property
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.monotonic() - self.t0)
+
+    # -- setup -------------------------------------------------------------------------------------
+    async def setup_fresh(self) -> None:
+        cfg = self.cfg
+        model = build_model(cfg.model, self.val, seed=cfg.seed)
+        strategy = make_strategy(cfg.strategy, buffer_size=cfg.buffer, server_lr=cfg.server_lr)
+        agents = await self.wait_for_agents()
+        m_min = min(int(self.fleet.infos[a]["memory_budget"]) for a in agents)
+        who = min(agents, key=lambda a: int(self.fleet.infos[a]["memory_budget"]))
+        if strategy.sparse:
+            scores = importance_scores(model, self.val.x, self.val.y, seed=cfg.seed)
+            try:
+                result = search_subset(model, scores, m_min, batch_size=cfg.batch_size)
+            except BudgetTooSmall as e:
+                raise TrainError(f"the smallest agent budget, {format_size(m_min)} ({self.fleet.infos[who]['name']}), "
+                                 f"is too small: the cheapest subset needs {format_size(e.minimum_bytes)}") from None
+            subset, needed = result.subset, int(result.predicted_bytes)
+            described = result.describe()
+        else:
+            subset = Subset.full(model)
+            needed = int(predict_memory(model, subset, cfg.batch_size)["total"])
+            described = "the full model"
+        event("subset", f"subset for M_min {format_size(m_min)} ({self.fleet.infos[who]['name']}): {described}; "
+              f"{subset.num_trainable(model):,}/{model.num_params():,} parameters trained, predicted memory "
+              f"{format_size(needed)} at batch size {cfg.batch_size}",
+              fields={"m_min": m_min, "trainable": subset.num_trainable(model), "params": model.num_params(),
+                      "predicted_bytes": needed, "batch_size": cfg.batch_size})
+        blob = model_to_bytes(model)
+        atomic_write(self.out / ckpt.INITIAL_MODEL, lambda f: f.write(blob))
+        task_cfg = TaskConfig(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size)
+        self.meta_base = {
+            "format": ckpt.FORMAT, "model_hash": content_hash(blob), "model_name": model.name,
+            "model_spec": cfg.model, "strategy": strategy.name, "buffer": strategy.buffer_size,
+            "server_lr": strategy.server_lr, "task_config": task_cfg.as_dict(), "subset": subset.to_dict(),
+            "needed_bytes": needed, "m_min": m_min, "seed": cfg.seed, "subset_described": described,
+        }
+        self._make_driver(model, subset, strategy, task_cfg, blob)
+        _, self.start_accuracy = model.evaluate(self.val.x, self.val.y)
+        self.last_accuracy = self.best_accuracy = self.start_accuracy
+        self._save_checkpoint_now()
+        self.coord.open_journal()
+
+    def setup_resume(self, meta: Dict[str, Any], params: Dict[str, np.ndarray], buffer: List[bytes]) -> None:
+        cfg = self.cfg
+        try:
+            blob = (self.out / ckpt.INITIAL_MODEL).read_bytes()
+        except OSError as e:
+            raise TrainError(f"cannot resume from {self.out}: {ckpt.INITIAL_MODEL} is unreadable ({e.strerror})") from None
+        if content_hash(blob) != meta.get("model_hash"):
+            raise TrainError(f"cannot resume from {self.out}: {ckpt.INITIAL_MODEL} does not match the checkpoint's model hash")
+        try:
+            model = model_from_bytes(blob)
+            model.load_state(params)
+            check_model_fits_data(model, self.val, f"the checkpointed model in {self.out}")
+            strategy = make_strategy(meta["strategy"], buffer_size=int(meta["buffer"]), server_lr=float(meta["server_lr"]))
+            subset = Subset.from_dict(model, meta["subset"])
+            task_cfg = TaskConfig.from_dict(meta["task_config"])
+        except (ModelFileError, ValueError, KeyError, TypeError) as e:
+            raise TrainError(f"cannot resume from {self.out}: the checkpoint is inconsistent ({e})") from None
+        self.meta_base = {k: meta[k] for k in ("format", "model_hash", "model_name", "model_spec", "strategy", "buffer",
+                                               "server_lr", "task_config", "subset", "needed_bytes", "m_min", "seed",
+                                               "subset_described") if k in meta}
+        for what, mine, theirs in (("strategy", cfg.strategy, meta["strategy"]), ("--buffer", cfg.buffer, meta["buffer"]),
+                                   ("--model", cfg.model, meta.get("model_spec", cfg.model))):
+            if str(mine) != str(theirs):
+                event("resume_setting", f"resuming: {what} {theirs} from the checkpoint (not {mine})", logging.WARNING)
+        self._make_driver(model, subset, strategy, task_cfg, blob, agents=dict(meta.get("agents", {})))
+        try:
+            self.driver.load_state_dict({"meta": meta["driver"], "buffer": buffer})
+        except (ValueError, KeyError, TypeError) as e:
+            raise TrainError(f"cannot resume from {self.out}: {e}") from None
+        self.elapsed_before = float(meta.get("elapsed_s", 0.0))
+        self.start_accuracy = float(meta.get("start_accuracy", 0.0))
+        self.last_accuracy = float(meta.get("last_accuracy", 0.0))
+        self.best_accuracy = float(meta.get("best_accuracy", 0.0))
+        v0 = self.driver.version
+        self._read_metrics_versions()
+        replayed = 0
+        self.coord.on_merge = self._merged_in_replay
+        try:
+            for v in ckpt.journal_versions(self.out):
+                if v >= v0:
+                    replayed += self.coord.replay(v)
+        except ckpt.CheckpointError as e:
+            raise TrainError(str(e)) from None
+        finally:
+            self.coord.on_merge = self._merged
+        self._save_checkpoint_now()
+        self._drop_journals(self.driver.version + 1)
+        self.coord.open_journal()
+        event("resumed", f"resumed from {self.out}: version {v0}" + (f", {replayed} journaled events replayed "
+              f"-> version {self.driver.version}" if replayed else "") + f", {self.driver.buffered} update(s) "
+              f"buffered, subset {self.meta_base.get('subset_described', '')}; no new search")
+
+    def _make_driver(self, model, subset, strategy, task_cfg, blob, agents=None) -> None:
+        cfg = self.cfg
+        self.model = model
+        self.eval_model = model.copy()
+        self.driver = RoundDriver(model, subset, strategy, task_cfg, max_versions=cfg.max_versions,
+                                  max_staleness=cfg.max_staleness, seed=int(self.meta_base.get("seed", cfg.seed)))
+        self.coord = Coordinator(self.driver, self.out, agents)
+        self.coord.on_merge = self._merged
+        f = self.fleet
+        f.coordinator = self.coord
+        f.model_blob, f.model_hash = blob, content_hash(blob)
+        f.subset_dict = self.driver.subset.to_dict()
+        f.needed_bytes = int(self.meta_base["needed_bytes"])
+
+    async def wait_for_agents(self) -> List[str]:
+        cfg = self.cfg
+        t0 = time.monotonic()
+        last = -WAIT_REPORT_S
+        while True:
+            agents = sorted(self.fleet.sessions)
+            if len(agents) >= cfg.min_agents:
+                return agents
+            now = time.monotonic() - t0
+            if cfg.wait_timeout is not None and now > cfg.wait_timeout:
+                raise TrainError(f"only {len(agents)} of {cfg.min_agents} agents after {cfg.wait_timeout:g} s "
+                                 f"(check the key, --peer addresses and whether mDNS reaches this host)")
+            if now - last >= WAIT_REPORT_S:
+                last = now
+                names = ", ".join(self.fleet.infos[a]["name"] for a in agents) or "none yet"
+                event("waiting", f"waiting for agents: {len(agents)}/{cfg.min_agents} ({names})",
+                      fields={"agents": len(agents), "min_agents": cfg.min_agents})
+            try:
+                await asyncio.wait_for(self.fleet.agent_joined.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    # -- merges ------------------------------------------------------------------------------------
+    def _merged(self, report: MergeReport) -> None:
+        """Right after a merge (synchronous): wake idle agents first, then evaluate and checkpoint later."""
+        if self.hooks.on_merge:
+            self.hooks.on_merge(report, time.perf_counter())
+        self.fleet.wake()
+        params = {k: v.copy() for k, v in self.model.state().items()}
+        state = self.driver.state_dict()
+        agents = json.loads(json.dumps(self.coord.agents))
+        stats = self.driver.stats()
+        stats["agents_active"] = self.fleet.active_agents()  # as at the merge, not when it is logged
+        stats["transport"] = self.fleet.bytes_totals()
+        self._merges.put_nowait((report, params, state, agents, stats))
+        if self.driver.done:
+            self._finish("max_versions", f"reached --max-versions {self.cfg.max_versions}")
+
+    def _merged_in_replay(self, report: MergeReport) -> None:
+        if report.version in self.metrics_versions:
+            return
+        loss, acc = self.model.evaluate(self.val.x, self.val.y)
+        self._record_metrics(report, loss, acc, self.driver.stats(), replayed=True)
+
+    async def process_merges(self) -> None:
+        """Evaluate, log, and checkpoint merges in order (the newest snapshot wins when merges pile up)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            report, params, state, agents, stats = await self._merges.get()
+            self.eval_model.load_state(params)
+            loss, acc = await loop.run_in_executor(None, self.eval_model.evaluate, self.val.x, self.val.y)
+            self._record_metrics(report, loss, acc, stats)
+            target = self.cfg.target_accuracy
+            if target is not None and acc >= target:
+                self._finish("target_accuracy", f"reached --target-accuracy {target:g} (accuracy {acc:.4f})")
+            if self._merges.empty():
+                meta = self._meta(state, agents)
+                try:
+                    await loop.run_in_executor(None, ckpt.save_checkpoint, self.out, meta, params, state["buffer"])
+                except OSError as e:  # without checkpoints a crash would lose acknowledged work: stop
+                    self.fatal = f"cannot write the checkpoint in {self.out}: {e.strerror or e}"
+                    self.finished.set()
+                else:
+                    self._drop_journals(state["meta"]["version"])
+            self._merges.task_done()
+
+    def _record_metrics(self, report: MergeReport, loss: float, acc: float, stats: Dict[str, Any],
+                        replayed: bool = False) -> None:
+        self.last_accuracy, self.last_loss = float(acc), float(loss)
+        self.best_accuracy = max(self.best_accuracy, float(acc))
+        b_in, b_out = stats.get("transport") or self.fleet.bytes_totals()
+        line = {
+            "version": report.version, "accuracy": round(float(acc), 6), "loss": round(float(loss), 6),
+            "time_s": round(self.elapsed, 3), "unix_time": round(time.time(), 3),
+            "agents_active": stats.get("agents_active", self.fleet.active_agents()), "mean_staleness": report.mean_staleness,
+            "bytes_in": b_in, "bytes_out": b_out, "update_bytes_in": stats["bytes_in"],
+            "merged_updates": report.num_updates, "merged_updates_total": stats["merged_updates"],
+            "samples": report.num_samples, "train_loss": report.mean_loss, "update_norm": report.update_norm,
+            "partial": report.partial, "staleness": report.staleness, "weights": report.weights,
+            "factors": report.factors, "devices": report.device_ids, "tasks": report.task_ids, "rejected_total": stats["rejected"],
+        }
+        if replayed:
+            line["replayed"] = True
+        with open(self.out / METRICS, "a") as f:
+            f.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self.metrics_versions.add(report.version)
+        if self.hooks.on_metrics:
+            self.hooks.on_metrics(line)
+        top = self.cfg.max_versions
+        event("merge", f"version {report.version}{'/' + str(top) if top else ''}  accuracy {acc:.4f}  "
+              f"loss {loss:.4f}  agents {line['agents_active']}  staleness {report.mean_staleness:.2f}  "
+              f"in {b_in / 1e6:.2f} MB  out {b_out / 1e6:.2f} MB" + ("  (replayed)" if replayed else ""),
+              fields={k: line[k] for k in ("version", "accuracy", "loss", "time_s", "agents_active",
+                                           "mean_staleness", "bytes_in", "bytes_out", "merged_updates")})
+
+    def _read_metrics_versions(self) -> None:
+        path = self.out / METRICS
+        if not path.exists():
+            return
+        good = []
+        for line in path.read_text().splitlines():
+            try:
+                self.metrics_versions.add(int(json.loads(line)["version"]))
+                good.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass  # a line torn by a crash
+        atomic_write(path, lambda f: f.write("".join(l + "\n" for l in good).encode()))
+
+    def _finish(self, kind: str, reason: str) -> None:
+        if not self.finished.is_set():
+            self.finish_reason = reason
+            self.finished.set()
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _meta(self, state: Dict[str, Any], agents: Dict[str, Any], finished: bool = False) -> Dict[str, Any]:
+        return dict(self.meta_base, driver=state["meta"], agents=agents, elapsed_s=self.elapsed,
+                    start_accuracy=self.start_accuracy, last_accuracy=self.last_accuracy,
+                    best_accuracy=self.best_accuracy, version=state["meta"]["version"], finished=finished,
+                    finish_reason=self.finish_reason if finished else "")
+
+    def _save_checkpoint_now(self, finished: bool = False) -> None:
+        state = self.driver.state_dict()
+        ckpt.save_checkpoint(self.out, self._meta(state, self.coord.agents, finished),
+                             self.model.state(), state["buffer"])
+
+    def _drop_journals(self, below: int) -> None:
+        for v in ckpt.journal_versions(self.out):
+            if v < below:
+                try:
+                    os.unlink(ckpt.journal_path(self.out, v))
+                except OSError:
+                    pass
+
+    # -- the end -----------------------------------------------------------------------------------
+    async def finish(self) -> Dict[str, Any]:
+        await self._merges.join()
+        self.driver.shutdown()
+        await self.fleet.stop(self.finish_reason or "the run is over")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, ft.save_onnx, self.model, str(self.out / MODEL_ONNX))
+        loss, acc = self.model.evaluate(self.val.x, self.val.y)
+        self.last_accuracy, self.last_loss = acc, loss
+        self.best_accuracy = max(self.best_accuracy, acc)
+        if self.coord.journal is not None:
+            await self.coord.journal.close()
+        self._save_checkpoint_now(finished=True)
+        self._drop_journals(1 << 62)
+        summary = self.summary()
+        atomic_write(self.out / SUMMARY, lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+        return summary
+
+    def summary(self) -> Dict[str, Any]:
+        b_in, b_out = self.fleet.bytes_totals()
+        st = self.driver.stats()
+        agents = {aid: {k: s.get(k, 0) for k in ("name", "tasks", "accepted", "rejected", "samples", "failed")}
+                  | ({"not_used": True} if s.get("not_used") else {})
+                  for aid, s in sorted(self.coord.agents.items())}
+        return {
+            "finished": True, "reason": self.finish_reason, "accuracy": self.last_accuracy, "loss": self.last_loss,
+            "best_accuracy": self.best_accuracy, "start_accuracy": self.start_accuracy,
+            "target_accuracy": self.cfg.target_accuracy, "version": self.driver.version,
+            "max_versions": self.cfg.max_versions, "time_s": round(self.elapsed, 3),
+            "bytes_in": b_in, "bytes_out": b_out, "merges": st["merges"], "merged_updates": st["merged_updates"],
+            "accepted": st["accepted"], "rejected": st["rejected"], "rejected_by_reason": st["rejected_by_reason"],
+            "tasks_issued": st["tasks_issued"], "mean_staleness": st["mean_staleness"],
+            "strategy": self.meta_base.get("strategy"), "subset": self.meta_base.get("subset_described"),
+            "trainable_params": self.driver.subset.num_trainable(self.model), "params": self.model.num_params(),
+            "predicted_memory_bytes": self.meta_base.get("needed_bytes"), "m_min": self.meta_base.get("m_min"),
+            "model_hash": self.meta_base.get("model_hash"), "agents": agents,
+            "outputs": {"model": str(self.out / MODEL_ONNX), "metrics": str(self.out / METRICS),
+                        "summary": str(self.out / SUMMARY), "checkpoint": str(self.out / ckpt.CHECKPOINT)},
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = None) -> Dict[str, Any]:
+    """Run (or resume) one training run; returns the summary (also written to OUT/summary.json).
+
+    Raises TrainError with a one-line reason when the run cannot start or go on.
+    """
+    hooks = hooks or Hooks()
+    if config.min_agents < 1:
+        raise TrainError(f"--min-agents must be >= 1, got {config.min_agents}")
+    peers = []
+    for p in config.peers:
+        try:
+            peers.append(parse_peer(p))
+        except ValueError as e:
+            raise TrainError(f"--peer: {e}") from None
+    if not peers and not config.mdns:
+        raise TrainError("no way to find agents: give --peer HOST:PORT or leave mDNS on")
+    try:
+        make_strategy(config.strategy, buffer_size=config.buffer, server_lr=config.server_lr)
+        TaskConfig.from_dict({"lr": config.lr, "local_epochs": config.local_epochs, "batch_size": config.batch_size})
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    out = Path(config.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"cannot create --out {out}: {e.strerror}") from None
+    try:
+        saved = ckpt.load_checkpoint(out)
+    except ckpt.CheckpointError as e:
+        raise TrainError(str(e)) from None
+    if saved is not None and saved[0].get("finished"):
+        m = saved[0]
+        raise TrainError(f"{out} holds a finished run (version {m.get('version')}, accuracy "
+                         f"{m.get('last_accuracy', 0):.4f}; see {out / SUMMARY}); use another --out to train again")
+
+    fleet = Fleet(key, FleetSettings(ping_interval=config.ping_interval, dead_after=config.dead_after,
+                                     task_timeout=config.task_timeout, connect_timeout=config.connect_timeout), hooks)
+    run = _Run(config, fleet, hooks)
+    run.val = load_validation(config.val_data)
+    browser = None
+    writer = None
+    try:
+        if saved is not None:
+            run.setup_resume(*saved)
+        if config.mdns:
+            browser = MdnsBrowser(fleet.add_address, fleet.remove_address, config.interfaces)
+            try:
+                await browser.start()
+            except OSError as e:
+                raise TrainError(f"mDNS: cannot browse on {config.interfaces or 'all interfaces'}: {e}") from None
+        for host, port in peers:
+            fleet.add_address(host, port, "peer")
+        if saved is None:
+            await run.setup_fresh()
+        event("start", f"training {run.meta_base.get('model_name')} with {run.meta_base.get('strategy')} "
+              f"(K={run.meta_base.get('buffer')}) from version {run.driver.version}; "
+              f"stop at {'version ' + str(config.max_versions) if config.max_versions else 'no version limit'}"
+              + (f" or accuracy {config.target_accuracy:g}" if config.target_accuracy is not None else ""))
+        writer = asyncio.ensure_future(run.process_merges())
+        if run.driver.done:
+            run._finish("max_versions", f"version {run.driver.version} is already at --max-versions")
+        elif config.target_accuracy is not None and run.last_accuracy >= config.target_accuracy:
+            run._finish("target_accuracy", f"accuracy {run.last_accuracy:.4f} already meets --target-accuracy")
+        fleet.ready.set()
+        fleet.wake()
+        if hooks.on_ready:
+            hooks.on_ready(fleet)
+        await run.finished.wait()
+        if run.fatal:
+            raise TrainError(run.fatal)
+        summary = await run.finish()
+        event("finished", f"finished: {summary['reason']}; accuracy {summary['accuracy']:.4f} at version "
+              f"{summary['version']} after {summary['time_s']:.1f} s; {summary['bytes_in'] / 1e6:.2f} MB in, "
+              f"{summary['bytes_out'] / 1e6:.2f} MB out; wrote {out / MODEL_ONNX}, {out / SUMMARY}",
+              fields={k: summary[k] for k in ("reason", "accuracy", "version", "time_s", "bytes_in", "bytes_out")})
+        return summary
+    finally:
+        if writer is not None:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+        if not fleet.stopping:
+            await fleet.stop("the hub is shutting down", grace=2.0)
+        if browser is not None:
+            await browser.close()
+        if run.coord is not None and run.coord.journal is not None:
+            run.coord.journal.close_now()

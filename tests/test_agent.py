@@ -1,0 +1,626 @@
+"""ftte-agent as a real process on loopback, driven by a fake hub written here with Channel + messages."""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ftte_core import messages as M
+from ftte_core.channel import Channel, ChannelClosed, ChannelError
+from ftte_core.data import Dataset, load_bundled, save_npz
+from ftte_core.local import TaskConfig
+from ftte_core.modelfile import content_hash, model_to_bytes
+from ftte_core.protocol import PROTOCOL_VERSION, generate_key, read_key, write_key
+from ftte_core.subset import Subset
+from ftte_core.update import Update, check_update, subset_values
+from ftte_core.zoo import zoo
+
+TIMEOUT = 15.0
+
+
+# -- the agent process ---------------------------------------------------------------------------
+class AgentProc:
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.lines: list = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+        m = self.wait_for(r"listening on 127\.0\.0\.1:(\d+)")
+        self.port = int(m.group(1))
+
+    def _pump(self):
+        for raw in self.proc.stderr:
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = TIMEOUT, start: int = 0):
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines[start:]:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._alive_reader()):
+                    raise AssertionError(f"no log line matching {pattern!r}; log:\n" + "\n".join(self.lines[-40:]))
+                self._cond.wait(min(left, 0.2))
+
+    def _alive_reader(self) -> bool:
+        return not self.proc.stderr.closed and self.proc.poll() is None
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.lines)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def agent_cmd(key, data, state, *extra):
+    return [sys.executable, "-m", "ftte_agent.cli", "--key", str(key), "--data", str(data), "--state-dir", str(state),
+            "--port", "0", "--interface", "127.0.0.1", "--name", "test-agent", *extra]
+
+
+def start_agent(key, data, state, *extra, mdns=False) -> AgentProc:
+    args = list(extra) + ([] if mdns else ["--no-mdns"])
+    proc = subprocess.Popen(agent_cmd(key, data, state, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        return AgentProc(proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fleet")
+    key = root / "fleet.key"
+    write_key(key, generate_key())
+    ds = load_bundled("digits")
+    local = Dataset(ds.x[:200].copy(), ds.y[:200].copy(), ds.num_classes, "local")
+    data = root / "local.npz"
+    save_npz(data, local)
+    return {"root": root, "key": key, "data": data, "local": local}
+
+
+@pytest.fixture(scope="module")
+def agent(fleet):
+    a = start_agent(fleet["key"], fleet["data"], fleet["root"] / "state-shared")
+    yield a
+    rc = a.stop()
+    if os.environ.get("FTTE_AGENT_TEST_LOG"):
+        Path(os.environ["FTTE_AGENT_TEST_LOG"]).write_text("\n".join(a.lines) + "\n")
+    assert rc == 0
+    assert not [ln for ln in a.lines if "Traceback" in ln or "Logging error" in ln], "\n".join(a.lines)
+
+
+# -- the fake hub --------------------------------------------------------------------------------
+def make_model(seed=0):
+    model = zoo("mlp", (64,), 10, seed=seed, hidden=(32,))
+    subset = Subset.of(model, {"fc2": {"rows": "all", "bias": True}, "fc1": {"rows": [0, 3, 5], "bias": False}})
+    return model, subset
+
+
+def task_message(model, trained, task_id, version=0, **over) -> M.TaskMessage:
+    fields = dict(task_id=task_id, base_version=version, model_hash=content_hash(model_to_bytes(model)),
+                  subset=trained.to_dict(), subset_fingerprint=trained.fingerprint(),
+                  config=TaskConfig(lr=0.05, batch_size=16, max_steps=4), seed=7, bits=8,
+                  values=subset_values(model, trained))
+    fields.update(over)
+    return M.TaskMessage(**fields)
+
+
+async def connect(port, key, timeout=TIMEOUT) -> Channel:
+    if isinstance(key, Path):
+        key = read_key(key)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    return await Channel.open(reader, writer, "client", key, timeout=timeout)
+
+
+async def hello(port, key):
+    ch = await connect(port, key)
+    t, body = await ch.recv(timeout=TIMEOUT)
+    assert t == M.AGENT_INFO, M.name(t)
+    return ch, M.decode_json(body, t)
+
+
+async def recv_skip_pings(ch, timeout=TIMEOUT):
+    while True:
+        t, body = await ch.recv(timeout=timeout)
+        if t != M.PING:
+            return t, body
+
+
+async def train_one(ch, model, subset, task_id, send_model=True):
+    if send_model:
+        await ch.send(M.MODEL, model_to_bytes(model))
+    await ch.send(M.TASK, M.encode_task(task_message(model, subset, task_id)))
+    t, body = await recv_skip_pings(ch)
+    assert t == M.UPDATE, (M.name(t), bytes(body)[:200])
+    return Update.from_bytes(body)
+
+
+async def ack(ch, task_id, accepted=True, reason=""):
+    await ch.send(M.ACK, M.encode_json({"task_id": task_id, "accepted": accepted, "reason": reason,
+                                        "message": reason, "version": 1}))
+
+
+async def still_serving(port, key):
+    """A good hub still gets AGENT_INFO and a PONG."""
+    ch, info = await hello(port, key)
+    await ch.send(M.PING, M.encode_json({"t": 1.5}))
+    t, body = await recv_skip_pings(ch)
+    assert t == M.PONG and M.decode_json(body, t)["t"] == 1.5
+    await ch.close()
+    return info
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+# -- tests ---------------------------------------------------------------------------------------
+def test_agent_info_fields(agent, fleet):
+    async def go():
+        ch, info = await hello(agent.port, fleet["key"])
+        await ch.close()
+        return info
+    info = run(go())
+    assert re.fullmatch(r"[0-9a-f]{16}", info["agent_id"])
+    assert info["name"] == "test-agent"
+    assert info["protocol"] == PROTOCOL_VERSION
+    assert isinstance(info["memory_budget"], int) and info["memory_budget"] >= 16 << 20
+    assert isinstance(info["speed"], float) and info["speed"] > 0
+    assert info["slowdown"] == 1.0
+    assert isinstance(info["models"], list) and isinstance(info["pending"], int)
+    assert info["num_samples"] == 200
+    assert info["arch"] and info["software"].startswith("ftte-agent")
+    assert info["input_shape"] == [1, 8, 8] and info["num_classes"] == 10
+
+
+def test_task_trains_and_update_passes_check(agent, fleet):
+    model, subset = make_model()
+
+    async def go():
+        ch, _ = await hello(agent.port, fleet["key"])
+        upd = await train_one(ch, model, subset, "t-check")
+        await ack(ch, "t-check")
+        await ch.close()
+        return upd
+    upd = run(go())
+    check_update(upd, model, subset, current_version=0, bits=8)
+    assert upd.task_id == "t-check" and upd.num_samples == 200
+    assert re.fullmatch(r"[0-9a-f]{16}", upd.device_id)
+    assert upd.stats["steps"] == 4 and upd.stats["train_seconds"] > 0 and upd.stats["delta_l2"] > 0
+    assert upd.peak_memory_bytes and upd.peak_memory_bytes > 0
+    assert np.isfinite(upd.loss)
+
+
+def test_model_cached_across_connections_and_restarts(fleet, tmp_path):
+    model, subset = make_model(seed=3)
+    h = content_hash(model_to_bytes(model))
+    state = tmp_path / "state"
+    a = start_agent(fleet["key"], fleet["data"], state)
+    try:
+        async def first():
+            ch, info = await hello(a.port, fleet["key"])
+            assert h not in info["models"]
+            await train_one(ch, model, subset, "c1")
+            await ack(ch, "c1")
+            await ch.close()
+            ch, info = await hello(a.port, fleet["key"])  # second connection: no MODEL needed
+            assert h in info["models"]
+            await train_one(ch, model, subset, "c2", send_model=False)
+            await ack(ch, "c2")
+            await ch.close()
+            return info["agent_id"]
+        agent_id = run(first())
+        assert (state / "models" / f"{h}.ftm").is_file()
+        assert a.stop() == 0
+    finally:
+        a.stop()
+    b = start_agent(fleet["key"], fleet["data"], state)
+    try:
+        async def after_restart():
+            ch, info = await hello(b.port, fleet["key"])
+            assert h in info["models"] and info["agent_id"] == agent_id
+            upd = await train_one(ch, model, subset, "c3", send_model=False)
+            await ack(ch, "c3")
+            await ch.close()
+            return upd
+        check_update(run(after_restart()), model, subset, current_version=0)
+    finally:
+        assert b.stop() == 0
+
+
+def test_corrupt_cached_model_is_deleted_and_task_fails_cleanly(fleet, tmp_path):
+    model, subset = make_model(seed=4)
+    blob = model_to_bytes(model)
+    h = content_hash(blob)
+    state = tmp_path / "state"
+    (state / "models").mkdir(parents=True)
+    (state / "models" / f"{h}.ftm").write_bytes(blob[:-4] + b"\0\0\0\1")
+    a = start_agent(fleet["key"], fleet["data"], state)
+    try:
+        async def go():
+            ch, info = await hello(a.port, fleet["key"])
+            assert h not in info["models"]
+            await ch.send(M.TASK, M.encode_task(task_message(model, subset, "corrupt")))
+            t, body = await recv_skip_pings(ch)
+            assert t == M.TASK_FAILED
+            msg = M.decode_json(body, t)
+            assert msg["task_id"] == "corrupt" and "send MODEL first" in msg["message"]
+            await ch.close()
+        run(go())
+        assert not (state / "models" / f"{h}.ftm").exists()
+    finally:
+        assert a.stop() == 0
+
+
+def test_pending_update_survives_vanished_hub_and_ack_deletes_it(fleet, tmp_path):
+    model, subset = make_model(seed=5)
+    state = tmp_path / "state"
+    # slowdown: the hub is gone well before the update is ready
+    a = start_agent(fleet["key"], fleet["data"], state, "--slowdown", "40")
+    try:
+        async def vanish():
+            ch, _ = await hello(a.port, fleet["key"])
+            await ch.send(M.MODEL, model_to_bytes(model))
+            await ch.send(M.TASK, M.encode_task(task_message(model, subset, "p1")))
+            await asyncio.sleep(0.05)
+            ch.abort()  # no close frame: the hub died
+        run(vanish())
+        a.wait_for(r"task p1: no hub connected")
+        pending = list((state / "pending").glob("*.upd"))
+        assert [p.name for p in pending] == ["p1.upd"]
+
+        async def reconnect(do_ack):
+            ch, info = await hello(a.port, fleet["key"])
+            assert info["pending"] == 1
+            t, body = await recv_skip_pings(ch)  # pending updates come right after AGENT_INFO
+            assert t == M.UPDATE
+            upd = Update.from_bytes(body)
+            if do_ack:
+                await ack(ch, upd.task_id, accepted=False, reason="too_stale")
+                await still_alive(ch)
+            await ch.close()
+            return upd
+        upd = run(reconnect(do_ack=False))  # not acknowledged: kept
+        assert upd.task_id == "p1" and pending[0].exists()
+        check_update(upd, model, subset, current_version=3)
+        mark = a.mark()
+        run(reconnect(do_ack=True))
+        assert not pending[0].exists()
+        a.wait_for(r"update p1 rejected by the hub: too_stale", start=mark)
+    finally:
+        assert a.stop() == 0
+
+
+async def still_alive(ch):
+    await ch.send(M.PING, M.encode_json({"t": 2.0}))
+    t, _ = await recv_skip_pings(ch)
+    assert t == M.PONG
+
+
+def test_pending_updates_go_out_oldest_first(fleet, tmp_path):
+    from ftte_agent.state import StateDir
+    model, subset = make_model(seed=6)
+    state = StateDir(tmp_path / "state")
+    # updates kept by an earlier run of the agent
+    for i, tid in enumerate(["old", "mid", "new"]):
+        upd = Update(base_version=i, subset_fingerprint=subset.fingerprint(), num_samples=5, loss=1.0, tensors=[],
+                     task_id=tid)
+        path = state.put_pending(tid, upd.to_bytes())
+        os.utime(path, ns=(10**18 + i, 10**18 + i))
+    a = start_agent(fleet["key"], fleet["data"], state.root)
+    try:
+        async def go():
+            ch, info = await hello(a.port, fleet["key"])
+            assert info["pending"] == 3
+            order = []
+            for _ in range(3):
+                t, body = await recv_skip_pings(ch)
+                assert t == M.UPDATE
+                order.append(Update.from_bytes(body).task_id)
+            for tid in order:
+                await ack(ch, tid)
+            await still_alive(ch)
+            await ch.close()
+            return order
+        assert run(go()) == ["old", "mid", "new"]
+        assert not list((state.root / "pending").iterdir())
+    finally:
+        assert a.stop() == 0
+
+
+def test_wrong_key_refused_then_good_hub_served(agent, fleet):
+    mark = agent.mark()
+
+    async def go():
+        with pytest.raises(ChannelError):
+            await connect(agent.port, generate_key())
+        return await still_serving(agent.port, fleet["key"])
+    run(go())
+    agent.wait_for(r"refused 127\.0\.0\.1:\d+: .*(key|authentic)", start=mark)
+
+
+@pytest.mark.parametrize("garbage", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", os.urandom(300), b"\x00" * 4])
+def test_garbage_bytes_dropped_then_good_hub_served(agent, fleet, garbage):
+    mark = agent.mark()
+
+    async def go():
+        reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+        writer.write(garbage)
+        await writer.drain()
+        writer.write_eof()
+        await asyncio.wait_for(reader.read(), TIMEOUT)  # the agent hangs up
+        writer.close()
+        await still_serving(agent.port, fleet["key"])
+    run(go())
+    agent.wait_for(r"refused 127\.0\.0\.1:\d+", start=mark)
+
+
+def test_stale_protocol_version_refused(agent, fleet):
+    mark = agent.mark()
+
+    async def go():
+        reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+        writer.write(struct.pack(">4sHBB32s32s", b"FTTE", PROTOCOL_VERSION - 1 if PROTOCOL_VERSION > 1 else 99,
+                                 1, 0, os.urandom(32), os.urandom(32)))
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), TIMEOUT)
+        writer.close()
+        await still_serving(agent.port, fleet["key"])
+    run(go())
+    agent.wait_for(r"refused .*version", start=mark)
+
+
+def test_oversized_frame_dropped_then_good_hub_served(agent, fleet):
+    mark = agent.mark()
+
+    async def go():
+        ch, _ = await hello(agent.port, fleet["key"])
+        ch.writer.write(struct.pack(">I", 0x7FFFFFFF) + b"x" * 64)  # a record header far over the frame limit
+        await ch.writer.drain()
+        with pytest.raises(ChannelError):
+            while True:
+                await ch.recv(timeout=TIMEOUT)
+        ch.abort()
+        await still_serving(agent.port, fleet["key"])
+    run(go())
+    agent.wait_for(r"hub connection dropped: .*(limit|large|exceeds|max)", start=mark)
+
+
+def test_silent_half_open_connection_times_out(fleet, tmp_path):
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--handshake-timeout", "0.5")
+    try:
+        async def go():
+            reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+            t0 = time.monotonic()
+            assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""  # says nothing: dropped
+            writer.close()
+            return time.monotonic() - t0
+        assert 0.3 < run(go()) < 5
+        a.wait_for(r"no handshake within 0\.5 s")
+    finally:
+        assert a.stop() == 0
+
+
+def nan_task_body(model, subset, task_id):
+    body = bytearray(M.encode_task(task_message(model, subset, task_id)))
+    body[-4:] = struct.pack("<f", float("nan"))
+    return bytes(body)
+
+
+def test_bad_tasks_fail_cleanly_and_agent_keeps_serving(agent, fleet):
+    model, subset = make_model(seed=8)
+    other, _ = make_model(seed=9)
+    values = subset_values(model, subset)
+    wrong_shape = {k: (np.zeros((v.shape[0] + 1, v.shape[1]), np.float32) if k == "fc2.weight" else v)
+                   for k, v in values.items()}
+    missing = {k: v for k, v in values.items() if k != "fc2.bias"}
+    bad_subset = {"fc9": {"rows": [0], "bias": True}}
+    cases = {
+        "nan": nan_task_body(model, subset, "nan"),
+        "shape": M.encode_task(task_message(model, subset, "shape", values=wrong_shape)),
+        "missing": M.encode_task(task_message(model, subset, "missing", values=missing)),
+        "unknown-model": M.encode_task(task_message(other, subset, "unknown-model")),
+        "fingerprint": M.encode_task(task_message(model, subset, "fingerprint", subset_fingerprint="0" * 16)),
+        "subset": M.encode_task(task_message(model, subset, "subset", subset=bad_subset)),
+    }
+    expect = {"nan": "NaN", "shape": "shape", "missing": "missing", "unknown-model": "send MODEL first",
+              "fingerprint": "fingerprint", "subset": "subset"}
+
+    async def go():
+        ch, _ = await hello(agent.port, fleet["key"])
+        await ch.send(M.MODEL, model_to_bytes(model))
+        got = {}
+        for tid, body in cases.items():
+            await ch.send(M.TASK, body)
+            t, reply = await recv_skip_pings(ch)
+            assert t == M.TASK_FAILED, (tid, M.name(t))
+            msg = M.decode_json(reply, t)
+            got[msg["task_id"]] = msg["message"]
+        upd = await train_one(ch, model, subset, "good-after-bad", send_model=False)  # same connection still works
+        await ack(ch, "good-after-bad")
+        await ch.close()
+        return got, upd
+    got, upd = run(go())
+    for tid, word in expect.items():
+        assert word.lower() in got[tid].lower(), (tid, got[tid])
+        assert "\n" not in got[tid]
+    check_update(upd, model, subset, current_version=0)
+
+
+def test_undecodable_task_and_bad_model_get_error(agent, fleet):
+    async def go():
+        replies = []
+        for t_send, body in [(M.TASK, b"\x05\x00"), (M.MODEL, b"FTMD" + b"\xff" * 40)]:
+            ch, _ = await hello(agent.port, fleet["key"])
+            await ch.send(t_send, body)
+            t, reply = await recv_skip_pings(ch)
+            assert t == M.ERROR
+            replies.append(M.decode_json(reply, t)["message"])
+            with pytest.raises(ChannelClosed):
+                await recv_skip_pings(ch)
+            ch.abort()
+        await still_serving(agent.port, fleet["key"])
+        return replies
+    task_err, model_err = run(go())
+    assert task_err.startswith("TASK:") and model_err.startswith("MODEL:")
+
+
+def test_not_used_and_stop_keep_the_connection(agent, fleet):
+    mark = agent.mark()
+
+    async def go():
+        ch, _ = await hello(agent.port, fleet["key"])
+        await ch.send(M.NOT_USED, M.encode_json({"reason": "budget", "needed_bytes": 9 << 20, "budget_bytes": 1 << 20}))
+        await ch.send(M.STOP, M.encode_json({"reason": "target accuracy reached"}))
+        await still_alive(ch)
+        await ch.close()
+    run(go())
+    agent.wait_for(r"not used by hub .*needs 9437184 bytes, budget 1048576 bytes", start=mark)
+    agent.wait_for(r"stopped the run: target accuracy reached", start=mark)
+
+
+def test_newer_hub_connection_supersedes_older(agent, fleet):
+    async def go():
+        old, _ = await hello(agent.port, fleet["key"])
+        new, _ = await hello(agent.port, fleet["key"])
+        with pytest.raises(ChannelError):  # the old one is closed by the agent
+            await recv_skip_pings(old, timeout=5)
+        await still_alive(new)
+        await new.close()
+    run(go())
+
+
+def test_agent_pings_and_drops_silent_hub(fleet, tmp_path):
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--ping-interval", "0.2",
+                    "--silence-timeout", "1")
+    try:
+        async def go():
+            ch, _ = await hello(a.port, fleet["key"])
+            t, _ = await ch.recv(timeout=5)
+            assert t == M.PING
+            t0 = time.monotonic()
+            with pytest.raises(ChannelError):  # never answers: dropped after ~1 s of silence
+                while True:
+                    await ch.recv(timeout=10)
+            return time.monotonic() - t0
+        assert run(go()) < 5
+        a.wait_for(r"nothing received for 1 s")
+    finally:
+        assert a.stop() == 0
+
+
+def test_mdns_advertisement_with_txt(fleet, tmp_path):
+    from zeroconf import IPVersion, ServiceStateChange
+    from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--memory-budget", "48MiB", "--slowdown", "2",
+                    mdns=True)
+    try:
+        async def browse():
+            zc = AsyncZeroconf(ip_version=IPVersion.V4Only, interfaces=["127.0.0.1"])
+            found, removed = asyncio.Queue(), asyncio.Queue()
+
+            def on_change(zeroconf, service_type, name, state_change):
+                if state_change is ServiceStateChange.Added:
+                    found.put_nowait(name)
+                elif state_change is ServiceStateChange.Removed:
+                    removed.put_nowait(name)
+            browser = AsyncServiceBrowser(zc.zeroconf, [M.SERVICE_TYPE], handlers=[on_change])
+            try:
+                while True:
+                    name = await asyncio.wait_for(found.get(), 20)
+                    if name.startswith("test-agent-"):
+                        break
+                info = AsyncServiceInfo(M.SERVICE_TYPE, name)
+                assert await info.async_request(zc.zeroconf, 3000)
+                txt = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
+                addrs = info.parsed_scoped_addresses()
+                port = info.port
+                a.stop()  # SIGTERM: the agent withdraws the service
+                gone = await asyncio.wait_for(removed.get(), 10)
+                return name, txt, addrs, port, gone
+            finally:
+                await browser.async_cancel()
+                await zc.async_close()
+        name, txt, addrs, port, gone = run(browse())
+    finally:
+        a.stop()
+    assert a.proc.returncode == 0
+    assert port == a.port and addrs == ["127.0.0.1"]
+    assert re.fullmatch(r"[0-9a-f]{16}", txt["id"]) and name.startswith(f"test-agent-{txt['id'][:6]}.")
+    assert txt["name"] == "test-agent" and txt["proto"] == str(PROTOCOL_VERSION)
+    assert txt["budget"] == str(48 << 20) and float(txt["speed"]) > 0 and txt["arch"]
+    assert gone == name
+
+
+def test_agent_imports_neither_onnx_nor_hub():
+    code = ("import sys, ftte_agent.cli, ftte_agent.server, ftte_agent.advertise, ftte_agent.state, "
+            "ftte_agent.device; bad = [m for m in ('onnx', 'onnxruntime', 'ftte_hub') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("what, make, expect", [
+    ("key", lambda p: p.write_text("not a key\n"), "key file"),
+    ("key", lambda p: None, "does not exist"),
+    ("data", lambda p: p.write_bytes(b"PK\x03\x04 not really a zip"), "data file"),
+    ("data", lambda p: np.savez(p, x=np.zeros((3, 2), np.float32)), "data file"),
+])
+def test_bad_key_or_data_fails_fast_with_one_line(fleet, tmp_path, what, make, expect):
+    bad = tmp_path / ("bad.key" if what == "key" else "bad.npz")
+    make(bad)
+    key = bad if what == "key" else fleet["key"]
+    data = bad if what == "data" else fleet["data"]
+    r = subprocess.run(agent_cmd(key, data, tmp_path / "state", "--no-mdns"), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ftte-agent: error:") and expect in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--memory-budget", "lots"], "--memory-budget"),
+    (["--interface", "eth0"], "IPv4"),
+    (["--slowdown", "0.5"], "slowdown"),
+])
+def test_bad_options_fail_with_one_line(fleet, tmp_path, args, expect):
+    r = subprocess.run(agent_cmd(fleet["key"], fleet["data"], tmp_path / "state", "--no-mdns", *args),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and expect in r.stderr
+
+
+def test_port_in_use_fails_with_one_line(agent, fleet, tmp_path):
+    cmd = agent_cmd(fleet["key"], fleet["data"], tmp_path / "state", "--no-mdns")
+    cmd[cmd.index("--port") + 1] = str(agent.port)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1].startswith("ftte-agent: error: cannot serve on port")

@@ -1,0 +1,259 @@
+"""The hub/agent contract: model files, message bodies, and the protocol over asyncio streams."""
+import asyncio
+import json
+import struct
+
+import numpy as np
+import pytest
+
+import ftte_core as ft
+from ftte_core import messages as M
+from ftte_core import modelfile
+from ftte_core.channel import Channel, ChannelClosed, ChannelError
+from ftte_core.graph import AvgPool2d, Dense, Dropout, Flatten, MaxPool2d, Model, ReLU, Sigmoid, Tanh
+from ftte_core.local import TaskConfig
+from ftte_core.protocol import generate_key
+
+
+# -- model files -------------------------------------------------------------------------------------
+def _odd_model():
+    rng = np.random.default_rng(3)
+    from ftte_core.graph import Conv2d, GlobalAvgPool
+    layers = [
+        Conv2d("c1", rng.standard_normal((4, 1, 3, 3)).astype(np.float32), None, stride=(1, 1), padding=(1, 1, 1, 1)),
+        Tanh("t1"), MaxPool2d("mp", (2, 2), (2, 2), (0, 0, 1, 1), ceil_mode=True),
+        AvgPool2d("ap", (2, 2), (1, 1), (1, 0, 0, 1), ceil_mode=False, count_include_pad=True),
+        Sigmoid("s1"), Dropout("d", 0.25), GlobalAvgPool("g"), Flatten("f"),
+        Dense("fc", rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal(3).astype(np.float32)),
+        ReLU("r"),
+    ]
+    return Model(layers, (1, 9, 7), name="odd")
+
+
+@pytest.mark.parametrize("make", [lambda: ft.zoo("mlp", (64,), 10, seed=1),
+                                  lambda: ft.zoo("cnn", (1, 28, 28), 10, seed=2), _odd_model])
+def test_model_file_round_trip_predicts_identically(make):
+    model = make()
+    blob = modelfile.model_to_bytes(model)
+    back = modelfile.model_from_bytes(blob)
+    assert [(l.kind, l.name) for l in back.layers] == [(l.kind, l.name) for l in model.layers]
+    assert back.input_shape == model.input_shape and back.name == model.name
+    x = np.random.default_rng(0).random((5,) + model.input_shape, dtype=np.float32)
+    np.testing.assert_array_equal(back.predict(x), model.predict(x))
+    assert modelfile.model_to_bytes(back) == blob  # stable: the agent's cache key does not drift
+    assert modelfile.content_hash(blob) == modelfile.content_hash(bytes(blob))
+
+
+def test_model_file_rejects_bad_bytes():
+    blob = modelfile.model_to_bytes(ft.zoo("mlp", (64,), 10))
+    prefix = struct.Struct("<4sHHI")
+    _, _, _, hlen = prefix.unpack_from(blob, 0)
+    cases = {
+        "shorter than": blob[:5],
+        "not a model file": b"XXXX" + blob[4:],
+        "format 9": blob[:4] + struct.pack("<H", 9) + blob[6:],
+        "flags": blob[:6] + struct.pack("<H", 1) + blob[8:],
+        "does not fit": blob[:8] + struct.pack("<I", len(blob)) + blob[12:],
+        "truncated": blob[:-4],
+        "trailing": blob + b"\0\0\0\0",
+        "bad model header": blob[:12] + b"{" * hlen + blob[12 + hlen:],
+    }
+    for match, bad in cases.items():
+        with pytest.raises(modelfile.ModelFileError, match=match):
+            modelfile.model_from_bytes(bad)
+    nan = bytearray(blob)
+    nan[12 + hlen:12 + hlen + 4] = struct.pack("<f", float("nan"))
+    with pytest.raises(modelfile.ModelFileError, match="NaN"):
+        modelfile.model_from_bytes(bytes(nan))
+    head = json.loads(blob[12:12 + hlen])
+    head["layers"][0]["kind"] = "lstm"
+    h = json.dumps(head).encode()
+    with pytest.raises(modelfile.ModelFileError, match="unknown kind 'lstm'"):
+        modelfile.model_from_bytes(blob[:8] + struct.pack("<I", len(h)) + h + blob[12 + hlen:])
+    head["layers"][0]["kind"] = "dense"
+    head["layers"][0]["params"][0][1] = [1, 2, 3, 4, 5]
+    h = json.dumps(head).encode()
+    with pytest.raises(modelfile.ModelFileError, match="bad shape"):
+        modelfile.model_from_bytes(blob[:8] + struct.pack("<I", len(h)) + h + blob[12 + hlen:])
+    with pytest.raises(modelfile.ModelFileError, match="over the limit"):
+        modelfile.model_from_bytes(blob, max_bytes=100)
+
+
+def test_model_file_random_corruption_never_escapes_as_another_error():
+    blob = bytearray(modelfile.model_to_bytes(ft.zoo("mlp", (16,), 4, hidden=(8,))))
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        bad = bytearray(blob)
+        for i in rng.integers(0, 200, size=3):  # the prefix and header, where structure lives
+            bad[int(i)] = int(rng.integers(0, 256))
+        try:
+            modelfile.model_from_bytes(bytes(bad))
+        except modelfile.ModelFileError:
+            pass
+
+
+# -- messages -----------------------------------------------------------------------------------------
+def _task(**over):
+    model = ft.zoo("mlp", (64,), 10)
+    subset = ft.Subset.of(model, {"fc2": {"rows": [0, 3, 5], "bias": True}})
+    from ftte_core.update import subset_values
+    kw = dict(task_id="t7", base_version=3, model_hash="ab" * 32, subset=subset.to_dict(),
+              subset_fingerprint=subset.fingerprint(), config=TaskConfig(lr=0.1, batch_size=8), seed=11, bits=8,
+              values=subset_values(model, subset))
+    kw.update(over)
+    return M.TaskMessage(**kw)
+
+
+def test_task_round_trip():
+    msg = _task()
+    back = M.decode_task(M.encode_task(msg))
+    assert (back.task_id, back.base_version, back.model_hash, back.seed, back.bits) == ("t7", 3, "ab" * 32, 11, 8)
+    assert back.subset == msg.subset and back.subset_fingerprint == msg.subset_fingerprint
+    assert back.config == msg.config
+    assert list(back.values) == list(msg.values)
+    for k in msg.values:
+        np.testing.assert_array_equal(back.values[k], msg.values[k])
+        assert back.values[k].dtype == np.float32
+
+
+def test_task_rejects_bad_bodies():
+    good = M.encode_task(_task())
+    (hlen,) = struct.unpack_from("<I", good)
+    head = json.loads(good[4:4 + hlen])
+
+    def with_head(h, tail=None):
+        b = json.dumps(h).encode()
+        return struct.pack("<I", len(b)) + b + (good[4 + hlen:] if tail is None else tail)
+
+    cases = [
+        (b"\1\0", "shorter than"),
+        (struct.pack("<I", 10 ** 6) + good[4:], "does not fit"),
+        (good[:-4], "runs past the end"),
+        (good + b"\0", "left over"),
+        (with_head({**head, "bits": 5}), "bits must be"),
+        (with_head({**head, "seed": True}), "'seed' must be int"),
+        (with_head({**head, "config": {"lr": -1.0}}), "bad task settings"),
+        (with_head({**head, "config": {"lr": 0.1, "evil": 1}}), "unknown task settings"),
+        (with_head({k: v for k, v in head.items() if k != "task_id"}), "'task_id' must be str"),
+        (with_head({**head, "values": [head["values"][0], head["values"][0]]}), "repeated"),
+        (struct.pack("<I", 3) + b"[1]" + good[4 + hlen:], "JSON object"),
+        (struct.pack("<I", 3) + b"NaN", "not JSON"),
+    ]
+    for body, match in cases:
+        with pytest.raises(M.MessageError, match=match):
+            M.decode_task(body)
+    nan = bytearray(good)
+    nan[4 + hlen:4 + hlen + 4] = struct.pack("<f", float("inf"))
+    with pytest.raises(M.MessageError, match="NaN or Inf"):
+        M.decode_task(bytes(nan))
+
+
+def test_json_bodies():
+    body = M.encode_json({"task_id": "t1", "accepted": True, "version": 4})
+    assert M.decode_json(body, M.ACK, {"task_id": str, "accepted": bool, "version": int})["version"] == 4
+    with pytest.raises(M.MessageError, match="ACK: field 'version' must be int"):
+        M.decode_json(M.encode_json({"version": True}), M.ACK, {"version": int})
+    with pytest.raises(M.MessageError, match="over the"):
+        M.decode_json(b" " * (M.MAX_JSON_BYTES + 1), M.PING)
+    with pytest.raises(M.MessageError, match="not JSON"):
+        M.decode_json(b"\xff\xfe", M.PING)
+    with pytest.raises(ValueError):
+        M.encode_json({"t": float("nan")})
+    assert M.name(M.TASK) == "TASK" and M.name(200) == "type 200"
+
+
+# -- the channel ----------------------------------------------------------------------------------------
+async def _serve(key, handler):
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_channel_exchanges_messages_and_counts_bytes():
+    key = generate_key()
+    seen = {}
+
+    async def main():
+        async def handle(r, w):
+            ch = await Channel.open(r, w, "server", key, timeout=5)
+            t, body = await ch.recv(timeout=5)
+            await ch.send(M.PONG, body)
+            big_t, big = await ch.recv(timeout=5)
+            seen["big"] = (big_t, len(big))
+            try:
+                await ch.recv(timeout=5)
+            except ChannelClosed as e:
+                seen["clean"] = e.clean
+
+        server, port = await _serve(key, handle)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        ch = await Channel.open(r, w, "client", key, timeout=5)
+        await ch.send(M.PING, M.encode_json({"t": 1.5}))
+        reply = await ch.recv(timeout=5)
+        await ch.send(M.MODEL, b"\x07" * 300_000)  # many reads on the other side
+        await ch.close()
+        await asyncio.sleep(0.1)
+        server.close()
+        await server.wait_closed()
+        return reply, ch
+
+    (t, body), ch = asyncio.run(main())
+    assert t == M.PONG and json.loads(body) == {"t": 1.5}
+    assert seen["big"] == (M.MODEL, 300_000)
+    assert seen["clean"] is True
+    assert ch.bytes_sent > 300_000 and ch.bytes_received > 0
+
+
+def test_channel_wrong_key_and_garbage_fail_with_one_line():
+    key = generate_key()
+    errors = []
+
+    async def main():
+        async def handle(r, w):
+            try:
+                await Channel.open(r, w, "server", key, timeout=2)
+            except ChannelError as e:
+                errors.append(str(e))
+
+        server, port = await _serve(key, handle)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        with pytest.raises(ChannelError, match="fleet key"):
+            await Channel.open(r, w, "client", generate_key(), timeout=2)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET / HTTP/1.1\r\n\r\n" + b"x" * 100)
+        await w.drain()
+        await asyncio.sleep(0.2)
+        w.close()
+        r, w = await asyncio.open_connection("127.0.0.1", port)  # silent peer: the handshake times out
+        await asyncio.sleep(2.3)
+        w.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+    assert len(errors) == 3, errors
+    assert all("\n" not in e for e in errors)
+    assert "fleet key" in errors[0]
+    assert "no handshake within 2 s" in errors[2]
+
+
+def test_channel_recv_timeout_and_cut_connection():
+    key = generate_key()
+
+    async def main():
+        async def handle(r, w):
+            await Channel.open(r, w, "server", key, timeout=2)
+            await asyncio.sleep(0.3)
+            w.close()  # no close frame: a cut, not a finished stream
+
+        server, port = await _serve(key, handle)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        ch = await Channel.open(r, w, "client", key, timeout=2)
+        with pytest.raises(ChannelError, match="nothing received for 0.1 s"):
+            await ch.recv(timeout=0.1)
+        with pytest.raises(ChannelClosed, match="without a close frame") as info:
+            await ch.recv(timeout=2)
+        assert info.value.clean is False
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
