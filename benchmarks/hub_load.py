@@ -158,7 +158,8 @@ def main(argv=None) -> None:
                    help="input features of the synthetic data (zoo MLP features-256-256-10: 134k parameters at 256)")
     p.add_argument("--val-samples", type=int, default=256, help="validation samples the hub evaluates after each merge")
     p.add_argument("--fake-procs", type=int, default=2, help="processes the fake agents are spread over")
-    p.add_argument("--train-ms", type=float, default=0.0, help="fake think time per task, ms (0: answer at once)")
+    p.add_argument("--train-ms", type=float, default=4000.0,
+                   help="mean fake think time per task, ms (offered load = agents / think time; 0: answer at once, saturating the hub)")
     p.add_argument("--max-seconds", type=float, default=300.0, help="abort the run after this many seconds")
     p.add_argument("--keep", default=None, help="keep the hub's output folder and logs here (default: a temp dir)")
     p.add_argument("--profile", action="store_true", help="profile the hub with cProfile (KEEP/hub.prof)")

@@ -271,11 +271,30 @@ def relay(dev_a: str, dev_b: str, delay_ms: float) -> None:
                 heapq.heappush(queue, (time.monotonic() + delay, sequence, other[s], frame))
 
 
+def measure(delay_ms: float, loss_percent: float, pings: int) -> None:
+    """Print what the emulated links really do: ping RTT and loss, direct and through the relay."""
+    with Lan() as lan:
+        a, b = lan.add_host("a"), lan.add_host("b")
+        slow = lan.add_host("slow", delay_ms=delay_ms, loss_percent=loss_percent)
+        print(f"{'link':<44} {'sent':>5} {'lost':>7} {'rtt min/avg/max ms':>24}")
+        for label, dst in ((f"bridge (direct)", b),
+                           (f"relay, {delay_ms:g} ms each way, {loss_percent:g}% loss each way", slow)):
+            st = lan.ping(a, dst, count=pings, interval=0.01)
+            rtt = (f"{st['rtt_min_ms']:.2f}/{st['rtt_avg_ms']:.2f}/{st['rtt_max_ms']:.2f}"
+                   if st["rtt_min_ms"] is not None else "-")
+            print(f"{label:<44} {st['sent']:>5} {100 * st['loss']:>6.1f}% {rtt:>24}")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "relay":
         try:
             relay(sys.argv[2], sys.argv[3], float(sys.argv[4]))
         except KeyboardInterrupt:
             pass
+    elif len(sys.argv) == 5 and sys.argv[1] == "measure":
+        reason = why_unavailable()
+        if reason:
+            sys.exit(f"netlan: {reason}")
+        measure(float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]))
     else:
-        sys.exit("usage: netlan.py relay DEV_A DEV_B DELAY_MS")
+        sys.exit("usage: netlan.py relay DEV_A DEV_B DELAY_MS | netlan.py measure DELAY_MS LOSS_PERCENT PINGS")
