@@ -53,6 +53,7 @@ class FakeStats:
     errors: List[tuple] = field(default_factory=list)   # (perf_counter, one-line message)
     body_bytes: int = 0       # message bodies, both directions (what the application asked to move)
     wire_bytes: int = 0       # bytes on the socket, both directions (handshake, framing, tags included)
+    unacknowledged_at_stop: int = 0   # UPDATEs still without an ACK when STOP came (a real agent resends them)
     frames: int = 0           # messages, both directions (each costs FRAME_OVERHEAD bytes of framing and tag)
 
 
@@ -117,6 +118,7 @@ class FakeFleet:
         body_bytes = 0
         frames = 0
         previous_task: Optional[str] = None
+        unacknowledged: set = set()    # task ids whose UPDATE went out and got no ACK yet
 
         async def send(msg_type: int, body: bytes) -> None:
             nonlocal body_bytes, frames
@@ -147,10 +149,12 @@ class FakeFleet:
                                     stats={}, peak_memory_bytes=self.budget // 2, device_id=agent_id,
                                     task_id=task.task_id)
                     await send(M.UPDATE, update.to_bytes())
+                    unacknowledged.add(task.task_id)
                     self.update_sent_at[task.task_id] = time.perf_counter()
                     stats.updates_sent += 1
                 elif msg_type == M.ACK:
                     ack = M.decode_json(body, M.ACK, {"accepted": bool})
+                    unacknowledged.discard(ack.get("task_id"))
                     if ack["accepted"]:
                         stats.accepted += 1
                     else:
@@ -165,6 +169,7 @@ class FakeFleet:
                     stats.not_used += 1
                 elif msg_type == M.STOP:
                     stats.stopped += 1
+                    stats.unacknowledged_at_stop += len(unacknowledged)
                     self._stopped_agents.add(agent_id)
                     if len(self._stopped_agents) >= self.n:
                         self.all_stopped.set()
@@ -187,7 +192,8 @@ class FakeFleet:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return {"cpu_s": usage.ru_utime + usage.ru_stime,"agents": self.n, "tasks": s.tasks, "updates_sent": s.updates_sent, "accepted": s.accepted,
                 "rejected": s.rejected, "not_used": s.not_used, "models": s.models, "pings": s.pings,
-                "sessions": s.sessions, "stopped": s.stopped, "errors": s.errors[:1000], "error_count": len(s.errors),
+                "sessions": s.sessions, "stopped": s.stopped,
+                "unacknowledged_at_stop": s.unacknowledged_at_stop, "errors": s.errors[:1000], "error_count": len(s.errors),
                 "body_bytes": s.body_bytes, "wire_bytes": s.wire_bytes, "frames": s.frames,
                 "update_sent_at": self.update_sent_at, "next_task_at": self.next_task_at}
 

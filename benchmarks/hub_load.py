@@ -212,9 +212,8 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         hub = subprocess.Popen([sys.executable, __file__, "--hub-child", str(work / "hub_config.json")],
                                stdout=subprocess.DEVNULL, stderr=open(work / "hub.log", "w"), env=env)
-        try:
-            code = hub.wait(timeout=args.max_seconds)
-        except subprocess.TimeoutExpired:
+        code = _wait_with_progress(hub, work / "hub-out" / "metrics.jsonl", config["max_versions"], args.max_seconds)
+        if code is None:
             raise SystemExit(f"hub_load: the hub did not finish within --max-seconds {args.max_seconds:g} "
                              f"(see {work / 'hub.log'})")
         wall = time.perf_counter() - t0
@@ -269,6 +268,8 @@ def main(argv=None) -> None:
         ("  incl. handshakes and closes", f"{100 * (fk['wire_bytes'] - body) / body:.4f} %"),
         ("wall time (hub process)", f"{wall:.1f} s"),
     ]
+    if fk.get("unacknowledged_at_stop"):
+        rows.append(("UPDATEs without ACK at STOP", f"{fk['unacknowledged_at_stop']} (kept pending by a real agent)"))
     if errors:
         rows.append(("fake-agent errors during the run", f"{len(errors)} (first: {errors[0]})"))
     rows.append(("machine load average (1 min) at the end", f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"))
@@ -277,6 +278,22 @@ def main(argv=None) -> None:
         print(f"{k:<{width}}  {v}")
     (work / "table.json").write_text(json.dumps(dict(rows)))
     print(f"# details in {work}")
+
+
+def _wait_with_progress(proc, metrics: Path, versions: int, limit_s: float, every_s: float = 5.0):
+    """The hub's exit code, or None after ``limit_s``; a progress line (merges so far) every ``every_s``."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            return proc.wait(timeout=max(0.0, min(every_s, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                return None
+        try:
+            merged = sum(1 for _ in metrics.open())
+        except OSError:
+            merged = 0
+        print(f"# {merged}/{versions} merges", flush=True)
 
 
 def _merge_fake_reports(reports):
