@@ -30,6 +30,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import os
+import re
 import select
 import shutil
 import socket
@@ -58,6 +59,23 @@ def why_unavailable() -> Optional[str]:
         return f"cannot create a network namespace: {r.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
+
+
+_OUR_NAMESPACE = re.compile(r"^ftte(\d+)(sw|h\d+|r\d+)$")
+
+
+def remove_stale_namespaces() -> List[str]:
+    """Delete namespaces an earlier run left behind (killed before its teardown): ours, by name,
+    and only those whose creating process is gone."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    removed = []
+    for line in listed.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        m = _OUR_NAMESPACE.match(name)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            removed.append(name)
+    return removed
 
 
 def sh(args: Sequence[str], timeout: float = _COMMAND_TIMEOUT) -> str:
@@ -92,9 +110,14 @@ class Lan:
         self._relays: List[subprocess.Popen] = []
         self._procs: List[subprocess.Popen] = []
         self._port = 0
-        self._add_namespace(self.switch_ns)
-        sh(["ip", "-n", self.switch_ns, "link", "add", "br0", "type", "bridge"])
-        sh(["ip", "-n", self.switch_ns, "link", "set", "br0", "up"])
+        remove_stale_namespaces()
+        try:
+            self._add_namespace(self.switch_ns)
+            sh(["ip", "-n", self.switch_ns, "link", "add", "br0", "type", "bridge"])
+            sh(["ip", "-n", self.switch_ns, "link", "set", "br0", "up"])
+        except BaseException:
+            self.close()
+            raise
 
     # -- building --------------------------------------------------------------------------------
     def add_host(self, name: str, delay_ms: float = 0.0, loss_percent: float = 0.0) -> Host:

@@ -244,3 +244,21 @@ def test_hub_load_benchmark_runs_against_the_real_hub(tmp_path):
     assert "fake-agent errors during the run" not in table, table
     # the overhead is real framing: 21 bytes per message over ~7 MB of bodies is a few hundredths of a percent
     assert 0 < float(table["protocol overhead, framing+tag"].split()[0]) < 1.0
+
+
+@needs_netns
+def test_namespaces_of_a_killed_run_are_removed_and_live_ones_kept():
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"ftte{dead.pid}h1"
+    live = f"ftte{os.getpid()}h99"
+    for name in (stale, live):
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        removed = netlan.remove_stale_namespaces()
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        assert stale in removed and stale not in listed
+        assert live not in removed and live in listed
+    finally:
+        for name in (stale, live):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
