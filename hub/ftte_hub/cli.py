@@ -1,4 +1,4 @@
-"""`ftte-hub`: the coordinator's command line (keygen, train, simulate)."""
+"""`ftte-hub`: the coordinator's command line (keygen, train, demo, simulate)."""
 from __future__ import annotations
 
 import asyncio
@@ -182,6 +182,44 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
     except KeyboardInterrupt:
         _fail("interrupted; run again with the same --out to resume")
     _print_summary(summary)
+
+
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="ftte-demo",
+              help="Output folder (replaced if it holds an earlier demo): key, data shards, logs, model.onnx.")
+@click.option("--agents", type=click.IntRange(1, 6), default=4, help="Agent processes to start (1..6).")
+@click.option("--model", "model_spec", type=click.Choice(["mlp", "cnn"]), default="mlp", help="Zoo model to train.")
+@click.option("--target-accuracy", type=click.FloatRange(0.0, 1.0), default=0.95,
+              help="Stop once validation accuracy reaches this (0..1).")
+@click.option("--max-versions", type=click.IntRange(1), default=400, help="Stop after this many merged versions.")
+@click.option("--buffer", "buffer_k", type=click.IntRange(1), default=4, help="K: updates per merge.")
+@click.option("--alpha", type=click.FloatRange(min=0.0, min_open=True), default=0.5,
+              help="Dirichlet label-skew concentration of the data split (smaller = more skewed).")
+@click.option("--seed", type=int, default=0, help="Seed for the split, the model and the tasks.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              help="Hub log and progress lines as text or JSON lines (stderr).")
+def demo(out_dir, agents, model_spec, target_accuracy, max_versions, buffer_k, alpha, seed, log_format):
+    """Run a whole fleet on this machine: the hub plus agent processes found over mDNS.
+
+    Splits the bundled digits non-IID across the agents, gives them different memory budgets
+    and slowdowns, trains, and writes OUT/model.onnx and OUT/summary.json.
+    """
+    from .demo import DemoError, run_demo
+    from .logs import setup_logging
+    from .train import TrainError
+
+    setup_logging(log_format)
+    t0 = time.perf_counter()
+    try:
+        summary = run_demo(out=out_dir, agents=agents, model=model_spec, target_accuracy=target_accuracy,
+                           max_versions=max_versions, buffer=buffer_k, alpha=alpha, seed=seed,
+                           say=lambda m: click.echo(m, err=True))
+    except (DemoError, TrainError, ValueError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted")
+    _print_summary(summary)
+    click.echo(f"demo finished in {time.perf_counter() - t0:.1f} s", err=True)
 
 
 def _print_summary(s) -> None:
