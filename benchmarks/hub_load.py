@@ -273,6 +273,9 @@ def main(argv=None) -> None:
     if errors:
         rows.append(("fake-agent errors during the run", f"{len(errors)} (first: {errors[0]})"))
     rows.append(("machine load average (1 min) at the end", f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"))
+    pressure = _cpu_pressure()
+    if pressure is not None:
+        rows.append(("CPU pressure (share of time some task waited for a CPU, 60 s)", f"{pressure:.0f} %"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -294,6 +297,15 @@ def _wait_with_progress(proc, metrics: Path, versions: int, limit_s: float, ever
         except OSError:
             merged = 0
         print(f"# {merged}/{versions} merges", flush=True)
+
+
+def _cpu_pressure():
+    """Linux PSI: on a shared machine this says how far the latencies are the machine's, not the hub's."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        return float(dict(kv.split("=") for kv in line.split()[1:])["avg60"])
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
 
 
 def _merge_fake_reports(reports):
