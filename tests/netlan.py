@@ -97,12 +97,12 @@ class Host:
 
 
 class Lan:
-    """A bridge in its own namespace and hosts attached to it; a /24 of 10.77.0.0/16 per process."""
+    """A bridge in its own namespace and hosts attached to it, addressed in a private /24."""
 
     def __init__(self, prefix: Optional[str] = None):
         pid = os.getpid()
         self.prefix = prefix or f"ftte{pid}"
-        # a subnet derived from the pid so parallel runs on one machine do not share addresses
+        # any private subnet will do: each Lan has a bridge of its own, so runs never see each other
         self.subnet = ipaddress.ip_network(f"10.77.{pid % 250}.0/24")
         self.switch_ns = f"{self.prefix}sw"
         self.hosts: List[Host] = []
@@ -121,7 +121,7 @@ class Lan:
 
     # -- building --------------------------------------------------------------------------------
     def add_host(self, name: str, delay_ms: float = 0.0, loss_percent: float = 0.0) -> Host:
-        """A namespace with eth0 on the bridge (through the delaying relay when ``delay_ms`` > 0)."""
+        """A namespace with eth0 on the bridge (through the relay when the link is impaired)."""
         index = len(self.hosts) + 1
         ns = f"{self.prefix}h{index}"
         ip = str(self.subnet.network_address + index)
