@@ -161,8 +161,9 @@ def main(argv=None) -> None:
     p.add_argument("--train-ms", type=float, default=4000.0,
                    help="mean fake think time per task, ms (offered load = agents / think time; 0: answer at once, saturating the hub)")
     p.add_argument("--max-seconds", type=float, default=300.0, help="abort the run after this many seconds")
-    p.add_argument("--keep", default=None, help="keep the hub's output folder and logs here (default: a temp dir)")
-    p.add_argument("--profile", action="store_true", help="profile the hub with cProfile (KEEP/hub.prof)")
+    p.add_argument("--keep", default=None, metavar="DIR",
+                   help="folder for the hub's output, logs and measurements (None: a new temp folder, left in place)")
+    p.add_argument("--profile", action="store_true", help="profile the hub with cProfile (DIR/hub.prof; slows the hub)")
     p.add_argument("--hub-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.hub_child:
