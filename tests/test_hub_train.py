@@ -61,6 +61,11 @@ def test_three_agents_reach_target_and_export_matching_onnx(tmp_path):
     assert saved["version"] == summary["version"]
     assert sum(a["accepted"] for a in saved["agents"].values()) == summary["accepted"]
     assert set(saved["agents"]) == {"a0", "a1", "a2"}
+    # every update the hub counts as accepted was acknowledged before STOP (an agent keeps an
+    # unacknowledged update and would offer it to the next run)
+    for a in agents:
+        acked = sum(1 for ack in a.acks if ack["accepted"])
+        assert acked == saved["agents"][a.agent_id]["accepted"], (a.agent_id, acked, saved["agents"][a.agent_id])
 
 
 def test_bad_peers_are_rejected_and_the_run_completes(tmp_path, caplog):
@@ -169,3 +174,31 @@ def test_baseline_strategies_run_over_the_network(tmp_path, strategy):
     summary = asyncio.run(main())
     assert summary["version"] == 4 and summary["strategy"] == strategy and summary["subset"] == "the full model"
     assert summary["rejected"] == 0 and summary["accuracy"] > 0.5
+
+
+def test_updates_in_flight_at_the_end_are_acknowledged_before_stop(tmp_path, monkeypatch):
+    """A slow disk: the update that completes the last merge is still being made durable when the
+    run ends. Its ACK must still go out before STOP, or the agent keeps an update the hub merged."""
+    from ftte_hub import checkpoint
+
+    slow_sync = checkpoint.Journal.sync
+
+    async def sync(self, upto):
+        await asyncio.sleep(0.3)
+        await slow_sync(self, upto)
+
+    monkeypatch.setattr(checkpoint.Journal, "sync", sync)
+    val, parts = digits_split(3)
+
+    async def main():
+        agents = [FakeAgent(KEY, parts[i], f"a{i}") for i in range(3)]
+        for a in agents:
+            await a.start()
+        return await _run(_config(tmp_path, val, agents, max_versions=3), agents), agents
+
+    summary, agents = asyncio.run(main())
+    assert summary["version"] == 3
+    for a in agents:
+        assert a.stopped
+        acked = sum(1 for ack in a.acks if ack["accepted"])
+        assert acked == summary["agents"][a.agent_id]["accepted"], a.agent_id

@@ -304,6 +304,8 @@ class Session:
         self.failures = 0
         self.last_rx = time.monotonic()
         self.superseded = False
+        self.no_update_in_flight = asyncio.Event()  # clear while an UPDATE waits for its fsync and ACK
+        self.no_update_in_flight.set()
 
     def supersede(self) -> None:
         """The agent took a newer connection from this hub: end this session quietly."""
@@ -338,7 +340,11 @@ class Session:
                 await fleet.ready.wait()
                 if fleet.stopping:
                     return
-                await self._on_update(body)
+                self.no_update_in_flight.clear()
+                try:
+                    await self._on_update(body)
+                finally:
+                    self.no_update_in_flight.set()
             elif msg_type == M.TASK_FAILED:
                 self._on_task_failed(body)
             elif msg_type == M.ERROR:
@@ -451,6 +457,12 @@ class Session:
             self.kick.clear()
 
     async def _stop(self) -> None:
+        # An update being made durable gets its ACK before STOP; otherwise the agent would keep an
+        # update the hub already counts and offer it to the next run.
+        try:
+            await asyncio.wait_for(self.no_update_in_flight.wait(), timeout=5.0)
+        except asyncio.TimeoutError:
+            pass
         reason = self.fleet.stop_reason or "the run is over"
         await self.ch.send(M.STOP, M.encode_json({"reason": reason}))
         await self.ch.close()
