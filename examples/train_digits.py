@@ -1,6 +1,6 @@
 """Train a zoo model on the bundled handwritten digits with the FTTE engine, export ONNX.
 
-    python examples/train_digits.py [--model cnn|mlp] [--epochs 15] [--out ftte-demo]
+    python examples/train_digits.py [--model cnn|mlp] [--epochs 15] [--out ftte-example]
 
 Trains twice from the same start: the whole model, and a sparse subset (last layer plus a
 quarter of the rows of the layer before it, as a memory-constrained device would), then reports
@@ -23,7 +23,7 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=15, help="passes over the training split (default 15)")
     ap.add_argument("--batch-size", type=int, default=32, help="samples per step (default 32)")
     ap.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
-    ap.add_argument("--out", default="ftte-demo", help="output folder (default ./ftte-demo)")
+    ap.add_argument("--out", default="ftte-example", help="output folder (default ./ftte-example)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 

@@ -18,7 +18,7 @@ from ftte_core.modelfile import content_hash, model_from_bytes
 from ftte_core.subset import Subset
 from ftte_core.update import Update
 
-BEHAVIOURS = ("good", "garbage", "nan", "wrong_shape", "silent", "bad_info", "raw_garbage")
+BEHAVIOURS = ("good", "garbage", "nan", "wrong_shape", "silent", "bad_info", "raw_garbage", "unexpected", "fails", "slow")
 
 
 def digits_split(n_agents: int, seed: int = 0):
@@ -118,6 +118,14 @@ class FakeAgent:
                 self.tasks += 1
                 if self.behaviour == "silent":
                     continue
+                if self.behaviour == "fails":
+                    await ch.send(M.TASK_FAILED, M.encode_json({"task_id": task.task_id, "message": "out of memory"}))
+                    continue
+                if self.behaviour == "unexpected":  # a message only a hub may send
+                    await ch.send(M.STOP, M.encode_json({"reason": "nonsense"}))
+                    continue
+                if self.behaviour == "slow":
+                    await asyncio.sleep(0.05)
                 model = self.models[task.model_hash]
                 if worker is None:
                     worker = LocalWorker(model, Subset.from_dict(model, task.subset))

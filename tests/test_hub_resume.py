@@ -15,7 +15,7 @@ from ftte_core.subset import Subset
 from ftte_hub import checkpoint as ckpt
 from ftte_hub.coordinator import Coordinator
 from ftte_hub.fleet import Hooks
-from ftte_hub.train import TrainConfig, TrainError, run_train
+from ftte_hub.train import TrainConfig, run_train
 
 from test_hub_fakes import FakeAgent, digits_split
 
@@ -137,3 +137,51 @@ def test_hub_restart_resumes_versions_and_keeps_acknowledged_updates(tmp_path):
     assert meta["finished"] and meta["model_hash"] == hash_before
     assert all(a.model_downloads == 1 for a in agents)  # the model hash did not change: no second download
     assert sum(a.connections for a in agents) >= 6      # everyone was dialled again
+
+
+def test_resume_replays_merges_the_checkpoint_missed_and_rewrites_their_metrics(tmp_path, monkeypatch):
+    """A crash after merges whose checkpoints never reached the disk: the journal has them."""
+
+    from ftte_hub import train as train_mod
+
+    val, parts = digits_split(3)
+    vp = tmp_path / "val.npz"
+    ftdata.save_npz(vp, val)
+    out = tmp_path / "run"
+    agents = [FakeAgent(KEY, parts[i], f"a{i}") for i in range(3)]
+
+    def cfg(max_versions):
+        return TrainConfig(model="mlp", val_data=str(vp), out=str(out), min_agents=3, mdns=False, buffer=3,
+                           max_versions=max_versions, lr=0.1, batch_size=16, wait_timeout=10.0,
+                           peers=[a.address for a in agents])
+
+    async def main():
+        for a in agents:
+            await a.start()
+        # run 1 keeps every journal and, by the end, only its version-0 checkpoint survives
+        monkeypatch.setattr(train_mod._Run, "_drop_journals", lambda self, below: None)
+        saved = {}
+        hooks = Hooks(on_ready=lambda fleet: saved.setdefault("v0", (out / "checkpoint.npz").read_bytes()))
+        run = asyncio.ensure_future(run_train(cfg(1000), KEY, hooks))
+        while len((out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []) < 5:
+            await asyncio.sleep(0.01)
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        monkeypatch.undo()
+        (out / "checkpoint.npz").write_bytes(saved["v0"])
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        (out / "metrics.jsonl").write_text(lines[0] + "\n")   # as if later lines never reached the disk
+        reached = max(json.loads(l)["version"] for l in lines)
+        try:
+            summary = await run_train(cfg(reached + 3), KEY)
+        finally:
+            for a in agents:
+                await a.close()
+        return reached, summary
+
+    reached, summary = asyncio.run(main())
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["version"] for l in lines] == list(range(1, reached + 4))
+    assert all(l.get("replayed") for l in lines[1:reached]) and not lines[0].get("replayed")
+    assert not any(l.get("replayed") for l in lines[reached:])
+    assert summary["version"] == reached + 3

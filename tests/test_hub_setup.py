@@ -132,3 +132,53 @@ def test_finished_run_says_so_and_small_agent_gets_not_used(tmp_path, caplog):
     assert any("fake-small (small) not used" in r.getMessage() for r in caplog.records)
     with pytest.raises(TrainError, match="holds a finished run"):
         asyncio.run(run_train(_cfg(tmp_path, val, ["127.0.0.1:9"]), KEY))
+
+
+def test_log_lines_text_and_json():
+    import io
+    import json
+    import logging
+
+    from ftte_hub.logs import event, log, setup_logging
+
+    buf = io.StringIO()
+    setup_logging("json", stream=buf)
+    try:
+        event("merge", "version 3 accuracy 0.5", fields={"version": 3, "accuracy": 0.5})
+        event("agent_left", "agent x disconnected", logging.WARNING)
+        lines = [json.loads(l) for l in buf.getvalue().splitlines()]
+        assert lines[0]["event"] == "merge" and lines[0]["version"] == 3 and lines[0]["accuracy"] == 0.5
+        assert lines[1] == {**lines[1], "event": "agent_left", "level": "warning", "message": "agent x disconnected"}
+        buf2 = io.StringIO()
+        setup_logging("text", stream=buf2)
+        event("merge", "version 4", fields={"version": 4})
+        assert buf2.getvalue().strip().endswith(" version 4") and buf2.getvalue().count("\n") == 1
+    finally:
+        for h in list(log.handlers):
+            log.removeHandler(h)
+        log.propagate = True
+
+
+def test_fresh_run_in_a_folder_with_leftovers_starts_clean(tmp_path):
+    from ftte_hub import checkpoint as ckpt
+
+    val, parts = digits_split(1)
+    out = tmp_path / "run"
+    (out / "journal").mkdir(parents=True)
+    j = ckpt.Journal(ckpt.journal_path(out, 0))
+    j.write({"e": "task", "dev": "ghost", "tid": "t1"})
+    j.close_now()
+    (out / "metrics.jsonl").write_text('{"version": 7}\n')
+
+    async def main():
+        a = FakeAgent(KEY, parts[0], "a")
+        await a.start()
+        try:
+            return await run_train(_cfg(tmp_path, val, [a.address], buffer=1, max_versions=2), KEY)
+        finally:
+            await a.close()
+
+    summary = asyncio.run(main())
+    versions = [__import__("json").loads(l)["version"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert versions == [1, 2] and summary["version"] == 2
+    assert (out / "metrics.jsonl.old").read_text() == '{"version": 7}\n'

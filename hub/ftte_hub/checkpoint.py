@@ -94,10 +94,15 @@ def journal_versions(out_dir) -> List[int]:
     return sorted(out)
 
 
-def encode_record(header: Dict[str, Any], blob: bytes = b"") -> bytes:
+def _record_parts(header: Dict[str, Any], blob: bytes = b"") -> List[bytes]:
     h = json.dumps(header, separators=(",", ":")).encode()
-    payload = _HLEN.pack(len(h)) + h + blob
-    return _REC.pack(len(payload), zlib.crc32(payload)) + payload
+    head = _HLEN.pack(len(h)) + h
+    crc = zlib.crc32(blob, zlib.crc32(head))  # no copy of the (large) blob just to checksum it
+    return [_REC.pack(len(head) + len(blob), crc), head, blob]
+
+
+def encode_record(header: Dict[str, Any], blob: bytes = b"") -> bytes:
+    return b"".join(_record_parts(header, blob))
 
 
 def read_journal(path) -> Iterator[Tuple[Dict[str, Any], bytes]]:
@@ -144,11 +149,13 @@ class Journal:
 
     def write(self, header: Dict[str, Any], blob: bytes = b"") -> int:
         """Write one record now (the page cache survives a killed process); returns its sequence number."""
-        rec = encode_record(header, blob)
-        view = memoryview(rec)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
+        parts = _record_parts(header, blob)
+        total = sum(len(p) for p in parts)
+        n = os.writev(self.fd, parts)
+        if n < total:  # a short write (rare: signals, full disk): finish it byte-exact
+            rest = memoryview(b"".join(parts))[n:]
+            while rest:
+                rest = rest[os.write(self.fd, rest):]
         self._written += 1
         return self._written
 

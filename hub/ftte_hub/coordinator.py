@@ -6,6 +6,7 @@ checkpoint and ends in the same state. No sockets here.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Callable, Dict, Optional
 
@@ -43,7 +44,6 @@ class Coordinator:
         old = self.journal
         self.journal = Journal(journal_path(self.out_dir, self.driver.version))
         if old is not None:
-            import asyncio
             try:
                 asyncio.get_running_loop().create_task(old.close())
             except RuntimeError:

@@ -2,8 +2,10 @@
 
 One dial loop per address (mDNS or --peer). A loop connects (the hub is the protocol "client"),
 runs one session until the connection ends, and dials again with backoff (BACKOFF_MIN doubling
-to BACKOFF_MAX). The session's device is the AGENT_INFO ``agent_id``: a second address that
-answers with an agent id already in session is closed and retried at BACKOFF_MAX.
+to BACKOFF_MAX). The session's device is the AGENT_INFO ``agent_id``. An agent serves one hub
+connection at a time (a new authenticated one supersedes the old), so when a second address
+answers with an agent id already in session, the new session replaces the old one, and the
+address that lost is not dialled again while its agent is in session elsewhere.
 
 Timeouts (see docs/hub.md): the hub sends PING every ``ping_interval`` s; a connection that
 brings no message for ``dead_after`` s is dead; a task with no UPDATE after ``task_timeout`` s
@@ -16,21 +18,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Set, Tuple
+
+import numpy as np
 
 from ftte_core import messages as M
 from ftte_core.channel import Channel, ChannelClosed, ChannelError
 from ftte_core.update import Update, UpdateError
 
-from .coordinator import Coordinator, log_rejection, new_agent_stats
+from .coordinator import Coordinator, log_rejection
 from .logs import event
 
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 10.0
 HELLO_TIMEOUT = 10.0          # handshake, then AGENT_INFO
 FAILED_TASK_BACKOFF_MAX = 30.0
+_TASK_PREFIX = struct.Struct("<I")
+MAX_BIG_SENDS = 8             # TASK/MODEL frames being encrypted and written at once
 
 
 @dataclass
@@ -94,9 +101,12 @@ class Fleet:
         self.sessions: Dict[str, "Session"] = {}
         self.agent_joined = asyncio.Event()   # pulsed on every new AGENT_INFO (wait-for-agents)
         self._addresses: Dict[Tuple[str, int], asyncio.Task] = {}
+        self._addr_agent: Dict[Tuple[str, int], str] = {}   # which agent answered at an address
         self._channels: Set[Channel] = set()
         self._closed_in = 0
         self._closed_out = 0
+        self._task_values = None              # (values of one version, shapes, their bytes)
+        self.big_sends = asyncio.Semaphore(MAX_BIG_SENDS)
 
     # -- addresses ---------------------------------------------------------------------------------
     def add_address(self, host: str, port: int, source: str) -> None:
@@ -124,25 +134,47 @@ class Fleet:
     def active_agents(self) -> int:
         return sum(1 for s in self.sessions.values() if s.usable)
 
-    def wake(self) -> None:
-        """New work may exist (a merge, the run's end): every session looks again."""
+    def wake(self, everyone: bool = False) -> None:
+        """New work may exist (a merge, the run's end): sessions without a task look again."""
         for s in list(self.sessions.values()):
-            s.kick.set()
+            if everyone or s.task_id is None:
+                s.kick.set()
 
     async def stop(self, reason: str, grace: float = 5.0) -> None:
         """STOP to every agent in session, then end every dial loop."""
         self.stopping = True
         self.stop_reason = reason
         self.ready.set()
-        self.wake()
+        self.wake(everyone=True)
         sessions = [s.done for s in self.sessions.values()]
         if sessions:
             await asyncio.wait(sessions, timeout=grace)
+        late = [s.name for s in self.sessions.values() if not s.done.done()]
+        if late:
+            event("stop_slow", f"no clean end within {grace:g} s for {', '.join(late)}", logging.DEBUG)
         tasks = list(self._addresses.values())
         for t in tasks:
             t.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
+
+    def task_body(self, task) -> bytes:
+        """``messages.encode_task`` bytes for ``task``, with the values' bytes built once per version.
+
+        Every task of a version carries the same values (often most of the TASK's bytes); only the
+        JSON header (task id, seed) differs. Same layout as encode_task: u32 LE header length |
+        header | float32 LE arrays in header order.
+        """
+        cached = self._task_values
+        if cached is None or cached[0] is not task.values:
+            arrays = {k: np.ascontiguousarray(v, dtype="<f4") for k, v in task.values.items()}
+            shapes = [[k, [int(d) for d in v.shape]] for k, v in arrays.items()]
+            self._task_values = cached = (task.values, shapes, b"".join(v.tobytes() for v in arrays.values()))
+        header = M.encode_json({
+            "task_id": task.id, "base_version": int(task.base_version), "model_hash": self.model_hash,
+            "subset": self.subset_dict, "subset_fingerprint": task.subset_fingerprint,
+            "config": task.config.as_dict(), "seed": int(task.seed), "bits": int(task.bits), "values": cached[1]})
+        return b"".join([_TASK_PREFIX.pack(len(header)), header, cached[2]])
 
     # -- dialling ----------------------------------------------------------------------------------
     async def _dial_loop(self, addr: Tuple[str, int]) -> None:
@@ -150,6 +182,13 @@ class Fleet:
         delay = BACKOFF_MIN
         last_error = None
         while not self.stopping:
+            if self.coordinator is not None and self.coordinator.driver.done:
+                return  # the run is over; fleet.stop() follows
+            other = self.sessions.get(self._addr_agent.get(addr, ""))
+            if other is not None and other.addr != addr:
+                # the same agent is in session at another address: dialling here would supersede it
+                await asyncio.wait([other.done], timeout=BACKOFF_MAX)
+                continue
             ch = None
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
@@ -173,8 +212,7 @@ class Fleet:
                 self._closed_out += ch.bytes_sent
             if self.stopping or outcome == "stopped":
                 return
-            delay = BACKOFF_MIN if outcome == "served" else BACKOFF_MAX if outcome == "duplicate" \
-                else min(delay * 2, BACKOFF_MAX)
+            delay = BACKOFF_MIN if outcome in ("served", "superseded") else min(delay * 2, BACKOFF_MAX)
             await asyncio.sleep(delay)
 
     async def _serve(self, ch: Channel, addr: Tuple[str, int]) -> str:
@@ -193,41 +231,53 @@ class Fleet:
                 event("agent_refused", f"agent at {host}:{port}: {one_line(e)}", logging.WARNING)
                 return "bad"
             aid = info["agent_id"]
-            if aid in self.sessions:
-                event("duplicate_address", f"{host}:{port} is agent {aid!r} again (already in session at "
-                      f"{self.sessions[aid].addr[0]}:{self.sessions[aid].addr[1]}); not using this address",
-                      logging.DEBUG)
-                return "duplicate"
+            self._addr_agent[addr] = aid
+            old = self.sessions.get(aid)
+            if old is not None:
+                # the agent has already dropped the old connection for this one
+                event("same_agent", f"{host}:{port} is agent {info['name']} ({aid}) again, in session at "
+                      f"{old.addr[0]}:{old.addr[1]}; the new connection replaces the old one")
+                old.supersede()
+                await asyncio.wait([old.done], timeout=HELLO_TIMEOUT)
             session = Session(self, ch, aid, info, addr)
             self.sessions[aid] = session
             self.infos[aid] = info
             self.agent_joined.set()
             self.agent_joined = asyncio.Event()
+            speed = info.get("speed")
+            speed = f"{speed:.2f} GFLOP/s" if isinstance(speed, (int, float)) else "speed unknown"
             event("agent_joined", f"agent {info['name']} ({aid}) at {host}:{port}: budget "
-                  f"{info['memory_budget'] / 2**20:.1f} MiB, speed {info.get('speed', 0)} GFLOP/s, "
-                  f"{info.get('pending', 0)} pending update(s)")
+                  f"{info['memory_budget'] / 2**20:.1f} MiB, {speed}, {info.get('pending', 0)} pending update(s)")
             try:
                 await session.run()
                 return "stopped" if self.stopping else "served"
-            except SessionEnd as e:
-                event("agent_left", f"agent {info['name']} ({aid}): {e}", logging.WARNING)
-                return "served" if session.served else "bad"
-            except ChannelClosed as e:
-                event("agent_left", f"agent {info['name']} ({aid}) disconnected"
-                      + ("" if e.clean else " (connection cut)"), logging.WARNING)
-                return "served"
-            except ChannelError as e:
-                event("agent_left", f"agent {info['name']} ({aid}): {one_line(e)}", logging.WARNING)
-                return "served" if session.served else "bad"
+            except (SessionEnd, ChannelError) as e:
+                if not session.superseded:
+                    return self._session_ended(session, e)
+                event("agent_superseded", f"agent {info['name']} ({aid}): the connection via {host}:{port} "
+                      f"was replaced", logging.DEBUG)
+                return "superseded"
             finally:
-                del self.sessions[aid]
+                current = self.sessions.get(aid) is session
+                if current:
+                    del self.sessions[aid]
                 if not session.done.done():
                     session.done.set_result(None)
-                if session.joined and self.coordinator is not None and not self.stopping:
+                if current and session.joined and self.coordinator is not None and not self.stopping:
                     self.coordinator.gone(aid)
                     self.wake()  # FedAvg: a round may have ended without it
         finally:
             await ch.close()
+
+
+    @staticmethod
+    def _session_ended(session: "Session", e: Exception) -> str:
+        who = f"agent {session.name} ({session.agent_id})"
+        if isinstance(e, ChannelClosed):
+            event("agent_left", f"{who} disconnected" + ("" if e.clean else " (connection cut)"), logging.WARNING)
+            return "served"
+        event("agent_left", f"{who}: {e if isinstance(e, SessionEnd) else one_line(e)}", logging.WARNING)
+        return "served" if session.served else "bad"
 
 
 async def _send_error(ch: Channel, message: str) -> None:
@@ -253,12 +303,22 @@ class Session:
         self.not_before = 0.0          # after failed tasks: wait before the next one
         self.failures = 0
         self.last_rx = time.monotonic()
+        self.superseded = False
+        self.no_update_in_flight = asyncio.Event()  # clear while an UPDATE waits for its fsync and ACK
+        self.no_update_in_flight.set()
+
+    def supersede(self) -> None:
+        """The agent took a newer connection from this hub: end this session quietly."""
+        self.superseded = True
+        self.ch.abort()
 
     async def run(self) -> None:
-        tasks = [asyncio.ensure_future(self._reader()), asyncio.ensure_future(self._worker()),
-                 asyncio.ensure_future(self._heartbeat())]
+        worker = asyncio.ensure_future(self._worker())
+        tasks = [asyncio.ensure_future(self._reader()), worker, asyncio.ensure_future(self._heartbeat())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if worker in done and worker.exception() is None:
+                return  # STOP was sent: whatever the reader or heartbeat hit after that is no news
             for t in done:
                 t.result()  # re-raise the reason this session ended
         finally:
@@ -280,7 +340,11 @@ class Session:
                 await fleet.ready.wait()
                 if fleet.stopping:
                     return
-                await self._on_update(body)
+                self.no_update_in_flight.clear()
+                try:
+                    await self._on_update(body)
+                finally:
+                    self.no_update_in_flight.set()
             elif msg_type == M.TASK_FAILED:
                 self._on_task_failed(body)
             elif msg_type == M.ERROR:
@@ -370,7 +434,8 @@ class Session:
         self.joined = True
         self.usable = True
         if fleet.model_hash not in self.info["models"]:
-            await self.ch.send(M.MODEL, fleet.model_blob)
+            async with fleet.big_sends:
+                await self.ch.send(M.MODEL, fleet.model_blob)
         while True:
             if fleet.stopping or coord.driver.done:
                 await self._stop()
@@ -379,12 +444,9 @@ class Session:
             if self.task_id is None and wait <= 0:
                 task = coord.task_for(self.agent_id)
                 if task is not None:
-                    body = M.encode_task(M.TaskMessage(
-                        task_id=task.id, base_version=task.base_version, model_hash=fleet.model_hash,
-                        subset=fleet.subset_dict, subset_fingerprint=task.subset_fingerprint, config=task.config,
-                        seed=task.seed, bits=task.bits, values=dict(task.values)))
                     self.task_id, self.task_sent_at = task.id, time.monotonic()
-                    await self.ch.send(M.TASK, body)
+                    async with fleet.big_sends:  # bounds the TASK bytes in flight (a burst of 200 is 80 MB)
+                        await self.ch.send(M.TASK, fleet.task_body(task))
                     self.served = True
                     if fleet.hooks.on_task_sent:
                         fleet.hooks.on_task_sent(self.agent_id, task, time.perf_counter())
@@ -395,6 +457,12 @@ class Session:
             self.kick.clear()
 
     async def _stop(self) -> None:
+        # An update being made durable gets its ACK before STOP; otherwise the agent would keep an
+        # update the hub already counts and offer it to the next run.
+        try:
+            await asyncio.wait_for(self.no_update_in_flight.wait(), timeout=5.0)
+        except asyncio.TimeoutError:
+            pass
         reason = self.fleet.stop_reason or "the run is over"
         await self.ch.send(M.STOP, M.encode_json({"reason": reason}))
         await self.ch.close()

@@ -16,9 +16,9 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -30,8 +30,8 @@ from ftte_core.modelfile import ModelFileError, content_hash, model_from_bytes, 
 from ftte_core.scheduler import RoundDriver
 from ftte_core.search import BudgetTooSmall, format_size, importance_scores, search_subset
 from ftte_core.strategies import MergeReport, make_strategy
-from ftte_core.subset import Subset
 from ftte_core.atomic import atomic_write
+from ftte_core.subset import Subset
 from ftte_core.zoo import zoo_names
 
 from . import checkpoint as ckpt
@@ -74,6 +74,7 @@ class TrainConfig:
     wait_timeout: Optional[float] = None         # s to wait for --min-agents (None: forever)
     max_staleness: Optional[int] = None
     seed: int = 0
+    model_options: Optional[Dict[str, Any]] = None   # zoo options, e.g. {"hidden": [384, 192]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,11 +86,11 @@ def load_validation(path: str) -> ftdata.Dataset:
         raise TrainError(str(e)) from None
 
 
-def build_model(spec: str, val: ftdata.Dataset, seed: int = 0) -> ft.Model:
-    """A zoo model shaped by the data, or an ONNX model checked against it."""
+def build_model(spec: str, val: ftdata.Dataset, seed: int = 0, options: Optional[Dict[str, Any]] = None) -> ft.Model:
+    """A zoo model shaped by the data (``options``: zoo options), or an ONNX model checked against it."""
     if spec in zoo_names():
         try:
-            return ft.zoo(spec, val.feature_shape, val.num_classes, seed=seed)
+            return ft.zoo(spec, val.feature_shape, val.num_classes, seed=seed, **(options or {}))
         except ValueError as e:
             raise TrainError(f"zoo model {spec!r} for data of shape {list(val.feature_shape)}: {e}") from None
     if not (spec.lower().endswith(".onnx") or os.path.exists(spec)):
@@ -150,7 +151,7 @@ class _Run:
     # -- setup -------------------------------------------------------------------------------------
     async def setup_fresh(self) -> None:
         cfg = self.cfg
-        model = build_model(cfg.model, self.val, seed=cfg.seed)
+        model = build_model(cfg.model, self.val, seed=cfg.seed, options=cfg.model_options)
         strategy = make_strategy(cfg.strategy, buffer_size=cfg.buffer, server_lr=cfg.server_lr)
         agents = await self.wait_for_agents()
         m_min = min(int(self.fleet.infos[a]["memory_budget"]) for a in agents)
@@ -173,6 +174,7 @@ class _Run:
               f"{format_size(needed)} at batch size {cfg.batch_size}",
               fields={"m_min": m_min, "trainable": subset.num_trainable(model), "params": model.num_params(),
                       "predicted_bytes": needed, "batch_size": cfg.batch_size})
+        self._clear_leftovers()
         blob = model_to_bytes(model)
         atomic_write(self.out / ckpt.INITIAL_MODEL, lambda f: f.write(blob))
         task_cfg = TaskConfig(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size)
@@ -187,6 +189,16 @@ class _Run:
         self.last_accuracy = self.best_accuracy = self.start_accuracy
         self._save_checkpoint_now()
         self.coord.open_journal()
+
+    def _clear_leftovers(self) -> None:
+        """A fresh run in a folder without a checkpoint: journals and metrics there belong to no run."""
+        self._drop_journals(1 << 62)
+        stale = [n for n in (METRICS, SUMMARY, MODEL_ONNX) if (self.out / n).exists()]
+        for name in stale:
+            os.replace(self.out / name, self.out / (name + ".old"))
+        if stale:
+            event("stale_outputs", f"{self.out} had no checkpoint but {', '.join(stale)}: starting afresh, "
+                  f"kept them as *.old", logging.WARNING)
 
     def setup_resume(self, meta: Dict[str, Any], params: Dict[str, np.ndarray], buffer: List[bytes]) -> None:
         cfg = self.cfg
@@ -312,13 +324,18 @@ class _Run:
             if self._merges.empty():
                 meta = self._meta(state, agents)
                 try:
-                    await loop.run_in_executor(None, ckpt.save_checkpoint, self.out, meta, params, state["buffer"])
+                    await loop.run_in_executor(None, self._write_checkpoint, meta, params, state)
                 except OSError as e:  # without checkpoints a crash would lose acknowledged work: stop
                     self.fatal = f"cannot write the checkpoint in {self.out}: {e.strerror or e}"
                     self.finished.set()
-                else:
-                    self._drop_journals(state["meta"]["version"])
             self._merges.task_done()
+
+    def writer_ended(self, task: asyncio.Task) -> None:
+        """The merge processor must never stop while the run goes on: if it failed, the run fails."""
+        if not task.cancelled() and task.exception() is not None:
+            e = task.exception()
+            self.fatal = f"after a merge: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.finished.set()
 
     def _record_metrics(self, report: MergeReport, loss: float, acc: float, stats: Dict[str, Any],
                         replayed: bool = False) -> None:
@@ -373,6 +390,11 @@ class _Run:
                     start_accuracy=self.start_accuracy, last_accuracy=self.last_accuracy,
                     best_accuracy=self.best_accuracy, version=state["meta"]["version"], finished=finished,
                     finish_reason=self.finish_reason if finished else "")
+
+    def _write_checkpoint(self, meta, params, state) -> None:
+        """In a worker thread: the checkpoint, then the journals it makes redundant."""
+        ckpt.save_checkpoint(self.out, meta, params, state["buffer"])
+        self._drop_journals(state["meta"]["version"])
 
     def _save_checkpoint_now(self, finished: bool = False) -> None:
         state = self.driver.state_dict()
@@ -488,6 +510,7 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
               f"stop at {'version ' + str(config.max_versions) if config.max_versions else 'no version limit'}"
               + (f" or accuracy {config.target_accuracy:g}" if config.target_accuracy is not None else ""))
         writer = asyncio.ensure_future(run.process_merges())
+        writer.add_done_callback(run.writer_ended)
         if run.driver.done:
             run._finish("max_versions", f"version {run.driver.version} is already at --max-versions")
         elif config.target_accuracy is not None and run.last_accuracy >= config.target_accuracy:
