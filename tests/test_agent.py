@@ -817,3 +817,33 @@ def test_state_dir_write_failures_fail_one_task_or_connection(fleet, tmp_path):
     finally:
         assert a.stop() == 0
     assert not [ln for ln in a.lines if "Traceback" in ln]
+
+
+def test_a_flood_of_tasks_is_bounded(fleet, tmp_path):
+    from ftte_agent.server import MAX_TASKS
+    model, subset = make_model(seed=17)
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--slowdown", "200")
+    try:
+        async def go():
+            ch, _ = await hello(a.port, fleet["key"])
+            await ch.send(M.MODEL, model_to_bytes(model))
+            n = MAX_TASKS + 2
+            for i in range(n):
+                await ch.send(M.TASK, M.encode_task(task_message(model, subset, f"f{i}")))
+            updates, busy = [], []
+            while len(updates) + len(busy) < n:
+                t, body = await recv_skip_pings(ch, timeout=30)
+                if t == M.UPDATE:
+                    updates.append(Update.from_bytes(body).task_id)
+                    await ack(ch, updates[-1])
+                else:
+                    assert t == M.TASK_FAILED
+                    msg = M.decode_json(body, t)
+                    assert "busy" in msg["message"]
+                    busy.append(msg["task_id"])
+            await ch.close()
+            return updates, busy
+        updates, busy = run(go())
+        assert updates == [f"f{i}" for i in range(MAX_TASKS)] and busy == [f"f{MAX_TASKS}", f"f{MAX_TASKS + 1}"]
+    finally:
+        assert a.stop() == 0

@@ -45,6 +45,7 @@ from .state import StateDir
 log = logging.getLogger("ftte_agent")
 
 MAX_HANDSHAKES = 64          # connections still in their handshake; more are closed at once
+MAX_TASKS = 4                # tasks training or waiting; a hub sends one at a time, so more means a confused hub
 
 
 @dataclass
@@ -416,6 +417,10 @@ class Session:
             return
         if not self.state.has_model(task.model_hash):
             await self._fail(task.task_id, f"model {task.model_hash[:16]} is not cached here: send MODEL first")
+            return
+        if len(self.agent._training) >= MAX_TASKS:
+            await self._fail(task.task_id, f"agent busy: {len(self.agent._training)} tasks are already training "
+                                           f"or waiting")
             return
         self.agent.start_task(task)
 
