@@ -822,7 +822,7 @@ def test_state_dir_write_failures_fail_one_task_or_connection(fleet, tmp_path):
 def test_a_flood_of_tasks_is_bounded(fleet, tmp_path):
     from ftte_agent.server import MAX_TASKS
     model, subset = make_model(seed=17)
-    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--slowdown", "200")
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--slowdown", "30")
     try:
         async def go():
             ch, _ = await hello(a.port, fleet["key"])
