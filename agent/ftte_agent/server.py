@@ -186,6 +186,10 @@ class Agent:
                 "input_shape": [int(v) for v in d.feature_shape], "num_classes": int(d.num_classes)}
 
     # -- tasks ------------------------------------------------------------------------------------
+    @property
+    def tasks_in_progress(self) -> int:
+        return len(self._training)
+
     def start_task(self, task: M.TaskMessage) -> None:
         t = asyncio.create_task(self._run_task(task), name=f"task {task.task_id}")
         self._training.add(t)
@@ -418,8 +422,8 @@ class Session:
         if not self.state.has_model(task.model_hash):
             await self._fail(task.task_id, f"model {task.model_hash[:16]} is not cached here: send MODEL first")
             return
-        if len(self.agent._training) >= MAX_TASKS:
-            await self._fail(task.task_id, f"agent busy: {len(self.agent._training)} tasks are already training "
+        if self.agent.tasks_in_progress >= MAX_TASKS:
+            await self._fail(task.task_id, f"agent busy: {self.agent.tasks_in_progress} tasks are already training "
                                            f"or waiting")
             return
         self.agent.start_task(task)
