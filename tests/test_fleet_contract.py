@@ -51,7 +51,7 @@ def test_model_file_rejects_bad_bytes():
     cases = {
         "shorter than": blob[:5],
         "not a model file": b"XXXX" + blob[4:],
-        "format 9": blob[:4] + struct.pack("<H", 9) + blob[6:],
+        "format version 9": blob[:4] + struct.pack("<H", 9) + blob[6:],
         "flags": blob[:6] + struct.pack("<H", 1) + blob[8:],
         "does not fit": blob[:8] + struct.pack("<I", len(blob)) + blob[12:],
         "truncated": blob[:-4],

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from typing import Dict, List
 
 import numpy as np
 
+from .binfmt import PREFIX, split_prefixed
 from .graph import (AvgPool2d, Conv2d, Dense, Dropout, Flatten, GlobalAvgPool, Layer, MaxPool2d, Model, ReLU,
                     Sigmoid, Tanh)
 
 MAGIC = b"FTMD"
 FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<4sHHI")
 MAX_HEADER_BYTES = 1 << 20
 MAX_LAYERS = 1024
 DEFAULT_MAX_BYTES = 1 << 30
@@ -62,7 +61,7 @@ def model_to_bytes(model: Model) -> bytes:
         arrays.extend(np.ascontiguousarray(v, dtype="<f4").tobytes() for v in params.values())
     header = json.dumps({"name": model.name, "input_shape": list(model.input_shape), "layers": layers},
                         separators=(",", ":")).encode()
-    return b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header)), header] + arrays)
+    return b"".join([PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header)), header] + arrays)
 
 
 def content_hash(blob: bytes) -> str:
@@ -92,32 +91,16 @@ def _build(kind: str, name: str, spec: dict, p: Dict[str, np.ndarray]) -> Layer:
 
 def model_from_bytes(buf, max_bytes: int = DEFAULT_MAX_BYTES) -> Model:
     """Parse and rebuild; any defect raises ModelFileError with a one-line reason."""
-    try:
-        mv = memoryview(buf).cast("B")
-    except (TypeError, ValueError):
-        raise ModelFileError(f"expected bytes, got {type(buf).__name__}") from None
+    mv, header, offset = split_prefixed(buf, "model file", MAGIC, FORMAT_VERSION, max_bytes, MAX_HEADER_BYTES,
+                                        ModelFileError)
     n = mv.nbytes
-    if n > max_bytes:
-        raise ModelFileError(f"model file is {n} bytes, over the limit of {max_bytes}")
-    if n < _PREFIX.size:
-        raise ModelFileError(f"model file is {n} bytes, shorter than its {_PREFIX.size}-byte prefix")
-    magic, version, flags, hlen = _PREFIX.unpack_from(mv, 0)
-    if magic != MAGIC:
-        raise ModelFileError(f"not a model file (magic {bytes(magic)!r}, expected {MAGIC!r})")
-    if version != FORMAT_VERSION:
-        raise ModelFileError(f"model file format {version}, this build reads {FORMAT_VERSION}")
-    if flags:
-        raise ModelFileError(f"model file flags {flags:#x} are not supported")
-    if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > n:
-        raise ModelFileError(f"model header length {hlen} does not fit the {n}-byte file")
     try:
-        head = json.loads(bytes(mv[_PREFIX.size:_PREFIX.size + hlen]).decode())
+        head = json.loads(header.decode())
         name, input_shape, specs = str(head["name"]), [int(d) for d in head["input_shape"]], head["layers"]
         if not isinstance(specs, list) or len(specs) > MAX_LAYERS:
             raise ValueError("'layers' must be a list of at most 1024 entries")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ModelFileError(f"bad model header: {e}") from None
-    offset = _PREFIX.size + hlen
     layers: List[Layer] = []
     try:
         for spec in specs:

@@ -21,19 +21,18 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
 
 from . import _kernels as K
+from .binfmt import PREFIX, split_prefixed
 from .graph import Model
 from .subset import Subset
 
 MAGIC = b"FTUP"
 FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<4sHHI")
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSORS = 4096
 MAX_ELEMENTS = 1 << 31  # per tensor
@@ -97,7 +96,7 @@ class Update:
 
     def to_bytes(self) -> bytes:
         header = self._header()
-        parts = [_PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header)), header]
+        parts = [PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header)), header]
         for t in self.tensors:
             parts.append(np.ascontiguousarray(t.data, dtype=np.dtype(_DTYPES[t.bits])).tobytes())
             if t.bits != 32:
@@ -107,38 +106,22 @@ class Update:
     @property
     def nbytes(self) -> int:
         """Size on the wire: len(to_bytes()), computed without building the bytes."""
-        return _PREFIX.size + len(self._header()) + sum(t.payload_bytes for t in self.tensors)
+        return PREFIX.size + len(self._header()) + sum(t.payload_bytes for t in self.tensors)
 
     @classmethod
     def from_bytes(cls, buf, max_bytes: int = DEFAULT_MAX_BYTES) -> "Update":
         """Parse and validate; any defect raises UpdateError with a one-line reason."""
-        try:
-            mv = memoryview(buf).cast("B")
-        except (TypeError, ValueError):
-            raise UpdateError(f"expected bytes, got {type(buf).__name__}") from None
+        mv, header, pos = split_prefixed(buf, "update", MAGIC, FORMAT_VERSION, max_bytes, MAX_HEADER_BYTES,
+                                         UpdateError)
         n = mv.nbytes
-        if n > max_bytes:
-            raise UpdateError(f"update is {n} bytes, over the limit of {max_bytes}")
-        if n < _PREFIX.size:
-            raise UpdateError(f"update is {n} bytes, shorter than the {_PREFIX.size}-byte prefix")
-        magic, version, flags, hlen = _PREFIX.unpack_from(mv, 0)
-        if magic != MAGIC:
-            raise UpdateError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
-        if version != FORMAT_VERSION:
-            raise UpdateError(f"unsupported format version {version} (this side reads {FORMAT_VERSION})")
-        if flags != 0:
-            raise UpdateError(f"unknown flags 0x{flags:04x}")
-        if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > n:
-            raise UpdateError(f"header length {hlen} does not fit the {n}-byte update")
         try:
-            head = json.loads(bytes(mv[_PREFIX.size:_PREFIX.size + hlen]).decode("utf-8"),
+            head = json.loads(header.decode("utf-8"),
                               parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
         except UpdateError:
             raise
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise UpdateError(f"header is not valid JSON: {str(e).splitlines()[0][:120]}") from None
         meta, specs = _parse_header(head)
-        pos = _PREFIX.size + hlen
         sizes = [(_data_bytes(bits, shape), 0 if bits == 32 else 4 * shape[0]) for _, bits, shape in specs]
         expected = pos + sum(a + b for a, b in sizes)
         if expected != n:
