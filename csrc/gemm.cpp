@@ -67,6 +67,33 @@ void ukernel_generic(int64_t kc, const float* A, int64_t as, const float* B, int
   }
 }
 
+// C[m x n] = alpha * A B^T + beta * C by dot products over K, for the dot path below: rows a[i]
+// and b[j] are read in place (no packing). Same kDotMR x kDotNR block shape as the AVX2 version.
+void dot_block_generic(int64_t K, const float* const* a, const float* const* b, float* C, int64_t ldc,
+                       float alpha, float beta, int m, int n) {
+  v4sf acc[kDotMR][kDotNR];
+  for (int i = 0; i < kDotMR; ++i)
+    for (int j = 0; j < kDotNR; ++j) acc[i][j] = v4sf{0.f, 0.f, 0.f, 0.f};
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    v4sf x[kDotMR];
+    for (int i = 0; i < kDotMR; ++i) std::memcpy(&x[i], a[i] + k, sizeof(v4sf));
+    for (int j = 0; j < kDotNR; ++j) {
+      v4sf y;
+      std::memcpy(&y, b[j] + k, sizeof(y));
+      for (int i = 0; i < kDotMR; ++i) acc[i][j] += x[i] * y;
+    }
+  }
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      float s = (acc[i][j][0] + acc[i][j][1]) + (acc[i][j][2] + acc[i][j][3]);
+      for (int64_t t = k; t < K; ++t) s += a[i][t] * b[j][t];
+      float& c = C[i * ldc + j];
+      const float r = alpha * s;
+      c = beta == 0.f ? r : (beta == 1.f ? r + c : r + beta * c);
+    }
+}
+
 // FTTE_GEMM_GENERIC_MR / _NV override the shape so tests can run the aarch64 shape on x86.
 #if defined(FTTE_GEMM_GENERIC_MR) && defined(FTTE_GEMM_GENERIC_NV)
 constexpr int kGenMR = FTTE_GEMM_GENERIC_MR, kGenNV = FTTE_GEMM_GENERIC_NV;
@@ -114,21 +141,18 @@ inline double region_work(double flops) { return flops >= kMinParallelRegionFlop
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-#if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
 // Dot products win when both operands run along k (A plain, B transposed), the batch is small
 // (a packed W^T panel would be reused only a few times) and K is long enough to amortise the
-// horizontal sums (measured: a loss at K = 64, a 1.2-1.7x win at K >= 128). FTTE_GEMM_DOT=0
-// disables it (for comparisons).
-bool use_dot_path(const KernelInfo& kern, int64_t M, int64_t N, int64_t K, const GemmOperand& A,
-                  const GemmOperand& B) {
+// horizontal sums (measured with AVX2: a loss at K = 64, a 1.2-1.7x win at K >= 128). The rule
+// is the same for every micro-kernel on purpose: the path decides the workspace (none here), so
+// a hub on x86-64 predicts the memory an ARM device really takes. FTTE_GEMM_DOT=0 disables it.
+bool use_dot_path(int64_t M, int64_t K, const GemmOperand& A, const GemmOperand& B) {
   static const bool enabled = [] {
     const char* e = std::getenv("FTTE_GEMM_DOT");
     return !(e && std::strcmp(e, "0") == 0);
   }();
-  (void)N;
-  return enabled && std::strcmp(kern.name, "avx2-fma") == 0 && !A.trans && B.trans && M <= 64 && K >= 128;
+  return enabled && !A.trans && B.trans && M <= 64 && K >= 128;
 }
-#endif
 
 typedef int v4si __attribute__((vector_size(16)));
 #if defined(__clang__)
@@ -323,11 +347,13 @@ void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float a
   }
 }
 
-#if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
 // C = A B^T by dot products (no packing): for the small-batch dense forward the packed path
 // spends much of its time transposing W into panels that are used only a few times.
-void sgemm_dot_avx2(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, const GemmOperand& B,
-                    float beta, float* C, int64_t ldc) {
+typedef void (*DotBlock)(int64_t, const float* const*, const float* const*, float*, int64_t, float, float, int, int);
+
+template <DotBlock block>
+void sgemm_dot(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, const GemmOperand& B,
+               float beta, float* C, int64_t ldc) {
   constexpr int64_t kTaskRows = 8 * kDotMR, kTaskCols = 16 * kDotNR;
   const int64_t tr = ceil_div(M, kTaskRows), tc = ceil_div(N, kTaskCols);
   parallel_for(
@@ -349,13 +375,12 @@ void sgemm_dot_avx2(int64_t M, int64_t N, int64_t K, float alpha, const GemmOper
               const int64_t r = i + std::min(ii, m - 1);
               a[ii] = A.data + (A.index ? A.index[r] : r) * A.ld;
             }
-            dot_block_avx2(K, a, b, C + i * ldc + j, ldc, alpha, beta, m, n);
+            block(K, a, b, C + i * ldc + j, ldc, alpha, beta, m, n);
           }
         }
       },
       region_work(2.0 * double(M) * double(N) * double(K)));
 }
-#endif
 
 }  // namespace
 }  // namespace gemm_detail
@@ -369,12 +394,16 @@ void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, c
     return;
   }
   const KernelInfo& kern = kernel();
+  if (use_dot_path(M, K, A, B)) {
 #if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
-  if (use_dot_path(kern, M, N, K, A, B)) {
-    sgemm_dot_avx2(M, N, K, alpha, A, B, beta, C, ldc);
+    if (std::strcmp(kern.name, "avx2-fma") == 0) {
+      sgemm_dot<dot_block_avx2>(M, N, K, alpha, A, B, beta, C, ldc);
+      return;
+    }
+#endif
+    sgemm_dot<dot_block_generic>(M, N, K, alpha, A, B, beta, C, ldc);
     return;
   }
-#endif
   // Panel shapes are compile-time in the packers so their copies unroll and vectorise.
   if (kern.mr == kGenMR && kern.nr == 4 * kGenNV)
     sgemm_blocked<kGenMR, 4 * kGenNV>(kern.fn, M, N, K, alpha, A, B, beta, C, ldc);
@@ -390,9 +419,7 @@ size_t sgemm_scratch_bytes(int64_t M, int64_t N, int64_t K, const GemmOperand& A
   using namespace gemm_detail;
   if (M <= 0 || N <= 0 || K <= 0) return 0;
   const KernelInfo& kern = kernel();
-#if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
-  if (use_dot_path(kern, M, N, K, A, B)) return 0;
-#endif
+  if (use_dot_path(M, K, A, B)) return 0;
   const BlockedPlan plan = blocked_plan(kern.mr, kern.nr, M, N, K, A, B);
   return (plan.a_elems + plan.b_elems) * sizeof(float);
 }

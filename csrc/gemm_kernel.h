@@ -23,6 +23,9 @@ struct KernelInfo {
   MicroKernel fn;
 };
 
+// Dot-path block shape (every micro-kernel): rows of A x rows of B per block.
+constexpr int kDotMR = 3, kDotNR = 4;
+
 #if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
 KernelInfo avx2_kernel();  // 6 x 16, defined in gemm_avx2.cpp
 
@@ -30,7 +33,6 @@ KernelInfo avx2_kernel();  // 6 x 16, defined in gemm_avx2.cpp
 // x @ W^T): C[i][j] = alpha * dot(a[i], b[j], K) + beta * C[i][j] for i < m <= 3, j < n <= 4.
 // a[3] and b[4] must all be readable rows (callers repeat a real row for padding). Needs no
 // packing; kept free of std:: templates so no AVX2 copy of a shared inline function exists.
-constexpr int kDotMR = 3, kDotNR = 4;
 void dot_block_avx2(int64_t K, const float* const* a, const float* const* b, float* C, int64_t ldc, float alpha,
                     float beta, int m, int n);
 #endif

@@ -122,13 +122,16 @@ import numpy as np, sys
 from ftte_core import _kernels as K
 rng = np.random.default_rng(11)
 outs = []
-for M, N, Kd, ta, tb in [(37, 70, 300, False, True), (13, 33, 17, True, False), (200, 90, 600, True, True)]:
+cases = [(37, 70, 300, False, True), (13, 33, 17, True, False), (200, 90, 600, True, True),
+         (5, 7, 131, False, True), (64, 3, 128, False, True), (1, 256, 257, False, True)]  # the last 3: dot path
+for M, N, Kd, ta, tb in cases:
     a = rng.standard_normal((Kd, M) if ta else (M, Kd)).astype(np.float32)
     b = rng.standard_normal((N, Kd) if tb else (Kd, N)).astype(np.float32)
     c = rng.standard_normal((M, N)).astype(np.float32)
     K.sgemm(a, b, c, ta, tb, 1.0, 0.5)
     outs.append(c)
-np.savez(sys.argv[1], *outs, name=K.sgemm_kernel_name())
+scratch = [K.sgemm_scratch_bytes(M, N, Kd, ta, tb) for M, N, Kd, ta, tb in cases]
+np.savez(sys.argv[1], *outs, name=K.sgemm_kernel_name(), scratch=np.array(scratch))
 """
 
 
@@ -143,9 +146,13 @@ def test_generic_kernel_agrees_with_default(tmp_path):
         subprocess.run([sys.executable, "-c", _CHILD, str(out)], env=env, check=True)
         res[kern] = np.load(out)
     assert str(res["generic"]["name"]) == "generic"
-    for i in range(3):
+    for i in range(6):
         x, y = res[""][f"arr_{i}"], res["generic"][f"arr_{i}"]
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
+    # The small-batch dense forward (A plain, B transposed, M <= 64, K >= 128) takes the dot path
+    # on every CPU and packs nothing, so a hub on x86-64 predicts what an ARM device needs.
+    for i in (0, 3, 4, 5):
+        assert res[""]["scratch"][i] == res["generic"]["scratch"][i] == 0, i
 
 
 # The Python binding only passes C-contiguous operands without gathers; the C++ interface also
