@@ -57,6 +57,11 @@ T* checked(const std::string& fn, const char* name, const py::handle& obj, std::
   }
   if (!(a.flags() & py::array::c_style)) fail(fn, std::string(name) + " must be C-contiguous");
   if (writable && !a.writeable()) fail(fn, std::string(name) + " must be writable");
+  // armv7 faults (SIGBUS) on a float load from a misaligned address (VLDR, NEON with alignment),
+  // e.g. np.frombuffer at an odd offset: refuse it here rather than crash on a Pi.
+  if (reinterpret_cast<std::uintptr_t>(a.data()) % alignof(T) != 0)
+    fail(fn, std::string(name) + " must be aligned to " + std::to_string(alignof(T)) +
+                 " bytes (np.require(a, requirements='A') makes an aligned copy)");
   return static_cast<T*>(const_cast<void*>(a.data()));
 }
 

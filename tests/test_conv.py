@@ -302,7 +302,7 @@ def test_errors():
     with pytest.raises(ValueError, match="conv2d_backward: rows holds 4, outside"):
         K.conv2d_backward(x, w, dy, np.array([0, 4], np.int32), np.zeros((2, 3, 3, 3), np.float32), None, None)
     with pytest.raises(ValueError, match="rows must have dtype int32"):
-        K.conv2d_backward(x, w, dy, np.array([0, 1]), np.zeros((2, 3, 3, 3), np.float32), None, None)
+        K.conv2d_backward(x, w, dy, np.array([0, 1], np.int64), np.zeros((2, 3, 3, 3), np.float32), None, None)
     with pytest.raises(ValueError, match="dw has shape .* dimension 0 must be 2"):
         K.conv2d_backward(x, w, dy, np.array([0, 1], np.int32), np.zeros((4, 3, 3, 3), np.float32), None, None)
     with pytest.raises(ValueError, match="db has shape"):

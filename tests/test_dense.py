@@ -153,3 +153,16 @@ def test_dense_thread_count_bit_identical():
         K.set_num_threads(0)
     for u, v in zip(*outs):
         np.testing.assert_array_equal(u, v)
+
+
+def test_misaligned_arrays_are_refused_with_a_clear_error():
+    """np.frombuffer at an odd offset gives float32 data a 32-bit ARM CPU cannot load (SIGBUS)."""
+    raw = bytearray(4 * 3 * 5 + 1)
+    x_bad = np.frombuffer(raw, dtype=np.float32, count=15, offset=1).reshape(3, 5)
+    assert not x_bad.flags.aligned
+    w = np.ones((2, 5), np.float32)
+    y = np.empty((3, 2), np.float32)
+    with pytest.raises(ValueError, match="dense_forward: x must be aligned to 4 bytes"):
+        K.dense_forward(x_bad, w, None, y)
+    K.dense_forward(np.require(x_bad, requirements="A"), w, None, y)  # the fix the message names
+    np.testing.assert_allclose(y, np.zeros((3, 2)))
