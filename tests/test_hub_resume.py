@@ -130,7 +130,9 @@ def test_hub_restart_resumes_versions_and_keeps_acknowledged_updates(tmp_path):
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     versions = [l["version"] for l in lines]
     assert versions == list(range(1, 9)) and summary["version"] == 8  # continues, never goes back, no repeats
-    assert len(lines_before) >= 2 and lines[:len(lines_before)] == lines_before
+    # the crash came after two merges, but the metrics writer may not have written the second line
+    # yet (the resumed hub rewrites it from the journal)
+    assert len(lines_before) >= 1 and lines[:len(lines_before)] == lines_before
     merged = {t for l in lines for t in l["tasks"]}
     assert before <= merged, f"acknowledged but never merged: {sorted(before - merged)}"
     meta = ckpt.load_checkpoint(out)[0]
