@@ -102,6 +102,8 @@ Flat flat(const std::string& fn, const char* name, const py::handle& obj, bool w
     fail(fn, std::string(name) + " must have dtype float32, got " + std::string(py::str(a.dtype())));
   if (!(a.flags() & py::array::c_style)) fail(fn, std::string(name) + " must be C-contiguous");
   if (writable && !a.writeable()) fail(fn, std::string(name) + " must be writable");
+  if (reinterpret_cast<uintptr_t>(a.data()) % alignof(float) != 0)  // as in checked<T>: armv7 faults
+    fail(fn, std::string(name) + " must be aligned to 4 bytes (np.require(a, requirements='A') makes an aligned copy)");
   return Flat{static_cast<float*>(const_cast<void*>(a.data())), static_cast<int64_t>(a.size())};
 }
 

@@ -125,3 +125,11 @@ def test_errors():
         K.relu_forward(buf[1:], buf[:-1])
     with pytest.raises(ValueError, match="must be a numpy array"):
         K.relu_forward([1.0, 2.0], x)
+
+
+def test_misaligned_arrays_are_refused_by_the_elementwise_kernels():
+    raw = bytearray(4 * 6 + 2)
+    x = np.frombuffer(raw, dtype=np.float32, count=6, offset=2)
+    assert not x.flags.aligned
+    with pytest.raises(ValueError, match="relu_forward: x must be aligned to 4 bytes"):
+        K.relu_forward(x, np.empty(6, np.float32))
