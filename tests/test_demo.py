@@ -27,6 +27,7 @@ def test_demo_trains_a_fleet_and_exports_a_model_onnxruntime_agrees_with(tmp_pat
     assert summary["trainable_params"] < summary["params"]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == summary["version"] and json.loads(lines[-1])["version"] == summary["version"]
+    assert (out / ".ftte-demo").is_file()
 
     val = ftdata.load_npz(out / "data" / "val.npz")
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -40,7 +41,9 @@ def test_demo_trains_a_fleet_and_exports_a_model_onnxruntime_agrees_with(tmp_pat
 def test_demo_rejects_a_foreign_out_folder(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "precious.txt").write_text("keep")
+    (tmp_path / "mine" / "fleet.key").write_text("a real fleet key lives here")  # not enough to look like a demo
     proc = subprocess.run(HUB + ["demo", "--out", str(tmp_path / "mine")], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "not a demo folder" in proc.stderr and proc.stderr.count("\n") == 1
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep"
+    assert (tmp_path / "mine" / "fleet.key").exists()

@@ -25,6 +25,7 @@ from ftte_core.protocol import generate_key, write_key
 from .train import TrainConfig, TrainError, run_train
 
 LOOPBACK = "127.0.0.1"
+MARKER = ".ftte-demo"  # written into every demo folder: only such a folder is ever deleted
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class DemoError(Exception):
 def prepare(out: Path, agents: int, alpha: float, seed: int) -> Dict[str, object]:
     """Key, validation split and one non-IID shard per agent, under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by `ftte-hub demo`; the next demo with this --out replaces this folder\n")
     key_path = out / "fleet.key"
     key = generate_key()
     write_key(key_path, key)
@@ -110,7 +112,7 @@ def run_demo(out: str = "ftte-demo", agents: int = 4, model: str = "mlp", target
         raise DemoError(f"--agents must be 1..{len(DEVICES)}, got {agents}")
     out_dir = Path(out)
     if fresh and out_dir.exists():
-        if not (out_dir / "fleet.key").exists():
+        if not (out_dir / MARKER).is_file():
             raise DemoError(f"{out_dir} exists and is not a demo folder; choose another --out")
         shutil.rmtree(out_dir)
     devices = DEVICES[:agents]
