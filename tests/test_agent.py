@@ -24,6 +24,7 @@ from ftte_core.protocol import PROTOCOL_VERSION, generate_key, read_key, write_k
 from ftte_core.subset import Subset
 from ftte_core.update import Update, check_update, subset_values
 from ftte_core.zoo import zoo
+from mdns_support import needs_multicast
 
 TIMEOUT = 15.0
 
@@ -601,6 +602,7 @@ def test_agent_pings_and_drops_silent_hub(fleet, tmp_path):
         assert a.stop() == 0
 
 
+@needs_multicast
 def test_mdns_advertisement_with_txt(fleet, tmp_path):
     from zeroconf import IPVersion, ServiceStateChange
     from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf

@@ -17,6 +17,7 @@ from ftte_agent.state import MAX_CACHED_MODELS, StateDir, StateError, default_st
 from ftte_core import messages as M
 from ftte_core.modelfile import content_hash, model_to_bytes
 from ftte_core.zoo import zoo
+from mdns_support import needs_multicast
 
 MIB = 1 << 20
 
@@ -178,6 +179,7 @@ def test_instance_name_is_a_valid_dns_label():
     assert len(long) <= 63 and long.endswith("-abcdef") and "." not in long and " " not in long
 
 
+@needs_multicast
 def test_readvertises_when_the_address_set_changes():
     """No address -> registered when 127.0.0.1 appears -> withdrawn when it goes, seen by a browser."""
     from zeroconf import IPVersion, ServiceStateChange

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from ftte_core import data as ftdata
+from mdns_support import needs_multicast
 
 HUB = [sys.executable, "-m", "ftte_hub.cli"]
 
 
+@needs_multicast
 def test_demo_trains_a_fleet_and_exports_a_model_onnxruntime_agrees_with(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     out = tmp_path / "demo"

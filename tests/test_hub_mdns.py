@@ -9,6 +9,7 @@ from ftte_hub.discovery import parse_peer
 from ftte_hub.train import TrainConfig, run_train
 
 from test_hub_fakes import FakeAgent, digits_split
+from mdns_support import needs_multicast
 
 KEY = generate_key()
 
@@ -26,6 +27,7 @@ def test_parse_peer():
             raise AssertionError(bad)
 
 
+@needs_multicast
 def test_agent_registered_over_mdns_is_found_and_trains(tmp_path):
     from zeroconf import IPVersion
     from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf

@@ -15,6 +15,7 @@ import pytest
 
 from ftte_core import data as ftdata
 from ftte_core.protocol import generate_key, write_key
+from mdns_support import needs_multicast
 
 pytest.importorskip("ftte_agent.cli", reason="the agent (agent/ftte_agent) is not on this branch yet")
 
@@ -75,6 +76,7 @@ def _wait(cond, timeout, what, d):
     raise AssertionError(f"timed out waiting for {what}; hub log:\n" + (d / "hub.log").read_text()[-3000:])
 
 
+@needs_multicast
 def test_hub_and_three_agent_processes_reach_accuracy_over_mdns(fleet_dir):
     import onnxruntime as ort
 
@@ -96,6 +98,7 @@ def test_hub_and_three_agent_processes_reach_accuracy_over_mdns(fleet_dir):
     assert len(_metrics(d)) == summary["merges"]
 
 
+@needs_multicast
 def test_kill_agent_then_kill_hub_and_resume(fleet_dir):
     d, procs = fleet_dir
     agents = [_agent(d, procs, i) for i in range(3)]
