@@ -175,7 +175,7 @@ def test_resume_replays_merges_the_checkpoint_missed_and_rewrites_their_metrics(
         (out / "metrics.jsonl").write_text(lines[0] + "\n")   # as if later lines never reached the disk
         reached = max(json.loads(l)["version"] for l in lines)
         try:
-            summary = await run_train(cfg(reached + 3), KEY)
+            summary = await run_train(cfg(reached + 6), KEY)
         finally:
             for a in agents:
                 await a.close()
@@ -183,7 +183,11 @@ def test_resume_replays_merges_the_checkpoint_missed_and_rewrites_their_metrics(
 
     reached, summary = asyncio.run(main())
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [l["version"] for l in lines] == list(range(1, reached + 4))
+    assert [l["version"] for l in lines] == list(range(1, reached + 7))
     assert all(l.get("replayed") for l in lines[1:reached]) and not lines[0].get("replayed")
-    assert not any(l.get("replayed") for l in lines[reached:])
-    assert summary["version"] == reached + 3
+    # the journal may hold a merge or two past `reached` whose lines the writer had not written
+    # when the run was cut (a slow machine): those are replayed too; after them every merge is new
+    flags = [bool(l.get("replayed")) for l in lines[1:]]
+    first_new = flags.index(False)
+    assert not any(flags[first_new:]) and first_new >= reached - 1
+    assert summary["version"] == reached + 6

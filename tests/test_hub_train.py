@@ -152,8 +152,10 @@ def test_a_task_without_update_is_given_up_after_task_timeout(tmp_path, caplog):
         silent = FakeAgent(KEY, parts[1], "silent", behaviour="silent")
         for a in (good, silent):
             await a.start()
+        # 40 versions give the silent agent's session time to time out and be re-established;
+        # the generous limit is for an emulated ARM userland (pi-check), ~10x slower than here
         cfg = _config(tmp_path, val, [good, silent], buffer=1, max_versions=40, task_timeout=0.6)
-        return await _run(cfg, [good, silent]), silent
+        return await _run(cfg, [good, silent], timeout=300), silent
 
     summary, silent = asyncio.run(main())
     assert summary["version"] == 40 and summary["agents"]["silent"]["accepted"] == 0

@@ -411,8 +411,10 @@ class _Run:
 
     # -- the end -----------------------------------------------------------------------------------
     async def finish(self) -> Dict[str, Any]:
-        await self._merges.join()
+        # Shut the driver first: a merge slipping in after the queue drained would leave a version
+        # with no metrics line and a summary that does not describe the exported model.
         self.driver.shutdown()
+        await self._merges.join()
         await self.fleet.stop(self.finish_reason or "the run is over")
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, ft.save_onnx, self.model, str(self.out / MODEL_ONNX))
