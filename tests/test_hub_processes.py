@@ -17,7 +17,6 @@ from ftte_core import data as ftdata
 from ftte_core.protocol import generate_key, write_key
 from mdns_support import needs_multicast
 
-pytest.importorskip("ftte_agent.cli", reason="the agent (agent/ftte_agent) is not on this branch yet")
 
 pytestmark = pytest.mark.slow
 
