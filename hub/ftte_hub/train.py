@@ -323,8 +323,15 @@ class _Run:
                 self._finish("target_accuracy", f"reached --target-accuracy {target:g} (accuracy {acc:.4f})")
             if self._merges.empty():
                 meta = self._meta(state, agents)
+                write = loop.run_in_executor(None, self._write_checkpoint, meta, params, state)
                 try:
-                    await loop.run_in_executor(None, self._write_checkpoint, meta, params, state)
+                    try:
+                        await asyncio.shield(write)
+                    except asyncio.CancelledError:
+                        # the thread cannot be stopped: let it finish, so no checkpoint write
+                        # outlives run_train (a later run in this folder must not be overwritten)
+                        await asyncio.wait([write])
+                        raise
                 except OSError as e:  # without checkpoints a crash would lose acknowledged work: stop
                     self.fatal = f"cannot write the checkpoint in {self.out}: {e.strerror or e}"
                     self.finished.set()
