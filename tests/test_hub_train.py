@@ -27,7 +27,7 @@ def _config(tmp_path, val, agents, **kw):
     return TrainConfig(**base)
 
 
-async def _run(cfg, agents, key=KEY, timeout=60):
+async def _run(cfg, agents, key=KEY, timeout=300):  # generous: emulated ARM userlands are ~10x slower
     try:
         return await asyncio.wait_for(run_train(cfg, key), timeout)
     finally:
@@ -157,7 +157,8 @@ def test_a_task_without_update_is_given_up_after_task_timeout(tmp_path, caplog):
             await a.start()
         # 40 versions give the silent agent's session time to time out and be re-established;
         # the generous limit is for an emulated ARM userland (pi-check), ~10x slower than here
-        cfg = _config(tmp_path, val, [good, silent], buffer=1, max_versions=40, task_timeout=0.6)
+        # local_epochs 0.1: a task of a few steps stays well under the 0.6 s limit even emulated
+        cfg = _config(tmp_path, val, [good, silent], buffer=1, max_versions=40, task_timeout=0.6, local_epochs=0.1)
         return await _run(cfg, [good, silent], timeout=300), silent
 
     summary, silent = asyncio.run(main())
