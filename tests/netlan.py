@@ -300,7 +300,7 @@ def measure(delay_ms: float, loss_percent: float, pings: int) -> None:
         a, b = lan.add_host("a"), lan.add_host("b")
         slow = lan.add_host("slow", delay_ms=delay_ms, loss_percent=loss_percent)
         print(f"{'link':<44} {'sent':>5} {'lost':>7} {'rtt min/avg/max ms':>24}")
-        for label, dst in ((f"bridge (direct)", b),
+        for label, dst in (("bridge (direct)", b),
                            (f"relay, {delay_ms:g} ms each way, {loss_percent:g}% loss each way", slow)):
             st = lan.ping(a, dst, count=pings, interval=0.01)
             rtt = (f"{st['rtt_min_ms']:.2f}/{st['rtt_avg_ms']:.2f}/{st['rtt_max_ms']:.2f}"

@@ -24,8 +24,8 @@ import math
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Set, Tuple
 
 import numpy as np
 

@@ -17,12 +17,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 from ftte_core import data as ftdata
 from ftte_core.protocol import generate_key, write_key
 
-from .train import TrainConfig, TrainError, run_train
+from .train import TrainConfig, run_train
 
 LOOPBACK = "127.0.0.1"
 MARKER = ".ftte-demo"  # written into every demo folder: only such a folder is ever deleted
