@@ -622,3 +622,43 @@ def test_external_data(tmp_path):
     (tmp_path / "weights.bin").unlink()
     with pytest.raises(OnnxImportError, match="m.onnx"):
         load_model(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# imported models train (issue 9, finding 11)
+# ------------------------------------------------------------------------------------------------
+
+def _assert_trainable(model):
+    for key, arr in model.state().items():
+        f = arr.flags
+        assert arr.dtype == np.float32, key
+        assert f.writeable and f.owndata and f.c_contiguous and f.aligned, (key, f)
+
+
+@pytest.mark.parametrize("name,shape", [("cnn", (1, 8, 8)), ("mlp", (64,))])
+def test_a_loaded_zoo_model_trains_and_its_weights_change(tmp_path, name, shape):
+    import ftte_core as ft
+    path = tmp_path / f"{name}.onnx"
+    save_onnx(zoo(name, shape, 10, seed=1), path)
+    model = load_model(path)
+    _assert_trainable(model)
+    before = {k: v.copy() for k, v in model.state().items()}
+    subset = ft.Subset.of(model, {layer.name: {"rows": "all", "bias": True} for layer in model.param_layers})
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((96,) + shape).astype(np.float32)
+    y = rng.integers(0, 10, 96)
+    loss0, _ = model.evaluate(x, y)
+    stats = ft.Trainer(model, subset, lr=0.05).train(x, y, epochs=2, batch_size=16)
+    assert stats.steps == 12
+    loss1, _ = model.evaluate(x, y)
+    assert np.isfinite(loss1) and loss1 != loss0
+    for key, arr in model.state().items():
+        assert not np.array_equal(arr, before[key]), f"{key} did not change"
+
+
+def test_weights_read_from_onnx_do_not_alias_the_proto(tmp_path):
+    proto = to_onnx(zoo("cnn", (1, 8, 8), 10, seed=1))
+    model = load_model(proto)
+    model.layers[0].weight[...] = 0.0  # writing must not reach the proto's bytes
+    again = load_model(proto)
+    assert np.any(again.layers[0].weight != 0.0)

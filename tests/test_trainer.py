@@ -191,3 +191,31 @@ def test_trainer_rejects_bad_arguments():
         tr.step(np.zeros((4, 7), np.float32), y[:4])
     with pytest.raises(ValueError):
         tr.step(x, np.full_like(y, 99))
+
+
+@pytest.mark.parametrize("name,shape", [("cnn", (1, 8, 8)), ("mlp", (64,))])
+def test_a_model_file_model_trains_with_owned_writable_weights(name, shape):
+    """The agent's path (issue 9, finding 11): a model rebuilt from model-file bytes trains."""
+    from ftte_core.modelfile import model_from_bytes, model_to_bytes
+    model = model_from_bytes(model_to_bytes(ft.zoo(name, shape, 10, seed=1)))
+    for key, arr in model.state().items():
+        f = arr.flags
+        assert f.writeable and f.owndata and f.c_contiguous and f.aligned, (key, f)
+    before = {k: v.copy() for k, v in model.state().items()}
+    subset = ft.Subset.of(model, {layer.name: {"rows": "all", "bias": True} for layer in model.param_layers})
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64,) + shape).astype(np.float32)
+    ft.Trainer(model, subset, lr=0.05).train(x, rng.integers(0, 10, 64), epochs=1, batch_size=16)
+    assert all(not np.array_equal(v, before[k]) for k, v in model.state().items())
+
+
+def test_layers_copy_read_only_or_strided_weights():
+    from ftte_core.graph import Conv2d, Dense
+    w = np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)
+    w.setflags(write=False)
+    conv = Conv2d("c", w, np.ones(2, np.float32)[::1])
+    assert conv.weight.flags.writeable and conv.weight.flags.owndata and conv.weight is not w
+    strided = np.arange(40, dtype=np.float32).reshape(4, 10)[:, ::2]
+    dense = Dense("d", strided)
+    assert dense.weight.flags.c_contiguous and dense.weight.flags.owndata
+    np.testing.assert_array_equal(dense.weight, strided)

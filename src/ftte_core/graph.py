@@ -71,13 +71,25 @@ class Layer:
         return f"{type(self).__name__}({self.name!r})"
 
 
+def _trainable(a) -> np.ndarray:
+    """``a`` as an array the kernels may update in place: float32, C-contiguous, aligned, writable
+    and owning its memory. Anything else is copied: ONNX initializers and model files arrive as
+    read-only views of the file's bytes, and training writes into the weights."""
+    arr = np.asarray(a)
+    f = arr.flags
+    if arr.dtype == np.float32 and f.owndata and f.writeable and f.c_contiguous and f.aligned:
+        return arr
+    return np.array(arr, dtype=np.float32, order="C", copy=True)
+
+
 def _weight_and_bias(name: str, weight, bias, ndim: int, what: str) -> Tuple[np.ndarray, np.ndarray]:
-    """float32 C-contiguous copies; a missing bias is zeros (every weight layer has one to train)."""
-    w = np.ascontiguousarray(weight, dtype=np.float32)
+    """Trainable float32 arrays (see ``_trainable``); a missing bias is zeros (every weight layer
+    has one to train)."""
+    w = _trainable(weight)
     if w.ndim != ndim:
         raise ValueError(f"{name}: {what}, got shape {w.shape}")
     rows = w.shape[0]
-    b = np.zeros(rows, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
+    b = np.zeros(rows, np.float32) if bias is None else _trainable(np.asarray(bias).reshape(-1))
     if b.shape != (rows,):
         raise ValueError(f"{name}: bias has {b.size} entries, weight has {rows} output rows")
     return w, b

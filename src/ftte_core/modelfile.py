@@ -113,7 +113,9 @@ def model_from_bytes(buf, max_bytes: int = DEFAULT_MAX_BYTES) -> Model:
                 if offset + size > n:
                     raise ModelFileError(f"model file is truncated: {spec['name']}.{pname} needs {size} bytes "
                                          f"at offset {offset}, the file has {n}")
-                arr = np.frombuffer(mv[offset:offset + size], dtype="<f4").astype(np.float32).reshape(shape)
+                # reshape the read-only view first, then copy once: the copy is owned and
+                # writable, which the layers need (training updates weights in place)
+                arr = np.frombuffer(mv[offset:offset + size], dtype="<f4").reshape(shape).astype(np.float32)
                 if not np.all(np.isfinite(arr)):
                     raise ModelFileError(f"{spec['name']}.{pname} holds NaN or Inf")
                 params[str(pname)] = arr
