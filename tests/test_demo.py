@@ -8,6 +8,7 @@ import pytest
 
 from ftte_core import data as ftdata
 from mdns_support import needs_multicast
+from slowdev import scaled
 
 HUB = [sys.executable, "-m", "ftte_hub.cli"]
 
@@ -18,7 +19,7 @@ def test_demo_trains_a_fleet_and_exports_a_model_onnxruntime_agrees_with(tmp_pat
     out = tmp_path / "demo"
     proc = subprocess.run(HUB + ["demo", "--out", str(out), "--agents", "4", "--target-accuracy", "0.85",
                                  "--max-versions", "800"],
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=scaled(240))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     # 0.85 with room to spare: on a loaded machine updates arrive staler and versions gain less
@@ -45,7 +46,7 @@ def test_demo_rejects_a_foreign_out_folder(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "precious.txt").write_text("keep")
     (tmp_path / "mine" / "fleet.key").write_text("a real fleet key lives here")  # not enough to look like a demo
-    proc = subprocess.run(HUB + ["demo", "--out", str(tmp_path / "mine")], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(HUB + ["demo", "--out", str(tmp_path / "mine")], capture_output=True, text=True, timeout=scaled(60))
     assert proc.returncode != 0
     assert "not a demo folder" in proc.stderr and proc.stderr.count("\n") == 1
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep"

@@ -10,6 +10,7 @@ from ftte_hub.train import TrainConfig, run_train
 
 from test_hub_fakes import FakeAgent, digits_split
 from mdns_support import needs_multicast
+from slowdev import scaled
 import pytest
 
 # The hub reads and writes ONNX models; 32-bit ARM has no onnx wheels (docs/raspberry-pi.md).
@@ -49,8 +50,8 @@ def test_agent_registered_over_mdns_is_found_and_trains(tmp_path):
         await (await zc.async_register_service(info))
         try:
             cfg = TrainConfig(model="mlp", val_data=str(vp), out=str(tmp_path / "run"), min_agents=1, mdns=True,
-                              interfaces=["127.0.0.1"], buffer=1, max_versions=2, batch_size=16, wait_timeout=20.0)
-            return await asyncio.wait_for(run_train(cfg, KEY), 40), agent
+                              interfaces=["127.0.0.1"], buffer=1, max_versions=2, batch_size=16, wait_timeout=scaled(20.0))
+            return await asyncio.wait_for(run_train(cfg, KEY), scaled(40)), agent
         finally:
             await zc.async_unregister_service(info)
             await zc.async_close()

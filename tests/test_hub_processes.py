@@ -16,6 +16,7 @@ import pytest
 from ftte_core import data as ftdata
 from ftte_core.protocol import generate_key, write_key
 from mdns_support import needs_multicast
+from slowdev import scaled, wait_for_progress
 
 
 pytestmark = pytest.mark.slow
@@ -37,7 +38,7 @@ def fleet_dir(tmp_path):
     for p in procs:
         if p.poll() is None:
             p.kill()
-            p.wait(10)
+            p.wait(scaled(10))
 
 
 def _agent(d, procs, i):
@@ -67,7 +68,7 @@ def _metrics(d):
 
 
 def _wait(cond, timeout, what, d):
-    end = time.monotonic() + timeout
+    end = time.monotonic() + scaled(timeout)  # a figure for a fast host, scaled to this machine
     while time.monotonic() < end:
         if cond():
             return
@@ -75,26 +76,34 @@ def _wait(cond, timeout, what, d):
     raise AssertionError(f"timed out waiting for {what}; hub log:\n" + (d / "hub.log").read_text()[-3000:])
 
 
+def _finish(hub, d, stall=60):
+    """The hub's exit status, waiting as long as its log grows (a slow machine is slow, not stuck)."""
+    try:
+        wait_for_progress(lambda: hub.poll() is not None, lambda: (d / "hub.log").stat().st_size, "the hub's exit",
+                          stall=stall, describe=lambda: "hub log:\n" + (d / "hub.log").read_text()[-3000:])
+    except AssertionError:
+        hub.kill()
+        hub.wait()
+        raise
+    return hub.wait()
+
+
 @needs_multicast
 def test_hub_and_three_agent_processes_reach_accuracy_over_mdns(fleet_dir):
-    import onnxruntime as ort
-
     d, procs = fleet_dir
     for i in range(3):
         _agent(d, procs, i)
     hub = _hub(d, procs, "--target-accuracy", "0.9", "--max-versions", "100")
-    try:
-        assert hub.wait(120) == 0, (d / "hub.log").read_text()[-3000:]
-    except subprocess.TimeoutExpired:
-        raise AssertionError("hub did not finish in 120 s:\n" + (d / "hub.log").read_text()[-3000:])
+    assert _finish(hub, d) == 0, (d / "hub.log").read_text()[-3000:]
     summary = json.loads((d / "run" / "summary.json").read_text())
     assert summary["accuracy"] >= 0.9
     assert len(summary["agents"]) == 3 and all(a["accepted"] > 0 for a in summary["agents"].values())
+    assert len(_metrics(d)) == summary["merges"]
+    ort = pytest.importorskip("onnxruntime")  # last: an optional test dependency
     val = ftdata.load_npz(d / "val.npz")
     sess = ort.InferenceSession(str(d / "run" / "model.onnx"))
     logits = sess.run(None, {sess.get_inputs()[0].name: val.x})[0]
     assert abs(float(np.mean(logits.argmax(1) == val.y)) - summary["accuracy"]) < 1e-9
-    assert len(_metrics(d)) == summary["merges"]
 
 
 @needs_multicast
@@ -105,18 +114,15 @@ def test_kill_agent_then_kill_hub_and_resume(fleet_dir):
     hub = _hub(d, procs, "--max-versions", top)
     _wait(lambda: len(_metrics(d)) >= 3, 90, "3 merges", d)
     os.kill(agents[2].pid, signal.SIGKILL)          # an agent dies mid-run
-    agents[2].wait(10)
+    agents[2].wait(scaled(10))
     seen = len(_metrics(d))
     _wait(lambda: len(_metrics(d)) >= seen + 3, 60, "3 more merges without the killed agent", d)
     os.kill(hub.pid, signal.SIGKILL)                # the hub dies mid-run
-    hub.wait(10)
+    hub.wait(scaled(10))
     before = [m["version"] for m in _metrics(d)]
     assert before and before[-1] < int(top)
     hub2 = _hub(d, procs, "--max-versions", top)    # same --out: resume; agents reconnect by themselves
-    try:
-        assert hub2.wait(120) == 0, (d / "hub.log").read_text()[-3000:]
-    except subprocess.TimeoutExpired:
-        raise AssertionError("resumed hub did not finish:\n" + (d / "hub.log").read_text()[-3000:])
+    assert _finish(hub2, d) == 0, "resumed hub:\n" + (d / "hub.log").read_text()[-3000:]
     versions = [m["version"] for m in _metrics(d)]
     assert versions == list(range(1, int(top) + 1))  # continued; never back, never repeated
     assert versions[:len(before)] == before

@@ -9,6 +9,7 @@ from ftte_core import data as ftdata
 from ftte_core.protocol import generate_key
 from ftte_hub.train import TrainConfig, run_train
 
+from slowdev import scaled
 from test_hub_fakes import FakeAgent, digits_split
 
 # The hub reads and writes ONNX models; 32-bit ARM has no onnx wheels (docs/raspberry-pi.md).
@@ -22,22 +23,20 @@ def _config(tmp_path, val, agents, **kw):
     ftdata.save_npz(val_path, val)
     base = dict(model="mlp", val_data=str(val_path), out=str(tmp_path / "run"), min_agents=len(agents),
                 peers=[a.address for a in agents], mdns=False, buffer=3, max_versions=40, lr=0.1,
-                batch_size=16, ping_interval=1.0, dead_after=10.0, wait_timeout=20.0)
+                batch_size=16, ping_interval=1.0, dead_after=scaled(10.0), wait_timeout=scaled(20.0))
     base.update(kw)
     return TrainConfig(**base)
 
 
-async def _run(cfg, agents, key=KEY, timeout=300):  # generous: emulated ARM userlands are ~10x slower
+async def _run(cfg, agents, key=KEY, timeout=300):  # generous, and scaled to this machine (slowdev.py)
     try:
-        return await asyncio.wait_for(run_train(cfg, key), timeout)
+        return await asyncio.wait_for(run_train(cfg, key), scaled(timeout))
     finally:
         for a in agents:
             await a.close()
 
 
 def test_three_agents_reach_target_and_export_matching_onnx(tmp_path):
-    import onnxruntime as ort
-
     val, parts = digits_split(3)
 
     async def main():
@@ -57,9 +56,6 @@ def test_three_agents_reach_target_and_export_matching_onnx(tmp_path):
     for key in ("accuracy", "loss", "time_s", "agents_active", "mean_staleness", "bytes_in", "bytes_out",
                 "merged_updates", "factors"):
         assert key in lines[0]
-    sess = ort.InferenceSession(str(out / "model.onnx"))
-    logits = sess.run(None, {sess.get_inputs()[0].name: val.x.astype(np.float32)})[0]
-    assert abs(float(np.mean(logits.argmax(1) == val.y)) - summary["accuracy"]) < 1e-9
     saved = json.loads((out / "summary.json").read_text())
     assert saved["version"] == summary["version"]
     assert sum(a["accepted"] for a in saved["agents"].values()) == summary["accepted"]
@@ -69,6 +65,11 @@ def test_three_agents_reach_target_and_export_matching_onnx(tmp_path):
     for a in agents:
         acked = sum(1 for ack in a.acks if ack["accepted"])
         assert acked == saved["agents"][a.agent_id]["accepted"], (a.agent_id, acked, saved["agents"][a.agent_id])
+    # last, as it needs onnxruntime (an optional test dependency): the exported model scores the same
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(str(out / "model.onnx"))
+    logits = sess.run(None, {sess.get_inputs()[0].name: val.x.astype(np.float32)})[0]
+    assert abs(float(np.mean(logits.argmax(1) == val.y)) - summary["accuracy"]) < 1e-9
 
 
 def test_bad_peers_are_rejected_and_the_run_completes(tmp_path, caplog):
