@@ -91,6 +91,8 @@ def decode_json(body: bytes, msg_type: int, required: Mapping[str, type] = ()) -
         obj = json.loads(bytes(body).decode("utf-8"), parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise MessageError(f"{name(msg_type)}: body is not JSON ({str(e).splitlines()[0]})") from None
+    except RecursionError:  # nested deeper than the interpreter's stack: no message needs that
+        raise MessageError(f"{name(msg_type)}: body is JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise MessageError(f"{name(msg_type)}: body must be a JSON object, got {type(obj).__name__}")
     for key, typ in dict(required).items():
@@ -131,7 +133,11 @@ def encode_task(msg: TaskMessage) -> bytes:
 
 
 def decode_task(body) -> TaskMessage:
-    mv = memoryview(body).cast("B")
+    """Parse a TASK body; any defect raises MessageError with a one-line reason."""
+    try:
+        mv = memoryview(body).cast("B")
+    except (TypeError, ValueError):
+        raise MessageError(f"TASK: expected bytes, got {type(body).__name__}") from None
     n = mv.nbytes
     if n < _PREFIX.size:
         raise MessageError(f"TASK: {n}-byte body is shorter than its length prefix")
@@ -154,7 +160,7 @@ def decode_task(body) -> TaskMessage:
     for entry in head["values"]:
         try:
             key, (rows, cols) = str(entry[0]), (int(entry[1][0]), int(entry[1][1]))
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, KeyError, OverflowError):  # not [key, [rows, cols]]
             raise MessageError(f"TASK: bad value entry {entry!r:.80}") from None
         if rows < 0 or cols < 0 or key in values:
             raise MessageError(f"TASK: bad or repeated value entry {entry!r:.80}")

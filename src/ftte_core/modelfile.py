@@ -99,8 +99,10 @@ def model_from_bytes(buf, max_bytes: int = DEFAULT_MAX_BYTES) -> Model:
         name, input_shape, specs = str(head["name"]), [int(d) for d in head["input_shape"]], head["layers"]
         if not isinstance(specs, list) or len(specs) > MAX_LAYERS:
             raise ValueError("'layers' must be a list of at most 1024 entries")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError) as e:
         raise ModelFileError(f"bad model header: {e}") from None
+    except RecursionError:  # JSON nested deeper than the interpreter's stack
+        raise ModelFileError("bad model header: JSON nested too deeply") from None
     layers: List[Layer] = []
     try:
         for spec in specs:
@@ -126,5 +128,5 @@ def model_from_bytes(buf, max_bytes: int = DEFAULT_MAX_BYTES) -> Model:
         return Model(layers, input_shape, name=name)
     except ModelFileError:
         raise
-    except (ValueError, KeyError, TypeError, IndexError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError) as e:  # a huge or infinite size, too
         raise ModelFileError(f"bad model file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
