@@ -349,3 +349,17 @@ def test_checkpoint_mutants_raise_checkpoint_error_and_nothing_else(tmp_path):
 def test_checkpoint_mutants_are_rejected_or_load_exactly_the_original(tmp_path):
     different = [(kind, pos) for kind, pos, outcome in _checkpoint_outcomes(tmp_path) if outcome == "different"]
     assert not different
+
+
+@pytest.mark.parametrize("field", ["loss", "stats"])
+def test_an_update_with_a_number_too_big_for_a_float_raises_update_error(field):
+    head = {"base_version": 0, "subset_fingerprint": "f", "num_samples": 1, "loss": 0.5, "stats": {},
+            "peak_memory_bytes": None, "device_id": "d", "task_id": "t", "tensors": []}
+    if field == "loss":
+        head["loss"] = 10 ** 400
+    else:
+        head["stats"] = {"steps": 10 ** 400}
+    raw = json.dumps(head).encode()
+    from ftte_core.update import MAGIC as UPDATE_MAGIC
+    with pytest.raises(UpdateError, match="finite number"):
+        Update.from_bytes(PREFIX.pack(UPDATE_MAGIC, 1, 0, len(raw)) + raw)

@@ -169,6 +169,16 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+def _finite_number(v) -> bool:
+    """A JSON number that is finite as a float; a huge integer is not (float() would overflow)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _parse_header(head):
     if not isinstance(head, dict):
         raise UpdateError("header must be a JSON object")
@@ -184,13 +194,13 @@ def _parse_header(head):
         if not isinstance(head[name], str) or len(head[name]) > _STR_LIMIT:
             raise UpdateError(f"{name} must be a string of at most {_STR_LIMIT} characters")
     loss = head["loss"]
-    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+    if not _finite_number(loss):
         raise UpdateError("loss must be a finite number")
     stats = head["stats"]
     if not isinstance(stats, dict) or len(stats) > 64:
         raise UpdateError("stats must be an object with at most 64 entries")
     for k, v in stats.items():
-        if len(k) > _STR_LIMIT or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if len(k) > _STR_LIMIT or not _finite_number(v):
             raise UpdateError(f"stats[{k[:40]!r}] must be a finite number")
     peak = head["peak_memory_bytes"]
     if peak is not None and (not _is_int(peak) or not 0 <= peak < 1 << 62):
