@@ -18,6 +18,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import netlan  # noqa: E402
+from slowdev import flag, scaled  # noqa: E402
 
 _UNAVAILABLE = netlan.why_unavailable()
 if _UNAVAILABLE and os.environ.get("FTTE_REQUIRE_LAN") == "1":
@@ -82,9 +83,9 @@ def test_tcp_crosses_the_impaired_link_intact(lan):
     payload_script = ("import hashlib, socket; d = bytes(range(256)) * 4096; "
                       f"s = socket.create_connection(('{slow.ip}', 7000), timeout=20); s.sendall(d); s.close(); "
                       "print(hashlib.sha256(d).hexdigest())")
-    sent = lan.run(a, [sys.executable, "-c", payload_script], timeout=60)
+    sent = lan.run(a, [sys.executable, "-c", payload_script], timeout=scaled(60))
     assert sent.returncode == 0, sent.stderr
-    received, _ = server.communicate(timeout=60)
+    received, _ = server.communicate(timeout=scaled(60))
     assert received.strip() == sent.stdout.strip()
 
 
@@ -141,14 +142,14 @@ def test_mdns_service_in_one_namespace_is_found_from_others(lan):
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "registered"
         registrars.append(proc)
-    browse = lan.run(hub, [sys.executable, "-c", _BROWSE, hub.ip, "2", "15"], timeout=40)
+    browse = lan.run(hub, [sys.executable, "-c", _BROWSE, hub.ip, "2", "15"], timeout=scaled(40))
     assert browse.returncode == 0, browse.stderr
     found = dict(line.split(" ", 1) for line in browse.stdout.strip().splitlines())
     assert found == {f"{agent_a.name}._ftte._tcp.local.": agent_a.ip,
                      f"{agent_b.name}._ftte._tcp.local.": agent_b.ip}, browse.stdout
     for proc in registrars:
         proc.stdin.close()
-        proc.wait(timeout=10)
+        proc.wait(timeout=scaled(10))
 
 
 @needs_netns
@@ -209,11 +210,11 @@ def test_hub_trains_agents_across_namespaces_with_one_impaired_link(lan, tmp_pat
     with open(tmp_path / "hub.log", "w") as log:
         hub_proc = lan.popen(hub, [sys.executable, "-m", "ftte_hub.cli", "train", "--key", str(key), "--model", "mlp",
                                    "--val-data", str(val), "--out", str(out), "--min-agents", "3", "--buffer", "3",
-                                   "--max-versions", str(MAX_VERSIONS), "--interface", hub.ip, "--wait-timeout", "60",
+                                   "--max-versions", str(MAX_VERSIONS), "--interface", hub.ip, "--wait-timeout", flag(60),
                                    "--log-format", "json"],
                              stdout=log, stderr=subprocess.STDOUT)
         try:
-            code = hub_proc.wait(timeout=RUN_TIMEOUT_S)
+            code = hub_proc.wait(timeout=scaled(RUN_TIMEOUT_S))
         except subprocess.TimeoutExpired:
             code = None
     logs = "\n".join(f"--- {name}\n{_tail(tmp_path / f'{name}.log')}" for name in ["hub"] + [h.name for h in agents])
@@ -239,7 +240,7 @@ def test_hub_load_benchmark_runs_against_the_real_hub(tmp_path):
     bench = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "hub_load.py")
     r = subprocess.run([sys.executable, bench, "--agents", "6", "--updates", "30", "--buffer", "3", "--train-ms", "0",
                         "--fake-procs", "2", "--subset-params", "20000", "--keep", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=scaled(120))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     table = json.loads((tmp_path / "table.json").read_text())
     assert table["updates accepted / sent"].startswith("30 / "), table
