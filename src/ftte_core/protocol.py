@@ -124,13 +124,44 @@ class KeyFileError(ValueError):
 
 # -- fleet key ---------------------------------------------------------------------------------
 def generate_key() -> bytes:
-    """A fresh 32-byte fleet key from the OS CSPRNG."""
-    return secrets.token_bytes(KEY_BYTES)
+    """A fresh 32-byte fleet key from the OS CSPRNG (never one ``key_weakness`` would refuse)."""
+    while True:
+        key = secrets.token_bytes(KEY_BYTES)
+        if key_weakness(key) is None:  # a random key fails with probability < 1e-13
+            return key
+
+
+_MIN_DISTINCT_BYTES = 8     # a random 32-byte key has ~30; 7 or fewer: p < 1e-36
+_MAX_PATTERN = KEY_BYTES // 2
+
+
+def key_weakness(key: bytes) -> Optional[str]:
+    """Why ``key`` is not a random key (all-zero, a repeated byte or short pattern, counting bytes,
+    few distinct bytes, typed text), or None. Each rule refuses a CSPRNG key with probability
+    below 1e-13, so a refused key was made by hand or by a broken generator."""
+    k = bytes(key)
+    if len(set(k)) == 1:
+        return f"all {len(k)} bytes are 0x{k[0]:02x}"
+    for period in range(2, _MAX_PATTERN + 1):
+        if k == (k[:period] * (len(k) // period + 1))[:len(k)]:
+            return f"it repeats a {period}-byte pattern"
+    steps = {(b - a) % 256 for a, b in zip(k, k[1:])}
+    if len(steps) == 1:
+        return f"its bytes count in steps of {steps.pop()}"
+    if len(set(k)) < _MIN_DISTINCT_BYTES:
+        return f"it uses only {len(set(k))} distinct byte values"
+    if all(0x20 <= b < 0x7F for b in k):
+        return "its bytes are all printable text (a typed password, not a random key)"
+    return None
 
 
 def write_key(path: Union[str, os.PathLike], key: bytes) -> None:
-    """Write ``key`` as a 0600 text file (header line, then hex), atomically."""
+    """Write ``key`` as a 0600 text file (header line, then hex), atomically. A weak key (see
+    ``key_weakness``) raises ValueError."""
     _check_key(key, "write_key")
+    weak = key_weakness(key)
+    if weak is not None:
+        raise ValueError(f"write_key: refusing a low-entropy key ({weak}); use generate_key()")
     text = f"{KEY_FILE_HEADER}\n{bytes(key).hex()}\n".encode("ascii")
     atomic_write(path, lambda f: f.write(text), mode=0o600)
 
@@ -172,8 +203,15 @@ def read_key(path: Union[str, os.PathLike]) -> bytes:
         key = bytes.fromhex(hexkey)
     except ValueError:
         raise KeyFileError(f"key file {p}: key is not hexadecimal") from None
-    if mode & 0o077:
-        log.warning("key file %s is readable by group/others (mode %03o); chmod 600 it", p, mode & 0o777)
+    weak = key_weakness(key)
+    if weak is not None:
+        raise KeyFileError(f"key file {p}: low-entropy key ({weak}); make a new one with `ftte-hub keygen`")
+    # The group bits are the service's way in (README: 0640 root:ftte); only others-access warns.
+    if mode & 0o007:
+        log.warning("key file %s is accessible to all users (mode %03o); chmod o-rwx it (0640 or 0600)",
+                    p, mode & 0o777)
+    elif mode & 0o020:
+        log.warning("key file %s is writable by its group (mode %03o); chmod g-w it", p, mode & 0o777)
     return key
 
 
