@@ -111,9 +111,22 @@ def test_nothing_sent_or_accepted_before_handshake():
 
 def test_server_with_eof_during_handshake():
     c, s = Connection("client", KEY), Connection("server", KEY)
+    assert not s.peer_hello_received
     s.receive_data(c.initiate())
-    with pytest.raises(HandshakeError, match="during the handshake"):
+    assert s.peer_hello_received and not s.established
+    with pytest.raises(P.HandshakeCutShort, match="cut short: the peer closed the connection after its HELLO"):
         s.receive_eof()
+
+
+def test_eof_before_the_peers_hello_is_a_cut_short_handshake_not_a_wrong_key():
+    """An agent that closes a connection unanswered (busy) must not make the hub suggest a wrong key."""
+    c = Connection("client", KEY)
+    c.initiate()
+    with pytest.raises(P.HandshakeCutShort) as info:
+        c.receive_eof()
+    text = str(info.value)
+    assert "before its HELLO" in text and "0 bytes received" in text and "not a key mismatch" in text
+    assert "wrong" not in text
 
 
 def test_version_mismatch_names_both():

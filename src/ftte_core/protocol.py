@@ -91,6 +91,11 @@ class HandshakeError(ProtocolError):
     """The peer did not prove it holds the fleet key, or broke the handshake."""
 
 
+class HandshakeCutShort(HandshakeError):
+    """The peer closed the connection before the handshake finished. Never a wrong key: a peer
+    with another key finishes its half of the handshake, and the mismatch is named as such."""
+
+
 class VersionMismatch(HandshakeError):
     """The peer speaks another protocol version (both are named)."""
 
@@ -288,6 +293,11 @@ class Connection:
     def closed(self) -> bool:
         return self._state in (_CLOSED, _DEAD)
 
+    @property
+    def peer_hello_received(self) -> bool:
+        """The peer's complete, well-formed HELLO has arrived (a server has answered it)."""
+        return self._state in (_WAIT_FIN, _OPEN, _CLOSED) or self._handshake_done
+
     def initiate(self) -> bytes:
         """Client only, once: the HELLO to send first."""
         self._alive()
@@ -338,8 +348,11 @@ class Connection:
         """The peer closed its side. Fine between frames; an error mid-handshake or mid-frame."""
         self._alive()
         if self._state in (_WAIT_HELLO, _WAIT_FIN):
-            self._fail(HandshakeError(f"peer closed the connection during the handshake after "
-                                      f"{self.bytes_received} bytes (wrong fleet key or not an FTTE peer?)"))
+            # A key mismatch is detected and named by a FINISHED that does not verify (both sides
+            # send theirs before checking the other's), so a close here is never a wrong key.
+            stage = "before its HELLO" if self._state == _WAIT_HELLO else "after its HELLO"
+            self._fail(HandshakeCutShort(f"handshake cut short: the peer closed the connection {stage} "
+                                         f"({self.bytes_received} bytes received); not a key mismatch"))
         if self._in:
             self._fail(MalformedFrame(f"connection closed inside a frame ({len(self._in)} bytes pending)"))
         # Not an error: the wrapper decides. ``clean_close`` tells a finished stream (the peer sent
