@@ -91,6 +91,10 @@ class HandshakeError(ProtocolError):
     """The peer did not prove it holds the fleet key, or broke the handshake."""
 
 
+class KeyMismatch(HandshakeError):
+    """The peer's FINISHED does not verify: the two sides hold different fleet keys."""
+
+
 class HandshakeCutShort(HandshakeError):
     """The peer closed the connection before the handshake finished. Never a wrong key: a peer
     with another key finishes its half of the handshake, and the mismatch is named as such."""
@@ -484,7 +488,7 @@ class Connection:
             # FIN_C and fails with HandshakeError too, instead of an unexplained EOF.
             self._out += fin_c
             if not hmac.compare_digest(got, fin_s):
-                raise HandshakeError("server did not prove the fleet key (its FINISHED does not verify): "
+                raise KeyMismatch("server did not prove the fleet key (its FINISHED does not verify): "
                                      "wrong key on one side")
             self._state = _OPEN
             self._handshake_done = True
@@ -504,7 +508,7 @@ class Connection:
         del self._in[:_MAC_BYTES]
         expected, self._peer_fin = self._peer_fin, None
         if not hmac.compare_digest(got, expected):
-            raise HandshakeError("client did not prove the fleet key (its FINISHED does not verify): "
+            raise KeyMismatch("client did not prove the fleet key (its FINISHED does not verify): "
                                  "wrong key on one side")
         self._state = _OPEN
         self._handshake_done = True
