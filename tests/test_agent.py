@@ -565,6 +565,18 @@ def test_a_keyless_neighbour_cannot_keep_the_hub_out(fleet, tmp_path):
         assert a.stop() == 0
 
 
+def test_a_low_entropy_key_stops_the_agent_with_one_line(fleet, tmp_path):
+    key = tmp_path / "zero.key"
+    key.write_text("ftte-fleet-key v1\n" + "00" * 32 + "\n")
+    key.chmod(0o600)
+    r = subprocess.run(agent_cmd(key, fleet["data"], tmp_path / "state", "--no-mdns"), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (f"ftte-agent: error: key file {key}: low-entropy key (all 32 bytes "
+                                                 f"are 0x00); make a new one with `ftte-hub keygen`")
+    assert "Traceback" not in r.stderr
+
+
 def nan_task_body(model, subset, task_id):
     body = bytearray(M.encode_task(task_message(model, subset, task_id)))
     body[-4:] = struct.pack("<f", float("nan"))
