@@ -277,6 +277,15 @@ def test_admission_global_bound_evicts_from_the_busiest_source():
         Admission(max_pending=4, max_per_source=8)
 
 
+def test_admission_global_bound_keeps_a_hello_sender_while_silent_ones_remain():
+    """Many sources with one silent connection each; the hub's (HELLO sent) is the oldest pending."""
+    adm = Admission(max_pending=8, max_per_source=4)
+    hub = _Conn(adm, "10.0.0.2", "hub")
+    adm.hello(hub.p)
+    flood = [_Conn(adm, f"10.1.0.{i}", "f") for i in range(200)]
+    assert not hub.evicted and sum(not f.evicted for f in flood) == 7
+
+
 @pytest.mark.parametrize("host, source", [
     ("192.168.1.20", "192.168.1.20"),
     ("::ffff:192.168.1.20", "192.168.1.20"),

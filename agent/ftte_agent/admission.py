@@ -10,8 +10,9 @@ the handshake. Until it finishes, a connection is *pending* and costs a slot. Th
 
 A new connection is always admitted. When a bound is hit, an older pending handshake is
 *evicted* instead: one of the new connection's own source when that source is at its bound,
-otherwise one of the source holding the most (ties: the one with the oldest pending handshake).
-Within that source, connections that have not sent a HELLO go first, oldest first. So a flood
+otherwise one of the source holding the most (among sources with a connection that has sent no
+HELLO, if there is one; ties: the source with the oldest pending handshake). Within that source,
+connections that have not sent a HELLO go first, oldest first. So a flood
 from one address evicts only its own connections, and a hub's handshake (it sends its HELLO at
 once, and is then one round trip from done) is not the one a silent flood pushes out, even from
 the same address.
@@ -28,7 +29,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ftte_core.channel import ChannelError, HandshakeCutShort, HandshakeTimeout
 from ftte_core.protocol import HandshakeError, KeyMismatch, VersionMismatch
@@ -106,10 +107,16 @@ class Admission:
                 del self._per_source[p.source]
 
     def _busiest(self) -> str:
+        """The source to evict from at the global bound: one holding a silent connection if any
+        does (a HELLO-sending handshake, like a hub's, goes last), then the most pending, then
+        the oldest."""
         first: Dict[str, int] = {}
+        silent: Set[str] = set()
         for p in self._pending:
             first.setdefault(p.source, p.seq)
-        return max(self._per_source, key=lambda s: (self._per_source[s], -first[s]))
+            if not p.hello:
+                silent.add(p.source)
+        return max(self._per_source, key=lambda s: (s in silent, self._per_source[s], -first[s]))
 
     def _victim(self, source: str) -> PendingHandshake:
         mine = [p for p in self._pending if p.source == source]
