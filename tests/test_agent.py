@@ -20,7 +20,7 @@ from ftte_core.channel import Channel, ChannelClosed, ChannelError
 from ftte_core.data import Dataset, load_bundled, save_npz
 from ftte_core.local import TaskConfig
 from ftte_core.modelfile import content_hash, model_to_bytes
-from ftte_core.protocol import PROTOCOL_VERSION, generate_key, read_key, write_key
+from ftte_core.protocol import PROTOCOL_VERSION, Connection, generate_key, read_key, write_key
 from ftte_core.subset import Subset
 from ftte_core.update import Update, check_update, subset_values
 from ftte_core.zoo import zoo
@@ -475,18 +475,109 @@ def test_replayed_frame_dropped_then_good_hub_served(agent, fleet):
 
 
 def test_silent_half_open_connection_times_out(fleet, tmp_path):
-    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--handshake-timeout", "0.5")
+    """Silence before the HELLO is cut at --hello-timeout; a HELLO then silence at --handshake-timeout."""
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--hello-timeout", "0.5",
+                    "--handshake-timeout", "1.5")
     try:
-        async def go():
+        async def go(say_hello):
             reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+            if say_hello:
+                writer.write(Connection("client", read_key(fleet["key"])).initiate())
+                await writer.drain()
             t0 = time.monotonic()
-            assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""  # says nothing: dropped
+            await asyncio.wait_for(reader.read(), TIMEOUT)  # then says nothing: dropped
             writer.close()
             return time.monotonic() - t0
-        assert 0.3 < run(go()) < scaled(5)
-        a.wait_for(r"no handshake within 0\.5 s")
+        assert 0.3 < run(go(False)) < scaled(5)
+        a.wait_for(r"no HELLO within 0\.5 s")
+        assert 1.3 < run(go(True)) < scaled(10)
+        a.wait_for(r"no handshake within 1\.5 s")
     finally:
         assert a.stop() == 0
+
+
+def _rss(pid: int):
+    """Resident set size of a process in bytes (None where /proc has no figure)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+@pytest.mark.slow
+def test_a_keyless_neighbour_cannot_keep_the_hub_out(fleet, tmp_path):
+    """Finding 5: 64 connections stalled in the handshake, each one the agent drops replaced at up
+    to 20/s from loopback. A hub (retrying like the real one) gets in within 5 s (plus a
+    slow-device allowance: 20x its unloaded handshake time), the agent's RSS grows < 5 MiB, and
+    the flood costs a few log lines, not one per connection."""
+    from ftte_agent.admission import LOG_BURST
+    from handshake_flood import StalledHandshakes
+
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state")
+    try:
+        async def go():
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await still_serving(a.port, fleet["key"])        # warm: every import and code path done
+            unloaded = loop.time() - t0
+            rss0 = _rss(a.proc.pid)
+            flood = StalledHandshakes("127.0.0.1", a.port, size=64, rate=20, total=64 + 20 * 60)
+            await flood.start()
+            try:
+                await asyncio.sleep(1.0)                       # the flood at full size
+                bound = 5.0 + 20 * unloaded
+                t1 = loop.time()
+                attempts = 0
+                while True:
+                    attempts += 1
+                    try:
+                        ch, _ = await hello(a.port, fleet["key"])
+                        break
+                    except ChannelError:
+                        if loop.time() - t1 > bound:
+                            raise AssertionError(f"the hub did not get in within {bound:.1f} s "
+                                                 f"({attempts} attempts)") from None
+                        await asyncio.sleep(0.5)               # the hub's first backoff
+                got_in = loop.time() - t1
+                await ch.close()
+                await asyncio.sleep(3.0)                       # the flood goes on
+                rss1 = _rss(a.proc.pid)
+            finally:
+                await flood.stop()
+            return unloaded, bound, got_in, attempts, rss0, rss1, flood
+
+        mark = a.mark()
+        unloaded, bound, got_in, attempts, rss0, rss1, flood = run(go())
+        print(f"unloaded handshake {unloaded * 1e3:.1f} ms; the hub got in after {got_in:.3f} s "
+              f"({attempts} attempt(s), bound {bound:.1f} s); flood opened {flood.opened}, the agent "
+              f"dropped {flood.dropped}; RSS {rss0} -> {rss1} bytes")
+        assert got_in < bound
+        assert flood.opened > 64 and flood.dropped > 0
+        if rss0 is not None and rss1 is not None:
+            assert rss1 - rss0 < 5 << 20, (rss0, rss1)
+        a.wait_for(r"refused/evicted \d+ unauthenticated connection\(s\) in the last 10 s from 127\.0\.0\.1 \(",
+                   timeout=30, start=mark)
+        refused = [ln for ln in a.lines[mark:] if "refused" in ln]
+        assert len(refused) <= LOG_BURST + 3, "\n".join(refused)   # the burst, then one summary per 10 s
+        assert not [ln for ln in a.lines if "Traceback" in ln]
+    finally:
+        assert a.stop() == 0
+
+
+def test_a_low_entropy_key_stops_the_agent_with_one_line(fleet, tmp_path):
+    key = tmp_path / "zero.key"
+    key.write_text("ftte-fleet-key v1\n" + "00" * 32 + "\n")
+    key.chmod(0o600)
+    r = subprocess.run(agent_cmd(key, fleet["data"], tmp_path / "state", "--no-mdns"), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (f"ftte-agent: error: key file {key}: low-entropy key (all 32 bytes "
+                                                 f"are 0x00); make a new one with `ftte-hub keygen`")
+    assert "Traceback" not in r.stderr
 
 
 def nan_task_body(model, subset, task_id):

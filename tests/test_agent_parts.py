@@ -11,6 +11,7 @@ import time
 import pytest
 
 from ftte_agent import device
+from ftte_agent.admission import LOG_BURST, Admission, RefusalLog, source_of
 from ftte_agent.advertise import Advertiser, instance_name
 from ftte_agent.server import peek_task_id
 from ftte_agent.state import MAX_CACHED_MODELS, StateDir, StateError, default_state_dir
@@ -214,3 +215,212 @@ def test_readvertises_when_the_address_set_changes():
             await browser.async_cancel()
             await zc.async_close()
     asyncio.run(asyncio.wait_for(go(), 40))
+
+
+# -- connection admission -------------------------------------------------------------------------
+class _Conn:
+    """A pending handshake's stand-in: records its eviction."""
+
+    def __init__(self, admission, source, name):
+        self.name, self.evicted = name, False
+        self.p, self.victims = admission.admit(source, self.evict)
+
+    def evict(self):
+        self.evicted = True
+
+
+def test_admission_a_flood_from_one_source_evicts_its_own_oldest_silent_connection():
+    adm = Admission(max_pending=64, max_per_source=4)
+    hub = _Conn(adm, "10.0.0.2", "hub")
+    flood = [_Conn(adm, "10.0.0.9", f"f{i}") for i in range(4)]
+    assert len(adm) == 5 and adm.count("10.0.0.9") == 4
+    newer = _Conn(adm, "10.0.0.9", "f4")                 # at its source's bound: its oldest goes
+    assert newer.victims == [flood[0].p] and flood[0].evicted and "4 handshakes pending from 10.0.0.9" in flood[0].p.evicted
+    for i in range(200):                                  # a long flood never touches the hub
+        _Conn(adm, "10.0.0.9", f"g{i}")
+    assert not hub.evicted and adm.count("10.0.0.9") == 4 and len(adm) == 5
+
+
+def test_admission_prefers_evicting_connections_that_sent_no_hello():
+    """Same source as the hub (loopback, NAT): the hub's HELLO-sending handshake is kept."""
+    adm = Admission(max_pending=64, max_per_source=4)
+    silent = [_Conn(adm, "127.0.0.1", f"s{i}") for i in range(2)]
+    hub = _Conn(adm, "127.0.0.1", "hub")
+    adm.hello(hub.p)
+    for i in range(50):
+        _Conn(adm, "127.0.0.1", f"t{i}")
+    assert all(s.evicted for s in silent) and not hub.evicted
+    adm.done(hub.p)                                       # finished: its slot is free
+    assert adm.count("127.0.0.1") == 3
+    adm.done(hub.p)                                       # idempotent
+    assert adm.count("127.0.0.1") == 3
+    talkers = [_Conn(adm, "127.0.0.1", f"h{i}") for i in range(4)]
+    for t in talkers:
+        adm.hello(t.p)                                    # all with a HELLO: the oldest of them goes
+    assert [t.evicted for t in talkers] == [False] * 4
+    _Conn(adm, "127.0.0.1", "late")
+    assert talkers[0].evicted and not talkers[1].evicted
+
+
+def test_admission_global_bound_evicts_from_the_busiest_source():
+    adm = Admission(max_pending=8, max_per_source=4)
+    hub = _Conn(adm, "10.0.0.2", "hub")
+    a = [_Conn(adm, "10.0.0.7", f"a{i}") for i in range(4)]
+    b = [_Conn(adm, "10.0.0.8", f"b{i}") for i in range(3)]
+    assert len(adm) == 8
+    c = _Conn(adm, "10.0.0.3", "c")                        # a new source: room is made at 10.0.0.7
+    assert c.victims == [a[0].p] and "8 handshakes pending" in a[0].p.evicted
+    d = _Conn(adm, "10.0.0.4", "d")                        # now 7 and 8 hold 3 each: the older pending's source
+    assert d.victims == [a[1].p]
+    assert not hub.evicted and not any(x.evicted for x in b) and len(adm) == 8
+    with pytest.raises(ValueError):
+        Admission(max_pending=4, max_per_source=8)
+
+
+def test_admission_global_bound_keeps_a_hello_sender_while_silent_ones_remain():
+    """Many sources with one silent connection each; the hub's (HELLO sent) is the oldest pending."""
+    adm = Admission(max_pending=8, max_per_source=4)
+    hub = _Conn(adm, "10.0.0.2", "hub")
+    adm.hello(hub.p)
+    flood = [_Conn(adm, f"10.1.0.{i}", "f") for i in range(200)]
+    assert not hub.evicted and sum(not f.evicted for f in flood) == 7
+
+
+@pytest.mark.parametrize("host, source", [
+    ("192.168.1.20", "192.168.1.20"),
+    ("::ffff:192.168.1.20", "192.168.1.20"),
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("fe80::1%eth0", "fe80::/64"),
+    ("not-an-ip", "not-an-ip"),
+])
+def test_admission_source_of_an_address(host, source):
+    assert source_of(host) == source
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 1000.0
+        self.timers = []
+
+    def __call__(self):
+        return self.t
+
+    def schedule(self, delay, fn):
+        timer = _Timer(self.t + delay, fn)
+        self.timers.append(timer)
+        return timer
+
+    def advance(self, dt):
+        end = self.t + dt
+        while True:
+            due = sorted((t for t in self.timers if not t.cancelled and t.at <= end), key=lambda t: t.at)
+            if not due:
+                break
+            self.timers.remove(due[0])
+            self.t = max(self.t, due[0].at)   # each timer runs at its own time
+            due[0].fn()
+        self.t = end
+
+
+class _Timer:
+    def __init__(self, at, fn):
+        self.at, self.fn, self.cancelled = at, fn, False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_refusal_log_turns_a_flood_into_one_line_per_window(caplog):
+    import logging
+    clock = _Clock()
+    logger = logging.getLogger("test_refusal_log")
+    rl = RefusalLog(logger, window=10.0, burst=3, clock=clock, schedule=clock.schedule)
+    with caplog.at_level("WARNING", logger="test_refusal_log"):
+        rl.refused("10.0.0.2", "wrong fleet key", "10.0.0.2:5000: client did not prove the fleet key")
+        assert caplog.messages == ["refused 10.0.0.2:5000: client did not prove the fleet key"]
+        for _ in range(600):                          # a minute at 100 refusals a second
+            for i in range(10):
+                kind = "evicted for newer connections" if i % 4 else "no HELLO in time"
+                rl.refused("127.0.0.1", kind, f"127.0.0.1:{40000 + i}: whatever")
+            clock.advance(0.1)
+        lines = list(caplog.messages)
+        assert len(lines) <= 3 + 7, lines               # the burst, then one summary per 10 s
+        summaries = [ln for ln in lines if ln.startswith("refused/evicted")]
+        assert len(summaries) >= 5
+        assert "in the last 10 s from 127.0.0.1 (" in summaries[1] and "evicted for newer connections" in summaries[1]
+        assert "no HELLO in time" in summaries[1]
+        clock.advance(30.0)                             # the flood is over: its last summary comes out
+        summaries += [ln for ln in caplog.messages[len(lines):] if ln.startswith("refused/evicted")]
+        assert sum(int(ln.split()[1]) for ln in summaries) + 3 == rl.total == 6001  # every refusal counted
+        caplog.clear()
+        rl.refused("10.0.0.5", "not an FTTE handshake", "10.0.0.5:80: not an FTTE peer")
+        assert caplog.messages == ["refused 10.0.0.5:80: not an FTTE peer"]  # one line again, at once
+
+
+def test_refusal_log_names_the_busiest_sources_and_counts_the_rest(caplog):
+    import logging
+    clock = _Clock()
+    rl = RefusalLog(logging.getLogger("test_refusal_log2"), window=10.0, burst=0, clock=clock, schedule=clock.schedule)
+    with caplog.at_level("WARNING", logger="test_refusal_log2"):
+        for i in range(8):
+            for _ in range(i + 1):
+                rl.refused(f"10.0.0.{i}", "closed during the handshake", "x")
+        clock.advance(10.0)
+    (line,) = caplog.messages
+    assert line.startswith("refused/evicted 36 unauthenticated connection(s) in the last 10 s from 10.0.0.7 (8 closed")
+    assert "10.0.0.3 (4 closed during the handshake)" in line and "and 3 other source(s)" in line
+    assert "10.0.0.2 " not in line
+
+
+def test_a_stalled_handshake_flood_does_not_keep_a_hub_out_in_process(tmp_path, caplog):
+    """The agent's own connection handler on loopback: 64 silent connections, each one the agent
+    drops replaced at up to 20/s, and a hub's single attempt gets in (before: refused while 64
+    were pending)."""
+    import numpy as np
+
+    from ftte_agent.server import Agent, AgentSettings
+    from ftte_core.channel import Channel
+    from ftte_core.data import Dataset
+    from ftte_core.protocol import generate_key
+    from handshake_flood import StalledHandshakes
+
+    key = generate_key()
+    data = Dataset(np.zeros((4, 3), np.float32), np.zeros(4, np.int32), 2, "tiny")
+    agent = Agent(AgentSettings(key=key, data=data, name="t", state=StateDir(tmp_path / "state"),
+                                memory_budget=1 << 20, speed=1.0))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await asyncio.start_server(agent.handle_connection, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        t0 = loop.time()                                  # unloaded: the slow-device allowance
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        ch = await Channel.open(r, w, "client", key, timeout=30)
+        await ch.recv(timeout=30)
+        await ch.close()
+        unloaded = loop.time() - t0
+        flood = StalledHandshakes("127.0.0.1", port, size=64, rate=20, total=400)
+        await flood.start()
+        await asyncio.sleep(0.5)
+        t0 = loop.time()
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            ch = await Channel.open(r, w, "client", key, timeout=30)   # one attempt, no retry
+            msg_type, _ = await ch.recv(timeout=30)
+            elapsed = loop.time() - t0
+            await ch.close()
+        finally:
+            await flood.stop()
+        await asyncio.sleep(0.1)
+        pending = len(agent.admission)
+        await agent.shutdown()
+        server.close()
+        await server.wait_closed()
+        return msg_type, elapsed, unloaded, pending, flood
+
+    with caplog.at_level("INFO", logger="ftte_agent"):
+        msg_type, elapsed, unloaded, pending, flood = asyncio.run(main())
+    assert msg_type == M.AGENT_INFO and elapsed < 5.0 + 20 * unloaded
+    assert pending == 0 and flood.opened >= 64
+    refusals = [r for r in caplog.records if r.getMessage().startswith("refused")]
+    assert agent.refusals.total >= 48 and len(refusals) <= LOG_BURST + 1, [r.getMessage() for r in refusals]

@@ -9,10 +9,10 @@ import pytest
 import ftte_core as ft
 from ftte_core import messages as M
 from ftte_core import modelfile
-from ftte_core.channel import Channel, ChannelClosed, ChannelError
+from ftte_core.channel import Channel, ChannelClosed, ChannelError, HandshakeCutShort, HandshakeTimeout
 from ftte_core.graph import AvgPool2d, Dense, Dropout, Flatten, MaxPool2d, Model, ReLU, Sigmoid, Tanh
 from ftte_core.local import TaskConfig
-from ftte_core.protocol import generate_key
+from ftte_core.protocol import Connection, generate_key
 
 
 # -- model files -------------------------------------------------------------------------------------
@@ -234,6 +234,107 @@ def test_channel_wrong_key_and_garbage_fail_with_one_line():
     assert all("\n" not in e for e in errors)
     assert "fleet key" in errors[0]
     assert "no handshake within 2 s" in errors[2]
+
+
+def test_channel_hello_timeout_is_short_and_the_rest_has_the_whole_bound():
+    """A silent peer is dropped after ``hello_timeout``; one that sent its HELLO has ``timeout``."""
+    key = generate_key()
+    errors = []
+
+    async def main():
+        hellos = []
+
+        async def handle(r, w):
+            t0 = asyncio.get_running_loop().time()
+            try:
+                await Channel.open(r, w, "server", key, timeout=1.5, hello_timeout=0.3,
+                                   on_hello=lambda: hellos.append(1))
+            except ChannelError as e:
+                errors.append((e, asyncio.get_running_loop().time() - t0, len(hellos)))
+
+        server, port = await _serve(key, handle)
+        r, w = await asyncio.open_connection("127.0.0.1", port)    # silent
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        w.close()
+        r, w = await asyncio.open_connection("127.0.0.1", port)    # a HELLO, then silence
+        w.write(Connection("client", key).initiate())
+        await w.drain()
+        assert len(await asyncio.wait_for(r.read(), 5)) > 0          # HELLO_S + FIN_S, then EOF
+        w.close()
+        r, w = await asyncio.open_connection("127.0.0.1", port)    # a good client: on_hello once more
+        ch = await Channel.open(r, w, "client", key, timeout=5)
+        await ch.close()
+        await asyncio.sleep(0.05)
+        server.close()
+        await server.wait_closed()
+        return hellos
+
+    hellos = asyncio.run(main())
+    (silent, t_silent, _), (stalled, t_stalled, hello_count) = errors
+    assert isinstance(silent, HandshakeTimeout) and silent.phase == "hello"
+    assert "no HELLO within 0.3 s" in str(silent) and 0.25 < t_silent < 1.4
+    assert isinstance(stalled, HandshakeTimeout) and stalled.phase == "handshake"
+    assert "no handshake within 1.5 s" in str(stalled) and t_stalled >= 1.4 and hello_count == 1
+    assert hellos == [1, 1]
+
+
+def test_channel_names_a_server_that_hangs_up_unanswered_a_cut_short_handshake():
+    key = generate_key()
+
+    async def main():
+        async def handle(r, w):
+            w.close()   # e.g. an agent busy with other handshakes
+
+        server, port = await _serve(key, handle)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            with pytest.raises(HandshakeCutShort) as info:
+                await Channel.open(r, w, "client", key, timeout=5)
+        finally:
+            server.close()
+            await server.wait_closed()
+        return str(info.value)
+
+    text = asyncio.run(main())
+    assert "handshake cut short" in text and "not a key mismatch" in text and "wrong" not in text
+
+
+def test_hub_says_a_handshake_cut_short_is_not_a_key_problem():
+    """An agent that hangs up mid-handshake (busy) gets a hub line saying so, not "wrong key?"."""
+    import logging
+
+    from ftte_hub.fleet import Fleet, FleetSettings
+
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    logging.getLogger("ftte_hub").addHandler(handler)
+
+    async def main():
+        async def handle(r, w):
+            w.close()
+
+        server, port = await _serve(None, handle)
+        fleet = Fleet(generate_key(), FleetSettings())
+        fleet.add_address("127.0.0.1", port, "test")
+        for _ in range(200):  # the first dial fails at once; 10 s at most
+            if lines:
+                break
+            await asyncio.sleep(0.05)
+        await fleet.stop("test over", grace=2)
+        server.close()
+        await server.wait_closed()
+
+    try:
+        asyncio.run(main())
+    finally:
+        logging.getLogger("ftte_hub").removeHandler(handler)
+    assert lines, "no connect_failed line"
+    assert "cut the handshake short" in lines[0] and "busy" in lines[0] and "key" not in lines[0], lines[0]
 
 
 def test_channel_recv_timeout_and_cut_connection():

@@ -111,9 +111,22 @@ def test_nothing_sent_or_accepted_before_handshake():
 
 def test_server_with_eof_during_handshake():
     c, s = Connection("client", KEY), Connection("server", KEY)
+    assert not s.peer_hello_received
     s.receive_data(c.initiate())
-    with pytest.raises(HandshakeError, match="during the handshake"):
+    assert s.peer_hello_received and not s.established
+    with pytest.raises(P.HandshakeCutShort, match="cut short: the peer closed the connection after its HELLO"):
         s.receive_eof()
+
+
+def test_eof_before_the_peers_hello_is_a_cut_short_handshake_not_a_wrong_key():
+    """An agent that closes a connection unanswered (busy) must not make the hub suggest a wrong key."""
+    c = Connection("client", KEY)
+    c.initiate()
+    with pytest.raises(P.HandshakeCutShort) as info:
+        c.receive_eof()
+    text = str(info.value)
+    assert "before its HELLO" in text and "0 bytes received" in text and "not a key mismatch" in text
+    assert "wrong" not in text
 
 
 def test_version_mismatch_names_both():
@@ -389,7 +402,60 @@ def test_world_readable_key_warns(tmp_path, caplog):
     os.chmod(path, 0o644)
     with caplog.at_level("WARNING", logger="ftte_core.protocol"):
         assert P.read_key(path) == KEY
-    assert "readable by group/others" in caplog.text
+    assert "accessible to all users" in caplog.text and "644" in caplog.text
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o440, 0o400])
+def test_key_readable_by_its_group_only_is_accepted_quietly(tmp_path, caplog, mode):
+    """The README installs the key 0640 root:ftte for the service: no warning for that."""
+    path = tmp_path / "service.key"
+    P.write_key(path, KEY)
+    os.chmod(path, mode)
+    with caplog.at_level("WARNING", logger="ftte_core.protocol"):
+        assert P.read_key(path) == KEY
+    assert caplog.text == ""
+
+
+def test_group_writable_key_warns(tmp_path, caplog):
+    path = tmp_path / "gw.key"
+    P.write_key(path, KEY)
+    os.chmod(path, 0o660)
+    with caplog.at_level("WARNING", logger="ftte_core.protocol"):
+        assert P.read_key(path) == KEY
+    assert "writable by its group" in caplog.text
+
+
+WEAK_KEYS = [
+    (bytes(32), "all 32 bytes are 0x00"),
+    (b"\xff" * 32, "all 32 bytes are 0xff"),
+    (b"\x01\x02" * 16, "2-byte pattern"),
+    (bytes(range(7)) * 4 + bytes(range(4)), "7-byte pattern"),
+    (bytes.fromhex("deadbeefcafebabe0011223344556677") * 2, "16-byte pattern"),
+    (bytes(range(32)), "count in steps of 1"),
+    (bytes(range(255, 191, -2)), "count in steps of 254"),
+    (bytes.fromhex("03c8c809515164c80303c851c80351c809fafa030351fa1b091b030951510909"), "7 distinct"),
+    (b"correct horse battery staple!!!!", "printable text"),
+]
+
+
+@pytest.mark.parametrize("key, match", WEAK_KEYS, ids=[m.split()[-1] if " " in m else m for _, m in WEAK_KEYS])
+def test_low_entropy_keys_are_refused_when_read_and_never_written(tmp_path, key, match):
+    assert len(key) == 32
+    path = tmp_path / "weak.key"
+    path.write_text(f"ftte-fleet-key v1\n{key.hex()}\n")
+    os.chmod(path, 0o600)
+    with pytest.raises(KeyFileError, match="low-entropy key") as info:
+        P.read_key(path)
+    assert match in str(info.value) and "ftte-hub keygen" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="low-entropy"):
+        P.write_key(tmp_path / "other.key", key)
+
+
+def test_generated_keys_are_never_weak(monkeypatch):
+    assert all(P.key_weakness(P.generate_key()) is None for _ in range(2000))
+    draws = iter([bytes(32), b"ab" * 16, KEY])  # a broken generator's output is drawn again
+    monkeypatch.setattr(P.secrets, "token_bytes", lambda n: next(draws))
+    assert P.generate_key() == KEY
 
 
 def test_key_from_file_completes_handshake(tmp_path):

@@ -64,8 +64,11 @@ def setup_logging(fmt: str, level: str) -> None:
               help="IPv4 address to serve and advertise on (repeatable); default: listen on all, "
                    "advertise every non-loopback IPv4 address.")
 @click.option("--no-mdns", is_flag=True, help="Do not advertise over mDNS (the hub then needs --peer HOST:PORT).")
+@click.option("--hello-timeout", type=click.FloatRange(min=0.1), default=2.0,
+              help="Seconds a new connection has to send its HELLO (the handshake's first message); a "
+                   "silent connection is dropped this soon, so stalled connections cannot pile up.")
 @click.option("--handshake-timeout", type=click.FloatRange(min=0.1), default=10.0,
-              help="Seconds a new connection has to complete the authenticated handshake.")
+              help="Seconds a new connection has to complete the whole authenticated handshake.")
 @click.option("--silence-timeout", type=click.FloatRange(min=1.0), default=60.0,
               help="Seconds without any message after which a hub connection is dropped.")
 @click.option("--ping-interval", type=click.FloatRange(min=0.1), default=20.0,
@@ -73,7 +76,7 @@ def setup_logging(fmt: str, level: str) -> None:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", help="Log line format (stderr).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", help="Log verbosity.")
 def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, interfaces, no_mdns,
-         handshake_timeout, silence_timeout, ping_interval, log_format, log_level):
+         hello_timeout, handshake_timeout, silence_timeout, ping_interval, log_format, log_level):
     """Serve one device of the FTTE fleet: advertise, accept the hub, train tasks, send deltas.
 
     Only encoded parameter deltas and summary numbers leave the device, over connections
@@ -130,6 +133,7 @@ def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, in
 
     settings = AgentSettings(key=key, data=data, name=name, state=state, memory_budget=budget, speed=speed,
                              slowdown=slowdown, arch=device.arch(), handshake_timeout=handshake_timeout,
+                             hello_timeout=min(hello_timeout, handshake_timeout),
                              silence_timeout=silence_timeout, ping_interval=ping_interval)
     agent = Agent(settings)
     models = state.verified_models()  # hashed now, not when the first hub is waiting
@@ -195,6 +199,7 @@ async def serve(agent, interfaces: Sequence[str], port: int, mdns: bool) -> None
     for srv in servers:
         srv.close()
     await agent.shutdown()
+    agent.refusals.flush()  # a flood's last summary line
     if advertiser_task is not None:
         advertiser_task.cancel()
         try:

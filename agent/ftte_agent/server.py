@@ -1,17 +1,21 @@
 """Serving hub connections: handshake, the conversation of ``ftte_core.messages``, and training.
 
 One ``Agent`` per process. Each accepted TCP connection runs the handshake (``Channel``, role
-"server") within ``handshake_timeout``; a peer that fails it (wrong key, garbage, a stale protocol
-version, an oversized frame, silence) is logged in one line and dropped, and the agent keeps
-serving. An authenticated connection becomes the *current* hub session and supersedes the previous
-one, so a restarted hub is never locked out by a half-dead old connection.
+"server"): the peer's HELLO within ``hello_timeout``, the whole handshake within
+``handshake_timeout``. Pending handshakes are bounded per source address and in all; a new
+connection evicts an older pending one rather than being refused (``admission``: a keyless
+neighbour cannot keep the hub out). A peer that fails (wrong key, garbage, a stale protocol
+version, silence, eviction) is dropped and logged, one line each while rare and one summary
+line per 10 s under a flood; the agent keeps serving. An authenticated connection becomes the
+*current* hub session and supersedes the previous one, so a restarted hub is never locked out by
+a half-dead old connection.
 
 Training belongs to the agent, not to a connection: a task keeps running when its connection
 drops, its UPDATE is written to ``pending/`` before it is sent and deleted only when an ACK names
 it, and every new session sends what is pending (oldest first) right after AGENT_INFO. One task
 trains at a time, in a worker thread, so heartbeats keep flowing while it runs.
 
-Timeouts (seconds, all options of ``ftte-agent``): handshake 10; silence 60 (a hub connection that
+Timeouts (seconds, all options of ``ftte-agent``): HELLO 2, handshake 10; silence 60 (a hub connection that
 sent nothing, not even a PING or PONG, for that long is dropped); the agent PINGs the hub every 20
 so a live hub always has something to answer.
 """
@@ -39,12 +43,12 @@ from ftte_core.subset import Subset
 from ftte_core.update import Update, UpdateError
 
 from . import __version__
+from .admission import Admission, RefusalLog, refusal_kind, source_of
 from .device import peak_rss
 from .state import StateDir
 
 log = logging.getLogger("ftte_agent")
 
-MAX_HANDSHAKES = 64          # connections still in their handshake; more are closed at once
 MAX_TASKS = 4                # tasks training or waiting; a hub sends one at a time, so more means a confused hub
 
 
@@ -59,6 +63,7 @@ class AgentSettings:
     slowdown: float = 1.0
     arch: str = ""
     handshake_timeout: float = 10.0
+    hello_timeout: float = 2.0
     silence_timeout: float = 60.0
     ping_interval: float = 20.0
     max_frame: int = DEFAULT_MAX_FRAME
@@ -123,7 +128,8 @@ class Agent:
         self.s = settings
         self.state = settings.state
         self.session: Optional["Session"] = None
-        self._handshaking = 0
+        self.admission = Admission()
+        self.refusals = RefusalLog(log)
         self._train_lock = asyncio.Lock()
         self._worker: Optional[LocalWorker] = None
         self._worker_key: Optional[Tuple[str, str]] = None
@@ -145,25 +151,9 @@ class Agent:
 
     # -- connections ----------------------------------------------------------------------------
     async def handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peername = writer.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
-        if self._handshaking >= MAX_HANDSHAKES:
-            log.warning("refused %s: %d connections are already in their handshake", peer, self._handshaking)
-            writer.close()
+        ch = await self._admit(reader, writer)
+        if ch is None:
             return
-        self._handshaking += 1
-        try:
-            ch = await Channel.open(reader, writer, "server", self.s.key, timeout=self.s.handshake_timeout,
-                                    max_frame=self.s.max_frame)
-        except ChannelError as e:
-            log.warning("refused %s", e)
-            return
-        except Exception as e:  # never let one peer take the server down
-            log.warning("refused %s: %s", peer, e)
-            writer.close()
-            return
-        finally:
-            self._handshaking -= 1
         session = Session(self, ch, asyncio.current_task())
         old, self.session = self.session, session
         if old is not None:
@@ -174,6 +164,33 @@ class Agent:
         finally:
             if self.session is session:
                 self.session = None
+
+    async def _admit(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Optional[Channel]:
+        """The handshake under the admission bounds: an authenticated channel, or None (logged)."""
+        peername = writer.get_extra_info("peername")
+        host = str(peername[0]) if isinstance(peername, tuple) else str(peername)
+        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        me = asyncio.current_task()
+        pending, _ = self.admission.admit(source_of(host), me.cancel if me is not None else writer.close)
+        try:
+            return await Channel.open(reader, writer, "server", self.s.key, timeout=self.s.handshake_timeout,
+                                      hello_timeout=self.s.hello_timeout, max_frame=self.s.max_frame,
+                                      on_hello=lambda: self.admission.hello(pending))
+        except asyncio.CancelledError:
+            if not pending.evicted:
+                raise
+            writer.close()
+            self.refusals.refused(pending.source, "evicted for newer connections",
+                                  f"{peer}: evicted before finishing its handshake ({pending.evicted}; the "
+                                  f"oldest {'silent ' if not pending.hello else ''}one makes room for a newer one)")
+        except ChannelError as e:
+            self.refusals.refused(pending.source, refusal_kind(e), str(e))
+        except Exception as e:  # never let one peer take the server down
+            writer.close()
+            self.refusals.refused(pending.source, "internal error", f"{peer}: {type(e).__name__}: {_one_line(e)}")
+        finally:
+            self.admission.done(pending)
+        return None
 
     def info(self) -> Dict[str, Any]:
         d = self.s.data

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Optional, Set, Tuple
 import numpy as np
 
 from ftte_core import messages as M
-from ftte_core.channel import Channel, ChannelClosed, ChannelError
+from ftte_core.channel import Channel, ChannelClosed, ChannelError, HandshakeCutShort
 from ftte_core.update import Update, UpdateError
 
 from .coordinator import Coordinator, log_rejection
@@ -196,6 +196,8 @@ class Fleet:
                 ch = await Channel.open(reader, writer, "client", self.key, timeout=HELLO_TIMEOUT)
             except (OSError, asyncio.TimeoutError, ChannelError) as e:
                 msg = one_line(e) if not isinstance(e, asyncio.TimeoutError) else "connect timed out"
+                if isinstance(e, HandshakeCutShort):  # the agent hung up mid-handshake: busy, not a key problem
+                    msg = "the agent cut the handshake short (busy with other connections, or restarting)"
                 if msg != last_error:  # one line per new kind of failure, not one per retry
                     event("connect_failed", f"cannot use agent at {host}:{port}: {msg} (retrying)", logging.WARNING)
                     last_error = msg

@@ -15,15 +15,36 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Deque, Optional, Tuple
+from typing import Callable, Deque, Optional, Tuple
 
 from .protocol import DEFAULT_MAX_FRAME, Closed, Connection, HandshakeComplete, Message, ProtocolError
+from .protocol import HandshakeCutShort as HandshakeCutShortError
 
 READ_CHUNK = 1 << 16
 
 
 class ChannelError(ConnectionError):
-    """The connection failed: I/O error, timeout, or a protocol defect (one-line reason)."""
+    """The connection failed: I/O error, timeout, or a protocol defect (one-line reason).
+
+    ``cause``: the ``protocol.ProtocolError`` behind it, if any (for callers that tell kinds apart)."""
+
+    def __init__(self, message: str, cause: Optional[BaseException] = None):
+        super().__init__(message)
+        self.cause = cause
+
+
+class HandshakeTimeout(ChannelError):
+    """The handshake did not finish in time; ``phase`` is "hello" (the peer's HELLO was late) or
+    "handshake" (the whole handshake was)."""
+
+    def __init__(self, message: str, phase: str):
+        super().__init__(message)
+        self.phase = phase
+
+
+class HandshakeCutShort(ChannelError):
+    """The peer closed the connection mid-handshake (busy, restarting, or not an FTTE peer; never a
+    key mismatch, which is named as such)."""
 
 
 class ChannelClosed(ChannelError):
@@ -43,26 +64,45 @@ class Channel:
 
     @classmethod
     async def open(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, role: str, key: bytes,
-                   timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME) -> "Channel":
-        """Run the handshake (``role``: "client" dials, "server" accepted). Closes the stream on failure."""
+                   timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME, hello_timeout: Optional[float] = None,
+                   on_hello: Optional[Callable[[], None]] = None) -> "Channel":
+        """Run the handshake (``role``: "client" dials, "server" accepted). Closes the stream on failure.
+
+        ``timeout`` bounds the whole handshake; ``hello_timeout`` (optional, shorter) bounds the wait
+        for the peer's HELLO, so a server drops a silent connection long before ``timeout``.
+        ``on_hello`` is called once when the peer's HELLO has arrived (the server has answered it)."""
         peername = writer.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
         ch = cls(reader, writer, Connection(role, key, max_frame=max_frame), peer)
         try:
-            await asyncio.wait_for(ch._handshake(), timeout)
+            await asyncio.wait_for(ch._handshake(hello_timeout, on_hello), timeout)
         except asyncio.TimeoutError:
             ch.abort()
-            raise ChannelError(f"{peer}: no handshake within {timeout:g} s") from None
+            raise HandshakeTimeout(f"{peer}: no handshake within {timeout:g} s", "handshake") from None
         except BaseException:
             ch.abort()
             raise
         return ch
 
-    async def _handshake(self) -> None:
+    async def _handshake(self, hello_timeout: Optional[float], on_hello: Optional[Callable[[], None]]) -> None:
         if self.conn.role == "client":
             await self._write(self.conn.initiate())
+        loop = asyncio.get_running_loop()
+        hello_deadline = None if hello_timeout is None else loop.time() + hello_timeout
+        hello_seen = False
         while True:
-            events = await self._read_events()
+            if hello_seen or hello_deadline is None:
+                events = await self._read_events()
+            else:
+                try:
+                    events = await asyncio.wait_for(self._read_events(), max(0.0, hello_deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    raise HandshakeTimeout(f"{self.peer}: no HELLO within {hello_timeout:g} s "
+                                           f"({self.conn.bytes_received} bytes received)", "hello") from None
+            if not hello_seen and self.conn.peer_hello_received:
+                hello_seen = True
+                if on_hello is not None:
+                    on_hello()
             for ev in events:
                 if isinstance(ev, Message):
                     self._inbox.append((ev.type, ev.body))
@@ -149,6 +189,8 @@ class Channel:
                 out = self.conn.data_to_send()
                 if out:
                     self.writer.write(out)
+        except HandshakeCutShortError as e:
+            raise HandshakeCutShort(f"{self.peer}: {e}", cause=e) from None
         except ProtocolError as e:
-            raise ChannelError(f"{self.peer}: {e}") from None
+            raise ChannelError(f"{self.peer}: {e}", cause=e) from None
         return events

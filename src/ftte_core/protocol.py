@@ -91,6 +91,15 @@ class HandshakeError(ProtocolError):
     """The peer did not prove it holds the fleet key, or broke the handshake."""
 
 
+class KeyMismatch(HandshakeError):
+    """The peer's FINISHED does not verify: the two sides hold different fleet keys."""
+
+
+class HandshakeCutShort(HandshakeError):
+    """The peer closed the connection before the handshake finished. Never a wrong key: a peer
+    with another key finishes its half of the handshake, and the mismatch is named as such."""
+
+
 class VersionMismatch(HandshakeError):
     """The peer speaks another protocol version (both are named)."""
 
@@ -124,13 +133,44 @@ class KeyFileError(ValueError):
 
 # -- fleet key ---------------------------------------------------------------------------------
 def generate_key() -> bytes:
-    """A fresh 32-byte fleet key from the OS CSPRNG."""
-    return secrets.token_bytes(KEY_BYTES)
+    """A fresh 32-byte fleet key from the OS CSPRNG (never one ``key_weakness`` would refuse)."""
+    while True:
+        key = secrets.token_bytes(KEY_BYTES)
+        if key_weakness(key) is None:  # a random key fails with probability < 1e-13
+            return key
+
+
+_MIN_DISTINCT_BYTES = 8     # a random 32-byte key has ~30; 7 or fewer: p < 1e-36
+_MAX_PATTERN = KEY_BYTES // 2
+
+
+def key_weakness(key: bytes) -> Optional[str]:
+    """Why ``key`` is not a random key (all-zero, a repeated byte or short pattern, counting bytes,
+    few distinct bytes, typed text), or None. Each rule refuses a CSPRNG key with probability
+    below 1e-13, so a refused key was made by hand or by a broken generator."""
+    k = bytes(key)
+    if len(set(k)) == 1:
+        return f"all {len(k)} bytes are 0x{k[0]:02x}"
+    for period in range(2, _MAX_PATTERN + 1):
+        if k == (k[:period] * (len(k) // period + 1))[:len(k)]:
+            return f"it repeats a {period}-byte pattern"
+    steps = {(b - a) % 256 for a, b in zip(k, k[1:])}
+    if len(steps) == 1:
+        return f"its bytes count in steps of {steps.pop()}"
+    if len(set(k)) < _MIN_DISTINCT_BYTES:
+        return f"it uses only {len(set(k))} distinct byte values"
+    if all(0x20 <= b < 0x7F for b in k):
+        return "its bytes are all printable text (a typed password, not a random key)"
+    return None
 
 
 def write_key(path: Union[str, os.PathLike], key: bytes) -> None:
-    """Write ``key`` as a 0600 text file (header line, then hex), atomically."""
+    """Write ``key`` as a 0600 text file (header line, then hex), atomically. A weak key (see
+    ``key_weakness``) raises ValueError."""
     _check_key(key, "write_key")
+    weak = key_weakness(key)
+    if weak is not None:
+        raise ValueError(f"write_key: refusing a low-entropy key ({weak}); use generate_key()")
     text = f"{KEY_FILE_HEADER}\n{bytes(key).hex()}\n".encode("ascii")
     atomic_write(path, lambda f: f.write(text), mode=0o600)
 
@@ -172,8 +212,15 @@ def read_key(path: Union[str, os.PathLike]) -> bytes:
         key = bytes.fromhex(hexkey)
     except ValueError:
         raise KeyFileError(f"key file {p}: key is not hexadecimal") from None
-    if mode & 0o077:
-        log.warning("key file %s is readable by group/others (mode %03o); chmod 600 it", p, mode & 0o777)
+    weak = key_weakness(key)
+    if weak is not None:
+        raise KeyFileError(f"key file {p}: low-entropy key ({weak}); make a new one with `ftte-hub keygen`")
+    # The group bits are the service's way in (README: 0640 root:ftte); only others-access warns.
+    if mode & 0o007:
+        log.warning("key file %s is accessible to all users (mode %03o); chmod o-rwx it (0640 or 0600)",
+                    p, mode & 0o777)
+    elif mode & 0o020:
+        log.warning("key file %s is writable by its group (mode %03o); chmod g-w it", p, mode & 0o777)
     return key
 
 
@@ -250,6 +297,11 @@ class Connection:
     def closed(self) -> bool:
         return self._state in (_CLOSED, _DEAD)
 
+    @property
+    def peer_hello_received(self) -> bool:
+        """The peer's complete, well-formed HELLO has arrived (a server has answered it)."""
+        return self._state in (_WAIT_FIN, _OPEN, _CLOSED) or self._handshake_done
+
     def initiate(self) -> bytes:
         """Client only, once: the HELLO to send first."""
         self._alive()
@@ -300,8 +352,11 @@ class Connection:
         """The peer closed its side. Fine between frames; an error mid-handshake or mid-frame."""
         self._alive()
         if self._state in (_WAIT_HELLO, _WAIT_FIN):
-            self._fail(HandshakeError(f"peer closed the connection during the handshake after "
-                                      f"{self.bytes_received} bytes (wrong fleet key or not an FTTE peer?)"))
+            # A key mismatch is detected and named by a FINISHED that does not verify (both sides
+            # send theirs before checking the other's), so a close here is never a wrong key.
+            stage = "before its HELLO" if self._state == _WAIT_HELLO else "after its HELLO"
+            self._fail(HandshakeCutShort(f"handshake cut short: the peer closed the connection {stage} "
+                                         f"({self.bytes_received} bytes received); not a key mismatch"))
         if self._in:
             self._fail(MalformedFrame(f"connection closed inside a frame ({len(self._in)} bytes pending)"))
         # Not an error: the wrapper decides. ``clean_close`` tells a finished stream (the peer sent
@@ -433,7 +488,7 @@ class Connection:
             # FIN_C and fails with HandshakeError too, instead of an unexplained EOF.
             self._out += fin_c
             if not hmac.compare_digest(got, fin_s):
-                raise HandshakeError("server did not prove the fleet key (its FINISHED does not verify): "
+                raise KeyMismatch("server did not prove the fleet key (its FINISHED does not verify): "
                                      "wrong key on one side")
             self._state = _OPEN
             self._handshake_done = True
@@ -453,7 +508,7 @@ class Connection:
         del self._in[:_MAC_BYTES]
         expected, self._peer_fin = self._peer_fin, None
         if not hmac.compare_digest(got, expected):
-            raise HandshakeError("client did not prove the fleet key (its FINISHED does not verify): "
+            raise KeyMismatch("client did not prove the fleet key (its FINISHED does not verify): "
                                  "wrong key on one side")
         self._state = _OPEN
         self._handshake_done = True
