@@ -299,3 +299,13 @@ def test_every_flip_in_the_zip_directory_is_refused_or_loads_the_original(tmp_pa
             continue
         assert got_meta == meta and got_buffer == buffer and got_params.keys() == params.keys(), pos
         assert all(np.array_equal(got_params[k], v) for k, v in params.items()), pos
+
+
+@pytest.mark.parametrize("contents", [{"params": {"w": {"shape": [1e999], "crc32": 1}}, "buffer": []},
+                                      {"params": [], "buffer": []}, "nothing", {"buffer": [{"bytes": 1}]}],
+                         ids=["huge-dim", "params-not-a-dict", "not-a-dict", "no-crc"])
+def test_a_malformed_list_of_entries_is_a_checkpoint_error(tmp_path, contents):
+    meta = json.dumps({"format": ckpt.FORMAT, "contents": contents}).replace("Infinity", "1e999")
+    np.savez(tmp_path / ckpt.CHECKPOINT, meta=np.frombuffer(meta.encode(), dtype=np.uint8))
+    with pytest.raises(ckpt.CheckpointError, match="list of entries is malformed"):
+        ckpt.load_checkpoint(tmp_path)

@@ -90,7 +90,7 @@ def _listed_entries(path: Path, contents: Any) -> Dict[str, Tuple[Tuple[int, ...
     try:
         out = {f"p:{k}": (tuple(int(d) for d in e["shape"]), int(e["crc32"])) for k, e in contents["params"].items()}
         out.update({f"buf:{i}": ((int(e["bytes"]),), int(e["crc32"])) for i, e in enumerate(contents["buffer"])})
-    except (TypeError, KeyError, ValueError, AttributeError):
+    except (TypeError, KeyError, ValueError, AttributeError, OverflowError):
         raise CheckpointError(f"checkpoint {path} is corrupt (its list of entries is malformed); "
                               f"move it away to start afresh") from None
     return out
