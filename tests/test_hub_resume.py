@@ -77,7 +77,7 @@ def test_torn_journal_tail_is_dropped_but_a_broken_middle_is_an_error(tmp_path):
     path.write_bytes(data + ckpt.encode_record({"e": "gone", "dev": "b"})[:-3])  # torn while written
     assert [h["e"] for h, _ in ckpt.read_journal(path)] == ["task", "gone"]
     bad = bytearray(data)
-    bad[12] ^= 0xFF  # inside the first record, with a good record after it
+    bad[len(ckpt.JOURNAL_HEADER) + 14] ^= 0xFF  # inside the first record's payload, with a good record after it
     path.write_bytes(bytes(bad))
     with pytest.raises(ckpt.CheckpointError, match="checksum"):
         list(ckpt.read_journal(path))
