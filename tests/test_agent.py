@@ -27,6 +27,7 @@ from ftte_core.zoo import zoo
 from mdns_support import needs_multicast
 
 TIMEOUT = 15.0
+RUN = "run-a"                      # the fake hub's run id
 
 
 # -- the agent process ---------------------------------------------------------------------------
@@ -126,7 +127,7 @@ def make_model(seed=0):
 
 
 def task_message(model, trained, task_id, version=0, **over) -> M.TaskMessage:
-    fields = dict(task_id=task_id, base_version=version, model_hash=content_hash(model_to_bytes(model)),
+    fields = dict(task_id=task_id, run_id=RUN, base_version=version, model_hash=content_hash(model_to_bytes(model)),
                   subset=trained.to_dict(), subset_fingerprint=trained.fingerprint(),
                   config=TaskConfig(lr=0.05, batch_size=16, max_steps=4), seed=7, bits=8,
                   values=subset_values(model, trained))
@@ -164,8 +165,8 @@ async def train_one(ch, model, subset, task_id, send_model=True):
     return Update.from_bytes(body)
 
 
-async def ack(ch, task_id, accepted=True, reason=""):
-    await ch.send(M.ACK, M.encode_json({"task_id": task_id, "accepted": accepted, "reason": reason,
+async def ack(ch, task_id, accepted=True, reason="", run_id=RUN):
+    await ch.send(M.ACK, M.encode_json({"task_id": task_id, "run_id": run_id, "accepted": accepted, "reason": reason,
                                         "message": reason, "version": 1}))
 
 
@@ -328,8 +329,8 @@ def test_pending_update_survives_vanished_hub_and_ack_deletes_it(fleet, tmp_path
             ch.abort()  # no close frame: the hub died
         run(vanish())
         a.wait_for(r"task p1: no hub connected")
-        pending = list((state / "pending").glob("*.upd"))
-        assert [p.name for p in pending] == ["p1.upd"]
+        pending = list((state / "pending").glob("*/*.upd"))
+        assert [(p.parent.name, p.name) for p in pending] == [(RUN, "p1.upd")]
 
         async def reconnect(do_ack):
             ch, info = await hello(a.port, fleet["key"])
@@ -343,7 +344,7 @@ def test_pending_update_survives_vanished_hub_and_ack_deletes_it(fleet, tmp_path
             await ch.close()
             return upd
         upd = run(reconnect(do_ack=False))  # not acknowledged: kept
-        assert upd.task_id == "p1" and pending[0].exists()
+        assert upd.task_id == "p1" and upd.run_id == RUN and pending[0].exists()
         check_update(upd, model, subset, current_version=3)
         mark = a.mark()
         run(reconnect(do_ack=True))
@@ -366,12 +367,12 @@ def test_pending_updates_go_out_oldest_first(fleet, tmp_path):
     # updates kept by an earlier run of the agent
     for i, tid in enumerate(["old", "mid", "new"]):
         upd = Update(base_version=i, subset_fingerprint=subset.fingerprint(), num_samples=5, loss=1.0, tensors=[],
-                     task_id=tid)
-        path = state.put_pending(tid, upd.to_bytes())
+                     task_id=tid, run_id=RUN)
+        path = state.put_pending(RUN, tid, upd.to_bytes())
         os.utime(path, ns=(10**18 + i, 10**18 + i))
-    state.put_pending("torn", upd.to_bytes()[:-3])  # e.g. a disk that lost the end of a file
+    state.put_pending(RUN, "torn", upd.to_bytes()[:-3])  # e.g. a disk that lost the end of a file
     a = start_agent(fleet["key"], fleet["data"], state.root)
-    a.wait_for(r"pending update torn\.upd is unreadable .*; deleted")
+    a.wait_for(r"pending update run-a/torn\.upd is unreadable .*; deleted")
     try:
         async def go():
             ch, info = await hello(a.port, fleet["key"])
@@ -704,7 +705,8 @@ def test_port_in_use_fails_with_one_line(agent, fleet, tmp_path):
 def test_sigterm_mid_task_exits_zero_promptly_with_json_logs(fleet, tmp_path):
     import json
     model, subset = make_model(seed=11)
-    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--log-format", "json", "--log-level", "debug")
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--log-format", "json", "--log-level", "debug",
+                    "--max-task-steps", "0")  # a task that trains until the signal
     try:
         async def go():
             ch, _ = await hello(a.port, fleet["key"])
@@ -729,7 +731,8 @@ def test_sigterm_mid_task_exits_zero_promptly_with_json_logs(fleet, tmp_path):
 
 def test_heartbeats_flow_while_a_long_task_trains(fleet, tmp_path):
     model, subset = make_model(seed=13)
-    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--ping-interval", "0.3")
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--ping-interval", "0.3",
+                    "--max-task-steps", "0")  # a task that trains for the whole test
     try:
         async def go():
             ch, _ = await hello(a.port, fleet["key"])

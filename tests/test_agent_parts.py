@@ -139,37 +139,62 @@ def test_model_cache_keeps_the_most_recent(tmp_path):
 @pytest.mark.parametrize("task_id", ["t-1", "../../etc/passwd", "a/b c%20d", "ünï cödé", "x" * 128, "."])
 def test_pending_file_names_are_safe_and_round_trip(tmp_path, task_id):
     s = StateDir(tmp_path)
-    path = s.put_pending(task_id, b"update")
-    assert path.parent == s.pending_dir and path.name.endswith(".upd") and "/" not in path.name
-    assert s.pending() == [(task_id, path)]
-    assert s.drop_pending(task_id) and s.pending() == [] and not s.drop_pending(task_id)
+    path = s.put_pending("run-1", task_id, b"update")
+    assert path.parent == s.pending_dir / "run-1" and path.name.endswith(".upd") and "/" not in path.name
+    assert s.pending() == [("run-1", task_id, path)]
+    assert s.drop_pending("run-1", task_id) and s.pending() == [] and not s.drop_pending("run-1", task_id)
+    assert not (s.pending_dir / "run-1").exists()  # no empty directory per past run
 
 
 def test_pending_rejects_empty_and_overlong_ids(tmp_path):
     s = StateDir(tmp_path)
     for bad in ["", "x" * 129]:
         with pytest.raises(ValueError):
-            s.pending_path(bad)
-        assert not s.drop_pending(bad)
+            s.pending_path("run-1", bad)
+        assert not s.drop_pending("run-1", bad)
+    for bad_run in ["", "..", "a/b", "x" * 65]:
+        with pytest.raises(ValueError):
+            s.pending_path(bad_run, "t1")
 
 
 def test_pending_is_oldest_first(tmp_path):
     s = StateDir(tmp_path)
-    for i, tid in enumerate(["c", "a", "b"]):
-        os.utime(s.put_pending(tid, b"u"), ns=(10**18 + i, 10**18 + i))
-    assert [t for t, _ in s.pending()] == ["c", "a", "b"]
+    for i, (rid, tid) in enumerate([("r2", "c"), ("r1", "a"), ("r2", "b")]):
+        os.utime(s.put_pending(rid, tid, b"u"), ns=(10**18 + i, 10**18 + i))
+    assert [(r, t) for r, t, _ in s.pending()] == [("r2", "c"), ("r1", "a"), ("r2", "b")]
+
+
+def test_pending_is_keyed_by_run_and_task(tmp_path):
+    """The same task id in two runs is two updates; dropping one leaves the other."""
+    s = StateDir(tmp_path)
+    a, b = s.put_pending("run-a", "t1", b"a"), s.put_pending("run-b", "t1", b"b")
+    assert a != b and {(r, t) for r, t, _ in s.pending()} == {("run-a", "t1"), ("run-b", "t1")}
+    assert s.drop_pending("run-a", "t1") and [(r, t) for r, t, _ in s.pending()] == [("run-b", "t1")]
+    assert b.read_bytes() == b"b"
+
+
+def test_legacy_pending_files_are_listed_apart_and_never_as_pending(tmp_path):
+    s = StateDir(tmp_path)
+    (s.pending_dir / "t5.upd").write_bytes(b"from an agent before run ids")
+    s.put_pending("run-a", "t5", b"u")
+    assert [p.name for p in s.legacy_pending()] == ["t5.upd"]
+    assert [(r, t) for r, t, _ in s.pending()] == [("run-a", "t5")]
 
 
 # -- TASK peeking ------------------------------------------------------------------------------------
 def test_peek_task_id_from_broken_bodies():
-    head = json.dumps({"task_id": "t-9", "values": "nonsense"}).encode()
-    assert peek_task_id(struct.pack("<I", len(head)) + head + b"\x00\x01") == "t-9"
-    assert peek_task_id(b"\x01") is None
-    assert peek_task_id(struct.pack("<I", 3) + b"{{{") is None
-    assert peek_task_id(struct.pack("<I", 2) + b"[]") is None
-    assert peek_task_id(struct.pack("<I", 0xFFFFFFFF)) is None
+    head = json.dumps({"task_id": "t-9", "run_id": "run-1", "values": "nonsense"}).encode()
+    assert peek_task_id(struct.pack("<I", len(head)) + head + b"\x00\x01") == ("t-9", "run-1")
+    assert peek_task_id(b"\x01") == (None, "")
+    assert peek_task_id(struct.pack("<I", 3) + b"{{{") == (None, "")
+    assert peek_task_id(struct.pack("<I", 2) + b"[]") == (None, "")
+    assert peek_task_id(struct.pack("<I", 0xFFFFFFFF)) == (None, "")
     head = json.dumps({"task_id": 5}).encode()
-    assert peek_task_id(struct.pack("<I", len(head)) + head) is None
+    assert peek_task_id(struct.pack("<I", len(head)) + head) == (None, "")
+    head = json.dumps({"task_id": "t-9", "run_id": "../x"}).encode()
+    assert peek_task_id(struct.pack("<I", len(head)) + head) == ("t-9", "")
+    deep = b"[" * 100000 + b"]" * 100000
+    assert peek_task_id(struct.pack("<I", len(deep)) + deep) == (None, "")
 
 
 # -- mDNS ----------------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def _task(**over):
     model = ft.zoo("mlp", (64,), 10)
     subset = ft.Subset.of(model, {"fc2": {"rows": [0, 3, 5], "bias": True}})
     from ftte_core.update import subset_values
-    kw = dict(task_id="t7", base_version=3, model_hash="ab" * 32, subset=subset.to_dict(),
+    kw = dict(task_id="t7", run_id="run-1", base_version=3, model_hash="ab" * 32, subset=subset.to_dict(),
               subset_fingerprint=subset.fingerprint(), config=TaskConfig(lr=0.1, batch_size=8), seed=11, bits=8,
               values=subset_values(model, subset))
     kw.update(over)
@@ -107,7 +107,8 @@ def _task(**over):
 def test_task_round_trip():
     msg = _task()
     back = M.decode_task(M.encode_task(msg))
-    assert (back.task_id, back.base_version, back.model_hash, back.seed, back.bits) == ("t7", 3, "ab" * 32, 11, 8)
+    assert (back.task_id, back.run_id, back.base_version, back.model_hash, back.seed, back.bits) == (
+        "t7", "run-1", 3, "ab" * 32, 11, 8)
     assert back.subset == msg.subset and back.subset_fingerprint == msg.subset_fingerprint
     assert back.config == msg.config
     assert list(back.values) == list(msg.values)
@@ -132,7 +133,7 @@ def test_task_rejects_bad_bodies():
         (good + b"\0", "left over"),
         (with_head({**head, "bits": 5}), "bits must be"),
         (with_head({**head, "seed": True}), "'seed' must be int"),
-        (with_head({**head, "config": {"lr": -1.0}}), "bad task settings"),
+        (with_head({**head, "config": {"lr": -1.0}}), "lr must be above 0"),
         (with_head({**head, "config": {"lr": 0.1, "evil": 1}}), "unknown task settings"),
         (with_head({k: v for k, v in head.items() if k != "task_id"}), "'task_id' must be str"),
         (with_head({**head, "values": [head["values"][0], head["values"][0]]}), "repeated"),

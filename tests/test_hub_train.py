@@ -130,15 +130,17 @@ def test_task_body_decodes_like_encode_task():
         subset = Subset.of(model, {"fc2": {"rows": [1, 5, 7], "bias": True}})
         driver = RoundDriver(model, subset, make_strategy("ftte", buffer_size=2), TaskConfig(lr=0.2))
         fleet = Fleet(KEY, FleetSettings())
-        fleet.model_hash, fleet.subset_dict = "h" * 64, subset.to_dict()
+        fleet.model_hash, fleet.subset_dict, fleet.run_id = "ab" * 32, subset.to_dict(), "run-1"
         for dev in ("a", "b"):
             task = driver.device_idle(dev)
             ours = M.decode_task(fleet.task_body(task))
             ref = M.decode_task(M.encode_task(M.TaskMessage(
-                task_id=task.id, base_version=task.base_version, model_hash=fleet.model_hash, subset=fleet.subset_dict,
+                task_id=task.id, run_id=fleet.run_id, base_version=task.base_version, model_hash=fleet.model_hash,
+                subset=fleet.subset_dict,
                 subset_fingerprint=task.subset_fingerprint, config=task.config, seed=task.seed, bits=task.bits,
                 values=dict(task.values))))
             assert ours.task_id == ref.task_id == task.id and ours.seed == ref.seed
+            assert ours.run_id == ref.run_id == "run-1"
             assert (ours.subset, ours.config, ours.bits, ours.model_hash) == (ref.subset, ref.config, ref.bits, ref.model_hash)
             assert list(ours.values) == list(ref.values)
             for k in ref.values:
