@@ -239,3 +239,57 @@ def test_readvertises_when_the_address_set_changes():
             await browser.async_cancel()
             await zc.async_close()
     asyncio.run(asyncio.wait_for(go(), 40))
+
+
+# -- what the agent agrees to train -----------------------------------------------------------------
+def _worker_and_data(seed=0):
+    import numpy as np
+    from ftte_core.data import load_bundled
+    from ftte_core.local import LocalWorker
+    from ftte_core.subset import Subset
+    from ftte_core.update import subset_values
+    model = zoo("mlp", (64,), 10, seed=seed, hidden=(16,))
+    subset = Subset.of(model, {"fc2": {"rows": "all", "bias": True}})
+    ds = load_bundled("digits")
+    x, y = ds.x[:64].reshape(64, -1).astype(np.float32), ds.y[:64]
+    return LocalWorker(model, subset), subset_values(model, subset), x, y
+
+
+def test_step_limits_cap_steps_and_seconds_and_cancel_between_steps():
+    import threading
+    from ftte_core.local import StepLimits, TaskCancelled, TaskConfig
+    worker, values, x, y = _worker_and_data()
+    cfg = TaskConfig(lr=0.05, batch_size=16, local_epochs=1e5)       # 400,000 steps asked for
+    res = worker.run(values, 0, x, y, cfg, limits=StepLimits(max_steps=7))
+    assert (res.steps, res.planned_steps, res.capped) == (7, 400_000, "steps")
+    t0 = time.monotonic()
+    res = worker.run(values, 0, x, y, cfg, limits=StepLimits(max_seconds=0.2))
+    assert res.capped == "seconds" and 1 <= res.steps < 400_000 and time.monotonic() - t0 < 30
+    res = worker.run(values, 0, x, y, TaskConfig(batch_size=16), limits=StepLimits(max_steps=100))
+    assert (res.steps, res.capped) == (4, "")                        # within the caps: trained as asked
+    cancel = threading.Event()
+    timer = threading.Timer(0.2, cancel.set)
+    timer.start()
+    t0 = time.monotonic()
+    with pytest.raises(TaskCancelled):
+        worker.run(values, 0, x, y, cfg, limits=StepLimits(cancel=cancel))
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(TaskCancelled):  # already cancelled: nothing is trained at all
+        worker.run(values, 0, x, y, cfg, limits=StepLimits(cancel=cancel))
+
+
+def test_memory_check_refuses_over_budget_with_a_sentence():
+    from ftte_agent.guard import MEMORY_MARGIN, check_memory, size_text, training_memory
+    from ftte_core.local import TaskConfig, TaskError
+    worker, _, _, _ = _worker_and_data()
+    cfg = TaskConfig(batch_size=32)
+    need = training_memory(worker.model, worker.subset, cfg, 200)
+    assert check_memory(worker.model, worker.subset, cfg, 200, need) == need
+    assert check_memory(worker.model, worker.subset, cfg, 200, int(need / (1 + MEMORY_MARGIN)) + 1) == need
+    with pytest.raises(TaskError) as e:
+        check_memory(worker.model, worker.subset, cfg, 200, need // 2)
+    assert str(e.value) == (f"this task needs {size_text(need)} to train; the budget is {size_text(need // 2)} "
+                            f"(--memory-budget)")
+    # a device with fewer samples than the batch size trains smaller batches: less memory
+    assert training_memory(worker.model, worker.subset, cfg, 4) < need
+    assert size_text(83.2 * MIB) == "83.2 MiB" and size_text(64 * MIB) == "64 MiB" and size_text(900) == "900 bytes"
