@@ -901,7 +901,7 @@ def test_a_task_over_the_memory_budget_is_refused_before_anything_is_allocated(f
     assert msg["task_id"] == "hungry" and msg["run_id"] == RUN
     assert re.fullmatch(r"this task needs \d+(\.\d)? MiB to train; the budget is 64 MiB \(--memory-budget\)",
                         msg["message"]), msg["message"]
-    assert grown < 8 << 20, f"peak RSS grew by {grown / 2**20:.1f} MiB"
+    assert grown < 16 << 20, f"peak RSS grew by {grown / 2**20:.1f} MiB"  # before: by ~145 MiB; here ~1.5
     assert upd.task_id == "fits"
     assert len([ln for ln in a.lines if "task hungry" in ln]) == 1
 
