@@ -191,6 +191,13 @@ def test_task_rejects_bad_bodies():
         (with_head({**head, "config": {"lr": 0.1, "evil": 1}}), "unknown task settings"),
         (with_head({k: v for k, v in head.items() if k != "task_id"}), "'task_id' must be str"),
         (with_head({**head, "values": [head["values"][0], head["values"][0]]}), "repeated"),
+        (with_head({**head, "values": [[head["values"][0][0], [1.5, 2]]]}), "whole numbers"),
+        (with_head({**head, "values": [[head["values"][0][0], ["3", "2"]]]}), "whole numbers"),
+        (with_head({**head, "run_id": "../etc"}), "run_id must be"),
+        (with_head({k: v for k, v in head.items() if k != "run_id"}), "'run_id' must be str"),
+        (with_head({**head, "model_hash": "h" * 64}), "model_hash must be 64 lowercase hex digits"),
+        (with_head({**head, "task_id": ""}), "task_id must be 1 to 128"),
+        (with_head({**head, "base_version": -1}), "base_version and seed"),
         (struct.pack("<I", 3) + b"[1]" + good[4 + hlen:], "JSON object"),
         (struct.pack("<I", 3) + b"NaN", "not JSON"),
     ]

@@ -169,9 +169,11 @@ def decode_task(body) -> TaskMessage:
     values: Dict[str, np.ndarray] = {}
     for entry in head["values"]:
         try:
-            key, (rows, cols) = str(entry[0]), (int(entry[1][0]), int(entry[1][1]))
-        except (TypeError, ValueError, IndexError):
+            key, (rows, cols) = entry
+        except (TypeError, ValueError):
             raise MessageError(f"TASK: bad value entry {entry!r:.80}") from None
+        if not isinstance(key, str) or not all(isinstance(d, int) and not isinstance(d, bool) for d in (rows, cols)):
+            raise MessageError(f"TASK: value entry {entry!r:.80} must be [name, [rows, columns]] with whole numbers")
         if rows < 0 or cols < 0 or key in values:
             raise MessageError(f"TASK: bad or repeated value entry {entry!r:.80}")
         size = 4 * rows * cols
