@@ -1164,3 +1164,22 @@ def test_a_task_without_a_run_id_is_refused(agent, fleet):
         return t, M.decode_json(body, t)
     t, msg = run(go())
     assert t == M.TASK_FAILED and msg["task_id"] == "no-run" and msg["message"].startswith("TASK: run_id must be")
+
+
+def test_a_model_whose_weights_alone_exceed_the_budget_is_refused_on_arrival(fleet, tmp_path):
+    big = zoo("mlp", (64,), 10, seed=29, hidden=(4096, 512))       # ~10 MiB of weights
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--memory-budget", "4MiB")
+    try:
+        async def go():
+            ch, _ = await hello(a.port, fleet["key"])
+            await ch.send(M.MODEL, model_to_bytes(big))
+            t, body = await recv_skip_pings(ch)
+            ch.abort()
+            return t, M.decode_json(body, t)["message"]
+        t, reason = run(go())
+    finally:
+        assert a.stop() == 0
+    assert t == M.ERROR
+    assert re.fullmatch(r"MODEL: the model's weights alone are \d+(\.\d)? MiB; the budget is 4 MiB \(--memory-budget\)",
+                        reason), reason
+    assert not list((tmp_path / "state" / "models").iterdir())  # not cached

@@ -356,3 +356,12 @@ def test_task_config_bounds_every_number_from_the_wire():
     for d, match in bad:
         with pytest.raises(ValueError, match=match):
             TaskConfig.from_dict(d)
+
+
+def test_model_weights_over_the_readers_limit_are_refused_before_any_array_is_copied():
+    blob = modelfile.model_to_bytes(ft.zoo("mlp", (64,), 10, hidden=(32,)))
+    weights = 4 * (64 * 32 + 32 + 32 * 10 + 10)
+    assert modelfile.model_from_bytes(blob, max_param_bytes=weights).num_params() == weights // 4
+    with pytest.raises(modelfile.ModelTooLarge, match=f"weights are {weights:,} bytes") as e:
+        modelfile.model_from_bytes(blob, max_param_bytes=weights - 1)
+    assert e.value.param_bytes == weights and isinstance(e.value, modelfile.ModelFileError)

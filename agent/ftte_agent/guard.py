@@ -54,6 +54,11 @@ def check_memory(model: Model, subset: Subset, config: TaskConfig, num_samples: 
     return needed
 
 
+def weights_over_budget(param_bytes: int, budget: int) -> str:
+    return (f"the model's weights alone are {size_text(param_bytes)}; the budget is {size_text(budget)} "
+            f"(--memory-budget)")
+
+
 def failure_reason(e: BaseException, memory_budget: Optional[int] = None) -> str:
     """A one-line TASK_FAILED reason for an exception raised while preparing or training a task."""
     if isinstance(e, TaskError):

@@ -40,14 +40,15 @@ from ftte_core import messages as M
 from ftte_core.channel import Channel, ChannelClosed, ChannelError
 from ftte_core.data import Dataset
 from ftte_core.local import LocalWorker, StepLimits, TaskCancelled, TaskError, TaskResult
-from ftte_core.modelfile import ModelFileError, content_hash, model_from_bytes
+from ftte_core.modelfile import DEFAULT_MAX_BYTES as DEFAULT_MAX_MODEL_BYTES
+from ftte_core.modelfile import ModelFileError, ModelTooLarge, content_hash, model_from_bytes
 from ftte_core.protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 from ftte_core.subset import Subset
 from ftte_core.update import Update, UpdateError
 
 from . import __version__
 from .device import peak_rss
-from .guard import check_memory, failure_reason
+from .guard import MEMORY_MARGIN, check_memory, failure_reason, weights_over_budget
 from .state import StateDir
 
 log = logging.getLogger("ftte_agent")
@@ -199,6 +200,11 @@ class Agent:
             if self.session is session:
                 self.session = None
 
+    @property
+    def max_model_bytes(self) -> int:
+        """Weights over this are refused when the model arrives: no task of it could fit the budget."""
+        return int(self.s.memory_budget * (1 + MEMORY_MARGIN))
+
     def info(self) -> Dict[str, Any]:
         d = self.s.data
         return {"agent_id": self.state.agent_id, "name": self.s.name, "protocol": PROTOCOL_VERSION,
@@ -326,7 +332,9 @@ class Agent:
         if blob is None:
             raise TaskFailure(f"model {task.model_hash[:16]} is not cached here: send MODEL first")
         try:
-            model = model_from_bytes(blob)
+            model = model_from_bytes(blob, max_param_bytes=self.max_model_bytes)
+        except ModelTooLarge as e:
+            raise TaskFailure(weights_over_budget(e.param_bytes, self.s.memory_budget)) from None
         except ModelFileError as e:
             raise TaskFailure(f"cached model {task.model_hash[:16]}: {e}") from None
         try:
@@ -465,7 +473,10 @@ class Session:
             log.info("model %s: already cached", model_hash[:12])
             return
         try:
-            model = await run_in_daemon_thread(model_from_bytes, blob)
+            model = await run_in_daemon_thread(model_from_bytes, blob, DEFAULT_MAX_MODEL_BYTES,
+                                               self.agent.max_model_bytes)
+        except ModelTooLarge as e:
+            raise M.MessageError(f"MODEL: {weights_over_budget(e.param_bytes, self.agent.s.memory_budget)}") from None
         except ModelFileError as e:
             raise M.MessageError(f"MODEL: {e}") from None
         self.state.put_model(model_hash, blob)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -55,6 +55,14 @@ LIMITS = {
 
 class ModelFileError(ValueError):
     """Bytes that are not a well-formed model file (one-line reason)."""
+
+
+class ModelTooLarge(ModelFileError):
+    """A well-formed model whose weights alone exceed what the reader allows (``max_param_bytes``)."""
+
+    def __init__(self, message: str, param_bytes: int):
+        super().__init__(message)
+        self.param_bytes = int(param_bytes)
 
 
 def _attrs(layer: Layer) -> Dict[str, object]:
@@ -140,11 +148,18 @@ def _build(kind: str, name: str, spec: dict, p: Dict[str, np.ndarray]) -> Layer:
     raise ModelFileError(f"layer {name!r}: unknown kind {kind!r}")
 
 
-def model_from_bytes(buf, max_bytes: int = DEFAULT_MAX_BYTES) -> Model:
-    """Parse and rebuild; any defect raises ModelFileError with a one-line reason."""
+def model_from_bytes(buf, max_bytes: int = DEFAULT_MAX_BYTES, max_param_bytes: Optional[int] = None) -> Model:
+    """Parse and rebuild; any defect raises ModelFileError with a one-line reason.
+
+    ``max_param_bytes``: weights larger than this raise ``ModelTooLarge`` before any array is
+    copied (a device refuses a model whose weights alone exceed its memory budget).
+    """
     mv, header, offset = split_prefixed(buf, "model file", MAGIC, FORMAT_VERSION, max_bytes, MAX_HEADER_BYTES,
                                         ModelFileError)
     n = mv.nbytes
+    if max_param_bytes is not None and n - offset > max_param_bytes:  # the arrays fill the rest of the file
+        raise ModelTooLarge(f"the model's weights are {n - offset:,} bytes, over the limit of {max_param_bytes:,}",
+                            n - offset)
     try:
         head = json.loads(header.decode())
         name, input_shape, specs = str(head["name"]), [int(d) for d in head["input_shape"]], head["layers"]
