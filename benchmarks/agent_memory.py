@@ -68,7 +68,7 @@ async def drive(port: int, key: bytes, model, tasks: int) -> float:
     await ch.send(M.MODEL, blob)
     seconds = 0.0
     for i in range(tasks):
-        msg = M.TaskMessage(task_id=f"bench-{i}", base_version=0, model_hash=content_hash(blob),
+        msg = M.TaskMessage(task_id=f"bench-{i}", run_id="bench", base_version=0, model_hash=content_hash(blob),
                             subset=subset.to_dict(), subset_fingerprint=subset.fingerprint(),
                             config=TaskConfig(lr=0.05, batch_size=32, local_epochs=1.0), seed=i, bits=8,
                             values=subset_values(model, subset))

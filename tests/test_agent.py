@@ -30,6 +30,7 @@ from slowdev import scaled
 # every time limit here is a figure for a fast host, scaled to this machine's measured speed
 # (slowdev.py): the suite also runs in emulated ARM userlands, tens of times slower
 TIMEOUT = scaled(15.0)
+RUN = "run-a"                      # the fake hub's run id
 
 
 # -- the agent process ---------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def make_model(seed=0):
 
 
 def task_message(model, trained, task_id, version=0, **over) -> M.TaskMessage:
-    fields = dict(task_id=task_id, base_version=version, model_hash=content_hash(model_to_bytes(model)),
+    fields = dict(task_id=task_id, run_id=RUN, base_version=version, model_hash=content_hash(model_to_bytes(model)),
                   subset=trained.to_dict(), subset_fingerprint=trained.fingerprint(),
                   config=TaskConfig(lr=0.05, batch_size=16, max_steps=4), seed=7, bits=8,
                   values=subset_values(model, trained))
@@ -167,8 +168,8 @@ async def train_one(ch, model, subset, task_id, send_model=True):
     return Update.from_bytes(body)
 
 
-async def ack(ch, task_id, accepted=True, reason=""):
-    await ch.send(M.ACK, M.encode_json({"task_id": task_id, "accepted": accepted, "reason": reason,
+async def ack(ch, task_id, accepted=True, reason="", run_id=RUN):
+    await ch.send(M.ACK, M.encode_json({"task_id": task_id, "run_id": run_id, "accepted": accepted, "reason": reason,
                                         "message": reason, "version": 1}))
 
 
@@ -331,8 +332,8 @@ def test_pending_update_survives_vanished_hub_and_ack_deletes_it(fleet, tmp_path
             ch.abort()  # no close frame: the hub died
         run(vanish())
         a.wait_for(r"task p1: no hub connected")
-        pending = list((state / "pending").glob("*.upd"))
-        assert [p.name for p in pending] == ["p1.upd"]
+        pending = list((state / "pending").glob("*/*.upd"))
+        assert [(p.parent.name, p.name) for p in pending] == [(RUN, "p1.upd")]
 
         async def reconnect(do_ack):
             ch, info = await hello(a.port, fleet["key"])
@@ -346,7 +347,7 @@ def test_pending_update_survives_vanished_hub_and_ack_deletes_it(fleet, tmp_path
             await ch.close()
             return upd
         upd = run(reconnect(do_ack=False))  # not acknowledged: kept
-        assert upd.task_id == "p1" and pending[0].exists()
+        assert upd.task_id == "p1" and upd.run_id == RUN and pending[0].exists()
         check_update(upd, model, subset, current_version=3)
         mark = a.mark()
         run(reconnect(do_ack=True))
@@ -369,12 +370,12 @@ def test_pending_updates_go_out_oldest_first(fleet, tmp_path):
     # updates kept by an earlier run of the agent
     for i, tid in enumerate(["old", "mid", "new"]):
         upd = Update(base_version=i, subset_fingerprint=subset.fingerprint(), num_samples=5, loss=1.0, tensors=[],
-                     task_id=tid)
-        path = state.put_pending(tid, upd.to_bytes())
+                     task_id=tid, run_id=RUN)
+        path = state.put_pending(RUN, tid, upd.to_bytes())
         os.utime(path, ns=(10**18 + i, 10**18 + i))
-    state.put_pending("torn", upd.to_bytes()[:-3])  # e.g. a disk that lost the end of a file
+    state.put_pending(RUN, "torn", upd.to_bytes()[:-3])  # e.g. a disk that lost the end of a file
     a = start_agent(fleet["key"], fleet["data"], state.root)
-    a.wait_for(r"pending update torn\.upd is unreadable .*; deleted")
+    a.wait_for(r"pending update run-a/torn\.upd is unreadable .*; deleted")
     try:
         async def go():
             ch, info = await hello(a.port, fleet["key"])
@@ -798,7 +799,8 @@ def test_port_in_use_fails_with_one_line(agent, fleet, tmp_path):
 def test_sigterm_mid_task_exits_zero_promptly_with_json_logs(fleet, tmp_path):
     import json
     model, subset = make_model(seed=11)
-    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--log-format", "json", "--log-level", "debug")
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--log-format", "json", "--log-level", "debug",
+                    "--max-task-steps", "0")  # a task that trains until the signal
     try:
         async def go():
             ch, _ = await hello(a.port, fleet["key"])
@@ -823,7 +825,8 @@ def test_sigterm_mid_task_exits_zero_promptly_with_json_logs(fleet, tmp_path):
 
 def test_heartbeats_flow_while_a_long_task_trains(fleet, tmp_path):
     model, subset = make_model(seed=13)
-    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--ping-interval", "0.3")
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--ping-interval", "0.3",
+                    "--max-task-steps", "0")  # a task that trains for the whole test
     try:
         async def go():
             ch, _ = await hello(a.port, fleet["key"])
@@ -943,3 +946,334 @@ def test_a_flood_of_tasks_is_bounded(fleet, tmp_path):
         assert updates == [f"f{i}" for i in range(MAX_TASKS)] and busy == [f"f{MAX_TASKS}", f"f{MAX_TASKS + 1}"]
     finally:
         assert a.stop() == 0
+
+
+# -- the agent protects itself (issue 9, finding 6) ------------------------------------------------
+def hungry_model(channels=32, padding=64, seed=0):
+    """A model file of about a kilobyte whose padded convolution needs >100 MiB to train at batch 32."""
+    from ftte_core.graph import Conv2d, Dense, Flatten, GlobalAvgPool, Model
+    rng = np.random.default_rng(seed)
+    conv = Conv2d("conv", rng.normal(size=(channels, 1, 1, 1)).astype(np.float32), padding=(padding,) * 4)
+    model = Model([conv, GlobalAvgPool("gap"), Flatten("flat"),
+                   Dense("fc", (0.1 * rng.normal(size=(10, channels))).astype(np.float32))], (1, 8, 8), name="hungry")
+    return model, Subset.of(model, {"conv": {"rows": "all", "bias": True}, "fc": {"rows": "all", "bias": True}})
+
+
+def rss_peak(pid) -> int:
+    """VmHWM: the process's peak resident memory so far, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/PID/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc (Linux)")
+def test_a_task_over_the_memory_budget_is_refused_before_anything_is_allocated(fleet, tmp_path):
+    model, subset = hungry_model()
+    blob = model_to_bytes(model)
+    assert len(blob) < 2048
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--memory-budget", "64MiB")
+    try:
+        async def go():
+            ch, _ = await hello(a.port, fleet["key"])
+            await still_alive(ch)
+            before = rss_peak(a.proc.pid)
+            await ch.send(M.MODEL, blob)
+            await ch.send(M.TASK, M.encode_task(task_message(model, subset, "hungry")))
+            t, body = await recv_skip_pings(ch)
+            after = rss_peak(a.proc.pid)
+            assert t == M.TASK_FAILED, M.name(t)
+            msg = M.decode_json(body, t)
+            # the agent still trains what fits, on the same connection
+            upd = await train_one(ch, *make_model(seed=20), "fits")
+            await ack(ch, "fits")
+            await ch.close()
+            return msg, after - before, upd
+        msg, grown, upd = run(go())
+    finally:
+        assert a.stop() == 0
+    assert msg["task_id"] == "hungry" and msg["run_id"] == RUN
+    assert re.fullmatch(r"this task needs \d+(\.\d)? MiB to train; the budget is 64 MiB \(--memory-budget\)",
+                        msg["message"]), msg["message"]
+    assert grown < 16 << 20, f"peak RSS grew by {grown / 2**20:.1f} MiB"  # before: by ~145 MiB; here ~1.5
+    assert upd.task_id == "fits"
+    assert len([ln for ln in a.lines if "task hungry" in ln]) == 1
+
+
+def test_a_tiny_model_file_with_absurd_padding_is_refused_in_one_line(agent, fleet):
+    model, _ = hungry_model(channels=1, padding=700)
+    blob = model_to_bytes(model)
+    assert len(blob) < 1024
+    mark = agent.mark()
+
+    async def go():
+        ch, _ = await hello(agent.port, fleet["key"])
+        await ch.send(M.MODEL, blob)
+        t, body = await recv_skip_pings(ch)
+        assert t == M.ERROR
+        ch.abort()
+        await still_serving(agent.port, fleet["key"])
+        return M.decode_json(body, t)["message"]
+    reason = run(go())
+    assert reason.startswith("MODEL: layer 'conv': padding [700, 700, 700, 700] is outside the limit"), reason
+    agent.wait_for(r"sent a bad message: MODEL: layer 'conv': padding", start=mark)
+
+
+def test_a_task_asking_for_more_steps_than_the_cap_trains_the_cap_and_delivers(fleet, tmp_path):
+    model, subset = make_model(seed=21)
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--max-task-steps", "50")
+    try:
+        async def go():
+            ch, _ = await hello(a.port, fleet["key"])
+            await ch.send(M.MODEL, model_to_bytes(model))
+            huge = task_message(model, subset, "huge", config=TaskConfig(batch_size=16, local_epochs=1e5))
+            await ch.send(M.TASK, M.encode_task(huge))
+            t, body = await recv_skip_pings(ch)
+            assert t == M.UPDATE, M.name(t)
+            upd = Update.from_bytes(body)
+            await ack(ch, "huge")
+            await ch.close()
+            return upd
+        upd = run(go())
+        a.wait_for(r"task huge: asked for 1250000 steps; trained 50 \(--max-task-steps\)")
+    finally:
+        assert a.stop() == 0
+    assert upd.stats["steps"] == 50 and upd.stats["planned_steps"] == 1_250_000
+    check_update(upd, model, subset, current_version=0)
+
+
+def test_a_task_over_the_time_cap_stops_and_delivers_what_it_has(fleet, tmp_path):
+    model, subset = make_model(seed=22)
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--max-task-steps", "0",
+                    "--max-task-seconds", "0.5")
+    try:
+        async def go():
+            ch, _ = await hello(a.port, fleet["key"])
+            await ch.send(M.MODEL, model_to_bytes(model))
+            long = task_message(model, subset, "long", config=TaskConfig(batch_size=16, local_epochs=1e6))
+            await ch.send(M.TASK, M.encode_task(long))
+            t, body = await recv_skip_pings(ch, timeout=60)
+            assert t == M.UPDATE, M.name(t)
+            upd = Update.from_bytes(body)
+            await ack(ch, "long")
+            await ch.close()
+            return upd
+        upd = run(go())
+        a.wait_for(r"task long: stopped after \d+ of 12500000 steps at the 0\.5 s limit \(--max-task-seconds\)")
+    finally:
+        assert a.stop() == 0
+    assert 1 <= upd.stats["steps"] < 12_500_000 and upd.stats["train_seconds"] < 30
+    check_update(upd, model, subset, current_version=0)
+
+
+@pytest.mark.parametrize("config, expect", [
+    ({"local_epochs": 1e7}, "local_epochs must be above 0 and at most 1e+06, got 1e+07"),
+    ({"lr": "fast"}, "lr must be a finite number, got fast"),
+    ({"lr": 1e9}, "lr must be above 0 and at most 100, got 1e+09"),
+    ({"batch_size": 10 ** 12}, "batch_size must be between 1 and 65536"),
+    ({"batch_size": 16.5}, "batch_size must be a whole number"),
+    ({"momentum": 1.5}, "momentum must be at least 0 and below 1"),
+    ({"max_steps": -3}, "max_steps must be between 1 and"),
+    ({"weight_decay": True}, "weight_decay must be a finite number"),
+])
+def test_out_of_range_task_settings_are_refused_with_a_reason(agent, fleet, config, expect):
+    model, subset = make_model(seed=23)
+    body = bytearray(M.encode_task(task_message(model, subset, "settings")))
+    (hlen,) = struct.unpack_from("<I", body)
+    import json
+    head = json.loads(bytes(body[4:4 + hlen]))
+    head["config"].update(config)
+    new_head = json.dumps(head).encode()
+    body = struct.pack("<I", len(new_head)) + new_head + bytes(body[4 + hlen:])
+
+    async def go():
+        ch, _ = await hello(agent.port, fleet["key"])
+        await ch.send(M.MODEL, model_to_bytes(model))
+        await ch.send(M.TASK, body)
+        t, reply = await recv_skip_pings(ch)
+        assert t == M.TASK_FAILED, M.name(t)
+        await still_alive(ch)  # refused at once: nothing is training
+        await ch.close()
+        return M.decode_json(reply, t)
+    msg = run(go())
+    assert msg["task_id"] == "settings" and msg["run_id"] == RUN
+    assert msg["message"].startswith("TASK: " + expect), msg["message"]
+
+
+def test_task_failed_reasons_are_worded_for_a_person(agent, fleet):
+    """No Python exception text: failures the agent knows get a sentence, the rest a plain fallback."""
+    model, subset = make_model(seed=24)
+    values = {k: np.full_like(v, 3e37) for k, v in subset_values(model, subset).items()}
+    cases = {
+        "diverges": M.encode_task(task_message(model, subset, "diverges", values=values,
+                                               config=TaskConfig(lr=50.0, batch_size=16, max_steps=4))),
+        # (fingerprints of their own: a worker is cached per model and subset fingerprint)
+        "bad-subset": M.encode_task(task_message(model, subset, "bad-subset", subset={"fc2": 5},
+                                                 subset_fingerprint="1" * 16)),
+        "no-layer": M.encode_task(task_message(model, subset, "no-layer", subset={"nope": {"rows": [0], "bias": True}},
+                                               subset_fingerprint="2" * 16)),
+    }
+
+    async def go():
+        ch, _ = await hello(agent.port, fleet["key"])
+        await ch.send(M.MODEL, model_to_bytes(model))
+        got = {}
+        for tid, body in cases.items():
+            await ch.send(M.TASK, body)
+            t, reply = await recv_skip_pings(ch)
+            assert t == M.TASK_FAILED, (tid, M.name(t))
+            got[tid] = M.decode_json(reply, t)["message"]
+        await ch.close()
+        return got
+    got = run(go())
+    assert got["diverges"].startswith("training diverged:"), got
+    assert got["bad-subset"] == "the task's subset is malformed: it must map layer names to {rows, bias}", got
+    assert got["no-layer"].startswith("the task's subset does not fit the model:"), got
+    for message in got.values():
+        assert not re.search(r"\b[A-Z][A-Za-z]*(Error|Exception)\b|Traceback|^\w+: '", message), message
+
+
+def test_failure_reason_fallbacks_never_show_python_exception_text():
+    from ftte_agent.guard import failure_reason
+    from ftte_core.local import TaskError
+    assert failure_reason(TaskError("this task needs 83.2 MiB to train")) == "this task needs 83.2 MiB to train"
+    for e in (KeyError("x"), TypeError("'NoneType' object is not subscriptable"), RuntimeError("boom"),
+              IndexError("list index out of range"), ValueError("could not broadcast input array")):
+        reason = failure_reason(e)
+        assert reason == "training stopped on an internal error in the agent; the agent's log has the details"
+    assert "ran out of memory" in failure_reason(MemoryError(), 64 << 20)
+    assert failure_reason(OSError(28, "No space left on device")).endswith("No space left on device")
+    assert "diverged" in failure_reason(OverflowError("math range error"))
+
+
+def test_stop_cancels_training_and_discards_the_partial_result(fleet, tmp_path):
+    """Before: training went on after STOP, and the next run began with 'rejected (unknown_task)'."""
+    model, subset = make_model(seed=25)
+    state = tmp_path / "state"
+    a = start_agent(fleet["key"], fleet["data"], state, "--max-task-steps", "0", "--log-level", "debug")
+    try:
+        async def go():
+            ch, _ = await hello(a.port, fleet["key"])
+            await ch.send(M.MODEL, model_to_bytes(model))
+            long = task_message(model, subset, "long", config=TaskConfig(batch_size=16, local_epochs=1e6))
+            await ch.send(M.TASK, M.encode_task(long))
+            await asyncio.get_running_loop().run_in_executor(None, a.wait_for, r"task long: training")
+            await ch.send(M.STOP, M.encode_json({"reason": "the run is over"}))
+            await asyncio.get_running_loop().run_in_executor(
+                None, a.wait_for, r"task long: training stopped; the partial result is discarded")
+            # the next run: its task trains at once, and nothing of the stopped one comes back
+            upd = await train_one(ch, model, subset, "next", send_model=False)
+            await ack(ch, "next")
+            await ch.close()
+            return upd
+        upd = run(go())
+    finally:
+        assert a.stop() == 0
+    assert upd.task_id == "next"
+    assert not list((state / "pending").rglob("*.upd"))
+    a.wait_for(r"task long: cancelled \(the hub stopped the run\)")
+
+
+def test_a_task_of_another_run_cancels_the_old_runs_training(fleet, tmp_path):
+    model, subset = make_model(seed=26)
+    state = tmp_path / "state"
+    a = start_agent(fleet["key"], fleet["data"], state, "--max-task-steps", "0")
+    try:
+        async def go():
+            ch, _ = await hello(a.port, fleet["key"])
+            await ch.send(M.MODEL, model_to_bytes(model))
+            long = task_message(model, subset, "t1", config=TaskConfig(batch_size=16, local_epochs=1e6))
+            await ch.send(M.TASK, M.encode_task(long))
+            ch.abort()  # that hub died without STOP; a new run's hub comes
+            ch, _ = await hello(a.port, fleet["key"])
+            await ch.send(M.TASK, M.encode_task(task_message(model, subset, "t1", run_id="run-b")))
+            t, body = await recv_skip_pings(ch)
+            assert t == M.UPDATE, M.name(t)
+            upd = Update.from_bytes(body)
+            await ack(ch, "t1", run_id="run-b")
+            await still_alive(ch)
+            await ch.close()
+            return upd
+        upd = run(go())
+        a.wait_for(r"task t1: cancelled \(the hub now runs run-b\)")
+    finally:
+        assert a.stop() == 0
+    assert (upd.task_id, upd.run_id) == ("t1", "run-b")
+    assert not list((state / "pending").rglob("*.upd"))
+
+
+# -- run-scoped ids (issue 9, finding 7) ---------------------------------------------------------
+def test_updates_are_kept_per_run_and_another_runs_update_is_dropped_on_ack(fleet, tmp_path):
+    from ftte_agent.state import StateDir
+    model, subset = make_model(seed=27)
+    state = StateDir(tmp_path / "state")
+    old = Update(base_version=0, subset_fingerprint=subset.fingerprint(), num_samples=5, loss=1.0, tensors=[],
+                 task_id="t1", run_id="run-old")
+    os.utime(state.put_pending("run-old", "t1", old.to_bytes()), ns=(10**18, 10**18))
+    legacy = Update(base_version=0, subset_fingerprint=subset.fingerprint(), num_samples=5, loss=1.0, tensors=[],
+                    task_id="t2")
+    (state.pending_dir / "t2.upd").write_bytes(legacy.to_bytes())  # kept by an agent before run ids
+    a = start_agent(fleet["key"], fleet["data"], state.root)
+    a.wait_for(r"pending/: 1 update file\(s\) from an agent version without run ids are ignored")
+    try:
+        async def go():
+            ch, info = await hello(a.port, fleet["key"])
+            assert info["pending"] == 1
+            t, body = await recv_skip_pings(ch)
+            assert t == M.UPDATE
+            kept = Update.from_bytes(body)
+            # this run's task t1 trains while the old run's t1 is still kept: two updates, two runs
+            await ch.send(M.MODEL, model_to_bytes(model))
+            await ch.send(M.TASK, M.encode_task(task_message(model, subset, "t1")))
+            t, body = await recv_skip_pings(ch)
+            assert t == M.UPDATE
+            fresh = Update.from_bytes(body)
+            assert {(r, t_) for r, t_, _ in state.pending()} == {("run-old", "t1"), (RUN, "t1")}
+            await ch.send(M.ACK, M.encode_json({"task_id": "t1", "run_id": "run-old", "accepted": False,
+                                                "reason": "other_run", "message": "this hub runs run-a",
+                                                "version": 0}))
+            await still_alive(ch)
+            assert [(r, t_) for r, t_, _ in state.pending()] == [(RUN, "t1")]
+            await ack(ch, "t1")
+            await still_alive(ch)
+            await ch.close()
+            return kept, fresh
+        kept, fresh = run(go())
+        a.wait_for(r"update t1 of run run-old dropped by the hub: it belongs to another run")
+    finally:
+        assert a.stop() == 0
+    assert (kept.task_id, kept.run_id) == ("t1", "run-old") and (fresh.task_id, fresh.run_id) == ("t1", RUN)
+    assert state.pending() == [] and (state.pending_dir / "t2.upd").exists()
+    assert not [ln for ln in a.lines if "Traceback" in ln]
+
+
+def test_a_task_without_a_run_id_is_refused(agent, fleet):
+    model, subset = make_model(seed=28)
+
+    async def go():
+        ch, _ = await hello(agent.port, fleet["key"])
+        await ch.send(M.TASK, M.encode_task(task_message(model, subset, "no-run", run_id="")))
+        t, body = await recv_skip_pings(ch)
+        await ch.close()
+        return t, M.decode_json(body, t)
+    t, msg = run(go())
+    assert t == M.TASK_FAILED and msg["task_id"] == "no-run" and msg["message"].startswith("TASK: run_id must be")
+
+
+def test_a_model_whose_weights_alone_exceed_the_budget_is_refused_on_arrival(fleet, tmp_path):
+    big = zoo("mlp", (64,), 10, seed=29, hidden=(4096, 512))       # ~10 MiB of weights
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--memory-budget", "4MiB")
+    try:
+        async def go():
+            ch, _ = await hello(a.port, fleet["key"])
+            await ch.send(M.MODEL, model_to_bytes(big))
+            t, body = await recv_skip_pings(ch)
+            ch.abort()
+            return t, M.decode_json(body, t)["message"]
+        t, reason = run(go())
+    finally:
+        assert a.stop() == 0
+    assert t == M.ERROR
+    assert re.fullmatch(r"MODEL: the model's weights alone are \d+(\.\d)? MiB; the budget is 4 MiB \(--memory-budget\)",
+                        reason), reason
+    assert not list((tmp_path / "state" / "models").iterdir())  # not cached

@@ -140,37 +140,62 @@ def test_model_cache_keeps_the_most_recent(tmp_path):
 @pytest.mark.parametrize("task_id", ["t-1", "../../etc/passwd", "a/b c%20d", "ünï cödé", "x" * 128, "."])
 def test_pending_file_names_are_safe_and_round_trip(tmp_path, task_id):
     s = StateDir(tmp_path)
-    path = s.put_pending(task_id, b"update")
-    assert path.parent == s.pending_dir and path.name.endswith(".upd") and "/" not in path.name
-    assert s.pending() == [(task_id, path)]
-    assert s.drop_pending(task_id) and s.pending() == [] and not s.drop_pending(task_id)
+    path = s.put_pending("run-1", task_id, b"update")
+    assert path.parent == s.pending_dir / "run-1" and path.name.endswith(".upd") and "/" not in path.name
+    assert s.pending() == [("run-1", task_id, path)]
+    assert s.drop_pending("run-1", task_id) and s.pending() == [] and not s.drop_pending("run-1", task_id)
+    assert not (s.pending_dir / "run-1").exists()  # no empty directory per past run
 
 
 def test_pending_rejects_empty_and_overlong_ids(tmp_path):
     s = StateDir(tmp_path)
     for bad in ["", "x" * 129]:
         with pytest.raises(ValueError):
-            s.pending_path(bad)
-        assert not s.drop_pending(bad)
+            s.pending_path("run-1", bad)
+        assert not s.drop_pending("run-1", bad)
+    for bad_run in ["", "..", "a/b", "x" * 65]:
+        with pytest.raises(ValueError):
+            s.pending_path(bad_run, "t1")
 
 
 def test_pending_is_oldest_first(tmp_path):
     s = StateDir(tmp_path)
-    for i, tid in enumerate(["c", "a", "b"]):
-        os.utime(s.put_pending(tid, b"u"), ns=(10**18 + i, 10**18 + i))
-    assert [t for t, _ in s.pending()] == ["c", "a", "b"]
+    for i, (rid, tid) in enumerate([("r2", "c"), ("r1", "a"), ("r2", "b")]):
+        os.utime(s.put_pending(rid, tid, b"u"), ns=(10**18 + i, 10**18 + i))
+    assert [(r, t) for r, t, _ in s.pending()] == [("r2", "c"), ("r1", "a"), ("r2", "b")]
+
+
+def test_pending_is_keyed_by_run_and_task(tmp_path):
+    """The same task id in two runs is two updates; dropping one leaves the other."""
+    s = StateDir(tmp_path)
+    a, b = s.put_pending("run-a", "t1", b"a"), s.put_pending("run-b", "t1", b"b")
+    assert a != b and {(r, t) for r, t, _ in s.pending()} == {("run-a", "t1"), ("run-b", "t1")}
+    assert s.drop_pending("run-a", "t1") and [(r, t) for r, t, _ in s.pending()] == [("run-b", "t1")]
+    assert b.read_bytes() == b"b"
+
+
+def test_legacy_pending_files_are_listed_apart_and_never_as_pending(tmp_path):
+    s = StateDir(tmp_path)
+    (s.pending_dir / "t5.upd").write_bytes(b"from an agent before run ids")
+    s.put_pending("run-a", "t5", b"u")
+    assert [p.name for p in s.legacy_pending()] == ["t5.upd"]
+    assert [(r, t) for r, t, _ in s.pending()] == [("run-a", "t5")]
 
 
 # -- TASK peeking ------------------------------------------------------------------------------------
 def test_peek_task_id_from_broken_bodies():
-    head = json.dumps({"task_id": "t-9", "values": "nonsense"}).encode()
-    assert peek_task_id(struct.pack("<I", len(head)) + head + b"\x00\x01") == "t-9"
-    assert peek_task_id(b"\x01") is None
-    assert peek_task_id(struct.pack("<I", 3) + b"{{{") is None
-    assert peek_task_id(struct.pack("<I", 2) + b"[]") is None
-    assert peek_task_id(struct.pack("<I", 0xFFFFFFFF)) is None
+    head = json.dumps({"task_id": "t-9", "run_id": "run-1", "values": "nonsense"}).encode()
+    assert peek_task_id(struct.pack("<I", len(head)) + head + b"\x00\x01") == ("t-9", "run-1")
+    assert peek_task_id(b"\x01") == (None, "")
+    assert peek_task_id(struct.pack("<I", 3) + b"{{{") == (None, "")
+    assert peek_task_id(struct.pack("<I", 2) + b"[]") == (None, "")
+    assert peek_task_id(struct.pack("<I", 0xFFFFFFFF)) == (None, "")
     head = json.dumps({"task_id": 5}).encode()
-    assert peek_task_id(struct.pack("<I", len(head)) + head) is None
+    assert peek_task_id(struct.pack("<I", len(head)) + head) == (None, "")
+    head = json.dumps({"task_id": "t-9", "run_id": "../x"}).encode()
+    assert peek_task_id(struct.pack("<I", len(head)) + head) == ("t-9", "")
+    deep = b"[" * 100000 + b"]" * 100000
+    assert peek_task_id(struct.pack("<I", len(deep)) + deep) == (None, "")
 
 
 # -- mDNS ----------------------------------------------------------------------------------------------
@@ -424,3 +449,55 @@ def test_a_stalled_handshake_flood_does_not_keep_a_hub_out_in_process(tmp_path, 
     assert pending == 0 and flood.opened >= 64
     refusals = [r for r in caplog.records if r.getMessage().startswith("refused")]
     assert agent.refusals.total >= 48 and len(refusals) <= LOG_BURST + 1, [r.getMessage() for r in refusals]
+# -- what the agent agrees to train -----------------------------------------------------------------
+def _worker_and_data(seed=0):
+    import numpy as np
+    from ftte_core.data import load_bundled
+    from ftte_core.local import LocalWorker
+    from ftte_core.subset import Subset
+    from ftte_core.update import subset_values
+    model = zoo("mlp", (64,), 10, seed=seed, hidden=(16,))
+    subset = Subset.of(model, {"fc2": {"rows": "all", "bias": True}})
+    ds = load_bundled("digits")
+    x, y = ds.x[:64].reshape(64, -1).astype(np.float32), ds.y[:64]
+    return LocalWorker(model, subset), subset_values(model, subset), x, y
+
+
+def test_step_limits_cap_steps_and_seconds_and_cancel_between_steps():
+    import threading
+    from ftte_core.local import StepLimits, TaskCancelled, TaskConfig
+    worker, values, x, y = _worker_and_data()
+    cfg = TaskConfig(lr=0.05, batch_size=16, local_epochs=1e5)       # 400,000 steps asked for
+    res = worker.run(values, 0, x, y, cfg, limits=StepLimits(max_steps=7))
+    assert (res.steps, res.planned_steps, res.capped) == (7, 400_000, "steps")
+    t0 = time.monotonic()
+    res = worker.run(values, 0, x, y, cfg, limits=StepLimits(max_seconds=0.2))
+    assert res.capped == "seconds" and 1 <= res.steps < 400_000 and time.monotonic() - t0 < 30
+    res = worker.run(values, 0, x, y, TaskConfig(batch_size=16), limits=StepLimits(max_steps=100))
+    assert (res.steps, res.capped) == (4, "")                        # within the caps: trained as asked
+    cancel = threading.Event()
+    timer = threading.Timer(0.2, cancel.set)
+    timer.start()
+    t0 = time.monotonic()
+    with pytest.raises(TaskCancelled):
+        worker.run(values, 0, x, y, cfg, limits=StepLimits(cancel=cancel))
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(TaskCancelled):  # already cancelled: nothing is trained at all
+        worker.run(values, 0, x, y, cfg, limits=StepLimits(cancel=cancel))
+
+
+def test_memory_check_refuses_over_budget_with_a_sentence():
+    from ftte_agent.guard import MEMORY_MARGIN, check_memory, size_text, training_memory
+    from ftte_core.local import TaskConfig, TaskError
+    worker, _, _, _ = _worker_and_data()
+    cfg = TaskConfig(batch_size=32)
+    need = training_memory(worker.model, worker.subset, cfg, 200)
+    assert check_memory(worker.model, worker.subset, cfg, 200, need) == need
+    assert check_memory(worker.model, worker.subset, cfg, 200, int(need / (1 + MEMORY_MARGIN)) + 1) == need
+    with pytest.raises(TaskError) as e:
+        check_memory(worker.model, worker.subset, cfg, 200, need // 2)
+    assert str(e.value) == (f"this task needs {size_text(need)} to train; the budget is {size_text(need // 2)} "
+                            f"(--memory-budget)")
+    # a device with fewer samples than the batch size trains smaller batches: less memory
+    assert training_memory(worker.model, worker.subset, cfg, 4) < need
+    assert size_text(83.2 * MIB) == "83.2 MiB" and size_text(64 * MIB) == "64 MiB" and size_text(900) == "900 bytes"

@@ -1,6 +1,7 @@
 """The hub/agent contract: model files, message bodies, and the protocol over asyncio streams."""
 import asyncio
 import json
+import re
 import struct
 
 import numpy as np
@@ -79,6 +80,59 @@ def test_model_file_rejects_bad_bytes():
         modelfile.model_from_bytes(blob, max_bytes=100)
 
 
+def _with_header(blob: bytes, edit) -> bytes:
+    """``blob`` with its JSON header changed by ``edit(head)`` (the arrays stay as they are)."""
+    _, _, _, hlen = struct.unpack_from("<4sHHI", blob, 0)
+    head = json.loads(blob[12:12 + hlen])
+    edit(head)
+    h = json.dumps(head).encode()
+    return blob[:8] + struct.pack("<I", len(h)) + h + blob[12 + hlen:]
+
+
+def _conv_model(padding=(1, 1, 1, 1), stride=(1, 1), kernel=3, channels=2, input_shape=(1, 8, 8)):
+    from ftte_core.graph import Conv2d, GlobalAvgPool
+    w = np.ones((channels, input_shape[0], kernel, kernel), np.float32)
+    return Model([Conv2d("conv", w, None, stride=stride, padding=padding), GlobalAvgPool("g"), Flatten("f"),
+                  Dense("fc", np.ones((3, channels), np.float32))], input_shape, name="c")
+
+
+def test_a_small_model_file_cannot_describe_unbounded_memory():
+    """Issue 9: a 466-byte file with a conv padded by 700 made a 64 MiB agent reach 220 MiB RSS."""
+    limits = modelfile.LIMITS
+    base = modelfile.model_to_bytes(_conv_model())
+    cases = [
+        ("padding [700, 700, 700, 700] is outside the limit",
+         lambda h: h["layers"][0].update(padding=[700] * 4)),
+        ("stride [1, 65] is outside the limit", lambda h: h["layers"][0].update(stride=[1, 65])),
+        ("padding must be a list of 4 integers", lambda h: h["layers"][0].update(padding=[1, 1, 1.5, 1])),
+        ("padding must be a list of 4 integers", lambda h: h["layers"][0].update(padding=[True, 1, 1, 1])),
+        ("input shape", lambda h: h.update(input_shape=[1, 1 << 20, 1 << 20])),
+        ("empty dimension", lambda h: h.update(input_shape=[1, 0, 8])),
+    ]
+    for match, edit in cases:
+        with pytest.raises(modelfile.ModelFileError, match=re.escape(match)):
+            modelfile.model_from_bytes(_with_header(base, edit))
+    # a dense layer of 2^40 output rows with no weight bytes would make a 4 TiB bias of zeros
+    dense = modelfile.model_to_bytes(ft.zoo("mlp", (4,), 2, hidden=(3,)))
+    def empty_rows(h):
+        h["layers"][0]["params"] = [["weight", [1 << 40, 0]]]
+    with pytest.raises(modelfile.ModelFileError, match="empty dimension"):
+        modelfile.model_from_bytes(_with_header(dense, empty_rows))
+    # a pooling window beyond the limit
+    pool = Model([MaxPool2d("mp", (2, 2)), Flatten("f"), Dense("fc", np.ones((2, 4), np.float32))], (1, 4, 4))
+    with pytest.raises(modelfile.ModelFileError, match=r"kernel \[65, 2\] is outside the limit"):
+        modelfile.model_from_bytes(_with_header(modelfile.model_to_bytes(pool),
+                                                lambda h: h["layers"][0].update(kernel=[65, 2])))
+    # within every per-layer limit, but the chain of shapes implies too many elements per sample
+    wide = _conv_model(padding=(64,) * 4, kernel=1, channels=1024, input_shape=(1, 8, 8))
+    assert 1024 * 136 * 136 > limits["sample_elements"]
+    with pytest.raises(modelfile.ModelFileError, match="output shape .* over the limit"):
+        modelfile.model_from_bytes(modelfile.model_to_bytes(wide))
+    # what the limits allow still parses
+    ok = _conv_model(padding=(limits["padding"],) * 4, stride=(limits["stride"], 2))
+    assert modelfile.model_from_bytes(modelfile.model_to_bytes(ok)).shapes == ok.shapes
+
+
 def test_model_file_random_corruption_never_escapes_as_another_error():
     blob = bytearray(modelfile.model_to_bytes(ft.zoo("mlp", (16,), 4, hidden=(8,))))
     rng = np.random.default_rng(0)
@@ -97,7 +151,7 @@ def _task(**over):
     model = ft.zoo("mlp", (64,), 10)
     subset = ft.Subset.of(model, {"fc2": {"rows": [0, 3, 5], "bias": True}})
     from ftte_core.update import subset_values
-    kw = dict(task_id="t7", base_version=3, model_hash="ab" * 32, subset=subset.to_dict(),
+    kw = dict(task_id="t7", run_id="run-1", base_version=3, model_hash="ab" * 32, subset=subset.to_dict(),
               subset_fingerprint=subset.fingerprint(), config=TaskConfig(lr=0.1, batch_size=8), seed=11, bits=8,
               values=subset_values(model, subset))
     kw.update(over)
@@ -107,7 +161,8 @@ def _task(**over):
 def test_task_round_trip():
     msg = _task()
     back = M.decode_task(M.encode_task(msg))
-    assert (back.task_id, back.base_version, back.model_hash, back.seed, back.bits) == ("t7", 3, "ab" * 32, 11, 8)
+    assert (back.task_id, back.run_id, back.base_version, back.model_hash, back.seed, back.bits) == (
+        "t7", "run-1", 3, "ab" * 32, 11, 8)
     assert back.subset == msg.subset and back.subset_fingerprint == msg.subset_fingerprint
     assert back.config == msg.config
     assert list(back.values) == list(msg.values)
@@ -132,10 +187,17 @@ def test_task_rejects_bad_bodies():
         (good + b"\0", "left over"),
         (with_head({**head, "bits": 5}), "bits must be"),
         (with_head({**head, "seed": True}), "'seed' must be int"),
-        (with_head({**head, "config": {"lr": -1.0}}), "bad task settings"),
+        (with_head({**head, "config": {"lr": -1.0}}), "lr must be above 0"),
         (with_head({**head, "config": {"lr": 0.1, "evil": 1}}), "unknown task settings"),
         (with_head({k: v for k, v in head.items() if k != "task_id"}), "'task_id' must be str"),
         (with_head({**head, "values": [head["values"][0], head["values"][0]]}), "repeated"),
+        (with_head({**head, "values": [[head["values"][0][0], [1.5, 2]]]}), "whole numbers"),
+        (with_head({**head, "values": [[head["values"][0][0], ["3", "2"]]]}), "whole numbers"),
+        (with_head({**head, "run_id": "../etc"}), "run_id must be"),
+        (with_head({k: v for k, v in head.items() if k != "run_id"}), "'run_id' must be str"),
+        (with_head({**head, "model_hash": "h" * 64}), "model_hash must be 64 lowercase hex digits"),
+        (with_head({**head, "task_id": ""}), "task_id must be 1 to 128"),
+        (with_head({**head, "base_version": -1}), "base_version and seed"),
         (struct.pack("<I", 3) + b"[1]" + good[4 + hlen:], "JSON object"),
         (struct.pack("<I", 3) + b"NaN", "not JSON"),
     ]
@@ -358,3 +420,49 @@ def test_channel_recv_timeout_and_cut_connection():
         await server.wait_closed()
 
     asyncio.run(main())
+
+
+# -- run-scoped updates ---------------------------------------------------------------------------
+def test_update_carries_its_run_id_and_older_updates_still_parse():
+    from ftte_core.update import Update, UpdateError
+    base = dict(base_version=2, subset_fingerprint="0123456789abcdef", num_samples=5, loss=0.5, tensors=[],
+                task_id="ab12cd34-t7", device_id="dev")
+    old_bytes = Update(**base).to_bytes()
+    assert b"run_id" not in old_bytes                     # an unset run id adds nothing: old bytes unchanged
+    assert Update.from_bytes(old_bytes).run_id == ""
+    scoped = Update(**base, run_id="ab12cd34ef567890")
+    back = Update.from_bytes(scoped.to_bytes())
+    assert back.run_id == "ab12cd34ef567890" and back.to_bytes() == scoped.to_bytes()
+    blob = scoped.to_bytes()
+    _, _, _, hlen = struct.unpack_from("<4sHHI", blob, 0)
+    for bad in (5, "", "x" * 65, None):
+        head = json.loads(blob[12:12 + hlen])
+        head["run_id"] = bad
+        h = json.dumps(head).encode()
+        with pytest.raises(UpdateError, match="run_id"):
+            Update.from_bytes(blob[:8] + struct.pack("<I", len(h)) + h + blob[12 + hlen:])
+
+
+def test_task_config_bounds_every_number_from_the_wire():
+    ok = TaskConfig.from_dict({"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "local_epochs": 2.5,
+                               "batch_size": 64, "max_steps": None})
+    assert (ok.lr, ok.momentum, ok.batch_size, ok.max_steps) == (0.1, 0.9, 64, None)
+    assert TaskConfig.from_dict(TaskConfig().as_dict()) == TaskConfig()
+    bad = [({"lr": 0}, "lr must be above 0"), ({"lr": float("inf")}, "lr must be a finite number"),
+           ({"lr": [1]}, "lr must be a finite number"), ({"local_epochs": 1e7}, "local_epochs must be"),
+           ({"local_epochs": -1}, "local_epochs must be"), ({"batch_size": 0}, "batch_size must be between"),
+           ({"batch_size": "32"}, "batch_size must be a whole number"), ({"momentum": 1.0}, "momentum must be"),
+           ({"weight_decay": -0.1}, "weight_decay must be"), ({"max_steps": 2 ** 40}, "max_steps must be"),
+           ({"max_steps": True}, "max_steps must be a whole number"), ({"evil": 1}, "unknown task settings")]
+    for d, match in bad:
+        with pytest.raises(ValueError, match=match):
+            TaskConfig.from_dict(d)
+
+
+def test_model_weights_over_the_readers_limit_are_refused_before_any_array_is_copied():
+    blob = modelfile.model_to_bytes(ft.zoo("mlp", (64,), 10, hidden=(32,)))
+    weights = 4 * (64 * 32 + 32 + 32 * 10 + 10)
+    assert modelfile.model_from_bytes(blob, max_param_bytes=weights).num_params() == weights // 4
+    with pytest.raises(modelfile.ModelTooLarge, match=f"weights are {weights:,} bytes") as e:
+        modelfile.model_from_bytes(blob, max_param_bytes=weights - 1)
+    assert e.value.param_bytes == weights and isinstance(e.value, modelfile.ModelFileError)

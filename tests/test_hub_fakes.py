@@ -95,6 +95,7 @@ class FakeAgent:
                 "models": self.announce + list(self.models), "pending": len(self.pending),
                 "num_samples": 0 if self.data is None else len(self.data), "arch": "test", "software": "fake"}
         await ch.send(M.AGENT_INFO, M.encode_json(info))
+        deferred = []   # what the hub sends while kept updates wait for their ACK (MODEL, TASK): served after
         while self.pending:
             await ch.send(M.UPDATE, self.pending[0])
             while True:
@@ -105,9 +106,11 @@ class FakeAgent:
                     break
                 if t == M.PING:
                     await ch.send(M.PONG, body)
+                else:
+                    deferred.append((t, bytes(body)))
         worker = None
         while True:
-            t, body = await ch.recv(timeout=60)
+            t, body = deferred.pop(0) if deferred else await ch.recv(timeout=60)
             if t == M.PING:
                 await ch.send(M.PONG, body)
             elif t == M.MODEL:

@@ -125,11 +125,12 @@ def test_hub_restart_resumes_versions_and_keeps_acknowledged_updates(tmp_path):
         meta = ckpt.load_checkpoint(out)[0]
         assert not meta["finished"]
         hash_before = meta["model_hash"]
+        run_before = meta["run_id"]
         lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
         summary = await second_run()
-        return before, hash_before, lines, summary
+        return before, hash_before, run_before, lines, summary
 
-    before, hash_before, lines_before, summary = asyncio.run(main())
+    before, hash_before, run_before, lines_before, summary = asyncio.run(main())
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     versions = [l["version"] for l in lines]
     assert versions == list(range(1, 9)) and summary["version"] == 8  # continues, never goes back, no repeats
@@ -140,6 +141,9 @@ def test_hub_restart_resumes_versions_and_keeps_acknowledged_updates(tmp_path):
     assert before <= merged, f"acknowledged but never merged: {sorted(before - merged)}"
     meta = ckpt.load_checkpoint(out)[0]
     assert meta["finished"] and meta["model_hash"] == hash_before
+    # the run keeps its id across the restart, so updates acknowledged before it still count
+    assert meta["run_id"] == run_before == summary["run_id"] and meta["task_prefix"] == run_before[:8] + "-"
+    assert all(t.startswith(run_before[:8] + "-t") for t in merged)
     assert all(a.model_downloads == 1 for a in agents)  # the model hash did not change: no second download
     assert sum(a.connections for a in agents) >= 6      # everyone was dialled again
 

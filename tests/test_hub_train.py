@@ -103,6 +103,37 @@ def test_bad_peers_are_rejected_and_the_run_completes(tmp_path, caplog):
     assert any("wrong key" in r.getMessage() for r in caplog.records)
 
 
+def test_updates_of_another_run_are_dropped_before_the_driver_sees_them(tmp_path, caplog):
+    """An agent's kept update from an earlier run (its run id, or no run id and an old task id)
+    gets ACK "other_run" and one line; the driver never counts it; this run's task ids are its own."""
+    from ftte_core.update import Update
+
+    val, parts = digits_split(1)
+
+    def kept(task_id, run_id):
+        return Update(base_version=0, subset_fingerprint="0123456789abcdef", num_samples=5, loss=1.0, tensors=[],
+                      task_id=task_id, run_id=run_id).to_bytes()
+
+    async def main():
+        a = FakeAgent(KEY, parts[0], "keeper", pending=[kept("t1", "0123456789abcdef"), kept("t1", "")])
+        await a.start()
+        cfg = _config(tmp_path, val, [a], buffer=1, max_versions=3)
+        return await _run(cfg, [a]), a
+
+    summary, agent = asyncio.run(main())
+    run_id = summary["run_id"]
+    assert len(run_id) == 16 and run_id != "0123456789abcdef"
+    dropped = [ack for ack in agent.acks if ack.get("reason") == "other_run"]
+    assert [(ack["task_id"], ack["run_id"], ack["accepted"]) for ack in dropped] == [
+        ("t1", "0123456789abcdef", False), ("t1", "", False)]
+    assert summary["version"] == 3 and summary["rejected"] == 0, summary["rejected_by_reason"]
+    accepted = [ack["task_id"] for ack in agent.acks if ack["accepted"]]
+    assert accepted and all(t.startswith(run_id[:8] + "-t") for t in accepted)
+    lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(lines) == 2 and "it was trained for run 0123456789abcdef" in lines[0], lines
+    assert "names no run" in lines[1]
+
+
 def test_two_addresses_of_one_agent_are_one_device(tmp_path, caplog):
     val, parts = digits_split(2)
 
@@ -131,15 +162,17 @@ def test_task_body_decodes_like_encode_task():
         subset = Subset.of(model, {"fc2": {"rows": [1, 5, 7], "bias": True}})
         driver = RoundDriver(model, subset, make_strategy("ftte", buffer_size=2), TaskConfig(lr=0.2))
         fleet = Fleet(KEY, FleetSettings())
-        fleet.model_hash, fleet.subset_dict = "h" * 64, subset.to_dict()
+        fleet.model_hash, fleet.subset_dict, fleet.run_id = "ab" * 32, subset.to_dict(), "run-1"
         for dev in ("a", "b"):
             task = driver.device_idle(dev)
             ours = M.decode_task(fleet.task_body(task))
             ref = M.decode_task(M.encode_task(M.TaskMessage(
-                task_id=task.id, base_version=task.base_version, model_hash=fleet.model_hash, subset=fleet.subset_dict,
+                task_id=task.id, run_id=fleet.run_id, base_version=task.base_version, model_hash=fleet.model_hash,
+                subset=fleet.subset_dict,
                 subset_fingerprint=task.subset_fingerprint, config=task.config, seed=task.seed, bits=task.bits,
                 values=dict(task.values))))
             assert ours.task_id == ref.task_id == task.id and ours.seed == ref.seed
+            assert ours.run_id == ref.run_id == "run-1"
             assert (ours.subset, ours.config, ours.bits, ours.model_hash) == (ref.subset, ref.config, ref.bits, ref.model_hash)
             assert list(ours.values) == list(ref.values)
             for k in ref.values:

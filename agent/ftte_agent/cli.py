@@ -73,10 +73,17 @@ def setup_logging(fmt: str, level: str) -> None:
               help="Seconds without any message after which a hub connection is dropped.")
 @click.option("--ping-interval", type=click.FloatRange(min=0.1), default=20.0,
               help="Seconds between the agent's heartbeats to a connected hub.")
+@click.option("--max-task-steps", type=click.IntRange(min=0), default=100_000,
+              help="Most training steps one task may take; a task asking for more trains this many and sends "
+                   "that update (0 = no cap).")
+@click.option("--max-task-seconds", type=click.FloatRange(min=0.0), default=600.0,
+              help="Most seconds one task may train; training then stops after the step in progress and the "
+                   "update of the steps done is sent (0 = no cap).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", help="Log line format (stderr).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", help="Log verbosity.")
 def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, interfaces, no_mdns,
-         hello_timeout, handshake_timeout, silence_timeout, ping_interval, log_format, log_level):
+         hello_timeout, handshake_timeout, silence_timeout, ping_interval, max_task_steps, max_task_seconds,
+         log_format, log_level):
     """Serve one device of the FTTE fleet: advertise, accept the hub, train tasks, send deltas.
 
     Only encoded parameter deltas and summary numbers leave the device, over connections
@@ -125,6 +132,9 @@ def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, in
     log.info("agent %s (id %s): %d samples of shape %s, %d classes; state dir %s", name, state.agent_id, len(data),
              list(data.feature_shape), data.num_classes, state.root)
     log.info("memory budget %s (%s)", format_size(budget), rule)
+    log.info("per task: at most %s steps (--max-task-steps), %s (--max-task-seconds)",
+             f"{max_task_steps:,}" if max_task_steps else "unlimited",
+             f"{max_task_seconds:g} s" if max_task_seconds else "no time limit")
     t0 = time.perf_counter()
     raw_speed = device.measure_speed()
     speed = raw_speed / slowdown
@@ -134,7 +144,8 @@ def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, in
     settings = AgentSettings(key=key, data=data, name=name, state=state, memory_budget=budget, speed=speed,
                              slowdown=slowdown, arch=device.arch(), handshake_timeout=handshake_timeout,
                              hello_timeout=min(hello_timeout, handshake_timeout),
-                             silence_timeout=silence_timeout, ping_interval=ping_interval)
+                             silence_timeout=silence_timeout, ping_interval=ping_interval,
+                             max_task_steps=max_task_steps or None, max_task_seconds=max_task_seconds or None)
     agent = Agent(settings)
     models = state.verified_models()  # hashed now, not when the first hub is waiting
     kept = agent.check_pending()

@@ -11,9 +11,16 @@ line per 10 s under a flood; the agent keeps serving. An authenticated connectio
 a half-dead old connection.
 
 Training belongs to the agent, not to a connection: a task keeps running when its connection
-drops, its UPDATE is written to ``pending/`` before it is sent and deleted only when an ACK names
-it, and every new session sends what is pending (oldest first) right after AGENT_INFO. One task
-trains at a time, in a worker thread, so heartbeats keep flowing while it runs.
+drops, its UPDATE is written to ``pending/<run>/`` before it is sent and deleted only when an ACK
+names it (run id and task id), and every new session sends what is pending (oldest first) right
+after AGENT_INFO. One task trains at a time, in a worker thread, so heartbeats keep flowing while
+it runs.
+
+The agent protects itself (``guard.py``): a task whose predicted training memory exceeds the
+budget is refused before anything is allocated; training stops at ``--max-task-steps`` steps or
+``--max-task-seconds`` seconds and delivers what it has; STOP (or a TASK of another hub run)
+cancels training between two steps and discards the partial result; every TASK_FAILED reason is
+a sentence for a person.
 
 Timeouts (seconds, all options of ``ftte-agent``): HELLO 2, handshake 10; silence 60 (a hub connection that
 sent nothing, not even a PING or PONG, for that long is dropped); the agent PINGs the hub every 20
@@ -36,8 +43,9 @@ import numpy as np
 from ftte_core import messages as M
 from ftte_core.channel import Channel, ChannelClosed, ChannelError
 from ftte_core.data import Dataset
-from ftte_core.local import LocalWorker, TaskResult
-from ftte_core.modelfile import ModelFileError, content_hash, model_from_bytes
+from ftte_core.local import LocalWorker, StepLimits, TaskCancelled, TaskError, TaskResult
+from ftte_core.modelfile import DEFAULT_MAX_BYTES as DEFAULT_MAX_MODEL_BYTES
+from ftte_core.modelfile import ModelFileError, ModelTooLarge, content_hash, model_from_bytes
 from ftte_core.protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 from ftte_core.subset import Subset
 from ftte_core.update import Update, UpdateError
@@ -45,6 +53,7 @@ from ftte_core.update import Update, UpdateError
 from . import __version__
 from .admission import Admission, RefusalLog, refusal_kind, source_of
 from .device import peak_rss
+from .guard import MEMORY_MARGIN, check_memory, failure_reason, weights_over_budget
 from .state import StateDir
 
 log = logging.getLogger("ftte_agent")
@@ -67,6 +76,8 @@ class AgentSettings:
     silence_timeout: float = 60.0
     ping_interval: float = 20.0
     max_frame: int = DEFAULT_MAX_FRAME
+    max_task_steps: Optional[int] = 100_000      # a task asking for more trains this many (None: no cap)
+    max_task_seconds: Optional[float] = 600.0    # training stops after the step in progress (None: no cap)
 
 
 class TaskFailure(Exception):
@@ -110,17 +121,20 @@ async def run_in_daemon_thread(fn, *args):
     return await fut
 
 
-def peek_task_id(body: bytes) -> Optional[str]:
-    """The task id of a TASK body that does not fully parse, so the failure can name the task."""
+def peek_task_id(body: bytes) -> Tuple[Optional[str], str]:
+    """(task id, run id) of a TASK body that does not fully parse, so the failure can name the task."""
     try:
         (hlen,) = struct.unpack_from("<I", body, 0)
         if hlen > M.MAX_JSON_BYTES:
-            return None
+            return None, ""
         head = json.loads(bytes(body[4:4 + hlen]).decode("utf-8"))
-        tid = head.get("task_id") if isinstance(head, dict) else None
-        return tid if isinstance(tid, str) and tid else None
-    except (struct.error, ValueError, UnicodeDecodeError):
-        return None
+        if not isinstance(head, dict):
+            return None, ""
+        tid, rid = head.get("task_id"), head.get("run_id")
+        return (tid[:M.MAX_TASK_ID_CHARS] if isinstance(tid, str) and tid else None,
+                rid if isinstance(rid, str) and M.RUN_ID_RE.fullmatch(rid) else "")
+    except (struct.error, ValueError, UnicodeDecodeError, RecursionError):
+        return None, ""
 
 
 class Agent:
@@ -134,19 +148,30 @@ class Agent:
         self._worker: Optional[LocalWorker] = None
         self._worker_key: Optional[Tuple[str, str]] = None
         self._training: Set[asyncio.Task] = set()
+        self._cancel: Dict[Tuple[str, str], threading.Event] = {}   # (run id, task id) -> set to cancel
         self.tasks_done = 0
         self.tasks_failed = 0
 
     def check_pending(self) -> int:
-        """At start: delete kept updates that no longer parse (one log line each); returns how many are left."""
+        """At start: delete kept updates that no longer parse (one log line each); returns how many are left.
+
+        Update files from agents before run ids are left alone and never sent (one line for all).
+        """
+        legacy = self.state.legacy_pending()
+        if legacy:
+            log.warning("pending/: %d update file(s) from an agent version without run ids are ignored: no hub run "
+                        "can claim them (%s%s)", len(legacy), ", ".join(p.name for p in legacy[:3]),
+                        ", ..." if len(legacy) > 3 else "")
         left = 0
-        for task_id, path in self.state.pending():
+        for run_id, task_id, path in self.state.pending():
             try:
-                Update.from_bytes(path.read_bytes())
+                upd = Update.from_bytes(path.read_bytes())
+                if upd.run_id != run_id or upd.task_id != task_id:
+                    raise UpdateError(f"it names task {upd.task_id[:40]!r} of run {upd.run_id[:40]!r}")
                 left += 1
             except (OSError, UpdateError) as e:
-                log.warning("pending update %s is unreadable (%s); deleted", path.name, _one_line(e))
-                self.state.drop_pending(task_id)
+                log.warning("pending update %s/%s is unreadable (%s); deleted", run_id, path.name, _one_line(e))
+                self.state.drop_pending(run_id, task_id)
         return left
 
     # -- connections ----------------------------------------------------------------------------
@@ -192,6 +217,11 @@ class Agent:
             self.admission.done(pending)
         return None
 
+    @property
+    def max_model_bytes(self) -> int:
+        """Weights over this are refused when the model arrives: no task of it could fit the budget."""
+        return int(self.s.memory_budget * (1 + MEMORY_MARGIN))
+
     def info(self) -> Dict[str, Any]:
         d = self.s.data
         return {"agent_id": self.state.agent_id, "name": self.s.name, "protocol": PROTOCOL_VERSION,
@@ -208,42 +238,78 @@ class Agent:
         return len(self._training)
 
     def start_task(self, task: M.TaskMessage) -> None:
-        t = asyncio.create_task(self._run_task(task), name=f"task {task.task_id}")
+        key = (task.run_id, task.task_id)
+        cancel = self._cancel[key] = threading.Event()
+        t = asyncio.create_task(self._run_task(task, cancel), name=f"task {task.task_id}")
         self._training.add(t)
-        t.add_done_callback(self._training.discard)
 
-    async def _run_task(self, task: M.TaskMessage) -> None:
+        def done(t: asyncio.Task) -> None:
+            self._training.discard(t)
+            if self._cancel.get(key) is cancel:
+                del self._cancel[key]
+        t.add_done_callback(done)
+
+    def cancel_tasks(self, why: str, keep_run: Optional[str] = None) -> int:
+        """Cancel every task training or waiting (except those of ``keep_run``); returns how many."""
+        n = 0
+        for (run_id, task_id), ev in list(self._cancel.items()):
+            if run_id != keep_run and not ev.is_set():
+                ev.set()
+                n += 1
+                log.info("task %s: cancelled (%s)", task_id, why)
+        return n
+
+    async def _run_task(self, task: M.TaskMessage, cancel: threading.Event) -> None:
+        key = (task.run_id, task.task_id)
         async with self._train_lock:
-            log.debug("task %s: training (version %d, model %s, subset %s)", task.task_id, task.base_version,
-                     task.model_hash[:12], task.subset_fingerprint)
+            if cancel.is_set():
+                return  # cancelled while it waited for the one before it
+            log.debug("task %s: training (run %s, version %d, model %s, subset %s)", task.task_id, task.run_id,
+                      task.base_version, task.model_hash[:12], task.subset_fingerprint)
             start = time.perf_counter()
             try:
-                result: TaskResult = await run_in_daemon_thread(self._train, task)
+                result: TaskResult = await run_in_daemon_thread(self._train, task, cancel)
+            except TaskCancelled:
+                self._worker, self._worker_key = None, None  # the run is over: free its model and buffers
+                log.info("task %s: training stopped; the partial result is discarded", task.task_id)
+                return
             except TaskFailure as e:
-                await self._task_failed(task.task_id, str(e), resync=e.resync)
+                await self._task_failed(task, str(e), resync=e.resync)
                 return
             except Exception as e:  # a bug or an engine error must cost one task, not the agent
-                await self._task_failed(task.task_id, f"training failed: {type(e).__name__}: {_one_line(e)}")
+                if not isinstance(e, TaskError):
+                    log.warning("task %s: %s: %s", task.task_id, type(e).__name__, _one_line(e))  # for the operator
+                await self._task_failed(task, failure_reason(e, self.s.memory_budget))
                 return
             train_seconds = time.perf_counter() - start
-            if self.s.slowdown > 1:
-                await asyncio.sleep((self.s.slowdown - 1) * train_seconds)
+            if self.s.slowdown > 1 and not await _sleep_unless(cancel, (self.s.slowdown - 1) * train_seconds):
+                log.info("task %s: cancelled while emulating a slower device; the result is discarded",
+                         task.task_id)
+                return
+            if result.capped == "steps":
+                log.info("task %s: asked for %d steps; trained %d (--max-task-steps)", task.task_id,
+                         result.planned_steps, result.steps)
+            elif result.capped == "seconds":
+                log.warning("task %s: stopped after %d of %d steps at the %g s limit (--max-task-seconds); "
+                            "sending what it has", task.task_id, result.steps, result.planned_steps,
+                            self.s.max_task_seconds)
             update = result.update
             update.task_id = task.task_id
+            update.run_id = task.run_id
             update.device_id = self.state.agent_id
             update.stats.update({"train_seconds": train_seconds,
                                  "elapsed_seconds": time.perf_counter() - start,
-                                 "steps": float(result.steps)})
+                                 "steps": float(result.steps), "planned_steps": float(result.planned_steps)})
             try:
                 blob = update.to_bytes()
-            except UpdateError as e:  # e.g. the loss diverged to NaN
-                await self._task_failed(task.task_id, f"update cannot be encoded: {e}")
+            except UpdateError:  # the loss or a statistic is not finite
+                await self._task_failed(task, "training diverged: the loss is not a finite number "
+                                              "(a lower learning rate may help)")
                 return
             try:
-                self.state.put_pending(task.task_id, blob)
+                self.state.put_pending(task.run_id, task.task_id, blob)
             except OSError as e:  # e.g. a full SD card: an update that cannot be kept is not sent
-                await self._task_failed(task.task_id, f"cannot keep the update in the state dir: "
-                                                      f"{e.strerror or e}")
+                await self._task_failed(task, f"cannot keep the update in the state dir: {e.strerror or e}")
                 return
             self.tasks_done += 1
             log.info("task %s: trained %d steps in %.3f s, loss %.4f, update %d bytes, training memory %d bytes, "
@@ -253,18 +319,21 @@ class Agent:
         if session is None:
             log.info("task %s: no hub connected; the update stays in pending/ for the next one", task.task_id)
         else:
-            await session.flush_pending_quietly(fresh={task.task_id})
+            await session.flush_pending_quietly(fresh={key})
 
-    def _train(self, task: M.TaskMessage) -> TaskResult:
-        """In the training thread: the worker for this model+subset (reused), then one run."""
+    def _train(self, task: M.TaskMessage, cancel: threading.Event) -> TaskResult:
+        """In the training thread: the worker for this model+subset (reused), the memory check, one run."""
         key = (task.model_hash, task.subset_fingerprint)
         if self._worker_key != key:
             self._worker, self._worker_key = None, None  # free the old model before loading the next
             self._worker = self._make_worker(task)
             self._worker_key = key
         x, y = self.s.data.x, self.s.data.y
+        # before the trainer allocates anything for this batch size
+        check_memory(self._worker.model, self._worker.subset, task.config, len(x), self.s.memory_budget)
+        limits = StepLimits(max_steps=self.s.max_task_steps, max_seconds=self.s.max_task_seconds, cancel=cancel)
         return self._worker.run(task.values, task.base_version, x, y, task.config, bits=task.bits,
-                                seed=task.seed, device_id=self.state.agent_id)
+                                seed=task.seed, device_id=self.state.agent_id, limits=limits)
 
     def release_worker(self) -> None:
         """Free the model and training buffers between runs (a later task loads them again)."""
@@ -280,13 +349,17 @@ class Agent:
         if blob is None:
             raise TaskFailure(f"model {task.model_hash[:16]} is not cached here: send MODEL first")
         try:
-            model = model_from_bytes(blob)
+            model = model_from_bytes(blob, max_param_bytes=self.max_model_bytes)
+        except ModelTooLarge as e:
+            raise TaskFailure(weights_over_budget(e.param_bytes, self.s.memory_budget)) from None
         except ModelFileError as e:
             raise TaskFailure(f"cached model {task.model_hash[:16]}: {e}") from None
         try:
             subset = Subset.from_dict(model, task.subset)
-        except (ValueError, TypeError, KeyError) as e:
-            raise TaskFailure(f"bad subset: {_one_line(e)}") from None
+        except (ValueError, KeyError) as e:
+            raise TaskFailure(f"the task's subset does not fit the model: {_one_line(e)}") from None
+        except TypeError:
+            raise TaskFailure("the task's subset is malformed: it must map layer names to {rows, bias}") from None
         if subset.fingerprint() != task.subset_fingerprint:
             raise TaskFailure(f"subset fingerprint is {subset.fingerprint()}, the task says {task.subset_fingerprint}")
         d = self.s.data
@@ -298,13 +371,14 @@ class Agent:
             raise TaskFailure(f"local data has labels up to {int(d.y.max())}, the model has {model.num_classes} classes")
         return LocalWorker(model, subset)
 
-    async def _task_failed(self, task_id: str, message: str, resync: bool = False) -> None:
+    async def _task_failed(self, task: M.TaskMessage, message: str, resync: bool = False) -> None:
         self.tasks_failed += 1
-        log.warning("task %s failed: %s", task_id, message)
+        log.warning("task %s failed: %s", task.task_id, message)
         session = self.session
         if session is not None:
             try:
-                await session.ch.send(M.TASK_FAILED, M.encode_json({"task_id": task_id, "message": message}))
+                await session.ch.send(M.TASK_FAILED, M.encode_json({"task_id": task.task_id, "run_id": task.run_id,
+                                                                    "message": message}))
             except ChannelError:
                 return  # the session's own loop reports the broken connection
             if resync:
@@ -326,7 +400,7 @@ class Session:
     def __init__(self, agent: Agent, ch: Channel, task: Optional[asyncio.Task]):
         self.agent, self.ch, self.task = agent, ch, task
         self.state = agent.state
-        self._sent: Set[str] = set()          # pending task ids already sent on this connection
+        self._sent: Set[Tuple[str, str]] = set()   # (run id, task id) of pending updates sent on this connection
         self._flush_lock = asyncio.Lock()
         self._cancelled = False
 
@@ -399,7 +473,8 @@ class Session:
                         m.get("reason", "?"), m.get("needed_bytes", "?"), m.get("budget_bytes", "?"))
         elif msg_type == M.STOP:
             m = M.decode_json(body, msg_type)
-            log.info("hub %s stopped the run: %s", self.ch.peer, m.get("reason", ""))
+            log.info("hub %s stopped the run: %s", self.ch.peer, str(m.get("reason", ""))[:300])
+            self.agent.cancel_tasks("the hub stopped the run")
             self.agent.release_worker()
         elif msg_type == M.ERROR:
             m = M.decode_json(body, msg_type)
@@ -415,7 +490,10 @@ class Session:
             log.info("model %s: already cached", model_hash[:12])
             return
         try:
-            model = await run_in_daemon_thread(model_from_bytes, blob)
+            model = await run_in_daemon_thread(model_from_bytes, blob, DEFAULT_MAX_MODEL_BYTES,
+                                               self.agent.max_model_bytes)
+        except ModelTooLarge as e:
+            raise M.MessageError(f"MODEL: {weights_over_budget(e.param_bytes, self.agent.s.memory_budget)}") from None
         except ModelFileError as e:
             raise M.MessageError(f"MODEL: {e}") from None
         self.state.put_model(model_hash, blob)
@@ -426,70 +504,94 @@ class Session:
         try:
             task = M.decode_task(body)
         except M.MessageError as e:
-            task_id = peek_task_id(body)
+            task_id, run_id = peek_task_id(body)
             if task_id is None:
                 raise
-            await self._fail(task_id, str(e))
+            await self._fail(task_id, run_id, str(e))
             return
         try:
-            self.state.pending_path(task.task_id)
+            self.state.pending_path(task.run_id, task.task_id)
         except ValueError as e:
-            await self._fail(task.task_id, f"TASK: {e}")
+            await self._fail(task.task_id, task.run_id, f"TASK: {e}")
             return
         if not self.state.has_model(task.model_hash):
-            await self._fail(task.task_id, f"model {task.model_hash[:16]} is not cached here: send MODEL first")
+            await self._fail(task.task_id, task.run_id, f"model {task.model_hash[:16]} is not cached here: "
+                                                        f"send MODEL first")
             return
+        # a hub of another run has taken over: what the old run's tasks would train, no one will merge
+        self.agent.cancel_tasks(f"the hub now runs {task.run_id}", keep_run=task.run_id)
         if self.agent.tasks_in_progress >= MAX_TASKS:
-            await self._fail(task.task_id, f"agent busy: {self.agent.tasks_in_progress} tasks are already training "
-                                           f"or waiting")
+            await self._fail(task.task_id, task.run_id, f"agent busy: {self.agent.tasks_in_progress} tasks are "
+                                                        f"already training or waiting")
             return
         self.agent.start_task(task)
 
-    async def _fail(self, task_id: str, message: str) -> None:
+    async def _fail(self, task_id: str, run_id: str, message: str) -> None:
         self.agent.tasks_failed += 1
         log.warning("task %s refused: %s", task_id[:80], message)
-        await self.ch.send(M.TASK_FAILED, M.encode_json({"task_id": task_id, "message": message}))
+        await self.ch.send(M.TASK_FAILED, M.encode_json({"task_id": task_id, "run_id": run_id, "message": message}))
 
     def _on_ack(self, ack: Dict[str, Any]) -> None:
         tid = ack["task_id"]
-        known = self.state.drop_pending(tid)
-        self._sent.discard(tid)
+        rid = ack.get("run_id")
+        if not isinstance(rid, str) or not rid:  # a hub that does not name the run: the update sent here
+            sent = [r for r, t in self._sent if t == tid]
+            rid = sent[0] if len(sent) == 1 else ""
+        known = self.state.drop_pending(rid, tid)
+        self._sent.discard((rid, tid))
         if not known:
             log.info("ACK for task %s, which has no kept update (already acknowledged?)", tid[:80])
         elif ack["accepted"]:
             log.info("update %s accepted (hub version %s)", tid, ack.get("version", "?"))
+        elif ack.get("reason") == "other_run":
+            log.warning("update %s of run %s dropped by the hub: it belongs to another run (%s)", tid, rid,
+                        str(ack.get("message", ""))[:300])
         else:
             log.warning("update %s rejected by the hub: %s: %s", tid, ack.get("reason", "?"),
                         str(ack.get("message", ""))[:300])
 
     # -- pending updates --------------------------------------------------------------------------
-    async def flush_pending(self, fresh: Set[str] = frozenset()) -> None:
-        """Send every kept update not yet sent on this connection, oldest first (``fresh``: ids
-        trained during this connection, for the log)."""
+    async def flush_pending(self, fresh: Set[Tuple[str, str]] = frozenset()) -> None:
+        """Send every kept update not yet sent on this connection, oldest first (``fresh``: (run id,
+        task id) trained during this connection, for the log)."""
         async with self._flush_lock:
-            for task_id, path in self.state.pending():
-                if task_id in self._sent:
+            for run_id, task_id, path in self.state.pending():
+                key = (run_id, task_id)
+                if key in self._sent:
                     continue
                 try:
                     blob = path.read_bytes()
-                    Update.from_bytes(blob)
+                    upd = Update.from_bytes(blob)
+                    if upd.run_id != run_id:
+                        raise UpdateError(f"it names run {upd.run_id[:40]!r}")
                 except FileNotFoundError:
                     continue  # acknowledged meanwhile
                 except (OSError, UpdateError) as e:
-                    log.warning("pending update %s is unreadable (%s); deleted", path.name, _one_line(e))
-                    self.state.drop_pending(task_id)
+                    log.warning("pending update %s/%s is unreadable (%s); deleted", run_id, path.name, _one_line(e))
+                    self.state.drop_pending(run_id, task_id)
                     continue
                 await self.ch.send(M.UPDATE, blob)
-                self._sent.add(task_id)
+                self._sent.add(key)
                 # a fresh update's delivery is routine; one kept from an earlier connection is news
-                log.log(logging.DEBUG if task_id in fresh else logging.INFO, "update %s sent to %s (%d bytes)%s",
-                        task_id, self.ch.peer, len(blob), "" if task_id in fresh else ", kept from earlier")
+                log.log(logging.DEBUG if key in fresh else logging.INFO, "update %s sent to %s (%d bytes)%s",
+                        task_id, self.ch.peer, len(blob), "" if key in fresh else f", kept from earlier (run {run_id})")
 
-    async def flush_pending_quietly(self, fresh: Set[str] = frozenset()) -> None:
+    async def flush_pending_quietly(self, fresh: Set[Tuple[str, str]] = frozenset()) -> None:
         try:
             await self.flush_pending(fresh)
         except ChannelError as e:
             log.info("update kept for the next connection: %s", e)
+
+
+async def _sleep_unless(cancel: threading.Event, seconds: float) -> bool:
+    """Sleep ``seconds`` unless ``cancel`` is set first; True when the whole sleep passed."""
+    end = time.monotonic() + seconds
+    while not cancel.is_set():
+        left = end - time.monotonic()
+        if left <= 0:
+            return True
+        await asyncio.sleep(min(left, 0.05))
+    return False
 
 
 def _mib(n: Optional[int]) -> str:

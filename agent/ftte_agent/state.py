@@ -5,10 +5,16 @@ Layout (every file is written atomically: a crash leaves the old file or the new
     agent_id              random hex id, created once; the hub's device id for this agent
     models/<hash>.ftm     model files (``ftte_core.modelfile``) named by their SHA-256; verified
                           against the name when read, deleted when they do not match
-    pending/<task>.upd    an UPDATE (``Update.to_bytes()``) written before it is sent, deleted
-                          when the hub has acknowledged it (accepted or rejected)
+    pending/<run>/<task>.upd
+                          an UPDATE (``Update.to_bytes()``) written before it is sent, deleted
+                          when the hub has acknowledged it (accepted, rejected, or dropped as
+                          another run's); kept per hub run, so an update is only ever matched to
+                          the run whose task it answers
 
-``<task>`` is the task id percent-encoded, so any id the hub picks is a safe file name.
+``<run>`` is the hub's run id (``messages.RUN_ID_RE``: a safe file name as it is) and ``<task>``
+the task id percent-encoded, so any id the hub picks is a safe file name. Files directly in
+pending/ were written by agents from before run ids: no run can claim them, so they are ignored
+(one log line at start) and never sent.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from typing import List, Optional, Tuple
 from urllib.parse import quote, unquote
 
 from ftte_core.atomic import atomic_write
+from ftte_core.messages import RUN_ID_RE
 
 log = logging.getLogger("ftte_agent.state")
 
@@ -153,26 +160,40 @@ class StateDir:
                 _unlink(path)
 
     # -- pending updates ------------------------------------------------------------------------
-    def pending_path(self, task_id: str) -> Path:
+    def pending_path(self, run_id: str, task_id: str) -> Path:
+        if not RUN_ID_RE.fullmatch(run_id or ""):
+            raise ValueError(f"run id {run_id[:80]!r} must be 1 to 64 letters, digits, '-' or '_'")
         if not task_id or len(task_id) > MAX_TASK_ID_CHARS:
             raise ValueError(f"task id must be 1..{MAX_TASK_ID_CHARS} characters, got {len(task_id)}")
-        return self.pending_dir / (quote(task_id, safe="-_") + PENDING_SUFFIX)
+        return self.pending_dir / run_id / (quote(task_id, safe="-_") + PENDING_SUFFIX)
 
-    def put_pending(self, task_id: str, blob: bytes) -> Path:
-        path = self.pending_path(task_id)
+    def put_pending(self, run_id: str, task_id: str, blob: bytes) -> Path:
+        path = self.pending_path(run_id, task_id)
+        path.parent.mkdir(exist_ok=True, mode=0o700)
         atomic_write(path, lambda f: f.write(blob), mode=0o600)
         return path
 
-    def pending(self) -> List[Tuple[str, Path]]:
-        """(task id, path) of every kept update, oldest first."""
-        files = sorted(self.pending_dir.glob("*" + PENDING_SUFFIX), key=lambda p: (_mtime(p), p.name))
-        return [(unquote(p.name[:-len(PENDING_SUFFIX)]), p) for p in files]
+    def pending(self) -> List[Tuple[str, str, Path]]:
+        """(run id, task id, path) of every kept update, oldest first."""
+        files = [p for p in self.pending_dir.glob("*/*" + PENDING_SUFFIX) if RUN_ID_RE.fullmatch(p.parent.name)]
+        files.sort(key=lambda p: (_mtime(p), p.parent.name, p.name))
+        return [(p.parent.name, unquote(p.name[:-len(PENDING_SUFFIX)]), p) for p in files]
 
-    def drop_pending(self, task_id: str) -> bool:
+    def legacy_pending(self) -> List[Path]:
+        """Update files from agents before run ids (directly in pending/): ignored, never sent."""
+        return sorted(self.pending_dir.glob("*" + PENDING_SUFFIX))
+
+    def drop_pending(self, run_id: str, task_id: str) -> bool:
         try:
-            return _unlink(self.pending_path(task_id))
+            path = self.pending_path(run_id, task_id)
         except ValueError:
             return False
+        gone = _unlink(path)
+        try:
+            path.parent.rmdir()  # the run's last one: no empty directory per past run
+        except OSError:
+            pass
+        return gone
 
 
 def _mtime(path: Path) -> int:

@@ -13,6 +13,11 @@ is given up. Either way the session ends (the driver hears ``device_gone``) and 
 re-dials; a late UPDATE for the given-up task is still accepted if it arrives (as stale work).
 Anything bad from one peer ends that peer's session or rejects its update, with one log line;
 every other session goes on.
+
+Run scope: every TASK carries the run id (``run_id``, kept across a resume) and the driver's task
+ids start with it; an UPDATE that belongs to another run (its ``run_id``, or for an update that
+names no run, its task id) is dropped with one line and an ACK "other_run" before the driver
+sees it (``foreign_run``).
 """
 from __future__ import annotations
 
@@ -94,6 +99,7 @@ class Fleet:
         self.needed_bytes = 0                 # predicted training memory of the run's subset
         self.model_blob = b""
         self.model_hash = ""
+        self.run_id = ""                      # this run's id ("" : no run scope, e.g. a bare test fleet)
         self.subset_dict: Dict[str, Any] = {}
         self.stopping = False
         self.stop_reason = ""
@@ -171,10 +177,23 @@ class Fleet:
             shapes = [[k, [int(d) for d in v.shape]] for k, v in arrays.items()]
             self._task_values = cached = (task.values, shapes, b"".join(v.tobytes() for v in arrays.values()))
         header = M.encode_json({
-            "task_id": task.id, "base_version": int(task.base_version), "model_hash": self.model_hash,
+            "task_id": task.id, "run_id": self.run_id, "base_version": int(task.base_version),
+            "model_hash": self.model_hash,
             "subset": self.subset_dict, "subset_fingerprint": task.subset_fingerprint,
             "config": task.config.as_dict(), "seed": int(task.seed), "bits": int(task.bits), "values": cached[1]})
         return b"".join([_TASK_PREFIX.pack(len(header)), header, cached[2]])
+
+    def foreign_run(self, update: Update) -> str:
+        """Why ``update`` is not of this run ("" when it is): its run id differs, or it names no run
+        and its task id is not one of this run's (the driver prefixes them with the run id)."""
+        if not self.run_id:
+            return ""
+        if update.run_id:
+            return "" if update.run_id == self.run_id else f"it was trained for run {update.run_id[:64]}"
+        prefix = self.coordinator.driver.task_prefix if self.coordinator is not None else ""
+        if prefix and update.task_id.startswith(prefix):
+            return ""
+        return "it names no run and its task id is not one of this run's"
 
     # -- dialling ----------------------------------------------------------------------------------
     async def _dial_loop(self, addr: Tuple[str, int]) -> None:
@@ -376,6 +395,14 @@ class Session:
                                                       "version": coord.driver.version}))
             self.kick.set()
             return
+        foreign = fleet.foreign_run(update)
+        if foreign:  # never reaches the driver: an old run's update can share nothing with this one
+            event("update_other_run", f"update {update.task_id[:80] or '?'} from {self.name} ({self.agent_id}) "
+                  f"dropped: {foreign}; this run is {fleet.run_id}", logging.WARNING)
+            await self.ch.send(M.ACK, M.encode_json({
+                "task_id": update.task_id, "run_id": update.run_id, "accepted": False, "reason": "other_run",
+                "message": f"{foreign}; this hub runs {fleet.run_id}", "version": coord.driver.version}))
+            return
         arrival, journal, seq = coord.update_from(self.agent_id, update, raw, len(raw))
         if fleet.hooks.on_update:
             fleet.hooks.on_update(self.agent_id, arrival, time.perf_counter())
@@ -384,7 +411,8 @@ class Session:
         if journal is not None and seq:
             await journal.sync(seq)  # the ACK promises the update survives a crash
         self.served = True
-        await self.ch.send(M.ACK, M.encode_json({"task_id": arrival.task_id or update.task_id, "accepted": arrival.accepted,
+        await self.ch.send(M.ACK, M.encode_json({"task_id": arrival.task_id or update.task_id, "run_id": update.run_id,
+                                                  "accepted": arrival.accepted,
                                                   "reason": arrival.reason, "message": arrival.message[:300],
                                                   "version": coord.driver.version}))
         if self.task_id is not None and update.task_id in (self.task_id, ""):

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 
 import ftte_core as ft
 from ftte_core import data as ftdata
+from ftte_core import messages as M
 from ftte_core.cost import predict_memory
 from ftte_core.local import TaskConfig
 from ftte_core.modelfile import ModelFileError, content_hash, model_from_bytes, model_to_bytes
@@ -79,6 +81,11 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------
 # model and data
+def new_run_id() -> str:
+    """A fresh run's id: random, saved in the checkpoint (a resume keeps it), sent with every TASK."""
+    return secrets.token_hex(8)
+
+
 def load_validation(path: str) -> ftdata.Dataset:
     try:
         return ftdata.load_npz(path)
@@ -184,6 +191,8 @@ class _Run:
             "server_lr": strategy.server_lr, "task_config": task_cfg.as_dict(), "subset": subset.to_dict(),
             "needed_bytes": needed, "m_min": m_min, "seed": cfg.seed, "subset_described": described,
         }
+        self.meta_base["run_id"] = run_id = new_run_id()
+        self.meta_base["task_prefix"] = f"{run_id[:8]}-"  # task ids unique across runs
         self._make_driver(model, subset, strategy, task_cfg, blob)
         _, self.start_accuracy = model.evaluate(self.val.x, self.val.y)
         self.last_accuracy = self.best_accuracy = self.start_accuracy
@@ -219,7 +228,12 @@ class _Run:
             raise TrainError(f"cannot resume from {self.out}: the checkpoint is inconsistent ({e})") from None
         self.meta_base = {k: meta[k] for k in ("format", "model_hash", "model_name", "model_spec", "strategy", "buffer",
                                                "server_lr", "task_config", "subset", "needed_bytes", "m_min", "seed",
-                                               "subset_described") if k in meta}
+                                               "subset_described", "run_id", "task_prefix") if k in meta}
+        if not isinstance(self.meta_base.get("run_id"), str) or not M.RUN_ID_RE.fullmatch(self.meta_base["run_id"]):
+            # a checkpoint from before run ids: its journal replays task ids without a prefix
+            self.meta_base["run_id"], self.meta_base["task_prefix"] = new_run_id(), ""
+            event("run_id", f"resuming: the checkpoint has no run id; this run is now {self.meta_base['run_id']}",
+                  logging.WARNING)
         for what, mine, theirs in (("strategy", cfg.strategy, meta["strategy"]), ("--buffer", cfg.buffer, meta["buffer"]),
                                    ("--model", cfg.model, meta.get("model_spec", cfg.model))):
             if str(mine) != str(theirs):
@@ -264,6 +278,8 @@ class _Run:
         f.coordinator = self.coord
         f.model_blob, f.model_hash = blob, content_hash(blob)
         f.subset_dict = self.driver.subset.to_dict()
+        f.run_id = self.meta_base["run_id"]
+        self.driver.task_prefix = str(self.meta_base.get("task_prefix", ""))
         f.needed_bytes = int(self.meta_base["needed_bytes"])
 
     async def wait_for_agents(self) -> List[str]:
@@ -453,7 +469,7 @@ class _Run:
             "strategy": self.meta_base.get("strategy"), "subset": self.meta_base.get("subset_described"),
             "trainable_params": self.driver.subset.num_trainable(self.model), "params": self.model.num_params(),
             "predicted_memory_bytes": self.meta_base.get("needed_bytes"), "m_min": self.meta_base.get("m_min"),
-            "model_hash": self.meta_base.get("model_hash"), "agents": agents,
+            "model_hash": self.meta_base.get("model_hash"), "run_id": self.meta_base.get("run_id"), "agents": agents,
             "outputs": {"model": str(self.out / MODEL_ONNX), "metrics": str(self.out / METRICS),
                         "summary": str(self.out / SUMMARY), "checkpoint": str(self.out / ckpt.CHECKPOINT)},
         }
@@ -515,7 +531,7 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
         if saved is None:
             await run.setup_fresh()
         event("start", f"training {run.meta_base.get('model_name')} with {run.meta_base.get('strategy')} "
-              f"(K={run.meta_base.get('buffer')}) from version {run.driver.version}; "
+              f"(K={run.meta_base.get('buffer')}) from version {run.driver.version}, run {run.fleet.run_id}; "
               f"stop at {'version ' + str(config.max_versions) if config.max_versions else 'no version limit'}"
               + (f" or accuracy {config.target_accuracy:g}" if config.target_accuracy is not None else ""))
         writer = asyncio.ensure_future(run.process_merges())

@@ -13,8 +13,8 @@ Conversation (hub = H, agent = A), after the handshake:
     H -> A  NOT_USED     {reason, needed_bytes, budget_bytes}: the chosen subset does not fit; A idles
        or   MODEL        the run's model (only if its hash is not in A's ``models``)
     H -> A  TASK         train the subset from these values; A persists the UPDATE before sending it
-    A -> H  UPDATE / TASK_FAILED {task_id, message}
-    H -> A  ACK, then the next TASK (or STOP {reason} when the run is over)
+    A -> H  UPDATE / TASK_FAILED {task_id, run_id, message}
+    H -> A  ACK, then the next TASK (or STOP {reason} when the run is over: A cancels its training)
     either  PING {t} -> PONG {t}: heartbeats, independent of how long a task takes
     either  ERROR {message}: a one-line reason, then the sender closes
 
@@ -26,10 +26,13 @@ Fields (JSON bodies; sizes in bytes):
                  num_samples int, arch str, software str
     NOT_USED     reason str, needed_bytes int, budget_bytes int
     MODEL        a modelfile blob; its hash is modelfile.content_hash(blob)
-    TASK         see encode_task; ``model_hash`` names the MODEL it applies to
-    UPDATE       Update bytes with task_id and device_id (= agent_id) set
-    ACK          task_id str, accepted bool, reason str ("" when accepted), message str, version int
-    TASK_FAILED  task_id str, message str
+    TASK         see encode_task; ``model_hash`` names the MODEL it applies to, ``run_id`` the
+                 hub's run (random, kept across a resume); task ids are unique across runs
+    UPDATE       Update bytes with task_id, run_id (the TASK's) and device_id (= agent_id) set
+    ACK          task_id str, run_id str (the UPDATE's), accepted bool, reason str ("" when
+                 accepted; "other_run": the update belongs to another run and is dropped unmerged),
+                 message str, version int
+    TASK_FAILED  task_id str, run_id str, message str (a reason worded for a person)
     STOP         reason str
     PING, PONG   t float (the sender's clock; PONG echoes PING's)
     ERROR        message str
@@ -39,6 +42,7 @@ The hub never sees data: UPDATE carries the encoded delta and summary numbers on
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping
@@ -69,6 +73,9 @@ DEFAULT_AGENT_PORT = 7850
 
 _PREFIX = struct.Struct("<I")         # TASK: JSON header length
 MAX_TASK_TENSORS = 4096
+MAX_TASK_ID_CHARS = 128
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")   # also a directory name in the agent's state dir
+MODEL_HASH_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class MessageError(ValueError):
@@ -110,7 +117,7 @@ def _no_constant(c):
 # -- TASK ------------------------------------------------------------------------------------------
 @dataclass
 class TaskMessage:
-    task_id: str
+    task_id: str                         # unique across runs (the hub prefixes it with its run id)
     base_version: int
     model_hash: str                      # which model the task's subset belongs to (content hash)
     subset: Dict[str, Dict[str, Any]]    # Subset.to_dict()
@@ -119,12 +126,13 @@ class TaskMessage:
     seed: int
     bits: int
     values: Dict[str, np.ndarray]        # key -> float32 [R, F], Subset.tensors order
+    run_id: str = ""                     # the hub's run; required on the wire (RUN_ID_RE)
 
 
 def encode_task(msg: TaskMessage) -> bytes:
     """JSON header length u32 LE | header | float32 LE arrays in header order."""
     values = {k: np.ascontiguousarray(v, dtype="<f4") for k, v in msg.values.items()}
-    head = {"task_id": msg.task_id, "base_version": int(msg.base_version), "model_hash": msg.model_hash,
+    head = {"task_id": msg.task_id, "run_id": msg.run_id, "base_version": int(msg.base_version), "model_hash": msg.model_hash,
             "subset": msg.subset, "subset_fingerprint": msg.subset_fingerprint, "config": msg.config.as_dict(),
             "seed": int(msg.seed), "bits": int(msg.bits),
             "values": [[k, [int(d) for d in v.shape]] for k, v in values.items()]}
@@ -145,23 +153,33 @@ def decode_task(body) -> TaskMessage:
     if hlen > MAX_JSON_BYTES or _PREFIX.size + hlen > n:
         raise MessageError(f"TASK: header length {hlen} does not fit the {n}-byte body")
     head = decode_json(bytes(mv[_PREFIX.size:_PREFIX.size + hlen]), TASK, {
-        "task_id": str, "base_version": int, "model_hash": str, "subset": dict, "subset_fingerprint": str,
-        "config": dict, "seed": int, "bits": int, "values": list})
+        "task_id": str, "run_id": str, "base_version": int, "model_hash": str, "subset": dict,
+        "subset_fingerprint": str, "config": dict, "seed": int, "bits": int, "values": list})
+    if not 0 < len(head["task_id"]) <= MAX_TASK_ID_CHARS:
+        raise MessageError(f"TASK: task_id must be 1 to {MAX_TASK_ID_CHARS} characters, got {len(head['task_id'])}")
+    if not RUN_ID_RE.fullmatch(head["run_id"]):
+        raise MessageError(f"TASK: run_id must be 1 to 64 letters, digits, '-' or '_', got {head['run_id'][:80]!r}")
+    if not MODEL_HASH_RE.fullmatch(head["model_hash"]):
+        raise MessageError(f"TASK: model_hash must be 64 lowercase hex digits, got {head['model_hash'][:80]!r}")
+    if not 0 <= head["base_version"] < 1 << 62 or not 0 <= head["seed"] < 1 << 64:
+        raise MessageError("TASK: base_version and seed must be non-negative integers below 2^62 and 2^64")
     if head["bits"] not in (4, 8, 32):
         raise MessageError(f"TASK: bits must be 4, 8 or 32, got {head['bits']}")
     if len(head["values"]) > MAX_TASK_TENSORS:
         raise MessageError(f"TASK: {len(head['values'])} tensors is over the limit of {MAX_TASK_TENSORS}")
     try:
         config = TaskConfig.from_dict(head["config"])
-    except (TypeError, ValueError) as e:
+    except ValueError as e:
         raise MessageError(f"TASK: {e}") from None
     offset = _PREFIX.size + hlen
     values: Dict[str, np.ndarray] = {}
     for entry in head["values"]:
         try:
-            key, (rows, cols) = str(entry[0]), (int(entry[1][0]), int(entry[1][1]))
+            key, (rows, cols) = entry
         except (TypeError, ValueError, IndexError, KeyError, OverflowError):  # not [key, [rows, cols]]
             raise MessageError(f"TASK: bad value entry {entry!r:.80}") from None
+        if not isinstance(key, str) or not all(isinstance(d, int) and not isinstance(d, bool) for d in (rows, cols)):
+            raise MessageError(f"TASK: value entry {entry!r:.80} must be [name, [rows, columns]] with whole numbers")
         if rows < 0 or cols < 0 or key in values:
             raise MessageError(f"TASK: bad or repeated value entry {entry!r:.80}")
         size = 4 * rows * cols
@@ -174,6 +192,6 @@ def decode_task(body) -> TaskMessage:
         offset += size
     if offset != n:
         raise MessageError(f"TASK: {n - offset} bytes left over after the values")
-    return TaskMessage(task_id=head["task_id"], base_version=head["base_version"], model_hash=head["model_hash"],
+    return TaskMessage(task_id=head["task_id"], run_id=head["run_id"], base_version=head["base_version"], model_hash=head["model_hash"],
                        subset=head["subset"], subset_fingerprint=head["subset_fingerprint"], config=config,
                        seed=head["seed"], bits=head["bits"], values=values)

@@ -122,6 +122,7 @@ class RoundDriver:
         self._outstanding: Dict[str, _TaskRecord] = {}
         self._consumed: Dict[str, str] = {}  # task id -> "delivered" | "expired"
         self._task_counter = 0
+        self.task_prefix = ""          # e.g. the hub's run id: task ids unique across runs
         self._values: Optional[tuple] = None  # (version, read-only values) shared by that version's tasks
         self._buffer: List[Update] = []
 
@@ -333,7 +334,7 @@ class RoundDriver:
 
     def _issue(self, device_id: str) -> Task:
         self._task_counter += 1
-        tid = f"t{self._task_counter}"
+        tid = f"{self.task_prefix}t{self._task_counter}"
         self._outstanding[tid] = _TaskRecord(device_id, self.version, self._round)
         self.tasks_issued += 1
         self.devices[device_id].tasks_issued += 1

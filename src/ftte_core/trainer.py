@@ -16,7 +16,7 @@ with the prediction of ``cost.predict_memory``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -162,6 +162,13 @@ class TrainStats:
     samples: int = 0
     mean_loss: float = float("nan")
     losses: List[float] = field(default_factory=list)
+
+
+def planned_steps(n: int, epochs: float, batch_size: int, max_steps: Optional[int] = None) -> int:
+    """Steps ``Trainer.train`` takes for n samples: epochs x batches per epoch (at least 1), at most max_steps."""
+    bs = max(1, min(int(batch_size), int(n)))
+    steps = max(1, int(round(epochs * n / bs)))
+    return steps if max_steps is None else max(1, min(steps, int(max_steps)))
 
 
 class Trainer:
@@ -399,8 +406,12 @@ class Trainer:
 
     # -- loops ---------------------------------------------------------------------------------
     def train(self, x: np.ndarray, y: np.ndarray, epochs: float = 1.0, batch_size: int = 32,
-              max_steps: Optional[int] = None) -> TrainStats:
-        """Shuffled mini-batch SGD over (x, y) for `epochs` passes (fractions allowed)."""
+              max_steps: Optional[int] = None, should_stop: Optional[Callable[[], bool]] = None) -> TrainStats:
+        """Shuffled mini-batch SGD over (x, y) for `epochs` passes (fractions allowed).
+
+        ``should_stop`` is asked between two steps (never before the first, so a stopped run still
+        has a loss); True ends training there, and an exception it raises propagates.
+        """
         x = self.model.check_input(x)
         y = np.ascontiguousarray(y, dtype=np.int32)
         if x.shape[0] != y.shape[0]:
@@ -409,11 +420,11 @@ class Trainer:
             raise ValueError("no training samples")
         n = x.shape[0]
         bs = min(batch_size, n)
-        steps = max(1, int(round(epochs * n / bs)))
-        if max_steps is not None:
-            steps = min(steps, max_steps)
+        steps = planned_steps(n, epochs, batch_size, max_steps)
         stats = TrainStats()
         for xb, yb in self._batches(x, y, bs, steps):
+            if stats.steps and should_stop is not None and should_stop():
+                break
             stats.losses.append(self.step(xb, yb))
             stats.steps += 1
             stats.samples += xb.shape[0]

@@ -10,7 +10,8 @@ Wire format of ``Update.to_bytes()`` (no pickle; everything little-endian):
     version u16      FORMAT_VERSION
     flags   u16      0 (reserved; non-zero is rejected)
     hlen    u32      length of the JSON header
-    header  hlen     UTF-8 JSON: metadata and per tensor {key, bits, shape [R, F], dtype}
+    header  hlen     UTF-8 JSON: metadata and per tensor {key, bits, shape [R, F], dtype}; the
+                     metadata's "run_id" (the hub run the task came from) is present only when set
     arrays           per tensor in header order: data (int8 [R,F] | uint8 [R,(F+1)//2] | <f4 [R,F]),
                      then for bits 8/4 the scales (<f4 [R])
 
@@ -77,6 +78,7 @@ class Update:
     peak_memory_bytes: Optional[int] = None
     device_id: str = ""
     task_id: str = ""
+    run_id: str = ""               # the hub's run this update was trained for ("" = unknown: older agents)
 
     # -- wire format ---------------------------------------------------------------------------
     def _header(self) -> bytes:
@@ -89,6 +91,8 @@ class Update:
             "tensors": [{"key": t.key, "bits": int(t.bits), "shape": [int(t.shape[0]), int(t.shape[1])],
                          "dtype": _DTYPES[t.bits]} for t in self.tensors],
         }
+        if self.run_id:  # absent when unset, so updates kept by older agents keep their exact bytes
+            head["run_id"] = str(self.run_id)
         try:
             return json.dumps(head, separators=(",", ":"), allow_nan=False).encode()
         except ValueError:
@@ -184,7 +188,7 @@ def _parse_header(head):
         raise UpdateError("header must be a JSON object")
     need = {"base_version", "subset_fingerprint", "num_samples", "loss", "stats", "peak_memory_bytes",
             "device_id", "task_id", "tensors"}
-    missing, extra = need - head.keys(), head.keys() - need
+    missing, extra = need - head.keys(), head.keys() - need - {"run_id"}
     if missing or extra:
         raise UpdateError(f"header fields wrong: missing {sorted(missing)}, unexpected {sorted(extra)}")
     for name in ("base_version", "num_samples"):
@@ -193,6 +197,9 @@ def _parse_header(head):
     for name in ("subset_fingerprint", "device_id", "task_id"):
         if not isinstance(head[name], str) or len(head[name]) > _STR_LIMIT:
             raise UpdateError(f"{name} must be a string of at most {_STR_LIMIT} characters")
+    run_id = head.get("run_id", "")
+    if not isinstance(run_id, str) or "run_id" in head and not 0 < len(run_id) <= 64:
+        raise UpdateError("run_id must be a string of 1 to 64 characters when present")
     loss = head["loss"]
     if not _finite_number(loss):
         raise UpdateError("loss must be a finite number")
@@ -226,6 +233,7 @@ def _parse_header(head):
         specs.append((key, bits, (shape[0], shape[1])))
     meta = {k: head[k] for k in ("base_version", "subset_fingerprint", "num_samples", "device_id", "task_id",
                                  "peak_memory_bytes")}
+    meta["run_id"] = run_id
     meta["loss"] = float(loss)
     meta["stats"] = {k: float(v) for k, v in stats.items()}
     return meta, specs
