@@ -164,10 +164,10 @@ def test_hostile_task_bodies_raise_message_error(body):
 
 @pytest.mark.parametrize("entry", ['["k", {"a": 1}]', '{"a": 1}', '["k", [1e999, 1]]', '["k", [1, 1e999]]'])
 def test_task_value_entries_that_are_not_key_and_shape_raise_message_error(entry):
-    head = dict(task_id="t", base_version=0, model_hash="h", subset={}, subset_fingerprint="f",
+    head = dict(task_id="t", run_id="run-a", base_version=0, model_hash="0" * 64, subset={}, subset_fingerprint="f",
                 config=TaskConfig().as_dict(), seed=1, bits=8, values=[])
     raw = json.dumps(head).replace('"values": []', f'"values": [{entry}]').encode()
-    with pytest.raises(M.MessageError, match="bad value entry"):
+    with pytest.raises(M.MessageError, match="value entry"):
         M.decode_task(struct.pack("<I", len(raw)) + raw)
 
 
