@@ -588,6 +588,10 @@ def judge(phase: Phase, facts: dict, baseline_acc: Optional[float], args, start_
     lost = sorted(p for p in acked_set if p not in merged and p not in held)
     merged_twice = sum(1 for n in merged.values() if n > 1)
     faulty_acked = sum(1 for a, _ in acked_set if a == phase.faulty_id)
+    # the acknowledgements come from the agents' log lines: if their wording changed, say so rather
+    # than report "0 lost" over nothing
+    unreadable = (sum(1 for a, _ in merged if a != phase.faulty_id) > 0
+                  and sum(1 for a, _ in acked_set if a != phase.faulty_id) == 0)
     acc = evaluate_checkpoint(phase.out, phase.prep["val"])
     stall = longest_stall(lines, start_unix, facts["end_unix"])
     drop = None if acc is None or baseline_acc is None else baseline_acc - acc
@@ -602,7 +606,9 @@ def judge(phase: Phase, facts: dict, baseline_acc: Optional[float], args, start_
         ("versions", ok(vc["lines"] > 0 and vc["gaps"] == 0 and vc["repeats"] == 0 and vc["backwards"] == 0),
          f"{vc['lines']} metrics lines up to version {vc['last']}: {vc['gaps']} gaps, {vc['repeats']} repeats, "
          f"{vc['backwards']} going back ({vc['replayed_lines']} replayed lines)"),
-        ("lost", ok(not lost and acked_twice == 0 and merged_twice == 0),
+        ("lost", ok(not lost and acked_twice == 0 and merged_twice == 0 and not unreadable),
+         ("no 'update T accepted' line in any agent log although their updates were merged: the agent's "
+          "log wording changed (soak.ACK_RE); " if unreadable else "") +
          f"acknowledged updates lost: {len(lost)} of {len(acked_set)} acknowledged "
          f"({faulty_acked} of them the faulty agent's); acknowledged twice {acked_twice}, merged twice "
          f"{merged_twice}; {len(held)} held unmerged at the end" + (f"; {note}" if note else "")),
