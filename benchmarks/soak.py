@@ -44,9 +44,11 @@ How it judges (the verdict table; each line ``verdict NAME: PASS|FAIL  details``
     (agent id, task id) pairs are what the fleet was promised. Each must be merged - named in
     the ``devices``/``tasks`` lists of some metrics.jsonl line - or still held by the hub at the
     end: in the final checkpoint's buffer (``buf:<i>``) or in a journal record written after that
-    checkpoint. Lost = acknowledged pairs in neither. An acknowledgement that reached the agent
-    but whose log line was cut by its SIGKILL is not counted (rare; it can only hide a loss,
-    never invent one). Pairs acknowledged twice or merged twice are counted separately.
+    checkpoint. Lost = acknowledged pairs in neither. Held pairs count as safe only if a hub
+    can load them: when the hub restarted for the final stop has died before the SIGTERM (its
+    resume failing), they are reported as stranded and the verdict fails. An acknowledgement
+    that reached the agent but whose log line was cut by its SIGKILL is not counted (rare; it
+    can only hide a loss, never invent one). Pairs acknowledged twice or merged twice are counted separately.
   * accuracy: the final checkpoint's model (initial-model.ftmd + checkpoint.npz parameters),
     evaluated here on the validation file, against the baseline's the same way; PASS within
     ``--accuracy-tolerance`` (default 0.02, the issue's goal).
@@ -439,6 +441,7 @@ def run_phase(phase: Phase, seconds: float, args, disturb: bool, rows: List[dict
     if hub_down_until is not None or not phase.hub.alive:
         phase.hub.start("for the final stop")   # never judge a hub we just killed: let it resume first
         time.sleep(min(10.0, args.report_every))
+    alive_at_sigterm = phase.hub.alive   # False: it could not even resume (it died before the signal)
     t_term = time.monotonic()
     summary_before = file_bytes(phase.out / "summary.json") and (phase.out / "summary.json").stat().st_mtime
     code = phase.hub.stop(60.0)
@@ -453,8 +456,8 @@ def run_phase(phase: Phase, seconds: float, args, disturb: bool, rows: List[dict
     return {"seconds": seconds, "end_unix": end_wall, "hub_kills": hub_kills, "agent_kills": agent_kills,
             "hub_self_exits": hub_self_exits, "hub_exit_lines": hub_exit_lines[:20],
             "agent_self_exits": agent_self_exits, "hub_starts": phase.hub.starts,
-            "sigterm_exit": code, "sigterm_seconds": round(stop_s, 1), "summary_written": summary_written,
-            "hub_last_line": hub_last}
+            "alive_at_sigterm": alive_at_sigterm, "sigterm_exit": code, "sigterm_seconds": round(stop_s, 1),
+            "summary_written": summary_written, "hub_last_line": hub_last}
 
 
 # -- judging -----------------------------------------------------------------------------------------
@@ -586,6 +589,9 @@ def judge(phase: Phase, facts: dict, baseline_acc: Optional[float], args, start_
     held, ckpt_version, note = held_by_hub(phase.out)
     acked_set = set(acked)
     lost = sorted(p for p in acked_set if p not in merged and p not in held)
+    # held on disk is only safe if a hub can load it: a hub that died before the final SIGTERM
+    # (its resume failing) strands everything it holds
+    stranded = 0 if facts["alive_at_sigterm"] else sum(1 for p in acked_set if p not in merged and p in held)
     merged_twice = sum(1 for n in merged.values() if n > 1)
     faulty_acked = sum(1 for a, _ in acked_set if a == phase.faulty_id)
     # the acknowledgements come from the agents' log lines: if their wording changed, say so rather
@@ -598,7 +604,8 @@ def judge(phase: Phase, facts: dict, baseline_acc: Optional[float], args, start_
     figures = {"versions": vc, "acknowledged": len(acked_set), "acknowledged_twice": acked_twice,
                "acknowledged_faulty": faulty_acked, "merged_pairs": len(merged), "merged_twice": merged_twice,
                "held_at_end": len(held), "checkpoint_version": ckpt_version, "held_note": note,
-               "lost": len(lost), "lost_examples": lost[:10], "accuracy": acc, "baseline_accuracy": baseline_acc,
+               "lost": len(lost), "stranded": stranded, "lost_examples": lost[:10], "accuracy": acc,
+               "baseline_accuracy": baseline_acc,
                "last_metrics_accuracy": lines[-1].get("accuracy") if lines else None,
                "longest_stall_s": round(stall, 1), **facts}
     ok = lambda b: "PASS" if b else "FAIL"  # noqa: E731
@@ -606,12 +613,14 @@ def judge(phase: Phase, facts: dict, baseline_acc: Optional[float], args, start_
         ("versions", ok(vc["lines"] > 0 and vc["gaps"] == 0 and vc["repeats"] == 0 and vc["backwards"] == 0),
          f"{vc['lines']} metrics lines up to version {vc['last']}: {vc['gaps']} gaps, {vc['repeats']} repeats, "
          f"{vc['backwards']} going back ({vc['replayed_lines']} replayed lines)"),
-        ("lost", ok(not lost and acked_twice == 0 and merged_twice == 0 and not unreadable),
+        ("lost", ok(not lost and not stranded and acked_twice == 0 and merged_twice == 0 and not unreadable),
          ("no 'update T accepted' line in any agent log although their updates were merged: the agent's "
           "log wording changed (soak.ACK_RE); " if unreadable else "") +
          f"acknowledged updates lost: {len(lost)} of {len(acked_set)} acknowledged "
          f"({faulty_acked} of them the faulty agent's); acknowledged twice {acked_twice}, merged twice "
-         f"{merged_twice}; {len(held)} held unmerged at the end" + (f"; {note}" if note else "")),
+         f"{merged_twice}; {len(held)} held unmerged at the end"
+         + (f", {stranded} acknowledged ones stranded there (the hub could not resume from that state)"
+            if stranded else "") + (f"; {note}" if note else "")),
         ("accuracy", ok(drop is not None and drop <= args.accuracy_tolerance),
          f"final accuracy {_f(acc)} against the undisturbed run's {_f(baseline_acc)}"
          + (f" (drop {drop:+.4f}, tolerance {args.accuracy_tolerance:g})" if drop is not None else "")),

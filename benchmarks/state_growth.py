@@ -175,7 +175,8 @@ def main(argv=None) -> int:
         out = Path(args.keep) if args.keep else Path(tmp)
         results = run(marks, args.devices, args.buffer, args.abandon, args.seed, out)
     cols = [("merged updates", lambda r: f"{r['merged_updates']:,}"), ("versions", lambda r: f"{r['versions']:,}"),
-            ("checkpoint", lambda r: fmt(r["checkpoint_bytes"])), ("journal (peak)", lambda r: fmt(r["journal_peak_bytes"])),
+            ("checkpoint", lambda r: fmt(r["checkpoint_bytes"])),
+            ("journal (peak)", lambda r: fmt(r["journal_peak_bytes"])),
             ("driver meta", lambda r: fmt(r["driver_meta_bytes"])), ("RSS", lambda r: fmt(r["rss_bytes"])),
             ("state_dict+JSON", lambda r: f"{r['state_ms']:.2f} ms"),
             ("checkpoint write", lambda r: f"{r['write_ms']:.1f} ms"),
@@ -196,7 +197,8 @@ def main(argv=None) -> int:
             goal = key in ("checkpoint_bytes", "journal_peak_bytes", "rss_bytes")   # the goal
             if goal:
                 verdict &= ok
-            print(f"  {label:<22} {ratio:7.2f}x  {'PASS' if ok else 'FAIL'}{'' if goal else '  (not a goal: the cause)'}")
+            note = "" if goal else "  (not a goal: the cause)"
+            print(f"  {label:<22} {ratio:7.2f}x  {'PASS' if ok else 'FAIL'}{note}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0 if verdict else 1
