@@ -118,7 +118,7 @@ class FaultyAgent:
                                     num_samples=2 ** 61 if kind == "samples_inflated" else self.num_samples,
                                     loss=1.0, tensors=bad_tensors(task, kind, self.rng), stats={},
                                     peak_memory_bytes=self.budget // 4, device_id=self.agent_id,
-                                    task_id=task.task_id)
+                                    task_id=task.task_id, run_id=task.run_id)
                     self.sent_kind[task.task_id] = kind
                     await ch.send(M.UPDATE, update.to_bytes())
                 elif msg_type == M.ACK:
