@@ -136,7 +136,7 @@ def test_kill_9_the_hub_mid_run_and_a_restart_resumes_with_the_same_agents(fleet
     assert before and before == list(range(1, len(before) + 1))
     # agents finishing their tasks now keep the updates in pending/ (how soon depends on the machine)
     def pending():
-        return [p for i in range(3) for p in (fleet3["out"].parent / f"agent{i}" / "pending").iterdir()]
+        return [p for i in range(3) for p in (fleet3["out"].parent / f"agent{i}" / "pending").rglob("*.upd")]
     deadline = time.monotonic() + scaled(10)
     while not pending() and time.monotonic() < deadline:
         time.sleep(0.05)
