@@ -741,8 +741,7 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
     except RunFailure as e:  # setup could not open its journal, or the like
         raise TrainError(str(e)) from None
     finally:
-        for sig in list(handled):
-            loop.remove_signal_handler(sig)
+        restore_signals(loop, handled)
         if writer is not None:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
@@ -754,22 +753,31 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
             run.coord.journal.close_now()
 
 
-def _install_stop_signals(loop: asyncio.AbstractEventLoop, run: "_Run") -> List[int]:
+def _install_stop_signals(loop: asyncio.AbstractEventLoop, run: "_Run") -> Dict[int, Any]:
     """SIGTERM (what systemd sends) and SIGINT ask for a clean, resumable stop; returns those handled."""
     import signal
 
-    handled: List[int] = []
+    handled: Dict[int, Any] = {}   # signal -> the Python-level handler to put back
 
     def on_signal(name: str) -> None:
-        for s in list(handled):  # a second signal gets the default behaviour: stop waiting, die now
-            loop.remove_signal_handler(s)
-        handled.clear()
+        restore_signals(loop, handled)  # a second signal gets the previous behaviour: die now
         run.request_stop(name)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
+            previous = signal.getsignal(sig)
             loop.add_signal_handler(sig, on_signal, sig.name)
-            handled.append(sig)
+            handled[sig] = previous
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
             pass
     return handled
+
+
+def restore_signals(loop: asyncio.AbstractEventLoop, handled: Dict[int, Any]) -> None:
+    import signal
+
+    for sig, previous in list(handled.items()):
+        loop.remove_signal_handler(sig)
+        if previous is not None:
+            signal.signal(sig, previous)
+    handled.clear()
