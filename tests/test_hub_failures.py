@@ -124,6 +124,20 @@ def test_checkpoint_write_failure_after_a_merge_ends_the_run(tmp_path, monkeypat
         _run(tmp_path)
 
 
+def test_checkpoint_write_failure_at_the_last_merge_ends_the_run(tmp_path, monkeypatch):
+    # the run was finishing (waiting for the merge processor) when the processor failed: no hang
+    real = ckpt.save_checkpoint
+
+    def save(out, meta, *a, **k):
+        if meta["version"] >= 2:
+            _enospc()
+        return real(out, meta, *a, **k)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    with pytest.raises(TrainError, match=r"cannot write the checkpoint in .*: No space left on device"):
+        _run(tmp_path, max_versions=2)
+
+
 def test_final_output_write_failure_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod.ft, "save_onnx", lambda *a, **k: _enospc())
     with pytest.raises(TrainError, match=r"cannot write the run's outputs.*No space left on device"):

@@ -484,6 +484,17 @@ class _Run:
                     return
             self._merges.task_done()
 
+    async def _merges_recorded(self) -> None:
+        """Wait until every merge is evaluated and checkpointed, or the merge processor has failed."""
+        join = asyncio.ensure_future(self._merges.join())
+        try:
+            await asyncio.wait([join] + ([self._writer] if self._writer is not None else []),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            join.cancel()
+        if self.fatal:
+            raise TrainError(self.fatal)
+
     def _fail(self, reason: str) -> None:
         """The run cannot go on: it ends with this one line and a non-zero exit."""
         if not self.fatal:
@@ -607,9 +618,7 @@ class _Run:
             self.driver.shutdown()
         await self.fleet.stop(self.finish_reason or "the run is over")
         # every session has ended (or been cut): no event can reach the driver any more
-        await self._merges.join()
-        if self.fatal:
-            raise TrainError(self.fatal)
+        await self._merges_recorded()
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(None, ft.save_onnx, self.model, str(self.out / MODEL_ONNX))
@@ -718,7 +727,7 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
               f"(K={run.meta_base.get('buffer')}) from version {run.driver.version}; "
               f"stop at {'version ' + str(config.max_versions) if config.max_versions else 'no version limit'}"
               + (f" or accuracy {config.target_accuracy:g}" if config.target_accuracy is not None else ""))
-        writer = asyncio.ensure_future(run.process_merges())
+        writer = run._writer = asyncio.ensure_future(run.process_merges())
         writer.add_done_callback(run.writer_ended)
         if run.driver.done:
             run._finish("max_versions", f"version {run.driver.version} is already at --max-versions")
