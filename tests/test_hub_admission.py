@@ -237,3 +237,46 @@ def test_a_tarpit_address_holds_its_socket_only_for_the_handshake_timeout(monkey
     n, open_now, alive, errors = asyncio.run(main())
     assert n >= 2 and alive and open_now <= 1
     assert any("handshake" in m for m in errors.values())
+
+
+def test_validation_data_with_fewer_classes_than_the_agents_is_a_warning(tmp_path, caplog):
+    # an ONNX model with 10 outputs, validation data with 5 classes, agents with 10
+    import ftte_core as ft
+
+    val, parts = digits_split(2)
+    keep = val.y < 5
+    few = ftdata.Dataset(val.x[keep], val.y[keep], 5, "val5")
+    path = tmp_path / "mlp10.onnx"
+    ft.save_onnx(ft.zoo("mlp", (1, 8, 8), 10), str(path))
+
+    async def main():
+        agents = [InfoAgent(KEY, parts[i], f"a{i}", extra={"num_classes": 10}) for i in range(2)]
+        for a in agents:
+            await a.start()
+        try:
+            cfg = _cfg(tmp_path, few, [a.address for a in agents], min_agents=2, model=str(path))
+            return await asyncio.wait_for(run_train(cfg, KEY), 120), agents
+        finally:
+            for a in agents:
+                await a.close()
+
+    with caplog.at_level(logging.INFO, logger="ftte_hub"):
+        summary, agents = asyncio.run(main())
+    assert summary["version"] == 3 and all(a.tasks > 0 and a.not_used is None for a in agents)
+    warn = [r.getMessage() for r in caplog.records if "the validation data has 5 classes, agent(s)" in r.getMessage()]
+    assert len(warn) == 1 and "up to 10: accuracy measures only the validation data's classes" in warn[0]
+
+
+def test_waiting_for_agents_says_what_discovery_has_seen(tmp_path, caplog, monkeypatch):
+    from ftte_hub import train as train_mod
+
+    monkeypatch.setattr(train_mod, "WAIT_DIAGNOSE_S", 0.5)
+    monkeypatch.setattr(train_mod, "WAIT_REPORT_S", 0.3)
+    val, _ = digits_split(1)
+    with caplog.at_level(logging.INFO, logger="ftte_hub"):
+        with pytest.raises(TrainError, match=r"only 0 of 1 usable agents after 2 s \(mDNS off, 1 address\(es\) failing "
+                                             r"\(127\.0\.0\.1:9: .*\)"):
+            asyncio.run(run_train(_cfg(tmp_path, val, ["127.0.0.1:9"], wait_timeout=2.0, connect_timeout=0.5), KEY))
+    waiting = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for agents")]
+    assert "--peer" not in waiting[0]          # not in the first lines
+    assert any("mDNS off" in m and "127.0.0.1:9" in m and "name agents with --peer HOST:PORT" in m for m in waiting)

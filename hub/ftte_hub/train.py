@@ -221,10 +221,10 @@ class _Run:
         # While waiting, an agent counts only if it can take part: its budget fits the cheapest
         # subset and its data fits the model. The search then uses the budgets of those agents.
         f = self.fleet
-        f.model_input_shape, f.model_classes, f.needed_bytes = tuple(model.input_shape), int(model.num_classes), floor
-        f.needed_what = "the cheapest trainable subset"
+        f.model_input_shape, f.model_classes = tuple(model.input_shape), int(model.num_classes)
+        f.needed_bytes, f.needed_what = floor, "the cheapest trainable subset"
         agents = await self.wait_for_agents()
-        self._warn_about_classes(agents, model)
+        self._warn_about_classes(model)
         m_min = min(int(f.infos[a]["memory_budget"]) for a in agents)
         who = min(agents, key=lambda a: int(f.infos[a]["memory_budget"]))
         if strategy.sparse:
@@ -260,12 +260,6 @@ class _Run:
         self._save_checkpoint_now()
         self.coord.open_journal()
 
-    def _warn_about_classes(self, agents: List[str], model: ft.Model) -> None:
-        most = max((int(self.fleet.infos[a].get("num_classes") or 0) for a in agents), default=0)
-        if most > self.val.num_classes:
-            event("val_classes", f"the validation data has {self.val.num_classes} classes, the agents up to {most}: "
-                  f"accuracy measures only the validation data's classes (give --val-data every class)",
-                  logging.WARNING)
 
     def _clear_leftovers(self) -> None:
         """A fresh run in a folder without a checkpoint: journals and metrics there belong to no run."""
@@ -409,6 +403,18 @@ class _Run:
                 await asyncio.wait_for(self.fleet.agent_joined.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
+
+    def _warn_about_classes(self, model: ft.Model) -> None:
+        """Agents with more classes than the validation data: say what that costs, once."""
+        seen = {a: int(i.get("num_classes") or 0) for a, i in self.fleet.infos.items()}
+        most = max(seen.values(), default=0)
+        if most <= self.val.num_classes:
+            return
+        names = ", ".join(sorted(self.fleet.infos[a]["name"] for a, n in seen.items() if n > self.val.num_classes))
+        cost = (f"agents with more than {model.num_classes} classes are not used" if most > model.num_classes
+                else "accuracy measures only the validation data's classes")
+        event("val_classes", f"the validation data has {self.val.num_classes} classes, agent(s) {names} up to "
+              f"{most}: {cost} (give --val-data every class)", logging.WARNING)
 
     def discovery_seen(self) -> str:
         """What discovery has found so far, for a person wondering why no agent joined."""
