@@ -208,3 +208,16 @@ def test_journal_path_that_is_a_directory_is_one_line_and_nonzero_exit(tmp_path)
     err = [l for l in r.output.splitlines() if l.startswith("ftte-hub: error:")]
     assert len(err) == 1 and "cannot open the journal" in err[0] and "Is a directory" in err[0]
     assert "Traceback" not in r.output
+
+
+def test_an_unwritable_out_folder_is_one_line(tmp_path, monkeypatch):
+    real = train_mod.atomic_write
+
+    def atomic_write(path, *a, **k):
+        if str(path).endswith(ckpt.INITIAL_MODEL):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(train_mod, "atomic_write", atomic_write)
+    with pytest.raises(TrainError, match=r"cannot use .*initial-model.ftmd: Permission denied"):
+        _run(tmp_path)

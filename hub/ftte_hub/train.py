@@ -755,6 +755,9 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
         return summary
     except RunFailure as e:  # setup could not open its journal, or the like
         raise TrainError(str(e)) from None
+    except OSError as e:  # any other local file the run needs (setup, resume): one line, never a traceback
+        where = f" {e.filename}" if getattr(e, "filename", None) else f" in {out}"
+        raise TrainError(f"cannot use{where}: {e.strerror or e}") from None
     finally:
         restore_signals(loop, handled)
         if writer is not None:
