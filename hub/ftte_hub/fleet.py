@@ -211,6 +211,7 @@ class Fleet:
         self.mdns_overflow = 0                # mDNS addresses ignored past MAX_MDNS_ADDRESSES
         self.dial_errors: Dict[Tuple[str, int], str] = {}   # the latest failure at each address
         self._not_usable_logged: Set[str] = set()
+        self._refusals: Dict[Tuple[str, int], str] = {}     # the last refusal logged per address
 
     # -- addresses ---------------------------------------------------------------------------------
     def add_address(self, host: str, port: int, source: str) -> None:
@@ -389,17 +390,18 @@ class Fleet:
                     raise M.MessageError(f"expected AGENT_INFO first, got {M.name(msg_type)}")
                 info = parse_agent_info(body)
             except M.MessageError as e:
-                event("agent_refused", f"agent at {host}:{port} refused: {e}", logging.WARNING)
+                self._refused(addr, f"agent at {host}:{port} refused: {e}")
                 await _send_error(ch, str(e))
                 return "bad"
             except ChannelError as e:
-                event("agent_refused", f"agent at {host}:{port}: {one_line(e)}", logging.WARNING)
+                self._refused(addr, f"agent at {host}:{port}: {one_line(e)}")
                 return "bad"
             except Exception as e:  # parse_agent_info bounds everything; this is a last line of defence
-                event("agent_refused", f"agent at {host}:{port} refused: unreadable AGENT_INFO "
-                      f"({type(e).__name__}: {one_line(e)})", logging.WARNING)
+                self._refused(addr, f"agent at {host}:{port} refused: unreadable AGENT_INFO "
+                              f"({type(e).__name__}: {one_line(e)})")
                 await _send_error(ch, "unreadable AGENT_INFO")
                 return "bad"
+            self._refusals.pop(addr, None)
             aid = info["agent_id"]
             self._addr_agent[addr] = aid
             old = self.sessions.get(aid)
@@ -441,6 +443,13 @@ class Fleet:
         finally:
             await ch.close()
 
+
+    def _refused(self, addr: Tuple[str, int], message: str) -> None:
+        """One warning per address and reason; the re-dials that meet the same refusal are debug lines."""
+        repeat = self._refusals.get(addr) == message
+        self._refusals[addr] = message
+        self.dial_errors[addr] = message
+        event("agent_refused", message + (" (again)" if repeat else ""), logging.DEBUG if repeat else logging.WARNING)
 
     @staticmethod
     def _session_ended(session: "Session", e: Exception) -> str:
