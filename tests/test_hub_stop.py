@@ -201,3 +201,19 @@ def test_resume_applies_a_new_learning_rate_from_the_next_version(tmp_path, monk
     assert sent and all(t.config.lr == 0.02 for t in sent)
     meta = ckpt.load_checkpoint(out)[0]
     assert meta["policy"]["lr"] == 0.02 and meta["task_config"]["lr"] == 0.02 and summary["version"] == 8
+
+
+def test_resume_with_another_model_is_refused_but_the_same_file_by_another_path_is_not(tmp_path, monkeypatch):
+    out, cfg, first, close = _crashed_run(tmp_path, monkeypatch)
+
+    async def main():
+        try:
+            await first()
+            with pytest.raises(TrainError, match=r"with --model cnn: the run uses --model mlp \(give the same --model"):
+                await asyncio.wait_for(run_train(cfg(model="cnn"), KEY), BOUND)
+        finally:
+            await close()
+
+    asyncio.run(main())
+    assert train_mod.same_file(str(tmp_path / "val.npz"), str(tmp_path / "." / "val.npz"))
+    assert not train_mod.same_file("mlp", "cnn")

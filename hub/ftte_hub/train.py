@@ -158,6 +158,13 @@ def cheapest_subset_bytes(model: ft.Model, scores, batch_size: int) -> int:
     return int(result.predicted_bytes)  # a zero budget fits (cannot happen: every subset costs something)
 
 
+def same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # a zoo name, or a file that is gone: only the same text is the same model
+        return False
+
+
 def saved_policy_of(meta: Dict[str, Any], cfg: TrainConfig) -> Dict[str, Any]:
     """The policy a checkpoint was written under (older checkpoints: rebuilt from what they hold)."""
     policy = meta.get("policy")
@@ -331,9 +338,16 @@ class _Run:
         """Flags given on this command line that differ from the saved policy: refuse or return them."""
         cfg, mine = self.cfg, self.cfg.policy()
         for key, flag in FIXED_ON_RESUME.items():
-            if cfg.was_given(key) and key in saved and str(mine[key]) != str(saved[key]):
-                raise TrainError(f"cannot resume {self.out} with {flag} {mine[key]}: the run uses {flag} "
-                                 f"{saved[key]} (leave {flag} out to resume, or use another --out)")
+            if not cfg.was_given(key) or key not in saved or str(mine[key]) == str(saved[key]):
+                continue
+            if key == "model":  # required on the command line: the same file by another path is the same
+                if same_file(mine[key], saved[key]):
+                    continue
+                advice = "give the same --model to resume"
+            else:
+                advice = f"leave {flag} out to resume"
+            raise TrainError(f"cannot resume {self.out} with {flag} {mine[key]}: the run uses {flag} "
+                             f"{saved[key]} ({advice}, or use another --out)")
         return {k: mine[k] for k in APPLIED_ON_RESUME
                 if cfg.was_given(k) and k in saved and mine[k] != saved[k]}
 
@@ -597,6 +611,9 @@ class _Run:
     def request_stop(self, signame: str) -> None:
         """SIGTERM/SIGINT: a clean stop the same command resumes from (a second signal is not waited for)."""
         if self.signalled:
+            return
+        if self.finished.is_set():  # the run is already ending (target reached, or a failure): let it
+            event("signal", f"{signame}: the run is already ending", logging.WARNING)
             return
         self.signalled = signame
         event("signal", f"{signame}: stopping (no new tasks; in-flight updates get up to {self.cfg.stop_grace:g} s); "
