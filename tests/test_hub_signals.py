@@ -32,24 +32,58 @@ def _wait(cond, timeout, what, log):
     raise AssertionError(f"timed out waiting for {what}:\n" + log.read_text()[-3000:])
 
 
-def test_sigterm_stops_the_hub_cleanly_and_the_same_command_resumes(tmp_path):
-    d = tmp_path
+def _agents(d, procs, n=2):
+    """Start n real agents on loopback; returns the hub's --peer arguments."""
     write_key(d / "fleet.key", generate_key())
     ds = ftdata.load_bundled("digits")
     train, val = ftdata.train_val_split(ds, val_fraction=0.2, seed=0)
     ftdata.save_npz(d / "val.npz", val)
+    peers = []
+    for i, part in enumerate(ftdata.partition_dirichlet(train, n, alpha=1.0, seed=0, min_size=20)):
+        ftdata.save_npz(d / f"data{i}.npz", part)
+        log = d / f"agent{i}.log"
+        procs.append(subprocess.Popen(AGENT + ["--key", str(d / "fleet.key"), "--data", str(d / f"data{i}.npz"),
+                                               "--name", f"sa{i}", "--port", "0", "--interface", "127.0.0.1",
+                                               "--state-dir", str(d / f"state{i}")],
+                                      stdout=open(log, "ab"), stderr=subprocess.STDOUT))
+        port = _wait(lambda: re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text()), 120, "an agent", log)
+        peers += ["--peer", f"127.0.0.1:{port.group(1)}"]
+    return peers
+
+
+def _kill_all(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+def test_onnx_cnn_trains_to_the_end_with_real_agents(tmp_path):
+    # finding 11: `ftte-hub train --model cnn.onnx` hung silently after the first update
+    import ftte_core as ft
+
+    d, procs = tmp_path, []
+    try:
+        peers = _agents(d, procs)
+        ft.save_onnx(ft.zoo("cnn", input_shape=(1, 8, 8), num_classes=10), str(d / "cnn.onnx"))
+        hub_log = d / "hub.log"
+        hub = subprocess.Popen(HUB + ["--key", str(d / "fleet.key"), "--model", str(d / "cnn.onnx"), "--val-data",
+                                      str(d / "val.npz"), "--out", str(d / "run"), "--min-agents", "2", "--no-mdns",
+                                      *peers, "--buffer", "2", "--batch-size", "16", "--max-versions", "4"],
+                               stdout=open(hub_log, "ab"), stderr=subprocess.STDOUT)
+        procs.append(hub)
+        assert hub.wait(300) == 0, hub_log.read_text()[-3000:]
+        summary = json.loads((d / "run" / "summary.json").read_text())
+        assert summary["finished"] and summary["version"] == 4
+    finally:
+        _kill_all(procs)
+
+
+def test_sigterm_stops_the_hub_cleanly_and_the_same_command_resumes(tmp_path):
+    d = tmp_path
     procs = []
     try:
-        peers = []
-        for i, part in enumerate(ftdata.partition_dirichlet(train, 2, alpha=1.0, seed=0, min_size=20)):
-            ftdata.save_npz(d / f"data{i}.npz", part)
-            log = d / f"agent{i}.log"
-            procs.append(subprocess.Popen(AGENT + ["--key", str(d / "fleet.key"), "--data", str(d / f"data{i}.npz"),
-                                                   "--name", f"sa{i}", "--port", "0", "--interface", "127.0.0.1",
-                                                   "--state-dir", str(d / f"state{i}")],
-                                          stdout=open(log, "ab"), stderr=subprocess.STDOUT))
-            port = _wait(lambda: re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text()), 120, "an agent", log)
-            peers += ["--peer", f"127.0.0.1:{port.group(1)}"]
+        peers = _agents(d, procs)
         hub_log = d / "hub.log"
         cmd = HUB + ["--key", str(d / "fleet.key"), "--model", "mlp", "--val-data", str(d / "val.npz"),
                      "--out", str(d / "run"), "--min-agents", "2", "--no-mdns", *peers, "--buffer", "2",
@@ -80,7 +114,4 @@ def test_sigterm_stops_the_hub_cleanly_and_the_same_command_resumes(tmp_path):
         assert second["bytes_in"] > first["bytes_in"] and second["bytes_out"] > first["bytes_out"]
         assert all(p.poll() is None for p in procs[:2])  # the agents served both processes
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
+        _kill_all(procs)
