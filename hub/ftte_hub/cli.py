@@ -145,13 +145,15 @@ def keygen(path, force):
               help="Seconds of silence after which a connection counts as dead.")
 @click.option("--wait-timeout", type=click.FloatRange(min=0.0, min_open=True), default=None,
               help="Seconds to wait for --min-agents before giving up; default: wait forever.")
+@click.option("--stop-grace", type=click.FloatRange(min=0.0), default=10.0,
+              help="On SIGTERM/Ctrl-C: seconds to wait for the updates of tasks already sent before stopping.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               help="Log and progress lines as text or JSON lines (stderr).")
 @click.option("--seed", type=int, default=0, help="Seed for the model initialisation, scoring and task seeds.")
 @click.option("-v", "--verbose", is_flag=True, help="Also log debug events (addresses found, duplicates).")
 def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, max_versions, target_accuracy,
           interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, task_timeout, ping_interval,
-          dead_after, wait_timeout, log_format, seed, verbose):
+          dead_after, wait_timeout, stop_grace, log_format, seed, verbose):
     """Coordinate federated training over the agents on this network.
 
     Finds agents over mDNS and --peer, waits for --min-agents, chooses the trainable subset for
@@ -182,7 +184,7 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
                       interfaces=list(interfaces) or None, mdns=not no_mdns, strategy=strategy, lr=lr,
                       local_epochs=local_epochs, batch_size=batch_size, server_lr=server_lr,
                       task_timeout=task_timeout, ping_interval=ping_interval, dead_after=dead_after,
-                      wait_timeout=wait_timeout, seed=seed, given=given)
+                      wait_timeout=wait_timeout, stop_grace=stop_grace, seed=seed, given=given)
     try:
         summary = asyncio.run(run_train(cfg, key))
     except TrainError as e:
