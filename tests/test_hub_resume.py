@@ -198,3 +198,24 @@ def test_resume_replays_merges_the_checkpoint_missed_and_rewrites_their_metrics(
     first_new = flags.index(False)
     assert not any(flags[first_new:]) and first_new >= reached - 1
     assert summary["version"] == reached + 6
+
+
+def test_malformed_updates_go_through_the_driver_and_replay(tmp_path):
+    # issue 9 seam: the hub used to bump driver.rejected["malformed"] itself, unjournaled
+    model = ft.zoo("mlp", (1, 8, 8), 10, seed=1)
+    driver = _driver(model)
+    coord = Coordinator(driver, tmp_path)
+    state0 = driver.state_dict()
+    coord.open_journal()
+    coord.task_for("d0")
+    assert coord.malformed_from("d0", "garbage", 200) > 0
+    coord.journal.close_now()
+    assert driver.rejected["malformed"] == 1 and coord.agents["d0"]["rejected"] == 1
+
+    again = ft.zoo("mlp", (1, 8, 8), 10, seed=1)
+    d2 = _driver(again)
+    d2.load_state_dict(state0)
+    c2 = Coordinator(d2, tmp_path)
+    for v in ckpt.journal_versions(tmp_path):
+        c2.replay(v)
+    assert d2.state_dict() == driver.state_dict() and c2.agents == coord.agents

@@ -145,13 +145,15 @@ def keygen(path, force):
               help="Seconds of silence after which a connection counts as dead.")
 @click.option("--wait-timeout", type=click.FloatRange(min=0.0, min_open=True), default=None,
               help="Seconds to wait for --min-agents before giving up; default: wait forever.")
+@click.option("--stop-grace", type=click.FloatRange(min=0.0), default=10.0,
+              help="On SIGTERM/Ctrl-C: seconds to wait for the updates of tasks already sent before stopping.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               help="Log and progress lines as text or JSON lines (stderr).")
 @click.option("--seed", type=int, default=0, help="Seed for the model initialisation, scoring and task seeds.")
 @click.option("-v", "--verbose", is_flag=True, help="Also log debug events (addresses found, duplicates).")
 def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, max_versions, target_accuracy,
           interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, task_timeout, ping_interval,
-          dead_after, wait_timeout, log_format, seed, verbose):
+          dead_after, wait_timeout, stop_grace, log_format, seed, verbose):
     """Coordinate federated training over the agents on this network.
 
     Finds agents over mDNS and --peer, waits for --min-agents, chooses the trainable subset for
@@ -169,18 +171,34 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
         key = read_key(key_path)
     except KeyFileError as e:
         _fail(str(e))
+    # which run-shaping flags were typed (a resume compares only those with the checkpoint's policy)
+    ctx = click.get_current_context()
+    flags = {"model": "model_spec", "strategy": "strategy", "buffer": "buffer_k", "max_versions": "max_versions",
+             "lr": "lr", "local_epochs": "local_epochs", "batch_size": "batch_size", "server_lr": "server_lr",
+             "seed": "seed"}
+    given = frozenset(field for field, param in flags.items()
+                      if ctx.get_parameter_source(param) not in (click.core.ParameterSource.DEFAULT,
+                                                                 click.core.ParameterSource.DEFAULT_MAP))
     cfg = TrainConfig(model=model_spec, val_data=val_data, out=out_dir, min_agents=min_agents, peers=list(peers),
                       buffer=buffer_k, max_versions=max_versions, target_accuracy=target_accuracy,
                       interfaces=list(interfaces) or None, mdns=not no_mdns, strategy=strategy, lr=lr,
                       local_epochs=local_epochs, batch_size=batch_size, server_lr=server_lr,
                       task_timeout=task_timeout, ping_interval=ping_interval, dead_after=dead_after,
-                      wait_timeout=wait_timeout, seed=seed)
+                      wait_timeout=wait_timeout, stop_grace=stop_grace, seed=seed, given=given)
     try:
         summary = asyncio.run(run_train(cfg, key))
     except TrainError as e:
         _fail(str(e))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C: no clean stop
         _fail("interrupted; run again with the same --out to resume")
+    except MemoryError:
+        _fail("out of memory")
+    except Exception as e:  # a bug: still one line, never a traceback (run with python -X dev to debug)
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        _fail(f"internal error: {type(e).__name__}: {msg}")
+    if not summary.get("started", True):
+        click.echo(f"ftte-hub: {summary['reason']}", err=True)
+        return
     _print_summary(summary)
 
 
@@ -229,7 +247,7 @@ def _print_summary(s) -> None:
                f"{s['rejected']} rejected")
     click.echo(f"{'agent':<24} {'tasks':>6} {'accepted':>9} {'rejected':>9} {'samples':>9}")
     for aid, a in s["agents"].items():
-        note = "  (not used: budget too small)" if a.get("not_used") else ""
+        note = "  (not used)" if a.get("not_used") else ""
         click.echo(f"{a['name'][:24]:<24} {a['tasks']:>6} {a['accepted']:>9} {a['rejected']:>9} {a['samples']:>9}{note}")
     click.echo(f"wrote {s['outputs']['model']}, {s['outputs']['metrics']}, {s['outputs']['summary']}")
 

@@ -1,8 +1,13 @@
 """The round driver plus what makes its decisions durable: the journal and per-agent counts.
 
-Sessions (fleet.py) call ``task_for``, ``update_from`` and ``gone``; each call is journaled
-before it returns (checkpoint.py), so a restarted hub replays the same calls over the last
-checkpoint and ends in the same state. No sockets here.
+Sessions (fleet.py) call ``joined``, ``task_for``, ``update_from``, ``malformed_from`` and
+``gone``; each call that changes the driver's state is journaled before it returns
+(checkpoint.py), so a restarted hub replays the same calls over the last checkpoint and ends in
+the same state. No sockets here.
+
+A failure here is never one peer's fault: a journal that cannot be written (disk full, out of
+file descriptors, permissions) or a round driver that raises means the run cannot go on safely,
+so it is raised as ``RunFailure`` (one line) and ends the run, instead of costing one session.
 """
 from __future__ import annotations
 
@@ -16,6 +21,30 @@ from ftte_core.update import Update, UpdateError
 
 from .checkpoint import CheckpointError, Journal, journal_path, read_journal
 from .logs import event
+
+
+class RunFailure(Exception):
+    """The run cannot go on (local I/O failure, a failing round driver); one line for a person."""
+
+
+def io_failure(what: str, e: OSError) -> RunFailure:
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    return RunFailure(f"cannot {what}{where}: {e.strerror or e}")
+
+
+async def make_durable(journal: Optional[Journal], seq: int) -> None:
+    """Wait until journal record ``seq`` is on disk (before its ACK); RunFailure if it cannot be."""
+    if journal is None or not seq:
+        return
+    try:
+        await journal.sync(seq)
+    except OSError as e:
+        raise io_failure("sync the journal", e) from None
+
+
+def _driver_failure(what: str, e: Exception) -> RunFailure:
+    msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return RunFailure(f"the round driver failed {what}: {type(e).__name__}: {msg}")
 
 
 def new_agent_stats(name: str = "") -> Dict[str, Any]:
@@ -42,7 +71,10 @@ class Coordinator:
     def open_journal(self) -> None:
         """Start logging events of the current version (after a checkpoint at this version)."""
         old = self.journal
-        self.journal = Journal(journal_path(self.out_dir, self.driver.version))
+        try:
+            self.journal = Journal(journal_path(self.out_dir, self.driver.version))
+        except OSError as e:
+            raise io_failure("open the journal", e) from None
         if old is not None:
             try:
                 asyncio.get_running_loop().create_task(old.close())
@@ -52,11 +84,24 @@ class Coordinator:
     def _log(self, header: Dict[str, Any], blob: bytes = b"") -> int:
         if self.replaying or self.journal is None:
             return 0
-        return self.journal.write(header, blob)
+        try:
+            return self.journal.write(header, blob)
+        except OSError as e:
+            raise io_failure("write the journal", e) from None
 
     # -- events ----------------------------------------------------------------------------------
+    def joined(self, agent_id: str, info: Dict[str, Any]) -> None:
+        """A usable agent is in session (not journaled: ``device_idle`` re-joins a device on replay)."""
+        try:
+            self.driver.device_joined(agent_id, info)
+        except Exception as e:
+            raise _driver_failure(f"when {agent_id} joined", e) from None
+
     def task_for(self, agent_id: str) -> Optional[Task]:
-        task = self.driver.device_idle(agent_id)
+        try:
+            task = self.driver.device_idle(agent_id)
+        except Exception as e:
+            raise _driver_failure(f"issuing a task to {agent_id}", e) from None
         if task is not None:
             self._log({"e": "task", "dev": agent_id, "tid": task.id})
             self.stats_for(agent_id)["tasks"] += 1
@@ -66,7 +111,10 @@ class Coordinator:
         """Hand an update to the driver; returns (arrival, journal, seq): await journal.sync(seq) before the ACK."""
         journal = self.journal
         seq = self._log({"e": "update", "dev": agent_id, "nbytes": int(nbytes)}, raw)
-        arrival = self.driver.update_arrived(agent_id, update, nbytes=nbytes)
+        try:
+            arrival = self.driver.update_arrived(agent_id, update, nbytes=nbytes)
+        except Exception as e:
+            raise _driver_failure(f"on an update from {agent_id}", e) from None
         st = self.stats_for(agent_id)
         if arrival.accepted:
             st["accepted"] += 1
@@ -76,16 +124,40 @@ class Coordinator:
         if arrival.merge is not None:
             if not self.replaying:
                 self.open_journal()  # events from here on belong to the new version's checkpoint
-            self.on_merge(arrival.merge)
+            self._merged(arrival.merge)
         return arrival, journal, seq
+
+    def malformed_from(self, agent_id: str, message: str, nbytes: int) -> int:
+        """An UPDATE that does not parse: the driver counts it (journaled so a replay counts it too)."""
+        seq = self._log({"e": "malformed", "dev": agent_id, "nbytes": int(nbytes), "msg": message[:200]})
+        try:
+            self.driver.update_arrived(agent_id, None, nbytes=nbytes)  # rejected as "malformed"
+        except Exception as e:
+            raise _driver_failure(f"on a malformed update from {agent_id}", e) from None
+        self.stats_for(agent_id)["rejected"] += 1
+        return seq
+
+    def _merged(self, report: MergeReport) -> None:
+        try:
+            self.on_merge(report)
+        except RunFailure:
+            raise
+        except OSError as e:
+            raise io_failure("record the merge", e) from None
+        except Exception as e:
+            raise RunFailure(f"after merging version {report.version}: {type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from None
 
     def gone(self, agent_id: str) -> Optional[MergeReport]:
         self._log({"e": "gone", "dev": agent_id})
-        report = self.driver.device_gone(agent_id)
+        try:
+            report = self.driver.device_gone(agent_id)
+        except Exception as e:
+            raise _driver_failure(f"when {agent_id} left", e) from None
         if report is not None:
             if not self.replaying:
                 self.open_journal()
-            self.on_merge(report)
+            self._merged(report)
         return report
 
     # -- replay ----------------------------------------------------------------------------------
@@ -111,6 +183,8 @@ class Coordinator:
                     self.update_from(dev, update, blob, int(header.get("nbytes", len(blob))))
                 elif kind == "gone":
                     self.gone(dev)
+                elif kind == "malformed":
+                    self.malformed_from(dev, str(header.get("msg", "")), int(header.get("nbytes", 0)))
                 else:
                     raise CheckpointError(f"journal {path}: unknown event {kind!r}")
                 n += 1

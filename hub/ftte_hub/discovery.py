@@ -14,6 +14,8 @@ from ftte_core.messages import DEFAULT_AGENT_PORT, SERVICE_TYPE
 from .logs import event
 
 RESOLVE_TIMEOUT_MS = 3000
+MAX_SERVICES = 1024        # service names remembered (a flood of announcements cannot grow memory)
+MAX_RESOLVING = 64         # resolutions at once
 
 Found = Callable[[str, int, str], None]   # host, port, source ("mdns" | "peer")
 Lost = Callable[[str, int], None]
@@ -57,6 +59,7 @@ class MdnsBrowser:
         self._browser = None
         self._tasks: Set[asyncio.Task] = set()
         self._known: dict = {}  # service name -> [(host, port)]
+        self.answers = 0        # services resolved so far (for "waiting for agents" diagnostics)
 
     async def start(self) -> None:
         from zeroconf import IPVersion
@@ -75,6 +78,8 @@ class MdnsBrowser:
         from zeroconf import ServiceStateChange
 
         if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):
+            if len(self._tasks) >= MAX_RESOLVING or (name not in self._known and len(self._known) >= MAX_SERVICES):
+                return  # a flood: the fleet caps dialled addresses too (fleet.MAX_MDNS_ADDRESSES)
             t = asyncio.ensure_future(self._resolve(service_type, name))
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
@@ -97,8 +102,9 @@ class MdnsBrowser:
             event("mdns_error", f"mDNS: {name} did not resolve within {RESOLVE_TIMEOUT_MS} ms", logging.WARNING)
             return
         addrs = info.parsed_scoped_addresses(IPVersion.V4Only)
-        found: List[Tuple[str, int]] = [(a, int(info.port)) for a in addrs]
+        found: List[Tuple[str, int]] = [(a, int(info.port)) for a in addrs[:8]]
         self._known[name] = found
+        self.answers += 1
         for host, port in found:
             self.on_found(host, port, "mdns")
 

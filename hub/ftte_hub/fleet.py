@@ -12,7 +12,17 @@ brings no message for ``dead_after`` s is dead; a task with no UPDATE after ``ta
 is given up. Either way the session ends (the driver hears ``device_gone``) and the loop
 re-dials; a late UPDATE for the given-up task is still accepted if it arrives (as stale work).
 Anything bad from one peer ends that peer's session or rejects its update, with one log line;
-every other session goes on.
+every other session goes on. Nothing ends a dial loop silently: whatever a session raises (an
+unexpected bug included) is one log line and a re-dial with backoff. What cannot be one peer's
+fault ends the run instead (``RunFailure`` from the coordinator: the journal cannot be written,
+the round driver failed): ``Fleet.fail`` hands the one-line reason to the run, which stops with a
+non-zero exit rather than serving on with a state it can no longer make durable.
+
+AGENT_INFO is bounded before anything uses it (``parse_agent_info``: body size, JSON nesting
+depth, every number range-checked, see ``INFO_LIMITS``); mDNS may add at most
+``MAX_MDNS_ADDRESSES`` addresses, so a neighbour advertising many services cannot exhaust the
+hub's file descriptors (each dial holds one socket for at most the connect and handshake
+timeouts).
 
 Run scope: every TASK carries the run id (``run_id``, kept across a resume) and the driver's task
 ids start with it; an UPDATE that belongs to another run (its ``run_id``, or for an update that
@@ -34,7 +44,7 @@ from ftte_core import messages as M
 from ftte_core.channel import Channel, ChannelClosed, ChannelError, HandshakeCutShort
 from ftte_core.update import Update, UpdateError
 
-from .coordinator import Coordinator, log_rejection
+from .coordinator import Coordinator, RunFailure, log_rejection, make_durable
 from .logs import event
 
 BACKOFF_MIN = 0.5
@@ -43,6 +53,22 @@ HELLO_TIMEOUT = 10.0          # handshake, then AGENT_INFO
 FAILED_TASK_BACKOFF_MAX = 30.0
 _TASK_PREFIX = struct.Struct("<I")
 MAX_BIG_SENDS = 8             # TASK/MODEL frames being encrypted and written at once
+MAX_MDNS_ADDRESSES = 256      # addresses mDNS may add (a flood of advertised services is ignored past it)
+MAX_INFO_BYTES = 64 << 10     # an AGENT_INFO body
+MAX_INFO_DEPTH = 8            # JSON nesting of an AGENT_INFO (the real one nests 2 deep)
+# (low, high) for every number an AGENT_INFO may carry; anything outside refuses the agent
+INFO_LIMITS = {
+    "memory_budget": (0, 1 << 44),        # bytes (16 TiB)
+    "speed": (0.0, 1e6),                  # GFLOP/s
+    "slowdown": (0.0, 1e6),
+    "pending": (0, 1 << 20),              # updates waiting on the agent
+    "num_samples": (0, 1 << 40),
+    "num_classes": (1, 1 << 20),
+    "protocol": (0, 1 << 16),
+}
+MAX_INFO_MODELS = 1024
+MAX_SHAPE_DIMS = 8
+MAX_SHAPE_DIM = 1 << 24
 
 
 @dataclass
@@ -73,20 +99,87 @@ def one_line(e: BaseException) -> str:
     return (s.splitlines()[0] if s else type(e).__name__)[:300]
 
 
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of ``[``/``{`` in a JSON text (brackets inside strings do not count)."""
+    depth = deepest = 0
+    in_str = escaped = False
+    for c in body:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:      # backslash
+                escaped = True
+            elif c == 0x22:      # quote
+                in_str = False
+        elif c == 0x22:
+            in_str = True
+        elif c in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _number(info: Dict[str, Any], key: str, kind: type, required: bool = False):
+    """``info[key]`` checked against INFO_LIMITS (ints must be ints; floats accept ints)."""
+    if key not in info:
+        if required:
+            raise M.MessageError(f"AGENT_INFO: field {key!r} is missing")
+        return None
+    v = info[key]
+    lo, hi = INFO_LIMITS[key]
+    ok_type = (isinstance(v, int) if kind is int else isinstance(v, (int, float))) and not isinstance(v, bool)
+    if not ok_type:
+        raise M.MessageError(f"AGENT_INFO: field {key!r} must be {'an integer' if kind is int else 'a number'}, "
+                             f"got {type(v).__name__}")
+    if not (lo <= v <= hi):  # also refuses NaN; compares huge ints exactly, without overflow
+        raise M.MessageError(f"AGENT_INFO: field {key!r} is outside {lo:g}..{hi:g}" if kind is float else
+                             f"AGENT_INFO: field {key!r} is outside {lo}..{hi}")
+    return kind(v)
+
+
 def parse_agent_info(body: bytes) -> Dict[str, Any]:
-    info = M.decode_json(body, M.AGENT_INFO, {"agent_id": str, "memory_budget": int})
+    """The AGENT_INFO fields the hub uses, every one bounded; MessageError (one line) otherwise."""
+    body = bytes(body)
+    if len(body) > MAX_INFO_BYTES:
+        raise M.MessageError(f"AGENT_INFO: {len(body)}-byte body is over the {MAX_INFO_BYTES}-byte limit")
+    # json.loads recurses per nesting level: a deep body would raise RecursionError (or worse)
+    if body.count(b"[") + body.count(b"{") > MAX_INFO_DEPTH and json_depth(body) > MAX_INFO_DEPTH:
+        raise M.MessageError(f"AGENT_INFO: JSON nested deeper than {MAX_INFO_DEPTH} levels")
+    try:
+        info = M.decode_json(body, M.AGENT_INFO, {"agent_id": str})
+    except RecursionError:  # belt and braces: the depth check above should make this unreachable
+        raise M.MessageError("AGENT_INFO: JSON nested too deeply") from None
     aid = info["agent_id"]
     if not 0 < len(aid) <= 128 or not aid.isprintable():
-        raise M.MessageError(f"AGENT_INFO: agent_id must be 1..128 printable characters, got {aid!r:.60}")
-    if info["memory_budget"] < 0:
-        raise M.MessageError(f"AGENT_INFO: memory_budget must be >= 0, got {info['memory_budget']}")
+        raise M.MessageError(f"AGENT_INFO: agent_id must be 1..128 printable characters, got {aid[:60]!r}")
+    info["memory_budget"] = _number(info, "memory_budget", int, required=True)
+    for key, kind in (("speed", float), ("slowdown", float), ("pending", int), ("num_samples", int),
+                      ("num_classes", int), ("protocol", int)):
+        v = _number(info, key, kind)
+        if v is not None:
+            info[key] = v
     models = info.get("models", [])
-    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
-        raise M.MessageError("AGENT_INFO: models must be a list of model hashes")
+    if not isinstance(models, list) or len(models) > MAX_INFO_MODELS or \
+            not all(isinstance(m, str) and len(m) <= 128 for m in models):
+        raise M.MessageError(f"AGENT_INFO: models must be a list of at most {MAX_INFO_MODELS} model hashes")
     info["models"] = models
+    shape = info.get("input_shape")
+    if shape is not None:
+        if not (isinstance(shape, list) and 0 < len(shape) <= MAX_SHAPE_DIMS and
+                all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_SHAPE_DIM for d in shape)):
+            raise M.MessageError(f"AGENT_INFO: input_shape must be a list of 1..{MAX_SHAPE_DIMS} sizes in "
+                                 f"1..{MAX_SHAPE_DIM}")
+        info["input_shape"] = [int(d) for d in shape]
     name = info.get("name")
-    info["name"] = name if isinstance(name, str) and name else aid
+    info["name"] = name[:128] if isinstance(name, str) and name and name.isprintable() else aid
     return info
+
+
+def budget_hint(nbytes: int) -> str:
+    """``nbytes`` as an ``ftte-agent --memory-budget`` value, rounded up to whole KiB."""
+    return f"{-(-int(nbytes) // 1024)}KiB"
 
 
 class Fleet:
@@ -97,6 +190,7 @@ class Fleet:
         self.ready = asyncio.Event()          # set once the driver, model and subset exist
         self.coordinator: Optional[Coordinator] = None
         self.needed_bytes = 0                 # predicted training memory of the run's subset
+        self.needed_what = "this run's subset"   # (before the search: of the cheapest subset)
         self.model_blob = b""
         self.model_hash = ""
         self.run_id = ""                      # this run's id ("" : no run scope, e.g. a bare test fleet)
@@ -113,12 +207,32 @@ class Fleet:
         self._closed_out = 0
         self._task_values = None              # (values of one version, shapes, their bytes)
         self.big_sends = asyncio.Semaphore(MAX_BIG_SENDS)
+        self.draining = False                 # stopping on a signal: no new tasks, in-flight updates still taken
+        self.fatal = ""                       # why the run cannot go on (set once, by fail())
+        self.on_fatal: Callable[[str], None] = lambda reason: None
+        self.bytes_before: Tuple[int, int] = (0, 0)   # transport bytes of earlier processes (resume)
+        self.model_input_shape: Optional[Tuple[int, ...]] = None
+        self.model_classes: Optional[int] = None
+        self.mdns_addresses: Set[Tuple[str, int]] = set()
+        self.mdns_overflow = 0                # mDNS addresses ignored past MAX_MDNS_ADDRESSES
+        self.dial_errors: Dict[Tuple[str, int], str] = {}   # the latest failure at each address
+        self._not_usable_logged: Set[str] = set()
+        self._refusals: Dict[Tuple[str, int], str] = {}     # the last refusal logged per address
 
     # -- addresses ---------------------------------------------------------------------------------
     def add_address(self, host: str, port: int, source: str) -> None:
         addr = (host, int(port))
         if self.stopping or addr in self._addresses:
             return
+        if source == "mdns":
+            if len(self.mdns_addresses) >= MAX_MDNS_ADDRESSES:
+                if not self.mdns_overflow:
+                    event("mdns_cap", f"mDNS announced more than {MAX_MDNS_ADDRESSES} agent addresses; ignoring "
+                          f"the rest (a misconfigured or hostile neighbour?); name real agents with --peer",
+                          logging.WARNING)
+                self.mdns_overflow += 1
+                return
+            self.mdns_addresses.add(addr)
         event("address", f"agent address {host}:{port} ({source})", logging.DEBUG)
         task = asyncio.ensure_future(self._dial_loop(addr))
         self._addresses[addr] = task
@@ -130,15 +244,56 @@ class Fleet:
             task = self._addresses.pop(addr, None)
             if task is not None:
                 task.cancel()
+            self.mdns_addresses.discard(addr)
 
     # -- counters ----------------------------------------------------------------------------------
     def bytes_totals(self) -> Tuple[int, int]:
         """(bytes received, bytes sent) on every connection so far, framing and encryption included."""
-        return (self._closed_in + sum(c.bytes_received for c in self._channels),
-                self._closed_out + sum(c.bytes_sent for c in self._channels))
+        return (self.bytes_before[0] + self._closed_in + sum(c.bytes_received for c in self._channels),
+                self.bytes_before[1] + self._closed_out + sum(c.bytes_sent for c in self._channels))
 
     def active_agents(self) -> int:
         return sum(1 for s in self.sessions.values() if s.usable)
+
+    def fail(self, reason: str) -> None:
+        """The run cannot go on (a local failure, not one peer's): hand the one-line reason to the run."""
+        if not self.fatal:
+            self.fatal = reason
+            self.on_fatal(reason)
+
+    def why_not_used(self, info: Dict[str, Any]) -> Optional[str]:
+        """Why this agent cannot take part in the run (one line saying what to change), or None."""
+        shape = info.get("input_shape")
+        if shape is not None and self.model_input_shape is not None and tuple(shape) != tuple(self.model_input_shape):
+            return (f"its data has samples of shape {list(shape)}, the model takes {list(self.model_input_shape)}; "
+                    f"give the agent data for this model (or train another model)")
+        classes = info.get("num_classes")
+        if classes is not None and self.model_classes is not None and classes > self.model_classes:
+            return (f"its data has {classes} classes, the model has {self.model_classes} outputs; give the agent "
+                    f"data with at most {self.model_classes} classes (or a model with {classes} outputs)")
+        budget = int(info["memory_budget"])
+        if budget < self.needed_bytes:
+            from ftte_core.search import format_size
+            return (f"its memory budget {format_size(budget)} is below the {format_size(self.needed_bytes)} "
+                    f"{self.needed_what} needs; raise --memory-budget to at least {budget_hint(self.needed_bytes)}")
+        return None
+
+    def usable_sessions(self) -> list:
+        """Agents in session that can take part (before the run starts: for --min-agents)."""
+        out = []
+        for aid, s in sorted(self.sessions.items()):
+            why = self.why_not_used(s.info)
+            if why is None:
+                out.append(aid)
+            elif aid not in self._not_usable_logged:
+                self._not_usable_logged.add(aid)
+                event("agent_not_counted", f"agent {s.name} ({aid}) does not count for --min-agents: {why}",
+                      logging.WARNING)
+        return out
+
+    def in_flight(self) -> int:
+        """Tasks sent and not yet answered (UPDATE or TASK_FAILED)."""
+        return sum(1 for s in self.sessions.values() if s.task_id is not None)
 
     def wake(self, everyone: bool = False) -> None:
         """New work may exist (a merge, the run's end): sessions without a task look again."""
@@ -213,10 +368,13 @@ class Fleet:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
                                                         self.settings.connect_timeout)
                 ch = await Channel.open(reader, writer, "client", self.key, timeout=HELLO_TIMEOUT)
-            except (OSError, asyncio.TimeoutError, ChannelError) as e:
-                msg = one_line(e) if not isinstance(e, asyncio.TimeoutError) else "connect timed out"
+            except Exception as e:  # refused, unreachable, wrong key, out of fds...: retry, never end the loop
+                msg = "connect timed out" if isinstance(e, asyncio.TimeoutError) else one_line(e)
                 if isinstance(e, HandshakeCutShort):  # the agent hung up mid-handshake: busy, not a key problem
                     msg = "the agent cut the handshake short (busy with other connections, or restarting)"
+                elif not isinstance(e, (OSError, asyncio.TimeoutError, ChannelError)):
+                    msg = f"{type(e).__name__}: {msg}"
+                self.dial_errors[addr] = msg
                 if msg != last_error:  # one line per new kind of failure, not one per retry
                     event("connect_failed", f"cannot use agent at {host}:{port}: {msg} (retrying)", logging.WARNING)
                     last_error = msg
@@ -224,9 +382,17 @@ class Fleet:
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
             last_error = None
+            self.dial_errors.pop(addr, None)
             self._channels.add(ch)
             try:
                 outcome = await self._serve(ch, addr)
+            except RunFailure as e:
+                self.fail(str(e))
+                return
+            except Exception as e:  # a bug in a session must cost that connection, never the dial loop
+                event("session_failed", f"agent at {host}:{port}: session failed ({type(e).__name__}: "
+                      f"{one_line(e)}); reconnecting", logging.WARNING)
+                outcome = "bad"
             finally:
                 self._channels.discard(ch)
                 self._closed_in += ch.bytes_received
@@ -245,12 +411,18 @@ class Fleet:
                     raise M.MessageError(f"expected AGENT_INFO first, got {M.name(msg_type)}")
                 info = parse_agent_info(body)
             except M.MessageError as e:
-                event("agent_refused", f"agent at {host}:{port} refused: {e}", logging.WARNING)
+                self._refused(addr, f"agent at {host}:{port} refused: {e}")
                 await _send_error(ch, str(e))
                 return "bad"
             except ChannelError as e:
-                event("agent_refused", f"agent at {host}:{port}: {one_line(e)}", logging.WARNING)
+                self._refused(addr, f"agent at {host}:{port}: {one_line(e)}")
                 return "bad"
+            except Exception as e:  # parse_agent_info bounds everything; this is a last line of defence
+                self._refused(addr, f"agent at {host}:{port} refused: unreadable AGENT_INFO "
+                              f"({type(e).__name__}: {one_line(e)})")
+                await _send_error(ch, "unreadable AGENT_INFO")
+                return "bad"
+            self._refusals.pop(addr, None)
             aid = info["agent_id"]
             self._addr_agent[addr] = aid
             old = self.sessions.get(aid)
@@ -266,13 +438,15 @@ class Fleet:
             self.agent_joined.set()
             self.agent_joined = asyncio.Event()
             speed = info.get("speed")
-            speed = f"{speed:.2f} GFLOP/s" if isinstance(speed, (int, float)) else "speed unknown"
+            speed = f"{speed:.2f} GFLOP/s" if speed is not None else "speed unknown"
             event("agent_joined", f"agent {info['name']} ({aid}) at {host}:{port}: budget "
                   f"{info['memory_budget'] / 2**20:.1f} MiB, {speed}, {info.get('pending', 0)} pending update(s)")
             try:
                 await session.run()
                 return "stopped" if self.stopping else "served"
-            except (SessionEnd, ChannelError) as e:
+            except RunFailure:
+                raise
+            except Exception as e:
                 if not session.superseded:
                     return self._session_ended(session, e)
                 event("agent_superseded", f"agent {info['name']} ({aid}): the connection via {host}:{port} "
@@ -284,12 +458,19 @@ class Fleet:
                     del self.sessions[aid]
                 if not session.done.done():
                     session.done.set_result(None)
-                if current and session.joined and self.coordinator is not None and not self.stopping:
+                if current and session.joined and self.coordinator is not None and not self.stopping and not self.fatal:
                     self.coordinator.gone(aid)
                     self.wake()  # FedAvg: a round may have ended without it
         finally:
             await ch.close()
 
+
+    def _refused(self, addr: Tuple[str, int], message: str) -> None:
+        """One warning per address and reason; the re-dials that meet the same refusal are debug lines."""
+        repeat = self._refusals.get(addr) == message
+        self._refusals[addr] = message
+        self.dial_errors[addr] = message
+        event("agent_refused", message + (" (again)" if repeat else ""), logging.DEBUG if repeat else logging.WARNING)
 
     @staticmethod
     def _session_ended(session: "Session", e: Exception) -> str:
@@ -297,14 +478,18 @@ class Fleet:
         if isinstance(e, ChannelClosed):
             event("agent_left", f"{who} disconnected" + ("" if e.clean else " (connection cut)"), logging.WARNING)
             return "served"
-        event("agent_left", f"{who}: {e if isinstance(e, SessionEnd) else one_line(e)}", logging.WARNING)
+        if isinstance(e, (SessionEnd, ChannelError)):
+            event("agent_left", f"{who}: {e if isinstance(e, SessionEnd) else one_line(e)}", logging.WARNING)
+        else:  # not the peer's doing: say what broke, so it can be reported
+            event("agent_left", f"{who}: session failed ({type(e).__name__}: {one_line(e)}); reconnecting",
+                  logging.WARNING)
         return "served" if session.served else "bad"
 
 
 async def _send_error(ch: Channel, message: str) -> None:
     try:
         await ch.send(M.ERROR, M.encode_json({"message": message[:500]}))
-    except ChannelError:
+    except Exception:  # the connection is being dropped anyway
         pass
 
 
@@ -387,8 +572,7 @@ class Session:
         except UpdateError as e:
             event("update_rejected", f"update from {self.name} ({self.agent_id}) rejected (malformed): {e}",
                   logging.WARNING)
-            coord.stats_for(self.agent_id)["rejected"] += 1
-            coord.driver.rejected["malformed"] += 1
+            await make_durable(coord.journal, coord.malformed_from(self.agent_id, str(e), len(raw)))
             current, self.task_id = self.task_id, None
             await self.ch.send(M.ACK, M.encode_json({"task_id": current or "", "accepted": False,
                                                       "reason": "malformed", "message": str(e)[:300],
@@ -408,8 +592,7 @@ class Session:
             fleet.hooks.on_update(self.agent_id, arrival, time.perf_counter())
         if not arrival.accepted:
             log_rejection(f"{self.name} ({self.agent_id})", arrival)
-        if journal is not None and seq:
-            await journal.sync(seq)  # the ACK promises the update survives a crash
+        await make_durable(journal, seq)  # the ACK promises the update survives a crash
         self.served = True
         await self.ch.send(M.ACK, M.encode_json({"task_id": arrival.task_id or update.task_id, "run_id": update.run_id,
                                                   "accepted": arrival.accepted,
@@ -446,21 +629,19 @@ class Session:
         st = coord.stats_for(self.agent_id)
         st["name"] = self.name
         budget = int(self.info["memory_budget"])
-        if budget < fleet.needed_bytes:
-            event("agent_not_used", f"agent {self.name} ({self.agent_id}) not used: its memory budget "
-                  f"{budget:,} bytes is below the {fleet.needed_bytes:,} bytes the run's subset needs",
-                  logging.WARNING)
+        why = fleet.why_not_used(self.info)
+        if why is not None:
+            event("agent_not_used", f"agent {self.name} ({self.agent_id}) not used: {why}", logging.WARNING)
             await self.ch.send(M.NOT_USED, M.encode_json({
-                "reason": f"memory budget {budget} bytes is below the {fleet.needed_bytes} bytes "
-                          f"this run's subset needs", "needed_bytes": int(fleet.needed_bytes),
-                "budget_bytes": budget}))
+                "reason": why, "needed_bytes": int(fleet.needed_bytes), "budget_bytes": budget}))
             st["not_used"] = True
+            st["not_used_reason"] = why
             while not fleet.stopping:
                 await self.kick.wait()
                 self.kick.clear()
             await self._stop()
             return
-        coord.driver.device_joined(self.agent_id, self.info)
+        coord.joined(self.agent_id, self.info)
         self.joined = True
         self.usable = True
         if fleet.model_hash not in self.info["models"]:
@@ -471,7 +652,7 @@ class Session:
                 await self._stop()
                 return
             wait = self.not_before - time.monotonic()
-            if self.task_id is None and wait <= 0:
+            if self.task_id is None and wait <= 0 and not fleet.draining:
                 task = coord.task_for(self.agent_id)
                 if task is not None:
                     self.task_id, self.task_sent_at = task.id, time.monotonic()

@@ -8,6 +8,15 @@ the subset search for the smallest budget among them, write the initial model an
 Resume (--out holds a checkpoint): rebuild model, subset and round driver from it, replay the
 journal, carry on; no new search. Then: serve tasks until --target-accuracy or --max-versions,
 STOP every agent, export DIR/model.onnx and DIR/summary.json.
+
+SIGTERM or SIGINT (``request_stop``) is a clean, resumable stop: no new tasks, in-flight updates
+are waited for up to ``stop_grace`` seconds, STOP goes to every agent, model.onnx, summary.json
+(``finished: false``) and the checkpoint are written, and the same command resumes.
+
+The run's policy (what shapes its decisions: strategy, K, max versions, max staleness, learning
+rates, task settings, batch size, seed) is saved in the checkpoint's ``meta["policy"]``. A resume
+replays the journal under the saved policy, then applies changed flags (``APPLIED_ON_RESUME``)
+from the next version with one log line each, or refuses (``FIXED_ON_RESUME``) with one line.
 """
 from __future__ import annotations
 
@@ -37,7 +46,7 @@ from ftte_core.subset import Subset
 from ftte_core.zoo import zoo_names
 
 from . import checkpoint as ckpt
-from .coordinator import Coordinator
+from .coordinator import Coordinator, RunFailure
 from .discovery import MdnsBrowser, parse_peer
 from .fleet import Fleet, FleetSettings, Hooks
 from .logs import event
@@ -46,10 +55,19 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 MODEL_ONNX = "model.onnx"
 WAIT_REPORT_S = 5.0
+WAIT_DIAGNOSE_S = 30.0     # then the waiting line says what discovery has seen
+# policy fields a resume may change (applied from the next version) and ones it must keep
+APPLIED_ON_RESUME = ("max_versions", "max_staleness", "lr", "local_epochs", "server_lr")
+FIXED_ON_RESUME = {"model": "--model", "strategy": "--strategy", "buffer": "--buffer",
+                   "batch_size": "--batch-size", "seed": "--seed"}
 
 
 class TrainError(Exception):
     """The run cannot start or go on (one-line reason)."""
+
+
+class StoppedBeforeStart(Exception):
+    """A stop signal arrived before the run had a checkpoint (nothing to resume)."""
 
 
 @dataclass
@@ -77,6 +95,18 @@ class TrainConfig:
     max_staleness: Optional[int] = None
     seed: int = 0
     model_options: Optional[Dict[str, Any]] = None   # zoo options, e.g. {"hidden": [384, 192]}
+    stop_grace: float = 10.0                     # s a signalled stop waits for in-flight updates
+    given: Optional[frozenset] = None            # fields set on the command line (None: all count as given)
+
+    def was_given(self, field: str) -> bool:
+        return self.given is None or field in self.given
+
+    def policy(self) -> Dict[str, Any]:
+        """What shapes the run's decisions (saved in the checkpoint; compared on resume)."""
+        return {"model": self.model, "strategy": self.strategy, "buffer": int(self.buffer),
+                "max_versions": self.max_versions, "max_staleness": self.max_staleness, "lr": float(self.lr),
+                "local_epochs": float(self.local_epochs), "batch_size": int(self.batch_size),
+                "server_lr": float(self.server_lr), "seed": int(self.seed)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +136,9 @@ def build_model(spec: str, val: ftdata.Dataset, seed: int = 0, options: Optional
         raise TrainError(f"model file {spec} does not exist")
     try:
         model = ft.load_model(spec)
+        # The hub merges into these weights: make them owned and writable (an ONNX import may
+        # hand out read-only views of the file's buffers), exactly as agents will see them.
+        model = model_from_bytes(model_to_bytes(model))
     except (ValueError, OSError) as e:  # OnnxImportError is a ValueError
         raise TrainError(f"model file {spec}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     check_model_fits_data(model, val, spec)
@@ -121,6 +154,36 @@ def check_model_fits_data(model: ft.Model, val: ftdata.Dataset, where: str) -> N
     if model.num_classes < val.num_classes:
         raise TrainError(f"{where} has {model.num_classes} outputs, but the validation data has "
                          f"{val.num_classes} classes")
+
+
+def cheapest_subset_bytes(model: ft.Model, scores, batch_size: int) -> int:
+    """The predicted memory of the cheapest trainable subset: below it an agent cannot take part."""
+    try:
+        result = search_subset(model, scores, 0, batch_size=batch_size)
+    except BudgetTooSmall as e:
+        return int(e.minimum_bytes)
+    return int(result.predicted_bytes)  # a zero budget fits (cannot happen: every subset costs something)
+
+
+def same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # a zoo name, or a file that is gone: only the same text is the same model
+        return False
+
+
+def saved_policy_of(meta: Dict[str, Any], cfg: TrainConfig) -> Dict[str, Any]:
+    """The policy a checkpoint was written under (older checkpoints: rebuilt from what they hold)."""
+    policy = meta.get("policy")
+    if isinstance(policy, dict):
+        return dict(policy)
+    task = meta.get("task_config") or {}
+    return {"model": meta.get("model_spec", cfg.model), "strategy": meta.get("strategy", cfg.strategy),
+            "buffer": meta.get("buffer", cfg.buffer), "max_versions": cfg.max_versions,
+            "max_staleness": cfg.max_staleness, "lr": task.get("lr", cfg.lr),
+            "local_epochs": task.get("local_epochs", cfg.local_epochs),
+            "batch_size": task.get("batch_size", cfg.batch_size), "server_lr": meta.get("server_lr", cfg.server_lr),
+            "seed": meta.get("seed", cfg.seed)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +211,9 @@ class _Run:
         self.finished = asyncio.Event()
         self.finish_reason = ""
         self.fatal = ""
+        self.signalled = ""                      # the signal that asked for a clean, resumable stop
+        self.browser: Optional[MdnsBrowser] = None
+        self.policy: Dict[str, Any] = config.policy()
         self._merges: asyncio.Queue = asyncio.Queue()
         self._writer: Optional[asyncio.Task] = None
 
@@ -160,15 +226,26 @@ class _Run:
         cfg = self.cfg
         model = build_model(cfg.model, self.val, seed=cfg.seed, options=cfg.model_options)
         strategy = make_strategy(cfg.strategy, buffer_size=cfg.buffer, server_lr=cfg.server_lr)
-        agents = await self.wait_for_agents()
-        m_min = min(int(self.fleet.infos[a]["memory_budget"]) for a in agents)
-        who = min(agents, key=lambda a: int(self.fleet.infos[a]["memory_budget"]))
+        scores = None
         if strategy.sparse:
             scores = importance_scores(model, self.val.x, self.val.y, seed=cfg.seed)
+            floor = cheapest_subset_bytes(model, scores, cfg.batch_size)
+        else:
+            floor = int(predict_memory(model, Subset.full(model), cfg.batch_size)["total"])
+        # While waiting, an agent counts only if it can take part: its budget fits the cheapest
+        # subset and its data fits the model. The search then uses the budgets of those agents.
+        f = self.fleet
+        f.model_input_shape, f.model_classes = tuple(model.input_shape), int(model.num_classes)
+        f.needed_bytes, f.needed_what = floor, "the cheapest trainable subset"
+        agents = await self.wait_for_agents()
+        self._warn_about_classes(model)
+        m_min = min(int(f.infos[a]["memory_budget"]) for a in agents)
+        who = min(agents, key=lambda a: int(f.infos[a]["memory_budget"]))
+        if strategy.sparse:
             try:
                 result = search_subset(model, scores, m_min, batch_size=cfg.batch_size)
-            except BudgetTooSmall as e:
-                raise TrainError(f"the smallest agent budget, {format_size(m_min)} ({self.fleet.infos[who]['name']}), "
+            except BudgetTooSmall as e:  # cannot happen for agents that passed the floor; kept as a guard
+                raise TrainError(f"the smallest usable agent budget, {format_size(m_min)} ({f.infos[who]['name']}), "
                                  f"is too small: the cheapest subset needs {format_size(e.minimum_bytes)}") from None
             subset, needed = result.subset, int(result.predicted_bytes)
             described = result.describe()
@@ -198,6 +275,7 @@ class _Run:
         self.last_accuracy = self.best_accuracy = self.start_accuracy
         self._save_checkpoint_now()
         self.coord.open_journal()
+
 
     def _clear_leftovers(self) -> None:
         """A fresh run in a folder without a checkpoint: journals and metrics there belong to no run."""
@@ -234,15 +312,16 @@ class _Run:
             self.meta_base["run_id"], self.meta_base["task_prefix"] = new_run_id(), ""
             event("run_id", f"resuming: the checkpoint has no run id; this run is now {self.meta_base['run_id']}",
                   logging.WARNING)
-        for what, mine, theirs in (("strategy", cfg.strategy, meta["strategy"]), ("--buffer", cfg.buffer, meta["buffer"]),
-                                   ("--model", cfg.model, meta.get("model_spec", cfg.model))):
-            if str(mine) != str(theirs):
-                event("resume_setting", f"resuming: {what} {theirs} from the checkpoint (not {mine})", logging.WARNING)
+        saved_policy = saved_policy_of(meta, cfg)
+        changes = self._policy_changes(saved_policy)
+        self.policy = dict(saved_policy)       # the journal replays under the policy it was written with
         self._make_driver(model, subset, strategy, task_cfg, blob, agents=dict(meta.get("agents", {})))
         try:
             self.driver.load_state_dict({"meta": meta["driver"], "buffer": buffer})
         except (ValueError, KeyError, TypeError) as e:
             raise TrainError(f"cannot resume from {self.out}: {e}") from None
+        transport = meta.get("transport") or {}
+        self.fleet.bytes_before = (int(transport.get("bytes_in", 0)), int(transport.get("bytes_out", 0)))
         self.elapsed_before = float(meta.get("elapsed_s", 0.0))
         self.start_accuracy = float(meta.get("start_accuracy", 0.0))
         self.last_accuracy = float(meta.get("last_accuracy", 0.0))
@@ -255,10 +334,13 @@ class _Run:
             for v in ckpt.journal_versions(self.out):
                 if v >= v0:
                     replayed += self.coord.replay(v)
-        except ckpt.CheckpointError as e:
-            raise TrainError(str(e)) from None
+        except (ckpt.CheckpointError, RunFailure) as e:
+            raise TrainError(f"cannot resume from {self.out}: {e}") from None
+        except OSError as e:
+            raise TrainError(f"cannot resume from {self.out}: cannot read the journal ({e.strerror or e})") from None
         finally:
             self.coord.on_merge = self._merged
+        self._apply_policy_changes(changes)
         self._save_checkpoint_now()
         self._drop_journals(self.driver.version + 1)
         self.coord.open_journal()
@@ -266,12 +348,51 @@ class _Run:
               f"-> version {self.driver.version}" if replayed else "") + f", {self.driver.buffered} update(s) "
               f"buffered, subset {self.meta_base.get('subset_described', '')}; no new search")
 
+    def _policy_changes(self, saved: Dict[str, Any]) -> Dict[str, Any]:
+        """Flags given on this command line that differ from the saved policy: refuse or return them."""
+        cfg, mine = self.cfg, self.cfg.policy()
+        for key, flag in FIXED_ON_RESUME.items():
+            if not cfg.was_given(key) or key not in saved or str(mine[key]) == str(saved[key]):
+                continue
+            if key == "model":  # required on the command line: the same file by another path is the same
+                if same_file(mine[key], saved[key]):
+                    continue
+                advice = "give the same --model to resume"
+            else:
+                advice = f"leave {flag} out to resume"
+            raise TrainError(f"cannot resume {self.out} with {flag} {mine[key]}: the run uses {flag} "
+                             f"{saved[key]} ({advice}, or use another --out)")
+        return {k: mine[k] for k in APPLIED_ON_RESUME
+                if cfg.was_given(k) and k in saved and mine[k] != saved[k]}
+
+    def _apply_policy_changes(self, changes: Dict[str, Any]) -> None:
+        """After the replay: the new flags take effect from the next version, one line each."""
+        d = self.driver
+        for key, new in changes.items():
+            old = self.policy.get(key)
+            if key == "max_versions":
+                d.max_versions = new
+            elif key == "max_staleness":
+                d.max_staleness = new
+            elif key == "server_lr":
+                d.strategy.server_lr = float(new)
+                self.meta_base["server_lr"] = float(new)
+            else:  # lr, local_epochs: the task settings sent with every new task
+                task_cfg = TaskConfig.from_dict(dict(d.task_config.as_dict(), **{key: new}))
+                d.task_config = task_cfg
+                self.meta_base["task_config"] = task_cfg.as_dict()
+            self.policy[key] = new
+            flag = "--" + key.replace("_", "-")
+            event("resume_policy", f"resuming with {flag} {new} (was {old}), from version {d.version + 1}",
+                  logging.WARNING, fields={"setting": key, "old": old, "new": new, "from_version": d.version + 1})
+
     def _make_driver(self, model, subset, strategy, task_cfg, blob, agents=None) -> None:
         cfg = self.cfg
         self.model = model
         self.eval_model = model.copy()
-        self.driver = RoundDriver(model, subset, strategy, task_cfg, max_versions=cfg.max_versions,
-                                  max_staleness=cfg.max_staleness, seed=int(self.meta_base.get("seed", cfg.seed)))
+        self.driver = RoundDriver(model, subset, strategy, task_cfg, max_versions=self.policy.get("max_versions"),
+                                  max_staleness=self.policy.get("max_staleness"),
+                                  seed=int(self.meta_base.get("seed", cfg.seed)))
         self.coord = Coordinator(self.driver, self.out, agents)
         self.coord.on_merge = self._merged
         f = self.fleet
@@ -281,28 +402,70 @@ class _Run:
         f.run_id = self.meta_base["run_id"]
         self.driver.task_prefix = str(self.meta_base.get("task_prefix", ""))
         f.needed_bytes = int(self.meta_base["needed_bytes"])
+        f.needed_what = "this run's subset"
+        f.model_input_shape, f.model_classes = tuple(model.input_shape), int(model.num_classes)
 
     async def wait_for_agents(self) -> List[str]:
+        """The usable agents in session, once there are --min-agents of them."""
         cfg = self.cfg
         t0 = time.monotonic()
         last = -WAIT_REPORT_S
         while True:
-            agents = sorted(self.fleet.sessions)
+            if self.signalled:
+                raise StoppedBeforeStart()
+            if self.fleet.fatal:
+                raise TrainError(self.fleet.fatal)
+            agents = self.fleet.usable_sessions()
             if len(agents) >= cfg.min_agents:
                 return agents
             now = time.monotonic() - t0
             if cfg.wait_timeout is not None and now > cfg.wait_timeout:
-                raise TrainError(f"only {len(agents)} of {cfg.min_agents} agents after {cfg.wait_timeout:g} s "
-                                 f"(check the key, --peer addresses and whether mDNS reaches this host)")
+                raise TrainError(f"only {len(agents)} of {cfg.min_agents} usable agents after {cfg.wait_timeout:g} s "
+                                 f"({self.discovery_seen()}; check the key and --peer addresses)")
             if now - last >= WAIT_REPORT_S:
                 last = now
                 names = ", ".join(self.fleet.infos[a]["name"] for a in agents) or "none yet"
-                event("waiting", f"waiting for agents: {len(agents)}/{cfg.min_agents} ({names})",
+                seen = f"; {self.discovery_seen()}; if multicast is blocked, name agents with --peer HOST:PORT" \
+                    if now >= WAIT_DIAGNOSE_S and not agents else ""
+                event("waiting", f"waiting for agents: {len(agents)}/{cfg.min_agents} ({names}){seen}",
                       fields={"agents": len(agents), "min_agents": cfg.min_agents})
             try:
                 await asyncio.wait_for(self.fleet.agent_joined.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
+
+    def _warn_about_classes(self, model: ft.Model) -> None:
+        """Agents with more classes than the validation data: say what that costs, once."""
+        seen = {a: int(i.get("num_classes") or 0) for a, i in self.fleet.infos.items()}
+        most = max(seen.values(), default=0)
+        if most <= self.val.num_classes:
+            return
+        names = ", ".join(sorted(self.fleet.infos[a]["name"] for a, n in seen.items() if n > self.val.num_classes))
+        cost = (f"agents with more than {model.num_classes} classes are not used" if most > model.num_classes
+                else "accuracy measures only the validation data's classes")
+        event("val_classes", f"the validation data has {self.val.num_classes} classes, agent(s) {names} up to "
+              f"{most}: {cost} (give --val-data every class)", logging.WARNING)
+
+    def discovery_seen(self) -> str:
+        """What discovery has found so far, for a person wondering why no agent joined."""
+        f, cfg = self.fleet, self.cfg
+        parts = []
+        if cfg.mdns:
+            where = ", ".join(cfg.interfaces) if cfg.interfaces else "all IPv4 interfaces"
+            n = self.browser.answers if self.browser is not None else 0
+            parts.append(f"mDNS on {where}: {n or 'no'} _ftte._tcp answer{'s' if n != 1 else ''}")
+        else:
+            parts.append("mDNS off")
+        errors = sorted(f.dial_errors.items())
+        if errors:
+            shown = "; ".join(f"{h}:{p}: {m}" for (h, p), m in errors[:3])
+            parts.append(f"{len(errors)} address(es) failing ({shown}{'; ...' if len(errors) > 3 else ''})")
+        refused = sorted((f.infos[a]["name"], f.why_not_used(f.infos[a])) for a in f.sessions
+                         if f.why_not_used(f.infos[a]) is not None)
+        if refused:
+            parts.append("not usable: " + "; ".join(f"{n} ({why})" for n, why in refused[:2])
+                         + ("; ..." if len(refused) > 2 else ""))
+        return ", ".join(parts)
 
     # -- merges ------------------------------------------------------------------------------------
     def _merged(self, report: MergeReport) -> None:
@@ -333,12 +496,16 @@ class _Run:
             report, params, state, agents, stats = await self._merges.get()
             self.eval_model.load_state(params)
             loss, acc = await loop.run_in_executor(None, self.eval_model.evaluate, self.val.x, self.val.y)
-            self._record_metrics(report, loss, acc, stats)
+            try:
+                self._record_metrics(report, loss, acc, stats)
+            except OSError as e:  # a run whose progress cannot be recorded stops, loudly
+                self._fail(f"cannot append to {self.out / METRICS}: {e.strerror or e}")
+                return
             target = self.cfg.target_accuracy
             if target is not None and acc >= target:
                 self._finish("target_accuracy", f"reached --target-accuracy {target:g} (accuracy {acc:.4f})")
             if self._merges.empty():
-                meta = self._meta(state, agents)
+                meta = self._meta(state, agents, transport=stats["transport"])
                 write = loop.run_in_executor(None, self._write_checkpoint, meta, params, state)
                 try:
                     try:
@@ -349,16 +516,34 @@ class _Run:
                         await asyncio.wait([write])
                         raise
                 except OSError as e:  # without checkpoints a crash would lose acknowledged work: stop
-                    self.fatal = f"cannot write the checkpoint in {self.out}: {e.strerror or e}"
-                    self.finished.set()
+                    self._fail(f"cannot write the checkpoint in {self.out}: {e.strerror or e}")
+                    return
             self._merges.task_done()
+
+    async def _merges_recorded(self) -> None:
+        """Wait until every merge is evaluated and checkpointed, or the merge processor has failed."""
+        join = asyncio.ensure_future(self._merges.join())
+        try:
+            await asyncio.wait([join] + ([self._writer] if self._writer is not None else []),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            join.cancel()
+        if self.fatal:
+            raise TrainError(self.fatal)
+
+    def _fail(self, reason: str) -> None:
+        """The run cannot go on: it ends with this one line and a non-zero exit."""
+        if not self.fatal:
+            self.fatal = reason
+        self.finished.set()
 
     def writer_ended(self, task: asyncio.Task) -> None:
         """The merge processor must never stop while the run goes on: if it failed, the run fails."""
         if not task.cancelled() and task.exception() is not None:
             e = task.exception()
-            self.fatal = f"after a merge: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            self.finished.set()
+            self._fail(f"after a merge: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        elif not task.cancelled() and not self.finished.is_set():
+            self._fail("the merge processor stopped")
 
     def _record_metrics(self, report: MergeReport, loss: float, acc: float, stats: Dict[str, Any],
                         replayed: bool = False) -> None:
@@ -408,11 +593,14 @@ class _Run:
             self.finished.set()
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def _meta(self, state: Dict[str, Any], agents: Dict[str, Any], finished: bool = False) -> Dict[str, Any]:
+    def _meta(self, state: Dict[str, Any], agents: Dict[str, Any], finished: bool = False,
+              transport=None) -> Dict[str, Any]:
+        b_in, b_out = transport if transport is not None else self.fleet.bytes_totals()
         return dict(self.meta_base, driver=state["meta"], agents=agents, elapsed_s=self.elapsed,
                     start_accuracy=self.start_accuracy, last_accuracy=self.last_accuracy,
                     best_accuracy=self.best_accuracy, version=state["meta"]["version"], finished=finished,
-                    finish_reason=self.finish_reason if finished else "")
+                    finish_reason=self.finish_reason if finished else "", policy=dict(self.policy),
+                    transport={"bytes_in": int(b_in), "bytes_out": int(b_out)})
 
     def _write_checkpoint(self, meta, params, state) -> None:
         """In a worker thread: the checkpoint, then the journals it makes redundant."""
@@ -421,8 +609,11 @@ class _Run:
 
     def _save_checkpoint_now(self, finished: bool = False) -> None:
         state = self.driver.state_dict()
-        ckpt.save_checkpoint(self.out, self._meta(state, self.coord.agents, finished),
-                             self.model.state(), state["buffer"])
+        try:
+            ckpt.save_checkpoint(self.out, self._meta(state, self.coord.agents, finished),
+                                 self.model.state(), state["buffer"])
+        except OSError as e:
+            raise TrainError(f"cannot write the checkpoint in {self.out}: {e.strerror or e}") from None
 
     def _drop_journals(self, below: int) -> None:
         for v in ckpt.journal_versions(self.out):
@@ -433,33 +624,66 @@ class _Run:
                     pass
 
     # -- the end -----------------------------------------------------------------------------------
+    def request_stop(self, signame: str) -> None:
+        """SIGTERM/SIGINT: a clean stop the same command resumes from (a second signal is not waited for)."""
+        if self.signalled:
+            return
+        if self.finished.is_set():  # the run is already ending (target reached, or a failure): let it
+            event("signal", f"{signame}: the run is already ending", logging.WARNING)
+            return
+        self.signalled = signame
+        event("signal", f"{signame}: stopping (no new tasks; in-flight updates get up to {self.cfg.stop_grace:g} s); "
+              f"run the same command again to resume", logging.WARNING)
+        self.fleet.draining = True
+        self._finish("signal", f"stopped by {signame}; run the same command to resume")
+
+    async def _drain(self) -> None:
+        """Wait (bounded) for the updates of tasks already sent; no new tasks are issued meanwhile."""
+        end = time.monotonic() + self.cfg.stop_grace
+        while self.fleet.in_flight() and time.monotonic() < end and not self.fatal:
+            await asyncio.sleep(0.05)
+        left = self.fleet.in_flight()
+        if left:
+            event("stop_in_flight", f"{left} task(s) still running after {self.cfg.stop_grace:g} s; their agents "
+                  f"keep the updates and deliver them when the run resumes")
+
     async def finish(self) -> Dict[str, Any]:
-        # Shut the driver first: a merge slipping in after the queue drained would leave a version
-        # with no metrics line and a summary that does not describe the exported model.
-        self.driver.shutdown()
-        await self._merges.join()
+        resumable = bool(self.signalled)
+        if resumable:
+            await self._drain()
+        else:
+            # Shut the driver first: a merge slipping in after the queue drained would leave a version
+            # with no metrics line and a summary that does not describe the exported model.
+            self.driver.shutdown()
         await self.fleet.stop(self.finish_reason or "the run is over")
+        # every session has ended (or been cut): no event can reach the driver any more
+        await self._merges_recorded()
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, ft.save_onnx, self.model, str(self.out / MODEL_ONNX))
-        loss, acc = self.model.evaluate(self.val.x, self.val.y)
-        self.last_accuracy, self.last_loss = acc, loss
-        self.best_accuracy = max(self.best_accuracy, acc)
-        if self.coord.journal is not None:
-            await self.coord.journal.close()
-        self._save_checkpoint_now(finished=True)
-        self._drop_journals(1 << 62)
-        summary = self.summary()
-        atomic_write(self.out / SUMMARY, lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+        try:
+            await loop.run_in_executor(None, ft.save_onnx, self.model, str(self.out / MODEL_ONNX))
+            loss, acc = self.model.evaluate(self.val.x, self.val.y)
+            self.last_accuracy, self.last_loss = acc, loss
+            self.best_accuracy = max(self.best_accuracy, acc)
+            if self.coord.journal is not None:
+                await self.coord.journal.close()
+            # a resumable stop keeps the driver open (buffered updates included) for the next process
+            self._save_checkpoint_now(finished=not resumable)
+            self._drop_journals(1 << 62)  # the journal is closed and the checkpoint holds every event
+            summary = self.summary(finished=not resumable)
+            atomic_write(self.out / SUMMARY, lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+        except OSError as e:
+            where = f" {e.filename}" if getattr(e, "filename", None) else f" in {self.out}"
+            raise TrainError(f"cannot write the run's outputs{where}: {e.strerror or e}") from None
         return summary
 
-    def summary(self) -> Dict[str, Any]:
-        b_in, b_out = self.fleet.bytes_totals()
+    def summary(self, finished: bool = True) -> Dict[str, Any]:
+        b_in, b_out = self.fleet.bytes_totals()   # earlier processes of a resumed run included
         st = self.driver.stats()
         agents = {aid: {k: s.get(k, 0) for k in ("name", "tasks", "accepted", "rejected", "samples", "failed")}
-                  | ({"not_used": True} if s.get("not_used") else {})
+                  | ({"not_used": True, "not_used_reason": s.get("not_used_reason", "")} if s.get("not_used") else {})
                   for aid, s in sorted(self.coord.agents.items())}
         return {
-            "finished": True, "reason": self.finish_reason, "accuracy": self.last_accuracy, "loss": self.last_loss,
+            "finished": finished, "reason": self.finish_reason, "accuracy": self.last_accuracy, "loss": self.last_loss,
             "best_accuracy": self.best_accuracy, "start_accuracy": self.start_accuracy,
             "target_accuracy": self.cfg.target_accuracy, "version": self.driver.version,
             "max_versions": self.cfg.max_versions, "time_s": round(self.elapsed, 3),
@@ -514,14 +738,18 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
     fleet = Fleet(key, FleetSettings(ping_interval=config.ping_interval, dead_after=config.dead_after,
                                      task_timeout=config.task_timeout, connect_timeout=config.connect_timeout), hooks)
     run = _Run(config, fleet, hooks)
+    fleet.on_fatal = run._fail
     run.val = load_validation(config.val_data)
     browser = None
     writer = None
+    loop = asyncio.get_running_loop()
+    handled = _install_stop_signals(loop, run)
     try:
         if saved is not None:
             run.setup_resume(*saved)
         if config.mdns:
             browser = MdnsBrowser(fleet.add_address, fleet.remove_address, config.interfaces)
+            run.browser = browser
             try:
                 await browser.start()
             except OSError as e:
@@ -529,12 +757,16 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
         for host, port in peers:
             fleet.add_address(host, port, "peer")
         if saved is None:
-            await run.setup_fresh()
+            try:
+                await run.setup_fresh()
+            except StoppedBeforeStart:
+                event("stopped", f"{run.signalled} before training started; nothing to save")
+                return {"finished": False, "started": False, "reason": f"stopped by {run.signalled} before the start"}
         event("start", f"training {run.meta_base.get('model_name')} with {run.meta_base.get('strategy')} "
               f"(K={run.meta_base.get('buffer')}) from version {run.driver.version}, run {run.fleet.run_id}; "
               f"stop at {'version ' + str(config.max_versions) if config.max_versions else 'no version limit'}"
               + (f" or accuracy {config.target_accuracy:g}" if config.target_accuracy is not None else ""))
-        writer = asyncio.ensure_future(run.process_merges())
+        writer = run._writer = asyncio.ensure_future(run.process_merges())
         writer.add_done_callback(run.writer_ended)
         if run.driver.done:
             run._finish("max_versions", f"version {run.driver.version} is already at --max-versions")
@@ -548,12 +780,19 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
         if run.fatal:
             raise TrainError(run.fatal)
         summary = await run.finish()
-        event("finished", f"finished: {summary['reason']}; accuracy {summary['accuracy']:.4f} at version "
+        word = "finished" if summary["finished"] else "stopped"
+        event(word, f"{word}: {summary['reason']}; accuracy {summary['accuracy']:.4f} at version "
               f"{summary['version']} after {summary['time_s']:.1f} s; {summary['bytes_in'] / 1e6:.2f} MB in, "
               f"{summary['bytes_out'] / 1e6:.2f} MB out; wrote {out / MODEL_ONNX}, {out / SUMMARY}",
               fields={k: summary[k] for k in ("reason", "accuracy", "version", "time_s", "bytes_in", "bytes_out")})
         return summary
+    except RunFailure as e:  # setup could not open its journal, or the like
+        raise TrainError(str(e)) from None
+    except OSError as e:  # any other local file the run needs (setup, resume): one line, never a traceback
+        where = f" {e.filename}" if getattr(e, "filename", None) else f" in {out}"
+        raise TrainError(f"cannot use{where}: {e.strerror or e}") from None
     finally:
+        restore_signals(loop, handled)
         if writer is not None:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
@@ -563,3 +802,33 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
             await browser.close()
         if run.coord is not None and run.coord.journal is not None:
             run.coord.journal.close_now()
+
+
+def _install_stop_signals(loop: asyncio.AbstractEventLoop, run: "_Run") -> Dict[int, Any]:
+    """SIGTERM (what systemd sends) and SIGINT ask for a clean, resumable stop; returns those handled."""
+    import signal
+
+    handled: Dict[int, Any] = {}   # signal -> the Python-level handler to put back
+
+    def on_signal(name: str) -> None:
+        restore_signals(loop, handled)  # a second signal gets the previous behaviour: die now
+        run.request_stop(name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous = signal.getsignal(sig)
+            loop.add_signal_handler(sig, on_signal, sig.name)
+            handled[sig] = previous
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+            pass
+    return handled
+
+
+def restore_signals(loop: asyncio.AbstractEventLoop, handled: Dict[int, Any]) -> None:
+    import signal
+
+    for sig, previous in list(handled.items()):
+        loop.remove_signal_handler(sig)
+        if previous is not None:
+            signal.signal(sig, previous)
+    handled.clear()
