@@ -335,6 +335,37 @@ class RoundDriver:
         # from here on the task is spent, whatever the verdict: one delivery per task
         del self._outstanding[tid]
         self._remember(tid, "delivered")
+        verdict = self._judge(device_id, update, rec, tid)
+        if isinstance(verdict, Arrival):
+            if self.strategy.synchronous and rec.round == self._round and device_id in self._cohort:
+                # it delivered, badly: the round must not wait for it (asking again would only
+                # get it the same task again, and a faulty device would hold the round forever)
+                self._cohort.discard(device_id)
+                self._cohort_open = False
+                verdict.merge = self._maybe_end_round()
+                verdict.dropped = list(self._call_drops)
+            return verdict
+        tau, norm = verdict
+
+        samples = self._capped_samples(device_id, int(update.num_samples))
+        self._norms.add(norm)
+        self._sample_counts.add(samples)
+        self.accepted += 1
+        if device_id in self.devices:
+            self.devices[device_id].accepted += 1
+        self._buffer.append(_Buffered(update, norm, samples))
+        report = None
+        if self.strategy.synchronous:
+            self._cohort.discard(device_id)
+            self._cohort_open = False  # the round has started delivering: no new members
+            report = self._maybe_end_round()
+        elif len(self._buffer) >= self.strategy.buffer_size:
+            report = self._merge(partial=False)
+        return Arrival(True, task_id=tid, staleness=tau, merge=report, samples=samples,
+                       dropped=list(self._call_drops))
+
+    def _judge(self, device_id: str, update: Update, rec: "_TaskRecord", tid: str):
+        """A rejection ``Arrival`` for a spent task's update, or (staleness, decoded norm) if it may be buffered."""
         if update.base_version != rec.base_version:
             return self._reject(device_id, "version", f"task {tid!r} was at version {rec.base_version}, "
                                 f"the update claims {update.base_version}", tid)
@@ -356,23 +387,7 @@ class RoundDriver:
         if peak > self.robust.max_abs_delta:
             return self._reject(device_id, "overflow", f"a decoded delta value is {peak:.3g}, beyond the bound "
                                 f"{self.robust.max_abs_delta:g} (a huge row scale?)", tid)
-
-        samples = self._capped_samples(device_id, int(update.num_samples))
-        self._norms.add(norm)
-        self._sample_counts.add(samples)
-        self.accepted += 1
-        if device_id in self.devices:
-            self.devices[device_id].accepted += 1
-        self._buffer.append(_Buffered(update, norm, samples))
-        report = None
-        if self.strategy.synchronous:
-            self._cohort.discard(device_id)
-            self._cohort_open = False  # the round has started delivering: no new members
-            report = self._maybe_end_round()
-        elif len(self._buffer) >= self.strategy.buffer_size:
-            report = self._merge(partial=False)
-        return Arrival(True, task_id=tid, staleness=tau, merge=report, samples=samples,
-                       dropped=list(self._call_drops))
+        return tau, norm
 
     def shutdown(self) -> Optional[MergeReport]:
         """Stop: no more tasks or merges. Merges a partial buffer first if configured to."""
