@@ -161,7 +161,7 @@ def test_norms_are_clipped_to_a_multiple_of_the_running_median():
     r = a.merge
     assert r.clip[:3] == [1.0, 1.0, 1.0] and 0 < r.clip[3] < 0.01
     median = sorted(r.norms)[1]  # the lower median of the four
-    assert r.norms[3] * r.clip[3] == pytest.approx(3.0 * median, rel=1e-6)
+    assert r.norms[3] * r.clip[3] == pytest.approx(RobustPolicy().clip_multiple * median, rel=1e-6)
     assert d.stats()["clipped"] == 1
     # the clipped update moved the model by at most its clipped norm times its weight
     assert r.update_norm < 2.0 * median
@@ -297,22 +297,22 @@ def test_merge_happens_at_k_or_more_buffered():
 
 # -- policy in the checkpoint ---------------------------------------------------------------------------
 def test_policy_is_in_the_checkpoint_and_differences_are_reported():
-    d = _driver("ftte", 3, max_versions=10, max_staleness=4, robust=RobustPolicy(clip_multiple=2.0))
+    d = _driver("ftte", 3, max_versions=10, max_staleness=4, robust=RobustPolicy(clip_multiple=4.0))
     pol = d.policy()
     assert json.loads(json.dumps(pol)) == pol
     assert pol["strategy"]["name"] == "ftte" and pol["strategy"]["buffer_size"] == 3
     assert pol["strategy"]["age_exponent"] == 1.0 and pol["max_versions"] == 10 and pol["max_staleness"] == 4
-    assert pol["robust"]["clip_multiple"] == 2.0 and pol["task_config"]["lr"] == TaskConfig().lr
+    assert pol["robust"]["clip_multiple"] == 4.0 and pol["task_config"]["lr"] == TaskConfig().lr
     state = d.state_dict()
     assert state["meta"]["policy"] == pol
     m2 = d.model.copy()
     same = RoundDriver(m2, _sparse(m2), make_strategy("ftte", buffer_size=3), TaskConfig(), seed=1, max_versions=10,
-                       max_staleness=4, robust=RobustPolicy(clip_multiple=2.0))
+                       max_staleness=4, robust=RobustPolicy(clip_multiple=4.0))
     assert same.policy_differences(pol) == [] and same.load_state_dict(state) == []
     other = RoundDriver(m2, _sparse(m2), make_strategy("ftte", buffer_size=3), TaskConfig(lr=0.2), seed=1,
                         max_versions=20, max_staleness=4)
     diffs = other.policy_differences(pol)
-    assert diffs == [("max_versions", 10, 20), ("robust.clip_multiple", 2.0, 3.0), ("task_config.lr", 0.05, 0.2)]
+    assert diffs == [("max_versions", 10, 20), ("robust.clip_multiple", 4.0, 2.0), ("task_config.lr", 0.05, 0.2)]
     with pytest.raises(ValueError, match="policy differs.*max_versions 10 -> 20") as e:
         other.load_state_dict(state, on_policy_change="error")
     assert "\n" not in str(e.value) and other.version == 0
@@ -438,14 +438,14 @@ def _faulty(mode, u, k, shared):
 
 
 @functools.lru_cache(maxsize=None)
-def _fleet_run(name, mode, versions):
+def _fleet_run(name, mode, versions, robust=None):
     """A fleet of N_DEVICES on digits; with ``mode`` != "honest", d9 (and d8 for identical
     updates) is faulty. Returns (final validation accuracy, version, stats)."""
     parts, val = _digits()
     model = ft.zoo("mlp", (1, 8, 8), 10, seed=0)
     k = N_DEVICES if name == "fedavg" else 5
     d = RoundDriver(model, ft.Subset.full(model), make_strategy(name, buffer_size=k),
-                    TaskConfig(lr=0.1, batch_size=32), max_versions=versions, seed=0)
+                    TaskConfig(lr=0.1, batch_size=32), max_versions=versions, seed=0, robust=robust)
     sub = d.subset
     devs = {f"d{i}": (LocalWorker(model.copy(), sub), parts[i]) for i in range(N_DEVICES)}
     faulty = {"d9"} | ({"d8"} if mode in ("identical", "mixed") else set())

@@ -27,7 +27,7 @@ MIN_HISTORY = 3
 
 @dataclass(frozen=True)
 class RobustPolicy:
-    clip_multiple: float = 3.0        # norm clip = this x median of accepted norms; 0 turns clipping off
+    clip_multiple: float = 2.0        # norm clip = this x median of accepted norms; 0 turns clipping off
     clip_window: int = 64             # how many recent accepted norms (and sample counts) the medians cover
     max_samples: int = 1 << 20        # fleet-wide cap on one update's num_samples (1,048,576)
     sample_multiple: float = 10.0     # num_samples cap = this x median of accepted counts; 0 turns it off
