@@ -367,23 +367,33 @@ def decode_update(update: Update) -> Dict[str, np.ndarray]:
     return {t.key: decode_tensor(t) for t in update.tensors}
 
 
-def decode_tensor64(t: TensorDelta) -> np.ndarray:
-    """The float64 [R, F] delta: levels times scales multiplied in float64, so a huge row scale
-    cannot overflow here (float32 would: 3.4e38 x 127 is inf)."""
+def decode_tensor64(t: TensorDelta, out: Optional[np.ndarray] = None, factor: float = 1.0) -> np.ndarray:
+    """The float64 [R, F] delta (times ``factor``; into ``out`` if given): levels times scales
+    multiplied in float64, so a huge row scale cannot overflow here (float32 would: 3.4e38 x 127
+    is inf)."""
     R, F = t.shape
+    if out is None:
+        out = np.empty((R, F), np.float64)
     if t.bits == 32:
-        return np.asarray(t.data, dtype=np.float64).reshape(R, F)
-    return _levels(t) * np.asarray(t.scales, dtype=np.float64)[:, None]
+        np.multiply(t.data, factor, out=out, casting="unsafe") if factor != 1.0 else np.copyto(out, t.data)
+        return out
+    levels = t.data if t.bits == 8 else _int4_levels(t)
+    np.multiply(levels, np.asarray(t.scales, dtype=np.float64)[:, None] * factor, out=out)
+    return out
+
+
+def _int4_levels(t: TensorDelta) -> np.ndarray:
+    """The int4 levels as float32 [R, F] (exact; the unpacking lives in C++: unit scales give the levels)."""
+    R, F = t.shape
+    out = np.empty((R, F), np.float32)
+    K.decode_int4(np.ascontiguousarray(t.data), np.ones(R, np.float32), out)
+    return out
 
 
 def _levels(t: TensorDelta) -> np.ndarray:
     """The integer levels of a quantised tensor as float64 [R, F] (exact: |level| <= 127)."""
-    R, F = t.shape
-    if t.bits == 8:
-        return np.asarray(t.data, dtype=np.float64).reshape(R, F)
-    out = np.empty((R, F), np.float32)  # the int4 unpacking lives in C++; unit scales give the levels
-    K.decode_int4(np.ascontiguousarray(t.data), np.ones(R, np.float32), out)
-    return out.astype(np.float64)
+    src = t.data if t.bits == 8 else _int4_levels(t)
+    return np.asarray(src, dtype=np.float64).reshape(t.shape)
 
 
 def measure_update(update: Update):
