@@ -100,6 +100,8 @@ class _Buffered:
     update: Update
     norm: float        # decoded L2 norm (float64), measured on arrival
     samples: int       # num_samples after the caps
+    task_id: str = ""  # the task it delivered (an update may name none: the driver matched it)
+    device_id: str = ""  # who delivered it (an update may leave its own device_id empty)
 
 
 @dataclass
@@ -353,7 +355,7 @@ class RoundDriver:
         self.accepted += 1
         if device_id in self.devices:
             self.devices[device_id].accepted += 1
-        self._buffer.append(_Buffered(update, norm, samples))
+        self._buffer.append(_Buffered(update, norm, samples, tid, device_id))
         report = None
         if self.strategy.synchronous:
             self._cohort.discard(device_id)
@@ -461,7 +463,8 @@ class RoundDriver:
         if len(samples) != len(buffer):
             raise ValueError(f"checkpoint holds {len(buffer)} buffered updates but {len(samples)} sample counts")
         self.version = version
-        self._buffer = [_Buffered(u, measure_update(u)[0], int(n)) for u, n in zip(buffer, samples)]
+        self._buffer = [_Buffered(u, measure_update(u)[0], int(n), u.task_id, u.device_id)
+                        for u, n in zip(buffer, samples)]
         self._round, self._task_counter = int(meta["round"]), int(meta["task_counter"])
         self._outstanding = {t: _TaskRecord(str(d), int(v), int(r)) for t, (d, v, r) in meta["outstanding"].items()}
         recent = meta["recent_tasks"] if fmt != 1 else list(meta["consumed"].items())
@@ -564,7 +567,7 @@ class RoundDriver:
     def _drop(self, entries: List["_Buffered"], reason: str, message: str) -> None:
         for e in entries:
             self.dropped[reason] += 1
-            d = Dropped(e.update.task_id, e.update.device_id, reason, message)
+            d = Dropped(e.task_id or e.update.task_id, e.device_id or e.update.device_id, reason, message)
             self._drops.append(d)
             self._call_drops.append(d)
 
