@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import _kernels as K
 from .graph import Model
 from .subset import Subset
-from .update import Update, decode_tensor
+from .update import Update, decode_tensor64
 
 
 @dataclass
@@ -39,6 +39,8 @@ class MergeReport:
     factors: Dict[str, List[float]] = field(default_factory=dict)  # FTTE: "age", "variance", "data"
     partial: bool = False           # merged fewer than buffer_size updates (shutdown / shrunk cohort)
     version: int = -1
+    clip: List[float] = field(default_factory=list)   # per update: its norm clip factor (1 = not clipped)
+    norms: List[float] = field(default_factory=list)  # per update: its decoded L2 norm (the driver fills it)
 
     @property
     def mean_staleness(self) -> float:
@@ -48,6 +50,25 @@ class MergeReport:
         d = dict(self.__dict__)
         d["mean_staleness"] = self.mean_staleness
         return d
+
+
+class MergeRefused(ValueError):
+    """The merge would leave a non-finite model; nothing was written.
+
+    ``culprits``: indices (into the merged updates) of those that alone make it non-finite;
+    empty when only their combination does.
+    """
+
+    def __init__(self, message: str, culprits: Sequence[int] = ()):
+        super().__init__(message)
+        self.culprits = list(culprits)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _fits_float32(a: np.ndarray) -> bool:
+    return bool(np.all(np.isfinite(a))) and (a.size == 0 or float(np.max(np.abs(a))) <= FLOAT32_MAX)
 
 
 class Strategy:
@@ -73,61 +94,116 @@ class Strategy:
             return hub_subset
         return Subset.full(model)
 
-    def weights(self, updates: Sequence[Update], current_version: int) -> np.ndarray:
+    def params(self) -> Dict[str, object]:
+        """The strategy's settings, JSON-able (part of the round driver's policy)."""
+        return {"name": self.name, "buffer_size": self.buffer_size, "server_lr": self.server_lr, "bits": self.bits}
+
+    # -- weighting: pure functions of the buffer -------------------------------------------------
+    def weighting(self, updates: Sequence[Update], current_version: int, samples: Optional[Sequence[float]] = None,
+                  clip: Optional[Sequence[float]] = None) -> Tuple[np.ndarray, Dict[str, List[float]]]:
+        """(w, factors): the merge weights (float64) and what they were built from, for the report.
+
+        ``samples``: the sample counts to weigh by (the driver's capped counts; default each
+        update's ``num_samples``). ``clip``: per-update norm clip factors in [0, 1] (default 1);
+        the merge multiplies each update's step by its factor, and FTTE's variance factor is
+        measured on the clipped deltas.
+        """
         raise NotImplementedError
 
-    def _factors(self, updates, current_version) -> Dict[str, List[float]]:
-        return {}
+    def weights(self, updates: Sequence[Update], current_version: int, samples=None, clip=None) -> np.ndarray:
+        return self.weighting(updates, current_version, samples, clip)[0]
 
-    def step_scale(self, updates: Sequence[Update], current_version: int) -> float:
+    def step_scale(self, updates: Sequence[Update], current_version: int, samples=None) -> float:
         """Multiplies the whole merge step (1: the weights alone set its size)."""
         return 1.0
 
-    def merge(self, model: Model, subset: Subset, updates: Sequence[Update], current_version: int) -> MergeReport:
-        """model[subset] += server_lr * sum_k w_k * delta_k, one fused kernel call per tensor.
+    def merge(self, model: Model, subset: Subset, updates: Sequence[Update], current_version: int,
+              samples: Optional[Sequence[float]] = None, clip: Optional[Sequence[float]] = None) -> MergeReport:
+        """model[subset] += server_lr * g * sum_k clip_k * w_k * delta_k, all or nothing.
 
-        ``updates`` must already have passed ``check_update`` (the driver does that on arrival).
+        Each tensor is merged by the fused C++ kernel into a float32 scratch copy; only when every
+        tensor's result is finite is anything written to the model. Otherwise ``MergeRefused``
+        (naming the updates that alone overflow) and the model is untouched. ``updates`` must
+        already have passed ``check_update`` (the driver does that on arrival).
         """
         updates = list(updates)
         if not updates:
             raise ValueError(f"{self.name}: nothing to merge")
-        w = np.asarray(self.weights(updates, current_version), dtype=np.float64)
+        n = _sample_counts(updates, samples)
+        c = _clip(updates, clip)
+        w, factors = self.weighting(updates, current_version, n, c)
+        w = np.asarray(w, dtype=np.float64)
         if w.shape != (len(updates),) or not np.all(np.isfinite(w)):
             raise ValueError(f"{self.name}: weights must be {len(updates)} finite numbers, got {w}")
-        alphas = (self.server_lr * self.step_scale(updates, current_version) * w).astype(np.float32)
-        sq = 0.0
-        for i, (key, layer, view, rows) in enumerate(subset.tensors(model)):
-            # the kernel writes through `view`; a reshape that had to copy would lose the merge
+        alphas64 = self.server_lr * self.step_scale(updates, current_version, n) * w * c
+        if not _fits_float32(alphas64):
+            raise MergeRefused(f"{self.name}: merge weights are not finite float32 numbers ({alphas64.tolist()})")
+        alphas = alphas64.astype(np.float32)
+        tensors = subset.tensors(model)
+        merged = []
+        for i, (key, layer, view, rows) in enumerate(tensors):
+            # the write below goes through `view`; a reshape that had to copy would lose the merge
             assert np.may_share_memory(view, layer.weight if key.endswith(".weight") else layer.bias), key
-            before = view[rows] if rows is not None else view.copy()  # a copy either way
             parts = [u.tensors[i] for u in updates]
             if any(p.key != key for p in parts):
                 raise ValueError(f"{self.name}: update tensors are not in the subset's order at {key!r}")
+            scratch = np.array(view[rows] if rows is not None else view, dtype=np.float32, order="C", copy=True)
             for bits in sorted({p.bits for p in parts}):  # one call per tensor unless a buffer mixes bit widths
                 idx = [k for k, p in enumerate(parts) if p.bits == bits]
                 a = np.ascontiguousarray(alphas[idx])
                 if bits == 32:
-                    K.merge_float(view, rows, [parts[k].data for k in idx], a)
+                    K.merge_float(scratch, None, [parts[k].data for k in idx], a)
                 else:
                     fn = K.merge_int8 if bits == 8 else K.merge_int4
-                    fn(view, rows, [parts[k].data for k in idx], [parts[k].scales for k in idx], a)
-            before -= view[rows] if rows is not None else view
-            sq += float(np.einsum("ij,ij->", before, before, dtype=np.float64))
-        n = np.array([u.num_samples for u in updates], dtype=np.float64)
+                    fn(scratch, None, [parts[k].data for k in idx], [parts[k].scales for k in idx], a)
+            if not np.all(np.isfinite(scratch)):
+                raise MergeRefused(f"{self.name}: the merge makes {key!r} non-finite; the model is kept",
+                                   _overflowing(view, rows, parts, alphas64, i))
+            merged.append(scratch)
+        sq = 0.0
+        for (key, layer, view, rows), new in zip(tensors, merged):  # every tensor is finite: write them all
+            diff = new.astype(np.float64) - (view[rows] if rows is not None else view)
+            sq += float(np.einsum("ij,ij->", diff, diff))
+            if rows is None:
+                view[...] = new
+            else:
+                view[rows] = new
         losses = np.array([u.loss for u in updates], dtype=np.float64)
         return MergeReport(
             strategy=self.name, num_updates=len(updates), weights=w.tolist(), alphas=alphas.astype(float).tolist(),
             staleness=[int(current_version - u.base_version) for u in updates], num_samples=int(n.sum()),
             mean_loss=float((n * losses).sum() / n.sum()), update_norm=math.sqrt(sq),
             device_ids=[u.device_id for u in updates], task_ids=[u.task_id for u in updates],
-            factors=self._factors(updates, current_version),
-            partial=len(updates) < self.buffer_size)
+            factors=factors, partial=len(updates) < self.buffer_size, clip=c.tolist())
 
     def describe(self) -> str:
         return f"{self.name}(K={self.buffer_size}, server_lr={self.server_lr})"
 
     def __repr__(self) -> str:
         return self.describe()
+
+
+def _sample_counts(updates: Sequence[Update], samples) -> np.ndarray:
+    n = np.array([u.num_samples for u in updates] if samples is None else list(samples), dtype=np.float64)
+    if n.shape != (len(updates),) or not np.all(np.isfinite(n)) or np.any(n <= 0):
+        raise ValueError(f"sample counts must be {len(updates)} positive finite numbers, got {n.tolist()}")
+    return n
+
+
+def _clip(updates: Sequence[Update], clip) -> np.ndarray:
+    if clip is None:
+        return np.ones(len(updates))
+    c = np.asarray(list(clip), dtype=np.float64)
+    if c.shape != (len(updates),) or not np.all(np.isfinite(c)) or np.any(c < 0) or np.any(c > 1):
+        raise ValueError(f"clip factors must be {len(updates)} numbers in [0, 1], got {c.tolist()}")
+    return c
+
+
+def _overflowing(view, rows, parts, alphas64, i) -> List[int]:
+    """The updates whose own step, alone on the current values, leaves float32's finite range."""
+    base = np.asarray(view[rows] if rows is not None else view, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return [k for k, p in enumerate(parts) if not _fits_float32(base + alphas64[k] * decode_tensor64(p))]
 
 
 def _staleness(updates: Sequence[Update], current_version: int) -> np.ndarray:
@@ -141,7 +217,8 @@ class FTTE(Strategy):
     """Sparse subset, int8 (or int4) deltas, buffer of K, weight = data x age x variance (our design).
 
     w_k ∝ n_k · (1 + τ_k)^(-a) · 1 / (1 + b·d_k), normalised to sum 1, where
-    d_k = ||D_k - D̄||² / mean_j ||D_j - D̄||² and D̄ = Σ_j n_j D_j / Σ_j n_j (decoded deltas).
+    d_k = ||D_k - D̄||² / mean_j ||D_j - D̄||² and D̄ = Σ_j n_j D_j / Σ_j n_j (decoded deltas, in
+    float64, each times its clip factor).
     The step is then scaled by the buffer's sample-weighted mean age factor
     g = Σ n_k (1 + τ_k)^(-a) / Σ n_k, so a buffer of stale updates moves the model less (with
     normalised weights alone, ten equally stale updates would still take a full step).
@@ -163,9 +240,13 @@ class FTTE(Strategy):
         self.age, self.variance = bool(age), bool(variance)
         self.age_exponent, self.variance_strength = float(age_exponent), float(variance_strength)
 
-    # Relative spread below which the buffer's deltas count as identical (float32 round-off of the
-    # weighted mean is ~1e-7 relative; squared distances at that level are noise, not signal).
+    # Relative spread below which the buffer's deltas count as identical (squared distances this
+    # small relative to the deltas' energy are quantisation round-off, not disagreement).
     SPREAD_FLOOR = 1e-10
+
+    def params(self) -> Dict[str, object]:
+        return {**super().params(), "age": self.age, "variance": self.variance,
+                "age_exponent": self.age_exponent, "variance_strength": self.variance_strength}
 
     def age_factors(self, updates: Sequence[Update], current_version: int) -> np.ndarray:
         tau = _staleness(updates, current_version)
@@ -173,64 +254,53 @@ class FTTE(Strategy):
             return np.ones_like(tau)
         return (1.0 + tau) ** (-self.age_exponent)
 
-    def outlier_distances(self, updates: Sequence[Update]) -> np.ndarray:
-        """d_k: squared distance of each decoded delta from the sample-weighted mean, over the mean of those."""
+    def outlier_distances(self, updates: Sequence[Update], samples=None, clip=None) -> np.ndarray:
+        """d_k: squared distance of each decoded delta from the sample-weighted mean, over the mean of those.
+
+        Decoded and accumulated in float64, one tensor at a time: float32 squares overflow for a
+        delta of ~1e19, which turned this factor off for exactly the updates it must catch.
+        """
         K_ = len(updates)
         if K_ < 2:
             return np.zeros(K_)
-        p = np.array([u.num_samples for u in updates], dtype=np.float64)
-        p = (p / p.sum()).astype(np.float32)
-        dist = np.zeros(K_)
-        energy = 0.0
+        n = _sample_counts(updates, samples)
+        c = _clip(updates, clip)
+        p = n / n.sum()
+        # Gram matrix of the (clipped) decoded deltas, G[k, l] = <D_k, D_l>, summed over tensors:
+        # one BLAS product per tensor, and then every distance to the weighted mean follows from G
+        # (||D_k - mean||^2 = G_kk - 2 (G p)_k + p'Gp). float64 keeps the cancellation error at
+        # ~1e-16 of the energy, far below SPREAD_FLOOR.
+        G = np.zeros((K_, K_))
         for i in range(len(updates[0].tensors)):
             R, F = updates[0].tensors[i].shape
-            D = np.empty((K_, R * F), np.float32)  # decoded in place by the C++ decoders, one tensor at a time
+            D = np.empty((K_, R, F), np.float64)
             for k, u in enumerate(updates):
-                decode_tensor(u.tensors[i], out=D[k].reshape(R, F))
-            energy += sum(float(np.dot(row, row)) for row in D) / K_
-            mean = p[0] * D[0]
-            for k in range(1, K_):  # K axpys: far faster here than numpy's float32 vector-matrix product
-                mean += p[k] * D[k]
-            D -= mean  # float32 differences: their error stays at ulp level of the deltas
-            dist += [float(np.dot(row, row)) for row in D]
-        spread = dist.mean()
-        if energy == 0.0 or spread <= self.SPREAD_FLOOR * energy:
+                decode_tensor64(u.tensors[i], out=D[k], factor=float(c[k]))
+            D = D.reshape(K_, R * F)
+            G += D @ D.T
+        energy = float(np.trace(G)) / K_
+        Gp = G @ p
+        dist = np.maximum(np.diag(G) - 2.0 * Gp + float(p @ Gp), 0.0)
+        spread = float(dist.mean())
+        if not math.isfinite(spread) or energy == 0.0 or spread <= self.SPREAD_FLOOR * energy:
             return np.zeros(K_)
         return dist / spread
 
-    def variance_factors(self, updates: Sequence[Update]) -> np.ndarray:
+    def variance_factors(self, updates: Sequence[Update], samples=None, clip=None) -> np.ndarray:
         if not self.variance:
             return np.ones(len(updates))
-        return 1.0 / (1.0 + self.variance_strength * self.outlier_distances(updates))
+        return 1.0 / (1.0 + self.variance_strength * self.outlier_distances(updates, samples, clip))
 
-    def step_scale(self, updates: Sequence[Update], current_version: int) -> float:
-        data = np.array([u.num_samples for u in updates], dtype=np.float64)
+    def step_scale(self, updates: Sequence[Update], current_version: int, samples=None) -> float:
+        data = _sample_counts(updates, samples)
         return float(np.dot(data, self.age_factors(updates, current_version)) / data.sum())
 
-    def _all_factors(self, updates, current_version):
-        data = np.array([u.num_samples for u in updates], dtype=np.float64)
-        return data, self.age_factors(updates, current_version), self.variance_factors(updates)
-
-    def weights(self, updates: Sequence[Update], current_version: int) -> np.ndarray:
-        cached = self._cached
-        data, age, var = cached if cached is not None else self._all_factors(updates, current_version)
+    def weighting(self, updates, current_version, samples=None, clip=None):
+        data = _sample_counts(updates, samples)
+        age = self.age_factors(updates, current_version)
+        var = self.variance_factors(updates, data, clip)
         raw = data * age * var
-        return raw / raw.sum()
-
-    def merge(self, model, subset, updates, current_version):
-        # weights() and the report both need the factors; compute them once (the variance pass decodes).
-        data, age, var = self._all_factors(list(updates), current_version)
-        self._cached = (data, age, var)
-        try:
-            return super().merge(model, subset, updates, current_version)
-        finally:
-            self._cached = None
-
-    _cached = None
-
-    def _factors(self, updates, current_version):
-        data, age, var = self._cached if self._cached is not None else self._all_factors(updates, current_version)
-        return {"data": data.tolist(), "age": age.tolist(), "variance": var.tolist()}
+        return raw / raw.sum(), {"data": data.tolist(), "age": age.tolist(), "variance": var.tolist()}
 
     def describe(self) -> str:
         return (f"{self.name}(K={self.buffer_size}, server_lr={self.server_lr}, bits={self.bits}, "
@@ -246,9 +316,9 @@ class FedBuff(Strategy):
     synchronous = False
     bits = 32
 
-    def weights(self, updates: Sequence[Update], current_version: int) -> np.ndarray:
+    def weighting(self, updates, current_version, samples=None, clip=None):
         tau = _staleness(updates, current_version)
-        return 1.0 / np.sqrt(1.0 + tau) / len(updates)
+        return 1.0 / np.sqrt(1.0 + tau) / len(updates), {}
 
 
 class FedAvg(Strategy):
@@ -266,9 +336,9 @@ class FedAvg(Strategy):
     def cohort_size(self) -> int:
         return self.buffer_size
 
-    def weights(self, updates: Sequence[Update], current_version: int) -> np.ndarray:
-        n = np.array([u.num_samples for u in updates], dtype=np.float64)
-        return n / n.sum()
+    def weighting(self, updates, current_version, samples=None, clip=None):
+        n = _sample_counts(updates, samples)
+        return n / n.sum(), {}
 
 
 STRATEGIES = ("ftte", "ftte-noage", "ftte-novar", "fedbuff", "fedavg")

@@ -383,3 +383,52 @@ def decode_tensor(t: TensorDelta, out: Optional[np.ndarray] = None) -> np.ndarra
 def decode_update(update: Update) -> Dict[str, np.ndarray]:
     """{key: float32 [R, F] delta} (for statistics and tests; the merge never materialises this)."""
     return {t.key: decode_tensor(t) for t in update.tensors}
+
+
+def decode_tensor64(t: TensorDelta, out: Optional[np.ndarray] = None, factor: float = 1.0) -> np.ndarray:
+    """The float64 [R, F] delta (times ``factor``; into ``out`` if given): levels times scales
+    multiplied in float64, so a huge row scale cannot overflow here (float32 would: 3.4e38 x 127
+    is inf)."""
+    R, F = t.shape
+    if out is None:
+        out = np.empty((R, F), np.float64)
+    if t.bits == 32:
+        np.multiply(t.data, factor, out=out, casting="unsafe") if factor != 1.0 else np.copyto(out, t.data)
+        return out
+    levels = t.data if t.bits == 8 else _int4_levels(t)
+    np.multiply(levels, np.asarray(t.scales, dtype=np.float64)[:, None] * factor, out=out)
+    return out
+
+
+def _int4_levels(t: TensorDelta) -> np.ndarray:
+    """The int4 levels as float32 [R, F] (exact; the unpacking lives in C++: unit scales give the levels)."""
+    R, F = t.shape
+    out = np.empty((R, F), np.float32)
+    K.decode_int4(np.ascontiguousarray(t.data), np.ones(R, np.float32), out)
+    return out
+
+
+def _levels(t: TensorDelta) -> np.ndarray:
+    """The integer levels of a quantised tensor as float64 [R, F] (exact: |level| <= 127)."""
+    src = t.data if t.bits == 8 else _int4_levels(t)
+    return np.asarray(src, dtype=np.float64).reshape(t.shape)
+
+
+def measure_update(update: Update):
+    """(L2 norm, largest |value|) of the decoded delta, both computed in float64.
+
+    Cheap: for quantised rows ||row||^2 = scale^2 * sum(level^2), so nothing is materialised
+    beyond the levels of one tensor. A non-finite result means the update cannot be decoded.
+    """
+    sq, peak = 0.0, 0.0
+    for t in update.tensors:
+        if t.bits == 32:
+            d = np.asarray(t.data, dtype=np.float64)
+            sq += float(np.einsum("ij,ij->", d, d))
+            peak = max(peak, float(np.max(np.abs(d))) if d.size else 0.0)
+            continue
+        lv = _levels(t)
+        s = np.asarray(t.scales, dtype=np.float64)
+        sq += float(np.dot(s * s, np.einsum("ij,ij->i", lv, lv)))
+        peak = max(peak, float(np.max(s * np.max(np.abs(lv), axis=1))) if lv.size else 0.0)
+    return math.sqrt(sq) if math.isfinite(sq) else math.inf, peak
