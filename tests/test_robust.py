@@ -528,3 +528,46 @@ def test_fedavg_does_not_wait_for_a_member_whose_update_was_rejected():
     assert not a.accepted and a.reason == "overflow"
     assert a.merge is not None and a.merge.partial and a.merge.device_ids == ["a", "b"] and d.version == 1
     assert d.device_idle("bad").base_version == 1  # a new round, not the old task again
+
+
+# -- the run's end is not a verdict on an update ---------------------------------------------------------
+def test_updates_after_the_end_are_not_counted_as_rejections():
+    d = _driver("ftte", k=3)
+    t = d.device_idle("a")
+    u = _work(d, t)
+    d.shutdown()
+    arrival = d.update_arrived("a", u)
+    assert not arrival.accepted and arrival.reason == "shutdown"
+    stats = d.stats()
+    assert stats["rejected"] == 0 and stats["after_end"] == 1
+    resumed = _driver("ftte", k=3)
+    resumed.load_state_dict(d.state_dict())
+    assert resumed.after_end == 1
+
+
+# -- the hub's journal: a join carries the declared sample count, so a replay caps the same way ---------
+def test_hub_journal_replays_a_join_with_its_declared_sample_cap(tmp_path):
+    from ftte_hub.coordinator import Coordinator
+
+    def run(replay_from=None):
+        d = _driver("ftte", k=3)
+        c = Coordinator(d, tmp_path)
+        if replay_from is not None:
+            c.replay(replay_from)
+            return d, c
+        c.open_journal()
+        c.joined("liar", {"samples": 20})
+        c.joined("honest", {"samples": 10})
+        for dev, seed, n in (("liar", 1, 1 << 40), ("honest", 2, 10)):
+            t = c.task_for(dev)
+            raw = _work(d, t, seed=seed, samples=n)
+            arrival, _j, _s = c.update_from(dev, raw, raw.to_bytes(), 100)
+            assert arrival.accepted
+        c.journal.close_now()
+        return d, c
+
+    live, live_c = run()
+    assert live_c.agents["liar"]["samples"] <= 20  # the inflated count never reaches the per-agent stats
+    replayed, rep_c = run(replay_from=0)
+    assert [e.samples for e in replayed._buffer] == [e.samples for e in live._buffer]
+    assert rep_c.agents["liar"]["samples"] == live_c.agents["liar"]["samples"]

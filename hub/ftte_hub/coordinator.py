@@ -15,7 +15,8 @@ import asyncio
 import logging
 from typing import Any, Callable, Dict, Optional
 
-from ftte_core.scheduler import Arrival, RoundDriver, Task
+from ftte_core.robust import declared_samples
+from ftte_core.scheduler import AFTER_END, Arrival, RoundDriver, Task
 from ftte_core.strategies import MergeReport
 from ftte_core.update import Update, UpdateError
 
@@ -91,7 +92,10 @@ class Coordinator:
 
     # -- events ----------------------------------------------------------------------------------
     def joined(self, agent_id: str, info: Dict[str, Any]) -> None:
-        """A usable agent is in session (not journaled: ``device_idle`` re-joins a device on replay)."""
+        """A usable agent is in session. Journaled with the sample count it declared: the driver caps
+        that device's updates by it, so a replay must know it to weigh them the same way."""
+        declared = declared_samples(info)
+        self._log({"e": "join", "dev": agent_id, **({"samples": declared} if declared is not None else {})})
         try:
             self.driver.device_joined(agent_id, info)
         except Exception as e:
@@ -118,9 +122,10 @@ class Coordinator:
         st = self.stats_for(agent_id)
         if arrival.accepted:
             st["accepted"] += 1
-            st["samples"] += int(update.num_samples)
-        else:
+            st["samples"] += int(arrival.samples)  # after the driver's caps: an inflated count stays out
+        elif arrival.reason not in AFTER_END:
             st["rejected"] += 1
+        self._log_dropped(arrival.dropped)
         if arrival.merge is not None:
             if not self.replaying:
                 self.open_journal()  # events from here on belong to the new version's checkpoint
@@ -136,6 +141,15 @@ class Coordinator:
             raise _driver_failure(f"on a malformed update from {agent_id}", e) from None
         self.stats_for(agent_id)["rejected"] += 1
         return seq
+
+    def _log_dropped(self, dropped) -> None:
+        """Acknowledged updates that a refused or failed merge dropped: one line each, counted per agent."""
+        for d in list(dropped or ()) + self.driver.take_dropped():
+            st = self.stats_for(d.device_id)
+            st["dropped"] = st.get("dropped", 0) + 1
+            if not self.replaying:
+                event("update_dropped", f"update {d.task_id} from {st.get('name') or d.device_id} dropped at the "
+                      f"merge ({d.reason}): {d.message}", logging.WARNING)
 
     def _merged(self, report: MergeReport) -> None:
         try:
@@ -154,6 +168,7 @@ class Coordinator:
             report = self.driver.device_gone(agent_id)
         except Exception as e:
             raise _driver_failure(f"when {agent_id} left", e) from None
+        self._log_dropped(())
         if report is not None:
             if not self.replaying:
                 self.open_journal()
@@ -183,6 +198,9 @@ class Coordinator:
                     self.update_from(dev, update, blob, int(header.get("nbytes", len(blob))))
                 elif kind == "gone":
                     self.gone(dev)
+                elif kind == "join":
+                    samples = header.get("samples")
+                    self.joined(dev, {"samples": samples} if isinstance(samples, int) else {})
                 elif kind == "malformed":
                     self.malformed_from(dev, str(header.get("msg", "")), int(header.get("nbytes", 0)))
                 else:
@@ -194,5 +212,9 @@ class Coordinator:
 
 
 def log_rejection(agent: str, arrival: Arrival) -> None:
+    if arrival.reason in AFTER_END:
+        event("update_after_end", f"update {arrival.task_id or '?'} from {agent} came after the run ended "
+              f"({arrival.reason}); not used", logging.INFO)
+        return
     event("update_rejected", f"update {arrival.task_id or '?'} from {agent} rejected ({arrival.reason}): "
           f"{arrival.message}", logging.WARNING)

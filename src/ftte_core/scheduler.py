@@ -85,6 +85,9 @@ class Arrival:
     dropped: List["Dropped"] = field(default_factory=list)  # accepted updates a refused/failed merge dropped
 
 
+AFTER_END = ("shutdown", "done")   # reasons an update is refused only because the run had ended
+
+
 @dataclass
 class Dropped:
     """An accepted (acknowledged) update that a refused or failed merge dropped, never merged."""
@@ -191,6 +194,7 @@ class RoundDriver:
         self._staleness_sum = 0
         self.accepted = 0
         self.rejected: Counter = Counter()
+        self.after_end = 0                    # updates that arrived after the run ended: not judged, not rejections
         self.dropped: Counter = Counter()     # accepted (acknowledged), then dropped by a refused/failed merge
         self.merge_failures = 0
         self.clipped = 0                      # merged updates whose norm was clipped
@@ -223,7 +227,8 @@ class RoundDriver:
             "strategy": self.strategy.name, "version": self.version, "merges": self.merges,
             "merged_updates": self.merged_updates, "mean_staleness": self.mean_staleness,
             "accepted": self.accepted, "rejected": sum(self.rejected.values()),
-            "rejected_by_reason": dict(self.rejected), "dropped": sum(self.dropped.values()),
+            "rejected_by_reason": dict(self.rejected), "after_end": self.after_end,
+            "dropped": sum(self.dropped.values()),
             "dropped_by_reason": dict(self.dropped), "merge_failures": self.merge_failures,
             "clipped": self.clipped, "samples_capped": self.samples_capped, "tasks_issued": self.tasks_issued,
             "outstanding_tasks": len(self._outstanding), "buffered": len(self._buffer),
@@ -420,7 +425,8 @@ class RoundDriver:
             "recent_tasks": [[t, why] for t, why in self._recent.items()],
             "cohort": sorted(self._cohort), "cohort_open": self._cohort_open,
             "merges": self.merges, "merged_updates": self.merged_updates, "staleness_sum": self._staleness_sum,
-            "accepted": self.accepted, "rejected": dict(self.rejected), "dropped": dict(self.dropped),
+            "accepted": self.accepted, "rejected": dict(self.rejected), "after_end": self.after_end,
+            "dropped": dict(self.dropped),
             "merge_failures": self.merge_failures, "clipped": self.clipped, "samples_capped": self.samples_capped,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "tasks_issued": self.tasks_issued,
             "closed": self.closed, "norm_window": self._norms.to_list(), "sample_window": self._sample_counts.to_list(),
@@ -474,6 +480,7 @@ class RoundDriver:
         self.merges, self.merged_updates = int(meta["merges"]), int(meta["merged_updates"])
         self._staleness_sum, self.accepted = int(meta["staleness_sum"]), int(meta["accepted"])
         self.rejected = Counter(meta["rejected"])
+        self.after_end = int(meta.get("after_end", 0))
         self.dropped = Counter(meta.get("dropped", {}))
         self.merge_failures = int(meta.get("merge_failures", 0))
         self.clipped, self.samples_capped = int(meta.get("clipped", 0)), int(meta.get("samples_capped", 0))
@@ -559,6 +566,9 @@ class RoundDriver:
             self._expire(tid)
 
     def _reject(self, device_id: str, reason: str, message: str, tid: str) -> Arrival:
+        if reason in AFTER_END:  # the run was over when it came: says nothing about the update or its device
+            self.after_end += 1
+            return Arrival(False, reason=reason, message=message, task_id=tid)
         self.rejected[reason] += 1
         dev = self.devices.get(device_id)
         if dev is not None:
