@@ -30,34 +30,10 @@ MAX_SLOWDOWN = 200.0
 
 
 def _measure_gflops() -> float:
-    try:
-        from ftte_agent.device import measure_speed
-    except ImportError:  # no agent package: the same benchmark from the engine alone
-        return _engine_benchmark()
+    from ftte_agent.device import measure_speed
+
     # best of three: a neighbouring process stealing the core makes one sample slow, not the machine
     return max(measure_speed(0.2) for _ in range(3))
-
-
-def _engine_benchmark(seconds: float = 0.2) -> float:
-    import numpy as np
-
-    from ftte_core.cost import training_flops
-    from ftte_core.trainer import Trainer
-    from ftte_core.zoo import zoo
-
-    model = zoo("mlp", (64,), 10, seed=0)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((32, 64)).astype(np.float32)
-    y = rng.integers(0, 10, 32).astype(np.int32)
-    trainer = Trainer(model, lr=0.01)
-    trainer.step(x, y)
-    steps, start = 0, time.perf_counter()
-    while True:
-        trainer.step(x, y)
-        steps += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return training_flops(model, batch_size=32) * steps / elapsed / 1e9
 
 
 @functools.lru_cache(maxsize=None)
