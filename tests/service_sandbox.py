@@ -20,7 +20,6 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import re
 import shutil
 import socket
 import subprocess

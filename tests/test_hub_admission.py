@@ -180,7 +180,6 @@ def test_hostile_agent_infos_cost_one_line_each_and_the_run_goes_on(tmp_path, ca
     with caplog.at_level(logging.INFO, logger="ftte_hub"):
         summary, bad = asyncio.run(main())
     assert summary["version"] == 3
-    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     for a in bad:
         assert a.connections >= 1 and a.not_used is not None  # it was told why (ERROR)
         mine = [r for r in caplog.records if f":{a.port} refused" in r.getMessage()]

@@ -126,7 +126,7 @@ def test_num_samples_is_capped_by_the_declared_count_and_the_fleet_cap():
     for dev in ("a", "b", "bad"):
         d.device_joined(dev, {"samples": 100})
     a1 = _deliver(d, "a", seed=1, samples=100)
-    a2 = _deliver(d, "b", seed=2, samples=100)
+    _deliver(d, "b", seed=2, samples=100)
     a3 = _deliver(d, "bad", seed=3, samples=(1 << 62) - 1)  # the largest count the wire format allows
     assert a1.samples == 100 and a3.accepted and a3.samples == 100
     assert a3.merge is not None and a3.merge.num_samples == 300
