@@ -12,6 +12,7 @@ from ftte_hub import fleet as fleet_mod
 from ftte_hub.fleet import parse_agent_info
 from ftte_hub.train import TrainConfig, TrainError, run_train
 
+from slowdev import scaled
 from test_hub_fakes import FakeAgent, digits_split
 
 pytest.importorskip("onnx", reason="the hub needs the onnx package (none for armv7)")
@@ -23,7 +24,7 @@ def _cfg(tmp_path, val, peers, **kw):
     p = tmp_path / "val.npz"
     ftdata.save_npz(p, val)
     base = dict(model="mlp", val_data=str(p), out=str(tmp_path / "run"), peers=peers, mdns=False, buffer=2,
-                max_versions=3, batch_size=16, wait_timeout=20.0)
+                max_versions=3, batch_size=16, wait_timeout=scaled(20.0))
     base.update(kw)
     return TrainConfig(**base)
 
@@ -69,7 +70,7 @@ def test_too_small_agents_are_not_used_and_the_run_goes_on(tmp_path, caplog):
         for a in agents:
             await a.start()
         try:
-            s = await asyncio.wait_for(run_train(_cfg(tmp_path, val, [a.address for a in agents], min_agents=1), KEY), 120)
+            s = await asyncio.wait_for(run_train(_cfg(tmp_path, val, [a.address for a in agents], min_agents=1), KEY), scaled(120))
             return s, agents
         finally:
             for a in agents:
@@ -116,7 +117,7 @@ def test_agent_with_mismatched_data_is_not_used_with_one_line(tmp_path, caplog):
         for a in agents:
             await a.start()
         try:
-            s = await asyncio.wait_for(run_train(_cfg(tmp_path, val, [a.address for a in agents], min_agents=1), KEY), 120)
+            s = await asyncio.wait_for(run_train(_cfg(tmp_path, val, [a.address for a in agents], min_agents=1), KEY), scaled(120))
             return s, agents
         finally:
             for a in agents:
@@ -172,7 +173,7 @@ def test_hostile_agent_infos_cost_one_line_each_and_the_run_goes_on(tmp_path, ca
             await a.start()
         try:
             cfg = _cfg(tmp_path, val, [good.address] + [a.address for a in bad], min_agents=1)
-            return await asyncio.wait_for(run_train(cfg, KEY), 120), bad
+            return await asyncio.wait_for(run_train(cfg, KEY), scaled(120)), bad
         finally:
             for a in [good] + bad:
                 await a.close()
@@ -255,7 +256,7 @@ def test_validation_data_with_fewer_classes_than_the_agents_is_a_warning(tmp_pat
             await a.start()
         try:
             cfg = _cfg(tmp_path, few, [a.address for a in agents], min_agents=2, model=str(path))
-            return await asyncio.wait_for(run_train(cfg, KEY), 120), agents
+            return await asyncio.wait_for(run_train(cfg, KEY), scaled(120)), agents
         finally:
             for a in agents:
                 await a.close()

@@ -20,19 +20,20 @@ from ftte_hub.cli import main as hub_cli
 from ftte_hub.fleet import Hooks
 from ftte_hub.train import TrainConfig, TrainError, run_train
 
+from slowdev import scaled
 from test_hub_fakes import FakeAgent, digits_split
 
 pytest.importorskip("onnx", reason="the hub needs the onnx package (none for armv7)")
 
 KEY = generate_key()
-BOUND = 120.0  # generous: only a hang reaches it
+BOUND = scaled(120.0)  # generous: only a hang reaches it
 
 
 def _cfg(tmp_path, val, peers, **kw):
     p = tmp_path / "val.npz"
     ftdata.save_npz(p, val)
     base = dict(model="mlp", val_data=str(p), out=str(tmp_path / "run"), peers=peers, mdns=False, buffer=2,
-                max_versions=4, batch_size=16, wait_timeout=20.0, min_agents=2)
+                max_versions=4, batch_size=16, wait_timeout=scaled(20.0), min_agents=2)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -198,7 +199,7 @@ def test_journal_path_that_is_a_directory_is_one_line_and_nonzero_exit(tmp_path)
         t.start()
         r = CliRunner().invoke(hub_cli, ["train", "--key", str(tmp_path / "fleet.key"), "--model", "mlp",
                                          "--val-data", str(tmp_path / "val.npz"), "--out", str(out), "--no-mdns",
-                                         "--peer", agent.address, "--wait-timeout", "20", "--batch-size", "16"])
+                                         "--peer", agent.address, "--wait-timeout", str(scaled(20)), "--batch-size", "16"])
     finally:
         loop.call_soon_threadsafe(loop.stop)
         t.join(10)

@@ -13,12 +13,13 @@ from ftte_hub import train as train_mod
 from ftte_hub.fleet import Hooks
 from ftte_hub.train import TrainConfig, TrainError, run_train
 
+from slowdev import scaled
 from test_hub_fakes import FakeAgent, digits_split
 
 pytest.importorskip("onnx", reason="the hub needs the onnx package (none for armv7)")
 
 KEY = generate_key()
-BOUND = 120.0
+BOUND = scaled(120.0)
 
 
 class Killed(Exception):
@@ -49,7 +50,7 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes_with_byte_totals(tmp
 
     def cfg(max_versions):
         return TrainConfig(model="mlp", val_data=str(vp), out=str(out), min_agents=3, mdns=False, buffer=2,
-                           max_versions=max_versions, lr=0.1, batch_size=16, wait_timeout=10.0,
+                           max_versions=max_versions, lr=0.1, batch_size=16, wait_timeout=scaled(10.0),
                            peers=[a.address for a in agents])
 
     fleets = []
@@ -116,7 +117,7 @@ def _crashed_run(tmp_path, monkeypatch, buffer=3):
 
     def cfg(**kw):
         base = dict(model="mlp", val_data=str(vp), out=str(out), min_agents=3, mdns=False, buffer=buffer,
-                    max_versions=1000, lr=0.1, batch_size=16, wait_timeout=10.0, peers=[a.address for a in agents])
+                    max_versions=1000, lr=0.1, batch_size=16, wait_timeout=scaled(10.0), peers=[a.address for a in agents])
         base.update(kw)
         return TrainConfig(**base)
 
