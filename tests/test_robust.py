@@ -571,3 +571,20 @@ def test_hub_journal_replays_a_join_with_its_declared_sample_cap(tmp_path):
     replayed, rep_c = run(replay_from=0)
     assert [e.samples for e in replayed._buffer] == [e.samples for e in live._buffer]
     assert rep_c.agents["liar"]["samples"] == live_c.agents["liar"]["samples"]
+
+
+def test_an_old_run_scoped_task_id_is_late_not_unknown(small_memory):
+    d = _driver("ftte", k=1)
+    d.task_prefix = "abcd1234-"  # what the hub sets: task ids unique across runs
+    first = d.device_idle("a")
+    assert first.id == "abcd1234-t1"
+    u = _work(d, first)
+    assert d.update_arrived("a", u).accepted
+    for i in range(80):  # past the 50 spent ids remembered by name
+        t = d.device_idle("a")
+        assert d.update_arrived("a", _work(d, t, seed=i + 1)).accepted
+    again = d.update_arrived("a", u)
+    assert not again.accepted and again.reason == "late", again
+    stranger = copy.copy(u)
+    stranger.task_id = "ffff0000-t1"  # another run's numbering: never ours
+    assert d.update_arrived("a", stranger).reason == "unknown_task"

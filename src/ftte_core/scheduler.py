@@ -333,7 +333,7 @@ class RoundDriver:
                 return self._reject(device_id, "duplicate", f"task {tid!r} was already delivered", tid)
             if spent == "expired":
                 return self._reject(device_id, "late", f"task {tid!r} expired before it was delivered", tid)
-            n = _task_number(tid)
+            n = _task_number(tid, self.task_prefix)
             if n is not None and n <= self._task_counter:
                 return self._reject(device_id, "late", f"task {tid!r} is no longer outstanding "
                                     f"(delivered or expired long ago)", tid)
@@ -656,9 +656,12 @@ def _one_line(e: BaseException) -> str:
     return (text[0] if text else type(e).__name__)[:200]
 
 
-def _task_number(tid: str) -> Optional[int]:
-    """The counter value of a task id this driver issues ("t17" -> 17), else None."""
-    if isinstance(tid, str) and 1 < len(tid) <= 20 and tid[0] == "t" and tid[1:].isdigit():
+def _task_number(tid: str, prefix: str = "") -> Optional[int]:
+    """The counter value of a task id this driver issues ("<prefix>t17" -> 17), else None."""
+    if not isinstance(tid, str) or not tid.startswith(prefix):
+        return None
+    tid = tid[len(prefix):]
+    if 1 < len(tid) <= 20 and tid[0] == "t" and tid[1:].isdigit():
         return int(tid[1:])
     return None
 
