@@ -1,0 +1,196 @@
+// Broadcast elementwise kernels and channel concat. Forward tasks are fixed blocks of rows of
+// independent elements; each reduced entry of a broadcast gradient is summed by one task in
+// a's memory order, so no result depends on the thread count.
+#include "elementwise.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "parallel.h"
+
+namespace ftte {
+namespace {
+
+constexpr int64_t kBlock = 16384;
+
+// b's offset for the row `o` over all but the last merged axis.
+inline int64_t b_offset_of_row(const Broadcast& g, int64_t o) {
+  int64_t off = 0;
+  for (int64_t i = static_cast<int64_t>(g.dim.size()) - 2; i >= 0; --i) {
+    const int64_t d = g.dim[static_cast<size_t>(i)];
+    off += (o % d) * g.bstride[static_cast<size_t>(i)];
+    o /= d;
+  }
+  return off;
+}
+
+template <class Op>
+void binary_forward(const Broadcast& g, const float* a, const float* b, float* y, const Op& op) {
+  if (g.total == 0) return;
+  const int64_t L = g.dim.back(), sL = g.bstride.back(), rows = g.total / L;
+  const int64_t per = std::max<int64_t>(1, kBlock / L);
+  parallel_for(
+      (rows + per - 1) / per,
+      [&](int64_t t) {
+        const int64_t o1 = std::min(rows, (t + 1) * per);
+        for (int64_t o = t * per; o < o1; ++o) {
+          const float* ap = a + o * L;
+          float* yp = y + o * L;
+          const float* bp = b + b_offset_of_row(g, o);
+          if (sL == 0) {
+            const float bv = bp[0];
+#pragma GCC ivdep
+            for (int64_t l = 0; l < L; ++l) yp[l] = op(ap[l], bv);
+          } else {
+#pragma GCC ivdep
+            for (int64_t l = 0; l < L; ++l) yp[l] = op(ap[l], bp[l]);
+          }
+        }
+      },
+      static_cast<double>(g.total));
+}
+
+// db[j] = sum of f(off) over every a offset `off` that maps to b[j], in increasing offset order.
+template <class F>
+void reduce_to_b(const Broadcast& g, float* db, const F& f) {
+  if (g.total == 0) {
+    std::fill(db, db + g.bsize, 0.f);
+    return;
+  }
+  std::vector<int64_t> fd, fs, bd, bs;  // full and broadcast axes: sizes and a strides
+  for (size_t i = 0; i < g.dim.size(); ++i) {
+    if (g.bstride[i] != 0) {
+      fd.push_back(g.dim[i]);
+      fs.push_back(g.astride[i]);
+    } else {
+      bd.push_back(g.dim[i]);
+      bs.push_back(g.astride[i]);
+    }
+  }
+  int64_t inner = 1, inner_s = 0, outer = 1;
+  if (!bd.empty()) {
+    inner = bd.back();
+    inner_s = bs.back();
+    for (size_t i = 0; i + 1 < bd.size(); ++i) outer *= bd[i];
+  }
+  const int64_t per_j = g.total / g.bsize;
+  const int64_t per = std::max<int64_t>(1, kBlock / std::max<int64_t>(1, per_j));
+  parallel_for(
+      (g.bsize + per - 1) / per,
+      [&](int64_t t) {
+        const int64_t j1 = std::min(g.bsize, (t + 1) * per);
+        for (int64_t j = t * per; j < j1; ++j) {
+          int64_t base = 0, r = j;
+          for (int64_t i = static_cast<int64_t>(fd.size()) - 1; i >= 0; --i) {
+            base += (r % fd[static_cast<size_t>(i)]) * fs[static_cast<size_t>(i)];
+            r /= fd[static_cast<size_t>(i)];
+          }
+          float acc = 0.f;
+          for (int64_t q = 0; q < outer; ++q) {
+            int64_t off = base, rq = q;
+            for (int64_t i = static_cast<int64_t>(bd.size()) - 2; i >= 0; --i) {
+              off += (rq % bd[static_cast<size_t>(i)]) * bs[static_cast<size_t>(i)];
+              rq /= bd[static_cast<size_t>(i)];
+            }
+            for (int64_t l = 0; l < inner; ++l) acc += f(off + l * inner_s);
+          }
+          db[j] = acc;
+        }
+      },
+      2.0 * static_cast<double>(g.total));
+}
+
+}  // namespace
+
+Broadcast make_broadcast(const std::vector<int64_t>& ashape, const std::vector<int64_t>& bshape) {
+  Broadcast g;
+  const size_t nd = ashape.size(), pad = nd - bshape.size();
+  g.total = 1;
+  g.bsize = 1;
+  for (int64_t d : ashape) g.total *= d;
+  for (int64_t d : bshape) g.bsize *= d;
+  std::vector<bool> full;
+  for (size_t i = 0; i < nd; ++i) {
+    const int64_t ad = ashape[i], bdim = i < pad ? 1 : bshape[i - pad];
+    if (ad == 1) continue;
+    const bool f = bdim == ad;
+    if (!g.dim.empty() && full.back() == f) {
+      g.dim.back() *= ad;
+    } else {
+      g.dim.push_back(ad);
+      full.push_back(f);
+    }
+  }
+  if (g.dim.empty()) {
+    g.dim.push_back(1);
+    full.push_back(true);
+  }
+  const size_t n = g.dim.size();
+  g.astride.assign(n, 0);
+  g.bstride.assign(n, 0);
+  int64_t as = 1, bsz = 1;
+  for (size_t k = n; k-- > 0;) {
+    g.astride[k] = as;
+    as *= g.dim[k];
+    if (full[k]) {
+      g.bstride[k] = bsz;
+      bsz *= g.dim[k];
+    }
+  }
+  return g;
+}
+
+void add_forward(const Broadcast& g, const float* a, const float* b, float* y) {
+  binary_forward(g, a, b, y, [](float u, float v) { return u + v; });
+}
+
+void mul_forward(const Broadcast& g, const float* a, const float* b, float* y) {
+  binary_forward(g, a, b, y, [](float u, float v) { return u * v; });
+}
+
+void add_backward(const Broadcast& g, const float* dy, float* da, float* db) {
+  if (db) reduce_to_b(g, db, [dy](int64_t i) { return dy[i]; });
+  if (da && da != dy && g.total > 0) std::memcpy(da, dy, static_cast<size_t>(g.total) * sizeof(float));
+}
+
+void mul_backward(const Broadcast& g, const float* a, const float* b, const float* dy, float* da, float* db) {
+  // db first: da may be dy itself.
+  if (db) reduce_to_b(g, db, [dy, a](int64_t i) { return dy[i] * a[i]; });
+  if (da) mul_forward(g, dy, b, da);
+}
+
+void concat_forward(const std::vector<const float*>& xs, const std::vector<int64_t>& cs, float* y, int64_t N,
+                    int64_t S) {
+  int64_t C = 0;
+  for (int64_t c : cs) C += c;
+  parallel_for(
+      N,
+      [&](int64_t n) {
+        float* yp = y + n * C * S;
+        for (size_t i = 0; i < xs.size(); ++i) {
+          const int64_t len = cs[i] * S;
+          if (len) std::memcpy(yp, xs[i] + n * len, static_cast<size_t>(len) * sizeof(float));
+          yp += len;
+        }
+      },
+      static_cast<double>(N * C * S));
+}
+
+void concat_backward(const float* dy, const std::vector<float*>& dxs, const std::vector<int64_t>& cs, int64_t N,
+                     int64_t S) {
+  int64_t C = 0;
+  for (int64_t c : cs) C += c;
+  parallel_for(
+      N,
+      [&](int64_t n) {
+        const float* dp = dy + n * C * S;
+        for (size_t i = 0; i < dxs.size(); ++i) {
+          const int64_t len = cs[i] * S;
+          if (dxs[i] && len) std::memcpy(dxs[i] + n * len, dp, static_cast<size_t>(len) * sizeof(float));
+          dp += len;
+        }
+      },
+      static_cast<double>(N * C * S));
+}
+
+}  // namespace ftte
