@@ -397,7 +397,7 @@ def test_concat_threads_and_errors():
         K.concat_backward(y, [8, 15], [None, None])
     with pytest.raises(ValueError, match=r"dxs\[1\] has shape"):
         K.concat_backward(y, [8, 16], [None, np.empty((32, 8, 9, 9), np.float32)])
-    with pytest.raises(ValueError, match="dxs has 1 entries"):
+    with pytest.raises(ValueError, match="dxs has 2 entries but channels has 1"):
         K.concat_backward(y, [24], [None, None])
 
 
