@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -14,7 +15,6 @@
 namespace py = pybind11;
 using ftte::checked;
 using ftte::fail;
-using ftte::shape_str;
 
 namespace {
 
@@ -189,7 +189,12 @@ void py_add_backward(py::handle dy, py::handle b_shape, py::handle da, py::handl
     dba = arr(fn, "db", db, true);
     if (!b_shape.is_none()) fail(fn, "pass b_shape only without db (db's shape is b's shape)");
   } else if (!b_shape.is_none()) {
-    for (auto h : py::reinterpret_borrow<py::sequence>(b_shape)) dba.shape.push_back(h.cast<int64_t>());
+    if (!py::isinstance<py::sequence>(b_shape) || py::isinstance<py::str>(b_shape))
+      fail(fn, "b_shape must be a sequence of ints");
+    for (auto h : py::reinterpret_borrow<py::sequence>(b_shape)) {
+      if (py::isinstance<py::bool_>(h) || !PyIndex_Check(h.ptr())) fail(fn, "b_shape must hold integers");
+      dba.shape.push_back(py::reinterpret_steal<py::int_>(PyNumber_Index(h.ptr())).cast<int64_t>());
+    }
   }
   ftte::Broadcast g = broadcast(fn, dya, dba);
   if (!db.is_none()) disjoint(fn, "db", dba, "dy", dya);
@@ -221,7 +226,7 @@ void py_mul_backward(py::handle a, py::handle b, py::handle dy, py::handle da, p
     same_shape(fn, "a", aa, "da", daa);
     same_or_disjoint(fn, "da", daa, "dy", dya);
     disjoint(fn, "da", daa, "b", ba);
-    // db reads a after... no: db is computed first, then da; da may not be a (a is read for db only).
+    // da may be dy (db is computed first), but not a: the kernel reads a for db.
     disjoint(fn, "da", daa, "a", aa);
     if (!db.is_none()) disjoint(fn, "da", daa, "db", dba);
   }
@@ -238,28 +243,19 @@ std::vector<py::handle> as_list(const std::string& fn, const char* name, const p
   return out;
 }
 
-// Shapes [N, C_i, rest...] with equal N and rest; returns C_i. `what` names list entries.
-std::vector<int64_t> concat_parts(const std::string& fn, const char* what, const std::vector<Arr>& parts,
-                                  const Arr& whole, const std::vector<bool>& present) {
-  auto d = nchw(fn, what == std::string("xs") ? "y" : "dy", whole);
+// Shapes [N, C_i, rest...] matching `whole` except on axis 1; returns the C_i.
+std::vector<int64_t> concat_parts(const std::string& fn, const std::vector<Arr>& parts, const Arr& whole) {
+  nchw(fn, "y", whole);
   std::vector<int64_t> cs;
-  int64_t total = 0;
   for (size_t i = 0; i < parts.size(); ++i) {
-    const std::string nm = std::string(what) + "[" + std::to_string(i) + "]";
-    if (!present[i]) {
-      cs.push_back(-1);
-      continue;
-    }
     const Arr& p = parts[i];
     bool ok = p.shape.size() == whole.shape.size() && p.shape[0] == whole.shape[0];
     for (size_t k = 2; ok && k < p.shape.size(); ++k) ok = p.shape[k] == whole.shape[k];
     if (!ok)
-      fail(fn, nm + " has shape " + shape_of(p.shape) + " but must be " + shape_of(whole.shape) +
-                   " except on axis 1");
+      fail(fn, "xs[" + std::to_string(i) + "] has shape " + shape_of(p.shape) + " but must be " +
+                   shape_of(whole.shape) + " except on axis 1");
     cs.push_back(p.shape[1]);
-    total += p.shape[1];
   }
-  (void)d;
   return cs;
 }
 
@@ -269,7 +265,7 @@ void py_concat_forward(py::handle xs, py::handle y) {
   Arr ya = arr(fn, "y", y, true);
   std::vector<Arr> parts;
   for (size_t i = 0; i < hs.size(); ++i) parts.push_back(arr(fn, ("xs[" + std::to_string(i) + "]").c_str(), hs[i]));
-  auto cs = concat_parts(fn, "xs", parts, ya, std::vector<bool>(parts.size(), true));
+  auto cs = concat_parts(fn, parts, ya);
   int64_t total = 0;
   for (int64_t c : cs) total += c;
   if (total != ya.shape[1])
