@@ -341,6 +341,13 @@ def test_add_mul_errors():
         K.mul_backward(a, np.zeros(4, np.float32), a, None, np.empty(3, np.float32))
     with pytest.raises(ValueError, match="must not share memory"):
         K.mul_backward(a, np.zeros(4, np.float32), a, None, a[0, 0])
+    K.add_backward(a, b_shape=(3, 1), da=y)  # b_shape is only checked
+    with pytest.raises(ValueError, match="does not broadcast"):
+        K.add_backward(a, b_shape=(5,), da=y)
+    with pytest.raises(ValueError, match="b_shape must hold integers"):
+        K.add_backward(a, b_shape=("x",), da=y)
+    with pytest.raises(ValueError, match="pass b_shape only without db"):
+        K.add_backward(a, b_shape=(4,), db=np.empty(4, np.float32))
     raw = np.zeros(a.size * 4 + 1, np.uint8)
     mis = np.frombuffer(raw.data, np.float32, count=a.size, offset=1).reshape(a.shape)
     with pytest.raises(ValueError, match="aligned"):
