@@ -27,23 +27,31 @@ inline int64_t b_offset_of_row(const Broadcast& g, int64_t o) {
 template <class Op>
 void binary_forward(const Broadcast& g, const float* a, const float* b, float* y, const Op& op) {
   if (g.total == 0) return;
+  // Tasks: several short rows each, or pieces of one long row (a same-shape add is one row).
   const int64_t L = g.dim.back(), sL = g.bstride.back(), rows = g.total / L;
-  const int64_t per = std::max<int64_t>(1, kBlock / L);
+  const int64_t per = std::max<int64_t>(1, kBlock / L), pieces = (L + kBlock - 1) / kBlock;
+  const int64_t n_tasks = per > 1 ? (rows + per - 1) / per : rows * pieces;
   parallel_for(
-      (rows + per - 1) / per,
+      n_tasks,
       [&](int64_t t) {
-        const int64_t o1 = std::min(rows, (t + 1) * per);
-        for (int64_t o = t * per; o < o1; ++o) {
+        int64_t o0 = t * per, o1 = std::min(rows, o0 + per), l0 = 0, l1 = L;
+        if (per == 1) {
+          o0 = t / pieces;
+          o1 = o0 + 1;
+          l0 = (t % pieces) * kBlock;
+          l1 = std::min(L, l0 + kBlock);
+        }
+        for (int64_t o = o0; o < o1; ++o) {
           const float* ap = a + o * L;
           float* yp = y + o * L;
           const float* bp = b + b_offset_of_row(g, o);
           if (sL == 0) {
             const float bv = bp[0];
 #pragma GCC ivdep
-            for (int64_t l = 0; l < L; ++l) yp[l] = op(ap[l], bv);
+            for (int64_t l = l0; l < l1; ++l) yp[l] = op(ap[l], bv);
           } else {
 #pragma GCC ivdep
-            for (int64_t l = 0; l < L; ++l) yp[l] = op(ap[l], bp[l]);
+            for (int64_t l = l0; l < l1; ++l) yp[l] = op(ap[l], bp[l]);
           }
         }
       },
