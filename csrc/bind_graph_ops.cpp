@@ -181,7 +181,7 @@ void py_binary_forward(const char* name, py::handle a, py::handle b, py::handle 
   F(g, aa.data, ba.data, ya.data);
 }
 
-void py_add_backward(py::handle dy, py::handle b_shape, py::handle da, py::handle db) {
+void py_add_backward(py::handle dy, py::handle b_shape, py::handle da, py::handle db, bool accumulate) {
   const std::string fn = "add_backward";
   Arr dya = arr(fn, "dy", dy);
   Arr dba, daa;
@@ -201,14 +201,17 @@ void py_add_backward(py::handle dy, py::handle b_shape, py::handle da, py::handl
   if (!da.is_none()) {
     daa = arr(fn, "da", da, true);
     same_shape(fn, "dy", dya, "da", daa);
-    same_or_disjoint(fn, "da", daa, "dy", dya);
+    if (accumulate)
+      disjoint(fn, "da", daa, "dy", dya);
+    else
+      same_or_disjoint(fn, "da", daa, "dy", dya);
     if (!db.is_none()) disjoint(fn, "da", daa, "db", dba);
   }
   py::gil_scoped_release nogil;
-  ftte::add_backward(g, dya.data, daa.data, dba.data);
+  ftte::add_backward(g, dya.data, daa.data, dba.data, accumulate);
 }
 
-void py_mul_backward(py::handle a, py::handle b, py::handle dy, py::handle da, py::handle db) {
+void py_mul_backward(py::handle a, py::handle b, py::handle dy, py::handle da, py::handle db, bool accumulate) {
   const std::string fn = "mul_backward";
   Arr aa = arr(fn, "a", a), ba = arr(fn, "b", b), dya = arr(fn, "dy", dy);
   ftte::Broadcast g = broadcast(fn, aa, ba);
@@ -224,14 +227,17 @@ void py_mul_backward(py::handle a, py::handle b, py::handle dy, py::handle da, p
   if (!da.is_none()) {
     daa = arr(fn, "da", da, true);
     same_shape(fn, "a", aa, "da", daa);
-    same_or_disjoint(fn, "da", daa, "dy", dya);
+    if (accumulate)
+      disjoint(fn, "da", daa, "dy", dya);
+    else
+      same_or_disjoint(fn, "da", daa, "dy", dya);
     disjoint(fn, "da", daa, "b", ba);
     // da may be dy (db is computed first), but not a: the kernel reads a for db.
     disjoint(fn, "da", daa, "a", aa);
     if (!db.is_none()) disjoint(fn, "da", daa, "db", dba);
   }
   py::gil_scoped_release nogil;
-  ftte::mul_backward(g, aa.data, ba.data, dya.data, daa.data, dba.data);
+  ftte::mul_backward(g, aa.data, ba.data, dya.data, daa.data, dba.data, accumulate);
 }
 
 std::vector<py::handle> as_list(const std::string& fn, const char* name, const py::handle& obj) {
@@ -280,7 +286,7 @@ void py_concat_forward(py::handle xs, py::handle y) {
   ftte::concat_forward(ptrs, cs, ya.data, d[0], d[2]);
 }
 
-void py_concat_backward(py::handle dy, py::handle channels, py::handle dxs) {
+void py_concat_backward(py::handle dy, py::handle channels, py::handle dxs, bool accumulate) {
   const std::string fn = "concat_backward";
   Arr dya = arr(fn, "dy", dy);
   auto d = nchw(fn, "dy", dya);
@@ -316,7 +322,7 @@ void py_concat_backward(py::handle dy, py::handle channels, py::handle dxs) {
     ptrs[i] = parts[i].data;
   }
   py::gil_scoped_release nogil;
-  ftte::concat_backward(dya.data, ptrs, cs, d[0], d[2]);
+  ftte::concat_backward(dya.data, ptrs, cs, d[0], d[2], accumulate);
 }
 
 }  // namespace
@@ -341,15 +347,18 @@ void register_graph_ops(py::module_& m) {
       py::arg("a"), py::arg("b"), py::arg("y"),
       "y = a * b with b broadcast (numpy rules) onto a's shape; y has a's shape and may be a.");
   m.def("add_backward", &py_add_backward, py::arg("dy"), py::arg("b_shape") = py::none(), py::arg("da") = py::none(),
-        py::arg("db") = py::none(),
+        py::arg("db") = py::none(), py::arg("accumulate") = false,
         "For y = a + b (b broadcast): da = dy (da may be dy or None), db = dy summed over b's broadcast axes "
-        "(db has b's shape, or None; without db pass nothing for b_shape).");
+        "(db has b's shape, or None; b_shape, only without db, just checks the broadcast). accumulate adds into "
+        "da and db (da must then not be dy).");
   m.def("mul_backward", &py_mul_backward, py::arg("a"), py::arg("b"), py::arg("dy"), py::arg("da"), py::arg("db"),
+        py::arg("accumulate") = false,
         "For y = a * b (b broadcast): da = dy * b (may be dy or None), db = (dy * a) summed over b's broadcast "
-        "axes (b's shape, or None).");
+        "axes (b's shape, or None). accumulate adds into da and db (da must then not be dy).");
   m.def("concat_forward", &py_concat_forward, py::arg("xs"), py::arg("y"),
         "y = concatenation of the arrays xs[i][N, C_i, ...] along axis 1, into y[N, sum C_i, ...].");
   m.def("concat_backward", &py_concat_backward, py::arg("dy"), py::arg("channels"), py::arg("dxs"),
+        py::arg("accumulate") = false,
         "Splits dy[N, sum C_i, ...] along axis 1 into dxs[i][N, C_i, ...] (channels = [C_i]; a None entry is "
-        "skipped).");
+        "skipped). accumulate adds into dxs.");
 }

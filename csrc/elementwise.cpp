@@ -25,7 +25,7 @@ inline int64_t b_offset_of_row(const Broadcast& g, int64_t o) {
 }
 
 template <class Op>
-void binary_forward(const Broadcast& g, const float* a, const float* b, float* y, const Op& op) {
+void binary_forward(const Broadcast& g, const float* a, const float* b, float* y, bool acc, const Op& op) {
   if (g.total == 0) return;
   // Tasks: several short rows each, or pieces of one long row (a same-shape add is one row).
   const int64_t L = g.dim.back(), sL = g.bstride.back(), rows = g.total / L;
@@ -47,8 +47,16 @@ void binary_forward(const Broadcast& g, const float* a, const float* b, float* y
           const float* bp = b + b_offset_of_row(g, o);
           if (sL == 0) {
             const float bv = bp[0];
+            if (acc) {
 #pragma GCC ivdep
-            for (int64_t l = l0; l < l1; ++l) yp[l] = op(ap[l], bv);
+              for (int64_t l = l0; l < l1; ++l) yp[l] += op(ap[l], bv);
+            } else {
+#pragma GCC ivdep
+              for (int64_t l = l0; l < l1; ++l) yp[l] = op(ap[l], bv);
+            }
+          } else if (acc) {
+#pragma GCC ivdep
+            for (int64_t l = l0; l < l1; ++l) yp[l] += op(ap[l], bp[l]);
           } else {
 #pragma GCC ivdep
             for (int64_t l = l0; l < l1; ++l) yp[l] = op(ap[l], bp[l]);
@@ -60,9 +68,9 @@ void binary_forward(const Broadcast& g, const float* a, const float* b, float* y
 
 // db[j] = sum of f(off) over every a offset `off` that maps to b[j], in increasing offset order.
 template <class F>
-void reduce_to_b(const Broadcast& g, float* db, const F& f) {
+void reduce_to_b(const Broadcast& g, float* db, bool accumulate, const F& f) {
   if (g.total == 0) {
-    std::fill(db, db + g.bsize, 0.f);
+    if (!accumulate) std::fill(db, db + g.bsize, 0.f);
     return;
   }
   std::vector<int64_t> fd, fs, bd, bs;  // full and broadcast axes: sizes and a strides
@@ -102,7 +110,7 @@ void reduce_to_b(const Broadcast& g, float* db, const F& f) {
             }
             for (int64_t l = 0; l < inner; ++l) acc += f(off + l * inner_s);
           }
-          db[j] = acc;
+          db[j] = accumulate ? db[j] + acc : acc;
         }
       },
       2.0 * static_cast<double>(g.total));
@@ -149,22 +157,36 @@ Broadcast make_broadcast(const std::vector<int64_t>& ashape, const std::vector<i
 }
 
 void add_forward(const Broadcast& g, const float* a, const float* b, float* y) {
-  binary_forward(g, a, b, y, [](float u, float v) { return u + v; });
+  binary_forward(g, a, b, y, false, [](float u, float v) { return u + v; });
 }
 
 void mul_forward(const Broadcast& g, const float* a, const float* b, float* y) {
-  binary_forward(g, a, b, y, [](float u, float v) { return u * v; });
+  binary_forward(g, a, b, y, false, [](float u, float v) { return u * v; });
 }
 
-void add_backward(const Broadcast& g, const float* dy, float* da, float* db) {
-  if (db) reduce_to_b(g, db, [dy](int64_t i) { return dy[i]; });
-  if (da && da != dy && g.total > 0) std::memcpy(da, dy, static_cast<size_t>(g.total) * sizeof(float));
+void add_backward(const Broadcast& g, const float* dy, float* da, float* db, bool accumulate) {
+  if (db) reduce_to_b(g, db, accumulate, [dy](int64_t i) { return dy[i]; });
+  if (!da || g.total == 0) return;
+  if (accumulate) {
+    const int64_t n = g.total;
+    parallel_for(
+        (n + kBlock - 1) / kBlock,
+        [&](int64_t t) {
+          const int64_t i1 = std::min(n, (t + 1) * kBlock);
+#pragma GCC ivdep
+          for (int64_t i = t * kBlock; i < i1; ++i) da[i] += dy[i];
+        },
+        static_cast<double>(n));
+  } else if (da != dy) {
+    std::memcpy(da, dy, static_cast<size_t>(g.total) * sizeof(float));
+  }
 }
 
-void mul_backward(const Broadcast& g, const float* a, const float* b, const float* dy, float* da, float* db) {
+void mul_backward(const Broadcast& g, const float* a, const float* b, const float* dy, float* da, float* db,
+                  bool accumulate) {
   // db first: da may be dy itself.
-  if (db) reduce_to_b(g, db, [dy, a](int64_t i) { return dy[i] * a[i]; });
-  if (da) mul_forward(g, dy, b, da);
+  if (db) reduce_to_b(g, db, accumulate, [dy, a](int64_t i) { return dy[i] * a[i]; });
+  if (da) binary_forward(g, dy, b, da, accumulate, [](float u, float v) { return u * v; });
 }
 
 void concat_forward(const std::vector<const float*>& xs, const std::vector<int64_t>& cs, float* y, int64_t N,
@@ -185,7 +207,7 @@ void concat_forward(const std::vector<const float*>& xs, const std::vector<int64
 }
 
 void concat_backward(const float* dy, const std::vector<float*>& dxs, const std::vector<int64_t>& cs, int64_t N,
-                     int64_t S) {
+                     int64_t S, bool accumulate) {
   int64_t C = 0;
   for (int64_t c : cs) C += c;
   parallel_for(
@@ -194,7 +216,13 @@ void concat_backward(const float* dy, const std::vector<float*>& dxs, const std:
         const float* dp = dy + n * C * S;
         for (size_t i = 0; i < dxs.size(); ++i) {
           const int64_t len = cs[i] * S;
-          if (dxs[i] && len) std::memcpy(dxs[i] + n * len, dp, static_cast<size_t>(len) * sizeof(float));
+          float* o = dxs[i] ? dxs[i] + n * len : nullptr;
+          if (o && accumulate) {
+#pragma GCC ivdep
+            for (int64_t l = 0; l < len; ++l) o[l] += dp[l];
+          } else if (o && len) {
+            std::memcpy(o, dp, static_cast<size_t>(len) * sizeof(float));
+          }
           dp += len;
         }
       },

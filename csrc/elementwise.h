@@ -20,15 +20,17 @@ void add_forward(const Broadcast& g, const float* a, const float* b, float* y);
 void mul_forward(const Broadcast& g, const float* a, const float* b, float* y);
 
 // y = a + b: da = dy (may be nullptr or dy itself), db = dy summed over broadcast axes (may be nullptr).
-void add_backward(const Broadcast& g, const float* dy, float* da, float* db);
+// accumulate adds into da and db (where paths join in a DAG); da must then not be dy.
+void add_backward(const Broadcast& g, const float* dy, float* da, float* db, bool accumulate);
 // y = a * b: da = dy * b (may be nullptr or dy itself), db = (dy * a) summed over broadcast axes (may be nullptr).
-void mul_backward(const Broadcast& g, const float* a, const float* b, const float* dy, float* da, float* db);
+void mul_backward(const Broadcast& g, const float* a, const float* b, const float* dy, float* da, float* db,
+                  bool accumulate);
 
 // xs[i] is [N, cs[i], S]; y is [N, sum cs, S].
 void concat_forward(const std::vector<const float*>& xs, const std::vector<int64_t>& cs, float* y, int64_t N,
                     int64_t S);
-// dxs[i] (nullptr: not wanted) gets dy's channel slice i.
+// dxs[i] (nullptr: not wanted) gets (accumulate: adds) dy's channel slice i.
 void concat_backward(const float* dy, const std::vector<float*>& dxs, const std::vector<int64_t>& cs, int64_t N,
-                     int64_t S);
+                     int64_t S, bool accumulate);
 
 }  // namespace ftte

@@ -472,3 +472,39 @@ def test_concat_matches_onnxruntime(rest):
     y = np.empty(out, np.float32)
     K.concat_forward(list(xs.values()), y)
     np.testing.assert_array_equal(y, ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# accumulate (gradients summed where DAG paths join)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ashape,bshape", [((2, 3, 4, 5), (1, 3, 1, 1)), ((3, 20000), (3, 20000)), ((4, 6), ())])
+def test_backward_accumulate(ashape, bshape):
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal(ashape).astype(np.float32)
+    b = rng.standard_normal(bshape).astype(np.float32)
+    dy = rng.standard_normal(ashape).astype(np.float32)
+    da0 = rng.standard_normal(ashape).astype(np.float32)
+    db0 = rng.standard_normal(bshape).astype(np.float32)
+    for backward in (lambda da, db, acc: K.add_backward(dy, da=da, db=db, accumulate=acc),
+                     lambda da, db, acc: K.mul_backward(a, b, dy, da, db, accumulate=acc)):
+        da, db = np.empty(ashape, np.float32), np.empty(bshape, np.float32)
+        backward(da, db, False)
+        da1, db1 = da0.copy(), db0.copy()
+        backward(da1, db1, True)
+        np.testing.assert_array_equal(da1, da0 + da)
+        np.testing.assert_allclose(db1, db0 + db, rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="da must not share memory with dy"):
+        K.add_backward(dy, da=dy, accumulate=True)
+    with pytest.raises(ValueError, match="da must not share memory with dy"):
+        K.mul_backward(a, b, dy, dy, None, accumulate=True)
+
+
+def test_concat_backward_accumulate():
+    rng = np.random.default_rng(12)
+    dy = rng.standard_normal((3, 5, 4)).astype(np.float32)
+    d0 = [rng.standard_normal((3, c, 4)).astype(np.float32) for c in (2, 3)]
+    d = [x.copy() for x in d0]
+    K.concat_backward(dy, [2, 3], d, accumulate=True)
+    np.testing.assert_array_equal(d[0], d0[0] + dy[:, :2])
+    np.testing.assert_array_equal(d[1], d0[1] + dy[:, 2:])
