@@ -10,6 +10,7 @@ namespace py = pybind11;
 void register_dense(py::module_& m);
 void register_conv(py::module_& m);
 void register_codec(py::module_& m);
+void register_depthwise(py::module_& m);
 
 PYBIND11_MODULE(_kernels, m) {
   m.doc() = "FTTE C++ kernels: masked dense/conv forward+backward, pooling, activations, loss, "
@@ -26,4 +27,5 @@ PYBIND11_MODULE(_kernels, m) {
   register_dense(m);
   register_conv(m);
   register_codec(m);
+  register_depthwise(m);
 }
