@@ -16,7 +16,7 @@ def ref_forward(x, w, b, group, stride, pad):
     w = w.astype(np.float64)
     sh, sw = stride
     pt, pl, pb, pr = pad
-    N, C, H, W = x.shape
+    N, _C, H, W = x.shape
     OC, Cg, KH, KW = w.shape
     OCg = OC // group
     OH, OW = out_size(H, KH, sh, pt, pb), out_size(W, KW, sw, pl, pr)
@@ -40,7 +40,7 @@ def ref_backward(x, w, dy, group, stride, pad):
     dy = dy.astype(np.float64)
     sh, sw = stride
     pt, pl, pb, pr = pad
-    N, C, H, W = x.shape
+    _N, _C, H, W = x.shape
     OC, Cg, KH, KW = w.shape
     OCg = OC // group
     OH, OW = dy.shape[2:]
@@ -143,7 +143,7 @@ def test_forward_matches_numpy(kind, ci):
 @pytest.mark.parametrize("kind,ci", ALL)
 @pytest.mark.parametrize("subset", [False, True])
 def test_backward_matches_numpy(kind, ci, subset):
-    rng, x, w, b, group, yshape, stride, pad = setup(kind, ci, 100 + ci)
+    rng, x, w, _b, group, yshape, stride, pad = setup(kind, ci, 100 + ci)
     OC = w.shape[0]
     dy = rng.standard_normal(yshape).astype(np.float32)
     rdx, rdw, rdb = ref_backward(x, w, dy, group, stride, pad)
@@ -173,7 +173,7 @@ def test_backward_matches_numpy(kind, ci, subset):
 @pytest.mark.parametrize("kind", ["dw", "gr"])
 def test_empty_and_repeated_rows(kind):
     """As conv2d: an empty selection writes nothing; a repeated row gets its gradient in each slot."""
-    rng, x, w, b, group, yshape, stride, pad = setup(kind, 1, 7)
+    rng, x, w, _b, group, yshape, stride, pad = setup(kind, 1, 7)
     dy = rng.standard_normal(yshape).astype(np.float32)
     rdx, rdw, rdb = ref_backward(x, w, dy, group, stride, pad)
     dx = np.full(x.shape, np.nan, np.float32)
@@ -381,7 +381,7 @@ def test_depthwise_uses_no_scratch():
 
 def test_bias_only_and_dx_only_without_x():
     for kind in ("dw", "gr"):
-        rng, x, w, b, group, yshape, stride, pad = setup(kind, 1, 9)
+        rng, x, w, _b, group, yshape, stride, pad = setup(kind, 1, 9)
         dy = rng.standard_normal(yshape).astype(np.float32)
         rdx, _, rdb = ref_backward(x, w, dy, group, stride, pad)
         db = np.empty(w.shape[0], np.float32)
