@@ -60,28 +60,36 @@ void plane_backward_dx(const ConvGeom& g, const float* dyp, const float* k, floa
         cols_in_range(g, j, lo, hi);
         const float wv = k[i * g.KW + j];
         float* dst = dxrow + (lo * g.sw - g.pl + j);
-        for (int64_t ow = lo; ow < hi; ++ow) dst[(ow - lo) * g.sw] += wv * dyrow[ow];
+        if (g.sw == 1)
+          for (int64_t ow = lo; ow < hi; ++ow) dst[ow - lo] += wv * dyrow[ow];
+        else
+          for (int64_t ow = lo; ow < hi; ++ow) dst[(ow - lo) * g.sw] += wv * dyrow[ow];
       }
     }
   }
 }
 
 // acc[KH*KW] = per kernel tap, the sum over the plane of dy * x at that tap (overwritten).
-void plane_backward_dw(const ConvGeom& g, const float* xp, const float* dyp, float* acc) {
+// Each tap's products are first summed down the rows into lane[OW] (a loop the compiler can
+// vectorise, unlike one running scalar sum), then lane is summed: a fixed order either way.
+void plane_backward_dw(const ConvGeom& g, const float* xp, const float* dyp, float* acc, float* lane) {
   for (int64_t i = 0; i < g.KH; ++i)
     for (int64_t j = 0; j < g.KW; ++j) {
       int64_t lo, hi;
       cols_in_range(g, j, lo, hi);
-      float s = 0.f;
+      std::fill(lane, lane + g.OW, 0.f);
       for (int64_t oh = 0; oh < g.OH; ++oh) {
         const int64_t ih = oh * g.sh - g.pt + i;
         if (ih < 0 || ih >= g.H) continue;
         const float* src = xp + ih * g.W + (lo * g.sw - g.pl + j);
         const float* dyrow = dyp + oh * g.OW;
-        float r = 0.f;
-        for (int64_t ow = lo; ow < hi; ++ow) r += dyrow[ow] * src[(ow - lo) * g.sw];
-        s += r;
+        if (g.sw == 1)
+          for (int64_t ow = lo; ow < hi; ++ow) lane[ow] += dyrow[ow] * src[ow - lo];
+        else
+          for (int64_t ow = lo; ow < hi; ++ow) lane[ow] += dyrow[ow] * src[(ow - lo) * g.sw];
       }
+      float s = 0.f;
+      for (int64_t ow = lo; ow < hi; ++ow) s += lane[ow];
       acc[i * g.KW + j] = s;
     }
 }
@@ -112,7 +120,8 @@ void depthwise_conv2d_backward(const ConvGeom& g, const float* x, const float* w
         R,
         [&](int64_t r) {
           const int64_t oc = rows ? rows[r] : r, c = oc / M;
-          std::vector<float> total(dw ? static_cast<size_t>(KK) : 0, 0.f), part(total.size());
+          std::vector<float> total(dw ? static_cast<size_t>(KK) : 0, 0.f), part(total.size()),
+              lane(dw ? static_cast<size_t>(g.OW) : 0);
           float btotal = 0.f;
           for (int64_t n = 0; n < g.N; ++n) {
             const float* dyp = dy + (n * g.OC + oc) * P;
@@ -122,7 +131,7 @@ void depthwise_conv2d_backward(const ConvGeom& g, const float* x, const float* w
               btotal += s;
             }
             if (dw) {
-              plane_backward_dw(g, x + (n * g.C + c) * HW, dyp, part.data());
+              plane_backward_dw(g, x + (n * g.C + c) * HW, dyp, part.data(), lane.data());
               for (int64_t k = 0; k < KK; ++k) total[k] += part[k];
             }
           }
