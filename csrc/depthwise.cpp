@@ -199,30 +199,41 @@ void grouped_conv2d_backward(const ConvGeom& g, int64_t group, const float* x, c
     local[k].push_back(static_cast<int32_t>(oc - k * s.OC));
     slot[k].push_back(static_cast<int32_t>(r));
   }
-  for (int64_t k = 0; k < group; ++k) start[k + 1] = start[k] + static_cast<int64_t>(local[k].size());
-  // Per group gradient sums in group order (the rows regrouped), scattered to their slots at the end.
-  Scratch<float> gdw(dw ? static_cast<size_t>(R * Kw) : 0), gdb(db ? static_cast<size_t>(R) : 0);
-  if (g.N == 0) {
-    if (dw) std::fill(gdw.data(), gdw.data() + R * Kw, 0.f);
-    if (db) std::fill(gdb.data(), gdb.data() + R, 0.f);
+  // A group whose rows fill consecutive slots (rows None, or sorted as a Subset keeps them)
+  // writes straight into dw/db; the others sum into scratch, scattered to their slots at the end.
+  std::vector<char> direct(static_cast<size_t>(group), 1);
+  for (int64_t k = 0; k < group; ++k) {
+    for (size_t i = 1; i < slot[k].size(); ++i)
+      if (slot[k][i] != slot[k][0] + static_cast<int32_t>(i)) direct[k] = 0;
+    start[k + 1] = start[k] + (direct[k] ? 0 : static_cast<int64_t>(local[k].size()));
   }
-  if (dw || db || dx) {
-    // One task per group: the images are summed in order inside it, so dW never depends on threads.
-    parallel_for(
-        group,
-        [&](int64_t k) {
-          const int64_t Rk = start[k + 1] - start[k];
-          float* dwk = dw && Rk ? gdw.data() + start[k] * Kw : nullptr;
-          float* dbk = db && Rk ? gdb.data() + start[k] : nullptr;
-          if (!dwk && !dbk && !dx) return;
-          for (int64_t n = 0; n < g.N; ++n)
-            conv2d_backward(s, x ? x + (n * g.C + k * s.C) * HW : nullptr, w + k * s.OC * Kw,
-                            dy + (n * g.OC + k * s.OC) * P, local[k].data(), Rk, dwk, dbk,
-                            dx ? dx + (n * g.C + k * s.C) * HW : nullptr, n > 0);
-        },
-        2.0 * g.N * g.OC * P * Kw * ((dw ? 1 : 0) + (dx ? 1 : 0)) + 1.0);
-  }
-  for (int64_t k = 0; k < group; ++k)
+  const int64_t Rs = start[group];  // rows summed in scratch
+  Scratch<float> gdw(dw ? static_cast<size_t>(Rs * Kw) : 0), gdb(db ? static_cast<size_t>(Rs) : 0);
+  // Where group k's first row goes, and whether its first image adds to what is there.
+  auto dw_of = [&](int64_t k) { return direct[k] ? dw + slot[k][0] * Kw : gdw.data() + start[k] * Kw; };
+  auto db_of = [&](int64_t k) { return direct[k] ? db + slot[k][0] : gdb.data() + start[k]; };
+  // One task per group: the images are summed in order inside it, so dW never depends on threads.
+  parallel_for(
+      group,
+      [&](int64_t k) {
+        const int64_t Rk = static_cast<int64_t>(local[k].size());
+        float* dwk = dw && Rk ? dw_of(k) : nullptr;
+        float* dbk = db && Rk ? db_of(k) : nullptr;
+        const bool add_first = accumulate && direct[k];
+        if (g.N == 0) {  // an empty batch has zero gradient
+          if (dwk && !add_first) std::fill(dwk, dwk + Rk * Kw, 0.f);
+          if (dbk && !add_first) std::fill(dbk, dbk + Rk, 0.f);
+          return;
+        }
+        if (!dwk && !dbk && !dx) return;
+        for (int64_t n = 0; n < g.N; ++n)
+          conv2d_backward(s, x ? x + (n * g.C + k * s.C) * HW : nullptr, w + k * s.OC * Kw,
+                          dy + (n * g.OC + k * s.OC) * P, local[k].data(), Rk, dwk, dbk,
+                          dx ? dx + (n * g.C + k * s.C) * HW : nullptr, n > 0 || add_first);
+      },
+      2.0 * g.N * g.OC * P * Kw * ((dw ? 1 : 0) + (dx ? 1 : 0)) + 1.0);
+  for (int64_t k = 0; k < group; ++k) {
+    if (direct[k]) continue;
     for (size_t i = 0; i < slot[k].size(); ++i) {
       const int64_t r = slot[k][i], src = start[k] + static_cast<int64_t>(i);
       if (dw) {
@@ -232,6 +243,7 @@ void grouped_conv2d_backward(const ConvGeom& g, int64_t group, const float* x, c
       }
       if (db) db[r] = accumulate ? db[r] + gdb[static_cast<size_t>(src)] : gdb[static_cast<size_t>(src)];
     }
+  }
 }
 
 }  // namespace ftte

@@ -141,13 +141,15 @@ def test_forward_matches_numpy(kind, ci):
 
 
 @pytest.mark.parametrize("kind,ci", ALL)
-@pytest.mark.parametrize("subset", [False, True])
+@pytest.mark.parametrize("subset", ["all", "shuffled", "sorted"])
 def test_backward_matches_numpy(kind, ci, subset):
     rng, x, w, _b, group, yshape, stride, pad = setup(kind, ci, 100 + ci)
     OC = w.shape[0]
     dy = rng.standard_normal(yshape).astype(np.float32)
     rdx, rdw, rdb = ref_backward(x, w, dy, group, stride, pad)
-    rows = rng.choice(OC, size=max(1, OC // 2), replace=False).astype(np.int32) if subset else None
+    rows = None if subset == "all" else rng.choice(OC, size=max(1, OC // 2), replace=False).astype(np.int32)
+    if subset == "sorted":  # grouped: each group's rows then fill consecutive slots (written in place)
+        rows.sort()
     sel = np.arange(OC) if rows is None else rows
     R = len(sel)
     dw = np.full((R,) + w.shape[1:], np.nan, np.float32)
@@ -404,6 +406,38 @@ def test_empty_batch(kind):
     db = np.full(4, np.nan, np.float32)
     bwd(kind, x, w, y, None, dw, db, np.zeros_like(x), 2, 1, 0)
     assert not dw.any() and not db.any()
+    rows = np.array([3, 0], np.int32)  # grouped: rows out of group order go through scratch
+    dw = np.full((2,) + w.shape[1:], np.nan, np.float32)
+    db = np.full(2, np.nan, np.float32)
+    bwd(kind, x, w, y, rows, dw, db, None, 2, 1, 0)
+    assert not dw.any() and not db.any()
+
+
+def test_grouped_sorted_rows_need_no_gradient_scratch():
+    """Rows in group order are written in place; otherwise the regrouped sums take R*(K+1) floats."""
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((3, 8, 10, 10)).astype(np.float32)
+    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((3, 8, 10, 10)).astype(np.float32)
+
+    def peak(rows):
+        dw, db = np.empty((len(rows),) + w.shape[1:], np.float32), np.empty(len(rows), np.float32)
+        base = K.workspace_current_bytes()
+        K.reset_workspace_peak()
+        K.grouped_conv2d_backward(x, w, dy, rows, dw, db, None, 2, 1, 1)
+        assert K.workspace_current_bytes() == base
+        return K.workspace_peak_bytes() - base, dw, db
+
+    before = K.get_num_threads()
+    try:
+        K.set_num_threads(1)
+        sorted_, dw1, db1 = peak(np.array([1, 2, 5, 6], np.int32))
+        shuffled, dw2, db2 = peak(np.array([5, 1, 6, 2], np.int32))
+    finally:
+        K.set_num_threads(before)
+    assert shuffled - sorted_ == 4 * (4 * 36 + 4)
+    np.testing.assert_array_equal(dw1[[2, 0, 3, 1]], dw2)
+    np.testing.assert_array_equal(db1[[2, 0, 3, 1]], db2)
 
 
 def test_errors():
