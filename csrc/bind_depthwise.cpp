@@ -12,6 +12,7 @@
 #include "check.h"
 #include "conv2d.h"
 #include "depthwise.h"
+#include "parallel.h"
 
 namespace py = pybind11;
 using ftte::checked;
@@ -213,4 +214,36 @@ void register_depthwise(py::module_& m) {
       py::arg("group"), py::arg("stride") = stride1, py::arg("padding") = pad0, py::arg("accumulate") = false,
       "Gradients of grouped_conv2d_forward. rows: int32 [R] output channels (None: all). dw[R,C/group,KH,KW], "
       "db[R] (None to skip; accumulate=True adds into them) and dx[N,C,H,W] (None to skip; overwritten).");
+  m.def(
+      "grouped_conv2d_scratch_bytes",
+      [](py::object x_shape, py::object w_shape, int64_t group, py::object stride, py::object padding, bool backward,
+         py::object rows, bool dw, bool db, bool dx, int threads) {
+        const std::string fn = "grouped_conv2d_scratch_bytes";
+        const auto xs = int_tuple<4>(fn, "x_shape", x_shape);
+        const auto ws = int_tuple<4>(fn, "w_shape", w_shape);
+        for (int64_t v : xs)
+          if (v < 0) fail(fn, "x_shape must be >= 0");
+        if (group < 1) fail(fn, "group must be >= 1");
+        const int64_t Cw = weight_channels(fn, group, xs[1]);
+        if (xs[1] < 1 || ws[0] < 0 || ws[1] != Cw || ws[2] < 1 || ws[3] < 1)
+          fail(fn, "w_shape must be [OC, C/group, KH, KW] with a kernel of at least 1x1");
+        check_oc(fn, group, xs[1], ws[0]);
+        const ftte::ConvGeom g = geom(fn, xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], ws[3], stride, padding);
+        std::vector<int32_t> sel;
+        const int32_t* rp = nullptr;
+        int64_t R = ws[0];
+        if (!rows.is_none()) {
+          sel = ftte::rows_or_all(fn, rows, ws[0]);
+          rp = sel.data();
+          R = static_cast<int64_t>(sel.size());
+        }
+        return ftte::grouped_conv2d_scratch_bytes(g, group, backward, rp, R, dw, db, dx,
+                                                  threads > 0 ? threads : ftte::get_num_threads());
+      },
+      py::arg("x_shape"), py::arg("w_shape"), py::arg("group"), py::arg("stride") = stride1,
+      py::arg("padding") = pad0, py::arg("backward") = false, py::arg("rows") = py::none(), py::arg("dw") = true,
+      py::arg("db") = true, py::arg("dx") = true, py::arg("threads") = 0,
+      "Most bytes of scratch grouped_conv2d_forward or, with backward=True, grouped_conv2d_backward holds "
+      "(im2col columns, GEMM packing, regrouped dW/db sums when rows are out of group order) with `threads` "
+      "threads (0: the current setting); exact on one thread. The depthwise kernels hold none.");
 }

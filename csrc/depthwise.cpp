@@ -246,4 +246,33 @@ void grouped_conv2d_backward(const ConvGeom& g, int64_t group, const float* x, c
   }
 }
 
+size_t grouped_conv2d_scratch_bytes(const ConvGeom& g, int64_t group, bool backward, const int32_t* rows, int64_t R,
+                                    bool want_dw, bool want_db, bool want_dx, int threads) {
+  const ConvGeom s = group_geom(g, group);
+  const int64_t Kw = s.C * g.KH * g.KW;
+  threads = std::max(threads, 1);
+  if (!backward)
+    return conv2d_scratch_bytes(s, false, s.OC, false, false, 1) *
+           static_cast<size_t>(std::min<int64_t>(threads, g.N * group));
+  if (R == 0) want_dw = want_db = false;
+  // Rows per group, and whether they fill consecutive slots (as in grouped_conv2d_backward).
+  std::vector<int64_t> count(static_cast<size_t>(group), 0), first(static_cast<size_t>(group), -1);
+  std::vector<char> direct(static_cast<size_t>(group), 1);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t k = (rows ? rows[r] : r) / s.OC;
+    if (first[k] < 0) first[k] = r;
+    if (r != first[k] + count[k]) direct[k] = 0;
+    ++count[k];
+  }
+  int64_t Rs = 0;
+  size_t task = 0;
+  for (int64_t k = 0; k < group; ++k) {
+    if (!direct[k]) Rs += count[k];
+    if (g.N > 0)
+      task = std::max(task, conv2d_scratch_bytes(s, true, count[k], want_dw && count[k] > 0, want_dx, 1));
+  }
+  const size_t sums = static_cast<size_t>((want_dw ? Rs * Kw : 0) + (want_db ? Rs : 0)) * sizeof(float);
+  return sums + task * static_cast<size_t>(std::min<int64_t>(threads, group));
+}
+
 }  // namespace ftte

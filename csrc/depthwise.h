@@ -30,4 +30,10 @@ void grouped_conv2d_forward(const ConvGeom& g, int64_t group, const float* x, co
 void grouped_conv2d_backward(const ConvGeom& g, int64_t group, const float* x, const float* w, const float* dy,
                              const int32_t* rows, int64_t R, float* dw, float* db, float* dx, bool accumulate);
 
+// Bytes of scratch grouped_conv2d_forward (backward == false) or grouped_conv2d_backward hold at
+// most with `threads` threads, GEMM packing included (exact at one thread), for the cost model.
+// The depthwise kernels hold none.
+size_t grouped_conv2d_scratch_bytes(const ConvGeom& g, int64_t group, bool backward, const int32_t* rows, int64_t R,
+                                    bool want_dw, bool want_db, bool want_dx, int threads);
+
 }  // namespace ftte

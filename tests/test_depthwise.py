@@ -524,3 +524,39 @@ def test_errors():
     with pytest.raises(ValueError, match="rows holds 6, outside"):
         K.grouped_conv2d_backward(x, wg, yg, np.array([6], np.int32), np.zeros((1, 2, 3, 3), np.float32), None,
                                   None, 2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grouped_scratch_bytes_matches_recorded_peak(threads):
+    """grouped_conv2d_scratch_bytes (for the cost model): exact on one thread, an upper bound on more."""
+    rng = np.random.default_rng(22)
+    N, C, H, W, OC, group = 3, 6, 11, 9, 9, 3
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    w = rng.standard_normal((OC, C // group, 3, 3)).astype(np.float32)
+    stride, pad = (1, 2), (1, 1, 0, 1)
+    y = np.empty((N, OC, 10, 5), np.float32)
+    dx = np.empty_like(x)
+    cases = [(None, {}), (np.array([0, 4, 5, 8], np.int32), {}), (np.array([8, 0, 4, 5], np.int32), {}),
+             (np.array([7, 1], np.int32), {"dx": False}), (None, {"dw": False}), (None, {"dw": False, "dx": False})]
+    before = K.get_num_threads()
+    try:
+        K.set_num_threads(threads)
+        base = K.workspace_current_bytes()
+        K.reset_workspace_peak()
+        K.grouped_conv2d_forward(x, w, None, y, group, stride, pad)
+        used = K.workspace_peak_bytes() - base
+        want = K.grouped_conv2d_scratch_bytes(x.shape, w.shape, group, stride, pad, threads=threads)
+        assert used <= want and (threads > 1 or used == want), (used, want)
+        for rows, kw in cases:
+            R = OC if rows is None else len(rows)
+            dw = np.empty((R,) + w.shape[1:], np.float32) if kw.get("dw", True) else None
+            db = np.empty(R, np.float32)
+            base = K.workspace_current_bytes()
+            K.reset_workspace_peak()
+            K.grouped_conv2d_backward(x, w, y, rows, dw, db, dx if kw.get("dx", True) else None, group, stride, pad)
+            used = K.workspace_peak_bytes() - base
+            want = K.grouped_conv2d_scratch_bytes(x.shape, w.shape, group, stride, pad, backward=True, rows=rows,
+                                                  threads=threads, **kw)
+            assert used <= want and (threads > 1 or used == want), (rows, kw, used, want)
+    finally:
+        K.set_num_threads(before)
