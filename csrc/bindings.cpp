@@ -11,6 +11,7 @@ void register_dense(py::module_& m);
 void register_conv(py::module_& m);
 void register_codec(py::module_& m);
 void register_graph_ops(py::module_& m);
+void register_depthwise(py::module_& m);
 
 PYBIND11_MODULE(_kernels, m) {
   m.doc() = "FTTE C++ kernels: masked dense/conv forward+backward, pooling, activations, loss, "
@@ -28,4 +29,5 @@ PYBIND11_MODULE(_kernels, m) {
   register_conv(m);
   register_codec(m);
   register_graph_ops(m);
+  register_depthwise(m);
 }

@@ -1,0 +1,278 @@
+// Depthwise convolution, direct: one output plane (or one input plane for dx, or one selected
+// output channel for dW) per task, each summed in a fixed order, so results never depend on the
+// thread count. No im2col: a depthwise layer has KH*KW multiply-adds per output cell, and
+// columns would cost KH*KW times the input for that little work.
+// Grouped convolution reuses conv2d (im2col + sgemm) one image and one group at a time.
+#include "depthwise.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "parallel.h"
+#include "workspace.h"
+
+namespace ftte {
+
+namespace {
+
+// Output columns [lo, hi) whose input column ow*sw - pl + j lies inside [0, W) (as in conv2d.cpp).
+inline void cols_in_range(const ConvGeom& g, int64_t j, int64_t& lo, int64_t& hi) {
+  int64_t off = g.pl - j;  // iw = ow*sw - off
+  lo = off > 0 ? (off + g.sw - 1) / g.sw : 0;
+  hi = (g.W - 1 + off) >= 0 ? std::min(g.OW, (g.W - 1 + off) / g.sw + 1) : 0;
+  lo = std::min(lo, g.OW);
+  hi = std::max(hi, lo);
+}
+
+// yp[OH,OW] (+)= the depthwise correlation of one input plane xp[H,W] with kernel k[KH,KW].
+void plane_forward(const ConvGeom& g, const float* xp, const float* k, float* yp) {
+  for (int64_t oh = 0; oh < g.OH; ++oh) {
+    float* yrow = yp + oh * g.OW;
+    for (int64_t i = 0; i < g.KH; ++i) {
+      const int64_t ih = oh * g.sh - g.pt + i;
+      if (ih < 0 || ih >= g.H) continue;
+      const float* xrow = xp + ih * g.W;
+      for (int64_t j = 0; j < g.KW; ++j) {
+        int64_t lo, hi;
+        cols_in_range(g, j, lo, hi);
+        const float wv = k[i * g.KW + j];
+        const float* src = xrow + (lo * g.sw - g.pl + j);
+        if (g.sw == 1)
+          for (int64_t ow = lo; ow < hi; ++ow) yrow[ow] += wv * src[ow - lo];
+        else
+          for (int64_t ow = lo; ow < hi; ++ow) yrow[ow] += wv * src[(ow - lo) * g.sw];
+      }
+    }
+  }
+}
+
+// dxp[H,W] += the adjoint of plane_forward for dy plane dyp and kernel k.
+void plane_backward_dx(const ConvGeom& g, const float* dyp, const float* k, float* dxp) {
+  for (int64_t oh = 0; oh < g.OH; ++oh) {
+    const float* dyrow = dyp + oh * g.OW;
+    for (int64_t i = 0; i < g.KH; ++i) {
+      const int64_t ih = oh * g.sh - g.pt + i;
+      if (ih < 0 || ih >= g.H) continue;
+      float* dxrow = dxp + ih * g.W;
+      for (int64_t j = 0; j < g.KW; ++j) {
+        int64_t lo, hi;
+        cols_in_range(g, j, lo, hi);
+        const float wv = k[i * g.KW + j];
+        float* dst = dxrow + (lo * g.sw - g.pl + j);
+        if (g.sw == 1)
+          for (int64_t ow = lo; ow < hi; ++ow) dst[ow - lo] += wv * dyrow[ow];
+        else
+          for (int64_t ow = lo; ow < hi; ++ow) dst[(ow - lo) * g.sw] += wv * dyrow[ow];
+      }
+    }
+  }
+}
+
+// acc[KH*KW] = per kernel tap, the sum over the plane of dy * x at that tap (overwritten).
+// Each tap's products are first summed down the rows into lane[OW] (a loop the compiler can
+// vectorise, unlike one running scalar sum), then lane is summed: a fixed order either way.
+void plane_backward_dw(const ConvGeom& g, const float* xp, const float* dyp, float* acc, float* lane) {
+  for (int64_t i = 0; i < g.KH; ++i)
+    for (int64_t j = 0; j < g.KW; ++j) {
+      int64_t lo, hi;
+      cols_in_range(g, j, lo, hi);
+      std::fill(lane, lane + g.OW, 0.f);
+      for (int64_t oh = 0; oh < g.OH; ++oh) {
+        const int64_t ih = oh * g.sh - g.pt + i;
+        if (ih < 0 || ih >= g.H) continue;
+        const float* src = xp + ih * g.W + (lo * g.sw - g.pl + j);
+        const float* dyrow = dyp + oh * g.OW;
+        if (g.sw == 1)
+          for (int64_t ow = lo; ow < hi; ++ow) lane[ow] += dyrow[ow] * src[ow - lo];
+        else
+          for (int64_t ow = lo; ow < hi; ++ow) lane[ow] += dyrow[ow] * src[(ow - lo) * g.sw];
+      }
+      float s = 0.f;
+      for (int64_t ow = lo; ow < hi; ++ow) s += lane[ow];
+      acc[i * g.KW + j] = s;
+    }
+}
+
+}  // namespace
+
+void depthwise_conv2d_forward(const ConvGeom& g, const float* x, const float* w, const float* b, float* y) {
+  const int64_t M = g.C > 0 ? g.OC / g.C : 0, P = g.OH * g.OW, KK = g.KH * g.KW;
+  parallel_for(
+      g.N * g.OC,
+      [&](int64_t t) {
+        const int64_t n = t / g.OC, oc = t % g.OC, c = oc / M;
+        float* yp = y + t * P;
+        std::fill(yp, yp + P, b ? b[oc] : 0.f);
+        plane_forward(g, x + (n * g.C + c) * g.H * g.W, w + oc * KK, yp);
+      },
+      2.0 * g.N * g.OC * P * KK);
+}
+
+void depthwise_conv2d_backward(const ConvGeom& g, const float* x, const float* w, const float* dy,
+                               const int32_t* rows, int64_t R, float* dw, float* db, float* dx, bool accumulate) {
+  const int64_t M = g.C > 0 ? g.OC / g.C : 0, P = g.OH * g.OW, KK = g.KH * g.KW, HW = g.H * g.W;
+  if (R == 0) dw = db = nullptr;
+
+  // dW and db: one task per selected row, images summed in order.
+  if (dw || db)
+    parallel_for(
+        R,
+        [&](int64_t r) {
+          const int64_t oc = rows ? rows[r] : r, c = oc / M;
+          std::vector<float> total(dw ? static_cast<size_t>(KK) : 0, 0.f), part(total.size()),
+              lane(dw ? static_cast<size_t>(g.OW) : 0);
+          float btotal = 0.f;
+          for (int64_t n = 0; n < g.N; ++n) {
+            const float* dyp = dy + (n * g.OC + oc) * P;
+            if (db) {
+              float s = 0.f;
+              for (int64_t p = 0; p < P; ++p) s += dyp[p];
+              btotal += s;
+            }
+            if (dw) {
+              plane_backward_dw(g, x + (n * g.C + c) * HW, dyp, part.data(), lane.data());
+              for (int64_t k = 0; k < KK; ++k) total[k] += part[k];
+            }
+          }
+          if (db) db[r] = accumulate ? db[r] + btotal : btotal;
+          if (dw)
+            for (int64_t k = 0; k < KK; ++k) dw[r * KK + k] = accumulate ? dw[r * KK + k] + total[k] : total[k];
+        },
+        2.0 * R * g.N * P * (dw ? KK : 1));
+
+  // dx: one task per input plane; its M output channels are added in order.
+  if (dx)
+    parallel_for(
+        g.N * g.C,
+        [&](int64_t t) {
+          const int64_t n = t / g.C, c = t % g.C;
+          float* dxp = dx + t * HW;
+          std::fill(dxp, dxp + HW, 0.f);
+          for (int64_t m = 0; m < M; ++m) {
+            const int64_t oc = c * M + m;
+            plane_backward_dx(g, dy + (n * g.OC + oc) * P, w + oc * KK, dxp);
+          }
+        },
+        2.0 * g.N * g.OC * P * KK);
+}
+
+namespace {
+
+// The geometry of one group of one image, for conv2d.
+ConvGeom group_geom(const ConvGeom& g, int64_t group) {
+  ConvGeom s = g;
+  s.N = 1;
+  s.C = g.C / group;
+  s.OC = g.OC / group;
+  return s;
+}
+
+}  // namespace
+
+void grouped_conv2d_forward(const ConvGeom& g, int64_t group, const float* x, const float* w, const float* b,
+                            float* y) {
+  const ConvGeom s = group_geom(g, group);
+  const int64_t P = g.OH * g.OW, HW = g.H * g.W, Kw = s.C * g.KH * g.KW;
+  // Images x groups are independent; conv2d runs inline inside a task (nested parallel_for).
+  parallel_for(
+      g.N * group,
+      [&](int64_t t) {
+        const int64_t n = t / group, k = t % group;
+        conv2d_forward(s, x + (n * g.C + k * s.C) * HW, w + k * s.OC * Kw, b ? b + k * s.OC : nullptr,
+                       y + (n * g.OC + k * s.OC) * P);
+      },
+      2.0 * g.N * g.OC * P * Kw);
+}
+
+void grouped_conv2d_backward(const ConvGeom& g, int64_t group, const float* x, const float* w, const float* dy,
+                             const int32_t* rows, int64_t R, float* dw, float* db, float* dx, bool accumulate) {
+  const ConvGeom s = group_geom(g, group);
+  const int64_t P = g.OH * g.OW, HW = g.H * g.W, Kw = s.C * g.KH * g.KW;
+  if (R == 0) dw = db = nullptr;
+
+  // The selected rows of each group, as local output channels, and the slots they fill.
+  std::vector<std::vector<int32_t>> local(static_cast<size_t>(group)), slot(static_cast<size_t>(group));
+  std::vector<int64_t> start(static_cast<size_t>(group) + 1, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t oc = rows ? rows[r] : r, k = oc / s.OC;
+    local[k].push_back(static_cast<int32_t>(oc - k * s.OC));
+    slot[k].push_back(static_cast<int32_t>(r));
+  }
+  // A group whose rows fill consecutive slots (rows None, or sorted as a Subset keeps them)
+  // writes straight into dw/db; the others sum into scratch, scattered to their slots at the end.
+  std::vector<char> direct(static_cast<size_t>(group), 1);
+  for (int64_t k = 0; k < group; ++k) {
+    for (size_t i = 1; i < slot[k].size(); ++i)
+      if (slot[k][i] != slot[k][0] + static_cast<int32_t>(i)) direct[k] = 0;
+    start[k + 1] = start[k] + (direct[k] ? 0 : static_cast<int64_t>(local[k].size()));
+  }
+  const int64_t Rs = start[group];  // rows summed in scratch
+  Scratch<float> gdw(dw ? static_cast<size_t>(Rs * Kw) : 0), gdb(db ? static_cast<size_t>(Rs) : 0);
+  // Where group k's first row goes, and whether its first image adds to what is there.
+  auto dw_of = [&](int64_t k) { return direct[k] ? dw + slot[k][0] * Kw : gdw.data() + start[k] * Kw; };
+  auto db_of = [&](int64_t k) { return direct[k] ? db + slot[k][0] : gdb.data() + start[k]; };
+  // One task per group: the images are summed in order inside it, so dW never depends on threads.
+  parallel_for(
+      group,
+      [&](int64_t k) {
+        const int64_t Rk = static_cast<int64_t>(local[k].size());
+        float* dwk = dw && Rk ? dw_of(k) : nullptr;
+        float* dbk = db && Rk ? db_of(k) : nullptr;
+        const bool add_first = accumulate && direct[k];
+        if (g.N == 0) {  // an empty batch has zero gradient
+          if (dwk && !add_first) std::fill(dwk, dwk + Rk * Kw, 0.f);
+          if (dbk && !add_first) std::fill(dbk, dbk + Rk, 0.f);
+          return;
+        }
+        if (!dwk && !dbk && !dx) return;
+        for (int64_t n = 0; n < g.N; ++n)
+          conv2d_backward(s, x ? x + (n * g.C + k * s.C) * HW : nullptr, w + k * s.OC * Kw,
+                          dy + (n * g.OC + k * s.OC) * P, local[k].data(), Rk, dwk, dbk,
+                          dx ? dx + (n * g.C + k * s.C) * HW : nullptr, n > 0 || add_first);
+      },
+      2.0 * g.N * g.OC * P * Kw * ((dw ? 1 : 0) + (dx ? 1 : 0)) + 1.0);
+  for (int64_t k = 0; k < group; ++k) {
+    if (direct[k]) continue;
+    for (size_t i = 0; i < slot[k].size(); ++i) {
+      const int64_t r = slot[k][i], src = start[k] + static_cast<int64_t>(i);
+      if (dw) {
+        float* d = dw + r * Kw;
+        const float* sp = gdw.data() + src * Kw;
+        for (int64_t q = 0; q < Kw; ++q) d[q] = accumulate ? d[q] + sp[q] : sp[q];
+      }
+      if (db) db[r] = accumulate ? db[r] + gdb[static_cast<size_t>(src)] : gdb[static_cast<size_t>(src)];
+    }
+  }
+}
+
+size_t grouped_conv2d_scratch_bytes(const ConvGeom& g, int64_t group, bool backward, const int32_t* rows, int64_t R,
+                                    bool want_dw, bool want_db, bool want_dx, int threads) {
+  const ConvGeom s = group_geom(g, group);
+  const int64_t Kw = s.C * g.KH * g.KW;
+  threads = std::max(threads, 1);
+  if (!backward)
+    return conv2d_scratch_bytes(s, false, s.OC, false, false, 1) *
+           static_cast<size_t>(std::min<int64_t>(threads, g.N * group));
+  if (R == 0) want_dw = want_db = false;
+  // Rows per group, and whether they fill consecutive slots (as in grouped_conv2d_backward).
+  std::vector<int64_t> count(static_cast<size_t>(group), 0), first(static_cast<size_t>(group), -1);
+  std::vector<char> direct(static_cast<size_t>(group), 1);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t k = (rows ? rows[r] : r) / s.OC;
+    if (first[k] < 0) first[k] = r;
+    if (r != first[k] + count[k]) direct[k] = 0;
+    ++count[k];
+  }
+  int64_t Rs = 0;
+  size_t task = 0;
+  for (int64_t k = 0; k < group; ++k) {
+    if (!direct[k]) Rs += count[k];
+    if (g.N > 0)
+      task = std::max(task, conv2d_scratch_bytes(s, true, count[k], want_dw && count[k] > 0, want_dx, 1));
+  }
+  const size_t sums = static_cast<size_t>((want_dw ? Rs * Kw : 0) + (want_db ? Rs : 0)) * sizeof(float);
+  return sums + task * static_cast<size_t>(std::min<int64_t>(threads, group));
+}
+
+}  // namespace ftte
