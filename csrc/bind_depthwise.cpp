@@ -15,33 +15,13 @@
 #include "parallel.h"
 
 namespace py = pybind11;
+using ftte::as_int;
 using ftte::checked;
 using ftte::dim;
 using ftte::fail;
+using ftte::int_tuple;
 
 namespace {
-
-int64_t as_int(const std::string& fn, const char* name, const py::handle& h) {
-  if (py::isinstance<py::bool_>(h) || !PyIndex_Check(h.ptr())) fail(fn, std::string(name) + " must hold integers");
-  return py::reinterpret_steal<py::int_>(PyNumber_Index(h.ptr())).cast<int64_t>();
-}
-
-// An int (used for every axis) or a sequence of exactly n ints (as bind_conv.cpp).
-template <size_t n>
-std::array<int64_t, n> int_tuple(const std::string& fn, const char* name, const py::handle& obj) {
-  std::array<int64_t, n> out{};
-  if (PyIndex_Check(obj.ptr()) && !py::isinstance<py::bool_>(obj)) {
-    out.fill(as_int(fn, name, obj));
-    return out;
-  }
-  if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj))
-    fail(fn, std::string(name) + " must be an int or a sequence of " + std::to_string(n) + " ints");
-  py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
-  if (seq.size() != n)
-    fail(fn, std::string(name) + " must have " + std::to_string(n) + " entries, got " + std::to_string(seq.size()));
-  for (size_t i = 0; i < n; ++i) out[i] = as_int(fn, name, seq[i]);
-  return out;
-}
 
 // Geometry from shapes, stride and padding; fails when the kernel does not fit.
 ftte::ConvGeom geom(const std::string& fn, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC, int64_t KH,

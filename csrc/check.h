@@ -5,6 +5,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <array>
 #include <cstdint>
 #include <initializer_list>
 #include <sstream>
@@ -63,6 +64,29 @@ T* checked(const std::string& fn, const char* name, const py::handle& obj, std::
     fail(fn, std::string(name) + " must be aligned to " + std::to_string(alignof(T)) +
                  " bytes (np.require(a, requirements='A') makes an aligned copy)");
   return static_cast<T*>(const_cast<void*>(a.data()));
+}
+
+// A Python integer (not a bool) as int64.
+inline int64_t as_int(const std::string& fn, const char* name, const py::handle& h) {
+  if (py::isinstance<py::bool_>(h) || !PyIndex_Check(h.ptr())) fail(fn, std::string(name) + " must hold integers");
+  return py::reinterpret_steal<py::int_>(PyNumber_Index(h.ptr())).cast<int64_t>();
+}
+
+// An int (used for every axis) or a sequence of exactly n ints: strides, paddings, kernel sizes.
+template <size_t n>
+inline std::array<int64_t, n> int_tuple(const std::string& fn, const char* name, const py::handle& obj) {
+  std::array<int64_t, n> out{};
+  if (PyIndex_Check(obj.ptr()) && !py::isinstance<py::bool_>(obj)) {
+    out.fill(as_int(fn, name, obj));
+    return out;
+  }
+  if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj))
+    fail(fn, std::string(name) + " must be an int or a sequence of " + std::to_string(n) + " ints");
+  py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
+  if (seq.size() != n)
+    fail(fn, std::string(name) + " must have " + std::to_string(n) + " entries, got " + std::to_string(seq.size()));
+  for (size_t i = 0; i < n; ++i) out[i] = as_int(fn, name, seq[i]);
+  return out;
 }
 
 inline int64_t dim(const py::handle& obj, int i) { return py::reinterpret_borrow<py::array>(obj).shape(i); }
