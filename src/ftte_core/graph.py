@@ -1,4 +1,4 @@
-"""The model: a chain of layers, each with its forward and backward on the C++ kernels.
+"""The model: a graph of layers (a DAG), each with its forward and backward on the C++ kernels.
 
 Shapes are per sample (no batch dimension) unless a name says otherwise. Every array that
 reaches a kernel is float32 and C-contiguous. Training-time buffers are not owned by layers:
@@ -31,40 +31,75 @@ def _pool_out(size: int, k: int, s: int, pad_begin: int, pad_end: int, ceil_mode
     return out
 
 
+F32 = 4
+
+
 class Layer:
-    """One step of the chain. Subclasses set ``kind`` and implement the shape algebra and passes."""
+    """One node of the graph. Subclasses set ``kind`` and implement the shape algebra and passes.
+
+    A node takes ``arity`` graph tensors (0: any number, as Concat) and writes one. Single-input
+    layers see ``forward(x, y, scope)`` / ``backward(x, y, dy, dx, scope)``; multi-input layers
+    get lists in place of x and dx (``None`` entries where a value or gradient is not needed).
+    """
 
     kind = "layer"
     has_params = False
+    arity = 1
     #: backward needs this layer's output (activations compute their gradient from it)
     saves_output = False
+    #: output has the input's shape, element i depends on input element i only, and the kernel
+    #: accepts y = x and dx = dy: the step may run it in place when nobody else needs its input
+    elementwise = False
 
     def __init__(self, name: str):
         self.name = name
 
     # -- shape algebra -------------------------------------------------------------------------
-    def out_shape(self, in_shape: Shape) -> Shape:
-        return in_shape
+    def out_shape(self, *in_shapes: Shape) -> Shape:
+        return in_shapes[0]
 
-    def flops(self, in_shape: Shape) -> int:
+    def flops(self, *in_shapes: Shape) -> int:
         """Forward multiply-adds x2 per sample (elementwise layers count one per element)."""
-        return int(np.prod(self.out_shape(in_shape)))
+        return int(np.prod(self.out_shape(*in_shapes)))
 
     def params(self) -> Dict[str, np.ndarray]:
+        """Trainable arrays: ``weight`` (rows = output units) and ``bias``."""
+        return {}
+
+    def constants(self) -> Dict[str, np.ndarray]:
+        """Frozen arrays the layer carries besides its parameters (batch-norm statistics, a
+        constant operand); saved with the model, never trained."""
         return {}
 
     def saves_input(self, trains: bool) -> bool:
         """Backward needs this layer's input (only layers whose weights train)."""
         return False
 
+    def needs(self, trains: bool, dx_needed: Sequence[bool]) -> Tuple[Tuple[bool, ...], bool]:
+        """(which inputs backward reads, whether it reads the output), given whether this
+        layer's weight rows train and which input gradients are wanted."""
+        return (self.saves_input(trains),) * len(dx_needed), self.saves_output
+
+    def saved_buffers(self, n: int, in_shapes: Sequence[Shape], out_shape: Shape) -> Dict[str, tuple]:
+        """Buffers forward fills for backward besides inputs and output: name -> (shape, dtype)."""
+        return {}
+
+    def forward_scratch(self, n: int, in_shapes: Sequence[Shape], threads: int) -> int:
+        """Kernel scratch bytes of one forward call on n samples."""
+        return 0
+
+    def backward_scratch(self, n: int, in_shapes: Sequence[Shape], rows: Optional[np.ndarray], bias: bool,
+                         dx_needed: Sequence[bool], threads: int) -> int:
+        """Kernel scratch bytes of this layer's backward (``rows``: trained weight rows or None)."""
+        return 0
+
     # -- passes --------------------------------------------------------------------------------
-    def forward(self, x: np.ndarray, y: np.ndarray, scope: "Optional[Scope]" = None) -> None:
+    def forward(self, x, y: np.ndarray, scope: "Optional[Scope]" = None) -> None:
         """Compute y from x (both batch-first). With a training scope, save what backward needs."""
         raise NotImplementedError
 
-    def backward(self, x: Optional[np.ndarray], y: Optional[np.ndarray], dy: np.ndarray,
-                 dx: Optional[np.ndarray], scope: "Scope") -> None:
-        """Given dL/dy, write dL/dx (when dx is given) and this layer's gradients (into scope)."""
+    def backward(self, x, y: Optional[np.ndarray], dy: np.ndarray, dx, scope: "Scope") -> None:
+        """Given dL/dy, write dL/dx (where dx is given) and this layer's gradients (into scope)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -82,17 +117,22 @@ def _trainable(a) -> np.ndarray:
     return np.array(arr, dtype=np.float32, order="C", copy=True)
 
 
-def _weight_and_bias(name: str, weight, bias, ndim: int, what: str) -> Tuple[np.ndarray, np.ndarray]:
+def _weight_and_bias(name: str, weight, bias, ndim, what: str) -> Tuple[np.ndarray, np.ndarray]:
     """Trainable float32 arrays (see ``_trainable``); a missing bias is zeros (every weight layer
     has one to train)."""
     w = _trainable(weight)
-    if w.ndim != ndim:
+    if w.ndim not in ((ndim,) if isinstance(ndim, int) else ndim):
         raise ValueError(f"{name}: {what}, got shape {w.shape}")
     rows = w.shape[0]
     b = np.zeros(rows, np.float32) if bias is None else _trainable(np.asarray(bias).reshape(-1))
     if b.shape != (rows,):
         raise ValueError(f"{name}: bias has {b.size} entries, weight has {rows} output rows")
     return w, b
+
+
+def _separate_bias(rows, db) -> bool:
+    """Only some weight rows train but the bias trains whole: its gradient needs a call of its own."""
+    return rows is not None and db is not None
 
 
 class Dense(Layer):
@@ -125,48 +165,106 @@ class Dense(Layer):
     def saves_input(self, trains: bool) -> bool:
         return trains
 
+    def forward_scratch(self, n, in_shapes, threads):
+        return K.sgemm_scratch_bytes(n, self.out_features, self.in_features, False, True)
+
+    def backward_scratch(self, n, in_shapes, rows, bias, dx_needed, threads):
+        o, f = self.out_features, self.in_features
+        r = int(rows.size)
+        peak = K.sgemm_scratch_bytes(r, f, n, True, False, r < o) if r else 0
+        if bias:
+            peak = max(peak, F32 * (r if 0 < r == o else o))
+        if dx_needed[0]:
+            peak = max(peak, K.sgemm_scratch_bytes(n, f, o, False, False))
+        return peak
+
     def forward(self, x, y, scope=None):
         K.dense_forward(x, self.weight, self.bias, y)
 
     def backward(self, x, y, dy, dx, scope):
         rows, dw, db = scope.grad_buffers(self)
-        if rows is not None and db is not None:  # a whole bias with only some weight rows
+        if _separate_bias(rows, db):
             K.dense_backward(None, self.weight, dy, None, None, db, None)
             db = None
         K.dense_backward(x, self.weight, dy, rows, dw, db, dx)
 
 
+def _conv_mode(group: int, in_channels: int, weight_shape: Shape) -> str:
+    if group == 1:
+        return "dense"
+    if group == in_channels and weight_shape[1] == 1:
+        return "depthwise"
+    return "grouped"
+
+
 class Conv2d(Layer):
+    """ONNX Conv on [C, H, W]: ``group`` 1 (im2col + GEMM), C (depthwise, a direct kernel, with a
+    channel multiplier OC/C) or anything dividing C and OC (grouped)."""
+
     kind = "conv2d"
     has_params = True
+    dims = 2
 
     def __init__(self, name: str, weight: np.ndarray, bias: Optional[np.ndarray] = None,
-                 stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0, 0, 0)):
+                 stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0, 0, 0), group: int = 1):
         super().__init__(name)
-        self.weight, self.bias = _weight_and_bias(name, weight, bias, 4,
-                                                  "conv weight must be 4-D [out_ch, in_ch, kh, kw]")
+        nd = self.dims + 2
+        self.weight, self.bias = _weight_and_bias(
+            name, weight, bias, nd, f"conv weight must be {nd}-D [out_ch, in_ch/group{', kh, kw' if self.dims == 2 else ', k'}]")
         self.stride = tuple(int(s) for s in stride)
-        self.padding = tuple(int(p) for p in padding)  # top, left, bottom, right (ONNX order)
-        if len(self.stride) != 2 or len(self.padding) != 4 or min(self.stride) < 1 or min(self.padding) < 0:
+        self.padding = tuple(int(p) for p in padding)  # ONNX order: begins then ends
+        self.group = int(group)
+        if (len(self.stride) != self.dims or len(self.padding) != 2 * self.dims or min(self.stride) < 1
+                or min(self.padding) < 0):
             raise ValueError(f"{name}: bad stride {self.stride} or padding {self.padding}")
+        if self.group < 1 or self.weight.shape[0] % self.group:
+            raise ValueError(f"{name}: group {self.group} does not divide the {self.weight.shape[0]} output channels")
+
+    # 2-D views of the geometry (a 1-D conv is a 2-D one of height 1)
+    def _w4(self, w: np.ndarray) -> np.ndarray:
+        return w
+
+    @property
+    def stride2(self) -> Tuple[int, int]:
+        return self.stride
+
+    @property
+    def padding2(self) -> Tuple[int, int, int, int]:
+        return self.padding
+
+    @property
+    def weight_shape2(self) -> Shape:
+        return self._w4(self.weight).shape
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.group
 
     @property
     def out_channels(self) -> int:
         return self.weight.shape[0]
 
+    @property
+    def mode(self) -> str:
+        return _conv_mode(self.group, self.in_channels, self.weight.shape)
+
+    def _in4(self, in_shape: Shape) -> Shape:
+        return tuple(in_shape)
+
     def out_shape(self, in_shape: Shape) -> Shape:
-        oc, c, kh, kw = self.weight.shape
-        if len(in_shape) != 3 or in_shape[0] != c:
-            raise ValueError(f"{self.name}: expects input [{c}, H, W], got shape {tuple(in_shape)}")
-        pt, pl, pb, pr = self.padding
-        oh = _pool_out(in_shape[1], kh, self.stride[0], pt, pb, False)
-        ow = _pool_out(in_shape[2], kw, self.stride[1], pl, pr, False)
-        return (oc, oh, ow)
+        c = self.in_channels
+        if len(in_shape) != self.dims + 1 or in_shape[0] != c:
+            raise ValueError(f"{self.name}: expects input [{c}, {'H, W' if self.dims == 2 else 'L'}], "
+                             f"got shape {tuple(in_shape)}")
+        _, h, w = self._in4(in_shape)
+        oc, _, kh, kw = self.weight_shape2
+        pt, pl, pb, pr = self.padding2
+        oh = _pool_out(h, kh, self.stride2[0], pt, pb, False)
+        ow = _pool_out(w, kw, self.stride2[1], pl, pr, False)
+        return (oc, oh, ow) if self.dims == 2 else (oc, ow)
 
     def flops(self, in_shape: Shape) -> int:
-        oc, c, kh, kw = self.weight.shape
-        _, oh, ow = self.out_shape(in_shape)
-        return 2 * oc * oh * ow * c * kh * kw
+        return 2 * int(np.prod(self.out_shape(in_shape))) * int(np.prod(self.weight.shape[1:]))
 
     def params(self) -> Dict[str, np.ndarray]:
         return {"weight": self.weight, "bias": self.bias}
@@ -174,89 +272,408 @@ class Conv2d(Layer):
     def saves_input(self, trains: bool) -> bool:
         return trains
 
+    def _scratch(self, n, in_shape, threads, backward=False, rows=None, dw=True, db=True, dx=True) -> int:
+        """Scratch of one kernel call; ``rows`` the selected rows (None: all)."""
+        x_shape, w_shape = (n,) + self._in4(in_shape), self.weight_shape2
+        mode = self.mode
+        if mode == "depthwise":
+            return 0  # direct kernel
+        if mode == "dense":
+            if not backward:
+                return K.conv2d_scratch_bytes(x_shape, w_shape, self.stride2, self.padding2, threads=threads)
+            return K.conv2d_scratch_bytes(x_shape, w_shape, self.stride2, self.padding2, backward=True,
+                                          n_rows=None if rows is None else int(rows.size), dw=dw, dx=dx,
+                                          threads=threads)
+        return K.grouped_conv2d_scratch_bytes(x_shape, w_shape, self.group, self.stride2, self.padding2, backward,
+                                              rows, dw, db, dx, threads)
+
+    def forward_scratch(self, n, in_shapes, threads):
+        return self._scratch(n, in_shapes[0], threads)
+
+    def backward_scratch(self, n, in_shapes, rows, bias, dx_needed, threads):
+        r, oc = int(rows.size), self.out_channels
+        full = r == oc
+        peak = 0
+        if r or dx_needed[0]:  # the call for the weight rows (and the bias when it goes along) and dx
+            peak = self._scratch(n, in_shapes[0], threads, backward=True, rows=rows if 0 < r < oc else None,
+                                 dw=r > 0, db=bias and (full or r == 0), dx=bool(dx_needed[0]))
+        if bias and 0 < r < oc:  # the whole bias, in a call of its own
+            peak = max(peak, self._scratch(n, in_shapes[0], threads, backward=True, rows=None, dw=False, db=True,
+                                           dx=False))
+        return peak
+
+    def _x4(self, x):
+        return x
+
     def forward(self, x, y, scope=None):
-        K.conv2d_forward(x, self.weight, self.bias, y, self.stride, self.padding)
+        x, y, w = self._x4(x), self._x4(y), self._w4(self.weight)
+        mode = self.mode
+        if mode == "dense":
+            K.conv2d_forward(x, w, self.bias, y, self.stride2, self.padding2)
+        elif mode == "depthwise":
+            K.depthwise_conv2d_forward(x, w, self.bias, y, self.stride2, self.padding2)
+        else:
+            K.grouped_conv2d_forward(x, w, self.bias, y, self.group, self.stride2, self.padding2)
+
+    def _backward_call(self, x, dy, rows, dw, db, dx):
+        w, mode = self._w4(self.weight), self.mode
+        if mode == "dense":
+            K.conv2d_backward(x, w, dy, rows, dw, db, dx, self.stride2, self.padding2)
+        elif mode == "depthwise":
+            K.depthwise_conv2d_backward(x, w, dy, rows, dw, db, dx, self.stride2, self.padding2, False)
+        else:
+            K.grouped_conv2d_backward(x, w, dy, rows, dw, db, dx, self.group, self.stride2, self.padding2, False)
 
     def backward(self, x, y, dy, dx, scope):
         rows, dw, db = scope.grad_buffers(self)
-        if rows is not None and db is not None:  # a whole bias with only some weight rows
-            K.conv2d_backward(None, self.weight, dy, None, None, db, None, self.stride, self.padding)
+        x = None if x is None else self._x4(x)
+        dy = self._x4(dy)
+        dx = None if dx is None else self._x4(dx)
+        dw = None if dw is None else self._w4(dw)
+        if _separate_bias(rows, db):
+            self._backward_call(None, dy, None, None, db, None)
             db = None
-        K.conv2d_backward(x, self.weight, dy, rows, dw, db, dx, self.stride, self.padding)
+        self._backward_call(x, dy, rows, dw, db, dx)
+
+
+class Conv1d(Conv2d):
+    """ONNX Conv on [C, L] (weight [OC, C/group, K]): run as a 2-D conv of height 1, by reshapes."""
+
+    kind = "conv1d"
+    dims = 1
+
+    def __init__(self, name, weight, bias=None, stride=(1,), padding=(0, 0), group=1):
+        super().__init__(name, weight, bias, stride, padding, group)
+
+    def _w4(self, w):
+        return w.reshape(w.shape[0], w.shape[1], 1, w.shape[-1])
+
+    @property
+    def stride2(self):
+        return (1, self.stride[0])
+
+    @property
+    def padding2(self):
+        return (0, self.padding[0], 0, self.padding[1])
+
+    def _in4(self, in_shape):
+        return (in_shape[0], 1, in_shape[1])
+
+    def _x4(self, x):
+        return x.reshape(x.shape[0], x.shape[1], 1, x.shape[2])
 
 
 class _Pool(Layer):
+    dims = 2
+
     def __init__(self, name: str, kernel: Sequence[int], stride: Optional[Sequence[int]] = None,
-                 padding: Sequence[int] = (0, 0, 0, 0), ceil_mode: bool = False):
+                 padding: Optional[Sequence[int]] = None, ceil_mode: bool = False):
         super().__init__(name)
         self.kernel = tuple(int(k) for k in kernel)
+        self.dims = len(self.kernel)
         self.stride = tuple(int(s) for s in (stride if stride is not None else kernel))
-        self.padding = tuple(int(p) for p in padding)
+        self.padding = tuple(int(p) for p in (padding if padding is not None else (0,) * (2 * self.dims)))
         self.ceil_mode = bool(ceil_mode)
-        if len(self.kernel) != 2 or len(self.stride) != 2 or len(self.padding) != 4:
-            raise ValueError(f"{name}: pooling needs 2-D kernel/stride and 4 pads")
+        if self.dims not in (1, 2) or len(self.stride) != self.dims or len(self.padding) != 2 * self.dims:
+            raise ValueError(f"{name}: pooling needs a 1-D or 2-D kernel, a stride per axis and 2 pads per axis")
         if min(self.kernel) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
             raise ValueError(f"{name}: bad pooling kernel {self.kernel}, stride {self.stride} or padding {self.padding}")
 
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return self.base_kind if self.dims == 2 else self.base_kind.replace("2d", "1d")
+
+    @property
+    def kernel2(self):
+        return self.kernel if self.dims == 2 else (1,) + self.kernel
+
+    @property
+    def stride2(self):
+        return self.stride if self.dims == 2 else (1,) + self.stride
+
+    @property
+    def padding2(self):
+        return self.padding if self.dims == 2 else (0, self.padding[0], 0, self.padding[1])
+
+    def _x4(self, x):
+        return x if self.dims == 2 else x.reshape(x.shape[0], x.shape[1], 1, x.shape[2])
+
     def out_shape(self, in_shape: Shape) -> Shape:
-        if len(in_shape) != 3:
-            raise ValueError(f"{self.name}: expects input [C, H, W], got shape {tuple(in_shape)}")
-        c, h, w = in_shape
-        pt, pl, pb, pr = self.padding
-        return (c, _pool_out(h, self.kernel[0], self.stride[0], pt, pb, self.ceil_mode),
-                _pool_out(w, self.kernel[1], self.stride[1], pl, pr, self.ceil_mode))
+        if len(in_shape) != self.dims + 1:
+            raise ValueError(f"{self.name}: expects input [C, {'H, W' if self.dims == 2 else 'L'}], "
+                             f"got shape {tuple(in_shape)}")
+        c, h, w = in_shape if self.dims == 2 else (in_shape[0], 1, in_shape[1])
+        pt, pl, pb, pr = self.padding2
+        oh = _pool_out(h, self.kernel2[0], self.stride2[0], pt, pb, self.ceil_mode)
+        ow = _pool_out(w, self.kernel2[1], self.stride2[1], pl, pr, self.ceil_mode)
+        return (c, oh, ow) if self.dims == 2 else (c, ow)
 
     def flops(self, in_shape: Shape) -> int:
-        return int(np.prod(self.out_shape(in_shape))) * self.kernel[0] * self.kernel[1]
+        return int(np.prod(self.out_shape(in_shape))) * int(np.prod(self.kernel))
 
 
 class MaxPool2d(_Pool):
-    kind = "maxpool2d"
+    base_kind = "maxpool2d"
+
+    def saved_buffers(self, n, in_shapes, out_shape):
+        return {"argmax": ((n,) + tuple(out_shape), np.int32)}
 
     def forward(self, x, y, scope=None):
         argmax = scope.saved("argmax", y.shape, np.int32) if scope is not None and scope.keep else None
-        K.maxpool2d_forward(x, y, argmax, self.kernel, self.stride, self.padding, self.ceil_mode)
+        K.maxpool2d_forward(self._x4(x), self._x4(y), None if argmax is None else self._x4(argmax),
+                            self.kernel2, self.stride2, self.padding2, self.ceil_mode)
 
     def backward(self, x, y, dy, dx, scope):
-        K.maxpool2d_backward(dy, scope.saved("argmax", dy.shape, np.int32), dx)
+        argmax = scope.saved("argmax", dy.shape, np.int32)
+        K.maxpool2d_backward(self._x4(dy), self._x4(argmax), self._x4(dx))
 
 
 class AvgPool2d(_Pool):
-    kind = "avgpool2d"
+    base_kind = "avgpool2d"
 
-    def __init__(self, name, kernel, stride=None, padding=(0, 0, 0, 0), ceil_mode=False,
-                 count_include_pad=False):
+    def __init__(self, name, kernel, stride=None, padding=None, ceil_mode=False, count_include_pad=False):
         super().__init__(name, kernel, stride, padding, ceil_mode)
         self.count_include_pad = bool(count_include_pad)
 
     def forward(self, x, y, scope=None):
-        K.avgpool2d_forward(x, y, self.kernel, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
+        K.avgpool2d_forward(self._x4(x), self._x4(y), self.kernel2, self.stride2, self.padding2, self.ceil_mode,
+                            self.count_include_pad)
 
     def backward(self, x, y, dy, dx, scope):
-        K.avgpool2d_backward(dy, dx, self.kernel, self.stride, self.padding, self.ceil_mode,
+        K.avgpool2d_backward(self._x4(dy), self._x4(dx), self.kernel2, self.stride2, self.padding2, self.ceil_mode,
                              self.count_include_pad)
 
 
 class GlobalAvgPool(Layer):
+    """Mean over every axis after the channels: [C, H, W] or [C, L] to [C, 1, 1] / [C, 1], or to
+    [C] with ``keepdims=False`` (ReduceMean over the spatial axes, as exporters write it)."""
+
     kind = "global_avgpool"
 
+    def __init__(self, name: str, keepdims: bool = True):
+        super().__init__(name)
+        self.keepdims = bool(keepdims)
+
     def out_shape(self, in_shape: Shape) -> Shape:
-        if len(in_shape) != 3:
-            raise ValueError(f"{self.name}: expects input [C, H, W], got shape {tuple(in_shape)}")
-        return (in_shape[0], 1, 1)
+        if len(in_shape) not in (2, 3):
+            raise ValueError(f"{self.name}: expects input [C, H, W] or [C, L], got shape {tuple(in_shape)}")
+        return (in_shape[0],) + ((1,) * (len(in_shape) - 1) if self.keepdims else ())
 
     def flops(self, in_shape: Shape) -> int:
         return int(np.prod(in_shape))
 
+    @staticmethod
+    def _x4(x):
+        return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1]) if x.ndim == 3 else x
+
     def forward(self, x, y, scope=None):
-        K.global_avgpool_forward(x, y.reshape(y.shape[0], y.shape[1]))
+        K.global_avgpool_forward(self._x4(x), y.reshape(y.shape[0], y.shape[1]))
 
     def backward(self, x, y, dy, dx, scope):
-        K.global_avgpool_backward(dy.reshape(dy.shape[0], dy.shape[1]), dx)
+        K.global_avgpool_backward(dy.reshape(dy.shape[0], dy.shape[1]), self._x4(dx))
+
+
+class BatchNorm(Layer):
+    """Batch normalization with frozen (inference) statistics over axis 0 of [C], [C, L] or
+    [C, H, W]. Scale and shift train like a layer's weight and bias: ``weight`` is the scale
+    (one row per channel, so a subset may pick channels), ``bias`` the shift."""
+
+    kind = "batchnorm"
+    has_params = True
+
+    def __init__(self, name: str, scale, shift, mean, var, eps: float = 1e-5):
+        super().__init__(name)
+        self.weight, self.bias = _weight_and_bias(name, scale, shift, 1, "batch-norm scale must be 1-D [C]")
+        c = self.weight.shape[0]
+        self.mean = np.ascontiguousarray(np.asarray(mean, np.float32).reshape(-1))
+        self.var = np.ascontiguousarray(np.asarray(var, np.float32).reshape(-1))
+        self.eps = float(eps)
+        if self.mean.shape != (c,) or self.var.shape != (c,):
+            raise ValueError(f"{name}: mean and var must have {c} entries like the scale, got {self.mean.size} "
+                             f"and {self.var.size}")
+        if not (np.isfinite(self.eps) and self.eps >= 0) or np.any(self.var + self.eps <= 0):
+            raise ValueError(f"{name}: var + epsilon must be positive")
+
+    @property
+    def channels(self) -> int:
+        return self.weight.shape[0]
+
+    def out_shape(self, in_shape: Shape) -> Shape:
+        if not 1 <= len(in_shape) <= 3 or in_shape[0] != self.channels:
+            raise ValueError(f"{self.name}: expects input [{self.channels}, ...], got shape {tuple(in_shape)}")
+        return tuple(in_shape)
+
+    def flops(self, in_shape: Shape) -> int:
+        return 2 * int(np.prod(in_shape))
+
+    def params(self) -> Dict[str, np.ndarray]:
+        return {"weight": self.weight, "bias": self.bias}
+
+    def constants(self) -> Dict[str, np.ndarray]:
+        return {"mean": self.mean, "var": self.var}
+
+    def saves_input(self, trains: bool) -> bool:
+        return trains  # only the scale's gradient reads x
+
+    elementwise = True  # in place only when x is not kept, i.e. the scale does not train
+
+    def forward(self, x, y, scope=None):
+        K.batchnorm_forward(x, self.weight, self.bias, self.mean, self.var, self.eps, y)
+
+    def backward(self, x, y, dy, dx, scope):
+        rows, dw, db = scope.grad_buffers(self)
+        if _separate_bias(rows, db):
+            K.batchnorm_backward(None, self.weight, self.mean, self.var, self.eps, dy, None, None, db, None)
+            db = None
+        if dw is None and db is None and dx is None:
+            return
+        K.batchnorm_backward(x, self.weight, self.mean, self.var, self.eps, dy, rows, dw, db, dx)
+
+
+def _per_sample_constant(name: str, c, what: str) -> np.ndarray:
+    arr = np.ascontiguousarray(np.asarray(c, dtype=np.float32))
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: {what} holds NaN or Inf")
+    return arr
+
+
+def _broadcasts_onto(b: Shape, a: Shape) -> bool:
+    """numpy's rule, with b no larger than a: b right-aligned, each dim equal or 1."""
+    if len(b) > len(a):
+        return False
+    return all(db in (1, da) for db, da in zip(b[::-1], a[::-1]))
+
+
+class Binary(Layer):
+    """y = a (op) b for Add, Sub, Mul; b broadcasts onto a (numpy rules, batch axes aligned).
+
+    With ``const`` the layer has one graph input and b is that frozen array (per-sample shape,
+    or with a leading batch axis of 1); ``const_first`` means y = const (op) x (it matters for Sub).
+    """
+
+    has_params = False
+    OPS = ("add", "sub", "mul")
+
+    def __init__(self, name: str, op: str, const=None, const_first: bool = False):
+        super().__init__(name)
+        if op not in self.OPS:
+            raise ValueError(f"{name}: unknown elementwise op {op!r}")
+        self.op = op
+        self.kind = op
+        self.const = None if const is None else _per_sample_constant(name, const, "constant operand")
+        self.const_first = bool(const_first)
+        self.arity = 2 if const is None else 1
+        # x + c, x * c and c * x run in place; c - x too (numpy), x - c is x + (-c)
+        self.elementwise = const is not None
+
+    def constants(self) -> Dict[str, np.ndarray]:
+        return {} if self.const is None else {"const": self.const}
+
+    def _const_full(self, ndim: int) -> np.ndarray:
+        c = self.const
+        if c.ndim == ndim + 1:  # written with the batch axis (of 1)
+            c = c.reshape(c.shape[1:])
+        return c.reshape((1,) + c.shape)
+
+    def out_shape(self, *in_shapes: Shape) -> Shape:
+        a = tuple(in_shapes[0])
+        if self.const is not None:
+            c = self.const.shape
+            if len(c) == len(a) + 1:
+                if c[0] != 1:
+                    raise ValueError(f"{self.name}: constant of shape {c} has a batch axis of {c[0]}, not 1")
+                c = c[1:]
+            if not _broadcasts_onto(c, a):
+                raise ValueError(f"{self.name}: constant of shape {self.const.shape} does not broadcast onto "
+                                 f"the input {a} without growing it")
+            return a
+        b = tuple(in_shapes[1])
+        if len(b) != len(a) or not _broadcasts_onto(b, a):
+            raise ValueError(f"{self.name}: {self.op} of shapes {a} and {b}: the second must broadcast onto the "
+                             f"first (same rank, each axis equal or 1)")
+        return a
+
+    def flops(self, *in_shapes):
+        return int(np.prod(in_shapes[0]))
+
+    def needs(self, trains, dx_needed):
+        if self.op == "mul" and self.const is None:
+            return (dx_needed[1], dx_needed[0]), False  # da = dy * b, db = sum(dy * a)
+        return (False,) * len(dx_needed), False
+
+    def forward(self, x, y, scope=None):
+        if self.const is not None:
+            c = self._const_full(x.ndim - 1)
+            if self.op == "add":
+                K.add_forward(x, c, y)
+            elif self.op == "mul":
+                K.mul_forward(x, c, y)
+            elif self.const_first:
+                np.subtract(c, x, out=y)
+            else:
+                np.subtract(x, c, out=y)
+            return
+        a, b = x
+        if self.op == "add":
+            K.add_forward(a, b, y)
+        elif self.op == "mul":
+            K.mul_forward(a, b, y)
+        else:
+            np.subtract(a, b, out=y)
+
+    def backward(self, x, y, dy, dx, scope):
+        if self.const is not None:
+            if self.op == "mul":
+                K.mul_backward(None, self._const_full(dy.ndim - 1), dy, dx, None)
+            elif self.op == "sub" and self.const_first:
+                np.negative(dy, out=dx)
+            elif dx is not dy:
+                np.copyto(dx, dy)
+            return
+        (a, b), (da, db) = x, dx
+        if self.op == "mul":
+            K.mul_backward(a, b, dy, da, db)
+            return
+        K.add_backward(dy, None, da, db)
+        if self.op == "sub" and db is not None:
+            np.negative(db, out=db)
+
+
+class Concat(Layer):
+    """Concatenation of the inputs along the channel axis (axis 0 per sample)."""
+
+    kind = "concat"
+    arity = 0
+
+    def out_shape(self, *in_shapes: Shape) -> Shape:
+        first = tuple(in_shapes[0])
+        if not first:
+            raise ValueError(f"{self.name}: cannot concatenate scalars")
+        for s in in_shapes[1:]:
+            if len(s) != len(first) or tuple(s[1:]) != first[1:]:
+                raise ValueError(f"{self.name}: inputs {[tuple(s) for s in in_shapes]} differ outside the channel axis")
+        return (sum(int(s[0]) for s in in_shapes),) + first[1:]
+
+    def flops(self, *in_shapes):
+        return 0
+
+    @staticmethod
+    def _3d(a):
+        return a.reshape(a.shape[0], a.shape[1], -1)
+
+    def forward(self, x, y, scope=None):
+        K.concat_forward([self._3d(a) for a in x], self._3d(y))
+
+    def backward(self, x, y, dy, dx, scope):
+        K.concat_backward(self._3d(dy), self._channels, [None if d is None else self._3d(d) for d in dx])
+
+    def bind_shapes(self, in_shapes) -> None:
+        self._channels = [int(s[0]) for s in in_shapes]
 
 
 class _Activation(Layer):
     saves_output = True
+    elementwise = True
     _forward = _backward = None
 
     def forward(self, x, y, scope=None):
@@ -284,6 +701,72 @@ class Tanh(_Activation):
     _backward = staticmethod(K.tanh_backward)
 
 
+class LeakyReLU(_Activation):
+    kind = "leaky_relu"
+
+    def __init__(self, name: str, alpha: float = 0.01):
+        super().__init__(name)
+        self.alpha = float(alpha)
+        if not (np.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"{name}: LeakyRelu alpha must be a positive number, got {alpha}")
+
+    def forward(self, x, y, scope=None):
+        K.leaky_relu_forward(x, y, self.alpha)
+
+    def backward(self, x, y, dy, dx, scope):
+        K.leaky_relu_backward(y, dy, dx, self.alpha)
+
+
+class HardSigmoid(_Activation):
+    kind = "hard_sigmoid"
+
+    def __init__(self, name: str, alpha: float = 0.2, beta: float = 0.5):
+        super().__init__(name)
+        self.alpha, self.beta = float(alpha), float(beta)
+        if not (np.isfinite(self.alpha) and np.isfinite(self.beta)):
+            raise ValueError(f"{name}: HardSigmoid alpha and beta must be finite")
+
+    def forward(self, x, y, scope=None):
+        K.hardsigmoid_forward(x, y, self.alpha, self.beta)
+
+    def backward(self, x, y, dy, dx, scope):
+        K.hardsigmoid_backward(y, dy, dx, self.alpha)
+
+
+class Clip(_Activation):
+    """min(max(x, lo), hi); ReLU6 is Clip(0, 6)."""
+
+    kind = "clip"
+
+    def __init__(self, name: str, lo: float = -np.inf, hi: float = np.inf):
+        super().__init__(name)
+        self.lo, self.hi = float(lo), float(hi)
+        if np.isnan(self.lo) or np.isnan(self.hi) or self.lo > self.hi:
+            raise ValueError(f"{name}: Clip bounds [{lo}, {hi}] are not an interval")
+
+    def forward(self, x, y, scope=None):
+        K.clip_forward(x, y, self.lo, self.hi)
+
+    def backward(self, x, y, dy, dx, scope):
+        K.clip_backward(y, dy, dx, self.lo, self.hi)
+
+
+class HardSwish(Layer):
+    """x * hardsigmoid(x) with ONNX's alpha 1/6 and beta 1/2; its gradient reads the input."""
+
+    kind = "hard_swish"
+    elementwise = True
+
+    def needs(self, trains, dx_needed):
+        return (True,), False
+
+    def forward(self, x, y, scope=None):
+        K.hardswish_forward(x, y)
+
+    def backward(self, x, y, dy, dx, scope):
+        K.hardswish_backward(x, dy, dx)
+
+
 class Flatten(Layer):
     """[C, H, W] -> [C*H*W]; a view, no copy."""
 
@@ -302,6 +785,87 @@ class Flatten(Layer):
         raise AssertionError("Flatten is a view; the model never calls its backward")
 
 
+class Reshape(Flatten):
+    """Any per-sample reshape that keeps the element count (Reshape, Squeeze, Unsqueeze); a view."""
+
+    kind = "reshape"
+
+    def __init__(self, name: str, shape: Sequence[int]):
+        super().__init__(name)
+        self.shape = tuple(int(d) for d in shape)
+        if any(d < 1 for d in self.shape):
+            raise ValueError(f"{name}: reshape target {self.shape} must have positive dimensions")
+
+    def out_shape(self, in_shape: Shape) -> Shape:
+        if int(np.prod(in_shape)) != int(np.prod(self.shape)):
+            raise ValueError(f"{self.name}: cannot reshape {tuple(in_shape)} into {self.shape}")
+        return self.shape
+
+
+class Pad(Layer):
+    """Constant padding of the per-sample axes: ``pads`` = begins then ends (ONNX order, batch axis
+    excluded)."""
+
+    kind = "pad"
+
+    def __init__(self, name: str, pads: Sequence[int], value: float = 0.0):
+        super().__init__(name)
+        self.pads = tuple(int(p) for p in pads)
+        self.value = float(value)
+        if len(self.pads) % 2 or min(self.pads, default=0) < 0:
+            raise ValueError(f"{name}: pads {self.pads} must be non-negative begins then ends")
+        if not np.isfinite(self.value):
+            raise ValueError(f"{name}: pad value must be finite")
+
+    def out_shape(self, in_shape: Shape) -> Shape:
+        k = len(self.pads) // 2
+        if k != len(in_shape):
+            raise ValueError(f"{self.name}: {k} axes of pads for an input of shape {tuple(in_shape)}")
+        return tuple(int(d) + self.pads[i] + self.pads[i + k] for i, d in enumerate(in_shape))
+
+    def flops(self, in_shape):
+        return 0
+
+    def _inner(self, shape) -> tuple:
+        k = len(self.pads) // 2
+        return (slice(None),) + tuple(slice(self.pads[i], self.pads[i] + shape[i + 1]) for i in range(k))
+
+    def forward(self, x, y, scope=None):
+        y.fill(self.value)
+        y[self._inner(x.shape)] = x
+
+    def backward(self, x, y, dy, dx, scope):
+        np.copyto(dx, dy[self._inner(dx.shape)])
+
+
+class Transpose(Layer):
+    """A permutation of the per-sample axes (Keras models exported by tf2onnx start with
+    NHWC -> NCHW); ``perm`` excludes the batch axis."""
+
+    kind = "transpose"
+
+    def __init__(self, name: str, perm: Sequence[int]):
+        super().__init__(name)
+        self.perm = tuple(int(p) for p in perm)
+        if sorted(self.perm) != list(range(len(self.perm))):
+            raise ValueError(f"{name}: {self.perm} is not a permutation")
+
+    def out_shape(self, in_shape: Shape) -> Shape:
+        if len(in_shape) != len(self.perm):
+            raise ValueError(f"{self.name}: permutation {self.perm} of an input of shape {tuple(in_shape)}")
+        return tuple(int(in_shape[p]) for p in self.perm)
+
+    def flops(self, in_shape):
+        return 0
+
+    def forward(self, x, y, scope=None):
+        np.copyto(y, x.transpose((0,) + tuple(p + 1 for p in self.perm)))
+
+    def backward(self, x, y, dy, dx, scope):
+        inverse = np.argsort(self.perm)
+        np.copyto(dx, dy.transpose((0,) + tuple(int(p) + 1 for p in inverse)))
+
+
 class Dropout(Layer):
     """Identity at inference; in training zeroes a fraction ``p`` and scales the rest by 1/(1-p)."""
 
@@ -312,6 +876,9 @@ class Dropout(Layer):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"{name}: dropout ratio must be in [0, 1), got {p}")
         self.p = float(p)
+
+    def saved_buffers(self, n, in_shapes, out_shape):
+        return {"mask": ((n,) + tuple(in_shapes[0]), np.float32)} if self.p > 0 else {}
 
     def forward(self, x, y, scope=None):
         if scope is None or self.p == 0.0:
@@ -330,28 +897,73 @@ class Dropout(Layer):
 
 
 #: layers that only re-label memory (the model passes the array through reshaped)
-VIEW_KINDS = ("flatten",)
+VIEW_KINDS = ("flatten", "reshape")
+#: layers with weight rows (a subset names them)
+WEIGHT_KINDS = ("dense", "conv2d", "conv1d", "batchnorm")
 
 
 class Model:
-    """A chain of layers from an input of ``input_shape`` (per sample) to class logits."""
+    """A directed acyclic graph of layers from one input of ``input_shape`` (per sample) to class
+    logits, the last layer's output.
 
-    def __init__(self, layers: List[Layer], input_shape: Sequence[int], name: str = "model"):
+    ``inputs[i]`` lists the values layer i reads: value 0 is the model input, value j + 1 the
+    output of layer j (layers come in a topological order, so every entry is <= i). Without
+    ``inputs`` the layers form a chain. ``shapes[v]`` is the per-sample shape of value v (for a
+    chain, ``shapes[i]`` is layer i's input and ``shapes[-1]`` the output).
+    """
+
+    def __init__(self, layers: List[Layer], input_shape: Sequence[int], name: str = "model",
+                 inputs: Optional[Sequence[Sequence[int]]] = None):
         self.layers = list(layers)
         self.input_shape: Shape = tuple(int(d) for d in input_shape)
         self.name = name
         names = [layer.name for layer in self.layers]
         if len(set(names)) != len(names):
-            raise ValueError(f"layer names must be unique, got {names}")
-        self.shapes = self._infer_shapes()  # shapes[i] = input shape of layer i; shapes[-1] = output
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"layer names must be unique, got duplicates {dup[:5]}")
+        if not self.layers:
+            raise ValueError("the model has no layers")
+        self.inputs: List[Tuple[int, ...]] = ([(i,) for i in range(len(self.layers))] if inputs is None
+                                              else [tuple(int(v) for v in ins) for ins in inputs])
+        self._check_edges()
+        self.shapes = self._infer_shapes()
         if len(self.shapes[-1]) != 1:
             raise ValueError(f"the model must end in a vector of class scores, got output shape {self.shapes[-1]}")
 
+    def _check_edges(self) -> None:
+        if len(self.inputs) != len(self.layers):
+            raise ValueError(f"inputs lists {len(self.inputs)} entries for {len(self.layers)} layers")
+        used = [False] * (len(self.layers) + 1)
+        for i, (layer, ins) in enumerate(zip(self.layers, self.inputs)):
+            if not ins or (layer.arity and len(ins) != layer.arity):
+                raise ValueError(f"layer {layer.name!r} ({layer.kind}) takes {layer.arity or 'one or more'} "
+                                 f"inputs, got {len(ins)}")
+            for v in ins:
+                if not 0 <= v <= i:
+                    raise ValueError(f"layer {layer.name!r} reads value {v}, which is not computed before it "
+                                     f"(layers must come in topological order)")
+                used[v] = True
+        unused = [("the input" if v == 0 else repr(self.layers[v - 1].name)) for v in range(len(self.layers))
+                  if not used[v]]
+        if unused:
+            raise ValueError(f"the output of {', '.join(unused[:5])} is never used (the graph has one output, "
+                             f"the last layer's)")
+
     def _infer_shapes(self) -> List[Shape]:
         shapes = [self.input_shape]
-        for layer in self.layers:
-            shapes.append(tuple(int(d) for d in layer.out_shape(shapes[-1])))
+        for layer, ins in zip(self.layers, self.inputs):
+            in_shapes = [shapes[v] for v in ins]
+            shapes.append(tuple(int(d) for d in layer.out_shape(*in_shapes)))
+            if isinstance(layer, Concat):
+                layer.bind_shapes(in_shapes)
         return shapes
+
+    @property
+    def is_chain(self) -> bool:
+        return all(ins == (i,) for i, ins in enumerate(self.inputs))
+
+    def in_shapes(self, i: int) -> List[Shape]:
+        return [self.shapes[v] for v in self.inputs[i]]
 
     @property
     def num_classes(self) -> int:
@@ -362,6 +974,12 @@ class Model:
             if layer.name == name:
                 return layer
         raise KeyError(f"no layer named {name!r}; layers: {[l.name for l in self.layers]}")
+
+    def index(self, name: str) -> int:
+        for i, layer in enumerate(self.layers):
+            if layer.name == name:
+                return i
+        raise KeyError(f"no layer named {name!r}")
 
     @property
     def param_layers(self) -> List[Layer]:
@@ -393,7 +1011,7 @@ class Model:
 
     def flops(self) -> int:
         """Forward flops per sample."""
-        return sum(layer.flops(s) for layer, s in zip(self.layers, self.shapes))
+        return sum(layer.flops(*self.in_shapes(i)) for i, layer in enumerate(self.layers))
 
     def check_input(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
@@ -418,16 +1036,32 @@ class Model:
             out[start:start + batch_size] = self.forward(x[start:start + batch_size])
         return out
 
+    def last_uses(self) -> List[int]:
+        """last_uses[v]: the index of the last layer that reads value v (len(layers) for the output)."""
+        last = [-1] * (len(self.layers) + 1)
+        for i, ins in enumerate(self.inputs):
+            for v in ins:
+                last[v] = i
+        last[-1] = len(self.layers)
+        return last
+
     def forward(self, x: np.ndarray) -> np.ndarray:
-        h = x
-        for layer, in_shape, out_shape in zip(self.layers, self.shapes[:-1], self.shapes[1:]):
+        """Inference on a checked batch; a value is dropped after the last layer that reads it."""
+        values: Dict[int, np.ndarray] = {0: x}
+        last = self.last_uses()
+        for i, (layer, ins) in enumerate(zip(self.layers, self.inputs)):
+            out_shape = (x.shape[0],) + self.shapes[i + 1]
             if layer.kind in VIEW_KINDS:
-                h = h.reshape((h.shape[0],) + out_shape)
-                continue
-            y = np.empty((h.shape[0],) + out_shape, np.float32)
-            layer.forward(h, y)
-            h = y
-        return h
+                y = values[ins[0]].reshape(out_shape)
+            else:
+                y = np.empty(out_shape, np.float32)
+                args = [values[v] for v in ins]
+                layer.forward(args[0] if layer.arity == 1 else args, y)
+            values[i + 1] = y
+            for v in set(ins):
+                if last[v] == i:
+                    del values[v]
+        return values[len(self.layers)]
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> Tuple[float, float]:
         """(mean cross-entropy loss, accuracy) on labelled data."""
@@ -437,10 +1071,19 @@ class Model:
         loss = K.softmax_xent_forward(logits, labels, probs)
         return float(loss), float(np.mean(np.argmax(logits, axis=1) == labels))
 
+    def describe_inputs(self, i: int) -> str:
+        return ", ".join("input" if v == 0 else self.layers[v - 1].name for v in self.inputs[i])
+
     def summary(self) -> str:
         lines = [f"{self.name}: input {self.input_shape}, {self.num_params():,} parameters, "
                  f"{self.flops():,} forward flops/sample"]
-        for layer, s_in, s_out in zip(self.layers, self.shapes[:-1], self.shapes[1:]):
+        chain = self.is_chain
+        for i, layer in enumerate(self.layers):
             n = sum(a.size for a in layer.params().values())
-            lines.append(f"  {layer.name:<14} {layer.kind:<15} {str(s_in):>16} -> {str(s_out):<16} {n:>9,} params")
+            s_in = self.shapes[self.inputs[i][0]] if len(self.inputs[i]) == 1 else "+".join(
+                str(s) for s in self.in_shapes(i))
+            line = f"  {layer.name:<14} {layer.kind:<15} {str(s_in):>16} -> {str(self.shapes[i + 1]):<16} {n:>9,} params"
+            if not chain:
+                line += f"  <- {self.describe_inputs(i)}"
+            lines.append(line)
         return "\n".join(lines)

@@ -1,17 +1,17 @@
 """Local training on a parameter subset: SGD (optional momentum and weight decay).
 
-The step's whole flow, in order:
-  forward   every layer runs; layers below the earliest trainable one run in inference mode and
-            write into two reused scratch buffers (nothing of theirs is kept);
+The step's whole flow, in order (``plan.py`` decides it once per batch size, from shapes):
+  forward   every layer runs; layers that neither train nor lead to a trained one (the frozen
+            part) run first in inference mode, a few samples at a time, keeping nothing;
   loss      softmax cross-entropy on the logits;
-  backward  from the loss down to the earliest trainable layer only; weight gradients exist only
-            for the selected rows (buffers of that many rows), bias gradients only where a bias
-            trains; input gradients are not computed below the earliest trainable layer;
+  backward  from the loss through the layers that lead to trained parameters only; weight
+            gradients exist only for the selected rows (buffers of that many rows), bias
+            gradients only where a bias trains; where paths join, gradients add up;
   update    SGD on the selected rows, in place in the model's arrays.
 
 Every buffer comes from an ``Arena`` that counts bytes by category, so ``Trainer.memory`` is
 what this step really held (kernel scratch included, read from the C++ counter), to be compared
-with the prediction of ``cost.predict_memory``.
+with ``cost.predict_memory``, which adds up the same plan.
 """
 from __future__ import annotations
 
@@ -21,10 +21,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from . import _kernels as K
-from .graph import VIEW_KINDS, Layer, Model
+from .graph import Layer, Model
+from .plan import CATEGORIES, Ref, StepPlan, build, parameter_buffers, requires_grad, weight_bytes
 from .subset import Subset
-
-CATEGORIES = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations", "workspace")
 
 
 @dataclass
@@ -111,40 +110,31 @@ class Scope:
         return g.rows, g.dw, g.db
 
 
-class _XRef:
-    """Rows a:b of the step's input batch, viewed as `shape`: a placeholder inside a plan."""
-
-    __slots__ = ("a", "b", "shape")
-
-    def __init__(self, a: int, b: int, shape: tuple):
-        self.a, self.b, self.shape = a, b, tuple(shape)
-
-    def reshape(self, shape) -> "_XRef":
-        return _XRef(self.a, self.b, shape)
-
-
-def _call(fn, *args) -> tuple:
-    """A plan entry: (fn, args, positions of input-batch placeholders in args)."""
-    return fn, args, tuple(i for i, a in enumerate(args) if isinstance(a, _XRef))
-
-
 def _run(entries, x: np.ndarray) -> None:
-    for fn, args, xpos in entries:
-        if xpos:
+    """Run bound plan entries: (fn, args, [(position, input-batch Ref or list)]) filled per step."""
+    for fn, args, dynamic in entries:
+        if dynamic:
             args = list(args)
-            for i in xpos:
-                r = args[i]
-                args[i] = x[r.a:r.b].reshape(r.shape)
+            for pos, ref in dynamic:
+                args[pos] = ([_x_view(r, x) if isinstance(r, Ref) else r for r in ref] if isinstance(ref, list)
+                             else _x_view(ref, x))
         fn(*args)
 
 
+def _x_view(ref: Ref, x: np.ndarray) -> np.ndarray:
+    if ref.kind != "x":
+        raise AssertionError("only input-batch refs are resolved per step")
+    return x[ref.a:ref.b].reshape(ref.shape)
+
+
 @dataclass
-class _Plan:
+class _Bound:
+    plan: StepPlan
     forward: list
+    backward: list
     logits: np.ndarray
     probs: np.ndarray
     dlogits: np.ndarray
-    backward: list
 
 
 @dataclass
@@ -191,70 +181,77 @@ class Trainer:
         self.prefix_chunk = int(prefix_chunk)  # samples per pass through the frozen layers
         self.rng = np.random.default_rng(seed)
         self.arena = Arena()
-        self.first = self.subset.earliest_layer_index(model)
-        if self.first is None:
+        req = requires_grad(model, self.subset)
+        if not req[-1]:
             raise ValueError("the subset trains nothing")
+        #: the first layer backward reaches (layers before it, and others off the trained paths, are frozen)
+        self.first = next(i for i in range(len(model.layers)) if req[i + 1])
         self._grads: Dict[str, _LayerGrads] = {}
         self._alloc_grads()
-        self._plan_buffers()
         self._scopes = [Scope(self, i, layer) for i, layer in enumerate(model.layers)]
-        self._plans: Dict[int, _Plan] = {}
+        self._plans: Dict[int, _Bound] = {}
         self._workspace_peak = 0
 
     # -- planning ------------------------------------------------------------------------------
     def _alloc_grads(self) -> None:
+        buffers = parameter_buffers(self.model, self.subset, self.momentum)
+
+        def take(name, what):
+            spec = buffers.get((name, what))
+            return None if spec is None else self.arena.get((name, what), *spec, zero=what.startswith("v"))
+
         for layer in self.model.param_layers:
             ls = self.subset.get(layer.name)
             if ls is None:
                 continue
             full = ls.rows.size == layer.weight.shape[0]
             rows = None if full else (ls.rows if ls.rows.size else None)
-            dw = (self.arena.get((layer.name, "dw"), (ls.rows.size,) + layer.weight.shape[1:], np.float32, "gradients")
-                  if ls.rows.size else None)
-            db = self.arena.get((layer.name, "db"), layer.bias.shape, np.float32, "gradients") if ls.bias else None
-            g = _LayerGrads(rows, dw, db)
-            if self.momentum:
-                g.vw = self.arena.get((layer.name, "vw"), dw.shape, np.float32, "optimizer_state", zero=True) \
-                    if dw is not None else None
-                g.vb = self.arena.get((layer.name, "vb"), db.shape, np.float32, "optimizer_state", zero=True) \
-                    if db is not None else None
-            self._grads[layer.name] = g
+            self._grads[layer.name] = _LayerGrads(rows, take(layer.name, "dw"), take(layer.name, "db"),
+                                                  take(layer.name, "vw"), take(layer.name, "vb"))
 
-    def _trains_weight(self, layer: Layer) -> bool:
-        ls = self.subset.get(layer.name)
-        return ls is not None and ls.rows.size > 0
+    def _bind(self, plan: StepPlan) -> _Bound:
+        """Allocate the plan's buffers in the arena and put arrays in place of its refs."""
+        arena = self.arena
+        fixed = {key: arena.get(key, shape, dtype, category) for key, (shape, dtype, category) in plan.fixed.items()}
+        slots = [arena.scratch(("slot", k), (size,)) for k, size in enumerate(plan.slots)]
 
-    def _plan_buffers(self) -> None:
-        """Decide, once, where every layer's output lives during a step.
+        def resolve(ref):
+            if ref is None or not isinstance(ref, Ref):
+                return ref
+            if ref.kind == "fixed":
+                buf = fixed[ref.key]
+                if (ref.a, ref.b) != (0, buf.shape[0]):
+                    buf = buf[ref.a:ref.b]
+                return buf.reshape(ref.shape)
+            if ref.kind == "slot":
+                return slots[ref.key][:int(np.prod(ref.shape))].reshape(ref.shape)
+            raise AssertionError(f"cannot bind a {ref.kind} ref statically")
 
-        - An activation right after a layer that does not need its own output runs in place
-          (its input is nobody else's business), so the pair costs one buffer.
-        - keep[i]: the buffer holding layer i's output must survive until backward: an
-          activation's output, or the input of a layer whose weight rows train.
-        - Everything else goes to two reused scratch buffers.
-        """
-        layers = self.model.layers
-        n_layers = len(layers)
-        self._inplace = [False] * n_layers
-        owner = list(range(n_layers))  # the layer whose buffer holds layer i's output
-        prev = None
-        for i, layer in enumerate(layers):
-            if layer.kind in VIEW_KINDS:
-                if prev is not None:
-                    owner[i] = owner[prev]
-                continue
-            if layer.saves_output and prev is not None and not layers[prev].saves_output:
-                self._inplace[i] = True
-                owner[i] = owner[prev]
-            prev = i
-        keep = [False] * n_layers
-        for i, layer in enumerate(layers):
-            if i >= self.first and layer.saves_output:
-                keep[owner[i]] = True
-            if self.first <= i + 1 < n_layers and layers[i + 1].saves_input(self._trains_weight(layers[i + 1])):
-                keep[owner[i]] = True
-        self._keep_out = keep
-        self._owner = owner
+        def is_x(a):
+            return isinstance(a, Ref) and a.kind == "x"
+
+        def bind(entries):
+            out = []
+            for fn, args in entries:
+                static, dynamic = [], []
+                for pos, a in enumerate(args):
+                    if isinstance(a, tuple) and len(a) == 2 and a[0] == "scope":
+                        static.append(self._scopes[a[1]])
+                    elif isinstance(a, list) and any(is_x(r) for r in a):
+                        static.append(None)
+                        dynamic.append((pos, [r if is_x(r) else resolve(r) for r in a]))
+                    elif isinstance(a, list):
+                        static.append([resolve(r) for r in a])
+                    elif is_x(a):
+                        static.append(None)
+                        dynamic.append((pos, a))
+                    else:
+                        static.append(resolve(a))
+                out.append((fn, tuple(static), dynamic))
+            return out
+
+        return _Bound(plan, bind(plan.forward), bind(plan.backward), resolve(plan.logits), resolve(plan.probs),
+                      resolve(plan.dlogits))
 
     # -- one step ------------------------------------------------------------------------------
     def step(self, x: np.ndarray, labels: np.ndarray) -> float:
@@ -289,8 +286,7 @@ class Trainer:
             raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
         plan = self._plans.get(n)
         if plan is None:
-            self._build_plan(n)  # a first pass grows every scratch buffer to its final size,
-            plan = self._plans[n] = self._build_plan(n)  # so the plan's views all see final memory
+            plan = self._plans[n] = self._bind(build(self.model, self.subset, n, self.prefix_chunk))
         K.reset_workspace_peak()
         base = K.workspace_current_bytes()
         _run(plan.forward, x)
@@ -299,97 +295,6 @@ class Trainer:
         _run(plan.backward, x)
         self._workspace_peak = max(self._workspace_peak, K.workspace_peak_bytes() - base)
         return float(loss)
-
-    def _build_plan(self, n: int) -> "_Plan":
-        """The step for batch size n as a list of kernel calls over fixed buffers.
-
-        Decided once per batch size, so a step is a tight loop of calls: which buffer every
-        layer reads and writes, what is kept, where gradients go. The input batch appears as
-        ``_XRef`` placeholders, filled in when the plan runs.
-        """
-        arena, shapes, layers = self.arena, self.model.shapes, self.model.layers
-        forward: list = []
-        x = _XRef(0, n, (n,) + shapes[0])
-        inputs: List[object] = [None] * len(layers)
-        outputs: List[object] = [None] * len(layers)
-        h = self._plan_prefix(x, n, forward) if self.first > 0 else x
-        h_slot = None  # which scratch buffer holds h (None: a kept buffer, the prefix output or x)
-        for i in range(self.first, len(layers)):
-            layer = layers[i]
-            out_shape = (n,) + shapes[i + 1]
-            inputs[i] = h
-            if layer.kind in VIEW_KINDS:
-                h = h.reshape(out_shape)
-            else:
-                slot = h_slot
-                if self._inplace[i]:
-                    y = h
-                elif self._keep_out[i]:
-                    y, slot = arena.get((i, "out"), out_shape, np.float32, "activations"), None
-                else:
-                    slot = 1 if h_slot == 0 else 0
-                    y = arena.scratch(("fwd", slot), out_shape)
-                forward.append(_call(layer.forward, h, y, self._scopes[i]))
-                h, h_slot = y, slot
-            outputs[i] = h
-
-        probs = arena.get(("loss", "probs"), h.shape, np.float32, "activations")
-        backward: list = []
-        dy_slot = 0
-        dlogits = dy = arena.scratch(("bwd", dy_slot), h.shape)
-        for i in range(len(layers) - 1, self.first - 1, -1):
-            layer = layers[i]
-            in_shape = (n,) + shapes[i]
-            if layer.kind in VIEW_KINDS:
-                dy = dy.reshape(in_shape)
-                continue
-            dx = None
-            if i > self.first:
-                if self._inplace[i]:  # elementwise: the gradient can overwrite itself
-                    dx = dy.reshape(in_shape)
-                else:
-                    dy_slot ^= 1
-                    dx = arena.scratch(("bwd", dy_slot), in_shape)
-            backward.append(_call(layer.backward,
-                                  inputs[i] if layer.saves_input(self._trains_weight(layer)) else None,
-                                  outputs[i] if layer.saves_output else None, dy, dx, self._scopes[i]))
-            dy = dx
-        return _Plan(forward, h, probs, dlogits, backward)
-
-    def _plan_prefix(self, x: "_XRef", n: int, forward: list) -> object:
-        """Layers below the earliest trainable one, in inference mode, a few samples at a time.
-
-        Nothing of theirs is needed by backward, so only their final output is held for the
-        whole batch; their intermediate values need scratch for ``prefix_chunk`` samples only.
-        """
-        layers, shapes = self.model.layers, self.model.shapes
-        out_shape = (n,) + shapes[self.first]
-        real = [j for j in range(self.first) if layers[j].kind not in VIEW_KINDS]
-        if not real:
-            return x.reshape(out_shape)
-        last = real[-1]
-        category = "activations" if self._keep_out[self._owner[last]] else "workspace"
-        out = self.arena.get(("prefix", "out"), out_shape, np.float32, category)
-        chunk = self.prefix_chunk
-        for a in range(0, n, chunk):
-            b = min(n, a + chunk)
-            h, h_slot = _XRef(a, b, (b - a,) + shapes[0]), None
-            for j in range(self.first):
-                layer, shape = layers[j], (b - a,) + shapes[j + 1]
-                if layer.kind in VIEW_KINDS:
-                    h = h.reshape(shape)
-                    continue
-                slot = h_slot
-                if j == last:
-                    y = out[a:b].reshape(shape)
-                elif self._inplace[j]:
-                    y = h
-                else:
-                    slot = 1 if h_slot == 0 else 0
-                    y = self.arena.scratch(("prefix", slot), shape)
-                forward.append(_call(layer.forward, h, y, None))
-                h, h_slot = y, slot
-        return out
 
     def _apply_update(self) -> None:
         for layer in self.model.param_layers:
@@ -446,17 +351,7 @@ class Trainer:
     @property
     def memory(self) -> MemoryRecord:
         """What the last steps held: weights by trainability, arena buffers, kernel scratch peak."""
-        frozen = trainable = 0
-        for layer in self.model.param_layers:
-            ls = self.subset.get(layer.name)
-            row_bytes = layer.weight.nbytes // layer.weight.shape[0]
-            trained_rows = 0 if ls is None else ls.rows.size
-            trainable += trained_rows * row_bytes
-            frozen += (layer.weight.shape[0] - trained_rows) * row_bytes
-            if ls is not None and ls.bias:
-                trainable += layer.bias.nbytes
-            else:
-                frozen += layer.bias.nbytes
+        frozen, trainable = weight_bytes(self.model, self.subset)
         by_cat = self.arena.bytes_by_category()
         return MemoryRecord(frozen_weights=frozen, trainable_weights=trainable, gradients=by_cat["gradients"],
                             optimizer_state=by_cat["optimizer_state"], activations=by_cat["activations"],

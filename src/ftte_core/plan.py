@@ -1,0 +1,360 @@
+"""One training step as a plan: where every value and gradient lives, and which kernel calls run.
+
+Built from shapes alone. ``Trainer`` materialises it (allocates the buffers, runs the calls) and
+``cost.predict_memory`` only adds up its buffers, so the memory the search predicts and the memory
+the trainer allocates come from the same decisions and cannot drift apart.
+
+The rules, for a subset of parameters on a DAG of layers:
+- a value *requires grad* when a layer that trains, or a value that requires grad, is upstream of
+  it; layers whose output does not are *frozen*: they run first, in inference mode,
+  ``prefix_chunk`` samples at a time, and keep nothing;
+- backward visits the layers that are not frozen, last to first; it computes an input's gradient
+  only where that input requires grad, and where several paths meet (a residual join) later
+  contributions are computed aside and added;
+- a value is *kept* (an ``activations`` buffer for the whole batch) when some backward call
+  reads it: the input of a layer whose weight rows train, an activation's output, a Mul's other
+  operand; a frozen layer's output read by a layer that is not frozen also lives for the whole
+  batch (``workspace`` unless kept);
+- everything else lives in reused scratch *slots* (``workspace``): a value takes a free slot when
+  it is computed and frees it after its last reader; a gradient likewise, until its producer's
+  backward has run. Each slot grows to the largest thing it ever holds;
+- an elementwise layer (activation, batch norm, x+c) runs in place over its input when nobody
+  else reads that input and backward does not need it; in backward it writes its input's
+  gradient over its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _kernels as K
+from .graph import VIEW_KINDS, Model
+from .subset import Subset
+
+F32 = 4
+CATEGORIES = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations", "workspace")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A placeholder for an array inside a plan.
+
+    kind "x": rows a:b of the step's input batch; "fixed": a whole-batch buffer ``key`` (rows a:b
+    when a chunk of the frozen prefix writes into it); "slot": the first elements of scratch slot
+    ``key``. Always viewed as ``shape``.
+    """
+
+    kind: str
+    key: object
+    shape: tuple
+    a: int = 0
+    b: int = -1
+
+    def view(self, shape) -> "Ref":
+        return Ref(self.kind, self.key, tuple(shape), self.a, self.b)
+
+
+@dataclass
+class StepPlan:
+    batch: int
+    fixed: Dict[object, Tuple[tuple, object, str]]  # key -> (shape, dtype, category)
+    slots: List[int]                                 # float32 elements per scratch slot
+    forward: list                                    # (fn, args); args may hold Refs or lists of Refs
+    backward: list
+    logits: Ref
+    probs: Ref
+    dlogits: Ref
+    scratch: List[Callable[[int], int]] = field(default_factory=list)  # threads -> bytes, per kernel call
+
+    def buffer_bytes(self) -> Dict[str, int]:
+        """Bytes of the plan's own buffers by category (slots count as workspace)."""
+        out = {"activations": 0, "workspace": 0}
+        for shape, dtype, category in self.fixed.values():
+            out[category] = out.get(category, 0) + int(np.prod(shape)) * np.dtype(dtype).itemsize
+        out["workspace"] += F32 * sum(self.slots)
+        return out
+
+    def kernel_scratch(self, threads: int) -> int:
+        """Most scratch any one kernel call holds (calls never overlap)."""
+        return max((q(threads) for q in self.scratch), default=0)
+
+
+class _Slots:
+    """Scratch slots with first-fit reuse: the smallest free slot that is large enough, else the
+    largest free one (it grows), else a new one."""
+
+    def __init__(self):
+        self.size: List[int] = []
+        self.free: List[bool] = []
+
+    def take(self, numel: int) -> int:
+        free = [k for k, f in enumerate(self.free) if f]
+        fits = [k for k in free if self.size[k] >= numel]
+        if fits:
+            k = min(fits, key=lambda j: (self.size[j], j))
+        elif free:
+            k = max(free, key=lambda j: (self.size[j], -j))
+            self.size[k] = numel
+        else:
+            self.size.append(numel)
+            self.free.append(True)
+            k = len(self.size) - 1
+        self.free[k] = False
+        return k
+
+    def give(self, k: int) -> None:
+        assert not self.free[k], "slot released twice"
+        self.free[k] = True
+
+
+def _numel(shape) -> int:
+    return int(np.prod(shape))
+
+
+def requires_grad(model: Model, subset: Subset) -> List[bool]:
+    """Per value (0 = input, i + 1 = layer i's output): does the loss's gradient reach a trained
+    parameter through it?"""
+    req = [False] * (len(model.layers) + 1)
+    for i, (layer, ins) in enumerate(zip(model.layers, model.inputs)):
+        req[i + 1] = subset.get(layer.name) is not None or any(req[v] for v in ins)
+    return req
+
+
+def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8) -> StepPlan:
+    """The plan of one step of batch size n (see the module docstring for the rules)."""
+    layers, inputs, shapes = model.layers, model.inputs, model.shapes
+    L = len(layers)
+    out = L  # the output value
+    req = requires_grad(model, subset)
+    if not req[out]:
+        raise ValueError("the subset trains nothing")
+    active = [req[i + 1] for i in range(L)]  # layers that run backward
+    dx_needed = [tuple(req[v] for v in inputs[i]) for i in range(L)]
+    subs = [subset.get(layer.name) for layer in layers]
+    trains_rows = [s is not None and s.rows.size > 0 for s in subs]
+
+    needs_in: List[Tuple[bool, ...]] = [()] * L
+    needs_out = [False] * L
+    kept_value = [False] * (L + 1)
+    for i in range(L):
+        if active[i] and layers[i].kind not in VIEW_KINDS:
+            needs_in[i], needs_out[i] = layers[i].needs(trains_rows[i], dx_needed[i])
+            for v, f in zip(inputs[i], needs_in[i]):
+                kept_value[v] |= f
+            kept_value[i + 1] |= needs_out[i]
+
+    readers: List[set] = [set() for _ in range(L + 1)]
+    for i, ins in enumerate(inputs):
+        for v in ins:
+            readers[v].add(i)
+
+    # -- storage: views and in-place layers share their input's buffer -----------------------------
+    storage = list(range(L + 1))
+    members: Dict[int, List[int]] = {v: [v] for v in range(L + 1)}
+    for i, layer in enumerate(layers):
+        v = i + 1
+        if layer.kind in VIEW_KINDS:
+            s = storage[inputs[i][0]]
+        else:
+            s = v
+            if layer.elementwise and len(inputs[i]) == 1:
+                u = storage[inputs[i][0]]
+                group = members[u]
+                others = set().union(*(readers[m] for m in group)) - {i}
+                if u != 0 and not others and not any(kept_value[m] for m in group):
+                    s = u
+        if s != v:
+            storage[v] = s
+            members[s].append(v)
+            del members[v]
+    kept = {s: any(kept_value[m] for m in ms) for s, ms in members.items()}
+    # a storage lives for the whole batch when a frozen layer fills it and a trained one touches it
+    whole = {}
+    for s, ms in members.items():
+        base_frozen = s != 0 and not active[s - 1]
+        touched = any(r for m in ms for r in readers[m] if active[r]) or any(m > 0 and active[m - 1] for m in ms)
+        whole[s] = s != 0 and (kept[s] or (base_frozen and (touched or s == storage[out])))
+    last_read = {s: max((r for m in ms for r in readers[m]), default=-1) for s, ms in members.items()}
+    last_read[storage[out]] = L
+
+    fixed: Dict[object, Tuple[tuple, object, str]] = {}
+    slots = _Slots()
+    scratch: List[Callable[[int], int]] = []
+
+    def whole_ref(s: int) -> Ref:
+        key = ("value", s)
+        if key not in fixed:
+            fixed[key] = ((n,) + shapes[s], np.float32, "activations" if kept[s] else "workspace")
+        return Ref("fixed", key, (n,) + shapes[s], 0, n)
+
+    def arg(refs: Sequence[Ref], i: int):
+        return refs[0] if layers[i].arity == 1 else list(refs)
+
+    # -- forward: the frozen layers, chunk by chunk ---------------------------------------------
+    forward: list = []
+    frozen = [i for i in range(L) if not active[i]]
+    chunk = max(1, min(int(prefix_chunk), n))
+    where: Dict[int, Ref] = {}  # storage -> its buffer in the current pass
+    val: Dict[int, Ref] = {}
+
+    def place(v: int, a: int, b: int) -> Ref:
+        """Where value v lives for samples a:b (its storage's buffer, viewed at v's shape)."""
+        s = storage[v]
+        if s == 0:
+            return Ref("x", None, (b - a,) + shapes[v], a, b)
+        if s not in where:
+            if whole[s]:
+                where[s] = whole_ref(s)
+            else:
+                where[s] = Ref("slot", slots.take((b - a) * _numel(shapes[s])), ((b - a),) + shapes[s])
+        r = where[s]
+        if r.kind == "fixed" and (a, b) != (0, n):
+            return Ref("fixed", r.key, (b - a,) + shapes[v], a, b)
+        return r.view((b - a,) + shapes[v])
+
+    def release_after(i: int, phase: Sequence[int]) -> None:
+        for v in set(inputs[i]):
+            s = storage[v]
+            if s in where and not whole[s] and last_read[s] == i and where[s].kind == "slot":
+                slots.give(where.pop(s).key)
+
+    if frozen:
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            for i in frozen:
+                v = i + 1
+                ins = [place(u, a, b) for u in inputs[i]]
+                y = place(v, a, b)
+                if layers[i].kind not in VIEW_KINDS:
+                    forward.append((layers[i].forward, (arg(ins, i), y, None)))
+                    if a == 0:
+                        scratch.append(_fwd_scratch(layers[i], b - a, model.in_shapes(i)))
+                release_after(i, frozen)
+            for s in [s for s, r in where.items() if r.kind == "slot"]:  # a chunk's scratch ends with it
+                slots.give(where.pop(s).key)
+
+    # -- forward: the layers that train or lead to training ----------------------------------------
+    saved: Dict[int, Dict[str, tuple]] = {}
+    for i in range(L):
+        if not active[i]:
+            continue
+        v = i + 1
+        ins = [place(u, 0, n) for u in inputs[i]]
+        y = place(v, 0, n)
+        val[v] = y
+        for u, r in zip(inputs[i], ins):
+            val[u] = r
+        if layers[i].kind in VIEW_KINDS:
+            release_after(i, ())
+            continue
+        for name, (shape, dtype) in layers[i].saved_buffers(n, model.in_shapes(i), shapes[v]).items():
+            fixed[(i, name)] = (tuple(shape), dtype, "activations")
+        forward.append((layers[i].forward, (arg(ins, i), y, ("scope", i))))
+        scratch.append(_fwd_scratch(layers[i], n, model.in_shapes(i)))
+        release_after(i, ())
+    logits = place(out, 0, n)
+    fixed[("loss", "probs")] = ((n,) + shapes[out], np.float32, "activations")
+    probs = Ref("fixed", ("loss", "probs"), (n,) + shapes[out], 0, n)
+    for s in [s for s, r in where.items() if r.kind == "slot"]:  # backward never reads them
+        slots.give(where.pop(s).key)
+
+    # -- backward -------------------------------------------------------------------------------
+    grad_base = list(range(L + 1))
+    for i, layer in enumerate(layers):
+        if layer.kind in VIEW_KINDS:
+            grad_base[i + 1] = grad_base[inputs[i][0]]
+    grads: Dict[int, Ref] = {}
+    dlogits = Ref("slot", slots.take(n * _numel(shapes[out])), (n,) + shapes[out])
+    grads[grad_base[out]] = dlogits
+    backward: list = []
+    for i in range(L - 1, -1, -1):
+        layer = layers[i]
+        if not active[i] or layer.kind in VIEW_KINDS:
+            continue
+        v = i + 1
+        dy_ref = grads.get(v)
+        if dy_ref is None:
+            raise AssertionError(f"no gradient reaches {layer.name!r}")
+        dy = dy_ref.view((n,) + shapes[v])
+        dxs: List[Optional[Ref]] = []
+        adds = []
+        handed_over = False
+        for j, u in enumerate(inputs[i]):
+            if not dx_needed[i][j]:
+                dxs.append(None)
+                continue
+            gu = grad_base[u]
+            if gu not in grads:
+                if (layer.elementwise and len(inputs[i]) == 1 and not handed_over
+                        and _numel(shapes[u]) == _numel(shapes[v])):
+                    grads[gu] = dy_ref.view((n,) + shapes[gu])  # dx over dy
+                    handed_over = True
+                else:
+                    grads[gu] = Ref("slot", slots.take(n * _numel(shapes[gu])), (n,) + shapes[gu])
+                dxs.append(grads[gu].view((n,) + shapes[u]))
+            else:  # another path got here first: compute aside, then add
+                tmp = Ref("slot", slots.take(n * _numel(shapes[u])), (n,) + shapes[u])
+                dxs.append(tmp)
+                adds.append((grads[gu].view((n,) + shapes[u]), tmp))
+        x_args = [val[u] if f else None for u, f in zip(inputs[i], needs_in[i])]
+        y_arg = val[v] if needs_out[i] else None
+        backward.append((layer.backward, (arg(x_args, i), y_arg, dy, arg(dxs, i), ("scope", i))))
+        ls = subs[i]
+        rows = ls.rows if ls is not None else np.zeros(0, np.int32)
+        scratch.append(_bwd_scratch(layer, n, model.in_shapes(i), rows, ls is not None and ls.bias, dx_needed[i]))
+        for total, tmp in adds:
+            backward.append((K.add_forward, (total, tmp, total)))
+            slots.give(tmp.key)
+        if not handed_over:
+            slots.give(dy_ref.key)
+        del grads[v]
+    return StepPlan(n, fixed, list(slots.size), forward, backward, logits, probs, dlogits, scratch)
+
+
+def _fwd_scratch(layer, n, in_shapes):
+    return lambda threads: layer.forward_scratch(n, in_shapes, threads)
+
+
+def _bwd_scratch(layer, n, in_shapes, rows, bias, dx_needed):
+    return lambda threads: layer.backward_scratch(n, in_shapes, rows, bias, dx_needed, threads)
+
+
+# -- parameters: what both the trainer and the cost model hold besides the step's buffers ----------
+
+def parameter_buffers(model: Model, subset: Subset, momentum: float) -> Dict[tuple, Tuple[tuple, object, str]]:
+    """Gradient buffers (one row per trained weight row, the whole bias) and, with momentum, as
+    many optimizer-state buffers: key -> (shape, dtype, category)."""
+    out = {}
+    for layer in model.param_layers:
+        ls = subset.get(layer.name)
+        if ls is None:
+            continue
+        if ls.rows.size:
+            out[(layer.name, "dw")] = ((ls.rows.size,) + layer.weight.shape[1:], np.float32, "gradients")
+        if ls.bias:
+            out[(layer.name, "db")] = (layer.bias.shape, np.float32, "gradients")
+    if momentum:
+        for (name, what), (shape, dtype, _) in list(out.items()):
+            out[(name, "v" + what[1])] = (shape, dtype, "optimizer_state")
+    return out
+
+
+def weight_bytes(model: Model, subset: Subset) -> Tuple[int, int]:
+    """(frozen, trainable) bytes of the parameters; constants (batch-norm statistics) are frozen."""
+    frozen = trainable = 0
+    for layer in model.layers:
+        frozen += sum(a.nbytes for a in layer.constants().values())
+        if not layer.has_params:
+            continue
+        ls = subset.get(layer.name)
+        row_bytes = layer.weight.nbytes // layer.weight.shape[0]
+        r = 0 if ls is None else ls.rows.size
+        trainable += r * row_bytes
+        frozen += (layer.weight.shape[0] - r) * row_bytes
+        if ls is not None and ls.bias:
+            trainable += layer.bias.nbytes
+        else:
+            frozen += layer.bias.nbytes
+    return frozen, trainable
