@@ -27,7 +27,8 @@ void hardsigmoid_backward(int64_t n, const float* y, const float* dy, float* dx,
 void clip_forward(int64_t n, const float* x, float* y, float lo, float hi);
 void clip_backward(int64_t n, const float* y, const float* dy, float* dx, float lo, float hi);
 // y = x * max(0, min(1, x/6 + 1/2)). Backward reads the INPUT x (y does not determine x):
-// dx = 0 for x < -3, dy*(x/3 + 1/2) for -3 <= x <= 3, dy for x > 3 (PyTorch's edges).
+// dx = 0 for x < -3, dy*(x/3 + 1/2) for -3 <= x <= 3, dy for x > 3 (PyTorch's edges; a NaN x
+// passes dy through, as PyTorch's branch order does).
 void hardswish_forward(int64_t n, const float* x, float* y);
 void hardswish_backward(int64_t n, const float* x, const float* dy, float* dx);
 

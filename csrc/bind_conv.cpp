@@ -455,7 +455,8 @@ void register_conv(py::module_& m) {
         const std::string fn = "leaky_relu_backward";
         const float a = finite_float(fn, "alpha", alpha);
         // From the output, y > 0 must mean x > 0: true only for a positive slope.
-        if (!(a > 0.f)) fail(fn, "alpha must be > 0 (the gradient is read from the output), got " + std::string(py::str(alpha)));
+        if (!(a > 0.f))
+          fail(fn, "alpha must be > 0 (the gradient is read from the output), got " + std::string(py::str(alpha)));
         backward_checked(fn, "y", y, dy, dx, false, [a](int64_t n, const float* yp, const float* dyp, float* dxp) {
           ftte::leaky_relu_backward(n, yp, dyp, dxp, a);
         });
@@ -467,10 +468,13 @@ void register_conv(py::module_& m) {
       [](py::object x, py::object y, py::object alpha, py::object beta) {
         const std::string fn = "hardsigmoid_forward";
         const float a = finite_float(fn, "alpha", alpha), b = finite_float(fn, "beta", beta);
-        unary_checked(fn, x, y, [a, b](int64_t n, const float* xp, float* yp) { ftte::hardsigmoid_forward(n, xp, yp, a, b); });
+        unary_checked(fn, x, y, [a, b](int64_t n, const float* xp, float* yp) {
+          ftte::hardsigmoid_forward(n, xp, yp, a, b);
+        });
       },
       py::arg("x"), py::arg("y"), py::arg("alpha"), py::arg("beta"),
-      "y = max(0, min(1, alpha*x + beta)); y may be x. ONNX defaults alpha=0.2, beta=0.5; PyTorch's hardsigmoid is alpha=1/6, beta=0.5.");
+      "y = max(0, min(1, alpha*x + beta)); y may be x. ONNX defaults alpha=0.2, beta=0.5; "
+      "PyTorch's hardsigmoid is alpha=1/6, beta=0.5.");
   m.def(
       "hardsigmoid_backward",
       [](py::object y, py::object dy, py::object dx, py::object alpha) {
@@ -487,7 +491,9 @@ void register_conv(py::module_& m) {
       [](py::object x, py::object y, py::object lo, py::object hi) {
         const std::string fn = "clip_forward";
         const auto b = clip_bounds(fn, lo, hi);
-        unary_checked(fn, x, y, [b](int64_t n, const float* xp, float* yp) { ftte::clip_forward(n, xp, yp, b[0], b[1]); });
+        unary_checked(fn, x, y, [b](int64_t n, const float* xp, float* yp) {
+          ftte::clip_forward(n, xp, yp, b[0], b[1]);
+        });
       },
       py::arg("x"), py::arg("y"), py::arg("lo"), py::arg("hi"),
       "y = min(max(x, lo), hi); y may be x. lo may be -inf, hi +inf; lo <= hi, no NaN. ReLU6 is lo=0, hi=6.");
@@ -501,7 +507,8 @@ void register_conv(py::module_& m) {
         });
       },
       py::arg("y"), py::arg("dy"), py::arg("dx"), py::arg("lo"), py::arg("hi"),
-      "dx = dy where lo < y < hi else 0 (0 on a bound, as PyTorch's hardtanh/relu6), y the forward output; dx may be dy.");
+      "dx = dy where lo < y < hi else 0 (0 on a bound, as PyTorch's hardtanh/relu6), y the forward output; "
+      "dx may be dy.");
   m.def(
       "hardswish_forward",
       [](py::object x, py::object y) { unary_checked("hardswish_forward", x, y, ftte::hardswish_forward); },
