@@ -152,19 +152,21 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8) -> StepPl
 
     # -- storage: views and in-place layers share their input's buffer -----------------------------
     storage = list(range(L + 1))
+    content = list(range(L + 1))  # views share their input's content; an in-place write makes new content
     members: Dict[int, List[int]] = {v: [v] for v in range(L + 1)}
     for i, layer in enumerate(layers):
         v = i + 1
         if layer.kind in VIEW_KINDS:
             s = storage[inputs[i][0]]
+            content[v] = content[inputs[i][0]]
         else:
             s = v
             if layer.elementwise and len(inputs[i]) == 1:
-                u = storage[inputs[i][0]]
-                group = members[u]
-                others = set().union(*(readers[m] for m in group)) - {i}
-                if u != 0 and not others and not any(kept_value[m] for m in group):
-                    s = u
+                u = inputs[i][0]
+                aliases = [m for m in members[storage[u]] if content[m] == content[u]]
+                others = set().union(*(readers[m] for m in aliases)) - {i}
+                if storage[u] != 0 and not others and not any(kept_value[m] for m in aliases):
+                    s = storage[u]
         if s != v:
             storage[v] = s
             members[s].append(v)
