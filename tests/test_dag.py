@@ -208,3 +208,21 @@ def test_frozen_branch_is_not_differentiated():
                        and isinstance(fn.__self__, G.Layer)}
     assert "c1" not in backward_layers and "dw" not in backward_layers
     assert "pw" in backward_layers and "fc2" in backward_layers
+
+
+def test_mul_where_only_one_operand_leads_to_training():
+    """x * gate(x') where only the gate's branch trains: backward needs the other operand only."""
+    rng = np.random.default_rng(4)
+    layers = [G.Dense("feat", rng.standard_normal((6, 5)).astype(np.float32)),
+              G.Dense("gate_fc", rng.standard_normal((6, 5)).astype(np.float32)), G.Sigmoid("gate"),
+              G.Binary("gated", "mul"), G.Dense("head", rng.standard_normal((3, 6)).astype(np.float32))]
+    model = G.Model(layers, (5,), "gated", [(0,), (0,), (2,), (1, 3), (4,)])
+    x, y = _data(model)
+    full = _rows_grad(model, ft.Subset.full(model), x, y)
+    for train in ("gate_fc", "feat"):
+        part = _rows_grad(model, ft.Subset.of(model, {train: {"rows": "all", "bias": True}}), x, y)
+        np.testing.assert_allclose(part[f"{train}.weight"], full[f"{train}.weight"], rtol=1e-5, atol=1e-7)
+        copy = model.copy()
+        tr = ft.Trainer(copy, ft.Subset.of(copy, {train: {"rows": "all", "bias": True}}))
+        tr.step(x, y)
+        assert tr.memory.total == pytest.approx(ft.predict_memory(copy, tr.subset, batch_size=len(x))["total"], rel=0.1)

@@ -598,7 +598,9 @@ class Binary(Layer):
 
     def needs(self, trains, dx_needed):
         if self.op == "mul" and self.const is None:
-            return (dx_needed[1], dx_needed[0]), False  # da = dy * b, db = sum(dy * a)
+            # da = dy * b, db = sum(dy * a); the kernel reads b's shape even for db alone, and b is
+            # usually small (a gate) or kept anyway (SiLU's sigmoid output)
+            return (dx_needed[1], True), False
         return (False,) * len(dx_needed), False
 
     def forward(self, x, y, scope=None):
@@ -632,7 +634,7 @@ class Binary(Layer):
             return
         (a, b), (da, db) = x, dx
         if self.op == "mul":
-            K.mul_backward(a, b, dy, da, db)
+            K.mul_backward(dy if a is None else a, b, dy, da, db)  # a is read only for db
             return
         K.add_backward(dy, None, da, db)
         if self.op == "sub" and db is not None:
