@@ -50,6 +50,9 @@ class Layer:
     #: output has the input's shape, element i depends on input element i only, and the kernel
     #: accepts y = x and dx = dy: the step may run it in place when nobody else needs its input
     elementwise = False
+    #: the first input's gradient is the output's, unchanged (a + b, a - b): backward may hand
+    #: the buffer over instead of copying it
+    passes_first_gradient = False
 
     def __init__(self, name: str):
         self.name = name
@@ -563,8 +566,8 @@ class Binary(Layer):
         self.const = None if const is None else _per_sample_constant(name, const, "constant operand")
         self.const_first = bool(const_first)
         self.arity = 2 if const is None else 1
-        # x + c, x * c and c * x run in place; c - x too (numpy), x - c is x + (-c)
-        self.elementwise = const is not None
+        self.elementwise = const is not None  # x + c, x * c, x - c and c - x may run in place
+        self.passes_first_gradient = const is None and op in ("add", "sub")
 
     def constants(self) -> Dict[str, np.ndarray]:
         return {} if self.const is None else {"const": self.const}

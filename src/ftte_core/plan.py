@@ -20,7 +20,8 @@ The rules, for a subset of parameters on a DAG of layers:
   backward has run. Each slot grows to the largest thing it ever holds;
 - an elementwise layer (activation, batch norm, x+c) runs in place over its input when nobody
   else reads that input and backward does not need it; in backward it writes its input's
-  gradient over its own.
+  gradient over its own. An Add or Sub of two tensors hands its output's gradient to its first
+  input as is (it is the same numbers).
 """
 from __future__ import annotations
 
@@ -295,8 +296,8 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
                 continue
             gu = grad_base[u]
             if gu not in grads:
-                if (layer.elementwise and len(inputs[i]) == 1 and not handed_over
-                        and _numel(shapes[u]) == _numel(shapes[v])):
+                passes = (layer.elementwise and len(inputs[i]) == 1) or (j == 0 and layer.passes_first_gradient)
+                if passes and not handed_over and _numel(shapes[u]) == _numel(shapes[v]):
                     grads[gu] = dy_ref.view((n,) + shapes[gu])  # dx over dy
                     handed_over = True
                 else:
