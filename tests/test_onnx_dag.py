@@ -363,6 +363,54 @@ def test_gemm_trans_b_and_add_bias_fold():
     assert m.layer("fc1_Gemm").weight.shape == (5, 6)
 
 
+@pytest.mark.parametrize("opset", [11, 13])
+def test_torch_view_batch_minus_one(opset):
+    """x.view(x.size(0), -1) with a dynamic batch: Shape -> Gather -> Unsqueeze -> Concat -> Reshape."""
+    g = G(15)
+    c = g.op("Relu", [g.conv("input", "c", 2, 3, 3)], "/r/Relu")
+    shp = g.op("Shape", [c], "/Shape")
+    n = g.op("Gather", [shp, g.const_node("/Constant", 0, np.int64)], "/Gather", axis=0)
+    if opset < 13:
+        u = g.op("Unsqueeze", [n], "/Unsqueeze", axes=[0])
+    else:
+        u = g.op("Unsqueeze", [n, g.const_node("/Constant_1", [0], np.int64)], "/Unsqueeze")
+    cat = g.op("Concat", [u, g.const_node("/Constant_2", [-1], np.int64)], "/Concat", axis=0)
+    f = g.op("Reshape", [c, cat], "/Reshape")
+    m = roundtrip(g.model((2, 5, 5), g.gemm(f, "fc", 27, 4), 4, opset=opset))
+    assert [l.kind for l in m.layers] == ["conv2d", "relu", "flatten", "dense"]
+
+
+def test_keras_dscnn_one_channel_input_and_flatten_transpose():
+    """tf2onnx on a DS-CNN: [N, 49, 10, 1] input (its Transpose to NCHW only moves the size-1 channel
+    axis: a reshape), and Transpose back to NHWC of a 1x1 map before Keras' Flatten."""
+    g = G(16)
+    t = g.op("Transpose", ["input"], "model/conv2d/Conv2D__5", perm=[0, 3, 1, 2])
+    c = g.op("Relu", [g.bn(g.conv(t, "model/conv2d/Conv2D", 1, 8, 3, strides=[2, 2], pads=[1] * 4),
+                           "model/batch_normalization/FusedBatchNormV3", 8, eps=1e-3)], "model/re_lu/Relu")
+    d = g.op("Relu", [g.conv(c, "model/depthwise_conv2d/depthwise", 8, 8, 3, group=8, pads=[1] * 4)], "model/re_lu_1/Relu")
+    p = g.op("AveragePool", [d], "model/average_pooling2d/AvgPool", kernel_shape=[25, 5], strides=[25, 5])
+    back = g.op("Transpose", [p], "model/average_pooling2d/AvgPool__20", perm=[0, 2, 3, 1])
+    f = g.op("Reshape", [back, g.c("const_fold_opt__30", [-1, 8], np.int64)], "model/flatten/Reshape")
+    mm = g.op("MatMul", [f, g.w("model/dense/MatMul/ReadVariableOp:0", 8, 12)], "model/dense/MatMul")
+    a = g.op("Add", [mm, g.w("model/dense/BiasAdd/ReadVariableOp:0", 12)], "model/dense/BiasAdd")
+    y = g.op("Softmax", [a], "model/dense/Softmax")
+    m = roundtrip(g.model((49, 10, 1), y, 12, batch="unk__30"))
+    assert "transpose" not in [l.kind for l in m.layers]
+    assert m.layer("model_depthwise_conv2d_depthwise_Conv").mode == "depthwise"
+
+
+@needs_act
+def test_hardswish_as_torch_writes_it_before_opset_14():
+    """x * clip(x + 3, 0, 6) / 6: Add, Clip, Mul of two tensors, Div by a constant."""
+    g = G(17)
+    c = g.conv("input", "c", 2, 4, 3, pads=[1] * 4)
+    a = g.op("Add", [c, g.const_node("/act/Constant", 3.0)], "/act/Add")
+    k = g.op("Clip", [a, g.const_node("/act/Constant_1", 0.0), g.const_node("/act/Constant_2", 6.0)], "/act/Clip")
+    h = g.op("Div", [g.op("Mul", [c, k], "/act/Mul"), g.const_node("/act/Constant_3", 6.0)], "/act/Div")
+    m = roundtrip(g.model((2, 5, 5), g.head(h, 4, 3), 3, opset=13))
+    assert [l.kind for l in m.layers][:5] == ["conv2d", "add", "clip", "mul", "mul"]
+
+
 # ------------------------------------------------------------------------------------------------
 # refused
 # ------------------------------------------------------------------------------------------------
@@ -370,6 +418,12 @@ def test_gemm_trans_b_and_add_bias_fold():
 def _refused(g, out, in_shape, classes, match, opset=13, **kw):
     with pytest.raises(OnnxImportError, match=match):
         load_model(g.model(in_shape, out, classes, opset=opset, **kw))
+
+
+def test_div_of_two_tensors_refused():
+    g = G()
+    d = g.op("Div", ["input", g.op("Relu", ["input"], "/r/Relu")], "/d/Div")
+    _refused(g, g.gemm(d, "fc", 4, 3), (4,), 3, r"Div is only supported as a graph tensor divided by a constant.*'/d/Div'")
 
 
 def test_unsupported_op_names_the_node():

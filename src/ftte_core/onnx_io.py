@@ -105,6 +105,9 @@ class _Importer:
         self.shapes: List[Shape] = []
         self.values: Dict[str, int] = {}
         self.softmaxed: Dict[str, str] = {}  # tensor -> label of the Softmax that made it
+        # int vectors computed from tensor shapes (torch's x.view(x.size(0), -1)); None = the batch
+        # size, known only at run time. Fully known ones go to consts instead.
+        self.shape_values: Dict[str, Tuple[List[Optional[int]], bool]] = {}  # name -> (entries, is scalar)
         self.used_names: set = set()
         self.op_counts: Dict[str, int] = {}
 
@@ -295,6 +298,9 @@ class _Importer:
             if op == "Constant":
                 self._constant(node)
                 continue
+            if self._is_shape_arithmetic(node):
+                self._shape_arithmetic(node)
+                continue
             handler = getattr(self, f"_op_{op}", None)
             if handler is None:
                 self._fail(f"unsupported ONNX op '{op}'")
@@ -362,6 +368,75 @@ class _Importer:
         else:
             self._fail(f"Constant with attributes {sorted(a)} is not supported")
         self.consts[node.output[0]] = value
+
+    # -- shape arithmetic (no layers) --------------------------------------------------------------
+    _SHAPE_OPS = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Identity")
+
+    def _is_shape_arithmetic(self, node) -> bool:
+        if node.op_type == "Shape":
+            return True
+        if node.op_type not in self._SHAPE_OPS:
+            return False
+        ins = [t for t in node.input if t]
+        return bool(ins) and (any(t in self.shape_values for t in ins) or all(t in self.consts for t in ins))
+
+    def _shape_operand(self, t: str) -> Tuple[List[Optional[int]], bool]:
+        if t in self.shape_values:
+            return self.shape_values[t]
+        arr = np.asarray(self._const(t, f"{self.node.op_type} input"))
+        if not np.issubdtype(arr.dtype, np.integer) or arr.ndim > 1:
+            self._fail(f"{self.node.op_type} of constants only is supported on int vectors (shape arithmetic), "
+                       f"got {arr.dtype} of shape {arr.shape}")
+        return [int(v) for v in arr.reshape(-1)], arr.ndim == 0
+
+    def _shape_arithmetic(self, node) -> None:
+        """Shape and the int-vector ops exporters build Reshape targets with, evaluated here."""
+        op, a = node.op_type, _attrs(node)
+        ins = list(node.input)
+        if op == "Shape":
+            v = self._value(ins[0])
+            full = [self.input_batch] + list(self._shape(v))
+            end = a.get("end")
+            vals, scalar = full[int(a.get("start", 0)):None if end is None else int(end)], False
+        elif op in ("Cast", "Identity"):
+            vals, scalar = self._shape_operand(ins[0])
+        elif op == "Gather":
+            data, _ = self._shape_operand(ins[0])
+            idx, scalar = self._shape_operand(ins[1])
+            if int(a.get("axis", 0)) != 0 or any(not -len(data) <= i < len(data) for i in idx):
+                self._fail(f"Gather of indices {idx} from a shape of {len(data)} entries is not supported")
+            vals = [data[i] for i in idx]
+        elif op in ("Unsqueeze", "Squeeze"):
+            vals, scalar = self._shape_operand(ins[0])
+            axes = self._axes(node)
+            if op == "Unsqueeze" and scalar and axes in ([0], [-1]):
+                scalar = False
+            elif op == "Squeeze" and not scalar and len(vals) == 1 and axes in (None, [0], [-1]):
+                scalar = True
+            else:
+                self._fail(f"{op} with axes {axes} of a shape vector is not supported")
+        elif op == "Concat":
+            if self._norm_axis(int(a.get("axis", 0)), 1) != 0:
+                self._fail("Concat of shape vectors must be on axis 0")
+            vals, scalar = [], False
+            for t in ins:
+                if t:
+                    vals += self._shape_operand(t)[0]
+        elif op == "Slice":
+            data, _ = self._shape_operand(ins[0])
+            parts = [self._shape_operand(t)[0] if len(ins) > k and ins[k] else None for k in range(1, 5)]
+            starts, ends, axes, steps = parts if "starts" not in a else (
+                list(a["starts"]), list(a["ends"]), a.get("axes"), None)
+            if len(starts) != 1 or len(ends) != 1 or (axes and list(axes) not in ([0], [-1])) \
+                    or (steps and len(steps) != 1) or None in starts + ends:
+                self._fail("Slice of a shape vector must take one range of axis 0")
+            vals, scalar = data[slice(starts[0], ends[0], steps[0] if steps else 1)], False
+        else:
+            raise AssertionError(op)
+        if None in vals:
+            self.shape_values[node.output[0]] = (vals, scalar)
+        else:
+            self.consts[node.output[0]] = np.array(vals[0] if scalar else vals, np.int64)
 
     # -- one method per op -------------------------------------------------------------------
     _MIN_INPUTS = {"Gemm": 2, "MatMul": 2, "Conv": 2, "Reshape": 2, "Add": 2, "Sub": 2, "Mul": 2,
@@ -492,7 +567,14 @@ class _Importer:
         v = self._one_input(node)
         if len(node.input) < 2 or not node.input[1]:
             self._fail("Reshape needs a shape input")
-        target = self._ints(self._const(node.input[1], "Reshape shape"), "Reshape shape")
+        if node.input[1] in self.shape_values:  # built from a run-time shape: the batch size may be first
+            vals, _ = self.shape_values[node.input[1]]
+            if None in vals[1:]:
+                self._fail(f"Reshape to a shape with the batch size at position {vals.index(None, 1)} "
+                           f"is not supported (the batch axis must stay first)")
+            target = [0 if d is None else d for d in vals]
+        else:
+            target = self._ints(self._const(node.input[1], "Reshape shape"), "Reshape shape")
         allowzero = int(_attrs(node).get("allowzero", 0))
         s = self._shape(v)
         full = [self.input_batch or -1] + list(s)  # -1: the batch size is only known at run time
@@ -562,13 +644,20 @@ class _Importer:
 
     def _op_Transpose(self, node):
         v = self._one_input(node)
-        if v != 0:
-            self._fail("Transpose is only supported on the graph input itself (NHWC -> NCHW, as tf2onnx writes "
-                       "it); it must read the graph input directly")
-        rank = 1 + len(self._shape(v))
+        s = self._shape(v)
+        rank = 1 + len(s)
         perm = [int(p) for p in _attrs(node).get("perm", range(rank - 1, -1, -1))]
         if sorted(perm) != list(range(rank)) or perm[0] != 0:
             self._fail(f"Transpose with perm {perm} is not supported (the batch axis must stay first: perm[0] = 0)")
+        moved = [p for p in perm[1:] if s[p - 1] != 1]
+        if moved == sorted(moved):
+            # only axes of size 1 move (tf2onnx's NCHW -> NHWC before a Keras Flatten of a 1x1 map):
+            # the memory order is unchanged, so it is a reshape
+            self._view(node, v, [s[p - 1] for p in perm[1:]])
+            return
+        if v != 0:
+            self._fail("Transpose is only supported on the graph input itself (NHWC -> NCHW, as tf2onnx writes "
+                       "it); it must read the graph input directly")
         self._emit(Transpose(self._name(node), [p - 1 for p in perm[1:]]), [v])
 
     # -- dense --------------------------------------------------------------------------------
@@ -629,6 +718,20 @@ class _Importer:
 
     def _op_Mul(self, node):
         self._binary(node, "mul")
+
+    def _op_Div(self, node):
+        # x / c is x * (1/c) (torch writes hardswish before opset 14 and input scaling this way)
+        if len(node.input) != 2 or node.input[0] in self.consts or node.input[1] not in self.consts:
+            self._fail("Div is only supported as a graph tensor divided by a constant")
+        c = self._float(self.consts[node.input[1]], f"Div constant '{node.input[1]}'")
+        if np.any(c == 0):
+            self._fail(f"Div constant '{node.input[1]}' holds zeros")
+        v = self._value(node.input[0])
+        s = self._shape(v)
+        inv = np.ascontiguousarray(np.float32(1.0) / c)
+        if inv.ndim <= len(s):
+            inv = inv.reshape((1,) * (len(s) - inv.ndim) + inv.shape)
+        self._emit(self._make(Binary, self._name(node), "mul", const=inv), [v])
 
     def _binary(self, node, op: str) -> None:
         if len(node.input) != 2 or not all(node.input):
