@@ -8,6 +8,7 @@ Tensors are tracked by name, so one may feed several nodes. Nodes whose outputs 
 graph output are dropped. Anything else is an ``OnnxImportError`` naming the op and node, never
 a protobuf traceback, because the hub takes model files from users and must say what is wrong
 with them. Layers are named after their nodes (sanitised, made unique): a subset names them.
+The accepted ops are listed in docs/engine.md ("ONNX in and out").
 """
 from __future__ import annotations
 
