@@ -250,6 +250,12 @@ class _Importer:
             self._fail(f"{key} must have {d} entries for a {d}-D input, got {list(v)}")
         return v
 
+    def _flag(self, node, key: str, default: int) -> bool:
+        value = _attrs(node).get(key, default)
+        if not isinstance(value, int) or value not in (0, 1):
+            self._fail(f"{node.op_type} attribute {key}={value!r} must be 0 or 1")
+        return bool(value)
+
     def _no_dilation(self, a: Dict[str, object]) -> None:
         d = [int(x) for x in a.get("dilations", ())]
         if any(x != 1 for x in d):
@@ -394,6 +400,9 @@ class _Importer:
         """Shape and the int-vector ops exporters build Reshape targets with, evaluated here."""
         op, a = node.op_type, _attrs(node)
         ins = list(node.input)
+        need = {"Gather": 2, "Slice": 1 if "starts" in a else 3}.get(op, 1)
+        if len(ins) < need or not all(ins[:need]):
+            self._fail(f"{op} needs {need} inputs, got {ins}")
         if op == "Shape":
             v = self._value(ins[0])
             full = [self.input_batch] + list(self._shape(v))
@@ -404,7 +413,7 @@ class _Importer:
         elif op == "Gather":
             data, _ = self._shape_operand(ins[0])
             idx, scalar = self._shape_operand(ins[1])
-            if int(a.get("axis", 0)) != 0 or any(not -len(data) <= i < len(data) for i in idx):
+            if int(a.get("axis", 0)) != 0 or None in idx or any(not -len(data) <= i < len(data) for i in idx):
                 self._fail(f"Gather of indices {idx} from a shape of {len(data)} entries is not supported")
             vals = [data[i] for i in idx]
         elif op in ("Unsqueeze", "Squeeze"):
@@ -425,7 +434,7 @@ class _Importer:
                     vals += self._shape_operand(t)[0]
         elif op == "Slice":
             data, _ = self._shape_operand(ins[0])
-            parts = [self._shape_operand(t)[0] if len(ins) > k and ins[k] else None for k in range(1, 5)]
+            parts = [self._shape_operand(ins[k])[0] if len(ins) > k and ins[k] else None for k in range(1, 5)]
             starts, ends, axes, steps = parts if "starts" not in a else (
                 list(a["starts"]), list(a["ends"]), a.get("axes"), None)
             if len(starts) != 1 or len(ends) != 1 or (axes and list(axes) not in ([0], [-1])) \
@@ -510,7 +519,7 @@ class _Importer:
         if len(s) not in (2, 3) or axes != list(range(2, rank)):
             self._fail(f"ReduceMean over axes {axes} of a {rank}-D tensor is not supported "
                        f"(only over all spatial axes, {list(range(2, max(rank, 3)))}: global average pooling)")
-        keepdims = bool(int(_attrs(node).get("keepdims", 1)))
+        keepdims = self._flag(node, "keepdims", 1)
         self._emit(GlobalAvgPool(self._name(node), keepdims=keepdims), [v])
 
     def _op_Softmax(self, node):
@@ -576,7 +585,7 @@ class _Importer:
             target = [0 if d is None else d for d in vals]
         else:
             target = self._ints(self._const(node.input[1], "Reshape shape"), "Reshape shape")
-        allowzero = int(_attrs(node).get("allowzero", 0))
+        allowzero = self._flag(node, "allowzero", 0)
         s = self._shape(v)
         full = [self.input_batch or -1] + list(s)  # -1: the batch size is only known at run time
         features = int(np.prod(s))
@@ -636,6 +645,8 @@ class _Importer:
             self._fail("Unsqueeze needs axes")
         rank = 1 + len(s) + len(axes)
         axes = sorted(self._norm_axis(a, rank) for a in axes)
+        if len(set(axes)) != len(axes):
+            self._fail(f"Unsqueeze axes {axes} repeat an axis")
         if 0 in axes:
             self._fail("Unsqueeze before the batch axis is not supported")
         out, it = [], iter(s)
@@ -670,7 +681,7 @@ class _Importer:
 
     def _op_Gemm(self, node):
         a = _attrs(node)
-        if int(a.get("transA", 0)) != 0:
+        if self._flag(node, "transA", 0):
             self._fail("Gemm with transA=1 is not supported")
         if node.input[0] in self.consts:
             self._fail("Gemm's first input (A) must be a graph tensor, not a constant")
@@ -679,7 +690,7 @@ class _Importer:
         w = self._float(self._const(node.input[1], "Gemm weight B"), "Gemm weight B")
         if w.ndim != 2:
             self._fail(f"Gemm weight must be 2-D, got shape {w.shape}")
-        if not int(a.get("transB", 0)):
+        if not self._flag(node, "transB", 0):
             w = w.T
         w = np.ascontiguousarray(w * np.float32(a.get("alpha", 1.0)), np.float32)
         if w.shape[1] != n_in:
@@ -874,20 +885,22 @@ class _Importer:
         if min(kernel) < 1 or min(strides) < 1:
             self._fail(f"{node.op_type} kernel_shape {list(kernel)} and strides {list(strides)} must be positive")
         pads = self._pads(a, s[1:], kernel, strides)
-        layer = self._make(cls, self._name(node), kernel, strides, pads, bool(int(a.get("ceil_mode", 0))), **extra)
+        if any(p >= k for p, k in zip(pads, kernel + kernel)):
+            self._fail(f"{node.op_type} pads {list(pads)} must be smaller than the kernel {list(kernel)}")
+        layer = self._make(cls, self._name(node), kernel, strides, pads, self._flag(node, "ceil_mode", 0), **extra)
         self._emit(layer, [v])
 
     def _op_MaxPool(self, node):
-        if int(_attrs(node).get("storage_order", 0)):
+        if self._flag(node, "storage_order", 0):
             self._fail("MaxPool with storage_order=1 is not supported")
         self._pool(node, MaxPool2d)
 
     def _op_AveragePool(self, node):
-        self._pool(node, AvgPool2d, count_include_pad=bool(int(_attrs(node).get("count_include_pad", 0))))
+        self._pool(node, AvgPool2d, count_include_pad=self._flag(node, "count_include_pad", 0))
 
     def _op_BatchNormalization(self, node):
         a = _attrs(node)
-        if int(a.get("training_mode", 0)):
+        if self._flag(node, "training_mode", 0):
             self._fail("BatchNormalization with training_mode=1 is not an inference graph; export in eval mode")
         v = self._one_input(node)
         s = self._need_rank(v, (1, 2, 3), "BatchNormalization")
