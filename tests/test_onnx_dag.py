@@ -492,3 +492,73 @@ def test_batchnorm_in_training_mode_refused():
     y = g.bn("input", "bn", 4)
     g.nodes[-1].attribute.append(helper.make_attribute("training_mode", 1))
     _refused(g, g.gemm(y, "fc", 4, 3), (4,), 3, r"training_mode=1.*'/bn/BatchNormalization'", opset=15)
+
+
+# ------------------------------------------------------------------------------------------------
+# mutated graphs: an error names the node, or the model agrees with onnxruntime
+# ------------------------------------------------------------------------------------------------
+
+def _mutate(rng, proto):
+    p = onnx.ModelProto()
+    p.CopyFrom(proto)
+    nodes = p.graph.node
+    tensors = ["", "input"] + [t for n in nodes for t in n.output]
+    for _ in range(rng.integers(1, 4)):
+        n = nodes[rng.integers(len(nodes))]
+        r = rng.random()
+        if r < 0.3 and n.attribute:
+            a = n.attribute[rng.integers(len(n.attribute))]
+            if a.type == onnx.AttributeProto.INTS and a.ints:
+                a.ints[rng.integers(len(a.ints))] = int(rng.integers(-3, 6))
+            elif a.type == onnx.AttributeProto.INT:
+                a.i = int(rng.integers(-3, 6))
+            elif a.type == onnx.AttributeProto.FLOAT:
+                a.f = float(rng.choice([-1.0, 0.0, np.nan, 1e30]))
+        elif r < 0.5 and n.input:
+            n.input[rng.integers(len(n.input))] = str(rng.choice(tensors))
+        elif r < 0.6 and n.input:
+            del n.input[-1]
+        elif r < 0.7:
+            n.op_type = str(rng.choice(["Relu", "Add", "Concat", "Squeeze", "Reshape", "Transpose", "Pad", "Clip",
+                                        "Gather", "Shape", "Slice", "ReduceMean", "Conv", "MaxPool", "Div"]))
+        elif r < 0.85 and p.graph.initializer:
+            init = p.graph.initializer[rng.integers(len(p.graph.initializer))]
+            arr = numpy_helper.to_array(init).reshape(-1)
+            init.CopyFrom(numpy_helper.from_array(arr[:rng.integers(0, arr.size + 1)].copy(), init.name))
+        else:
+            n.attribute.append(helper.make_attribute("axes", [int(v) for v in rng.integers(-4, 4, rng.integers(1, 4))]))
+    return p
+
+
+@needs_act
+def test_mutated_graphs_give_one_line_errors_or_agree_with_ort():
+    bases = [resnet_block()]
+    for build in (test_depthwise_separable_with_relu6, test_conv1d_net, test_views_squeeze_unsqueeze_reshape,
+                  test_torch_view_batch_minus_one, test_pad_before_conv):
+        captured = []  # the graphs these tests build: run them with roundtrip swapped for a recorder
+        global roundtrip
+        saved, roundtrip = roundtrip, lambda proto, *a, **k: captured.append(proto) or load_model(proto)
+        try:
+            build(13) if "opset" in build.__code__.co_varnames[:build.__code__.co_argcount] else build()
+        finally:
+            roundtrip = saved
+        bases += captured
+    rng = np.random.default_rng(0)
+    compared = 0
+    for _ in range(150):
+        p = _mutate(rng, bases[rng.integers(len(bases))])
+        try:
+            m = load_model(p)
+        except OnnxImportError as e:
+            assert "\n" not in str(e)
+            continue
+        x = rng.normal(size=(2,) + m.input_shape).astype(np.float32)
+        ours = m.predict(x)  # an accepted model must run
+        try:
+            ref = run_ort(p, x)
+        except Exception:  # onnxruntime refuses some mutants we accept (e.g. an out-of-spec attribute)
+            continue
+        if ref.shape == ours.shape and np.all(np.isfinite(ref)):
+            np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-4)
+            compared += 1
+    assert compared > 10
