@@ -96,8 +96,9 @@ def softmax(z):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def roundtrip(proto, batches=(1, 5), export_opsets=(None,), seed=1):
-    """The whole check; returns the imported model."""
+def roundtrip(proto, batches=(1, 5), export_opsets=(None, 19), seed=1):
+    """The whole check (export at the default opset and at 19, the newest the import is for);
+    returns the imported model."""
     onnx.checker.check_model(proto, full_check=True)
     m = load_model(proto.SerializeToString())
     in_shape = tuple(d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:])
@@ -162,6 +163,16 @@ def test_residual_model_trains_one_step():
     loss = Trainer(m).step(x, y)
     assert np.isfinite(loss)
     assert not np.array_equal(before, m.layer("conv1_Conv").weight)
+    # a subset that stops inside the residual block, by the names the file's nodes gave
+    from ftte_core.subset import Subset
+    bn = m.layer("layer1_bn2_BatchNormalization")
+    scale, frozen = bn.weight.copy(), m.layer("layer1_conv1_Conv").weight.copy()
+    subset = Subset.of(m, {"layer1_conv2_Conv": {"rows": 0.5, "bias": True},
+                           "layer1_bn2_BatchNormalization": {"rows": "all", "bias": True},
+                           "fc_Gemm": {"rows": "all", "bias": True}})
+    assert np.isfinite(Trainer(m, subset).step(x, y))
+    assert not np.array_equal(scale, bn.weight)
+    np.testing.assert_array_equal(frozen, m.layer("layer1_conv1_Conv").weight)
 
 
 def _relu6(g, x, name, bounds):
@@ -183,7 +194,7 @@ def test_depthwise_separable_with_relu6(opset):
     p = _relu6(g, g.conv(d, "pw", 8, 16, 1), "/pw/relu6", "initializers")
     m2 = g.conv(p, "dw2", 16, 32, 3, group=16, pads=[0, 0, 1, 1])   # depthwise, channel multiplier 2
     gr = g.conv(m2, "grouped", 32, 16, 3, group=4, pads=[1] * 4)   # grouped
-    m = roundtrip(g.model((3, 12, 12), g.head(gr, 16), 5, opset=opset), export_opsets=(None, 11))
+    m = roundtrip(g.model((3, 12, 12), g.head(gr, 16), 5, opset=opset), export_opsets=(None, 11, 19))
     assert m.layer("dw_Conv").mode == "depthwise" and m.layer("dw2_Conv").mode == "depthwise"
     assert m.layer("grouped_Conv").mode == "grouped" and m.layer("grouped_Conv").group == 4
     assert (m.layer("stem_relu6_Clip").lo, m.layer("stem_relu6_Clip").hi) == (0.0, 6.0)
@@ -200,7 +211,7 @@ def test_conv1d_net():
     h = _relu6(g, h, "/r2", "initializers")
     h = g.op("AveragePool", [h], "/ap/AveragePool", kernel_shape=[3], strides=[2], pads=[1, 1],
              count_include_pad=0, ceil_mode=1)
-    m = roundtrip(g.model((3, 128), g.head(h, 8, 6), 6), export_opsets=(None, 17))
+    m = roundtrip(g.model((3, 128), g.head(h, 8, 6), 6), export_opsets=(None, 17, 19))
     kinds = [l.kind for l in m.layers]
     assert kinds[:5] == ["conv1d", "batchnorm", "relu", "maxpool1d", "conv1d"]
     assert "avgpool1d" in kinds and "global_avgpool" in kinds
@@ -262,7 +273,7 @@ def test_pad_before_conv(opset):
         p = g.op("Pad", ["input", g.c("pads", [1, 2, 2, 1], np.int64), g.c("value", 0.5), g.c("axes", [2, -1], np.int64)],
                  "/pad/Pad", mode="constant")
     m = roundtrip(g.model((2, 5, 5), g.head(g.conv(p, "c", 2, 3, 3), 3, 4), 4, opset=opset),
-                  export_opsets=(None, 10, 18))
+                  export_opsets=(None, 10, 19))
     pad = m.layer("pad_Pad")
     assert pad.pads == (0, 1, 2, 0, 2, 1) and pad.value == 0.5
 
@@ -275,7 +286,7 @@ def test_reduce_mean_keepdims_0(opset):
         r = g.op("ReduceMean", [c], "/gap/ReduceMean", axes=[-2, -1], keepdims=0)
     else:
         r = g.op("ReduceMean", [c, g.c("axes", [2, 3], np.int64)], "/gap/ReduceMean", keepdims=0)
-    m = roundtrip(g.model((3, 6, 6), g.gemm(r, "fc", 6, 3), 3, opset=opset), export_opsets=(None, 18))
+    m = roundtrip(g.model((3, 6, 6), g.gemm(r, "fc", 6, 3), 3, opset=opset), export_opsets=(None, 18, 19))
     assert m.layer("gap_ReduceMean").keepdims is False
 
 
@@ -331,7 +342,7 @@ def test_activations_and_constants():
     k = g.op("Identity", [g.op("Dropout", [k, g.c("ratio", 0.25)], "/drop/Dropout")], "/id/Identity")
     o = g.gemm(g.op("Flatten", [k], "/flat/Flatten"), "fc", 4 * 4 * 4, 5)
     y = g.op("LogSoftmax", [o], "/out/LogSoftmax", axis=1)
-    m = roundtrip(g.model((3, 6, 6), y, 5, opset=14), export_opsets=(None, 17))
+    m = roundtrip(g.model((3, 6, 6), y, 5, opset=14), export_opsets=(None, 17, 19))
     assert to_onnx(m).opset_import[0].version == 14  # the default rises to what HardSwish needs
     with pytest.raises(ValueError, match="opset 13 cannot hold layers of kind \\['hard_swish'\\]"):
         to_onnx(m, 13)
@@ -345,11 +356,11 @@ def test_clip_bounds_as_attributes_and_one_sided():
     g = G(12)
     x = g.op("Clip", ["input"], "/c1/Clip", min=-0.5, max=0.75)  # opset 10: attributes
     x = g.op("Relu", [x], "/r/Relu")
-    m = roundtrip(g.model((6,), g.gemm(x, "fc", 6, 3), 3, opset=10), export_opsets=(None, 10))
+    m = roundtrip(g.model((6,), g.gemm(x, "fc", 6, 3), 3, opset=10), export_opsets=(None, 10, 19))
     assert (m.layer("c1_Clip").lo, m.layer("c1_Clip").hi) == (-0.5, 0.75)
     g = G(13)
     x = g.op("Clip", ["input", "", g.c("hi", 0.3)], "/c2/Clip")  # no min: unbounded below
-    m = roundtrip(g.model((6,), g.gemm(x, "fc", 6, 3), 3, opset=13), export_opsets=(None, 10))
+    m = roundtrip(g.model((6,), g.gemm(x, "fc", 6, 3), 3, opset=13), export_opsets=(None, 10, 19))
     assert m.layer("c2_Clip").lo == -np.inf and m.layer("c2_Clip").hi == pytest.approx(0.3)
 
 
