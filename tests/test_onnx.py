@@ -449,8 +449,9 @@ def test_layer_names_sanitised_unique_and_generated():
          helper.make_node("Sigmoid", ["c"], ["d"]),
          helper.make_node("Gemm", ["d", "W"], ["y"], name="!!!", transB=1)]
     m = load_model(make_model(n, {"W": _f(rng, 2, 4)}, (4,), 2))
-    assert [l.name for l in m.layers] == ["block_1_relu_0", "block_1_relu_0_2", "sigmoid1", "sigmoid2", "gemm1"]
-    assert all("." not in k.split(".", 1)[0] for k in m.state())
+    assert [l.name for l in m.layers] == ["block.1_relu_0", "block.1_relu_0_2", "sigmoid1", "sigmoid2", "gemm1"]
+    # state keys are "<layer>.<weight|bias>": the part after the last dot
+    assert {k.rsplit(".", 1)[1] for k in m.state()} == {"weight", "bias"}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,6 +23,11 @@ needs_act = pytest.mark.skipif(not hasattr(K, "clip_forward"), reason="activatio
 # building graphs
 # ------------------------------------------------------------------------------------------------
 
+def _scope(module_name):
+    """torch's node scope for a module: 'layer1.conv1' -> 'layer1/conv1' (initializers keep the dots)."""
+    return module_name.replace(".", "/")
+
+
 class G:
     """A graph under construction: torch-style node names ('/block/conv/Conv'), tensors named
     after their node, initializers named like state-dict keys."""
@@ -54,20 +59,20 @@ class G:
         kshape = (k,) * dims
         w = self.w(f"{name}.weight", cout, cin // group, *kshape, scale=1.0 / np.sqrt(cin // group * k ** dims))
         b = self.w(f"{name}.bias", cout, scale=0.1)
-        return self.op("Conv", [x, w, b], f"/{name}/Conv", kernel_shape=list(kshape), group=group, **attrs)
+        return self.op("Conv", [x, w, b], f"/{_scope(name)}/Conv", kernel_shape=list(kshape), group=group, **attrs)
 
     def bn(self, x, name, c, eps=1e-5):
         scale = self.c(f"{name}.weight", self.rng.uniform(0.5, 1.5, c))
         shift = self.c(f"{name}.bias", self.rng.normal(0, 0.1, c))
         mean = self.c(f"{name}.running_mean", self.rng.normal(0, 0.1, c))
         var = self.c(f"{name}.running_var", self.rng.uniform(0.5, 1.5, c))
-        return self.op("BatchNormalization", [x, scale, shift, mean, var], f"/{name}/BatchNormalization",
+        return self.op("BatchNormalization", [x, scale, shift, mean, var], f"/{_scope(name)}/BatchNormalization",
                        epsilon=eps, momentum=0.9)
 
     def gemm(self, x, name, fin, fout):
         w = self.w(f"{name}.weight", fout, fin, scale=1.0 / np.sqrt(fin))
         b = self.w(f"{name}.bias", fout, scale=0.1)
-        return self.op("Gemm", [x, w, b], f"/{name}/Gemm", alpha=1.0, beta=1.0, transB=1)
+        return self.op("Gemm", [x, w, b], f"/{_scope(name)}/Gemm", alpha=1.0, beta=1.0, transB=1)
 
     def head(self, x, c, classes=5):
         """GlobalAveragePool -> Flatten -> Gemm, as torch writes adaptive_avg_pool + flatten + linear."""
@@ -420,6 +425,24 @@ def test_hardswish_as_torch_writes_it_before_opset_14():
     h = g.op("Div", [g.op("Mul", [c, k], "/act/Mul"), g.const_node("/act/Constant_3", 6.0)], "/act/Div")
     m = roundtrip(g.model((2, 5, 5), g.head(h, 4, 3), 3, opset=13))
     assert [l.kind for l in m.layers][:5] == ["conv2d", "add", "clip", "mul", "mul"]
+
+
+def test_dotted_layer_names_survive_export_and_import():
+    """Zoo models name layers "block1.conv1"; the file must give them back (subsets name them)."""
+    from ftte_core.graph import BatchNorm, Binary, Conv2d, Dense, Flatten, GlobalAvgPool, Model, ReLU
+    rng = np.random.default_rng(0)
+    layers = [Conv2d("stem.conv", rng.normal(size=(4, 2, 3, 3)).astype(np.float32), padding=(1, 1, 1, 1)),
+              BatchNorm("stem.bn", np.ones(4), np.zeros(4), np.zeros(4), np.ones(4)),
+              ReLU("stem.relu"),
+              Conv2d("block1.conv1", rng.normal(size=(4, 4, 3, 3)).astype(np.float32), padding=(1, 1, 1, 1)),
+              Binary("block1.add", "add"),
+              GlobalAvgPool("pool"), Flatten("flatten"),
+              Dense("fc", rng.normal(size=(3, 4)).astype(np.float32))]
+    m = Model(layers, (2, 5, 5), inputs=[(0,), (1,), (2,), (3,), (4, 3), (5,), (6,), (7,)])
+    back = load_model(to_onnx(m))
+    assert [l.name for l in back.layers] == [l.name for l in m.layers]
+    assert back.inputs == m.inputs
+    assert set(back.state()) == set(m.state())
 
 
 # ------------------------------------------------------------------------------------------------

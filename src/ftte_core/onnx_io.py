@@ -130,7 +130,8 @@ class _Importer:
         raise OnnxImportError(f"{msg} at node '{self.label}'")
 
     def _name(self, node: onnx.NodeProto) -> str:
-        base = re.sub(r"[^A-Za-z0-9_\-]+", "_", node.name).strip("_")
+        # dots stay: the zoo's names ("block1.conv1") survive an export and import
+        base = re.sub(r"[^A-Za-z0-9_.\-]+", "_", node.name).strip("_.")
         if not base:
             op = node.op_type.lower()
             self.op_counts[op] = self.op_counts.get(op, 0) + 1
