@@ -396,6 +396,20 @@ def test_torch_view_batch_minus_one(opset):
     assert [l.kind for l in m.layers] == ["conv2d", "relu", "flatten", "dense"]
 
 
+def test_keras_conv1d_channels_last_input():
+    """tf2onnx on a Keras Conv1D model: [N, L, C] input, Transpose to [N, C, L], 1-D convs."""
+    g = G(18)
+    t = g.op("Transpose", ["input"], "model/conv1d/Conv1D__5", perm=[0, 2, 1])
+    c = g.op("Relu", [g.conv(t, "model/conv1d/Conv1D", 3, 8, 5, dims=1, pads=[2, 2])], "model/conv1d/Relu")
+    p = g.op("MaxPool", [c], "model/max_pooling1d/MaxPool", kernel_shape=[2], strides=[2])
+    r = g.op("ReduceMean", [p], "model/global_average_pooling1d/Mean", axes=[2], keepdims=0)
+    mm = g.op("MatMul", [r, g.w("model/dense/MatMul/ReadVariableOp:0", 8, 6)], "model/dense/MatMul")
+    a = g.op("Add", [mm, g.w("model/dense/BiasAdd/ReadVariableOp:0", 6)], "model/dense/BiasAdd")
+    m = roundtrip(g.model((64, 3), g.op("Softmax", [a], "model/dense/Softmax"), 6, batch="unk__7"))
+    assert m.layers[0].kind == "transpose" and m.layers[0].perm == (1, 0)
+    assert [l.kind for l in m.layers[1:]] == ["conv1d", "relu", "maxpool1d", "global_avgpool", "dense"]
+
+
 def test_keras_dscnn_one_channel_input_and_flatten_transpose():
     """tf2onnx on a DS-CNN: [N, 49, 10, 1] input (its Transpose to NCHW only moves the size-1 channel
     axis: a reshape), and Transpose back to NHWC of a 1x1 map before Keras' Flatten."""
