@@ -275,8 +275,8 @@ def test_pad_before_conv(opset):
         p = g.op("Pad", ["input", g.const_node("/pad/Constant", pads, np.int64),
                          g.const_node("/pad/Constant_1", 0.5)], "/pad/Pad", mode="constant")
     else:  # opset 18: pads for the listed axes only
-        p = g.op("Pad", ["input", g.c("pads", [1, 2, 2, 1], np.int64), g.c("value", 0.5), g.c("axes", [2, -1], np.int64)],
-                 "/pad/Pad", mode="constant")
+        p = g.op("Pad", ["input", g.c("pads", [1, 2, 2, 1], np.int64), g.c("value", 0.5),
+                         g.c("axes", [2, -1], np.int64)], "/pad/Pad", mode="constant")
     m = roundtrip(g.model((2, 5, 5), g.head(g.conv(p, "c", 2, 3, 3), 3, 4), 4, opset=opset),
                   export_opsets=(None, 10, 19))
     pad = m.layer("pad_Pad")
@@ -417,7 +417,8 @@ def test_keras_dscnn_one_channel_input_and_flatten_transpose():
     t = g.op("Transpose", ["input"], "model/conv2d/Conv2D__5", perm=[0, 3, 1, 2])
     c = g.op("Relu", [g.bn(g.conv(t, "model/conv2d/Conv2D", 1, 8, 3, strides=[2, 2], pads=[1] * 4),
                            "model/batch_normalization/FusedBatchNormV3", 8, eps=1e-3)], "model/re_lu/Relu")
-    d = g.op("Relu", [g.conv(c, "model/depthwise_conv2d/depthwise", 8, 8, 3, group=8, pads=[1] * 4)], "model/re_lu_1/Relu")
+    d = g.op("Relu", [g.conv(c, "model/depthwise_conv2d/depthwise", 8, 8, 3, group=8, pads=[1] * 4)],
+             "model/re_lu_1/Relu")
     p = g.op("AveragePool", [d], "model/average_pooling2d/AvgPool", kernel_shape=[25, 5], strides=[25, 5])
     back = g.op("Transpose", [p], "model/average_pooling2d/AvgPool__20", perm=[0, 2, 3, 1])
     f = g.op("Reshape", [back, g.c("const_fold_opt__30", [-1, 8], np.int64)], "model/flatten/Reshape")
@@ -471,7 +472,8 @@ def _refused(g, out, in_shape, classes, match, opset=13, **kw):
 def test_div_of_two_tensors_refused():
     g = G()
     d = g.op("Div", ["input", g.op("Relu", ["input"], "/r/Relu")], "/d/Div")
-    _refused(g, g.gemm(d, "fc", 4, 3), (4,), 3, r"Div is only supported as a graph tensor divided by a constant.*'/d/Div'")
+    _refused(g, g.gemm(d, "fc", 4, 3), (4,), 3,
+             r"Div is only supported as a graph tensor divided by a constant.*'/d/Div'")
 
 
 def test_unsupported_op_names_the_node():
@@ -526,7 +528,8 @@ def test_sub_with_a_larger_second_operand_refused():
     g = G()
     s = g.op("GlobalAveragePool", ["input"], "/s/GlobalAveragePool")
     d = g.op("Sub", [s, "input"], "/d/Sub")
-    _refused(g, g.head(d, 3), (3, 4, 4), 5, r"Sub of per-sample shapes \(3, 1, 1\) - \(3, 4, 4\).*second operand is larger.*'/d/Sub'")
+    _refused(g, g.head(d, 3), (3, 4, 4), 5,
+             r"Sub of per-sample shapes \(3, 1, 1\) - \(3, 4, 4\).*second operand is larger.*'/d/Sub'")
 
 
 def test_reduce_mean_over_channels_refused():

@@ -590,8 +590,9 @@ class _Importer:
         s = self._shape(v)
         full = [self.input_batch or -1] + list(s)  # -1: the batch size is only known at run time
         features = int(np.prod(s))
+        fixed = "" if self.input_batch is None else f", [{self.input_batch}, {features}]"
         bad = (f"Reshape to {target} is not supported from per-sample shape {s}: the batch axis must stay "
-               f"first (e.g. [0, -1], [-1, {features}]{'' if self.input_batch is None else f', [{self.input_batch}, {features}]'})")
+               f"first (e.g. [0, -1], [-1, {features}]{fixed})")
         if not target or (allowzero and 0 in target):
             self._fail(bad)
         first, rest = target[0], target[1:]
