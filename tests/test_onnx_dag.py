@@ -377,6 +377,14 @@ def test_gemm_trans_b_and_add_bias_fold():
     m = roundtrip(g.model((6,), g.gemm(h, "fc2", 5, 3), 3))
     assert [l.kind for l in m.layers] == ["dense", "relu", "mul", "dense"]
     assert m.layer("fc1_Gemm").weight.shape == (5, 6)
+    # the Gemm's output read twice (once through an Identity): the Add is not its bias
+    g = G(15)
+    h = g.op("Gemm", ["input", g.w("W", 5, 6)], "/fc1/Gemm", transB=1)
+    i = g.op("Identity", [h], "/id/Identity")
+    a = g.op("Add", [i, g.c("b", g.rng.normal(size=5))], "/fc1/Add")
+    y = g.op("Mul", [a, h], "/m/Mul")
+    m = roundtrip(g.model((6,), g.gemm(y, "fc2", 5, 3), 3))
+    assert [l.kind for l in m.layers] == ["dense", "add", "mul", "dense"]
 
 
 @pytest.mark.parametrize("opset", [11, 13])

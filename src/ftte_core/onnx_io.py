@@ -105,6 +105,7 @@ class _Importer:
         self.inputs: List[Tuple[int, ...]] = []
         self.shapes: List[Shape] = []
         self.values: Dict[str, int] = {}
+        self.out_tensor: Dict[int, str] = {}  # value id -> the tensor its layer wrote (not an alias)
         self.softmaxed: Dict[str, str] = {}  # tensor -> label of the Softmax that made it
         # int vectors computed from tensor shapes (torch's x.view(x.size(0), -1)); None = the batch
         # size, known only at run time. Fully known ones go to consts instead.
@@ -208,6 +209,7 @@ class _Importer:
         self.shapes.append(shape)
         v = len(self.layers)
         self.values[node.output[0]] = v
+        self.out_tensor[v] = node.output[0]
         return v
 
     def _alias(self, node: onnx.NodeProto, v: int) -> None:
@@ -790,7 +792,8 @@ class _Importer:
         if v == 0:
             return False
         layer = self.layers[v - 1]
-        if not isinstance(layer, Dense) or self.users.get(t_name, 0) != 1:
+        # the Add must read the dense layer's own tensor (not an alias another node may also read)
+        if not isinstance(layer, Dense) or self.out_tensor[v] != t_name or self.users.get(t_name, 0) != 1:
             return False
         b = self._bias(c, layer.out_features, "Add bias")
         if b is None:
