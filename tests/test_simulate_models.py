@@ -153,3 +153,30 @@ def test_cli_simulate_an_onnx_chain_at_another_shape(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["input_shape"] == [3, 16, 16] and "repeated over 3" in results["data_resampled"]
     assert "resized to the model's input [3, 16, 16]" in res.output
+
+
+def test_cli_resample_writes_data_at_a_models_shape(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "d.npz"
+    res = runner.invoke(hub_cli, ["resample", "digits", "--shape", "3x12x12", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "bilinear 8x8 -> 12x12" in res.output
+    ds = ftdata.load_npz(out)
+    assert ds.feature_shape == (3, 12, 12) and len(ds) == len(ftdata.load_bundled("digits"))
+    again = runner.invoke(hub_cli, ["resample", str(out), "--shape", "3x64", "--out", str(tmp_path / "s.npz")])
+    assert again.exit_code == 0 and "each channel's 144 values, linear 144 -> 64" in again.output
+    bad = runner.invoke(hub_cli, ["resample", str(tmp_path / "none.npz"), "--shape", "640", "--out", str(out)])
+    assert bad.exit_code == 2 and "cannot read" in bad.output and "Traceback" not in bad.output
+
+
+def test_train_says_how_to_resample_data_that_does_not_fit(tmp_path):
+    pytest.importorskip("onnx")
+    import ftte_core as ft
+    from ftte_hub.train import TrainError, build_model
+    path = tmp_path / "cnn16.onnx"
+    ft.save_onnx(ft.zoo("cnn", (3, 16, 16), 10, channels=(4,)), path)
+    val = ftdata.load_bundled("digits").subset(np.arange(20))
+    with pytest.raises(TrainError, match=r"samples of shape \[1, 8, 8\] \(`ftte-hub resample DATA --shape 3x16x16"):
+        build_model(str(path), val)
+    fitted, _ = ftdata.resample_to_shape(val, (3, 16, 16))
+    assert build_model(str(path), fitted).input_shape == (3, 16, 16)

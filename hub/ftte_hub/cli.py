@@ -101,16 +101,44 @@ def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha
     click.echo(f"wrote {', '.join(paths.values())} in {time.perf_counter() - t0:.1f} s", err=True)
 
 
-def parse_shape(text: str):
+def parse_shape(text: str, option: str = "--input-shape"):
     """'3x32x32', '3,32,32' or '640' -> (3, 32, 32); ValueError with a one-line reason."""
     parts = [p for p in text.replace(",", "x").replace("X", "x").split("x")]
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:
-        raise ValueError(f"--input-shape {text!r}: expected sizes joined by 'x', e.g. 3x32x32") from None
+        raise ValueError(f"{option} {text!r}: expected sizes joined by 'x', e.g. 3x32x32") from None
     if not 1 <= len(shape) <= 3 or min(shape) < 1:
-        raise ValueError(f"--input-shape {text!r}: 1 to 3 positive sizes, e.g. 3x32x32, 3x128 or 640")
+        raise ValueError(f"{option} {text!r}: 1 to 3 positive sizes, e.g. 3x32x32, 3x128 or 640")
     return shape
+
+
+@main.command()
+@click.argument("source")
+@click.option("--shape", required=True, metavar="CxHxW",
+              help="The model's input shape per sample, e.g. 3x32x32 (resnet8), 1x49x10 (dscnn), 3x128 or 640.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The .npz file to write.")
+def resample(source, shape, out_path):
+    """Resample SOURCE (an .npz data file, or 'digits') to a model's input shape.
+
+    Images are resized bilinearly (a single channel repeated over the model's channels); for a
+    1-D model [C, L] each sample is flattened and resampled to L; for [F] to F values. The same
+    as `ftte-hub simulate` does (docs/simulator.md); use it for the validation file and each
+    agent's --data before `ftte-hub train` with a model of another input shape.
+    """
+    from ftte_core import data as ftdata
+
+    try:
+        target = parse_shape(shape, "--shape")
+        ds = ftdata.load_bundled("digits") if source == "digits" else ftdata.load_npz(source)
+        out, how = ftdata.resample_to_shape(ds, target, label=source)
+        ftdata.save_npz(out_path, out)
+    except ValueError as e:  # DataError too
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write {out_path}: {e.strerror or e}")
+    click.echo(f"{how or f'{source}: samples already have shape {list(target)}'}; wrote {out_path} "
+               f"({len(out)} samples)", err=True)
 
 
 @main.command()
