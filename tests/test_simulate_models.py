@@ -180,3 +180,20 @@ def test_train_says_how_to_resample_data_that_does_not_fit(tmp_path):
         build_model(str(path), val)
     fitted, _ = ftdata.resample_to_shape(val, (3, 16, 16))
     assert build_model(str(path), fitted).input_shape == (3, 16, 16)
+
+
+def test_channels_last_models_get_channels_last_samples():
+    """A Keras model via tf2onnx takes [H, W, C] and transposes it first: the digits follow."""
+    from ftte_core.graph import Dense, Flatten, Model, Transpose
+    from ftte_hub.simulate import channels_last
+    digits = ftdata.load_bundled("digits").subset(np.arange(10))
+    nhwc, how = ftdata.resample_to_shape(digits, (12, 12, 3), channels_last=True)
+    nchw, _ = ftdata.resample_to_shape(digits, (3, 12, 12))
+    np.testing.assert_array_equal(nhwc.x, nchw.x.transpose(0, 2, 3, 1))
+    assert how.endswith("then channels moved last for the model's input [12, 12, 3]")
+    keras_like = Model([Transpose("model_Transpose", (2, 0, 1)), Flatten("f"),
+                        Dense("fc", np.ones((10, 432), np.float32))], (12, 12, 3))
+    assert channels_last(keras_like)
+    assert not channels_last(Model([Flatten("f"), Dense("fc", np.ones((10, 432), np.float32))], (3, 12, 12)))
+    r = simulate(SimConfig(model=keras_like, strategies=("fedbuff",), seed=0, **TINY), log=lambda m: None)
+    assert r["input_shape"] == [12, 12, 3] and "channels moved last" in r["data_resampled"]

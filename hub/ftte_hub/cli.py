@@ -117,8 +117,10 @@ def parse_shape(text: str, option: str = "--input-shape"):
 @click.argument("source")
 @click.option("--shape", required=True, metavar="CxHxW",
               help="The model's input shape per sample, e.g. 3x32x32 (resnet8), 1x49x10 (dscnn), 3x128 or 640.")
+@click.option("--channels-last", is_flag=True,
+              help="--shape is [H, W, C] or [L, C] (a Keras model converted by tf2onnx takes NHWC input).")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The .npz file to write.")
-def resample(source, shape, out_path):
+def resample(source, shape, channels_last, out_path):
     """Resample SOURCE (an .npz data file, or 'digits') to a model's input shape.
 
     Images are resized bilinearly (a single channel repeated over the model's channels); for a
@@ -131,7 +133,7 @@ def resample(source, shape, out_path):
     try:
         target = parse_shape(shape, "--shape")
         ds = ftdata.load_bundled("digits") if source == "digits" else ftdata.load_npz(source)
-        out, how = ftdata.resample_to_shape(ds, target, label=source)
+        out, how = ftdata.resample_to_shape(ds, target, label=source, channels_last=channels_last)
         ftdata.save_npz(out_path, out)
     except ValueError as e:  # DataError too
         _fail(str(e))

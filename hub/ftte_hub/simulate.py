@@ -27,6 +27,7 @@ import numpy as np
 import ftte_core as ft
 from ftte_core import data as ftdata
 from ftte_core.cost import predict_memory, training_flops
+from ftte_core.graph import Transpose
 from ftte_core.local import LocalWorker, TaskConfig
 from ftte_core.scheduler import RoundDriver
 from ftte_core.search import importance_scores, search_subset
@@ -190,6 +191,14 @@ def build_sim_model(cfg: SimConfig, data_shape: Sequence[int], num_classes: int)
     return model, f"model: {spec} ({model.name}), input {list(model.input_shape)}, {len(model.layers)} layers"
 
 
+def channels_last(model: "ft.Model") -> bool:
+    """Whether the model takes channels-last samples ([H, W, C] or [L, C]): its input goes through
+    a Transpose that moves the last axis first (tf2onnx's NHWC -> NCHW at a Keras model's input)."""
+    n = len(model.input_shape)
+    return any(isinstance(layer, Transpose) and ins == (0,) and layer.perm == (n - 1,) + tuple(range(n - 1))
+               for layer, ins in zip(model.layers, model.inputs)) and n >= 2
+
+
 class _Setup:
     """What every strategy shares: data, devices, the start model and the hub's subset."""
 
@@ -224,12 +233,12 @@ class _Setup:
             parts = ftdata.partition_dirichlet(fleet, cfg.clients, cfg.alpha, seed=cfg.seed, min_size=1)
         # Samples take the model's input shape last: partitioning and augmentation (pixel shifts)
         # work on the data as it is, and resampling is per sample and deterministic.
-        shape = tuple(self.model.input_shape)
-        val, self.resampled = ftdata.resample_to_shape(val, shape, label=self.dataset_name)
+        shape, last = tuple(self.model.input_shape), channels_last(self.model)
+        val, self.resampled = ftdata.resample_to_shape(val, shape, label=self.dataset_name, channels_last=last)
         if self.resampled:
             log(f"data: {self.resampled}")
-        pre = ftdata.resample_to_shape(pre, shape)[0]
-        parts = [ftdata.resample_to_shape(part, shape)[0] for part in parts]
+        pre = ftdata.resample_to_shape(pre, shape, channels_last=last)[0]
+        parts = [ftdata.resample_to_shape(part, shape, channels_last=last)[0] for part in parts]
         self.val = val
         if n_pre:
             ft.Trainer(self.model, lr=cfg.lr, momentum=0.9, seed=cfg.seed).train(pre.x, pre.y, epochs=5, batch_size=32)

@@ -501,10 +501,13 @@ def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
     return w
 
 
-def resample_to_shape(ds: Dataset, shape, label: Optional[str] = None) -> Tuple[Dataset, Optional[str]]:
+def resample_to_shape(ds: Dataset, shape, label: Optional[str] = None,
+                      channels_last: bool = False) -> Tuple[Dataset, Optional[str]]:
     """``ds`` with samples of ``shape`` (per sample), and a sentence saying what was done (None when
     the samples already have that shape; it names the data ``label``, default ``ds.name``).
-    Deterministic, per sample, no randomness:
+    ``channels_last``: ``shape`` is [H, W, C] or [L, C] (a Keras model through tf2onnx, whose first
+    node transposes to channels first): the samples are made [C, H, W] / [C, L] by the rules
+    below, then their channel axis is moved last. Deterministic, per sample, no randomness:
 
     * same number of elements: a reshape, nothing resampled;
     * image target [C, H, W] (source [C0, H0, W0] or [H0, W0]): bilinear resize of each channel to
@@ -524,6 +527,14 @@ def resample_to_shape(ds: Dataset, shape, label: Optional[str] = None) -> Tuple[
     if not target or min(target) < 1 or len(target) > 3:
         raise DataError(f"resample_to_shape: shape must have 1 to 3 positive dimensions, got {list(target)}")
     src = tuple(ds.feature_shape)
+    if channels_last:
+        if len(target) < 2:
+            raise DataError(f"resample_to_shape: channels last needs [H, W, C] or [L, C], got {list(target)}")
+        first, how = resample_to_shape(ds, (target[-1],) + target[:-1], label)
+        moved = np.ascontiguousarray(np.moveaxis(first.x, 1, -1))
+        what = how or f"{label or ds.name}: samples {list(src)}"
+        return (Dataset(moved, first.y.copy(), first.num_classes, first.name),
+                f"{what}, then channels moved last for the model's input {list(target)}")
     if src == target:
         return ds, None
     n = len(ds)
