@@ -254,15 +254,19 @@ class _Setup:
                                           cfg.straggler_slowdown if i in slow else 1.0, part.x, part.y))
 
         # The FTTE subset: the smallest device budget, importance from the hub's validation data.
+        # Only sparse strategies use it (the search takes minutes on a deep model such as
+        # mobilenetv1, so runs of baselines alone skip it).
         self.m_min = cfg.memory_budget or min(d.profile.memory_budget for d in self.devices)
-        scores = importance_scores(self.model, val.x, val.y, seed=cfg.seed)
-        self.search = search_subset(self.model, scores, self.m_min, batch_size=cfg.batch_size)
-        self.model.load_state(self.start_state)
-        self.ftte_subset = self.search.subset
         self.full_subset = Subset.full(self.model)
-        log(f"FTTE subset for M_min {self.m_min / 1024:.0f} KiB: {self.ftte_subset.describe(self.model)} "
-            f"({self.ftte_subset.num_trainable(self.model):,}/{self.model.num_params():,} parameters, "
-            f"predicted {self.search.predicted_bytes / 1024:.0f} KiB)")
+        self.ftte_subset = self.full_subset
+        if any(make_strategy(n, buffer_size=cfg.buffer).sparse for n in cfg.strategies):
+            scores = importance_scores(self.model, val.x, val.y, seed=cfg.seed)
+            search = search_subset(self.model, scores, self.m_min, batch_size=cfg.batch_size)
+            self.model.load_state(self.start_state)
+            self.ftte_subset = search.subset
+            log(f"FTTE subset for M_min {self.m_min / 1024:.0f} KiB: {self.ftte_subset.describe(self.model)} "
+                f"({self.ftte_subset.num_trainable(self.model):,}/{self.model.num_params():,} parameters, "
+                f"predicted {search.predicted_bytes / 1024:.0f} KiB)")
 
 
 def _augmented_parts(fleet: "ftdata.Dataset", clients: int, per_device: int, alpha: float,
