@@ -10,6 +10,7 @@ import time
 import click
 
 from ftte_core.search import parse_size
+from ftte_core.zoo import zoo_names
 
 
 def _fail(msg: str) -> None:
@@ -34,7 +35,13 @@ def main() -> None:
 @click.option("--dataset", default="digits", help="'digits' (bundled) or a .npz file with x and y.")
 @click.option("--alpha", type=click.FloatRange(min=0.0, min_open=True), default=0.5,
               help="Dirichlet label-skew concentration (smaller = more skewed).")
-@click.option("--model", type=click.Choice(["mlp", "cnn"]), default="mlp", help="Zoo model to train.")
+@click.option("--model", default="mlp", show_default=True,
+              help=f"Zoo model ({', '.join(zoo_names())}) or an .onnx file; the data is resampled to its input "
+                   "shape when it differs (docs/simulator.md).")
+@click.option("--input-shape", default=None, metavar="CxHxW",
+              help="A zoo model's input shape per sample, e.g. 3x32x32, 1x49x10, 3x128 or 640; default: the "
+                   "MLPerf Tiny reference shape of resnet8/dscnn/mobilenetv1/autoencoder/sensor1d, the data's "
+                   "shape for mlp/cnn.")
 @click.option("--buffer", "buffer_k", type=click.IntRange(1), default=10,
               help="K: updates per merge (FedAvg: cohort size).")
 @click.option("--max-versions", type=click.IntRange(1), default=60,
@@ -58,7 +65,8 @@ def main() -> None:
               help="JSON file of device profiles; default: the shipped Pi Zero 2 W / Pi 4 / Pi 5 / Jetson presets.")
 @click.option("--seed", type=int, default=0, help="Seed for data, devices, training.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="ftte-sim", help="Output folder.")
-def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha, model, buffer_k, max_versions,
+def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha, model, input_shape, buffer_k,
+             max_versions,
              max_time, samples_per_device, local_epochs, batch_size, lr, server_lr, pretrain_fraction, memory_budget,
              profiles_path, seed, out_dir):
     """Run the fleet on a virtual clock and compare strategies.
@@ -76,8 +84,10 @@ def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha
         _fail(f"unknown strategy {', '.join(bad) or '(none given)'}; choose from {', '.join(sorted(known))}")
     try:
         budget = parse_size(memory_budget) if memory_budget else None
+        shape = parse_shape(input_shape) if input_shape else None
         cfg = SimConfig(clients=clients, stragglers=stragglers, straggler_slowdown=straggler_slowdown,
-                        strategies=names, dataset=dataset, alpha=alpha, model=model, buffer=buffer_k,
+                        strategies=names, dataset=dataset, alpha=alpha, model=model, input_shape=shape,
+                        buffer=buffer_k,
                         max_versions=max_versions, max_time=max_time, samples_per_device=samples_per_device,
                         local_epochs=local_epochs, batch_size=batch_size, lr=lr, server_lr=server_lr,
                         pretrain_fraction=pretrain_fraction, memory_budget=budget,
@@ -89,6 +99,48 @@ def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha
         _fail(str(e))
     click.echo(open(paths["md"]).read())
     click.echo(f"wrote {', '.join(paths.values())} in {time.perf_counter() - t0:.1f} s", err=True)
+
+
+def parse_shape(text: str, option: str = "--input-shape"):
+    """'3x32x32', '3,32,32' or '640' -> (3, 32, 32); ValueError with a one-line reason."""
+    parts = [p for p in text.replace(",", "x").replace("X", "x").split("x")]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: expected sizes joined by 'x', e.g. 3x32x32") from None
+    if not 1 <= len(shape) <= 3 or min(shape) < 1:
+        raise ValueError(f"{option} {text!r}: 1 to 3 positive sizes, e.g. 3x32x32, 3x128 or 640")
+    return shape
+
+
+@main.command()
+@click.argument("source")
+@click.option("--shape", required=True, metavar="CxHxW",
+              help="The model's input shape per sample, e.g. 3x32x32 (resnet8), 1x49x10 (dscnn), 3x128 or 640.")
+@click.option("--channels-last", is_flag=True,
+              help="--shape is [H, W, C] or [L, C] (a Keras model converted by tf2onnx takes NHWC input).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The .npz file to write.")
+def resample(source, shape, channels_last, out_path):
+    """Resample SOURCE (an .npz data file, or 'digits') to a model's input shape.
+
+    Images are resized bilinearly (a single channel repeated over the model's channels); for a
+    1-D model [C, L] each sample is flattened and resampled to L; for [F] to F values. The same
+    as `ftte-hub simulate` does (docs/simulator.md); use it for the validation file and each
+    agent's --data before `ftte-hub train` with a model of another input shape.
+    """
+    from ftte_core import data as ftdata
+
+    try:
+        target = parse_shape(shape, "--shape")
+        ds = ftdata.load_bundled("digits") if source == "digits" else ftdata.load_npz(source)
+        out, how = ftdata.resample_to_shape(ds, target, label=source, channels_last=channels_last)
+        ftdata.save_npz(out_path, out)
+    except ValueError as e:  # DataError too
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write {out_path}: {e.strerror or e}")
+    click.echo(f"{how or f'{source}: samples already have shape {list(target)}'}; wrote {out_path} "
+               f"({len(out)} samples)", err=True)
 
 
 @main.command()
@@ -113,7 +165,7 @@ def keygen(path, force):
 @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
               help="Fleet key file (from `ftte-hub keygen`).")
 @click.option("--model", "model_spec", required=True,
-              help="Zoo model name (mlp, cnn; shaped by the validation data) or an .onnx file.")
+              help=f"Zoo model name ({', '.join(zoo_names())}; shaped by the validation data) or an .onnx file.")
 @click.option("--val-data", required=True, type=click.Path(dir_okay=False),
               help="Validation .npz (x, y) the hub evaluates on and scores the subset search with.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),

@@ -20,20 +20,31 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 import ftte_core as ft
 from ftte_core import data as ftdata
 from ftte_core.cost import predict_memory, training_flops
+from ftte_core.graph import Transpose
 from ftte_core.local import LocalWorker, TaskConfig
 from ftte_core.scheduler import RoundDriver
 from ftte_core.search import importance_scores, search_subset
 from ftte_core.strategies import make_strategy
 from ftte_core.subset import Subset
+from ftte_core.zoo import zoo_names
 
 F32 = 4
+
+#: Input shapes of the zoo's MLPerf Tiny models (CIFAR-10 images, MFCC frames, visual wake words,
+#: machine-sound features, accelerometer windows): the simulator builds them at these shapes unless
+#: ``input_shape`` says otherwise, and resamples the data to fit (``data.resample_to_shape``). Any
+#: other zoo model (mlp, cnn) is built for the data's own shape.
+REFERENCE_SHAPES: Dict[str, Tuple[int, ...]] = {
+    "resnet8": (3, 32, 32), "dscnn": (1, 49, 10), "mobilenetv1": (3, 96, 96), "autoencoder": (640,),
+    "sensor1d": (3, 128),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +116,10 @@ class SimConfig:
     dataset: str = "digits"
     alpha: float = 0.5
     samples_per_device: int = 64
-    model: str = "mlp"
+    # a zoo name, a path to an .onnx file, or a Model (used as given)
+    model: Union[str, "ft.Model"] = "mlp"
+    # a zoo model's input shape per sample (None: REFERENCE_SHAPES, else the data's shape)
+    input_shape: Optional[Sequence[int]] = None
     buffer: int = 10
     max_versions: int = 60
     # Virtual-time horizon (s) for every strategy. None: the synchronous baseline runs its
@@ -145,6 +159,46 @@ class StrategyRun:
 
 
 # ---------------------------------------------------------------------------------------------
+def build_sim_model(cfg: SimConfig, data_shape: Sequence[int], num_classes: int) -> Tuple["ft.Model", str]:
+    """The start model (untrained) and a line saying what it is and where its shape comes from."""
+    spec = cfg.model
+    if isinstance(spec, ft.Model):
+        if cfg.input_shape is not None:
+            raise ValueError("input_shape applies to zoo models; a given model has its own")
+        model = spec.copy()
+        return model, f"model: {model.name} as given, input {list(model.input_shape)}"
+    spec = str(spec)
+    if spec in zoo_names():
+        if cfg.input_shape is not None:
+            shape, why = tuple(int(d) for d in cfg.input_shape), "--input-shape"
+        elif spec in REFERENCE_SHAPES:
+            shape, why = REFERENCE_SHAPES[spec], "its reference shape; --input-shape changes it"
+        else:
+            shape, why = tuple(data_shape), "the data's shape"
+        extra = {"hidden": (256, 256)} if spec == "mlp" else {}
+        try:
+            model = ft.zoo(spec, shape, num_classes, seed=cfg.seed, **extra)
+        except ValueError as e:
+            raise ValueError(f"zoo model {spec!r} for input {list(shape)}: {str(e).splitlines()[0]}") from None
+        return model, f"model: zoo {spec}, input {list(shape)} ({why})"
+    if not spec.lower().endswith(".onnx") and not Path(spec).exists():
+        raise ValueError(f"--model {spec!r} is neither a zoo model ({', '.join(zoo_names())}) nor an .onnx file")
+    if cfg.input_shape is not None:
+        raise ValueError(f"--input-shape applies to zoo models; {spec} fixes its own input shape")
+    model = ft.load_model(spec)  # OnnxImportError (a ValueError) names the op and node it refuses
+    if model.num_classes < num_classes:
+        raise ValueError(f"{spec} has {model.num_classes} outputs, but the data has {num_classes} classes")
+    return model, f"model: {spec} ({model.name}), input {list(model.input_shape)}, {len(model.layers)} layers"
+
+
+def channels_last(model: "ft.Model") -> bool:
+    """Whether the model takes channels-last samples ([H, W, C] or [L, C]): its input goes through
+    a Transpose that moves the last axis first (tf2onnx's NHWC -> NCHW at a Keras model's input)."""
+    n = len(model.input_shape)
+    return any(isinstance(layer, Transpose) and ins == (0,) and layer.perm == (n - 1,) + tuple(range(n - 1))
+               for layer, ins in zip(model.layers, model.inputs)) and n >= 2
+
+
 class _Setup:
     """What every strategy shares: data, devices, the start model and the hub's subset."""
 
@@ -156,22 +210,14 @@ class _Setup:
         else:
             ds = ftdata.load_npz(cfg.dataset)
         self.dataset_name = ds.name if cfg.dataset == "digits" else str(cfg.dataset)
+        self.model, what = build_sim_model(cfg, ds.feature_shape, ds.num_classes)
+        self.model_label = self.model.name if isinstance(cfg.model, ft.Model) else str(cfg.model)
+        log(what)
         train, val = ftdata.train_val_split(ds, val_fraction=0.2, seed=cfg.seed)
-        self.val = val
         # A small public split pretrains the start model, as on-device fine-tuning usually starts.
         n_pre = int(round(cfg.pretrain_fraction * len(train)))
         order = rng.permutation(len(train))
         pre, fleet = train.subset(order[:n_pre]), train.subset(order[n_pre:])
-        extra = {"hidden": (256, 256)} if cfg.model == "mlp" else {}
-        self.model = ft.zoo(cfg.model, ds.feature_shape, ds.num_classes, seed=cfg.seed, **extra)
-        if n_pre:
-            ft.Trainer(self.model, lr=cfg.lr, momentum=0.9, seed=cfg.seed).train(pre.x, pre.y, epochs=5, batch_size=32)
-        self.start_state = {k: v.copy() for k, v in self.model.state().items()}
-        _, self.start_accuracy = self.model.evaluate(val.x, val.y)
-        self.pretrained = n_pre > 0
-        log(f"data: {self.dataset_name}, {len(fleet)} samples across {cfg.clients} devices "
-            f"(Dirichlet alpha {cfg.alpha}), {len(val)} for validation, {n_pre} to pretrain "
-            f"(start accuracy {self.start_accuracy:.3f})")
 
         # Devices: profiles drawn by weight; a fraction of stragglers; non-IID data.
         profiles = load_profiles(cfg.profiles_path)
@@ -185,21 +231,42 @@ class _Setup:
             parts = _augmented_parts(fleet, cfg.clients, cfg.samples_per_device, cfg.alpha, cfg.seed)
         else:
             parts = ftdata.partition_dirichlet(fleet, cfg.clients, cfg.alpha, seed=cfg.seed, min_size=1)
+        # Samples take the model's input shape last: partitioning and augmentation (pixel shifts)
+        # work on the data as it is, and resampling is per sample and deterministic.
+        shape, last = tuple(self.model.input_shape), channels_last(self.model)
+        val, self.resampled = ftdata.resample_to_shape(val, shape, label=self.dataset_name, channels_last=last)
+        if self.resampled:
+            log(f"data: {self.resampled}")
+        pre = ftdata.resample_to_shape(pre, shape, channels_last=last)[0]
+        parts = [ftdata.resample_to_shape(part, shape, channels_last=last)[0] for part in parts]
+        self.val = val
+        if n_pre:
+            ft.Trainer(self.model, lr=cfg.lr, momentum=0.9, seed=cfg.seed).train(pre.x, pre.y, epochs=5, batch_size=32)
+        self.start_state = {k: v.copy() for k, v in self.model.state().items()}
+        _, self.start_accuracy = self.model.evaluate(val.x, val.y)
+        self.pretrained = n_pre > 0
+        log(f"data: {self.dataset_name}, {len(fleet)} samples across {cfg.clients} devices "
+            f"(Dirichlet alpha {cfg.alpha}), {len(val)} for validation, {n_pre} to pretrain "
+            f"(start accuracy {self.start_accuracy:.3f})")
         self.devices: List[SimDevice] = []
         for i, part in enumerate(parts):
             self.devices.append(SimDevice(f"dev{i:04d}", profiles[names[picks[i]]],
                                           cfg.straggler_slowdown if i in slow else 1.0, part.x, part.y))
 
         # The FTTE subset: the smallest device budget, importance from the hub's validation data.
+        # Only sparse strategies use it (the search takes minutes on a deep model such as
+        # mobilenetv1, so runs of baselines alone skip it).
         self.m_min = cfg.memory_budget or min(d.profile.memory_budget for d in self.devices)
-        scores = importance_scores(self.model, val.x, val.y, seed=cfg.seed)
-        self.search = search_subset(self.model, scores, self.m_min, batch_size=cfg.batch_size)
-        self.model.load_state(self.start_state)
-        self.ftte_subset = self.search.subset
         self.full_subset = Subset.full(self.model)
-        log(f"FTTE subset for M_min {self.m_min / 1024:.0f} KiB: {self.ftte_subset.describe(self.model)} "
-            f"({self.ftte_subset.num_trainable(self.model):,}/{self.model.num_params():,} parameters, "
-            f"predicted {self.search.predicted_bytes / 1024:.0f} KiB)")
+        self.ftte_subset = self.full_subset
+        if any(make_strategy(n, buffer_size=cfg.buffer).sparse for n in cfg.strategies):
+            scores = importance_scores(self.model, val.x, val.y, seed=cfg.seed)
+            search = search_subset(self.model, scores, self.m_min, batch_size=cfg.batch_size)
+            self.model.load_state(self.start_state)
+            self.ftte_subset = search.subset
+            log(f"FTTE subset for M_min {self.m_min / 1024:.0f} KiB: {self.ftte_subset.describe(self.model)} "
+                f"({self.ftte_subset.num_trainable(self.model):,}/{self.model.num_params():,} parameters, "
+                f"predicted {search.predicted_bytes / 1024:.0f} KiB)")
 
 
 def _augmented_parts(fleet: "ftdata.Dataset", clients: int, per_device: int, alpha: float,
@@ -366,7 +433,8 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
     target = cfg.target_fraction * max(finals.values())
     out = {
         "clients": cfg.clients, "stragglers": cfg.stragglers, "straggler_slowdown": cfg.straggler_slowdown,
-        "seed": cfg.seed, "dataset": setup.dataset_name, "alpha": cfg.alpha, "model": cfg.model,
+        "seed": cfg.seed, "dataset": setup.dataset_name, "alpha": cfg.alpha, "model": setup.model_label,
+        "input_shape": list(setup.model.input_shape), "data_resampled": setup.resampled,
         "buffer": cfg.buffer, "max_versions": cfg.max_versions, "time_budget_s": horizon,
         "pretrained": setup.pretrained,
         "augmented_device_data": setup.augmented, "samples_per_device": cfg.samples_per_device,

@@ -149,8 +149,10 @@ def check_model_fits_data(model: ft.Model, val: ftdata.Dataset, where: str) -> N
     try:
         model.check_input(val.x[:1])
     except ValueError:
+        shape = "x".join(str(d) for d in model.input_shape)
         raise TrainError(f"{where} takes inputs of shape {list(model.input_shape)}, but the validation data "
-                         f"has samples of shape {list(val.feature_shape)}") from None
+                         f"has samples of shape {list(val.feature_shape)} (`ftte-hub resample DATA --shape {shape} "
+                         f"--out OUT.npz` resizes data to fit, docs/simulator.md)") from None
     if model.num_classes < val.num_classes:
         raise TrainError(f"{where} has {model.num_classes} outputs, but the validation data has "
                          f"{val.num_classes} classes")

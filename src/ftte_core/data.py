@@ -28,7 +28,7 @@ from .atomic import atomic_write
 
 __all__ = [
     "DataError", "Dataset", "load_npz", "load_bundled", "save_npz", "train_val_split",
-    "partition_iid", "partition_dirichlet", "augment", "batches", "label_histogram",
+    "partition_iid", "partition_dirichlet", "augment", "batches", "label_histogram", "resample_to_shape",
 ]
 
 # Far beyond anything a Pi-sized classifier has; it stops a stray huge label (e.g. 10**9)
@@ -482,6 +482,116 @@ def augment(ds: Dataset, n: int, seed, max_shift: int = 1,
         np.clip(out, lo, hi, out=out)
     return Dataset(np.ascontiguousarray(out, dtype=np.float32), ds.y[src].copy(),
                    ds.num_classes, f"{ds.name}/aug")
+
+
+# ----------------------------------------------------------------------------- resampling
+
+def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] linear interpolation with half-pixel centres (as PyTorch's ``interpolate``
+    with ``align_corners=False`` and OpenCV's ``resize``): output i samples the input at
+    (i + 0.5) * n_in / n_out - 0.5, clamped to the ends. Rows sum to 1, so values stay in range.
+    Shrinking samples without anti-aliasing."""
+    pos = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = pos - lo
+    w = np.zeros((n_out, n_in), np.float64)
+    np.add.at(w, (np.arange(n_out), lo), 1.0 - frac)
+    np.add.at(w, (np.arange(n_out), hi), frac)
+    return w
+
+
+def resample_to_shape(ds: Dataset, shape, label: Optional[str] = None,
+                      channels_last: bool = False) -> Tuple[Dataset, Optional[str]]:
+    """``ds`` with samples of ``shape`` (per sample), and a sentence saying what was done (None when
+    the samples already have that shape; it names the data ``label``, default ``ds.name``).
+    ``channels_last``: ``shape`` is [H, W, C] or [L, C] (a Keras model through tf2onnx, whose first
+    node transposes to channels first): the samples are made [C, H, W] / [C, L] by the rules
+    below, then their channel axis is moved last. Deterministic, per sample, no randomness:
+
+    * same number of elements: a reshape, nothing resampled;
+    * image target [C, H, W] (source [C0, H0, W0] or [H0, W0]): bilinear resize of each channel to
+      H x W (half-pixel centres, ``_linear_weights``); then C0 == C keeps the channels, C0 == 1 is
+      repeated over the C channels, C == 1 takes the mean of the C0 channels;
+    * signal target [C, L]: each sample flattened to a signal (row-major; a channel-first source with
+      C0 == C keeps one signal per channel), linearly resampled to L, a single signal repeated over C;
+    * flat target [F]: each sample flattened and linearly resampled to F.
+
+    An 8x8 digit becomes a 3x32x32 image, a 3x128 "accelerometer window" of its 64 pixels, or 640
+    features. Anything else (a 1-D source into an image whose size is not a square) is a DataError.
+    """
+    try:
+        target = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise DataError(f"resample_to_shape: shape must be a sequence of ints, got {shape!r}") from None
+    if not target or min(target) < 1 or len(target) > 3:
+        raise DataError(f"resample_to_shape: shape must have 1 to 3 positive dimensions, got {list(target)}")
+    src = tuple(ds.feature_shape)
+    if channels_last:
+        if len(target) < 2:
+            raise DataError(f"resample_to_shape: channels last needs [H, W, C] or [L, C], got {list(target)}")
+        first, how = resample_to_shape(ds, (target[-1],) + target[:-1], label)
+        moved = np.ascontiguousarray(np.moveaxis(first.x, 1, -1))
+        what = how or f"{label or ds.name}: samples {list(src)}"
+        return (Dataset(moved, first.y.copy(), first.num_classes, first.name),
+                f"{what}, then channels moved last for the model's input {list(target)}")
+    if src == target:
+        return ds, None
+    n = len(ds)
+    what = f"{label or ds.name}: samples {list(src)} "
+    if int(np.prod(src)) == int(np.prod(target)):
+        return (Dataset(ds.x.reshape((n,) + target).copy(), ds.y.copy(), ds.num_classes, ds.name),
+                what + f"reshaped to the model's input {list(target)} (same size)")
+    if len(target) == 3:
+        c, h, w = target
+        if len(src) in (2, 3):
+            as_image = (1,) + src if len(src) == 2 else src
+        else:
+            side = int(round(np.sqrt(src[0])))
+            if len(src) != 1 or side * side != src[0]:
+                raise DataError(f"{what}cannot become images {list(target)}: they are neither images nor "
+                                f"flattened square images")
+            as_image = (1, side, side)
+        c0, h0, w0 = as_image
+        if c0 not in (1, c) and c != 1:
+            raise DataError(f"{what}have {c0} channels; the model takes {c} (only 1 -> C, C -> C and C -> 1 work)")
+        wh, ww = _linear_weights(h0, h).astype(np.float32), _linear_weights(w0, w).astype(np.float32)
+
+        def convert(xs):
+            img = np.einsum("hi,ncij,wj->nchw", wh, xs.reshape((len(xs),) + as_image), ww, optimize=True)
+            if c0 == c:
+                return img
+            return np.repeat(img, c, axis=1) if c0 == 1 else img.mean(axis=1, keepdims=True)
+
+        parts = [f"bilinear {h0}x{w0} -> {h}x{w} (half-pixel centres)"]
+        if c0 != c:
+            parts.append(f"the channel repeated over {c}" if c0 == 1 else f"the mean of the {c0} channels")
+        how = f"resized to the model's input {list(target)}: " + ", ".join(parts)
+    elif len(target) == 2:
+        c, length = target
+        kept = len(src) >= 2 and src[0] == c and c > 1  # one signal per channel
+        m = int(np.prod(src[1:])) if kept else int(np.prod(src))
+        wl = _linear_weights(m, length).astype(np.float32)
+
+        def convert(xs):
+            sig = np.einsum("li,nci->ncl", wl, xs.reshape(len(xs), c if kept else 1, m), optimize=True)
+            return sig if kept or c == 1 else np.repeat(sig, c, axis=1)
+
+        how = (f"resampled to the model's input {list(target)}: "
+               + (f"each channel's {m} values" if kept else f"the {m} values flattened into one signal")
+               + f", linear {m} -> {length}" + ("" if kept or c == 1 else f", repeated over {c} channels"))
+    else:
+        f0 = int(np.prod(src))
+        wf = _linear_weights(f0, target[0]).astype(np.float32).T
+
+        def convert(xs):
+            return xs.reshape(len(xs), f0) @ wf
+
+        how = f"resampled to the model's input {list(target)}: flattened, linear {f0} -> {target[0]} values"
+    out = np.empty((n,) + target, np.float32)
+    for start in range(0, n, 256):  # in chunks: the einsum's temporaries stay small
+        out[start:start + 256] = convert(ds.x[start:start + 256])
+    return Dataset(out, ds.y.copy(), ds.num_classes, ds.name), what + how
 
 
 # ----------------------------------------------------------------------------- iteration

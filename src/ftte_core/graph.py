@@ -629,7 +629,8 @@ class Binary(Layer):
     def backward(self, x, y, dy, dx, scope):
         if self.const is not None:
             if self.op == "mul":
-                K.mul_backward(None, self._const_full(dy.ndim - 1), dy, dx, None)
+                # dx = dy * const: the forward product (mul_backward needs an operand a it would not read)
+                K.mul_forward(dy, self._const_full(dy.ndim - 1), dx)
             elif self.op == "sub" and self.const_first:
                 np.negative(dy, out=dx)
             elif dx is not dy:

@@ -4,12 +4,23 @@ The agent must stay small (the onnx package alone costs ~13 MB of memory), so th
 model in this plain format and keeps ONNX for the files users open. No pickle; little-endian:
 
     magic   4 bytes  b"FTMD"
-    version u16      FORMAT_VERSION
+    version u16      FORMAT_VERSION (2; a reader of version 1 refuses it by this number)
     flags   u16      0 (non-zero is rejected)
     hlen    u32      length of the JSON header
-    header  hlen     UTF-8 JSON {"name", "input_shape", "layers": [{"kind", "name", attrs...,
-                     "params": [[param name, shape], ...]}]}
-    arrays           float32 (<f4), C order, in header order
+    header  hlen     UTF-8 JSON {"name", "input_shape", "layers": [{"kind", "name", "inputs", attrs...,
+                     "params": [[name, shape], ...], "constants": [[name, shape], ...]}]}
+    arrays           float32 (<f4), C order: each layer's params then its constants, in header order
+
+The model is a DAG (``graph.Model``): ``inputs`` lists the values a layer reads, 0 for the model
+input and j + 1 for layer j's output, so every entry names an earlier layer. ``constants`` are
+frozen arrays a layer carries besides its trainable parameters (batch-norm "mean" and "var", the
+constant operand "const" of add/sub/mul). Attributes per kind: conv2d/conv1d stride, padding,
+group; pools kernel, stride, padding, ceil_mode (+ count_include_pad), one entry per spatial axis
+(1-D kinds "maxpool1d"/"avgpool1d"); global_avgpool keepdims; batchnorm eps; add/sub/mul
+const_first; leaky_relu alpha; hard_sigmoid alpha, beta; clip lo, hi (null = no bound, as JSON
+has no infinities); reshape shape; pad pads, value; transpose perm; dropout p. JSON NaN and
+Infinity are refused. Version 1 (a chain of dense/conv2d/pool/activation layers, no "inputs"
+and no "constants") is still read.
 
 ``model_from_bytes`` checks every length against the header before reading an array and rebuilds
 the layers through their constructors, so their own shape checks apply. ``content_hash`` names a
@@ -17,9 +28,10 @@ model file by its bytes: the agent caches by it.
 
 A model file comes from the network, and a few hundred bytes can describe a model that needs
 gigabytes (a convolution padded by 700 turns an 8x8 input into 1408x1408 maps). So every number
-that sizes something is bounded before anything is built (``LIMITS``: kernels, strides, pads;
-no dimension may be empty), and the chain of layer output shapes is walked with exact integers so
-that no sample's activations, and no parameter tensor, exceed their element limits. What a model
+that sizes something is bounded before anything is built (``LIMITS``: kernels, strides, pads,
+reshape targets, a layer's inputs; no dimension may be empty), and the graph's values are walked
+in order with exact integers so that no value of a sample, and no parameter or constant tensor,
+exceeds its element limit. What a model
 needs to *train* on a device is then the cost model's question (``cost.predict_memory``): the
 agent asks it before it allocates anything.
 """
@@ -33,24 +45,40 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .binfmt import PREFIX, split_prefixed
-from .graph import (AvgPool2d, Conv2d, Dense, Dropout, Flatten, GlobalAvgPool, Layer, MaxPool2d, Model, ReLU,
-                    Sigmoid, Tanh)
+from .graph import (AvgPool2d, BatchNorm, Binary, Clip, Concat, Conv1d, Conv2d, Dense, Dropout, Flatten,
+                    GlobalAvgPool, HardSigmoid, HardSwish, Layer, LeakyReLU, MaxPool2d, Model, Pad, ReLU, Reshape,
+                    Sigmoid, Tanh, Transpose)
 
 MAGIC = b"FTMD"
-FORMAT_VERSION = 1
+#: 2: the model is a DAG (each layer lists the values it reads) and layers carry frozen constants
+FORMAT_VERSION = 2
+#: versions this reader accepts: 1 is the chain format of earlier releases
+READABLE_VERSIONS = (1, 2)
 MAX_HEADER_BYTES = 1 << 20
 MAX_LAYERS = 1024
+MAX_NAME_CHARS = 1000
 DEFAULT_MAX_BYTES = 1 << 30
 
 #: Bounds on what a model file may describe (far above any model a Pi-class device trains).
 LIMITS = {
-    "input_ndim": 4,
+    "input_ndim": 4,                # dimensions of one sample of the input or of any value (reshape targets too)
     "kernel": 64,                   # pooling kernel / convolution kernel height and width
     "stride": 64,
-    "padding": 64,
-    "sample_elements": 1 << 24,     # elements of one sample's input or any layer's output (64 MiB float32)
-    "param_elements": 1 << 28,      # elements of one parameter tensor (1 GiB float32)
+    "padding": 64,                  # convolution and pooling padding, and each entry of a Pad layer's pads
+    "inputs": 64,                   # values one layer reads (a Concat's inputs)
+    "sample_elements": 1 << 24,     # elements of one sample's input or any value (64 MiB float32)
+    "param_elements": 1 << 28,      # elements of one parameter or constant tensor (1 GiB float32)
 }
+
+#: the kinds a version-1 file (a chain, no constants) may hold
+V1_KINDS = ("dense", "conv2d", "maxpool2d", "avgpool2d", "global_avgpool", "relu", "sigmoid", "tanh", "flatten",
+            "dropout")
+#: every kind this reader builds
+KINDS = V1_KINDS + ("conv1d", "maxpool1d", "avgpool1d", "batchnorm", "add", "sub", "mul", "concat", "leaky_relu",
+                    "hard_sigmoid", "clip", "hard_swish", "reshape", "pad", "transpose")
+#: frozen arrays each kind carries (name -> required); their bytes follow the layer's parameters
+CONSTANTS = {"batchnorm": {"mean": True, "var": True}, "add": {"const": False}, "sub": {"const": False},
+             "mul": {"const": False}}
 
 
 class ModelFileError(ValueError):
@@ -65,29 +93,59 @@ class ModelTooLarge(ModelFileError):
         self.param_bytes = int(param_bytes)
 
 
+def _bound(value: float) -> Optional[float]:
+    """A Clip bound for JSON, which has no infinities: None stands for "no bound"."""
+    return None if math.isinf(value) else value
+
+
 def _attrs(layer: Layer) -> Dict[str, object]:
-    if isinstance(layer, Conv2d):
-        return {"stride": list(layer.stride), "padding": list(layer.padding)}
+    if isinstance(layer, Conv2d):  # and Conv1d
+        return {"stride": list(layer.stride), "padding": list(layer.padding), "group": layer.group}
     if isinstance(layer, AvgPool2d):
         return {"kernel": list(layer.kernel), "stride": list(layer.stride), "padding": list(layer.padding),
                 "ceil_mode": layer.ceil_mode, "count_include_pad": layer.count_include_pad}
     if isinstance(layer, MaxPool2d):
         return {"kernel": list(layer.kernel), "stride": list(layer.stride), "padding": list(layer.padding),
                 "ceil_mode": layer.ceil_mode}
+    if isinstance(layer, GlobalAvgPool):
+        return {"keepdims": layer.keepdims}
+    if isinstance(layer, BatchNorm):
+        return {"eps": layer.eps}
+    if isinstance(layer, Binary):
+        return {"const_first": layer.const_first}
+    if isinstance(layer, LeakyReLU):
+        return {"alpha": layer.alpha}
+    if isinstance(layer, HardSigmoid):
+        return {"alpha": layer.alpha, "beta": layer.beta}
+    if isinstance(layer, Clip):
+        if layer.lo == math.inf or layer.hi == -math.inf:
+            raise ValueError(f"layer {layer.name!r}: Clip [{layer.lo}, {layer.hi}] has no finite output to save")
+        return {"lo": _bound(layer.lo), "hi": _bound(layer.hi)}
+    if isinstance(layer, Reshape):
+        return {"shape": list(layer.shape)}
+    if isinstance(layer, Pad):
+        return {"pads": list(layer.pads), "value": layer.value}
+    if isinstance(layer, Transpose):
+        return {"perm": list(layer.perm)}
     if isinstance(layer, Dropout):
         return {"p": layer.p}
-    return {}
+    if layer.kind in ("dense", "relu", "sigmoid", "tanh", "hard_swish", "flatten", "concat"):
+        return {}
+    raise ValueError(f"layer {layer.name!r}: kind {layer.kind!r} has no model file form")
 
 
 def model_to_bytes(model: Model) -> bytes:
+    """The model as a version-2 file: header, then each layer's parameters and constants."""
     layers, arrays = [], []
-    for layer in model.layers:
-        params = layer.params()
-        layers.append({"kind": layer.kind, "name": layer.name, **_attrs(layer),
-                       "params": [[k, list(v.shape)] for k, v in params.items()]})
-        arrays.extend(np.ascontiguousarray(v, dtype="<f4").tobytes() for v in params.values())
+    for layer, ins in zip(model.layers, model.inputs):
+        params, consts = layer.params(), layer.constants()
+        layers.append({"kind": layer.kind, "name": layer.name, "inputs": list(ins), **_attrs(layer),
+                       "params": [[k, list(v.shape)] for k, v in params.items()],
+                       "constants": [[k, list(v.shape)] for k, v in consts.items()]})
+        for v in list(params.values()) + list(consts.values()):
+            arrays.append(np.ascontiguousarray(v, dtype="<f4").tobytes())
     header = json.dumps({"name": model.name, "input_shape": list(model.input_shape), "layers": layers},
-                        separators=(",", ":")).encode()
+                        separators=(",", ":"), allow_nan=False).encode()
     return b"".join([PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header)), header] + arrays)
 
 
@@ -95,14 +153,35 @@ def content_hash(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _ints(name: str, what: str, values, count: int, lo: int, hi: int) -> List[int]:
-    """``count`` integers in [lo, hi] from a header list, or ModelFileError naming the layer."""
-    if (not isinstance(values, (list, tuple)) or len(values) != count
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)):
-        raise ModelFileError(f"layer {name!r}: {what} must be a list of {count} integers")
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _ints(name: str, what: str, values, count, lo: int, hi: int) -> List[int]:
+    """Integers in [lo, hi] from a header list of ``count`` entries (an int, or a (min, max) range),
+    or ModelFileError naming the layer."""
+    lo_n, hi_n = (count, count) if isinstance(count, int) else count
+    if (not isinstance(values, list) or not lo_n <= len(values) <= hi_n
+            or not all(_is_int(v) for v in values)):
+        n = f"{lo_n}" if lo_n == hi_n else f"{lo_n} to {hi_n}"
+        raise ModelFileError(f"layer {name!r}: {what} must be a list of {n} integers")
     if not all(lo <= v <= hi for v in values):
-        raise ModelFileError(f"layer {name!r}: {what} {list(values)[:count]} is outside the limit [{lo}, {hi}]")
+        raise ModelFileError(f"layer {name!r}: {what} {values} is outside the limit [{lo}, {hi}]")
     return list(values)
+
+
+def _float(name: str, what: str, value, lo: float = -math.inf) -> float:
+    """A finite number >= lo from the header (JSON has no NaN or infinities; the parser refuses them)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < lo:
+        raise ModelFileError(f"layer {name!r}: {what} must be a finite number{f' >= {lo:g}' if lo > -math.inf else ''},"
+                             f" got {str(value)[:40]}")
+    return float(value)
+
+
+def _bool(name: str, what: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ModelFileError(f"layer {name!r}: {what} must be true or false, got {str(value)[:40]}")
+    return value
 
 
 def _check_shape(where: str, shape: Sequence[int], limit: int, what: str) -> None:
@@ -114,57 +193,171 @@ def _check_shape(where: str, shape: Sequence[int], limit: int, what: str) -> Non
 
 
 def check_model_size(model: Model) -> None:
-    """The shape chain stays within ``LIMITS``: every layer's output per sample and every parameter."""
+    """Every value of the graph (the input and each layer's output, per sample) and every parameter
+    and constant tensor stays within ``LIMITS``."""
+    _check_shape("model", model.input_shape, LIMITS["sample_elements"], "input shape")
     for layer, out_shape in zip(model.layers, model.shapes[1:]):
         _check_shape(f"layer {layer.name!r}", out_shape, LIMITS["sample_elements"], "output shape")
-        for pname, arr in layer.params().items():
+        for pname, arr in {**layer.params(), **layer.constants()}.items():
             _check_shape(f"layer {layer.name!r}", arr.shape, LIMITS["param_elements"], f"{pname} shape")
 
 
-def _build(kind: str, name: str, spec: dict, p: Dict[str, np.ndarray]) -> Layer:
-    def pool_args():
-        return dict(kernel=_ints(name, "kernel", spec["kernel"], 2, 1, LIMITS["kernel"]),
-                    stride=_ints(name, "stride", spec["stride"], 2, 1, LIMITS["stride"]),
-                    padding=_ints(name, "padding", spec["padding"], 4, 0, LIMITS["padding"]),
-                    ceil_mode=bool(spec["ceil_mode"]))
+def _build(kind: str, name: str, spec: dict, p: Dict[str, np.ndarray], c: Dict[str, np.ndarray],
+           version: int) -> Layer:
+    L = LIMITS
+
+    def pool_args(dims: int):
+        return dict(kernel=_ints(name, "kernel", spec["kernel"], dims, 1, L["kernel"]),
+                    stride=_ints(name, "stride", spec["stride"], dims, 1, L["stride"]),
+                    padding=_ints(name, "padding", spec["padding"], 2 * dims, 0, L["padding"]),
+                    ceil_mode=_bool(name, "ceil_mode", spec["ceil_mode"]))
 
     if kind == "dense":
         return Dense(name, p["weight"], p.get("bias"))
-    if kind == "conv2d":
+    if kind in ("conv2d", "conv1d"):
+        dims = 2 if kind == "conv2d" else 1
         w = p["weight"]
-        if w.ndim == 4 and max(w.shape[2:]) > LIMITS["kernel"]:
-            raise ModelFileError(f"layer {name!r}: kernel {list(w.shape[2:])} is over the limit of {LIMITS['kernel']}")
-        return Conv2d(name, w, p.get("bias"), stride=_ints(name, "stride", spec["stride"], 2, 1, LIMITS["stride"]),
-                      padding=_ints(name, "padding", spec["padding"], 4, 0, LIMITS["padding"]))
-    if kind == "maxpool2d":
-        return MaxPool2d(name, **pool_args())
-    if kind == "avgpool2d":
-        return AvgPool2d(name, **pool_args(), count_include_pad=bool(spec["count_include_pad"]))
+        if w.ndim != dims + 2:
+            raise ModelFileError(f"layer {name!r}: a {kind} weight has {dims + 2} dimensions, got {w.ndim}")
+        if max(w.shape[2:]) > L["kernel"]:
+            raise ModelFileError(f"layer {name!r}: kernel {list(w.shape[2:])} is over the limit of {L['kernel']}")
+        group = _ints(name, "group", [spec["group"]], 1, 1, w.shape[0])[0] if version >= 2 else 1
+        cls = Conv2d if dims == 2 else Conv1d
+        return cls(name, w, p.get("bias"), stride=_ints(name, "stride", spec["stride"], dims, 1, L["stride"]),
+                   padding=_ints(name, "padding", spec["padding"], 2 * dims, 0, L["padding"]), group=group)
+    if kind in ("maxpool2d", "maxpool1d"):
+        return MaxPool2d(name, **pool_args(2 if kind.endswith("2d") else 1))
+    if kind in ("avgpool2d", "avgpool1d"):
+        return AvgPool2d(name, **pool_args(2 if kind.endswith("2d") else 1),
+                         count_include_pad=_bool(name, "count_include_pad", spec["count_include_pad"]))
+    if kind == "global_avgpool":
+        return GlobalAvgPool(name, keepdims=_bool(name, "keepdims", spec["keepdims"]) if version >= 2 else True)
+    if kind == "batchnorm":
+        return BatchNorm(name, p["weight"], p["bias"], c["mean"], c["var"], eps=_float(name, "eps", spec["eps"], 0.0))
+    if kind in Binary.OPS:
+        return Binary(name, kind, const=c.get("const"), const_first=_bool(name, "const_first", spec["const_first"]))
+    if kind == "leaky_relu":
+        return LeakyReLU(name, _float(name, "alpha", spec["alpha"]))
+    if kind == "hard_sigmoid":
+        return HardSigmoid(name, _float(name, "alpha", spec["alpha"]), _float(name, "beta", spec["beta"]))
+    if kind == "clip":
+        lo, hi = spec["lo"], spec["hi"]
+        return Clip(name, -math.inf if lo is None else _float(name, "lo", lo),
+                    math.inf if hi is None else _float(name, "hi", hi))
+    if kind == "reshape":
+        shape = _ints(name, "shape", spec["shape"], (1, L["input_ndim"]), 1, L["sample_elements"])
+        _check_shape(f"layer {name!r}", shape, L["sample_elements"], "reshape target")
+        return Reshape(name, shape)
+    if kind == "pad":
+        pads = _ints(name, "pads", spec["pads"], (2, 2 * L["input_ndim"]), 0, L["padding"])
+        if len(pads) % 2:
+            raise ModelFileError(f"layer {name!r}: pads must be begins then ends (an even count), got {len(pads)}")
+        return Pad(name, pads, _float(name, "value", spec["value"]))
+    if kind == "transpose":
+        perm = spec["perm"]
+        n = len(perm) if isinstance(perm, list) else 0
+        return Transpose(name, _ints(name, "perm", perm, (1, L["input_ndim"]), 0, max(n - 1, 0)))
     if kind == "dropout":
-        return Dropout(name, float(spec["p"]))
-    simple = {"global_avgpool": GlobalAvgPool, "relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh, "flatten": Flatten}
+        return Dropout(name, _float(name, "p", spec["p"], 0.0))
+    simple = {"relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh, "flatten": Flatten, "hard_swish": HardSwish,
+              "concat": Concat}
     if kind in simple:
         return simple[kind](name)
     raise ModelFileError(f"layer {name!r}: unknown kind {kind!r}")
 
 
-def model_from_bytes(buf, max_bytes: int = DEFAULT_MAX_BYTES, max_param_bytes: Optional[int] = None) -> Model:
-    """Parse and rebuild; any defect raises ModelFileError with a one-line reason.
+def _expected_arrays(kind: str, field: str, got: Dict[str, np.ndarray], name: str) -> None:
+    """The parameter or constant names a layer of this kind carries, no more, no fewer."""
+    if field == "params":
+        wanted = {"weight": True, "bias": True} if kind in ("dense", "conv2d", "conv1d", "batchnorm") else {}
+    else:
+        wanted = CONSTANTS.get(kind, {})
+    extra = sorted(set(got) - set(wanted))
+    missing = sorted(k for k, required in wanted.items() if required and k not in got)
+    if extra or missing:
+        raise ModelFileError(f"layer {name!r}: a {kind} layer's {field} are {sorted(wanted)}, got {sorted(got)}")
 
-    ``max_param_bytes``: weights larger than this raise ``ModelTooLarge`` before any array is
-    copied (a device refuses a model whose weights alone exceed its memory budget).
+
+def _reject_constant(token: str):
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _walk_shapes(layers: List[Layer], inputs: List[List[int]], input_shape: Sequence[int]) -> None:
+    """Each value's shape, layer by layer, checked against the limits before the next is computed
+    (so no size grows beyond them, and a layer sees its real input shapes when it checks them)."""
+    shapes = [tuple(input_shape)]
+    for layer, ins in zip(layers, inputs):
+        try:
+            out = tuple(int(d) for d in layer.out_shape(*[shapes[v] for v in ins]))
+        except ValueError as e:
+            text = str(e).splitlines()[0] if str(e) else type(e).__name__
+            text = text[len(layer.name) + 2:] if text.startswith(f"{layer.name}: ") else text
+            raise ModelFileError(f"layer {layer.name!r}: {text[:300]}") from None
+        if not 1 <= len(out) <= LIMITS["input_ndim"]:
+            raise ModelFileError(f"layer {layer.name!r}: output shape {list(out)[:8]} must have 1 to "
+                                 f"{LIMITS['input_ndim']} dimensions")
+        _check_shape(f"layer {layer.name!r}", out, LIMITS["sample_elements"], "output shape")
+        shapes.append(out)
+
+
+def _read_arrays(spec: dict, field: str, name: str, mv: memoryview, offset: int, ndims: Tuple[int, int],
+                 limit: int) -> Tuple[Dict[str, np.ndarray], int]:
+    entries = spec[field]
+    if not isinstance(entries, list) or len(entries) > 4:
+        raise ModelFileError(f"layer {name!r}: {field} must be a list of at most 4 [name, shape] pairs")
+    out: Dict[str, np.ndarray] = {}
+    n = mv.nbytes
+    for entry in entries:
+        if not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str) \
+                or not isinstance(entry[1], list):
+            raise ModelFileError(f"layer {name!r}: each of its {field} must be [name, shape]")
+        aname, shape = entry
+        if aname in out:
+            raise ModelFileError(f"layer {name!r}: {aname!r} appears twice in its {field}")
+        if not ndims[0] <= len(shape) <= ndims[1] or not all(_is_int(d) for d in shape):
+            raise ModelFileError(f"layer {name!r}: bad shape {shape[:8]} for {aname[:40]!r}")
+        shape = tuple(shape)
+        _check_shape(f"layer {name!r}", shape, limit, f"{aname[:40]} shape")
+        size = 4 * math.prod(shape)
+        if offset + size > n:
+            raise ModelFileError(f"model file is truncated: {name}.{aname} needs {size} bytes "
+                                 f"at offset {offset}, the file has {n}")
+        # reshape the read-only view first, then copy once: the copy is owned and
+        # writable, which the layers need (training updates weights in place)
+        arr = np.frombuffer(mv[offset:offset + size], dtype="<f4").reshape(shape).astype(np.float32)
+        if not np.all(np.isfinite(arr)):
+            raise ModelFileError(f"{name}.{aname} holds NaN or Inf")
+        out[aname] = arr
+        offset += size
+    return out, offset
+
+
+def model_from_bytes(buf, max_bytes: int = DEFAULT_MAX_BYTES, max_param_bytes: Optional[int] = None) -> Model:
+    """Parse and rebuild (format version 2, or a version-1 chain); any defect raises
+    ModelFileError with a one-line reason.
+
+    ``max_param_bytes``: weights and constants larger than this raise ``ModelTooLarge`` before
+    any array is copied (a device refuses a model whose weights alone exceed its memory budget).
     """
-    mv, header, offset = split_prefixed(buf, "model file", MAGIC, FORMAT_VERSION, max_bytes, MAX_HEADER_BYTES,
+    mv, header, offset = split_prefixed(buf, "model file", MAGIC, READABLE_VERSIONS, max_bytes, MAX_HEADER_BYTES,
                                         ModelFileError)
+    version = PREFIX.unpack_from(mv, 0)[1]
     n = mv.nbytes
     if max_param_bytes is not None and n - offset > max_param_bytes:  # the arrays fill the rest of the file
         raise ModelTooLarge(f"the model's weights are {n - offset:,} bytes, over the limit of {max_param_bytes:,}",
                             n - offset)
     try:
-        head = json.loads(header.decode())
-        name, input_shape, specs = str(head["name"]), [int(d) for d in head["input_shape"]], head["layers"]
-        if not isinstance(specs, list) or len(specs) > MAX_LAYERS:
-            raise ValueError("'layers' must be a list of at most 1024 entries")
+        head = json.loads(header.decode(), parse_constant=_reject_constant)
+        if not isinstance(head, dict):
+            raise ValueError("the header must be a JSON object")
+        name, input_shape, specs = head["name"], head["input_shape"], head["layers"]
+        if not isinstance(name, str) or len(name) > MAX_NAME_CHARS:
+            raise ValueError(f"'name' must be a string of at most {MAX_NAME_CHARS} characters")
+        if not isinstance(input_shape, list) or not all(_is_int(d) for d in input_shape):
+            raise ValueError("'input_shape' must be a list of integers")
+        if not isinstance(specs, list) or not 1 <= len(specs) <= MAX_LAYERS or \
+                not all(isinstance(s, dict) for s in specs):
+            raise ValueError(f"'layers' must be a list of 1 to {MAX_LAYERS} objects")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError) as e:
         raise ModelFileError(f"bad model header: {str(e)[:200]}") from None
     except RecursionError:  # JSON nested deeper than the interpreter's stack
@@ -173,32 +366,42 @@ def model_from_bytes(buf, max_bytes: int = DEFAULT_MAX_BYTES, max_param_bytes: O
         raise ModelFileError(f"input shape {input_shape[:8]} must have 1 to {LIMITS['input_ndim']} dimensions")
     _check_shape("model", input_shape, LIMITS["sample_elements"], "input shape")
     layers: List[Layer] = []
+    inputs: List[List[int]] = []
     try:
-        for spec in specs:
-            params: Dict[str, np.ndarray] = {}
-            for pname, shape in spec["params"]:
-                shape = tuple(int(d) for d in shape)
-                if not 1 <= len(shape) <= 4:
-                    raise ModelFileError(f"layer {spec['name']!r}: bad shape {shape[:8]} for {pname!r}")
-                _check_shape(f"layer {str(spec['name'])[:80]!r}", shape, LIMITS["param_elements"], f"{pname} shape")
-                size = 4 * math.prod(shape)
-                if offset + size > n:
-                    raise ModelFileError(f"model file is truncated: {spec['name']}.{pname} needs {size} bytes "
-                                         f"at offset {offset}, the file has {n}")
-                # reshape the read-only view first, then copy once: the copy is owned and
-                # writable, which the layers need (training updates weights in place)
-                arr = np.frombuffer(mv[offset:offset + size], dtype="<f4").reshape(shape).astype(np.float32)
-                if not np.all(np.isfinite(arr)):
-                    raise ModelFileError(f"{spec['name']}.{pname} holds NaN or Inf")
-                params[str(pname)] = arr
-                offset += size
-            layers.append(_build(str(spec["kind"]), str(spec["name"]), spec, params))
+        for i, spec in enumerate(specs):
+            lname, kind = spec["name"], spec["kind"]
+            if not isinstance(lname, str) or not 1 <= len(lname) <= MAX_NAME_CHARS:
+                raise ModelFileError(f"layer {i}: its name must be a string of 1 to {MAX_NAME_CHARS} characters")
+            if not isinstance(kind, str):
+                raise ModelFileError(f"layer {lname!r}: its kind must be a string")
+            if kind not in KINDS:
+                raise ModelFileError(f"layer {lname!r}: unknown kind {kind[:40]!r}")
+            if version == 1 and kind not in V1_KINDS:
+                raise ModelFileError(f"layer {lname!r}: kind {kind[:40]!r} needs model file format version 2")
+            params, offset = _read_arrays(spec, "params", lname, mv, offset, (1, 4), LIMITS["param_elements"])
+            consts: Dict[str, np.ndarray] = {}
+            if version >= 2:
+                consts, offset = _read_arrays(spec, "constants", lname, mv, offset, (0, LIMITS["input_ndim"] + 1),
+                                              LIMITS["param_elements"])
+                _expected_arrays(kind, "params", params, lname)
+                _expected_arrays(kind, "constants", consts, lname)
+            layer = _build(kind, lname, spec, params, consts, version)
+            # the values this layer reads: 0 = the model input, j + 1 = layer j's output, all before it
+            ins = _ints(lname, "inputs", spec["inputs"], (1, LIMITS["inputs"]), 0, i) if version >= 2 else [i]
+            if layer.arity and len(ins) != layer.arity:
+                raise ModelFileError(f"layer {lname!r} ({layer.kind}) takes {layer.arity} input"
+                                     f"{'s' if layer.arity > 1 else ''}, the file lists {len(ins)}")
+            layers.append(layer)
+            inputs.append(ins)
         if offset != n:
             raise ModelFileError(f"model file has {n - offset} trailing bytes after its arrays")
-        model = Model(layers, input_shape, name=name)
+        _walk_shapes(layers, inputs, input_shape)
+        model = Model(layers, input_shape, name=name, inputs=inputs)
         check_model_size(model)
         return model
     except ModelFileError:
         raise
-    except (ValueError, KeyError, TypeError, IndexError, OverflowError) as e:  # a huge or infinite size, too
+    except KeyError as e:
+        raise ModelFileError(f"bad model file: a layer lacks the field {str(e)[:60]}") from None
+    except (ValueError, TypeError, IndexError, OverflowError) as e:  # a huge or infinite size, too
         raise ModelFileError(f"bad model file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

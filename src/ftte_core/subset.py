@@ -126,6 +126,9 @@ class Subset:
             if ls is None:
                 continue
             n = _rows(layer)
+            if ls.rows.size == 0:  # the bias alone (a batch norm's shift, say), as SearchResult.describe words it
+                parts.append(f"{layer.name}: {'bias' if ls.bias else 'nothing'}")
+                continue
             rows = "all rows" if ls.rows.size == n else f"{ls.rows.size}/{n} rows"
             parts.append(f"{layer.name}: {rows}{' + bias' if ls.bias else ''}")
         return "; ".join(parts) if parts else "(nothing trains)"
