@@ -7,7 +7,7 @@ its node, sanitised ("block_conv1_Conv"), and so do the Model built here.
 from __future__ import annotations
 
 import re
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 

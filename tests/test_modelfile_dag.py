@@ -184,7 +184,7 @@ def test_small_dag_round_trips_on_any_kernel_build():
 
 def test_hostile_dag_headers_give_one_line_errors():
     base = modelfile.model_to_bytes(_small_dag())
-    L = modelfile.LIMITS
+
 
     def edit(layer_name, **fields):
         return lambda h: _layer(h, layer_name).update(fields)

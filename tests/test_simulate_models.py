@@ -142,7 +142,7 @@ def test_cli_simulate_refuses_bad_models_and_shapes_in_one_line(tmp_path):
     for args, match in cases:
         res = runner.invoke(hub_cli, ["simulate", "--clients", "2", "--out", out] + args)
         assert res.exit_code == 2 and match in res.output and "Traceback" not in res.output, (args, res.output)
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     import ftte_core as ft
     path = tmp_path / "cnn.onnx"
     ft.save_onnx(ft.zoo("cnn", (1, 8, 8), 10), path)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 

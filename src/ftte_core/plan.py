@@ -245,7 +245,6 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
                 slots.give(where.pop(s).key)
 
     # -- forward: the layers that train or lead to training ----------------------------------------
-    saved: Dict[int, Dict[str, tuple]] = {}
     for i in range(L):
         if not active[i]:
             continue
