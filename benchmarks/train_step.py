@@ -445,15 +445,17 @@ def print_tiny(results):
     print(f"GEMM rate measured in the same process (1st setting): "
           + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in g.items())
           + "; compute limit = the step's training flops at the best of these rates; eff = limit / engine")
-    print("engine full, engine sparse and torch steps run in turn; ratios are medians of the per-round ratios")
+    print("engine full, engine sparse and torch steps run in turn; ratios are medians of the per-round ratios "
+          "(p10s: of the 10th percentiles, the better estimate of code speed on a loaded machine)")
     print(f"{'model':<15} {'thr':>3} | {'engine full':>21} | {'torch full':>21} | {'torch/ftte':>10} | "
-          f"{'GFLOP/step':>10} | {'limit ms':>8} | {'eff':>5} | {'|dlogit|':>8}")
+          f"{'p10s':>7} | {'GFLOP/step':>10} | {'limit ms':>8} | {'eff':>5} | {'|dlogit|':>8}")
     for r in results:
         for name, row in r["tiny"].items():
             e, tt = row["engine_full"], row.get("torch")
             ratio = f"{row['torch_ratio']:.2f}x" if tt else "n/a"
+            ratio10 = f"{tt[1] / e[1]:.2f}x" if tt else "n/a"
             print(f"{name:<15} {r['threads']:>3} | {fmt(e):>21} | {fmt(tt) if tt else 'n/a':>21} | "
-                  f"{ratio:>10} | {row['flops_full'] / 1e9:>10.3f} | "
+                  f"{ratio:>10} | {ratio10:>7} | {row['flops_full'] / 1e9:>10.3f} | "
                   f"{row['limit_full'] / 1000:>8.2f} | {row['limit_full'] / e[0]:>5.2f} | "
                   f"{row.get('torch_max_logit_diff', float('nan')):>8.1e}")
     print("\nSparse step (classifier + the last block's convs and batch norms at 25% of their channels)")
