@@ -326,9 +326,9 @@ def test_resnet8_subset_stopping_inside_residual_block():
     np.testing.assert_allclose(part["classifier.weight"], full["classifier.weight"], rtol=1e-5, atol=1e-7)
 
 
-# Learning rates for the training test (SGD, momentum 0.9, 25 steps): in the middle of the range
-# where the loss falls well below 0.8x (measured: about half to a twentieth of the rate at which
-# the He-initialised model diverges).
+# Learning rates for the training test (SGD, momentum 0.9, 20-25 steps): in the middle of the
+# range where the loss falls well below 0.8x (measured here: end/start 0.01 resnet8, 0.42 dscnn,
+# 0.27 mobilenetv1, 0.0 autoencoder, 0.13 sensor1d; 5x the rate diverges for most of them).
 TRAIN = {"resnet8": 0.01, "dscnn": 0.02, "mobilenetv1": 0.015, "autoencoder": 0.01, "sensor1d": 0.01}
 
 
@@ -336,9 +336,9 @@ TRAIN = {"resnet8": 0.01, "dscnn": 0.02, "mobilenetv1": 0.015, "autoencoder": 0.
 def test_loss_falls_on_a_small_fixed_set(name):
     shape = {"resnet8": (3, 8, 8), "mobilenetv1": (3, 48, 48), "sensor1d": (3, 32)}.get(name, SMALL[name])
     m = zoo(name, shape, seed=0)
-    n, batch = (8, 4) if name == "mobilenetv1" else (32, 8)
+    n, batch, steps = (8, 4, 25) if name == "mobilenetv1" else (16, 8, 20)
     x, y = _data(m, n, seed=11, separable=True)
-    lr, steps = TRAIN[name], 25
+    lr = TRAIN[name]
     start, _ = m.evaluate(x, y)
     tr = ft.Trainer(m, lr=lr, momentum=0.9, seed=0)
     tr.train(x, y, batch_size=batch, max_steps=steps, epochs=steps * batch / n)
