@@ -72,4 +72,96 @@ void tanh_backward(int64_t n, const float* y, const float* dy, float* dx) {
   });
 }
 
+// NaN inputs stay NaN in every forward below: each comparison with NaN is false, so the
+// selects fall through to the arithmetic branch (as np.clip and PyTorch do). The lambdas
+// capture by value: a parameter captured by reference might alias the output for all the
+// compiler knows, which stops the loops vectorising; `&` rather than `&&` keeps them branchless.
+
+void leaky_relu_forward(int64_t n, const float* x, float* y, float alpha) {
+  blocks(n, 2, [=](int64_t i0, int64_t i1) {
+#pragma GCC ivdep
+    for (int64_t i = i0; i < i1; ++i) {
+      const float v = x[i];
+      y[i] = v > 0.f ? v : alpha * v;
+    }
+  });
+}
+
+void leaky_relu_backward(int64_t n, const float* y, const float* dy, float* dx, float alpha) {
+  blocks(n, 2, [=](int64_t i0, int64_t i1) {
+#pragma GCC ivdep
+    for (int64_t i = i0; i < i1; ++i) {
+      const float d = dy[i];
+      dx[i] = y[i] > 0.f ? d : alpha * d;
+    }
+  });
+}
+
+void hardsigmoid_forward(int64_t n, const float* x, float* y, float alpha, float beta) {
+  blocks(n, 4, [=](int64_t i0, int64_t i1) {
+#pragma GCC ivdep
+    for (int64_t i = i0; i < i1; ++i) {
+      float t = alpha * x[i] + beta;
+      t = t > 1.f ? 1.f : t;
+      y[i] = t < 0.f ? 0.f : t;
+    }
+  });
+}
+
+void hardsigmoid_backward(int64_t n, const float* y, const float* dy, float* dx, float alpha) {
+  blocks(n, 3, [=](int64_t i0, int64_t i1) {
+#pragma GCC ivdep
+    for (int64_t i = i0; i < i1; ++i) {
+      const float v = y[i], d = alpha * dy[i];
+      dx[i] = ((v > 0.f) & (v < 1.f)) ? d : 0.f;
+    }
+  });
+}
+
+void clip_forward(int64_t n, const float* x, float* y, float lo, float hi) {
+  blocks(n, 2, [=](int64_t i0, int64_t i1) {
+#pragma GCC ivdep
+    for (int64_t i = i0; i < i1; ++i) {
+      const float v = x[i];
+      const float t = v < lo ? lo : v;
+      y[i] = t > hi ? hi : t;
+    }
+  });
+}
+
+void clip_backward(int64_t n, const float* y, const float* dy, float* dx, float lo, float hi) {
+  blocks(n, 2, [=](int64_t i0, int64_t i1) {
+#pragma GCC ivdep
+    for (int64_t i = i0; i < i1; ++i) {
+      const float v = y[i], d = dy[i];
+      dx[i] = ((v > lo) & (v < hi)) ? d : 0.f;
+    }
+  });
+}
+
+void hardswish_forward(int64_t n, const float* x, float* y) {
+  // Written as x*(x+3)/6 between the knees with explicit selects outside, so y is exactly x
+  // for x >= 3 and exactly 0 for x <= -3 (x * 1 through the clamp formula would be too, but
+  // x*(x+3)/6 is what PyTorch computes in the middle).
+  blocks(n, 5, [=](int64_t i0, int64_t i1) {
+#pragma GCC ivdep
+    for (int64_t i = i0; i < i1; ++i) {
+      const float v = x[i];
+      const float mid = v * (v + 3.f) / 6.f;
+      y[i] = v >= 3.f ? v : (v <= -3.f ? 0.f : mid);
+    }
+  });
+}
+
+void hardswish_backward(int64_t n, const float* x, const float* dy, float* dx) {
+  blocks(n, 4, [=](int64_t i0, int64_t i1) {
+#pragma GCC ivdep
+    for (int64_t i = i0; i < i1; ++i) {
+      const float v = x[i], d = dy[i];
+      const float mid = d * (v / 3.f + 0.5f);
+      dx[i] = v < -3.f ? 0.f : (v <= 3.f ? mid : d);
+    }
+  });
+}
+
 }  // namespace ftte

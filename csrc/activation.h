@@ -13,4 +13,23 @@ void sigmoid_backward(int64_t n, const float* y, const float* dy, float* dx);  /
 void tanh_forward(int64_t n, const float* x, float* y);
 void tanh_backward(int64_t n, const float* y, const float* dy, float* dx);  // dx = dy * (1 - y^2)
 
+// Parametrised activations (ONNX LeakyRelu, HardSigmoid, Clip, HardSwish). Derivatives at the
+// kinks follow PyTorch: the gradient is that of the side the strict comparisons below pick.
+// y = x if x > 0 else alpha*x. Backward reads the OUTPUT: y > 0 exactly when x > 0 as long as
+// alpha > 0 (the binding enforces it), so dx = dy if y > 0 else alpha*dy (x == 0 takes alpha).
+void leaky_relu_forward(int64_t n, const float* x, float* y, float alpha);
+void leaky_relu_backward(int64_t n, const float* y, const float* dy, float* dx, float alpha);
+// y = max(0, min(1, alpha*x + beta)); dx = alpha*dy where 0 < y < 1, else 0 (0 on the bounds).
+void hardsigmoid_forward(int64_t n, const float* x, float* y, float alpha, float beta);
+void hardsigmoid_backward(int64_t n, const float* y, const float* dy, float* dx, float alpha);
+// y = min(max(x, lo), hi), lo <= hi (either may be infinite); dx = dy where lo < y < hi, else 0,
+// i.e. 0 exactly on a bound, like PyTorch's hardtanh and relu6 (torch.clamp would pass it).
+void clip_forward(int64_t n, const float* x, float* y, float lo, float hi);
+void clip_backward(int64_t n, const float* y, const float* dy, float* dx, float lo, float hi);
+// y = x * max(0, min(1, x/6 + 1/2)). Backward reads the INPUT x (y does not determine x):
+// dx = 0 for x < -3, dy*(x/3 + 1/2) for -3 <= x <= 3, dy for x > 3 (PyTorch's edges; a NaN x
+// passes dy through, as PyTorch's branch order does).
+void hardswish_forward(int64_t n, const float* x, float* y);
+void hardswish_backward(int64_t n, const float* x, const float* dy, float* dx);
+
 }  // namespace ftte

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -133,6 +134,58 @@ void def_backward(py::module_& m, const char* name, Binary f, const char* doc) {
         f(yf.size, yf.data, dyf.data, dxf.data);
       },
       py::arg("y"), py::arg("dy"), py::arg("dx"), doc);
+}
+
+// A Python number (float, int or NumPy scalar; not a bool or a string) as the float32 the
+// kernel will use, so a bound like 1e-50 is judged after it rounds to 0 in float32.
+float as_float(const std::string& fn, const char* name, const py::handle& h) {
+  if (py::isinstance<py::bool_>(h) || py::isinstance<py::str>(h) || py::isinstance<py::bytes>(h))
+    fail(fn, std::string(name) + " must be a number");
+  PyObject* f = PyNumber_Float(h.ptr());
+  if (f == nullptr) {
+    PyErr_Clear();
+    fail(fn, std::string(name) + " must be a number");
+  }
+  const double d = py::reinterpret_steal<py::float_>(f).cast<double>();
+  return static_cast<float>(d);
+}
+
+float finite_float(const std::string& fn, const char* name, const py::handle& h) {
+  const float v = as_float(fn, name, h);
+  if (!std::isfinite(v)) fail(fn, std::string(name) + " must be finite in float32, got " + std::string(py::str(h)));
+  return v;
+}
+
+// Clip bounds: either may be infinite (an open side), neither NaN, lo <= hi.
+std::array<float, 2> clip_bounds(const std::string& fn, const py::handle& lo, const py::handle& hi) {
+  const float l = as_float(fn, "lo", lo), u = as_float(fn, "hi", hi);
+  if (std::isnan(l) || std::isnan(u)) fail(fn, "lo and hi must not be NaN");
+  if (l > u) fail(fn, "lo must be <= hi, got lo=" + std::string(py::str(lo)) + " > hi=" + std::string(py::str(hi)));
+  return {l, u};
+}
+
+// x -> y elementwise after the shared checks; `run(n, x, y)` is called without the GIL.
+template <class Run>
+void unary_checked(const std::string& fn, const py::object& x, const py::object& y, const Run& run) {
+  Flat xf = flat(fn, "x", x, false), yf = flat(fn, "y", y, true);
+  check_same_size(fn, "x", xf, "y", yf);
+  py::gil_scoped_release nogil;
+  run(xf.size, xf.data, yf.data);
+}
+
+// (a, dy) -> dx elementwise after the shared checks; a is the forward output y, or the input x
+// when `a_apart_from_dx` (hardswish: dx must not share memory with x even at the same start).
+template <class Run>
+void backward_checked(const std::string& fn, const char* an, const py::object& a, const py::object& dy,
+                      const py::object& dx, bool a_apart_from_dx, const Run& run) {
+  Flat af = flat(fn, an, a, false), dyf = flat(fn, "dy", dy, false), dxf = flat(fn, "dx", dx, true);
+  check_same_size(fn, an, af, "dy", dyf);
+  check_same_size(fn, "dy", dyf, "dx", dxf);
+  check_same_size(fn, an, af, "dx", dxf);
+  if (a_apart_from_dx && af.size > 0 && af.data == dxf.data)
+    fail(fn, std::string(an) + " and dx must not share memory (dx may be dy)");
+  py::gil_scoped_release nogil;
+  run(af.size, af.data, dyf.data, dxf.data);
 }
 
 const int32_t* checked_labels(const std::string& fn, const py::handle& labels, int64_t N, int64_t C) {
@@ -384,6 +437,90 @@ void register_conv(py::module_& m) {
   def_backward(m, "sigmoid_backward", ftte::sigmoid_backward, "dx = dy * y * (1 - y), y the forward output.");
   def_unary(m, "tanh_forward", ftte::tanh_forward, "y = tanh(x); y may be x.");
   def_backward(m, "tanh_backward", ftte::tanh_backward, "dx = dy * (1 - y^2), y the forward output.");
+
+  // Parametrised activations (ONNX LeakyRelu, HardSigmoid, Clip/ReLU6, HardSwish). Gradients at
+  // the kinks follow PyTorch; see activation.h.
+  m.def(
+      "leaky_relu_forward",
+      [](py::object x, py::object y, py::object alpha) {
+        const std::string fn = "leaky_relu_forward";
+        const float a = finite_float(fn, "alpha", alpha);
+        unary_checked(fn, x, y, [a](int64_t n, const float* xp, float* yp) { ftte::leaky_relu_forward(n, xp, yp, a); });
+      },
+      py::arg("x"), py::arg("y"), py::arg("alpha"),
+      "y = x if x > 0 else alpha*x; y may be x. Any finite alpha (backward needs alpha > 0).");
+  m.def(
+      "leaky_relu_backward",
+      [](py::object y, py::object dy, py::object dx, py::object alpha) {
+        const std::string fn = "leaky_relu_backward";
+        const float a = finite_float(fn, "alpha", alpha);
+        // From the output, y > 0 must mean x > 0: true only for a positive slope.
+        if (!(a > 0.f))
+          fail(fn, "alpha must be > 0 (the gradient is read from the output), got " + std::string(py::str(alpha)));
+        backward_checked(fn, "y", y, dy, dx, false, [a](int64_t n, const float* yp, const float* dyp, float* dxp) {
+          ftte::leaky_relu_backward(n, yp, dyp, dxp, a);
+        });
+      },
+      py::arg("y"), py::arg("dy"), py::arg("dx"), py::arg("alpha"),
+      "dx = dy if y > 0 else alpha*dy, y the forward output; dx may be dy; alpha > 0.");
+  m.def(
+      "hardsigmoid_forward",
+      [](py::object x, py::object y, py::object alpha, py::object beta) {
+        const std::string fn = "hardsigmoid_forward";
+        const float a = finite_float(fn, "alpha", alpha), b = finite_float(fn, "beta", beta);
+        unary_checked(fn, x, y, [a, b](int64_t n, const float* xp, float* yp) {
+          ftte::hardsigmoid_forward(n, xp, yp, a, b);
+        });
+      },
+      py::arg("x"), py::arg("y"), py::arg("alpha"), py::arg("beta"),
+      "y = max(0, min(1, alpha*x + beta)); y may be x. ONNX defaults alpha=0.2, beta=0.5; "
+      "PyTorch's hardsigmoid is alpha=1/6, beta=0.5.");
+  m.def(
+      "hardsigmoid_backward",
+      [](py::object y, py::object dy, py::object dx, py::object alpha) {
+        const std::string fn = "hardsigmoid_backward";
+        const float a = finite_float(fn, "alpha", alpha);
+        backward_checked(fn, "y", y, dy, dx, false, [a](int64_t n, const float* yp, const float* dyp, float* dxp) {
+          ftte::hardsigmoid_backward(n, yp, dyp, dxp, a);
+        });
+      },
+      py::arg("y"), py::arg("dy"), py::arg("dx"), py::arg("alpha"),
+      "dx = alpha*dy where 0 < y < 1 else 0, y the forward output; dx may be dy.");
+  m.def(
+      "clip_forward",
+      [](py::object x, py::object y, py::object lo, py::object hi) {
+        const std::string fn = "clip_forward";
+        const auto b = clip_bounds(fn, lo, hi);
+        unary_checked(fn, x, y, [b](int64_t n, const float* xp, float* yp) {
+          ftte::clip_forward(n, xp, yp, b[0], b[1]);
+        });
+      },
+      py::arg("x"), py::arg("y"), py::arg("lo"), py::arg("hi"),
+      "y = min(max(x, lo), hi); y may be x. lo may be -inf, hi +inf; lo <= hi, no NaN. ReLU6 is lo=0, hi=6.");
+  m.def(
+      "clip_backward",
+      [](py::object y, py::object dy, py::object dx, py::object lo, py::object hi) {
+        const std::string fn = "clip_backward";
+        const auto b = clip_bounds(fn, lo, hi);
+        backward_checked(fn, "y", y, dy, dx, false, [b](int64_t n, const float* yp, const float* dyp, float* dxp) {
+          ftte::clip_backward(n, yp, dyp, dxp, b[0], b[1]);
+        });
+      },
+      py::arg("y"), py::arg("dy"), py::arg("dx"), py::arg("lo"), py::arg("hi"),
+      "dx = dy where lo < y < hi else 0 (0 on a bound, as PyTorch's hardtanh/relu6), y the forward output; "
+      "dx may be dy.");
+  m.def(
+      "hardswish_forward",
+      [](py::object x, py::object y) { unary_checked("hardswish_forward", x, y, ftte::hardswish_forward); },
+      py::arg("x"), py::arg("y"), "y = x * max(0, min(1, x/6 + 1/2)) (ONNX HardSwish); y may be x.");
+  m.def(
+      "hardswish_backward",
+      [](py::object x, py::object dy, py::object dx) {
+        backward_checked("hardswish_backward", "x", x, dy, dx, true, ftte::hardswish_backward);
+      },
+      py::arg("x"), py::arg("dy"), py::arg("dx"),
+      "From the forward INPUT x: dx = 0 for x < -3, dy*(x/3 + 1/2) for -3 <= x <= 3, dy for x > 3 (PyTorch's edges). "
+      "dx may be dy but must not share memory with x.");
 
   // ---- softmax cross-entropy ----
   m.def(

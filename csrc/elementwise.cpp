@@ -83,6 +83,21 @@ void reduce_to_b(const Broadcast& g, float* db, bool accumulate, const F& f) {
       bs.push_back(g.astride[i]);
     }
   }
+  if (bd.empty()) {  // nothing is broadcast: b's entry j is a's entry j, an elementwise pass
+    const int64_t n = g.total;
+    parallel_for(
+        (n + kBlock - 1) / kBlock,
+        [&](int64_t t) {
+          const int64_t i1 = std::min(n, (t + 1) * kBlock);
+          if (accumulate) {
+            for (int64_t i = t * kBlock; i < i1; ++i) db[i] += f(i);
+          } else {
+            for (int64_t i = t * kBlock; i < i1; ++i) db[i] = f(i);
+          }
+        },
+        static_cast<double>(n));
+    return;
+  }
   int64_t inner = 1, inner_s = 0, outer = 1;
   if (!bd.empty()) {
     inner = bd.back();

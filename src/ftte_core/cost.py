@@ -34,7 +34,7 @@ def predict_memory(model: Model, subset: Optional[Subset] = None, batch_size: in
     """Predicted bytes of one training step by category, plus "total"."""
     subset = subset if subset is not None else Subset.full(model)
     threads = threads or K.get_num_threads()
-    step = build(model, subset, int(batch_size), prefix_chunk)
+    step = build(model, subset, int(batch_size), prefix_chunk, every_chunk=False)
     frozen, trainable = weight_bytes(model, subset)
     params = {"gradients": 0, "optimizer_state": 0}
     for shape, dtype, category in parameter_buffers(model, subset, momentum).values():

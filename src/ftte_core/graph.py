@@ -50,6 +50,9 @@ class Layer:
     #: output has the input's shape, element i depends on input element i only, and the kernel
     #: accepts y = x and dx = dy: the step may run it in place when nobody else needs its input
     elementwise = False
+    #: the first input's gradient is the output's, unchanged (a + b, a - b): backward may hand
+    #: the buffer over instead of copying it
+    passes_first_gradient = False
 
     def __init__(self, name: str):
         self.name = name
@@ -563,8 +566,8 @@ class Binary(Layer):
         self.const = None if const is None else _per_sample_constant(name, const, "constant operand")
         self.const_first = bool(const_first)
         self.arity = 2 if const is None else 1
-        # x + c, x * c and c * x run in place; c - x too (numpy), x - c is x + (-c)
-        self.elementwise = const is not None
+        self.elementwise = const is not None  # x + c, x * c, x - c and c - x may run in place
+        self.passes_first_gradient = const is None and op in ("add", "sub")
 
     def constants(self) -> Dict[str, np.ndarray]:
         return {} if self.const is None else {"const": self.const}
@@ -598,7 +601,9 @@ class Binary(Layer):
 
     def needs(self, trains, dx_needed):
         if self.op == "mul" and self.const is None:
-            return (dx_needed[1], dx_needed[0]), False  # da = dy * b, db = sum(dy * a)
+            # da = dy * b, db = sum(dy * a); the kernel reads b's shape even for db alone, and b is
+            # usually small (a gate) or kept anyway (SiLU's sigmoid output)
+            return (dx_needed[1], True), False
         return (False,) * len(dx_needed), False
 
     def forward(self, x, y, scope=None):
@@ -632,7 +637,7 @@ class Binary(Layer):
             return
         (a, b), (da, db) = x, dx
         if self.op == "mul":
-            K.mul_backward(a, b, dy, da, db)
+            K.mul_backward(dy if a is None else a, b, dy, da, db)  # a is read only for db
             return
         K.add_backward(dy, None, da, db)
         if self.op == "sub" and db is not None:

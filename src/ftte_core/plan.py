@@ -20,10 +20,12 @@ The rules, for a subset of parameters on a DAG of layers:
   backward has run. Each slot grows to the largest thing it ever holds;
 - an elementwise layer (activation, batch norm, x+c) runs in place over its input when nobody
   else reads that input and backward does not need it; in backward it writes its input's
-  gradient over its own.
+  gradient over its own. An Add or Sub of two tensors hands its output's gradient to its first
+  input as is (it is the same numbers).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -37,23 +39,24 @@ F32 = 4
 CATEGORIES = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations", "workspace")
 
 
-@dataclass(frozen=True)
 class Ref:
     """A placeholder for an array inside a plan.
 
     kind "x": rows a:b of the step's input batch; "fixed": a whole-batch buffer ``key`` (rows a:b
     when a chunk of the frozen prefix writes into it); "slot": the first elements of scratch slot
-    ``key``. Always viewed as ``shape``.
+    ``key``. Always viewed as ``shape``. (A plain class: the search builds thousands of plans.)
     """
 
-    kind: str
-    key: object
-    shape: tuple
-    a: int = 0
-    b: int = -1
+    __slots__ = ("kind", "key", "shape", "a", "b")
+
+    def __init__(self, kind: str, key, shape: tuple, a: int = 0, b: int = -1):
+        self.kind, self.key, self.shape, self.a, self.b = kind, key, shape, a, b
 
     def view(self, shape) -> "Ref":
         return Ref(self.kind, self.key, tuple(shape), self.a, self.b)
+
+    def __repr__(self) -> str:
+        return f"Ref({self.kind}, {self.key!r}, {self.shape}, {self.a}:{self.b})"
 
 
 @dataclass
@@ -110,7 +113,7 @@ class _Slots:
 
 
 def _numel(shape) -> int:
-    return int(np.prod(shape))
+    return math.prod(shape)
 
 
 def requires_grad(model: Model, subset: Subset) -> List[bool]:
@@ -122,9 +125,13 @@ def requires_grad(model: Model, subset: Subset) -> List[bool]:
     return req
 
 
-def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8) -> StepPlan:
-    """The plan of one step of batch size n (see the module docstring for the rules)."""
+def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chunk: bool = True) -> StepPlan:
+    """The plan of one step of batch size n (see the module docstring for the rules).
+
+    ``every_chunk=False`` plans the frozen part for its first chunk only: the buffers are the
+    same (later chunks reuse them), the calls are not all there; the cost model needs no more."""
     layers, inputs, shapes = model.layers, model.inputs, model.shapes
+    in_shapes = [[shapes[v] for v in ins] for ins in inputs]
     L = len(layers)
     out = L  # the output value
     req = requires_grad(model, subset)
@@ -152,19 +159,21 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8) -> StepPl
 
     # -- storage: views and in-place layers share their input's buffer -----------------------------
     storage = list(range(L + 1))
+    content = list(range(L + 1))  # views share their input's content; an in-place write makes new content
     members: Dict[int, List[int]] = {v: [v] for v in range(L + 1)}
     for i, layer in enumerate(layers):
         v = i + 1
         if layer.kind in VIEW_KINDS:
             s = storage[inputs[i][0]]
+            content[v] = content[inputs[i][0]]
         else:
             s = v
             if layer.elementwise and len(inputs[i]) == 1:
-                u = storage[inputs[i][0]]
-                group = members[u]
-                others = set().union(*(readers[m] for m in group)) - {i}
-                if u != 0 and not others and not any(kept_value[m] for m in group):
-                    s = u
+                u = inputs[i][0]
+                aliases = [m for m in members[storage[u]] if content[m] == content[u]]
+                others = set().union(*(readers[m] for m in aliases)) - {i}
+                if storage[u] != 0 and not others and not any(kept_value[m] for m in aliases):
+                    s = storage[u]
         if s != v:
             storage[v] = s
             members[s].append(v)
@@ -221,7 +230,7 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8) -> StepPl
                 slots.give(where.pop(s).key)
 
     if frozen:
-        for a in range(0, n, chunk):
+        for a in range(0, n if every_chunk else 1, chunk):
             b = min(n, a + chunk)
             for i in frozen:
                 v = i + 1
@@ -230,7 +239,7 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8) -> StepPl
                 if layers[i].kind not in VIEW_KINDS:
                     forward.append((layers[i].forward, (arg(ins, i), y, None)))
                     if a == 0:
-                        scratch.append(_fwd_scratch(layers[i], b - a, model.in_shapes(i)))
+                        scratch.append(_fwd_scratch(layers[i], b - a, in_shapes[i]))
                 release_after(i, frozen)
             for s in [s for s, r in where.items() if r.kind == "slot"]:  # a chunk's scratch ends with it
                 slots.give(where.pop(s).key)
@@ -249,10 +258,10 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8) -> StepPl
         if layers[i].kind in VIEW_KINDS:
             release_after(i, ())
             continue
-        for name, (shape, dtype) in layers[i].saved_buffers(n, model.in_shapes(i), shapes[v]).items():
+        for name, (shape, dtype) in layers[i].saved_buffers(n, in_shapes[i], shapes[v]).items():
             fixed[(i, name)] = (tuple(shape), dtype, "activations")
         forward.append((layers[i].forward, (arg(ins, i), y, ("scope", i))))
-        scratch.append(_fwd_scratch(layers[i], n, model.in_shapes(i)))
+        scratch.append(_fwd_scratch(layers[i], n, in_shapes[i]))
         release_after(i, ())
     logits = place(out, 0, n)
     fixed[("loss", "probs")] = ((n,) + shapes[out], np.float32, "activations")
@@ -287,8 +296,8 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8) -> StepPl
                 continue
             gu = grad_base[u]
             if gu not in grads:
-                if (layer.elementwise and len(inputs[i]) == 1 and not handed_over
-                        and _numel(shapes[u]) == _numel(shapes[v])):
+                passes = (layer.elementwise and len(inputs[i]) == 1) or (j == 0 and layer.passes_first_gradient)
+                if passes and not handed_over and _numel(shapes[u]) == _numel(shapes[v]):
                     grads[gu] = dy_ref.view((n,) + shapes[gu])  # dx over dy
                     handed_over = True
                 else:
@@ -303,7 +312,7 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8) -> StepPl
         backward.append((layer.backward, (arg(x_args, i), y_arg, dy, arg(dxs, i), ("scope", i))))
         ls = subs[i]
         rows = ls.rows if ls is not None else np.zeros(0, np.int32)
-        scratch.append(_bwd_scratch(layer, n, model.in_shapes(i), rows, ls is not None and ls.bias, dx_needed[i]))
+        scratch.append(_bwd_scratch(layer, n, in_shapes[i], rows, ls is not None and ls.bias, dx_needed[i]))
         for total, tmp in adds:
             backward.append((K.add_forward, (total, tmp, total)))
             slots.give(tmp.key)
@@ -313,12 +322,24 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8) -> StepPl
     return StepPlan(n, fixed, list(slots.size), forward, backward, logits, probs, dlogits, scratch)
 
 
+def _memo(layer, key, compute) -> int:
+    """Kernel scratch sizes, remembered per layer (the search asks the same ones many times)."""
+    memo = layer.__dict__.setdefault("_scratch_memo", {})
+    got = memo.get(key)
+    if got is None:
+        got = memo[key] = int(compute())
+    return got
+
+
 def _fwd_scratch(layer, n, in_shapes):
-    return lambda threads: layer.forward_scratch(n, in_shapes, threads)
+    key = ("f", n, tuple(map(tuple, in_shapes)))
+    return lambda threads: _memo(layer, key + (threads,), lambda: layer.forward_scratch(n, in_shapes, threads))
 
 
 def _bwd_scratch(layer, n, in_shapes, rows, bias, dx_needed):
-    return lambda threads: layer.backward_scratch(n, in_shapes, rows, bias, dx_needed, threads)
+    key = ("b", n, tuple(map(tuple, in_shapes)), rows.tobytes(), bool(bias), tuple(dx_needed))
+    return lambda threads: _memo(layer, key + (threads,),
+                                 lambda: layer.backward_scratch(n, in_shapes, rows, bias, dx_needed, threads))
 
 
 # -- parameters: what both the trainer and the cost model hold besides the step's buffers ----------
@@ -345,9 +366,10 @@ def weight_bytes(model: Model, subset: Subset) -> Tuple[int, int]:
     """(frozen, trainable) bytes of the parameters; constants (batch-norm statistics) are frozen."""
     frozen = trainable = 0
     for layer in model.layers:
-        frozen += sum(a.nbytes for a in layer.constants().values())
         if not layer.has_params:
+            frozen += sum(a.nbytes for a in layer.constants().values())
             continue
+        frozen += sum(a.nbytes for a in layer.constants().values())
         ls = subset.get(layer.name)
         row_bytes = layer.weight.nbytes // layer.weight.shape[0]
         r = 0 if ls is None else ls.rows.size

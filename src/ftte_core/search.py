@@ -51,6 +51,10 @@ COARSE_CELLS = 20_000
 #: The second linearisation point (see search_subset) is probed only up to this many
 #: parameter layers: probes grow with the square of the layer count.
 RICH_BASE_MAX_LAYERS = 12
+#: At most this many earliest trainable layers are tried, evenly spaced (the first and the last
+#: always): each costs (layers above it) x (options) probes, which grows with the square of the
+#: layer count (a MobileNetV1 has 55 parameter layers with its batch norms).
+MAX_EARLIEST = 10
 
 SCORE_METHOD = "mean over mini-batches of the squared gradient norm per weight row / per bias (full-model gradients)"
 
@@ -385,7 +389,8 @@ def search_subset(model: Model, scores: Union[Scores, Mapping[str, object]], bud
     candidates = []  # (score, est_bytes, choice dict)
     table = []
     minimum = None
-    for e in range(P):
+    earliest = range(P) if P <= MAX_EARLIEST else sorted({int(round(t)) for t in np.linspace(0, P - 1, MAX_EARLIEST)})
+    for e in earliest:
         # Two linearisation points: only the bias of e (options measured alone, exact for
         # every single unit), and the fewest rows + bias everywhere from e up (every input kept:
         # measures options where the others already keep their activations).

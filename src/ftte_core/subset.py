@@ -1,7 +1,7 @@
 """Which parameters train: per layer, which output rows of the weight and whether the bias.
 
-A weight's "rows" are its output units: a Dense layer's output features, a Conv2d layer's
-output channels. Everything not named here is frozen. The fleet trains one ``Subset`` chosen by
+A weight's "rows" are its output units: a Dense layer's output features, a convolution's
+output channels, a batch norm's channels (its scale is the "weight", its shift the "bias"). Everything not named here is frozen. The fleet trains one ``Subset`` chosen by
 the hub; only those values and their deltas cross the network.
 """
 from __future__ import annotations
