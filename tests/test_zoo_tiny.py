@@ -1,6 +1,7 @@
 """The MLPerf Tiny zoo models (resnet8, dscnn, mobilenetv1, autoencoder, sensor1d): structure,
 forward against a float64 NumPy interpreter of the DAG, gradients against finite differences of
-that interpreter, ONNX export against onnxruntime, and a loss that falls in training.
+that interpreter, ONNX export against onnxruntime (and back in), the cost model against the
+trainer's memory, and a loss that falls in training.
 
 Sizes stay small (the suite also runs under emulation, tens of times slower): small inputs where
 the architecture allows, batches of 2-8 outside the training test.
@@ -326,6 +327,42 @@ def test_resnet8_subset_stopping_inside_residual_block():
     np.testing.assert_allclose(part["classifier.weight"], full["classifier.weight"], rtol=1e-5, atol=1e-7)
 
 
+#: the last block's weight layers, trained at 25% of their channels in the sparse subsets below
+LAST_BLOCK = {"resnet8": ["block3.conv1", "block3.bn1", "block3.conv2", "block3.bn2", "block3.shortcut"],
+              "dscnn": ["block4.dw", "block4.dw_bn", "block4.pw", "block4.pw_bn"],
+              "mobilenetv1": ["block13.dw", "block13.dw_bn", "block13.pw", "block13.pw_bn"],
+              "autoencoder": ["dec4.fc", "dec4.bn"], "sensor1d": ["block3.conv", "block3.bn"]}
+
+
+def _memory_param(name):
+    if name != "mobilenetv1":
+        return name
+    # With 2+ chunks of the frozen part, the cost model (which plans its first chunk only, since
+    # f2a9881) under-counts workspace by 147,456 bytes here: the second chunk's first-fit slot
+    # choice differs from the first's, so a slot grows (the trainer's full plan holds slots of
+    # 73728 + 73728 floats, the cost model's 73728 + 36864). Remove the mark once plan.py plans it.
+    return pytest.param(name, marks=[needs_clip, pytest.mark.xfail(
+        strict=True, reason="cost model plans the frozen part's first chunk only; a later chunk grows a slot")])
+
+
+@pytest.mark.parametrize("name", [_memory_param(n) for n in TINY])
+def test_predicted_memory_is_what_the_trainer_holds(name):
+    """Two chunks of the frozen part (batch 16), one thread (kernel scratch is exact there)."""
+    threads = ft.get_num_threads()
+    ft.set_num_threads(1)
+    try:
+        m = zoo(name, SMALL[name], seed=0)
+        x, y = _data(m, 16)
+        spec = {layer: {"rows": 0.25, "bias": False} for layer in LAST_BLOCK[name]}
+        spec["classifier"] = {"rows": "all", "bias": True}
+        for subset in (ft.Subset.of(m, spec), ft.Subset.full(m)):
+            tr = ft.Trainer(m, subset, lr=1e-4, momentum=0.9)
+            tr.step(x, y)
+            assert tr.memory.as_dict() == ft.predict_memory(m, subset, 16, momentum=0.9, threads=1)
+    finally:
+        ft.set_num_threads(threads)
+
+
 # Learning rates for the training test (SGD, momentum 0.9, 20-25 steps): in the middle of the
 # range where the loss falls well below 0.8x (measured here: end/start 0.01 resnet8, 0.42 dscnn,
 # 0.27 mobilenetv1, 0.0 autoencoder, 0.13 sensor1d; 5x the rate diverges for most of them).
@@ -353,12 +390,7 @@ def test_onnx_export_matches_onnxruntime(name):
     from ftte_core.onnx_io import to_onnx
     m = zoo(name, SMALL[name], seed=1)
     _perturb_batchnorms(m)
-    try:
-        proto = to_onnx(m)
-    except ValueError as e:
-        if "cannot export" in str(e):  # the DAG exporter (branch wip-onnx) has not landed yet
-            pytest.skip(f"exporter does not support this model yet: {e}")
-        raise
+    proto = to_onnx(m)
     x, _ = _data(m, 2)
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
