@@ -149,6 +149,14 @@ def test_names_and_defaults():
         zoo("resnet8", hidden=(3,))
     with pytest.raises(ValueError, match="too short"):
         zoo("sensor1d", (3, 2))
+    with pytest.raises(ValueError, match="filters must be one positive int"):
+        zoo("dscnn", filters=(8, 8))
+    with pytest.raises(ValueError, match="alpha must be in"):
+        zoo("mobilenetv1", alpha=0)
+    assert zoo("dscnn", filters=8, blocks=2).layer("block2.pw").weight.shape == (8, 8, 1, 1)
+    assert zoo("autoencoder", hidden=16, bottleneck=4, depth=2).layer("bottleneck.fc").weight.shape == (4, 16)
+    assert zoo("resnet8", filters=(4, 8, 8)).layer("block3.shortcut").weight.shape == (8, 8, 1, 1)
+    assert zoo("mobilenetv1", (3, 32, 32), alpha=0.5).layer("stem.conv").weight.shape == (16, 3, 3, 3)
 
 
 def test_same_pads():

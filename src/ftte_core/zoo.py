@@ -20,11 +20,12 @@ the benchmark's):
   residual blocks "block1".."block3" of 16, 32, 64 filters (stride 1, 2, 2), each
   "conv1, bn1, relu1, conv2, bn2", a "shortcut" 1x1 conv of stride 2 where the shape changes
   (identity otherwise), "add", "relu"; then "pool" (global average), "flatten", "classifier".
+  Option ``filters=(16, 32, 64)``.
 - ``dscnn`` (keyword spotting DS-CNN small, 1x49x10 MFCC, 12 classes): "stem.conv" 10x4 stride 2
   with TensorFlow "same" padding (49x10 -> 25x5), "stem.bn/relu"; four blocks "block1".."block4"
-  of a depthwise 3x3 "dw, dw_bn, dw_relu" and a pointwise 1x1 "pw, pw_bn, pw_relu" (``filters=64``);
-  "pool", "flatten", "classifier". ``dropout`` (default 0; MLPerf trains with 0.2 after the stem
-  and 0.4 before the pool) adds "stem.dropout" and "dropout".
+  of a depthwise 3x3 "dw, dw_bn, dw_relu" and a pointwise 1x1 "pw, pw_bn, pw_relu"; "pool",
+  "flatten", "classifier". Options ``filters=64``, ``blocks=4``, ``dropout=0``: p > 0 adds
+  "stem.dropout" (p) and "dropout" before the pool (2p, as MLPerf trains with 0.2 and 0.4).
 - ``mobilenetv1`` (visual wake words, width ``alpha=0.25``, 3x96x96, 2 classes; 3x48x48 works
   too): "stem.conv" 3x3 stride 2 (8 channels), "stem.bn", "stem.relu6"; 13 depthwise-separable
   blocks "block1".."block13" ("dw, dw_bn, dw_relu6, pw, pw_bn, pw_relu6") with MobileNetV1's
@@ -32,11 +33,12 @@ the benchmark's):
   "pool", "flatten", "classifier". ReLU6 is ``Clip(0, 6)``.
 - ``autoencoder`` (the anomaly-detection FC net as a classifier body, 640 features, 2 classes):
   "enc1".."enc4" (dense 128, batch norm, ReLU: ".fc", ".bn", ".relu"), "bottleneck" (dense 8),
-  "dec1".."dec4" (dense 128), then "classifier". Inputs of more than one axis are flattened first.
+  "dec1".."dec4" (dense 128), then "classifier" (``hidden=128``, ``bottleneck=8``, ``depth=4``).
+  Inputs of more than one axis are flattened first.
 - ``sensor1d`` (3-axis accelerometer windows, 3x128, 6 classes): "block1".."block3" of a 1-D
   conv ("conv", "bn", "relu"; kernels 5, 5, 3, 16, 32, 64 channels, "same" padding), a
   max pool of 2 ("pool") after blocks 1 and 2; then "pool" (global average), "flatten",
-  "classifier".
+  "classifier" (``channels=(16, 32, 64)``, ``kernels=(5, 5, 3)``).
 
 Padding: odd kernels pad k // 2 on each side (PyTorch's way; the output is ceil(size / stride)),
 even kernels take TensorFlow's "same" split (the extra pixel at the end).
@@ -72,6 +74,14 @@ def _sizes(name: str, value, what: str) -> Tuple[int, ...]:
     if any(s < 1 for s in sizes):
         raise ValueError(f"zoo({name!r}): {what} must be positive, got {sizes}")
     return sizes
+
+
+def _size(name: str, value, what: str) -> int:
+    """One positive int option."""
+    sizes = _sizes(name, value, what)
+    if len(sizes) != 1:
+        raise ValueError(f"zoo({name!r}): {what} must be one positive int, got {value!r}")
+    return sizes[0]
 
 
 def _mlp(input_shape: Tuple[int, ...], num_classes: int, rng: np.random.Generator,
@@ -215,8 +225,8 @@ def _resnet8(input_shape: Shape, num_classes: int, rng: np.random.Generator,
 def _dscnn(input_shape: Shape, num_classes: int, rng: np.random.Generator, filters: int = 64,
            blocks: int = 4, dropout: float = 0.0) -> Model:
     _need_rank("dscnn", input_shape, 3, "[C, H, W] (1 x frames x MFCC coefficients)")
-    (filters,) = _sizes("dscnn", filters, "filters")
-    (blocks,) = _sizes("dscnn", blocks, "blocks")
+    filters = _size("dscnn", filters, "filters")
+    blocks = _size("dscnn", blocks, "blocks")
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"zoo('dscnn'): dropout must be in [0, 1), got {dropout}")
     g = _Builder("dscnn", input_shape, rng)
@@ -266,9 +276,9 @@ def _mobilenetv1(input_shape: Shape, num_classes: int, rng: np.random.Generator,
 
 def _autoencoder(input_shape: Shape, num_classes: int, rng: np.random.Generator, hidden: int = 128,
                  bottleneck: int = 8, depth: int = 4) -> Model:
-    (hidden,) = _sizes("autoencoder", hidden, "hidden")
-    (bottleneck,) = _sizes("autoencoder", bottleneck, "bottleneck")
-    (depth,) = _sizes("autoencoder", depth, "depth")
+    hidden = _size("autoencoder", hidden, "hidden")
+    bottleneck = _size("autoencoder", bottleneck, "bottleneck")
+    depth = _size("autoencoder", depth, "depth")
     g = _Builder("autoencoder", input_shape, rng)
     v = 0
     if len(input_shape) > 1:
