@@ -208,6 +208,8 @@ def test_dscnn_structure():
     d = zoo("dscnn", dropout=0.2)
     assert d.layer("stem.dropout").p == 0.2 and d.layer("dropout").p == pytest.approx(0.4)
     assert d.num_params() == m.num_params()
+    with pytest.raises(ValueError, match="dropout must be in"):
+        zoo("dscnn", dropout=0.5)
 
 
 @pytest.mark.parametrize("hw,final", [(96, 3), (48, 2)])

@@ -227,8 +227,8 @@ def _dscnn(input_shape: Shape, num_classes: int, rng: np.random.Generator, filte
     _need_rank("dscnn", input_shape, 3, "[C, H, W] (1 x frames x MFCC coefficients)")
     filters = _size("dscnn", filters, "filters")
     blocks = _size("dscnn", blocks, "blocks")
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"zoo('dscnn'): dropout must be in [0, 1), got {dropout}")
+    if not 0.0 <= float(dropout) < 0.5:
+        raise ValueError(f"zoo('dscnn'): dropout must be in [0, 0.5) (twice it applies before the pool), got {dropout}")
     g = _Builder("dscnn", input_shape, rng)
     v = g.conv("stem.conv", 0, filters, (10, 4), (2, 2))
     v = g.add(ReLU("stem.relu"), g.bn("stem.bn", v))
@@ -241,7 +241,7 @@ def _dscnn(input_shape: Shape, num_classes: int, rng: np.random.Generator, filte
         v = g.conv(p + "pw", v, filters, (1, 1))
         v = g.add(ReLU(p + "pw_relu"), g.bn(p + "pw_bn", v))
     if dropout:
-        v = g.add(Dropout("dropout", min(1.0 - 1e-6, 2 * dropout)), v)
+        v = g.add(Dropout("dropout", 2 * dropout), v)
     g.head(v, num_classes)
     return g.model()
 
