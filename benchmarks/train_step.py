@@ -441,7 +441,7 @@ def print_tiny(results):
     first = results[0]
     g = first["gemm_gflops"]
     print(f"\nMLPerf Tiny zoo models: training step, batch {BATCH}, SGD momentum {MOMENTUM}, lr {LR_TINY}; "
-          f"median ms [p10-p90]; torch: {first['torch'] or 'not installed (skipped: pip install torch for the column)'}")
+          f"median ms [p10-p90]; torch: {first['torch'] or 'not installed (column skipped; pip install torch)'}")
     print(f"GEMM rate measured in the same process (1st setting): "
           + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in g.items())
           + "; compute limit = the step's training flops at the best of these rates; eff = limit / engine")
@@ -484,7 +484,8 @@ def print_tiny(results):
             k[0] += x["fwd"]
             k[1] += x["bwd"]
             k[2] += x["flops"]
-        print(f"  {name}: step {b['total'] / 1000:.2f} ms; layers {sum(x['fwd'] + x['bwd'] for x in b['rows']) / 1000:.2f}"
+        layers = sum(x["fwd"] + x["bwd"] for x in b["rows"])
+        print(f"  {name}: step {b['total'] / 1000:.2f} ms; layers {layers / 1000:.2f}"
               f", gradient joins {b['joins'] / 1000:.2f}, loss + update + Python {b['other'] / 1000:.2f} (medians "
               f"each, so they need not add up)")
         for kind, (f, bw, fl) in sorted(by_kind.items(), key=lambda kv: -(kv[1][0] + kv[1][1])):
