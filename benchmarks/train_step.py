@@ -400,6 +400,18 @@ def layer_breakdown(trainer, x, y, reps=10):
     return {"rows": rows, "joins": joins, "total": total, "other": float(np.median(others)) * 1e6}
 
 
+def torch_breakdown(step, steps=5):
+    """PyTorch's own per-op profile of its step: the top ops by self CPU time, ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops)
+    return {"total": total / steps / 1000,
+            "top": [(e.key, e.self_cpu_time_total / steps / 1000) for e in ops[:6]]}
+
+
 def tiny_child(out, torch, reps):
     import numpy as np
     import ftte_core as ft
@@ -431,6 +443,8 @@ def tiny_child(out, torch, reps):
         for kind, tr in trainers.items():
             row[f"memory_{kind}"] = tr.memory.as_dict()
         row["breakdown"] = layer_breakdown(ft.Trainer(make(), lr=LR_TINY, momentum=MOMENTUM), x, y)
+        if torch is not None:
+            row["torch_ops"] = torch_breakdown(steps["torch"])
         out["tiny"][label] = row
 
 
@@ -494,6 +508,10 @@ def print_tiny(results):
             print(f"    {kind:<20} fwd {f / 1000:7.2f}  bwd {bw / 1000:7.2f}  {share:6.1%}  {rate:6.1f} GFLOP/s")
         top = sorted(b["rows"], key=lambda x: -(x["fwd"] + x["bwd"]))[:6]
         print("    slowest layers: " + ", ".join(f"{x['layer']} {(x['fwd'] + x['bwd']) / 1000:.2f}" for x in top))
+        t = row.get("torch_ops")
+        if t:
+            print(f"    PyTorch (torch.profiler, ms per step, self CPU; {t['total']:.1f} in all, profiler included): "
+                  + ", ".join(f"{k.replace('aten::', '')} {v:.1f}" for k, v in t["top"]))
 
 
 def child(threads, reps, tiny_reps, only):
