@@ -67,9 +67,9 @@ def test_init_he_uniform_bias_zero_and_seeded():
 
 
 def test_bad_names_and_options():
-    with pytest.raises(ValueError, match=r"unknown zoo model 'resnet'.*cnn, mlp"):
+    with pytest.raises(ValueError, match=r"unknown zoo model 'resnet'.*cnn, dscnn, mlp"):
         zoo("resnet", (3, 32, 32), 10)
-    assert zoo_names() == ["cnn", "mlp"]
+    assert zoo_names() == ["autoencoder", "cnn", "dscnn", "mlp", "mobilenetv1", "resnet8", "sensor1d"]
     with pytest.raises(ValueError, match="unknown option"):
         zoo("mlp", (64,), 10, channels=(8,))
     with pytest.raises(ValueError, match="num_classes"):
