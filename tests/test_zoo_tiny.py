@@ -345,14 +345,9 @@ LAST_BLOCK = {"resnet8": ["block3.conv1", "block3.bn1", "block3.conv2", "block3.
 
 
 def _memory_param(name):
-    if name != "mobilenetv1":
-        return name
-    # With 2+ chunks of the frozen part, the cost model (which plans its first chunk only, since
-    # f2a9881) under-counts workspace by 147,456 bytes here: the second chunk's first-fit slot
-    # choice differs from the first's, so a slot grows (the trainer's full plan holds slots of
-    # 73728 + 73728 floats, the cost model's 73728 + 36864). Remove the mark once plan.py plans it.
-    return pytest.param(name, marks=[needs_clip, pytest.mark.xfail(
-        strict=True, reason="cost model plans the frozen part's first chunk only; a later chunk grows a slot")])
+    # mobilenetv1 caught the cost model planning only the frozen part's first chunk while the
+    # trainer's later chunks chose other slots (one grew); every chunk now reuses chunk 0's slots
+    return pytest.param(name, marks=[needs_clip]) if name == "mobilenetv1" else name
 
 
 @pytest.mark.parametrize("name", [_memory_param(n) for n in TINY])

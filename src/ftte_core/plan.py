@@ -207,6 +207,7 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
     chunk = max(1, min(int(prefix_chunk), n))
     where: Dict[int, Ref] = {}  # storage -> its buffer in the current pass
     val: Dict[int, Ref] = {}
+    chunk_slot: Dict[int, int] = {}  # frozen storage -> the slot the first chunk gave it; later chunks reuse it
 
     def place(v: int, a: int, b: int) -> Ref:
         """Where value v lives for samples a:b (its storage's buffer, viewed at v's shape)."""
@@ -216,14 +217,21 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
         if s not in where:
             if whole[s]:
                 where[s] = whole_ref(s)
+            elif s in chunk_slot:  # the same layers in the same order: chunk 0's slots, never larger
+                k = chunk_slot[s]
+                assert slots.free[k] and slots.size[k] >= (b - a) * _numel(shapes[s])
+                slots.free[k] = False
+                where[s] = Ref("slot", k, ((b - a),) + shapes[s])
             else:
                 where[s] = Ref("slot", slots.take((b - a) * _numel(shapes[s])), ((b - a),) + shapes[s])
+                if a == 0 and b < n:
+                    chunk_slot[s] = where[s].key
         r = where[s]
         if r.kind == "fixed" and (a, b) != (0, n):
             return Ref("fixed", r.key, (b - a,) + shapes[v], a, b)
         return r.view((b - a,) + shapes[v])
 
-    def release_after(i: int, phase: Sequence[int]) -> None:
+    def release_after(i: int) -> None:
         for v in set(inputs[i]):
             s = storage[v]
             if s in where and not whole[s] and last_read[s] == i and where[s].kind == "slot":
@@ -240,7 +248,7 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
                     forward.append((layers[i].forward, (arg(ins, i), y, None)))
                     if a == 0:
                         scratch.append(_fwd_scratch(layers[i], b - a, in_shapes[i]))
-                release_after(i, frozen)
+                release_after(i)
             for s in [s for s, r in where.items() if r.kind == "slot"]:  # a chunk's scratch ends with it
                 slots.give(where.pop(s).key)
 
@@ -255,13 +263,13 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
         for u, r in zip(inputs[i], ins):
             val[u] = r
         if layers[i].kind in VIEW_KINDS:
-            release_after(i, ())
+            release_after(i)
             continue
         for name, (shape, dtype) in layers[i].saved_buffers(n, in_shapes[i], shapes[v]).items():
             fixed[(i, name)] = (tuple(shape), dtype, "activations")
         forward.append((layers[i].forward, (arg(ins, i), y, ("scope", i))))
         scratch.append(_fwd_scratch(layers[i], n, in_shapes[i]))
-        release_after(i, ())
+        release_after(i)
     logits = place(out, 0, n)
     fixed[("loss", "probs")] = ((n,) + shapes[out], np.float32, "activations")
     probs = Ref("fixed", ("loss", "probs"), (n,) + shapes[out], 0, n)
