@@ -156,7 +156,8 @@ void register_depthwise(py::module_& m) {
       py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), py::arg("stride") = stride1,
       py::arg("padding") = pad0,
       "y[N,C*M,OH,OW] = depthwise conv(x[N,C,H,W], w[C*M,1,KH,KW]) + b[C*M] (b may be None): output "
-      "channel oc reads input channel oc // M (ONNX Conv with group=C). Direct kernel, no scratch.");
+      "channel oc reads input channel oc // M (ONNX Conv with group=C). Direct kernel; at stride 1 it pads each "
+      "plane into scratch (depthwise_conv2d_scratch_bytes).");
 
   m.def(
       "depthwise_conv2d_backward",
@@ -225,5 +226,25 @@ void register_depthwise(py::module_& m) {
       py::arg("db") = true, py::arg("dx") = true, py::arg("threads") = 0,
       "Most bytes of scratch grouped_conv2d_forward or, with backward=True, grouped_conv2d_backward holds "
       "(im2col columns, GEMM packing, regrouped dW/db sums when rows are out of group order) with `threads` "
-      "threads (0: the current setting); exact on one thread. The depthwise kernels hold none.");
+      "threads (0: the current setting); exact on one thread. The depthwise kernels: "
+      "depthwise_conv2d_scratch_bytes.");
+  m.def(
+      "depthwise_conv2d_scratch_bytes",
+      [](py::object x_shape, py::object w_shape, py::object stride, py::object padding, bool backward, bool dw,
+         bool dx, int threads) {
+        const std::string fn = "depthwise_conv2d_scratch_bytes";
+        const auto xs = int_tuple<4>(fn, "x_shape", x_shape);
+        const auto ws = int_tuple<4>(fn, "w_shape", w_shape);
+        for (int64_t v : xs)
+          if (v < 0) fail(fn, "x_shape must be >= 0");
+        if (xs[1] < 1 || ws[0] < 1 || ws[1] != 1 || ws[2] < 1 || ws[3] < 1 || ws[0] % xs[1] != 0)
+          fail(fn, "w_shape must be [C*M, 1, KH, KW] for an input of C channels");
+        const ftte::ConvGeom g = geom(fn, xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], ws[3], stride, padding);
+        return ftte::depthwise_conv2d_scratch_bytes(g, backward, dw, dx, threads > 0 ? threads : ftte::get_num_threads());
+      },
+      py::arg("x_shape"), py::arg("w_shape"), py::arg("stride") = stride1, py::arg("padding") = pad0,
+      py::arg("backward") = false, py::arg("dw") = true, py::arg("dx") = true, py::arg("threads") = 0,
+      "Most bytes of scratch depthwise_conv2d_forward or, with backward=True, depthwise_conv2d_backward holds with "
+      "`threads` threads (0: the current setting; exact on one thread): at stride 1 a zero-padded input plane and "
+      "an output plane at the padded pitch per task; none at other strides.");
 }

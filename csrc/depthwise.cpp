@@ -94,6 +94,84 @@ void plane_backward_dw(const ConvGeom& g, const float* xp, const float* dyp, flo
     }
 }
 
+
+// Stride 1: one plane as long flat loops. The input plane is zero-padded once (xpad[Hp*Wp]) and
+// outputs are computed at the padded row pitch Wp (ext[Q], Q = (OH-1)*Wp + OW; the Wp-OW extra
+// entries of each row are junk for the forward and zeros for the gradients), so every kernel tap
+// is one contiguous multiply-add over Q elements instead of OH rows of OW (DS-CNN's planes are 5
+// wide; the short rows cost more than the arithmetic).
+struct Flat {
+  int64_t Hp, Wp, Q;
+};
+
+inline bool flat_path(const ConvGeom& g) { return g.sh == 1 && g.sw == 1 && g.OH > 0 && g.OW > 0; }
+
+inline Flat flat_geom(const ConvGeom& g) {
+  const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr;
+  return {Hp, Wp, (g.OH - 1) * Wp + g.OW};
+}
+
+void pad_plane(const ConvGeom& g, const Flat& f, const float* xp, float* xpad) {
+  std::fill(xpad, xpad + f.Hp * f.Wp, 0.f);
+  for (int64_t h = 0; h < g.H; ++h)
+    std::memcpy(xpad + (h + g.pt) * f.Wp + g.pl, xp + h * g.W, static_cast<size_t>(g.W) * sizeof(float));
+}
+
+// ext[Q] = the dy plane at pitch Wp, zeros between rows.
+void spread_plane(const ConvGeom& g, const Flat& f, const float* dyp, float* ext) {
+  std::fill(ext, ext + f.Q, 0.f);
+  for (int64_t oh = 0; oh < g.OH; ++oh)
+    std::memcpy(ext + oh * f.Wp, dyp + oh * g.OW, static_cast<size_t>(g.OW) * sizeof(float));
+}
+
+// sum a[q]*b[q] in 8 fixed lanes (vectorisable, and the same grouping on every machine).
+float dot_lanes(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t q = 0;
+  for (; q + 8 <= n; q += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += a[q + k] * b[q + k];
+  float tail = 0.f;
+  for (; q < n; ++q) tail += a[q] * b[q];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+size_t flat_task_floats(const ConvGeom& g) {
+  const Flat f = flat_geom(g);
+  return static_cast<size_t>(f.Hp * f.Wp + f.Q);
+}
+
+}  // namespace
+
+size_t depthwise_conv2d_scratch_bytes(const ConvGeom& g, bool backward, bool want_dw, bool want_dx, int threads) {
+  if (!flat_path(g) || g.N == 0 || g.OC == 0) return 0;
+  int64_t tasks = g.N * g.OC;
+  if (backward) {
+    if (!want_dw && !want_dx) return 0;
+    tasks = std::max<int64_t>(want_dw ? g.OC : 0, want_dx ? g.N * g.C : 0);
+  }
+  return flat_task_floats(g) * sizeof(float) * static_cast<size_t>(std::min<int64_t>(std::max(threads, 1), tasks));
+}
+
+namespace {
+
+void forward_flat(const ConvGeom& g, const float* xp, const float* k, float bias, float* yp) {
+  const Flat f = flat_geom(g);
+  Scratch<float> buf(flat_task_floats(g));
+  float* xpad = buf.data();
+  float* ext = xpad + f.Hp * f.Wp;
+  pad_plane(g, f, xp, xpad);
+  std::fill(ext, ext + f.Q, bias);
+  for (int64_t i = 0; i < g.KH; ++i)
+    for (int64_t j = 0; j < g.KW; ++j) {
+      const float wv = k[i * g.KW + j];
+      const float* src = xpad + i * f.Wp + j;
+#pragma GCC ivdep
+      for (int64_t q = 0; q < f.Q; ++q) ext[q] += wv * src[q];
+    }
+  for (int64_t oh = 0; oh < g.OH; ++oh)
+    std::memcpy(yp + oh * g.OW, ext + oh * f.Wp, static_cast<size_t>(g.OW) * sizeof(float));
+}
+
 }  // namespace
 
 void depthwise_conv2d_forward(const ConvGeom& g, const float* x, const float* w, const float* b, float* y) {
@@ -103,6 +181,10 @@ void depthwise_conv2d_forward(const ConvGeom& g, const float* x, const float* w,
       [&](int64_t t) {
         const int64_t n = t / g.OC, oc = t % g.OC, c = oc / M;
         float* yp = y + t * P;
+        if (flat_path(g)) {
+          forward_flat(g, x + (n * g.C + c) * g.H * g.W, w + oc * KK, b ? b[oc] : 0.f, yp);
+          return;
+        }
         std::fill(yp, yp + P, b ? b[oc] : 0.f);
         plane_forward(g, x + (n * g.C + c) * g.H * g.W, w + oc * KK, yp);
       },
@@ -122,6 +204,9 @@ void depthwise_conv2d_backward(const ConvGeom& g, const float* x, const float* w
           const int64_t oc = rows ? rows[r] : r, c = oc / M;
           std::vector<float> total(dw ? static_cast<size_t>(KK) : 0, 0.f), part(total.size()),
               lane(dw ? static_cast<size_t>(g.OW) : 0);
+          const bool flat = dw && flat_path(g);
+          const Flat f = flat_geom(g);
+          Scratch<float> buf(flat ? flat_task_floats(g) : 0);
           float btotal = 0.f;
           for (int64_t n = 0; n < g.N; ++n) {
             const float* dyp = dy + (n * g.OC + oc) * P;
@@ -130,7 +215,14 @@ void depthwise_conv2d_backward(const ConvGeom& g, const float* x, const float* w
               for (int64_t p = 0; p < P; ++p) s += dyp[p];
               btotal += s;
             }
-            if (dw) {
+            if (flat) {
+              float* xpad = buf.data();
+              float* ext = xpad + f.Hp * f.Wp;
+              pad_plane(g, f, x + (n * g.C + c) * HW, xpad);
+              spread_plane(g, f, dyp, ext);
+              for (int64_t i = 0; i < g.KH; ++i)
+                for (int64_t j = 0; j < g.KW; ++j) total[i * g.KW + j] += dot_lanes(ext, xpad + i * f.Wp + j, f.Q);
+            } else if (dw) {
               plane_backward_dw(g, x + (n * g.C + c) * HW, dyp, part.data(), lane.data());
               for (int64_t k = 0; k < KK; ++k) total[k] += part[k];
             }
@@ -148,6 +240,27 @@ void depthwise_conv2d_backward(const ConvGeom& g, const float* x, const float* w
         [&](int64_t t) {
           const int64_t n = t / g.C, c = t % g.C;
           float* dxp = dx + t * HW;
+          if (flat_path(g)) {
+            const Flat f = flat_geom(g);
+            Scratch<float> buf(flat_task_floats(g));
+            float* dxpad = buf.data();
+            float* ext = dxpad + f.Hp * f.Wp;
+            std::fill(dxpad, dxpad + f.Hp * f.Wp, 0.f);
+            for (int64_t m = 0; m < M; ++m) {
+              const int64_t oc = c * M + m;
+              spread_plane(g, f, dy + (n * g.OC + oc) * P, ext);
+              for (int64_t i = 0; i < g.KH; ++i)
+                for (int64_t j = 0; j < g.KW; ++j) {
+                  const float wv = w[oc * KK + i * g.KW + j];
+                  float* dst = dxpad + i * f.Wp + j;
+#pragma GCC ivdep
+                  for (int64_t q = 0; q < f.Q; ++q) dst[q] += wv * ext[q];
+                }
+            }
+            for (int64_t h = 0; h < g.H; ++h)
+              std::memcpy(dxp + h * g.W, dxpad + (h + g.pt) * f.Wp + g.pl, static_cast<size_t>(g.W) * sizeof(float));
+            return;
+          }
           std::fill(dxp, dxp + HW, 0.f);
           for (int64_t m = 0; m < M; ++m) {
             const int64_t oc = c * M + m;

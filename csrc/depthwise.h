@@ -11,7 +11,8 @@
 namespace ftte {
 
 // Depthwise: g.OC == g.C * M; weight [OC, 1, KH, KW]; output channel oc reads input channel oc / M.
-// y[N,OC,OH,OW] = dwconv(x, w) + b   (b may be null). No scratch memory.
+// y[N,OC,OH,OW] = dwconv(x, w) + b   (b may be null). Stride 1 pads each plane into scratch and
+// runs every tap as one flat loop (depthwise_conv2d_scratch_bytes); other strides hold none.
 void depthwise_conv2d_forward(const ConvGeom& g, const float* x, const float* w, const float* b, float* y);
 
 // Gradients for output channels rows[0..R) (rows == null: all OC, R == OC):
@@ -32,8 +33,11 @@ void grouped_conv2d_backward(const ConvGeom& g, int64_t group, const float* x, c
 
 // Bytes of scratch grouped_conv2d_forward (backward == false) or grouped_conv2d_backward hold at
 // most with `threads` threads, GEMM packing included (exact at one thread), for the cost model.
-// The depthwise kernels hold none.
 size_t grouped_conv2d_scratch_bytes(const ConvGeom& g, int64_t group, bool backward, const int32_t* rows, int64_t R,
                                     bool want_dw, bool want_db, bool want_dx, int threads);
+
+// Bytes of scratch the depthwise kernels hold at most with `threads` threads (exact at one): a
+// padded plane and one output plane at the padded pitch per task, stride 1 only.
+size_t depthwise_conv2d_scratch_bytes(const ConvGeom& g, bool backward, bool want_dw, bool want_dx, int threads);
 
 }  // namespace ftte

@@ -370,15 +370,55 @@ def test_thread_count_independent(kind, N):
         assert a.tobytes() == c.tobytes()
 
 
-def test_depthwise_uses_no_scratch():
+@pytest.mark.parametrize("stride,threads", [(1, 1), (1, 2), (2, 1), (2, 2)])
+def test_depthwise_scratch_is_what_scratch_bytes_says(stride, threads):
+    """Stride 1 pads one plane per task into counted scratch (exactly the predicted bytes at one
+    thread, at most that on more); other strides hold none."""
     x = np.ones((4, 8, 16, 16), np.float32)
     w = np.ones((8, 1, 3, 3), np.float32)
-    y = np.empty((4, 8, 16, 16), np.float32)
-    base = K.workspace_current_bytes()
-    K.reset_workspace_peak()
-    K.depthwise_conv2d_forward(x, w, None, y, 1, 1)
-    K.depthwise_conv2d_backward(x, w, y, None, np.empty_like(w), None, np.empty_like(x), 1, 1)
-    assert K.workspace_peak_bytes() == base
+    oh = (16 + 2 - 3) // stride + 1
+    y = np.empty((4, 8, oh, oh), np.float32)
+    K.set_num_threads(threads)
+    try:
+        for backward in (False, True):
+            base = K.workspace_current_bytes()
+            K.reset_workspace_peak()
+            if backward:
+                K.depthwise_conv2d_backward(x, w, y, None, np.empty_like(w), None, np.empty_like(x), stride, 1)
+            else:
+                K.depthwise_conv2d_forward(x, w, None, y, stride, 1)
+            used = K.workspace_peak_bytes() - base
+            want = K.depthwise_conv2d_scratch_bytes(x.shape, w.shape, stride, 1, backward=backward, threads=threads)
+            if stride != 1:
+                assert used == want == 0
+            elif threads == 1:
+                assert used == want == (18 * 18 + 15 * 18 + 16) * 4
+            else:
+                assert 0 < used <= want
+            assert K.workspace_current_bytes() == base
+    finally:
+        K.set_num_threads(0)
+
+
+def test_depthwise_flat_path_matches_the_row_path_on_narrow_planes():
+    """DS-CNN-like planes (25x5, pads on both sides, channel multiplier 2): stride 1 (flat loops)
+    agrees with the float64 reference, forward and backward, rows selected."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 4, 25, 5)).astype(np.float32)
+    w = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    y = np.empty((3, 8, 25, 5), np.float32)
+    K.depthwise_conv2d_forward(x, w, b, y, 1, (1, 1, 1, 1))
+    ry = ref_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), 4, (1, 1), (1, 1, 1, 1))
+    np.testing.assert_allclose(y, ry, rtol=1e-5, atol=1e-5)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    rows = np.array([6, 1, 3], np.int32)
+    dw, db, dx = np.empty((3, 1, 3, 3), np.float32), np.empty(3, np.float32), np.empty_like(x)
+    K.depthwise_conv2d_backward(x, w, dy, rows, dw, db, dx, 1, (1, 1, 1, 1))
+    rdx, rdw, rdb = ref_backward(x, w, dy, 4, (1, 1), (1, 1, 1, 1))
+    np.testing.assert_allclose(dx, rdx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw, rdw[rows], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(db, rdb[rows], rtol=1e-4, atol=1e-4)
 
 
 def test_bias_only_and_dx_only_without_x():

@@ -33,18 +33,16 @@ from ftte_core.scheduler import RoundDriver
 from ftte_core.search import importance_scores, search_subset
 from ftte_core.strategies import make_strategy
 from ftte_core.subset import Subset
-from ftte_core.zoo import zoo_names
+from ftte_core.zoo import default_shape, zoo_names
 
 F32 = 4
 
 #: Input shapes of the zoo's MLPerf Tiny models (CIFAR-10 images, MFCC frames, visual wake words,
-#: machine-sound features, accelerometer windows): the simulator builds them at these shapes unless
-#: ``input_shape`` says otherwise, and resamples the data to fit (``data.resample_to_shape``). Any
-#: other zoo model (mlp, cnn) is built for the data's own shape.
+#: machine-sound features, accelerometer windows), from ``zoo.default_shape``: the simulator builds
+#: them at these shapes unless ``input_shape`` says otherwise, and resamples the data to fit
+#: (``data.resample_to_shape``). Any other zoo model (mlp, cnn) is built for the data's own shape.
 REFERENCE_SHAPES: Dict[str, Tuple[int, ...]] = {
-    "resnet8": (3, 32, 32), "dscnn": (1, 49, 10), "mobilenetv1": (3, 96, 96), "autoencoder": (640,),
-    "sensor1d": (3, 128),
-}
+    name: tuple(default_shape(name)[0]) for name in zoo_names() if default_shape(name)[0] is not None}
 
 
 # ---------------------------------------------------------------------------------------------

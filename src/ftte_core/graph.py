@@ -280,7 +280,8 @@ class Conv2d(Layer):
         x_shape, w_shape = (n,) + self._in4(in_shape), self.weight_shape2
         mode = self.mode
         if mode == "depthwise":
-            return 0  # direct kernel
+            return K.depthwise_conv2d_scratch_bytes(x_shape, w_shape, self.stride2, self.padding2, backward,
+                                                    dw, dx, threads)
         if mode == "dense":
             if not backward:
                 return K.conv2d_scratch_bytes(x_shape, w_shape, self.stride2, self.padding2, threads=threads)
