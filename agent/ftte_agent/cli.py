@@ -1,7 +1,11 @@
 """`ftte-agent`: serve one device of the fleet (see docs/agent.md)."""
 from __future__ import annotations
 
-import asyncio
+from .lean import import_without_openssl
+
+import_without_openssl()  # before anything imports asyncio or hashlib: see lean.py
+
+import asyncio  # noqa: E402 (after import_without_openssl on purpose)
 import json
 import logging
 import os
