@@ -31,10 +31,8 @@ def _measure(mode: str) -> dict:
     r = real_memory.measure(mode, threads=1, steps=20, timeout=scaled(300))
     if "skip" in r:
         pytest.skip(r["skip"])
-    if r["emulated"]:
-        # qemu-user: /proc/self/status is the emulator's, and it grows by translating the code
-        # training runs for the first time; the child still ran (the code works there)
-        pytest.skip(f"under {r['emulated']} VmHWM is the emulator's process (its translation cache included)")
+    # under qemu-user (pi-check) /proc/self/status is the emulator's process; it agrees there too
+    # (emulated arm64: 0.36-0.82 MiB beyond the prediction), so it is judged the same way
     assert r["steps"] == 20
     return r
 
