@@ -1,7 +1,11 @@
 """`ftte-agent`: serve one device of the fleet (see docs/agent.md)."""
 from __future__ import annotations
 
-import asyncio
+from .lean import import_without_openssl
+
+import_without_openssl()  # before anything imports asyncio or hashlib: see lean.py
+
+import asyncio  # noqa: E402 (after import_without_openssl on purpose)
 import json
 import logging
 import os
@@ -94,7 +98,7 @@ def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, in
     from ftte_core import messages
     from ftte_core.data import DataError, load_npz
     from ftte_core.protocol import KeyFileError, read_key
-    from ftte_core.search import format_size, parse_size
+    from ftte_core.sizes import format_size, parse_size
 
     from . import device
     from .server import Agent, AgentSettings

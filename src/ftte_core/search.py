@@ -30,15 +30,14 @@ See docs/search.md.
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .cost import predict_memory
+from .sizes import format_size, parse_size  # noqa: F401 (part of this module's interface)
 from .graph import Model
 from .subset import LayerSubset, Subset
 
@@ -70,47 +69,6 @@ class BudgetTooSmall(ValueError):
         super().__init__(message)
         self.minimum_bytes = int(minimum_bytes)
         self.budget_bytes = int(budget_bytes)
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "kib": 2 ** 10, "mb": 10 ** 6, "mib": 2 ** 20,
-          "gb": 10 ** 9, "gib": 2 ** 30}
-_SIZE_RE = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)$")
-
-
-def parse_size(text: Union[str, int]) -> int:
-    """Bytes from "64MiB", "1.5 GB", "512KiB", "1000B" or a plain integer (bytes).
-
-    Units: B, KB/MB/GB (powers of 1000), KiB/MiB/GiB (powers of 1024); case does not matter.
-    """
-    if isinstance(text, bool):
-        raise ValueError(f"size must be a number of bytes or a string like '64MiB', got {text!r}")
-    if isinstance(text, (int, np.integer)):
-        if text < 0:
-            raise ValueError(f"size must not be negative, got {text}")
-        return int(text)
-    if not isinstance(text, str):
-        raise ValueError(f"size must be a number of bytes or a string like '64MiB', got {type(text).__name__}")
-    m = _SIZE_RE.match(text.strip())
-    if not m:
-        raise ValueError(f"cannot parse size {text!r}: expected a number and an optional unit "
-                         "(B, KB, KiB, MB, MiB, GB, GiB), e.g. '64MiB'")
-    number, unit = m.group(1), m.group(2).lower()
-    if unit not in _UNITS:
-        raise ValueError(f"cannot parse size {text!r}: unknown unit {m.group(2)!r} "
-                         "(use B, KB, KiB, MB, MiB, GB or GiB)")
-    value = Fraction(number) * _UNITS[unit]
-    if value.denominator != 1:
-        raise ValueError(f"size {text!r} is not a whole number of bytes ({float(value):g})")
-    return int(value)
-
-
-def format_size(n: int) -> str:
-    """'12,345 bytes (12.1 KiB)' — exact bytes and a human unit."""
-    n = int(n)
-    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(n) >= scale:
-            return f"{n:,} bytes ({n / scale:.2f} {unit})"
-    return f"{n:,} bytes"
 
 
 # ---------------------------------------------------------------------------------------------

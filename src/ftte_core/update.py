@@ -267,6 +267,27 @@ def _tensor_seed(seed: int, index: int) -> int:
     return (int(seed) * 0x9E3779B1 + index * 0x85EBCA77 + 1) & 0xFFFFFFFFFFFFFFFF
 
 
+#: elements per block when checking a delta: its float32/float64 temporaries stay near 0.2 MB
+#: whatever the tensor's size (a whole-tensor float64 copy was the agent's peak memory)
+_CHECK_BLOCK = 1 << 14
+
+
+def _delta_sum_of_squares(key: str, view: np.ndarray, rows: Optional[np.ndarray], base: np.ndarray) -> float:
+    """Sum over the selected rows of (new - base)^2 in float64, block by block; ValueError on NaN/Inf."""
+    R, F = base.shape
+    step = max(1, _CHECK_BLOCK // max(F, 1))
+    sq = 0.0
+    for a in range(0, R, step):
+        b = min(R, a + step)
+        new = view[a:b] if rows is None else view[rows[a:b]]
+        delta = (new - base[a:b]).ravel()
+        if not np.all(np.isfinite(delta)):
+            raise ValueError(f"encode_update: the delta of {key!r} holds NaN or Inf")
+        delta = delta.astype(np.float64)
+        sq += float(np.dot(delta, delta))
+    return sq
+
+
 def encode_update(model: Model, subset: Subset, base_values: Dict[str, np.ndarray], base_version: int,
                   num_samples: int, loss: float, bits: int = 8, stochastic: bool = True, seed: int = 0,
                   device_id: str = "", task_id: str = "", peak_memory_bytes: Optional[int] = None) -> Update:
@@ -286,13 +307,10 @@ def encode_update(model: Model, subset: Subset, base_values: Dict[str, np.ndarra
             raise ValueError(f"base_values[{key!r}] must be float32 {(R, F)}, got "
                              f"{None if base is None else (base.dtype, base.shape)}")
         base = np.ascontiguousarray(base)
-        new = view if rows is None else view[rows]
-        delta = new - base
-        if not np.all(np.isfinite(delta)):
-            raise ValueError(f"encode_update: the delta of {key!r} holds NaN or Inf")
-        sq += float(np.dot(delta.ravel().astype(np.float64), delta.ravel().astype(np.float64)))
+        sq += _delta_sum_of_squares(key, view, rows, base)
         if bits == 32:
-            tensors.append(TensorDelta(key, 32, delta.astype(np.float32), None, (R, F)))
+            delta = (view if rows is None else view[rows]) - base
+            tensors.append(TensorDelta(key, 32, delta.astype(np.float32, copy=False), None, (R, F)))
             continue
         scales = np.empty(R, np.float32)
         if bits == 8:

@@ -1,0 +1,48 @@
+"""Keep OpenSSL's Python bindings out of the agent process (issue 11: <= 50 MiB peak on a device).
+
+The agent needs neither of them: its connections are authenticated and encrypted by
+``ftte_core.protocol`` with the ``cryptography`` package (which carries its own OpenSSL), never by
+TLS, and it hashes a few small things (model files, handshake transcripts) with SHA-256. Yet two
+standard modules load the system's libssl/libcrypto as soon as they are imported:
+
+- ``asyncio`` imports ``ssl`` (for TLS transports the agent never opens): 1.3 MiB;
+- ``hashlib`` and ``hmac`` import ``_hashlib`` (OpenSSL's digests); Python's built-in SHA-256,
+  SHA-512, BLAKE2 and MD5 give the same digests: another 3.3 MiB, most of it libcrypto's pages.
+  (Where Python was built without its own digests, _hashlib is kept.)
+
+``import_without_openssl()`` imports those three with ``ssl`` and ``_hashlib`` made unimportable,
+then makes them importable again: the modules fall back as they are written to (asyncio without
+TLS support, hashlib with its built-in constructors), and code that imports ``ssl`` later still gets
+it. A module already imported is left as it is, so this changes nothing in a process that has
+loaded them before (a test run, an embedding application). It must run before anything imports
+asyncio, hashlib or hmac: ``ftte_agent.cli`` calls it first thing.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+#: (modules to import, the OpenSSL binding they must do without)
+_PAIRS = ((("asyncio",), "ssl"), (("hashlib", "hmac"), "_hashlib"))
+
+
+def _builtin_hashes() -> bool:
+    """Python was built with its own code for every digest hashlib always offers (some
+    distributions leave it out and rely on OpenSSL alone: then _hashlib must stay)."""
+    sha2 = ["_sha2"] if sys.version_info >= (3, 12) else ["_sha256", "_sha512"]
+    return all(importlib.util.find_spec(m) is not None for m in ["_md5", "_sha1", "_blake2", "_sha3"] + sha2)
+
+
+def import_without_openssl() -> None:
+    for modules, binding in _PAIRS:
+        if binding in sys.modules or any(m in sys.modules for m in modules):
+            continue  # too late, or someone already uses it: leave the process as it is
+        if binding == "_hashlib" and not _builtin_hashes():
+            continue
+        sys.modules[binding] = None  # `import binding` raises ImportError while this holds
+        try:
+            for m in modules:
+                importlib.import_module(m)
+        finally:
+            del sys.modules[binding]
