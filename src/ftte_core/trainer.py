@@ -333,6 +333,7 @@ class Trainer:
             stats.losses.append(self.step(xb, yb))
             stats.steps += 1
             stats.samples += xb.shape[0]
+            del xb, yb  # else this batch stays alive while the next one is gathered
         stats.mean_loss = float(np.mean(stats.losses))
         return stats
 
