@@ -107,6 +107,24 @@ def test_split_bundled_digits_and_val_zero(tmp_path):
     assert np.array_equal(got[np.lexsort(got.T[::-1])], want[np.lexsort(want.T[::-1])])
 
 
+def test_split_keeps_image_bytes(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (50, 1, 4, 4), dtype=np.uint8)
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = np.arange(50), 255  # unique samples, and a full-scale byte
+    y = rng.integers(0, 3, 50)
+    np.savez(tmp_path / "img.npz", x=x, y=y)
+    assert run("split", tmp_path / "img.npz", "--devices", 3, "--out", tmp_path / "s").exit_code == 0
+    got_x, got_y = [], []
+    for p in sorted((tmp_path / "s").iterdir()):
+        with np.load(p, allow_pickle=False) as f:
+            assert f["x"].dtype == np.uint8 and f["y"].dtype == np.int32
+            got_x.append(f["x"])
+            got_y.append(f["y"])
+    got_x, got_y = np.concatenate(got_x), np.concatenate(got_y)
+    order = np.argsort(got_x[:, 0, 0, 0])
+    assert np.array_equal(got_x[order], x) and np.array_equal(got_y[order], y)
+
+
 def test_split_keeps_num_classes(tmp_path):
     tagged_data(tmp_path / "d.npz", classes=3, num_classes=12)
     r = run("split", tmp_path / "d.npz", "--devices", 2, "--out", tmp_path / "s")

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -117,6 +118,35 @@ def check_out_dir(out: Path, force: bool) -> None:
                         f"its device-*.npz and val.npz")
 
 
+def stored_x_dtype(path: str) -> Optional[np.dtype]:
+    """The dtype ``x`` has in an .npz file, read from its .npy header alone (None if not a file or
+    unreadable: the data was loaded and checked before, this only decides how shards are stored)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("x.npy") as f:
+            version = np.lib.format.read_magic(f)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)
+            return np.dtype(header(f)[2])
+    except Exception:
+        return None
+
+
+def save_shard(path: Path, part: ftdata.Dataset, as_bytes: bool, compress: bool) -> None:
+    """Like ftdata.save_npz; ``as_bytes``: x stored as uint8 again (the input held image bytes, which
+    loading scaled to k/255: rint(x * 255) gives back exactly those bytes, at a quarter of the size)."""
+    if not as_bytes:
+        ftdata.save_npz(path, part, compress=compress)
+        return
+    x = np.rint(part.x * np.float32(255.0)).astype(np.uint8)
+
+    def write(f):
+        (np.savez_compressed if compress else np.savez)(
+            f, x=x, y=part.y.astype(np.int32), num_classes=np.asarray(part.num_classes, dtype=np.int64))
+    atomic_write(path, write)
+
+
 def split(source: str, out: str, devices: int, alpha: Optional[float] = None, val_fraction: float = 0.2,
           seed: int = 0, force: bool = False, compress: bool = False) -> SplitResult:
     """Write OUT/device-0.npz .. device-{devices-1}.npz and OUT/val.npz (``val_fraction`` > 0).
@@ -140,8 +170,9 @@ def split(source: str, out: str, devices: int, alpha: Optional[float] = None, va
             files.append((VAL_FILE, ds.subset(val_idx, "val")))
             indices.append(val_idx)
         written = {name for name, _ in files}
+        as_bytes = stored_x_dtype(source) == np.uint8
         for name, part in files:
-            ftdata.save_npz(out_dir / name, part, compress=compress)
+            save_shard(out_dir / name, part, as_bytes, compress)
         for stale in out_dir.iterdir():  # only reached with --force or a folder we just made
             if (SHARD_RE.match(stale.name) or stale.name == VAL_FILE) and stale.name not in written:
                 stale.unlink()
