@@ -241,6 +241,8 @@ def test_evaluate_and_predict_refuse_bad_input(trained, tmp_path):
                        "ftte-hub resample", "--shape 1x8x8")
     np.savez(tmp_path / "labels.npz", x=ds.x[:5], y=np.array([0, 1, 2, 3, 12]))
     one_line_error(run("evaluate", "--model", root / "run", "--data", tmp_path / "labels.npz"), "labels >= 10")
+    r = run("predict", "--model", root / "run", "--data", tmp_path / "labels.npz")
+    assert r.exit_code == 0 and "labels ignored" in r.stdout and "accuracy" not in r.stdout
     one_line_error(run("evaluate", "--model", tmp_path, "--data", root / "val.npz"), "model.onnx")
     one_line_error(run("evaluate", "--model", tmp_path / "none.onnx", "--data", root / "val.npz"), "does not exist")
     (tmp_path / "bad.onnx").write_bytes(b"not a model")
@@ -323,3 +325,16 @@ def test_docs_image_example_works(tmp_path, monkeypatch):
     assert ds.x.shape == (6, 3, 32, 32) and ds.y.tolist() == [0, 0, 0, 1, 1, 1] and ds.num_classes == 2
     np.testing.assert_allclose(ds.x[4, 0], 41 / 255, rtol=1e-6)  # channel 0 (red) of dog/1.png, scaled
     np.testing.assert_allclose(ds.x[4, 2], 200 / 255, rtol=1e-6)
+
+
+def test_shape_error_suggests_channels_last_for_nhwc_models():
+    from ftte_hub.tools import ToolError, fit_input
+
+    class Nhwc:  # an input [H, W, C] as a Keras model through tf2onnx takes
+        input_shape = (32, 32, 3)
+
+        def check_input(self, x):
+            raise ValueError("shape")
+
+    with pytest.raises(ToolError, match="--shape 32x32x3 --channels-last --out"):
+        fit_input(Nhwc(), np.zeros((2, 1, 8, 8), np.float32), "digits")

@@ -241,10 +241,13 @@ def fit_input(model, x: np.ndarray, data_spec: str) -> np.ndarray:
     try:
         return model.check_input(x)
     except ValueError:
-        shape = "x".join(str(d) for d in model.input_shape)
-        raise ToolError(f"the model takes samples of shape {list(model.input_shape)}, but {data_spec} has "
-                        f"{list(x.shape[1:])}: `ftte-hub resample {data_spec} --shape {shape} --out "
-                        f"resized.npz` resizes it") from None
+        dims = tuple(model.input_shape)
+        # an NHWC model (Keras through tf2onnx) has few channels last and many first
+        nhwc = len(dims) == 3 and dims[-1] in (1, 3, 4) and dims[0] > 4
+        shape = "x".join(str(d) for d in dims)
+        raise ToolError(f"the model takes samples of shape {list(dims)}, but {data_spec} has "
+                        f"{list(x.shape[1:])}: `ftte-hub resample {data_spec} --shape {shape}"
+                        f"{' --channels-last' if nhwc else ''} --out resized.npz` resizes it") from None
 
 
 def check_labels(model, y: np.ndarray, data_spec: str) -> None:
@@ -267,6 +270,7 @@ class Predictions:
     classes: np.ndarray        # int32 [N]
     logits: np.ndarray         # float32 [N, C]
     labels: Optional[np.ndarray]  # int32 [N] when the data has y
+    note: Optional[str] = None    # why the file's labels were not used
 
 
 def predict(model_spec: str, data_spec: str, batch_size: int = 256) -> Predictions:
@@ -281,10 +285,13 @@ def predict(model_spec: str, data_spec: str, batch_size: int = 256) -> Predictio
         raise ToolError(str(e)) from None
     x = fit_input(model, x, data_spec)
     logits = model.predict(x, batch_size=batch_size)
+    note = None
     if y is not None and y.size and int(y.max()) >= model.num_classes:
-        y = None  # labels the model cannot produce: predict ignores them (evaluate refuses)
+        note = (f"the file's labels go up to {int(y.max())}, but the model has {model.num_classes} classes: "
+                f"labels ignored")
+        y = None  # predict still classifies; evaluate refuses such labels
     return Predictions(resolve_model_path(model_spec), tuple(model.input_shape),
-                       np.argmax(logits, axis=1).astype(np.int32), logits, y)
+                       np.argmax(logits, axis=1).astype(np.int32), logits, y, note)
 
 
 def save_predictions(path: str, p: Predictions) -> None:
@@ -303,6 +310,8 @@ def prediction_lines(p: Predictions, show: int) -> List[str]:
              f"classes (class:samples): {_class_summary(counts, k=min(c, MAX_CLASS_COLUMNS))}"]
     if p.labels is not None:
         lines.append(f"accuracy against the file's labels: {float(np.mean(p.classes == p.labels)):.4f}")
+    if p.note:
+        lines.append(p.note)
     if show > 0:
         prob = softmax(p.logits[:show])
         head = f"{'sample':>7} {'class':>6} {'prob':>6}" + (f" {'label':>6}" if p.labels is not None else "")
