@@ -338,3 +338,15 @@ def test_shape_error_suggests_channels_last_for_nhwc_models():
 
     with pytest.raises(ToolError, match="--shape 32x32x3 --channels-last --out"):
         fit_input(Nhwc(), np.zeros((2, 1, 8, 8), np.float32), "digits")
+
+
+def test_evaluate_many_classes_lists_top_confusions(tmp_path):
+    model = ft.zoo("mlp", (6,), 25, seed=0)
+    ft.save_onnx(model, str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((80, 6)).astype(np.float32), y=rng.integers(0, 25, 80))
+    r = run("evaluate", "--model", tmp_path / "m.onnx", "--data", tmp_path / "d.npz")
+    assert r.exit_code == 0, r.output
+    assert "most frequent confusions" in r.stdout and "rows: true class" not in r.stdout
+    assert len(json.loads(run("evaluate", "--model", tmp_path / "m.onnx", "--data", tmp_path / "d.npz",
+                              "--json").stdout)["confusion"]) == 25

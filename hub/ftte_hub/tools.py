@@ -228,7 +228,7 @@ def load_model(spec: str):
     try:
         from ftte_core.onnx_io import load_model as load_onnx
     except ImportError:
-        raise ToolError("reading ONNX models needs the onnx package (pip install onnx)") from None
+        raise ToolError("reading ONNX models needs the onnx package: pip install onnx") from None
     try:
         return load_onnx(path)
     except (ValueError, OSError) as e:  # OnnxImportError is a ValueError
