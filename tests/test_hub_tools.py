@@ -350,3 +350,14 @@ def test_evaluate_many_classes_lists_top_confusions(tmp_path):
     assert "most frequent confusions" in r.stdout and "rows: true class" not in r.stdout
     assert len(json.loads(run("evaluate", "--model", tmp_path / "m.onnx", "--data", tmp_path / "d.npz",
                               "--json").stdout)["confusion"]) == 25
+
+
+def test_real_process_exit_code_and_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT / "src"), str(ROOT / "agent"), str(ROOT / "hub"), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-m", "ftte_hub.cli", "split", "digits", "--devices", "5000", "--out",
+                        str(tmp_path / "s")], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "5000 devices" in p.stderr, p.stderr

@@ -147,15 +147,16 @@ def resample(source, shape, channels_last, out_path):
 
 @main.command()
 @click.argument("source", metavar="DATA")
-@click.option("--devices", type=int, required=True, help="Number of device shards to write (1..samples).")
-@click.option("--alpha", type=float, default=None,
+@click.option("--devices", type=int, required=True, metavar="N", help="Number of device shards to write (1..samples).")
+@click.option("--alpha", type=float, default=None, metavar="A",
               help="Dirichlet label-skew concentration (smaller = more skewed, e.g. 0.1 .. 100); default: IID "
                    "(shuffled, equal sizes).")
 @click.option("--val", "val_fraction", type=float, default=0.2,
               help="Fraction of the samples kept for the hub's val.npz (stratified by class), in [0, 1); 0 writes "
                    "no val.npz.")
 @click.option("--seed", type=int, default=0, help="Seed of the shuffles and draws (same seed, same split).")
-@click.option("--out", "out_dir", required=True, type=click.Path(), help="Folder for device-K.npz and val.npz.")
+@click.option("--out", "out_dir", required=True, type=click.Path(), metavar="DIR",
+              help="Folder for device-K.npz and val.npz (created if missing).")
 @click.option("--force", is_flag=True,
               help="Write into a non-empty --out (replacing its device-*.npz and val.npz, removing extra ones).")
 @click.option("--compress", is_flag=True, help="Write compressed .npz files (smaller, slower to load).")
@@ -179,9 +180,9 @@ def split(source, devices, alpha, val_fraction, seed, out_dir, force, compress):
 
 
 @main.command()
-@click.option("--model", "model_spec", required=True,
+@click.option("--model", "model_spec", required=True, metavar="FILE|DIR",
               help="An .onnx model, or the --out folder of `ftte-hub train` / `ftte-hub demo` (its model.onnx).")
-@click.option("--data", "data_spec", required=True,
+@click.option("--data", "data_spec", required=True, metavar="FILE",
               help="An .npz with x (y optional: then the accuracy is printed too), or 'digits'.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Write predictions here (.npz: 'class' int32 [N], 'logits' float32 [N, classes]); default: "
@@ -207,9 +208,9 @@ def predict(model_spec, data_spec, out_path, show, batch_size):
 
 
 @main.command()
-@click.option("--model", "model_spec", required=True,
+@click.option("--model", "model_spec", required=True, metavar="FILE|DIR",
               help="An .onnx model, or the --out folder of `ftte-hub train` / `ftte-hub demo` (its model.onnx).")
-@click.option("--data", "data_spec", required=True, help="Labelled .npz (x, y), e.g. the hub's val.npz, or 'digits'.")
+@click.option("--data", "data_spec", required=True, metavar="FILE", help="Labelled .npz (x, y), e.g. the hub's val.npz, or 'digits'.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: accuracy, loss, balanced_accuracy, samples, num_classes, recall, "
                    "precision, support (per class) and confusion (rows: true class, columns: predicted).")
