@@ -1,7 +1,9 @@
-"""`ftte-hub`: the coordinator's command line (keygen, train, demo, simulate)."""
+"""`ftte-hub`: the coordinator's command line (keygen, train, demo, simulate, resample, split, predict,
+evaluate)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -141,6 +143,93 @@ def resample(source, shape, channels_last, out_path):
         _fail(f"cannot write {out_path}: {e.strerror or e}")
     click.echo(f"{how or f'{source}: samples already have shape {list(target)}'}; wrote {out_path} "
                f"({len(out)} samples)", err=True)
+
+
+@main.command()
+@click.argument("source", metavar="DATA")
+@click.option("--devices", type=int, required=True, metavar="N", help="Number of device shards to write (1..samples).")
+@click.option("--alpha", type=float, default=None, metavar="A",
+              help="Dirichlet label-skew concentration (smaller = more skewed, e.g. 0.1 .. 100); default: IID "
+                   "(shuffled, equal sizes).")
+@click.option("--val", "val_fraction", type=float, default=0.2,
+              help="Fraction of the samples kept for the hub's val.npz (stratified by class), in [0, 1); 0 writes "
+                   "no val.npz.")
+@click.option("--seed", type=int, default=0, help="Seed of the shuffles and draws (same seed, same split).")
+@click.option("--out", "out_dir", required=True, type=click.Path(), metavar="DIR",
+              help="Folder for device-K.npz and val.npz (created if missing).")
+@click.option("--force", is_flag=True,
+              help="Write into a non-empty --out (replacing its device-*.npz and val.npz, removing extra ones).")
+@click.option("--compress", is_flag=True, help="Write compressed .npz files (smaller, slower to load).")
+def split(source, devices, alpha, val_fraction, seed, out_dir, force, compress):
+    """Split DATA (an .npz with x and y, or 'digits') into one file per device plus the hub's validation file.
+
+    Writes OUT/device-0.npz .. OUT/device-{N-1}.npz (each device's --data) and OUT/val.npz (the hub's
+    --val-data); every sample lands in exactly one file, and each file keeps the number of classes
+    of DATA. Prints what each file holds. Preparing an .npz from CSV or images: docs/data.md.
+    """
+    from .tools import ToolError, split as run_split, split_table
+
+    try:
+        result = run_split(source, out_dir, devices, alpha=alpha, val_fraction=val_fraction, seed=seed,
+                           force=force, compress=compress)
+    except ToolError as e:
+        _fail(str(e))
+    how = "IID" if alpha is None else f"Dirichlet label skew, alpha {alpha:g}"
+    click.echo(split_table(result))
+    click.echo(f"wrote {len(result.shards)} files to {result.out} ({devices} devices, {how}, seed {seed})", err=True)
+
+
+@main.command()
+@click.option("--model", "model_spec", required=True, metavar="FILE|DIR",
+              help="An .onnx model, or the --out folder of `ftte-hub train` / `ftte-hub demo` (its model.onnx).")
+@click.option("--data", "data_spec", required=True, metavar="FILE",
+              help="An .npz with x (y optional: then the accuracy is printed too), or 'digits'.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Write predictions here (.npz: 'class' int32 [N], 'logits' float32 [N, classes]); default: "
+                   "print the first --show.")
+@click.option("--show", type=click.IntRange(0), default=10, help="Predictions to print when there is no --out.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, help="Samples per forward pass (memory bound).")
+def predict(model_spec, data_spec, out_path, show, batch_size):
+    """Classify the samples of --data with a trained model (our engine; no onnxruntime needed)."""
+    from .tools import ToolError, prediction_lines, predict as run_predict, save_predictions
+
+    try:
+        p = run_predict(model_spec, data_spec, batch_size=batch_size)
+        if out_path:
+            save_predictions(out_path, p)
+    except ToolError as e:
+        _fail(str(e))
+    except MemoryError:
+        _fail("out of memory (a smaller --batch-size or a smaller data file helps)")
+    for line in prediction_lines(p, 0 if out_path else show):
+        click.echo(line)
+    if out_path:
+        click.echo(f"wrote {out_path} ('class' and 'logits' of {len(p.classes)} samples)", err=True)
+
+
+@main.command()
+@click.option("--model", "model_spec", required=True, metavar="FILE|DIR",
+              help="An .onnx model, or the --out folder of `ftte-hub train` / `ftte-hub demo` (its model.onnx).")
+@click.option("--data", "data_spec", required=True, metavar="FILE", help="Labelled .npz (x, y), e.g. the hub's val.npz, or 'digits'.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: accuracy, loss, balanced_accuracy, samples, num_classes, recall, "
+                   "precision, support (per class) and confusion (rows: true class, columns: predicted).")
+@click.option("--batch-size", type=click.IntRange(1), default=256, help="Samples per forward pass (memory bound).")
+def evaluate(model_spec, data_spec, as_json, batch_size):
+    """Accuracy, per-class recall and the confusion matrix of a model on labelled data."""
+    from .tools import ToolError, evaluate as run_evaluate, evaluation_lines
+
+    try:
+        result = run_evaluate(model_spec, data_spec, batch_size=batch_size)
+    except ToolError as e:
+        _fail(str(e))
+    except MemoryError:
+        _fail("out of memory (a smaller --batch-size or a smaller data file helps)")
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for line in evaluation_lines(result):
+            click.echo(line)
 
 
 @main.command()

@@ -27,7 +27,7 @@ import numpy as np
 from .atomic import atomic_write
 
 __all__ = [
-    "DataError", "Dataset", "load_npz", "load_bundled", "save_npz", "train_val_split",
+    "DataError", "Dataset", "load_npz", "load_features", "load_bundled", "save_npz", "train_val_split",
     "partition_iid", "partition_dirichlet", "augment", "batches", "label_histogram", "resample_to_shape",
 ]
 
@@ -119,8 +119,10 @@ def _one_line(e: BaseException) -> str:
     return msg if len(msg) <= 200 else msg[:197] + "..."
 
 
-def _read_npz(path) -> dict:
-    """Read every array of an .npz without pickle; any failure becomes a one-line DataError."""
+def _read_npz(path, need=("x", "y")) -> dict:
+    """Read x, y (and num_classes) of an .npz without pickle; any failure becomes a one-line DataError.
+
+    The arrays in ``need`` must be present; the others are read when they are."""
     where = f"data file {str(path)!r}"
     try:
         if isinstance(path, (str, os.PathLike)) and os.path.getsize(path) == 0:
@@ -149,8 +151,8 @@ def _read_npz(path) -> dict:
     with obj:
         keys = list(obj.files)
         if not keys:
-            raise DataError(f"{where} is empty (no arrays); expected arrays 'x' and 'y'")
-        for k in ("x", "y"):
+            raise DataError(f"{where} is empty (no arrays); expected arrays {' and '.join(map(repr, need))}")
+        for k in need:
             if k not in keys:
                 shown = ", ".join(repr(q[:40]) for q in keys[:20])
                 more = f" and {len(keys) - 20} more" if len(keys) > 20 else ""
@@ -263,6 +265,16 @@ def load_npz(path: PathLike, name: Optional[str] = None) -> Dataset:
     if name is None:
         name = Path(path).stem if isinstance(path, (str, os.PathLike)) else "data"
     return Dataset(x, y, num_classes, name)
+
+
+def load_features(path: PathLike) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """``(x, y)`` of an ``.npz`` whose labels are optional (data to predict on): ``x`` float32 with
+    the checks and scaling of :func:`load_npz`, ``y`` int32 or None when the file has no ``y``."""
+    where = f"data file {str(path)!r}"
+    arrays = _read_npz(path, need=("x",))
+    x = _as_features(arrays["x"], where)
+    y = _as_labels(arrays["y"], x.shape[0], where) if "y" in arrays else None
+    return x, y
 
 
 def bundled_names() -> List[str]:
