@@ -30,7 +30,7 @@ from ftte_core.cost import predict_memory, training_flops
 from ftte_core.graph import Transpose
 from ftte_core.local import LocalWorker, TaskConfig
 from ftte_core.scheduler import RoundDriver
-from ftte_core.search import importance_scores, search_subset
+from ftte_core.search import BudgetTooSmall, importance_scores, search_subset
 from ftte_core.strategies import make_strategy
 from ftte_core.subset import Subset
 from ftte_core.zoo import default_shape, zoo_names
@@ -259,7 +259,20 @@ class _Setup:
         self.ftte_subset = self.full_subset
         if any(make_strategy(n, buffer_size=cfg.buffer).sparse for n in cfg.strategies):
             scores = importance_scores(self.model, val.x, val.y, seed=cfg.seed)
-            search = search_subset(self.model, scores, self.m_min, batch_size=cfg.batch_size)
+            try:
+                search = search_subset(self.model, scores, self.m_min, batch_size=cfg.batch_size)
+            except BudgetTooSmall as e:
+                if cfg.memory_budget is not None:
+                    raise
+                # The presets are tight for the digits models; an MLPerf Tiny model may not fit
+                # them at all. Rather than refuse the default run, give it a quarter of what
+                # full training takes (at least twice its cheapest subset), and say so.
+                full = predict_memory(self.model, batch_size=cfg.batch_size)["total"]
+                self.m_min = max(full // 4, 2 * e.minimum_bytes)
+                log(f"the profiles' smallest budget ({e.budget_bytes / 1024:.0f} KiB) cannot train this model "
+                    f"(its cheapest subset needs {e.minimum_bytes / 1024:.0f} KiB): M_min is a quarter of full "
+                    f"training, {self.m_min / 1024:.0f} KiB (--memory-budget sets it)")
+                search = search_subset(self.model, scores, self.m_min, batch_size=cfg.batch_size)
             self.model.load_state(self.start_state)
             self.ftte_subset = search.subset
             log(f"FTTE subset for M_min {self.m_min / 1024:.0f} KiB: {self.ftte_subset.describe(self.model)} "
