@@ -40,6 +40,7 @@ def _export_or_model_file(monkeypatch):
     return True
 
 
+@pytest.mark.slow  # a whole hub run: skipped only under emulation (pi-check)
 def test_hub_trains_a_residual_dag_with_fake_agents(tmp_path, monkeypatch, caplog):
     val, parts = digits_split(3)
     start = dag_models.tiny_resnet((1, 8, 8), 10, seed=0)

@@ -67,6 +67,7 @@ def test_resample_refuses_what_it_cannot_map():
 
 
 # -- the simulator ---------------------------------------------------------------------------------
+@pytest.mark.slow  # whole simulated fleets: skipped only under emulation (pi-check)
 def test_simulate_a_residual_dag_on_upsampled_digits():
     """A DAG (conv + BatchNorm + residual Add) given as a Model at 3x12x12: the digits are resized."""
     lines = []
@@ -86,6 +87,7 @@ def test_simulate_a_residual_dag_on_upsampled_digits():
     assert r["strategies"]["fedbuff"]["trainable_params"] == model.num_params()
 
 
+@pytest.mark.slow  # whole simulated fleets: skipped only under emulation (pi-check)
 def test_cli_simulate_an_onnx_dag_file(tmp_path):
     pytest.importorskip("onnx", reason="no onnx wheels for 32-bit ARM")
     ok, why = dag_models.onnx_dag_import_works()
@@ -112,6 +114,7 @@ def test_reference_shapes_agree_with_the_zoo():
         assert tuple(zoo_module.default_shape(name)[0]) == shape, name
 
 
+@pytest.mark.slow  # whole simulated fleets: skipped only under emulation (pi-check)
 @pytest.mark.parametrize("name", sorted(REFERENCE_SHAPES))
 def test_cli_simulate_zoo_reference_models_when_the_zoo_has_them(tmp_path, name):
     if name not in zoo_names():
@@ -150,6 +153,7 @@ def test_cli_simulate_refuses_bad_models_and_shapes_in_one_line(tmp_path):
     assert res.exit_code == 2 and "fixes its own input shape" in res.output
 
 
+@pytest.mark.slow  # whole simulated fleets: skipped only under emulation (pi-check)
 def test_cli_simulate_an_onnx_chain_at_another_shape(tmp_path):
     """A CNN exported at 3x16x16 (a chain, importable on every branch): the digits are resized to it."""
     pytest.importorskip("onnx")
@@ -210,6 +214,7 @@ def test_channels_last_models_get_channels_last_samples():
     assert r["input_shape"] == [12, 12, 3] and "channels moved last" in r["data_resampled"]
 
 
+@pytest.mark.slow  # whole simulated fleets: skipped only under emulation (pi-check)
 def test_cli_simulate_gives_a_model_the_presets_cannot_hold_a_workable_budget(tmp_path):
     """DS-CNN's cheapest subset does not fit the Pi Zero preset (512 KiB): the default run says so
     and searches under a quarter of full training instead; an explicit --memory-budget still
