@@ -406,6 +406,11 @@ class _Importer:
         need = {"Gather": 2, "Slice": 1 if "starts" in a else 3}.get(op, 1)
         if len(ins) < need or not all(ins[:need]):
             self._fail(f"{op} needs {need} inputs, got {ins}")
+        if op == "Identity" and ins[0] in self.consts:
+            # torch (training=PRESERVE) stores equal initializers once and aliases them through
+            # Identity nodes: batch-norm scales of ones, zero means, ...
+            self.consts[node.output[0]] = self.consts[ins[0]]
+            return
         if op == "Shape":
             v = self._value(ins[0])
             full = [self.input_batch] + list(self._shape(v))
