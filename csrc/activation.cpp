@@ -10,7 +10,7 @@
 namespace ftte {
 namespace {
 
-constexpr int64_t kBlock = 16384;
+constexpr int64_t kBlock = 16384;  // a multiple of 8: a block owns whole mask bytes
 
 // Runs f(i0, i1) over [0, n) in fixed blocks; flops_per_elem only decides whether threads pay off.
 template <class F>
@@ -41,6 +41,54 @@ void relu_backward(int64_t n, const float* y, const float* dy, float* dx) {
     for (int64_t i = i0; i < i1; ++i) {
       const float d = dy[i];  // an unconditional load lets the select vectorise (no branch)
       dx[i] = y[i] > 0.f ? d : 0.f;
+    }
+  });
+}
+
+void relu_forward_mask(int64_t n, const float* x, float* y, uint8_t* mask) {
+  blocks(n, 1, [=](int64_t i0, int64_t i1) {
+    // i0 is a multiple of 8 (kBlock is), so each block writes its own bytes of the mask.
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+      unsigned bits = 0;
+      for (int k = 0; k < 8; ++k) {
+        const float v = x[i + k];
+        const bool on = v > 0.f;
+        bits |= static_cast<unsigned>(on) << k;
+        y[i + k] = on ? v : 0.f;
+      }
+      mask[i / 8] = static_cast<uint8_t>(bits);
+    }
+    if (i < i1) {  // the last, partial byte (only the final block has one); its high bits stay 0
+      unsigned bits = 0;
+      for (int k = 0; i + k < i1; ++k) {
+        const float v = x[i + k];
+        const bool on = v > 0.f;
+        bits |= static_cast<unsigned>(on) << k;
+        y[i + k] = on ? v : 0.f;
+      }
+      mask[i / 8] = static_cast<uint8_t>(bits);
+    }
+  });
+}
+
+void relu_backward_mask(int64_t n, const uint8_t* mask, const float* dy, float* dx) {
+  blocks(n, 1, [=](int64_t i0, int64_t i1) {
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+      // The byte is read once into a register: uint8_t may alias dx for all the compiler knows.
+      const unsigned bits = mask[i / 8];
+      for (int k = 0; k < 8; ++k) {
+        const float d = dy[i + k];
+        dx[i + k] = ((bits >> k) & 1u) ? d : 0.f;
+      }
+    }
+    if (i < i1) {
+      const unsigned bits = mask[i / 8];
+      for (int k = 0; i + k < i1; ++k) {
+        const float d = dy[i + k];
+        dx[i + k] = ((bits >> k) & 1u) ? d : 0.f;
+      }
     }
   });
 }
