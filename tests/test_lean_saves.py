@@ -90,8 +90,8 @@ CASES = {
     # conv1's block is frozen (keeps nothing either way); conv2 trains 2 of 5 channels
     "cnn sparse": (_cnn, {"fc1": {"rows": "all", "bias": True}, "conv2": {"rows": [0, 3], "bias": True}},
                    N * 5 * 4 * 4 * 4 - _bits(N * 5 * 4 * 4) + 3 * N * 5 * 2 * 2),
-    # every ReLU output is a trained Dense's input, kept as float anyway: the masks come on top
-    "mlp full": (_mlp, None, -_bits(N * 24) - _bits(N * 13)),
+    # every ReLU output is a trained Dense's input, kept as float anyway: backward reads it, no mask
+    "mlp full": (_mlp, None, 0),
     # only biases train above fc1: no weight gradient reads a ReLU output, the masks replace them
     "mlp bias above": (_mlp, {"fc1": {"rows": "all", "bias": True}, "fc2": {"rows": None, "bias": True},
                               "fc3": {"rows": None, "bias": True}},
@@ -110,7 +110,8 @@ def test_activations_shrink_by_the_shapes_and_gradients_are_unchanged(case):
     assert tr_old.memory.activations - tr_new.memory.activations == saved
     masks = {k: b for k, b in tr_new.arena._buffers.items() if k[1:] == ("mask",)}
     argmaxes = {k: b for k, b in tr_new.arena._buffers.items() if k[1:] == ("argmax",)}
-    assert all(b.dtype == np.uint8 and b.ndim == 1 for b in masks.values()) and masks
+    assert all(b.dtype == np.uint8 and b.ndim == 1 for b in masks.values())
+    assert bool(masks) == (case != "mlp full")
     assert all(b.dtype == np.uint8 for b in argmaxes.values())
     assert abs(loss_new - loss_old) < 1e-6
     assert g_new.keys() == g_old.keys()
@@ -125,14 +126,22 @@ def test_activations_shrink_by_the_shapes_and_gradients_are_unchanged(case):
         np.testing.assert_allclose(g_new[key], r, rtol=1e-4, atol=1e-5, err_msg=key)
 
 
-def test_relu_output_read_by_a_trained_layer_stays_float():
+def test_relu_output_read_by_a_trained_layer_stays_float_and_replaces_the_mask():
     model = _mlp()
-    tr, _, _ = _step(model, ft.Subset.full(model), *_batch(model, N))
+    x, y = _batch(model, N)
+    tr, _, _ = _step(model, ft.Subset.full(model), x, y)
     kept = {k: b for k, b in tr.arena._buffers.items() if tr.arena._category[k] == "activations"}
-    # fc2's and fc3's inputs (the ReLU outputs) as float32, plus each ReLU's mask, plus probs
+    # fc2's and fc3's inputs (the ReLU outputs) as float32 and the probabilities: no masks
     shapes = sorted((b.shape, b.dtype.str) for b in kept.values())
-    assert shapes == sorted([((N, 24), "<f4"), ((N, 13), "<f4"), ((_bits(N * 24),), "|u1"),
-                             ((_bits(N * 13),), "|u1"), ((N, 5), "<f4")]), shapes
+    assert shapes == sorted([((N, 24), "<f4"), ((N, 13), "<f4"), ((N, 5), "<f4")]), shapes
+    # fc2 trains its bias only: relu1's output is no Dense input anyone keeps, so relu1 keeps its
+    # mask; relu2's output is fc3's kept input and serves as its mask
+    subset = ft.Subset.of(model, {"fc1": {"rows": "all", "bias": True}, "fc2": {"rows": None, "bias": True},
+                                  "fc3": {"rows": "all", "bias": True}})
+    tr, _, _ = _step(model, subset, x, y)
+    kept = {k: b for k, b in tr.arena._buffers.items() if tr.arena._category[k] == "activations"}
+    shapes = sorted((b.shape, b.dtype.str) for b in kept.values())
+    assert shapes == sorted([((_bits(N * 24),), "|u1"), ((N, 13), "<f4"), ((N, 5), "<f4")]), shapes
 
 
 def test_maxpool_1d_and_large_windows():

@@ -50,6 +50,10 @@ class Layer:
     #: output has the input's shape, element i depends on input element i only, and the kernel
     #: accepts y = x and dx = dy: the step may run it in place when nobody else needs its input
     elementwise = False
+    #: backward can work from the output instead of ``saved_buffers``: when another layer's
+    #: backward keeps the output anyway, the step runs forward without a scope (nothing saved)
+    #: and passes the output to backward
+    output_replaces_saved = False
     #: the first input's gradient is the output's, unchanged (a + b, a - b): backward may hand
     #: the buffer over instead of copying it
     passes_first_gradient = False
@@ -700,10 +704,12 @@ class _Activation(Layer):
 class ReLU(_Activation):
     """max(x, 0). A training step keeps one bit per element (x > 0) for backward, not the float
     output: 1/32 of the bytes, and the output's buffer is free for reuse (or the layer runs in
-    place) unless another layer's backward reads it."""
+    place). When another layer's backward reads the output anyway (a Dense whose weights train),
+    backward reads it and no mask is kept at all."""
 
     kind = "relu"
     saves_output = False
+    output_replaces_saved = True  # y > 0 is the mask: no mask when a trained Dense keeps y anyway
 
     def saved_buffers(self, n, in_shapes, out_shape):
         return {"mask": (((n * int(np.prod(out_shape)) + 7) // 8,), np.uint8)}
@@ -715,7 +721,10 @@ class ReLU(_Activation):
             K.relu_forward(x, y)
 
     def backward(self, x, y, dy, dx, scope):
-        K.relu_backward_mask(scope.saved("mask", ((dy.size + 7) // 8,), np.uint8), dy, dx)
+        if y is not None:  # the output is kept for another layer: it says the same as the mask
+            K.relu_backward(y, dy, dx)
+        else:
+            K.relu_backward_mask(scope.saved("mask", ((dy.size + 7) // 8,), np.uint8), dy, dx)
 
 
 class Sigmoid(_Activation):
