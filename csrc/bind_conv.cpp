@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -401,16 +402,40 @@ void register_conv(py::module_& m) {
                      "gives (" + std::to_string(o[0]) + ", " + std::to_string(o[1]) + ")");
           const uint8_t* ap = checked<uint8_t>(fn, "argmax", argmax, {N, C, OH, OW});
           const ftte::PoolGeom g = pool_geom(N, C, H, W, win, o);
-          // Every position must name a real cell of its window (the scatter trusts it).
+          // Every position must name a real cell of its window (the scatter trusts it). Row and
+          // column of each position come from tables: no division per output.
+          if (win.kh * win.kw > 256)
+            fail(fn, "a uint8 argmax holds window positions, so the kernel must have at most 256 cells");
+          std::array<int64_t, 256> row_of{}, col_of{};
+          for (int64_t r = 0; r < 256; ++r) {
+            const bool in = r < win.kh * win.kw;  // outside the window: a row no input has
+            row_of[static_cast<size_t>(r)] = in ? r / win.kw : std::numeric_limits<int32_t>::max();
+            col_of[static_cast<size_t>(r)] = in ? r % win.kw : 0;
+          }
+          auto refuse = [&](size_t r) {
+            fail(fn, "argmax holds " + std::to_string(r) + ", not a real cell of its " + std::to_string(win.kh) + "x" +
+                         std::to_string(win.kw) + " window");
+          };
+          // A window wholly inside the input takes any position below KH*KW: one vectorisable max
+          // over all outputs covers those; only windows reaching into padding or past the end
+          // are checked cell by cell.
+          const int64_t outs = N * C * OH * OW;
+          unsigned top = 0;
+          for (int64_t i = 0; i < outs; ++i) top = std::max<unsigned>(top, ap[i]);
+          if (top >= static_cast<unsigned>(win.kh * win.kw)) refuse(top);
+          auto inside = [](int64_t start, int64_t k, int64_t size) { return start >= 0 && start + k <= size; };
           for (int64_t p = 0; p < N * C; ++p)
-            for (int64_t oh = 0; oh < OH; ++oh)
+            for (int64_t oh = 0; oh < OH; ++oh) {
+              const int64_t h_start = oh * win.sh - win.pt;
+              const bool rows_inside = inside(h_start, win.kh, H);
               for (int64_t ow = 0; ow < OW; ++ow) {
-                const int64_t r = ap[(p * OH + oh) * OW + ow];
-                const int64_t ih = oh * win.sh - win.pt + r / win.kw, iw = ow * win.sw - win.pl + r % win.kw;
-                if (r >= win.kh * win.kw || ih < 0 || ih >= H || iw < 0 || iw >= W)
-                  fail(fn, "argmax holds " + std::to_string(r) + ", not a real cell of its " + std::to_string(win.kh) +
-                               "x" + std::to_string(win.kw) + " window");
+                const int64_t w_start = ow * win.sw - win.pl;
+                if (rows_inside && inside(w_start, win.kw, W)) continue;
+                const size_t r = ap[(p * OH + oh) * OW + ow];
+                const int64_t ih = h_start + row_of[r], iw = w_start + col_of[r];
+                if (ih < 0 || ih >= H || iw < 0 || iw >= W) refuse(r);
               }
+            }
           py::gil_scoped_release nogil;
           ftte::maxpool2d_backward_window(g, dyp, ap, dxp);
           return;

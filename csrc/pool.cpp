@@ -73,13 +73,6 @@ inline v4f load4(const float* p) {
   return v;
 }
 
-// Argmax as stored: the flat index h*W + w in the input plane (int32), or the position inside
-// the window (uint8). `rel` is the cell's position inside its window, `abs` its plane index.
-template <class Index>
-inline Index stored_index(int64_t abs, int64_t rel) {
-  return static_cast<Index>(std::is_same<Index, uint8_t>::value ? rel : abs);
-}
-
 // 2x2 windows, stride 2, no padding: the zoo's pooling, and most CNNs'. Four outputs at a time
 // (even/odd columns split by shuffles), the same first-max / NaN rule as the generic loop.
 // Measured on [32, 8, 28, 28] at one thread: generic loop 700 us, this 198 us.
@@ -143,6 +136,7 @@ void maxpool2x2(const PoolGeom& g, const float* x, float* y, Index* argmax) {
 
 template <class Index>
 void maxpool_generic(const PoolGeom& g, const float* x, float* y, Index* argmax) {
+  constexpr bool window_relative = std::is_same<Index, uint8_t>::value;
   if (g.KH == 2 && g.KW == 2 && g.sh == 2 && g.sw == 2 && g.pt == 0 && g.pl == 0 && 2 * g.OH <= g.H &&
       2 * g.OW <= g.W) {
     maxpool2x2(g, x, y, argmax);
@@ -161,22 +155,20 @@ void maxpool_generic(const PoolGeom& g, const float* x, float* y, Index* argmax)
         const Span w = win.w.data()[ow];
         const int64_t w_start = ow * g.sw - g.pl;
         // Padding smaller than the kernel guarantees at least one real cell per window.
-        int64_t best_h = h.lo, best_w = w.lo;
-        float best = xp[best_h * g.W + best_w];
+        // best_i: the plane index (int32 argmax) or the window position (uint8), whichever is stored.
+        int64_t best_i = window_relative ? (h.lo - h_start) * g.KW + (w.lo - w_start) : h.lo * g.W + w.lo;
+        float best = xp[h.lo * g.W + w.lo];
         for (int64_t ih = h.lo; ih < h.hi; ++ih)
           for (int64_t iw = w.lo; iw < w.hi; ++iw) {
             const float v = xp[ih * g.W + iw];
             // Strict > keeps the first max; a NaN wins once (and then stays) so it propagates.
             if (!(v <= best) && best == best) {
               best = v;
-              best_h = ih;
-              best_w = iw;
+              best_i = window_relative ? (ih - h_start) * g.KW + (iw - w_start) : ih * g.W + iw;
             }
           }
         yp[oh * g.OW + ow] = best;
-        if (ap)
-          ap[oh * g.OW + ow] =
-              stored_index<Index>(best_h * g.W + best_w, (best_h - h_start) * g.KW + (best_w - w_start));
+        if (ap) ap[oh * g.OW + ow] = static_cast<Index>(best_i);
       }
     }
   });
@@ -194,17 +186,21 @@ void maxpool2d_forward_window(const PoolGeom& g, const float* x, float* y, uint8
 
 void maxpool2d_backward_window(const PoolGeom& g, const float* dy, const uint8_t* argmax, float* dx) {
   const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
+  // Offset of each window position from the window's first (padded) cell in the plane: a table
+  // lookup instead of a division per output.
+  int64_t offset[256];
+  for (int64_t r = 0; r < g.KH * g.KW && r < 256; ++r) offset[r] = (r / g.KW) * g.W + r % g.KW;
   for_planes(g, static_cast<double>(HW + OHW), [&](int64_t p) {
     float* dxp = dx + p * HW;
     const float* dyp = dy + p * OHW;
     const uint8_t* ap = argmax + p * OHW;
     std::fill(dxp, dxp + HW, 0.f);
     for (int64_t oh = 0; oh < g.OH; ++oh) {
-      const int64_t h_start = oh * g.sh - g.pt;
+      // May be negative (top/left padding): the binding checked every position is a real cell.
+      const int64_t row_start = (oh * g.sh - g.pt) * g.W - g.pl;
       for (int64_t ow = 0; ow < g.OW; ++ow) {
-        const int64_t r = ap[oh * g.OW + ow];
-        const int64_t ih = h_start + r / g.KW, iw = ow * g.sw - g.pl + r % g.KW;
-        dxp[ih * g.W + iw] += dyp[oh * g.OW + ow];  // output order, as maxpool2d_backward
+        const int64_t o = oh * g.OW + ow;
+        dxp[row_start + ow * g.sw + offset[ap[o]]] += dyp[o];  // output order, as maxpool2d_backward
       }
     }
   });
