@@ -364,14 +364,24 @@ def test_maxpool_window_argmax_ties_and_padding():
     xn = -np.ones((1, 1, 3, 3), np.float32) - np.arange(9, dtype=np.float32).reshape(1, 1, 3, 3)
     K.maxpool2d_forward(xn, np.empty((1, 1, 2, 2), np.float32), am, (2, 2), (2, 2), (1, 1, 1, 1))
     np.testing.assert_array_equal(am[0, 0], [[3, 2], [1, 0]])  # padding (top/left) never wins
-    # the 2x2 stride-2 fast path with an odd width: vector lanes and the scalar tail
-    x = np.random.default_rng(5).standard_normal((2, 3, 6, 19)).astype(np.float32)
+    # the 2x2 stride-2 fast paths with an odd height and width: vector lanes, the scalar tail,
+    # and backward's last row and column (no window covers them: 0)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 7, 19)).astype(np.float32)
     x[0, 0, :2, :2] = 4.0  # four-way tie: position 0
     want, want_am = ref_max(x, (2, 2), (2, 2), (0, 0, 0, 0), False)
     am = np.empty(want.shape, np.uint8)
     K.maxpool2d_forward(x, np.empty(want.shape, np.float32), am, (2, 2), (2, 2))
     np.testing.assert_array_equal(am, window_positions(want_am, x.shape, (2, 2), (2, 2), (0, 0)))
     assert am[0, 0, 0, 0] == 0
+    dy = rng.standard_normal(want.shape).astype(np.float32)
+    dy[0, 0, 0, :3] = -0.0
+    dx = np.full(x.shape, np.nan, np.float32)
+    K.maxpool2d_backward(dy, am, dx, (2, 2), (2, 2))
+    dx32 = np.full(x.shape, np.nan, np.float32)
+    K.maxpool2d_backward(dy, want_am.astype(np.int32), dx32)
+    np.testing.assert_array_equal(dx.view(np.int32), dx32.view(np.int32))  # bit for bit, -0 included
+    assert not dx[:, :, 6, :].any() and not dx[:, :, :, 18].any()
 
 
 def test_maxpool_window_argmax_thread_count_independent():
