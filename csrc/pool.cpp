@@ -158,15 +158,19 @@ void maxpool_generic(const PoolGeom& g, const float* x, float* y, Index* argmax)
         // best_i: the plane index (int32 argmax) or the window position (uint8), whichever is stored.
         int64_t best_i = window_relative ? (h.lo - h_start) * g.KW + (w.lo - w_start) : h.lo * g.W + w.lo;
         float best = xp[h.lo * g.W + w.lo];
-        for (int64_t ih = h.lo; ih < h.hi; ++ih)
+        for (int64_t ih = h.lo; ih < h.hi; ++ih) {
+          // best_i is row_base + iw in either form: the same loop body, so the same if-conversion
+          // (a longer expression in the branch made the uint8 form 25% slower).
+          const int64_t row_base = window_relative ? (ih - h_start) * g.KW - w_start : ih * g.W;
           for (int64_t iw = w.lo; iw < w.hi; ++iw) {
             const float v = xp[ih * g.W + iw];
             // Strict > keeps the first max; a NaN wins once (and then stays) so it propagates.
             if (!(v <= best) && best == best) {
               best = v;
-              best_i = window_relative ? (ih - h_start) * g.KW + (iw - w_start) : ih * g.W + iw;
+              best_i = row_base + iw;
             }
           }
+        }
         yp[oh * g.OW + ow] = best;
         if (ap) ap[oh * g.OW + ow] = static_cast<Index>(best_i);
       }
