@@ -57,6 +57,15 @@ inline v4f load4(const float* p) {
   return v;
 }
 
+// Bit casts between same-size vectors (memcpy: a pointer cast would break strict aliasing).
+template <class To, class From>
+inline To bits_of(const From& v) {
+  static_assert(sizeof(To) == sizeof(From), "same size");
+  To t;
+  std::memcpy(&t, &v, sizeof(To));
+  return t;
+}
+
 // Eight elements at a time as two 4-lane vectors (GCC/Clang vector extensions: SSE2 or NEON):
 // the compare gives all-ones lanes, which select the value and one bit each. Branch-free (a
 // scalar loop mispredicts half of random signs) and the same for any vector width.
@@ -68,7 +77,7 @@ inline unsigned relu8(const float* x, float* y) {
   const v4f zero = {0.f, 0.f, 0.f, 0.f};
   const v4f a = load4(x), b = load4(x + 4);  // both loaded before y (which may be x) is written
   const v4i on_a = a > zero, on_b = b > zero;  // false for NaN: y = 0, bit 0, as relu_forward
-  const v4i ya = reinterpret_cast<const v4i&>(a) & on_a, yb = reinterpret_cast<const v4i&>(b) & on_b;
+  const v4i ya = bits_of<v4i>(a) & on_a, yb = bits_of<v4i>(b) & on_b;
   std::memcpy(y, &ya, 16);
   std::memcpy(y + 4, &yb, 16);
   const v4i w = (on_a & kLowBits) | (on_b & kHighBits);
@@ -83,9 +92,9 @@ inline void relu32(const float* x, float* y, uint8_t* mask) {
   for (int q = 0; q < 8; ++q) {
     const v4f a = load4(x + 4 * q);
     const v4i on = a > zero;
-    const v4i ya = reinterpret_cast<const v4i&>(a) & on;
+    const v4i ya = bits_of<v4i>(a) & on;
     std::memcpy(y + 4 * q, &ya, 16);
-    w |= reinterpret_cast<const v4u&>(on) & (kBits32 << (4u * static_cast<unsigned>(q)));
+    w |= bits_of<v4u>(on) & (kBits32 << (4u * static_cast<unsigned>(q)));
   }
   const uint32_t bits = w[0] | w[1] | w[2] | w[3];
   for (int j = 0; j < 4; ++j) mask[j] = static_cast<uint8_t>(bits >> (8 * j));  // any byte order
