@@ -8,6 +8,13 @@ namespace ftte {
 
 void relu_forward(int64_t n, const float* x, float* y);                     // y = max(x, 0)
 void relu_backward(int64_t n, const float* y, const float* dy, float* dx);  // dx = dy * (y > 0)
+// ReLU that keeps one bit per element for backward instead of the float output (a 32x smaller
+// saved state). mask holds ceil(n/8) bytes; bit k of byte i is element 8*i+k (NumPy's
+// packbits(..., bitorder="little")), set where x > 0 (so a NaN x gives y = 0 and bit 0, like
+// relu_forward/relu_backward); unused bits of the last byte are 0. y may be x; mask shares no
+// memory with x, y, dy or dx.
+void relu_forward_mask(int64_t n, const float* x, float* y, uint8_t* mask);
+void relu_backward_mask(int64_t n, const uint8_t* mask, const float* dy, float* dx);  // dx = dy where bit set, else 0
 void sigmoid_forward(int64_t n, const float* x, float* y);                  // y = 1 / (1 + e^-x)
 void sigmoid_backward(int64_t n, const float* y, const float* dy, float* dx);  // dx = dy * y * (1 - y)
 void tanh_forward(int64_t n, const float* x, float* y);

@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -103,6 +104,30 @@ void check_same_size(const std::string& fn, const char* an, const Flat& a, const
     fail(fn, std::string(an) + " has " + std::to_string(a.size) + " elements but " + bn + " has " +
                  std::to_string(b.size));
   same_or_disjoint(fn, an, a.data, a.size * 4, bn, b.data, b.size * 4);
+}
+
+// Any overlap at all is refused (the mask is bytes, the other array floats: same start is no use).
+void disjoint(const std::string& fn, const char* an, const void* a, int64_t abytes, const char* bn, const void* b,
+              int64_t bbytes) {
+  auto pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
+  if (abytes == 0 || bbytes == 0) return;
+  if (pa < pb + static_cast<uintptr_t>(bbytes) && pb < pa + static_cast<uintptr_t>(abytes))
+    fail(fn, std::string(an) + " and " + bn + " share memory");
+}
+
+// A packed bit mask for n elements: a C-contiguous uint8 array (any shape) of exactly ceil(n/8) bytes.
+uint8_t* bit_mask(const std::string& fn, const py::handle& obj, int64_t n, bool writable) {
+  if (!py::isinstance<py::array>(obj)) fail(fn, "mask must be a numpy array");
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(py::dtype::of<uint8_t>()))
+    fail(fn, "mask must have dtype uint8, got " + std::string(py::str(a.dtype())));
+  if (!(a.flags() & py::array::c_style)) fail(fn, "mask must be C-contiguous");
+  if (writable && !a.writeable()) fail(fn, "mask must be writable");
+  const int64_t want = (n + 7) / 8;
+  if (static_cast<int64_t>(a.size()) != want)
+    fail(fn, "mask has " + std::to_string(a.size()) + " bytes but " + std::to_string(n) + " elements need " +
+                 std::to_string(want));
+  return static_cast<uint8_t*>(const_cast<void*>(a.data()));
 }
 
 using Unary = void (*)(int64_t, const float*, float*);
@@ -323,31 +348,99 @@ void register_conv(py::module_& m) {
         const std::string fn = "maxpool2d_forward";
         const float* xp = checked<float>(fn, "x", x, {-1, -1, -1, -1});
         const int64_t N = dim(x, 0), C = dim(x, 1), H = dim(x, 2), W = dim(x, 3);
-        if (H * W > std::numeric_limits<int32_t>::max()) fail(fn, "input plane too large for int32 argmax");
         const Window win = pool_window(fn, kernel, stride, padding);
         const auto o = out_hw(fn, H, W, win, ceil_mode);
         float* yp = checked<float>(fn, "y", y, {N, C, o[0], o[1]}, true);
-        int32_t* ap = argmax.is_none() ? nullptr : checked<int32_t>(fn, "argmax", argmax, {N, C, o[0], o[1]}, true);
         same_or_disjoint(fn, "x", xp, N * C * H * W * 4, "y", yp, N * C * o[0] * o[1] * 4);
         if (xp == yp && N * C > 0) fail(fn, "y must not be x");
         const ftte::PoolGeom g = pool_geom(N, C, H, W, win, o);
+        const int64_t outs = N * C * o[0] * o[1];
+        if (!argmax.is_none() && py::isinstance<py::array>(argmax) &&
+            py::reinterpret_borrow<py::array>(argmax).dtype().is(py::dtype::of<uint8_t>())) {
+          if (win.kh * win.kw > 256)
+            fail(fn, "a uint8 argmax holds window positions, so the kernel must have at most 256 cells, got " +
+                         std::to_string(win.kh) + "x" + std::to_string(win.kw));
+          uint8_t* ap = checked<uint8_t>(fn, "argmax", argmax, {N, C, o[0], o[1]}, true);
+          same_or_disjoint(fn, "x", xp, N * C * H * W * 4, "argmax", ap, outs);
+          same_or_disjoint(fn, "y", yp, outs * 4, "argmax", ap, outs);
+          if ((static_cast<const void*>(ap) == xp || static_cast<const void*>(ap) == yp) && outs > 0)
+            fail(fn, "argmax must not share memory with x or y");
+          py::gil_scoped_release nogil;
+          ftte::maxpool2d_forward_window(g, xp, yp, ap);
+          return;
+        }
+        if (H * W > std::numeric_limits<int32_t>::max()) fail(fn, "input plane too large for int32 argmax");
+        int32_t* ap = argmax.is_none() ? nullptr : checked<int32_t>(fn, "argmax", argmax, {N, C, o[0], o[1]}, true);
         py::gil_scoped_release nogil;
         ftte::maxpool2d_forward(g, xp, yp, ap);
       },
       py::arg("x"), py::arg("y"), py::arg("argmax"), py::arg("kernel"), py::arg("stride"), py::arg("padding") = pad0,
       py::arg("ceil_mode") = false,
-      "y = max over each window; argmax (int32 like y, or None) gets the flat index h*W+w of the first max in "
-      "the input plane. Padding never wins.");
+      "y = max over each window; argmax (like y, or None) gets the first max: int32 holds its flat index h*W+w in "
+      "the input plane, uint8 (kernels of at most 256 cells) its position (ih - oh*sh + pt)*KW + (iw - ow*sw + pl) "
+      "inside the window. Padding never wins.");
 
   m.def(
       "maxpool2d_backward",
-      [](py::object dy, py::object argmax, py::object dx) {
+      [](py::object dy, py::object argmax, py::object dx, py::object kernel, py::object stride, py::object padding,
+         bool ceil_mode) {
         const std::string fn = "maxpool2d_backward";
         const float* dyp = checked<float>(fn, "dy", dy, {-1, -1, -1, -1});
         const int64_t N = dim(dy, 0), C = dim(dy, 1), OH = dim(dy, 2), OW = dim(dy, 3);
-        const int32_t* ap = checked<int32_t>(fn, "argmax", argmax, {N, C, OH, OW});
         float* dxp = checked<float>(fn, "dx", dx, {N, C, -1, -1}, true);
-        const int64_t HW = dim(dx, 2) * dim(dx, 3);
+        const int64_t H = dim(dx, 2), W = dim(dx, 3), HW = H * W;
+        same_or_disjoint(fn, "dy", dyp, N * C * OH * OW * 4, "dx", dxp, N * C * HW * 4);
+        if (dxp == dyp && N * C * OH * OW > 0) fail(fn, "dx must not be dy");
+        if (py::isinstance<py::array>(argmax) &&
+            py::reinterpret_borrow<py::array>(argmax).dtype().is(py::dtype::of<uint8_t>())) {
+          if (kernel.is_none() || stride.is_none())
+            fail(fn, "a uint8 argmax holds window positions: kernel and stride must be given");
+          const Window win = pool_window(fn, kernel, stride, padding);
+          const auto o = out_hw(fn, H, W, win, ceil_mode);
+          if (o[0] != OH || o[1] != OW)
+            fail(fn, "dy has shape (" + std::to_string(OH) + ", " + std::to_string(OW) + ") per plane but this window "
+                     "gives (" + std::to_string(o[0]) + ", " + std::to_string(o[1]) + ")");
+          const uint8_t* ap = checked<uint8_t>(fn, "argmax", argmax, {N, C, OH, OW});
+          const ftte::PoolGeom g = pool_geom(N, C, H, W, win, o);
+          // Every position must name a real cell of its window (the scatter trusts it). Row and
+          // column of each position come from tables: no division per output.
+          if (win.kh * win.kw > 256)
+            fail(fn, "a uint8 argmax holds window positions, so the kernel must have at most 256 cells");
+          std::array<int64_t, 256> row_of{}, col_of{};
+          for (int64_t r = 0; r < 256; ++r) {
+            const bool in = r < win.kh * win.kw;  // outside the window: a row no input has
+            row_of[static_cast<size_t>(r)] = in ? r / win.kw : std::numeric_limits<int32_t>::max();
+            col_of[static_cast<size_t>(r)] = in ? r % win.kw : 0;
+          }
+          auto refuse = [&](size_t r) {
+            fail(fn, "argmax holds " + std::to_string(r) + ", not a real cell of its " + std::to_string(win.kh) + "x" +
+                         std::to_string(win.kw) + " window");
+          };
+          // A window wholly inside the input takes any position below KH*KW: one vectorisable max
+          // over all outputs covers those; only windows reaching into padding or past the end
+          // are checked cell by cell.
+          const int64_t outs = N * C * OH * OW;
+          unsigned top = 0;
+          for (int64_t i = 0; i < outs; ++i) top = std::max<unsigned>(top, ap[i]);
+          if (top >= static_cast<unsigned>(win.kh * win.kw)) refuse(top);
+          auto inside = [](int64_t start, int64_t k, int64_t size) { return start >= 0 && start + k <= size; };
+          for (int64_t p = 0; p < N * C; ++p)
+            for (int64_t oh = 0; oh < OH; ++oh) {
+              const int64_t h_start = oh * win.sh - win.pt;
+              const bool rows_inside = inside(h_start, win.kh, H);
+              for (int64_t ow = 0; ow < OW; ++ow) {
+                const int64_t w_start = ow * win.sw - win.pl;
+                if (rows_inside && inside(w_start, win.kw, W)) continue;
+                const size_t r = ap[(p * OH + oh) * OW + ow];
+                const int64_t ih = h_start + row_of[r], iw = w_start + col_of[r];
+                if (ih < 0 || ih >= H || iw < 0 || iw >= W) refuse(r);
+              }
+            }
+          py::gil_scoped_release nogil;
+          ftte::maxpool2d_backward_window(g, dyp, ap, dxp);
+          return;
+        }
+        const int32_t* ap = checked<int32_t>(fn, "argmax", argmax, {N, C, OH, OW});
         for (int64_t i = 0, n = N * C * OH * OW; i < n; ++i)
           if (ap[i] < 0 || ap[i] >= HW)
             fail(fn, "argmax holds " + std::to_string(ap[i]) + ", outside the input plane [0, " + std::to_string(HW) +
@@ -355,8 +448,10 @@ void register_conv(py::module_& m) {
         py::gil_scoped_release nogil;
         ftte::maxpool2d_backward(N * C, HW, OH * OW, dyp, ap, dxp);
       },
-      py::arg("dy"), py::arg("argmax"), py::arg("dx"),
-      "dx[N,C,H,W] = 0, then dy scattered (+=) to the argmax positions from maxpool2d_forward.");
+      py::arg("dy"), py::arg("argmax"), py::arg("dx"), py::arg("kernel") = py::none(), py::arg("stride") = py::none(),
+      py::arg("padding") = pad0, py::arg("ceil_mode") = false,
+      "dx[N,C,H,W] = 0, then dy scattered (+=) to the argmax positions from maxpool2d_forward. A uint8 (window) "
+      "argmax needs the forward's kernel, stride, padding and ceil_mode; an int32 one ignores them.");
 
   m.def(
       "avgpool2d_forward",
@@ -433,6 +528,35 @@ void register_conv(py::module_& m) {
   // ---- activations (any shape; output may be the input for in-place) ----
   def_unary(m, "relu_forward", ftte::relu_forward, "y = max(x, 0); y may be x.");
   def_backward(m, "relu_backward", ftte::relu_backward, "dx = dy * (y > 0), y the forward output; dx may be dy.");
+  m.def(
+      "relu_forward_mask",
+      [](py::object x, py::object y, py::object mask) {
+        const std::string fn = "relu_forward_mask";
+        Flat xf = flat(fn, "x", x, false), yf = flat(fn, "y", y, true);
+        check_same_size(fn, "x", xf, "y", yf);
+        uint8_t* mp = bit_mask(fn, mask, xf.size, true);
+        const int64_t mbytes = (xf.size + 7) / 8;
+        disjoint(fn, "mask", mp, mbytes, "x", xf.data, xf.size * 4);
+        disjoint(fn, "mask", mp, mbytes, "y", yf.data, yf.size * 4);
+        py::gil_scoped_release nogil;
+        ftte::relu_forward_mask(xf.size, xf.data, yf.data, mp);
+      },
+      py::arg("x"), py::arg("y"), py::arg("mask"),
+      "y = max(x, 0); mask (uint8, ceil(n/8) bytes) gets bit k of byte i = x[8i+k] > 0 (np.packbits "
+      "bitorder='little'). y may be x.");
+  m.def(
+      "relu_backward_mask",
+      [](py::object mask, py::object dy, py::object dx) {
+        const std::string fn = "relu_backward_mask";
+        Flat dyf = flat(fn, "dy", dy, false), dxf = flat(fn, "dx", dx, true);
+        check_same_size(fn, "dy", dyf, "dx", dxf);
+        const uint8_t* mp = bit_mask(fn, mask, dyf.size, false);
+        disjoint(fn, "mask", mp, (dyf.size + 7) / 8, "dx", dxf.data, dxf.size * 4);
+        py::gil_scoped_release nogil;
+        ftte::relu_backward_mask(dyf.size, mp, dyf.data, dxf.data);
+      },
+      py::arg("mask"), py::arg("dy"), py::arg("dx"),
+      "dx = dy where the mask bit from relu_forward_mask is set, else 0; dx may be dy.");
   def_unary(m, "sigmoid_forward", ftte::sigmoid_forward, "y = 1 / (1 + exp(-x)); y may be x.");
   def_backward(m, "sigmoid_backward", ftte::sigmoid_backward, "dx = dy * y * (1 - y), y the forward output.");
   def_unary(m, "tanh_forward", ftte::tanh_forward, "y = tanh(x); y may be x.");

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "parallel.h"
 #include "workspace.h"
@@ -75,16 +76,20 @@ inline v4f load4(const float* p) {
 // 2x2 windows, stride 2, no padding: the zoo's pooling, and most CNNs'. Four outputs at a time
 // (even/odd columns split by shuffles), the same first-max / NaN rule as the generic loop.
 // Measured on [32, 8, 28, 28] at one thread: generic loop 700 us, this 198 us.
-void maxpool2x2(const PoolGeom& g, const float* x, float* y, int32_t* argmax) {
+template <class Index>
+void maxpool2x2(const PoolGeom& g, const float* x, float* y, Index* argmax) {
+  constexpr bool window_relative = std::is_same<Index, uint8_t>::value;
   const int64_t HW = g.H * g.W, OHW = g.OH * g.OW, W = g.W;
   for_planes(g, static_cast<double>(OHW * 4), [&](int64_t p) {
     const float* xp = x + p * HW;
     float* yp = y + p * OHW;
-    int32_t* ap = argmax ? argmax + p * OHW : nullptr;
+    Index* ap = argmax ? argmax + p * OHW : nullptr;
     for (int64_t oh = 0; oh < g.OH; ++oh) {
       const float* r0 = xp + 2 * oh * W;
       const float* r1 = r0 + W;
-      const int32_t base = static_cast<int32_t>(2 * oh * W);
+      const int32_t base = window_relative ? 0 : static_cast<int32_t>(2 * oh * W);
+      // Window-relative indices are 0, 1 (top row), 2, 3 (bottom row) in every window.
+      const int32_t w = window_relative ? 2 : static_cast<int32_t>(W);
       int64_t ow = 0;
       for (; ow + 4 <= g.OW; ow += 4) {
         const int64_t c = 2 * ow;
@@ -97,33 +102,41 @@ void maxpool2x2(const PoolGeom& g, const float* x, float* y, int32_t* argmax) {
         const v4f tl = __builtin_shuffle(a0, a1, ev), tr = __builtin_shuffle(a0, a1, od);
         const v4f bl = __builtin_shuffle(b0, b1, ev), br = __builtin_shuffle(b0, b1, od);
 #endif
-        const int32_t c0 = base + static_cast<int32_t>(c), w = static_cast<int32_t>(W);
-        const v4i col = {c0, c0 + 2, c0 + 4, c0 + 6};
+        const int32_t c0 = base + static_cast<int32_t>(c);
+        const v4i col = window_relative ? v4i{0, 0, 0, 0} : v4i{c0, c0 + 2, c0 + 4, c0 + 6};
         v4f best = tl;
         v4i best_i = col;
         take4(tr, col + 1, best, best_i);
         take4(bl, col + w, best, best_i);
         take4(br, col + w + 1, best, best_i);
         std::memcpy(yp + oh * g.OW + ow, &best, 16);
-        if (ap) std::memcpy(ap + oh * g.OW + ow, &best_i, 16);
+        if (ap) {
+          if (window_relative) {
+            for (int k = 0; k < 4; ++k) ap[oh * g.OW + ow + k] = static_cast<Index>(best_i[k]);
+          } else {
+            std::memcpy(ap + oh * g.OW + ow, &best_i, 16);
+          }
+        }
       }
       for (; ow < g.OW; ++ow) {
-        const int32_t c = static_cast<int32_t>(2 * ow);
-        float best = r0[c];
+        const int32_t c = window_relative ? 0 : static_cast<int32_t>(2 * ow);
+        const float* t = r0 + 2 * ow;
+        const float* b = r1 + 2 * ow;
+        float best = t[0];
         int32_t best_i = base + c;
-        take_if_greater(r0[c + 1], base + c + 1, best, best_i);
-        take_if_greater(r1[c], base + static_cast<int32_t>(W) + c, best, best_i);
-        take_if_greater(r1[c + 1], base + static_cast<int32_t>(W) + c + 1, best, best_i);
+        take_if_greater(t[1], base + c + 1, best, best_i);
+        take_if_greater(b[0], base + w + c, best, best_i);
+        take_if_greater(b[1], base + w + c + 1, best, best_i);
         yp[oh * g.OW + ow] = best;
-        if (ap) ap[oh * g.OW + ow] = best_i;
+        if (ap) ap[oh * g.OW + ow] = static_cast<Index>(best_i);
       }
     }
   });
 }
 
-}  // namespace
-
-void maxpool2d_forward(const PoolGeom& g, const float* x, float* y, int32_t* argmax) {
+template <class Index>
+void maxpool_generic(const PoolGeom& g, const float* x, float* y, Index* argmax) {
+  constexpr bool window_relative = std::is_same<Index, uint8_t>::value;
   if (g.KH == 2 && g.KW == 2 && g.sh == 2 && g.sw == 2 && g.pt == 0 && g.pl == 0 && 2 * g.OH <= g.H &&
       2 * g.OW <= g.W) {
     maxpool2x2(g, x, y, argmax);
@@ -134,25 +147,95 @@ void maxpool2d_forward(const PoolGeom& g, const float* x, float* y, int32_t* arg
   for_planes(g, static_cast<double>(OHW * g.KH * g.KW), [&](int64_t p) {
     const float* xp = x + p * HW;
     float* yp = y + p * OHW;
-    int32_t* ap = argmax ? argmax + p * OHW : nullptr;
+    Index* ap = argmax ? argmax + p * OHW : nullptr;
     for (int64_t oh = 0; oh < g.OH; ++oh) {
       const Span h = win.h.data()[oh];
+      const int64_t h_start = oh * g.sh - g.pt;  // the window's first row, padding included
       for (int64_t ow = 0; ow < g.OW; ++ow) {
         const Span w = win.w.data()[ow];
+        const int64_t w_start = ow * g.sw - g.pl;
         // Padding smaller than the kernel guarantees at least one real cell per window.
-        int64_t best_i = h.lo * g.W + w.lo;
-        float best = xp[best_i];
-        for (int64_t ih = h.lo; ih < h.hi; ++ih)
+        // best_i: the plane index (int32 argmax) or the window position (uint8), whichever is stored.
+        int64_t best_i = window_relative ? (h.lo - h_start) * g.KW + (w.lo - w_start) : h.lo * g.W + w.lo;
+        float best = xp[h.lo * g.W + w.lo];
+        for (int64_t ih = h.lo; ih < h.hi; ++ih) {
+          // best_i is row_base + iw in either form: the same loop body, so the same if-conversion
+          // (a longer expression in the branch made the uint8 form 25% slower).
+          const int64_t row_base = window_relative ? (ih - h_start) * g.KW - w_start : ih * g.W;
           for (int64_t iw = w.lo; iw < w.hi; ++iw) {
             const float v = xp[ih * g.W + iw];
             // Strict > keeps the first max; a NaN wins once (and then stays) so it propagates.
             if (!(v <= best) && best == best) {
               best = v;
-              best_i = ih * g.W + iw;
+              best_i = row_base + iw;
             }
           }
+        }
         yp[oh * g.OW + ow] = best;
-        if (ap) ap[oh * g.OW + ow] = static_cast<int32_t>(best_i);
+        if (ap) ap[oh * g.OW + ow] = static_cast<Index>(best_i);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void maxpool2d_forward(const PoolGeom& g, const float* x, float* y, int32_t* argmax) {
+  maxpool_generic<int32_t>(g, x, y, argmax);
+}
+
+void maxpool2d_forward_window(const PoolGeom& g, const float* x, float* y, uint8_t* argmax) {
+  maxpool_generic<uint8_t>(g, x, y, argmax);
+}
+
+void maxpool2d_backward_window(const PoolGeom& g, const float* dy, const uint8_t* argmax, float* dx) {
+  const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
+  if (g.KH == 2 && g.KW == 2 && g.sh == 2 && g.sw == 2 && g.pt == 0 && g.pl == 0 && 2 * g.OH <= g.H &&
+      2 * g.OW <= g.W) {
+    // Windows tile the plane without overlap: every dx cell is written once, dy or 0, with no
+    // zero-fill pass and no scatter. 0 + d as the scatter computes it (a -0 dy gives +0).
+    for_planes(g, static_cast<double>(HW), [&](int64_t p) {
+      float* dxp = dx + p * HW;
+      const float* dyp = dy + p * OHW;
+      const uint8_t* ap = argmax + p * OHW;
+      for (int64_t oh = 0; oh < g.OH; ++oh) {
+        float* r0 = dxp + 2 * oh * g.W;
+        float* r1 = r0 + g.W;
+        const float* d_row = dyp + oh * g.OW;
+        const uint8_t* a_row = ap + oh * g.OW;
+        for (int64_t ow = 0; ow < g.OW; ++ow) {
+          const float d = 0.f + d_row[ow];
+          uint32_t bits;
+          std::memcpy(&bits, &d, 4);
+          const uint32_t r = a_row[ow];
+          // Bit masks, not ?: (random positions would mispredict a branch three times in four).
+          const uint32_t cell[4] = {bits & (0u - (r == 0)), bits & (0u - (r == 1)), bits & (0u - (r == 2)),
+                                    bits & (0u - (r == 3))};
+          std::memcpy(r0 + 2 * ow, cell, 8);
+          std::memcpy(r1 + 2 * ow, cell + 2, 8);
+        }
+        std::fill(r0 + 2 * g.OW, r0 + g.W, 0.f);  // an odd width's last column
+        std::fill(r1 + 2 * g.OW, r1 + g.W, 0.f);
+      }
+      std::fill(dxp + 2 * g.OH * g.W, dxp + HW, 0.f);  // an odd height's last row
+    });
+    return;
+  }
+  // Offset of each window position from the window's first (padded) cell in the plane: a table
+  // lookup instead of a division per output.
+  int64_t offset[256];
+  for (int64_t r = 0; r < g.KH * g.KW && r < 256; ++r) offset[r] = (r / g.KW) * g.W + r % g.KW;
+  for_planes(g, static_cast<double>(HW + OHW), [&](int64_t p) {
+    float* dxp = dx + p * HW;
+    const float* dyp = dy + p * OHW;
+    const uint8_t* ap = argmax + p * OHW;
+    std::fill(dxp, dxp + HW, 0.f);
+    for (int64_t oh = 0; oh < g.OH; ++oh) {
+      // May be negative (top/left padding): the binding checked every position is a real cell.
+      const int64_t row_start = (oh * g.sh - g.pt) * g.W - g.pl;
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        const int64_t o = oh * g.OW + ow;
+        dxp[row_start + ow * g.sw + offset[ap[o]]] += dyp[o];  // output order, as maxpool2d_backward
       }
     }
   });

@@ -320,3 +320,118 @@ def test_maxpool_2x2_fast_path_keeps_first_max_and_nan_rules(hw):
                     a, b = cells[best_k]
                     assert am[n, c, i, j] == a * W + b
                     assert (np.isnan(best) and np.isnan(y[n, c, i, j])) or y[n, c, i, j] == best
+
+
+# -- uint8 argmax: the max's position inside its window (what a training step keeps) ----------------
+
+def window_positions(am, shape, kernel, stride, pad):
+    """The plane indices of ref_max as positions inside each (padded) window."""
+    W = shape[3]
+    OH, OW = am.shape[2:]
+    h_start = (np.arange(OH) * stride[0] - pad[0])[:, None]
+    w_start = (np.arange(OW) * stride[1] - pad[1])[None, :]
+    return (am // W - h_start) * kernel[1] + (am % W - w_start)
+
+
+@pytest.mark.parametrize("ci", range(len(CASES)))
+def test_maxpool_window_argmax_matches_numpy(ci):
+    shape, kernel, stride, pad, ceil_mode = CASES[ci]
+    rng = np.random.default_rng(100 + ci)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[..., ::3, 1::2] = x[..., ::3, :1]  # ties inside some windows: the first max must win
+    want, want_am = ref_max(x, kernel, stride, pad, ceil_mode)
+    y = np.full(want.shape, np.nan, np.float32)
+    am = np.full(want.shape, 255, np.uint8)
+    K.maxpool2d_forward(x, y, am, kernel, stride, pad, ceil_mode)
+    np.testing.assert_array_equal(y, want.astype(np.float32))
+    np.testing.assert_array_equal(am, window_positions(want_am, shape, kernel, stride, pad))
+
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = np.full(shape, np.nan, np.float32)
+    K.maxpool2d_backward(dy, am, dx, kernel, stride, pad, ceil_mode)
+    am32 = np.empty(y.shape, np.int32)
+    K.maxpool2d_forward(x, np.empty_like(y), am32, kernel, stride, pad, ceil_mode)
+    dx32 = np.empty_like(dx)
+    K.maxpool2d_backward(dy, am32, dx32)
+    np.testing.assert_array_equal(dx, dx32)  # the same additions in the same order
+
+
+def test_maxpool_window_argmax_ties_and_padding():
+    x = np.array([[[[1, 3, 3], [3, 2, 0], [-5, -5, -7]]]], np.float32)
+    am = np.empty((1, 1, 2, 2), np.uint8)
+    K.maxpool2d_forward(x, np.empty((1, 1, 2, 2), np.float32), am, (2, 2), (1, 1))
+    np.testing.assert_array_equal(am[0, 0], [[1, 0], [0, 0]])
+    xn = -np.ones((1, 1, 3, 3), np.float32) - np.arange(9, dtype=np.float32).reshape(1, 1, 3, 3)
+    K.maxpool2d_forward(xn, np.empty((1, 1, 2, 2), np.float32), am, (2, 2), (2, 2), (1, 1, 1, 1))
+    np.testing.assert_array_equal(am[0, 0], [[3, 2], [1, 0]])  # padding (top/left) never wins
+    # the 2x2 stride-2 fast paths with an odd height and width: vector lanes, the scalar tail,
+    # and backward's last row and column (no window covers them: 0)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 7, 19)).astype(np.float32)
+    x[0, 0, :2, :2] = 4.0  # four-way tie: position 0
+    want, want_am = ref_max(x, (2, 2), (2, 2), (0, 0, 0, 0), False)
+    am = np.empty(want.shape, np.uint8)
+    K.maxpool2d_forward(x, np.empty(want.shape, np.float32), am, (2, 2), (2, 2))
+    np.testing.assert_array_equal(am, window_positions(want_am, x.shape, (2, 2), (2, 2), (0, 0)))
+    assert am[0, 0, 0, 0] == 0
+    dy = rng.standard_normal(want.shape).astype(np.float32)
+    dy[0, 0, 0, :3] = -0.0
+    dx = np.full(x.shape, np.nan, np.float32)
+    K.maxpool2d_backward(dy, am, dx, (2, 2), (2, 2))
+    dx32 = np.full(x.shape, np.nan, np.float32)
+    K.maxpool2d_backward(dy, want_am.astype(np.int32), dx32)
+    np.testing.assert_array_equal(dx.view(np.int32), dx32.view(np.int32))  # bit for bit, -0 included
+    assert not dx[:, :, 6, :].any() and not dx[:, :, :, 18].any()
+
+
+def test_maxpool_window_argmax_thread_count_independent():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((8, 16, 24, 24)).astype(np.float32)
+    before = K.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3):
+            K.set_num_threads(t)
+            res = []
+            for args in (((3, 3), (2, 2), (1, 1, 1, 1), True), ((2, 2), (2, 2), (0, 0, 0, 0), False)):
+                y = np.empty(oshape(x, *args[:3], args[3]), np.float32)
+                am = np.empty(y.shape, np.uint8)
+                K.maxpool2d_forward(x, y, am, *args)
+                dx = np.empty_like(x)
+                K.maxpool2d_backward(y, am, dx, *args)
+                res += [y, am, dx]
+            outs.append(res)
+    finally:
+        K.set_num_threads(before)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_maxpool_window_argmax_errors():
+    x = np.zeros((1, 2, 6, 6), np.float32)
+    y = np.zeros((1, 2, 3, 3), np.float32)
+    am = np.zeros((1, 2, 3, 3), np.uint8)
+    big = np.zeros((1, 1, 17, 17), np.float32)
+    with pytest.raises(ValueError, match="maxpool2d_forward: a uint8 argmax holds window positions, so the kernel "
+                                         "must have at most 256 cells, got 17x16"):
+        K.maxpool2d_forward(big, np.zeros((1, 1, 1, 2), np.float32), np.zeros((1, 1, 1, 2), np.uint8), (17, 16),
+                            (1, 1))
+    K.maxpool2d_forward(big, np.zeros((1, 1, 2, 2), np.float32), np.zeros((1, 1, 2, 2), np.uint8), (16, 16), (1, 1))
+    with pytest.raises(ValueError, match=r"maxpool2d_forward: argmax has shape \(1, 2, 3, 2\)"):
+        K.maxpool2d_forward(x, y, np.zeros((1, 2, 3, 2), np.uint8), (2, 2), (2, 2))
+    with pytest.raises(ValueError, match="maxpool2d_backward: a uint8 argmax holds window positions: kernel and "
+                                         "stride must be given"):
+        K.maxpool2d_backward(y, am, x)
+    with pytest.raises(ValueError, match=r"maxpool2d_backward: dy has shape \(3, 3\) per plane but this window "
+                                         r"gives \(2, 2\)"):
+        K.maxpool2d_backward(y, am, x, (3, 3), (3, 3))
+    am[0, 1, 2, 2] = 4
+    with pytest.raises(ValueError, match="maxpool2d_backward: argmax holds 4, not a real cell of its 2x2 window"):
+        K.maxpool2d_backward(y, am, x, (2, 2), (2, 2))
+    # a position in the padding: window (0, 0) of a 2x2 pool with top/left padding 1 has only cell 3 real
+    am = np.zeros((1, 2, 4, 4), np.uint8)
+    with pytest.raises(ValueError, match="maxpool2d_backward: argmax holds 0, not a real cell of its 2x2 window"):
+        K.maxpool2d_backward(np.zeros((1, 2, 4, 4), np.float32), am, x, (2, 2), (2, 2), (1, 1, 1, 1))
+    with pytest.raises(ValueError, match="maxpool2d_backward: dx must not be dy"):
+        K.maxpool2d_backward(y, np.zeros((1, 2, 3, 3), np.uint8), y.reshape(1, 2, 3, 3), (1, 1), (1, 1))

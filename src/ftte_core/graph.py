@@ -50,6 +50,10 @@ class Layer:
     #: output has the input's shape, element i depends on input element i only, and the kernel
     #: accepts y = x and dx = dy: the step may run it in place when nobody else needs its input
     elementwise = False
+    #: backward can work from the output instead of ``saved_buffers``: when another layer's
+    #: backward keeps the output anyway, the step runs forward without a scope (nothing saved)
+    #: and passes the output to backward
+    output_replaces_saved = False
     #: the first input's gradient is the output's, unchanged (a + b, a - b): backward may hand
     #: the buffer over instead of copying it
     passes_first_gradient = False
@@ -419,17 +423,24 @@ class _Pool(Layer):
 class MaxPool2d(_Pool):
     base_kind = "maxpool2d"
 
+    @property
+    def argmax_dtype(self):
+        """What a training step keeps per output: the max's position inside its window as one byte
+        when the window has at most 256 cells, else its int32 index in the input plane."""
+        return np.uint8 if int(np.prod(self.kernel)) <= 256 else np.int32
+
     def saved_buffers(self, n, in_shapes, out_shape):
-        return {"argmax": ((n,) + tuple(out_shape), np.int32)}
+        return {"argmax": ((n,) + tuple(out_shape), self.argmax_dtype)}
 
     def forward(self, x, y, scope=None):
-        argmax = scope.saved("argmax", y.shape, np.int32) if scope is not None and scope.keep else None
+        argmax = scope.saved("argmax", y.shape, self.argmax_dtype) if scope is not None and scope.keep else None
         K.maxpool2d_forward(self._x4(x), self._x4(y), None if argmax is None else self._x4(argmax),
                             self.kernel2, self.stride2, self.padding2, self.ceil_mode)
 
     def backward(self, x, y, dy, dx, scope):
-        argmax = scope.saved("argmax", dy.shape, np.int32)
-        K.maxpool2d_backward(self._x4(dy), self._x4(argmax), self._x4(dx))
+        argmax = scope.saved("argmax", dy.shape, self.argmax_dtype)
+        K.maxpool2d_backward(self._x4(dy), self._x4(argmax), self._x4(dx), self.kernel2, self.stride2, self.padding2,
+                             self.ceil_mode)
 
 
 class AvgPool2d(_Pool):
@@ -691,9 +702,29 @@ class _Activation(Layer):
 
 
 class ReLU(_Activation):
+    """max(x, 0). A training step keeps one bit per element (x > 0) for backward, not the float
+    output: 1/32 of the bytes, and the output's buffer is free for reuse (or the layer runs in
+    place). When another layer's backward reads the output anyway (a Dense whose weights train),
+    backward reads it and no mask is kept at all."""
+
     kind = "relu"
-    _forward = staticmethod(K.relu_forward)
-    _backward = staticmethod(K.relu_backward)
+    saves_output = False
+    output_replaces_saved = True  # y > 0 is the mask: no mask when a trained Dense keeps y anyway
+
+    def saved_buffers(self, n, in_shapes, out_shape):
+        return {"mask": (((n * int(np.prod(out_shape)) + 7) // 8,), np.uint8)}
+
+    def forward(self, x, y, scope=None):
+        if scope is not None and scope.keep:
+            K.relu_forward_mask(x, y, scope.saved("mask", ((x.size + 7) // 8,), np.uint8))
+        else:
+            K.relu_forward(x, y)
+
+    def backward(self, x, y, dy, dx, scope):
+        if y is not None:  # the output is kept for another layer: it says the same as the mask
+            K.relu_backward(y, dy, dx)
+        else:
+            K.relu_backward_mask(scope.saved("mask", ((dy.size + 7) // 8,), np.uint8), dy, dx)
 
 
 class Sigmoid(_Activation):

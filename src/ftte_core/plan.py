@@ -14,7 +14,9 @@ The rules, for a subset of parameters on a DAG of layers:
 - a value is *kept* (an ``activations`` buffer for the whole batch) when some backward call
   reads it: the input of a layer whose weight rows train, an activation's output, a Mul's other
   operand; a frozen layer's output read by a layer that is not frozen also lives for the whole
-  batch (``workspace`` unless kept);
+  batch (``workspace`` unless kept). Layers also keep their ``saved_buffers`` (ReLU's bit mask,
+  max-pool's argmax), except that a layer with ``output_replaces_saved`` whose output is kept
+  anyway runs forward without a scope and gets that output in backward instead;
 - everything else lives in reused scratch *slots* (``workspace``): a value takes a free slot when
   it is computed and frees it after its last reader; a gradient likewise, until its producer's
   backward has run. Each slot grows to the largest thing it ever holds;
@@ -179,6 +181,15 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
             members[s].append(v)
             del members[v]
     kept = {s: any(kept_value[m] for m in ms) for s, ms in members.items()}
+    # a layer whose backward can read its output instead of its saved buffers (ReLU: y > 0 is its
+    # bit mask) does so when another layer's backward keeps that output anyway
+    output_instead = [False] * L
+    for i in range(L):
+        v = i + 1
+        if active[i] and layers[i].output_replaces_saved and not needs_out[i]:
+            same = [m for m in members[storage[v]] if content[m] == content[v]]
+            if any(kept_value[m] for m in same):
+                output_instead[i] = needs_out[i] = True
     # a storage lives for the whole batch when a frozen layer fills it and a trained one touches it
     whole = {}
     for s, ms in members.items():
@@ -265,9 +276,12 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
         if layers[i].kind in VIEW_KINDS:
             release_after(i)
             continue
-        for name, (shape, dtype) in layers[i].saved_buffers(n, in_shapes[i], shapes[v]).items():
-            fixed[(i, name)] = (tuple(shape), dtype, "activations")
-        forward.append((layers[i].forward, (arg(ins, i), y, ("scope", i))))
+        if output_instead[i]:  # no scope: the layer saves nothing, backward gets its output
+            forward.append((layers[i].forward, (arg(ins, i), y, None)))
+        else:
+            for name, (shape, dtype) in layers[i].saved_buffers(n, in_shapes[i], shapes[v]).items():
+                fixed[(i, name)] = (tuple(shape), dtype, "activations")
+            forward.append((layers[i].forward, (arg(ins, i), y, ("scope", i))))
         scratch.append(_fwd_scratch(layers[i], n, in_shapes[i]))
         release_after(i)
     logits = place(out, 0, n)
