@@ -456,7 +456,7 @@ def print_tiny(results):
     g = first["gemm_gflops"]
     print(f"\nMLPerf Tiny zoo models: training step, batch {BATCH}, SGD momentum {MOMENTUM}, lr {LR_TINY}; "
           f"median ms [p10-p90]; torch: {first['torch'] or 'not installed (column skipped; pip install torch)'}")
-    print(f"GEMM rate measured in the same process (1st setting): "
+    print("GEMM rate measured in the same process (1st setting): "
           + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in g.items())
           + "; compute limit = the step's training flops at the best of these rates; eff = limit / engine")
     print("engine full, engine sparse and torch steps run in turn; ratios are medians of the per-round ratios "

@@ -192,7 +192,7 @@ def split_table(result: SplitResult) -> str:
     nc = result.num_classes
     wide = nc <= MAX_CLASS_COLUMNS
     head = f"{'file':<16} {'samples':>8} {'classes':>8}"
-    head += "".join(f" {c:>5}" for c in range(nc)) if wide else f"  most frequent (class:samples)"
+    head += "".join(f" {c:>5}" for c in range(nc)) if wide else "  most frequent (class:samples)"
     lines = [head]
     total = np.zeros(nc, np.int64)
     for name, part in result.shards:
