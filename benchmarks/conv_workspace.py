@@ -1,7 +1,7 @@
 """Conv2d workspace and speed on the zoo's large-map layers, optionally against another build.
 
     python benchmarks/conv_workspace.py [--batch 8 --reps 41 --threads 1]
-    python benchmarks/conv_workspace.py --baseline /path/to/old/_kernels.cpython-*.so
+    python benchmarks/conv_workspace.py --baseline /path/to/old/_kernels.cpython-*.so [--cpu]
 
 For each layer it prints the kernel scratch conv2d_scratch_bytes reports (one image, one thread:
 the per-thread figure; forward, backward with dW and dX) and checks it against the workspace peak
@@ -56,16 +56,16 @@ def calls(mod, x, w, b, stride, pad):
     return fwd, bwd
 
 
-def time_alternating(fns, reps, warmup=3):
+def time_alternating(fns, reps, clock, warmup=3):
     for _ in range(warmup):
         for fn in fns:
             fn()
     ts = np.empty((len(fns), reps))
     for i in range(reps):
         for j, fn in enumerate(fns):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            ts[j, i] = time.perf_counter() - t0
+            ts[j, i] = clock() - t0
     return ts
 
 
@@ -81,14 +81,19 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--baseline", help="another build's _kernels .so to compare with")
     ap.add_argument("--only", help="substring of the layer names to run")
+    ap.add_argument("--cpu", action="store_true",
+                    help="time the calling thread's CPU time, not wall time (1 thread only: the kernels then "
+                         "run on this thread; leaves out the time other processes hold the core)")
     args = ap.parse_args()
     mods = [("new", K)]
     if args.baseline:
         mods.append(("old", load_baseline(args.baseline)))
     for _, mod in mods:
         mod.set_num_threads(args.threads)
+    if args.cpu and args.threads != 1:
+        ap.error("--cpu needs --threads 1")
     print(f"GEMM kernel {K.sgemm_kernel_name()}, batch {args.batch}, {args.threads} thread(s), "
-          f"{args.reps} reps; scratch per image per thread (KiB)")
+          f"{args.reps} reps, {'CPU' if args.cpu else 'wall'} time; scratch per image per thread (KiB)")
     rng = np.random.default_rng(0)
     for name, xs, ws, stride, pad in LAYERS:
         if args.only and args.only not in name:
@@ -107,10 +112,11 @@ def main():
         x = rng.standard_normal((args.batch,) + xs).astype(np.float32)
         fns = [calls(mod, x, w, b, stride, pad) for _, mod in mods]
         for what, idx in (("forward", 0), ("backward", 1)):
-            ts = time_alternating([f[idx] for f in fns], args.reps)
+            ts = time_alternating([f[idx] for f in fns], args.reps, time.thread_time if args.cpu else time.perf_counter)
             line = "  ".join(f"{label} {fmt(t)}" for (label, _), t in zip(mods, ts))
             if len(mods) == 2:
-                line += f"  new/old {np.median(ts[0]) / np.median(ts[1]):.3f}"
+                line += (f"  new/old {np.median(ts[0]) / np.median(ts[1]):.3f}"
+                         f" (median of pairs {np.median(ts[0] / ts[1]):.3f})")
             print(f"  {what:8s} {line}")
 
 

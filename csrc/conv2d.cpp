@@ -39,15 +39,19 @@ inline void valid_cols(const ConvGeom& g, int64_t j, int64_t& lo, int64_t& hi) {
   hi = std::max(hi, lo);
 }
 
-// The output positions [p0, p1) (p = oh*OW + ow) of one tile, row by row: calls
-// fn(oh, a, b, off) for each output row oh touched, with its columns [a, b) and the offset of
-// (oh, a) inside the tile.
-template <class Fn>
-inline void for_tile_rows(const ConvGeom& g, int64_t p0, int64_t p1, Fn fn) {
-  for (int64_t oh = p0 / g.OW, end = (p1 - 1) / g.OW; oh <= end; ++oh) {
-    const int64_t a = std::max(p0 - oh * g.OW, int64_t(0)), b = std::min(p1 - oh * g.OW, g.OW);
-    fn(oh, a, b, oh * g.OW + a - p0);
+// Calls row(oh, a, b) for every output row oh the tile [p0, p1) touches, with its columns
+// [a, b): a possibly partial first row, whole rows (a = 0, b = OW), a possibly partial last row.
+// Whole rows are most of the work, and with small maps each is short, so the caller's code for
+// them can skip the clipping a partial row needs (full_row(oh) is called for those instead).
+template <class Row, class FullRow>
+inline void for_tile_rows(const ConvGeom& g, int64_t p0, int64_t p1, Row row, FullRow full_row) {
+  int64_t oh = p0 / g.OW;
+  if (p0 > oh * g.OW || p1 < (oh + 1) * g.OW) {  // first row partial
+    row(oh, p0 - oh * g.OW, std::min(p1 - oh * g.OW, g.OW));
+    ++oh;
   }
+  for (; (oh + 1) * g.OW <= p1; ++oh) full_row(oh);
+  if (oh * g.OW < p1) row(oh, int64_t(0), p1 - oh * g.OW);  // last row partial
 }
 
 // cols[(c*KH + i)*KW + j][p - p0] = x[c][oh*sh - pt + i][ow*sw - pl + j] for the output
@@ -60,29 +64,36 @@ void im2col(const ConvGeom& g, const float* x, int64_t p0, int64_t p1, float* co
       [&](int64_t c) {
         for (int64_t i = 0; i < g.KH; ++i)
           for (int64_t j = 0; j < g.KW; ++j) {
-            float* row = cols + ((c * g.KH + i) * g.KW + j) * T;
+            float* dst = cols + ((c * g.KH + i) * g.KW + j) * T;  // the tile's next entry
             int64_t lo, hi;
             valid_cols(g, j, lo, hi);
-            for_tile_rows(g, p0, p1, [&](int64_t oh, int64_t a, int64_t b, int64_t off) {
-              float* dst = row + off;  // dst[ow - a] for ow in [a, b)
+            // Output columns [a, b) of row oh, of which [l, h) read the input.
+            auto copy = [&](int64_t oh, int64_t a, int64_t b, int64_t l, int64_t h) {
               const int64_t ih = oh * g.sh - g.pt + i;
-              const int64_t l = std::min(std::max(lo, a), b), h = std::max(std::min(hi, b), l);
               if (ih < 0 || ih >= g.H || l == h) {
                 std::fill(dst, dst + (b - a), 0.f);
-                return;
+              } else {
+                // Input cell of output column ow: src[(ow - l) * sw]; only valid columns are read.
+                const float* src = x + (c * g.H + ih) * g.W + (l * g.sw - g.pl + j);
+                float* out = dst + (l - a);
+                std::fill(dst, out, 0.f);
+                if (g.sw == 1)
+                  std::memcpy(out, src, static_cast<size_t>(h - l) * sizeof(float));
+                else if (g.sw == 2)  // a constant stride: the compiler vectorises it with shuffles
+                  for (int64_t q = 0; q < h - l; ++q) out[q] = src[2 * q];
+                else
+                  for (int64_t q = 0; q < h - l; ++q) out[q] = src[q * g.sw];
+                std::fill(dst + (h - a), dst + (b - a), 0.f);
               }
-              // Input cell of output column ow: src[(ow - l) * sw]; only valid columns are read.
-              const float* src = x + (c * g.H + ih) * g.W + (l * g.sw - g.pl + j);
-              std::fill(dst, dst + (l - a), 0.f);
-              float* out = dst + (l - a);
-              if (g.sw == 1)
-                std::memcpy(out, src, static_cast<size_t>(h - l) * sizeof(float));
-              else if (g.sw == 2)  // a constant stride the compiler turns into vector shuffles
-                for (int64_t q = 0; q < h - l; ++q) out[q] = src[2 * q];
-              else
-                for (int64_t q = 0; q < h - l; ++q) out[q] = src[q * g.sw];
-              std::fill(dst + (h - a), dst + (b - a), 0.f);
-            });
+              dst += b - a;
+            };
+            for_tile_rows(
+                g, p0, p1,
+                [&](int64_t oh, int64_t a, int64_t b) {
+                  const int64_t l = std::min(std::max(lo, a), b);
+                  copy(oh, a, b, l, std::max(std::min(hi, b), l));
+                },
+                [&](int64_t oh) { copy(oh, 0, g.OW, lo, hi); });
           }
       },
       static_cast<double>(g.C) * g.KH * g.KW * T);
@@ -101,20 +112,31 @@ void col2im(const ConvGeom& g, const float* cols, int64_t p0, int64_t p1, float*
         if (zero) std::fill(plane, plane + g.H * g.W, 0.f);
         for (int64_t i = 0; i < g.KH; ++i)
           for (int64_t j = 0; j < g.KW; ++j) {
-            const float* row = cols + ((c * g.KH + i) * g.KW + j) * T;
+            const float* src = cols + ((c * g.KH + i) * g.KW + j) * T;  // the tile's next entry
             int64_t lo, hi;
             valid_cols(g, j, lo, hi);
-            for_tile_rows(g, p0, p1, [&](int64_t oh, int64_t a, int64_t b, int64_t off) {
+            auto add = [&](int64_t oh, int64_t a, int64_t b, int64_t l, int64_t h) {
               const int64_t ih = oh * g.sh - g.pt + i;
-              const int64_t l = std::min(std::max(lo, a), b), h = std::max(std::min(hi, b), l);
-              if (ih < 0 || ih >= g.H || l == h) return;
-              const float* src = row + off + (l - a);  // the entries of output columns [l, h)
-              float* dst = plane + ih * g.W + (l * g.sw - g.pl + j);
-              if (g.sw == 2)  // constant stride: vector shuffles, as in im2col
-                for (int64_t q = 0; q < h - l; ++q) dst[2 * q] += src[q];
-              else
-                for (int64_t q = 0; q < h - l; ++q) dst[q * g.sw] += src[q];
-            });
+              if (ih >= 0 && ih < g.H && l < h) {
+                const float* in = src + (l - a);  // the entries of output columns [l, h)
+                float* out = plane + ih * g.W + (l * g.sw - g.pl + j);
+                // Constant strides, so the compiler vectorises (shuffles for stride 2).
+                if (g.sw == 1)
+                  for (int64_t q = 0; q < h - l; ++q) out[q] += in[q];
+                else if (g.sw == 2)
+                  for (int64_t q = 0; q < h - l; ++q) out[2 * q] += in[q];
+                else
+                  for (int64_t q = 0; q < h - l; ++q) out[q * g.sw] += in[q];
+              }
+              src += b - a;
+            };
+            for_tile_rows(
+                g, p0, p1,
+                [&](int64_t oh, int64_t a, int64_t b) {
+                  const int64_t l = std::min(std::max(lo, a), b);
+                  add(oh, a, b, l, std::max(std::min(hi, b), l));
+                },
+                [&](int64_t oh) { add(oh, 0, g.OW, lo, hi); });
           }
       },
       static_cast<double>(g.C) * g.KH * g.KW * T);
