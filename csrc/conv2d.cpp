@@ -246,17 +246,21 @@ void conv2d_backward(const ConvGeom& g, const float* x, const float* w, const fl
   }
 
   // Images are grouped into chunks fixed by N (not by the thread count). Chunk 0 writes dW
-  // itself, the others their own partial buffer; partials are added in chunk order at the end.
+  // itself, the others a partial buffer each, added to dW in chunk order. Chunks run in waves
+  // of as many as run at once (one on one thread); a wave's partials are added before the next
+  // wave reuses their buffers, so only that many are held, and dW = ((c0 + c1) + c2) + ... in
+  // the same order whatever the waves are.
   const int64_t chunks = backward_chunks(g, R, dw != nullptr);
-  Scratch<float> partials(dw ? static_cast<size_t>((chunks - 1) * R * K) : 0);
+  const int64_t wave = dw ? live_tasks(chunks, get_num_threads()) : chunks;  // no partials: one wave
+  const int64_t slots = dw && chunks > 1 ? std::min(wave, chunks - 1) : 0;
+  Scratch<float> partials(static_cast<size_t>(slots * R * K));
 
   // Per image, tile by tile (tiles in order, so every sum is grouped the same on any thread
   // count): dW (+)= dy[rows, tile] . cols_tile^T, then dcols_tile = W^T . dy[:, tile]
   // scattered back onto the image (the first tile zeroes dx's planes).
   const int64_t T = tile_width(g);
-  auto run_chunk = [&](int64_t ch) {
+  auto run_chunk = [&](int64_t ch, float* dwc) {
     const int64_t n0 = ch * g.N / chunks, n1 = (ch + 1) * g.N / chunks;
-    float* dwc = ch == 0 ? dw : partials.data() + (ch - 1) * R * K;
     Scratch<float> cols(direct ? 0 : static_cast<size_t>(K * T));
     for (int64_t n = n0; n < n1; ++n) {
       const float* xn = x ? x + n * g.C * g.H * g.W : nullptr;  // x is only needed for dW
@@ -283,20 +287,27 @@ void conv2d_backward(const ConvGeom& g, const float* x, const float* w, const fl
     }
   };
   const double work = (dw ? 2.0 * R * K * P : 0.0) * g.N + (dx ? 2.0 * K * P * g.OC : 0.0) * g.N;
-  for_each_image(chunks, work, run_chunk);
-
-  if (dw && chunks > 1) {
-    const int64_t total = R * K, block = 4096;
-    parallel_for(
-        (total + block - 1) / block,
-        [&](int64_t t) {
-          const int64_t i0 = t * block, i1 = std::min(total, i0 + block);
-          for (int64_t ch = 1; ch < chunks; ++ch) {
-            const float* part = partials.data() + (ch - 1) * total;
-            for (int64_t i = i0; i < i1; ++i) dw[i] += part[i];
-          }
-        },
-        static_cast<double>(total) * (chunks - 1));
+  for (int64_t c0 = 0; c0 < chunks; c0 += wave) {
+    const int64_t c1 = std::min(chunks, c0 + wave);
+    // Chunk ch's partial buffer: slot ch - 1 in the first wave (chunk 0 writes dW), ch - c0 after.
+    auto dw_of = [&](int64_t ch) {
+      return !dw ? nullptr : ch == 0 ? dw : partials.data() + (c0 == 0 ? ch - 1 : ch - c0) * R * K;
+    };
+    for_each_image(c1 - c0, work * double(c1 - c0) / double(chunks),
+                   [&](int64_t k) { run_chunk(c0 + k, dw_of(c0 + k)); });
+    if (dw && c1 > std::max<int64_t>(c0, 1)) {
+      const int64_t first = std::max<int64_t>(c0, 1), total = R * K, block = 4096;
+      parallel_for(
+          (total + block - 1) / block,
+          [&](int64_t t) {
+            const int64_t i0 = t * block, i1 = std::min(total, i0 + block);
+            for (int64_t ch = first; ch < c1; ++ch) {
+              const float* part = dw_of(ch);
+              for (int64_t i = i0; i < i1; ++i) dw[i] += part[i];
+            }
+          },
+          static_cast<double>(total) * double(c1 - first));
+    }
   }
 }
 
@@ -319,7 +330,7 @@ size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool wa
   if (R == 0) want_dw = false;
   if ((!want_dw && !want_dx) || g.N == 0) return 0;
   const int64_t chunks = backward_chunks(g, R, want_dw);
-  const int64_t partials = want_dw ? (chunks - 1) * R * K : 0;
+  const int64_t partials = want_dw && chunks > 1 ? std::min(live_tasks(chunks, threads), chunks - 1) * R * K : 0;
   static const int32_t some_rows[1] = {0};
   size_t pack = 0;
   for (int64_t t : widths) {

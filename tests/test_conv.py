@@ -506,3 +506,32 @@ def test_tiled_finite_differences():
             arr[idx] = old
             # linear loss: exact up to rounding; dW sums ~600 float32 terms here
             assert abs((lp - lm) / (2 * eps) - grad[idx]) < 2e-3 * (1 + abs(grad[idx]))
+
+
+def test_dw_partials_only_for_chunks_running_at_once():
+    """Backward sums image chunks' dW in chunk order, in waves of as many chunks as run at once:
+    one partial buffer on one thread (was chunks - 1 = 7 for a batch of 20), results unchanged."""
+    rng = np.random.default_rng(8)
+    N, C, H, W, OC = 20, 6, 9, 7, 10
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    w = rng.standard_normal((OC, C, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((N, OC, H, W)).astype(np.float32)
+    pad = (1, 1, 1, 1)
+    one_dw = OC * C * 9 * 4
+    for threads in (1, 2, 3):
+        with_partials = K.conv2d_scratch_bytes(x.shape, w.shape, (1, 1), pad, backward=True, threads=threads)
+        single_image = K.conv2d_scratch_bytes((1, C, H, W), w.shape, (1, 1), pad, backward=True, threads=threads)
+        assert with_partials - single_image * threads == threads * one_dw
+    _, rdw, _ = ref_backward(x, w, dy, (1, 1), pad)
+    before = K.get_num_threads()
+    try:
+        K.set_num_threads(1)
+        dw = np.empty_like(w)
+        base = K.workspace_current_bytes()
+        K.reset_workspace_peak()
+        K.conv2d_backward(x, w, dy, None, dw, None, None, (1, 1), pad)
+        used = K.workspace_peak_bytes() - base
+        assert used == K.conv2d_scratch_bytes(x.shape, w.shape, (1, 1), pad, backward=True, dx=False, threads=1)
+        np.testing.assert_allclose(dw, rdw, rtol=1e-4, atol=1e-3)
+    finally:
+        K.set_num_threads(before)
