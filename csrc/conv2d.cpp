@@ -1,5 +1,6 @@
-// Convolution as im2col + sgemm. Scratch is one column matrix [C*KH*KW, OH*OW] per image in
-// flight (never the whole batch): on a Pi the batch of columns would not fit next to the model.
+// Convolution as im2col + sgemm. Scratch is one tile of one image's column matrix
+// [C*KH*KW, OH*OW] per image in flight (never the whole batch, nor a whole large map: see
+// kTileBytes): on a Pi the columns of a large map would not fit next to the model.
 // Results never depend on the thread count: images are independent, and the one sum over
 // images (dW) is grouped into chunks fixed by the batch size, added in chunk order.
 #include "conv2d.h"
@@ -38,62 +39,127 @@ inline void valid_cols(const ConvGeom& g, int64_t j, int64_t& lo, int64_t& hi) {
   hi = std::max(hi, lo);
 }
 
-// cols[(c*KH + i)*KW + j][oh*OW + ow] = x[c][oh*sh - pt + i][ow*sw - pl + j], zero in padding.
-// Split over input channels (inline when already inside a per-image parallel loop).
-void im2col(const ConvGeom& g, const float* x, float* cols) {
-  const int64_t P = g.OH * g.OW;
+// Calls row(oh, a, b) for every output row oh the tile [p0, p1) touches, with its columns
+// [a, b): a possibly partial first row, whole rows (a = 0, b = OW), a possibly partial last row.
+// Whole rows are most of the work, and with small maps each is short, so the caller's code for
+// them can skip the clipping a partial row needs (full_row(oh) is called for those instead).
+template <class Row, class FullRow>
+inline void for_tile_rows(const ConvGeom& g, int64_t p0, int64_t p1, Row row, FullRow full_row) {
+  int64_t oh = p0 / g.OW;
+  if (p0 > oh * g.OW || p1 < (oh + 1) * g.OW) {  // first row partial
+    row(oh, p0 - oh * g.OW, std::min(p1 - oh * g.OW, g.OW));
+    ++oh;
+  }
+  for (; (oh + 1) * g.OW <= p1; ++oh) full_row(oh);
+  if (oh * g.OW < p1) row(oh, int64_t(0), p1 - oh * g.OW);  // last row partial
+}
+
+// cols[(c*KH + i)*KW + j][p - p0] = x[c][oh*sh - pt + i][ow*sw - pl + j] for the output
+// positions p = oh*OW + ow in [p0, p1), zero in padding. Split over input channels (inline
+// when already inside a per-image parallel loop).
+void im2col(const ConvGeom& g, const float* x, int64_t p0, int64_t p1, float* cols) {
+  const int64_t T = p1 - p0;
   parallel_for(
       g.C,
       [&](int64_t c) {
         for (int64_t i = 0; i < g.KH; ++i)
           for (int64_t j = 0; j < g.KW; ++j) {
-            float* dst = cols + ((c * g.KH + i) * g.KW + j) * P;
+            float* dst = cols + ((c * g.KH + i) * g.KW + j) * T;  // the tile's next entry
             int64_t lo, hi;
             valid_cols(g, j, lo, hi);
-            for (int64_t oh = 0; oh < g.OH; ++oh, dst += g.OW) {
-              int64_t ih = oh * g.sh - g.pt + i;
-              if (ih < 0 || ih >= g.H || lo == hi) {
-                std::fill(dst, dst + g.OW, 0.f);
-                continue;
+            // Output columns [a, b) of row oh, of which [l, h) read the input.
+            auto copy = [&](int64_t oh, int64_t a, int64_t b, int64_t l, int64_t h) {
+              const int64_t ih = oh * g.sh - g.pt + i;
+              if (ih < 0 || ih >= g.H || l == h) {
+                std::fill(dst, dst + (b - a), 0.f);
+              } else {
+                // Input cell of output column ow: src[(ow - l) * sw]; only valid columns are read.
+                const float* src = x + (c * g.H + ih) * g.W + (l * g.sw - g.pl + j);
+                float* out = dst + (l - a);
+                std::fill(dst, out, 0.f);
+                if (g.sw == 1)
+                  std::memcpy(out, src, static_cast<size_t>(h - l) * sizeof(float));
+                else if (g.sw == 2)  // a constant stride: the compiler vectorises it with shuffles
+                  for (int64_t q = 0; q < h - l; ++q) out[q] = src[2 * q];
+                else
+                  for (int64_t q = 0; q < h - l; ++q) out[q] = src[q * g.sw];
+                std::fill(dst + (h - a), dst + (b - a), 0.f);
               }
-              // Input cell of output column ow: src[(ow - lo) * sw]; only valid columns are read.
-              const float* src = x + (c * g.H + ih) * g.W + (lo * g.sw - g.pl + j);
-              std::fill(dst, dst + lo, 0.f);
-              if (g.sw == 1)
-                std::memcpy(dst + lo, src, static_cast<size_t>(hi - lo) * sizeof(float));
-              else
-                for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[(ow - lo) * g.sw];
-              std::fill(dst + hi, dst + g.OW, 0.f);
-            }
+              dst += b - a;
+            };
+            for_tile_rows(
+                g, p0, p1,
+                [&](int64_t oh, int64_t a, int64_t b) {
+                  const int64_t l = std::min(std::max(lo, a), b);
+                  copy(oh, a, b, l, std::max(std::min(hi, b), l));
+                },
+                [&](int64_t oh) { copy(oh, 0, g.OW, lo, hi); });
           }
       },
-      static_cast<double>(g.C) * g.KH * g.KW * P);
+      static_cast<double>(g.C) * g.KH * g.KW * T);
 }
 
-// The adjoint of im2col: dx (zeroed here) += every column entry at the cell it was read from.
-// Each channel's plane only receives from that channel's rows, so the split over channels
-// never has two threads adding into one cell.
-void col2im(const ConvGeom& g, const float* cols, float* dx) {
-  const int64_t P = g.OH * g.OW;
+// The adjoint of im2col for the tile [p0, p1): dx += every column entry at the cell it was read
+// from (dx's planes are zeroed first when `zero`). Each channel's plane only receives from that
+// channel's rows, so the split over channels never has two threads adding into one cell, and
+// every cell sums its entries in a fixed order (tiles in order, then taps, then positions).
+void col2im(const ConvGeom& g, const float* cols, int64_t p0, int64_t p1, float* dx, bool zero) {
+  const int64_t T = p1 - p0;
   parallel_for(
       g.C,
       [&](int64_t c) {
         float* plane = dx + c * g.H * g.W;
-        std::fill(plane, plane + g.H * g.W, 0.f);
+        if (zero) std::fill(plane, plane + g.H * g.W, 0.f);
         for (int64_t i = 0; i < g.KH; ++i)
           for (int64_t j = 0; j < g.KW; ++j) {
-            const float* src = cols + ((c * g.KH + i) * g.KW + j) * P;
+            const float* src = cols + ((c * g.KH + i) * g.KW + j) * T;  // the tile's next entry
             int64_t lo, hi;
             valid_cols(g, j, lo, hi);
-            for (int64_t oh = 0; oh < g.OH; ++oh, src += g.OW) {
-              int64_t ih = oh * g.sh - g.pt + i;
-              if (ih < 0 || ih >= g.H || lo == hi) continue;
-              float* dst = plane + ih * g.W + (lo * g.sw - g.pl + j);
-              for (int64_t ow = lo; ow < hi; ++ow) dst[(ow - lo) * g.sw] += src[ow];
-            }
+            auto add = [&](int64_t oh, int64_t a, int64_t b, int64_t l, int64_t h) {
+              const int64_t ih = oh * g.sh - g.pt + i;
+              if (ih >= 0 && ih < g.H && l < h) {
+                const float* in = src + (l - a);  // the entries of output columns [l, h)
+                float* out = plane + ih * g.W + (l * g.sw - g.pl + j);
+                // Constant strides, so the compiler vectorises (shuffles for stride 2).
+                if (g.sw == 1)
+                  for (int64_t q = 0; q < h - l; ++q) out[q] += in[q];
+                else if (g.sw == 2)
+                  for (int64_t q = 0; q < h - l; ++q) out[2 * q] += in[q];
+                else
+                  for (int64_t q = 0; q < h - l; ++q) out[q * g.sw] += in[q];
+              }
+              src += b - a;
+            };
+            for_tile_rows(
+                g, p0, p1,
+                [&](int64_t oh, int64_t a, int64_t b) {
+                  const int64_t l = std::min(std::max(lo, a), b);
+                  add(oh, a, b, l, std::max(std::min(hi, b), l));
+                },
+                [&](int64_t oh) { add(oh, 0, g.OW, lo, hi); });
           }
       },
-      static_cast<double>(g.C) * g.KH * g.KW * P);
+      static_cast<double>(g.C) * g.KH * g.KW * T);
+}
+
+// Column tiles. The column matrix of one image is [K, P] (K = C*KH*KW, P = OH*OW): 576 KiB for
+// a 16-channel 3x3 layer on a 32x32 map, megabytes for larger maps. It is built and consumed
+// in tiles of output positions (GEMM columns) of at most kTileBytes, a multiple of
+// kTileGranule positions wide (whole micro-kernel panels on every CPU's GEMM: 8, 12 and 16
+// columns wide), and never narrower than kTileGranule (so a layer with K > 4096 takes
+// K * 16 * 4 bytes, over the cap). A map that fits is one tile, as before; one that does not is
+// cut into equal tiles (rounded up to the granule), so the last tile is not a sliver.
+constexpr int64_t kTileBytes = 256 * 1024;
+constexpr int64_t kTileGranule = 16;
+
+// Width (output positions) of every tile but possibly the last, which is P - (tiles-1)*width.
+int64_t tile_width(const ConvGeom& g) {
+  const int64_t K = g.C * g.KH * g.KW, P = g.OH * g.OW;
+  if (pointwise(g)) return P;  // no columns: x is read in place
+  const int64_t widest = std::max(kTileGranule, kTileBytes / (K * int64_t(sizeof(float))) / kTileGranule * kTileGranule);
+  if (P <= widest) return P;
+  const int64_t tiles = (P + widest - 1) / widest, even = (P + tiles - 1) / tiles;
+  return (even + kTileGranule - 1) / kTileGranule * kTileGranule;  // <= widest: widest is a multiple
 }
 
 // Either many images at once (one thread each, sgemm runs inline) or, for a batch smaller than
@@ -127,14 +193,20 @@ int64_t live_tasks(int64_t n_tasks, int threads) {
 }  // namespace
 
 void conv2d_forward(const ConvGeom& g, const float* x, const float* w, const float* b, float* y) {
-  const int64_t K = g.C * g.KH * g.KW, P = g.OH * g.OW;
+  const int64_t K = g.C * g.KH * g.KW, P = g.OH * g.OW, T = tile_width(g);
   const bool direct = pointwise(g);
   for_each_image(g.N, 2.0 * g.N * g.OC * P * K, [&](int64_t n) {
     const float* xn = x + n * g.C * g.H * g.W;
     float* yn = y + n * g.OC * P;
-    Scratch<float> cols(direct ? 0 : static_cast<size_t>(K * P));
-    if (!direct) im2col(g, xn, cols.data());
-    sgemm(g.OC, P, K, 1.f, GemmOperand{w, K}, GemmOperand{direct ? xn : cols.data(), P}, 0.f, yn, P);
+    Scratch<float> cols(direct ? 0 : static_cast<size_t>(K * T));
+    // y[:, p0:p1] = W . cols[:, p0:p1], tile by tile: every output sums the same K terms in
+    // the same blocks as an untiled GEMM would.
+    for (int64_t p0 = 0; p0 < P; p0 += T) {
+      const int64_t t = std::min(T, P - p0);
+      if (!direct) im2col(g, xn, p0, p0 + t, cols.data());
+      sgemm(g.OC, t, K, 1.f, GemmOperand{w, K}, direct ? GemmOperand{xn, P} : GemmOperand{cols.data(), t}, 0.f,
+            yn + p0, P);
+    }
     if (b)
       for (int64_t oc = 0; oc < g.OC; ++oc) {
         float* row = yn + oc * P;
@@ -174,75 +246,101 @@ void conv2d_backward(const ConvGeom& g, const float* x, const float* w, const fl
   }
 
   // Images are grouped into chunks fixed by N (not by the thread count). Chunk 0 writes dW
-  // itself, the others their own partial buffer; partials are added in chunk order at the end.
+  // itself, the others a partial buffer each, added to dW in chunk order. Chunks run in waves
+  // of as many as run at once (one on one thread); a wave's partials are added before the next
+  // wave reuses their buffers, so only that many are held, and dW = ((c0 + c1) + c2) + ... in
+  // the same order whatever the waves are.
   const int64_t chunks = backward_chunks(g, R, dw != nullptr);
-  Scratch<float> partials(dw ? static_cast<size_t>((chunks - 1) * R * K) : 0);
+  const int64_t wave = dw ? live_tasks(chunks, get_num_threads()) : chunks;  // no partials: one wave
+  const int64_t slots = dw && chunks > 1 ? std::min(wave, chunks - 1) : 0;
+  Scratch<float> partials(static_cast<size_t>(slots * R * K));
 
-  auto run_chunk = [&](int64_t ch) {
+  // Per image, tile by tile (tiles in order, so every sum is grouped the same on any thread
+  // count): dW (+)= dy[rows, tile] . cols_tile^T, then dcols_tile = W^T . dy[:, tile]
+  // scattered back onto the image (the first tile zeroes dx's planes).
+  const int64_t T = tile_width(g);
+  auto run_chunk = [&](int64_t ch, float* dwc) {
     const int64_t n0 = ch * g.N / chunks, n1 = (ch + 1) * g.N / chunks;
-    float* dwc = ch == 0 ? dw : partials.data() + (ch - 1) * R * K;
-    Scratch<float> cols(direct ? 0 : static_cast<size_t>(K * P));
+    Scratch<float> cols(direct ? 0 : static_cast<size_t>(K * T));
     for (int64_t n = n0; n < n1; ++n) {
       const float* xn = x ? x + n * g.C * g.H * g.W : nullptr;  // x is only needed for dW
       const float* dyn = dy + n * g.OC * P;
-      if (dw) {
-        // dW[r, :] (+)= dy_n[rows[r], :] . cols_n^T, reading the selected rows of dy in place.
-        if (!direct) im2col(g, xn, cols.data());
-        const bool first = n == n0 && !(ch == 0 && accumulate);
-        sgemm(R, K, P, 1.f, GemmOperand{dyn, P, false, rows}, GemmOperand{direct ? xn : cols.data(), P, true},
-              first ? 0.f : 1.f, dwc, K);
-      }
-      if (dx) {
-        // dcols = W^T . dy_n over all output channels, then scattered back onto the image.
-        float* dxn = dx + n * g.C * g.H * g.W;
-        if (direct) {
-          sgemm(K, P, g.OC, 1.f, GemmOperand{w, K, true}, GemmOperand{dyn, P}, 0.f, dxn, P);
-        } else {
-          sgemm(K, P, g.OC, 1.f, GemmOperand{w, K, true}, GemmOperand{dyn, P}, 0.f, cols.data(), P);
-          col2im(g, cols.data(), dxn);
+      float* dxn = dx ? dx + n * g.C * g.H * g.W : nullptr;
+      for (int64_t p0 = 0; p0 < P; p0 += T) {
+        const int64_t t = std::min(T, P - p0);
+        if (dw) {
+          // Reads the selected rows of dy in place.
+          if (!direct) im2col(g, xn, p0, p0 + t, cols.data());
+          const bool first = n == n0 && p0 == 0 && !(ch == 0 && accumulate);
+          sgemm(R, K, t, 1.f, GemmOperand{dyn + p0, P, false, rows},
+                direct ? GemmOperand{xn, P, true} : GemmOperand{cols.data(), t, true}, first ? 0.f : 1.f, dwc, K);
+        }
+        if (dx) {  // every output channel contributes
+          if (direct) {
+            sgemm(K, P, g.OC, 1.f, GemmOperand{w, K, true}, GemmOperand{dyn, P}, 0.f, dxn, P);
+          } else {
+            sgemm(K, t, g.OC, 1.f, GemmOperand{w, K, true}, GemmOperand{dyn + p0, P}, 0.f, cols.data(), t);
+            col2im(g, cols.data(), p0, p0 + t, dxn, p0 == 0);
+          }
         }
       }
     }
   };
   const double work = (dw ? 2.0 * R * K * P : 0.0) * g.N + (dx ? 2.0 * K * P * g.OC : 0.0) * g.N;
-  for_each_image(chunks, work, run_chunk);
-
-  if (dw && chunks > 1) {
-    const int64_t total = R * K, block = 4096;
-    parallel_for(
-        (total + block - 1) / block,
-        [&](int64_t t) {
-          const int64_t i0 = t * block, i1 = std::min(total, i0 + block);
-          for (int64_t ch = 1; ch < chunks; ++ch) {
-            const float* part = partials.data() + (ch - 1) * total;
-            for (int64_t i = i0; i < i1; ++i) dw[i] += part[i];
-          }
-        },
-        static_cast<double>(total) * (chunks - 1));
+  for (int64_t c0 = 0; c0 < chunks; c0 += wave) {
+    const int64_t c1 = std::min(chunks, c0 + wave);
+    // Chunk ch's partial buffer: slot ch - 1 in the first wave (chunk 0 writes dW), ch - c0 after.
+    auto dw_of = [&](int64_t ch) {
+      return !dw ? nullptr : ch == 0 ? dw : partials.data() + (c0 == 0 ? ch - 1 : ch - c0) * R * K;
+    };
+    for_each_image(c1 - c0, work * double(c1 - c0) / double(chunks),
+                   [&](int64_t k) { run_chunk(c0 + k, dw_of(c0 + k)); });
+    if (dw && c1 > std::max<int64_t>(c0, 1)) {
+      const int64_t first = std::max<int64_t>(c0, 1), total = R * K, block = 4096;
+      parallel_for(
+          (total + block - 1) / block,
+          [&](int64_t t) {
+            const int64_t i0 = t * block, i1 = std::min(total, i0 + block);
+            for (int64_t ch = first; ch < c1; ++ch) {
+              const float* part = dw_of(ch);
+              for (int64_t i = i0; i < i1; ++i) dw[i] += part[i];
+            }
+          },
+          static_cast<double>(total) * double(c1 - first));
+    }
   }
 }
 
 size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool want_dw, bool want_dx, int threads) {
-  const int64_t K = g.C * g.KH * g.KW, P = g.OH * g.OW;
-  const int64_t cols = pointwise(g) ? 0 : K * P;
+  const int64_t K = g.C * g.KH * g.KW, P = g.OH * g.OW, T = tile_width(g);
+  const int64_t cols = pointwise(g) ? 0 : K * T;
   threads = std::max(threads, 1);
+  // The tiles' widths: T, and a narrower last one. GEMM packing can differ between the two
+  // (K blocking and the dot path depend on the width), so the larger of both is held.
+  const int64_t last = P > 0 ? P - (P - 1) / T * T : 0;
+  const int64_t widths[2] = {T, last};
   // Each live task holds its columns and the packing panels of its own GEMM calls.
   const float* any = nullptr;
   if (!backward) {
-    const size_t pack = sgemm_scratch_bytes(g.OC, P, K, GemmOperand{any, K}, GemmOperand{any, P});
+    size_t pack = 0;
+    for (int64_t t : widths)
+      pack = std::max(pack, sgemm_scratch_bytes(g.OC, t, K, GemmOperand{any, K}, GemmOperand{any, t}));
     return (static_cast<size_t>(cols) * sizeof(float) + pack) * static_cast<size_t>(live_tasks(g.N, threads));
   }
   if (R == 0) want_dw = false;
   if ((!want_dw && !want_dx) || g.N == 0) return 0;
   const int64_t chunks = backward_chunks(g, R, want_dw);
-  const int64_t partials = want_dw ? (chunks - 1) * R * K : 0;
+  const int64_t partials = want_dw && chunks > 1 ? std::min(live_tasks(chunks, threads), chunks - 1) * R * K : 0;
   static const int32_t some_rows[1] = {0};
   size_t pack = 0;
-  if (want_dw)
-    pack = sgemm_scratch_bytes(R, K, P, GemmOperand{any, P, false, R < g.OC ? some_rows : nullptr},
-                               GemmOperand{any, P, true});
-  if (want_dx)
-    pack = std::max(pack, sgemm_scratch_bytes(K, P, g.OC, GemmOperand{any, K, true}, GemmOperand{any, P}));
+  for (int64_t t : widths) {
+    if (want_dw)
+      pack = std::max(pack, sgemm_scratch_bytes(R, K, t, GemmOperand{any, P, false, R < g.OC ? some_rows : nullptr},
+                                                GemmOperand{any, t, true}));
+    if (want_dx)
+      pack = std::max(pack, sgemm_scratch_bytes(K, pointwise(g) ? P : t, g.OC, GemmOperand{any, K, true},
+                                                GemmOperand{any, P}));
+  }
   return static_cast<size_t>(partials) * sizeof(float) +
          (static_cast<size_t>(cols) * sizeof(float) + pack) * static_cast<size_t>(live_tasks(chunks, threads));
 }

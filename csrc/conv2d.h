@@ -33,8 +33,9 @@ void conv2d_backward(const ConvGeom& g, const float* x, const float* w, const fl
                      int64_t R, float* dw, float* db, float* dx, bool accumulate);
 
 // Bytes of scratch conv2d_forward (backward == false) or conv2d_backward hold at most, with
-// `threads` threads: im2col columns and dW partial sums, NOT counting sgemm's own packing
-// panels. Mirrors the kernels' own choices, for the memory cost model.
+// `threads` threads: im2col column tiles (at most 256 KiB per image in flight, see
+// kTileBytes in conv2d.cpp), dW partial sums and sgemm's own packing panels. Exact at one
+// thread, an upper bound on more. Mirrors the kernels' own choices, for the memory cost model.
 size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool want_dw, bool want_dx, int threads);
 
 }  // namespace ftte

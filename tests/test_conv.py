@@ -400,3 +400,140 @@ def test_scratch_bytes_matches_recorded_peak(threads, N):
         K.set_num_threads(before)
     with pytest.raises(ValueError, match="conv2d_scratch_bytes: w_shape must be"):
         K.conv2d_scratch_bytes((2, 3, 8, 8), (4, 2, 3, 3))
+
+
+# ---- column tiles: a map whose column matrix exceeds the cap is built and consumed in tiles ----
+TILE_CAP = 256 * 1024  # kTileBytes in csrc/conv2d.cpp
+TILE_GRANULE = 16  # kTileGranule
+
+# (N, C, H, W, OC, KH, KW, stride, padding): column matrices over the cap, cut unevenly
+TILED_CASES = [
+    (2, 7, 45, 53, 5, 5, 5, (2, 2), (2, 1, 1, 2)),  # K=175, P=572: tiles 288 + 284, cut mid-row
+    (2, 16, 33, 33, 6, 3, 3, (1, 2), (0, 1, 2, 0)),  # K=144, P=528: 272 + 256, odd map
+    (1, 16, 31, 35, 4, 3, 3, (1, 1), (1, 1, 1, 1)),  # K=144, P=1085: 3 tiles of 368/368/349
+    (2, 456, 3, 40, 3, 3, 3, (1, 1), (1, 1, 1, 1)),  # K=4104 > 4096: 16-wide tiles, narrower than a row
+]
+
+
+def _tiles(case):
+    """(widths of the tiles, bytes of one tile's columns) as conv2d.cpp cuts them."""
+    N, C, H, W, OC, KH, KW, stride, pad = case
+    Kc = C * KH * KW
+    P = out_size(H, KH, stride[0], pad[0], pad[2]) * out_size(W, KW, stride[1], pad[1], pad[3])
+    widest = max(TILE_GRANULE, TILE_CAP // (Kc * 4) // TILE_GRANULE * TILE_GRANULE)
+    if P <= widest:
+        return [P], Kc * P * 4
+    tiles = -(-P // widest)
+    T = -(-(-(-P // tiles)) // TILE_GRANULE) * TILE_GRANULE
+    widths = [min(T, P - p0) for p0 in range(0, P, T)]
+    return widths, Kc * T * 4
+
+
+@pytest.mark.parametrize("ci", range(len(TILED_CASES)))
+def test_tiled_maps_match_numpy_and_stay_under_the_cap(ci):
+    case = TILED_CASES[ci]
+    widths, tile_bytes = _tiles(case)
+    assert len(widths) > 1 and len(set(widths)) > 1  # the cases do cut the map, unevenly
+    rng, x, w, b, yshape = make(case, 200 + ci)
+    stride, pad = case[7], case[8]
+    OC = w.shape[0]
+    dy = rng.standard_normal(yshape).astype(np.float32)
+    rdx, rdw, rdb = ref_backward(x, w, dy, stride, pad)
+    rows = np.sort(rng.choice(OC, size=OC - 1, replace=False)).astype(np.int32)
+    whole_image = x.shape[1] * w.shape[2] * w.shape[3] * yshape[2] * yshape[3] * 4
+    before = K.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            K.set_num_threads(threads)
+            y = np.full(yshape, np.nan, np.float32)
+            dw = np.full((len(rows),) + w.shape[1:], np.nan, np.float32)
+            db = np.full(len(rows), np.nan, np.float32)
+            dx = np.full(x.shape, np.nan, np.float32)
+            base = K.workspace_current_bytes()
+            K.reset_workspace_peak()
+            K.conv2d_forward(x, w, b, y, stride, pad)
+            used_f = K.workspace_peak_bytes() - base
+            K.reset_workspace_peak()
+            K.conv2d_backward(x, w, dy, rows, dw, db, dx, stride, pad)
+            used_b = K.workspace_peak_bytes() - base
+            assert K.workspace_current_bytes() == base
+            results.append((y, dw, db, dx))
+            if threads == 1:
+                want_f = K.conv2d_scratch_bytes(x.shape, w.shape, stride, pad, threads=1)
+                want_b = K.conv2d_scratch_bytes(x.shape, w.shape, stride, pad, backward=True, n_rows=len(rows),
+                                                threads=1)
+                assert (used_f, used_b) == (want_f, want_b)
+                # one tile of columns (at most the cap, or 16 columns when K alone is wider)
+                # plus the GEMM's packing panels, plus dW partials in backward; never the
+                # whole image's columns
+                assert used_f < whole_image
+                # GEMM packing: a few panels, at most a packed copy of the tile (dW with the
+                # dot path off, FTTE_GEMM_DOT=0) plus A's panels
+                packing = tile_bytes + 64 * 1024
+                assert used_f <= max(TILE_CAP, x.shape[1] * w.shape[2] * w.shape[3] * TILE_GRANULE * 4) + packing
+                partials = (min(x.shape[0], 8) - 1) * len(rows) * dw[0].size * 4
+                assert tile_bytes <= used_b <= tile_bytes + packing + partials
+        y, dw, db, dx = results[0]
+        np.testing.assert_allclose(y, ref_forward(x, w, b, stride, pad), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(dw, rdw[rows], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(db, rdb[rows], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(dx, rdx, rtol=1e-4, atol=1e-4)
+        for other in results[1:]:
+            for a, c in zip(results[0], other):
+                np.testing.assert_array_equal(a, c)
+    finally:
+        K.set_num_threads(before)
+
+
+def test_tiled_finite_differences():
+    """Backward of a tiled map (stride 2, padding, uneven tiles) vs float64 central differences."""
+    case = (1, 7, 45, 53, 3, 5, 5, (2, 2), (2, 1, 1, 2))
+    assert len(_tiles(case)[0]) > 1
+    rng, x, w, b, yshape = make(case, 31)
+    stride, pad = case[7], case[8]
+    r = rng.standard_normal(yshape)
+    loss = lambda x_, w_, b_: float((ref_forward(x_, w_, b_, stride, pad) * r).sum())
+    dx, dw, db = np.empty_like(x), np.empty_like(w), np.empty_like(b)
+    K.conv2d_backward(x, w, r.astype(np.float32), None, dw, db, dx, stride, pad)
+    x64, w64, b64 = x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
+    eps = 1e-3
+    for arr, grad in ((x64, dx), (w64, dw), (b64, db)):
+        for idx in [tuple(rng.integers(0, s) for s in arr.shape) for _ in range(8)]:
+            old = arr[idx]
+            arr[idx] = old + eps
+            lp = loss(x64, w64, b64)
+            arr[idx] = old - eps
+            lm = loss(x64, w64, b64)
+            arr[idx] = old
+            # linear loss: exact up to rounding; dW sums ~600 float32 terms here
+            assert abs((lp - lm) / (2 * eps) - grad[idx]) < 2e-3 * (1 + abs(grad[idx]))
+
+
+def test_dw_partials_only_for_chunks_running_at_once():
+    """Backward sums image chunks' dW in chunk order, in waves of as many chunks as run at once:
+    one partial buffer on one thread (was chunks - 1 = 7 for a batch of 20), results unchanged."""
+    rng = np.random.default_rng(8)
+    N, C, H, W, OC = 20, 6, 9, 7, 10
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    w = rng.standard_normal((OC, C, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((N, OC, H, W)).astype(np.float32)
+    pad = (1, 1, 1, 1)
+    one_dw = OC * C * 9 * 4
+    for threads in (1, 2, 3):
+        with_partials = K.conv2d_scratch_bytes(x.shape, w.shape, (1, 1), pad, backward=True, threads=threads)
+        single_image = K.conv2d_scratch_bytes((1, C, H, W), w.shape, (1, 1), pad, backward=True, threads=threads)
+        assert with_partials - single_image * threads == threads * one_dw
+    _, rdw, _ = ref_backward(x, w, dy, (1, 1), pad)
+    before = K.get_num_threads()
+    try:
+        K.set_num_threads(1)
+        dw = np.empty_like(w)
+        base = K.workspace_current_bytes()
+        K.reset_workspace_peak()
+        K.conv2d_backward(x, w, dy, None, dw, None, None, (1, 1), pad)
+        used = K.workspace_peak_bytes() - base
+        assert used == K.conv2d_scratch_bytes(x.shape, w.shape, (1, 1), pad, backward=True, dx=False, threads=1)
+        np.testing.assert_allclose(dw, rdw, rtol=1e-4, atol=1e-3)
+    finally:
+        K.set_num_threads(before)
