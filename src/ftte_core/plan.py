@@ -194,7 +194,7 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
     whole = {}
     for s, ms in members.items():
         base_frozen = s != 0 and not active[s - 1]
-        touched = any(r for m in ms for r in readers[m] if active[r]) or any(m > 0 and active[m - 1] for m in ms)
+        touched = any(active[r] for m in ms for r in readers[m]) or any(m > 0 and active[m - 1] for m in ms)
         whole[s] = s != 0 and (kept[s] or (base_frozen and (touched or s == storage[out])))
     last_read = {s: max((r for m in ms for r in readers[m]), default=-1) for s, ms in members.items()}
     last_read[storage[out]] = L
