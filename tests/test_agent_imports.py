@@ -16,6 +16,7 @@ import sys
 import textwrap
 
 from ftte_agent.lean import _builtin_hashes
+from slowdev import scaled
 
 NOT_LOADED = ("onnx", "ftte_core.onnx_io", "ssl", "_ssl", "_hashlib", "numpy.ma", "ftte_core.search",
               "fractions", "decimal")
@@ -47,7 +48,7 @@ AGENT_LIKE = textwrap.dedent("""
 
 
 def _run(code: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(300))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -35,6 +35,8 @@ from ftte_core.strategies import make_strategy
 from ftte_core.subset import Subset
 from ftte_core.zoo import default_shape, zoo_names
 
+from .tools import ToolError, load_model as load_model_file
+
 F32 = 4
 
 #: Input shapes of the zoo's MLPerf Tiny models (CIFAR-10 images, MFCC frames, visual wake words,
@@ -183,13 +185,10 @@ def build_sim_model(cfg: SimConfig, data_shape: Sequence[int], num_classes: int)
         raise ValueError(f"--model {spec!r} is neither a zoo model ({', '.join(zoo_names())}) nor an .onnx file")
     if cfg.input_shape is not None:
         raise ValueError(f"--input-shape applies to zoo models; {spec} fixes its own input shape")
-    if not Path(spec).is_file():
-        raise ValueError(f"cannot read ONNX file {spec!r}: no such file")
-    try:
-        import onnx  # noqa: F401  (load_model needs it; 32-bit ARM has no wheels)
-    except ImportError:
-        raise ValueError("reading ONNX models needs the onnx package: pip install onnx") from None
-    model = ft.load_model(spec)  # OnnxImportError (a ValueError) names the op and node it refuses
+    try:  # a missing file, no onnx package (32-bit ARM), an op it refuses: one line each
+        model = load_model_file(spec)
+    except ToolError as e:
+        raise ValueError(str(e)) from None
     if model.num_classes < num_classes:
         raise ValueError(f"{spec} has {model.num_classes} outputs, but the data has {num_classes} classes")
     return model, f"model: {spec} ({model.name}), input {list(model.input_shape)}, {len(model.layers)} layers"

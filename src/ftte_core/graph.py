@@ -433,7 +433,7 @@ class MaxPool2d(_Pool):
         return {"argmax": ((n,) + tuple(out_shape), self.argmax_dtype)}
 
     def forward(self, x, y, scope=None):
-        argmax = scope.saved("argmax", y.shape, self.argmax_dtype) if scope is not None and scope.keep else None
+        argmax = scope.saved("argmax", y.shape, self.argmax_dtype) if scope is not None else None
         K.maxpool2d_forward(self._x4(x), self._x4(y), None if argmax is None else self._x4(argmax),
                             self.kernel2, self.stride2, self.padding2, self.ceil_mode)
 
@@ -715,7 +715,7 @@ class ReLU(_Activation):
         return {"mask": (((n * int(np.prod(out_shape)) + 7) // 8,), np.uint8)}
 
     def forward(self, x, y, scope=None):
-        if scope is not None and scope.keep:
+        if scope is not None:
             K.relu_forward_mask(x, y, scope.saved("mask", ((x.size + 7) // 8,), np.uint8))
         else:
             K.relu_forward(x, y)
@@ -936,8 +936,6 @@ class Dropout(Layer):
 
 #: layers that only re-label memory (the model passes the array through reshaped)
 VIEW_KINDS = ("flatten", "reshape")
-#: layers with weight rows (a subset names them)
-WEIGHT_KINDS = ("dense", "conv2d", "conv1d", "batchnorm")
 
 
 class Model:

@@ -81,14 +81,13 @@ class Arena:
 
 
 class Scope:
-    """What one layer may take from the arena during a training step."""
+    """What one layer may take from the arena during a training step (layers that run without
+    one, the frozen part, save nothing)."""
 
     def __init__(self, trainer: "Trainer", index: int, layer: Layer):
         self.trainer = trainer
         self.index = index
         self.layer = layer
-        self.keep = True
-        self.in_shape = trainer.model.shapes[index]
 
     @property
     def rng(self) -> np.random.Generator:
