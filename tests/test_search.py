@@ -1,6 +1,5 @@
 import itertools
 import json
-import time
 
 import numpy as np
 import pytest
@@ -270,18 +269,25 @@ def test_scores_round_trip():
     assert sc.total() == pytest.approx(sum(np.sum(v) for v in raw.values()))
 
 
-def test_fast_on_a_million_parameter_mlp():
-    model = ft.zoo("mlp", (784,), 10, seed=0, hidden=(1024, 256))
-    assert model.num_params() > 1_000_000
-    scores = _scores(model, np.random.default_rng(0))
-    full = _mem(model, None)
-    times = []
-    for frac in (0.6, 0.8, 0.95):
-        t = time.perf_counter()
-        r = S.search_subset(model, scores, int(frac * full))
-        times.append(time.perf_counter() - t)
-        assert r.predicted_bytes <= int(frac * full)
-    assert min(times) < 0.5, times
+def test_search_work_does_not_grow_with_a_million_parameters():
+    # the search's cost is its predict_memory probes; a wall-clock limit would fail on a slow
+    # device (emulated arm64 runs this tens of times slower) although nothing is wrong
+    def probes(hidden):
+        model = ft.zoo("mlp", (784,), 10, seed=0, hidden=hidden)
+        scores = _scores(model, np.random.default_rng(0))
+        full = _mem(model, None)
+        out = []
+        for frac in (0.6, 0.8, 0.95):
+            r = S.search_subset(model, scores, int(frac * full))
+            assert r.predicted_bytes <= int(frac * full)
+            out.append(r.probes)
+        return model.num_params(), out
+
+    n_big, big = probes((1024, 256))
+    n_small, small = probes((16, 8))
+    assert n_big > 1_000_000 and n_small < 20_000
+    assert max(big) <= 256, big
+    assert max(big) <= max(small) + 16, (big, small)
 
 
 # -- importance scores on real data ------------------------------------------------------------
