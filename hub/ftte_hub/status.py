@@ -43,6 +43,8 @@ MAX_HEADERS = 64               # header lines in one request
 MAX_CONNECTIONS = 16           # open at once; more get 503
 HEAD_TIMEOUT = 5.0             # s for the whole request head to arrive (a slow client is cut off)
 WRITE_TIMEOUT = 10.0           # s for the client to take the answer
+LINGER_S = 1.0                 # s an answered connection waits for the client to close ...
+LINGER_BYTES = 64 << 10        # ... while discarding at most this much it still sends
 MIN_INTERVAL = 0.5             # s between two snapshots (requests in between get the same bytes)
 REFRESH_MS = 2000              # how often the page asks for /status.json
 MAX_AGENT_ROWS = 200           # agents listed (the rest are counted)
@@ -254,6 +256,7 @@ class StatusView:
             "updated_unix": round(now, 3), "elapsed_s": round(elapsed, 3), "refresh_ms": REFRESH_MS,
             "version": version, "max_versions": d.max_versions if d is not None else cfg.max_versions,
             "accuracy": finite(run.last_accuracy) if d is not None else None,
+            "accuracy_version": curve[-1][0] if curve else None,   # evaluation follows the merges
             "loss": finite(run.last_loss) if d is not None else None,
             "best_accuracy": finite(run.best_accuracy) if d is not None else None,
             "start_accuracy": finite(run.start_accuracy) if d is not None else None,
@@ -341,7 +344,8 @@ class StatusServer:
         self.max_connections = int(max_connections)
         self.head_timeout, self.write_timeout = float(head_timeout), float(write_timeout)
         self._server: Optional[asyncio.AbstractServer] = None
-        self._writers: set = set()
+        self._writers: set = set()              # connections being served
+        self._refusing: set = set()             # connections being told 503
         self._json: Optional[bytes] = None
         self._json_at = -math.inf
         self._failure_logged = False
@@ -361,7 +365,7 @@ class StatusServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            for w in list(self._writers):
+            for w in list(self._writers) + list(self._refusing):
                 w.transport.abort()
             await self._server.wait_closed()
             self._server = None
@@ -401,8 +405,17 @@ class StatusServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._writers) >= self.max_connections:
-            writer.write(response(503, b"too many connections; try again\n", extra=(("Retry-After", "2"),)))
-            writer.close()  # a few hundred bytes: the socket buffer takes them at once
+            if len(self._refusing) >= self.max_connections * 4:  # a flood: not even a 503
+                writer.transport.abort()
+                return
+            self._refusing.add(writer)
+            try:
+                writer.write(response(503, b"too many connections; try again\n", extra=(("Retry-After", "2"),)))
+                await self._linger(reader, writer)  # a few hundred bytes: the socket buffer takes them at once
+            except Exception:
+                writer.transport.abort()
+            finally:
+                self._refusing.discard(writer)
             return
         self._writers.add(writer)
         try:
@@ -418,7 +431,7 @@ class StatusServer:
                 return
             writer.write(out)
             await asyncio.wait_for(writer.drain(), self.write_timeout)
-            writer.close()
+            await self._linger(reader, writer)
         except (asyncio.TimeoutError, ConnectionError, OSError):
             writer.transport.abort()  # a client that does not take its answer is cut off
         except Exception as e:  # never let one connection's surprise reach the loop's exception handler
@@ -426,6 +439,27 @@ class StatusServer:
             event("status_failed", f"status page: a request failed ({type(e).__name__})", logging.DEBUG)
         finally:
             self._writers.discard(writer)
+            if not writer.transport.is_closing():
+                writer.transport.abort()
+
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Half-close, then discard what the client still sends (bounded) until it closes: closing
+        a socket with unread bytes sends a reset, which can destroy the answer before it is read."""
+        if writer.can_write_eof():
+            writer.write_eof()
+
+        async def discard() -> None:
+            left = LINGER_BYTES
+            while left > 0:
+                chunk = await reader.read(min(left, 4096))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        try:
+            await asyncio.wait_for(discard(), LINGER_S)
+        except (asyncio.TimeoutError, ConnectionError, OSError):
+            pass
+        writer.close()
 
 
 def response(status: int, body: bytes, ctype: str = "text/plain; charset=utf-8", head: bool = False,
