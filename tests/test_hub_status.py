@@ -92,18 +92,22 @@ def test_eta_follows_the_trend_and_says_when_it_cannot():
 
 
 def test_recent_events_keep_the_last_lines_of_the_hub_log():
-    events = S.RecentEvents(keep=3).attach()
+    events = S.RecentEvents(keep=3, keep_merges=2).attach()
     level = log.level
     log.setLevel(logging.INFO)
     try:
+        event("agent_joined", "agent pi joined")
         for i in range(5):
             event("merge", f"version {i}")
+        event("update_rejected", "an update was rejected", logging.WARNING)
         event("noise", "a debug line", logging.DEBUG)
     finally:
         events.detach()
         log.setLevel(level)
-    assert [e["message"] for e in events.lines] == ["version 2", "version 3", "version 4"]
-    assert events.lines[-1]["event"] == "merge" and events.lines[-1]["level"] == "info"
+    # merge lines (the curve shows them) do not push the other events out
+    assert [e["message"] for e in events.lines] == ["agent pi joined", "version 3", "version 4",
+                                                    "an update was rejected"]
+    assert events.lines[-1]["event"] == "update_rejected" and events.lines[-1]["level"] == "warning"
 
 
 # -- the HTTP server ---------------------------------------------------------------------------

@@ -283,6 +283,10 @@ class Fleet:
                     f"{self.needed_what} needs; raise --memory-budget to at least {budget_hint(self.needed_bytes)}")
         return None
 
+    def agent_addresses(self) -> Dict[str, Tuple[str, int]]:
+        """Each agent's latest known address (the one it last answered at)."""
+        return {aid: addr for addr, aid in self._addr_agent.items()}
+
     def note_session_end(self, session: "Session") -> None:
         b_in, b_out = self.ended_bytes.get(session.agent_id, (0, 0))
         self.ended_bytes[session.agent_id] = (b_in + session.ch.bytes_received, b_out + session.ch.bytes_sent)

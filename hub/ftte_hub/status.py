@@ -48,7 +48,8 @@ LINGER_BYTES = 64 << 10        # ... while discarding at most this much it still
 MIN_INTERVAL = 0.5             # s between two snapshots (requests in between get the same bytes)
 REFRESH_MS = 2000              # how often the page asks for /status.json
 MAX_AGENT_ROWS = 200           # agents listed (the rest are counted)
-EVENTS_KEPT = 40               # recent log lines shown
+EVENTS_KEPT = 40               # recent log lines shown (besides merges) ...
+MERGES_KEPT = 5                # ... and merge lines
 EVENT_CHARS = 300
 ETA_WINDOW = 20                # merges the ETA's trend is fitted over
 
@@ -89,19 +90,32 @@ def url_of(host: str, port: int) -> str:
 
 # ---------------------------------------------------------------------------------------------
 class RecentEvents(logging.Handler):
-    """The hub's last INFO-or-above log lines, for the page (a bounded deque; cheap to emit)."""
+    """The hub's last INFO-or-above log lines, for the page (bounded deques; cheap to emit).
 
-    def __init__(self, keep: int = EVENTS_KEPT):
+    Merge lines (one per version, also drawn as the curve) are kept apart, only the last
+    ``keep_merges`` of them, so agents joining and leaving, rejections and the like stay in view.
+    """
+
+    def __init__(self, keep: int = EVENTS_KEPT, keep_merges: int = MERGES_KEPT):
         super().__init__(logging.INFO)
-        self.lines: deque = deque(maxlen=keep)
+        self.others: deque = deque(maxlen=keep)
+        self.merges: deque = deque(maxlen=keep_merges)
+
+    @property
+    def lines(self) -> List[Dict[str, Any]]:
+        """The kept lines, oldest first."""
+        return sorted(list(self.others) + list(self.merges), key=lambda e: e["seq"])
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = record.getMessage()
         except Exception:  # a bad format string must not break logging
             message = str(record.msg)
-        self.lines.append({"time": round(record.created, 3), "level": record.levelname.lower(),
-                           "event": str(getattr(record, "event", "log")), "message": message[:EVENT_CHARS]})
+        name = str(getattr(record, "event", "log"))
+        self._seq = getattr(self, "_seq", 0) + 1
+        (self.merges if name == "merge" else self.others).append({
+            "seq": self._seq, "time": round(record.created, 3), "level": record.levelname.lower(), "event": name,
+            "message": message[:EVENT_CHARS]})
 
     def attach(self) -> "RecentEvents":
         logging.getLogger(LOGGER_NAME).addHandler(self)
@@ -171,7 +185,7 @@ class StatusView:
         if run.driver is None:
             f = run.fleet
             usable = sum(1 for s in f.sessions.values() if f.why_not_used(s.info) is None)
-            return "waiting", f"waiting for agents: {usable}/{run.cfg.min_agents} usable"
+            return "waiting", f"{usable} of {run.cfg.min_agents} usable agents (--min-agents) have joined"
         return "training", ""
 
     def _subset(self) -> Dict[str, Any]:
@@ -191,7 +205,7 @@ class StatusView:
         run, f = self.run, self.run.fleet
         coord = run.coord
         counts = coord.agents if coord is not None else {}
-        address_of = {aid: addr for addr, aid in f._addr_agent.items()}
+        address_of = f.agent_addresses()
         rows = []
         for aid in set(f.sessions) | set(f.infos) | set(counts):
             s = f.sessions.get(aid)
@@ -271,7 +285,7 @@ class StatusView:
                        "agents_active": f.active_agents(), "agents_known": len(agents) + more},
             "curve_fields": ["version", "time_s", "accuracy", "loss"], "curve": curve,
             "agents": agents, "agents_left_off": more,
-            "events": list(self.events.lines) if self.events is not None else [],
+            "events": self.events.lines if self.events is not None else [],
         }
 
 
