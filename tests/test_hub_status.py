@@ -202,7 +202,11 @@ def test_connections_over_the_cap_get_503_at_once():
 
 
 def test_a_client_that_never_reads_its_answer_is_dropped():
-    big = {"version": 1, "accuracy": None, "target_accuracy": None, "agents": [], "pad": "x" * (12 << 20)}  # past any socket buffers
+    try:  # an answer larger than the kernel's largest send buffer cannot vanish into it
+        send_max = int(open("/proc/sys/net/ipv4/tcp_wmem").read().split()[2])
+    except (OSError, ValueError, IndexError):
+        send_max = 4 << 20
+    big = {"version": 1, "accuracy": None, "target_accuracy": None, "agents": [], "pad": "x" * (send_max + (2 << 20))}
 
     async def go(server):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -367,3 +371,21 @@ def test_status_json_follows_a_running_hub(tmp_path):
     # nothing secret: neither the key nor the run id appears anywhere
     text = json.dumps(seen)
     assert key.hex() not in text and summary["run_id"] not in text
+
+
+def test_demo_and_train_refuse_a_bad_status_address_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from ftte_hub.cli import main
+
+    runner = CliRunner()
+    demo = runner.invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--status", "localhost"])
+    assert demo.exit_code == 2 and "ADDRESS:PORT" in demo.output and demo.output.count("\n") == 1
+    assert not (tmp_path / "demo").exists()   # refused before anything was made or started
+    from ftte_core.protocol import generate_key, write_key
+
+    write_key(tmp_path / "fleet.key", generate_key())
+    train = runner.invoke(main, ["train", "--key", str(tmp_path / "fleet.key"), "--model", "mlp", "--val-data",
+                                 "v.npz", "--out", str(tmp_path / "run"), "--status", "127.0.0.1:99999"])
+    assert train.exit_code == 2 and "0..65535" in train.output and train.output.count("\n") == 1
+    assert not (tmp_path / "run").exists()

@@ -23,6 +23,7 @@ from ftte_core import data as ftdata
 from ftte_core.protocol import generate_key, write_key
 
 from .fleet import Hooks
+from .status import parse_status_address
 from .train import TrainConfig, run_train
 
 LOOPBACK = "127.0.0.1"
@@ -112,6 +113,11 @@ def run_demo(out: str = "ftte-demo", agents: int = 4, model: str = "mlp", target
              say: Callable[[str], None] = print) -> Dict[str, object]:
     if not 1 <= agents <= len(DEVICES):
         raise DemoError(f"--agents must be 1..{len(DEVICES)}, got {agents}")
+    if status is not None:
+        try:
+            parse_status_address(status)  # before any folder is made or agent started
+        except ValueError as e:
+            raise DemoError(str(e)) from None
     out_dir = Path(out)
     if fresh and out_dir.exists():
         if not (out_dir / MARKER).is_file():

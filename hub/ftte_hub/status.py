@@ -100,11 +100,14 @@ class RecentEvents(logging.Handler):
         super().__init__(logging.INFO)
         self.others: deque = deque(maxlen=keep)
         self.merges: deque = deque(maxlen=keep_merges)
+        self._seq = 0
 
     @property
     def lines(self) -> List[Dict[str, Any]]:
         """The kept lines, oldest first."""
-        return sorted(list(self.others) + list(self.merges), key=lambda e: e["seq"])
+        with self.lock:  # emit() runs under it, maybe in another thread (a worker thread logging)
+            kept = list(self.others) + list(self.merges)
+        return sorted(kept, key=lambda e: e["seq"])
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -112,7 +115,7 @@ class RecentEvents(logging.Handler):
         except Exception:  # a bad format string must not break logging
             message = str(record.msg)
         name = str(getattr(record, "event", "log"))
-        self._seq = getattr(self, "_seq", 0) + 1
+        self._seq += 1
         (self.merges if name == "merge" else self.others).append({
             "seq": self._seq, "time": round(record.created, 3), "level": record.levelname.lower(), "event": name,
             "message": message[:EVENT_CHARS]})
