@@ -12,7 +12,8 @@ changes run state. It can never slow down or break training:
   one bounded snapshot plus copying bytes;
 * a request is one connection: its head must arrive within ``head_timeout`` seconds and fit in
   ``MAX_HEAD_BYTES`` with at most ``MAX_HEADERS`` header lines, the answer must be taken within
-  ``write_timeout`` seconds, and at most ``max_connections`` are open at once (more get a 503);
+  ``write_timeout`` seconds, at most ``max_connections`` are open at once and at most
+  ``max_rate`` requests per second are answered (more get a short 503);
   every breach gets one short error response (or the connection is cut) and never waits longer;
 * only GET and HEAD of ``/`` and ``/status.json`` are served; nothing is ever read from a client
   beyond the request head, and nothing a client sends changes anything;
@@ -41,6 +42,7 @@ from .logs import LOGGER_NAME, event
 MAX_HEAD_BYTES = 8192          # request line plus headers
 MAX_HEADERS = 64               # header lines in one request
 MAX_CONNECTIONS = 16           # open at once; more get 503
+MAX_RATE = 20.0                # requests answered per second on average (40 pages polling every 2 s); more get 503
 HEAD_TIMEOUT = 5.0             # s for the whole request head to arrive (a slow client is cut off)
 WRITE_TIMEOUT = 10.0           # s for the client to take the answer
 LINGER_S = 1.0                 # s an answered connection waits for the client to close ...
@@ -354,12 +356,15 @@ class StatusServer:
 
     def __init__(self, snapshot: Callable[[], Dict[str, Any]], host: str, port: int, *,
                  min_interval: float = MIN_INTERVAL, max_connections: int = MAX_CONNECTIONS,
-                 head_timeout: float = HEAD_TIMEOUT, write_timeout: float = WRITE_TIMEOUT):
+                 head_timeout: float = HEAD_TIMEOUT, write_timeout: float = WRITE_TIMEOUT,
+                 max_rate: float = MAX_RATE):
         self.snapshot = snapshot
         self.host, self.port = host, int(port)
         self.min_interval = float(min_interval)
         self.max_connections = int(max_connections)
         self.head_timeout, self.write_timeout = float(head_timeout), float(write_timeout)
+        self.max_rate = float(max_rate)
+        self._tokens, self._tokens_at = self.max_rate, time.monotonic()
         self._server: Optional[asyncio.AbstractServer] = None
         self._writers: set = set()              # connections being served
         self._refusing: set = set()             # connections being told 503
@@ -420,14 +425,26 @@ class StatusServer:
             return response(404, b"not found: this server has / and /status.json\n", head=method == "HEAD")
         return response(200, body, ctype, head=method == "HEAD")
 
+    def _take_token(self) -> bool:
+        """Token bucket: at most ``max_rate`` answers per second on average (bursts of as many)."""
+        now = time.monotonic()
+        self._tokens = min(self.max_rate, self._tokens + (now - self._tokens_at) * self.max_rate)
+        self._tokens_at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._writers) >= self.max_connections:
+        busy = len(self._writers) >= self.max_connections
+        if busy or not self._take_token():
             if len(self._refusing) >= self.max_connections * 4:  # a flood: not even a 503
                 writer.transport.abort()
                 return
             self._refusing.add(writer)
+            why = b"too many connections" if busy else b"too many requests"
             try:
-                writer.write(response(503, b"too many connections; try again\n", extra=(("Retry-After", "2"),)))
+                writer.write(response(503, why + b"; try again\n", extra=(("Retry-After", "2"),)))
                 await self._linger(reader, writer)  # a few hundred bytes: the socket buffer takes them at once
             except Exception:
                 writer.transport.abort()
