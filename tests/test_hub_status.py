@@ -407,3 +407,44 @@ def test_requests_past_the_rate_limit_get_503_and_cost_no_snapshot():
     assert 3 <= codes.count(200) < 10 and set(codes) == {200, 503}
     assert all(b"too many requests" in raw for raw in raws if _status_of(raw) == 503)
     assert len(calls) == codes.count(200)
+
+
+def test_the_curve_is_read_back_on_resume_and_stays_bounded(tmp_path):
+    from ftte_hub import train as T
+    from ftte_hub.fleet import Fleet, FleetSettings, Hooks
+
+    cfg = T.TrainConfig(model="mlp", val_data="unused.npz", out=str(tmp_path))
+    lines = [json.dumps({"version": v, "time_s": 1.5 * v, "accuracy": 0.1 * v, "loss": 2.0 - 0.1 * v})
+             for v in (1, 2, 3)]
+    (tmp_path / T.METRICS).write_text("\n".join(lines) + '\n{"version": 4, "time_s"')  # torn by a crash
+
+    async def go():
+        run = T._Run(cfg, Fleet(b"k" * 32, FleetSettings(), Hooks()), Hooks())
+        run._read_metrics_versions()
+        read_back = [list(p) for p in run.curve]
+        for v in range(4, T.CURVE_POINTS + 500):
+            run.add_curve_point(v, float(v), 0.5, float("nan"))
+        return read_back, run.curve
+
+    read_back, curve = asyncio.run(go())
+    assert read_back == [[1, 1.5, 0.1, 1.9], [2, 3.0, 0.2, 1.8], [3, 4.5, 0.3, 1.7]]
+    assert len(curve) <= T.CURVE_POINTS and curve[0][0] == 1 and curve[-1][0] == T.CURVE_POINTS + 499
+    assert [p[0] for p in curve] == sorted(p[0] for p in curve)
+
+
+def test_a_snapshot_before_the_start_is_valid_json_even_with_nan_in_the_curve(tmp_path):
+    from ftte_hub import train as T
+    from ftte_hub.fleet import Fleet, FleetSettings, Hooks
+
+    async def go():
+        run = T._Run(T.TrainConfig(model="mlp", val_data="v.npz", out=str(tmp_path), min_agents=3,
+                                   target_accuracy=0.9), Fleet(b"k" * 32, FleetSettings(), Hooks()), Hooks())
+        run.add_curve_point(0, 1.0, float("nan"), float("inf"))
+        run.fleet.infos["gone-1"] = {"agent_id": "gone-1", "name": "pi-gone", "memory_budget": 1 << 20}
+        return json.dumps(S.StatusView(run, S.RecentEvents()).snapshot(), allow_nan=False)
+
+    snap = json.loads(asyncio.run(go()))
+    assert snap["phase"] == "waiting" and "0 of 3" in snap["phase_detail"]
+    assert snap["version"] == 0 and snap["accuracy"] is None and snap["target_accuracy"] == 0.9
+    assert snap["curve"] == [[0, 1.0, None, None]] and snap["subset"]["chosen"] is False
+    assert [(a["name"], a["state"]) for a in snap["agents"]] == [("pi-gone", "gone")]

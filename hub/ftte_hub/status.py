@@ -268,7 +268,7 @@ class StatusView:
         d = run.driver
         st = d.stats() if d is not None else {}
         version = int(d.version) if d is not None else 0
-        curve = [list(p) for p in run.curve]
+        curve = [[p[0], p[1], finite(p[2]), finite(p[3])] for p in run.curve]  # NaN is not JSON
         import ftte_core
         return {
             "software": f"ftte-fleet {ftte_core.__version__}", "phase": phase, "phase_detail": detail,
