@@ -15,12 +15,13 @@ changes run state. It can never slow down or break training:
   ``write_timeout`` seconds, at most ``max_connections`` are open at once and at most
   ``max_rate`` requests per second are answered (more get a short 503);
   every breach gets one short error response (or the connection is cut) and never waits longer;
-* only GET and HEAD of ``/`` and ``/status.json`` are served; nothing is ever read from a client
-  beyond the request head, and nothing a client sends changes anything;
+* only GET and HEAD of ``/`` and ``/status.json`` are served; nothing a client sends beyond the
+  request head is used (at most ``LINGER_BYTES`` more are read and dropped while closing), and
+  nothing a client sends changes anything;
 * a failure while building a snapshot answers 500 (or the previous snapshot) and is logged once.
 
-It shows nothing secret: no key material, no run id, no data; only counts, the model's accuracy,
-agent names, addresses, budgets and the hub's recent log lines. The page is self-contained
+It shows nothing secret: no key material and no training data; only counts, the model's accuracy,
+agent names, addresses, budgets and the hub's recent log lines (as on the hub's stderr). The page is self-contained
 (inline script and style, an SVG plot, no fonts or external resources; a Content-Security-Policy
 forbids anything else), so it works offline on a LAN.
 """
@@ -371,8 +372,6 @@ class StatusServer:
         self._json: Optional[bytes] = None
         self._json_at = -math.inf
         self._failure_logged = False
-        self.requests = 0
-        self.snapshots = 0
 
     @property
     def url(self) -> str:
@@ -408,7 +407,6 @@ class StatusServer:
                     raise
                 body = self._json
             self._json, self._json_at = body, now
-            self.snapshots += 1
         return self._json
 
     def answer(self, method: str, path: str) -> bytes:
@@ -456,7 +454,6 @@ class StatusServer:
             try:
                 method, path = await asyncio.wait_for(read_request_head(reader), self.head_timeout)
                 out = self.answer(method, path)
-                self.requests += 1
             except asyncio.TimeoutError:
                 out = response(408, f"the request head did not arrive within {self.head_timeout:g} s\n".encode())
             except BadRequest as e:
