@@ -672,6 +672,7 @@ function drawEvents(s) {
 
 function render(s) {
   last = s;
+  document.title = "v" + s.version + " \u00b7 " + pct(s.accuracy) + " \u00b7 FTTE hub";
   document.body.setAttribute("data-version", String(s.version));
   document.body.setAttribute("data-phase", s.phase);
   const ph = $("phase"); ph.textContent = s.phase + (s.phase_detail ? ": " + s.phase_detail : ""); ph.className = "phase-" + s.phase;
