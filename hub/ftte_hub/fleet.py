@@ -43,7 +43,9 @@ import numpy as np
 from ftte_core import downlink as DL
 from ftte_core import messages as M
 from ftte_core.channel import Channel, ChannelClosed, ChannelError, HandshakeCutShort
-from ftte_core.update import Update, UpdateError
+from ftte_core.modelfile import model_from_bytes
+from ftte_core.subset import Subset
+from ftte_core.update import Update, UpdateError, subset_values
 
 from .coordinator import Coordinator, RunFailure, log_rejection, make_durable
 from .logs import event
@@ -335,10 +337,8 @@ class Fleet:
     def downlink_stream(self) -> DL.DownlinkStream:
         """The canonical stream, from the subset's values in the run's model file (what agents hold)."""
         if self.downlink is None:
-            from ftte_core.modelfile import model_from_bytes
-            from ftte_core.update import subset_values
             model = model_from_bytes(self.model_blob)
-            subset = self.coordinator.driver.subset.__class__.from_dict(model, self.subset_dict)
+            subset = Subset.from_dict(model, self.subset_dict)
             self.downlink = DL.DownlinkStream(subset_values(model, subset), secrets.token_hex(8))
         return self.downlink
 
