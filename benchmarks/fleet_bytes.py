@@ -9,6 +9,7 @@ framing and encryption included) at the first merge whose validation accuracy re
 prints each run and the median.
 
     PYTHONPATH=src:agent:hub python benchmarks/fleet_bytes.py [--runs 3] [--alpha 0.8] [--buffer 3]
+        [--no-downlink] [--update-bits 4] [--memory-budget 512KiB]
 
 The agents' state folders are fresh each run, so every run pays for sending the model once per
 agent (MODEL frame), as a first deployment would.
@@ -59,6 +60,19 @@ def start_agents(root: Path, key_path: Path, shards, extra):
     return procs, peers
 
 
+def wait_listening(peers, timeout: float = 60.0) -> None:
+    """Until every agent accepts TCP connections (so the hub's first dial succeeds)."""
+    end = time.monotonic() + timeout
+    for peer in peers:
+        host, port = peer.rsplit(":", 1)
+        while time.monotonic() < end:
+            try:
+                socket.create_connection((host, int(port)), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
 def stop(procs) -> None:
     for p in procs:
         if p.poll() is None:
@@ -77,14 +91,16 @@ def one_run(root: Path, args) -> dict:
     write_key(key_path, key)
     res = split("digits", str(root / "data"), 3, alpha=args.alpha, val_fraction=0.2, seed=args.seed)
     shards = [root / "data" / f"device-{i}.npz" for i in range(3)]
-    procs, peers = start_agents(root, key_path, shards, [])
+    extra = ["--memory-budget", args.memory_budget] if args.memory_budget else []
+    procs, peers = start_agents(root, key_path, shards, extra)
     ready = {}
     try:
-        time.sleep(1.0)  # let the agents bind
+        wait_listening(peers)
         cfg = TrainConfig(model="mlp", val_data=str(root / "data" / "val.npz"), out=str(root / "run"), min_agents=3,
                           peers=peers, mdns=False, buffer=args.buffer, max_versions=args.max_versions,
                           target_accuracy=TARGETS[-1], lr=args.lr, local_epochs=args.epochs,
-                          batch_size=32, seed=args.seed, wait_timeout=60.0)
+                          batch_size=32, seed=args.seed, wait_timeout=60.0, downlink=not args.no_downlink,
+                          update_bits=args.update_bits)
         hooks = Hooks(on_ready=lambda fleet: ready.setdefault("t", time.perf_counter()),
                       on_metrics=lambda line: ready.setdefault("lines", []).append((time.perf_counter(), line)))
         summary = asyncio.run(run_train(cfg, key, hooks))
@@ -113,6 +129,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max-versions", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-downlink", action="store_true", help="tasks carry float32 values (as before downlink deltas)")
+    ap.add_argument("--update-bits", type=int, choices=(8, 4), default=None, help="the agents' update encoding")
+    ap.add_argument("--memory-budget", default=None, help="every agent's --memory-budget (default: the agent's own)")
     ap.add_argument("--json", action="store_true", help="print one JSON line per run as well")
     args = ap.parse_args()
     import logging
