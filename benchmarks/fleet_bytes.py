@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(HERE / "src"), str(HERE / "agent"), str(HERE / "hub")]
 
 from ftte_core.protocol import generate_key, write_key  # noqa: E402
+from ftte_hub.checkpoint import INITIAL_MODEL  # noqa: E402
 from ftte_hub.fleet import Hooks  # noqa: E402
 from ftte_hub.tools import split  # noqa: E402
 from ftte_hub.train import TrainConfig, run_train  # noqa: E402
@@ -100,14 +101,17 @@ def one_run(root: Path, args) -> dict:
                           peers=peers, mdns=False, buffer=args.buffer, max_versions=args.max_versions,
                           target_accuracy=TARGETS[-1], lr=args.lr, local_epochs=args.epochs,
                           batch_size=32, seed=args.seed, wait_timeout=60.0, downlink=not args.no_downlink,
-                          update_bits=args.update_bits)
+                          update_bits=args.update_bits, downlink_bits=args.downlink_bits)
         hooks = Hooks(on_ready=lambda fleet: ready.setdefault("t", time.perf_counter()),
                       on_metrics=lambda line: ready.setdefault("lines", []).append((time.perf_counter(), line)))
         summary = asyncio.run(run_train(cfg, key, hooks))
     finally:
         stop(procs)
+    model_bytes = (root / "run" / INITIAL_MODEL).stat().st_size
     out = {"samples": [len(p) for _n, p in res.shards[:3]], "final_accuracy": summary["accuracy"],
-           "bytes_total": summary["bytes_in"] + summary["bytes_out"], "versions": summary["version"]}
+           "bytes_total": summary["bytes_in"] + summary["bytes_out"], "versions": summary["version"],
+           # one MODEL frame per agent (fresh state folders): 21 bytes of framing each
+           "model_frames_bytes": 3 * (model_bytes + 21)}
     t0 = ready["t"]
     for target in TARGETS:
         hit = next(((t, line) for t, line in ready.get("lines", []) if line["accuracy"] >= target), None)
@@ -130,6 +134,7 @@ def main() -> None:
     ap.add_argument("--max-versions", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-downlink", action="store_true", help="tasks carry float32 values (as before downlink deltas)")
+    ap.add_argument("--downlink-bits", type=int, choices=(8, 4), default=8, help="the downlink stream's steps")
     ap.add_argument("--update-bits", type=int, choices=(8, 4), default=None, help="the agents' update encoding")
     ap.add_argument("--memory-budget", default=None, help="every agent's --memory-budget (default: the agent's own)")
     ap.add_argument("--json", action="store_true", help="print one JSON line per run as well")
@@ -147,17 +152,21 @@ def main() -> None:
             cells.append(f"{target:.2f}: " + ("not reached" if h is None else
                          f"{h['time_s']:5.2f} s {h['bytes'] / 1e6:6.2f} MB (in {h['bytes_in'] / 1e6:.2f}, out "
                          f"{h['bytes_out'] / 1e6:.2f}) v{h['version']}"))
-        print(f"run {r} (seed {args.seed + r}, shards {res['samples']}): " + " | ".join(cells), flush=True)
+        print(f"run {r} (seed {args.seed + r}, shards {res['samples']}): " + " | ".join(cells)
+              + f" | MODEL frames {res['model_frames_bytes'] / 1e6:.2f} MB", flush=True)
         if args.json:
             print(json.dumps(res, default=str))
     for target in TARGETS:
         hits = [r[target] for r in rows if r[target] is not None]
         if hits:
+            model = statistics.median(r["model_frames_bytes"] for r in rows)
             print(f"median until {target:.2f} over {len(hits)}/{len(rows)} runs: "
                   f"{statistics.median(h['time_s'] for h in hits):.2f} s, "
                   f"{statistics.median(h['bytes'] for h in hits) / 1e6:.2f} MB "
                   f"(down {statistics.median(h['bytes_out'] for h in hits) / 1e6:.2f}, "
-                  f"up {statistics.median(h['bytes_in'] for h in hits) / 1e6:.2f})")
+                  f"up {statistics.median(h['bytes_in'] for h in hits) / 1e6:.2f}; "
+                  f"{statistics.median(h['bytes'] for h in hits) / 1e6 - model / 1e6:.2f} MB without the "
+                  f"{model / 1e6:.2f} MB of MODEL frames an agent with the model cached skips)")
         else:
             print(f"until {target:.2f}: not reached in any run")
 

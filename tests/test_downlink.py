@@ -261,3 +261,48 @@ def test_parse_held_reads_garbage_as_nothing():
     for bad in (None, [], {"stream": "a"}, {"stream": "a", "version": True, "checksum": "0" * 32},
                 {"stream": "a b", "version": 1, "checksum": "0" * 32}, {"stream": "a", "version": 1, "checksum": "z"}):
         assert DL.parse_held(bad) is None
+
+
+def test_int4_stream_round_trips_and_stays_within_its_step():
+    rng = np.random.default_rng(9)
+    origin = _values(rng, ((8, 33), (4, 1)))          # an odd row length: the last byte's high nibble is padding
+    stream = DL.DownlinkStream(origin, "q4", bits=4)
+    true = dict(origin)
+    held = None
+    for v in range(8):
+        true = _walk(rng, true)
+        stream.publish(v, true)
+        frame = stream.frame_for(DL.ORIGIN if held is None else held.version, v)
+        blob = DL.encode_frame(frame)
+        assert len(blob) == DL.frame_bytes(frame) and frame.kind == "delta" and frame.bits == 4
+        got = DL.decode_frame(blob)
+        values = DL.resolve(got, held, origin)
+        held = DL.Held(got.stream, got.version, got.checksum, values)
+        for k in true:
+            np.testing.assert_array_equal(values[k], stream.values[k])
+    # int4 levels: each row of the last step within half a level of its scale
+    last = stream.entries[-1].step
+    for k in true:
+        np.testing.assert_array_equal(DL._levels_f32(last[k].levels, true[k].shape[1]).shape,
+                                      (int(np.count_nonzero(last[k].scales)), true[k].shape[1]))
+    # a nibble of -8 is refused
+    bad = bytearray(DL.encode_frame(stream.frame_for(6)))
+    _m, _v, _f, hlen = PREFIX.unpack_from(bad, 0)
+    bad[PREFIX.size + hlen + 4 * 8] = 0x08
+    with pytest.raises(DL.DownlinkError, match="-8"):
+        DL.decode_frame(bytes(bad))
+
+
+def test_counter_tracks_each_device():
+    rng = np.random.default_rng(10)
+    origin = _values(rng, ((16, 32),))
+    c = DL.DownlinkCounter(origin)
+    true = _walk(rng, origin)
+    n_a, vals = c.task("a", 0, true)
+    n_a2, _ = c.task("a", 0, true)                # holds version 0 already
+    true = _walk(rng, true)
+    n_b, _ = c.task("b", 1, true)                 # from the origin: two steps
+    c.forget("a")
+    n_snap, vals1 = c.task("a", 1, true)
+    assert n_a2 < n_a < n_b < n_snap and n_snap > c.stream.snapshot_bytes
+    assert vals1 is c.stream.values and np.max(np.abs(vals1["t0"] - true["t0"])) < 1e-3

@@ -214,6 +214,7 @@ class Fleet:
         self._task_values = None              # (values of one version, shapes, their bytes)
         self.downlink: Optional[DL.DownlinkStream] = None   # the canonical stream (built at the first task)
         self.downlink_enabled = True          # False: every task carries float32 values (as before)
+        self.downlink_bits = 8                # the stream's steps: int8 or packed int4
         self._frames: Dict[Any, bytes] = {}   # encoded frames of the stream's latest version, by held version
         self.big_sends = asyncio.Semaphore(MAX_BIG_SENDS)
         self.draining = False                 # stopping on a signal: no new tasks, in-flight updates still taken
@@ -339,7 +340,8 @@ class Fleet:
         if self.downlink is None:
             model = model_from_bytes(self.model_blob)
             subset = Subset.from_dict(model, self.subset_dict)
-            self.downlink = DL.DownlinkStream(subset_values(model, subset), secrets.token_hex(8))
+            self.downlink = DL.DownlinkStream(subset_values(model, subset), secrets.token_hex(8),
+                                              bits=self.downlink_bits)
         return self.downlink
 
     def task_body(self, task) -> bytes:

@@ -100,6 +100,7 @@ class TrainConfig:
     update_bits: Optional[int] = None            # 8 or 4: how devices encode their deltas (ftte strategies;
                                                  # None: the strategy's default, 8)
     downlink: bool = True                        # tasks carry downlink deltas to agents that take them
+    downlink_bits: int = 8                       # the downlink stream's steps: int8 or packed int4
 
     def was_given(self, field: str) -> bool:
         return self.given is None or field in self.given
@@ -756,6 +757,9 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
     fleet = Fleet(key, FleetSettings(ping_interval=config.ping_interval, dead_after=config.dead_after,
                                      task_timeout=config.task_timeout, connect_timeout=config.connect_timeout), hooks)
     fleet.downlink_enabled = bool(config.downlink)
+    if config.downlink_bits not in (8, 4):
+        raise TrainError(f"--downlink-bits must be 8 or 4, got {config.downlink_bits}")
+    fleet.downlink_bits = int(config.downlink_bits)
     run = _Run(config, fleet, hooks)
     fleet.on_fatal = run._fail
     run.val = load_validation(config.val_data)

@@ -3,8 +3,8 @@
 The hub keeps one canonical, quantised stream of the trained subset's values (``DownlinkStream``).
 Its origin is the subset's values in the run's model file, which every device has (MODEL). When a
 task is issued at version v, the stream publishes v: the difference between the hub's float
-values and the stream's latest canonical values is quantised to int8 with one float32 scale per
-row (nearest rounding, the C++ codec), and
+values and the stream's latest canonical values is quantised to int8 (or packed int4: the hub's
+``--downlink-bits``) with one float32 scale per row (nearest rounding, the C++ codec), and
 
     canonical_v = canonical_prev + levels * scale          (float32, row by row)
 
@@ -16,7 +16,7 @@ names the checksum of its base and of its result (``values_checksum``: SHA-256 o
 and the device verifies both. Devices train from canonical_v (their UPDATE is a delta against
 it); the hub merges those deltas into its float values as before.
 
-A frame is a ``snapshot`` (float32 values) or a ``delta`` chain (int8 steps) from the device's
+A frame is a ``snapshot`` (float32 values) or a ``delta`` chain (quantised steps) from the device's
 version; the hub sends whichever is smaller, and a snapshot whenever the device's version is
 unknown, too old for the bounded history, or did not check (``Held``). Rows whose step is exactly
 zero carry their scale (0) and no levels.
@@ -27,10 +27,12 @@ Wire format (``encode_frame``; little-endian; no pickle):
     header: {"stream": id, "kind": "snapshot"|"delta", "version": v, "checksum": hex32,
              "tensors": [[key, R, F], ...],
              delta only: "base": a (an int, or null = the model file's values), "base_checksum": hex32,
-                         "steps": [version of each step, increasing, the last = v]}
+                         "steps": [version of each step, increasing, the last = v; empty when a = v],
+                         "bits": 8 | 4}
     data: snapshot: per tensor float32 [R, F]
-          delta: per step, per tensor: scales float32 [R], then int8 levels [n, F] of the n rows
-                 whose scale is not 0, in row order
+          delta: per step, per tensor: scales float32 [R], then the levels of the n rows whose scale
+                 is not 0, in row order: int8 [n, F] (-127..127), or int4 uint8 [n, (F+1)//2]
+                 (-7..7, two's complement nibbles, element 2i low, 2i+1 high)
 
 ``decode_frame`` checks every size against the bytes it was given before reading an array and
 raises ``DownlinkError`` (one line) for anything malformed; ``resolve`` refuses a frame whose base
@@ -86,7 +88,8 @@ def values_checksum(values: Mapping[str, np.ndarray]) -> str:
 @dataclass
 class StepTensor:
     scales: np.ndarray      # float32 [R]; 0 = the row does not change
-    levels: np.ndarray      # int8 [n, F]: the rows whose scale is not 0, in order
+    levels: np.ndarray      # the rows whose scale is not 0, in order: int8 [n, F], or (int4) uint8
+                            # [n, (F+1)//2], two levels per byte, low nibble first (the update codec's packing)
 
     @property
     def nbytes(self) -> int:
@@ -96,8 +99,11 @@ class StepTensor:
 Step = Dict[str, StepTensor]
 
 
-def quantise_step(target: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> Step:
-    """int8 levels with one scale per row of ``target - base`` (nearest rounding); ValueError on NaN/Inf."""
+def quantise_step(target: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], bits: int = 8) -> Step:
+    """int8 (or packed int4) levels with one scale per row of ``target - base`` (nearest rounding,
+    scale = max|row| / 127 or / 7); ValueError on NaN/Inf."""
+    if bits not in (8, 4):
+        raise ValueError(f"quantise_step: bits must be 8 or 4, got {bits}")
     step: Step = {}
     for key, b in base.items():
         t = np.ascontiguousarray(target[key], dtype=np.float32)
@@ -105,10 +111,10 @@ def quantise_step(target: Mapping[str, np.ndarray], base: Mapping[str, np.ndarra
         if t.shape != b.shape or t.ndim != 2:
             raise ValueError(f"quantise_step: {key!r} has shape {t.shape}, the base {b.shape}")
         R, F = b.shape
-        q = np.empty((R, F), np.int8)
+        q = np.empty((R, F), np.int8) if bits == 8 else np.empty((R, (F + 1) // 2), np.uint8)
         scales = np.empty(R, np.float32)
         try:
-            K.encode_int8(t, b, None, q, scales, False, 0)
+            (K.encode_int8 if bits == 8 else K.encode_int4)(t, b, None, q, scales, False, 0)
         except ValueError as e:
             raise ValueError(f"quantise_step: {key!r}: {e}") from None
         step[key] = StepTensor(scales, np.ascontiguousarray(q[scales != 0]))
@@ -123,9 +129,20 @@ def apply_step(base: Mapping[str, np.ndarray], step: Step) -> Values:
         new = np.array(b, dtype=np.float32, copy=True)
         rows = np.flatnonzero(st.scales)
         if rows.size:
-            change = st.levels.astype(np.float32) * st.scales[rows, None]
+            change = _levels_f32(st.levels, b.shape[1]) * st.scales[rows, None]
             new[rows] = new[rows] + change
         out[key] = new
+    return out
+
+
+def _levels_f32(levels: np.ndarray, F: int) -> np.ndarray:
+    """The levels as float32 [n, F] (exact small integers): int8 directly, packed int4 through the
+    codec's own unpacking (unit scales)."""
+    if levels.dtype == np.int8:
+        return levels.astype(np.float32)
+    out = np.empty((levels.shape[0], F), np.float32)
+    if levels.shape[0]:
+        K.decode_int4(np.ascontiguousarray(levels), np.ones(levels.shape[0], np.float32), out)
     return out
 
 
@@ -149,6 +166,7 @@ class Frame:
     base: Optional[int] = None                 # kind == "delta": None = the model file's values
     base_checksum: str = ""
     steps: Optional[List[Tuple[int, Step]]] = None
+    bits: int = 8                              # kind == "delta": 8 (int8 levels) or 4 (packed int4)
 
 
 def _header(frame: Frame) -> bytes:
@@ -158,6 +176,7 @@ def _header(frame: Frame) -> bytes:
         head["base"] = None if frame.base is None else int(frame.base)
         head["base_checksum"] = frame.base_checksum
         head["steps"] = [int(v) for v, _s in frame.steps]
+        head["bits"] = int(frame.bits)
     return json.dumps(head, separators=(",", ":"), allow_nan=False).encode()
 
 
@@ -172,7 +191,7 @@ def encode_frame(frame: Frame) -> bytes:
             for key, _r, _f in frame.shapes:
                 t = step[key]
                 parts.append(np.ascontiguousarray(t.scales, dtype="<f4").tobytes())
-                parts.append(np.ascontiguousarray(t.levels, dtype=np.int8).tobytes())
+                parts.append(np.ascontiguousarray(t.levels, dtype=np.int8 if frame.bits == 8 else np.uint8).tobytes())
     return b"".join(parts)
 
 
@@ -201,7 +220,7 @@ def decode_frame(buf, max_bytes: int = 1 << 28) -> Frame:
         raise DownlinkError("downlink header must be a JSON object")
     kind = head.get("kind")
     want = {"stream", "kind", "version", "checksum", "tensors"} | (
-        {"base", "base_checksum", "steps"} if kind == "delta" else set())
+        {"base", "base_checksum", "steps", "bits"} if kind == "delta" else set())
     if kind not in ("snapshot", "delta") or set(head) != want:
         raise DownlinkError(f"downlink header must have exactly the fields {sorted(want)} (kind snapshot or delta)")
     stream, version, checksum = head["stream"], head["version"], head["checksum"]
@@ -239,7 +258,9 @@ def decode_frame(buf, max_bytes: int = 1 << 28) -> Frame:
             frame.snapshot[key] = a
             off += 4 * R * F
         return frame
-    base, base_checksum, steps = head["base"], head["base_checksum"], head["steps"]
+    base, base_checksum, steps, bits = head["base"], head["base_checksum"], head["steps"], head["bits"]
+    if not _is_int(bits) or bits not in (8, 4):
+        raise DownlinkError("downlink bits must be 8 or 4")
     if base is not None and (not _is_int(base) or not 0 <= base <= version):
         raise DownlinkError("downlink base must be null or a non-negative integer, at most the version")
     if not isinstance(base_checksum, str) or not CHECKSUM_RE.fullmatch(base_checksum):
@@ -255,10 +276,11 @@ def decode_frame(buf, max_bytes: int = 1 << 28) -> Frame:
         lo = v
     if steps and steps[-1] != version:
         raise DownlinkError("downlink: the last step must be the frame's version")
-    frame.base, frame.base_checksum, frame.steps = base, base_checksum, []
+    frame.base, frame.base_checksum, frame.steps, frame.bits = base, base_checksum, [], bits
     for v in steps:
         step: Step = {}
         for key, R, F in shapes:
+            width = F if bits == 8 else (F + 1) // 2
             if off + 4 * R > n:
                 raise DownlinkError(f"downlink step {v} {key[:40]!r}: scales run past the end of the frame")
             scales = np.frombuffer(mv[off:off + 4 * R], dtype="<f4").astype(np.float32)
@@ -266,12 +288,15 @@ def decode_frame(buf, max_bytes: int = 1 << 28) -> Frame:
             if not np.all(np.isfinite(scales)) or np.any(scales < 0):
                 raise DownlinkError(f"downlink step {v} {key[:40]!r}: scales hold NaN, Inf or negative values")
             rows = int(np.count_nonzero(scales))
-            if off + rows * F > n:
+            if off + rows * width > n:
                 raise DownlinkError(f"downlink step {v} {key[:40]!r}: levels run past the end of the frame")
-            levels = np.frombuffer(mv[off:off + rows * F], dtype=np.int8).reshape(rows, F)
-            off += rows * F
-            if np.any(levels == -128):
+            levels = np.frombuffer(mv[off:off + rows * width], dtype=np.int8 if bits == 8 else np.uint8)
+            levels = levels.reshape(rows, width)
+            off += rows * width
+            if bits == 8 and np.any(levels == -128):
                 raise DownlinkError(f"downlink step {v} {key[:40]!r} holds level -128, outside [-127, 127]")
+            if bits == 4 and (np.any(levels & 0x0F == 0x08) or np.any(levels >> 4 == 0x08)):
+                raise DownlinkError(f"downlink step {v} {key[:40]!r} holds level -8, outside [-7, 7]")
             step[key] = StepTensor(scales, levels)
         frame.steps.append((v, step))
     if off != n:
@@ -365,9 +390,13 @@ class DownlinkStream:
     (``history`` steps); a device further behind gets a snapshot.
     """
 
-    def __init__(self, origin: Mapping[str, np.ndarray], stream_id: str, history: int = DEFAULT_HISTORY):
+    def __init__(self, origin: Mapping[str, np.ndarray], stream_id: str, history: int = DEFAULT_HISTORY,
+                 bits: int = 8):
         if not STREAM_RE.fullmatch(stream_id):
             raise ValueError("stream_id must be 1 to 64 letters, digits, '-' or '_'")
+        if bits not in (8, 4):
+            raise ValueError(f"bits must be 8 or 4, got {bits}")
+        self.bits = int(bits)
         self.stream_id = stream_id
         self.history = max(1, int(history))
         self.origin = {k: np.array(v, dtype=np.float32, copy=True) for k, v in origin.items()}
@@ -387,7 +416,7 @@ class DownlinkStream:
             return self.values
         if version < self.version:
             raise ValueError(f"publish: version {version} is older than the stream's {self.version}")
-        step = quantise_step(values, self.values)
+        step = quantise_step(values, self.values, self.bits)
         new = apply_step(self.values, step)
         checksum = values_checksum(new)
         self.entries.append(_Entry(self.version, version, step, checksum, step_bytes(step)))
@@ -423,7 +452,7 @@ class DownlinkStream:
             return snap
         delta = Frame(self.stream_id, "delta", self.version, self.checksum, list(self.shapes),
                       base=None if held == ORIGIN else int(held), base_checksum=self._checksums[held],
-                      steps=[(e.version, e.step) for e in chain])
+                      steps=[(e.version, e.step) for e in chain], bits=self.bits)
         if len(chain) > MAX_STEPS or frame_bytes(delta) >= frame_bytes(snap):
             return snap
         return delta
@@ -443,3 +472,27 @@ def downlink_bytes(stream: DownlinkStream, held: Optional[int], version: int,
     stream.publish(version, values)
     frame = stream.frame_for(held, version)
     return frame_bytes(frame), frame.version
+
+
+class DownlinkCounter:
+    """The simulator's view of the fleet's downlink: one stream, what each device holds.
+
+        counter = DownlinkCounter(subset_values(model, subset))     # every device starts at ORIGIN
+        nbytes, values = counter.task(device_id, task.base_version, task.values)
+        ... the device trains from ``values`` (the canonical values a real agent would hold) ...
+
+    ``nbytes`` is exactly the frame the hub's fleet would put in that TASK (``frame_bytes``; the
+    TASK's JSON header comes on top, as for float32 values). ``forget(device_id)``: the device lost
+    what it held (a restart): its next task carries a snapshot.
+    """
+
+    def __init__(self, origin: Mapping[str, np.ndarray], bits: int = 8, history: int = DEFAULT_HISTORY):
+        self.stream = DownlinkStream(origin, "sim", history=history, bits=bits)
+        self.held: Dict[str, Optional[int]] = {}
+
+    def task(self, device_id: str, version: int, values: Mapping[str, np.ndarray]) -> Tuple[int, Values]:
+        nbytes, self.held[device_id] = downlink_bytes(self.stream, self.held.get(device_id, ORIGIN), version, values)
+        return nbytes, self.stream.values
+
+    def forget(self, device_id: str) -> None:
+        self.held[device_id] = None
