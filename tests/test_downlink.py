@@ -306,3 +306,19 @@ def test_counter_tracks_each_device():
     n_snap, vals1 = c.task("a", 1, true)
     assert n_a2 < n_a < n_b < n_snap and n_snap > c.stream.snapshot_bytes
     assert vals1 is c.stream.values and np.max(np.abs(vals1["t0"] - true["t0"])) < 1e-3
+
+
+@pytest.mark.parametrize("downlink, fmt, held", [
+    (None, 0, None), ({"format": 1}, 1, None), ({"format": 2}, 0, None), ("yes", 0, None),
+    ({"format": 1, "stream": "s", "version": 4, "checksum": "a" * 32}, 1, ("s", 4, "a" * 32)),
+    ({"format": 1, "stream": "s", "version": -4, "checksum": "a" * 32}, 1, None),
+    ({"format": True, "stream": "s", "version": 4, "checksum": "a" * 32}, 0, None),
+])
+def test_hub_reads_what_an_agent_holds_and_never_trusts_garbage(downlink, fmt, held):
+    from ftte_hub.fleet import parse_agent_info
+
+    info = {"agent_id": "a1", "memory_budget": 1 << 20}
+    if downlink is not None:
+        info["downlink"] = downlink
+    got = parse_agent_info(json.dumps(info).encode())
+    assert (got["downlink_format"], got["downlink_held"]) == (fmt, held)

@@ -169,7 +169,8 @@ def parse_agent_info(body: bytes) -> Dict[str, Any]:
     info["models"] = models
     dl = info.get("downlink")
     # the agent resolves downlink frames (format 1); what it holds, if anything (malformed: nothing)
-    info["downlink_format"] = 1 if isinstance(dl, dict) and dl.get("format") == 1 else 0
+    fmt = dl.get("format") if isinstance(dl, dict) else None
+    info["downlink_format"] = 1 if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt == 1 else 0
     info["downlink_held"] = DL.parse_held(dl) if info["downlink_format"] else None
     shape = info.get("input_shape")
     if shape is not None:
