@@ -293,3 +293,26 @@ def test_downlink_task_bodies_bring_every_agent_to_the_hubs_canonical_values():
 def subset_values_of(model, subset):
     from ftte_core.update import subset_values
     return subset_values(model, subset)
+
+
+def test_downlink_agents_get_deltas_and_a_lost_agent_resyncs_from_a_snapshot(tmp_path):
+    """Agents that take downlink deltas get int8 chains (never a snapshot while they keep up); one
+    that loses what it holds answers TASK_FAILED resync, gets a snapshot at once (no backoff) and
+    trains on; an agent without downlink support still gets float32 values."""
+    val, parts = digits_split(3)
+
+    async def main():
+        agents = [FakeAgent(KEY, parts[0], "keeps", downlink="on"), FakeAgent(KEY, parts[1], "loses", downlink="lose"),
+                  FakeAgent(KEY, parts[2], "old")]
+        for a in agents:
+            await a.start()
+        cfg = _config(tmp_path, val, agents, max_versions=5)
+        return await _run(cfg, agents), agents
+
+    summary, (keeps, loses, old) = asyncio.run(main())
+    assert summary["version"] == 5
+    assert keeps.frames and set(keeps.frames) == {"delta"} and keeps.resyncs == 0
+    assert loses.resyncs >= 1 and "snapshot" in loses.frames and summary["agents"]["loses"]["accepted"] >= 2
+    i = loses.frames.index("snapshot")
+    assert loses.frames[i - 1] == "delta"          # the delta it could not resolve, then the snapshot
+    assert old.frames == [] and summary["agents"]["old"]["accepted"] >= 1

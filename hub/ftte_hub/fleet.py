@@ -549,6 +549,7 @@ class Session:
         self.no_update_in_flight.set()
         self.downlink = bool(info.get("downlink_format"))   # the agent resolves downlink frames
         self.held: Optional[int] = DL.ORIGIN   # the canonical version the agent holds (None: unknown)
+        self.sent_from: Optional[int] = None   # what it held when its current task's frame was built
 
     def supersede(self) -> None:
         """The agent took a newer connection from this hub: end this session quietly."""
@@ -649,12 +650,16 @@ class Session:
               f"{msg['message'][:300]}", logging.WARNING)
         if self.fleet.coordinator is not None:
             self.fleet.coordinator.stats_for(self.agent_id)["failed"] += 1
-        if msg.get("downlink") == "resync":  # its values did not check: the next task brings a snapshot
+        resync = msg.get("downlink") == "resync"
+        if resync:  # its values did not check: the next task brings a snapshot
             self.held = None
         if msg["task_id"] == self.task_id:
             self.task_id = None
-            self.failures += 1
-            self.not_before = time.monotonic() + min(FAILED_TASK_BACKOFF_MAX, 0.5 * 2 ** self.failures)
+            # a delta that did not resolve is retried at once with a snapshot; a failed snapshot (or
+            # anything else) backs off, so an agent that always fails cannot make the hub spin
+            if not (resync and self.sent_from is not None):
+                self.failures += 1
+                self.not_before = time.monotonic() + min(FAILED_TASK_BACKOFF_MAX, 0.5 * 2 ** self.failures)
             self.kick.set()
 
     # -- sending -----------------------------------------------------------------------------------
@@ -697,6 +702,7 @@ class Session:
                 if task is not None:
                     self.task_id, self.task_sent_at = task.id, time.monotonic()
                     if self.downlink and fleet.downlink_enabled:  # built before any await: the stream only moves on
+                        self.sent_from = self.held
                         body, self.held = fleet.downlink_task_body(task, self.held)
                     else:
                         body = fleet.task_body(task)
