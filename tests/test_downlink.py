@@ -322,3 +322,17 @@ def test_hub_reads_what_an_agent_holds_and_never_trusts_garbage(downlink, fmt, h
         info["downlink"] = downlink
     got = parse_agent_info(json.dumps(info).encode())
     assert (got["downlink_format"], got["downlink_held"]) == (fmt, held)
+
+
+def test_history_holds_less_than_one_snapshot_of_steps():
+    rng = np.random.default_rng(11)
+    origin = _values(rng, ((16, 32),))           # a step is 16*32 + 64 = 576 B, a snapshot 2048 B
+    stream = DL.DownlinkStream(origin, "hb", history=64)
+    true = dict(origin)
+    for v in range(10):
+        true = _walk(rng, true)
+        stream.publish(v, true)
+        assert stream.history_bytes == sum(e.nbytes for e in stream.entries) < stream.snapshot_bytes
+    assert len(stream.entries) == 3
+    assert stream.frame_for(6).kind == "delta" and stream.frame_for(5).kind == "snapshot"
+    assert stream.frame_for(9).kind == "delta"   # the latest needs no step at all

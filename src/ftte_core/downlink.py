@@ -387,7 +387,8 @@ class DownlinkStream:
     ``publish(version, values)`` makes version ``version`` canonical (idempotent per version);
     ``frame_for(held_version, version)`` is the smallest frame that brings a device from
     ``held_version`` (ORIGIN, a version, or None for 'unknown') to ``version``. History is bounded
-    (``history`` steps); a device further behind gets a snapshot.
+    (``history`` steps, and fewer bytes of steps than one snapshot: a longer chain would never be
+    sent); a device further behind gets a snapshot.
     """
 
     def __init__(self, origin: Mapping[str, np.ndarray], stream_id: str, history: int = DEFAULT_HISTORY,
@@ -407,6 +408,7 @@ class DownlinkStream:
         self.values: Values = self.origin
         self.checksum = self.origin_checksum
         self.entries: deque = deque()
+        self.history_bytes = 0
         self._checksums: Dict[int, str] = {ORIGIN: self.origin_checksum}
 
     def publish(self, version: int, values: Mapping[str, np.ndarray]) -> Values:
@@ -419,10 +421,15 @@ class DownlinkStream:
         step = quantise_step(values, self.values, self.bits)
         new = apply_step(self.values, step)
         checksum = values_checksum(new)
-        self.entries.append(_Entry(self.version, version, step, checksum, step_bytes(step)))
+        entry = _Entry(self.version, version, step, checksum, step_bytes(step))
+        self.entries.append(entry)
+        self.history_bytes += entry.nbytes
         self._checksums[version] = checksum
-        while len(self.entries) > self.history:
+        # a chain that is not smaller than a snapshot is never sent: keep only steps that can be,
+        # so the history never holds more than about one copy of the values
+        while self.entries and (len(self.entries) > self.history or self.history_bytes >= self.snapshot_bytes):
             old = self.entries.popleft()
+            self.history_bytes -= old.nbytes
             self._checksums.pop(old.base, None)
         self.version, self.values, self.checksum = version, new, checksum
         return new
