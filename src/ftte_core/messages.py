@@ -2,8 +2,8 @@
 
 Both programs speak it: the hub (``ftte_hub``) opens the TCP connection, the agent
 (``ftte_agent``) serves it. Every message is one protocol frame ``type u8 | body``; bodies are
-UTF-8 JSON objects, except MODEL (a ``modelfile`` blob), TASK (JSON header + float32 arrays, below)
-and UPDATE (``update.Update.to_bytes()``).
+UTF-8 JSON objects, except MODEL (a ``modelfile`` blob), TASK (JSON header + float32 arrays or one
+downlink frame, below) and UPDATE (``update.Update.to_bytes()``).
 
 Conversation (hub = H, agent = A), after the handshake:
 
