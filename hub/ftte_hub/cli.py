@@ -278,6 +278,14 @@ def keygen(path, force):
               help="Device mini-batch (samples); the memory cost model uses the same.")
 @click.option("--server-lr", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
               help="Server learning rate of each merge.")
+@click.option("--update-bits", type=click.Choice(["8", "4"]), default=None,
+              help="How devices encode their deltas (ftte strategies): int8, or packed int4 (half the upload). "
+                   "Default: 8. A resume keeps the run's.")
+@click.option("--downlink-bits", type=click.Choice(["8", "4"]), default="8",
+              help="The downlink stream's steps: int8, or packed int4 (half the bytes, coarser steps that the "
+                   "error feedback catches up on).")
+@click.option("--no-downlink-deltas", "no_downlink", is_flag=True,
+              help="Send every task the trained values as float32 instead of int8 deltas of what the agent holds.")
 @click.option("--task-timeout", type=click.FloatRange(min=0.0, min_open=True), default=600.0,
               help="Seconds without an UPDATE before a task is given up (the session is re-established).")
 @click.option("--ping-interval", type=click.FloatRange(min=0.0, min_open=True), default=5.0,
@@ -296,8 +304,8 @@ def keygen(path, force):
                    "machine) or the hub's LAN address to share it; port 0 picks a free port. Default: off.")
 @click.option("-v", "--verbose", is_flag=True, help="Also log debug events (addresses found, duplicates).")
 def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, max_versions, target_accuracy,
-          interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, task_timeout, ping_interval,
-          dead_after, wait_timeout, stop_grace, log_format, seed, status_address, verbose):
+          interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, update_bits, downlink_bits, no_downlink,
+          task_timeout, ping_interval, dead_after, wait_timeout, stop_grace, log_format, seed, status_address, verbose):
     """Coordinate federated training over the agents on this network.
 
     Finds agents over mDNS and --peer, waits for --min-agents, chooses the trainable subset for
@@ -329,7 +337,8 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
                       local_epochs=local_epochs, batch_size=batch_size, server_lr=server_lr,
                       task_timeout=task_timeout, ping_interval=ping_interval, dead_after=dead_after,
                       wait_timeout=wait_timeout, stop_grace=stop_grace, seed=seed, given=given,
-                      status=status_address)
+                      update_bits=int(update_bits) if update_bits else None, downlink=not no_downlink,
+                      downlink_bits=int(downlink_bits), status=status_address)
     try:
         summary = asyncio.run(run_train(cfg, key))
     except TrainError as e:

@@ -100,6 +100,10 @@ class TrainConfig:
     stop_grace: float = 10.0                     # s a signalled stop waits for in-flight updates
     given: Optional[frozenset] = None            # fields set on the command line (None: all count as given)
     status: Optional[str] = None                 # ADDRESS:PORT of the read-only status page (None: off)
+    update_bits: Optional[int] = None            # 8 or 4: how devices encode their deltas (ftte strategies;
+                                                 # None: the strategy's default, 8)
+    downlink: bool = True                        # tasks carry downlink deltas to agents that take them
+    downlink_bits: int = 8                       # the downlink stream's steps: int8 or packed int4
 
     def was_given(self, field: str) -> bool:
         return self.given is None or field in self.given
@@ -114,6 +118,11 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------
 # model and data
+def bits_option(bits: Optional[int]) -> Dict[str, Any]:
+    """make_strategy's keyword for --update-bits (none: the strategy's default)."""
+    return {} if bits is None else {"bits": int(bits)}
+
+
 def new_run_id() -> str:
     """A fresh run's id: random, saved in the checkpoint (a resume keeps it), sent with every TASK."""
     return secrets.token_hex(8)
@@ -231,7 +240,8 @@ class _Run:
     async def setup_fresh(self) -> None:
         cfg = self.cfg
         model = build_model(cfg.model, self.val, seed=cfg.seed, options=cfg.model_options)
-        strategy = make_strategy(cfg.strategy, buffer_size=cfg.buffer, server_lr=cfg.server_lr)
+        strategy = make_strategy(cfg.strategy, buffer_size=cfg.buffer, server_lr=cfg.server_lr,
+                                 **bits_option(cfg.update_bits))
         scores = None
         if strategy.sparse:
             scores = importance_scores(model, self.val.x, self.val.y, seed=cfg.seed)
@@ -273,6 +283,7 @@ class _Run:
             "model_spec": cfg.model, "strategy": strategy.name, "buffer": strategy.buffer_size,
             "server_lr": strategy.server_lr, "task_config": task_cfg.as_dict(), "subset": subset.to_dict(),
             "needed_bytes": needed, "m_min": m_min, "seed": cfg.seed, "subset_described": described,
+            "update_bits": int(strategy.bits),
         }
         self.meta_base["run_id"] = run_id = new_run_id()
         self.meta_base["task_prefix"] = f"{run_id[:8]}-"  # task ids unique across runs
@@ -306,14 +317,16 @@ class _Run:
             model = model_from_bytes(blob)
             model.load_state(params)
             check_model_fits_data(model, self.val, f"the checkpointed model in {self.out}")
-            strategy = make_strategy(meta["strategy"], buffer_size=int(meta["buffer"]), server_lr=float(meta["server_lr"]))
+            saved_bits = meta.get("update_bits")  # absent in checkpoints from before --update-bits: the default
+            strategy = make_strategy(meta["strategy"], buffer_size=int(meta["buffer"]), server_lr=float(meta["server_lr"]),
+                                     **bits_option(saved_bits if saved_bits in (4, 8) else None))
             subset = Subset.from_dict(model, meta["subset"])
             task_cfg = TaskConfig.from_dict(meta["task_config"])
         except (ModelFileError, ValueError, KeyError, TypeError) as e:
             raise TrainError(f"cannot resume from {self.out}: the checkpoint is inconsistent ({e})") from None
         self.meta_base = {k: meta[k] for k in ("format", "model_hash", "model_name", "model_spec", "strategy", "buffer",
                                                "server_lr", "task_config", "subset", "needed_bytes", "m_min", "seed",
-                                               "subset_described", "run_id", "task_prefix") if k in meta}
+                                               "subset_described", "run_id", "task_prefix", "update_bits") if k in meta}
         if not isinstance(self.meta_base.get("run_id"), str) or not M.RUN_ID_RE.fullmatch(self.meta_base["run_id"]):
             # a checkpoint from before run ids: its journal replays task ids without a prefix
             self.meta_base["run_id"], self.meta_base["task_prefix"] = new_run_id(), ""
@@ -740,8 +753,12 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
             parse_status_address(config.status)
         except ValueError as e:
             raise TrainError(str(e)) from None
+    if config.update_bits is not None and (config.update_bits not in (4, 8) or not config.strategy.startswith("ftte")):
+        raise TrainError(f"--update-bits {config.update_bits}: 8 or 4, for the ftte strategies only "
+                         f"(fedbuff and fedavg send float32 deltas)")
     try:
-        make_strategy(config.strategy, buffer_size=config.buffer, server_lr=config.server_lr)
+        make_strategy(config.strategy, buffer_size=config.buffer, server_lr=config.server_lr,
+                      **bits_option(config.update_bits))
         TaskConfig.from_dict({"lr": config.lr, "local_epochs": config.local_epochs, "batch_size": config.batch_size})
     except ValueError as e:
         raise TrainError(str(e)) from None
@@ -761,6 +778,10 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
 
     fleet = Fleet(key, FleetSettings(ping_interval=config.ping_interval, dead_after=config.dead_after,
                                      task_timeout=config.task_timeout, connect_timeout=config.connect_timeout), hooks)
+    fleet.downlink_enabled = bool(config.downlink)
+    if config.downlink_bits not in (8, 4):
+        raise TrainError(f"--downlink-bits must be 8 or 4, got {config.downlink_bits}")
+    fleet.downlink_bits = int(config.downlink_bits)
     run = _Run(config, fleet, hooks)
     fleet.on_fatal = run._fail
     run.val = load_validation(config.val_data)
