@@ -132,6 +132,19 @@ class _Downlink:
         return content
 
 
+def _exchange(grid: Grid, msgs: List[Message], timeout: float, poll: float = 0.2) -> List[Message]:
+    """Push and pull the replies (Grid.send_and_receive polls every 3 s: a round would wait for it)."""
+    ids = set(grid.push_messages(msgs))
+    replies, end = [], time.monotonic() + timeout
+    while ids and time.monotonic() < end:
+        got = list(grid.pull_messages(list(ids)))
+        ids.difference_update(m.metadata.reply_to_message_id for m in got)
+        replies += got
+        if ids:
+            time.sleep(poll)
+    return replies
+
+
 def _wait_for_sites(grid: Grid, need: int, timeout: float) -> List[int]:
     end = time.monotonic() + timeout
     while True:
@@ -210,7 +223,7 @@ def federate(grid: Grid, context: Context) -> None:
                 esent[n] = payload_bytes(content)
         acc_sum = n_sum = 0.0
         eup = {}
-        for reply in grid.send_and_receive(emsgs, timeout=float(rc.get("evaluate-timeout", 300.0))):
+        for reply in _exchange(grid, emsgs, float(rc.get("evaluate-timeout", 300.0))):
             node = reply.metadata.src_node_id
             content = down.reply(node, reply)
             if content is None:

@@ -33,6 +33,7 @@ import os
 import re
 import signal
 import struct
+import zipfile
 import zlib
 from collections import OrderedDict
 from dataclasses import replace
@@ -84,7 +85,7 @@ def unpack(body: bytes) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
         header = json.loads(body[4:4 + hlen])
         with np.load(io.BytesIO(body[4 + hlen:]), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, zlib.error) as e:
+    except (ValueError, OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
         raise SiteError(f"malformed message: {e}") from None
     if not isinstance(header, dict):
         raise SiteError("malformed message: the header is not an object")
