@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -99,8 +99,8 @@ def _shape(text: str):
 class _Downlink:
     """What each site holds, so a global version goes down as the rows changed since (or whole)."""
 
-    def __init__(self, fed: Federation, federation_id: str, rc):
-        self.fed, self.federation_id, self.rc = fed, federation_id, rc
+    def __init__(self, fed: Federation, federation_id: str):
+        self.fed, self.federation_id = fed, federation_id
         self.holds: Dict[int, int] = {}   # node id -> global version it last confirmed
 
     def content(self, node: int, **config) -> RecordDict:
@@ -166,7 +166,7 @@ def federate(grid: Grid, context: Context) -> None:
     rounds, min_sites = int(rc.get("num-rounds", 3)), int(rc.get("min-sites", 2))
     round_timeout, target = float(rc.get("round-timeout", 3600.0)), float(rc.get("target-accuracy", 0.0))
     site_versions = int(rc.get("site-versions", 5))
-    down = _Downlink(fed, f"{grid.run.run_id}", rc)
+    down = _Downlink(fed, f"{grid.run.run_id}")
     say = lambda m: print(f"ftte: {m}", flush=True)  # noqa: E731 - the ServerApp's log goes to `flwr log`
     nodes = _wait_for_sites(grid, min_sites, float(rc.get("wait-timeout", 600.0)))
     say(f"{len(nodes)} site(s); federation {down.federation_id} from version {fed.version}, {rounds} round(s) of "
