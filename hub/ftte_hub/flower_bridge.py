@@ -63,6 +63,8 @@ def _site_request(kind: int, msg: Message, context: Context) -> Message:
             raise SiteError(str(e)) from None
         header = {"federation": str(cfg["federation"]), "version": int(cfg["version"]),
                   "site_versions": int(cfg.get("site-versions", 0)) or None}
+        if float(cfg.get("site-seconds", 0.0)) > 0:
+            header["site_seconds"] = float(cfg["site-seconds"])
         if int(cfg.get("base-version", -1)) >= 0:
             header["base_version"] = int(cfg["base-version"])
         head, arrays = request(sock, key, kind, header, _arrays_of(msg.content["global"]),
@@ -165,7 +167,7 @@ def federate(grid: Grid, context: Context) -> None:
                           strategy=str(rc.get("strategy", "ftte")), server_lr=float(rc.get("server-lr", 1.0)))
     rounds, min_sites = int(rc.get("num-rounds", 3)), int(rc.get("min-sites", 2))
     round_timeout, target = float(rc.get("round-timeout", 3600.0)), float(rc.get("target-accuracy", 0.0))
-    site_versions = int(rc.get("site-versions", 5))
+    site_versions, site_seconds = int(rc.get("site-versions", 5)), float(rc.get("site-seconds", 0.0))
     down = _Downlink(fed, f"{grid.run.run_id}")
     say = lambda m: print(f"ftte: {m}", flush=True)  # noqa: E731 - the ServerApp's log goes to `flwr log`
     nodes = _wait_for_sites(grid, min_sites, float(rc.get("wait-timeout", 600.0)))
@@ -180,7 +182,8 @@ def federate(grid: Grid, context: Context) -> None:
         for n in nodes:
             if n in busy:
                 continue
-            content = down.content(n, **{"site-versions": site_versions, "site-timeout": round_timeout})
+            content = down.content(n, **{"site-versions": site_versions, "site-seconds": site_seconds,
+                                         "site-timeout": round_timeout})
             msgs.append(Message(content, dst_node_id=n, message_type="train", group_id=str(rnd)))
             sent[n] = payload_bytes(content)
         for mid, m in zip(grid.push_messages(msgs), msgs):

@@ -12,7 +12,7 @@ keyed with the site's fleet key: only a process that holds the key file can hand
 
 Messages on the socket (each one frame: u32 header length, JSON header, then an .npz of arrays):
 
-    TRAIN     {federation, version, site_versions, [base_version]}  + the global model (below)
+    TRAIN     {federation, version, site_versions, [site_seconds], [base_version]} + the global model
     EVALUATE  {federation, version, [base_version]}                 + the global model
     RESULT    TRAIN: {version, samples, loss, accuracy_before, accuracy, subset, ...} + "update"
               (ftte_core.update wire bytes: the int8 delta of the site's trained rows);
@@ -186,6 +186,9 @@ class Site:
         versions = header.get("site_versions") or self.cfg.max_versions
         if not isinstance(versions, int) or versions < 1:
             raise SiteError(f"site_versions must be a positive integer, got {versions!r}")
+        seconds = header.get("site_seconds")
+        if seconds is not None and (not isinstance(seconds, (int, float)) or not seconds > 0):
+            raise SiteError(f"site_seconds must be a positive number, got {seconds!r}")
         fed = re.sub(r"[^A-Za-z0-9_.-]", "_", self.federation)[:64] or "federation"
         where = self.out / f"fed-{fed}" / f"v{version}"
         where.mkdir(parents=True, exist_ok=True)
@@ -197,9 +200,9 @@ class Site:
             if not onnx_path.exists():
                 ft.save_onnx(model, str(onnx_path))
             cfg = replace(self.cfg, model=str(onnx_path), out=str(run_dir), max_versions=versions,
-                          target_accuracy=None, given=None)
-            event("site_round", f"global version {version}: training the site fleet for {versions} version(s) "
-                  f"in {run_dir}")
+                          target_accuracy=None, given=None, max_seconds=float(seconds) if seconds else None)
+            event("site_round", f"global version {version}: training the site fleet for {versions} version(s)"
+                  + (f" or {seconds:g} s" if seconds else "") + f" in {run_dir}")
             try:
                 summary = await run_train(cfg, self.key)
             except TrainError as e:
