@@ -98,9 +98,10 @@ class Procs:
 
 def federation_env(d: Path) -> Dict[str, str]:
     # FLWR_HOME: the flwr CLI's SuperLink connections and the apps the SuperNodes install, per run;
-    # PATH: Flower starts flower-superexec by name; the poll interval: 1 s by default, per message
+    # PATH: Flower starts flower-superexec by name; the poll interval: 1 s by default, per message;
+    # telemetry off: nothing of a test leaves the machine (and no wait on an unreachable host)
     return dict(os.environ, FLWR_HOME=str(d / "flwr-home"), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                PYTHONUNBUFFERED="1", FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2")
+                PYTHONUNBUFFERED="1", FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2", FLWR_TELEMETRY_ENABLED="0")
 
 
 def start_sites(d: Path, procs: Procs, scaled, site_versions: int, memory_budget: Optional[str] = None,
