@@ -139,3 +139,46 @@ def test_only_the_bridge_imports_flower():
             if path.name != "flower_bridge.py":
                 assert not any(x == "flwr" or x.startswith("flwr.") for x in names), path
                 assert not any("flower_bridge" in x for x in names), path
+
+
+def test_site_socket_serves_the_key_holder_only(tmp_path):
+    """The local channel: a global model (whole, then changed rows) is evaluated on the site's data
+    for a client with the fleet key; without the key, or for a version it lacks, a one-line refusal."""
+    import asyncio
+    import threading
+
+    from ftte_core import data as ftdata
+    from ftte_core.protocol import generate_key
+    from ftte_hub.site import SITE_EVALUATE, Site, request
+    from ftte_hub.train import TrainConfig
+
+    ds = ftdata.load_bundled("digits")
+    val = ftdata.Dataset(ds.x[:60], ds.y[:60], ds.num_classes)
+    ftdata.save_npz(tmp_path / "val.npz", val)
+    key, sock = generate_key(), str(tmp_path / "site.sock")
+    site = Site(TrainConfig(model=None, val_data=str(tmp_path / "val.npz"), out=str(tmp_path / "site")), key)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(asyncio.start_unix_server(site.serve, path=sock), loop).result(30)
+    try:
+        m = ft.zoo("mlp", (1, 8, 8), 10, seed=0, hidden=(16,))
+        head, _ = request(sock, key, SITE_EVALUATE, {"federation": "f", "version": 0}, downlink_arrays(m, None), 30)
+        assert head["samples"] == 60 and head["accuracy"] == pytest.approx(m.evaluate(val.x, val.y)[1])
+        m2 = m.copy()
+        m2.state()["fc1.weight"][:4] += 0.5
+        head, _ = request(sock, key, SITE_EVALUATE, {"federation": "f", "version": 1, "base_version": 0},
+                          downlink_arrays(m2, m.state()), 30)
+        assert head["accuracy"] == pytest.approx(m2.evaluate(val.x, val.y)[1])
+        with pytest.raises(SiteError) as e:
+            request(sock, key, SITE_EVALUATE, {"federation": "f", "version": 3, "base_version": 2},
+                    downlink_arrays(m2, m.state()), 30)
+        assert e.value.need_full
+        with pytest.raises(SiteError, match="site hub at"):
+            request(sock, generate_key(), SITE_EVALUATE, {"federation": "f", "version": 0},
+                    downlink_arrays(m, None), 30)
+    finally:
+        server.close()
+        asyncio.run_coroutine_threadsafe(server.wait_closed(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
