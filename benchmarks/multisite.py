@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from multisite_support import (Procs, federation_env, missing_tool, run_federation, start_flower,  # noqa: E402
-                               start_sites)
+from multisite_support import (Procs, federation_env, missing_tool, run_federation, start_superlink,  # noqa: E402
+                               start_sites, start_supernodes)
 
 
 def main() -> None:
@@ -38,8 +38,9 @@ def main() -> None:
     procs = Procs(d, federation_env(d))
     slack = lambda s: 3.0 * s  # noqa: E731 - generous limits: a benchmark must not fail for a busy host
     try:
+        link = start_superlink(d, procs)
         start_sites(d, procs, slack, args.site_versions, memory_budget=args.memory_budget)
-        start_flower(d, procs, slack)
+        start_supernodes(d, procs, slack, link)
         lines = run_federation(d, procs, slack, rounds=args.rounds, site_versions=args.site_versions)
     finally:
         procs.kill_all()

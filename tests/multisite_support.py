@@ -118,15 +118,17 @@ def start_sites(d: Path, procs: Procs, scaled, site_versions: int, memory_budget
         write_key(d / f"site{s}.key", generate_key())
         half = order[s::2]
         ftdata.save_npz(d / f"site{s}-val.npz", ftdata.Dataset(val.x[half], val.y[half], val.num_classes))
-    for i in range(4):
-        s = i // 2
+    logs = []
+    for i in range(4):   # all four start at once; then their ports are read from their logs
         budget = ["--memory-budget", memory_budget] if memory_budget else []
-        _, log = procs.start(f"agent{i}", AGENT + [
-            "--key", str(d / f"site{s}.key"), "--data", str(d / f"agent{i}.npz"), "--name", f"s{s}a{i}",
-            "--port", "0", "--interface", "127.0.0.1", "--no-mdns", "--state-dir", str(d / f"state{i}"), *budget])
+        logs.append(procs.start(f"agent{i}", AGENT + [
+            "--key", str(d / f"site{i // 2}.key"), "--data", str(d / f"agent{i}.npz"), "--name", f"s{i // 2}a{i}",
+            "--port", "0", "--interface", "127.0.0.1", "--no-mdns", "--state-dir", str(d / f"state{i}"),
+            *budget])[1])
+    for i, log in enumerate(logs):
         port = wait(lambda: re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text()), scaled(60),
                     f"agent {i}", [log])
-        peers[s] += ["--peer", f"127.0.0.1:{port.group(1)}"]
+        peers[i // 2] += ["--peer", f"127.0.0.1:{port.group(1)}"]
     for s in (0, 1):
         procs.start(f"site{s}", HUB + [
             "--site", "--key", str(d / f"site{s}.key"), "--val-data", str(d / f"site{s}-val.npz"),
@@ -138,20 +140,25 @@ def start_sites(d: Path, procs: Procs, scaled, site_versions: int, memory_budget
     return val
 
 
-def start_flower(d: Path, procs: Procs, scaled) -> int:
-    """A SuperLink and a SuperNode beside each site hub; returns the SuperLink's port."""
-    link, rt0, rt1 = free_ports(3)
+def start_superlink(d: Path, procs: Procs) -> int:
+    """A SuperLink on a free port (not waited for: it starts while the sites do); returns the port."""
+    (link,) = free_ports(1)
     (d / "flwr-home").mkdir(exist_ok=True)
     (d / "flwr-home" / "config.toml").write_text(
         f'[superlink]\ndefault = "sites"\n\n[superlink.sites]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
     procs.start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
                               str(link), "--disable-runtime-dependency-installation"])
+    return link
+
+
+def start_supernodes(d: Path, procs: Procs, scaled, link: int) -> None:
+    """Once the SuperLink listens: a SuperNode beside each site hub (its local API on a free port)."""
     wait(lambda: port_open(link), scaled(60), "the SuperLink", procs.logs)
+    rt0, rt1 = [p for p in free_ports(3) if p != link][:2]
     for s, rt in ((0, rt0), (1, rt1)):
         procs.start(f"supernode{s}", [
             str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(rt),
             "--node-config", f'site-socket="{d / f"site{s}" / "site.sock"}" site-key="{d / f"site{s}.key"}"'])
-    return link
 
 
 def run_federation(d: Path, procs: Procs, scaled, rounds: int, site_versions: int) -> List[dict]:

@@ -14,8 +14,8 @@ import pytest
 pytest.importorskip("flwr", reason="the `flower` extra (flwr) is not installed")
 pytest.importorskip("onnx", reason="the hub needs the onnx package")
 
-from multisite_support import (Procs, federation_env, missing_tool, run_federation, start_flower,  # noqa: E402
-                               start_sites)
+from multisite_support import (Procs, federation_env, missing_tool, run_federation, start_superlink,  # noqa: E402
+                               start_sites, start_supernodes)
 from slowdev import scaled  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -31,8 +31,9 @@ def test_two_sites_federate_through_flower(tmp_path):
     d = tmp_path
     procs = Procs(d, federation_env(d))
     try:
+        link = start_superlink(d, procs)
         val = start_sites(d, procs, scaled, SITE_VERSIONS)
-        start_flower(d, procs, scaled)
+        start_supernodes(d, procs, scaled, link)
         lines = run_federation(d, procs, scaled, rounds=2, site_versions=SITE_VERSIONS)
         assert [x["version"] for x in lines] == [1, 2]
         assert all(len(x["sites"]) == 2 for x in lines), lines
