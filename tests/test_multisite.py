@@ -38,8 +38,8 @@ def test_two_sites_federate_through_flower(tmp_path):
         assert [x["version"] for x in lines] == [1, 2]
         assert all(len(x["sites"]) == 2 for x in lines), lines
         assert lines[-1]["accuracy"] >= TARGET, lines
-        # deltas only: up goes an int8 delta (a quarter of the float32 model at most, plus headers)
-        assert all(x["wan_train_up"] < 2 * (x["full_model_float32"] // 4 + 4096) for x in lines), lines
+        # deltas only: up goes an int8 delta (a quarter of the float32 model, plus row scales and the subset)
+        assert all(x["wan_train_up"] < 0.3 * 2 * x["full_model_float32"] for x in lines), lines
         # down goes the model once, then the rows changed since what a site holds
         assert lines[1]["wan_train_down"] < lines[0]["wan_train_down"] // 10, lines
 
