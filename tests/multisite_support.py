@@ -84,9 +84,16 @@ class Procs:
         return p, log
 
     def kill_all(self, grace: float = 10.0) -> None:
+        # Flower starts flower-superexec in a session of its own: find every descendant first
+        doomed = set(descendants([p.pid for p in self.procs]))
         for p in self.procs:
             try:
                 os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
         for p in self.procs:
@@ -94,6 +101,23 @@ class Procs:
                 p.wait(grace)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def descendants(roots: List[int]) -> List[int]:
+    """The process ids below ``roots`` (Linux /proc; empty elsewhere)."""
+    children: Dict[int, List[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
+    found, todo = [], list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def federation_env(d: Path) -> Dict[str, str]:
