@@ -242,3 +242,20 @@ def test_updates_in_flight_at_the_end_are_acknowledged_before_stop(tmp_path, mon
         assert a.stopped
         acked = sum(1 for ack in a.acks if ack["accepted"])
         assert acked == summary["agents"][a.agent_id]["accepted"], a.agent_id
+
+
+@pytest.mark.slow
+def test_max_seconds_finishes_at_the_first_merge_past_it(tmp_path):
+    # a site round (`train --site`, docs/multi-site.md) ends at --max-versions or its time limit
+    val, parts = digits_split(2)
+
+    async def main():
+        agents = [FakeAgent(KEY, parts[i], f"a{i}") for i in range(2)]
+        for a in agents:
+            await a.start()
+        cfg = _config(tmp_path, val, agents, buffer=2, max_versions=10_000, max_seconds=1e-9)
+        return await _run(cfg, agents)
+
+    summary = asyncio.run(main())
+    assert summary["finished"] and summary["version"] == 1
+    assert summary["reason"].startswith("reached the time limit")
