@@ -191,7 +191,10 @@ def federate(grid: Grid, context: Context) -> None:
         want = len(pending) if int(rc.get("buffer", 0)) <= 0 else min(int(rc["buffer"]), len(pending))
         results, up, end = [], {}, time.monotonic() + round_timeout
         while pending and len(results) < want and time.monotonic() < end:
+            # replies to earlier rounds' messages count too: a late site is merged with its staleness
             for reply in grid.pull_messages(list(pending)):
+                if reply.metadata.reply_to_message_id not in pending:
+                    continue   # not one we are waiting for (a duplicate delivery)
                 node, version = pending.pop(reply.metadata.reply_to_message_id)
                 content = down.reply(node, reply)
                 if content is None or "update" not in content:
