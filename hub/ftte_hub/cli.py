@@ -292,6 +292,9 @@ def keygen(path, force):
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               help="Log and progress lines as text or JSON lines (stderr).")
 @click.option("--seed", type=int, default=0, help="Seed for the model initialisation, scoring and task seeds.")
+@click.option("--status", "status_address", default=None, metavar="ADDRESS:PORT",
+              help="Serve a read-only live status page (/ and /status.json) here, e.g. 127.0.0.1:8787 (this "
+                   "machine) or the hub's LAN address to share it; port 0 picks a free port. Default: off.")
 @click.option("-v", "--verbose", is_flag=True, help="Also log debug events (addresses found, duplicates).")
 @click.option("--site", is_flag=True,
               help="Run as a site of a multi-site federation (docs/multi-site.md): stay up and train the site "
@@ -300,7 +303,7 @@ def keygen(path, force):
               help="With --site: the Unix socket the ClientApp connects to; default: OUT/site.sock.")
 def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, max_versions, target_accuracy,
           interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, task_timeout, ping_interval,
-          dead_after, wait_timeout, stop_grace, log_format, seed, verbose, site, site_socket):
+          dead_after, wait_timeout, stop_grace, log_format, seed, status_address, verbose, site, site_socket):
     """Coordinate federated training over the agents on this network.
 
     Finds agents over mDNS and --peer, waits for --min-agents, chooses the trainable subset for
@@ -331,7 +334,8 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
                       interfaces=list(interfaces) or None, mdns=not no_mdns, strategy=strategy, lr=lr,
                       local_epochs=local_epochs, batch_size=batch_size, server_lr=server_lr,
                       task_timeout=task_timeout, ping_interval=ping_interval, dead_after=dead_after,
-                      wait_timeout=wait_timeout, stop_grace=stop_grace, seed=seed, given=given)
+                      wait_timeout=wait_timeout, stop_grace=stop_grace, seed=seed, given=given,
+                      status=status_address)
     if site:
         _run_site(cfg, key, site_socket)
         return
@@ -379,7 +383,12 @@ def _run_site(cfg, key, socket_path) -> None:
 @click.option("--seed", type=int, default=0, help="Seed for the split, the model and the tasks.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               help="Hub log and progress lines as text or JSON lines (stderr).")
-def demo(out_dir, agents, model_spec, target_accuracy, max_versions, buffer_k, alpha, seed, log_format):
+@click.option("--status", "status_address", is_flag=False, flag_value="127.0.0.1:8787", default=None,
+              metavar="[ADDRESS:PORT]",
+              help="Serve the live status page (as `ftte-hub train --status`) and print its URL; alone: "
+                   "127.0.0.1:8787. Default: off.")
+def demo(out_dir, agents, model_spec, target_accuracy, max_versions, buffer_k, alpha, seed, log_format,
+         status_address):
     """Run a whole fleet on this machine: the hub plus agent processes found over mDNS.
 
     Splits the bundled digits non-IID across the agents, gives them different memory budgets
@@ -394,7 +403,7 @@ def demo(out_dir, agents, model_spec, target_accuracy, max_versions, buffer_k, a
     try:
         summary = run_demo(out=out_dir, agents=agents, model=model_spec, target_accuracy=target_accuracy,
                            max_versions=max_versions, buffer=buffer_k, alpha=alpha, seed=seed,
-                           say=lambda m: click.echo(m, err=True))
+                           status=status_address, say=lambda m: click.echo(m, err=True))
     except (DemoError, TrainError, ValueError) as e:
         _fail(str(e))
     except KeyboardInterrupt:

@@ -88,6 +88,7 @@ class Hooks:
     on_merge: Optional[Callable[[Any, float], None]] = None              # MergeReport, t (right after the merge)
     on_metrics: Optional[Callable[[Dict[str, Any]], None]] = None        # the metrics.jsonl line
     on_ready: Optional[Callable[["Fleet"], None]] = None                 # setup done; fleet.add_address works
+    on_status_url: Optional[Callable[[str], None]] = None                # the status page is served at this URL
 
 
 class SessionEnd(Exception):
@@ -218,6 +219,10 @@ class Fleet:
         self.dial_errors: Dict[Tuple[str, int], str] = {}   # the latest failure at each address
         self._not_usable_logged: Set[str] = set()
         self._refusals: Dict[Tuple[str, int], str] = {}     # the last refusal logged per address
+        # for the status page: transport bytes of each agent's ended sessions (this process), and
+        # when an agent that left was last heard from (wall-clock seconds)
+        self.ended_bytes: Dict[str, Tuple[int, int]] = {}
+        self.last_seen: Dict[str, float] = {}
 
     # -- addresses ---------------------------------------------------------------------------------
     def add_address(self, host: str, port: int, source: str) -> None:
@@ -277,6 +282,15 @@ class Fleet:
             return (f"its memory budget {format_size(budget)} is below the {format_size(self.needed_bytes)} "
                     f"{self.needed_what} needs; raise --memory-budget to at least {budget_hint(self.needed_bytes)}")
         return None
+
+    def agent_addresses(self) -> Dict[str, Tuple[str, int]]:
+        """Each agent's latest known address (the one it last answered at)."""
+        return {aid: addr for addr, aid in self._addr_agent.items()}
+
+    def note_session_end(self, session: "Session") -> None:
+        b_in, b_out = self.ended_bytes.get(session.agent_id, (0, 0))
+        self.ended_bytes[session.agent_id] = (b_in + session.ch.bytes_received, b_out + session.ch.bytes_sent)
+        self.last_seen[session.agent_id] = session.last_seen()
 
     def usable_sessions(self) -> list:
         """Agents in session that can take part (before the run starts: for --min-agents)."""
@@ -456,6 +470,7 @@ class Fleet:
                 current = self.sessions.get(aid) is session
                 if current:
                     del self.sessions[aid]
+                self.note_session_end(session)
                 if not session.done.done():
                     session.done.set_result(None)
                 if current and session.joined and self.coordinator is not None and not self.stopping and not self.fatal:
@@ -512,6 +527,10 @@ class Session:
         self.superseded = False
         self.no_update_in_flight = asyncio.Event()  # clear while an UPDATE waits for its fsync and ACK
         self.no_update_in_flight.set()
+
+    def last_seen(self) -> float:
+        """When the agent last sent anything (wall-clock seconds)."""
+        return time.time() - (time.monotonic() - self.last_rx)
 
     def supersede(self) -> None:
         """The agent took a newer connection from this hub: end this session quietly."""

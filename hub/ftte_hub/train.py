@@ -50,12 +50,14 @@ from .coordinator import Coordinator, RunFailure
 from .discovery import MdnsBrowser, parse_peer
 from .fleet import Fleet, FleetSettings, Hooks
 from .logs import event
+from .status import parse_status_address, start_status
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 MODEL_ONNX = "model.onnx"
 WAIT_REPORT_S = 5.0
 WAIT_DIAGNOSE_S = 30.0     # then the waiting line says what discovery has seen
+CURVE_POINTS = 2000        # (version, time, accuracy, loss) points kept for the status page; thinned beyond
 # policy fields a resume may change (applied from the next version) and ones it must keep
 APPLIED_ON_RESUME = ("max_versions", "max_staleness", "lr", "local_epochs", "server_lr")
 FIXED_ON_RESUME = {"model": "--model", "strategy": "--strategy", "buffer": "--buffer",
@@ -98,6 +100,7 @@ class TrainConfig:
     stop_grace: float = 10.0                     # s a signalled stop waits for in-flight updates
     max_seconds: Optional[float] = None          # finish at the first merge after this much run time (site rounds)
     given: Optional[frozenset] = None            # fields set on the command line (None: all count as given)
+    status: Optional[str] = None                 # ADDRESS:PORT of the read-only status page (None: off)
 
     def was_given(self, field: str) -> bool:
         return self.given is None or field in self.given
@@ -211,6 +214,7 @@ class _Run:
         self.last_loss = float("nan")
         self.best_accuracy = 0.0
         self.metrics_versions: set = set()
+        self.curve: List[List[float]] = []       # [version, time_s, accuracy, loss] per merge (status page)
         self.finished = asyncio.Event()
         self.finish_reason = ""
         self.fatal = ""
@@ -274,8 +278,9 @@ class _Run:
         self.meta_base["run_id"] = run_id = new_run_id()
         self.meta_base["task_prefix"] = f"{run_id[:8]}-"  # task ids unique across runs
         self._make_driver(model, subset, strategy, task_cfg, blob)
-        _, self.start_accuracy = model.evaluate(self.val.x, self.val.y)
+        self.last_loss, self.start_accuracy = model.evaluate(self.val.x, self.val.y)
         self.last_accuracy = self.best_accuracy = self.start_accuracy
+        self.add_curve_point(0, self.elapsed, self.start_accuracy, self.last_loss)
         self._save_checkpoint_now()
         self.coord.open_journal()
 
@@ -570,6 +575,7 @@ class _Run:
         with open(self.out / METRICS, "a") as f:
             f.write(json.dumps(line, separators=(",", ":")) + "\n")
         self.metrics_versions.add(report.version)
+        self.add_curve_point(report.version, line["time_s"], acc, loss)
         if self.hooks.on_metrics:
             self.hooks.on_metrics(line)
         top = self.cfg.max_versions
@@ -586,11 +592,22 @@ class _Run:
         good = []
         for line in path.read_text().splitlines():
             try:
-                self.metrics_versions.add(int(json.loads(line)["version"]))
+                m = json.loads(line)
+                self.metrics_versions.add(int(m["version"]))
                 good.append(line)
             except (ValueError, KeyError, TypeError):
-                pass  # a line torn by a crash
+                continue  # a line torn by a crash
+            try:
+                self.add_curve_point(int(m["version"]), float(m["time_s"]), float(m["accuracy"]), float(m["loss"]))
+            except (ValueError, KeyError, TypeError):
+                pass
         atomic_write(path, lambda f: f.write("".join(l + "\n" for l in good).encode()))
+
+    def add_curve_point(self, version: int, time_s: float, accuracy: float, loss: float) -> None:
+        """Remember one point of the accuracy curve; past CURVE_POINTS every other older point goes."""
+        self.curve.append([int(version), round(float(time_s), 3), round(float(accuracy), 6), round(float(loss), 6)])
+        if len(self.curve) > CURVE_POINTS:
+            self.curve = self.curve[:-1:2] + self.curve[-1:]
 
     def _finish(self, kind: str, reason: str) -> None:
         if not self.finished.is_set():
@@ -721,6 +738,11 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
             raise TrainError(f"--peer: {e}") from None
     if not peers and not config.mdns:
         raise TrainError("no way to find agents: give --peer HOST:PORT or leave mDNS on")
+    if config.status is not None:
+        try:
+            parse_status_address(config.status)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
     try:
         make_strategy(config.strategy, buffer_size=config.buffer, server_lr=config.server_lr)
         TaskConfig.from_dict({"lr": config.lr, "local_epochs": config.local_epochs, "batch_size": config.batch_size})
@@ -747,9 +769,15 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
     run.val = load_validation(config.val_data)
     browser = None
     writer = None
+    status = None
     loop = asyncio.get_running_loop()
     handled = _install_stop_signals(loop, run)
     try:
+        if config.status is not None:  # first: an address in use fails before anything else happens
+            try:
+                status = await start_status(config.status, run, hooks.on_status_url)
+            except OSError as e:
+                raise TrainError(e.strerror or str(e)) from None
         if saved is not None:
             run.setup_resume(*saved)
         if config.mdns:
@@ -805,6 +833,10 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
             await fleet.stop("the hub is shutting down", grace=2.0)
         if browser is not None:
             await browser.close()
+        if status is not None:
+            server, events = status
+            await server.close()
+            events.detach()
         if run.coord is not None and run.coord.journal is not None:
             run.coord.journal.close_now()
 
