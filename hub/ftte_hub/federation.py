@@ -36,6 +36,8 @@ from ftte_core.strategies import make_strategy
 from ftte_core.subset import Subset
 from ftte_core.update import TensorDelta, Update, UpdateError, decode_tensor64
 
+from .site import apply_step, downlink_arrays, quantise_step
+
 STATE = "federation.json"
 PARAMS = "global.npz"
 INITIAL = "initial-model.ftmd"
@@ -68,7 +70,11 @@ class Federation:
         self.robust = robust or RobustPolicy()
         self.max_staleness = max_staleness
         self.version = 0
+        # What sites hold of each version: version 0 exactly, then each version the one before plus
+        # an int8 step toward the merged model (the step quantises the whole remaining gap, so the
+        # rounding error never accumulates: error feedback). Sites train from these copies.
         self.history: Dict[int, Dict[str, np.ndarray]] = {0: self._params()}
+        self.steps: Dict[int, Dict[str, tuple]] = {}
         self.norms = RunningMedian(self.robust.clip_window)
         self.sample_counts = RunningMedian(self.robust.clip_window)
         self.rejected: List[Dict[str, Any]] = []
@@ -185,9 +191,10 @@ class Federation:
             self.norms.add(n)
             self.sample_counts.add(s)
         self.version += 1
-        self.history[self.version] = self._params()
+        self._advance_canonical()
         for v in [v for v in self.history if v < self.version - 8]:
             del self.history[v]
+            self.steps.pop(v, None)
         return {"version": self.version, "sites": [r.site for r in results], "samples": samples,
                 "staleness": [self.version - 1 - r.base_version for r in results], "weights": w.tolist(),
                 "clip": [float(c) for c in clip], "factors": factors, "step_scale": g,
@@ -218,4 +225,39 @@ class Federation:
                 f.write(json.dumps(metrics, separators=(",", ":")) + "\n")
 
     def params_of(self, version: Optional[int]) -> Optional[Dict[str, np.ndarray]]:
+        """What a site holds of ``version`` (None when this process no longer knows it)."""
         return self.history.get(version) if isinstance(version, int) else None
+
+    def _advance_canonical(self) -> None:
+        """The sites' copy of the new version and the int8 step that makes it from the previous one."""
+        prev = self.history.get(self.version - 1)
+        if prev is None:   # cannot happen after a merge; a resumed process starts a fresh stream
+            self.history[self.version] = self._params()
+            return
+        held, step = {}, {}
+        for key, true in self.model.state().items():
+            copy = prev[key].copy()
+            view = copy.reshape(copy.shape[0], -1) if copy.ndim > 1 else copy.reshape(1, -1)
+            target = true.reshape(view.shape)
+            rows = np.flatnonzero(np.any(target != view, axis=1)).astype(np.int32)
+            if rows.size:
+                levels, scales = quantise_step(target[rows], view[rows])
+                apply_step(view, rows, levels, scales)
+                step[key] = (rows, levels, scales)
+            held[key] = copy
+        self.history[self.version] = held
+        self.steps[self.version] = step
+
+    def downlink(self, base: Optional[int]) -> Dict[str, np.ndarray]:
+        """What a site holding ``base`` needs for the current version (site.apply_downlink undoes it)."""
+        v = self.version
+        if base == v:
+            return {}
+        if base == v - 1 and v in self.steps:
+            out = {}
+            for key, (rows, levels, scales) in self.steps[v].items():
+                out[f"rows:{key}"], out[f"q:{key}"], out[f"s:{key}"] = rows, levels, scales
+            return out
+        held = self.model.copy()
+        held.load_state(self.history[v])
+        return downlink_arrays(held, self.params_of(base))

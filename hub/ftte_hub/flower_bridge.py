@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from ftte_core.protocol import KeyFileError, read_key
 
 from .federation import Federation, FederationError
-from .site import SITE_EVALUATE, SITE_TRAIN, SiteError, downlink_arrays, request
+from .site import SITE_EVALUATE, SITE_TRAIN, SiteError, request
 
 log = logging.getLogger("ftte.flower")
 
@@ -107,10 +107,9 @@ class _Downlink:
 
     def content(self, node: int, **config) -> RecordDict:
         base = self.holds.get(node)
-        params = self.fed.params_of(base)
-        if params is None:
+        if self.fed.params_of(base) is None:
             base = -1
-        arrays = downlink_arrays(self.fed.model, params)
+        arrays = self.fed.downlink(base if base >= 0 else None)
         cfg = ConfigRecord({"federation": self.federation_id, "version": self.fed.version, "base-version": base,
                             **config})
         return RecordDict({"global": _arrays_record(arrays), "config": cfg})

@@ -20,8 +20,10 @@ Messages on the socket (each one frame: u32 header length, JSON header, then an 
     ERROR     {error, [need_full]}                                   one-line reason
 
 The global model is either the whole model file ("model": modelfile bytes, graph and weights)
-or, when the site already holds ``base_version``, only the rows that changed since
-(``rows:KEY`` int32 and ``vals:KEY`` float32 per tensor): see ``downlink_arrays``.
+or, when the site already holds ``base_version``, only the rows that changed since: the
+ServerApp's int8 step from the version before (``rows:KEY`` int32, ``q:KEY`` int8 levels, ``s:KEY``
+float32 row scales; ``apply_step``), or for an older base the float32 rows (``rows:KEY``,
+``vals:KEY``; ``downlink_arrays``).
 """
 from __future__ import annotations
 
@@ -111,8 +113,25 @@ def downlink_arrays(model: ft.Model, base: Optional[Dict[str, np.ndarray]]) -> D
     return out
 
 
+def quantise_step(new_rows: np.ndarray, old_rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """int8 levels and float32 per-row scales of ``new - old`` (rows [R, F]; round to nearest)."""
+    d = new_rows.astype(np.float64) - old_rows.astype(np.float64)
+    scales = (np.max(np.abs(d), axis=1) / 127.0).astype(np.float32)
+    scales[~(scales > 0)] = np.float32(np.finfo(np.float32).tiny)   # a change below float32's range
+    levels = np.clip(np.rint(d / scales.astype(np.float64)[:, None]), -127, 127).astype(np.int8)
+    return levels, scales
+
+
+def apply_step(view: np.ndarray, rows: np.ndarray, levels: np.ndarray, scales: np.ndarray) -> None:
+    """view[rows] += levels x scales, in float32. The ServerApp and every site run this same
+    expression, so a site's copy of a version is bit-identical to the ServerApp's (IEEE float32
+    multiply and add round exactly on every platform)."""
+    view[rows] = view[rows] + levels.astype(np.float32) * scales.astype(np.float32)[:, None]
+
+
 def apply_downlink(arrays: Dict[str, np.ndarray], base_model: Optional[ft.Model]) -> ft.Model:
-    """The inverse of ``downlink_arrays`` (``base_model``: the version the rows apply to)."""
+    """The inverse of ``downlink_arrays`` and of the ServerApp's int8 steps (``q:KEY`` levels,
+    ``s:KEY`` scales of ``rows:KEY``; ``base_model``: the version they apply to)."""
     if "model" in arrays:
         try:
             return model_from_bytes(arrays["model"].astype(np.uint8).tobytes())
@@ -126,15 +145,25 @@ def apply_downlink(arrays: Dict[str, np.ndarray], base_model: Optional[ft.Model]
         if not name.startswith("rows:"):
             continue
         key = name[5:]
-        if key not in state or f"vals:{key}" not in arrays:
+        step = f"q:{key}" in arrays and f"s:{key}" in arrays
+        if key not in state or not (step or f"vals:{key}" in arrays):
             raise SiteError(f"the global model's delta names an unknown tensor {key!r}")
         dst = state[key]
         view = dst.reshape(dst.shape[0], -1) if dst.ndim > 1 else dst.reshape(1, -1)
-        rows, vals = arrays[name].astype(np.int64), arrays[f"vals:{key}"].astype(np.float32)
+        rows = arrays[name].astype(np.int64)
+        vals = arrays[f"q:{key}"] if step else arrays[f"vals:{key}"].astype(np.float32)
         if rows.ndim != 1 or vals.shape != (rows.size, view.shape[1]) or rows.size and (
                 rows.min() < 0 or rows.max() >= view.shape[0]) or not np.all(np.isfinite(vals)):
             raise SiteError(f"the global model's delta for {key!r} does not fit the model")
-        view[rows] = vals
+        if step:
+            scales = arrays[f"s:{key}"].astype(np.float32)
+            if vals.dtype != np.int8 or scales.shape != (rows.size,) or not np.all(np.isfinite(scales)):
+                raise SiteError(f"the global model's int8 step for {key!r} is malformed")
+            apply_step(view, rows, vals, scales)
+        else:
+            view[rows] = vals
+        if not np.all(np.isfinite(view[rows])):
+            raise SiteError(f"the global model's delta makes {key!r} non-finite")
     return model
 
 
