@@ -40,8 +40,10 @@ def test_two_sites_federate_through_flower(tmp_path):
         assert lines[-1]["accuracy"] >= TARGET, lines
         # deltas only: up goes an int8 delta (a quarter of the float32 model, plus row scales and the subset)
         assert all(x["wan_train_up"] < 0.3 * 2 * x["full_model_float32"] for x in lines), lines
-        # down goes the model once, then the rows changed since what a site holds
+        # down goes the model once, then int8 steps of the rows that changed (the evaluate message
+        # carries the new version; the next train message finds the site already holding it)
         assert lines[1]["wan_train_down"] < lines[0]["wan_train_down"] // 10, lines
+        assert all(x["wan_eval_down"] < 0.3 * 2 * x["full_model_float32"] for x in lines), lines
 
         # the global model: ONNX out, the same logits in onnxruntime as in our engine
         import ftte_core as ft
