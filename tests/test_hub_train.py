@@ -316,3 +316,18 @@ def test_downlink_agents_get_deltas_and_a_lost_agent_resyncs_from_a_snapshot(tmp
     i = loses.frames.index("snapshot")
     assert loses.frames[i - 1] == "delta"          # the delta it could not resolve, then the snapshot
     assert old.frames == [] and summary["agents"]["old"]["accepted"] >= 1
+@pytest.mark.slow
+def test_max_seconds_finishes_at_the_first_merge_past_it(tmp_path):
+    # a site round (`train --site`, docs/multi-site.md) ends at --max-versions or its time limit
+    val, parts = digits_split(2)
+
+    async def main():
+        agents = [FakeAgent(KEY, parts[i], f"a{i}") for i in range(2)]
+        for a in agents:
+            await a.start()
+        cfg = _config(tmp_path, val, agents, buffer=2, max_versions=10_000, max_seconds=1e-9)
+        return await _run(cfg, agents)
+
+    summary = asyncio.run(main())
+    assert summary["finished"] and summary["version"] == 1
+    assert summary["reason"].startswith("reached the time limit")

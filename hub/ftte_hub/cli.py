@@ -253,8 +253,9 @@ def keygen(path, force):
 @main.command()
 @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
               help="Fleet key file (from `ftte-hub keygen`).")
-@click.option("--model", "model_spec", required=True,
-              help=f"Zoo model name ({', '.join(zoo_names())}; shaped by the validation data) or an .onnx file.")
+@click.option("--model", "model_spec", default=None,
+              help=f"Zoo model name ({', '.join(zoo_names())}; shaped by the validation data) or an .onnx file "
+                   "(required, except with --site: the federation sends the model).")
 @click.option("--val-data", required=True, type=click.Path(dir_okay=False),
               help="Validation .npz (x, y) the hub evaluates on and scores the subset search with.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -303,9 +304,19 @@ def keygen(path, force):
               help="Serve a read-only live status page (/ and /status.json) here, e.g. 127.0.0.1:8787 (this "
                    "machine) or the hub's LAN address to share it; port 0 picks a free port. Default: off.")
 @click.option("-v", "--verbose", is_flag=True, help="Also log debug events (addresses found, duplicates).")
+@click.option("--site", is_flag=True,
+              help="Run as a site of a multi-site federation (docs/multi-site.md): stay up and train the site "
+                   "fleet for --max-versions versions on each global model the site's Flower SuperNode hands over.")
+@click.option("--site-socket", default=None, type=click.Path(dir_okay=False),
+              help="With --site: the Unix socket the ClientApp connects to; default: OUT/site.sock.")
 def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, max_versions, target_accuracy,
+<<<<<<< HEAD
           interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, update_bits, downlink_bits, no_downlink,
           task_timeout, ping_interval, dead_after, wait_timeout, stop_grace, log_format, seed, status_address, verbose):
+=======
+          interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, task_timeout, ping_interval,
+          dead_after, wait_timeout, stop_grace, log_format, seed, status_address, verbose, site, site_socket):
+>>>>>>> wip-flower
     """Coordinate federated training over the agents on this network.
 
     Finds agents over mDNS and --peer, waits for --min-agents, chooses the trainable subset for
@@ -337,8 +348,17 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
                       local_epochs=local_epochs, batch_size=batch_size, server_lr=server_lr,
                       task_timeout=task_timeout, ping_interval=ping_interval, dead_after=dead_after,
                       wait_timeout=wait_timeout, stop_grace=stop_grace, seed=seed, given=given,
+<<<<<<< HEAD
                       update_bits=int(update_bits) if update_bits else None, downlink=not no_downlink,
                       downlink_bits=int(downlink_bits), status=status_address)
+=======
+                      status=status_address)
+    if site:
+        _run_site(cfg, key, site_socket)
+        return
+    if not model_spec:
+        _fail("--model is required (except with --site)")
+>>>>>>> wip-flower
     try:
         summary = asyncio.run(run_train(cfg, key))
     except TrainError as e:
@@ -354,6 +374,17 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
         click.echo(f"ftte-hub: {summary['reason']}", err=True)
         return
     _print_summary(summary)
+
+
+def _run_site(cfg, key, socket_path) -> None:
+    """`train --site`: serve global models until a signal (docs/multi-site.md)."""
+    from .site import run_site
+
+    try:
+        reason = asyncio.run(run_site(cfg, key, socket_path))
+    except OSError as e:
+        _fail(f"cannot serve the site socket: {e.strerror or e}")
+    click.echo(f"ftte-hub: site stopped ({reason})", err=True)
 
 
 @main.command()

@@ -98,6 +98,7 @@ class TrainConfig:
     seed: int = 0
     model_options: Optional[Dict[str, Any]] = None   # zoo options, e.g. {"hidden": [384, 192]}
     stop_grace: float = 10.0                     # s a signalled stop waits for in-flight updates
+    max_seconds: Optional[float] = None          # finish at the first merge after this much run time (site rounds)
     given: Optional[frozenset] = None            # fields set on the command line (None: all count as given)
     status: Optional[str] = None                 # ADDRESS:PORT of the read-only status page (None: off)
     update_bits: Optional[int] = None            # 8 or 4: how devices encode their deltas (ftte strategies;
@@ -502,6 +503,8 @@ class _Run:
         self._merges.put_nowait((report, params, state, agents, stats))
         if self.driver.done:
             self._finish("max_versions", f"reached --max-versions {self.cfg.max_versions}")
+        elif self.cfg.max_seconds is not None and self.elapsed >= self.cfg.max_seconds:
+            self._finish("max_seconds", f"reached the time limit of {self.cfg.max_seconds:g} s")
 
     def _merged_in_replay(self, report: MergeReport) -> None:
         if report.version in self.metrics_versions:
