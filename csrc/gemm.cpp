@@ -151,7 +151,7 @@ bool use_dot_path(int64_t M, int64_t K, const GemmOperand& A, const GemmOperand&
     const char* e = std::getenv("FTTE_GEMM_DOT");
     return !(e && std::strcmp(e, "0") == 0);
   }();
-  return enabled && !A.trans && B.trans && M <= 64 && K >= 128;
+  return enabled && !A.trans && B.trans && M <= 64 && K >= 128 && !A.q && !B.q;
 }
 
 typedef int v4si __attribute__((vector_size(16)));
@@ -191,10 +191,58 @@ inline void transpose_rows(const float* const* src, int64_t kc, float* dst) {
     for (int r = 0; r < R; ++r) dst[k * LD + r] = src[r][k];
 }
 
+// ---- int8 operands: dequantised while packing (value = q * scale of its source row) ----------
+
+// dst[k] = q[k] * scale for k < n: a contiguous run of one source row, vectorised.
+inline void dequant_run(const int8_t* q, float scale, int64_t n, float* dst) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<float>(q[k]) * scale;
+}
+
+// The transposing pack (pack_a plain, pack_b transposed) from an int8 source: each of the R
+// source rows' kc entries is dequantised into a stack tile first (kc <= kKC, so at most
+// 16 x 256 floats), then the float transpose runs as for a float source.
+template <int R, int LD>
+void pack_rows_q(const GemmOperand& X, const int64_t* src_rows, int64_t p0, int64_t kc, float* dst) {
+  float tile[R * kKC];
+  const float* rows[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t s = src_rows[r];
+    dequant_run(X.q + s * X.ld + p0, X.q_scale[s], kc, tile + r * kc);
+    rows[r] = tile + r * kc;
+  }
+  transpose_rows<R, LD>(rows, kc, dst);
+}
+
+// The copying pack (pack_a transposed, pack_b plain) from an int8 source: panel row k is
+// source row p0 + k, columns col(0..W), padded with zeros to W = MR or NR.
+template <int W>
+void pack_cols_q(const GemmOperand& X, int64_t c0, int64_t cols, int64_t p0, int64_t kc, float* dst) {
+  for (int64_t k = 0; k < kc; ++k) {
+    const int8_t* s = X.q + (p0 + k) * X.ld;
+    const float sc = X.q_scale[p0 + k];
+    float* d = dst + k * W;
+    if (cols == W && !X.index) {
+      dequant_run(s + c0, sc, W, d);
+    } else {
+      for (int64_t jj = 0; jj < W; ++jj)
+        d[jj] = jj < cols ? static_cast<float>(s[X.index ? X.index[c0 + jj] : c0 + jj]) * sc : 0.f;
+    }
+  }
+}
+
 // Ap[k*MR + ii] = op(A)(i0 + ii, p0 + k). Padding rows (ii >= rows) hold zeros or copies of a
 // real row: only their values being finite matters, since the micro-kernel never stores them.
 template <int MR>
 void pack_a(const GemmOperand& A, int64_t i0, int64_t rows, int64_t p0, int64_t kc, float* dst) {
+  if (A.q) {
+    if (A.trans) return pack_cols_q<MR>(A, i0, rows, p0, kc, dst);
+    int64_t src[MR];
+    for (int64_t ii = 0; ii < MR; ++ii) {
+      const int64_t i = i0 + std::min<int64_t>(ii, rows - 1);
+      src[ii] = A.index ? A.index[i] : i;
+    }
+    return pack_rows_q<MR, MR>(A, src, p0, kc, dst);
+  }
   if (!A.trans) {
     // Padding rows repeat the last real row: the micro-kernel never stores rows >= m, so their
     // values only need to be ordinary floats, and the fast transpose then serves edges too.
@@ -223,6 +271,15 @@ void pack_a(const GemmOperand& A, int64_t i0, int64_t rows, int64_t p0, int64_t 
 // Bp[k*NR + jj] = op(B)(p0 + k, j0 + jj). Padding columns as for pack_a.
 template <int NR>
 void pack_b(const GemmOperand& B, int64_t j0, int64_t cols, int64_t p0, int64_t kc, float* dst) {
+  if (B.q) {
+    if (!B.trans) return pack_cols_q<NR>(B, j0, cols, p0, kc, dst);
+    int64_t src[NR];
+    for (int64_t jj = 0; jj < NR; ++jj) {
+      const int64_t j = j0 + std::min<int64_t>(jj, cols - 1);
+      src[jj] = B.index ? B.index[j] : j;
+    }
+    return pack_rows_q<NR, NR>(B, src, p0, kc, dst);
+  }
   if (!B.trans) {
     for (int64_t k = 0; k < kc; ++k) {
       const float* s = B.data + (p0 + k) * B.ld;
@@ -273,8 +330,8 @@ BlockedPlan blocked_plan(int MR, int NR, int64_t M, int64_t N, int64_t K, const 
   const int64_t n_kb = ceil_div(K, kKC);
   p.KC = ceil_div(K, n_kb);
   const int64_t mc_max = std::min(M, p.MC), nc_max = std::min(N, p.NC);
-  p.direct_b = !B.trans && !B.index && M <= kDirectMaxOther;
-  p.direct_a = A.trans && !A.index && N <= kDirectMaxOther;
+  p.direct_b = !B.trans && !B.index && !B.q && M <= kDirectMaxOther;  // int8 is never read in place
+  p.direct_a = A.trans && !A.index && !A.q && N <= kDirectMaxOther;
   // An operand read in place needs a packed copy only of its one partial edge panel (slot 0).
   p.a_elems = static_cast<size_t>((p.direct_a ? 1 : ceil_div(mc_max, MR)) * MR * p.KC);
   p.b_elems = static_cast<size_t>((p.direct_b ? 1 : ceil_div(nc_max, NR)) * NR * p.KC);

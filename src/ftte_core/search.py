@@ -116,7 +116,7 @@ class Scores:
             if l.name not in self.rows or l.name not in self.bias:
                 raise ValueError(f"scores have no entry for layer {l.name!r}")
             r = np.asarray(self.rows[l.name])
-            n = l.weight.shape[0]
+            n = l.weight_shape[0]
             if r.shape != (n,):
                 raise ValueError(f"scores[{l.name + '.weight'!r}] must have one score per row, shape ({n},), "
                                  f"got {r.shape}")
@@ -168,7 +168,7 @@ def importance_scores(model: Model, x: np.ndarray, y: np.ndarray, batch_size: in
     n_batches = m // bs
 
     trainer = Trainer(model, Subset.full(model))
-    rows = {l.name: np.zeros(l.weight.shape[0], np.float64) for l in model.param_layers}
+    rows = {l.name: np.zeros(l.weight_shape[0], np.float64) for l in model.param_layers}
     bias = {l.name: 0.0 for l in model.param_layers}
     losses = []
     for b in range(n_batches):
@@ -333,7 +333,7 @@ def search_subset(model: Model, scores: Union[Scores, Mapping[str, object]], bud
     for l in model.param_layers:
         r = np.asarray(sc.rows[l.name], dtype=np.float64)
         order = np.argsort(-r, kind="stable")  # best first; ties by row index
-        lay = _Layer(l.name, l.weight.shape[0], order, np.concatenate([[0.0], np.cumsum(r[order])]),
+        lay = _Layer(l.name, l.weight_shape[0], order, np.concatenate([[0.0], np.cumsum(r[order])]),
                      float(sc.bias[l.name]))
         lay.options = [(0, True)] + [(k, b) for k in _row_counts(lay.rows, ratios) for b in (False, True)]
         layers.append(lay)
