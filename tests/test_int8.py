@@ -342,6 +342,40 @@ def test_trainer_int8_holds_frozen_layers_as_int8_and_predicts_its_memory():
     assert ft.predict_memory(m, subset, batch_size=32, threads=1)["frozen_weights"] == want["frozen_weights"]
 
 
+_ZOO = [("mlp", (64,), 10, {}), ("mlp", (784,), 10, {"hidden": (128,)}), ("cnn", (1, 28, 28), 10, {}),
+        ("cnn", (3, 32, 32), 10, {})]
+
+
+@pytest.mark.parametrize("zoo_args,which", [(z, w) for z in _ZOO for w in ("last", "sparse", "bias")]
+                         + [(("dscnn", (1, 49, 10), 12, {}), "last")])  # depthwise and pointwise int8
+def test_cost_model_predicts_recorded_int8_memory(zoo_args, which):
+    """As test_trainer's prediction test, with frozen="int8": categories exact, total within 10%."""
+    name, shape, classes, opts = zoo_args
+    model = ft.zoo(name, shape, classes, seed=0, **opts)
+    names = [l.name for l in model.param_layers]
+    spec = {"last": {names[-1]: {"rows": "all", "bias": True}},
+            "sparse": {names[-1]: {"rows": "all", "bias": True}, names[-2]: {"rows": 0.25, "bias": False}},
+            "bias": {n: {"rows": None, "bias": True} for n in names}}[which]
+    subset = ft.Subset.of(model, spec)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32,) + model.input_shape).astype(np.float32)
+    y = rng.integers(0, classes, 32).astype(np.int32)
+    for threads in (1, 2):
+        with _threads(threads):
+            tr = ft.Trainer(model.copy(), subset, frozen="int8")
+            tr.step(x, y)
+            tr.step(x, y)
+        got = tr.memory.as_dict()
+        want = ft.predict_memory(model, subset, batch_size=32, threads=threads, frozen="int8")
+        for cat in ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations"):
+            assert want[cat] == got[cat], (cat, want, got)
+        if threads == 1:
+            assert abs(want["total"] - got["total"]) <= 0.10 * got["total"], (want, got)
+        else:
+            assert got["total"] <= 1.10 * want["total"], (want, got)
+    assert want["frozen_weights"] <= ft.predict_memory(model, subset, batch_size=32)["frozen_weights"]
+
+
 def test_trainer_int8_refuses_bad_settings():
     model = ft.zoo("mlp", (8,), 3, seed=0, hidden=(6,))
     with pytest.raises(ValueError, match="frozen must be 'float32' or 'int8', got 'int4'"):
@@ -379,6 +413,7 @@ def test_task_config_carries_frozen():
     assert TaskConfig().frozen == "float32"
     assert TaskConfig.from_dict({"frozen": "int8"}).frozen == "int8"
     assert TaskConfig.from_dict(TaskConfig(frozen="int8").as_dict()).frozen == "int8"
+    assert "frozen" not in TaskConfig().as_dict()  # the default goes unsaid on the wire
     with pytest.raises(ValueError, match='frozen must be "float32" or "int8", got \'fp16\''):
         TaskConfig.from_dict({"frozen": "fp16"})
     with pytest.raises(ValueError, match="frozen must be"):
@@ -400,3 +435,39 @@ def test_int8_fine_tuning_on_digits_costs_at_most_half_a_point():
         acc[frozen] = m.evaluate(ds.x[va_idx], ds.y[va_idx])[1]
     assert acc["float32"] > 0.85, acc
     assert acc["int8"] >= acc["float32"] - 0.005, acc
+
+
+def test_search_turns_on_int8_before_shrinking_the_subset():
+    from ftte_core.search import BudgetTooSmall, search_subset
+    model = ft.zoo("mlp", (64,), 10, seed=0, hidden=(96,))
+    rng = np.random.default_rng(0)
+    scores = {}
+    for layer in model.param_layers:
+        scores[f"{layer.name}.weight"] = rng.random(layer.weight_shape[0]).tolist()
+        scores[f"{layer.name}.bias"] = float(rng.random())
+    full = ft.predict_memory(model, ft.Subset.full(model), batch_size=8)["total"]
+    # ample budget: everything trains, float32 (int8 would buy nothing)
+    res = search_subset(model, scores, full, batch_size=8, frozen="auto")
+    assert res.frozen == "float32" and res.score == res.max_score
+    with pytest.raises(BudgetTooSmall) as e32:
+        search_subset(model, scores, 0, batch_size=8)
+    with pytest.raises(BudgetTooSmall) as e8:
+        search_subset(model, scores, 0, batch_size=8, frozen="int8")
+    assert e8.value.minimum_bytes < e32.value.minimum_bytes
+    # below float32's cheapest subset, int8 frozen weights still let something train
+    tight = search_subset(model, scores, e8.value.minimum_bytes, batch_size=8, frozen="auto")
+    assert tight.frozen == "int8"
+    # budgets where float32 must shrink the subset: int8 is chosen exactly when it lets a better one fit
+    lo = e32.value.minimum_bytes
+    wins = 0
+    for budget in np.linspace(lo, full, 4)[1:-1].astype(int):
+        plain = search_subset(model, scores, int(budget), batch_size=8)
+        auto = search_subset(model, scores, int(budget), batch_size=8, frozen="auto")
+        assert auto.score >= plain.score and auto.predicted_bytes <= budget
+        assert (auto.frozen == "int8") == (auto.score > plain.score)
+        assert auto.predicted_bytes == ft.predict_memory(model, auto.subset, batch_size=8,
+                                                         frozen=auto.frozen)["total"]
+        wins += auto.frozen == "int8"
+    assert wins >= 1
+    with pytest.raises(ValueError, match="frozen must be 'float32', 'int8' or 'auto'"):
+        search_subset(model, scores, full, frozen="fp16")

@@ -68,7 +68,10 @@ class TaskConfig:
     frozen: str = "float32"
 
     def as_dict(self) -> Dict[str, object]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if d["frozen"] == "float32":  # the default goes unsaid: a task reads as it did before the setting existed
+            del d["frozen"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, object]) -> "TaskConfig":
