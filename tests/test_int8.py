@@ -471,3 +471,34 @@ def test_search_turns_on_int8_before_shrinking_the_subset():
     assert wins >= 1
     with pytest.raises(ValueError, match="frozen must be 'float32', 'int8' or 'auto'"):
         search_subset(model, scores, full, frozen="fp16")
+
+
+def test_local_worker_honours_the_task_setting():
+    from ftte_core.local import LocalWorker
+    from ftte_core.update import subset_values
+    model = ft.zoo("mlp", (16,), 4, seed=0, hidden=(12,))
+    subset = ft.Subset.of(model, {model.param_layers[-1].name: {"rows": "all", "bias": True}})
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((24, 16)).astype(np.float32)
+    y = rng.integers(0, 4, 24).astype(np.int32)
+    worker = LocalWorker(model, subset)
+    cfg = TaskConfig(batch_size=8, frozen="int8")
+    with _threads(1):
+        result = worker.run(subset_values(model, subset), 0, x, y, cfg)
+    assert model.param_layers[0].is_int8 and not model.param_layers[-1].is_int8
+    want = ft.predict_memory(model, subset, batch_size=8, frozen="int8", threads=1)
+    assert result.memory.frozen_weights == want["frozen_weights"] == 16 * 12 + 12 * 4 + 12 * 4
+
+
+def test_int8_model_exports_onnx_with_dequantised_weights(tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = ft.zoo("cnn", (1, 8, 8), 4, seed=2, channels=(3, 5))
+    for layer in model.param_layers[:2]:
+        layer.quantize_weight()
+    path = tmp_path / "m.onnx"
+    ft.save_onnx(model, path)
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(got, model.predict(x), rtol=1e-4, atol=1e-5)
