@@ -151,7 +151,7 @@ bool use_dot_path(int64_t M, int64_t K, const GemmOperand& A, const GemmOperand&
     const char* e = std::getenv("FTTE_GEMM_DOT");
     return !(e && std::strcmp(e, "0") == 0);
   }();
-  return enabled && !A.trans && B.trans && M <= 64 && K >= 128 && !A.q;  // an int8 B: sgemm_dot_q8
+  return enabled && !A.trans && B.trans && M <= 64 && K >= 128 && !A.q;  // an int8 B: see sgemm_dot
 }
 
 typedef int v4si __attribute__((vector_size(16)));
@@ -406,6 +406,10 @@ void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float a
 
 // C = A B^T by dot products (no packing): for the small-batch dense forward the packed path
 // spends much of its time transposing W into panels that are used only a few times.
+// An int8 B (the forward of an int8 layer) is read kKC entries of K at a time: its kDotNR rows'
+// chunk is dequantised into a stack tile (4 x 256 floats), later chunks adding onto C, so
+// nothing goes to counted workspace and W is dequantised once per call, not per row block of x.
+// A float B is one chunk of all of K, its rows read in place.
 typedef void (*DotBlock)(int64_t, const float* const*, const float* const*, float*, int64_t, float, float, int, int);
 
 template <DotBlock block>
@@ -413,90 +417,41 @@ void sgemm_dot(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& 
                float beta, float* C, int64_t ldc) {
   constexpr int64_t kTaskRows = 8 * kDotMR, kTaskCols = 16 * kDotNR;
   const int64_t tr = ceil_div(M, kTaskRows), tc = ceil_div(N, kTaskCols);
+  const int64_t chunk = B.q ? kKC : K;
   parallel_for(
       tr * tc,
       [&](int64_t t) {
         const int64_t r0 = (t / tc) * kTaskRows, c0 = (t % tc) * kTaskCols;
         const int64_t r1 = std::min(M, r0 + kTaskRows), c1 = std::min(N, c0 + kTaskCols);
+        float tile[kDotNR * kKC];  // int8 B only
         for (int64_t j = c0; j < c1; j += kDotNR) {
           const int n = static_cast<int>(std::min<int64_t>(kDotNR, c1 - j));
-          const float* b[kDotNR];
+          int64_t src[kDotNR];
           for (int jj = 0; jj < kDotNR; ++jj) {
             const int64_t c = j + std::min(jj, n - 1);  // padding repeats a real row, never stored
-            b[jj] = B.data + (B.index ? B.index[c] : c) * B.ld;
+            src[jj] = B.index ? B.index[c] : c;
           }
-          for (int64_t i = r0; i < r1; i += kDotMR) {
-            const int m = static_cast<int>(std::min<int64_t>(kDotMR, r1 - i));
-            const float* a[kDotMR];
-            for (int ii = 0; ii < kDotMR; ++ii) {
-              const int64_t r = i + std::min(ii, m - 1);
-              a[ii] = A.data + (A.index ? A.index[r] : r) * A.ld;
+          for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+            const int64_t kc = std::min(chunk, K - k0);
+            const float* b[kDotNR];
+            for (int jj = 0; jj < kDotNR; ++jj) {
+              if (B.q) {
+                dequant_run(B.q + src[jj] * B.ld + k0, B.q_scale[src[jj]], kc, tile + jj * kc);
+                b[jj] = tile + jj * kc;
+              } else {
+                b[jj] = B.data + src[jj] * B.ld + k0;
+              }
             }
-            block(K, a, b, C + i * ldc + j, ldc, alpha, beta, m, n);
-          }
-        }
-      },
-      region_work(2.0 * double(M) * double(N) * double(K)));
-}
-
-// The dot path with an int8 B (the dense forward x W^T of an int8 layer): rows of W are read as
-// int8 in place and converted in registers, so nothing is packed or dequantised into memory;
-// C[i][j] = alpha * scale[j] * dot(a[i], q[j]) (the row's scale applied once, after the sum).
-typedef signed char v4qi __attribute__((vector_size(4)));
-
-void dot_block_q8(int64_t K, const float* const* a, const int8_t* const* b, const float* scale, float* C,
-                  int64_t ldc, float alpha, float beta, int m, int n) {
-  v4sf acc[kDotMR][kDotNR];
-  for (int i = 0; i < kDotMR; ++i)
-    for (int j = 0; j < kDotNR; ++j) acc[i][j] = v4sf{0.f, 0.f, 0.f, 0.f};
-  int64_t k = 0;
-  for (; k + 4 <= K; k += 4) {
-    v4sf x[kDotMR];
-    for (int i = 0; i < kDotMR; ++i) std::memcpy(&x[i], a[i] + k, sizeof(v4sf));
-    for (int j = 0; j < kDotNR; ++j) {
-      v4qi q;
-      std::memcpy(&q, b[j] + k, sizeof(q));
-      const v4sf y = __builtin_convertvector(q, v4sf);
-      for (int i = 0; i < kDotMR; ++i) acc[i][j] += x[i] * y;
-    }
-  }
-  for (int i = 0; i < m; ++i)
-    for (int j = 0; j < n; ++j) {
-      float s = (acc[i][j][0] + acc[i][j][1]) + (acc[i][j][2] + acc[i][j][3]);
-      for (int64_t t = k; t < K; ++t) s += a[i][t] * static_cast<float>(b[j][t]);
-      float& c = C[i * ldc + j];
-      const float r = alpha * (s * scale[j]);
-      c = beta == 0.f ? r : (beta == 1.f ? r + c : r + beta * c);
-    }
-}
-
-void sgemm_dot_q8(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, const GemmOperand& B,
-                  float beta, float* C, int64_t ldc) {
-  constexpr int64_t kTaskRows = 8 * kDotMR, kTaskCols = 16 * kDotNR;  // as sgemm_dot
-  const int64_t tr = ceil_div(M, kTaskRows), tc = ceil_div(N, kTaskCols);
-  parallel_for(
-      tr * tc,
-      [&](int64_t t) {
-        const int64_t r0 = (t / tc) * kTaskRows, c0 = (t % tc) * kTaskCols;
-        const int64_t r1 = std::min(M, r0 + kTaskRows), c1 = std::min(N, c0 + kTaskCols);
-        for (int64_t j = c0; j < c1; j += kDotNR) {
-          const int n = static_cast<int>(std::min<int64_t>(kDotNR, c1 - j));
-          const int8_t* b[kDotNR];
-          float scale[kDotNR];
-          for (int jj = 0; jj < kDotNR; ++jj) {
-            const int64_t c = j + std::min(jj, n - 1);  // padding repeats a real row, never stored
-            const int64_t src = B.index ? B.index[c] : c;
-            b[jj] = B.q + src * B.ld;
-            scale[jj] = B.q_scale[src];
-          }
-          for (int64_t i = r0; i < r1; i += kDotMR) {
-            const int m = static_cast<int>(std::min<int64_t>(kDotMR, r1 - i));
-            const float* a[kDotMR];
-            for (int ii = 0; ii < kDotMR; ++ii) {
-              const int64_t r = i + std::min(ii, m - 1);
-              a[ii] = A.data + (A.index ? A.index[r] : r) * A.ld;
+            const float beta_k = k0 == 0 ? beta : 1.f;
+            for (int64_t i = r0; i < r1; i += kDotMR) {
+              const int m = static_cast<int>(std::min<int64_t>(kDotMR, r1 - i));
+              const float* a[kDotMR];
+              for (int ii = 0; ii < kDotMR; ++ii) {
+                const int64_t r = i + std::min(ii, m - 1);
+                a[ii] = A.data + (A.index ? A.index[r] : r) * A.ld + k0;
+              }
+              block(kc, a, b, C + i * ldc + j, ldc, alpha, beta_k, m, n);
             }
-            dot_block_q8(K, a, b, scale, C + i * ldc + j, ldc, alpha, beta, m, n);
           }
         }
       },
@@ -516,10 +471,6 @@ void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, c
   }
   const KernelInfo& kern = kernel();
   if (use_dot_path(M, K, A, B)) {
-    if (B.q) {
-      sgemm_dot_q8(M, N, K, alpha, A, B, beta, C, ldc);
-      return;
-    }
 #if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
     if (std::strcmp(kern.name, "avx2-fma") == 0) {
       sgemm_dot<dot_block_avx2>(M, N, K, alpha, A, B, beta, C, ldc);

@@ -11,8 +11,8 @@
 // An int8 operand (`q` set, `data` unused): element (r, c) of the source matrix is
 // q[r*ld + c] * q_scale[r] -- a weight stored as int8 with a float32 scale per source row (per
 // output unit). It is dequantised while being packed into panels, never copied whole; such an
-// operand is never read in place; it takes the dot path (below) only as B, where its rows are
-// converted in registers (no scratch), else its scratch is the packing panels
+// operand is never read in place; as B of the dot path its rows are dequantised a K chunk at a
+// time into a stack tile (no counted scratch), else its scratch is the packing panels
 // (sgemm_scratch_bytes with the same operand says how much).
 //
 // Work is split over tiles of C only (never over K), so results are identical for any thread

@@ -29,6 +29,20 @@ def _threads(n):
     return _Ctx()
 
 
+def _check_dx_by_differences(x, loss, dx, rng, points, eps=1e-3):
+    """dx against float64 central differences of loss(x64) at random points (the loss is linear
+    in x, so the differences are exact up to rounding; the tolerance covers float32 sums)."""
+    x64 = x.astype(np.float64)
+    for idx in [tuple(rng.integers(0, d) for d in x.shape) for _ in range(points)]:
+        old = x64[idx]
+        x64[idx] = old + eps
+        lp = loss(x64)
+        x64[idx] = old - eps
+        lm = loss(x64)
+        x64[idx] = old
+        assert abs((lp - lm) / (2 * eps) - dx[idx]) < 1e-3 * (1 + abs(dx[idx]))
+
+
 def test_quantize_rows_is_symmetric_round_to_nearest_per_row():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((5, 3, 2, 2)).astype(np.float32)
@@ -86,17 +100,7 @@ def test_dense_int8_finite_differences():
     r = rng.standard_normal((N, O))
     dx = np.empty_like(x)
     K.dense_backward(None, q, r.astype(np.float32), None, None, None, dx, w_scale=s)
-    x64 = x.astype(np.float64)
-    loss = lambda: float(((x64 @ deq.T) * r).sum())
-    eps = 1e-3
-    for idx in [tuple(rng.integers(0, d) for d in x.shape) for _ in range(10)]:
-        old = x64[idx]
-        x64[idx] = old + eps
-        lp = loss()
-        x64[idx] = old - eps
-        lm = loss()
-        x64[idx] = old
-        assert abs((lp - lm) / (2 * eps) - dx[idx]) < 1e-3 * (1 + abs(dx[idx]))
+    _check_dx_by_differences(x, lambda x64: float(((x64 @ deq.T) * r).sum()), dx, rng, 10)
 
 
 # ---- conv2d, grouped, depthwise ------------------------------------------------------------------
@@ -135,17 +139,7 @@ def test_conv2d_int8_finite_differences():
     r = rng.standard_normal(yshape)
     dx = np.empty_like(x)
     K.conv2d_backward(None, q, r.astype(np.float32), None, None, None, dx, stride, pad, w_scale=s)
-    x64 = x.astype(np.float64)
-    loss = lambda: float((ref_forward(x64, deq, None, stride, pad) * r).sum())
-    eps = 1e-3
-    for idx in [tuple(rng.integers(0, d) for d in x.shape) for _ in range(8)]:
-        old = x64[idx]
-        x64[idx] = old + eps
-        lp = loss()
-        x64[idx] = old - eps
-        lm = loss()
-        x64[idx] = old
-        assert abs((lp - lm) / (2 * eps) - dx[idx]) < 1e-3 * (1 + abs(dx[idx]))
+    _check_dx_by_differences(x, lambda x64: float((ref_forward(x64, deq, None, stride, pad) * r).sum()), dx, rng, 8)
 
 
 def _grouped_ref(x, w, b, group, stride, pad):
@@ -215,12 +209,14 @@ def test_int8_kernels_give_identical_results_for_any_thread_count():
             y, dx = np.empty((70, 130), np.float32), np.empty_like(xd)
             K.dense_forward(xd, qd, None, y, w_scale=sd)
             K.dense_backward(None, qd, dyd, None, None, None, dx, w_scale=sd)
+            y_dot = np.empty((32, 130), np.float32)  # batch <= 64, K >= 128: the int8 dot path
+            K.dense_forward(xd[:32], qd, None, y_dot, w_scale=sd)
             yc, dxc = np.empty((8, 16, 12, 12), np.float32), np.empty_like(xc)
             K.conv2d_forward(xc, qc, None, yc, (1, 1), (1, 1, 1, 1), w_scale=sc)
             K.conv2d_backward(None, qc, dyc, None, None, None, dxc, (1, 1), (1, 1, 1, 1), w_scale=sc)
             yw = np.empty((8, 8, 12, 12), np.float32)
             K.depthwise_conv2d_forward(xc, qw, None, yw, (1, 1), (1, 1, 1, 1), w_scale=sw)
-            out.append((y, dx, yc, dxc, yw))
+            out.append((y, dx, y_dot, yc, dxc, yw))
     for other in out[1:]:
         for a, b in zip(out[0], other):
             np.testing.assert_array_equal(a, b)
