@@ -9,6 +9,7 @@ from ftte_core import _kernels as K
 from ftte_core.graph import quantize_rows
 from ftte_core.local import TaskConfig
 
+from slowdev import scaled
 from test_conv import make, ref_backward, ref_forward
 
 
@@ -500,3 +501,37 @@ def test_int8_model_exports_onnx_with_dequantised_weights(tmp_path):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     np.testing.assert_allclose(got, model.predict(x), rtol=1e-4, atol=1e-5)
+
+
+_GENERIC_CHILD = r"""
+import numpy as np, sys
+from ftte_core import _kernels as K
+from ftte_core.graph import quantize_rows
+rng = np.random.default_rng(3)
+out = {"name": K.sgemm_kernel_name()}
+for tag, (N, I, O) in {"dot": (20, 300, 37), "blocked": (70, 40, 19)}.items():
+    x = rng.standard_normal((N, I)).astype(np.float32)
+    q, s = quantize_rows(rng.standard_normal((O, I)).astype(np.float32))
+    dy = rng.standard_normal((N, O)).astype(np.float32)
+    y, dx = np.empty((N, O), np.float32), np.empty_like(x)
+    K.dense_forward(x, q, None, y, w_scale=s)
+    K.dense_backward(None, q, dy, None, None, None, dx, w_scale=s)
+    out.update({tag + "_x": x, tag + "_q": q, tag + "_s": s, tag + "_dy": dy, tag + "_y": y, tag + "_dx": dx})
+np.savez(sys.argv[1], **out)
+"""
+
+
+def test_int8_paths_of_the_generic_kernel(tmp_path):
+    """The portable micro-kernel (what ARM devices run) with int8 weights, against NumPy."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, FTTE_GEMM_KERNEL="generic")
+    subprocess.run([sys.executable, "-c", _GENERIC_CHILD, str(tmp_path / "g.npz")], env=env, check=True,
+                   timeout=scaled(120))
+    r = np.load(tmp_path / "g.npz")
+    assert str(r["name"]) == "generic"
+    for tag in ("dot", "blocked"):
+        deq = r[tag + "_q"].astype(np.float64) * r[tag + "_s"][:, None]
+        np.testing.assert_allclose(r[tag + "_y"], r[tag + "_x"].astype(np.float64) @ deq.T, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(r[tag + "_dx"], r[tag + "_dy"].astype(np.float64) @ deq, rtol=1e-4, atol=1e-4)
