@@ -190,13 +190,13 @@ class Trainer:
             if getattr(layer, "is_int8", False) and ls is not None and ls.rows.size:
                 raise ValueError(f"layer {layer.name!r} holds int8 weights, so its weight rows cannot train "
                                  f"(train them on a float32 copy of the model)")
-        for name in int8_layers(model, self.subset, self.frozen):
-            model.layer(name).quantize_weight()
         self.rng = np.random.default_rng(seed)
         self.arena = Arena()
         req = requires_grad(model, self.subset)
         if not req[-1]:
             raise ValueError("the subset trains nothing")
+        for name in int8_layers(model, self.subset, self.frozen):  # settings checked: now change the model
+            model.layer(name).quantize_weight()
         #: the first layer backward reaches (layers before it, and others off the trained paths, are frozen)
         self.first = next(i for i in range(len(model.layers)) if req[i + 1])
         self._grads: Dict[str, _LayerGrads] = {}
