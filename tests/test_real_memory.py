@@ -44,7 +44,7 @@ def _explain(r: dict) -> str:
             f"{real_memory.allowance() / MIB:.2f} MiB")
 
 
-@pytest.mark.parametrize("mode", ["sparse", "full"])
+@pytest.mark.parametrize("mode", ["sparse", "sparse_int8", "full"])
 def test_growth_of_the_resident_set_agrees_with_the_cost_model(mode):
     r = _measure(mode)
     # the trainer's own bookkeeping equals the prediction (1 thread): the process is what is judged

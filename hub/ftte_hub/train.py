@@ -172,9 +172,10 @@ def check_model_fits_data(model: ft.Model, val: ftdata.Dataset, where: str) -> N
 
 
 def cheapest_subset_bytes(model: ft.Model, scores, batch_size: int) -> int:
-    """The predicted memory of the cheapest trainable subset: below it an agent cannot take part."""
+    """The predicted memory of the cheapest trainable subset (frozen weights int8, the search's
+    lever): below it an agent cannot take part."""
     try:
-        result = search_subset(model, scores, 0, batch_size=batch_size)
+        result = search_subset(model, scores, 0, batch_size=batch_size, frozen="int8")
     except BudgetTooSmall as e:
         return int(e.minimum_bytes)
     return int(result.predicted_bytes)  # a zero budget fits (cannot happen: every subset costs something)
@@ -260,14 +261,14 @@ class _Run:
         who = min(agents, key=lambda a: int(f.infos[a]["memory_budget"]))
         if strategy.sparse:
             try:
-                result = search_subset(model, scores, m_min, batch_size=cfg.batch_size)
+                result = search_subset(model, scores, m_min, batch_size=cfg.batch_size, frozen="auto")
             except BudgetTooSmall as e:  # cannot happen for agents that passed the floor; kept as a guard
                 raise TrainError(f"the smallest usable agent budget, {format_size(m_min)} ({f.infos[who]['name']}), "
                                  f"is too small: the cheapest subset needs {format_size(e.minimum_bytes)}") from None
-            subset, needed = result.subset, int(result.predicted_bytes)
-            described = result.describe()
+            subset, needed, frozen = result.subset, int(result.predicted_bytes), result.frozen
+            described = result.describe() + ("; frozen weights int8" if frozen == "int8" else "")
         else:
-            subset = Subset.full(model)
+            subset, frozen = Subset.full(model), "float32"
             needed = int(predict_memory(model, subset, cfg.batch_size)["total"])
             described = "the full model"
         event("subset", f"subset for M_min {format_size(m_min)} ({self.fleet.infos[who]['name']}): {described}; "
@@ -278,7 +279,7 @@ class _Run:
         self._clear_leftovers()
         blob = model_to_bytes(model)
         atomic_write(self.out / ckpt.INITIAL_MODEL, lambda f: f.write(blob))
-        task_cfg = TaskConfig(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size)
+        task_cfg = TaskConfig(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, frozen=frozen)
         self.meta_base = {
             "format": ckpt.FORMAT, "model_hash": content_hash(blob), "model_name": model.name,
             "model_spec": cfg.model, "strategy": strategy.name, "buffer": strategy.buffer_size,
