@@ -310,13 +310,9 @@ def keygen(path, force):
 @click.option("--site-socket", default=None, type=click.Path(dir_okay=False),
               help="With --site: the Unix socket the ClientApp connects to; default: OUT/site.sock.")
 def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, max_versions, target_accuracy,
-<<<<<<< HEAD
           interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, update_bits, downlink_bits, no_downlink,
-          task_timeout, ping_interval, dead_after, wait_timeout, stop_grace, log_format, seed, status_address, verbose):
-=======
-          interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, task_timeout, ping_interval,
-          dead_after, wait_timeout, stop_grace, log_format, seed, status_address, verbose, site, site_socket):
->>>>>>> wip-flower
+          task_timeout, ping_interval, dead_after, wait_timeout, stop_grace, log_format, seed, status_address, verbose,
+          site, site_socket):
     """Coordinate federated training over the agents on this network.
 
     Finds agents over mDNS and --peer, waits for --min-agents, chooses the trainable subset for
@@ -348,17 +344,13 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
                       local_epochs=local_epochs, batch_size=batch_size, server_lr=server_lr,
                       task_timeout=task_timeout, ping_interval=ping_interval, dead_after=dead_after,
                       wait_timeout=wait_timeout, stop_grace=stop_grace, seed=seed, given=given,
-<<<<<<< HEAD
                       update_bits=int(update_bits) if update_bits else None, downlink=not no_downlink,
                       downlink_bits=int(downlink_bits), status=status_address)
-=======
-                      status=status_address)
     if site:
         _run_site(cfg, key, site_socket)
         return
     if not model_spec:
         _fail("--model is required (except with --site)")
->>>>>>> wip-flower
     try:
         summary = asyncio.run(run_train(cfg, key))
     except TrainError as e:
