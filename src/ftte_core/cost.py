@@ -10,8 +10,11 @@ so the step holds the largest of them. The subset search uses it to respect a de
 the tests hold it to within 10% of what the engine really allocates.
 
 The categories: weights held once, float32, trained rows as trainable, the rest (and constants
-such as batch-norm statistics) as frozen; one gradient row per trained weight row and a whole
-bias, the same again as optimizer state with momentum; activations kept from forward to
+such as batch-norm statistics) as frozen; gradients: none for dense and im2col convolutions (their
+backward applies SGD tile by tile; the tiles are kernel scratch), one shared buffer of the largest
+other trained layer's gradient (batch norm, depthwise/grouped convolutions), or, for tied weights,
+whole per-layer gradients (``plan.parameter_buffers``); optimizer state: with momentum, one
+velocity row per trained weight row and a whole bias; activations kept from forward to
 backward (see plan.py for which); workspace: reused scratch slots, whole-batch outputs of the
 frozen part, and the kernels' scratch.
 """
