@@ -375,7 +375,7 @@ void register_conv(py::module_& m) {
             const py::array c = py::reinterpret_borrow<py::array>(arrays[j].second);
             disjoint(fn, arrays[i].first, a.data(), a.nbytes(), arrays[j].first, c.data(), c.nbytes());
           }
-        if (H < 0) fail(fn, "x or dx is needed to know the input size");
+        if (H < 0) H = o[0], W = o[1];  // bias only (no x, no dx): the input size is never read
         const ftte::ConvGeom g = conv_geom(N, C, H, W, OC, win, o);
         const int32_t* rp = rows.is_none() ? nullptr : sel.data();
         py::gil_scoped_release nogil;
