@@ -557,6 +557,7 @@ def child(threads, reps, tiny_reps, only):
 
 
 def main():
+    global MOMENTUM
     ap = argparse.ArgumentParser(description="Training-step benchmark: engine vs NumPy vs PyTorch")
     ap.add_argument("--reps", type=int, default=300, help="timed steps per measurement (default 300)")
     ap.add_argument("--tiny-reps", type=int, default=30, help="timed steps per MLPerf Tiny measurement (default 30)")
@@ -567,7 +568,6 @@ def main():
                          "engine's step keeps no optimizer state)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global MOMENTUM
     MOMENTUM = args.momentum
     if args.child is not None:
         child(args.child, args.reps, args.tiny_reps, args.only)
