@@ -58,6 +58,19 @@ ftte::ConvGeom conv_geom(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC,
   return ftte::ConvGeom{N, C, H, W, OC, w.kh, w.kw, w.sh, w.sw, w.pt, w.pl, w.pb, w.pr, o[0], o[1]};
 }
 
+// The geometry a scratch-size query names: x_shape [N, C, H, W], w_shape [OC, C, KH, KW].
+ftte::ConvGeom scratch_geom(const std::string& fn, const py::handle& x_shape, const py::handle& w_shape,
+                            const py::handle& stride, const py::handle& padding) {
+  const auto xs = int_tuple<4>(fn, "x_shape", x_shape);
+  const auto ws = int_tuple<4>(fn, "w_shape", w_shape);
+  for (int64_t v : xs)
+    if (v < 0) fail(fn, "x_shape must be >= 0");
+  if (ws[0] < 0 || ws[1] != xs[1] || ws[2] < 1 || ws[3] < 1 || xs[1] < 1)
+    fail(fn, "w_shape must be [OC, C, KH, KW] with C matching x_shape and a kernel of at least 1x1");
+  const Window win = parse_window(fn, ws[2], ws[3], stride, padding);
+  return conv_geom(xs[0], xs[1], xs[2], xs[3], ws[0], win, out_hw(fn, xs[2], xs[3], win, false));
+}
+
 // Pooling windows: padding must be smaller than the kernel so no window is padding only.
 Window pool_window(const std::string& fn, const py::handle& kernel, const py::handle& stride,
                    const py::handle& padding) {
@@ -327,15 +340,8 @@ void register_conv(py::module_& m) {
         const Window win = parse_window(fn, KH, KW, stride, padding);
         const float* dyp = checked<float>(fn, "dy", dy, {-1, OC, -1, -1});
         const int64_t N = dim(dy, 0);
-        std::vector<int32_t> sel = ftte::rows_or_all(fn, rows, OC);
+        std::vector<int32_t> sel = ftte::unique_rows_or_all(fn, rows, OC);
         const int64_t R = static_cast<int64_t>(sel.size());
-        if (!rows.is_none()) {
-          std::vector<char> seen(static_cast<size_t>(OC), 0);
-          for (int32_t v : sel) {
-            if (seen[static_cast<size_t>(v)]) fail(fn, "rows holds " + std::to_string(v) + " more than once");
-            seen[static_cast<size_t>(v)] = 1;
-          }
-        }
         // The input size comes from x, else from dx (x is only read for the weight rows).
         const float* xp = nullptr;
         float* dxp = nullptr;
@@ -395,17 +401,9 @@ void register_conv(py::module_& m) {
       [](py::object x_shape, py::object w_shape, py::object stride, py::object padding, py::object n_rows,
          bool train_bias, bool dx, int threads) {
         const std::string fn = "conv2d_backward_sgd_scratch_bytes";
-        const auto xs = int_tuple<4>(fn, "x_shape", x_shape);
-        const auto ws = int_tuple<4>(fn, "w_shape", w_shape);
-        for (int64_t v : xs)
-          if (v < 0) fail(fn, "x_shape must be >= 0");
-        if (ws[0] < 0 || ws[1] != xs[1] || ws[2] < 1 || ws[3] < 1 || xs[1] < 1)
-          fail(fn, "w_shape must be [OC, C, KH, KW] with C matching x_shape and a kernel of at least 1x1");
-        const Window win = parse_window(fn, ws[2], ws[3], stride, padding);
-        const auto o = out_hw(fn, xs[2], xs[3], win, false);
-        const int64_t R = n_rows.is_none() ? ws[0] : as_int(fn, "n_rows", n_rows);
-        if (R < 0 || R > ws[0]) fail(fn, "n_rows must be in [0, OC]");
-        const ftte::ConvGeom g = conv_geom(xs[0], xs[1], xs[2], xs[3], ws[0], win, o);
+        const ftte::ConvGeom g = scratch_geom(fn, x_shape, w_shape, stride, padding);
+        const int64_t R = n_rows.is_none() ? g.OC : as_int(fn, "n_rows", n_rows);
+        if (R < 0 || R > g.OC) fail(fn, "n_rows must be in [0, OC]");
         return ftte::conv2d_backward_sgd_scratch_bytes(g, R, train_bias, dx,
                                                        threads > 0 ? threads : ftte::get_num_threads());
       },
@@ -419,17 +417,9 @@ void register_conv(py::module_& m) {
       [](py::object x_shape, py::object w_shape, py::object stride, py::object padding, bool backward,
          py::object n_rows, bool dw, bool dx, int threads) {
         const std::string fn = "conv2d_scratch_bytes";
-        const auto xs = int_tuple<4>(fn, "x_shape", x_shape);
-        const auto ws = int_tuple<4>(fn, "w_shape", w_shape);
-        for (int64_t v : xs)
-          if (v < 0) fail(fn, "x_shape must be >= 0");
-        if (ws[0] < 0 || ws[1] != xs[1] || ws[2] < 1 || ws[3] < 1 || xs[1] < 1)
-          fail(fn, "w_shape must be [OC, C, KH, KW] with C matching x_shape and a kernel of at least 1x1");
-        const Window win = parse_window(fn, ws[2], ws[3], stride, padding);
-        const auto o = out_hw(fn, xs[2], xs[3], win, false);
-        const int64_t R = n_rows.is_none() ? ws[0] : as_int(fn, "n_rows", n_rows);
+        const ftte::ConvGeom g = scratch_geom(fn, x_shape, w_shape, stride, padding);
+        const int64_t R = n_rows.is_none() ? g.OC : as_int(fn, "n_rows", n_rows);
         if (R < 0) fail(fn, "n_rows must be >= 0");
-        const ftte::ConvGeom g = conv_geom(xs[0], xs[1], xs[2], xs[3], ws[0], win, o);
         return ftte::conv2d_scratch_bytes(g, backward, R, dw, dx, threads > 0 ? threads : ftte::get_num_threads());
       },
       py::arg("x_shape"), py::arg("w_shape"), py::arg("stride") = stride1, py::arg("padding") = pad0,

@@ -99,15 +99,8 @@ void py_sgd_update_rows(py::handle param, py::handle rows, py::handle grad, py::
   if (nd != 1 && nd != 2) fail(fn, "param must have 1 or 2 dimensions, got " + std::to_string(nd));
   float* pp = nd == 2 ? checked<float>(fn, "param", param, {-1, -1}, true) : checked<float>(fn, "param", param, {-1}, true);
   const int64_t O = dim(param, 0), F = nd == 2 ? dim(param, 1) : 1;
-  std::vector<int32_t> r = ftte::rows_or_all(fn, rows, O);
+  std::vector<int32_t> r = ftte::unique_rows_or_all(fn, rows, O);
   const int64_t R = static_cast<int64_t>(r.size());
-  if (!rows.is_none()) {
-    std::vector<char> seen(static_cast<size_t>(O), 0);
-    for (int32_t v : r) {
-      if (seen[static_cast<size_t>(v)]) fail(fn, "rows holds " + std::to_string(v) + " more than once");
-      seen[static_cast<size_t>(v)] = 1;
-    }
-  }
   const float* pg = nd == 2 ? checked<float>(fn, "grad", grad, {R, F}) : checked<float>(fn, "grad", grad, {R});
   float* pv = nullptr;
   if (!velocity.is_none())
@@ -123,20 +116,6 @@ void py_sgd_update_rows(py::handle param, py::handle rows, py::handle grad, py::
   ftte::sgd_update_rows(pp, O, F, prows, R, pg, pv, lr, momentum, weight_decay);
 }
 
-// rows (None: all O) for an in-place update: in range and unique (a repeated row would be
-// updated twice from one gradient).
-std::vector<int32_t> unique_rows(const std::string& fn, const py::handle& rows, int64_t O) {
-  std::vector<int32_t> r = ftte::rows_or_all(fn, rows, O);
-  if (!rows.is_none()) {
-    std::vector<char> seen(static_cast<size_t>(O), 0);
-    for (int32_t v : r) {
-      if (seen[static_cast<size_t>(v)]) fail(fn, "rows holds " + std::to_string(v) + " more than once");
-      seen[static_cast<size_t>(v)] = 1;
-    }
-  }
-  return r;
-}
-
 void py_dense_backward_sgd(py::handle x, py::handle w, py::handle b, py::handle dy, py::handle rows, py::handle dx,
                            bool train_bias, py::handle vw, py::handle vb, float lr, float momentum,
                            float weight_decay) {
@@ -145,7 +124,7 @@ void py_dense_backward_sgd(py::handle x, py::handle w, py::handle b, py::handle 
   const int64_t O = dim(w, 0), I = dim(w, 1);
   const float* pdy = checked<float>(fn, "dy", dy, {-1, O});
   const int64_t N = dim(dy, 0);
-  std::vector<int32_t> r = unique_rows(fn, rows, O);
+  std::vector<int32_t> r = ftte::unique_rows_or_all(fn, rows, O);
   const int64_t R = static_cast<int64_t>(r.size());
   if (x.is_none() && R > 0) fail(fn, "x is required when weight rows train");
   const float* px = x.is_none() ? nullptr : checked<float>(fn, "x", x, {N, I});

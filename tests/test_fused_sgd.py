@@ -37,7 +37,7 @@ def dense_case(rng, N, I, O, rows):
     return x, w, b, dy, vw, vb
 
 
-# (N, I, O, rows): R * I * 4 over 32 KiB takes several tiles (784: 8 rows per tile)
+# (N, I, O, rows): R * I * 4 over 32 KiB takes several tiles (784: 16 rows per tile)
 DENSE = [(5, 7, 6, None), (32, 784, 40, None), (32, 784, 40, "some"), (3, 64, 300, "some"), (4, 9, 5, "none"),
          (1, 2000, 20, None)]
 
