@@ -20,7 +20,9 @@ they are the predicted new bytes. They agree when
 
     |growth - predicted new| <= TOLERANCE x predicted new + allowance()
 
-Rows: "sparse" (fc3 whole + 25% of fc2's rows, fc2's bias frozen), "full" (every parameter), and
+Rows: "sparse" (fc3 whole + 25% of fc2's rows, fc2's bias frozen), "sparse_int8" (the same with
+``Trainer(frozen="int8")``: fc1, which trains nothing, held as int8 + a scale per row; converted
+before the baseline, as an agent's model is once its first int8 task arrived), "full" (every parameter), and
 "overhead": the same procedure on a model with almost nothing to allocate (Dense 784-10, whole),
 whose growth beyond its tiny prediction is the fixed cost of training at all, i.e. what the
 allowance must cover (see ``allowance``).
@@ -125,7 +127,7 @@ def child(mode: str, steps: int, momentum: float = 0.0) -> dict:
     else:
         model = Model([dense("fc1", INPUTS, HIDDEN), ReLU("relu1"), dense("fc2", HIDDEN, HIDDEN), ReLU("relu2"),
                        dense("fc3", HIDDEN, CLASSES)], (INPUTS,), name="mlp-784-2048-2048-10")
-        if mode == "sparse":
+        if mode in ("sparse", "sparse_int8"):
             subset = ft.Subset.of(model, {"fc3": {"rows": "all", "bias": True},
                                           "fc2": {"rows": list(range(0, HIDDEN, 4)), "bias": False}})
         elif mode == "full":
@@ -134,7 +136,12 @@ def child(mode: str, steps: int, momentum: float = 0.0) -> dict:
             raise SystemExit(f"real_memory: unknown mode {mode!r}")
     x = rng.standard_normal((steps * BATCH, INPUTS), dtype=np.float32)
     y = rng.integers(0, CLASSES, steps * BATCH).astype(np.int32)
-    predicted = ft.predict_memory(model, subset, batch_size=BATCH, momentum=momentum)
+    frozen = "int8" if mode == "sparse_int8" else "float32"
+    predicted = ft.predict_memory(model, subset, batch_size=BATCH, momentum=momentum, frozen=frozen)
+    if frozen == "int8":  # the weights the step holds are resident before the baseline, as for float32
+        from ftte_core.plan import int8_layers
+        for name in int8_layers(model, subset, frozen):
+            model.layer(name).quantize_weight()
 
     gc.collect()
     trimmed = _free_heap()
@@ -148,7 +155,7 @@ def child(mode: str, steps: int, momentum: float = 0.0) -> dict:
         return {"skip": f"writing 5 to /proc/self/clear_refs did not reset VmHWM here "
                         f"({base['VmHWM'] >> 10} kB peak, {base['VmRSS'] >> 10} kB resident)"}
 
-    trainer = ft.Trainer(model, subset, lr=0.01, momentum=momentum)
+    trainer = ft.Trainer(model, subset, lr=0.01, momentum=momentum, frozen=frozen)
     stats = trainer.train(x, y, epochs=1.0, batch_size=BATCH, max_steps=steps)
     end = _status()
 
@@ -184,13 +191,13 @@ def main() -> None:
     ap.add_argument("--momentum", type=float, default=0.0,
                     help="SGD momentum (default 0, the TTE setting: the step then keeps no state between steps)")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object instead")
-    ap.add_argument("--child", choices=("sparse", "full", "overhead"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("sparse", "sparse_int8", "full", "overhead"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.momentum)))
         return
     rows = {mode: measure(mode, args.threads, args.steps, momentum=args.momentum)
-            for mode in ("overhead", "sparse", "full")}
+            for mode in ("overhead", "sparse", "sparse_int8", "full")}
     if args.json:
         print(json.dumps(rows))
         return
@@ -203,12 +210,12 @@ def main() -> None:
           f"{any_row['threads']} thread(s), page {any_row['page_size'] >> 10} KiB"
           f"{', EMULATED ' + any_row['emulated'] if any_row['emulated'] else ''})")
     print(f"agreement: |growth - predicted new| <= {TOLERANCE:.0%} x predicted new + {allowance() / MIB:.2f} MiB")
-    print(f"{'row':9} {'model':22} {'weights':>9} {'pred new':>9} {'growth':>9} {'(anon':>8} {'+ file)':>8} "
+    print(f"{'row':11} {'model':22} {'weights':>9} {'pred new':>9} {'growth':>9} {'(anon':>8} {'+ file)':>8} "
           f"{'excess':>8} {'ratio':>6} {'agrees':>6} {'proc peak':>10}")
     for mode, r in rows.items():
         excess = r["growth"] - r["predicted_new"]
         ratio = r["growth"] / r["predicted_new"] if r["predicted_new"] else float("inf")
-        print(f"{mode:9} {r['model']:22} {r['weights'] / MIB:>7.2f}Mi {r['predicted_new'] / MIB:>7.2f}Mi "
+        print(f"{mode:11} {r['model']:22} {r['weights'] / MIB:>7.2f}Mi {r['predicted_new'] / MIB:>7.2f}Mi "
               f"{r['growth'] / MIB:>7.2f}Mi {r['anon_growth'] / MIB:>6.2f}Mi {r['file_growth'] / MIB:>6.2f}Mi "
               f"{excess / MIB:>+6.2f}Mi {ratio:>6.3f} {'yes' if agrees(r['growth'], r['predicted_new']) else 'NO':>6} "
               f"{r['peak'] / MIB:>8.1f}Mi")
@@ -219,6 +226,12 @@ def main() -> None:
     print(f"  training memory (weights+new)  {train_s / train_f:>8.3f}   "
           f"{s['predicted']['total'] / f['predicted']['total']:>9.3f}   (issue 11 target <= 0.25)")
     print(f"  whole process peak (VmHWM)     {s['peak'] / f['peak']:>8.3f}")
+    q = rows["sparse_int8"]
+    train_q = q["weights"] + q["growth"]
+    print("sparse with int8 frozen weights / full")
+    print(f"  training memory (weights+new)  {train_q / train_f:>8.3f}   "
+          f"{q['predicted']['total'] / f['predicted']['total']:>9.3f}   (issue 11 target <= 0.25)")
+    print(f"  whole process peak (VmHWM)     {q['peak'] / f['peak']:>8.3f}")
     print(f"frozen weights held as float32 in the sparse row: {s['predicted']['frozen_weights'] / MIB:.2f} MiB "
           f"of {s['weights'] / MIB:.2f} MiB")
 

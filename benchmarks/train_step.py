@@ -540,12 +540,14 @@ def child(threads, reps, tiny_reps, only):
         subsets = {"full": ft.Subset.full(model),
                    "sparse": ft.Subset.of(model, {names[-1]: {"rows": "all", "bias": True},
                                                   names[-2]: {"rows": 0.25, "bias": False}})}
+        subsets["sparse_int8"] = subsets["sparse"]  # the same subset, frozen weights held as int8
         for label, subset in subsets.items():
             m = make_model()
-            tr = ft.Trainer(m, subset, lr=LR, momentum=MOMENTUM)
+            frozen = "int8" if label.endswith("_int8") else "float32"
+            tr = ft.Trainer(m, subset, lr=LR, momentum=MOMENTUM, frozen=frozen)
             row[f"engine_{label}"] = time_steps(lambda: tr.step(x, y), reps)
             row[f"memory_{label}"] = tr.memory.as_dict()
-            row[f"predicted_{label}"] = ft.predict_memory(m, subset, BATCH, momentum=MOMENTUM)["total"]
+            row[f"predicted_{label}"] = ft.predict_memory(m, subset, BATCH, momentum=MOMENTUM, frozen=frozen)["total"]
         ref = NumpyStep(make_model())
         xr = x.reshape((BATCH,) + make_model().input_shape)
         row["numpy"] = time_steps(lambda: ref(xr, y), reps)
@@ -616,11 +618,21 @@ def main():
             print(f"{name:<8} {r['threads']:>3} | {fmt(s):>20} | {s[0] / e[0]:>10.2f} | {mf / 1024:>12.1f} | "
                   f"{ms / 1024:>14.1f} | {ms / mf:>9.3f} | "
                   f"{row['predicted_full'] / 1024:>12.1f} / {row['predicted_sparse'] / 1024:<11.1f}")
+    print("\nThe same sparse step with int8 frozen weights (Trainer(frozen=\"int8\"): layers with no trained row "
+          "held as int8 + a scale per row)")
+    print(f"{'model':<8} {'thr':>3} | {'int8 sparse us':>20} | {'time ratio':>10} | {'int8 mem KiB':>12} | "
+          f"{'mem ratio':>9} | {'predicted KiB':>13}")
+    for r in results:
+        for name, row in r["models"].items():
+            e, s = row["engine_full"], row["engine_sparse_int8"]
+            mf, ms = row["memory_full"]["total"], row["memory_sparse_int8"]["total"]
+            print(f"{name:<8} {r['threads']:>3} | {fmt(s):>20} | {s[0] / e[0]:>10.2f} | {ms / 1024:>12.1f} | "
+                  f"{ms / mf:>9.3f} | {row['predicted_sparse_int8'] / 1024:>13.1f}")
     print("\nRecorded memory by category (KiB), 1st thread setting:")
     for name, row in results[0]["models"].items():
-        for label in ("full", "sparse"):
+        for label in ("full", "sparse", "sparse_int8"):
             m = row[f"memory_{label}"]
-            print(f"  {name:<8} {label:<6} " + "  ".join(f"{k}={v / 1024:.1f}" for k, v in m.items()))
+            print(f"  {name:<8} {label:<11} " + "  ".join(f"{k}={v / 1024:.1f}" for k, v in m.items()))
 
 
 if __name__ == "__main__":

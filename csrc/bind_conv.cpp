@@ -258,11 +258,12 @@ void register_conv(py::module_& m) {
   // ---- conv2d ----
   m.def(
       "conv2d_forward",
-      [](py::object x, py::object w, py::object b, py::object y, py::object stride, py::object padding) {
+      [](py::object x, py::object w, py::object b, py::object y, py::object stride, py::object padding,
+         py::object w_scale) {
         const std::string fn = "conv2d_forward";
         const float* xp = checked<float>(fn, "x", x, {-1, -1, -1, -1});
         const int64_t N = dim(x, 0), C = dim(x, 1), H = dim(x, 2), W = dim(x, 3);
-        const float* wp = checked<float>(fn, "w", w, {-1, C, -1, -1});
+        const ftte::WeightView wp = ftte::checked_weight(fn, w, w_scale, {-1, C, -1, -1});
         const int64_t OC = dim(w, 0), KH = dim(w, 2), KW = dim(w, 3);
         if (KH < 1 || KW < 1 || C < 1) fail(fn, "w must have C >= 1 and a kernel of at least 1x1");
         const float* bp = b.is_none() ? nullptr : checked<float>(fn, "b", b, {OC});
@@ -276,16 +277,16 @@ void register_conv(py::module_& m) {
         ftte::conv2d_forward(g, xp, wp, bp, yp);
       },
       py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), py::arg("stride") = stride1,
-      py::arg("padding") = pad0,
+      py::arg("padding") = pad0, py::arg("w_scale") = py::none(),
       "y[N,OC,OH,OW] = conv2d(x[N,C,H,W], w[OC,C,KH,KW]) + b[OC] (b may be None). stride (sh, sw); "
-      "padding ONNX-style (top, left, bottom, right).");
+      "padding ONNX-style (top, left, bottom, right). w float32, or int8 with w_scale float32 [OC].");
 
   m.def(
       "conv2d_backward",
       [](py::object x, py::object w, py::object dy, py::object rows, py::object dw, py::object db, py::object dx,
-         py::object stride, py::object padding, bool accumulate) {
+         py::object stride, py::object padding, bool accumulate, py::object w_scale) {
         const std::string fn = "conv2d_backward";
-        const float* wp = checked<float>(fn, "w", w, {-1, -1, -1, -1});
+        const ftte::WeightView wp = ftte::checked_weight(fn, w, w_scale, {-1, -1, -1, -1});
         const int64_t OC = dim(w, 0), C = dim(w, 1), KH = dim(w, 2), KW = dim(w, 3);
         if (KH < 1 || KW < 1 || C < 1) fail(fn, "w must have C >= 1 and a kernel of at least 1x1");
         const Window win = parse_window(fn, KH, KW, stride, padding);
@@ -324,7 +325,8 @@ void register_conv(py::module_& m) {
       },
       py::arg("x"), py::arg("w"), py::arg("dy"), py::arg("rows"), py::arg("dw"), py::arg("db"), py::arg("dx"),
       py::arg("stride") = stride1, py::arg("padding") = pad0, py::arg("accumulate") = false,
-      "Gradients of conv2d_forward. rows: int32 [R] output channels (None: all). dw[R,C,KH,KW], db[R] "
+      py::arg("w_scale") = py::none(),
+      "Gradients of conv2d_forward (w float32, or int8 with w_scale [OC]; only dx reads it). rows: int32 [R] output channels (None: all). dw[R,C,KH,KW], db[R] "
       "(None to skip; accumulate=True adds into them) and dx[N,C,H,W] (None to skip; overwritten, all "
       "output channels contribute).");
 
@@ -415,20 +417,21 @@ void register_conv(py::module_& m) {
   m.def(
       "conv2d_scratch_bytes",
       [](py::object x_shape, py::object w_shape, py::object stride, py::object padding, bool backward,
-         py::object n_rows, bool dw, bool dx, int threads) {
+         py::object n_rows, bool dw, bool dx, int threads, bool int8_weight) {
         const std::string fn = "conv2d_scratch_bytes";
         const ftte::ConvGeom g = scratch_geom(fn, x_shape, w_shape, stride, padding);
         const int64_t R = n_rows.is_none() ? g.OC : as_int(fn, "n_rows", n_rows);
         if (R < 0) fail(fn, "n_rows must be >= 0");
-        return ftte::conv2d_scratch_bytes(g, backward, R, dw, dx, threads > 0 ? threads : ftte::get_num_threads());
+        return ftte::conv2d_scratch_bytes(g, backward, R, dw, dx, threads > 0 ? threads : ftte::get_num_threads(),
+                                          int8_weight);
       },
       py::arg("x_shape"), py::arg("w_shape"), py::arg("stride") = stride1, py::arg("padding") = pad0,
       py::arg("backward") = false, py::arg("n_rows") = py::none(), py::arg("dw") = true, py::arg("dx") = true,
-      py::arg("threads") = 0,
+      py::arg("threads") = 0, py::arg("int8_weight") = false,
       "Most bytes of scratch (im2col columns, dW partial sums) conv2d_forward or, with backward=True, "
       "conv2d_backward holds for these shapes with `threads` threads (0: the current setting); n_rows: "
       "selected output channels (None: all); dw/dx: whether those gradients are asked for. Includes "
-      "the packing buffers of the GEMM calls.");
+      "the packing buffers of the GEMM calls (int8_weight: the weight is int8, packed and dequantised).");
 
   // ---- pooling ----
   m.def(

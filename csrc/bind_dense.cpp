@@ -49,27 +49,28 @@ void py_sgemm(py::handle a, py::handle b, py::handle c, bool trans_a, bool trans
               beta, pc, N);
 }
 
-void py_dense_forward(py::handle x, py::handle w, py::handle b, py::handle y) {
+void py_dense_forward(py::handle x, py::handle w, py::handle b, py::handle y, py::handle w_scale) {
   const std::string fn = "dense_forward";
   const float* px = checked<float>(fn, "x", x, {-1, -1});
   const int64_t N = dim(x, 0), I = dim(x, 1);
-  const float* pw = checked<float>(fn, "w", w, {-1, I});
+  const ftte::WeightView pw = ftte::checked_weight(fn, w, w_scale, {-1, I});
   const int64_t O = dim(w, 0);
   const float* pb = opt_f32(fn, "b", b, {O});
   float* py_ = checked<float>(fn, "y", y, {N, O}, true);
   check_no_overlap(fn, "y", y, "x", x);
   check_no_overlap(fn, "y", y, "w", w);
   check_no_overlap(fn, "y", y, "b", b);
+  check_no_overlap(fn, "y", y, "w_scale", w_scale);
   py::gil_scoped_release nogil;
   ftte::dense_forward(px, pw, pb, py_, N, I, O);
 }
 
 void py_dense_backward(py::handle x, py::handle w, py::handle dy, py::handle rows, py::handle dw, py::handle db,
-                       py::handle dx, bool accumulate) {
+                       py::handle dx, bool accumulate, py::handle w_scale) {
   const std::string fn = "dense_backward";
   // x is only read for dw: a caller that wants no weight gradient need not keep it.
   if (x.is_none() && !dw.is_none()) fail(fn, "x is required when dw is requested");
-  const float* pw = checked<float>(fn, "w", w, {-1, -1});
+  const ftte::WeightView pw = ftte::checked_weight(fn, w, w_scale, {-1, -1});
   const int64_t O = dim(w, 0), I = dim(w, 1);
   const float* pdy = checked<float>(fn, "dy", dy, {-1, O});
   const int64_t N = dim(dy, 0);
@@ -80,7 +81,7 @@ void py_dense_backward(py::handle x, py::handle w, py::handle dy, py::handle row
   float* pdb = const_cast<float*>(opt_f32(fn, "db", db, {R}, true));
   float* pdx = const_cast<float*>(opt_f32(fn, "dx", dx, {N, I}, true));
   const std::pair<const char*, py::handle> outs[] = {{"dw", dw}, {"db", db}, {"dx", dx}};
-  const std::pair<const char*, py::handle> ins[] = {{"x", x}, {"w", w}, {"dy", dy}};
+  const std::pair<const char*, py::handle> ins[] = {{"x", x}, {"w", w}, {"dy", dy}, {"w_scale", w_scale}};
   for (const auto& o : outs) {
     for (const auto& i : ins) check_no_overlap(fn, o.first, o.second, i.first, i.second);
     for (const auto& o2 : outs)
@@ -162,20 +163,25 @@ void register_dense(py::module_& m) {
   m.def("sgemm_kernel_name", &ftte::sgemm_kernel_name, "GEMM micro-kernel in use: 'avx2-fma' or 'generic'.");
   m.def(
       "sgemm_scratch_bytes",
-      [](int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, bool gather_a) {
+      [](int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, bool gather_a, bool int8_a, bool int8_b) {
         static const int32_t some_rows[1] = {0};
+        static const int8_t some_q[1] = {0};
         const float* any = nullptr;
-        return ftte::sgemm_scratch_bytes(M, N, K, ftte::GemmOperand{any, 0, trans_a, gather_a ? some_rows : nullptr},
-                                         ftte::GemmOperand{any, 0, trans_b});
+        return ftte::sgemm_scratch_bytes(
+            M, N, K, ftte::GemmOperand{any, 0, trans_a, gather_a ? some_rows : nullptr, int8_a ? some_q : nullptr},
+            ftte::GemmOperand{any, 0, trans_b, nullptr, int8_b ? some_q : nullptr});
       },
       py::arg("M"), py::arg("N"), py::arg("K"), py::arg("trans_a") = false, py::arg("trans_b") = false,
-      py::arg("gather_a") = false,
-      "Packing scratch (bytes) sgemm takes for an MxNxK product with these operand layouts; the cost model's source.");
+      py::arg("gather_a") = false, py::arg("int8_a") = false, py::arg("int8_b") = false,
+      "Packing scratch (bytes) sgemm takes for an MxNxK product with these operand layouts (int8_a/int8_b: that "
+      "operand is an int8 weight with row scales, as the dense/conv kernels take them); the cost model's source.");
   m.def("dense_forward", &py_dense_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"),
-        "y[N,O] = x[N,I] @ w[O,I]^T + b[O] (b may be None), in place.");
+        py::arg("w_scale") = py::none(),
+        "y[N,O] = x[N,I] @ w[O,I]^T + b[O] (b may be None), in place. w float32, or int8 with w_scale float32 [O] "
+        "(w = q * scale per row, dequantised inside the GEMM's packing).");
   m.def("dense_backward", &py_dense_backward, py::arg("x"), py::arg("w"), py::arg("dy"), py::arg("rows"),
-        py::arg("dw"), py::arg("db"), py::arg("dx"), py::arg("accumulate") = false,
-        "Gradients for the selected output rows (int32 [R] or None = all): dw[R,I], db[R], dx[N,I] = dy @ w "
+        py::arg("dw"), py::arg("db"), py::arg("dx"), py::arg("accumulate") = false, py::arg("w_scale") = py::none(),
+        "w as for dense_forward (int8 + w_scale allowed: w is only read for dx). Gradients for the selected output rows (int32 [R] or None = all): dw[R,I], db[R], dx[N,I] = dy @ w "
         "(each may be None). accumulate adds into dw/db; dx is always overwritten.");
   m.def("dense_backward_sgd", &py_dense_backward_sgd, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("dy"),
         py::arg("rows"), py::arg("dx"), py::arg("train_bias"), py::arg("vw"), py::arg("vb"), py::arg("lr"),

@@ -70,12 +70,12 @@ void check_oc(const std::string& fn, int64_t group, int64_t C, int64_t OC) {
 }
 
 void forward(const std::string& fn, int64_t group, py::object x, py::object w, py::object b, py::object y,
-             py::object stride, py::object padding) {
+             py::object stride, py::object padding, py::object w_scale) {
   const float* xp = checked<float>(fn, "x", x, {-1, -1, -1, -1});
   const int64_t N = dim(x, 0), C = dim(x, 1), H = dim(x, 2), W = dim(x, 3);
   if (C < 1) fail(fn, "x must have C >= 1");
   const int64_t Cw = weight_channels(fn, group, C);
-  const float* wp = checked<float>(fn, "w", w, {-1, Cw, -1, -1});
+  const ftte::WeightView wp = ftte::checked_weight(fn, w, w_scale, {-1, Cw, -1, -1});
   const int64_t OC = dim(w, 0), KH = dim(w, 2), KW = dim(w, 3);
   if (KH < 1 || KW < 1) fail(fn, "w must have a kernel of at least 1x1");
   check_oc(fn, group, C, OC);
@@ -83,7 +83,8 @@ void forward(const std::string& fn, int64_t group, py::object x, py::object w, p
   const ftte::ConvGeom g = geom(fn, N, C, H, W, OC, KH, KW, stride, padding);
   float* yp = checked<float>(fn, "y", y, {N, OC, g.OH, g.OW}, true);
   disjoint(fn, "x", xp, N * C * H * W * 4, "y", yp, N * OC * g.OH * g.OW * 4);
-  disjoint(fn, "w", wp, OC * Cw * KH * KW * 4, "y", yp, N * OC * g.OH * g.OW * 4);
+  disjoint(fn, "w", ftte::weight_data(wp), OC * Cw * KH * KW * ftte::weight_elem_bytes(wp), "y", yp,
+           N * OC * g.OH * g.OW * 4);
   py::gil_scoped_release nogil;
   if (group == 0)
     ftte::depthwise_conv2d_forward(g, xp, wp, bp, yp);
@@ -92,8 +93,9 @@ void forward(const std::string& fn, int64_t group, py::object x, py::object w, p
 }
 
 void backward(const std::string& fn, int64_t group, py::object x, py::object w, py::object dy, py::object rows,
-              py::object dw, py::object db, py::object dx, py::object stride, py::object padding, bool accumulate) {
-  const float* wp = checked<float>(fn, "w", w, {-1, -1, -1, -1});
+              py::object dw, py::object db, py::object dx, py::object stride, py::object padding, bool accumulate,
+              py::object w_scale) {
+  const ftte::WeightView wp = ftte::checked_weight(fn, w, w_scale, {-1, -1, -1, -1});
   const int64_t OC = dim(w, 0), Cw = dim(w, 1), KH = dim(w, 2), KW = dim(w, 3);
   if (KH < 1 || KW < 1) fail(fn, "w must have a kernel of at least 1x1");
   if (group == 0 && Cw != 1) fail(fn, "w has shape with dimension 1 = " + std::to_string(Cw) + " but it must be 1");
@@ -133,7 +135,8 @@ void backward(const std::string& fn, int64_t group, py::object x, py::object w, 
   const int64_t ybytes = g.N * OC * g.OH * g.OW * 4;
   if (dxp) {
     disjoint(fn, "dy", dyp, ybytes, "dx", dxp, g.N * C * H * W * 4);
-    disjoint(fn, "w", wp, OC * Cw * KH * KW * 4, "dx", dxp, g.N * C * H * W * 4);
+    disjoint(fn, "w", ftte::weight_data(wp), OC * Cw * KH * KW * ftte::weight_elem_bytes(wp), "dx", dxp,
+             g.N * C * H * W * 4);
   }
   py::gil_scoped_release nogil;
   if (group == 0)
@@ -150,11 +153,10 @@ void register_depthwise(py::module_& m) {
 
   m.def(
       "depthwise_conv2d_forward",
-      [](py::object x, py::object w, py::object b, py::object y, py::object stride, py::object padding) {
-        forward("depthwise_conv2d_forward", 0, x, w, b, y, stride, padding);
-      },
+      [](py::object x, py::object w, py::object b, py::object y, py::object stride, py::object padding,
+         py::object w_scale) { forward("depthwise_conv2d_forward", 0, x, w, b, y, stride, padding, w_scale); },
       py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), py::arg("stride") = stride1,
-      py::arg("padding") = pad0,
+      py::arg("padding") = pad0, py::arg("w_scale") = py::none(),
       "y[N,C*M,OH,OW] = depthwise conv(x[N,C,H,W], w[C*M,1,KH,KW]) + b[C*M] (b may be None): output "
       "channel oc reads input channel oc // M (ONNX Conv with group=C). Direct kernel; at stride 1 it pads each "
       "plane into scratch (depthwise_conv2d_scratch_bytes).");
@@ -162,43 +164,45 @@ void register_depthwise(py::module_& m) {
   m.def(
       "depthwise_conv2d_backward",
       [](py::object x, py::object w, py::object dy, py::object rows, py::object dw, py::object db, py::object dx,
-         py::object stride, py::object padding, bool accumulate) {
-        backward("depthwise_conv2d_backward", 0, x, w, dy, rows, dw, db, dx, stride, padding, accumulate);
+         py::object stride, py::object padding, bool accumulate, py::object w_scale) {
+        backward("depthwise_conv2d_backward", 0, x, w, dy, rows, dw, db, dx, stride, padding, accumulate, w_scale);
       },
       py::arg("x"), py::arg("w"), py::arg("dy"), py::arg("rows"), py::arg("dw"), py::arg("db"), py::arg("dx"),
       py::arg("stride") = stride1, py::arg("padding") = pad0, py::arg("accumulate") = false,
+      py::arg("w_scale") = py::none(),
       "Gradients of depthwise_conv2d_forward. rows: int32 [R] output channels (None: all). dw[R,1,KH,KW], "
       "db[R] (None to skip; accumulate=True adds into them) and dx[N,C,H,W] (None to skip; overwritten).");
 
   m.def(
       "grouped_conv2d_forward",
       [](py::object x, py::object w, py::object b, py::object y, int64_t group, py::object stride,
-         py::object padding) {
+         py::object padding, py::object w_scale) {
         const std::string fn = "grouped_conv2d_forward";
         if (group < 1) fail(fn, "group must be >= 1");
-        forward(fn, group, x, w, b, y, stride, padding);
+        forward(fn, group, x, w, b, y, stride, padding, w_scale);
       },
       py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), py::arg("group"), py::arg("stride") = stride1,
-      py::arg("padding") = pad0,
+      py::arg("padding") = pad0, py::arg("w_scale") = py::none(),
       "y[N,OC,OH,OW] = grouped conv(x[N,C,H,W], w[OC,C/group,KH,KW]) + b[OC] (ONNX Conv with group); C "
       "and OC divisible by group. im2col + GEMM per image and group.");
 
   m.def(
       "grouped_conv2d_backward",
       [](py::object x, py::object w, py::object dy, py::object rows, py::object dw, py::object db, py::object dx,
-         int64_t group, py::object stride, py::object padding, bool accumulate) {
+         int64_t group, py::object stride, py::object padding, bool accumulate, py::object w_scale) {
         const std::string fn = "grouped_conv2d_backward";
         if (group < 1) fail(fn, "group must be >= 1");
-        backward(fn, group, x, w, dy, rows, dw, db, dx, stride, padding, accumulate);
+        backward(fn, group, x, w, dy, rows, dw, db, dx, stride, padding, accumulate, w_scale);
       },
       py::arg("x"), py::arg("w"), py::arg("dy"), py::arg("rows"), py::arg("dw"), py::arg("db"), py::arg("dx"),
       py::arg("group"), py::arg("stride") = stride1, py::arg("padding") = pad0, py::arg("accumulate") = false,
+      py::arg("w_scale") = py::none(),
       "Gradients of grouped_conv2d_forward. rows: int32 [R] output channels (None: all). dw[R,C/group,KH,KW], "
       "db[R] (None to skip; accumulate=True adds into them) and dx[N,C,H,W] (None to skip; overwritten).");
   m.def(
       "grouped_conv2d_scratch_bytes",
       [](py::object x_shape, py::object w_shape, int64_t group, py::object stride, py::object padding, bool backward,
-         py::object rows, bool dw, bool db, bool dx, int threads) {
+         py::object rows, bool dw, bool db, bool dx, int threads, bool int8_weight) {
         const std::string fn = "grouped_conv2d_scratch_bytes";
         const auto xs = int_tuple<4>(fn, "x_shape", x_shape);
         const auto ws = int_tuple<4>(fn, "w_shape", w_shape);
@@ -219,11 +223,11 @@ void register_depthwise(py::module_& m) {
           R = static_cast<int64_t>(sel.size());
         }
         return ftte::grouped_conv2d_scratch_bytes(g, group, backward, rp, R, dw, db, dx,
-                                                  threads > 0 ? threads : ftte::get_num_threads());
+                                                  threads > 0 ? threads : ftte::get_num_threads(), int8_weight);
       },
       py::arg("x_shape"), py::arg("w_shape"), py::arg("group"), py::arg("stride") = stride1,
       py::arg("padding") = pad0, py::arg("backward") = false, py::arg("rows") = py::none(), py::arg("dw") = true,
-      py::arg("db") = true, py::arg("dx") = true, py::arg("threads") = 0,
+      py::arg("db") = true, py::arg("dx") = true, py::arg("threads") = 0, py::arg("int8_weight") = false,
       "Most bytes of scratch grouped_conv2d_forward or, with backward=True, grouped_conv2d_backward holds "
       "(im2col columns, GEMM packing, regrouped dW/db sums when rows are out of group order) with `threads` "
       "threads (0: the current setting); exact on one thread. The depthwise kernels: "

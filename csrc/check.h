@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "gemm.h"
+
 namespace ftte {
 namespace py = pybind11;
 
@@ -90,6 +92,30 @@ inline std::array<int64_t, n> int_tuple(const std::string& fn, const char* name,
 }
 
 inline int64_t dim(const py::handle& obj, int i) { return py::reinterpret_borrow<py::array>(obj).shape(i); }
+
+// A layer weight `w` of shape `dims`: float32 (w_scale None), or int8 with w_scale float32
+// [w.shape[0]], one scale per output row (value = q * scale).
+inline WeightView checked_weight(const std::string& fn, const py::handle& w, const py::handle& w_scale,
+                                 std::initializer_list<int64_t> dims) {
+  if (py::isinstance<py::array>(w) && py::reinterpret_borrow<py::array>(w).dtype().is(py::dtype::of<int8_t>())) {
+    const int8_t* q = checked<int8_t>(fn, "w", w, dims);
+    if (w_scale.is_none()) fail(fn, "w is int8, so w_scale (float32, one per output row) is required");
+    return WeightView(q, checked<float>(fn, "w_scale", w_scale, {dim(w, 0)}));
+  }
+  if (!w_scale.is_none()) {
+    const std::string got = py::isinstance<py::array>(w)
+                                ? std::string(py::str(py::reinterpret_borrow<py::array>(w).dtype()))
+                                : std::string("not a numpy array");
+    fail(fn, "w must have dtype int8 when w_scale is given, got " + got);
+  }
+  return WeightView(checked<float>(fn, "w", w, dims));
+}
+
+// Where a checked weight's values start and how many bytes they span (for overlap checks).
+inline const void* weight_data(const WeightView& w) {
+  return w.quantized() ? static_cast<const void*>(w.q) : static_cast<const void*>(w.f);
+}
+inline int64_t weight_elem_bytes(const WeightView& w) { return w.quantized() ? 1 : 4; }
 
 // Output rows selection: None means all `n` rows. Checks range and uniqueness is the caller's
 // business only where it matters (gradients written to distinct slots need no uniqueness).

@@ -192,7 +192,7 @@ int64_t live_tasks(int64_t n_tasks, int threads) {
 
 }  // namespace
 
-void conv2d_forward(const ConvGeom& g, const float* x, const float* w, const float* b, float* y) {
+void conv2d_forward(const ConvGeom& g, const float* x, const WeightView& w, const float* b, float* y) {
   const int64_t K = g.C * g.KH * g.KW, P = g.OH * g.OW, T = tile_width(g);
   const bool direct = pointwise(g);
   for_each_image(g.N, 2.0 * g.N * g.OC * P * K, [&](int64_t n) {
@@ -204,7 +204,7 @@ void conv2d_forward(const ConvGeom& g, const float* x, const float* w, const flo
     for (int64_t p0 = 0; p0 < P; p0 += T) {
       const int64_t t = std::min(T, P - p0);
       if (!direct) im2col(g, xn, p0, p0 + t, cols.data());
-      sgemm(g.OC, t, K, 1.f, GemmOperand{w, K}, direct ? GemmOperand{xn, P} : GemmOperand{cols.data(), t}, 0.f,
+      sgemm(g.OC, t, K, 1.f, w.operand(K), direct ? GemmOperand{xn, P} : GemmOperand{cols.data(), t}, 0.f,
             yn + p0, P);
     }
     if (b)
@@ -216,7 +216,7 @@ void conv2d_forward(const ConvGeom& g, const float* x, const float* w, const flo
   });
 }
 
-void conv2d_backward(const ConvGeom& g, const float* x, const float* w, const float* dy, const int32_t* rows,
+void conv2d_backward(const ConvGeom& g, const float* x, const WeightView& w, const float* dy, const int32_t* rows,
                      int64_t R, float* dw, float* db, float* dx, bool accumulate) {
   const int64_t K = g.C * g.KH * g.KW, P = g.OH * g.OW;
   const bool direct = pointwise(g);
@@ -277,9 +277,9 @@ void conv2d_backward(const ConvGeom& g, const float* x, const float* w, const fl
         }
         if (dx) {  // every output channel contributes
           if (direct) {
-            sgemm(K, P, g.OC, 1.f, GemmOperand{w, K, true}, GemmOperand{dyn, P}, 0.f, dxn, P);
+            sgemm(K, P, g.OC, 1.f, w.operand(K, true), GemmOperand{dyn, P}, 0.f, dxn, P);
           } else {
-            sgemm(K, t, g.OC, 1.f, GemmOperand{w, K, true}, GemmOperand{dyn + p0, P}, 0.f, cols.data(), t);
+            sgemm(K, t, g.OC, 1.f, w.operand(K, true), GemmOperand{dyn + p0, P}, 0.f, cols.data(), t);
             col2im(g, cols.data(), p0, p0 + t, dxn, p0 == 0);
           }
         }
@@ -311,7 +311,8 @@ void conv2d_backward(const ConvGeom& g, const float* x, const float* w, const fl
   }
 }
 
-size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool want_dw, bool want_dx, int threads) {
+size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool want_dw, bool want_dx, int threads,
+                            bool int8_weight) {
   const int64_t K = g.C * g.KH * g.KW, P = g.OH * g.OW, T = tile_width(g);
   const int64_t cols = pointwise(g) ? 0 : K * T;
   threads = std::max(threads, 1);
@@ -321,10 +322,15 @@ size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool wa
   const int64_t widths[2] = {T, last};
   // Each live task holds its columns and the packing panels of its own GEMM calls.
   const float* any = nullptr;
+  // Only whether the weight operand is int8 matters for sizing, never its values.
+  static const int8_t any_q[1] = {0};
+  const GemmOperand wq{any, K, false, nullptr, int8_weight ? any_q : nullptr, nullptr};
+  GemmOperand wq_t = wq;
+  wq_t.trans = true;
   if (!backward) {
     size_t pack = 0;
     for (int64_t t : widths)
-      pack = std::max(pack, sgemm_scratch_bytes(g.OC, t, K, GemmOperand{any, K}, GemmOperand{any, t}));
+      pack = std::max(pack, sgemm_scratch_bytes(g.OC, t, K, wq, GemmOperand{any, t}));
     return (static_cast<size_t>(cols) * sizeof(float) + pack) * static_cast<size_t>(live_tasks(g.N, threads));
   }
   if (R == 0) want_dw = false;
@@ -338,8 +344,7 @@ size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool wa
       pack = std::max(pack, sgemm_scratch_bytes(R, K, t, GemmOperand{any, P, false, R < g.OC ? some_rows : nullptr},
                                                 GemmOperand{any, t, true}));
     if (want_dx)
-      pack = std::max(pack, sgemm_scratch_bytes(K, pointwise(g) ? P : t, g.OC, GemmOperand{any, K, true},
-                                                GemmOperand{any, P}));
+      pack = std::max(pack, sgemm_scratch_bytes(K, pointwise(g) ? P : t, g.OC, wq_t, GemmOperand{any, P}));
   }
   return static_cast<size_t>(partials) * sizeof(float) +
          (static_cast<size_t>(cols) * sizeof(float) + pack) * static_cast<size_t>(live_tasks(chunks, threads));

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "gemm.h"
 #include "optim.h"
 
 namespace ftte {
@@ -24,21 +25,23 @@ struct ConvGeom {
   int64_t OH, OW;      // output
 };
 
-// y[N,OC,OH,OW] = conv(x, w) + b   (b may be null)
-void conv2d_forward(const ConvGeom& g, const float* x, const float* w, const float* b, float* y);
+// y[N,OC,OH,OW] = conv(x, w) + b   (b may be null; w float32, or int8 with a scale per output channel)
+void conv2d_forward(const ConvGeom& g, const float* x, const WeightView& w, const float* b, float* y);
 
 // Gradients for output channels rows[0..R) (rows == null: all OC, R == OC):
 //   dw[R,C,KH,KW], db[R] (each may be null; += when accumulate), and
 //   dx[N,C,H,W] (may be null; overwritten; every output channel contributes).
 // x may be null when dw is.
-void conv2d_backward(const ConvGeom& g, const float* x, const float* w, const float* dy, const int32_t* rows,
+void conv2d_backward(const ConvGeom& g, const float* x, const WeightView& w, const float* dy, const int32_t* rows,
                      int64_t R, float* dw, float* db, float* dx, bool accumulate);
 
 // Bytes of scratch conv2d_forward (backward == false) or conv2d_backward hold at most, with
 // `threads` threads: im2col column tiles (at most 256 KiB per image in flight, see
 // kTileBytes in conv2d.cpp), dW partial sums and sgemm's own packing panels. Exact at one
 // thread, an upper bound on more. Mirrors the kernels' own choices, for the memory cost model.
-size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool want_dw, bool want_dx, int threads);
+// int8_weight: the weight is int8 (its GEMM operand is packed, never read in place).
+size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool want_dw, bool want_dx, int threads,
+                            bool int8_weight = false);
 
 // One training step's backward and SGD update of the layer, with no gradient buffer (as
 // dense_backward_sgd): dx (may be null) from the weights before the update; the whole bias b[OC]

@@ -9,9 +9,9 @@
 
 namespace ftte {
 
-void dense_forward(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t I, int64_t O) {
+void dense_forward(const float* x, const WeightView& w, const float* b, float* y, int64_t N, int64_t I, int64_t O) {
   // y = x @ w^T: B = w read transposed, so W keeps its natural [O,I] layout.
-  sgemm(N, O, I, 1.f, GemmOperand{x, I}, GemmOperand{w, I, true}, 0.f, y, O);
+  sgemm(N, O, I, 1.f, GemmOperand{x, I}, w.operand(I, true), 0.f, y, O);
   if (b) {
     for (int64_t n = 0; n < N; ++n) {
       float* yr = y + n * O;
@@ -37,7 +37,7 @@ void bias_gradient(const float* dy, int64_t N, int64_t O, const int32_t* rows, i
 
 }  // namespace
 
-void dense_backward(const float* x, const float* w, const float* dy, int64_t N, int64_t I, int64_t O,
+void dense_backward(const float* x, const WeightView& w, const float* dy, int64_t N, int64_t I, int64_t O,
                     const int32_t* rows, int64_t R, float* dw, float* db, float* dx, bool accumulate) {
   const float beta = accumulate ? 1.f : 0.f;
   // dw[r, :] = sum_n dy[n, rows[r]] * x[n, :]  ==  op(A) = dy^T with rows gathered, B = x.
@@ -48,7 +48,7 @@ void dense_backward(const float* x, const float* w, const float* dy, int64_t N, 
     for (int64_t r = 0; r < R; ++r) db[r] = accumulate ? db[r] + acc[r] : acc[r];
   }
   // dx = dy @ w: every output feeds dx, whatever rows train.
-  if (dx) sgemm(N, I, O, 1.f, GemmOperand{dy, O}, GemmOperand{w, I}, 0.f, dx, I);
+  if (dx) sgemm(N, I, O, 1.f, GemmOperand{dy, O}, w.operand(I), 0.f, dx, I);
 }
 
 void dense_backward_sgd(const float* x, float* w, float* b, const float* dy, int64_t N, int64_t I, int64_t O,

@@ -4,16 +4,17 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "gemm.h"
 #include "optim.h"
 
 namespace ftte {
 
-// x[N,I], w[O,I], b[O] or nullptr, y[N,O].
-void dense_forward(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t I, int64_t O);
+// x[N,I], w[O,I] (float32, or int8 with a scale per row), b[O] or nullptr, y[N,O].
+void dense_forward(const float* x, const WeightView& w, const float* b, float* y, int64_t N, int64_t I, int64_t O);
 
 // dy[N,O]. rows[R] selects output rows (nullptr: identity, caller passes R == O). dw[R,I], db[R], dx[N,I]; any may
-// be nullptr. accumulate adds into dw/db; dx is always overwritten with dy @ w (all rows).
-void dense_backward(const float* x, const float* w, const float* dy, int64_t N, int64_t I, int64_t O,
+// be nullptr. accumulate adds into dw/db; dx is always overwritten with dy @ w (all rows; w is only read for dx).
+void dense_backward(const float* x, const WeightView& w, const float* dy, int64_t N, int64_t I, int64_t O,
                     const int32_t* rows, int64_t R, float* dw, float* db, float* dx, bool accumulate);
 
 // One training step's backward and SGD update of a dense layer, with no gradient buffer: dx[N,I]

@@ -16,6 +16,32 @@ namespace ftte {
 
 namespace {
 
+// One depthwise channel's KH*KW taps as floats: the weight itself when float32, else dequantised
+// here (on the stack up to 7x7, on the heap beyond: no layer in the zoo has larger taps).
+class Taps {
+ public:
+  Taps(const WeightView& w, int64_t oc, int64_t KK) {
+    if (!w.quantized()) {
+      p_ = w.f + oc * KK;
+      return;
+    }
+    float* dst = KK <= kSmall ? small_ : (big_.resize(static_cast<size_t>(KK)), big_.data());
+    const int8_t* q = w.q + oc * KK;
+    const float s = w.scale[oc];
+    for (int64_t k = 0; k < KK; ++k) dst[k] = static_cast<float>(q[k]) * s;
+    p_ = dst;
+  }
+  Taps(const Taps&) = delete;  // p_ may point into small_
+  const float* get() const { return p_; }
+
+ private:
+  static constexpr int64_t kSmall = 49;
+  float small_[kSmall];
+  std::vector<float> big_;
+  const float* p_;
+};
+
+
 // Output columns [lo, hi) whose input column ow*sw - pl + j lies inside [0, W) (as in conv2d.cpp).
 inline void cols_in_range(const ConvGeom& g, int64_t j, int64_t& lo, int64_t& hi) {
   int64_t off = g.pl - j;  // iw = ow*sw - off
@@ -174,7 +200,7 @@ void forward_flat(const ConvGeom& g, const float* xp, const float* k, float bias
 
 }  // namespace
 
-void depthwise_conv2d_forward(const ConvGeom& g, const float* x, const float* w, const float* b, float* y) {
+void depthwise_conv2d_forward(const ConvGeom& g, const float* x, const WeightView& w, const float* b, float* y) {
   const int64_t M = g.C > 0 ? g.OC / g.C : 0, P = g.OH * g.OW, KK = g.KH * g.KW;
   parallel_for(
       g.N * g.OC,
@@ -182,16 +208,16 @@ void depthwise_conv2d_forward(const ConvGeom& g, const float* x, const float* w,
         const int64_t n = t / g.OC, oc = t % g.OC, c = oc / M;
         float* yp = y + t * P;
         if (flat_path(g)) {
-          forward_flat(g, x + (n * g.C + c) * g.H * g.W, w + oc * KK, b ? b[oc] : 0.f, yp);
+          forward_flat(g, x + (n * g.C + c) * g.H * g.W, Taps(w, oc, KK).get(), b ? b[oc] : 0.f, yp);
           return;
         }
         std::fill(yp, yp + P, b ? b[oc] : 0.f);
-        plane_forward(g, x + (n * g.C + c) * g.H * g.W, w + oc * KK, yp);
+        plane_forward(g, x + (n * g.C + c) * g.H * g.W, Taps(w, oc, KK).get(), yp);
       },
       2.0 * g.N * g.OC * P * KK);
 }
 
-void depthwise_conv2d_backward(const ConvGeom& g, const float* x, const float* w, const float* dy,
+void depthwise_conv2d_backward(const ConvGeom& g, const float* x, const WeightView& w, const float* dy,
                                const int32_t* rows, int64_t R, float* dw, float* db, float* dx, bool accumulate) {
   const int64_t M = g.C > 0 ? g.OC / g.C : 0, P = g.OH * g.OW, KK = g.KH * g.KW, HW = g.H * g.W;
   if (R == 0) dw = db = nullptr;
@@ -249,9 +275,10 @@ void depthwise_conv2d_backward(const ConvGeom& g, const float* x, const float* w
             for (int64_t m = 0; m < M; ++m) {
               const int64_t oc = c * M + m;
               spread_plane(g, f, dy + (n * g.OC + oc) * P, ext);
+              const Taps taps(w, oc, KK);
               for (int64_t i = 0; i < g.KH; ++i)
                 for (int64_t j = 0; j < g.KW; ++j) {
-                  const float wv = w[oc * KK + i * g.KW + j];
+                  const float wv = taps.get()[i * g.KW + j];
                   float* dst = dxpad + i * f.Wp + j;
 #pragma GCC ivdep
                   for (int64_t q = 0; q < f.Q; ++q) dst[q] += wv * ext[q];
@@ -264,7 +291,7 @@ void depthwise_conv2d_backward(const ConvGeom& g, const float* x, const float* w
           std::fill(dxp, dxp + HW, 0.f);
           for (int64_t m = 0; m < M; ++m) {
             const int64_t oc = c * M + m;
-            plane_backward_dx(g, dy + (n * g.OC + oc) * P, w + oc * KK, dxp);
+            plane_backward_dx(g, dy + (n * g.OC + oc) * P, Taps(w, oc, KK).get(), dxp);
           }
         },
         2.0 * g.N * g.OC * P * KK);
@@ -283,7 +310,7 @@ ConvGeom group_geom(const ConvGeom& g, int64_t group) {
 
 }  // namespace
 
-void grouped_conv2d_forward(const ConvGeom& g, int64_t group, const float* x, const float* w, const float* b,
+void grouped_conv2d_forward(const ConvGeom& g, int64_t group, const float* x, const WeightView& w, const float* b,
                             float* y) {
   const ConvGeom s = group_geom(g, group);
   const int64_t P = g.OH * g.OW, HW = g.H * g.W, Kw = s.C * g.KH * g.KW;
@@ -292,13 +319,13 @@ void grouped_conv2d_forward(const ConvGeom& g, int64_t group, const float* x, co
       g.N * group,
       [&](int64_t t) {
         const int64_t n = t / group, k = t % group;
-        conv2d_forward(s, x + (n * g.C + k * s.C) * HW, w + k * s.OC * Kw, b ? b + k * s.OC : nullptr,
+        conv2d_forward(s, x + (n * g.C + k * s.C) * HW, w.from_row(k * s.OC, Kw), b ? b + k * s.OC : nullptr,
                        y + (n * g.OC + k * s.OC) * P);
       },
       2.0 * g.N * g.OC * P * Kw);
 }
 
-void grouped_conv2d_backward(const ConvGeom& g, int64_t group, const float* x, const float* w, const float* dy,
+void grouped_conv2d_backward(const ConvGeom& g, int64_t group, const float* x, const WeightView& w, const float* dy,
                              const int32_t* rows, int64_t R, float* dw, float* db, float* dx, bool accumulate) {
   const ConvGeom s = group_geom(g, group);
   const int64_t P = g.OH * g.OW, HW = g.H * g.W, Kw = s.C * g.KH * g.KW;
@@ -340,7 +367,7 @@ void grouped_conv2d_backward(const ConvGeom& g, int64_t group, const float* x, c
         }
         if (!dwk && !dbk && !dx) return;
         for (int64_t n = 0; n < g.N; ++n)
-          conv2d_backward(s, x ? x + (n * g.C + k * s.C) * HW : nullptr, w + k * s.OC * Kw,
+          conv2d_backward(s, x ? x + (n * g.C + k * s.C) * HW : nullptr, w.from_row(k * s.OC, Kw),
                           dy + (n * g.OC + k * s.OC) * P, local[k].data(), Rk, dwk, dbk,
                           dx ? dx + (n * g.C + k * s.C) * HW : nullptr, n > 0 || add_first);
       },
@@ -360,12 +387,12 @@ void grouped_conv2d_backward(const ConvGeom& g, int64_t group, const float* x, c
 }
 
 size_t grouped_conv2d_scratch_bytes(const ConvGeom& g, int64_t group, bool backward, const int32_t* rows, int64_t R,
-                                    bool want_dw, bool want_db, bool want_dx, int threads) {
+                                    bool want_dw, bool want_db, bool want_dx, int threads, bool int8_weight) {
   const ConvGeom s = group_geom(g, group);
   const int64_t Kw = s.C * g.KH * g.KW;
   threads = std::max(threads, 1);
   if (!backward)
-    return conv2d_scratch_bytes(s, false, s.OC, false, false, 1) *
+    return conv2d_scratch_bytes(s, false, s.OC, false, false, 1, int8_weight) *
            static_cast<size_t>(std::min<int64_t>(threads, g.N * group));
   if (R == 0) want_dw = want_db = false;
   // Rows per group, and whether they fill consecutive slots (as in grouped_conv2d_backward).
@@ -382,7 +409,7 @@ size_t grouped_conv2d_scratch_bytes(const ConvGeom& g, int64_t group, bool backw
   for (int64_t k = 0; k < group; ++k) {
     if (!direct[k]) Rs += count[k];
     if (g.N > 0)
-      task = std::max(task, conv2d_scratch_bytes(s, true, count[k], want_dw && count[k] > 0, want_dx, 1));
+      task = std::max(task, conv2d_scratch_bytes(s, true, count[k], want_dw && count[k] > 0, want_dx, 1, int8_weight));
   }
   const size_t sums = static_cast<size_t>((want_dw ? Rs * Kw : 0) + (want_db ? Rs : 0)) * sizeof(float);
   return sums + task * static_cast<size_t>(std::min<int64_t>(threads, group));

@@ -151,7 +151,7 @@ bool use_dot_path(int64_t M, int64_t K, const GemmOperand& A, const GemmOperand&
     const char* e = std::getenv("FTTE_GEMM_DOT");
     return !(e && std::strcmp(e, "0") == 0);
   }();
-  return enabled && !A.trans && B.trans && M <= 64 && K >= 128;
+  return enabled && !A.trans && B.trans && M <= 64 && K >= 128 && !A.q;  // an int8 B: see sgemm_dot
 }
 
 typedef int v4si __attribute__((vector_size(16)));
@@ -191,10 +191,58 @@ inline void transpose_rows(const float* const* src, int64_t kc, float* dst) {
     for (int r = 0; r < R; ++r) dst[k * LD + r] = src[r][k];
 }
 
+// ---- int8 operands: dequantised while packing (value = q * scale of its source row) ----------
+
+// dst[k] = q[k] * scale for k < n: a contiguous run of one source row, vectorised.
+inline void dequant_run(const int8_t* q, float scale, int64_t n, float* dst) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<float>(q[k]) * scale;
+}
+
+// The transposing pack (pack_a plain, pack_b transposed) from an int8 source: each of the R
+// source rows' kc entries is dequantised into a stack tile first (kc <= kKC, so at most
+// 16 x 256 floats), then the float transpose runs as for a float source.
+template <int R, int LD>
+void pack_rows_q(const GemmOperand& X, const int64_t* src_rows, int64_t p0, int64_t kc, float* dst) {
+  float tile[R * kKC];
+  const float* rows[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t s = src_rows[r];
+    dequant_run(X.q + s * X.ld + p0, X.q_scale[s], kc, tile + r * kc);
+    rows[r] = tile + r * kc;
+  }
+  transpose_rows<R, LD>(rows, kc, dst);
+}
+
+// The copying pack (pack_a transposed, pack_b plain) from an int8 source: panel row k is
+// source row p0 + k, columns col(0..W), padded with zeros to W = MR or NR.
+template <int W>
+void pack_cols_q(const GemmOperand& X, int64_t c0, int64_t cols, int64_t p0, int64_t kc, float* dst) {
+  for (int64_t k = 0; k < kc; ++k) {
+    const int8_t* s = X.q + (p0 + k) * X.ld;
+    const float sc = X.q_scale[p0 + k];
+    float* d = dst + k * W;
+    if (cols == W && !X.index) {
+      dequant_run(s + c0, sc, W, d);
+    } else {
+      for (int64_t jj = 0; jj < W; ++jj)
+        d[jj] = jj < cols ? static_cast<float>(s[X.index ? X.index[c0 + jj] : c0 + jj]) * sc : 0.f;
+    }
+  }
+}
+
 // Ap[k*MR + ii] = op(A)(i0 + ii, p0 + k). Padding rows (ii >= rows) hold zeros or copies of a
 // real row: only their values being finite matters, since the micro-kernel never stores them.
 template <int MR>
 void pack_a(const GemmOperand& A, int64_t i0, int64_t rows, int64_t p0, int64_t kc, float* dst) {
+  if (A.q) {
+    if (A.trans) return pack_cols_q<MR>(A, i0, rows, p0, kc, dst);
+    int64_t src[MR];
+    for (int64_t ii = 0; ii < MR; ++ii) {
+      const int64_t i = i0 + std::min<int64_t>(ii, rows - 1);
+      src[ii] = A.index ? A.index[i] : i;
+    }
+    return pack_rows_q<MR, MR>(A, src, p0, kc, dst);
+  }
   if (!A.trans) {
     // Padding rows repeat the last real row: the micro-kernel never stores rows >= m, so their
     // values only need to be ordinary floats, and the fast transpose then serves edges too.
@@ -223,6 +271,15 @@ void pack_a(const GemmOperand& A, int64_t i0, int64_t rows, int64_t p0, int64_t 
 // Bp[k*NR + jj] = op(B)(p0 + k, j0 + jj). Padding columns as for pack_a.
 template <int NR>
 void pack_b(const GemmOperand& B, int64_t j0, int64_t cols, int64_t p0, int64_t kc, float* dst) {
+  if (B.q) {
+    if (!B.trans) return pack_cols_q<NR>(B, j0, cols, p0, kc, dst);
+    int64_t src[NR];
+    for (int64_t jj = 0; jj < NR; ++jj) {
+      const int64_t j = j0 + std::min<int64_t>(jj, cols - 1);
+      src[jj] = B.index ? B.index[j] : j;
+    }
+    return pack_rows_q<NR, NR>(B, src, p0, kc, dst);
+  }
   if (!B.trans) {
     for (int64_t k = 0; k < kc; ++k) {
       const float* s = B.data + (p0 + k) * B.ld;
@@ -273,8 +330,8 @@ BlockedPlan blocked_plan(int MR, int NR, int64_t M, int64_t N, int64_t K, const 
   const int64_t n_kb = ceil_div(K, kKC);
   p.KC = ceil_div(K, n_kb);
   const int64_t mc_max = std::min(M, p.MC), nc_max = std::min(N, p.NC);
-  p.direct_b = !B.trans && !B.index && M <= kDirectMaxOther;
-  p.direct_a = A.trans && !A.index && N <= kDirectMaxOther;
+  p.direct_b = !B.trans && !B.index && !B.q && M <= kDirectMaxOther;  // int8 is never read in place
+  p.direct_a = A.trans && !A.index && !A.q && N <= kDirectMaxOther;
   // An operand read in place needs a packed copy only of its one partial edge panel (slot 0).
   p.a_elems = static_cast<size_t>((p.direct_a ? 1 : ceil_div(mc_max, MR)) * MR * p.KC);
   p.b_elems = static_cast<size_t>((p.direct_b ? 1 : ceil_div(nc_max, NR)) * NR * p.KC);
@@ -349,6 +406,10 @@ void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float a
 
 // C = A B^T by dot products (no packing): for the small-batch dense forward the packed path
 // spends much of its time transposing W into panels that are used only a few times.
+// An int8 B (the forward of an int8 layer) is read kKC entries of K at a time: its kDotNR rows'
+// chunk is dequantised into a stack tile (4 x 256 floats), later chunks adding onto C, so
+// nothing goes to counted workspace and W is dequantised once per call, not per row block of x.
+// A float B is one chunk of all of K, its rows read in place.
 typedef void (*DotBlock)(int64_t, const float* const*, const float* const*, float*, int64_t, float, float, int, int);
 
 template <DotBlock block>
@@ -356,26 +417,41 @@ void sgemm_dot(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& 
                float beta, float* C, int64_t ldc) {
   constexpr int64_t kTaskRows = 8 * kDotMR, kTaskCols = 16 * kDotNR;
   const int64_t tr = ceil_div(M, kTaskRows), tc = ceil_div(N, kTaskCols);
+  const int64_t chunk = B.q ? kKC : K;
   parallel_for(
       tr * tc,
       [&](int64_t t) {
         const int64_t r0 = (t / tc) * kTaskRows, c0 = (t % tc) * kTaskCols;
         const int64_t r1 = std::min(M, r0 + kTaskRows), c1 = std::min(N, c0 + kTaskCols);
+        float tile[kDotNR * kKC];  // int8 B only
         for (int64_t j = c0; j < c1; j += kDotNR) {
           const int n = static_cast<int>(std::min<int64_t>(kDotNR, c1 - j));
-          const float* b[kDotNR];
+          int64_t src[kDotNR];
           for (int jj = 0; jj < kDotNR; ++jj) {
             const int64_t c = j + std::min(jj, n - 1);  // padding repeats a real row, never stored
-            b[jj] = B.data + (B.index ? B.index[c] : c) * B.ld;
+            src[jj] = B.index ? B.index[c] : c;
           }
-          for (int64_t i = r0; i < r1; i += kDotMR) {
-            const int m = static_cast<int>(std::min<int64_t>(kDotMR, r1 - i));
-            const float* a[kDotMR];
-            for (int ii = 0; ii < kDotMR; ++ii) {
-              const int64_t r = i + std::min(ii, m - 1);
-              a[ii] = A.data + (A.index ? A.index[r] : r) * A.ld;
+          for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+            const int64_t kc = std::min(chunk, K - k0);
+            const float* b[kDotNR];
+            for (int jj = 0; jj < kDotNR; ++jj) {
+              if (B.q) {
+                dequant_run(B.q + src[jj] * B.ld + k0, B.q_scale[src[jj]], kc, tile + jj * kc);
+                b[jj] = tile + jj * kc;
+              } else {
+                b[jj] = B.data + src[jj] * B.ld + k0;
+              }
             }
-            block(K, a, b, C + i * ldc + j, ldc, alpha, beta, m, n);
+            const float beta_k = k0 == 0 ? beta : 1.f;
+            for (int64_t i = r0; i < r1; i += kDotMR) {
+              const int m = static_cast<int>(std::min<int64_t>(kDotMR, r1 - i));
+              const float* a[kDotMR];
+              for (int ii = 0; ii < kDotMR; ++ii) {
+                const int64_t r = i + std::min(ii, m - 1);
+                a[ii] = A.data + (A.index ? A.index[r] : r) * A.ld + k0;
+              }
+              block(kc, a, b, C + i * ldc + j, ldc, alpha, beta_k, m, n);
+            }
           }
         }
       },

@@ -8,6 +8,13 @@
 // row-or-column index[i] wherever the formula above says i (likewise j for B). That is how a
 // backward pass reads only the selected output rows without copying them first.
 //
+// An int8 operand (`q` set, `data` unused): element (r, c) of the source matrix is
+// q[r*ld + c] * q_scale[r] -- a weight stored as int8 with a float32 scale per source row (per
+// output unit). It is dequantised while being packed into panels, never copied whole; such an
+// operand is never read in place; as B of the dot path its rows are dequantised a K chunk at a
+// time into a stack tile (no counted scratch), else its scratch is the packing panels
+// (sgemm_scratch_bytes with the same operand says how much).
+//
 // Work is split over tiles of C only (never over K), so results are identical for any thread
 // count. beta == 0 ignores C's old contents (NaN in C does not propagate).
 #pragma once
@@ -21,6 +28,27 @@ struct GemmOperand {
   int64_t ld;
   bool trans = false;
   const int32_t* index = nullptr;
+  const int8_t* q = nullptr;        // int8 source instead of `data` (see above)
+  const float* q_scale = nullptr;  // one scale per source row, with q
+};
+
+// A layer's weight matrix [rows, row_len] as the kernels take it: float32, or int8 with one
+// float32 scale per row (symmetric: value = q * scale). A float pointer converts implicitly.
+struct WeightView {
+  const float* f = nullptr;
+  const int8_t* q = nullptr;
+  const float* scale = nullptr;
+  WeightView() = default;
+  WeightView(const float* p) : f(p) {}  // NOLINT: implicit on purpose, float callers stay as they are
+  WeightView(const int8_t* qp, const float* s) : q(qp), scale(s) {}
+  bool quantized() const { return q != nullptr; }
+  bool empty() const { return !f && !q; }
+  // Rows [first, ...) of a matrix whose rows hold row_len elements.
+  WeightView from_row(int64_t first, int64_t row_len) const {
+    return quantized() ? WeightView(q + first * row_len, scale + first) : WeightView(f ? f + first * row_len : f);
+  }
+  // The operand reading this matrix with leading dimension ld (= row_len).
+  GemmOperand operand(int64_t ld, bool trans = false) const { return GemmOperand{f, ld, trans, nullptr, q, scale}; }
 };
 
 void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, const GemmOperand& B, float beta,

@@ -1279,3 +1279,72 @@ def test_a_model_whose_weights_alone_exceed_the_budget_is_refused_on_arrival(fle
     assert re.fullmatch(r"MODEL: the model's weights alone are \d+(\.\d)? MiB; the budget is 4 MiB \(--memory-budget\)",
                         reason), reason
     assert not list((tmp_path / "state" / "models").iterdir())  # not cached
+
+
+@pytest.mark.slow
+def test_downlink_frames_reconstruct_the_hubs_canonical_values(fleet, tmp_path):
+    """A real agent resolves downlink frames to exactly the hub's canonical values (it says so by
+    checksum on the next connection), refuses a delta from a base it does not hold with
+    TASK_FAILED downlink=resync, and recovers from a snapshot."""
+    from ftte_core import downlink as DL
+
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state")
+    model, subset = make_model()
+    stream = DL.DownlinkStream(subset_values(model, subset), "hub-stream")
+    rng = np.random.default_rng(0)
+    true = subset_values(model, subset)
+
+    def next_version(v):
+        for k in true:
+            true[k] = (true[k] + 0.01 * rng.standard_normal(true[k].shape)).astype(np.float32)
+        stream.publish(v, true)
+
+    async def task(ch, tid, v, held):
+        frame = stream.frame_for(held, v)
+        await ch.send(M.TASK, M.encode_task(task_message(model, subset, tid, version=v, values={}),
+                                            downlink_blob=DL.encode_frame(frame)))
+        t, body = await recv_skip_pings(ch)
+        return frame, t, body
+
+    async def go():
+        ch, info = await hello(a.port, fleet["key"])
+        assert info["downlink"] == {"format": 1}             # holds nothing yet
+        await ch.send(M.MODEL, model_to_bytes(model))
+        next_version(0)
+        frame, t, body = await task(ch, "d0", 0, DL.ORIGIN)  # from the model file's values
+        assert frame.kind == "delta" and t == M.UPDATE, (M.name(t), bytes(body)[:200])
+        upd = Update.from_bytes(body)
+        assert upd.base_version == 0
+        await ack(ch, "d0")
+        next_version(3)
+        frame, t, body = await task(ch, "d1", 3, 0)           # a chain of one step from version 0
+        assert frame.kind == "delta" and [v for v, _ in frame.steps] == [3] and t == M.UPDATE
+        await ack(ch, "d1")
+        await ch.close()
+        ch, info = await hello(a.port, fleet["key"])          # it names what it holds: the hub's canonical v3
+        assert info["downlink"] == {"format": 1, "stream": "hub-stream", "version": 3, "checksum": stream.checksum}
+        next_version(4)
+        frame, t, body = await task(ch, "d2", 4, 3)
+        assert t == M.UPDATE
+        await ack(ch, "d2")
+        next_version(5)
+        wrong = stream.frame_for(4, 5)
+        wrong.base, wrong.base_checksum = 2, stream.checksum_of(4)   # a base it does not hold
+        await ch.send(M.TASK, M.encode_task(task_message(model, subset, "d3", version=5, values={}),
+                                            downlink_blob=DL.encode_frame(wrong)))
+        t, body = await recv_skip_pings(ch)
+        failed = M.decode_json(body, t)
+        assert t == M.TASK_FAILED and failed["downlink"] == "resync" and "holds version 4" in failed["message"]
+        frame, t, body = await task(ch, "d4", 5, None)        # the fallback: a snapshot
+        assert frame.kind == "snapshot" and t == M.UPDATE
+        await ack(ch, "d4")
+        await ch.close()
+        ch, info = await hello(a.port, fleet["key"])
+        assert info["downlink"]["version"] == 5 and info["downlink"]["checksum"] == stream.checksum
+        await ch.close()
+
+    try:
+        run(go())
+    finally:
+        assert a.stop() == 0
+    assert not [ln for ln in a.lines if "Traceback" in ln], "\n".join(a.lines)

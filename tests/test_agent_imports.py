@@ -6,7 +6,8 @@ does not use at runtime (benchmarks/agent_memory.py measures the process):
 - ssl and _hashlib: OpenSSL's Python bindings (libssl, libcrypto); the agent encrypts with the
   ``cryptography`` package and hashes with Python's built-in SHA-256 (ftte_agent/lean.py);
 - numpy.ma: numpy 2 imports it for ``np.unique`` (subset rows are checked without it);
-- ftte_core.search, fractions, decimal: the agent only parses a size (ftte_core.sizes).
+- ftte_core.search, fractions, decimal: the agent only parses a size (ftte_core.sizes);
+- flwr: Flower belongs to a site hub's SuperNode (the optional `flower` extra), never to a device.
 Each check runs in a fresh interpreter that does what an agent does: import its modules, parse
 --memory-budget, build a task's subset from explicit rows, train it and encode the update.
 """
@@ -19,7 +20,7 @@ from ftte_agent.lean import _builtin_hashes
 from slowdev import scaled
 
 NOT_LOADED = ("onnx", "ftte_core.onnx_io", "ssl", "_ssl", "_hashlib", "numpy.ma", "ftte_core.search",
-              "fractions", "decimal")
+              "fractions", "decimal", "flwr")
 
 AGENT_LIKE = textwrap.dedent("""
     import json, sys

@@ -356,3 +356,32 @@ def test_results_do_not_depend_on_thread_count():
     finally:
         ft.set_num_threads(before)
     assert outs[0].tobytes() == outs[1].tobytes() == outs[2].tobytes()
+
+
+def _downlink_golden_values(shift):
+    """Exact binary fractions built from integers: the same float32 values on every platform."""
+    out = {}
+    for key, (R, F) in (("w", (5, 7)), ("b", (5, 1))):
+        i = np.arange(R * F, dtype=np.float32).reshape(R, F)
+        out[key] = ((i * np.float32(7919) + np.float32(shift)) % np.float32(251) - np.float32(125)) / np.float32(1024)
+    return out
+
+
+@pytest.mark.parametrize("bits, canonical, frame", [
+    (8, "d3d51154b480b621eb32f14e9acd8493", "a5b48d109b2f2906638c4e34c3ead86e"),
+    (4, "d0c989d30a2d26e9fd19406e82ac3d15", "500ad4fc61dc5f8563c292d9a377143f"),
+])
+def test_downlink_canonical_values_golden(bits, canonical, frame):
+    """Downlink deltas need the hub (say x86-64) and every agent (arm64, armv7) to reach the very
+    same canonical values: the steps' bytes and the values after applying them are pinned."""
+    from ftte_core import downlink as DL
+
+    origin = _downlink_golden_values(0)
+    assert DL.values_checksum(origin) == "4310fccb53d7ccc9045f02fe8fa7433d"
+    stream = DL.DownlinkStream(origin, "golden", bits=bits)
+    stream.publish(0, _downlink_golden_values(3))
+    stream.publish(1, _downlink_golden_values(11))
+    blob = DL.encode_frame(stream.frame_for(DL.ORIGIN))
+    assert (stream.checksum, hashlib.sha256(blob).hexdigest()[:32]) == (canonical, frame)
+    got = DL.resolve(DL.decode_frame(blob), None, origin)       # what an agent computes
+    assert DL.values_checksum(got) == canonical

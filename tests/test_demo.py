@@ -1,5 +1,6 @@
 """`ftte-hub demo`: real agent processes found over mDNS on 127.0.0.1, the hub, an ONNX model at the end."""
 import json
+import re
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ def test_demo_trains_a_fleet_and_exports_a_model_onnxruntime_agrees_with(tmp_pat
     ort = pytest.importorskip("onnxruntime")
     out = tmp_path / "demo"
     proc = subprocess.run(HUB + ["demo", "--out", str(out), "--agents", "4", "--target-accuracy", "0.85",
-                                 "--max-versions", "800"],
+                                 "--max-versions", "800", "--status", "127.0.0.1:0"],
                           capture_output=True, text=True, timeout=scaled(240))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -40,6 +41,7 @@ def test_demo_trains_a_fleet_and_exports_a_model_onnxruntime_agrees_with(tmp_pat
     acc = float(np.mean(np.argmax(logits, 1) == val.y))
     assert abs(acc - summary["accuracy"]) < 1e-9
     assert "accuracy" in proc.stdout and "pi-zero-2w" in proc.stdout  # the per-agent table
+    assert re.search(r"demo: watch the run at http://127\.0\.0\.1:\d+/ ", proc.stderr)  # --status prints its URL
 
 
 def test_demo_rejects_a_foreign_out_folder(tmp_path):

@@ -149,6 +149,33 @@ def test_task_mutants_are_rejected_unless_a_flip_in_a_value():
         assert M.decode_task(M.encode_task(got)).task_id == got.task_id
 
 
+def test_downlink_task_mutants_are_rejected_or_read_back_exactly():
+    """A TASK carrying a downlink frame: every mutation is a MessageError (DownlinkError inside) or
+    a flip that decodes to a well-formed task whose frame encodes back to the mutated bytes."""
+    from ftte_core import downlink as DL
+
+    model = ft.zoo("mlp", (8,), 3, hidden=(6,), seed=0)
+    subset = ft.Subset.of(model, {"fc1": {"rows": [0, 2], "bias": True}, "fc2": {"rows": "all", "bias": False}})
+    origin = subset_values(model, subset)
+    stream = DL.DownlinkStream(origin, "fuzz")
+    rng = np.random.default_rng(0)
+    for v in range(3):
+        stream.publish(v, {k: x + 0.01 * rng.standard_normal(x.shape).astype(np.float32) for k, x in origin.items()})
+    msg = M.TaskMessage(task_id="run7-t12", run_id="run7", base_version=2, model_hash="ab" * 32,
+                        subset=subset.to_dict(), subset_fingerprint=subset.fingerprint(),
+                        config=TaskConfig(lr=0.05, batch_size=16, max_steps=4), seed=9, bits=8, values={})
+    good = M.encode_task(msg, downlink_blob=DL.encode_frame(stream.frame_for(DL.ORIGIN)))
+    hlen = struct.unpack_from("<I", good, 0)[0]
+    for kind, pos, bad in mutants(good, seed=12, hot=(0, 4 + hlen)):
+        try:
+            got = M.decode_task(bad)
+        except M.MessageError as e:
+            _one_line(e)
+            continue
+        assert kind == "flip" and pos >= 4, (kind, pos)   # a digit in the header, or a value bit
+        assert DL.encode_frame(got.downlink) == bad[4 + hlen:]
+
+
 @pytest.mark.parametrize("body", [
     b"[" * 100_000 + b"]" * 100_000,
     b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}",

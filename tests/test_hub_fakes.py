@@ -11,12 +11,13 @@ from typing import List, Optional
 import numpy as np
 
 from ftte_core import data as ftdata
+from ftte_core import downlink as DL
 from ftte_core import messages as M
 from ftte_core.channel import Channel, ChannelError
 from ftte_core.local import LocalWorker
 from ftte_core.modelfile import content_hash, model_from_bytes
 from ftte_core.subset import Subset
-from ftte_core.update import Update
+from ftte_core.update import Update, subset_values
 
 BEHAVIOURS = ("good", "garbage", "nan", "wrong_shape", "silent", "bad_info", "raw_garbage", "unexpected", "fails", "slow")
 
@@ -31,8 +32,15 @@ def digits_split(n_agents: int, seed: int = 0):
 
 class FakeAgent:
     def __init__(self, key: bytes, data: Optional[ftdata.Dataset], agent_id: str, budget: int = 64 << 20,
-                 behaviour: str = "good", models: Optional[List[str]] = None, pending: Optional[List[bytes]] = None):
+                 behaviour: str = "good", models: Optional[List[str]] = None, pending: Optional[List[bytes]] = None,
+                 downlink: str = "off"):
         assert behaviour in BEHAVIOURS, behaviour
+        assert downlink in ("off", "on", "lose"), downlink   # lose: forgets what it holds every third task
+        self.downlink = downlink
+        self.held: Optional[DL.Held] = None
+        self.frames: List[str] = []           # kind of every downlink frame received ("snapshot", "delta")
+        self.resyncs = 0
+        self.blobs = {}                       # hash -> model file bytes (the origin of a stream)
         self.key, self.data, self.agent_id, self.budget, self.behaviour = key, data, agent_id, budget, behaviour
         self.models = {}                      # hash -> Model (its "state dir")
         self.announce = list(models or [])
@@ -94,6 +102,8 @@ class FakeAgent:
                 "memory_budget": self.budget, "speed": 1.0, "slowdown": 1.0,
                 "models": self.announce + list(self.models), "pending": len(self.pending),
                 "num_samples": 0 if self.data is None else len(self.data), "arch": "test", "software": "fake"}
+        if self.downlink != "off":
+            info["downlink"] = {"format": 1, **(self.held.describe() if self.held is not None else {})}
         await ch.send(M.AGENT_INFO, M.encode_json(info))
         deferred = []   # what the hub sends while kept updates wait for their ACK (MODEL, TASK): served after
         while self.pending:
@@ -116,6 +126,7 @@ class FakeAgent:
             elif t == M.MODEL:
                 self.model_downloads += 1
                 self.models[content_hash(bytes(body))] = model_from_bytes(body)
+                self.blobs[content_hash(bytes(body))] = bytes(body)
             elif t == M.TASK:
                 task = M.decode_task(body)
                 self.tasks += 1
@@ -129,6 +140,8 @@ class FakeAgent:
                     continue
                 if self.behaviour == "slow":
                     await asyncio.sleep(0.05)
+                if task.downlink is not None and not await self._resolve(ch, task):
+                    continue
                 model = self.models[task.model_hash]
                 if worker is None:
                     worker = LocalWorker(model, Subset.from_dict(model, task.subset))
@@ -144,6 +157,27 @@ class FakeAgent:
                 self.stopped = M.decode_json(body, M.STOP)["reason"]
                 await ch.close()
                 return
+
+    async def _resolve(self, ch: Channel, task) -> bool:
+        """As the real agent does: the frame against what it holds; TASK_FAILED resync if it does not fit."""
+        self.frames.append(task.downlink.kind)
+        if self.downlink == "lose" and self.tasks % 3 == 0:
+            self.held = None
+        origin = None
+        if task.downlink.kind == "delta" and task.downlink.base is None:
+            fresh = model_from_bytes(self.blobs[task.model_hash])
+            origin = subset_values(fresh, Subset.from_dict(fresh, task.subset))
+        try:
+            values = DL.resolve(task.downlink, self.held, origin)
+        except DL.DownlinkError as e:
+            self.held = None
+            self.resyncs += 1
+            await ch.send(M.TASK_FAILED, M.encode_json({"task_id": task.task_id, "run_id": task.run_id,
+                                                         "message": str(e), "downlink": "resync"}))
+            return False
+        self.held = DL.Held(task.downlink.stream, task.downlink.version, task.downlink.checksum, values)
+        task.values = values
+        return True
 
     def _spoil(self, update: Update) -> bytes:
         b = self.behaviour

@@ -242,3 +242,92 @@ def test_updates_in_flight_at_the_end_are_acknowledged_before_stop(tmp_path, mon
         assert a.stopped
         acked = sum(1 for ack in a.acks if ack["accepted"])
         assert acked == summary["agents"][a.agent_id]["accepted"], a.agent_id
+
+
+def test_downlink_task_bodies_bring_every_agent_to_the_hubs_canonical_values():
+    """The hub's TASK bytes, decoded and resolved as an agent does, give exactly the stream's
+    canonical values at each task's version, for agents at different versions; the canonical
+    values stay within a quantisation step of the hub's float values across merges."""
+    import ftte_core as ft
+    from ftte_core import downlink as DL
+    from ftte_core import messages as M
+    from ftte_core.local import TaskConfig
+    from ftte_core.modelfile import model_to_bytes
+    from ftte_core.scheduler import RoundDriver, run_task
+    from ftte_core.strategies import make_strategy
+    from ftte_core.subset import Subset
+    from ftte_hub.fleet import Fleet, FleetSettings
+
+    val, parts = digits_split(2)
+    model = ft.zoo("mlp", (64,), 10, hidden=(16,))
+    subset = Subset.of(model, {"fc2": {"rows": "all", "bias": True}, "fc1": {"rows": [1, 5, 7], "bias": True}})
+    driver = RoundDriver(model, subset, make_strategy("ftte", buffer_size=2), TaskConfig(lr=0.2, max_steps=3))
+    fleet = Fleet(KEY, FleetSettings())
+    fleet.model_blob = model_to_bytes(model)
+    fleet.model_hash, fleet.subset_dict, fleet.run_id = "ab" * 32, subset.to_dict(), "run-1"
+    device_model = {d: model.copy() for d in ("a", "b")}
+    hub_held = {"a": DL.ORIGIN, "b": DL.ORIGIN}
+    agent_held = {"a": None, "b": None}
+    origin = subset_values_of(model, subset)
+    kinds = []
+    for d in ("a", "b"):
+        driver.device_joined(d, {})
+    for i in range(10):
+        d = "ab"[i % 2] if i % 5 else "a"      # "a" sometimes twice in a row: same version, empty chain
+        task = driver.device_idle(d)
+        body, hub_held[d] = fleet.downlink_task_body(task, hub_held[d])
+        msg = M.decode_task(body)
+        values = DL.resolve(msg.downlink, agent_held[d], origin)
+        kinds.append((msg.downlink.kind, len(msg.downlink.steps or ())))
+        agent_held[d] = DL.Held(msg.downlink.stream, msg.downlink.version, msg.downlink.checksum, values)
+        assert hub_held[d] == task.base_version == msg.base_version
+        for k in values:
+            np.testing.assert_array_equal(values[k], fleet.downlink.values[k])
+            assert np.max(np.abs(values[k] - task.values[k])) < 0.05
+        part = parts[i % 2]
+        upd = run_task(device_model[d], task.__class__(**{**task.__dict__, "values": values}), part.x, part.y, d)
+        driver.update_arrived(d, upd)
+    assert driver.version >= 3 and all(k == "delta" for k, _n in kinds) and (("delta", 0) in kinds)
+
+
+def subset_values_of(model, subset):
+    from ftte_core.update import subset_values
+    return subset_values(model, subset)
+
+
+def test_downlink_agents_get_deltas_and_a_lost_agent_resyncs_from_a_snapshot(tmp_path):
+    """Agents that take downlink deltas get int8 chains (never a snapshot while they keep up); one
+    that loses what it holds answers TASK_FAILED resync, gets a snapshot at once (no backoff) and
+    trains on; an agent without downlink support still gets float32 values."""
+    val, parts = digits_split(3)
+
+    async def main():
+        agents = [FakeAgent(KEY, parts[0], "keeps", downlink="on"), FakeAgent(KEY, parts[1], "loses", downlink="lose"),
+                  FakeAgent(KEY, parts[2], "old")]
+        for a in agents:
+            await a.start()
+        cfg = _config(tmp_path, val, agents, max_versions=5)
+        return await _run(cfg, agents), agents
+
+    summary, (keeps, loses, old) = asyncio.run(main())
+    assert summary["version"] == 5
+    assert keeps.frames and set(keeps.frames) == {"delta"} and keeps.resyncs == 0
+    assert loses.resyncs >= 1 and "snapshot" in loses.frames and summary["agents"]["loses"]["accepted"] >= 2
+    i = loses.frames.index("snapshot")
+    assert loses.frames[i - 1] == "delta"          # the delta it could not resolve, then the snapshot
+    assert old.frames == [] and summary["agents"]["old"]["accepted"] >= 1
+@pytest.mark.slow
+def test_max_seconds_finishes_at_the_first_merge_past_it(tmp_path):
+    # a site round (`train --site`, docs/multi-site.md) ends at --max-versions or its time limit
+    val, parts = digits_split(2)
+
+    async def main():
+        agents = [FakeAgent(KEY, parts[i], f"a{i}") for i in range(2)]
+        for a in agents:
+            await a.start()
+        cfg = _config(tmp_path, val, agents, buffer=2, max_versions=10_000, max_seconds=1e-9)
+        return await _run(cfg, agents)
+
+    summary = asyncio.run(main())
+    assert summary["finished"] and summary["version"] == 1
+    assert summary["reason"].startswith("reached the time limit")

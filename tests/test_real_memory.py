@@ -44,7 +44,7 @@ def _explain(r: dict) -> str:
             f"{real_memory.allowance() / MIB:.2f} MiB")
 
 
-@pytest.mark.parametrize("mode", ["sparse", "full"])
+@pytest.mark.parametrize("mode", ["sparse", "sparse_int8", "full"])
 def test_growth_of_the_resident_set_agrees_with_the_cost_model(mode):
     # with momentum: the step keeps no gradients (SGD inside backward), so without velocity it
     # would hold under 1.1 MiB beyond the weights, too little for 10% to mean anything

@@ -39,7 +39,8 @@ def size_text(n: float) -> str:
 def training_memory(model: Model, subset: Subset, config: TaskConfig, num_samples: int) -> int:
     """Bytes one training step of this task needs on this device (the cost model, no allocation)."""
     batch = max(1, min(int(config.batch_size), int(num_samples)))
-    return int(predict_memory(model, subset, batch_size=batch, momentum=config.momentum)["total"])
+    frozen = getattr(config, "frozen", "float32")
+    return int(predict_memory(model, subset, batch_size=batch, momentum=config.momentum, frozen=frozen)["total"])
 
 
 def check_memory(model: Model, subset: Subset, config: TaskConfig, num_samples: int, budget: int) -> int:

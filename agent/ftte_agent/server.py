@@ -40,6 +40,7 @@ from typing import Any, Dict, Optional, Set, Tuple
 
 import numpy as np
 
+from ftte_core import downlink as DL
 from ftte_core import messages as M
 from ftte_core.channel import Channel, ChannelClosed, ChannelError
 from ftte_core.data import Dataset
@@ -48,7 +49,7 @@ from ftte_core.modelfile import DEFAULT_MAX_BYTES as DEFAULT_MAX_MODEL_BYTES
 from ftte_core.modelfile import ModelFileError, ModelTooLarge, content_hash, model_from_bytes
 from ftte_core.protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 from ftte_core.subset import Subset
-from ftte_core.update import Update, UpdateError
+from ftte_core.update import Update, UpdateError, subset_values
 
 from . import __version__
 from .admission import Admission, RefusalLog, refusal_kind, source_of
@@ -151,6 +152,7 @@ class Agent:
         self._cancel: Dict[Tuple[str, str], threading.Event] = {}   # (run id, task id) -> set to cancel
         self.tasks_done = 0
         self.tasks_failed = 0
+        self.downlink_held: Optional[DL.Held] = None   # the hub's canonical values this agent holds
 
     def check_pending(self) -> int:
         """At start: delete kept updates that no longer parse (one log line each); returns how many are left.
@@ -230,7 +232,38 @@ class Agent:
                 "pending": len(self.state.pending()), "num_samples": int(len(d)), "arch": self.s.arch,
                 "software": f"ftte-agent {__version__}",
                 # optional extras (not required by the contract): let a hub check the data fits its model
-                "input_shape": [int(v) for v in d.feature_shape], "num_classes": int(d.num_classes)}
+                "input_shape": [int(v) for v in d.feature_shape], "num_classes": int(d.num_classes),
+                # this agent resolves downlink frames; the canonical version it holds, if any
+                "downlink": {"format": DL.FORMAT_VERSION,
+                             **(self.downlink_held.describe() if self.downlink_held is not None else {})}}
+
+    # -- downlink --------------------------------------------------------------------------------
+    async def resolve_downlink(self, task: M.TaskMessage) -> Optional[str]:
+        """Turn the task's downlink frame into its values (``task.values``) and hold them; returns
+        None, or why the frame did not apply (this agent then holds nothing: the hub sends a snapshot)."""
+        frame = task.downlink
+        try:
+            origin = None
+            if frame.kind == "delta" and frame.base is None:
+                origin = await run_in_daemon_thread(self._origin_values, task)
+            values = DL.resolve(frame, self.downlink_held, origin)
+        except DL.DownlinkError as e:
+            self.downlink_held = None
+            return str(e)
+        self.downlink_held = DL.Held(frame.stream, frame.version, frame.checksum, values)
+        task.values = values
+        return None
+
+    def _origin_values(self, task: M.TaskMessage) -> Dict[str, np.ndarray]:
+        """The subset's values in the cached model file (what a stream starts from)."""
+        blob = self.state.get_model(task.model_hash)
+        if blob is None:
+            raise DL.DownlinkError(f"downlink delta from model {task.model_hash[:16]}, which is not cached here")
+        try:
+            model = model_from_bytes(blob, max_param_bytes=self.max_model_bytes)
+            return subset_values(model, Subset.from_dict(model, task.subset))
+        except (ModelFileError, ValueError, KeyError, TypeError) as e:
+            raise DL.DownlinkError(f"downlink delta from the model file's values: {_one_line(e)}") from None
 
     # -- tasks ------------------------------------------------------------------------------------
     @property
@@ -509,6 +542,11 @@ class Session:
                 raise
             await self._fail(task_id, run_id, str(e))
             return
+        if task.downlink is not None:  # first: the hub counts on this agent holding the task's version
+            why = await self.agent.resolve_downlink(task)
+            if why is not None:
+                await self._fail(task.task_id, task.run_id, why, resync=True)
+                return
         try:
             self.state.pending_path(task.run_id, task.task_id)
         except ValueError as e:
@@ -526,10 +564,13 @@ class Session:
             return
         self.agent.start_task(task)
 
-    async def _fail(self, task_id: str, run_id: str, message: str) -> None:
+    async def _fail(self, task_id: str, run_id: str, message: str, resync: bool = False) -> None:
         self.agent.tasks_failed += 1
         log.warning("task %s refused: %s", task_id[:80], message)
-        await self.ch.send(M.TASK_FAILED, M.encode_json({"task_id": task_id, "run_id": run_id, "message": message}))
+        body = {"task_id": task_id, "run_id": run_id, "message": message}
+        if resync:
+            body["downlink"] = "resync"
+        await self.ch.send(M.TASK_FAILED, M.encode_json(body))
 
     def _on_ack(self, ack: Dict[str, Any]) -> None:
         tid = ack["task_id"]

@@ -253,8 +253,9 @@ def keygen(path, force):
 @main.command()
 @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
               help="Fleet key file (from `ftte-hub keygen`).")
-@click.option("--model", "model_spec", required=True,
-              help=f"Zoo model name ({', '.join(zoo_names())}; shaped by the validation data) or an .onnx file.")
+@click.option("--model", "model_spec", default=None,
+              help=f"Zoo model name ({', '.join(zoo_names())}; shaped by the validation data) or an .onnx file "
+                   "(required, except with --site: the federation sends the model).")
 @click.option("--val-data", required=True, type=click.Path(dir_okay=False),
               help="Validation .npz (x, y) the hub evaluates on and scores the subset search with.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -278,6 +279,14 @@ def keygen(path, force):
               help="Device mini-batch (samples); the memory cost model uses the same.")
 @click.option("--server-lr", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
               help="Server learning rate of each merge.")
+@click.option("--update-bits", type=click.Choice(["8", "4"]), default=None,
+              help="How devices encode their deltas (ftte strategies): int8, or packed int4 (half the upload). "
+                   "Default: 8. A resume keeps the run's.")
+@click.option("--downlink-bits", type=click.Choice(["8", "4"]), default="8",
+              help="The downlink stream's steps: int8, or packed int4 (half the bytes, coarser steps that the "
+                   "error feedback catches up on).")
+@click.option("--no-downlink-deltas", "no_downlink", is_flag=True,
+              help="Send every task the trained values as float32 instead of int8 deltas of what the agent holds.")
 @click.option("--task-timeout", type=click.FloatRange(min=0.0, min_open=True), default=600.0,
               help="Seconds without an UPDATE before a task is given up (the session is re-established).")
 @click.option("--ping-interval", type=click.FloatRange(min=0.0, min_open=True), default=5.0,
@@ -291,10 +300,23 @@ def keygen(path, force):
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               help="Log and progress lines as text or JSON lines (stderr).")
 @click.option("--seed", type=int, default=0, help="Seed for the model initialisation, scoring and task seeds.")
+@click.option("--status", "status_address", default=None, metavar="ADDRESS:PORT",
+              help="Serve a read-only live status page (/ and /status.json) here, e.g. 127.0.0.1:8787 (this "
+                   "machine) or the hub's LAN address to share it; port 0 picks a free port. Default: off.")
 @click.option("-v", "--verbose", is_flag=True, help="Also log debug events (addresses found, duplicates).")
+@click.option("--site", is_flag=True,
+              help="Run as a site of a multi-site federation (docs/multi-site.md): stay up and train the site "
+                   "fleet for --max-versions versions on each global model the site's Flower SuperNode hands over.")
+@click.option("--site-socket", default=None, type=click.Path(dir_okay=False),
+              help="With --site: the Unix socket the ClientApp connects to; default: OUT/site.sock.")
 def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, max_versions, target_accuracy,
+<<<<<<< HEAD
+          interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, update_bits, downlink_bits, no_downlink,
+          task_timeout, ping_interval, dead_after, wait_timeout, stop_grace, log_format, seed, status_address, verbose):
+=======
           interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, task_timeout, ping_interval,
-          dead_after, wait_timeout, stop_grace, log_format, seed, verbose):
+          dead_after, wait_timeout, stop_grace, log_format, seed, status_address, verbose, site, site_socket):
+>>>>>>> wip-flower
     """Coordinate federated training over the agents on this network.
 
     Finds agents over mDNS and --peer, waits for --min-agents, chooses the trainable subset for
@@ -325,7 +347,18 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
                       interfaces=list(interfaces) or None, mdns=not no_mdns, strategy=strategy, lr=lr,
                       local_epochs=local_epochs, batch_size=batch_size, server_lr=server_lr,
                       task_timeout=task_timeout, ping_interval=ping_interval, dead_after=dead_after,
-                      wait_timeout=wait_timeout, stop_grace=stop_grace, seed=seed, given=given)
+                      wait_timeout=wait_timeout, stop_grace=stop_grace, seed=seed, given=given,
+<<<<<<< HEAD
+                      update_bits=int(update_bits) if update_bits else None, downlink=not no_downlink,
+                      downlink_bits=int(downlink_bits), status=status_address)
+=======
+                      status=status_address)
+    if site:
+        _run_site(cfg, key, site_socket)
+        return
+    if not model_spec:
+        _fail("--model is required (except with --site)")
+>>>>>>> wip-flower
     try:
         summary = asyncio.run(run_train(cfg, key))
     except TrainError as e:
@@ -343,6 +376,17 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
     _print_summary(summary)
 
 
+def _run_site(cfg, key, socket_path) -> None:
+    """`train --site`: serve global models until a signal (docs/multi-site.md)."""
+    from .site import run_site
+
+    try:
+        reason = asyncio.run(run_site(cfg, key, socket_path))
+    except OSError as e:
+        _fail(f"cannot serve the site socket: {e.strerror or e}")
+    click.echo(f"ftte-hub: site stopped ({reason})", err=True)
+
+
 @main.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="ftte-demo",
               help="Output folder (replaced if it holds an earlier demo): key, data shards, logs, model.onnx.")
@@ -357,7 +401,12 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
 @click.option("--seed", type=int, default=0, help="Seed for the split, the model and the tasks.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               help="Hub log and progress lines as text or JSON lines (stderr).")
-def demo(out_dir, agents, model_spec, target_accuracy, max_versions, buffer_k, alpha, seed, log_format):
+@click.option("--status", "status_address", is_flag=False, flag_value="127.0.0.1:8787", default=None,
+              metavar="[ADDRESS:PORT]",
+              help="Serve the live status page (as `ftte-hub train --status`) and print its URL; alone: "
+                   "127.0.0.1:8787. Default: off.")
+def demo(out_dir, agents, model_spec, target_accuracy, max_versions, buffer_k, alpha, seed, log_format,
+         status_address):
     """Run a whole fleet on this machine: the hub plus agent processes found over mDNS.
 
     Splits the bundled digits non-IID across the agents, gives them different memory budgets
@@ -372,7 +421,7 @@ def demo(out_dir, agents, model_spec, target_accuracy, max_versions, buffer_k, a
     try:
         summary = run_demo(out=out_dir, agents=agents, model=model_spec, target_accuracy=target_accuracy,
                            max_versions=max_versions, buffer=buffer_k, alpha=alpha, seed=seed,
-                           say=lambda m: click.echo(m, err=True))
+                           status=status_address, say=lambda m: click.echo(m, err=True))
     except (DemoError, TrainError, ValueError) as e:
         _fail(str(e))
     except KeyboardInterrupt:

@@ -49,7 +49,15 @@ def _driver_failure(what: str, e: Exception) -> RunFailure:
 
 
 def new_agent_stats(name: str = "") -> Dict[str, Any]:
+    """Per-agent counts (saved in the checkpoint). Added when first needed, so older checkpoints load:
+    ``rejected_by_reason`` (reason -> count), ``staleness_sum`` (over accepted updates),
+    ``update_bytes`` (UPDATE bodies received), ``dropped``, ``not_used``/``not_used_reason``."""
     return {"name": name, "tasks": 0, "accepted": 0, "rejected": 0, "samples": 0, "failed": 0}
+
+
+def count_reason(st: Dict[str, Any], reason: str) -> None:
+    by_reason = st.setdefault("rejected_by_reason", {})
+    by_reason[reason] = by_reason.get(reason, 0) + 1
 
 
 class Coordinator:
@@ -120,11 +128,14 @@ class Coordinator:
         except Exception as e:
             raise _driver_failure(f"on an update from {agent_id}", e) from None
         st = self.stats_for(agent_id)
+        st["update_bytes"] = st.get("update_bytes", 0) + int(nbytes)
         if arrival.accepted:
             st["accepted"] += 1
             st["samples"] += int(arrival.samples)  # after the driver's caps: an inflated count stays out
+            st["staleness_sum"] = st.get("staleness_sum", 0) + int(arrival.staleness or 0)
         elif arrival.reason not in AFTER_END:
             st["rejected"] += 1
+            count_reason(st, arrival.reason)
         self._log_dropped(arrival.dropped)
         if arrival.merge is not None:
             if not self.replaying:
@@ -139,7 +150,10 @@ class Coordinator:
             self.driver.update_arrived(agent_id, None, nbytes=nbytes)  # rejected as "malformed"
         except Exception as e:
             raise _driver_failure(f"on a malformed update from {agent_id}", e) from None
-        self.stats_for(agent_id)["rejected"] += 1
+        st = self.stats_for(agent_id)
+        st["rejected"] += 1
+        count_reason(st, "malformed")
+        st["update_bytes"] = st.get("update_bytes", 0) + int(nbytes)
         return seq
 
     def _log_dropped(self, dropped) -> None:

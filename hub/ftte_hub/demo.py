@@ -17,11 +17,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from ftte_core import data as ftdata
 from ftte_core.protocol import generate_key, write_key
 
+from .fleet import Hooks
+from .status import parse_status_address
 from .train import TrainConfig, run_train
 
 LOOPBACK = "127.0.0.1"
@@ -107,9 +109,15 @@ def stop_agents(procs: List[subprocess.Popen], timeout: float = 5.0) -> None:
 
 def run_demo(out: str = "ftte-demo", agents: int = 4, model: str = "mlp", target_accuracy: float = 0.95,
              max_versions: int = 400, buffer: int = 4, alpha: float = 0.5, seed: int = 0,
-             fresh: bool = True, say: Callable[[str], None] = print) -> Dict[str, object]:
+             fresh: bool = True, status: Optional[str] = None,
+             say: Callable[[str], None] = print) -> Dict[str, object]:
     if not 1 <= agents <= len(DEVICES):
         raise DemoError(f"--agents must be 1..{len(DEVICES)}, got {agents}")
+    if status is not None:
+        try:
+            parse_status_address(status)  # before any folder is made or agent started
+        except ValueError as e:
+            raise DemoError(str(e)) from None
     out_dir = Path(out)
     if fresh and out_dir.exists():
         if not (out_dir / MARKER).is_file():
@@ -128,9 +136,10 @@ def run_demo(out: str = "ftte-demo", agents: int = 4, model: str = "mlp", target
     cfg = TrainConfig(model=model, val_data=str(prep["val"]), out=str(out_dir), min_agents=agents,
                       buffer=buffer, max_versions=max_versions, target_accuracy=target_accuracy,
                       interfaces=[LOOPBACK], mdns=True, lr=0.05, batch_size=32, local_epochs=1.0,
-                      wait_timeout=60.0, seed=seed)
+                      wait_timeout=60.0, seed=seed, status=status)
+    hooks = Hooks(on_status_url=lambda url: say(f"demo: watch the run at {url} (read-only status page)"))
     try:
-        summary = asyncio.run(_watch(run_train(cfg, prep["key"]), procs, devices, out_dir))
+        summary = asyncio.run(_watch(run_train(cfg, prep["key"], hooks), procs, devices, out_dir))
     finally:
         stop_agents(procs)
     return summary

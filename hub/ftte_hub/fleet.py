@@ -33,16 +33,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 import numpy as np
 
+from ftte_core import downlink as DL
 from ftte_core import messages as M
 from ftte_core.channel import Channel, ChannelClosed, ChannelError, HandshakeCutShort
-from ftte_core.update import Update, UpdateError
+from ftte_core.modelfile import model_from_bytes
+from ftte_core.subset import Subset
+from ftte_core.update import Update, UpdateError, subset_values
 
 from .coordinator import Coordinator, RunFailure, log_rejection, make_durable
 from .logs import event
@@ -51,7 +54,6 @@ BACKOFF_MIN = 0.5
 BACKOFF_MAX = 10.0
 HELLO_TIMEOUT = 10.0          # handshake, then AGENT_INFO
 FAILED_TASK_BACKOFF_MAX = 30.0
-_TASK_PREFIX = struct.Struct("<I")
 MAX_BIG_SENDS = 8             # TASK/MODEL frames being encrypted and written at once
 MAX_MDNS_ADDRESSES = 256      # addresses mDNS may add (a flood of advertised services is ignored past it)
 MAX_INFO_BYTES = 64 << 10     # an AGENT_INFO body
@@ -88,6 +90,7 @@ class Hooks:
     on_merge: Optional[Callable[[Any, float], None]] = None              # MergeReport, t (right after the merge)
     on_metrics: Optional[Callable[[Dict[str, Any]], None]] = None        # the metrics.jsonl line
     on_ready: Optional[Callable[["Fleet"], None]] = None                 # setup done; fleet.add_address works
+    on_status_url: Optional[Callable[[str], None]] = None                # the status page is served at this URL
 
 
 class SessionEnd(Exception):
@@ -165,6 +168,11 @@ def parse_agent_info(body: bytes) -> Dict[str, Any]:
             not all(isinstance(m, str) and len(m) <= 128 for m in models):
         raise M.MessageError(f"AGENT_INFO: models must be a list of at most {MAX_INFO_MODELS} model hashes")
     info["models"] = models
+    dl = info.get("downlink")
+    # the agent resolves downlink frames (format 1); what it holds, if anything (malformed: nothing)
+    fmt = dl.get("format") if isinstance(dl, dict) else None
+    info["downlink_format"] = 1 if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt == 1 else 0
+    info["downlink_held"] = DL.parse_held(dl) if info["downlink_format"] else None
     shape = info.get("input_shape")
     if shape is not None:
         if not (isinstance(shape, list) and 0 < len(shape) <= MAX_SHAPE_DIMS and
@@ -206,6 +214,10 @@ class Fleet:
         self._closed_in = 0
         self._closed_out = 0
         self._task_values = None              # (values of one version, shapes, their bytes)
+        self.downlink: Optional[DL.DownlinkStream] = None   # the canonical stream (built at the first task)
+        self.downlink_enabled = True          # False: every task carries float32 values (as before)
+        self.downlink_bits = 8                # the stream's steps: int8 or packed int4
+        self._frames: Dict[Any, bytes] = {}   # encoded frames of the stream's latest version, by held version
         self.big_sends = asyncio.Semaphore(MAX_BIG_SENDS)
         self.draining = False                 # stopping on a signal: no new tasks, in-flight updates still taken
         self.fatal = ""                       # why the run cannot go on (set once, by fail())
@@ -218,6 +230,10 @@ class Fleet:
         self.dial_errors: Dict[Tuple[str, int], str] = {}   # the latest failure at each address
         self._not_usable_logged: Set[str] = set()
         self._refusals: Dict[Tuple[str, int], str] = {}     # the last refusal logged per address
+        # for the status page: transport bytes of each agent's ended sessions (this process), and
+        # when an agent that left was last heard from (wall-clock seconds)
+        self.ended_bytes: Dict[str, Tuple[int, int]] = {}
+        self.last_seen: Dict[str, float] = {}
 
     # -- addresses ---------------------------------------------------------------------------------
     def add_address(self, host: str, port: int, source: str) -> None:
@@ -278,6 +294,15 @@ class Fleet:
                     f"{self.needed_what} needs; raise --memory-budget to at least {budget_hint(self.needed_bytes)}")
         return None
 
+    def agent_addresses(self) -> Dict[str, Tuple[str, int]]:
+        """Each agent's latest known address (the one it last answered at)."""
+        return {aid: addr for addr, aid in self._addr_agent.items()}
+
+    def note_session_end(self, session: "Session") -> None:
+        b_in, b_out = self.ended_bytes.get(session.agent_id, (0, 0))
+        self.ended_bytes[session.agent_id] = (b_in + session.ch.bytes_received, b_out + session.ch.bytes_sent)
+        self.last_seen[session.agent_id] = session.last_seen()
+
     def usable_sessions(self) -> list:
         """Agents in session that can take part (before the run starts: for --min-agents)."""
         out = []
@@ -319,24 +344,48 @@ class Fleet:
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
 
-    def task_body(self, task) -> bytes:
-        """``messages.encode_task`` bytes for ``task``, with the values' bytes built once per version.
+    def _message(self, task) -> M.TaskMessage:
+        return M.TaskMessage(task_id=task.id, run_id=self.run_id, base_version=int(task.base_version),
+                             model_hash=self.model_hash, subset=self.subset_dict,
+                             subset_fingerprint=task.subset_fingerprint, config=task.config, seed=int(task.seed),
+                             bits=int(task.bits), values={})
 
-        Every task of a version carries the same values (often most of the TASK's bytes); only the
-        JSON header (task id, seed) differs. Same layout as encode_task: u32 LE header length |
-        header | float32 LE arrays in header order.
-        """
+    def downlink_stream(self) -> DL.DownlinkStream:
+        """The canonical stream, from the subset's values in the run's model file (what agents hold)."""
+        if self.downlink is None:
+            model = model_from_bytes(self.model_blob)
+            subset = Subset.from_dict(model, self.subset_dict)
+            self.downlink = DL.DownlinkStream(subset_values(model, subset), secrets.token_hex(8),
+                                              bits=self.downlink_bits)
+        return self.downlink
+
+    def task_body(self, task) -> bytes:
+        """TASK bytes carrying ``task``'s float32 values (an agent without downlink support), the
+        values' bytes built once per version (every task of a version carries the same values;
+        only the JSON header differs)."""
         cached = self._task_values
         if cached is None or cached[0] is not task.values:
             arrays = {k: np.ascontiguousarray(v, dtype="<f4") for k, v in task.values.items()}
             shapes = [[k, [int(d) for d in v.shape]] for k, v in arrays.items()]
             self._task_values = cached = (task.values, shapes, b"".join(v.tobytes() for v in arrays.values()))
-        header = M.encode_json({
-            "task_id": task.id, "run_id": self.run_id, "base_version": int(task.base_version),
-            "model_hash": self.model_hash,
-            "subset": self.subset_dict, "subset_fingerprint": task.subset_fingerprint,
-            "config": task.config.as_dict(), "seed": int(task.seed), "bits": int(task.bits), "values": cached[1]})
-        return b"".join([_TASK_PREFIX.pack(len(header)), header, cached[2]])
+        return M.assemble_task(M.task_header(self._message(task), cached[1], False), cached[2])
+
+    def downlink_task_body(self, task, held: Optional[int]) -> Tuple[bytes, int]:
+        """(TASK bytes for ``task`` carrying a downlink frame, the version the agent holds after it).
+
+        ``held``: the version the agent holds (``downlink.ORIGIN``: the model file's values; None:
+        unknown). The frame is the smallest that brings it to the task's version: a chain of int8
+        steps, or a snapshot. Publishing happens here, so call it right after the task is issued
+        (before any await: the stream only moves forward). Frames are built once per (held, version).
+        """
+        stream = self.downlink_stream()
+        if stream.version != task.base_version:
+            stream.publish(task.base_version, task.values)
+            self._frames.clear()
+        blob = self._frames.get(held)
+        if blob is None:
+            blob = self._frames[held] = DL.encode_frame(stream.frame_for(held, task.base_version))
+        return M.assemble_task(M.task_header(self._message(task), [], True), blob), stream.version
 
     def foreign_run(self, update: Update) -> str:
         """Why ``update`` is not of this run ("" when it is): its run id differs, or it names no run
@@ -456,6 +505,7 @@ class Fleet:
                 current = self.sessions.get(aid) is session
                 if current:
                     del self.sessions[aid]
+                self.note_session_end(session)
                 if not session.done.done():
                     session.done.set_result(None)
                 if current and session.joined and self.coordinator is not None and not self.stopping and not self.fatal:
@@ -512,6 +562,13 @@ class Session:
         self.superseded = False
         self.no_update_in_flight = asyncio.Event()  # clear while an UPDATE waits for its fsync and ACK
         self.no_update_in_flight.set()
+        self.downlink = bool(info.get("downlink_format"))   # the agent resolves downlink frames
+        self.held: Optional[int] = DL.ORIGIN   # the canonical version the agent holds (None: unknown)
+        self.sent_from: Optional[int] = None   # what it held when its current task's frame was built
+
+    def last_seen(self) -> float:
+        """When the agent last sent anything (wall-clock seconds)."""
+        return time.time() - (time.monotonic() - self.last_rx)
 
     def supersede(self) -> None:
         """The agent took a newer connection from this hub: end this session quietly."""
@@ -612,10 +669,16 @@ class Session:
               f"{msg['message'][:300]}", logging.WARNING)
         if self.fleet.coordinator is not None:
             self.fleet.coordinator.stats_for(self.agent_id)["failed"] += 1
+        resync = msg.get("downlink") == "resync"
+        if resync:  # its values did not check: the next task brings a snapshot
+            self.held = None
         if msg["task_id"] == self.task_id:
             self.task_id = None
-            self.failures += 1
-            self.not_before = time.monotonic() + min(FAILED_TASK_BACKOFF_MAX, 0.5 * 2 ** self.failures)
+            # a delta that did not resolve is retried at once with a snapshot; a failed snapshot (or
+            # anything else) backs off, so an agent that always fails cannot make the hub spin
+            if not (resync and self.sent_from is not None):
+                self.failures += 1
+                self.not_before = time.monotonic() + min(FAILED_TASK_BACKOFF_MAX, 0.5 * 2 ** self.failures)
             self.kick.set()
 
     # -- sending -----------------------------------------------------------------------------------
@@ -644,6 +707,7 @@ class Session:
         coord.joined(self.agent_id, self.info)
         self.joined = True
         self.usable = True
+        self.held = self._held_on_arrival()
         if fleet.model_hash not in self.info["models"]:
             async with fleet.big_sends:
                 await self.ch.send(M.MODEL, fleet.model_blob)
@@ -656,8 +720,13 @@ class Session:
                 task = coord.task_for(self.agent_id)
                 if task is not None:
                     self.task_id, self.task_sent_at = task.id, time.monotonic()
+                    if self.downlink and fleet.downlink_enabled:  # built before any await: the stream only moves on
+                        self.sent_from = self.held
+                        body, self.held = fleet.downlink_task_body(task, self.held)
+                    else:
+                        body = fleet.task_body(task)
                     async with fleet.big_sends:  # bounds the TASK bytes in flight (a burst of 200 is 80 MB)
-                        await self.ch.send(M.TASK, fleet.task_body(task))
+                        await self.ch.send(M.TASK, body)
                     self.served = True
                     if fleet.hooks.on_task_sent:
                         fleet.hooks.on_task_sent(self.agent_id, task, time.perf_counter())
@@ -666,6 +735,16 @@ class Session:
             except asyncio.TimeoutError:
                 pass
             self.kick.clear()
+
+    def _held_on_arrival(self) -> int:
+        """What the agent holds as it joins: the version it names in AGENT_INFO if that is in this
+        hub's stream (same stream, same checksum), else the model file's values (ORIGIN)."""
+        named = self.info.get("downlink_held")
+        stream = self.fleet.downlink
+        if named is not None and stream is not None and named[0] == stream.stream_id \
+                and stream.checksum_of(named[1]) == named[2]:
+            return named[1]
+        return DL.ORIGIN
 
     async def _stop(self) -> None:
         # An update being made durable gets its ACK before STOP; otherwise the agent would keep an

@@ -27,12 +27,14 @@ import numpy as np
 import ftte_core as ft
 from ftte_core import data as ftdata
 from ftte_core.cost import predict_memory, training_flops
+from ftte_core.downlink import DownlinkCounter
 from ftte_core.graph import Transpose
 from ftte_core.local import LocalWorker, TaskConfig
 from ftte_core.scheduler import RoundDriver
 from ftte_core.search import BudgetTooSmall, importance_scores, search_subset
 from ftte_core.strategies import make_strategy
 from ftte_core.subset import Subset
+from ftte_core.update import subset_values
 from ftte_core.zoo import default_shape, zoo_names
 
 from .tools import ToolError, load_model as load_model_file
@@ -322,6 +324,9 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
     flops_per_sample = training_flops(model, subset, 1)
     frozen_bytes = F32 * (model.num_params() - subset.num_trainable(model))
     values_bytes = F32 * subset.num_trainable(model)
+    # the fleet's downlink deltas (ftte strategies; the baselines ship float32 values as published):
+    # exact frame bytes, and devices train from the canonical values a real agent would hold
+    downlink = DownlinkCounter(subset_values(model, subset)) if strategy.sparse else None
 
     rng = np.random.default_rng(cfg.seed + 7)
     devices = [_fresh(d) for d in setup.devices]
@@ -341,7 +346,10 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
         if task is None:
             return
         dev.busy = True
-        down = values_bytes + (0 if dev.has_frozen else frozen_bytes)
+        values_down, values = values_bytes, task.values
+        if downlink is not None:
+            values_down, values = downlink.task(dev.id, task.base_version, task.values)
+        down = values_down + (0 if dev.has_frozen else frozen_bytes)
         dev.has_frozen = True
         steps = max(1, int(round(cfg.local_epochs * len(dev.y) / min(cfg.batch_size, len(dev.y)))))
         samples = steps * min(cfg.batch_size, len(dev.y))
@@ -351,7 +359,7 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
             push(t + t_down + rng.random() * compute, "gone", dev)
             run.bytes_down += down
             return
-        push(t + t_down + compute, "trained", dev, (task, down))
+        push(t + t_down + compute, "trained", dev, (task, down, values))
 
     def merged(now, report):
         nonlocal last_report
@@ -382,8 +390,8 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
         now, _, kind, dev_id, payload = heapq.heappop(events)
         dev = by_id[dev_id]
         if kind == "trained":
-            task, down = payload
-            res = worker.run(task.values, task.base_version, dev.x, dev.y, task.config, bits=task.bits,
+            task, down, values = payload
+            res = worker.run(values, task.base_version, dev.x, dev.y, task.config, bits=task.bits,
                              seed=task.seed, device_id=dev.id)
             res.update.task_id = task.id
             run.peak_memory_recorded = max(run.peak_memory_recorded, res.memory.total)

@@ -50,12 +50,14 @@ from .coordinator import Coordinator, RunFailure
 from .discovery import MdnsBrowser, parse_peer
 from .fleet import Fleet, FleetSettings, Hooks
 from .logs import event
+from .status import parse_status_address, start_status
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 MODEL_ONNX = "model.onnx"
 WAIT_REPORT_S = 5.0
 WAIT_DIAGNOSE_S = 30.0     # then the waiting line says what discovery has seen
+CURVE_POINTS = 2000        # (version, time, accuracy, loss) points kept for the status page; thinned beyond
 # policy fields a resume may change (applied from the next version) and ones it must keep
 APPLIED_ON_RESUME = ("max_versions", "max_staleness", "lr", "local_epochs", "server_lr")
 FIXED_ON_RESUME = {"model": "--model", "strategy": "--strategy", "buffer": "--buffer",
@@ -96,7 +98,13 @@ class TrainConfig:
     seed: int = 0
     model_options: Optional[Dict[str, Any]] = None   # zoo options, e.g. {"hidden": [384, 192]}
     stop_grace: float = 10.0                     # s a signalled stop waits for in-flight updates
+    max_seconds: Optional[float] = None          # finish at the first merge after this much run time (site rounds)
     given: Optional[frozenset] = None            # fields set on the command line (None: all count as given)
+    status: Optional[str] = None                 # ADDRESS:PORT of the read-only status page (None: off)
+    update_bits: Optional[int] = None            # 8 or 4: how devices encode their deltas (ftte strategies;
+                                                 # None: the strategy's default, 8)
+    downlink: bool = True                        # tasks carry downlink deltas to agents that take them
+    downlink_bits: int = 8                       # the downlink stream's steps: int8 or packed int4
 
     def was_given(self, field: str) -> bool:
         return self.given is None or field in self.given
@@ -111,6 +119,11 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------
 # model and data
+def bits_option(bits: Optional[int]) -> Dict[str, Any]:
+    """make_strategy's keyword for --update-bits (none: the strategy's default)."""
+    return {} if bits is None else {"bits": int(bits)}
+
+
 def new_run_id() -> str:
     """A fresh run's id: random, saved in the checkpoint (a resume keeps it), sent with every TASK."""
     return secrets.token_hex(8)
@@ -159,9 +172,10 @@ def check_model_fits_data(model: ft.Model, val: ftdata.Dataset, where: str) -> N
 
 
 def cheapest_subset_bytes(model: ft.Model, scores, batch_size: int) -> int:
-    """The predicted memory of the cheapest trainable subset: below it an agent cannot take part."""
+    """The predicted memory of the cheapest trainable subset (frozen weights int8, the search's
+    lever): below it an agent cannot take part."""
     try:
-        result = search_subset(model, scores, 0, batch_size=batch_size)
+        result = search_subset(model, scores, 0, batch_size=batch_size, frozen="int8")
     except BudgetTooSmall as e:
         return int(e.minimum_bytes)
     return int(result.predicted_bytes)  # a zero budget fits (cannot happen: every subset costs something)
@@ -210,6 +224,7 @@ class _Run:
         self.last_loss = float("nan")
         self.best_accuracy = 0.0
         self.metrics_versions: set = set()
+        self.curve: List[List[float]] = []       # [version, time_s, accuracy, loss] per merge (status page)
         self.finished = asyncio.Event()
         self.finish_reason = ""
         self.fatal = ""
@@ -227,7 +242,8 @@ class _Run:
     async def setup_fresh(self) -> None:
         cfg = self.cfg
         model = build_model(cfg.model, self.val, seed=cfg.seed, options=cfg.model_options)
-        strategy = make_strategy(cfg.strategy, buffer_size=cfg.buffer, server_lr=cfg.server_lr)
+        strategy = make_strategy(cfg.strategy, buffer_size=cfg.buffer, server_lr=cfg.server_lr,
+                                 **bits_option(cfg.update_bits))
         scores = None
         if strategy.sparse:
             scores = importance_scores(model, self.val.x, self.val.y, seed=cfg.seed)
@@ -245,14 +261,14 @@ class _Run:
         who = min(agents, key=lambda a: int(f.infos[a]["memory_budget"]))
         if strategy.sparse:
             try:
-                result = search_subset(model, scores, m_min, batch_size=cfg.batch_size)
+                result = search_subset(model, scores, m_min, batch_size=cfg.batch_size, frozen="auto")
             except BudgetTooSmall as e:  # cannot happen for agents that passed the floor; kept as a guard
                 raise TrainError(f"the smallest usable agent budget, {format_size(m_min)} ({f.infos[who]['name']}), "
                                  f"is too small: the cheapest subset needs {format_size(e.minimum_bytes)}") from None
-            subset, needed = result.subset, int(result.predicted_bytes)
-            described = result.describe()
+            subset, needed, frozen = result.subset, int(result.predicted_bytes), result.frozen
+            described = result.describe() + ("; frozen weights int8" if frozen == "int8" else "")
         else:
-            subset = Subset.full(model)
+            subset, frozen = Subset.full(model), "float32"
             needed = int(predict_memory(model, subset, cfg.batch_size)["total"])
             described = "the full model"
         event("subset", f"subset for M_min {format_size(m_min)} ({self.fleet.infos[who]['name']}): {described}; "
@@ -263,18 +279,20 @@ class _Run:
         self._clear_leftovers()
         blob = model_to_bytes(model)
         atomic_write(self.out / ckpt.INITIAL_MODEL, lambda f: f.write(blob))
-        task_cfg = TaskConfig(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size)
+        task_cfg = TaskConfig(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, frozen=frozen)
         self.meta_base = {
             "format": ckpt.FORMAT, "model_hash": content_hash(blob), "model_name": model.name,
             "model_spec": cfg.model, "strategy": strategy.name, "buffer": strategy.buffer_size,
             "server_lr": strategy.server_lr, "task_config": task_cfg.as_dict(), "subset": subset.to_dict(),
             "needed_bytes": needed, "m_min": m_min, "seed": cfg.seed, "subset_described": described,
+            "update_bits": int(strategy.bits),
         }
         self.meta_base["run_id"] = run_id = new_run_id()
         self.meta_base["task_prefix"] = f"{run_id[:8]}-"  # task ids unique across runs
         self._make_driver(model, subset, strategy, task_cfg, blob)
-        _, self.start_accuracy = model.evaluate(self.val.x, self.val.y)
+        self.last_loss, self.start_accuracy = model.evaluate(self.val.x, self.val.y)
         self.last_accuracy = self.best_accuracy = self.start_accuracy
+        self.add_curve_point(0, self.elapsed, self.start_accuracy, self.last_loss)
         self._save_checkpoint_now()
         self.coord.open_journal()
 
@@ -301,14 +319,16 @@ class _Run:
             model = model_from_bytes(blob)
             model.load_state(params)
             check_model_fits_data(model, self.val, f"the checkpointed model in {self.out}")
-            strategy = make_strategy(meta["strategy"], buffer_size=int(meta["buffer"]), server_lr=float(meta["server_lr"]))
+            saved_bits = meta.get("update_bits")  # absent in checkpoints from before --update-bits: the default
+            strategy = make_strategy(meta["strategy"], buffer_size=int(meta["buffer"]), server_lr=float(meta["server_lr"]),
+                                     **bits_option(saved_bits if saved_bits in (4, 8) else None))
             subset = Subset.from_dict(model, meta["subset"])
             task_cfg = TaskConfig.from_dict(meta["task_config"])
         except (ModelFileError, ValueError, KeyError, TypeError) as e:
             raise TrainError(f"cannot resume from {self.out}: the checkpoint is inconsistent ({e})") from None
         self.meta_base = {k: meta[k] for k in ("format", "model_hash", "model_name", "model_spec", "strategy", "buffer",
                                                "server_lr", "task_config", "subset", "needed_bytes", "m_min", "seed",
-                                               "subset_described", "run_id", "task_prefix") if k in meta}
+                                               "subset_described", "run_id", "task_prefix", "update_bits") if k in meta}
         if not isinstance(self.meta_base.get("run_id"), str) or not M.RUN_ID_RE.fullmatch(self.meta_base["run_id"]):
             # a checkpoint from before run ids: its journal replays task ids without a prefix
             self.meta_base["run_id"], self.meta_base["task_prefix"] = new_run_id(), ""
@@ -484,6 +504,8 @@ class _Run:
         self._merges.put_nowait((report, params, state, agents, stats))
         if self.driver.done:
             self._finish("max_versions", f"reached --max-versions {self.cfg.max_versions}")
+        elif self.cfg.max_seconds is not None and self.elapsed >= self.cfg.max_seconds:
+            self._finish("max_seconds", f"reached the time limit of {self.cfg.max_seconds:g} s")
 
     def _merged_in_replay(self, report: MergeReport) -> None:
         if report.version in self.metrics_versions:
@@ -567,6 +589,7 @@ class _Run:
         with open(self.out / METRICS, "a") as f:
             f.write(json.dumps(line, separators=(",", ":")) + "\n")
         self.metrics_versions.add(report.version)
+        self.add_curve_point(report.version, line["time_s"], acc, loss)
         if self.hooks.on_metrics:
             self.hooks.on_metrics(line)
         top = self.cfg.max_versions
@@ -583,11 +606,22 @@ class _Run:
         good = []
         for line in path.read_text().splitlines():
             try:
-                self.metrics_versions.add(int(json.loads(line)["version"]))
+                m = json.loads(line)
+                self.metrics_versions.add(int(m["version"]))
                 good.append(line)
             except (ValueError, KeyError, TypeError):
-                pass  # a line torn by a crash
+                continue  # a line torn by a crash
+            try:
+                self.add_curve_point(int(m["version"]), float(m["time_s"]), float(m["accuracy"]), float(m["loss"]))
+            except (ValueError, KeyError, TypeError):
+                pass
         atomic_write(path, lambda f: f.write("".join(l + "\n" for l in good).encode()))
+
+    def add_curve_point(self, version: int, time_s: float, accuracy: float, loss: float) -> None:
+        """Remember one point of the accuracy curve; past CURVE_POINTS every other older point goes."""
+        self.curve.append([int(version), round(float(time_s), 3), round(float(accuracy), 6), round(float(loss), 6)])
+        if len(self.curve) > CURVE_POINTS:
+            self.curve = self.curve[:-1:2] + self.curve[-1:]
 
     def _finish(self, kind: str, reason: str) -> None:
         if not self.finished.is_set():
@@ -718,8 +752,17 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
             raise TrainError(f"--peer: {e}") from None
     if not peers and not config.mdns:
         raise TrainError("no way to find agents: give --peer HOST:PORT or leave mDNS on")
+    if config.status is not None:
+        try:
+            parse_status_address(config.status)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+    if config.update_bits is not None and (config.update_bits not in (4, 8) or not config.strategy.startswith("ftte")):
+        raise TrainError(f"--update-bits {config.update_bits}: 8 or 4, for the ftte strategies only "
+                         f"(fedbuff and fedavg send float32 deltas)")
     try:
-        make_strategy(config.strategy, buffer_size=config.buffer, server_lr=config.server_lr)
+        make_strategy(config.strategy, buffer_size=config.buffer, server_lr=config.server_lr,
+                      **bits_option(config.update_bits))
         TaskConfig.from_dict({"lr": config.lr, "local_epochs": config.local_epochs, "batch_size": config.batch_size})
     except ValueError as e:
         raise TrainError(str(e)) from None
@@ -739,14 +782,24 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
 
     fleet = Fleet(key, FleetSettings(ping_interval=config.ping_interval, dead_after=config.dead_after,
                                      task_timeout=config.task_timeout, connect_timeout=config.connect_timeout), hooks)
+    fleet.downlink_enabled = bool(config.downlink)
+    if config.downlink_bits not in (8, 4):
+        raise TrainError(f"--downlink-bits must be 8 or 4, got {config.downlink_bits}")
+    fleet.downlink_bits = int(config.downlink_bits)
     run = _Run(config, fleet, hooks)
     fleet.on_fatal = run._fail
     run.val = load_validation(config.val_data)
     browser = None
     writer = None
+    status = None
     loop = asyncio.get_running_loop()
     handled = _install_stop_signals(loop, run)
     try:
+        if config.status is not None:  # first: an address in use fails before anything else happens
+            try:
+                status = await start_status(config.status, run, hooks.on_status_url)
+            except OSError as e:
+                raise TrainError(e.strerror or str(e)) from None
         if saved is not None:
             run.setup_resume(*saved)
         if config.mdns:
@@ -802,6 +855,10 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
             await fleet.stop("the hub is shutting down", grace=2.0)
         if browser is not None:
             await browser.close()
+        if status is not None:
+            server, events = status
+            await server.close()
+            events.detach()
         if run.coord is not None and run.coord.journal is not None:
             run.coord.journal.close_now()
 

@@ -115,8 +115,81 @@ class Layer:
         """Given dL/dy, write dL/dx (where dx is given) and this layer's gradients (into scope)."""
         raise NotImplementedError
 
+    @property
+    def weight_shape(self) -> Shape:
+        """The weight's shape (whatever its storage)."""
+        return tuple(self.weight.shape)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+def quantize_rows(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one float32 scale per output row (row = ``w[r]``, flattened):
+    scale = max|row| / 127, q = round-to-nearest(row / scale) in [-127, 127]; an all-zero row
+    gets scale 0. Done a block of rows at a time, so the float temporaries stay small."""
+    w = np.asarray(w, dtype=np.float32)
+    flat = w.reshape(w.shape[0], -1)
+    q = np.empty(flat.shape, np.int8)
+    scale = np.empty(flat.shape[0], np.float32)
+    block = max(1, 65536 // max(1, flat.shape[1]))
+    for a in range(0, flat.shape[0], block):
+        rows = flat[a:a + block]
+        s = (np.max(np.abs(rows), axis=1) / np.float32(127.0)).astype(np.float32)
+        scale[a:a + block] = s
+        inv = np.divide(np.float32(1.0), s, out=np.zeros_like(s), where=s > 0)
+        q[a:a + block] = np.clip(np.rint(rows * inv[:, None]), -127, 127).astype(np.int8)
+    return q.reshape(w.shape), scale
+
+
+class _Int8Weight:
+    """Weight storage for Dense and Conv: float32 ``weight``, or -- once ``quantize_weight`` ran
+    (``Trainer(..., frozen="int8")`` does it for layers whose weight rows do not train) --
+    ``weight_q`` (int8, the weight's shape) and ``weight_scale`` (float32, one per output row),
+    with the float array released. The kernels take the int8 form directly (dequantised while
+    packing GEMM panels), so forward, predict and the backward through the layer (dx) use it.
+
+    Reading ``weight`` of an int8 layer gives a dequantised, read-only float32 copy (export,
+    ``Model.state``, saving): values are what the kernels compute with. Assigning ``weight``
+    stores float32 again (and drops the int8 form)."""
+
+    int8_capable = True
+    weight_q: Optional[np.ndarray] = None
+    weight_scale: Optional[np.ndarray] = None
+
+    @property
+    def weight(self) -> np.ndarray:
+        if self._weight is not None:
+            return self._weight
+        w = self.weight_q.astype(np.float32)
+        w *= self.weight_scale.reshape((-1,) + (1,) * (w.ndim - 1))
+        w.flags.writeable = False
+        return w
+
+    @weight.setter
+    def weight(self, value: np.ndarray) -> None:
+        self._weight = value
+        self.weight_q = self.weight_scale = None
+
+    @property
+    def is_int8(self) -> bool:
+        return self._weight is None
+
+    @property
+    def weight_shape(self) -> Shape:
+        return tuple((self.weight_q if self.is_int8 else self._weight).shape)
+
+    def quantize_weight(self) -> None:
+        """Hold the weight as int8 + per-row scales from now on (idempotent)."""
+        if not self.is_int8:
+            self.weight_q, self.weight_scale = quantize_rows(self._weight)
+            self._weight = None
+
+    def _kernel_weight(self) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+        """(w, extra kernel kwargs): the float weight, or the int8 one with its scales."""
+        if self.is_int8:
+            return self.weight_q, {"w_scale": self.weight_scale}
+        return self._weight, {}
 
 
 def _trainable(a) -> np.ndarray:
@@ -148,7 +221,7 @@ def _separate_bias(rows, db) -> bool:
     return rows is not None and db is not None
 
 
-class Dense(Layer):
+class Dense(_Int8Weight, Layer):
     kind = "dense"
     has_params = True
 
@@ -158,11 +231,11 @@ class Dense(Layer):
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1]
+        return self.weight_shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return self.weight_shape[0]
 
     def out_shape(self, in_shape: Shape) -> Shape:
         if tuple(in_shape) != (self.in_features,):
@@ -178,12 +251,12 @@ class Dense(Layer):
     def saves_input(self, trains: bool) -> bool:
         return trains
 
-    def forward_scratch(self, n, in_shapes, threads):
-        return K.sgemm_scratch_bytes(n, self.out_features, self.in_features, False, True)
+    def forward_scratch(self, n, in_shapes, threads, int8=False):
+        return K.sgemm_scratch_bytes(n, self.out_features, self.in_features, False, True, int8_b=int8)
 
-    fuses_update = True
+    fuses_update = True  # when its weight is float32 (an int8 weight never trains; its bias may)
 
-    def backward_scratch(self, n, in_shapes, rows, bias, dx_needed, threads, fused_update=False):
+    def backward_scratch(self, n, in_shapes, rows, bias, dx_needed, threads, int8=False, fused_update=False):
         o, f = self.out_features, self.in_features
         r = int(rows.size)
         if fused_update:
@@ -192,23 +265,26 @@ class Dense(Layer):
         if bias:
             peak = max(peak, F32 * (r if 0 < r == o else o))
         if dx_needed[0]:
-            peak = max(peak, K.sgemm_scratch_bytes(n, f, o, False, False))
+            peak = max(peak, K.sgemm_scratch_bytes(n, f, o, False, False, int8_b=int8))
         return peak
 
     def forward(self, x, y, scope=None):
-        K.dense_forward(x, self.weight, self.bias, y)
+        w, wkw = self._kernel_weight()
+        K.dense_forward(x, w, self.bias, y, **wkw)
 
     def backward(self, x, y, dy, dx, scope):
-        sgd = scope.sgd(self)
+        sgd = None if self.is_int8 else scope.sgd(self)
         if sgd is not None:
-            K.dense_backward_sgd(x, self.weight, self.bias, dy, sgd.rows, dx, sgd.bias, sgd.vw, sgd.vb, sgd.lr,
+            K.dense_backward_sgd(x, self._weight, self.bias, dy, sgd.rows, dx, sgd.bias, sgd.vw, sgd.vb, sgd.lr,
                                  sgd.momentum, sgd.weight_decay)
             return
         rows, dw, db = scope.grad_buffers(self)
+        w, wkw = self._kernel_weight()
         if _separate_bias(rows, db):
-            K.dense_backward(None, self.weight, dy, None, None, db, None)
+            K.dense_backward(None, w, dy, None, None, db, None, **wkw)
             db = None
-        K.dense_backward(x, self.weight, dy, rows, dw, db, dx)
+        K.dense_backward(x, w, dy, rows, dw, db, dx, **wkw)
+        scope.apply_grads(self)
 
 
 def _conv_mode(group: int, in_channels: int, weight_shape: Shape) -> str:
@@ -219,7 +295,7 @@ def _conv_mode(group: int, in_channels: int, weight_shape: Shape) -> str:
     return "grouped"
 
 
-class Conv2d(Layer):
+class Conv2d(_Int8Weight, Layer):
     """ONNX Conv on [C, H, W]: ``group`` 1 (im2col + GEMM), C (depthwise, a direct kernel, with a
     channel multiplier OC/C) or anything dividing C and OC (grouped)."""
 
@@ -256,19 +332,20 @@ class Conv2d(Layer):
 
     @property
     def weight_shape2(self) -> Shape:
-        return self._w4(self.weight).shape
+        s = self.weight_shape
+        return s if len(s) == 4 else (s[0], s[1], 1, s[-1])
 
     @property
     def in_channels(self) -> int:
-        return self.weight.shape[1] * self.group
+        return self.weight_shape[1] * self.group
 
     @property
     def out_channels(self) -> int:
-        return self.weight.shape[0]
+        return self.weight_shape[0]
 
     @property
     def mode(self) -> str:
-        return _conv_mode(self.group, self.in_channels, self.weight.shape)
+        return _conv_mode(self.group, self.in_channels, self.weight_shape)
 
     def _in4(self, in_shape: Shape) -> Shape:
         return tuple(in_shape)
@@ -286,7 +363,7 @@ class Conv2d(Layer):
         return (oc, oh, ow) if self.dims == 2 else (oc, ow)
 
     def flops(self, in_shape: Shape) -> int:
-        return 2 * int(np.prod(self.out_shape(in_shape))) * int(np.prod(self.weight.shape[1:]))
+        return 2 * int(np.prod(self.out_shape(in_shape))) * int(np.prod(self.weight_shape[1:]))
 
     def params(self) -> Dict[str, np.ndarray]:
         return {"weight": self.weight, "bias": self.bias}
@@ -294,7 +371,7 @@ class Conv2d(Layer):
     def saves_input(self, trains: bool) -> bool:
         return trains
 
-    def _scratch(self, n, in_shape, threads, backward=False, rows=None, dw=True, db=True, dx=True) -> int:
+    def _scratch(self, n, in_shape, threads, backward=False, rows=None, dw=True, db=True, dx=True, int8=False) -> int:
         """Scratch of one kernel call; ``rows`` the selected rows (None: all)."""
         x_shape, w_shape = (n,) + self._in4(in_shape), self.weight_shape2
         mode = self.mode
@@ -303,21 +380,22 @@ class Conv2d(Layer):
                                                     dw, dx, threads)
         if mode == "dense":
             if not backward:
-                return K.conv2d_scratch_bytes(x_shape, w_shape, self.stride2, self.padding2, threads=threads)
+                return K.conv2d_scratch_bytes(x_shape, w_shape, self.stride2, self.padding2, threads=threads,
+                                              int8_weight=int8)
             return K.conv2d_scratch_bytes(x_shape, w_shape, self.stride2, self.padding2, backward=True,
                                           n_rows=None if rows is None else int(rows.size), dw=dw, dx=dx,
-                                          threads=threads)
+                                          threads=threads, int8_weight=int8)
         return K.grouped_conv2d_scratch_bytes(x_shape, w_shape, self.group, self.stride2, self.padding2, backward,
-                                              rows, dw, db, dx, threads)
+                                              rows, dw, db, dx, threads, int8_weight=int8)
 
-    def forward_scratch(self, n, in_shapes, threads):
-        return self._scratch(n, in_shapes[0], threads)
+    def forward_scratch(self, n, in_shapes, threads, int8=False):
+        return self._scratch(n, in_shapes[0], threads, int8=int8)
 
     @property
     def fuses_update(self) -> bool:
-        return self.mode == "dense"
+        return self.mode == "dense"  # when its weight is float32, as for Dense
 
-    def backward_scratch(self, n, in_shapes, rows, bias, dx_needed, threads, fused_update=False):
+    def backward_scratch(self, n, in_shapes, rows, bias, dx_needed, threads, int8=False, fused_update=False):
         r, oc = int(rows.size), self.out_channels
         if fused_update and self.fuses_update:
             return K.conv2d_backward_sgd_scratch_bytes((n,) + self._in4(in_shapes[0]), self.weight_shape2,
@@ -327,41 +405,44 @@ class Conv2d(Layer):
         peak = 0
         if r or dx_needed[0]:  # the call for the weight rows (and the bias when it goes along) and dx
             peak = self._scratch(n, in_shapes[0], threads, backward=True, rows=rows if 0 < r < oc else None,
-                                 dw=r > 0, db=bias and (full or r == 0), dx=bool(dx_needed[0]))
+                                 dw=r > 0, db=bias and (full or r == 0), dx=bool(dx_needed[0]), int8=int8)
         if bias and 0 < r < oc:  # the whole bias, in a call of its own
             peak = max(peak, self._scratch(n, in_shapes[0], threads, backward=True, rows=None, dw=False, db=True,
-                                           dx=False))
+                                           dx=False, int8=int8))
         return peak
 
     def _x4(self, x):
         return x
 
     def forward(self, x, y, scope=None):
-        x, y, w = self._x4(x), self._x4(y), self._w4(self.weight)
+        w, wkw = self._kernel_weight()
+        x, y, w = self._x4(x), self._x4(y), self._w4(w)
         mode = self.mode
         if mode == "dense":
-            K.conv2d_forward(x, w, self.bias, y, self.stride2, self.padding2)
+            K.conv2d_forward(x, w, self.bias, y, self.stride2, self.padding2, **wkw)
         elif mode == "depthwise":
-            K.depthwise_conv2d_forward(x, w, self.bias, y, self.stride2, self.padding2)
+            K.depthwise_conv2d_forward(x, w, self.bias, y, self.stride2, self.padding2, **wkw)
         else:
-            K.grouped_conv2d_forward(x, w, self.bias, y, self.group, self.stride2, self.padding2)
+            K.grouped_conv2d_forward(x, w, self.bias, y, self.group, self.stride2, self.padding2, **wkw)
 
     def _backward_call(self, x, dy, rows, dw, db, dx):
-        w, mode = self._w4(self.weight), self.mode
+        w, wkw = self._kernel_weight()
+        w, mode = self._w4(w), self.mode
         if mode == "dense":
-            K.conv2d_backward(x, w, dy, rows, dw, db, dx, self.stride2, self.padding2)
+            K.conv2d_backward(x, w, dy, rows, dw, db, dx, self.stride2, self.padding2, **wkw)
         elif mode == "depthwise":
-            K.depthwise_conv2d_backward(x, w, dy, rows, dw, db, dx, self.stride2, self.padding2, False)
+            K.depthwise_conv2d_backward(x, w, dy, rows, dw, db, dx, self.stride2, self.padding2, False, **wkw)
         else:
-            K.grouped_conv2d_backward(x, w, dy, rows, dw, db, dx, self.group, self.stride2, self.padding2, False)
+            K.grouped_conv2d_backward(x, w, dy, rows, dw, db, dx, self.group, self.stride2, self.padding2, False,
+                                      **wkw)
 
     def backward(self, x, y, dy, dx, scope):
         x = None if x is None else self._x4(x)
         dy = self._x4(dy)
         dx = None if dx is None else self._x4(dx)
-        sgd = scope.sgd(self) if self.fuses_update else None
+        sgd = scope.sgd(self) if self.fuses_update and not self.is_int8 else None
         if sgd is not None:
-            K.conv2d_backward_sgd(x, self._w4(self.weight), self.bias, dy, sgd.rows, dx, sgd.bias,
+            K.conv2d_backward_sgd(x, self._w4(self._weight), self.bias, dy, sgd.rows, dx, sgd.bias,
                                   None if sgd.vw is None else self._w4(sgd.vw), sgd.vb, sgd.lr, sgd.momentum,
                                   sgd.weight_decay, self.stride2, self.padding2)
             return
@@ -1052,7 +1133,7 @@ class Model:
         return [layer for layer in self.layers if layer.has_params]
 
     def num_params(self) -> int:
-        return sum(a.size for layer in self.param_layers for a in layer.params().values())
+        return sum(int(np.prod(layer.weight_shape)) + layer.bias.size for layer in self.param_layers)
 
     def state(self) -> Dict[str, np.ndarray]:
         """All parameters as ``{"layer.weight": array, ...}`` (the arrays themselves, not copies)."""
@@ -1070,7 +1151,14 @@ class Model:
                 raise ValueError(f"state[{key!r}] has shape {src.shape}, the model needs {dst.shape}")
             if not np.all(np.isfinite(src)):
                 raise ValueError(f"state[{key!r}] holds NaN or Inf")
-            np.copyto(dst, src, casting="same_kind")
+        for key, dst in own.items():
+            layer = self.layer(key.rsplit(".", 1)[0])
+            if key.endswith(".weight") and getattr(layer, "is_int8", False):
+                # the layer stays int8: the new values are quantised into it
+                layer.weight = np.array(state[key], dtype=np.float32)
+                layer.quantize_weight()
+            else:
+                np.copyto(dst, np.asarray(state[key]), casting="same_kind")
 
     def copy(self) -> "Model":
         return copy.deepcopy(self)

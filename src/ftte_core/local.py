@@ -63,9 +63,15 @@ class TaskConfig:
     local_epochs: float = 1.0
     batch_size: int = 32
     max_steps: Optional[int] = None
+    #: how the device holds weights that do not train: "float32", or "int8" (a scale per row;
+    #: ``Trainer(frozen=...)``), the memory lever the hub's search may turn on
+    frozen: str = "float32"
 
     def as_dict(self) -> Dict[str, object]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if d["frozen"] == "float32":  # the default goes unsaid: a task reads as it did before the setting existed
+            del d["frozen"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, object]) -> "TaskConfig":
@@ -100,6 +106,10 @@ class TaskConfig:
             lo, hi = L["batch_size"]
             if not lo <= cfg.batch_size <= hi:
                 raise ValueError(f"batch_size must be between {lo} and {hi}, got {cfg.batch_size}")
+        if "frozen" in d:
+            if d["frozen"] not in ("float32", "int8"):
+                raise ValueError(f"frozen must be \"float32\" or \"int8\", got {str(d['frozen'])[:40]!r}")
+            cfg.frozen = d["frozen"]
         if d.get("max_steps") is not None:
             cfg.max_steps = _integer(d, "max_steps")
             lo, hi = L["max_steps"]
@@ -168,11 +178,12 @@ class LocalWorker:
         if limits.cancel is not None and limits.cancel.is_set():
             raise TaskCancelled("cancelled before training started")
         self.load_values(values)
-        key = (config.lr, config.momentum, config.weight_decay)
+        key = (config.lr, config.momentum, config.weight_decay, config.frozen)
         if self._trainer is None or self._trainer_key != key or config.momentum:
-            # momentum state must not leak from one task into the next
+            # momentum state must not leak from one task into the next; frozen="int8" converts the
+            # model's frozen layers once (they stay int8 for later tasks: the hub never sends them)
             self._trainer = Trainer(self.model, self.subset, lr=config.lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay, seed=seed)
+                                    weight_decay=config.weight_decay, seed=seed, frozen=config.frozen)
             self._trainer_key = key
         else:
             self._trainer.rng = np.random.default_rng(seed)

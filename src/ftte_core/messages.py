@@ -2,8 +2,8 @@
 
 Both programs speak it: the hub (``ftte_hub``) opens the TCP connection, the agent
 (``ftte_agent``) serves it. Every message is one protocol frame ``type u8 | body``; bodies are
-UTF-8 JSON objects, except MODEL (a ``modelfile`` blob), TASK (JSON header + float32 arrays, below)
-and UPDATE (``update.Update.to_bytes()``).
+UTF-8 JSON objects, except MODEL (a ``modelfile`` blob), TASK (JSON header + float32 arrays or one
+downlink frame, below) and UPDATE (``update.Update.to_bytes()``).
 
 Conversation (hub = H, agent = A), after the handshake:
 
@@ -23,7 +23,8 @@ Fields (JSON bodies; sizes in bytes):
     AGENT_INFO   agent_id str (stable across restarts: the hub's device id), name str, protocol int
                  (protocol.PROTOCOL_VERSION), memory_budget int, speed float (measured training
                  GFLOP/s), slowdown float, models [str] (cached model hashes), pending int,
-                 num_samples int, arch str, software str
+                 num_samples int, arch str, software str; optional downlink {format: 1, and when it
+                 holds canonical values: stream str, version int, checksum str} (docs/protocol.md)
     NOT_USED     reason str, needed_bytes int, budget_bytes int
     MODEL        a modelfile blob; its hash is modelfile.content_hash(blob)
     TASK         see encode_task; ``model_hash`` names the MODEL it applies to, ``run_id`` the
@@ -32,7 +33,8 @@ Fields (JSON bodies; sizes in bytes):
     ACK          task_id str, run_id str (the UPDATE's), accepted bool, reason str ("" when
                  accepted; "other_run": the update belongs to another run and is dropped unmerged),
                  message str, version int
-    TASK_FAILED  task_id str, run_id str, message str (a reason worded for a person)
+    TASK_FAILED  task_id str, run_id str, message str (a reason worded for a person); downlink "resync"
+                 when the task's downlink frame did not apply (the agent now holds nothing: send a snapshot)
     STOP         reason str
     PING, PONG   t float (the sender's clock; PONG echoes PING's)
     ERROR        message str
@@ -45,10 +47,11 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
+from . import downlink as DL
 from .local import TaskConfig
 
 AGENT_INFO = 1
@@ -127,17 +130,32 @@ class TaskMessage:
     bits: int
     values: Dict[str, np.ndarray]        # key -> float32 [R, F], Subset.tensors order
     run_id: str = ""                     # the hub's run; required on the wire (RUN_ID_RE)
+    downlink: Optional[DL.Frame] = None  # instead of values: a downlink frame (the agent resolves it)
 
 
-def encode_task(msg: TaskMessage) -> bytes:
-    """JSON header length u32 LE | header | float32 LE arrays in header order."""
-    values = {k: np.ascontiguousarray(v, dtype="<f4") for k, v in msg.values.items()}
+def task_header(msg: TaskMessage, values_entry: list, downlink: bool) -> bytes:
+    """The TASK's JSON header (``values_entry``: [[key, [R, F]], ...], empty with a downlink frame)."""
     head = {"task_id": msg.task_id, "run_id": msg.run_id, "base_version": int(msg.base_version), "model_hash": msg.model_hash,
             "subset": msg.subset, "subset_fingerprint": msg.subset_fingerprint, "config": msg.config.as_dict(),
-            "seed": int(msg.seed), "bits": int(msg.bits),
-            "values": [[k, [int(d) for d in v.shape]] for k, v in values.items()]}
-    header = encode_json(head)
-    return b"".join([_PREFIX.pack(len(header)), header] + [v.tobytes() for v in values.values()])
+            "seed": int(msg.seed), "bits": int(msg.bits), "values": values_entry}
+    if downlink:
+        head["downlink"] = True
+    return encode_json(head)
+
+
+def assemble_task(header: bytes, tail) -> bytes:
+    """u32 LE header length | header | tail (float32 values, or one downlink frame)."""
+    return b"".join([_PREFIX.pack(len(header)), header, tail])
+
+
+def encode_task(msg: TaskMessage, downlink_blob: Optional[bytes] = None) -> bytes:
+    """JSON header length u32 LE | header | float32 LE arrays in header order, or (``downlink_blob``,
+    ``downlink.encode_frame`` bytes) the header with ``"downlink": true``, no values, and the frame."""
+    if downlink_blob is not None:
+        return assemble_task(task_header(msg, [], True), downlink_blob)
+    values = {k: np.ascontiguousarray(v, dtype="<f4") for k, v in msg.values.items()}
+    header = task_header(msg, [[k, [int(d) for d in v.shape]] for k, v in values.items()], False)
+    return assemble_task(header, b"".join(v.tobytes() for v in values.values()))
 
 
 def decode_task(body) -> TaskMessage:
@@ -173,6 +191,18 @@ def decode_task(body) -> TaskMessage:
         raise MessageError(f"TASK: {e}") from None
     offset = _PREFIX.size + hlen
     values: Dict[str, np.ndarray] = {}
+    frame = None
+    if "downlink" in head:
+        if head["downlink"] is not True or head["values"]:
+            raise MessageError("TASK: downlink must be true and values empty when present")
+        try:
+            frame = DL.decode_frame(mv[offset:], max_bytes=n)
+        except DL.DownlinkError as e:
+            raise MessageError(f"TASK: {e}") from None
+        if frame.version != head["base_version"]:
+            raise MessageError(f"TASK: the downlink frame is version {frame.version}, the task's base version "
+                               f"{head['base_version']}")
+        offset = n
     for entry in head["values"]:
         try:
             key, (rows, cols) = entry
@@ -194,4 +224,4 @@ def decode_task(body) -> TaskMessage:
         raise MessageError(f"TASK: {n - offset} bytes left over after the values")
     return TaskMessage(task_id=head["task_id"], run_id=head["run_id"], base_version=head["base_version"], model_hash=head["model_hash"],
                        subset=head["subset"], subset_fingerprint=head["subset_fingerprint"], config=config,
-                       seed=head["seed"], bits=head["bits"], values=values)
+                       seed=head["seed"], bits=head["bits"], values=values, downlink=frame)

@@ -127,11 +127,36 @@ def requires_grad(model: Model, subset: Subset) -> List[bool]:
     return req
 
 
-def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chunk: bool = True) -> StepPlan:
+FROZEN_MODES = ("float32", "int8")
+
+
+def check_frozen(frozen) -> str:
+    if frozen not in FROZEN_MODES:
+        raise ValueError(f"frozen must be 'float32' or 'int8', got {frozen!r}")
+    return frozen
+
+
+def int8_layers(model: Model, subset: Subset, frozen: str = "float32") -> set:
+    """Names of the layers whose weight is int8 during a step: those already held as int8, and
+    with ``frozen="int8"`` every Dense/Conv whose weight rows do not train (its bias may)."""
+    check_frozen(frozen)
+    out = set()
+    for layer in model.param_layers:
+        if not getattr(layer, "int8_capable", False):
+            continue
+        ls = subset.get(layer.name)
+        if layer.is_int8 or (frozen == "int8" and (ls is None or ls.rows.size == 0)):
+            out.add(layer.name)
+    return out
+
+
+def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chunk: bool = True,
+          frozen: str = "float32") -> StepPlan:
     """The plan of one step of batch size n (see the module docstring for the rules).
 
     ``every_chunk=False`` plans the frozen part for its first chunk only: the buffers are the
-    same (later chunks reuse them), the calls are not all there; the cost model needs no more."""
+    same (later chunks reuse them), the calls are not all there; the cost model needs no more.
+    ``frozen="int8"``: kernel scratch as with int8 weights in the layers ``int8_layers`` names."""
     layers, inputs, shapes = model.layers, model.inputs, model.shapes
     in_shapes = [[shapes[v] for v in ins] for ins in inputs]
     L = len(layers)
@@ -144,6 +169,8 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
     dx_needed = [tuple(req[v] for v in inputs[i]) for i in range(L)]
     subs = [subset.get(layer.name) for layer in layers]
     trains_rows = [s is not None and s.rows.size > 0 for s in subs]
+    int8 = int8_layers(model, subset, frozen)
+    q8 = [layer.name in int8 for layer in layers]
 
     needs_in: List[Tuple[bool, ...]] = [()] * L
     needs_out = [False] * L
@@ -259,7 +286,7 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
                 if layers[i].kind not in VIEW_KINDS:
                     forward.append((layers[i].forward, (arg(ins, i), y, None)))
                     if a == 0:
-                        scratch.append(_fwd_scratch(layers[i], b - a, in_shapes[i]))
+                        scratch.append(_fwd_scratch(layers[i], b - a, in_shapes[i], q8[i]))
                 release_after(i)
             for s in [s for s, r in where.items() if r.kind == "slot"]:  # a chunk's scratch ends with it
                 slots.give(where.pop(s).key)
@@ -283,7 +310,7 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
             for name, (shape, dtype) in layers[i].saved_buffers(n, in_shapes[i], shapes[v]).items():
                 fixed[(i, name)] = (tuple(shape), dtype, "activations")
             forward.append((layers[i].forward, (arg(ins, i), y, ("scope", i))))
-        scratch.append(_fwd_scratch(layers[i], n, in_shapes[i]))
+        scratch.append(_fwd_scratch(layers[i], n, in_shapes[i], q8[i]))
         release_after(i)
     logits = place(out, 0, n)
     fixed[("loss", "probs")] = ((n,) + shapes[out], np.float32, "activations")
@@ -334,8 +361,8 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
         backward.append((layer.backward, (arg(x_args, i), y_arg, dy, arg(dxs, i), ("scope", i))))
         ls = subs[i]
         rows = ls.rows if ls is not None else np.zeros(0, np.int32)
-        scratch.append(_bwd_scratch(layer, n, in_shapes[i], rows, ls is not None and ls.bias, dx_needed[i],
-                                    fused and ls is not None))
+        scratch.append(_bwd_scratch(layer, n, in_shapes[i], rows, ls is not None and ls.bias, dx_needed[i], q8[i],
+                                    fused and ls is not None and not q8[i]))
         for total, tmp in adds:
             backward.append((K.add_forward, (total, tmp, total)))
             slots.give(tmp.key)
@@ -354,15 +381,19 @@ def _memo(layer, key, compute) -> int:
     return got
 
 
-def _fwd_scratch(layer, n, in_shapes):
-    key = ("f", n, tuple(map(tuple, in_shapes)))
-    return lambda threads: _memo(layer, key + (threads,), lambda: layer.forward_scratch(n, in_shapes, threads))
+def _fwd_scratch(layer, n, in_shapes, int8=False):
+    key = ("f", n, tuple(map(tuple, in_shapes)), int8)
+    kw = {"int8": True} if int8 else {}  # only Dense and Conv take it
+    return lambda threads: _memo(layer, key + (threads,), lambda: layer.forward_scratch(n, in_shapes, threads, **kw))
 
 
-def _bwd_scratch(layer, n, in_shapes, rows, bias, dx_needed, fused):
-    key = ("b", n, tuple(map(tuple, in_shapes)), rows.tobytes(), bool(bias), tuple(dx_needed), bool(fused))
+def _bwd_scratch(layer, n, in_shapes, rows, bias, dx_needed, int8=False, fused=False):
+    key = ("b", n, tuple(map(tuple, in_shapes)), rows.tobytes(), bool(bias), tuple(dx_needed), int8, bool(fused))
+    kw = {"int8": True} if int8 else {}  # only Dense and Conv take them
+    if fused:
+        kw["fused_update"] = True
     return lambda threads: _memo(layer, key + (threads,),
-                                 lambda: layer.backward_scratch(n, in_shapes, rows, bias, dx_needed, threads, fused))
+                                 lambda: layer.backward_scratch(n, in_shapes, rows, bias, dx_needed, threads, **kw))
 
 
 # -- parameters: what both the trainer and the cost model hold besides the step's buffers ----------
@@ -377,7 +408,7 @@ def fused_update(model: Model, subset: Subset) -> bool:
     spans = []  # (start, end, layer index, trained): one sort finds every overlap
     for i, layer in enumerate(model.param_layers):
         trained = subset.get(layer.name) is not None
-        for a in (layer.weight, layer.bias):
+        for a in (layer.weight_q if getattr(layer, "is_int8", False) else layer.weight, layer.bias):
             if a.nbytes:
                 start = a.__array_interface__["data"][0]
                 spans.append((start, start + a.nbytes, i, trained))
@@ -391,8 +422,8 @@ def fused_update(model: Model, subset: Subset) -> bool:
     return True
 
 
-def parameter_buffers(model: Model, subset: Subset, momentum: float,
-                      fused: Optional[bool] = None) -> Dict[tuple, Tuple[tuple, object, str]]:
+def parameter_buffers(model: Model, subset: Subset, momentum: float, fused: Optional[bool] = None,
+                      frozen: str = "float32") -> Dict[tuple, Tuple[tuple, object, str]]:
     """What the trainer holds for the trained parameters besides the weights: key -> (shape,
     dtype, category).
 
@@ -402,23 +433,24 @@ def parameter_buffers(model: Model, subset: Subset, momentum: float,
     itself (``Layer.fuses_update``: dense and im2col convolutions, whose tiles are kernel scratch);
     the others (batch norm, depthwise and grouped convolutions: small) share one buffer
     ("update", "grad") of the largest of their gradients (rows, then bias), used by one layer at a
-    time. With momentum, both add velocity buffers of the trained rows and biases (optimizer state)."""
+    time; so does a layer with int8 weights (``int8_layers``: only its bias may train). With momentum, both add velocity buffers of the trained rows and biases (optimizer state)."""
     if fused is None:
         fused = fused_update(model, subset)
+    int8 = int8_layers(model, subset, frozen)
     out = {}
     shared = 0
     for layer in model.param_layers:
         ls = subset.get(layer.name)
         if ls is None:
             continue
-        w = ((ls.rows.size,) + layer.weight.shape[1:], np.float32, "gradients") if ls.rows.size else None
+        w = ((ls.rows.size,) + layer.weight_shape[1:], np.float32, "gradients") if ls.rows.size else None
         b = (layer.bias.shape, np.float32, "gradients") if ls.bias else None
         if not fused:
             if w:
                 out[(layer.name, "dw")] = w
             if b:
                 out[(layer.name, "db")] = b
-        elif not layer.fuses_update:
+        elif not layer.fuses_update or layer.name in int8:
             shared = max(shared, (_numel(w[0]) if w else 0) + (_numel(b[0]) if b else 0))
         if momentum:
             if w:
@@ -430,8 +462,10 @@ def parameter_buffers(model: Model, subset: Subset, momentum: float,
     return out
 
 
-def weight_bytes(model: Model, subset: Subset) -> Tuple[int, int]:
-    """(frozen, trainable) bytes of the parameters; constants (batch-norm statistics) are frozen."""
+def weight_bytes(model: Model, subset: Subset, frozen_mode: str = "float32") -> Tuple[int, int]:
+    """(frozen, trainable) bytes of the parameters; constants (batch-norm statistics) are frozen.
+    An int8 weight (see ``int8_layers``) counts one byte per value plus a float32 scale per row."""
+    int8 = int8_layers(model, subset, frozen_mode)
     frozen = trainable = 0
     for layer in model.layers:
         if not layer.has_params:
@@ -439,7 +473,12 @@ def weight_bytes(model: Model, subset: Subset) -> Tuple[int, int]:
             continue
         frozen += sum(a.nbytes for a in layer.constants().values())
         ls = subset.get(layer.name)
-        row_bytes = layer.weight.nbytes // layer.weight.shape[0]
+        shape = layer.weight_shape
+        if layer.name in int8:  # no row trains: the whole weight is frozen
+            frozen += math.prod(shape) + F32 * shape[0] + layer.bias.nbytes * (ls is None or not ls.bias)
+            trainable += layer.bias.nbytes if ls is not None and ls.bias else 0
+            continue
+        row_bytes = layer.weight.nbytes // shape[0]
         r = 0 if ls is None else ls.rows.size
         trainable += r * row_bytes
         frozen += (layer.weight.shape[0] - r) * row_bytes

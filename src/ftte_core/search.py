@@ -116,7 +116,7 @@ class Scores:
             if l.name not in self.rows or l.name not in self.bias:
                 raise ValueError(f"scores have no entry for layer {l.name!r}")
             r = np.asarray(self.rows[l.name])
-            n = l.weight.shape[0]
+            n = l.weight_shape[0]
             if r.shape != (n,):
                 raise ValueError(f"scores[{l.name + '.weight'!r}] must have one score per row, shape ({n},), "
                                  f"got {r.shape}")
@@ -168,7 +168,7 @@ def importance_scores(model: Model, x: np.ndarray, y: np.ndarray, batch_size: in
     n_batches = m // bs
 
     trainer = Trainer(model, Subset.full(model))
-    rows = {l.name: np.zeros(l.weight.shape[0], np.float64) for l in model.param_layers}
+    rows = {l.name: np.zeros(l.weight_shape[0], np.float64) for l in model.param_layers}
     bias = {l.name: 0.0 for l in model.param_layers}
     losses = []
     for b in range(n_batches):
@@ -204,6 +204,7 @@ class SearchResult:
     options: int                # candidate options considered (over all layers)
     probes: int                 # predict_memory calls
     seconds: float
+    frozen: str = "float32"     # how devices hold frozen weights for this pick (TaskConfig.frozen)
 
     def describe(self) -> str:
         parts = []
@@ -217,7 +218,7 @@ class SearchResult:
         return {"subset": self.subset.to_dict(), "fingerprint": self.subset.fingerprint(), "score": self.score,
                 "max_score": self.max_score, "predicted_bytes": self.predicted_bytes, "budget": self.budget,
                 "memory": dict(self.memory), "choices": self.choices, "table": self.table, "options": self.options,
-                "probes": self.probes, "seconds": self.seconds}
+                "probes": self.probes, "seconds": self.seconds, "frozen": self.frozen}
 
     def format_table(self) -> str:
         lines = [f"{'earliest':<12} {'frontier':>8} {'best score':>12} {'bytes (est)':>14} {'cheapest':>12}"]
@@ -226,7 +227,8 @@ class SearchResult:
             est = "-" if row["est_bytes"] is None else f"{row['est_bytes']:,}"
             lines.append(f"{row['earliest']:<12} {row['frontier']:>8} {best:>12} {est:>14} {row['min_bytes']:>12,}")
         lines.append(f"chosen: {self.describe()}; score {self.score:.4g} of {self.max_score:.4g}; "
-                     f"predicted {format_size(self.predicted_bytes)} <= budget {format_size(self.budget)}")
+                     f"predicted {format_size(self.predicted_bytes)} <= budget {format_size(self.budget)}"
+                     + ("; frozen weights int8" if self.frozen == "int8" else ""))
         return "\n".join(lines)
 
 
@@ -261,9 +263,10 @@ def _check_ratios(ratios) -> Tuple[float, ...]:
 class _Costs:
     """predict_memory on (layer index -> (k, bias)) choices, memoised."""
 
-    def __init__(self, model: Model, layers: List[_Layer], batch_size: int, momentum: float, threads: Optional[int]):
+    def __init__(self, model: Model, layers: List[_Layer], batch_size: int, momentum: float, threads: Optional[int],
+                 frozen: str = "float32"):
         self.model, self.layers = model, layers
-        self.batch_size, self.momentum, self.threads = batch_size, momentum, threads
+        self.batch_size, self.momentum, self.threads, self.frozen = batch_size, momentum, threads, frozen
         self.cache: Dict[tuple, Dict[str, int]] = {}
         self.calls = 0
 
@@ -281,7 +284,8 @@ class _Costs:
         if got is None:
             self.calls += 1
             got = predict_memory(self.model, self.subset(dict((j, (k, b)) for j, k, b in key)),
-                                 batch_size=self.batch_size, momentum=self.momentum, threads=self.threads)
+                                 batch_size=self.batch_size, momentum=self.momentum, threads=self.threads,
+                                 frozen=self.frozen)
             self.cache[key] = got
         return got
 
@@ -315,12 +319,36 @@ def _pareto_merge(cost: np.ndarray, score: np.ndarray, pick: np.ndarray, d_cost:
 
 def search_subset(model: Model, scores: Union[Scores, Mapping[str, object]], budget_bytes: Union[int, str],
                   batch_size: int = 32, momentum: float = 0.0, ratios: Sequence[float] = DEFAULT_RATIOS,
-                  threads: Optional[int] = None) -> SearchResult:
+                  threads: Optional[int] = None, frozen: str = "float32") -> SearchResult:
     """The subset with the highest total score whose predicted training memory fits the budget.
 
     ``threads``: the kernel thread count of the devices (kernel scratch grows with it); default
     this process's. Raises ``BudgetTooSmall`` when not even the cheapest single unit fits.
+    ``frozen``: how devices hold the weights that do not train, "float32" or "int8" (as
+    ``Trainer(frozen=...)``), or "auto": the memory lever first, the subset second -- float32
+    when its pick already trains everything; else int8 frozen weights when they let a better
+    subset fit (or any at all), and only then a smaller subset. ``SearchResult.frozen`` says
+    which; it travels to the devices in ``TaskConfig.frozen``.
     """
+    if frozen == "auto":
+        t0 = time.perf_counter()
+        try:
+            plain = search_subset(model, scores, budget_bytes, batch_size, momentum, ratios, threads, "float32")
+        except BudgetTooSmall:
+            plain = None
+        if plain is not None and plain.score >= plain.max_score:
+            return plain
+        try:
+            lever = search_subset(model, scores, budget_bytes, batch_size, momentum, ratios, threads, "int8")
+        except BudgetTooSmall:
+            if plain is None:
+                raise
+            return plain
+        best = lever if plain is None or lever.score > plain.score else plain
+        best.seconds = time.perf_counter() - t0
+        return best
+    if frozen not in ("float32", "int8"):
+        raise ValueError(f"frozen must be 'float32', 'int8' or 'auto', got {frozen!r}")
     t0 = time.perf_counter()
     budget = parse_size(budget_bytes)
     if int(batch_size) < 1:
@@ -333,14 +361,14 @@ def search_subset(model: Model, scores: Union[Scores, Mapping[str, object]], bud
     for l in model.param_layers:
         r = np.asarray(sc.rows[l.name], dtype=np.float64)
         order = np.argsort(-r, kind="stable")  # best first; ties by row index
-        lay = _Layer(l.name, l.weight.shape[0], order, np.concatenate([[0.0], np.cumsum(r[order])]),
+        lay = _Layer(l.name, l.weight_shape[0], order, np.concatenate([[0.0], np.cumsum(r[order])]),
                      float(sc.bias[l.name]))
         lay.options = [(0, True)] + [(k, b) for k in _row_counts(lay.rows, ratios) for b in (False, True)]
         layers.append(lay)
     P = len(layers)
     if P == 0:
         raise ValueError("the model has no parameters to train")
-    costs = _Costs(model, layers, int(batch_size), float(momentum), threads)
+    costs = _Costs(model, layers, int(batch_size), float(momentum), threads, frozen)
     max_score = sum(lay.score((lay.rows, True)) for lay in layers)
 
     # -- per earliest trainable layer e: a grouped knapsack over layers e..P-1 ----------------
@@ -397,7 +425,8 @@ def search_subset(model: Model, scores: Union[Scores, Mapping[str, object]], bud
 
     s, real, choice = chosen
     subset = costs.subset(choice, top_rows=True)
-    memory = predict_memory(model, subset, batch_size=int(batch_size), momentum=float(momentum), threads=threads)
+    memory = predict_memory(model, subset, batch_size=int(batch_size), momentum=float(momentum), threads=threads,
+                            frozen=frozen)
     if memory["total"] != real or real > budget:  # never hand out a pick over budget, even with -O
         raise RuntimeError(f"subset search: verified {real} bytes but predict_memory now says {memory['total']} "
                            f"(budget {budget})")
@@ -405,7 +434,7 @@ def search_subset(model: Model, scores: Union[Scores, Mapping[str, object]], bud
     return SearchResult(subset=subset, score=float(s), predicted_bytes=int(memory["total"]), budget=budget,
                         memory=memory, choices=choices, table=table, max_score=float(max_score),
                         options=sum(len(lay.options) for lay in layers), probes=costs.calls,
-                        seconds=time.perf_counter() - t0)
+                        seconds=time.perf_counter() - t0, frozen=frozen)
 
 
 def _knapsack(groups, c_base: int, budget: int) -> List[Tuple[float, int, Dict[int, Tuple[int, bool]]]]:

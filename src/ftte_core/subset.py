@@ -81,7 +81,7 @@ class Subset:
         total = 0
         for name, ls in self.layers.items():
             layer = model.layer(name)
-            total += ls.rows.size * (layer.weight.size // _rows(layer))
+            total += ls.rows.size * (int(np.prod(layer.weight_shape)) // _rows(layer))
             total += layer.bias.size if ls.bias else 0
         return total
 
@@ -141,7 +141,7 @@ class Subset:
 
 
 def _rows(layer: Layer) -> int:
-    return layer.weight.shape[0]
+    return layer.weight_shape[0]
 
 
 def _parse_rows(spec: RowsSpec, n: int, name: str) -> np.ndarray:

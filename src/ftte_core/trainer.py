@@ -27,7 +27,8 @@ import numpy as np
 
 from . import _kernels as K
 from .graph import Layer, Model
-from .plan import CATEGORIES, Ref, StepPlan, build, fused_update, parameter_buffers, requires_grad, weight_bytes
+from .plan import (CATEGORIES, Ref, StepPlan, build, check_frozen, fused_update, int8_layers, parameter_buffers,
+                   requires_grad, weight_bytes)
 from .subset import Subset
 
 
@@ -119,7 +120,7 @@ class Scope:
         dw = db = None
         used = 0
         if g.trains_rows:
-            shape = (g.vw_shape[0],) + layer.weight.shape[1:]
+            shape = g.vw_shape
             dw, used = shared[:int(np.prod(shape))].reshape(shape), int(np.prod(shape))
         if g.trains_bias:
             db = shared[used:used + layer.bias.size]
@@ -220,10 +221,15 @@ def planned_steps(n: int, epochs: float, batch_size: int, max_steps: Optional[in
 
 
 class Trainer:
-    """SGD on ``subset`` of ``model``'s parameters (updates the model's arrays in place)."""
+    """SGD on ``subset`` of ``model``'s parameters (updates the model's arrays in place).
+
+    ``frozen="int8"``: every Dense/Conv whose weight rows do not train is converted, in the model
+    itself, to int8 with a float32 scale per output row (``Layer.quantize_weight``; its float32
+    array is released), and forward and backward run on the int8 weight. ``"float32"`` (the
+    default) leaves the model as it is (layers already int8 stay so)."""
 
     def __init__(self, model: Model, subset: Optional[Subset] = None, lr: float = 0.05, momentum: float = 0.0,
-                 weight_decay: float = 0.0, seed: int = 0, prefix_chunk: int = 8):
+                 weight_decay: float = 0.0, seed: int = 0, prefix_chunk: int = 8, frozen: str = "float32"):
         if not lr > 0 or not np.isfinite(lr):
             raise ValueError(f"learning rate must be a positive number, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -237,11 +243,19 @@ class Trainer:
         if prefix_chunk < 1:
             raise ValueError(f"prefix_chunk must be >= 1, got {prefix_chunk}")
         self.prefix_chunk = int(prefix_chunk)  # samples per pass through the frozen layers
+        self.frozen = check_frozen(frozen)
+        for layer in model.param_layers:
+            ls = self.subset.get(layer.name)
+            if getattr(layer, "is_int8", False) and ls is not None and ls.rows.size:
+                raise ValueError(f"layer {layer.name!r} holds int8 weights, so its weight rows cannot train "
+                                 f"(train them on a float32 copy of the model)")
         self.rng = np.random.default_rng(seed)
         self.arena = Arena()
         req = requires_grad(model, self.subset)
         if not req[-1]:
             raise ValueError("the subset trains nothing")
+        for name in int8_layers(model, self.subset, self.frozen):  # settings checked: now change the model
+            model.layer(name).quantize_weight()
         #: the first layer backward reaches (layers before it, and others off the trained paths, are frozen)
         self.first = next(i for i in range(len(model.layers)) if req[i + 1])
         self._grads: Dict[str, _LayerGrads] = {}
@@ -257,7 +271,7 @@ class Trainer:
     # -- planning ------------------------------------------------------------------------------
     def _alloc_grads(self, buffered: bool) -> None:
         """Velocity (with momentum) and, buffered, whole gradients; fused, the shared buffer's size."""
-        buffers = parameter_buffers(self.model, self.subset, self.momentum, fused=not buffered)
+        buffers = parameter_buffers(self.model, self.subset, self.momentum, fused=not buffered, frozen=self.frozen)
 
         def take(name, what):
             spec = buffers.get((name, what))
@@ -269,10 +283,10 @@ class Trainer:
                 continue
             g = self._grads.get(layer.name)
             if g is None:
-                full = ls.rows.size == layer.weight.shape[0]
+                full = ls.rows.size == layer.weight_shape[0]
                 rows = None if full else (ls.rows if ls.rows.size else None)
                 g = self._grads[layer.name] = _LayerGrads(rows, bool(ls.rows.size), bool(ls.bias),
-                                                          (ls.rows.size,) + layer.weight.shape[1:])
+                                                          (ls.rows.size,) + layer.weight_shape[1:])
             g.dw, g.db = take(layer.name, "dw"), take(layer.name, "db")
             g.vw, g.vb = take(layer.name, "vw"), take(layer.name, "vb")
         shared = buffers.get(("update", "grad"))
@@ -432,7 +446,7 @@ class Trainer:
     @property
     def memory(self) -> MemoryRecord:
         """What the last steps held: weights by trainability, arena buffers, kernel scratch peak."""
-        frozen, trainable = weight_bytes(self.model, self.subset)
+        frozen, trainable = weight_bytes(self.model, self.subset)  # counts the model's int8 layers as int8
         by_cat = self.arena.bytes_by_category()
         return MemoryRecord(frozen_weights=frozen, trainable_weights=trainable, gradients=by_cat["gradients"],
                             optimizer_state=by_cat["optimizer_state"], activations=by_cat["activations"],
