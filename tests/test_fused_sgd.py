@@ -231,9 +231,9 @@ def _subset(model, which):
     return ft.Subset.of(model, spec)
 
 
-def buffered_steps(model, subset, x, y, steps, lr, momentum, wd):
+def buffered_steps(model, subset, x, y, steps, lr, momentum, wd, frozen="float32"):
     """Today's path: whole gradients (Trainer.gradients), then sgd_update_rows per tensor."""
-    tr = ft.Trainer(model, subset, lr=lr, momentum=momentum, weight_decay=wd)
+    tr = ft.Trainer(model, subset, lr=lr, momentum=momentum, weight_decay=wd, frozen=frozen)
     vel = {}
     losses = []
     for _ in range(steps):
@@ -329,3 +329,30 @@ def test_tied_weights_fall_back_to_buffered_gradients():
     tr.step(x, y)
     assert tr.memory.gradients > 0
     assert ft.predict_memory(model, subset, 8)["gradients"] == tr.memory.gradients
+
+
+def test_int8_layer_trains_its_bias_through_the_shared_buffer():
+    """frozen="int8": a layer whose rows do not train is int8 and only its bias may train; its
+    backward has no fused kernel (the weight is int8), so the bias goes through the shared buffer."""
+    base = ft.zoo("mlp", (64,), 10, seed=0, hidden=(32, 32))
+    names = [l.name for l in base.param_layers]
+    subset = ft.Subset.of(base, {names[-1]: {"rows": "all", "bias": True}, names[-2]: {"rows": None, "bias": True}})
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    y = rng.integers(0, 10, 16).astype(np.int32)
+    fused_model, ref_model = base.copy(), base.copy()
+    K.set_num_threads(1)
+    try:
+        tr = ft.Trainer(fused_model, subset, lr=0.05, momentum=0.9, frozen="int8")
+        assert fused_model.layer(names[-2]).is_int8 and tr.fused
+        losses = [tr.step(x, y) for _ in range(3)]
+    finally:
+        K.set_num_threads(0)
+    ref = buffered_steps(ref_model, subset, x, y, 3, 0.05, 0.9, 0.0, frozen="int8")
+    np.testing.assert_allclose(losses, ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(fused_model.param_layers, ref_model.param_layers):
+        np.testing.assert_allclose(a.bias, b.bias, rtol=1e-4, atol=1e-5, err_msg=a.name)
+        np.testing.assert_allclose(a.weight, b.weight, rtol=1e-4, atol=1e-5, err_msg=a.name)
+    want = ft.predict_memory(base, subset, batch_size=16, momentum=0.9, threads=1, frozen="int8")
+    assert want == tr.memory.as_dict()
+    assert tr.memory.gradients == 32 * 4  # the int8 layer's bias, in the shared buffer
