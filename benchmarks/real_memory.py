@@ -1,6 +1,6 @@
 """The process's real memory while training, against the cost model (issue 11: "real memory, not bookkeeping").
 
-    python benchmarks/real_memory.py [--threads 1] [--steps 20] [--json]
+    python benchmarks/real_memory.py [--threads 1] [--steps 20] [--momentum 0] [--json]
 
 Model: MLP 784-2048-2048-10 (ReLU), built from ftte_core.graph layers, batch 32. Each row runs in a
 fresh child process, so nothing another measurement allocated or freed can be counted:
@@ -100,7 +100,7 @@ def _free_heap() -> bool:
     return True
 
 
-def child(mode: str, steps: int) -> dict:
+def child(mode: str, steps: int, momentum: float = 0.0) -> dict:
     try:
         before = _status()
     except OSError as e:
@@ -137,7 +137,7 @@ def child(mode: str, steps: int) -> dict:
     x = rng.standard_normal((steps * BATCH, INPUTS), dtype=np.float32)
     y = rng.integers(0, CLASSES, steps * BATCH).astype(np.int32)
     frozen = "int8" if mode == "sparse_int8" else "float32"
-    predicted = ft.predict_memory(model, subset, batch_size=BATCH, frozen=frozen)
+    predicted = ft.predict_memory(model, subset, batch_size=BATCH, momentum=momentum, frozen=frozen)
     if frozen == "int8":  # the weights the step holds are resident before the baseline, as for float32
         from ftte_core.plan import int8_layers
         for name in int8_layers(model, subset, frozen):
@@ -155,7 +155,7 @@ def child(mode: str, steps: int) -> dict:
         return {"skip": f"writing 5 to /proc/self/clear_refs did not reset VmHWM here "
                         f"({base['VmHWM'] >> 10} kB peak, {base['VmRSS'] >> 10} kB resident)"}
 
-    trainer = ft.Trainer(model, subset, lr=0.01, frozen=frozen)
+    trainer = ft.Trainer(model, subset, lr=0.01, momentum=momentum, frozen=frozen)
     stats = trainer.train(x, y, epochs=1.0, batch_size=BATCH, max_steps=steps)
     end = _status()
 
@@ -172,10 +172,11 @@ def child(mode: str, steps: int) -> dict:
 
 # -------------------------------------------------------------------------------------------------
 # parent
-def measure(mode: str, threads: int = 1, steps: int = 20, timeout: float = 600.0) -> dict:
+def measure(mode: str, threads: int = 1, steps: int = 20, timeout: float = 600.0, momentum: float = 0.0) -> dict:
     """Run one measurement in a fresh child process; returns its figures (or {"skip": reason})."""
     env = dict(os.environ, FTTE_NUM_THREADS=str(threads))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode, "--steps", str(steps)],
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode, "--steps", str(steps),
+                           "--momentum", repr(float(momentum))],
                           env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -187,13 +188,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="kernel threads (the cost model is exact at 1)")
     ap.add_argument("--steps", type=int, default=20, help="training steps per measurement")
+    ap.add_argument("--momentum", type=float, default=0.0,
+                    help="SGD momentum (default 0, the TTE setting: the step then keeps no state between steps)")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object instead")
     ap.add_argument("--child", choices=("sparse", "sparse_int8", "full", "overhead"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps)))
+        print(json.dumps(child(args.child, args.steps, args.momentum)))
         return
-    rows = {mode: measure(mode, args.threads, args.steps) for mode in ("overhead", "sparse", "sparse_int8", "full")}
+    rows = {mode: measure(mode, args.threads, args.steps, momentum=args.momentum)
+            for mode in ("overhead", "sparse", "sparse_int8", "full")}
     if args.json:
         print(json.dumps(rows))
         return
@@ -201,7 +205,8 @@ def main() -> None:
     if skipped:
         raise SystemExit(f"real_memory: not measurable here: {next(iter(skipped.values()))}")
     any_row = rows["sparse"]
-    print(f"Real memory of training (fresh process per row; batch {BATCH}, {any_row['steps']} steps, "
+    print(f"Real memory of training (fresh process per row; batch {BATCH}, momentum {args.momentum:g}, "
+          f"{any_row['steps']} steps, "
           f"{any_row['threads']} thread(s), page {any_row['page_size'] >> 10} KiB"
           f"{', EMULATED ' + any_row['emulated'] if any_row['emulated'] else ''})")
     print(f"agreement: |growth - predicted new| <= {TOLERANCE:.0%} x predicted new + {allowance() / MIB:.2f} MiB")

@@ -1,6 +1,7 @@
 """One training step (forward, backward, SGD update; batch 32): FTTE engine vs plain NumPy vs PyTorch.
 
     python benchmarks/train_step.py [--reps 300] [--tiny-reps 30] [--threads 1,all] [--only classic|tiny]
+                                    [--momentum 0.9]
 
 Two sets of models, both in one run so the comparison shares the machine's state:
 
@@ -16,7 +17,7 @@ Two sets of models, both in one run so the comparison shares the machine's state
   process, the compute limit they imply (flops / GEMM rate: the step if every flop ran at GEMM
   speed), and a per-layer breakdown of the engine's step.
 
-Every implementation does the same work: SGD with momentum 0.9 on all parameters, softmax
+Every implementation does the same work: SGD with momentum 0.9 (``--momentum``) on all parameters, softmax
 cross-entropy. Each thread setting runs in its own child process (BLAS thread pools are fixed at
 import). Times are medians over `reps` steps after warm-up, with the 10th-90th percentile spread.
 """
@@ -558,13 +559,18 @@ def child(threads, reps, tiny_reps, only):
 
 
 def main():
+    global MOMENTUM
     ap = argparse.ArgumentParser(description="Training-step benchmark: engine vs NumPy vs PyTorch")
     ap.add_argument("--reps", type=int, default=300, help="timed steps per measurement (default 300)")
     ap.add_argument("--tiny-reps", type=int, default=30, help="timed steps per MLPerf Tiny measurement (default 30)")
     ap.add_argument("--threads", default="1,all", help="comma list of thread counts, 'all' = every CPU (default 1,all)")
     ap.add_argument("--only", choices=("all", "classic", "tiny"), default="all", help="which models (default all)")
+    ap.add_argument("--momentum", type=float, default=MOMENTUM,
+                    help=f"SGD momentum of every implementation (default {MOMENTUM}; 0 is the TTE setting, where the "
+                         "engine's step keeps no optimizer state)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    MOMENTUM = args.momentum
     if args.child is not None:
         child(args.child, args.reps, args.tiny_reps, args.only)
         return
@@ -576,7 +582,8 @@ def main():
                    MKL_NUM_THREADS=str(threads), FTTE_NUM_THREADS=str(threads))
         print(f"measuring at {threads} thread(s) ...", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, __file__, "--child", str(threads), "--reps", str(args.reps),
-                               "--tiny-reps", str(args.tiny_reps), "--only", args.only],
+                               "--tiny-reps", str(args.tiny_reps), "--only", args.only,
+                                "--momentum", repr(args.momentum)],
                               env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"child at {threads} threads failed:\n{proc.stderr}")

@@ -8,6 +8,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <limits>
 #include <string>
 
@@ -55,6 +56,19 @@ std::array<int64_t, 2> out_hw(const std::string& fn, int64_t H, int64_t W, const
 ftte::ConvGeom conv_geom(int64_t N, int64_t C, int64_t H, int64_t W, int64_t OC, const Window& w,
                          std::array<int64_t, 2> o) {
   return ftte::ConvGeom{N, C, H, W, OC, w.kh, w.kw, w.sh, w.sw, w.pt, w.pl, w.pb, w.pr, o[0], o[1]};
+}
+
+// The geometry a scratch-size query names: x_shape [N, C, H, W], w_shape [OC, C, KH, KW].
+ftte::ConvGeom scratch_geom(const std::string& fn, const py::handle& x_shape, const py::handle& w_shape,
+                            const py::handle& stride, const py::handle& padding) {
+  const auto xs = int_tuple<4>(fn, "x_shape", x_shape);
+  const auto ws = int_tuple<4>(fn, "w_shape", w_shape);
+  for (int64_t v : xs)
+    if (v < 0) fail(fn, "x_shape must be >= 0");
+  if (ws[0] < 0 || ws[1] != xs[1] || ws[2] < 1 || ws[3] < 1 || xs[1] < 1)
+    fail(fn, "w_shape must be [OC, C, KH, KW] with C matching x_shape and a kernel of at least 1x1");
+  const Window win = parse_window(fn, ws[2], ws[3], stride, padding);
+  return conv_geom(xs[0], xs[1], xs[2], xs[3], ws[0], win, out_hw(fn, xs[2], xs[3], win, false));
 }
 
 // Pooling windows: padding must be smaller than the kernel so no window is padding only.
@@ -317,21 +331,97 @@ void register_conv(py::module_& m) {
       "output channels contribute).");
 
   m.def(
+      "conv2d_backward_sgd",
+      [](py::object x, py::object w, py::object b, py::object dy, py::object rows, py::object dx, bool train_bias,
+         py::object vw, py::object vb, float lr, float momentum, float weight_decay, py::object stride,
+         py::object padding) {
+        const std::string fn = "conv2d_backward_sgd";
+        float* wp = checked<float>(fn, "w", w, {-1, -1, -1, -1}, true);
+        const int64_t OC = dim(w, 0), C = dim(w, 1), KH = dim(w, 2), KW = dim(w, 3);
+        if (KH < 1 || KW < 1 || C < 1) fail(fn, "w must have C >= 1 and a kernel of at least 1x1");
+        const Window win = parse_window(fn, KH, KW, stride, padding);
+        const float* dyp = checked<float>(fn, "dy", dy, {-1, OC, -1, -1});
+        const int64_t N = dim(dy, 0);
+        std::vector<int32_t> sel = ftte::unique_rows_or_all(fn, rows, OC);
+        const int64_t R = static_cast<int64_t>(sel.size());
+        // The input size comes from x, else from dx (x is only read for the weight rows).
+        const float* xp = nullptr;
+        float* dxp = nullptr;
+        int64_t H = -1, W = -1;
+        if (!x.is_none()) {
+          xp = checked<float>(fn, "x", x, {N, C, -1, -1});
+          H = dim(x, 2), W = dim(x, 3);
+        } else if (R > 0) {
+          fail(fn, "x is required when weight rows train");
+        }
+        if (!dx.is_none()) {
+          dxp = checked<float>(fn, "dx", dx, {N, C, H, W}, true);
+          H = dim(dx, 2), W = dim(dx, 3);
+        }
+        std::array<int64_t, 2> o{dim(dy, 2), dim(dy, 3)};
+        if (H >= 0) {
+          o = out_hw(fn, H, W, win, false);
+          checked<float>(fn, "dy", dy, {N, OC, o[0], o[1]});
+        }
+        float* bp = nullptr;
+        if (train_bias) {
+          if (b.is_none()) fail(fn, "b is required when the bias trains");
+          bp = checked<float>(fn, "b", b, {OC}, true);
+        }
+        float* vwp = vw.is_none() ? nullptr : checked<float>(fn, "vw", vw, {R, C, KH, KW}, true);
+        float* vbp = vb.is_none() ? nullptr : checked<float>(fn, "vb", vb, {OC}, true);
+        if (momentum != 0.f && R > 0 && !vwp) fail(fn, "vw is required when momentum != 0");
+        if (momentum != 0.f && train_bias && !vbp) fail(fn, "vb is required when momentum != 0");
+        // Everything written (w, b, dx, vw, vb) must be disjoint from everything else.
+        const std::pair<const char*, py::handle> arrays[] = {{"w", w}, {"b", train_bias ? py::handle(b) : py::handle(Py_None)},
+                                                             {"dx", dx}, {"vw", vw}, {"vb", vb},
+                                                             {"x", x}, {"dy", dy}};
+        for (size_t i = 0; i < 5; ++i)
+          for (size_t j = i + 1; j < std::size(arrays); ++j) {
+            if (arrays[i].second.is_none() || arrays[j].second.is_none()) continue;
+            const py::array a = py::reinterpret_borrow<py::array>(arrays[i].second);
+            const py::array c = py::reinterpret_borrow<py::array>(arrays[j].second);
+            disjoint(fn, arrays[i].first, a.data(), a.nbytes(), arrays[j].first, c.data(), c.nbytes());
+          }
+        if (H < 0) H = o[0], W = o[1];  // bias only (no x, no dx): the input size is never read
+        const ftte::ConvGeom g = conv_geom(N, C, H, W, OC, win, o);
+        const int32_t* rp = rows.is_none() ? nullptr : sel.data();
+        py::gil_scoped_release nogil;
+        ftte::conv2d_backward_sgd(g, xp, wp, bp, dyp, rp, R, dxp, train_bias, vwp, vbp,
+                                  ftte::SgdStep{lr, momentum, weight_decay});
+      },
+      py::arg("x"), py::arg("w"), py::arg("b"), py::arg("dy"), py::arg("rows"), py::arg("dx"), py::arg("train_bias"),
+      py::arg("vw"), py::arg("vb"), py::arg("lr"), py::arg("momentum") = 0.0f, py::arg("weight_decay") = 0.0f,
+      py::arg("stride") = stride1, py::arg("padding") = pad0,
+      "Backward and SGD update of conv2d without gradient buffers: dx (None to skip) from the weights before "
+      "the update, then the bias b[OC] (when train_bias) and output channels `rows` (unique int32 [R], None = "
+      "all) of w, as sgd_update_rows would from conv2d_backward's gradients, w's in tiles of at most 256 KiB "
+      "of gradient rows. vw[R,C,KH,KW] / vb[OC]: velocity, required when momentum != 0.");
+
+  m.def(
+      "conv2d_backward_sgd_scratch_bytes",
+      [](py::object x_shape, py::object w_shape, py::object stride, py::object padding, py::object n_rows,
+         bool train_bias, bool dx, int threads) {
+        const std::string fn = "conv2d_backward_sgd_scratch_bytes";
+        const ftte::ConvGeom g = scratch_geom(fn, x_shape, w_shape, stride, padding);
+        const int64_t R = n_rows.is_none() ? g.OC : as_int(fn, "n_rows", n_rows);
+        if (R < 0 || R > g.OC) fail(fn, "n_rows must be in [0, OC]");
+        return ftte::conv2d_backward_sgd_scratch_bytes(g, R, train_bias, dx,
+                                                       threads > 0 ? threads : ftte::get_num_threads());
+      },
+      py::arg("x_shape"), py::arg("w_shape"), py::arg("stride") = stride1, py::arg("padding") = pad0,
+      py::arg("n_rows") = py::none(), py::arg("train_bias") = true, py::arg("dx") = true, py::arg("threads") = 0,
+      "Most scratch bytes conv2d_backward_sgd holds for these shapes (n_rows trained output channels, None: "
+      "all) with `threads` threads (0: the current setting); exact at one thread.");
+
+  m.def(
       "conv2d_scratch_bytes",
       [](py::object x_shape, py::object w_shape, py::object stride, py::object padding, bool backward,
          py::object n_rows, bool dw, bool dx, int threads, bool int8_weight) {
         const std::string fn = "conv2d_scratch_bytes";
-        const auto xs = int_tuple<4>(fn, "x_shape", x_shape);
-        const auto ws = int_tuple<4>(fn, "w_shape", w_shape);
-        for (int64_t v : xs)
-          if (v < 0) fail(fn, "x_shape must be >= 0");
-        if (ws[0] < 0 || ws[1] != xs[1] || ws[2] < 1 || ws[3] < 1 || xs[1] < 1)
-          fail(fn, "w_shape must be [OC, C, KH, KW] with C matching x_shape and a kernel of at least 1x1");
-        const Window win = parse_window(fn, ws[2], ws[3], stride, padding);
-        const auto o = out_hw(fn, xs[2], xs[3], win, false);
-        const int64_t R = n_rows.is_none() ? ws[0] : as_int(fn, "n_rows", n_rows);
+        const ftte::ConvGeom g = scratch_geom(fn, x_shape, w_shape, stride, padding);
+        const int64_t R = n_rows.is_none() ? g.OC : as_int(fn, "n_rows", n_rows);
         if (R < 0) fail(fn, "n_rows must be >= 0");
-        const ftte::ConvGeom g = conv_geom(xs[0], xs[1], xs[2], xs[3], ws[0], win, o);
         return ftte::conv2d_scratch_bytes(g, backward, R, dw, dx, threads > 0 ? threads : ftte::get_num_threads(),
                                           int8_weight);
       },

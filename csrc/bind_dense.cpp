@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -99,15 +100,8 @@ void py_sgd_update_rows(py::handle param, py::handle rows, py::handle grad, py::
   if (nd != 1 && nd != 2) fail(fn, "param must have 1 or 2 dimensions, got " + std::to_string(nd));
   float* pp = nd == 2 ? checked<float>(fn, "param", param, {-1, -1}, true) : checked<float>(fn, "param", param, {-1}, true);
   const int64_t O = dim(param, 0), F = nd == 2 ? dim(param, 1) : 1;
-  std::vector<int32_t> r = ftte::rows_or_all(fn, rows, O);
+  std::vector<int32_t> r = ftte::unique_rows_or_all(fn, rows, O);
   const int64_t R = static_cast<int64_t>(r.size());
-  if (!rows.is_none()) {
-    std::vector<char> seen(static_cast<size_t>(O), 0);
-    for (int32_t v : r) {
-      if (seen[static_cast<size_t>(v)]) fail(fn, "rows holds " + std::to_string(v) + " more than once");
-      seen[static_cast<size_t>(v)] = 1;
-    }
-  }
   const float* pg = nd == 2 ? checked<float>(fn, "grad", grad, {R, F}) : checked<float>(fn, "grad", grad, {R});
   float* pv = nullptr;
   if (!velocity.is_none())
@@ -121,6 +115,43 @@ void py_sgd_update_rows(py::handle param, py::handle rows, py::handle grad, py::
   const int32_t* prows = rows.is_none() ? nullptr : r.data();
   py::gil_scoped_release nogil;
   ftte::sgd_update_rows(pp, O, F, prows, R, pg, pv, lr, momentum, weight_decay);
+}
+
+void py_dense_backward_sgd(py::handle x, py::handle w, py::handle b, py::handle dy, py::handle rows, py::handle dx,
+                           bool train_bias, py::handle vw, py::handle vb, float lr, float momentum,
+                           float weight_decay) {
+  const std::string fn = "dense_backward_sgd";
+  float* pw = checked<float>(fn, "w", w, {-1, -1}, true);
+  const int64_t O = dim(w, 0), I = dim(w, 1);
+  const float* pdy = checked<float>(fn, "dy", dy, {-1, O});
+  const int64_t N = dim(dy, 0);
+  std::vector<int32_t> r = ftte::unique_rows_or_all(fn, rows, O);
+  const int64_t R = static_cast<int64_t>(r.size());
+  if (x.is_none() && R > 0) fail(fn, "x is required when weight rows train");
+  const float* px = x.is_none() ? nullptr : checked<float>(fn, "x", x, {N, I});
+  float* pb = nullptr;
+  if (train_bias) {
+    if (b.is_none()) fail(fn, "b is required when the bias trains");
+    pb = checked<float>(fn, "b", b, {O}, true);
+  }
+  float* pdx = const_cast<float*>(opt_f32(fn, "dx", dx, {N, I}, true));
+  float* pvw = const_cast<float*>(opt_f32(fn, "vw", vw, {R, I}, true));
+  float* pvb = const_cast<float*>(opt_f32(fn, "vb", vb, {O}, true));
+  if (momentum != 0.f && R > 0 && !pvw) fail(fn, "vw is required when momentum != 0");
+  if (momentum != 0.f && train_bias && !pvb) fail(fn, "vb is required when momentum != 0");
+  // Everything written (w, b, dx, vw, vb) is disjoint from everything else (b only when written).
+  const std::pair<const char*, py::handle> outs[] = {
+      {"w", w}, {"b", train_bias ? b : py::handle(Py_None)}, {"dx", dx}, {"vw", vw}, {"vb", vb}};
+  const std::pair<const char*, py::handle> ins[] = {{"x", x}, {"dy", dy}};
+  for (size_t i = 0; i < std::size(outs); ++i) {
+    for (const auto& in : ins) check_no_overlap(fn, outs[i].first, outs[i].second, in.first, in.second);
+    for (size_t j = i + 1; j < std::size(outs); ++j)
+      check_no_overlap(fn, outs[i].first, outs[i].second, outs[j].first, outs[j].second);
+  }
+  const int32_t* prows = rows.is_none() ? nullptr : r.data();
+  py::gil_scoped_release nogil;
+  ftte::dense_backward_sgd(px, pw, pb, pdy, N, I, O, prows, R, pdx, train_bias, pvw, pvb,
+                           ftte::SgdStep{lr, momentum, weight_decay});
 }
 
 }  // namespace
@@ -152,6 +183,17 @@ void register_dense(py::module_& m) {
         py::arg("dw"), py::arg("db"), py::arg("dx"), py::arg("accumulate") = false, py::arg("w_scale") = py::none(),
         "w as for dense_forward (int8 + w_scale allowed: w is only read for dx). Gradients for the selected output rows (int32 [R] or None = all): dw[R,I], db[R], dx[N,I] = dy @ w "
         "(each may be None). accumulate adds into dw/db; dx is always overwritten.");
+  m.def("dense_backward_sgd", &py_dense_backward_sgd, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("dy"),
+        py::arg("rows"), py::arg("dx"), py::arg("train_bias"), py::arg("vw"), py::arg("vb"), py::arg("lr"),
+        py::arg("momentum") = 0.0f, py::arg("weight_decay") = 0.0f,
+        "Backward and SGD update of a dense layer without gradient buffers: dx[N,I] = dy @ w (None to skip) from "
+        "the weights before the update, then the bias b[O] (when train_bias) and the rows `rows` of w (unique "
+        "int32 [R], None = all) updated as sgd_update_rows would from dense_backward's gradients, w's in tiles "
+        "of at most 32 KiB of gradient rows. vw[R,I] / vb[O]: velocity, required when momentum != 0.");
+  m.def("dense_backward_sgd_scratch_bytes", &ftte::dense_backward_sgd_scratch_bytes, py::arg("N"), py::arg("I"),
+        py::arg("O"), py::arg("R"), py::arg("gather"), py::arg("train_bias"), py::arg("dx"),
+        "Most scratch bytes dense_backward_sgd holds for batch N, w [O,I], R trained rows (gather: a strict "
+        "subset), bias and dx wanted or not; the cost model's source.");
   m.def("sgd_update_rows", &py_sgd_update_rows, py::arg("param"), py::arg("rows"), py::arg("grad"),
         py::arg("velocity"), py::arg("lr"), py::arg("momentum") = 0.0f, py::arg("weight_decay") = 0.0f,
         "PyTorch-style SGD on param rows `rows` (unique int32, or None = all): g = grad + wd*param; "

@@ -134,4 +134,18 @@ inline std::vector<int32_t> rows_or_all(const std::string& fn, const py::handle&
   return out;
 }
 
+// rows_or_all for an in-place update: also unique (a repeated row would be updated twice from one
+// gradient).
+inline std::vector<int32_t> unique_rows_or_all(const std::string& fn, const py::handle& rows, int64_t n) {
+  std::vector<int32_t> out = rows_or_all(fn, rows, n);
+  if (!rows.is_none()) {
+    std::vector<char> seen(static_cast<size_t>(n), 0);
+    for (int32_t v : out) {
+      if (seen[static_cast<size_t>(v)]) fail(fn, "rows holds " + std::to_string(v) + " more than once");
+      seen[static_cast<size_t>(v)] = 1;
+    }
+  }
+  return out;
+}
+
 }  // namespace ftte

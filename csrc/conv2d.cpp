@@ -350,4 +350,49 @@ size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool wa
          (static_cast<size_t>(cols) * sizeof(float) + pack) * static_cast<size_t>(live_tasks(chunks, threads));
 }
 
+void conv2d_backward_sgd(const ConvGeom& g, const float* x, float* w, float* b, const float* dy,
+                         const int32_t* rows, int64_t R, float* dx, bool train_bias, float* vw, float* vb,
+                         const SgdStep& opt) {
+  const int64_t K = g.C * g.KH * g.KW;
+  // dx first: it must read the weights as forward used them, before any channel moves.
+  if (dx) conv2d_backward(g, nullptr, w, dy, nullptr, g.OC, nullptr, nullptr, dx, false);
+  if (train_bias && g.OC > 0) {
+    Scratch<float> db(static_cast<size_t>(g.OC));
+    conv2d_backward(g, nullptr, w, dy, nullptr, g.OC, nullptr, db.data(), nullptr, false);
+    sgd_update_rows(b, g.OC, 1, nullptr, g.OC, db.data(), vb, opt.lr, opt.momentum, opt.weight_decay);
+  }
+  if (R <= 0) return;
+  const int64_t T = grad_tile_rows(R, K, kConvGradTileBytes);
+  Scratch<float> tile(static_cast<size_t>(T * K));
+  // All channels in several tiles: a tile's channels are named by an index (conv2d_backward
+  // gathers dy's rows).
+  Scratch<int32_t> all(!rows && T < R ? static_cast<size_t>(T) : 0);
+  for (int64_t r0 = 0; r0 < R; r0 += T) {
+    const int64_t t = std::min(T, R - r0);
+    const int32_t* sel = rows ? rows + r0 : nullptr;
+    if (!rows && T < R) {
+      for (int64_t r = 0; r < t; ++r) all[r] = static_cast<int32_t>(r0 + r);
+      sel = all.data();
+    }
+    conv2d_backward(g, x, w, dy, sel, t, tile.data(), nullptr, nullptr, false);
+    sgd_update_rows(w, g.OC, K, sel, t, tile.data(), opt.momentum != 0.f ? vw + r0 * K : nullptr, opt.lr,
+                    opt.momentum, opt.weight_decay);
+  }
+}
+
+size_t conv2d_backward_sgd_scratch_bytes(const ConvGeom& g, int64_t R, bool train_bias, bool want_dx, int threads) {
+  const int64_t K = g.C * g.KH * g.KW;
+  size_t peak = 0;
+  if (want_dx) peak = conv2d_scratch_bytes(g, true, g.OC, false, true, threads);
+  if (train_bias) peak = std::max(peak, static_cast<size_t>(g.OC) * sizeof(float));
+  if (R > 0) {
+    const int64_t T = grad_tile_rows(R, K, kConvGradTileBytes), last = R - (R - 1) / T * T;
+    const size_t index = T < R && R == g.OC ? static_cast<size_t>(T) * sizeof(int32_t) : 0;
+    size_t calls = 0;
+    for (int64_t t : {T, last}) calls = std::max(calls, conv2d_scratch_bytes(g, true, t, true, false, threads));
+    peak = std::max(peak, static_cast<size_t>(T * K) * sizeof(float) + index + calls);
+  }
+  return peak;
+}
+
 }  // namespace ftte

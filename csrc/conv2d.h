@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "gemm.h"
+#include "optim.h"
 
 namespace ftte {
 
@@ -41,5 +42,19 @@ void conv2d_backward(const ConvGeom& g, const float* x, const WeightView& w, con
 // int8_weight: the weight is int8 (its GEMM operand is packed, never read in place).
 size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool want_dw, bool want_dx, int threads,
                             bool int8_weight = false);
+
+// One training step's backward and SGD update of the layer, with no gradient buffer (as
+// dense_backward_sgd): dx (may be null) from the weights before the update; the whole bias b[OC]
+// when train_bias; then the selected output channels rows[R] (nullptr: all; unique) of w, in
+// tiles of at most kConvGradTileBytes of dW rows, each accumulated over the whole batch by
+// conv2d_backward and applied at once (vw[R,C,KH,KW], vb[OC] only when momentum != 0). A layer
+// whose trained rows need several tiles builds its im2col columns once per tile.
+constexpr int64_t kConvGradTileBytes = 256 * 1024;
+void conv2d_backward_sgd(const ConvGeom& g, const float* x, float* w, float* b, const float* dy,
+                         const int32_t* rows, int64_t R, float* dx, bool train_bias, float* vw, float* vb,
+                         const SgdStep& opt);
+
+// Most scratch bytes conv2d_backward_sgd holds with `threads` threads (exact at one thread).
+size_t conv2d_backward_sgd_scratch_bytes(const ConvGeom& g, int64_t R, bool train_bias, bool want_dx, int threads);
 
 }  // namespace ftte

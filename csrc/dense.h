@@ -1,9 +1,11 @@
 // Dense (fully connected) layer, y = x W^T + b, with a backward that computes weight/bias
 // gradients only for selected output rows, straight into R-row buffers.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "gemm.h"
+#include "optim.h"
 
 namespace ftte {
 
@@ -14,5 +16,21 @@ void dense_forward(const float* x, const WeightView& w, const float* b, float* y
 // be nullptr. accumulate adds into dw/db; dx is always overwritten with dy @ w (all rows; w is only read for dx).
 void dense_backward(const float* x, const WeightView& w, const float* dy, int64_t N, int64_t I, int64_t O,
                     const int32_t* rows, int64_t R, float* dw, float* db, float* dx, bool accumulate);
+
+// One training step's backward and SGD update of a dense layer, with no gradient buffer: dx[N,I]
+// (may be nullptr) = dy @ w from the weights before the update; then, when train_bias, the whole
+// bias b[O] is updated from its gradient (O floats of scratch); then the selected rows rows[R]
+// (nullptr: all, R == O; unique) of w[O,I] are updated tile by tile: each tile of at most
+// kDenseGradTileBytes of dW rows is computed by one sgemm and applied at once (velocity rows
+// vw[R,I] and vb[O] only when momentum != 0). Same numbers as dense_backward + sgd_update_rows.
+constexpr int64_t kDenseGradTileBytes = 32 * 1024;
+void dense_backward_sgd(const float* x, float* w, float* b, const float* dy, int64_t N, int64_t I, int64_t O,
+                        const int32_t* rows, int64_t R, float* dx, bool train_bias, float* vw, float* vb,
+                        const SgdStep& opt);
+
+// Most scratch bytes dense_backward_sgd holds (weight tile and its GEMM's packing, bias gradient,
+// the dx GEMM's packing: never at once, so the largest). `gather`: rows are a strict subset.
+size_t dense_backward_sgd_scratch_bytes(int64_t N, int64_t I, int64_t O, int64_t R, bool gather, bool train_bias,
+                                        bool want_dx);
 
 }  // namespace ftte

@@ -44,4 +44,14 @@ void sgd_update_rows(float* param, int64_t O, int64_t F, const int32_t* rows, in
       4.0 * double(R) * double(F));
 }
 
+int64_t grad_tile_rows(int64_t R, int64_t row_elems, int64_t cap_bytes) {
+  if (R <= 0) return 0;
+  const int64_t g = kGradTileRowGranule;
+  const int64_t row_bytes = std::max<int64_t>(1, row_elems) * int64_t(sizeof(float));
+  const int64_t widest = std::max(kGradTileMinRows, cap_bytes / row_bytes / g * g);
+  if (R <= widest) return R;
+  const int64_t tiles = (R + widest - 1) / widest, even = (R + tiles - 1) / tiles;
+  return (even + g - 1) / g * g;  // <= widest: widest is a multiple of the granule
+}
+
 }  // namespace ftte

@@ -10,6 +10,7 @@ import pytest
 import ftte_core as ft
 from ftte_core import _kernels as K
 from ftte_core.graph import Dense, Flatten, MaxPool2d, Model, ReLU, Conv2d
+from ftte_core.plan import parameter_buffers
 
 from np_reference import loss_and_grads
 
@@ -61,8 +62,11 @@ def _step(model, subset, x, y):
         K.set_num_threads(0)
     want = ft.predict_memory(model, subset, batch_size=x.shape[0], momentum=0.0, threads=1)
     got = tr.memory.as_dict()
-    for cat in ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations"):
+    for cat in ("frozen_weights", "trainable_weights", "optimizer_state", "activations"):
         assert want[cat] == got[cat], (cat, want, got)
+    # gradients() keeps whole gradients (the step, which predict_memory describes, keeps none)
+    whole = parameter_buffers(model, subset, 0.0, fused=False).values()
+    assert got["gradients"] == sum(int(np.prod(shape)) * 4 for shape, _, _ in whole)
     return tr, loss, grads
 
 

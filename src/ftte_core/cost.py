@@ -11,10 +11,14 @@ the tests hold it to within 10% of what the engine really allocates.
 
 The categories: weights held once, float32 (or, for a Dense/Conv weight with no trained row
 under ``frozen="int8"``, one byte per value plus a float32 scale per row), trained rows as
-trainable, the rest (and constants such as batch-norm statistics) as frozen; one gradient row
-per trained weight row and a whole bias, the same again as optimizer state with momentum;
-activations kept from forward to backward (see plan.py for which); workspace: reused scratch
-slots, whole-batch outputs of the frozen part, and the kernels' scratch.
+trainable, the rest (and constants such as batch-norm statistics) as frozen; gradients: none for
+float32 dense and im2col convolutions (their backward applies SGD tile by tile; the tiles are
+kernel scratch), one shared buffer of the largest other trained layer's gradient (batch norm,
+depthwise/grouped convolutions, the bias of an int8 layer), or, for tied weights, whole
+per-layer gradients (``plan.parameter_buffers``); optimizer state: with momentum, one velocity
+row per trained weight row and a whole bias; activations kept from forward to backward (see
+plan.py for which); workspace: reused scratch slots, whole-batch outputs of the frozen part, and
+the kernels' scratch.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ def predict_memory(model: Model, subset: Optional[Subset] = None, batch_size: in
     step = build(model, subset, int(batch_size), prefix_chunk, every_chunk=False, frozen=frozen)
     frozen_bytes, trainable = weight_bytes(model, subset, frozen)
     params = {"gradients": 0, "optimizer_state": 0}
-    for shape, dtype, category in parameter_buffers(model, subset, momentum).values():
+    for shape, dtype, category in parameter_buffers(model, subset, momentum, frozen=frozen).values():
         params[category] += int(np.prod(shape)) * np.dtype(dtype).itemsize
     buffers = step.buffer_bytes()
     out = {"frozen_weights": frozen_bytes, "trainable_weights": trainable, "gradients": params["gradients"],

@@ -57,6 +57,11 @@ class Layer:
     #: the first input's gradient is the output's, unchanged (a + b, a - b): backward may hand
     #: the buffer over instead of copying it
     passes_first_gradient = False
+    #: in a training step, backward updates this layer's trained parameters itself, tile by tile
+    #: from a fused kernel (``scope.sgd``), with no gradient buffer; other parameter layers get
+    #: their gradients in a short-lived buffer (``scope.grad_buffers``) and call
+    #: ``scope.apply_grads`` after their kernels
+    fuses_update = False
 
     def __init__(self, name: str):
         self.name = name
@@ -96,8 +101,9 @@ class Layer:
         return 0
 
     def backward_scratch(self, n: int, in_shapes: Sequence[Shape], rows: Optional[np.ndarray], bias: bool,
-                         dx_needed: Sequence[bool], threads: int) -> int:
-        """Kernel scratch bytes of this layer's backward (``rows``: trained weight rows or None)."""
+                         dx_needed: Sequence[bool], threads: int, fused_update: bool = False) -> int:
+        """Kernel scratch bytes of this layer's backward (``rows``: trained weight rows or None;
+        ``fused_update``: the training step's fused backward-and-update call, see ``fuses_update``)."""
         return 0
 
     # -- passes --------------------------------------------------------------------------------
@@ -248,9 +254,13 @@ class Dense(_Int8Weight, Layer):
     def forward_scratch(self, n, in_shapes, threads, int8=False):
         return K.sgemm_scratch_bytes(n, self.out_features, self.in_features, False, True, int8_b=int8)
 
-    def backward_scratch(self, n, in_shapes, rows, bias, dx_needed, threads, int8=False):
+    fuses_update = True  # when its weight is float32 (an int8 weight never trains; its bias may)
+
+    def backward_scratch(self, n, in_shapes, rows, bias, dx_needed, threads, int8=False, fused_update=False):
         o, f = self.out_features, self.in_features
         r = int(rows.size)
+        if fused_update:
+            return K.dense_backward_sgd_scratch_bytes(n, f, o, r, 0 < r < o, bool(bias), bool(dx_needed[0]))
         peak = K.sgemm_scratch_bytes(r, f, n, True, False, r < o) if r else 0
         if bias:
             peak = max(peak, F32 * (r if 0 < r == o else o))
@@ -263,12 +273,18 @@ class Dense(_Int8Weight, Layer):
         K.dense_forward(x, w, self.bias, y, **wkw)
 
     def backward(self, x, y, dy, dx, scope):
+        sgd = None if self.is_int8 else scope.sgd(self)
+        if sgd is not None:
+            K.dense_backward_sgd(x, self._weight, self.bias, dy, sgd.rows, dx, sgd.bias, sgd.vw, sgd.vb, sgd.lr,
+                                 sgd.momentum, sgd.weight_decay)
+            return
         rows, dw, db = scope.grad_buffers(self)
         w, wkw = self._kernel_weight()
         if _separate_bias(rows, db):
             K.dense_backward(None, w, dy, None, None, db, None, **wkw)
             db = None
         K.dense_backward(x, w, dy, rows, dw, db, dx, **wkw)
+        scope.apply_grads(self)
 
 
 def _conv_mode(group: int, in_channels: int, weight_shape: Shape) -> str:
@@ -375,8 +391,16 @@ class Conv2d(_Int8Weight, Layer):
     def forward_scratch(self, n, in_shapes, threads, int8=False):
         return self._scratch(n, in_shapes[0], threads, int8=int8)
 
-    def backward_scratch(self, n, in_shapes, rows, bias, dx_needed, threads, int8=False):
+    @property
+    def fuses_update(self) -> bool:
+        return self.mode == "dense"  # when its weight is float32, as for Dense
+
+    def backward_scratch(self, n, in_shapes, rows, bias, dx_needed, threads, int8=False, fused_update=False):
         r, oc = int(rows.size), self.out_channels
+        if fused_update and self.fuses_update:
+            return K.conv2d_backward_sgd_scratch_bytes((n,) + self._in4(in_shapes[0]), self.weight_shape2,
+                                                       self.stride2, self.padding2, r, bool(bias),
+                                                       bool(dx_needed[0]), threads)
         full = r == oc
         peak = 0
         if r or dx_needed[0]:  # the call for the weight rows (and the bias when it goes along) and dx
@@ -413,15 +437,22 @@ class Conv2d(_Int8Weight, Layer):
                                       **wkw)
 
     def backward(self, x, y, dy, dx, scope):
-        rows, dw, db = scope.grad_buffers(self)
         x = None if x is None else self._x4(x)
         dy = self._x4(dy)
         dx = None if dx is None else self._x4(dx)
+        sgd = scope.sgd(self) if self.fuses_update and not self.is_int8 else None
+        if sgd is not None:
+            K.conv2d_backward_sgd(x, self._w4(self._weight), self.bias, dy, sgd.rows, dx, sgd.bias,
+                                  None if sgd.vw is None else self._w4(sgd.vw), sgd.vb, sgd.lr, sgd.momentum,
+                                  sgd.weight_decay, self.stride2, self.padding2)
+            return
+        rows, dw, db = scope.grad_buffers(self)
         dw = None if dw is None else self._w4(dw)
         if _separate_bias(rows, db):
             self._backward_call(None, dy, None, None, db, None)
             db = None
         self._backward_call(x, dy, rows, dw, db, dx)
+        scope.apply_grads(self)
 
 
 class Conv1d(Conv2d):
@@ -620,9 +651,9 @@ class BatchNorm(Layer):
         if _separate_bias(rows, db):
             K.batchnorm_backward(None, self.weight, self.mean, self.var, self.eps, dy, None, None, db, None)
             db = None
-        if dw is None and db is None and dx is None:
-            return
-        K.batchnorm_backward(x, self.weight, self.mean, self.var, self.eps, dy, rows, dw, db, dx)
+        if dw is not None or db is not None or dx is not None:
+            K.batchnorm_backward(x, self.weight, self.mean, self.var, self.eps, dy, rows, dw, db, dx)
+        scope.apply_grads(self)
 
 
 def _per_sample_constant(name: str, c, what: str) -> np.ndarray:

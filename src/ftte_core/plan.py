@@ -164,6 +164,7 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
     req = requires_grad(model, subset)
     if not req[out]:
         raise ValueError("the subset trains nothing")
+    fused = fused_update(model, subset)
     active = [req[i + 1] for i in range(L)]  # layers that run backward
     dx_needed = [tuple(req[v] for v in inputs[i]) for i in range(L)]
     subs = [subset.get(layer.name) for layer in layers]
@@ -360,7 +361,8 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
         backward.append((layer.backward, (arg(x_args, i), y_arg, dy, arg(dxs, i), ("scope", i))))
         ls = subs[i]
         rows = ls.rows if ls is not None else np.zeros(0, np.int32)
-        scratch.append(_bwd_scratch(layer, n, in_shapes[i], rows, ls is not None and ls.bias, dx_needed[i], q8[i]))
+        scratch.append(_bwd_scratch(layer, n, in_shapes[i], rows, ls is not None and ls.bias, dx_needed[i], q8[i],
+                                    fused and ls is not None and not q8[i]))
         for total, tmp in adds:
             backward.append((K.add_forward, (total, tmp, total)))
             slots.give(tmp.key)
@@ -385,30 +387,78 @@ def _fwd_scratch(layer, n, in_shapes, int8=False):
     return lambda threads: _memo(layer, key + (threads,), lambda: layer.forward_scratch(n, in_shapes, threads, **kw))
 
 
-def _bwd_scratch(layer, n, in_shapes, rows, bias, dx_needed, int8=False):
-    key = ("b", n, tuple(map(tuple, in_shapes)), rows.tobytes(), bool(bias), tuple(dx_needed), int8)
-    kw = {"int8": True} if int8 else {}
+def _bwd_scratch(layer, n, in_shapes, rows, bias, dx_needed, int8=False, fused=False):
+    key = ("b", n, tuple(map(tuple, in_shapes)), rows.tobytes(), bool(bias), tuple(dx_needed), int8, bool(fused))
+    kw = {"int8": True} if int8 else {}  # only Dense and Conv take them
+    if fused:
+        kw["fused_update"] = True
     return lambda threads: _memo(layer, key + (threads,),
                                  lambda: layer.backward_scratch(n, in_shapes, rows, bias, dx_needed, threads, **kw))
 
 
 # -- parameters: what both the trainer and the cost model hold besides the step's buffers ----------
 
-def parameter_buffers(model: Model, subset: Subset, momentum: float) -> Dict[tuple, Tuple[tuple, object, str]]:
-    """Gradient buffers (one row per trained weight row, the whole bias) and, with momentum, as
-    many optimizer-state buffers: key -> (shape, dtype, category)."""
+def fused_update(model: Model, subset: Subset) -> bool:
+    """Does the training step update parameters inside backward, with no gradient buffers?
+
+    Yes unless a trained parameter array is also another layer's (tied weights, e.g. one ONNX
+    initializer read by two nodes): that layer's backward would then compute its input gradient
+    from weights a later layer already moved, so the step keeps whole gradients and updates after
+    backward, as ``Trainer.gradients`` does."""
+    spans = []  # (start, end, layer index, trained): one sort finds every overlap
+    for i, layer in enumerate(model.param_layers):
+        trained = subset.get(layer.name) is not None
+        for a in (layer.weight_q if getattr(layer, "is_int8", False) else layer.weight, layer.bias):
+            if a.nbytes:
+                start = a.__array_interface__["data"][0]
+                spans.append((start, start + a.nbytes, i, trained))
+    spans.sort()
+    reach = None  # the span reaching furthest so far
+    for span in spans:
+        if reach is not None and span[0] < reach[1] and span[2] != reach[2] and (span[3] or reach[3]):
+            return False
+        if reach is None or span[1] > reach[1]:
+            reach = span
+    return True
+
+
+def parameter_buffers(model: Model, subset: Subset, momentum: float, fused: Optional[bool] = None,
+                      frozen: str = "float32") -> Dict[tuple, Tuple[tuple, object, str]]:
+    """What the trainer holds for the trained parameters besides the weights: key -> (shape,
+    dtype, category).
+
+    Buffered (``fused=False``: ``Trainer.gradients``, and steps on tied weights): one gradient
+    row per trained weight row and the whole bias, per layer. Fused (a training step, the default
+    where ``fused_update`` allows it): no gradient buffers for layers whose backward updates them
+    itself (``Layer.fuses_update``: dense and im2col convolutions, whose tiles are kernel scratch);
+    the others (batch norm, depthwise and grouped convolutions: small) share one buffer
+    ("update", "grad") of the largest of their gradients (rows, then bias), used by one layer at a
+    time; so does a layer with int8 weights (``int8_layers``: only its bias may train). With momentum, both add velocity buffers of the trained rows and biases (optimizer state)."""
+    if fused is None:
+        fused = fused_update(model, subset)
+    int8 = int8_layers(model, subset, frozen)
     out = {}
+    shared = 0
     for layer in model.param_layers:
         ls = subset.get(layer.name)
         if ls is None:
             continue
-        if ls.rows.size:
-            out[(layer.name, "dw")] = ((ls.rows.size,) + layer.weight.shape[1:], np.float32, "gradients")
-        if ls.bias:
-            out[(layer.name, "db")] = (layer.bias.shape, np.float32, "gradients")
-    if momentum:
-        for (name, what), (shape, dtype, _) in list(out.items()):
-            out[(name, "v" + what[1])] = (shape, dtype, "optimizer_state")
+        w = ((ls.rows.size,) + layer.weight_shape[1:], np.float32, "gradients") if ls.rows.size else None
+        b = (layer.bias.shape, np.float32, "gradients") if ls.bias else None
+        if not fused:
+            if w:
+                out[(layer.name, "dw")] = w
+            if b:
+                out[(layer.name, "db")] = b
+        elif not layer.fuses_update or layer.name in int8:
+            shared = max(shared, (_numel(w[0]) if w else 0) + (_numel(b[0]) if b else 0))
+        if momentum:
+            if w:
+                out[(layer.name, "vw")] = (w[0], w[1], "optimizer_state")
+            if b:
+                out[(layer.name, "vb")] = (b[0], b[1], "optimizer_state")
+    if shared:
+        out[("update", "grad")] = ((shared,), np.float32, "gradients")
     return out
 
 

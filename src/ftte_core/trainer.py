@@ -4,10 +4,15 @@ The step's whole flow, in order (``plan.py`` decides it once per batch size, fro
   forward   every layer runs; layers that neither train nor lead to a trained one (the frozen
             part) run first in inference mode, a few samples at a time, keeping nothing;
   loss      softmax cross-entropy on the logits;
-  backward  from the loss through the layers that lead to trained parameters only; weight
-            gradients exist only for the selected rows (buffers of that many rows), bias
-            gradients only where a bias trains; where paths join, gradients add up;
-  update    SGD on the selected rows, in place in the model's arrays.
+  backward  from the loss through the layers that lead to trained parameters only; where
+            paths join, gradients add up;
+  update    SGD on the selected rows, in place in the model's arrays, inside backward: each layer
+            first computes its input's gradient (from the weights forward used), then updates its
+            trained bias and rows (dense and im2col convolutions tile by tile from the weight-
+            gradient GEMM, so no whole weight gradient ever exists; the small others from one
+            shared short-lived buffer). ``momentum=0`` keeps no optimizer state at all.
+            ``gradients()`` (and a step on tied weights, see ``plan.fused_update``) instead keeps
+            whole gradients (one row per selected row) and updates after backward.
 
 Every buffer comes from an ``Arena`` that counts bytes by category, so ``Trainer.memory`` is
 what this step really held (kernel scratch included, read from the C++ counter), to be compared
@@ -22,8 +27,8 @@ import numpy as np
 
 from . import _kernels as K
 from .graph import Layer, Model
-from .plan import (CATEGORIES, Ref, StepPlan, build, check_frozen, int8_layers, parameter_buffers, requires_grad,
-                   weight_bytes)
+from .plan import (CATEGORIES, Ref, StepPlan, build, check_frozen, fused_update, int8_layers, parameter_buffers,
+                   requires_grad, weight_bytes)
 from .subset import Subset
 
 
@@ -102,12 +107,63 @@ class Scope:
         """(rows, weight-gradient buffer [R, ...] or None, bias-gradient buffer [out] or None).
 
         rows None means every row. The bias trains as a whole whichever weight rows train, so
-        its gradient always covers every output.
+        its gradient always covers every output. In a fused step the buffers are views of the
+        shared short-lived buffer, and the layer calls ``apply_grads`` once they are filled.
         """
-        g = self.trainer._grads.get(layer.name)
+        t = self.trainer
+        g = t._grads.get(layer.name)
         if g is None:
             return None, None, None
-        return g.rows, g.dw, g.db
+        if t._buffered:
+            return g.rows, g.dw, g.db
+        shared = t.arena.get(("update", "grad"), *t._shared_grad, zero=False) if t._shared_grad else None
+        dw = db = None
+        used = 0
+        if g.trains_rows:
+            shape = g.vw_shape
+            dw, used = shared[:int(np.prod(shape))].reshape(shape), int(np.prod(shape))
+        if g.trains_bias:
+            db = shared[used:used + layer.bias.size]
+        return g.rows, dw, db
+
+    def apply_grads(self, layer: Layer) -> None:
+        """In a fused step, the SGD update from the buffers ``grad_buffers`` gave this layer
+        (which its backward has just filled); otherwise nothing (the update comes after backward)."""
+        t = self.trainer
+        if t._buffered or layer.name not in t._grads:
+            return
+        rows, dw, db = self.grad_buffers(layer)
+        g = t._grads[layer.name]
+        if dw is not None:
+            K.sgd_update_rows(layer.weight.reshape(layer.weight.shape[0], -1), rows, dw.reshape(dw.shape[0], -1),
+                              None if g.vw is None else g.vw.reshape(g.vw.shape[0], -1), t.lr, t.momentum,
+                              t.weight_decay)
+        if db is not None:
+            K.sgd_update_rows(layer.bias, None, db, g.vb, t.lr, t.momentum, t.weight_decay)
+
+    def sgd(self, layer: Layer) -> "Optional[SgdRows]":
+        """In a fused step, what a layer that ``fuses_update`` updates in its backward call;
+        None when it trains nothing or the step keeps whole gradients (then ``grad_buffers``)."""
+        t = self.trainer
+        g = t._grads.get(layer.name)
+        if g is None or t._buffered:
+            return None
+        rows = g.rows if g.trains_rows else np.zeros(0, np.int32)
+        return SgdRows(rows, g.trains_bias, g.vw, g.vb, t.lr, t.momentum, t.weight_decay)
+
+
+@dataclass
+class SgdRows:
+    """A fused backward-and-update call's arguments: rows (None: all), whether the bias trains,
+    velocity buffers (None without momentum) and the hyper-parameters."""
+
+    rows: Optional[np.ndarray]
+    bias: bool
+    vw: Optional[np.ndarray]
+    vb: Optional[np.ndarray]
+    lr: float
+    momentum: float
+    weight_decay: float
 
 
 def _run(entries, x: np.ndarray) -> None:
@@ -139,9 +195,12 @@ class _Bound:
 
 @dataclass
 class _LayerGrads:
-    rows: Optional[np.ndarray]
-    dw: Optional[np.ndarray]
-    db: Optional[np.ndarray]
+    rows: Optional[np.ndarray]  # None: every row
+    trains_rows: bool
+    trains_bias: bool
+    vw_shape: tuple  # [trained rows, ...]
+    dw: Optional[np.ndarray] = None  # whole gradients: only once gradients() (or a buffered step) ran
+    db: Optional[np.ndarray] = None
     vw: Optional[np.ndarray] = None
     vb: Optional[np.ndarray] = None
 
@@ -200,14 +259,19 @@ class Trainer:
         #: the first layer backward reaches (layers before it, and others off the trained paths, are frozen)
         self.first = next(i for i in range(len(model.layers)) if req[i + 1])
         self._grads: Dict[str, _LayerGrads] = {}
-        self._alloc_grads()
+        #: updates happen inside backward with no gradient buffers (see plan.fused_update)
+        self.fused = fused_update(model, self.subset)
+        self._buffered = not self.fused  # this pass fills whole gradient buffers
+        self._shared_grad = None
+        self._alloc_grads(buffered=not self.fused)
         self._scopes = [Scope(self, i, layer) for i, layer in enumerate(model.layers)]
         self._plans: Dict[int, _Bound] = {}
         self._workspace_peak = 0
 
     # -- planning ------------------------------------------------------------------------------
-    def _alloc_grads(self) -> None:
-        buffers = parameter_buffers(self.model, self.subset, self.momentum)
+    def _alloc_grads(self, buffered: bool) -> None:
+        """Velocity (with momentum) and, buffered, whole gradients; fused, the shared buffer's size."""
+        buffers = parameter_buffers(self.model, self.subset, self.momentum, fused=not buffered, frozen=self.frozen)
 
         def take(name, what):
             spec = buffers.get((name, what))
@@ -217,10 +281,17 @@ class Trainer:
             ls = self.subset.get(layer.name)
             if ls is None:
                 continue
-            full = ls.rows.size == layer.weight_shape[0]
-            rows = None if full else (ls.rows if ls.rows.size else None)
-            self._grads[layer.name] = _LayerGrads(rows, take(layer.name, "dw"), take(layer.name, "db"),
-                                                  take(layer.name, "vw"), take(layer.name, "vb"))
+            g = self._grads.get(layer.name)
+            if g is None:
+                full = ls.rows.size == layer.weight_shape[0]
+                rows = None if full else (ls.rows if ls.rows.size else None)
+                g = self._grads[layer.name] = _LayerGrads(rows, bool(ls.rows.size), bool(ls.bias),
+                                                          (ls.rows.size,) + layer.weight_shape[1:])
+            g.dw, g.db = take(layer.name, "dw"), take(layer.name, "db")
+            g.vw, g.vb = take(layer.name, "vw"), take(layer.name, "vb")
+        shared = buffers.get(("update", "grad"))
+        if shared is not None:
+            self._shared_grad = shared
 
     def _bind(self, plan: StepPlan) -> _Bound:
         """Allocate the plan's buffers in the arena and put arrays in place of its refs."""
@@ -270,7 +341,8 @@ class Trainer:
     def step(self, x: np.ndarray, labels: np.ndarray) -> float:
         """One SGD step on a batch; returns the batch's mean loss before the update."""
         loss = self._forward_backward(x, labels)
-        self._apply_update()
+        if self._buffered:
+            self._apply_update()
         return loss
 
     def gradients(self, x: np.ndarray, labels: np.ndarray) -> Tuple[float, Dict[str, np.ndarray]]:
@@ -279,7 +351,16 @@ class Trainer:
         Keys and shapes follow ``Subset.tensors``: "layer.weight" -> [rows, row_size] for the
         selected rows, "layer.bias" -> [1, out]. The arrays are copies.
         """
-        loss = self._forward_backward(x, labels)
+        if self.fused:  # whole gradients, allocated on first use (the step itself never needs them)
+            if self._grads and all(g.dw is None and g.db is None for g in self._grads.values()):
+                self._alloc_grads(buffered=True)
+            self._buffered = True
+            try:
+                loss = self._forward_backward(x, labels)
+            finally:
+                self._buffered = False
+        else:
+            loss = self._forward_backward(x, labels)
         out = {}
         for layer in self.model.param_layers:
             g = self._grads.get(layer.name)
