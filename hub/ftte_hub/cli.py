@@ -1,5 +1,5 @@
 """`ftte-hub`: the coordinator's command line (keygen, train, demo, simulate, resample, split, predict,
-evaluate)."""
+evaluate, agents)."""
 from __future__ import annotations
 
 import asyncio
@@ -230,6 +230,73 @@ def evaluate(model_spec, data_spec, as_json, batch_size):
     else:
         for line in evaluation_lines(result):
             click.echo(line)
+
+
+@main.command()
+@click.option("--key", "key_path", default=None, type=click.Path(dir_okay=False),
+              help="Fleet key file: ask each agent over the authenticated channel (a read-only query that never "
+                   "disturbs a training run). Without it: what the agents' mDNS records say.")
+@click.option("--interface", "interfaces", multiple=True, metavar="IP",
+              help="IPv4 address of an interface mDNS uses (repeatable); default: all IPv4 interfaces.")
+@click.option("--peer", "peers", multiple=True, metavar="HOST:PORT",
+              help="Also ask this address (repeatable; port default 7850), for networks where multicast is blocked.")
+@click.option("--timeout", type=click.FloatRange(min=0.1, max=600.0), default=3.0,
+              help="Seconds to listen for mDNS answers, and the most one agent's answer may take.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON list of objects (name, agent_id, address, memory_budget in bytes, speed in GFLOP/s, "
+                   "input_shape, num_classes, samples, models, pending, hub, training, error, ...).")
+def agents(key_path, interfaces, peers, timeout, as_json):
+    """List the agents reachable now (mDNS and --peer), one row each.
+
+    Columns: name, id, address, architecture, memory budget, measured speed, data shape, classes,
+    samples, cached models, pending updates, the hub connected to it (and tasks training). Exit
+    status 1 when no agent is found or none answered.
+    """
+    from ftte_core.protocol import KeyFileError, read_key
+
+    from .agents import format_table, run_survey
+    from .discovery import parse_peer
+
+    key = None
+    if key_path is not None:
+        try:
+            key = read_key(key_path)
+        except KeyFileError as e:
+            _fail(str(e))
+    for ip in interfaces:
+        if not _is_ipv4(ip):
+            _fail(f"--interface {ip!r} is not an IPv4 address")
+    addrs = []
+    for p in peers:
+        try:
+            addrs.append(parse_peer(p))
+        except ValueError as e:
+            _fail(f"--peer: {e}")
+    try:
+        rows, notes = run_survey(key, addrs, list(interfaces) or None, timeout)
+    except KeyboardInterrupt:
+        _fail("interrupted")
+    for note in notes:
+        click.echo(f"ftte-hub: {note}", err=True)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+    elif rows:
+        click.echo(format_table(rows))
+    answered = [r for r in rows if r["error"] is None]
+    if not answered:
+        where = "mDNS" + (f" and {len(addrs)} peer(s)" if addrs else "")
+        click.echo(f"ftte-hub: {'no agent answered' if rows else 'no agents found'} ({where}, {timeout:g} s)",
+                   err=True)
+        sys.exit(1)
+
+
+def _is_ipv4(text: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.IPv4Address(text)
+        return True
+    except ValueError:
+        return False
 
 
 @main.command()
