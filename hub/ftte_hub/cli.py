@@ -290,6 +290,14 @@ def agents(key_path, interfaces, peers, timeout, as_json):
         sys.exit(1)
 
 
+def _require_onnx(what: str) -> None:
+    from .tools import ToolError, require_onnx
+    try:
+        require_onnx(what)
+    except ToolError as e:
+        _fail(str(e))
+
+
 def _is_ipv4(text: str) -> bool:
     import ipaddress
     try:
@@ -375,6 +383,7 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
     from .train import TrainConfig, TrainError, run_train
 
     setup_logging(log_format, logging.DEBUG if verbose else logging.INFO)
+    _require_onnx("ftte-hub train (it writes model.onnx)")
     try:
         key = read_key(key_path)
     except KeyFileError as e:
@@ -435,6 +444,7 @@ def demo(out_dir, agents, model_spec, target_accuracy, max_versions, buffer_k, a
     from .train import TrainError
 
     setup_logging(log_format)
+    _require_onnx("ftte-hub demo (it writes model.onnx)")
     t0 = time.perf_counter()
     try:
         summary = run_demo(out=out_dir, agents=agents, model=model_spec, target_accuracy=target_accuracy,
