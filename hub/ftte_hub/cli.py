@@ -263,8 +263,11 @@ def agents(key_path, interfaces, peers, timeout, as_json):
             key = read_key(key_path)
         except KeyFileError as e:
             _fail(str(e))
+    import ipaddress
     for ip in interfaces:
-        if not _is_ipv4(ip):
+        try:
+            ipaddress.IPv4Address(ip)
+        except ValueError:
             _fail(f"--interface {ip!r} is not an IPv4 address")
     addrs = []
     for p in peers:
@@ -296,15 +299,6 @@ def _require_onnx(what: str) -> None:
         require_onnx(what)
     except ToolError as e:
         _fail(str(e))
-
-
-def _is_ipv4(text: str) -> bool:
-    import ipaddress
-    try:
-        ipaddress.IPv4Address(text)
-        return True
-    except ValueError:
-        return False
 
 
 @main.command()
