@@ -198,3 +198,48 @@ def test_cli_with_and_without_key_and_wrong_key(fleet):
         agent.wait_for(r"answered a status query")
     finally:
         assert agent.stop() == 0
+
+
+def test_in_process_query_keeps_the_session_and_is_bounded(tmp_path):
+    """The agent's own handler on loopback: a hub session, then queries; the session object stays."""
+    import numpy as np
+
+    from ftte_agent.server import MAX_QUERIES, Agent, AgentSettings
+    from ftte_agent.state import StateDir
+    from ftte_core.channel import Channel
+    from ftte_core.data import Dataset
+    from ftte_hub.agents import QueryError
+
+    key = generate_key()
+    data = Dataset(np.zeros((4, 3), np.float32), np.array([0, 1, 0, 1], np.int32), 2, "tiny")
+    agent = Agent(AgentSettings(key=key, data=data, name="t", state=StateDir(tmp_path / "state"),
+                                memory_budget=1 << 20, speed=1.0, arch="armv7l"))
+
+    async def main():
+        server = await asyncio.start_server(agent.handle_connection, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            hub = await Channel.open(r, w, "client", key, timeout=TIMEOUT)
+            assert (await hub.recv(timeout=TIMEOUT))[0] == M.AGENT_INFO
+            session = agent.session
+            status = await query_agent("127.0.0.1", port, key, TIMEOUT)
+            rows, _ = await survey(key, [("127.0.0.1", port)], None, TIMEOUT, mdns=False)
+            agent.queries = MAX_QUERIES                  # as if that many were being answered
+            with pytest.raises(QueryError):
+                await query_agent("127.0.0.1", port, key, TIMEOUT)
+            agent.queries = 0
+            await hub.send(M.PING, M.encode_json({"t": 1.0}))
+            pong = await recv_skip_pings(hub)
+            assert agent.session is session and pong[0] == M.PONG
+            await hub.close()
+            return status, rows, "%s:%d" % hub.writer.get_extra_info("sockname")[:2]
+        finally:
+            await agent.shutdown()
+            server.close()
+            await server.wait_closed()
+
+    status, rows, hub_addr = asyncio.run(asyncio.wait_for(main(), scaled(30)))
+    assert status["hub"] == hub_addr and status["training"] == 0 and status["num_samples"] == 4
+    assert len(rows) == 1 and rows[0]["error"] is None and rows[0]["arch"] == "armv7l"
+    assert rows[0]["hub"] == hub_addr and rows[0]["samples"] == 4 and rows[0]["source"] == "peer"
