@@ -79,6 +79,7 @@ def test_rows_and_table():
     r = row_from_status(("10.0.0.7", 7850), "mdns", parse_status(_status()))
     r["addresses"] = [r["address"], "10.0.0.8:7850"]
     assert r["samples"] == 300 and r["models"] == 1 and r["input_shape"] == [1, 8, 8]
+    assert r["model_hashes"] == ["a" * 16]
     t = row_from_txt(("10.0.0.9", 7850), txt_properties({b"id": b"feedfacefeedface", b"name": b"pi-zero",
                                                          b"budget": b"524288", b"speed": b"nan", b"arch": b"armv7l",
                                                          b"proto": b"1", b"bad": b"\xff"}))

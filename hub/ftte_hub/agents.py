@@ -116,7 +116,7 @@ def _txt_number(txt: Dict[str, str], key: str, kind: type):
 def _row(address: Address, source: str) -> Dict[str, Any]:
     return {"name": None, "agent_id": None, "address": f"{address[0]}:{address[1]}", "addresses": [],
             "source": source, "arch": None, "memory_budget": None, "speed": None, "input_shape": None,
-            "num_classes": None, "samples": None, "models": None, "pending": None, "hub": None, "training": None,
+            "num_classes": None, "samples": None, "models": None, "model_hashes": None, "pending": None, "hub": None, "training": None,
             "protocol": None, "software": None, "via": None, "error": None}
 
 
@@ -125,6 +125,7 @@ def row_from_status(address: Address, source: str, info: Dict[str, Any]) -> Dict
     r.update(name=info["name"], agent_id=info["agent_id"], arch=info.get("arch") or None,
              memory_budget=info["memory_budget"], speed=info.get("speed"), input_shape=info.get("input_shape"),
              num_classes=info.get("num_classes"), samples=info.get("num_samples"), models=len(info["models"]),
+             model_hashes=[h[:16] for h in info["models"][:32]],
              pending=info.get("pending"), hub=info.get("hub"), training=info.get("training"),
              protocol=info.get("protocol"), software=info.get("software") or None, via="query")
     return r
