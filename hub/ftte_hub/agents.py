@@ -179,12 +179,11 @@ async def survey(key: Optional[bytes], peers: Sequence[Address], interfaces: Opt
             notes.append(f"mDNS unavailable ({one_line(e)}); only --peer addresses were asked")
             browser = None
         else:
-            await asyncio.sleep(timeout)
-    try:
-        results = {addr: await t for addr, t in list(asks.items())}
-    finally:
-        if browser is not None:
-            await browser.close()
+            try:
+                await asyncio.sleep(timeout)
+            finally:
+                await browser.close()   # no address is added past the window
+    results = {addr: await t for addr, t in list(asks.items())}
 
     rows: Dict[str, Dict[str, Any]] = {}
     loose: List[Dict[str, Any]] = []
@@ -201,7 +200,7 @@ async def survey(key: Optional[bytes], peers: Sequence[Address], interfaces: Opt
         if key is None and error is None and addr not in txts:
             r["via"] = "tcp"      # a --peer without the key: only its open port is known
         aid = r["agent_id"]
-        if aid is None or r["error"] is not None and aid not in rows:
+        if aid is None or (r["error"] is not None and aid not in rows):
             r["addresses"] = [r["address"]]
             loose.append(r)
             continue
