@@ -240,7 +240,7 @@ def evaluate(model_spec, data_spec, as_json, batch_size):
               help="IPv4 address of an interface mDNS uses (repeatable); default: all IPv4 interfaces.")
 @click.option("--peer", "peers", multiple=True, metavar="HOST:PORT",
               help="Also ask this address (repeatable; port default 7850), for networks where multicast is blocked.")
-@click.option("--timeout", type=click.FloatRange(min=0.1, max=600.0), default=3.0,
+@click.option("--timeout", type=click.FloatRange(min=0.1, max=600.0), default=3.0, metavar="S",
               help="Seconds to listen for mDNS answers, and the most one agent's answer may take.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON list of objects (name, agent_id, address, memory_budget in bytes, speed in GFLOP/s, "
