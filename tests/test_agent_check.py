@@ -16,14 +16,19 @@ from ftte_core.protocol import generate_key, write_key
 from mdns_support import multicast_unavailable
 
 
-@pytest.fixture()
-def files(tmp_path):
+def key_and_data(tmp_path):
+    """A fleet key file and 120 digits samples in tmp_path (also used by test_hub_agents.py)."""
     key = tmp_path / "fleet.key"
     write_key(key, generate_key())
     ds = load_bundled("digits")
     data = tmp_path / "local.npz"
     save_npz(data, Dataset(ds.x[:120].copy(), ds.y[:120].copy(), ds.num_classes, "local"))
     return {"key": key, "data": data, "root": tmp_path}
+
+
+@pytest.fixture()
+def files(tmp_path):
+    return key_and_data(tmp_path)
 
 
 def test_key_checks(files):

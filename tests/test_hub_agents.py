@@ -22,6 +22,7 @@ from ftte_hub.agents import (format_table, parse_status, query_agent, row_from_s
 from ftte_hub.cli import main
 from ftte_hub.discovery import txt_properties
 from slowdev import scaled
+from test_agent_check import key_and_data
 from test_agent import RUN, TIMEOUT, ack, hello, make_model, model_to_bytes, recv_skip_pings, start_agent, \
     task_message
 
@@ -116,14 +117,7 @@ def test_bad_input_is_one_line(args, message):
 # -- real agents on loopback ---------------------------------------------------------------------
 @pytest.fixture()
 def fleet(tmp_path):
-    from ftte_core.data import Dataset, load_bundled, save_npz
-
-    key = tmp_path / "fleet.key"
-    write_key(key, generate_key())
-    ds = load_bundled("digits")
-    data = tmp_path / "local.npz"
-    save_npz(data, Dataset(ds.x[:200].copy(), ds.y[:200].copy(), ds.num_classes, "local"))
-    return {"root": tmp_path, "key": key, "data": data}
+    return key_and_data(tmp_path)
 
 
 def agents_cli(*args) -> subprocess.CompletedProcess:
@@ -153,13 +147,13 @@ def test_query_during_training_leaves_the_hub_session_and_task_alone(fleet):
                 await asyncio.sleep(0.05)
             status = seen[-1]
             assert status["agent_id"] == info["agent_id"] and status["hub"] == hub_addr
-            assert status["training"] == 1 and status["num_samples"] == 200
+            assert status["training"] == 1 and status["num_samples"] == 120
             # the CLI, while the task trains: the row names the hub
             res = await asyncio.to_thread(agents_cli, "--key", str(fleet["key"]), "--peer",
                                           f"127.0.0.1:{agent.port}", "--timeout", "1", "--json")
             rows = [r for r in json.loads(res.stdout) if r["address"] == f"127.0.0.1:{agent.port}"]
             assert len(rows) == 1 and rows[0]["hub"] == hub_addr and rows[0]["error"] is None, res.stdout + res.stderr
-            assert rows[0]["samples"] == 200 and rows[0]["input_shape"] == [1, 8, 8] and rows[0]["num_classes"] == 10
+            assert rows[0]["samples"] == 120 and rows[0]["input_shape"] == [1, 8, 8] and rows[0]["num_classes"] == 10
             # the hub's session is intact and the task's UPDATE arrives on it
             t, body = await recv_skip_pings(ch, timeout=scaled(120))
             assert t == M.UPDATE, M.name(t)
@@ -185,7 +179,7 @@ def test_cli_with_and_without_key_and_wrong_key(fleet):
         res = agents_cli("--key", str(fleet["key"]), "--peer", peer, "--timeout", "1")
         assert res.returncode == 0, res.stderr
         line = [ln for ln in res.stdout.splitlines() if peer in ln]
-        assert line and "test-agent" in line[0] and "1x8x8" in line[0] and " 200 " in line[0] and "none" in line[0]
+        assert line and "test-agent" in line[0] and "1x8x8" in line[0] and " 120 " in line[0] and "none" in line[0]
         # without the key: the peer's port is open, nothing more is known
         res = agents_cli("--peer", peer, "--timeout", "1", "--json")
         rows = [r for r in json.loads(res.stdout) if r["address"] == peer]
