@@ -83,11 +83,14 @@ def setup_logging(fmt: str, level: str) -> None:
 @click.option("--max-task-seconds", type=click.FloatRange(min=0.0), default=600.0,
               help="Most seconds one task may train; training then stops after the step in progress and the "
                    "update of the steps done is sent (0 = no cap).")
+@click.option("--check", is_flag=True,
+              help="Check this device instead of serving: key, data, memory budget (which zoo models fit), speed, "
+                   "port, mDNS multicast; one line each, exit status 1 when one FAILs.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", help="Log line format (stderr).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", help="Log verbosity.")
 def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, interfaces, no_mdns,
          hello_timeout, handshake_timeout, silence_timeout, ping_interval, max_task_steps, max_task_seconds,
-         log_format, log_level):
+         check, log_format, log_level):
     """Serve one device of the FTTE fleet: advertise, accept the hub, train tasks, send deltas.
 
     Only encoded parameter deltas and summary numbers leave the device, over connections
@@ -98,7 +101,7 @@ def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, in
     from ftte_core import messages
     from ftte_core.data import DataError, load_npz
     from ftte_core.protocol import KeyFileError, read_key
-    from ftte_core.sizes import format_size, parse_size
+    from ftte_core.sizes import format_size
 
     from . import device
     from .server import Agent, AgentSettings
@@ -109,6 +112,12 @@ def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, in
     for ip in interfaces:
         if not _is_ipv4(ip):
             _fail(f"--interface {ip!r} is not an IPv4 address")
+    if check:
+        budget, rule = _budget(memory_budget)
+        from .check import run_checks
+        ok = run_checks(key_path, data_path, budget, rule, messages.DEFAULT_AGENT_PORT if port is None else port,
+                        list(interfaces), mdns=not no_mdns, slowdown=slowdown, emit=click.echo)
+        sys.exit(0 if ok else 1)
     try:
         key = read_key(key_path)
     except KeyFileError as e:
@@ -117,15 +126,7 @@ def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, in
         data = load_npz(data_path)
     except DataError as e:
         _fail(str(e))
-    if memory_budget is not None:
-        try:
-            budget, rule = parse_size(memory_budget), "--memory-budget"
-        except ValueError as e:
-            _fail(f"--memory-budget: {e}")
-        if budget <= 0:
-            _fail("--memory-budget must be positive")
-    else:
-        budget, rule = device.default_memory_budget()
+    budget, rule = _budget(memory_budget)
     name = name or device.host_name()
     try:
         state = StateDir(state_dir or default_state_dir(name))
@@ -169,6 +170,23 @@ def main(key_path, data_path, name, memory_budget, port, state_dir, slowdown, in
         sys.stderr.flush()
         os._exit(0)
     log.info("stopped")
+
+
+def _budget(memory_budget: Optional[str]):
+    """(bytes, the rule that set it) from --memory-budget or the device's default."""
+    from ftte_core.sizes import parse_size
+
+    from . import device
+
+    if memory_budget is None:
+        return device.default_memory_budget()
+    try:
+        budget = parse_size(memory_budget)
+    except ValueError as e:
+        _fail(f"--memory-budget: {e}")
+    if budget <= 0:
+        _fail("--memory-budget must be positive")
+    return budget, "--memory-budget"
 
 
 class ListenError(OSError):

@@ -10,6 +10,12 @@ line per 10 s under a flood; the agent keeps serving. An authenticated connectio
 *current* hub session and supersedes the previous one, so a restarted hub is never locked out by
 a half-dead old connection.
 
+A status query (``ftte-hub agents``: the client's HELLO carries ``protocol.FLAG_QUERY``) is
+authenticated the same way but never becomes a session: the agent sends one AGENT_INFO with its
+status (``Agent.status``: the connected hub, tasks training) and closes, within
+``QUERY_SEND_TIMEOUT`` seconds. The hub session and any training are untouched, and at most
+``MAX_QUERIES`` queries are answered at once (more are closed straight after their handshake).
+
 Training belongs to the agent, not to a connection: a task keeps running when its connection
 drops, its UPDATE is written to ``pending/<run>/`` before it is sent and deleted only when an ACK
 names it (run id and task id), and every new session sends what is pending (oldest first) right
@@ -47,7 +53,7 @@ from ftte_core.data import Dataset
 from ftte_core.local import LocalWorker, StepLimits, TaskCancelled, TaskError, TaskResult
 from ftte_core.modelfile import DEFAULT_MAX_BYTES as DEFAULT_MAX_MODEL_BYTES
 from ftte_core.modelfile import ModelFileError, ModelTooLarge, content_hash, model_from_bytes
-from ftte_core.protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
+from ftte_core.protocol import DEFAULT_MAX_FRAME, FLAG_QUERY, PROTOCOL_VERSION
 from ftte_core.subset import Subset
 from ftte_core.update import Update, UpdateError, subset_values
 
@@ -60,6 +66,8 @@ from .state import StateDir
 log = logging.getLogger("ftte_agent")
 
 MAX_TASKS = 4                # tasks training or waiting; a hub sends one at a time, so more means a confused hub
+MAX_QUERIES = 8              # status queries answered at once (each lasts one small frame)
+QUERY_SEND_TIMEOUT = 5.0     # seconds to hand a status answer to a query client that does not read
 
 
 @dataclass
@@ -153,6 +161,8 @@ class Agent:
         self.tasks_done = 0
         self.tasks_failed = 0
         self.downlink_held: Optional[DL.Held] = None   # the hub's canonical values this agent holds
+        self.queries = 0             # status queries being answered now
+        self.started = time.time()
 
     def check_pending(self) -> int:
         """At start: delete kept updates that no longer parse (one log line each); returns how many are left.
@@ -180,6 +190,9 @@ class Agent:
     async def handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ch = await self._admit(reader, writer)
         if ch is None:
+            return
+        if ch.conn.peer_flags & FLAG_QUERY:
+            await self.answer_query(ch)
             return
         session = Session(self, ch, asyncio.current_task())
         old, self.session = self.session, session
@@ -218,6 +231,33 @@ class Agent:
         finally:
             self.admission.done(pending)
         return None
+
+    async def answer_query(self, ch: Channel) -> None:
+        """A read-only status query: one AGENT_INFO with ``status()``, then close. Never touches the session."""
+        if self.queries >= MAX_QUERIES:
+            log.info("status query from %s not answered: %d others in progress", ch.peer, self.queries)
+            ch.abort()
+            return
+        self.queries += 1
+        try:
+            await asyncio.wait_for(ch.send(M.AGENT_INFO, M.encode_json(self.status())), QUERY_SEND_TIMEOUT)
+            log.info("answered a status query from %s", ch.peer)
+        except (ChannelError, asyncio.TimeoutError) as e:
+            log.info("status query from %s: %s", ch.peer, "the client did not read the answer"
+                     if isinstance(e, asyncio.TimeoutError) else _one_line(e))
+        except Exception as e:  # one query must never cost the agent anything
+            log.warning("status query from %s: %s: %s", ch.peer, type(e).__name__, _one_line(e))
+        finally:
+            self.queries -= 1
+            await ch.close()
+
+    def status(self) -> Dict[str, Any]:
+        """AGENT_INFO plus what an operator asks (``ftte-hub agents``): who holds the session, what trains."""
+        s = self.session
+        return {**self.info(), "hub": s.ch.peer if s is not None else None,
+                "hub_since": round(s.since, 3) if s is not None else None,
+                "training": self.tasks_in_progress, "tasks_done": self.tasks_done,
+                "tasks_failed": self.tasks_failed, "uptime": round(time.time() - self.started, 3)}
 
     @property
     def max_model_bytes(self) -> int:
@@ -432,6 +472,7 @@ class Session:
 
     def __init__(self, agent: Agent, ch: Channel, task: Optional[asyncio.Task]):
         self.agent, self.ch, self.task = agent, ch, task
+        self.since = time.time()
         self.state = agent.state
         self._sent: Set[Tuple[str, str]] = set()   # (run id, task id) of pending updates sent on this connection
         self._flush_lock = asyncio.Lock()

@@ -1,5 +1,5 @@
 """`ftte-hub`: the coordinator's command line (keygen, train, demo, simulate, resample, split, predict,
-evaluate)."""
+evaluate, agents)."""
 from __future__ import annotations
 
 import asyncio
@@ -233,6 +233,75 @@ def evaluate(model_spec, data_spec, as_json, batch_size):
 
 
 @main.command()
+@click.option("--key", "key_path", default=None, type=click.Path(dir_okay=False),
+              help="Fleet key file: ask each agent over the authenticated channel (a read-only query that never "
+                   "disturbs a training run). Without it: what the agents' mDNS records say.")
+@click.option("--interface", "interfaces", multiple=True, metavar="IP",
+              help="IPv4 address of an interface mDNS uses (repeatable); default: all IPv4 interfaces.")
+@click.option("--peer", "peers", multiple=True, metavar="HOST:PORT",
+              help="Also ask this address (repeatable; port default 7850), for networks where multicast is blocked.")
+@click.option("--timeout", type=click.FloatRange(min=0.1, max=600.0), default=3.0, metavar="S",
+              help="Seconds to listen for mDNS answers, and the most one agent's answer may take.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON list of objects (name, agent_id, address, memory_budget in bytes, speed in GFLOP/s, "
+                   "input_shape, num_classes, samples, models, pending, hub, training, error, ...).")
+def agents(key_path, interfaces, peers, timeout, as_json):
+    """List the agents reachable now (mDNS and --peer), one row each.
+
+    Columns: name, id, address, architecture, memory budget, measured speed, data shape, classes,
+    samples, cached models, pending updates, the hub connected to it (and tasks training). Exit
+    status 1 when no agent is found or none answered.
+    """
+    from ftte_core.protocol import KeyFileError, read_key
+
+    from .agents import format_table, run_survey
+    from .discovery import parse_peer
+
+    key = None
+    if key_path is not None:
+        try:
+            key = read_key(key_path)
+        except KeyFileError as e:
+            _fail(str(e))
+    import ipaddress
+    for ip in interfaces:
+        try:
+            ipaddress.IPv4Address(ip)
+        except ValueError:
+            _fail(f"--interface {ip!r} is not an IPv4 address")
+    addrs = []
+    for p in peers:
+        try:
+            addrs.append(parse_peer(p))
+        except ValueError as e:
+            _fail(f"--peer: {e}")
+    try:
+        rows, notes = run_survey(key, addrs, list(interfaces) or None, timeout)
+    except KeyboardInterrupt:
+        _fail("interrupted")
+    for note in notes:
+        click.echo(f"ftte-hub: {note}", err=True)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+    elif rows:
+        click.echo(format_table(rows))
+    answered = [r for r in rows if r["error"] is None]
+    if not answered:
+        where = "mDNS" + (f" and {len(addrs)} peer(s)" if addrs else "")
+        click.echo(f"ftte-hub: {'no agent answered' if rows else 'no agents found'} ({where}, {timeout:g} s)",
+                   err=True)
+        sys.exit(1)
+
+
+def _require_onnx(what: str) -> None:
+    from .tools import ToolError, require_onnx
+    try:
+        require_onnx(what)
+    except ToolError as e:
+        _fail(str(e))
+
+
+@main.command()
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--force", is_flag=True, help="Overwrite an existing key file (every device then needs the new key).")
 def keygen(path, force):
@@ -326,6 +395,7 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
     from .train import TrainConfig, TrainError, run_train
 
     setup_logging(log_format, logging.DEBUG if verbose else logging.INFO)
+    _require_onnx("ftte-hub train (it writes model.onnx)")
     try:
         key = read_key(key_path)
     except KeyFileError as e:
@@ -409,6 +479,7 @@ def demo(out_dir, agents, model_spec, target_accuracy, max_versions, buffer_k, a
     from .train import TrainError
 
     setup_logging(log_format)
+    _require_onnx("ftte-hub demo (it writes model.onnx)")
     t0 = time.perf_counter()
     try:
         summary = run_demo(out=out_dir, agents=agents, model=model_spec, target_accuracy=target_accuracy,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from ftte_core.messages import DEFAULT_AGENT_PORT, SERVICE_TYPE
 
@@ -19,6 +19,8 @@ MAX_RESOLVING = 64         # resolutions at once
 
 Found = Callable[[str, int, str], None]   # host, port, source ("mdns" | "peer")
 Lost = Callable[[str, int], None]
+Record = Callable[[str, List[Tuple[str, int]], Dict[str, str]], None]   # service name, addresses, TXT
+MAX_TXT_CHARS = 256        # a TXT value kept for the operator (an agent's are short)
 
 
 def parse_peer(text: str) -> Tuple[str, int]:
@@ -52,8 +54,9 @@ def parse_peer(text: str) -> Tuple[str, int]:
 class MdnsBrowser:
     """Browse ``SERVICE_TYPE`` on the given IPv4 interfaces (None: all) and report each resolved address."""
 
-    def __init__(self, on_found: Found, on_lost: Optional[Lost] = None, interfaces: Optional[Sequence[str]] = None):
-        self.on_found, self.on_lost = on_found, on_lost
+    def __init__(self, on_found: Found, on_lost: Optional[Lost] = None, interfaces: Optional[Sequence[str]] = None,
+                 on_record: Optional[Record] = None):
+        self.on_found, self.on_lost, self.on_record = on_found, on_lost, on_record
         self.interfaces = list(interfaces) if interfaces else None
         self._aiozc = None
         self._browser = None
@@ -107,6 +110,8 @@ class MdnsBrowser:
         self.answers += 1
         for host, port in found:
             self.on_found(host, port, "mdns")
+        if self.on_record is not None:
+            self.on_record(name, found, txt_properties(info.properties))
 
     async def close(self) -> None:
         for t in list(self._tasks):
@@ -118,3 +123,17 @@ class MdnsBrowser:
                 await self._aiozc.async_close()
         except Exception:  # shutting down: nothing useful to do with a failure here
             pass
+
+
+def txt_properties(props) -> Dict[str, str]:
+    """An mDNS record's TXT properties as printable text (bytes decoded, values cut short, junk dropped)."""
+    out: Dict[str, str] = {}
+    for k, v in list((props or {}).items())[:32]:
+        try:
+            key = k.decode("utf-8") if isinstance(k, bytes) else str(k)
+            val = "" if v is None else (v.decode("utf-8") if isinstance(v, bytes) else str(v))
+        except UnicodeDecodeError:
+            continue
+        if key.isprintable() and val.isprintable():
+            out[key[:64]] = val[:MAX_TXT_CHARS]
+    return out

@@ -222,13 +222,28 @@ def resolve_model_path(spec: str) -> str:
     return spec
 
 
+INSTALL_ONNX = "pip install 'ftte-fleet[hub]' (or pip install onnx); the agent-only install leaves it out"
+
+
+def require_onnx(what: str) -> None:
+    """ToolError (one line) when the onnx package is not installed; ``what`` says what needs it."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("onnx") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ToolError(f"{what} needs the onnx package: {INSTALL_ONNX}")
+
+
 def load_model(spec: str):
     """A Model from an ONNX file or run folder; one-line ToolError for anything unusable."""
     path = resolve_model_path(spec)
     try:
         from ftte_core.onnx_io import load_model as load_onnx
     except ImportError:
-        raise ToolError("reading ONNX models needs the onnx package: pip install onnx") from None
+        raise ToolError(f"reading ONNX models needs the onnx package: {INSTALL_ONNX}") from None
     try:
         return load_onnx(path)
     except (ValueError, OSError) as e:  # OnnxImportError is a ValueError

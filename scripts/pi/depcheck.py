@@ -1,9 +1,10 @@
 """Every runtime dependency the installed ftte-fleet declares is installed, except those named
-on the command line (the ones PyPI cannot provide for this architecture).
+on the command line.
 
-scripts/pi-check runs it after the armhf install, whose README line lists the dependencies by
-hand (`pip install --no-deps .` and then the rest): a dependency added to pyproject.toml but not
-to that line fails here with its name, instead of as an ImportError somewhere later.
+scripts/pi-check runs it after the README's install commands: on armhf numpy must come from
+Debian's python3-numpy through the --system-site-packages venv (PyPI has no armv7 numpy wheel),
+and a dependency that pip could not provide fails here with its name, instead of as an
+ImportError somewhere later. Extras (hub, test) are not runtime dependencies.
 """
 import importlib.metadata as md
 import re

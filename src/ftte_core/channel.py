@@ -65,15 +65,17 @@ class Channel:
     @classmethod
     async def open(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, role: str, key: bytes,
                    timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME, hello_timeout: Optional[float] = None,
-                   on_hello: Optional[Callable[[], None]] = None) -> "Channel":
+                   on_hello: Optional[Callable[[], None]] = None, flags: int = 0) -> "Channel":
         """Run the handshake (``role``: "client" dials, "server" accepted). Closes the stream on failure.
 
         ``timeout`` bounds the whole handshake; ``hello_timeout`` (optional, shorter) bounds the wait
         for the peer's HELLO, so a server drops a silent connection long before ``timeout``.
-        ``on_hello`` is called once when the peer's HELLO has arrived (the server has answered it)."""
+        ``on_hello`` is called once when the peer's HELLO has arrived (the server has answered it).
+        ``flags``: the client's HELLO flags (``protocol.FLAG_QUERY``); a server reads the client's
+        as ``ch.conn.peer_flags``."""
         peername = writer.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
-        ch = cls(reader, writer, Connection(role, key, max_frame=max_frame), peer)
+        ch = cls(reader, writer, Connection(role, key, max_frame=max_frame, flags=flags), peer)
         try:
             await asyncio.wait_for(ch._handshake(hello_timeout, on_hello), timeout)
         except asyncio.TimeoutError:

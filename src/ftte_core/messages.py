@@ -39,6 +39,11 @@ Fields (JSON bodies; sizes in bytes):
     PING, PONG   t float (the sender's clock; PONG echoes PING's)
     ERROR        message str
 
+A status query (`ftte-hub agents`: ``protocol.FLAG_QUERY`` in the client's HELLO) is not a
+conversation: the agent sends one AGENT_INFO with the status fields hub (the connected hub's
+"ip:port" or null), hub_since (its clock), training (tasks in progress), tasks_done,
+tasks_failed and uptime (seconds) added, then closes.
+
 The hub never sees data: UPDATE carries the encoded delta and summary numbers only.
 """
 from __future__ import annotations

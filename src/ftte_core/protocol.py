@@ -18,7 +18,7 @@ Handshake (details and the security argument: docs/protocol.md). Each side prove
 32-byte pre-shared fleet key; every later byte is encrypted and authenticated with keys derived
 for this connection alone:
 
-    client -> server   HELLO_C  = b"FTTE" | version u16 | role u8 (1) | flags u8 (0) | nonce_c 32 | epk_c 32
+    client -> server   HELLO_C  = b"FTTE" | version u16 | role u8 (1) | flags u8 (0; 1 = status query) | nonce_c 32 | epk_c 32
     server -> client   HELLO_S  = b"FTTE" | version u16 | role u8 (2) | flags u8 (0) | nonce_s 32 | epk_s 32
                        FIN_S    = HMAC-SHA256(mac_s, b"server finished" | SHA256(HELLO_C | HELLO_S))
     client -> server   FIN_C    = HMAC-SHA256(mac_c, b"client finished" | SHA256(HELLO_C | HELLO_S))
@@ -70,6 +70,11 @@ FRAME_OVERHEAD = 4 + 1 + TAG_BYTES  # header + message type + Poly1305 tag
 MSG_CLOSE = 0                       # reserved: authenticated end of stream
 
 ROLES = {"client": 1, "server": 2}
+# Client HELLO flags. FLAG_QUERY: a read-only status query (`ftte-hub agents`): the agent answers
+# with one AGENT_INFO and closes, and its hub session, if any, is left alone. The flags byte is in
+# the handshake transcript, so no one without the key can set or clear it in transit.
+FLAG_QUERY = 0x01
+_CLIENT_FLAGS = FLAG_QUERY
 _ROLE_NAMES = {v: k for k, v in ROLES.items()}
 _HELLO = struct.Struct(">4sHBB32s32s")  # magic, version, role, flags, nonce, X25519 public key
 _PREFIX = struct.Struct(">4sH")         # enough to tell a foreign or other-version peer early
@@ -258,9 +263,11 @@ class Connection:
     """One end of one connection. ``role`` is "client" (opens the TCP connection; the hub) or
     "server" (accepts it; the agent). Not thread-safe; one per connection."""
 
-    def __init__(self, role: str, key: bytes, max_frame: int = DEFAULT_MAX_FRAME):
+    def __init__(self, role: str, key: bytes, max_frame: int = DEFAULT_MAX_FRAME, flags: int = 0):
         if role not in ROLES:
             raise ValueError(f"Connection: role must be 'client' or 'server', got {role!r}")
+        if flags & ~(_CLIENT_FLAGS if role == "client" else 0) or not 0 <= flags <= 0xFF:
+            raise ValueError(f"Connection: flags 0x{flags:02x} are not valid for a {role}")
         _check_key(key, "Connection")
         if not isinstance(max_frame, int) or not FRAME_OVERHEAD - 4 <= max_frame <= 0xFFFFFFFF:
             raise ValueError(f"Connection: max_frame must be an int in [{FRAME_OVERHEAD - 4}, 2**32-1], "
@@ -270,7 +277,9 @@ class Connection:
         self._psk = bytes(key)
         self._nonce = secrets.token_bytes(NONCE_BYTES)
         self._eph = X25519PrivateKey.generate()  # ephemeral: forward secrecy if the fleet key leaks later
-        self._hello = _HELLO.pack(MAGIC, PROTOCOL_VERSION, ROLES[role], 0, self._nonce,
+        self.flags = flags
+        self.peer_flags = 0              # the peer's HELLO flags, once it has arrived
+        self._hello = _HELLO.pack(MAGIC, PROTOCOL_VERSION, ROLES[role], flags, self._nonce,
                                   self._eph.public_key().public_bytes_raw())
         self._state = _WAIT_HELLO        # receive side; the send side needs only _handshake_done
         self._handshake_done = False
@@ -460,8 +469,9 @@ class Connection:
         if role != want:
             raise HandshakeError(f"peer claims role {_ROLE_NAMES.get(role, role)!r}; a {self.role} "
                                  f"needs a {_ROLE_NAMES[want]!r}")
-        if flags != 0:
+        if flags & ~(_CLIENT_FLAGS if self.role == "server" else 0):
             raise HandshakeError(f"peer HELLO has unknown flags 0x{flags:02x}")
+        self.peer_flags = flags
         if self.role == "client":
             hello_c, hello_s, nonce_c, nonce_s = self._hello, peer_hello, self._nonce, peer_nonce
         else:
