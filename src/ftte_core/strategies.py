@@ -424,9 +424,9 @@ class FTTETiered(FTTE):
             # tier that holds a row decides who trained it
             first_tier = np.full(target.shape[0], len(self.tiers), dtype=np.int64)
             for t in range(len(self.tiers) - 1, -1, -1):
-                own = row_maps[t].get(key)
-                if own is None:
+                if key not in row_maps[t]:
                     continue
+                own = row_maps[t][key]  # None for a bias (one row)
                 pos = np.zeros(1, np.int64) if union is None else np.searchsorted(union, own)
                 first_tier[pos] = t
             for t in sorted(set(first_tier.tolist())):
