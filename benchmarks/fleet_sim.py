@@ -25,10 +25,15 @@ import os
 import sys
 import time
 
-import numpy as np
+# One BLAS thread: the simulator's float64 reductions (update norms, FTTE's Gram matrix) are small,
+# and OpenBLAS threads spinning on a shared, loaded CPU made one 256x256 norm 100 ms instead of 2.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from ftte_hub.report import write_results
-from ftte_hub.simulate import SimConfig, simulate
+import numpy as np  # noqa: E402
+
+from ftte_hub.report import write_results  # noqa: E402
+from ftte_hub.simulate import SimConfig, simulate  # noqa: E402
 
 ALL = ("ftte", "ftte-tiered", "fedbuff", "fedbuff-full", "fedavg", "fedavg-full")
 WORKLOADS = {
