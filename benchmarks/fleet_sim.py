@@ -99,7 +99,7 @@ def main():
                 r = rows[s]
                 print(f"| {s} | {spread([x['participating_devices'] for x in r], '{:.0f}')} "
                       f"({spread([x['devices_sat_out'] for x in r], '{:.0f}')}) | "
-                      f"{spread([x['time_to_target_s'] for x in r], '{:,.0f}')} | "
+                      f"{spread([x['time_to_target_s'] for x in r], '{:,.2f}')} | "
                       f"{spread([x['bytes_to_target'] / 2**20 if x['bytes_to_target'] is not None else None for x in r])} | "
                       f"{spread([x['final_accuracy'] for x in r], '{:.3f}')} | "
                       f"{spread([x['peak_device_memory_bytes'] / 1024 for x in r], '{:,.0f}')} | "
