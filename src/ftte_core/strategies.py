@@ -132,14 +132,7 @@ class Strategy:
         already have passed ``check_update`` (the driver does that on arrival).
         """
         updates = list(updates)
-        if not updates:
-            raise ValueError(f"{self.name}: nothing to merge")
-        n = _sample_counts(updates, samples)
-        c = _clip(updates, clip)
-        w, factors = self.weighting(updates, current_version, n, c)
-        w = np.asarray(w, dtype=np.float64)
-        if w.shape != (len(updates),) or not np.all(np.isfinite(w)):
-            raise ValueError(f"{self.name}: weights must be {len(updates)} finite numbers, got {w}")
+        n, c, w, factors = self._weigh(updates, current_version, samples, clip)
         alphas64 = self.server_lr * self.step_scale(updates, current_version, n) * w * c
         if not _fits_float32(alphas64):
             raise MergeRefused(f"{self.name}: merge weights are not finite float32 numbers ({alphas64.tolist()})")
@@ -165,8 +158,25 @@ class Strategy:
                 raise MergeRefused(f"{self.name}: the merge makes {key!r} non-finite; the model is kept",
                                    _overflowing(view, rows, parts, alphas64, i))
             merged.append(scratch)
+        return self._write_and_report(tensors, merged, updates, current_version, n, c, w,
+                                      alphas.astype(float).tolist(), factors)
+
+    def _weigh(self, updates, current_version, samples, clip):
+        """(capped sample counts, clip factors, checked weights, factors) for a non-empty buffer."""
+        if not updates:
+            raise ValueError(f"{self.name}: nothing to merge")
+        n = _sample_counts(updates, samples)
+        c = _clip(updates, clip)
+        w, factors = self.weighting(updates, current_version, n, c)
+        w = np.asarray(w, dtype=np.float64)
+        if w.shape != (len(updates),) or not np.all(np.isfinite(w)):
+            raise ValueError(f"{self.name}: weights must be {len(updates)} finite numbers, got {w}")
+        return n, c, w, factors
+
+    def _write_and_report(self, tensors, merged, updates, current_version, n, c, w, alphas, factors) -> MergeReport:
+        """Write the merged (all finite) tensors into the model and describe the merge."""
         sq = 0.0
-        for (key, layer, view, rows), new in zip(tensors, merged):  # every tensor is finite: write them all
+        for (key, layer, view, rows), new in zip(tensors, merged):
             diff = new.astype(np.float64) - (view[rows] if rows is not None else view)
             sq += float(np.einsum("ij,ij->", diff, diff))
             if rows is None:
@@ -175,7 +185,7 @@ class Strategy:
                 view[rows] = new
         losses = np.array([u.loss for u in updates], dtype=np.float64)
         return MergeReport(
-            strategy=self.name, num_updates=len(updates), weights=w.tolist(), alphas=alphas.astype(float).tolist(),
+            strategy=self.name, num_updates=len(updates), weights=w.tolist(), alphas=list(alphas),
             staleness=[int(current_version - u.base_version) for u in updates], num_samples=int(n.sum()),
             mean_loss=float((n * losses).sum() / n.sum()), update_norm=math.sqrt(sq),
             device_ids=[u.device_id for u in updates], task_ids=[u.task_id for u in updates],
@@ -403,14 +413,7 @@ class FTTETiered(FTTE):
               samples: Optional[Sequence[float]] = None, clip: Optional[Sequence[float]] = None) -> MergeReport:
         """Per-parameter weighted merge over the updates that trained each row, all or nothing."""
         updates = list(updates)
-        if not updates:
-            raise ValueError(f"{self.name}: nothing to merge")
-        n = _sample_counts(updates, samples)
-        c = _clip(updates, clip)
-        w, factors = self.weighting(updates, current_version, n, c)
-        w = np.asarray(w, dtype=np.float64)
-        if w.shape != (len(updates),) or not np.all(np.isfinite(w)):
-            raise ValueError(f"{self.name}: weights must be {len(updates)} finite numbers, got {w}")
+        n, c, w, factors = self._weigh(updates, current_version, samples, clip)
         age = np.asarray(factors["age"], dtype=np.float64)
         tiers = [self.tier_of(u) for u in updates]
         row_maps = [_tensor_row_map(t) for t in self.tiers]
@@ -458,21 +461,7 @@ class FTTETiered(FTTE):
             if not np.all(np.isfinite(target)):
                 raise MergeRefused(f"{self.name}: the merge makes {key!r} non-finite; the model is kept")
             merged.append(target)
-        sq = 0.0
-        for (key, layer, view, rows), new in zip(tensors, merged):
-            diff = new.astype(np.float64) - (view[rows] if rows is not None else view)
-            sq += float(np.einsum("ij,ij->", diff, diff))
-            if rows is None:
-                view[...] = new
-            else:
-                view[rows] = new
-        losses = np.array([u.loss for u in updates], dtype=np.float64)
-        return MergeReport(
-            strategy=self.name, num_updates=len(updates), weights=w.tolist(), alphas=used_alpha.tolist(),
-            staleness=[int(current_version - u.base_version) for u in updates], num_samples=int(n.sum()),
-            mean_loss=float((n * losses).sum() / n.sum()), update_norm=math.sqrt(sq),
-            device_ids=[u.device_id for u in updates], task_ids=[u.task_id for u in updates],
-            factors=factors, partial=len(updates) < self.buffer_size, clip=c.tolist())
+        return self._write_and_report(tensors, merged, updates, current_version, n, c, w, used_alpha.tolist(), factors)
 
     def describe(self) -> str:
         return super().describe()[:-1] + f", tiers={len(self.tiers or ())})"
