@@ -146,14 +146,7 @@ class Strategy:
             if any(p.key != key for p in parts):
                 raise ValueError(f"{self.name}: update tensors are not in the subset's order at {key!r}")
             scratch = np.array(view[rows] if rows is not None else view, dtype=np.float32, order="C", copy=True)
-            for bits in sorted({p.bits for p in parts}):  # one call per tensor unless a buffer mixes bit widths
-                idx = [k for k, p in enumerate(parts) if p.bits == bits]
-                a = np.ascontiguousarray(alphas[idx])
-                if bits == 32:
-                    K.merge_float(scratch, None, [parts[k].data for k in idx], a)
-                else:
-                    fn = K.merge_int8 if bits == 8 else K.merge_int4
-                    fn(scratch, None, [parts[k].data for k in idx], [parts[k].scales for k in idx], a)
+            merge_parts(scratch, None, parts, alphas)
             if not np.all(np.isfinite(scratch)):
                 raise MergeRefused(f"{self.name}: the merge makes {key!r} non-finite; the model is kept",
                                    _overflowing(view, rows, parts, alphas64, i))
@@ -196,6 +189,20 @@ class Strategy:
 
     def __repr__(self) -> str:
         return self.describe()
+
+
+def merge_parts(target: np.ndarray, rows: Optional[np.ndarray], parts: Sequence[TensorDelta],
+                alphas: np.ndarray) -> None:
+    """target[rows] += sum_k alphas[k] * decoded parts[k], by the fused C++ kernels: one call per
+    tensor unless the parts mix bit widths (rows None: every row of target)."""
+    for bits in sorted({p.bits for p in parts}):
+        idx = [k for k, p in enumerate(parts) if p.bits == bits]
+        a = np.ascontiguousarray(alphas[idx], dtype=np.float32)
+        if bits == 32:
+            K.merge_float(target, rows, [parts[k].data for k in idx], a)
+        else:
+            fn = K.merge_int8 if bits == 8 else K.merge_int4
+            fn(target, rows, [parts[k].data for k in idx], [parts[k].scales for k in idx], a)
 
 
 def _sample_counts(updates: Sequence[Update], samples) -> np.ndarray:
@@ -449,15 +456,7 @@ class FTTETiered(FTTE):
                     t_k = updates[k].tensors[[x.key for x in updates[k].tensors].index(key)]
                     pos = None if region_rows is None else np.searchsorted(row_maps[tiers[k]][key], region_rows)
                     parts.append(_slice_rows(t_k, pos))
-                a = alphas64.astype(np.float32)
-                for bits in sorted({p.bits for p in parts}):
-                    idx = [j for j, p in enumerate(parts) if p.bits == bits]
-                    aa = np.ascontiguousarray(a[idx])
-                    if bits == 32:
-                        K.merge_float(target, region, [parts[j].data for j in idx], aa)
-                    else:
-                        fn = K.merge_int8 if bits == 8 else K.merge_int4
-                        fn(target, region, [parts[j].data for j in idx], [parts[j].scales for j in idx], aa)
+                merge_parts(target, region, parts, alphas64.astype(np.float32))
             if not np.all(np.isfinite(target)):
                 raise MergeRefused(f"{self.name}: the merge makes {key!r} non-finite; the model is kept")
             merged.append(target)
