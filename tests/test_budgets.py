@@ -164,6 +164,9 @@ def test_simulator_holds_baselines_to_budgets_and_reports_the_comparison_fields(
         if x["time_to_target_s"] is not None:
             hit = next(p for p in c if p[1] >= round(r["target_accuracy"], 4))
             assert x["time_to_target_s"] == hit[0] and x["bytes_to_target"] == hit[2] + hit[3]
+            assert 0 < x["round_bytes_to_target"] <= x["bytes_to_target"]
+        # the baselines ship the whole model with every task: nothing is installed apart
+        assert x["install_bytes_total"] == 0 if not name.startswith("ftte") else x["install_bytes_total"] > 0
     tiers = s["ftte-tiered"]["tiers"]
     assert len(tiers) >= 2 and tiers[0]["trainable_params"] == s["ftte"]["trainable_params"]
     assert s["ftte-tiered"]["min_device_memory_bytes"] <= s["ftte"]["peak_device_memory_bytes"] * 1.1

@@ -178,6 +178,7 @@ class StrategyRun:
     per_task_down: List[int] = field(default_factory=list)
     per_task_up: List[int] = field(default_factory=list)
     min_memory_recorded: int = 0
+    install_bytes: int = 0      # of bytes_down: the frozen part's one-time install on each device
     participating: int = 0
     sat_out: int = 0
     devices_trained: int = 0
@@ -399,12 +400,15 @@ def _augmented_parts(fleet: "ftdata.Dataset", clients: int, per_device: int, alp
     return parts
 
 
-def downlink_bytes(task, frozen_bytes: int, has_frozen: bool) -> int:
-    """Bytes a task sends down to a device: the task's parameter values (float32, as the fleet's
-    TASK frame carries them today) plus, on the device's first task, the frozen rest of the
-    model once (devices cache it). The one place the simulator counts downlink bytes: a
-    downlink-delta encoder (what an agent lacks since the version it holds) plugs in here."""
-    return task.payload_bytes + (0 if has_frozen else frozen_bytes)
+def downlink_bytes(task, frozen_bytes: int, has_frozen: bool) -> Tuple[int, int]:
+    """(bytes a task sends down to a device, of which the one-time install of the frozen part).
+
+    The task's parameter values (float32, as the fleet's TASK frame carries them today) plus, on
+    the device's first task, the frozen rest of the model once (devices cache it). The one place
+    the simulator counts downlink bytes: a downlink-delta encoder (what an agent lacks since the
+    version it holds) plugs in here."""
+    install = 0 if has_frozen else frozen_bytes
+    return task.payload_bytes + install, install
 
 
 @dataclass
@@ -474,9 +478,10 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
             return
         cost = cost_by_fp[task.subset_fingerprint]
         dev.busy = True
-        down = downlink_bytes(task, cost.frozen_bytes, dev.has_frozen)
+        down, install = downlink_bytes(task, cost.frozen_bytes, dev.has_frozen)
         dev.has_frozen = True
         run.bytes_down += down
+        run.install_bytes += install
         run.per_task_down.append(down)
         steps = max(1, int(round(cfg.local_epochs * len(dev.y) / min(cfg.batch_size, len(dev.y)))))
         samples = steps * min(cfg.batch_size, len(dev.y))
@@ -495,7 +500,7 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
         run.merges += 1
         run.staleness.extend(report.staleness)
         if cfg.evaluate_every_merge or driver.done:
-            run.curve.append((now, driver.version, evaluate(), run.bytes_down, run.bytes_up))
+            run.curve.append((now, driver.version, evaluate(), run.bytes_down, run.bytes_up, run.install_bytes))
         if time.perf_counter() - last_report > 0.5 or driver.done:
             last_report = time.perf_counter()
             progress(f"  {name:<12} version {driver.version:>4}/{max_versions}  t={now:9.1f}s  "
@@ -508,7 +513,7 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
     last_report = time.perf_counter()
     for d in eligible:
         driver.device_joined(d.id, {"memory_budget": d.memory_budget})
-    run.curve.append((0.0, driver.version, setup.start_accuracy, 0, 0))
+    run.curve.append((0.0, driver.version, setup.start_accuracy, 0, 0, 0))
     for j in rng.permutation(len(eligible)):
         dispatch(0.0, eligible[j])
     wall0 = time.perf_counter()
@@ -555,7 +560,7 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
             driver.device_joined(dev.id)
             dispatch(now, dev)
     if run.curve[-1][1] != driver.version:  # evaluate_every_merge=False: the end point
-        run.curve.append((now, driver.version, evaluate(), run.bytes_down, run.bytes_up))
+        run.curve.append((now, driver.version, evaluate(), run.bytes_down, run.bytes_up, run.install_bytes))
     run.devices_trained = len(trained_ids)
     run.wall_seconds = time.perf_counter() - wall0
     return run
@@ -623,11 +628,14 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
     for name, r in runs.items():
         # curve: [virtual s, validation accuracy, bytes down so far, bytes up so far], from the start,
         # one point per merge (FedAvg: per round); curve_versions: the model version of each point
-        curve = [[round(t, 3), round(a, 4), int(down), int(up)] for t, _v, a, down, up in r.curve]
+        curve = [[round(t, 3), round(a, 4), int(down), int(up)] for t, _v, a, down, up, _i in r.curve]
         hit = next((i for i, p in enumerate(curve) if p[1] >= round(target, 4)), None)
         out["strategies"][name] = {
             "time_to_target_s": curve[hit][0] if hit is not None else None,
             "bytes_to_target": curve[hit][2] + curve[hit][3] if hit is not None else None,
+            # the same without the frozen part's one-time install (what the rounds themselves moved)
+            "round_bytes_to_target": curve[hit][2] + curve[hit][3] - r.curve[hit][5] if hit is not None else None,
+            "install_bytes_total": r.install_bytes,
             "final_accuracy": r.curve[-1][2],
             "best_accuracy": max(p[2] for p in r.curve),
             "final_time_s": r.curve[-1][0],
