@@ -31,9 +31,9 @@ from ftte_core.cost import predict_memory, training_flops
 from ftte_core.graph import Transpose
 from ftte_core.local import LocalWorker, TaskConfig
 from ftte_core.scheduler import RoundDriver
-from ftte_core.search import BudgetTooSmall, Scores, importance_scores, search_subset
-from ftte_core.strategies import make_strategy, subset_contains
-from ftte_core.subset import LayerSubset, Subset
+from ftte_core.search import BudgetTooSmall, importance_scores, nested_tiers, search_subset
+from ftte_core.strategies import make_strategy
+from ftte_core.subset import Subset
 from ftte_core.zoo import default_shape, zoo_names
 
 from .tools import ToolError, load_model as load_model_file
@@ -326,57 +326,6 @@ class _Setup:
                 for i, (sub, nbytes) in enumerate(self.tiers):
                     log(f"tier {i}: {sub.num_trainable(self.model):,} parameters, {nbytes / 1024:.0f} KiB: "
                         f"{sub.describe(self.model)}")
-
-
-def nested_tiers(model: "ft.Model", scores, smallest: Subset, budgets: Sequence[int], batch_size: int,
-                 full_step_bytes: int) -> List[Tuple[Subset, int]]:
-    """Nested subsets, one per distinct budget at or above the smallest tier's memory:
-    ``[(subset, predicted bytes), ...]``, smallest first (``smallest``: the paper's w*).
-
-    A budget that holds the full step trains the full model. Otherwise the search runs under that
-    budget with the previous tier's units scored far above any other, so it keeps them and adds the
-    best units that still fit; a result that is not a superset (the cost model is not additive,
-    so a rare search may trade a kept unit away) is replaced by the union when that fits, and
-    dropped otherwise (those devices train the previous tier).
-    """
-    full = Subset.full(model)
-    tiers = [(smallest, predict_memory(model, smallest, batch_size)["total"])]
-    for budget in budgets:
-        prev, prev_bytes = tiers[-1]
-        if budget <= prev_bytes or prev == full:
-            continue
-        if budget >= full_step_bytes:
-            tiers.append((full, full_step_bytes))
-            continue
-        boost = 1.0 + 10.0 * scores.total()
-        rows = {name: np.array(r, dtype=np.float64) for name, r in scores.rows.items()}
-        bias = dict(scores.bias)
-        for name, ls in prev.layers.items():
-            rows[name][ls.rows] += boost
-            if ls.bias:
-                bias[name] += boost
-        try:
-            found = search_subset(model, Scores(rows, bias), budget, batch_size=batch_size).subset
-        except BudgetTooSmall:
-            continue
-        if not subset_contains(found, prev):
-            found = subset_union(found, prev)
-        nbytes = predict_memory(model, found, batch_size)["total"]
-        if nbytes > budget or found == prev:
-            continue
-        tiers.append((found, nbytes))
-    return tiers
-
-
-def subset_union(a: Subset, b: Subset) -> Subset:
-    layers = {}
-    for name in set(a.layers) | set(b.layers):
-        la, lb = a.layers.get(name), b.layers.get(name)
-        rows = [x.rows for x in (la, lb) if x is not None]
-        layers[name] = LayerSubset(np.union1d(*rows).astype(np.int32) if len(rows) == 2 else rows[0],
-                                   any(x.bias for x in (la, lb) if x is not None))
-    order = [name for name in a.layers] + [n for n in b.layers if n not in a.layers]
-    return Subset({name: layers[name] for name in order})
 
 
 def _augmented_parts(fleet: "ftdata.Dataset", clients: int, per_device: int, alpha: float,

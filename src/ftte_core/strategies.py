@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _kernels as K
 from .graph import Model
-from .subset import Subset
+from .subset import Subset, subset_contains
 from .update import TensorDelta, Update, decode_tensor64
 
 
@@ -464,17 +464,6 @@ class FTTETiered(FTTE):
 
     def describe(self) -> str:
         return super().describe()[:-1] + f", tiers={len(self.tiers or ())})"
-
-
-def subset_contains(big: Subset, small: Subset) -> bool:
-    """Whether every row and bias ``small`` trains, ``big`` trains too."""
-    for name, ls in small.layers.items():
-        other = big.layers.get(name)
-        if other is None or (ls.bias and not other.bias):
-            return False
-        if ls.rows.size and not np.all(np.isin(ls.rows, other.rows)):
-            return False
-    return True
 
 
 def _tensor_rows(subset: Subset) -> List[Tuple[str, Optional[np.ndarray]]]:
