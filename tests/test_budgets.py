@@ -189,3 +189,24 @@ def test_nested_tiers_are_nested_fit_their_budgets_and_end_at_the_full_model():
         assert subset_contains(big, small) and b_small < b_big
     for sub, nbytes in tiers[:-1]:
         assert nbytes == predict_memory(m, sub, 8)["total"] and nbytes <= max(b for b in budgets if b < full)
+
+
+def test_each_tier_clips_against_its_own_median():
+    """A full-model update is naturally far larger than one of w*: clipped against one median of
+    a buffer mostly of w* updates it would be cut to a sliver; each tier keeps its own."""
+    m = _model(5)
+    small, big = _tiers(m)
+    strat = make_strategy("ftte-tiered", buffer_size=4, tiers=[small, big], tier_bytes=[1000, 5000])
+    driver = RoundDriver(m, None, strat, TaskConfig(lr=0.1, batch_size=4), seed=2)
+    rng = np.random.default_rng(4)
+    for i, budget in enumerate([2000, 2000, 2000, 9000]):
+        driver.device_joined(f"d{i}", {"memory_budget": budget})
+    tasks = [driver.device_idle(f"d{i}") for i in range(4)]
+    arrivals = []
+    for i, task in enumerate(tasks):
+        u = _update(m, task.subset, rng, 10, scale=0.01 if i < 3 else 1.0)
+        u.task_id = task.id
+        arrivals.append(driver.update_arrived(f"d{i}", u))
+    report = arrivals[-1].merge
+    assert report is not None and report.clip == [1.0, 1.0, 1.0, 1.0]
+    assert set(driver.state_dict()["meta"]["tier_norm_windows"]) == {"1"}

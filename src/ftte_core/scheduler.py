@@ -105,6 +105,7 @@ class _Buffered:
     samples: int       # num_samples after the caps
     task_id: str = ""  # the task it delivered (an update may name none: the driver matched it)
     device_id: str = ""  # who delivered it (an update may leave its own device_id empty)
+    tier: int = 0      # tiered strategies: the subset it trained
 
 
 @dataclass
@@ -186,6 +187,9 @@ class RoundDriver:
         self._buffer: List[_Buffered] = []
         window = max(self.robust.clip_window, strategy.buffer_size)  # the buffer being merged is always inside
         self._norms = RunningMedian(window)
+        # tiered: each tier above 0 clips against its own running median (an update of the full
+        # model is naturally larger than one of w*; one median would clip every big-tier update)
+        self._tier_norms: Dict[int, RunningMedian] = {}
         self._sample_counts = RunningMedian(window)
         self._drops: deque = deque(maxlen=DROP_LOG_LIMIT)  # not yet taken by take_dropped()
         self._call_drops: List[Dropped] = []               # drops made during the current event
@@ -368,12 +372,12 @@ class RoundDriver:
         tau, norm = verdict
 
         samples = self._capped_samples(device_id, int(update.num_samples))
-        self._norms.add(norm)
+        self._norm_window(rec.tier).add(norm)
         self._sample_counts.add(samples)
         self.accepted += 1
         if device_id in self.devices:
             self.devices[device_id].accepted += 1
-        self._buffer.append(_Buffered(update, norm, samples, tid, device_id))
+        self._buffer.append(_Buffered(update, norm, samples, tid, device_id, rec.tier))
         report = None
         if self.strategy.synchronous:
             self._cohort.discard(device_id)
@@ -443,6 +447,8 @@ class RoundDriver:
             "merge_failures": self.merge_failures, "clipped": self.clipped, "samples_capped": self.samples_capped,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "tasks_issued": self.tasks_issued,
             "closed": self.closed, "norm_window": self._norms.to_list(), "sample_window": self._sample_counts.to_list(),
+            **({"tier_norm_windows": {str(t): w.to_list() for t, w in sorted(self._tier_norms.items())}}
+               if self._tier_norms else {}),
             "buffer_samples": [b.samples for b in self._buffer],
             "declared_samples": {d: dev.declared for d, dev in self.devices.items() if dev.declared is not None},
             "policy": self.policy(),
@@ -478,15 +484,14 @@ class RoundDriver:
         version = int(meta["version"])
         buffer = [Update.from_bytes(b) for b in state["buffer"]]
         for u in buffer:
-            tier = self._tier_fingerprints.index(u.subset_fingerprint) if u.subset_fingerprint in \
-                self._tier_fingerprints else 0
+            tier = self._tier_of(u)
             check_update(u, self.model, self.tiers[tier], version, bits=self.strategy.bits,
                          fingerprint=self._tier_fingerprints[tier])
         samples = meta.get("buffer_samples") or [u.num_samples for u in buffer]
         if len(samples) != len(buffer):
             raise ValueError(f"checkpoint holds {len(buffer)} buffered updates but {len(samples)} sample counts")
         self.version = version
-        self._buffer = [_Buffered(u, measure_update(u)[0], int(n), u.task_id, u.device_id)
+        self._buffer = [_Buffered(u, measure_update(u)[0], int(n), u.task_id, u.device_id, self._tier_of(u))
                         for u, n in zip(buffer, samples)]
         self._round, self._task_counter = int(meta["round"]), int(meta["task_counter"])
         self._outstanding = {t: _TaskRecord(str(rec[0]), int(rec[1]), int(rec[2]), int(rec[3]) if len(rec) > 3 else 0)
@@ -504,8 +509,9 @@ class RoundDriver:
         self.bytes_in, self.bytes_out = int(meta["bytes_in"]), int(meta["bytes_out"])
         self.tasks_issued, self.closed = int(meta["tasks_issued"]), bool(meta["closed"])
         window = max(self.robust.clip_window, self.strategy.buffer_size)
-        norms = meta.get("norm_window", [b.norm for b in self._buffer])
+        norms = meta.get("norm_window", [b.norm for b in self._buffer if b.tier == 0])
         self._norms = RunningMedian(window, norms)
+        self._tier_norms = {int(t): RunningMedian(window, w) for t, w in meta.get("tier_norm_windows", {}).items()}
         self._sample_counts = RunningMedian(window, meta.get("sample_window", [b.samples for b in self._buffer]))
         for d, n in meta.get("declared_samples", {}).items():
             self.devices.setdefault(d, _Device(present=False)).declared = int(n)
@@ -525,6 +531,16 @@ class RoundDriver:
                 v.setflags(write=False)
             cached = self._values[key] = (self.version, vals)
         return cached[1]
+
+    def _norm_window(self, tier: int) -> RunningMedian:
+        if tier == 0:
+            return self._norms
+        window = max(self.robust.clip_window, self.strategy.buffer_size)
+        return self._tier_norms.setdefault(int(tier), RunningMedian(window))
+
+    def _tier_of(self, update: Update) -> int:
+        fp = update.subset_fingerprint
+        return self._tier_fingerprints.index(fp) if fp in self._tier_fingerprints else 0
 
     def _issue(self, device_id: str, tier: int = 0) -> Task:
         while len(self._outstanding) >= self.max_outstanding:  # the oldest first: insertion order
@@ -633,7 +649,11 @@ class RoundDriver:
         update is a ``Dropped`` (``Arrival.dropped``, ``take_dropped()``); the run goes on."""
         while self._buffer:
             entries = list(self._buffer)
-            clip = clip_factors([e.norm for e in entries], self._norms.reference(), self.robust.clip_multiple)
+            clip = np.ones(len(entries))
+            for tier in {e.tier for e in entries}:
+                idx = [k for k, e in enumerate(entries) if e.tier == tier]
+                clip[idx] = clip_factors([entries[k].norm for k in idx], self._norm_window(tier).reference(),
+                                         self.robust.clip_multiple)
             before = self.current_values()  # to undo any write of a strategy that fails half-way
             try:
                 report = self.strategy.merge(self.model, self.subset, [e.update for e in entries], self.version,
