@@ -319,7 +319,7 @@ class _Setup:
                 f"({self.ftte_subset.num_trainable(self.model):,}/{self.model.num_params():,} parameters, "
                 f"predicted {search.predicted_bytes / 1024:.0f} KiB; full training step "
                 f"{self.full_step_bytes / 1024:.0f} KiB)")
-            if any(make_strategy(n, buffer_size=cfg.buffer).tiers is not None or n == "ftte-tiered" for n in sparse):
+            if "ftte-tiered" in sparse:
                 self.tiers = nested_tiers(self.model, self.scores, self.ftte_subset,
                                           sorted({d.memory_budget for d in self.devices}),
                                           cfg.batch_size, self.full_step_bytes)
