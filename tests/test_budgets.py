@@ -164,7 +164,7 @@ def test_simulator_holds_baselines_to_budgets_and_reports_the_comparison_fields(
         if x["time_to_target_s"] is not None:
             hit = next(p for p in c if p[1] >= round(r["target_accuracy"], 4))
             assert x["time_to_target_s"] == hit[0] and x["bytes_to_target"] == hit[2] + hit[3]
-            assert 0 < x["round_bytes_to_target"] <= x["bytes_to_target"]
+            assert 0 <= x["round_bytes_to_target"] <= x["bytes_to_target"]  # 0: the start already reached it
         # the baselines ship the whole model with every task: nothing is installed apart
         assert x["install_bytes_total"] == 0 if not name.startswith("ftte") else x["install_bytes_total"] > 0
     tiers = s["ftte-tiered"]["tiers"]
