@@ -66,6 +66,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="--max-versions 20 --async-cap 300")
     ap.add_argument("--age-exponent", type=float, default=1.0)
     ap.add_argument("--variance-strength", type=float, default=1.0)
+    ap.add_argument("--ftte-server-lr", type=float, default=None,
+                    help="server learning rate of ftte/ftte-tiered (default: the baselines' 1.0)")
     ap.add_argument("--out", default="bench-sim")
     args = ap.parse_args()
     if args.quick:
@@ -80,6 +82,7 @@ def main():
                 cfg = SimConfig(clients=n, stragglers=args.stragglers, strategies=strategies, seed=seed,
                                 max_versions=args.max_versions, async_version_cap=args.async_cap, threads=1,
                                 age_exponent=args.age_exponent, variance_strength=args.variance_strength,
+                                ftte_server_lr=args.ftte_server_lr,
                                 **WORKLOADS[workload])
                 t1 = time.perf_counter()
                 res = simulate(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -152,9 +152,11 @@ class SimConfig:
     # kernel threads of the simulated devices (None: this process's); memory predictions and the
     # recorded peaks depend on it (kernel scratch is per thread)
     threads: Optional[int] = None
-    # FTTE's knobs (docs/aggregation.md): staleness exponent a and variance strength b
+    # FTTE's knobs (docs/aggregation.md): staleness exponent a, variance strength b, and its own
+    # server learning rate (None: server_lr, as the baselines)
     age_exponent: float = 1.0
     variance_strength: float = 1.0
+    ftte_server_lr: Optional[float] = None
     # evaluate on the validation set after every merge (False: only at the start and the end,
     # the curve then holds those two points; for timing the fleet alone)
     evaluate_every_merge: bool = True
@@ -379,7 +381,8 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
         extra = {"age_exponent": cfg.age_exponent, "variance_strength": cfg.variance_strength}
     if name == "ftte-tiered":
         extra.update(tiers=[t for t, _ in setup.tiers], tier_bytes=[b for _, b in setup.tiers])
-    strategy = make_strategy(name, buffer_size=cfg.buffer, server_lr=cfg.server_lr, **extra)
+    server_lr = cfg.ftte_server_lr if name.startswith("ftte") and cfg.ftte_server_lr is not None else cfg.server_lr
+    strategy = make_strategy(name, buffer_size=cfg.buffer, server_lr=server_lr, **extra)
     max_versions = cfg.max_versions if horizon is None or strategy.synchronous else cfg.async_version_cap
     model = setup.model.copy()
     model.load_state(setup.start_state)
