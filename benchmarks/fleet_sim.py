@@ -64,10 +64,10 @@ def main():
     ap.add_argument("--max-versions", type=int, default=60, help="FedAvg rounds (sets everyone's virtual time)")
     ap.add_argument("--async-cap", type=int, default=2000, help="merges at most per semi-async strategy")
     ap.add_argument("--quick", action="store_true", help="--max-versions 20 --async-cap 300")
-    ap.add_argument("--age-exponent", type=float, default=1.0)
-    ap.add_argument("--variance-strength", type=float, default=1.0)
-    ap.add_argument("--ftte-server-lr", type=float, default=None,
-                    help="server learning rate of ftte/ftte-tiered (default: the baselines' 1.0)")
+    ap.add_argument("--age-exponent", type=float, default=SimConfig.age_exponent)
+    ap.add_argument("--variance-strength", type=float, default=SimConfig.variance_strength)
+    ap.add_argument("--ftte-server-lr", type=float, default=SimConfig.ftte_server_lr,
+                    help="server learning rate of ftte/ftte-tiered (the baselines keep 1.0)")
     ap.add_argument("--out", default="bench-sim")
     args = ap.parse_args()
     if args.quick:
