@@ -37,9 +37,11 @@ def test_results_have_the_documented_fields(small_run):
         for key in ("time_to_target_s", "final_accuracy", "best_accuracy", "peak_device_memory_bytes",
                     "bytes_down_total", "bytes_up_total", "merges"):
             assert key in s, (name, key)
-        versions = [v for _, v, _ in s["curve"]]
-        assert versions == sorted(versions) and versions[-1] == s["merges"]
-        times = [t for t, _, _ in s["curve"]]
+        versions = s["curve_versions"]
+        assert versions == sorted(versions) and versions[-1] == s["merges"] and len(versions) == len(s["curve"])
+        times = [p[0] for p in s["curve"]]
+        downs, ups = [p[2] for p in s["curve"]], [p[3] for p in s["curve"]]
+        assert downs == sorted(downs) and ups == sorted(ups) and downs[-1] <= s["bytes_down_total"]
         assert times == sorted(times)
         # FedAvg runs its max_versions rounds; its finishing time is everyone's budget
         if name == "fedavg":
@@ -48,8 +50,8 @@ def test_results_have_the_documented_fields(small_run):
             assert times[-1] <= r["time_budget_s"] + 1e-3 and 0 < s["merges"] <= 30
         assert s["bytes_up_total"] > 0 and s["bytes_down_total"] > 0
         if s["time_to_target_s"] is not None:
-            first = next(t for t, _, acc in s["curve"] if acc >= round(r["target_accuracy"], 4))
-            assert first == s["time_to_target_s"]
+            first = next(p for p in s["curve"] if p[1] >= round(r["target_accuracy"], 4))
+            assert first[0] == s["time_to_target_s"] and first[2] + first[3] == s["bytes_to_target"]
 
 
 def test_ftte_is_sparse_int8_and_lighter_than_the_baselines(small_run):

@@ -32,8 +32,10 @@ def main() -> None:
               help="Fraction of devices that are slow stragglers.")
 @click.option("--straggler-slowdown", type=click.FloatRange(1.0), default=10.0,
               help="How many times slower a straggler computes.")
-@click.option("--strategies", default="ftte,fedbuff,fedavg",
-              help="Comma list from ftte, ftte-noage, ftte-novar, fedbuff, fedavg.")
+@click.option("--strategies", default="ftte,ftte-tiered,fedbuff,fedbuff-full,fedavg,fedavg-full",
+              help="Comma list from ftte, ftte-tiered, ftte-noage, ftte-novar, fedbuff, fedbuff-full, fedavg, "
+                   "fedavg-full (fedavg/fedbuff: devices whose budget cannot hold the full step sit out; "
+                   "-full: every device trains the full model, an idealised bound).")
 @click.option("--dataset", default="digits", help="'digits' (bundled) or a .npz file with x and y.")
 @click.option("--alpha", type=click.FloatRange(min=0.0, min_open=True), default=0.5,
               help="Dirichlet label-skew concentration (smaller = more skewed).")
@@ -80,7 +82,8 @@ def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha
     from .simulate import SimConfig, simulate as run
 
     names = [s.strip() for s in strategies.split(",") if s.strip()]
-    known = {"ftte", "ftte-noage", "ftte-novar", "fedbuff", "fedavg"}
+    from ftte_core.strategies import STRATEGIES
+    known = set(STRATEGIES)
     bad = [n for n in names if n not in known]
     if bad or not names:
         _fail(f"unknown strategy {', '.join(bad) or '(none given)'}; choose from {', '.join(sorted(known))}")

@@ -40,21 +40,24 @@ def markdown(results: Dict) -> str:
         f"**Target accuracy: {results['target_accuracy']:.4f}** = {results['target_definition']}; the same "
         "target for every strategy. Times are virtual seconds.",
         "",
-        "| strategy | time to target (s) | final acc | best acc | peak device mem (engine) | peak device mem "
-        "(cost model) | down/task | up/task | down total | up total | tasks | merges | mean staleness |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | devices (sat out) | time to target (s) | bytes to target | final acc | best acc | "
+        "peak device mem (engine) | peak device mem (cost model) | down/task | up/task | down total | up total | "
+        "tasks | merges | mean staleness |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in s.items():
         ttt = "not reached" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:,.1f}"
+        btt = "—" if r.get("bytes_to_target") is None else _mib(r["bytes_to_target"])
         lines.append(
-            f"| {name} | {ttt} | {r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | "
+            f"| {name} | {r.get('participating_devices', '?')} ({r.get('devices_sat_out', 0)}) | {ttt} | {btt} | "
+            f"{r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | "
             f"{_kib(r['peak_device_memory_bytes'])} | {_kib(r['peak_device_memory_predicted_bytes'])} | "
             f"{_kib(r['bytes_down_per_task'])} | {_kib(r['bytes_up_per_task'])} | {_mib(r['bytes_down_total'])} | "
             f"{_mib(r['bytes_up_total'])} | {r['tasks']} | {r['merges']} | {r['mean_staleness']:.2f} |")
     lines += ["", "Trained parameters per strategy:", ""]
     for name, r in s.items():
         lines.append(f"- **{name}**: {r['trainable_params']:,} parameters — {r['subset']}")
-    if "fedavg" in s and "ftte" in s:
+    if "fedavg" in s and "ftte" in s and s["fedavg"]["tasks"] and s["ftte"]["tasks"]:
         f, a = s["ftte"], s["fedavg"]
         lines += ["", "FTTE against FedAvg:", ""]
         if f["time_to_target_s"] is not None and a["time_to_target_s"]:
@@ -72,7 +75,7 @@ def svg(results: Dict, width: int = 760, height: int = 440) -> str:
     """Accuracy against virtual time, one line per strategy; a dashed line marks the target."""
     curves = {n: r["curve"] for n, r in results["strategies"].items()}
     t_max = max((c[-1][0] for c in curves.values() if c), default=1.0) or 1.0
-    accs = [a for c in curves.values() for _, _, a in c] + [results["target_accuracy"]]
+    accs = [p[1] for c in curves.values() for p in c] + [results["target_accuracy"]]
     a_min, a_max = max(0.0, min(accs) - 0.02), min(1.0, max(accs) + 0.02)
     left, right, top, bottom = 64, 170, 36, 52
     pw, ph = width - left - right, height - top - bottom
@@ -103,7 +106,7 @@ def svg(results: Dict, width: int = 760, height: int = 440) -> str:
     out.append(f'<text x="{left + pw + 6}" y="{yt + 4:.1f}" fill="#666">target</text>')
     for i, (name, curve) in enumerate(curves.items()):
         colour = COLOURS[i % len(COLOURS)]
-        pts = " ".join(f"{px(t):.1f},{py(a):.1f}" for t, _, a in curve)
+        pts = " ".join(f"{px(p[0]):.1f},{py(p[1]):.1f}" for p in curve)
         out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{pts}"/>')
         out.append(f'<line x1="{left + pw + 12}" x2="{left + pw + 36}" y1="{top + 16 + 20 * i}" '
                    f'y2="{top + 16 + 20 * i}" stroke="{colour}" stroke-width="3"/>')
@@ -130,7 +133,7 @@ def write_results(results: Dict, out_dir: str) -> Dict[str, str]:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for name, r in results["strategies"].items():
             c = r["curve"]
-            ax.plot([p[0] for p in c], [p[2] for p in c], label=name)
+            ax.plot([p[0] for p in c], [p[1] for p in c], label=name)
         ax.axhline(results["target_accuracy"], ls="--", color="grey", label="target")
         ax.set_xlabel("virtual time (s)")
         ax.set_ylabel("validation accuracy")

@@ -20,18 +20,19 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 import ftte_core as ft
+from ftte_core import _kernels as K
 from ftte_core import data as ftdata
 from ftte_core.cost import predict_memory, training_flops
 from ftte_core.downlink import DownlinkCounter
 from ftte_core.graph import Transpose
 from ftte_core.local import LocalWorker, TaskConfig
 from ftte_core.scheduler import RoundDriver
-from ftte_core.search import BudgetTooSmall, importance_scores, search_subset
+from ftte_core.search import BudgetTooSmall, importance_scores, nested_tiers, search_subset
 from ftte_core.strategies import make_strategy
 from ftte_core.subset import Subset
 from ftte_core.update import subset_values
@@ -55,13 +56,20 @@ REFERENCE_SHAPES: Dict[str, Tuple[int, ...]] = {
 class DeviceProfile:
     name: str
     flops_per_s: float
-    memory_budget: int
     down_bps: float
     up_bps: float
+    memory_budget: Optional[int] = None      # bytes per training step, or:
+    memory_fraction: Optional[float] = None  # a share of the simulated model's full training step
     latency_s: float = 0.005
     dropout: float = 0.0
     rejoin_s: float = 30.0
     weight: float = 1.0
+
+    def budget_bytes(self, full_step_bytes: int) -> int:
+        """This profile's budget for a model whose full training step needs ``full_step_bytes``."""
+        if self.memory_budget is not None:
+            return int(self.memory_budget)
+        return int(self.memory_fraction * full_step_bytes)
 
 
 def load_profiles(path: Optional[str] = None) -> Dict[str, DeviceProfile]:
@@ -82,7 +90,10 @@ def load_profiles(path: Optional[str] = None) -> Dict[str, DeviceProfile]:
         raise ValueError(f"{where}: expected {{\"profiles\": {{name: {{flops_per_s, memory_budget, down_bps, "
                          f"up_bps, ...}}}}}}: {e}") from None
     for p in profiles.values():
-        if min(p.flops_per_s, p.down_bps, p.up_bps, p.memory_budget) <= 0 or not 0 <= p.dropout < 1:
+        if (p.memory_budget is None) == (p.memory_fraction is None):
+            raise ValueError(f"{where}: profile {p.name!r} needs one of memory_budget (bytes) or memory_fraction")
+        budget = p.memory_budget if p.memory_budget is not None else p.memory_fraction
+        if min(p.flops_per_s, p.down_bps, p.up_bps, budget) <= 0 or not 0 <= p.dropout < 1:
             raise ValueError(f"{where}: profile {p.name!r} needs positive speeds/budget and dropout in [0, 1)")
     if not profiles:
         raise ValueError(f"{where}: no profiles")
@@ -96,6 +107,7 @@ class SimDevice:
     slowdown: float
     x: np.ndarray
     y: np.ndarray
+    memory_budget: int = 0
     has_frozen: bool = False
     online: bool = True
     busy: bool = False
@@ -114,7 +126,7 @@ class SimConfig:
     clients: int = 100
     stragglers: float = 0.9
     straggler_slowdown: float = 10.0
-    strategies: Sequence[str] = ("ftte", "fedbuff", "fedavg")
+    strategies: Sequence[str] = ("ftte", "ftte-tiered", "fedbuff", "fedbuff-full", "fedavg", "fedavg-full")
     dataset: str = "digits"
     alpha: float = 0.5
     samples_per_device: int = 64
@@ -139,12 +151,25 @@ class SimConfig:
     profiles_path: Optional[str] = None
     seed: int = 0
     target_fraction: float = 0.95
+    # kernel threads of the simulated devices (None: this process's); memory predictions and the
+    # recorded peaks depend on it (kernel scratch is per thread)
+    threads: Optional[int] = None
+    # FTTE's knobs (docs/aggregation.md): staleness exponent a, variance strength b, and its own
+    # server learning rate (None: server_lr, as the baselines). The simulator's defaults, a = 0.5
+    # and 2.0, came out of the sweep in docs/benchmarks.md (best final accuracy at 100 devices on
+    # two seeds and at 500 devices); the strategy's own defaults (the networked hub's) stay 1 and 1.
+    age_exponent: float = 0.5
+    variance_strength: float = 1.0
+    ftte_server_lr: Optional[float] = 2.0
+    # evaluate on the validation set after every merge (False: only at the start and the end,
+    # the curve then holds those two points; for timing the fleet alone)
+    evaluate_every_merge: bool = True
 
 
 @dataclass
 class StrategyRun:
     name: str
-    curve: List[tuple] = field(default_factory=list)  # (virtual seconds, version, accuracy)
+    curve: List[tuple] = field(default_factory=list)  # (virtual seconds, version, accuracy, bytes down, bytes up)
     bytes_down: int = 0
     bytes_up: int = 0
     tasks: int = 0
@@ -158,6 +183,12 @@ class StrategyRun:
     rejected: int = 0
     per_task_down: List[int] = field(default_factory=list)
     per_task_up: List[int] = field(default_factory=list)
+    min_memory_recorded: int = 0
+    install_bytes: int = 0      # of bytes_down: the frozen part's one-time install on each device
+    participating: int = 0
+    sat_out: int = 0
+    devices_trained: int = 0
+    tiers: List[Dict[str, int]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,33 +289,49 @@ class _Setup:
             self.devices.append(SimDevice(f"dev{i:04d}", profiles[names[picks[i]]],
                                           cfg.straggler_slowdown if i in slow else 1.0, part.x, part.y))
 
+        # Budgets: absolute, or a share of this model's full training step (the profiles' presets:
+        # the smallest devices hold 20% of it, docs/simulator.md).
+        self.full_step_bytes = predict_memory(self.model, batch_size=cfg.batch_size)["total"]
+        for d in self.devices:
+            d.memory_budget = d.profile.budget_bytes(self.full_step_bytes)
         # The FTTE subset: the smallest device budget, importance from the hub's validation data.
         # Only sparse strategies use it (the search takes minutes on a deep model such as
         # mobilenetv1, so runs of baselines alone skip it).
-        self.m_min = cfg.memory_budget or min(d.profile.memory_budget for d in self.devices)
+        self.m_min = cfg.memory_budget or min(d.memory_budget for d in self.devices)
         self.full_subset = Subset.full(self.model)
         self.ftte_subset = self.full_subset
-        if any(make_strategy(n, buffer_size=cfg.buffer).sparse for n in cfg.strategies):
-            scores = importance_scores(self.model, val.x, val.y, seed=cfg.seed)
+        self.tiers: List[Tuple[Subset, int]] = [(self.full_subset, self.full_step_bytes)]
+        sparse = [n for n in cfg.strategies if make_strategy(n, buffer_size=cfg.buffer).sparse]
+        if sparse:
+            self.scores = importance_scores(self.model, val.x, val.y, seed=cfg.seed)
             try:
-                search = search_subset(self.model, scores, self.m_min, batch_size=cfg.batch_size)
+                search = search_subset(self.model, self.scores, self.m_min, batch_size=cfg.batch_size)
             except BudgetTooSmall as e:
                 if cfg.memory_budget is not None:
                     raise
-                # The presets are tight for the digits models; an MLPerf Tiny model may not fit
-                # them at all. Rather than refuse the default run, give it a quarter of what
-                # full training takes (at least twice its cheapest subset), and say so.
-                full = predict_memory(self.model, batch_size=cfg.batch_size)["total"]
-                self.m_min = max(full // 4, 2 * e.minimum_bytes)
+                # The smallest devices cannot train even the cheapest subset of this model: they
+                # sit out (as they would on a real fleet), and M_min is the smallest budget that
+                # can; if none can, a quarter of full training (at least twice the cheapest subset).
+                able = sorted(d.memory_budget for d in self.devices if d.memory_budget >= e.minimum_bytes)
+                self.m_min = able[0] if able else max(self.full_step_bytes // 4, 2 * e.minimum_bytes)
                 log(f"the profiles' smallest budget ({e.budget_bytes / 1024:.0f} KiB) cannot train this model "
-                    f"(its cheapest subset needs {e.minimum_bytes / 1024:.0f} KiB): M_min is a quarter of full "
-                    f"training, {self.m_min / 1024:.0f} KiB (--memory-budget sets it)")
-                search = search_subset(self.model, scores, self.m_min, batch_size=cfg.batch_size)
+                    f"(its cheapest subset needs {e.minimum_bytes / 1024:.0f} KiB): "
+                    + (f"those devices sit out; M_min is the next budget, {self.m_min / 1024:.0f} KiB" if able else
+                       f"M_min is a quarter of full training, {self.m_min / 1024:.0f} KiB (--memory-budget sets it)"))
+                search = search_subset(self.model, self.scores, self.m_min, batch_size=cfg.batch_size)
             self.model.load_state(self.start_state)
             self.ftte_subset = search.subset
             log(f"FTTE subset for M_min {self.m_min / 1024:.0f} KiB: {self.ftte_subset.describe(self.model)} "
                 f"({self.ftte_subset.num_trainable(self.model):,}/{self.model.num_params():,} parameters, "
-                f"predicted {search.predicted_bytes / 1024:.0f} KiB)")
+                f"predicted {search.predicted_bytes / 1024:.0f} KiB; full training step "
+                f"{self.full_step_bytes / 1024:.0f} KiB)")
+            if "ftte-tiered" in sparse:
+                self.tiers = nested_tiers(self.model, self.scores, self.ftte_subset,
+                                          sorted({d.memory_budget for d in self.devices}),
+                                          cfg.batch_size, self.full_step_bytes)
+                for i, (sub, nbytes) in enumerate(self.tiers):
+                    log(f"tier {i}: {sub.num_trainable(self.model):,} parameters, {nbytes / 1024:.0f} KiB: "
+                        f"{sub.describe(self.model)}")
 
 
 def _augmented_parts(fleet: "ftdata.Dataset", clients: int, per_device: int, alpha: float,
@@ -308,29 +355,78 @@ def _augmented_parts(fleet: "ftdata.Dataset", clients: int, per_device: int, alp
     return parts
 
 
+def downlink_bytes(task, cost: "_TierCost", device_id: str, has_frozen: bool) -> Tuple[int, int, Mapping]:
+    """(bytes a task sends down to a device, of which the one-time install of the frozen part, the
+    values the device trains from).
+
+    The one place the simulator counts downlink bytes. The ftte strategies ship what the fleet's
+    downlink deltas send (exact frame bytes, ``ftte_core.downlink``), and the device trains from
+    the canonical values a real agent would hold; the baselines ship float32 values as the TASK
+    frame carries them. On the device's first task, the frozen rest of the model goes down once
+    (devices cache it)."""
+    install = 0 if has_frozen else cost.frozen_bytes
+    if cost.downlink is None:
+        return task.payload_bytes + install, install, task.values
+    values_down, values = cost.downlink.task(device_id, task.base_version, task.values)
+    return values_down + install, install, values
+
+
+@dataclass
+class _TierCost:
+    """What training one tier costs a device (the full subset for the baselines)."""
+
+    subset: Subset
+    predicted_bytes: int
+    flops_per_sample: int
+    frozen_bytes: int
+    worker: LocalWorker
+    downlink: Optional[DownlinkCounter] = None   # the ftte strategies' downlink stream for this tier
+
+
 def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
                   horizon: Optional[float] = None) -> StrategyRun:
     cfg = setup.cfg
-    strategy = make_strategy(name, buffer_size=cfg.buffer, server_lr=cfg.server_lr)
+    extra = {}
+    if name.startswith("ftte"):
+        extra = {"age_exponent": cfg.age_exponent, "variance_strength": cfg.variance_strength}
+    if name == "ftte-tiered":
+        extra.update(tiers=[t for t, _ in setup.tiers], tier_bytes=[b for _, b in setup.tiers])
+    server_lr = cfg.ftte_server_lr if name.startswith("ftte") and cfg.ftte_server_lr is not None else cfg.server_lr
+    strategy = make_strategy(name, buffer_size=cfg.buffer, server_lr=server_lr, **extra)
     max_versions = cfg.max_versions if horizon is None or strategy.synchronous else cfg.async_version_cap
     model = setup.model.copy()
     model.load_state(setup.start_state)
     subset = setup.ftte_subset if strategy.sparse else setup.full_subset
     task_cfg = TaskConfig(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size)
     driver = RoundDriver(model, subset, strategy, task_cfg, max_versions=max_versions)
-    worker = LocalWorker(model.copy(), subset)
-    run = StrategyRun(name, subset=subset.describe(model), trainable_params=subset.num_trainable(model))
-    run.peak_memory_predicted = predict_memory(model, subset, cfg.batch_size)["total"]
-    flops_per_sample = training_flops(model, subset, 1)
-    frozen_bytes = F32 * (model.num_params() - subset.num_trainable(model))
-    values_bytes = F32 * subset.num_trainable(model)
-    # the fleet's downlink deltas (ftte strategies; the baselines ship float32 values as published):
-    # exact frame bytes, and devices train from the canonical values a real agent would hold
-    downlink = DownlinkCounter(subset_values(model, subset)) if strategy.sparse else None
+    costs = []
+    for tier_subset in driver.tiers:
+        predicted = predict_memory(model, tier_subset, cfg.batch_size)["total"]
+        costs.append(_TierCost(tier_subset, predicted, training_flops(model, tier_subset, 1),
+                               F32 * (model.num_params() - tier_subset.num_trainable(model)),
+                               LocalWorker(model.copy(), tier_subset),
+                               # the fleet's downlink deltas (ftte strategies; the baselines ship float32
+                               # values as published)
+                               DownlinkCounter(subset_values(model, tier_subset)) if strategy.sparse else None))
+    cost_by_fp = {c.subset.fingerprint(): c for c in costs}
+    run = StrategyRun(name, subset=driver.subset.describe(model), trainable_params=driver.subset.num_trainable(model))
+    run.peak_memory_predicted = costs[-1].predicted_bytes
 
     rng = np.random.default_rng(cfg.seed + 7)
     devices = [_fresh(d) for d in setup.devices]
     by_id = {d.id: d for d in devices}
+    # Held to budgets: a device whose budget cannot hold what it would train sits out (tiered:
+    # the smallest tier; the driver gives each device the largest tier it holds).
+    if strategy.budget_held:
+        eligible = [d for d in devices if d.memory_budget >= costs[0].predicted_bytes]
+    else:
+        eligible = list(devices)
+    run.participating, run.sat_out = len(eligible), len(devices) - len(eligible)
+    if strategy.tiers:
+        tier_of = {d.id: strategy.tier_for_budget(d.memory_budget) for d in eligible}
+        run.tiers = [{"trainable_params": c.subset.num_trainable(model), "predicted_bytes": c.predicted_bytes,
+                      "devices": sum(1 for t in tier_of.values() if t == i)} for i, c in enumerate(costs)]
+    trained_ids = set()
     events: list = []
     seq = 0
 
@@ -345,43 +441,46 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
         task = driver.device_idle(dev.id)
         if task is None:
             return
+        cost = cost_by_fp[task.subset_fingerprint]
         dev.busy = True
-        values_down, values = values_bytes, task.values
-        if downlink is not None:
-            values_down, values = downlink.task(dev.id, task.base_version, task.values)
-        down = values_down + (0 if dev.has_frozen else frozen_bytes)
+        down, install, values = downlink_bytes(task, cost, dev.id, dev.has_frozen)
         dev.has_frozen = True
+        run.bytes_down += down
+        run.install_bytes += install
+        run.per_task_down.append(down)
         steps = max(1, int(round(cfg.local_epochs * len(dev.y) / min(cfg.batch_size, len(dev.y)))))
         samples = steps * min(cfg.batch_size, len(dev.y))
-        compute = flops_per_sample * samples / dev.profile.flops_per_s * dev.slowdown
+        compute = cost.flops_per_sample * samples / dev.profile.flops_per_s * dev.slowdown
         t_down = down / dev.profile.down_bps + dev.profile.latency_s
         if rng.random() < dev.profile.dropout:  # leaves mid-task: the work is lost
             push(t + t_down + rng.random() * compute, "gone", dev)
-            run.bytes_down += down
             return
-        push(t + t_down + compute, "trained", dev, (task, down, values))
+        push(t + t_down + compute, "trained", dev, (task, cost, values))
+
+    def evaluate() -> float:
+        return model.evaluate(setup.val.x, setup.val.y)[1]
 
     def merged(now, report):
         nonlocal last_report
         run.merges += 1
         run.staleness.extend(report.staleness)
-        _, acc = model.evaluate(setup.val.x, setup.val.y)
-        run.curve.append((now, driver.version, acc))
+        if cfg.evaluate_every_merge or driver.done:
+            run.curve.append((now, driver.version, evaluate(), run.bytes_down, run.bytes_up, run.install_bytes))
         if time.perf_counter() - last_report > 0.5 or driver.done:
             last_report = time.perf_counter()
-            progress(f"  {name:<11} version {driver.version:>4}/{max_versions}  t={now:9.1f}s  "
-                     f"accuracy {acc:.3f}  tasks {run.tasks}")
+            progress(f"  {name:<12} version {driver.version:>4}/{max_versions}  t={now:9.1f}s  "
+                     f"accuracy {run.curve[-1][2]:.3f}  tasks {run.tasks}")
         # A merge may open a new round (FedAvg) or new work: idle devices ask in random order,
         # so a synchronous cohort is a random sample of the idle fleet, not its first K.
-        for j in rng.permutation(len(devices)):
-            dispatch(now, devices[j])
+        for j in rng.permutation(len(eligible)):
+            dispatch(now, eligible[j])
 
     last_report = time.perf_counter()
-    for d in devices:
-        driver.device_joined(d.id)
-    for j in rng.permutation(len(devices)):
-        dispatch(0.0, devices[j])
-    run.curve.append((0.0, driver.version, setup.start_accuracy))
+    for d in eligible:
+        driver.device_joined(d.id, {"memory_budget": d.memory_budget})
+    run.curve.append((0.0, driver.version, setup.start_accuracy, 0, 0, 0))
+    for j in rng.permutation(len(eligible)):
+        dispatch(0.0, eligible[j])
     wall0 = time.perf_counter()
     now = 0.0
     while events and not driver.done:
@@ -390,17 +489,18 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
         now, _, kind, dev_id, payload = heapq.heappop(events)
         dev = by_id[dev_id]
         if kind == "trained":
-            task, down, values = payload
-            res = worker.run(values, task.base_version, dev.x, dev.y, task.config, bits=task.bits,
-                             seed=task.seed, device_id=dev.id)
+            task, cost, values = payload
+            res = cost.worker.run(values, task.base_version, dev.x, dev.y, task.config, bits=task.bits,
+                                  seed=task.seed, device_id=dev.id)
             res.update.task_id = task.id
-            run.peak_memory_recorded = max(run.peak_memory_recorded, res.memory.total)
+            total = res.memory.total
+            run.peak_memory_recorded = max(run.peak_memory_recorded, total)
+            run.min_memory_recorded = min(run.min_memory_recorded or total, total)
             up = res.update.nbytes
             run.tasks += 1
-            run.bytes_down += down
             run.bytes_up += up
-            run.per_task_down.append(down)
             run.per_task_up.append(up)
+            trained_ids.add(dev.id)
             push(now + up / dev.profile.up_bps + dev.profile.latency_s, "arrived", dev, (task, res.update))
         elif kind == "arrived":
             task, update = payload
@@ -424,26 +524,46 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
             dev.online = True
             driver.device_joined(dev.id)
             dispatch(now, dev)
+    if run.curve[-1][1] != driver.version:  # evaluate_every_merge=False: the end point
+        run.curve.append((now, driver.version, evaluate(), run.bytes_down, run.bytes_up, run.install_bytes))
+    run.devices_trained = len(trained_ids)
     run.wall_seconds = time.perf_counter() - wall0
     return run
 
 
 def _fresh(d: SimDevice) -> SimDevice:
-    return SimDevice(d.id, d.profile, d.slowdown, d.x, d.y)
+    return SimDevice(d.id, d.profile, d.slowdown, d.x, d.y, memory_budget=d.memory_budget)
 
 
 # ---------------------------------------------------------------------------------------------
 def simulate(cfg: SimConfig, log: Callable[[str], None] = print) -> Dict[str, object]:
     """Run every strategy on the same devices and data; return the results dictionary."""
+    threads_before = K.get_num_threads()
+    if cfg.threads is not None:
+        K.set_num_threads(int(cfg.threads))
+    try:
+        return _simulate(cfg, log)
+    finally:
+        K.set_num_threads(threads_before)
+
+
+def _simulate(cfg: SimConfig, log: Callable[[str], None]) -> Dict[str, object]:
     setup = _Setup(cfg, log)
     runs = {}
     horizon = cfg.max_time
     order = list(cfg.strategies)
-    if horizon is None and "fedavg" in order:  # the synchronous baseline sets the time budget
-        order.remove("fedavg")
-        log("running fedavg (its finishing time is every strategy's time budget) ...")
-        runs["fedavg"] = _run_strategy(setup, "fedavg", log)
-        horizon = runs["fedavg"].curve[-1][0]
+    # The synchronous baseline sets the time budget: fedavg (held to budgets) when some device
+    # can run it, else fedavg-full.
+    for setter in ("fedavg", "fedavg-full"):
+        if horizon is not None or setter not in order:
+            continue
+        order.remove(setter)
+        log(f"running {setter} (its finishing time is every strategy's time budget) ...")
+        runs[setter] = _run_strategy(setup, setter, log)
+        if runs[setter].merges:
+            horizon = runs[setter].curve[-1][0]
+        else:
+            log(f"{setter}: no device can run it ({runs[setter].sat_out} sat out); it sets no time budget")
     for name in order:
         log(f"running {name} ...")
         runs[name] = _run_strategy(setup, name, log, horizon)
@@ -463,18 +583,31 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
         "pretrained": setup.pretrained,
         "augmented_device_data": setup.augmented, "samples_per_device": cfg.samples_per_device,
         "memory_budget_min": setup.m_min, "start_accuracy": setup.start_accuracy,
+        "full_step_memory_bytes": setup.full_step_bytes,
+        "device_budgets": {p: sorted({d.memory_budget for d in setup.devices if d.profile.name == p})[0]
+                           for p in sorted({d.profile.name for d in setup.devices})},
         "target_accuracy": target,
         "target_definition": f"{cfg.target_fraction:.0%} of the best final accuracy any strategy reached",
         "strategies": {},
     }
     for name, r in runs.items():
-        curve = [[round(t, 3), v, round(a, 4)] for t, v, a in r.curve]
-        reached = next((t for t, _, acc in curve if acc >= round(target, 4)), None)
+        # curve: [virtual s, validation accuracy, bytes down so far, bytes up so far], from the start,
+        # one point per merge (FedAvg: per round); curve_versions: the model version of each point
+        curve = [[round(t, 3), round(a, 4), int(down), int(up)] for t, _v, a, down, up, _i in r.curve]
+        hit = next((i for i, p in enumerate(curve) if p[1] >= round(target, 4)), None)
         out["strategies"][name] = {
-            "time_to_target_s": reached,
+            "time_to_target_s": curve[hit][0] if hit is not None else None,
+            "bytes_to_target": curve[hit][2] + curve[hit][3] if hit is not None else None,
+            # the same without the frozen part's one-time install (what the rounds themselves moved)
+            "round_bytes_to_target": curve[hit][2] + curve[hit][3] - r.curve[hit][5] if hit is not None else None,
+            "install_bytes_total": r.install_bytes,
             "final_accuracy": r.curve[-1][2],
-            "best_accuracy": max(acc for _, _, acc in r.curve),
+            "best_accuracy": max(p[2] for p in r.curve),
             "final_time_s": r.curve[-1][0],
+            "participating_devices": r.participating,
+            "devices_sat_out": r.sat_out,
+            "devices_trained": r.devices_trained,
+            "min_device_memory_bytes": r.min_memory_recorded,
             "peak_device_memory_bytes": r.peak_memory_recorded,
             "peak_device_memory_predicted_bytes": r.peak_memory_predicted,
             "bytes_down_total": r.bytes_down,
@@ -489,5 +622,8 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
             "subset": r.subset,
             "wall_seconds": r.wall_seconds,
             "curve": curve,
+            "curve_versions": [int(p[1]) for p in r.curve],
         }
+        if r.tiers:
+            out["strategies"][name]["tiers"] = r.tiers
     return out

@@ -105,6 +105,7 @@ class _Buffered:
     samples: int       # num_samples after the caps
     task_id: str = ""  # the task it delivered (an update may name none: the driver matched it)
     device_id: str = ""  # who delivered it (an update may leave its own device_id empty)
+    tier: int = 0      # tiered strategies: the subset it trained
 
 
 @dataclass
@@ -112,6 +113,7 @@ class _TaskRecord:
     device_id: str
     base_version: int
     round: int
+    tier: int = 0      # tiered strategies: the index of the subset the task trains
 
 
 @dataclass
@@ -158,6 +160,12 @@ class RoundDriver:
         self.subset = strategy.training_subset(model, subset)
         self.subset.validate(model)
         self.fingerprint = self.subset.fingerprint()
+        # tiered strategies (ftte-tiered): nested subsets, a device trains the largest its budget holds;
+        # self.subset is then the largest tier (what a merge may touch)
+        self.tiers: List[Subset] = list(strategy.tiers) if strategy.tiers else [self.subset]
+        for t in self.tiers:
+            t.validate(model)
+        self._tier_fingerprints = [t.fingerprint() for t in self.tiers]
         self.task_config = task_config if task_config is not None else TaskConfig()
         self.seed = int(seed if seed is not None else getattr(self.task_config, "seed", 0) or 0)
         self.max_versions = max_versions
@@ -175,10 +183,13 @@ class RoundDriver:
         self._recent: "OrderedDict[str, str]" = OrderedDict()  # recently spent task id -> "delivered" | "expired"
         self._task_counter = 0
         self.task_prefix = ""          # e.g. the hub's run id: task ids unique across runs
-        self._values: Optional[tuple] = None  # (version, read-only values) shared by that version's tasks
+        self._values: Dict[int, tuple] = {}  # tier -> (version, read-only values) shared by that version's tasks
         self._buffer: List[_Buffered] = []
         window = max(self.robust.clip_window, strategy.buffer_size)  # the buffer being merged is always inside
         self._norms = RunningMedian(window)
+        # tiered: each tier above 0 clips against its own running median (an update of the full
+        # model is naturally larger than one of w*; one median would clip every big-tier update)
+        self._tier_norms: Dict[int, RunningMedian] = {}
         self._sample_counts = RunningMedian(window)
         self._drops: deque = deque(maxlen=DROP_LOG_LIMIT)  # not yet taken by take_dropped()
         self._call_drops: List[Dropped] = []               # drops made during the current event
@@ -306,6 +317,11 @@ class RoundDriver:
             return None
         if device_id not in self.devices or not self.devices[device_id].present:
             self.device_joined(device_id)
+        tier = 0
+        if self.strategy.tiers:
+            tier = self.strategy.tier_for_budget(self.devices[device_id].info.get("memory_budget"))
+            if tier is None:
+                return None  # its budget holds not even the smallest tier: it sits out
         if self.strategy.synchronous:
             if device_id in self._cohort:
                 # it lost its task (e.g. restarted): reissue at the round's version, superseding the old one
@@ -315,7 +331,7 @@ class RoundDriver:
             self._cohort.add(device_id)
             if len(self._cohort) >= self.strategy.buffer_size:
                 self._cohort_open = False
-        return self._issue(device_id)
+        return self._issue(device_id, tier)
 
     def update_arrived(self, device_id: str, update: Update, nbytes: Optional[int] = None) -> Arrival:
         self._call_drops = []
@@ -356,12 +372,12 @@ class RoundDriver:
         tau, norm = verdict
 
         samples = self._capped_samples(device_id, int(update.num_samples))
-        self._norms.add(norm)
+        self._norm_window(rec.tier).add(norm)
         self._sample_counts.add(samples)
         self.accepted += 1
         if device_id in self.devices:
             self.devices[device_id].accepted += 1
-        self._buffer.append(_Buffered(update, norm, samples, tid, device_id))
+        self._buffer.append(_Buffered(update, norm, samples, tid, device_id, rec.tier))
         report = None
         if self.strategy.synchronous:
             self._cohort.discard(device_id)
@@ -380,8 +396,8 @@ class RoundDriver:
         if self.done:
             return self._reject(device_id, "done", f"the run reached max_versions={self.max_versions}", tid)
         try:
-            check_update(update, self.model, self.subset, self.version, bits=self.strategy.bits,
-                         fingerprint=self.fingerprint)
+            check_update(update, self.model, self.tiers[rec.tier], self.version, bits=self.strategy.bits,
+                         fingerprint=self._tier_fingerprints[rec.tier])
         except UpdateRejected as e:
             return self._reject(device_id, e.reason, str(e), tid)
         tau = self.version - update.base_version
@@ -421,7 +437,8 @@ class RoundDriver:
         meta = {
             "format": STATE_FORMAT, "strategy": self.strategy.name, "subset_fingerprint": self.fingerprint,
             "version": self.version, "round": self._round, "task_counter": self._task_counter,
-            "outstanding": {t: [r.device_id, r.base_version, r.round] for t, r in self._outstanding.items()},
+            "outstanding": {t: [r.device_id, r.base_version, r.round] + ([r.tier] if r.tier else [])
+                            for t, r in self._outstanding.items()},
             "recent_tasks": [[t, why] for t, why in self._recent.items()],
             "cohort": sorted(self._cohort), "cohort_open": self._cohort_open,
             "merges": self.merges, "merged_updates": self.merged_updates, "staleness_sum": self._staleness_sum,
@@ -430,6 +447,8 @@ class RoundDriver:
             "merge_failures": self.merge_failures, "clipped": self.clipped, "samples_capped": self.samples_capped,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "tasks_issued": self.tasks_issued,
             "closed": self.closed, "norm_window": self._norms.to_list(), "sample_window": self._sample_counts.to_list(),
+            **({"tier_norm_windows": {str(t): w.to_list() for t, w in sorted(self._tier_norms.items())}}
+               if self._tier_norms else {}),
             "buffer_samples": [b.samples for b in self._buffer],
             "declared_samples": {d: dev.declared for d, dev in self.devices.items() if dev.declared is not None},
             "policy": self.policy(),
@@ -465,15 +484,18 @@ class RoundDriver:
         version = int(meta["version"])
         buffer = [Update.from_bytes(b) for b in state["buffer"]]
         for u in buffer:
-            check_update(u, self.model, self.subset, version, bits=self.strategy.bits, fingerprint=self.fingerprint)
+            tier = self._tier_of(u)
+            check_update(u, self.model, self.tiers[tier], version, bits=self.strategy.bits,
+                         fingerprint=self._tier_fingerprints[tier])
         samples = meta.get("buffer_samples") or [u.num_samples for u in buffer]
         if len(samples) != len(buffer):
             raise ValueError(f"checkpoint holds {len(buffer)} buffered updates but {len(samples)} sample counts")
         self.version = version
-        self._buffer = [_Buffered(u, measure_update(u)[0], int(n), u.task_id, u.device_id)
+        self._buffer = [_Buffered(u, measure_update(u)[0], int(n), u.task_id, u.device_id, self._tier_of(u))
                         for u, n in zip(buffer, samples)]
         self._round, self._task_counter = int(meta["round"]), int(meta["task_counter"])
-        self._outstanding = {t: _TaskRecord(str(d), int(v), int(r)) for t, (d, v, r) in meta["outstanding"].items()}
+        self._outstanding = {t: _TaskRecord(str(rec[0]), int(rec[1]), int(rec[2]), int(rec[3]) if len(rec) > 3 else 0)
+                             for t, rec in meta["outstanding"].items()}
         recent = meta["recent_tasks"] if fmt != 1 else list(meta["consumed"].items())
         self._recent = OrderedDict((str(t), str(why)) for t, why in recent[-RECENT_TASKS:])
         self._cohort, self._cohort_open = set(meta["cohort"]), bool(meta["cohort_open"])
@@ -487,36 +509,50 @@ class RoundDriver:
         self.bytes_in, self.bytes_out = int(meta["bytes_in"]), int(meta["bytes_out"])
         self.tasks_issued, self.closed = int(meta["tasks_issued"]), bool(meta["closed"])
         window = max(self.robust.clip_window, self.strategy.buffer_size)
-        norms = meta.get("norm_window", [b.norm for b in self._buffer])
+        norms = meta.get("norm_window", [b.norm for b in self._buffer if b.tier == 0])
         self._norms = RunningMedian(window, norms)
+        self._tier_norms = {int(t): RunningMedian(window, w) for t, w in meta.get("tier_norm_windows", {}).items()}
         self._sample_counts = RunningMedian(window, meta.get("sample_window", [b.samples for b in self._buffer]))
         for d, n in meta.get("declared_samples", {}).items():
             self.devices.setdefault(d, _Device(present=False)).declared = int(n)
-        self._values = None
+        self._values = {}
         self.policy_changes = diffs
         return diffs
 
     # -- internals -------------------------------------------------------------------------------
-    def current_values(self) -> Dict[str, np.ndarray]:
-        """The subset's values at the current version, computed once per version and shared read-only."""
-        if self._values is None or self._values[0] != self.version:
-            vals = subset_values(self.model, self.subset)
+    def current_values(self, tier: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """The subset's values (a tier's, tiered) at the current version, computed once per version
+        and shared read-only. ``tier`` None: the whole trained subset (the largest tier)."""
+        key = len(self.tiers) - 1 if tier is None else int(tier)
+        cached = self._values.get(key)
+        if cached is None or cached[0] != self.version:
+            vals = subset_values(self.model, self.tiers[key])
             for v in vals.values():
                 v.setflags(write=False)
-            self._values = (self.version, vals)
-        return self._values[1]
+            cached = self._values[key] = (self.version, vals)
+        return cached[1]
 
-    def _issue(self, device_id: str) -> Task:
+    def _norm_window(self, tier: int) -> RunningMedian:
+        if tier == 0:
+            return self._norms
+        window = max(self.robust.clip_window, self.strategy.buffer_size)
+        return self._tier_norms.setdefault(int(tier), RunningMedian(window))
+
+    def _tier_of(self, update: Update) -> int:
+        fp = update.subset_fingerprint
+        return self._tier_fingerprints.index(fp) if fp in self._tier_fingerprints else 0
+
+    def _issue(self, device_id: str, tier: int = 0) -> Task:
         while len(self._outstanding) >= self.max_outstanding:  # the oldest first: insertion order
             self._expire(next(iter(self._outstanding)))
         self._task_counter += 1
         tid = f"{self.task_prefix}t{self._task_counter}"
-        self._outstanding[tid] = _TaskRecord(device_id, self.version, self._round)
+        self._outstanding[tid] = _TaskRecord(device_id, self.version, self._round, tier)
         self.tasks_issued += 1
         self.devices[device_id].tasks_issued += 1
-        return Task(id=tid, device_id=device_id, base_version=self.version, values=self.current_values(),
+        return Task(id=tid, device_id=device_id, base_version=self.version, values=self.current_values(tier),
                     config=self.task_config, seed=_task_seed(self.seed, self._task_counter),
-                    bits=self.strategy.bits, subset=self.subset, subset_fingerprint=self.fingerprint)
+                    bits=self.strategy.bits, subset=self.tiers[tier], subset_fingerprint=self._tier_fingerprints[tier])
 
     def _remember(self, tid: str, why: str) -> None:
         self._recent[tid] = why
@@ -613,7 +649,11 @@ class RoundDriver:
         update is a ``Dropped`` (``Arrival.dropped``, ``take_dropped()``); the run goes on."""
         while self._buffer:
             entries = list(self._buffer)
-            clip = clip_factors([e.norm for e in entries], self._norms.reference(), self.robust.clip_multiple)
+            clip = np.ones(len(entries))
+            for tier in {e.tier for e in entries}:
+                idx = [k for k, e in enumerate(entries) if e.tier == tier]
+                clip[idx] = clip_factors([entries[k].norm for k in idx], self._norm_window(tier).reference(),
+                                         self.robust.clip_multiple)
             before = self.current_values()  # to undo any write of a strategy that fails half-way
             try:
                 report = self.strategy.merge(self.model, self.subset, [e.update for e in entries], self.version,

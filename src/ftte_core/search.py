@@ -39,7 +39,7 @@ import numpy as np
 from .cost import predict_memory
 from .sizes import format_size, parse_size  # noqa: F401 (part of this module's interface)
 from .graph import Model
-from .subset import LayerSubset, Subset
+from .subset import LayerSubset, Subset, subset_contains, subset_union
 
 DEFAULT_RATIOS = (1 / 8, 1 / 4, 1 / 2, 1.0)
 
@@ -526,3 +526,43 @@ def _improve(layers: List[_Layer], costs: _Costs, chosen, budget: int):
         if best is None:
             return score, real, choice
         score, real, choice = best
+
+
+def nested_tiers(model: Model, scores, smallest: Subset, budgets: Sequence[int], batch_size: int,
+                 full_step_bytes: int) -> List[Tuple[Subset, int]]:
+    """Nested subsets, one per distinct budget at or above the smallest tier's memory:
+    ``[(subset, predicted bytes), ...]``, smallest first (``smallest``: the paper's w*).
+
+    A budget that holds the full step trains the full model. Otherwise the search runs under that
+    budget with the previous tier's units scored far above any other, so it keeps them and adds the
+    best units that still fit; a result that is not a superset (the cost model is not additive,
+    so a rare search may trade a kept unit away) is replaced by the union when that fits, and
+    dropped otherwise (those devices train the previous tier).
+    """
+    full = Subset.full(model)
+    tiers = [(smallest, predict_memory(model, smallest, batch_size)["total"])]
+    for budget in budgets:
+        prev, prev_bytes = tiers[-1]
+        if budget <= prev_bytes or prev == full:
+            continue
+        if budget >= full_step_bytes:
+            tiers.append((full, full_step_bytes))
+            continue
+        boost = 1.0 + 10.0 * scores.total()
+        rows = {name: np.array(r, dtype=np.float64) for name, r in scores.rows.items()}
+        bias = dict(scores.bias)
+        for name, ls in prev.layers.items():
+            rows[name][ls.rows] += boost
+            if ls.bias:
+                bias[name] += boost
+        try:
+            found = search_subset(model, Scores(rows, bias), budget, batch_size=batch_size).subset
+        except BudgetTooSmall:
+            continue
+        if not subset_contains(found, prev):
+            found = subset_union(found, prev)
+        nbytes = predict_memory(model, found, batch_size)["total"]
+        if nbytes > budget or found == prev:
+            continue
+        tiers.append((found, nbytes))
+    return tiers

@@ -18,8 +18,8 @@ import numpy as np
 
 from . import _kernels as K
 from .graph import Model
-from .subset import Subset
-from .update import Update, decode_tensor64
+from .subset import Subset, subset_contains
+from .update import TensorDelta, Update, decode_tensor64
 
 
 @dataclass
@@ -77,6 +77,11 @@ class Strategy:
     sparse: bool = False
     bits: int = 32
     buffer_size: int = 10
+    #: devices whose memory budget cannot hold what this strategy trains sit out (a real fleet);
+    #: False: every device trains, whatever its budget (an idealised bound)
+    budget_held: bool = True
+    #: nested subsets, one per budget tier (``FTTETiered``); None: one subset for every device
+    tiers: Optional[List[Subset]] = None
 
     def __init__(self, buffer_size: int = 10, server_lr: float = 1.0):
         if not isinstance(buffer_size, (int, np.integer)) or isinstance(buffer_size, bool) or buffer_size < 1:
@@ -127,14 +132,7 @@ class Strategy:
         already have passed ``check_update`` (the driver does that on arrival).
         """
         updates = list(updates)
-        if not updates:
-            raise ValueError(f"{self.name}: nothing to merge")
-        n = _sample_counts(updates, samples)
-        c = _clip(updates, clip)
-        w, factors = self.weighting(updates, current_version, n, c)
-        w = np.asarray(w, dtype=np.float64)
-        if w.shape != (len(updates),) or not np.all(np.isfinite(w)):
-            raise ValueError(f"{self.name}: weights must be {len(updates)} finite numbers, got {w}")
+        n, c, w, factors = self._weigh(updates, current_version, samples, clip)
         alphas64 = self.server_lr * self.step_scale(updates, current_version, n) * w * c
         if not _fits_float32(alphas64):
             raise MergeRefused(f"{self.name}: merge weights are not finite float32 numbers ({alphas64.tolist()})")
@@ -148,20 +146,30 @@ class Strategy:
             if any(p.key != key for p in parts):
                 raise ValueError(f"{self.name}: update tensors are not in the subset's order at {key!r}")
             scratch = np.array(view[rows] if rows is not None else view, dtype=np.float32, order="C", copy=True)
-            for bits in sorted({p.bits for p in parts}):  # one call per tensor unless a buffer mixes bit widths
-                idx = [k for k, p in enumerate(parts) if p.bits == bits]
-                a = np.ascontiguousarray(alphas[idx])
-                if bits == 32:
-                    K.merge_float(scratch, None, [parts[k].data for k in idx], a)
-                else:
-                    fn = K.merge_int8 if bits == 8 else K.merge_int4
-                    fn(scratch, None, [parts[k].data for k in idx], [parts[k].scales for k in idx], a)
+            merge_parts(scratch, None, parts, alphas)
             if not np.all(np.isfinite(scratch)):
                 raise MergeRefused(f"{self.name}: the merge makes {key!r} non-finite; the model is kept",
                                    _overflowing(view, rows, parts, alphas64, i))
             merged.append(scratch)
+        return self._write_and_report(tensors, merged, updates, current_version, n, c, w,
+                                      alphas.astype(float).tolist(), factors)
+
+    def _weigh(self, updates, current_version, samples, clip):
+        """(capped sample counts, clip factors, checked weights, factors) for a non-empty buffer."""
+        if not updates:
+            raise ValueError(f"{self.name}: nothing to merge")
+        n = _sample_counts(updates, samples)
+        c = _clip(updates, clip)
+        w, factors = self.weighting(updates, current_version, n, c)
+        w = np.asarray(w, dtype=np.float64)
+        if w.shape != (len(updates),) or not np.all(np.isfinite(w)):
+            raise ValueError(f"{self.name}: weights must be {len(updates)} finite numbers, got {w}")
+        return n, c, w, factors
+
+    def _write_and_report(self, tensors, merged, updates, current_version, n, c, w, alphas, factors) -> MergeReport:
+        """Write the merged (all finite) tensors into the model and describe the merge."""
         sq = 0.0
-        for (key, layer, view, rows), new in zip(tensors, merged):  # every tensor is finite: write them all
+        for (key, layer, view, rows), new in zip(tensors, merged):
             diff = new.astype(np.float64) - (view[rows] if rows is not None else view)
             sq += float(np.einsum("ij,ij->", diff, diff))
             if rows is None:
@@ -170,7 +178,7 @@ class Strategy:
                 view[rows] = new
         losses = np.array([u.loss for u in updates], dtype=np.float64)
         return MergeReport(
-            strategy=self.name, num_updates=len(updates), weights=w.tolist(), alphas=alphas.astype(float).tolist(),
+            strategy=self.name, num_updates=len(updates), weights=w.tolist(), alphas=list(alphas),
             staleness=[int(current_version - u.base_version) for u in updates], num_samples=int(n.sum()),
             mean_loss=float((n * losses).sum() / n.sum()), update_norm=math.sqrt(sq),
             device_ids=[u.device_id for u in updates], task_ids=[u.task_id for u in updates],
@@ -181,6 +189,20 @@ class Strategy:
 
     def __repr__(self) -> str:
         return self.describe()
+
+
+def merge_parts(target: np.ndarray, rows: Optional[np.ndarray], parts: Sequence[TensorDelta],
+                alphas: np.ndarray) -> None:
+    """target[rows] += sum_k alphas[k] * decoded parts[k], by the fused C++ kernels: one call per
+    tensor unless the parts mix bit widths (rows None: every row of target)."""
+    for bits in sorted({p.bits for p in parts}):
+        idx = [k for k, p in enumerate(parts) if p.bits == bits]
+        a = np.ascontiguousarray(alphas[idx], dtype=np.float32)
+        if bits == 32:
+            K.merge_float(target, rows, [parts[k].data for k in idx], a)
+        else:
+            fn = K.merge_int8 if bits == 8 else K.merge_int4
+            fn(target, rows, [parts[k].data for k in idx], [parts[k].scales for k in idx], a)
 
 
 def _sample_counts(updates: Sequence[Update], samples) -> np.ndarray:
@@ -308,13 +330,184 @@ class FTTE(Strategy):
                 f"variance={'b=%g' % self.variance_strength if self.variance else 'off'})")
 
 
+class FTTETiered(FTTE):
+    """FTTE with nested subsets, one per memory-budget tier (beyond the paper; our design).
+
+    ``tiers[0]`` is the paper's w* (chosen under the smallest budget M_min); each later tier
+    contains the one before it. A device trains the largest tier its budget holds (the round
+    driver picks it from the budget the device declared). Weights are FTTE's,
+    ``r_k = n_k * age_k * var_k`` (the variance factor measured on ``tiers[0]``, the part every
+    update trained), but they are normalised per parameter, over the updates that trained it:
+
+        model[p] += eta * g_p * sum_{k trains p} c_k r_k D_k[p] / sum_{k trains p} r_k
+        g_p       = sum_{k trains p} n_k age_k / sum_{k trains p} n_k
+
+    so a row only the big devices train moves by their consensus, not by a share diluted by
+    updates that never touched it. Nested tiers make the groups of rows with one set of
+    trainers few (at most one per tier and tensor): each is one fused merge-kernel call.
+    """
+
+    def __init__(self, buffer_size: int = 10, server_lr: float = 1.0, tiers: Optional[Sequence[Subset]] = None,
+                 tier_bytes: Optional[Sequence[int]] = None, name: str = "ftte-tiered", **kw):
+        super().__init__(buffer_size, server_lr, name=name, **kw)
+        self.tiers = None
+        self.tier_bytes: List[int] = []
+        self._fingerprints: Dict[str, int] = {}
+        if tiers is not None:
+            self.set_tiers(tiers, tier_bytes)
+
+    def set_tiers(self, tiers: Sequence[Subset], tier_bytes: Optional[Sequence[int]] = None) -> None:
+        """Nested subsets, smallest first, and each one's training memory (bytes, ascending)."""
+        tiers = list(tiers)
+        if not tiers:
+            raise ValueError(f"{self.name}: give at least one tier")
+        for small, big in zip(tiers, tiers[1:]):
+            if not subset_contains(big, small):
+                raise ValueError(f"{self.name}: tiers must be nested (each contains the one before it)")
+        nbytes = [0] * len(tiers) if tier_bytes is None else [int(b) for b in tier_bytes]
+        if len(nbytes) != len(tiers) or any(b > c for b, c in zip(nbytes, nbytes[1:])):
+            raise ValueError(f"{self.name}: tier_bytes must give one ascending size per tier, got {nbytes}")
+        self.tiers, self.tier_bytes = tiers, nbytes
+        self._fingerprints = {t.fingerprint(): i for i, t in enumerate(tiers)}
+
+    def training_subset(self, model: Model, hub_subset: Optional[Subset]) -> Subset:
+        if not self.tiers:
+            raise ValueError(f"{self.name}: no tiers set (make_strategy('ftte-tiered', tiers=..., tier_bytes=...))")
+        return self.tiers[-1]
+
+    def tier_for_budget(self, budget: Optional[float]) -> Optional[int]:
+        """The largest tier whose training memory fits ``budget`` (None: unknown budget -> tier 0;
+        a budget below tier 0: None, the device sits out)."""
+        if budget is None:
+            return 0
+        fits = [i for i, b in enumerate(self.tier_bytes) if b <= budget]
+        return fits[-1] if fits else None
+
+    def tier_of(self, update: Update) -> int:
+        tier = self._fingerprints.get(update.subset_fingerprint)
+        if tier is None:
+            raise ValueError(f"{self.name}: update is for subset {update.subset_fingerprint!r}, not one of the tiers")
+        return tier
+
+    def params(self) -> Dict[str, object]:
+        return {**super().params(), "tiers": [t.fingerprint() for t in self.tiers or ()],
+                "tier_bytes": list(self.tier_bytes)}
+
+    def _common_part(self, updates: Sequence[Update]) -> List[Update]:
+        """Each update restricted to tiers[0] (what every update trained), for the variance factor."""
+        base = self.tiers[0]
+        out = []
+        for u in updates:
+            own = self.tiers[self.tier_of(u)]
+            by_key = {t.key: t for t in u.tensors}
+            parts = []
+            for key, rows in _tensor_rows(base):
+                t = by_key[key]
+                pos = None if rows is None else np.searchsorted(_tensor_row_map(own)[key], rows)
+                parts.append(_slice_rows(t, pos))
+            out.append(Update(u.base_version, base.fingerprint(), u.num_samples, u.loss, parts))
+        return out
+
+    def weighting(self, updates, current_version, samples=None, clip=None):
+        data = _sample_counts(updates, samples)
+        age = self.age_factors(updates, current_version)
+        var = self.variance_factors(self._common_part(updates), data, clip)
+        raw = data * age * var
+        return raw / raw.sum(), {"data": data.tolist(), "age": age.tolist(), "variance": var.tolist(),
+                                 "tier": [self.tier_of(u) for u in updates]}
+
+    def merge(self, model: Model, subset: Subset, updates: Sequence[Update], current_version: int,
+              samples: Optional[Sequence[float]] = None, clip: Optional[Sequence[float]] = None) -> MergeReport:
+        """Per-parameter weighted merge over the updates that trained each row, all or nothing."""
+        updates = list(updates)
+        n, c, w, factors = self._weigh(updates, current_version, samples, clip)
+        age = np.asarray(factors["age"], dtype=np.float64)
+        tiers = [self.tier_of(u) for u in updates]
+        row_maps = [_tensor_row_map(t) for t in self.tiers]
+        tensors = subset.tensors(model)
+        merged, used_alpha = [], np.zeros(len(updates))
+        for key, layer, view, rows in tensors:
+            target = np.array(view[rows] if rows is not None else view, dtype=np.float32, order="C", copy=True)
+            union = rows  # the largest tier's rows of this tensor (None: a bias, one row)
+            holders = [k for k in range(len(updates)) if key in row_maps[tiers[k]]]
+            # rows grouped by the set of updates that trained them: with nested tiers, the lowest
+            # tier that holds a row decides who trained it
+            first_tier = np.full(target.shape[0], len(self.tiers), dtype=np.int64)
+            for t in range(len(self.tiers) - 1, -1, -1):
+                if key not in row_maps[t]:
+                    continue
+                own = row_maps[t][key]  # None for a bias (one row)
+                pos = np.zeros(1, np.int64) if union is None else np.searchsorted(union, own)
+                first_tier[pos] = t
+            for t in sorted(set(first_tier.tolist())):
+                region = np.flatnonzero(first_tier == t).astype(np.int32)
+                who = [k for k in holders if tiers[k] >= t]
+                if not who:
+                    continue
+                ww, nn = w[who], n[who]
+                g = float(np.dot(nn, age[who]) / nn.sum()) if self.age else 1.0
+                alphas64 = self.server_lr * g * ww * c[who] / ww.sum()
+                if not _fits_float32(alphas64):
+                    raise MergeRefused(f"{self.name}: merge weights are not finite float32 numbers ({alphas64.tolist()})")
+                used_alpha[who] = np.maximum(used_alpha[who], alphas64)
+                region_rows = None if union is None else union[region]
+                parts = []
+                for k in who:
+                    t_k = updates[k].tensors[[x.key for x in updates[k].tensors].index(key)]
+                    pos = None if region_rows is None else np.searchsorted(row_maps[tiers[k]][key], region_rows)
+                    parts.append(_slice_rows(t_k, pos))
+                merge_parts(target, region, parts, alphas64.astype(np.float32))
+            if not np.all(np.isfinite(target)):
+                raise MergeRefused(f"{self.name}: the merge makes {key!r} non-finite; the model is kept")
+            merged.append(target)
+        return self._write_and_report(tensors, merged, updates, current_version, n, c, w, used_alpha.tolist(), factors)
+
+    def describe(self) -> str:
+        return super().describe()[:-1] + f", tiers={len(self.tiers or ())})"
+
+
+def _tensor_rows(subset: Subset) -> List[Tuple[str, Optional[np.ndarray]]]:
+    """(key, rows or None) per tensor, in the order ``Subset.tensors`` gives (model order)."""
+    out = []
+    for name, ls in subset.layers.items():
+        if ls.rows.size:
+            out.append((f"{name}.weight", ls.rows))
+        if ls.bias:
+            out.append((f"{name}.bias", None))
+    return out
+
+
+def _tensor_row_map(subset: Subset) -> Dict[str, Optional[np.ndarray]]:
+    return dict(_tensor_rows(subset))
+
+
+def _slice_rows(t: TensorDelta, pos: Optional[np.ndarray]) -> TensorDelta:
+    """The rows ``pos`` (indices into t's own rows; None: all) of an encoded tensor, contiguous."""
+    if pos is None:
+        return t
+    data = np.ascontiguousarray(t.data[pos])
+    scales = None if t.scales is None else np.ascontiguousarray(t.scales[pos])
+    return TensorDelta(t.key, t.bits, data, scales, (len(pos), t.shape[1]))
+
+
 class FedBuff(Strategy):
-    """Buffered async baseline: full model, float32 deltas, w_k = (1/sqrt(1+τ_k)) / K (not normalised)."""
+    """Buffered async baseline: full model, float32 deltas, w_k = (1/sqrt(1+τ_k)) / K (not normalised).
+
+    ``budget_held``: a device whose memory budget is below the full training step sits out
+    (``fedbuff``, what a real fleet can run); False is the idealised unconstrained bound
+    (``fedbuff-full``).
+    """
 
     name = "fedbuff"
     sparse = False
     synchronous = False
     bits = 32
+
+    def __init__(self, buffer_size: int = 10, server_lr: float = 1.0, budget_held: bool = True,
+                 name: Optional[str] = None):
+        self.name = name or ("fedbuff" if budget_held else "fedbuff-full")
+        super().__init__(buffer_size, server_lr)
+        self.budget_held = bool(budget_held)
 
     def weighting(self, updates, current_version, samples=None, clip=None):
         tau = _staleness(updates, current_version)
@@ -329,8 +522,11 @@ class FedAvg(Strategy):
     synchronous = True
     bits = 32
 
-    def __init__(self, cohort_size: int = 10, server_lr: float = 1.0):
+    def __init__(self, cohort_size: int = 10, server_lr: float = 1.0, budget_held: bool = True,
+                 name: Optional[str] = None):
+        self.name = name or ("fedavg" if budget_held else "fedavg-full")
         super().__init__(cohort_size, server_lr)
+        self.budget_held = bool(budget_held)
 
     @property
     def cohort_size(self) -> int:
@@ -341,20 +537,25 @@ class FedAvg(Strategy):
         return n / n.sum(), {}
 
 
-STRATEGIES = ("ftte", "ftte-noage", "ftte-novar", "fedbuff", "fedavg")
+STRATEGIES = ("ftte", "ftte-tiered", "ftte-noage", "ftte-novar", "fedbuff", "fedbuff-full", "fedavg", "fedavg-full")
 
 
 def make_strategy(name: str, buffer_size: int = 10, **kw) -> Strategy:
-    """Build a strategy by name: ftte | ftte-noage | ftte-novar | fedbuff | fedavg."""
+    """Build a strategy by name: ftte | ftte-tiered | ftte-noage | ftte-novar | fedbuff | fedbuff-full |
+    fedavg | fedavg-full. ``ftte-tiered`` takes ``tiers=[Subset, ...]`` (nested, smallest first)
+    and ``tier_bytes`` (each tier's predicted training memory); without them it must get
+    ``set_tiers`` before a driver uses it."""
     key = str(name).strip().lower()
     if key == "ftte":
         return FTTE(buffer_size, **kw)
+    if key == "ftte-tiered":
+        return FTTETiered(buffer_size, **kw)
     if key == "ftte-noage":
         return FTTE(buffer_size, age=False, name="ftte-noage", **kw)
     if key == "ftte-novar":
         return FTTE(buffer_size, variance=False, name="ftte-novar", **kw)
-    if key == "fedbuff":
-        return FedBuff(buffer_size, **kw)
-    if key == "fedavg":
-        return FedAvg(buffer_size, **kw)
+    if key in ("fedbuff", "fedbuff-full"):
+        return FedBuff(buffer_size, budget_held=key == "fedbuff", **kw)
+    if key in ("fedavg", "fedavg-full"):
+        return FedAvg(buffer_size, budget_held=key == "fedavg", **kw)
     raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")

@@ -140,6 +140,28 @@ class Subset:
         return f"Subset({self.to_dict()})"
 
 
+def subset_contains(big: Subset, small: Subset) -> bool:
+    """Whether every row and bias ``small`` trains, ``big`` trains too."""
+    for name, ls in small.layers.items():
+        other = big.layers.get(name)
+        if other is None or (ls.bias and not other.bias):
+            return False
+        if ls.rows.size and not np.all(np.isin(ls.rows, other.rows)):
+            return False
+    return True
+
+
+def subset_union(a: Subset, b: Subset) -> Subset:
+    layers = {}
+    for name in set(a.layers) | set(b.layers):
+        la, lb = a.layers.get(name), b.layers.get(name)
+        rows = [x.rows for x in (la, lb) if x is not None]
+        layers[name] = LayerSubset(np.union1d(*rows).astype(np.int32) if len(rows) == 2 else rows[0],
+                                   any(x.bias for x in (la, lb) if x is not None))
+    order = [name for name in a.layers] + [n for n in b.layers if n not in a.layers]
+    return Subset({name: layers[name] for name in order})
+
+
 def _rows(layer: Layer) -> int:
     return layer.weight_shape[0]
 
