@@ -175,14 +175,19 @@ def test_simulator_holds_baselines_to_budgets_and_reports_the_comparison_fields(
 
 def test_nested_tiers_are_nested_fit_their_budgets_and_end_at_the_full_model():
     from ftte_core.cost import predict_memory
-    from ftte_core.search import importance_scores, nested_tiers, search_subset
+    from ftte_core.search import BudgetTooSmall, importance_scores, nested_tiers, search_subset
     m = ft.zoo("mlp", (16,), 4, seed=4, hidden=(32, 16))
     rng = np.random.default_rng(3)
     x, y = rng.standard_normal((64, 16)).astype(np.float32), rng.integers(0, 4, 64)
     scores = importance_scores(m, x, y, seed=0)
     full = predict_memory(m, batch_size=8)["total"]
-    cheapest = search_subset(m, scores, int(0.7 * full), batch_size=8).subset
-    budgets = [int(0.7 * full), int(0.85 * full), 2 * full]
+    # budgets between the cheapest subset and full training (the step keeps no whole gradients,
+    # so fixed fractions of full training may fit nothing)
+    with pytest.raises(BudgetTooSmall) as e:
+        search_subset(m, scores, 1, batch_size=8)
+    low = e.value.minimum_bytes
+    budgets = [int(low + 0.5 * (full - low)), int(low + 0.8 * (full - low)), 2 * full]
+    cheapest = search_subset(m, scores, budgets[0], batch_size=8).subset
     tiers = nested_tiers(m, scores, cheapest, budgets, 8, full)
     assert tiers[0][0] == cheapest and tiers[-1][0] == Subset.full(m) and tiers[-1][1] == full
     for (small, b_small), (big, b_big) in zip(tiers, tiers[1:]):

@@ -300,12 +300,13 @@ class _Setup:
         self.m_min = cfg.memory_budget or min(d.memory_budget for d in self.devices)
         self.full_subset = Subset.full(self.model)
         self.ftte_subset = self.full_subset
+        self.ftte_frozen = "float32"   # the search may hold the subset's frozen layers int8 (as the hub's does)
         self.tiers: List[Tuple[Subset, int]] = [(self.full_subset, self.full_step_bytes)]
         sparse = [n for n in cfg.strategies if make_strategy(n, buffer_size=cfg.buffer).sparse]
         if sparse:
             self.scores = importance_scores(self.model, val.x, val.y, seed=cfg.seed)
             try:
-                search = search_subset(self.model, self.scores, self.m_min, batch_size=cfg.batch_size)
+                search = search_subset(self.model, self.scores, self.m_min, batch_size=cfg.batch_size, frozen="auto")
             except BudgetTooSmall as e:
                 if cfg.memory_budget is not None:
                     raise
@@ -318,12 +319,14 @@ class _Setup:
                     f"(its cheapest subset needs {e.minimum_bytes / 1024:.0f} KiB): "
                     + (f"those devices sit out; M_min is the next budget, {self.m_min / 1024:.0f} KiB" if able else
                        f"M_min is a quarter of full training, {self.m_min / 1024:.0f} KiB (--memory-budget sets it)"))
-                search = search_subset(self.model, self.scores, self.m_min, batch_size=cfg.batch_size)
+                search = search_subset(self.model, self.scores, self.m_min, batch_size=cfg.batch_size,
+                                       frozen="auto")
             self.model.load_state(self.start_state)
-            self.ftte_subset = search.subset
+            self.ftte_subset, self.ftte_frozen = search.subset, search.frozen
             log(f"FTTE subset for M_min {self.m_min / 1024:.0f} KiB: {self.ftte_subset.describe(self.model)} "
                 f"({self.ftte_subset.num_trainable(self.model):,}/{self.model.num_params():,} parameters, "
-                f"predicted {search.predicted_bytes / 1024:.0f} KiB; full training step "
+                f"predicted {search.predicted_bytes / 1024:.0f} KiB"
+                f"{', frozen weights int8' if self.ftte_frozen == 'int8' else ''}; full training step "
                 f"{self.full_step_bytes / 1024:.0f} KiB)")
             if "ftte-tiered" in sparse:
                 self.tiers = nested_tiers(self.model, self.scores, self.ftte_subset,
@@ -397,11 +400,12 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
     model = setup.model.copy()
     model.load_state(setup.start_state)
     subset = setup.ftte_subset if strategy.sparse else setup.full_subset
-    task_cfg = TaskConfig(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size)
+    frozen = setup.ftte_frozen if strategy.sparse else "float32"
+    task_cfg = TaskConfig(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, frozen=frozen)
     driver = RoundDriver(model, subset, strategy, task_cfg, max_versions=max_versions)
     costs = []
     for tier_subset in driver.tiers:
-        predicted = predict_memory(model, tier_subset, cfg.batch_size)["total"]
+        predicted = predict_memory(model, tier_subset, cfg.batch_size, frozen=frozen)["total"]
         costs.append(_TierCost(tier_subset, predicted, training_flops(model, tier_subset, 1),
                                F32 * (model.num_params() - tier_subset.num_trainable(model)),
                                LocalWorker(model.copy(), tier_subset),
@@ -582,7 +586,7 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
         "buffer": cfg.buffer, "max_versions": cfg.max_versions, "time_budget_s": horizon,
         "pretrained": setup.pretrained,
         "augmented_device_data": setup.augmented, "samples_per_device": cfg.samples_per_device,
-        "memory_budget_min": setup.m_min, "start_accuracy": setup.start_accuracy,
+        "memory_budget_min": setup.m_min, "ftte_frozen": setup.ftte_frozen, "start_accuracy": setup.start_accuracy,
         "full_step_memory_bytes": setup.full_step_bytes,
         "device_budgets": {p: sorted({d.memory_budget for d in setup.devices if d.profile.name == p})[0]
                            for p in sorted({d.profile.name for d in setup.devices})},
