@@ -3,7 +3,7 @@
 Checks, in order (docs/agent.md): the key file (readable, well-formed, not weak, its permissions),
 the data file (loads; shape, classes, samples per class), the memory budget and what it allows for
 each zoo model under the cost model (full training, or only the smallest trainable subset: the
-output layer's bias, which is also the subset search's floor), the measured training speed, the
+output layer's bias with the frozen layers held int8, which is also the hub's admission floor), the measured training speed, the
 TCP port (free to listen on), and mDNS (multicast socket options on each address to advertise,
 and an mDNS query sent to 224.0.0.251:5353 coming back through multicast loopback).
 
@@ -105,8 +105,9 @@ def zoo_memory(name: str, data):
     batch = max(1, min(CHECK_BATCH, len(data)))
     full = int(predict_memory(model, Subset.full(model), batch_size=batch)["total"])
     last = model.param_layers[-1]
+    # the hub's search may hold frozen layers int8 (ftte_hub.train.cheapest_subset_bytes)
     smallest = int(predict_memory(model, Subset.of(model, {last.name: {"rows": [], "bias": True}}),
-                                  batch_size=batch)["total"])
+                                  batch_size=batch, frozen="int8")["total"])
     return full, smallest, note
 
 
