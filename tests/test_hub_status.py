@@ -379,6 +379,8 @@ def test_status_json_follows_a_running_hub(tmp_path):
 
 
 def test_demo_and_train_refuse_a_bad_status_address_in_one_line(tmp_path):
+    # without onnx (32-bit ARM) both commands refuse first for that, in their own one line
+    pytest.importorskip("onnx", reason="demo and train need the onnx package (none for armv7)")
     from click.testing import CliRunner
 
     from ftte_hub.cli import main
