@@ -33,8 +33,9 @@ def digits_split(n_agents: int, seed: int = 0):
 class FakeAgent:
     def __init__(self, key: bytes, data: Optional[ftdata.Dataset], agent_id: str, budget: int = 64 << 20,
                  behaviour: str = "good", models: Optional[List[str]] = None, pending: Optional[List[bytes]] = None,
-                 downlink: str = "off"):
+                 downlink: str = "off", delay: float = 0.05):
         assert behaviour in BEHAVIOURS, behaviour
+        self.delay = delay                    # behaviour "slow": seconds added to every task
         assert downlink in ("off", "on", "lose"), downlink   # lose: forgets what it holds every third task
         self.downlink = downlink
         self.held: Optional[DL.Held] = None
@@ -139,7 +140,7 @@ class FakeAgent:
                     await ch.send(M.STOP, M.encode_json({"reason": "nonsense"}))
                     continue
                 if self.behaviour == "slow":
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(self.delay)
                 if task.downlink is not None and not await self._resolve(ch, task):
                     continue
                 model = self.models[task.model_hash]

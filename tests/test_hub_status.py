@@ -333,7 +333,10 @@ def test_status_json_follows_a_running_hub(tmp_path):
 
     async def main():
         small = [p.subset(range(48)) for p in parts]   # a light run: little data, a small subset
-        agents = [FakeAgent(key, small[0], "good0", budget=600 << 10), FakeAgent(key, small[1], "good1", budget=600 << 10),
+        # each task takes at least 0.3 s, so the run trains for over a second however fast this
+        # machine is (the snapshot is rebuilt at most every 0.5 s; a too quick run showed only "waiting")
+        agents = [FakeAgent(key, small[0], "good0", budget=600 << 10, behaviour="slow", delay=0.3),
+                  FakeAgent(key, small[1], "good1", budget=600 << 10, behaviour="slow", delay=0.3),
                   FakeAgent(key, small[2], "nan", behaviour="nan"), FakeAgent(key, small[2], "tiny", budget=1024)]
         for a in agents:
             await a.start()
