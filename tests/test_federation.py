@@ -178,8 +178,11 @@ def test_site_socket_serves_the_key_holder_only(tmp_path):
             request(sock, generate_key(), SITE_EVALUATE, {"federation": "f", "version": 0},
                     downlink_arrays(m, None), 30)
     finally:
-        server.close()
-        asyncio.run_coroutine_threadsafe(server.wait_closed(), loop).result(30)
+        async def shut():  # on the server's own loop: Server.close from another thread races it
+            server.close()
+            await server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(shut(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(30)
 
