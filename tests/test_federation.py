@@ -217,3 +217,16 @@ def test_sites_follow_the_versions_by_int8_steps_bit_for_bit(tmp_path):
     behind.load_state(fed.params_of(2))
     caught_up = apply_downlink(older, behind)
     assert all(np.array_equal(caught_up.state()[k], v) for k, v in fed.params_of(fed.version).items())
+
+
+def test_site_messages_that_would_inflate_are_refused():
+    import io
+    import struct
+
+    head, arrays = unpack(pack({"a": 1}, {"x": np.arange(6, dtype=np.float32)}))
+    assert head == {"a": 1} and arrays["x"].tolist() == list(range(6))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, x=np.zeros(8 << 20, np.uint8))   # 8 MiB of zeros in a few KiB
+    head = b"{}"
+    with pytest.raises(SiteError, match="expand past"):
+        unpack(struct.pack("<I", len(head)) + head + buf.getvalue())

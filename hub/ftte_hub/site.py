@@ -86,6 +86,10 @@ def unpack(body: bytes) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     try:
         header = json.loads(body[4:4 + hlen])
         with np.load(io.BytesIO(body[4 + hlen:]), allow_pickle=False) as z:
+            # pack() stores arrays uncompressed: a compressed entry that inflates past the
+            # message itself (a zip bomb from a faulty peer) is refused before it is read
+            if sum(info.file_size for info in z.zip.infolist()) > len(body):
+                raise SiteError("malformed message: its arrays would expand past the message's own size")
             arrays = {k: z[k] for k in z.files}
     except (ValueError, OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
         raise SiteError(f"malformed message: {e}") from None
