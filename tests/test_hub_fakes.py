@@ -50,6 +50,7 @@ class FakeAgent:
         self.not_used: Optional[dict] = None
         self.stopped: Optional[str] = None
         self.tasks = 0
+        self.subsets: List[dict] = []         # the subset of every TASK (ftte-tiered: the agent's tier)
         self.model_downloads = 0
         self.connections = 0
         self.server = None
@@ -131,6 +132,7 @@ class FakeAgent:
             elif t == M.TASK:
                 task = M.decode_task(body)
                 self.tasks += 1
+                self.subsets.append(task.subset)
                 if self.behaviour == "silent":
                     continue
                 if self.behaviour == "fails":

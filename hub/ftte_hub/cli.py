@@ -342,8 +342,10 @@ def keygen(path, force):
 @click.option("--interface", "interfaces", multiple=True, metavar="IP",
               help="IPv4 address of an interface mDNS uses (repeatable); default: all IPv4 interfaces.")
 @click.option("--no-mdns", is_flag=True, help="Do not browse mDNS; use --peer addresses only.")
-@click.option("--strategy", type=click.Choice(["ftte", "ftte-noage", "ftte-novar", "fedbuff", "fedavg"]),
-              default="ftte", help="Aggregation strategy.")
+@click.option("--strategy", type=click.Choice(["ftte", "ftte-tiered", "ftte-noage", "ftte-novar", "fedbuff", "fedavg"]),
+              default="ftte", help="Aggregation strategy: ftte trains one subset sized for the smallest budget; "
+              "ftte-tiered trains nested subsets, one per budget tier of the agents present at the start (at most "
+              "4), each agent the largest its budget holds; fedbuff and fedavg train the full model.")
 @click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=0.05, help="Device SGD learning rate.")
 @click.option("--local-epochs", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
               help="Passes over a device's data per task.")

@@ -103,7 +103,11 @@ class Coordinator:
         """A usable agent is in session. Journaled with the sample count it declared: the driver caps
         that device's updates by it, so a replay must know it to weigh them the same way."""
         declared = declared_samples(info)
-        self._log({"e": "join", "dev": agent_id, **({"samples": declared} if declared is not None else {})})
+        budget = info.get("memory_budget")
+        tiered = bool(self.driver.strategy.tiers) and isinstance(budget, int) and not isinstance(budget, bool)
+        self._log({"e": "join", "dev": agent_id, **({"samples": declared} if declared is not None else {}),
+                   # tiered: the budget picks the agent's tier, so a replay must issue the same tasks
+                   **({"budget": budget} if tiered else {})})
         try:
             self.driver.device_joined(agent_id, info)
         except Exception as e:
@@ -116,7 +120,10 @@ class Coordinator:
             raise _driver_failure(f"issuing a task to {agent_id}", e) from None
         if task is not None:
             self._log({"e": "task", "dev": agent_id, "tid": task.id})
-            self.stats_for(agent_id)["tasks"] += 1
+            st = self.stats_for(agent_id)
+            st["tasks"] += 1
+            if self.driver.strategy.tiers:  # ftte-tiered: which tier the agent trains (status, summary)
+                st["tier"] = self.driver.tier_index(task.subset_fingerprint)
         return task
 
     def update_from(self, agent_id: str, update: Update, raw: bytes, nbytes: int):
@@ -213,8 +220,9 @@ class Coordinator:
                 elif kind == "gone":
                     self.gone(dev)
                 elif kind == "join":
-                    samples = header.get("samples")
-                    self.joined(dev, {"samples": samples} if isinstance(samples, int) else {})
+                    samples, budget = header.get("samples"), header.get("budget")
+                    self.joined(dev, {**({"samples": samples} if isinstance(samples, int) else {}),
+                                      **({"memory_budget": budget} if isinstance(budget, int) else {})})
                 elif kind == "malformed":
                     self.malformed_from(dev, str(header.get("msg", "")), int(header.get("nbytes", 0)))
                 else:

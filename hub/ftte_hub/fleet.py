@@ -213,11 +213,14 @@ class Fleet:
         self._channels: Set[Channel] = set()
         self._closed_in = 0
         self._closed_out = 0
-        self._task_values = None              # (values of one version, shapes, their bytes)
-        self.downlink: Optional[DL.DownlinkStream] = None   # the canonical stream (built at the first task)
+        self._task_values: Dict[str, Any] = {}   # subset fingerprint -> (values of one version, shapes, bytes)
+        # the canonical streams, one per subset the run trains (ftte-tiered: one per tier; built at
+        # a tier's first task), by subset fingerprint
+        self.downlinks: Dict[str, DL.DownlinkStream] = {}
+        self._subset_dicts: Dict[str, Dict[str, Any]] = {}   # subset fingerprint -> its TASK form
         self.downlink_enabled = True          # False: every task carries float32 values (as before)
         self.downlink_bits = 8                # the stream's steps: int8 or packed int4
-        self._frames: Dict[Any, bytes] = {}   # encoded frames of the stream's latest version, by held version
+        self._frames: Dict[Any, bytes] = {}   # encoded frames of a stream's latest version, by (stream, held version)
         self.big_sends = asyncio.Semaphore(MAX_BIG_SENDS)
         self.draining = False                 # stopping on a signal: no new tasks, in-flight updates still taken
         self.fatal = ""                       # why the run cannot go on (set once, by fail())
@@ -344,30 +347,60 @@ class Fleet:
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
 
+    def _subset_dict(self, task) -> Dict[str, Any]:
+        """The task's subset as TASK carries it (ftte-tiered: the tier the driver chose for the
+        agent's budget; otherwise the run's one subset), built once per subset."""
+        fp = task.subset_fingerprint
+        d = self._subset_dicts.get(fp)
+        if d is None:
+            d = self._subset_dicts[fp] = task.subset.to_dict() if task.subset is not None else self.subset_dict
+        return d
+
     def _message(self, task) -> M.TaskMessage:
         return M.TaskMessage(task_id=task.id, run_id=self.run_id, base_version=int(task.base_version),
-                             model_hash=self.model_hash, subset=self.subset_dict,
+                             model_hash=self.model_hash, subset=self._subset_dict(task),
                              subset_fingerprint=task.subset_fingerprint, config=task.config, seed=int(task.seed),
                              bits=int(task.bits), values={})
 
-    def downlink_stream(self) -> DL.DownlinkStream:
-        """The canonical stream, from the subset's values in the run's model file (what agents hold)."""
-        if self.downlink is None:
+    @property
+    def downlink(self) -> Optional[DL.DownlinkStream]:
+        """The canonical stream of a run with one subset (ftte-tiered: the smallest tier's, if built)."""
+        return next(iter(self.downlinks.values()), None)
+
+    def downlink_stream(self, task=None) -> DL.DownlinkStream:
+        """The canonical stream of ``task``'s subset (None: the run's subset), from that subset's
+        values in the run's model file (what agents hold). Each stream has its own id, so an agent
+        that holds another tier's values is sent a snapshot, never a delta it cannot apply."""
+        fp = task.subset_fingerprint if task is not None else ""
+        stream = self.downlinks.get(fp)
+        if stream is None:
             model = model_from_bytes(self.model_blob)
-            subset = Subset.from_dict(model, self.subset_dict)
-            self.downlink = DL.DownlinkStream(subset_values(model, subset), secrets.token_hex(8),
-                                              bits=self.downlink_bits)
-        return self.downlink
+            subset = Subset.from_dict(model, self._subset_dict(task) if task is not None else self.subset_dict)
+            stream = self.downlinks[fp] = DL.DownlinkStream(subset_values(model, subset), secrets.token_hex(8),
+                                                            bits=self.downlink_bits)
+        return stream
+
+    def stream_for_budget(self, budget: int) -> Optional[DL.DownlinkStream]:
+        """The stream an agent with this budget is served from (its tier's), if built yet."""
+        driver = self.coordinator.driver if self.coordinator is not None else None
+        if driver is None:
+            return self.downlink
+        strategy = driver.strategy
+        tier = strategy.tier_for_budget(budget) if strategy.tiers else 0
+        if tier is None:
+            return None
+        return self.downlinks.get(driver.tiers[tier].fingerprint())
 
     def task_body(self, task) -> bytes:
         """TASK bytes carrying ``task``'s float32 values (an agent without downlink support), the
         values' bytes built once per version (every task of a version carries the same values;
         only the JSON header differs)."""
-        cached = self._task_values
+        cached = self._task_values.get(task.subset_fingerprint)
         if cached is None or cached[0] is not task.values:
             arrays = {k: np.ascontiguousarray(v, dtype="<f4") for k, v in task.values.items()}
             shapes = [[k, [int(d) for d in v.shape]] for k, v in arrays.items()]
-            self._task_values = cached = (task.values, shapes, b"".join(v.tobytes() for v in arrays.values()))
+            cached = self._task_values[task.subset_fingerprint] = (
+                task.values, shapes, b"".join(v.tobytes() for v in arrays.values()))
         return M.assemble_task(M.task_header(self._message(task), cached[1], False), cached[2])
 
     def downlink_task_body(self, task, held: Optional[int]) -> Tuple[bytes, int]:
@@ -378,13 +411,14 @@ class Fleet:
         steps, or a snapshot. Publishing happens here, so call it right after the task is issued
         (before any await: the stream only moves forward). Frames are built once per (held, version).
         """
-        stream = self.downlink_stream()
+        stream = self.downlink_stream(task)
         if stream.version != task.base_version:
             stream.publish(task.base_version, task.values)
-            self._frames.clear()
-        blob = self._frames.get(held)
+            for k in [k for k in self._frames if k[0] == stream.stream_id]:
+                del self._frames[k]
+        blob = self._frames.get((stream.stream_id, held))
         if blob is None:
-            blob = self._frames[held] = DL.encode_frame(stream.frame_for(held, task.base_version))
+            blob = self._frames[(stream.stream_id, held)] = DL.encode_frame(stream.frame_for(held, task.base_version))
         return M.assemble_task(M.task_header(self._message(task), [], True), blob), stream.version
 
     def foreign_run(self, update: Update) -> str:
@@ -740,7 +774,7 @@ class Session:
         """What the agent holds as it joins: the version it names in AGENT_INFO if that is in this
         hub's stream (same stream, same checksum), else the model file's values (ORIGIN)."""
         named = self.info.get("downlink_held")
-        stream = self.fleet.downlink
+        stream = self.fleet.stream_for_budget(int(self.info["memory_budget"]))
         if named is not None and stream is not None and named[0] == stream.stream_id \
                 and stream.checksum_of(named[1]) == named[2]:
             return named[1]

@@ -329,13 +329,12 @@ class _Setup:
                 f"{', frozen weights int8' if self.ftte_frozen == 'int8' else ''}; full training step "
                 f"{self.full_step_bytes / 1024:.0f} KiB)")
             if "ftte-tiered" in sparse:
-                tiers = nested_tiers(self.model, self.scores, self.ftte_subset,
-                                     sorted({d.memory_budget for d in self.devices}),
-                                     cfg.batch_size, self.full_step_bytes)
-                # what each tier costs as trained: with the frozen layers int8 when the search chose
-                # that (the devices' tier choice and the strategy's tier bytes follow it)
-                self.tiers = [(sub, int(predict_memory(self.model, sub, cfg.batch_size,
-                                                       frozen=self.ftte_frozen)["total"])) for sub, _ in tiers]
+                # searched and priced as trained: with the frozen layers int8 when the search for w*
+                # chose that (the devices' tier choice and the strategy's tier bytes follow it); the
+                # real hub builds its tiers with the same call (ftte_hub.train)
+                self.tiers = nested_tiers(self.model, self.scores, self.ftte_subset,
+                                          [d.memory_budget for d in self.devices],
+                                          cfg.batch_size, self.full_step_bytes, frozen=self.ftte_frozen)
                 for i, (sub, nbytes) in enumerate(self.tiers):
                     log(f"tier {i}: {sub.num_trainable(self.model):,} parameters, {nbytes / 1024:.0f} KiB: "
                         f"{sub.describe(self.model)}")

@@ -205,7 +205,19 @@ class StatusView:
         return {"chosen": True, "described": meta.get("subset_described", ""), "trainable_params": self._trainable[0],
                 "params": self._trainable[1], "predicted_bytes": meta.get("needed_bytes"), "m_min": meta.get("m_min"),
                 "batch_size": int(meta.get("task_config", {}).get("batch_size", run.cfg.batch_size)),
-                "model": meta.get("model_name", ""), "strategy": meta.get("strategy", ""), "buffer": meta.get("buffer")}
+                "model": meta.get("model_name", ""), "strategy": meta.get("strategy", ""), "buffer": meta.get("buffer"),
+                **({"tiers": meta["tiers_described"]} if "tiers_described" in meta else {})}
+
+    def _tier_of(self, st: Dict[str, Any], info: Dict[str, Any]) -> Optional[int]:
+        """ftte-tiered: the tier the agent trains (its last task's; before any, what its budget
+        holds); None for single-subset strategies or an agent that fits no tier."""
+        driver = self.run.driver
+        if driver is None or not driver.strategy.tiers:
+            return None
+        if "tier" in st:
+            return int(st["tier"])
+        budget = info.get("memory_budget")
+        return driver.strategy.tier_for_budget(budget) if budget is not None else None
 
     def _agents(self, now: float) -> Tuple[List[Dict[str, Any]], int]:
         run, f = self.run, self.run.fleet
@@ -246,6 +258,7 @@ class StatusView:
                 "agent_id": aid, "name": str(st.get("name") or info.get("name") or aid), "state": state, "why": why,
                 "address": f"{addr[0]}:{addr[1]}" if addr else "",
                 "memory_budget": info.get("memory_budget"), "speed": finite(info.get("speed")),
+                "tier": self._tier_of(st, info),
                 "samples_declared": info.get("num_samples"),
                 "tasks": int(st.get("tasks", 0)), "accepted": accepted, "rejected": int(st.get("rejected", 0)),
                 "rejected_by_reason": dict(st.get("rejected_by_reason", {})), "failed": int(st.get("failed", 0)),
@@ -634,7 +647,9 @@ function drawAgents(s) {
     tr.appendChild(rj);
     tr.appendChild(el("td", "n", num(a.mean_staleness, 2)));
     tr.appendChild(el("td", "n", bytes(a.bytes_in) + " / " + bytes(a.bytes_out)));
-    tr.appendChild(el("td", "n", bytes(a.memory_budget)));
+    const budget = el("td", "n", bytes(a.memory_budget));
+    if (a.tier !== null && a.tier !== undefined) budget.appendChild(el("div", "why", "tier " + a.tier));
+    tr.appendChild(budget);
     tr.appendChild(el("td", "n", a.last_seen_s_ago === null ? "\u2013" : dur(a.last_seen_s_ago) + " ago"));
     body.appendChild(tr);
   }
@@ -652,6 +667,8 @@ function drawFacts(s) {
         (100 * u.trainable_params / Math.max(1, u.params)).toFixed(1) + " %)");
     add("memory", bytes(u.predicted_bytes) + " predicted per device at batch " + u.batch_size +
         "; smallest budget M_min " + bytes(u.m_min));
+    if (u.tiers) add("tiers", u.tiers.map((t, i) => "tier " + i + ": " + t.trainable_params.toLocaleString() +
+        " parameters, " + bytes(t.predicted_bytes)).join("; "));
   } else {
     add("subset", "chosen when enough agents have joined; " + u.needed_what + " needs " + bytes(u.needed_bytes));
   }

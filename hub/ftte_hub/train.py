@@ -28,7 +28,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -39,7 +39,7 @@ from ftte_core.cost import predict_memory
 from ftte_core.local import TaskConfig
 from ftte_core.modelfile import ModelFileError, content_hash, model_from_bytes, model_to_bytes
 from ftte_core.scheduler import RoundDriver
-from ftte_core.search import BudgetTooSmall, format_size, importance_scores, search_subset
+from ftte_core.search import BudgetTooSmall, format_size, importance_scores, nested_tiers, search_subset
 from ftte_core.strategies import MergeReport, make_strategy
 from ftte_core.atomic import atomic_write
 from ftte_core.subset import Subset
@@ -181,6 +181,23 @@ def cheapest_subset_bytes(model: ft.Model, scores, batch_size: int) -> int:
     return int(result.predicted_bytes)  # a zero budget fits (cannot happen: every subset costs something)
 
 
+def build_tiers(model: ft.Model, scores, smallest: Subset, frozen: str, budgets: Sequence[int],
+                batch_size: int) -> List[Tuple[Subset, int]]:
+    """ftte-tiered's nested subsets for these agent budgets: ``[(subset, predicted bytes), ...]``,
+    smallest first (``smallest``: w*, searched under M_min), at most ``search.MAX_TIERS``; each
+    larger tier searched under its budget with the frozen setting w*'s search chose (the same call
+    as the simulator's, ``ftte_core.search.nested_tiers``)."""
+    full_step = int(predict_memory(model, Subset.full(model), batch_size)["total"])
+    return nested_tiers(model, scores, smallest, budgets, batch_size, full_step, frozen=frozen)
+
+
+def tiers_meta(model: ft.Model, tiers: Sequence[Tuple[Subset, int]]) -> Dict[str, Any]:
+    """What the checkpoint keeps of the tiers (a resume restores them; the summary shows them)."""
+    return {"tiers": [t.to_dict() for t, _ in tiers], "tier_bytes": [int(b) for _, b in tiers],
+            "tiers_described": [{"trainable_params": int(t.num_trainable(model)), "predicted_bytes": int(b),
+                                 "described": t.describe(model)} for t, b in tiers]}
+
+
 def same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -276,6 +293,15 @@ class _Run:
               f"{format_size(needed)} at batch size {cfg.batch_size}",
               fields={"m_min": m_min, "trainable": subset.num_trainable(model), "params": model.num_params(),
                       "predicted_bytes": needed, "batch_size": cfg.batch_size})
+        tiers = None
+        if hasattr(strategy, "set_tiers"):  # ftte-tiered: nested subsets, one per budget tier of these agents
+            tiers = build_tiers(model, scores, subset, frozen, [int(f.infos[a]["memory_budget"]) for a in agents],
+                                cfg.batch_size)
+            strategy.set_tiers([t for t, _ in tiers], [b for _, b in tiers])
+            for i, (sub, nbytes) in enumerate(tiers):
+                event("tier", f"tier {i}: {sub.num_trainable(model):,} parameters, predicted memory "
+                      f"{format_size(nbytes)}: {sub.describe(model)}",
+                      fields={"tier": i, "trainable": sub.num_trainable(model), "predicted_bytes": nbytes})
         self._clear_leftovers()
         blob = model_to_bytes(model)
         atomic_write(self.out / ckpt.INITIAL_MODEL, lambda f: f.write(blob))
@@ -287,6 +313,8 @@ class _Run:
             "needed_bytes": needed, "m_min": m_min, "seed": cfg.seed, "subset_described": described,
             "update_bits": int(strategy.bits),
         }
+        if tiers is not None:
+            self.meta_base.update(tiers_meta(model, tiers))
         self.meta_base["run_id"] = run_id = new_run_id()
         self.meta_base["task_prefix"] = f"{run_id[:8]}-"  # task ids unique across runs
         self._make_driver(model, subset, strategy, task_cfg, blob)
@@ -324,11 +352,17 @@ class _Run:
                                      **bits_option(saved_bits if saved_bits in (4, 8) else None))
             subset = Subset.from_dict(model, meta["subset"])
             task_cfg = TaskConfig.from_dict(meta["task_config"])
+            if hasattr(strategy, "set_tiers"):  # the tiers chosen at the start, as they were
+                if not isinstance(meta.get("tiers"), list):
+                    raise ValueError("an ftte-tiered run without its tiers")
+                strategy.set_tiers([Subset.from_dict(model, t) for t in meta["tiers"]],
+                                   [int(b) for b in meta["tier_bytes"]])
         except (ModelFileError, ValueError, KeyError, TypeError) as e:
             raise TrainError(f"cannot resume from {self.out}: the checkpoint is inconsistent ({e})") from None
         self.meta_base = {k: meta[k] for k in ("format", "model_hash", "model_name", "model_spec", "strategy", "buffer",
                                                "server_lr", "task_config", "subset", "needed_bytes", "m_min", "seed",
-                                               "subset_described", "run_id", "task_prefix", "update_bits") if k in meta}
+                                               "subset_described", "run_id", "task_prefix", "update_bits",
+                                               "tiers", "tier_bytes", "tiers_described") if k in meta}
         if not isinstance(self.meta_base.get("run_id"), str) or not M.RUN_ID_RE.fullmatch(self.meta_base["run_id"]):
             # a checkpoint from before run ids: its journal replays task ids without a prefix
             self.meta_base["run_id"], self.meta_base["task_prefix"] = new_run_id(), ""
@@ -584,6 +618,8 @@ class _Run:
             "partial": report.partial, "staleness": report.staleness, "weights": report.weights,
             "factors": report.factors, "devices": report.device_ids, "tasks": report.task_ids, "rejected_total": stats["rejected"],
         }
+        if report.tiers:  # ftte-tiered: the tier each merged update trained, in the order of "devices"
+            line["tiers"] = report.tiers
         if replayed:
             line["replayed"] = True
         with open(self.out / METRICS, "a") as f:
@@ -716,6 +752,7 @@ class _Run:
         b_in, b_out = self.fleet.bytes_totals()   # earlier processes of a resumed run included
         st = self.driver.stats()
         agents = {aid: {k: s.get(k, 0) for k in ("name", "tasks", "accepted", "rejected", "samples", "failed")}
+                  | ({"tier": s["tier"]} if "tier" in s else {})
                   | ({"not_used": True, "not_used_reason": s.get("not_used_reason", "")} if s.get("not_used") else {})
                   for aid, s in sorted(self.coord.agents.items())}
         return {
@@ -729,6 +766,7 @@ class _Run:
             "strategy": self.meta_base.get("strategy"), "subset": self.meta_base.get("subset_described"),
             "trainable_params": self.driver.subset.num_trainable(self.model), "params": self.model.num_params(),
             "predicted_memory_bytes": self.meta_base.get("needed_bytes"), "m_min": self.meta_base.get("m_min"),
+            **({"tiers": self.meta_base["tiers_described"]} if "tiers_described" in self.meta_base else {}),
             "model_hash": self.meta_base.get("model_hash"), "run_id": self.meta_base.get("run_id"), "agents": agents,
             "outputs": {"model": str(self.out / MODEL_ONNX), "metrics": str(self.out / METRICS),
                         "summary": str(self.out / SUMMARY), "checkpoint": str(self.out / ckpt.CHECKPOINT)},

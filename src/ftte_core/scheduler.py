@@ -451,6 +451,10 @@ class RoundDriver:
                if self._tier_norms else {}),
             "buffer_samples": [b.samples for b in self._buffer],
             "declared_samples": {d: dev.declared for d, dev in self.devices.items() if dev.declared is not None},
+            # tiered: each device's budget decides its tier, so a journal replay issues the same tasks
+            **({"device_budgets": {d: int(b) for d, dev in self.devices.items()
+                                   if isinstance(b := dev.info.get("memory_budget"), (int, np.integer))
+                                   and not isinstance(b, bool)}} if self.strategy.tiers else {}),
             "policy": self.policy(),
         }
         return {"meta": meta, "buffer": [b.update.to_bytes() for b in self._buffer]}
@@ -515,6 +519,8 @@ class RoundDriver:
         self._sample_counts = RunningMedian(window, meta.get("sample_window", [b.samples for b in self._buffer]))
         for d, n in meta.get("declared_samples", {}).items():
             self.devices.setdefault(d, _Device(present=False)).declared = int(n)
+        for d, b in meta.get("device_budgets", {}).items():
+            self.devices.setdefault(d, _Device(present=False)).info["memory_budget"] = int(b)
         self._values = {}
         self.policy_changes = diffs
         return diffs
@@ -538,9 +544,13 @@ class RoundDriver:
         window = max(self.robust.clip_window, self.strategy.buffer_size)
         return self._tier_norms.setdefault(int(tier), RunningMedian(window))
 
+    def tier_index(self, subset_fingerprint: str) -> int:
+        """Which tier a subset fingerprint names (0 when it names none: single-subset strategies)."""
+        fps = self._tier_fingerprints
+        return fps.index(subset_fingerprint) if subset_fingerprint in fps else 0
+
     def _tier_of(self, update: Update) -> int:
-        fp = update.subset_fingerprint
-        return self._tier_fingerprints.index(fp) if fp in self._tier_fingerprints else 0
+        return self.tier_index(update.subset_fingerprint)
 
     def _issue(self, device_id: str, tier: int = 0) -> Task:
         while len(self._outstanding) >= self.max_outstanding:  # the oldest first: insertion order
@@ -679,6 +689,8 @@ class RoundDriver:
             self._buffer = []
             report.partial = partial or len(entries) < self.strategy.buffer_size
             report.norms = [e.norm for e in entries]
+            if self.strategy.tiers:
+                report.tiers = [int(e.tier) for e in entries]
             self.clipped += int(sum(c < 1.0 for c in report.clip))
             self.version += 1
             report.version = self.version

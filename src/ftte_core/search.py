@@ -528,25 +528,55 @@ def _improve(layers: List[_Layer], costs: _Costs, chosen, budget: int):
         score, real, choice = best
 
 
-def nested_tiers(model: Model, scores, smallest: Subset, budgets: Sequence[int], batch_size: int,
-                 full_step_bytes: int) -> List[Tuple[Subset, int]]:
-    """Nested subsets, one per distinct budget at or above the smallest tier's memory:
-    ``[(subset, predicted bytes), ...]``, smallest first (``smallest``: the paper's w*).
+MAX_TIERS = 4   # nested tiers at most (each is one more subset to ship, merge and clip against)
 
-    A budget that holds the full step trains the full model. Otherwise the search runs under that
-    budget with the previous tier's units scored far above any other, so it keeps them and adds the
-    best units that still fit; a result that is not a superset (the cost model is not additive,
-    so a rare search may trade a kept unit away) is replaced by the union when that fits, and
-    dropped otherwise (those devices train the previous tier).
+
+def tier_budgets(budgets: Sequence[int], max_tiers: Optional[int] = MAX_TIERS) -> List[int]:
+    """The distinct budgets tiers are searched under, ascending, at most ``max_tiers`` of them:
+    the smallest (the paper's M_min) and the largest are always kept, the rest evenly spaced
+    (None: every distinct budget)."""
+    distinct = sorted({int(b) for b in budgets})
+    if max_tiers is None or len(distinct) <= max_tiers:
+        return distinct
+    if max_tiers < 2:
+        return distinct[:1]
+    picks = {round(i * (len(distinct) - 1) / (max_tiers - 1)) for i in range(max_tiers)}
+    return [distinct[i] for i in sorted(picks)]
+
+
+def nested_tiers(model: Model, scores, smallest: Subset, budgets: Sequence[int], batch_size: int,
+                 full_step_bytes: int, frozen: str = "float32",
+                 max_tiers: Optional[int] = MAX_TIERS) -> List[Tuple[Subset, int]]:
+    """Nested subsets, one per distinct budget at or above the smallest tier's memory:
+    ``[(subset, predicted bytes), ...]``, smallest first (``smallest``: the paper's w*), at most
+    ``max_tiers`` of them (``tier_budgets`` picks which budgets get one).
+
+    ``frozen``: how devices hold the frozen weights ("float32" or "int8": what the search for w*
+    chose with ``frozen="auto"``; every tier of a run trains with that one setting), used both to
+    search each tier and to price it. A budget that holds the full step trains the full model.
+    Otherwise the search runs under that budget with the previous tier's units scored far above
+    any other, so it keeps them and adds the best units that still fit; a result that is not a
+    superset (the cost model is not additive, so a rare search may trade a kept unit away) is
+    replaced by the union when that fits, and dropped otherwise (those devices train the
+    previous tier).
     """
+    if frozen not in ("float32", "int8"):
+        raise ValueError(f"nested_tiers: frozen must be 'float32' or 'int8' (the setting w* was chosen with), "
+                         f"got {frozen!r}")
     full = Subset.full(model)
-    tiers = [(smallest, predict_memory(model, smallest, batch_size)["total"])]
-    for budget in budgets:
+
+    def price(sub: Subset) -> int:
+        return int(predict_memory(model, sub, batch_size, frozen=frozen)["total"])
+
+    tiers = [(smallest, price(smallest))]
+    for budget in tier_budgets(budgets, max_tiers):
+        if max_tiers is not None and len(tiers) >= max_tiers:
+            break
         prev, prev_bytes = tiers[-1]
         if budget <= prev_bytes or prev == full:
             continue
         if budget >= full_step_bytes:
-            tiers.append((full, full_step_bytes))
+            tiers.append((full, int(full_step_bytes)))
             continue
         boost = 1.0 + 10.0 * scores.total()
         rows = {name: np.array(r, dtype=np.float64) for name, r in scores.rows.items()}
@@ -556,12 +586,12 @@ def nested_tiers(model: Model, scores, smallest: Subset, budgets: Sequence[int],
             if ls.bias:
                 bias[name] += boost
         try:
-            found = search_subset(model, Scores(rows, bias), budget, batch_size=batch_size).subset
+            found = search_subset(model, Scores(rows, bias), budget, batch_size=batch_size, frozen=frozen).subset
         except BudgetTooSmall:
             continue
         if not subset_contains(found, prev):
             found = subset_union(found, prev)
-        nbytes = predict_memory(model, found, batch_size)["total"]
+        nbytes = price(found)
         if nbytes > budget or found == prev:
             continue
         tiers.append((found, nbytes))

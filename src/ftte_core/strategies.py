@@ -41,6 +41,7 @@ class MergeReport:
     version: int = -1
     clip: List[float] = field(default_factory=list)   # per update: its norm clip factor (1 = not clipped)
     norms: List[float] = field(default_factory=list)  # per update: its decoded L2 norm (the driver fills it)
+    tiers: List[int] = field(default_factory=list)    # tiered strategies, per update: the tier it trained (the driver fills it)
 
     @property
     def mean_staleness(self) -> float:
