@@ -10,6 +10,11 @@ prints each run and the median.
 
     PYTHONPATH=src:agent:hub python benchmarks/fleet_bytes.py [--runs 3] [--alpha 0.8] [--buffer 3]
         [--no-downlink] [--update-bits 4] [--memory-budget 512KiB]
+        [--strategy ftte-tiered --memory-budgets 210KiB,400KiB,1MiB]
+
+``--memory-budgets`` gives each agent its own budget (one per agent, comma-separated), so
+``--strategy ftte`` (one subset for the smallest) and ``ftte-tiered`` (nested subsets, one per
+budget tier) can be compared on the same fleet; the summary lines name each agent's tier.
 
 The agents' state folders are fresh each run, so every run pays for sending the model once per
 agent (MODEL frame), as a first deployment would.
@@ -46,7 +51,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_agents(root: Path, key_path: Path, shards, extra):
+def start_agents(root: Path, key_path: Path, shards, extra, budgets=None):
     env = dict(os.environ, FTTE_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(HERE / "src"), str(HERE / "agent"), str(HERE / "hub")]))
     procs, peers = [], []
@@ -56,7 +61,7 @@ def start_agents(root: Path, key_path: Path, shards, extra):
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "ftte_agent", "--key", str(key_path), "--data", str(shard), "--name", f"a{i}",
              "--port", str(port), "--interface", "127.0.0.1", "--no-mdns", "--state-dir", str(root / f"state-{i}"),
-             *extra], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+             *extra, *(["--memory-budget", budgets[i]] if budgets else [])], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
         peers.append(f"127.0.0.1:{port}")
     return procs, peers
 
@@ -93,7 +98,8 @@ def one_run(root: Path, args) -> dict:
     res = split("digits", str(root / "data"), 3, alpha=args.alpha, val_fraction=0.2, seed=args.seed)
     shards = [root / "data" / f"device-{i}.npz" for i in range(3)]
     extra = ["--memory-budget", args.memory_budget] if args.memory_budget else []
-    procs, peers = start_agents(root, key_path, shards, extra)
+    budgets = [b.strip() for b in args.memory_budgets.split(",")] if args.memory_budgets else None
+    procs, peers = start_agents(root, key_path, shards, extra, budgets)
     ready = {}
     try:
         wait_listening(peers)
@@ -101,6 +107,7 @@ def one_run(root: Path, args) -> dict:
                           peers=peers, mdns=False, buffer=args.buffer, max_versions=args.max_versions,
                           target_accuracy=TARGETS[-1], lr=args.lr, local_epochs=args.epochs,
                           batch_size=32, seed=args.seed, wait_timeout=60.0, downlink=not args.no_downlink,
+                          strategy=args.strategy,
                           update_bits=args.update_bits, downlink_bits=args.downlink_bits)
         hooks = Hooks(on_ready=lambda fleet: ready.setdefault("t", time.perf_counter()),
                       on_metrics=lambda line: ready.setdefault("lines", []).append((time.perf_counter(), line)))
@@ -111,7 +118,9 @@ def one_run(root: Path, args) -> dict:
     out = {"samples": [len(p) for _n, p in res.shards[:3]], "final_accuracy": summary["accuracy"],
            "bytes_total": summary["bytes_in"] + summary["bytes_out"], "versions": summary["version"],
            # one MODEL frame per agent (fresh state folders): 21 bytes of framing each
-           "model_frames_bytes": 3 * (model_bytes + 21)}
+           "model_frames_bytes": 3 * (model_bytes + 21),
+           "tiers": [t["trainable_params"] for t in summary.get("tiers", [])],
+           "agent_tiers": {a["name"]: a.get("tier") for a in summary["agents"].values()}}
     t0 = ready["t"]
     for target in TARGETS:
         hit = next(((t, line) for t, line in ready.get("lines", []) if line["accuracy"] >= target), None)
@@ -137,8 +146,12 @@ def main() -> None:
     ap.add_argument("--downlink-bits", type=int, choices=(8, 4), default=8, help="the downlink stream's steps")
     ap.add_argument("--update-bits", type=int, choices=(8, 4), default=None, help="the agents' update encoding")
     ap.add_argument("--memory-budget", default=None, help="every agent's --memory-budget (default: the agent's own)")
+    ap.add_argument("--memory-budgets", default=None, help="each agent's --memory-budget, comma-separated (3 of them)")
+    ap.add_argument("--strategy", default="ftte", choices=("ftte", "ftte-tiered", "fedbuff", "fedavg"))
     ap.add_argument("--json", action="store_true", help="print one JSON line per run as well")
     args = ap.parse_args()
+    if args.memory_budgets and len(args.memory_budgets.split(",")) != 3:
+        ap.error("--memory-budgets takes 3 budgets, one per agent")
     import logging
     logging.basicConfig(level=logging.WARNING)
     rows = []
@@ -153,7 +166,9 @@ def main() -> None:
                          f"{h['time_s']:5.2f} s {h['bytes'] / 1e6:6.2f} MB (in {h['bytes_in'] / 1e6:.2f}, out "
                          f"{h['bytes_out'] / 1e6:.2f}) v{h['version']}"))
         print(f"run {r} (seed {args.seed + r}, shards {res['samples']}): " + " | ".join(cells)
-              + f" | MODEL frames {res['model_frames_bytes'] / 1e6:.2f} MB", flush=True)
+              + f" | MODEL frames {res['model_frames_bytes'] / 1e6:.2f} MB"
+              + (f" | tiers {res['tiers']} (trained parameters), agents' tiers {res['agent_tiers']}"
+                 if res["tiers"] else ""), flush=True)
         if args.json:
             print(json.dumps(res, default=str))
     for target in TARGETS:

@@ -141,3 +141,85 @@ def test_a_tiered_journal_replays_each_devices_tier_from_its_budget(tmp_path):
     d3 = driver(again.copy())
     d3.load_state_dict(d.state_dict())
     assert d3.device_idle("d1").subset == big and d3.device_idle("d0").subset == small
+
+
+@pytest.mark.slow
+def test_tiered_hub_and_agent_processes_reach_accuracy_and_a_resume_keeps_the_tiers(tmp_path):
+    """Real `ftte-agent` processes of two budget tiers (--peer on loopback): ftte-tiered gives the
+    small ones w* and the big one a superset; the hub is killed mid-run and the same command
+    resumes with the same tiers, each agent on its tier, up to the target accuracy."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ftte_core import data as ftdata
+    from ftte_core.protocol import write_key
+    from slowdev import scaled, wait_for_progress
+    from test_hub_processes import _metrics, _wait
+
+    write_key(tmp_path / "fleet.key", generate_key())
+    train, val = ftdata.train_val_split(ftdata.load_bundled("digits"), val_fraction=0.2, seed=0)
+    ftdata.save_npz(tmp_path / "val.npz", val)
+    budgets = ["340KiB", "340KiB", "1MiB"]
+    procs, peers = [], []
+    env = dict(os.environ, FTTE_NUM_THREADS="1")
+
+    def free_port():
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    try:
+        for i, part in enumerate(ftdata.partition_dirichlet(train, 3, alpha=1.0, seed=0, min_size=20)):
+            ftdata.save_npz(tmp_path / f"data{i}.npz", part)
+            port = free_port()
+            peers += ["--peer", f"127.0.0.1:{port}"]
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", "from ftte_agent.cli import main; main()", "--key", str(tmp_path / "fleet.key"),
+                 "--data", str(tmp_path / f"data{i}.npz"), "--name", f"pa{i}", "--memory-budget", budgets[i],
+                 "--port", str(port), "--no-mdns", "--interface", "127.0.0.1", "--state-dir", str(tmp_path / f"s{i}")],
+                stdout=open(tmp_path / f"agent{i}.log", "ab"), stderr=subprocess.STDOUT, env=env))
+
+        def hub():
+            p = subprocess.Popen([sys.executable, "-c", "from ftte_hub.cli import main; main()", "train",
+                                  "--key", str(tmp_path / "fleet.key"), "--model", "mlp", "--val-data",
+                                  str(tmp_path / "val.npz"), "--out", str(tmp_path / "run"), "--min-agents", "3",
+                                  "--no-mdns", *peers, "--strategy", "ftte-tiered", "--buffer", "3", "--batch-size",
+                                  "16", "--lr", "0.1", "--ping-interval", "1", "--max-versions", "300",
+                                  "--target-accuracy", "0.9"],
+                                 stdout=open(tmp_path / "hub.log", "ab"), stderr=subprocess.STDOUT, env=env)
+            procs.append(p)
+            return p
+
+        first = hub()
+        _wait(lambda: len(_metrics(tmp_path)) >= 3, 90, "3 merges", tmp_path)
+        os.kill(first.pid, signal.SIGKILL)              # the hub dies mid-run
+        first.wait(scaled(10))
+        tiers_before = ckpt.load_checkpoint(tmp_path / "run")[0]["tiers"]
+        seen = len(_metrics(tmp_path))
+        second = hub()                                  # same command: resume
+        wait_for_progress(lambda: second.poll() is not None, lambda: (tmp_path / "hub.log").stat().st_size,
+                          "the resumed hub's exit", stall=60,
+                          describe=lambda: (tmp_path / "hub.log").read_text()[-3000:])
+        assert second.wait() == 0, (tmp_path / "hub.log").read_text()[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(scaled(10))
+    log = (tmp_path / "hub.log").read_text()
+    assert "resumed from" in log
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["accuracy"] >= 0.9 and summary["reason"].startswith("reached --target-accuracy")
+    assert len(summary["tiers"]) == 2 and ckpt.load_checkpoint(tmp_path / "run")[0]["tiers"] == tiers_before
+    by_name = {a["name"]: a for a in summary["agents"].values()}
+    assert by_name["pa0"]["tier"] == by_name["pa1"]["tier"] == 0 and by_name["pa2"]["tier"] == 1
+    after = _metrics(tmp_path)[seen:]
+    assert after and {t for m in after for t in m["tiers"]} == {0, 1}   # both tiers merged after the resume
+    assert all(a["failed"] == 0 for a in summary["agents"].values())  # no agent refused its tier's task
+    for i in range(3):
+        alog = (tmp_path / f"agent{i}.log").read_text()
+        assert "Traceback" not in alog, alog[-2000:]
