@@ -30,6 +30,17 @@ def _driver(model):
     return RoundDriver(model, subset, make_strategy("ftte", buffer_size=3), TaskConfig(lr=0.1, batch_size=16), seed=5)
 
 
+def replayed(make_driver, model, start, state0, out):
+    """(model, driver, coordinator) rebuilt from the start values, a driver state and the journals in ``out``."""
+    model.load_state(start)
+    driver = make_driver(model)
+    driver.load_state_dict(state0)
+    coord = Coordinator(driver, out)
+    for v in ckpt.journal_versions(out):
+        coord.replay(v)
+    return model, driver, coord
+
+
 def test_journal_replay_rebuilds_the_exact_driver_state(tmp_path):
     val, parts = digits_split(3)
     model = ft.zoo("mlp", (1, 8, 8), 10, seed=1)
@@ -53,13 +64,7 @@ def test_journal_replay_rebuilds_the_exact_driver_state(tmp_path):
     coord.journal.close_now()
     assert driver.version == 2 and driver.buffered == 2
 
-    again = ft.zoo("mlp", (1, 8, 8), 10, seed=1)
-    again.load_state(start)
-    d2 = _driver(again)
-    d2.load_state_dict(state0)
-    c2 = Coordinator(d2, tmp_path)
-    for v in ckpt.journal_versions(tmp_path):
-        c2.replay(v)
+    again, d2, c2 = replayed(_driver, ft.zoo("mlp", (1, 8, 8), 10, seed=1), start, state0, tmp_path)
     assert d2.version == 2 and d2.buffered == 2
     assert d2.state_dict() == driver.state_dict()
     for k, v in model.state().items():

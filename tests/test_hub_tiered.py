@@ -18,7 +18,8 @@ from ftte_hub.coordinator import Coordinator
 from ftte_hub.fleet import Hooks
 
 from test_hub_fakes import FakeAgent, digits_split
-from test_hub_train import KEY, _config, _run
+from test_hub_resume import replayed
+from test_hub_train import KEY, _config
 
 # The hub reads and writes ONNX models; 32-bit ARM has no onnx wheels (docs/raspberry-pi.md).
 pytest.importorskip("onnx", reason="the hub needs the onnx package (none for armv7)")
@@ -127,13 +128,7 @@ def test_a_tiered_journal_replays_each_devices_tier_from_its_budget(tmp_path):
     assert d.version == 2 and coord.agents["d0"]["tier"] == 0 and coord.agents["d1"]["tier"] == 1
     assert d.state_dict()["meta"]["device_budgets"] == budgets
 
-    again = ft.zoo("mlp", (1, 8, 8), 10, seed=0)
-    again.load_state(start)
-    d2 = driver(again)
-    d2.load_state_dict(state0)
-    c2 = Coordinator(d2, tmp_path)
-    for v in ckpt.journal_versions(tmp_path):
-        c2.replay(v)
+    again, d2, _ = replayed(driver, ft.zoo("mlp", (1, 8, 8), 10, seed=0), start, state0, tmp_path)
     assert d2.state_dict() == d.state_dict()
     for k, v in model.state().items():
         np.testing.assert_array_equal(again.state()[k], v)
@@ -152,7 +147,6 @@ def test_tiered_hub_and_agent_processes_reach_accuracy_and_a_resume_keeps_the_ti
     import signal
     import subprocess
     import sys
-    import time
 
     from ftte_core import data as ftdata
     from ftte_core.protocol import write_key
