@@ -43,6 +43,7 @@ def test_agents_of_two_budgets_train_nested_subsets_and_a_late_agent_takes_the_t
     val, parts = digits_split(4)
     model, full = _full_step()
     small_budget, big_budget = full // 2, 4 * full
+    fleets, snapshots = [], []
 
     async def main():
         small = FakeAgent(KEY, parts[0], "small", budget=small_budget, downlink="on")
@@ -53,7 +54,18 @@ def test_agents_of_two_budgets_train_nested_subsets_and_a_late_agent_takes_the_t
         for a in agents:
             await a.start()
         late = [middle, tiny]
-        hooks = Hooks(on_ready=lambda fleet: [fleet.add_address("127.0.0.1", a.port, "peer") for a in late])
+
+        def ready(fleet):
+            fleets.append(fleet)
+            for a in late:
+                fleet.add_address("127.0.0.1", a.port, "peer")
+
+        def merged(line):  # the status page's view of the run, as a merge is recorded
+            if line["version"] >= 3 and not snapshots:
+                from ftte_hub.status import StatusView
+                snapshots.append(StatusView(fleets[0].on_fatal.__self__).snapshot())  # on_fatal: the run's _fail
+
+        hooks = Hooks(on_ready=ready, on_metrics=merged)
         cfg = _config(tmp_path, val, [small, big], strategy="ftte-tiered", buffer=2, max_versions=6)
         from ftte_hub.train import run_train
         from slowdev import scaled
@@ -90,6 +102,11 @@ def test_agents_of_two_budgets_train_nested_subsets_and_a_late_agent_takes_the_t
     seen = {t for l in lines for t in l["tiers"]}
     assert seen == {0, 1}                                              # merges took both tiers' updates
     assert all(len(l["tiers"]) == len(l["devices"]) for l in lines)
+    # the status page: the run's tiers, and each agent's under its budget
+    snap = snapshots[0]
+    assert [t["trainable_params"] for t in snap["subset"]["tiers"]] == [t["trainable_params"] for t in tiers]
+    by_id = {a["agent_id"]: a for a in snap["agents"]}
+    assert by_id["small"]["tier"] == 0 and by_id["big"]["tier"] == 1 and by_id.get("tiny", {}).get("tier") is None
 
 
 def test_a_tiered_journal_replays_each_devices_tier_from_its_budget(tmp_path):
