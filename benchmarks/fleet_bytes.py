@@ -105,7 +105,7 @@ def one_run(root: Path, args) -> dict:
         wait_listening(peers)
         cfg = TrainConfig(model="mlp", val_data=str(root / "data" / "val.npz"), out=str(root / "run"), min_agents=3,
                           peers=peers, mdns=False, buffer=args.buffer, max_versions=args.max_versions,
-                          target_accuracy=TARGETS[-1], lr=args.lr, local_epochs=args.epochs,
+                          target_accuracy=None if args.to_max_versions else TARGETS[-1], lr=args.lr, local_epochs=args.epochs,
                           batch_size=32, seed=args.seed, wait_timeout=60.0, downlink=not args.no_downlink,
                           strategy=args.strategy,
                           update_bits=args.update_bits, downlink_bits=args.downlink_bits)
@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--memory-budget", default=None, help="every agent's --memory-budget (default: the agent's own)")
     ap.add_argument("--memory-budgets", default=None, help="each agent's --memory-budget, comma-separated (3 of them)")
     ap.add_argument("--strategy", default="ftte", choices=("ftte", "ftte-tiered", "fedbuff", "fedavg"))
+    ap.add_argument("--to-max-versions", action="store_true",
+                    help="train on to --max-versions after the targets (the final accuracy is printed)")
     ap.add_argument("--json", action="store_true", help="print one JSON line per run as well")
     args = ap.parse_args()
     if args.memory_budgets and len(args.memory_budgets.split(",")) != 3:
@@ -167,6 +169,7 @@ def main() -> None:
                          f"{h['bytes_out'] / 1e6:.2f}) v{h['version']}"))
         print(f"run {r} (seed {args.seed + r}, shards {res['samples']}): " + " | ".join(cells)
               + f" | MODEL frames {res['model_frames_bytes'] / 1e6:.2f} MB"
+              + f" | final accuracy {res['final_accuracy']:.4f} at v{res['versions']}"
               + (f" | tiers {res['tiers']} (trained parameters), agents' tiers {res['agent_tiers']}"
                  if res["tiers"] else ""), flush=True)
         if args.json:

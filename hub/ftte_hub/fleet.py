@@ -364,7 +364,8 @@ class Fleet:
 
     @property
     def downlink(self) -> Optional[DL.DownlinkStream]:
-        """The canonical stream of a run with one subset (ftte-tiered: the smallest tier's, if built)."""
+        """The canonical stream of a run with one subset, once built (ftte-tiered: the first tier's
+        stream built; ``downlinks`` holds every tier's)."""
         return next(iter(self.downlinks.values()), None)
 
     def downlink_stream(self, task=None) -> DL.DownlinkStream:
