@@ -1264,7 +1264,7 @@ def test_a_task_without_a_run_id_is_refused(agent, fleet):
 
 def test_a_model_whose_weights_alone_exceed_the_budget_is_refused_on_arrival(fleet, tmp_path):
     big = zoo("mlp", (64,), 10, seed=29, hidden=(4096, 512))       # ~10 MiB of weights
-    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--memory-budget", "4MiB")
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--memory-budget", "1MiB")
     try:
         async def go():
             ch, _ = await hello(a.port, fleet["key"])
@@ -1276,9 +1276,34 @@ def test_a_model_whose_weights_alone_exceed_the_budget_is_refused_on_arrival(fle
     finally:
         assert a.stop() == 0
     assert t == M.ERROR
-    assert re.fullmatch(r"MODEL: the model's weights alone are \d+(\.\d)? MiB; the budget is 4 MiB \(--memory-budget\)",
+    assert re.fullmatch(r"MODEL: the model's weights alone are \d+(\.\d)? MiB \(\d+(\.\d)? MiB even as int8\); "
+                        r"the budget is 1 MiB \(--memory-budget\)",
                         reason), reason
     assert not list((tmp_path / "state" / "models").iterdir())  # not cached
+
+
+def test_a_model_over_the_budget_as_float32_but_not_as_int8_is_cached(fleet, tmp_path):
+    """The hub admits a device whose budget holds w* with int8 frozen layers although the model's
+    float32 weights do not fit (found with ftte-tiered: such an agent refused MODEL and re-dialled
+    forever); the agent must take the model and leave the pricing to each task's own check."""
+    model = zoo("mlp", (64,), 10, seed=30, hidden=(256, 256))     # 332 KiB of float32 weights
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--memory-budget", "200KiB")
+    try:
+        head = Subset.of(model, {"fc3": {"rows": "all", "bias": True}})
+
+        async def go():
+            ch, _ = await hello(a.port, fleet["key"])
+            await ch.send(M.MODEL, model_to_bytes(model))
+            config = TaskConfig(lr=0.05, batch_size=16, max_steps=2, frozen="int8")
+            await ch.send(M.TASK, M.encode_task(task_message(model, head, "int8-fits", config=config)))
+            t, body = await recv_skip_pings(ch)
+            ch.abort()
+            return t, bytes(body)
+        t, body = run(go())
+    finally:
+        assert a.stop() == 0
+    assert t == M.UPDATE, (M.name(t), body[:300])
+    assert len(list((tmp_path / "state" / "models").iterdir())) == 1
 
 
 @pytest.mark.slow

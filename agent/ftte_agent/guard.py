@@ -26,6 +26,9 @@ from ftte_core.subset import Subset
 #: own thread count, while convolution scratch is per thread), and the cost model is held to 10%
 #: of what the engine allocates. A task predicted above budget x (1 + MEMORY_MARGIN) is refused.
 MEMORY_MARGIN = 0.125
+#: float32 weight bytes per byte of their int8 form (``frozen="int8"``): the most a model's weights
+#: can shrink on a device, so the bound of what a MODEL frame may hold.
+INT8_SHRINK = 4
 
 
 def size_text(n: float) -> str:
@@ -56,8 +59,8 @@ def check_memory(model: Model, subset: Subset, config: TaskConfig, num_samples: 
 
 
 def weights_over_budget(param_bytes: int, budget: int) -> str:
-    return (f"the model's weights alone are {size_text(param_bytes)}; the budget is {size_text(budget)} "
-            f"(--memory-budget)")
+    return (f"the model's weights alone are {size_text(param_bytes)} ({size_text(param_bytes // INT8_SHRINK)} "
+            f"even as int8); the budget is {size_text(budget)} (--memory-budget)")
 
 
 def failure_reason(e: BaseException, memory_budget: Optional[int] = None) -> str:

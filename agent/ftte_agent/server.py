@@ -60,7 +60,7 @@ from ftte_core.update import Update, UpdateError, subset_values
 from . import __version__
 from .admission import Admission, RefusalLog, refusal_kind, source_of
 from .device import peak_rss
-from .guard import MEMORY_MARGIN, check_memory, failure_reason, weights_over_budget
+from .guard import INT8_SHRINK, MEMORY_MARGIN, check_memory, failure_reason, weights_over_budget
 from .state import StateDir
 
 log = logging.getLogger("ftte_agent")
@@ -261,8 +261,11 @@ class Agent:
 
     @property
     def max_model_bytes(self) -> int:
-        """Weights over this are refused when the model arrives: no task of it could fit the budget."""
-        return int(self.s.memory_budget * (1 + MEMORY_MARGIN))
+        """Weights over this are refused when the model arrives: no task of it could fit the budget.
+        The hub may train a model whose float32 weights exceed the budget, with its frozen layers
+        held as int8 (a quarter of the bytes; the task's own check then prices it exactly), so only
+        weights whose int8 form alone is over the budget are hopeless."""
+        return int(self.s.memory_budget * (1 + MEMORY_MARGIN)) * INT8_SHRINK
 
     def info(self) -> Dict[str, Any]:
         d = self.s.data
