@@ -328,15 +328,18 @@ def test_trainer_int8_holds_frozen_layers_as_int8_and_predicts_its_memory():
         tr.step(x, y)
     l0, l1, l2 = m.param_layers
     assert l0.is_int8 and l0._weight is None  # no row trains (the bias does): int8, float released
-    assert not l1.is_int8 and not l2.is_int8  # rows train: float32
+    assert l1.is_mixed and l1._weight is None  # a quarter of its rows train: those float32, the rest int8
+    assert l1.weight_trained.shape == (8, 64) and l1.weight_q.shape == (24, 64)
+    assert not l2.is_int8 and not l2.is_mixed and l2._weight is not None  # every row trains: float32
     got = tr.memory.as_dict()
     want = ft.predict_memory(model, subset, batch_size=32, frozen="int8", threads=1)
     for cat in ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations"):
         assert want[cat] == got[cat], (cat, want, got)
     assert abs(want["total"] - got["total"]) <= 0.10 * got["total"], (want, got)
     f32 = ft.predict_memory(model, subset, batch_size=32, threads=1)
-    # 64x64 weight as int8 + 64 scales instead of float32; the bias stays float32 (it trains)
-    assert f32["frozen_weights"] - want["frozen_weights"] == 64 * 64 * 3 - 64 * 4
+    # 64x64 weight as int8 + 64 scales instead of float32; the bias stays float32 (it trains); of
+    # the 32x64 layer, 24 frozen rows as int8 + 24 scales, plus its 32-entry int32 row-slot table
+    assert f32["frozen_weights"] - want["frozen_weights"] == (64 * 64 * 3 - 64 * 4) + (24 * 64 * 3 - 24 * 4 - 32 * 4)
     # a model already int8 is counted as it is, whatever frozen= says
     assert ft.predict_memory(m, subset, batch_size=32, threads=1)["frozen_weights"] == want["frozen_weights"]
 
