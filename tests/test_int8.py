@@ -422,13 +422,19 @@ def test_task_config_carries_frozen():
         TaskConfig.from_dict({"frozen": 8})
 
 
-def test_int8_fine_tuning_on_digits_costs_at_most_half_a_point():
-    """Fine-tune the last layer of a digits MLP with float32 and with int8 frozen layers."""
+@pytest.mark.parametrize("which", ["last", "sparse"])
+def test_int8_fine_tuning_on_digits_costs_at_most_half_a_point(which):
+    """Fine-tune a digits MLP with float32 and with int8 frozen layers: the last layer alone (the
+    first layer int8), or with a quarter of the first layer's rows (that layer mixed: its other
+    rows int8)."""
     ds, tr_idx, va_idx = _digits_split()
     base = ft.zoo("mlp", ds.feature_shape, ds.num_classes, seed=0, hidden=(64,))
     ft.Trainer(base, lr=0.1, momentum=0.9).train(ds.x[tr_idx], ds.y[tr_idx], epochs=1, batch_size=32)
-    last = base.param_layers[-1].name
-    subset = ft.Subset.of(base, {last: {"rows": "all", "bias": True}})
+    first, last = base.param_layers[0].name, base.param_layers[-1].name
+    spec = {last: {"rows": "all", "bias": True}}
+    if which == "sparse":
+        spec[first] = {"rows": 0.25, "bias": False}
+    subset = ft.Subset.of(base, spec)
     acc = {}
     for frozen in ("float32", "int8"):
         m = base.copy()
