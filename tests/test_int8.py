@@ -218,8 +218,23 @@ def test_int8_kernels_give_identical_results_for_any_thread_count():
             yw = np.empty((8, 8, 12, 12), np.float32)
             K.depthwise_conv2d_forward(xc, qw, None, yw, (1, 1), (1, 1, 1, 1), w_scale=sw)
             out.append((y, dx, y_dot, yc, dxc, yw))
-    for other in out[1:]:
-        for a, b in zip(out[0], other):
+    assert_all_equal(out)
+
+
+def assert_scratch_as_sized(calls):
+    """(call, sizing) pairs: at one thread each call's kernel scratch peak is what its sizing says."""
+    with _threads(1):
+        for call, want in calls:
+            base = K.workspace_current_bytes()
+            K.reset_workspace_peak()
+            call()
+            assert K.workspace_peak_bytes() - base == want()
+
+
+def assert_all_equal(results):
+    """Each run's arrays (one tuple per thread count) equal the first run's, bit for bit."""
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)
 
 
@@ -277,12 +292,7 @@ def test_int8_scratch_bytes_are_what_the_kernels_take():
         (lambda: K.conv2d_backward(None, qp, dyc, None, None, None, np.empty_like(xp), w_scale=sp),
          lambda: K.conv2d_scratch_bytes(xp.shape, qp.shape, backward=True, dw=False, threads=1, int8_weight=True)),
     ]
-    with _threads(1):
-        for call, want in calls:
-            base = K.workspace_current_bytes()
-            K.reset_workspace_peak()
-            call()
-            assert K.workspace_peak_bytes() - base == want()
+    assert_scratch_as_sized(calls)
     # the small-batch int8 dense forward reads W's int8 rows in place (the dot path: no scratch);
     # a larger batch packs bounded panels, never a float copy of all of W
     assert K.sgemm_scratch_bytes(32, 2048, 2048, False, True, int8_b=True) == 0

@@ -10,7 +10,7 @@ from ftte_core import _kernels as K
 from ftte_core.graph import quantize_rows
 
 from test_conv import make, ref_backward, ref_forward
-from test_int8 import _check_dx_by_differences, _threads
+from test_int8 import _check_dx_by_differences, _threads, assert_all_equal, assert_scratch_as_sized
 
 
 def _mixed(w, rows):
@@ -26,6 +26,13 @@ def _mixed(w, rows):
     deq = w.astype(np.float64)
     deq[frozen] = q.astype(np.float64) * s.astype(np.float64).reshape((-1,) + (1,) * (w.ndim - 1))
     return q, s, trained, slot, deq
+
+
+def _case(rng, x_shape, w_shape, rows, dy_shape):
+    """Random x, a mixed weight of w_shape with `rows` trained (``_mixed``), random dy."""
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    mixed = _mixed(rng.standard_normal(w_shape).astype(np.float32), rows)
+    return x, mixed, rng.standard_normal(dy_shape).astype(np.float32)
 
 
 def _kw(s, trained, slot):
@@ -127,14 +134,9 @@ def test_conv2d_mixed_finite_differences():
 
 def test_mixed_kernels_give_identical_results_for_any_thread_count():
     rng = np.random.default_rng(5)
-    xd = rng.standard_normal((70, 300)).astype(np.float32)
-    rows_d = np.arange(0, 130, 4, dtype=np.int32)
-    qd, sd, td, pd, _ = _mixed(rng.standard_normal((130, 300)).astype(np.float32), rows_d)
-    dyd = rng.standard_normal((70, 130)).astype(np.float32)
-    xc = rng.standard_normal((8, 8, 12, 12)).astype(np.float32)
-    rows_c = np.array([5, 1, 9, 14], np.int32)
-    qc, sc, tc, pc, _ = _mixed(rng.standard_normal((16, 8, 3, 3)).astype(np.float32), rows_c)
-    dyc = rng.standard_normal((8, 16, 12, 12)).astype(np.float32)
+    rows_d, rows_c = np.arange(0, 130, 4, dtype=np.int32), np.array([5, 1, 9, 14], np.int32)
+    xd, (qd, sd, td, pd, _), dyd = _case(rng, (70, 300), (130, 300), rows_d, (70, 130))
+    xc, (qc, sc, tc, pc, _), dyc = _case(rng, (8, 8, 12, 12), (16, 8, 3, 3), rows_c, (8, 16, 12, 12))
     out = []
     for threads in (1, 2, 3):
         with _threads(threads):
@@ -148,9 +150,7 @@ def test_mixed_kernels_give_identical_results_for_any_thread_count():
             K.conv2d_backward_sgd(xc, qc, None, dyc, rows_c, dxc, False, None, None, 0.01, 0.0, 0.0, (1, 1),
                                   (1, 1, 1, 1), **_kw(sc, tcc, pc))
             out.append((y, dx, y_dot, t, yc, dxc, tcc))
-    for other in out[1:]:
-        for a, b in zip(out[0], other):
-            np.testing.assert_array_equal(a, b)
+    assert_all_equal(out)
 
 
 def test_mixed_weight_argument_errors():
@@ -203,31 +203,21 @@ def test_mixed_weight_argument_errors():
 def test_mixed_scratch_bytes_are_what_the_kernels_take():
     """The fused SGD's scratch with a mixed weight (dx packs it like an int8 one) is exact at one thread."""
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((32, 300)).astype(np.float32)
-    rows = np.arange(0, 64, 4, dtype=np.int32)
-    q, s, t, slot, _ = _mixed(rng.standard_normal((64, 300)).astype(np.float32), rows)
-    dy = rng.standard_normal((32, 64)).astype(np.float32)
-    xc = rng.standard_normal((4, 4, 9, 9)).astype(np.float32)
-    rows_c = np.array([1, 4], np.int32)
-    qc, sc, tc, pc, _ = _mixed(rng.standard_normal((6, 4, 3, 3)).astype(np.float32), rows_c)
-    dyc = rng.standard_normal((4, 6, 9, 9)).astype(np.float32)
+    rows, rows_c = np.arange(0, 64, 4, dtype=np.int32), np.array([1, 4], np.int32)
+    x, (q, s, t, slot, _), dy = _case(rng, (32, 300), (64, 300), rows, (32, 64))
+    xc, (qc, sc, tc, pc, _), dyc = _case(rng, (4, 4, 9, 9), (6, 4, 3, 3), rows_c, (4, 6, 9, 9))
     calls = [
         (lambda: K.dense_forward(x, q, None, np.empty((32, 64), np.float32), **_kw(s, t, slot)),
          lambda: K.sgemm_scratch_bytes(32, 64, 300, False, True, int8_b=True)),
         (lambda: K.dense_backward_sgd(x, q, None, dy, rows, np.empty_like(x), False, None, None, 0.01,
                                       **_kw(s, t, slot)),
          lambda: K.dense_backward_sgd_scratch_bytes(32, 300, 64, rows.size, True, False, True, int8_weight=True)),
-        (lambda: K.conv2d_backward_sgd(xc, qc, np.zeros(6, np.float32), dyc, rows_c, np.empty_like(xc), True, None, None, 0.01, 0.0,
-                                       0.0, (1, 1), (1, 1, 1, 1), **_kw(sc, tc, pc)),
+        (lambda: K.conv2d_backward_sgd(xc, qc, np.zeros(6, np.float32), dyc, rows_c, np.empty_like(xc), True, None,
+                                       None, 0.01, 0.0, 0.0, (1, 1), (1, 1, 1, 1), **_kw(sc, tc, pc)),
          lambda: K.conv2d_backward_sgd_scratch_bytes(xc.shape, (6, 4, 3, 3), (1, 1), (1, 1, 1, 1), 2, True, True,
                                                      1, int8_weight=True)),
     ]
-    with _threads(1):
-        for call, want in calls:
-            base = K.workspace_current_bytes()
-            K.reset_workspace_peak()
-            call()
-            assert K.workspace_peak_bytes() - base == want()
+    assert_scratch_as_sized(calls)
     # dx reads a float32 weight in place (the small-batch plain B), a mixed one packs panels
     assert (K.dense_backward_sgd_scratch_bytes(32, 300, 64, 16, True, False, True, int8_weight=True)
             >= K.dense_backward_sgd_scratch_bytes(32, 300, 64, 16, True, False, True))
@@ -325,12 +315,9 @@ def test_local_worker_trains_mixed_layers_task_after_task():
     from ftte_core.local import LocalWorker, TaskConfig
     from ftte_core.update import decode_update, subset_values
     model, subset = _mlp_and_subset()
-    hub = model.copy()
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((24, 16)).astype(np.float32)
-    y = rng.integers(0, 4, 24).astype(np.int32)
-    worker = LocalWorker(model, subset)
-    cfg = TaskConfig(batch_size=8, frozen="int8")
+    hub, worker, cfg = model.copy(), LocalWorker(model, subset), TaskConfig(batch_size=8, frozen="int8")
+    x = np.random.default_rng(0).standard_normal((24, 16), dtype=np.float32)
+    y = np.arange(24, dtype=np.int32) % 4
     with _threads(1):
         for _ in range(2):
             values = subset_values(hub, subset)
@@ -351,3 +338,43 @@ def test_local_worker_trains_mixed_layers_task_after_task():
     want = ft.predict_memory(model, subset, batch_size=8, frozen="int8", threads=1)
     assert result.memory.frozen_weights == want["frozen_weights"]
     assert result.memory.trainable_weights == want["trainable_weights"]
+
+
+def test_conv1d_cnn_mixed_step_matches_the_dequantised_float_model_and_saves_float32():
+    """A Conv1d (2-D kernels through reshapes) and a Conv2d-based CNN partly trained under
+    frozen="int8": same step as float32 on the dequantised weights, memory as predicted, and the
+    model file holds the dequantised float32 weights (loading gives float32 layers)."""
+    from ftte_core import graph as G
+    from ftte_core.modelfile import model_from_bytes, model_to_bytes
+    rng = np.random.default_rng(4)
+    c1 = G.Conv1d("c1", rng.standard_normal((6, 2, 3)).astype(np.float32) * 0.3, None, (1,), (1, 1))
+    fc = G.Dense("fc", rng.standard_normal((3, 6 * 8)).astype(np.float32) * 0.2)
+    model = G.Model([c1, G.ReLU("r"), G.Flatten("f"), fc], (2, 8), name="c1d")
+    cnn = ft.zoo("cnn", (1, 8, 8), 4, seed=2, channels=(3, 5))
+    for m0, x_shape in ((model, (6, 2, 8)), (cnn, (6, 1, 8, 8))):
+        names = [layer.name for layer in m0.param_layers]
+        first = [layer for layer in m0.param_layers if layer.kind in ("conv1d", "conv2d")][-1].name
+        subset = ft.Subset.of(m0, {names[-1]: {"rows": "all", "bias": True}, first: {"rows": [1, 4], "bias": True}})
+        x = rng.standard_normal(x_shape).astype(np.float32)
+        y = rng.integers(0, m0.num_classes, x_shape[0]).astype(np.int32)
+        with _threads(1):
+            m = m0.copy()
+            tr = ft.Trainer(m, subset, lr=0.05, frozen="int8")
+            assert m.layer(first).is_mixed
+            ref = m.copy()
+            for layer in ref.param_layers:
+                layer.weight = np.array(layer.weight)
+            tr_ref = ft.Trainer(ref, subset, lr=0.05)
+            for _ in range(2):
+                tr.step(x, y)
+                tr_ref.step(x, y)
+        np.testing.assert_allclose(m.layer(first).weight, ref.layer(first).weight, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(m.predict(x), ref.predict(x), rtol=1e-4, atol=1e-5)
+        want = ft.predict_memory(m0, subset, batch_size=6, frozen="int8", threads=1)
+        got = tr.memory.as_dict()
+        for cat in ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations"):
+            assert want[cat] == got[cat], (cat, want, got)
+        back = model_from_bytes(model_to_bytes(m))
+        assert not back.layer(first).is_mixed
+        np.testing.assert_array_equal(back.layer(first).weight, m.layer(first).weight)
+        np.testing.assert_allclose(back.predict(x), m.predict(x), rtol=1e-5, atol=1e-6)

@@ -140,14 +140,15 @@ def int8_layers(model: Model, subset: Subset, frozen: str = "float32") -> set:
     """Names of the layers whose weight is int8 during a step: those already held as int8, and
     with ``frozen="int8"`` every Dense/Conv whose weight rows do not train (its bias may)."""
     check_frozen(frozen)
-    out = set()
+    return {layer.name for layer, _ls, r in _int8_capable(model, subset) if layer.is_int8 or (frozen == "int8" and r == 0)}
+
+
+def _int8_capable(model: Model, subset: Subset):
+    """(layer, its subset entry or None, trained row count) of every layer that can hold int8 weights."""
     for layer in model.param_layers:
-        if not getattr(layer, "int8_capable", False):
-            continue
-        ls = subset.get(layer.name)
-        if layer.is_int8 or (frozen == "int8" and (ls is None or ls.rows.size == 0)):
-            out.add(layer.name)
-    return out
+        if getattr(layer, "int8_capable", False):
+            ls = subset.get(layer.name)
+            yield layer, ls, 0 if ls is None else ls.rows.size
 
 
 def mixed_layers(model: Model, subset: Subset, frozen: str = "float32") -> set:
@@ -158,11 +159,7 @@ def mixed_layers(model: Model, subset: Subset, frozen: str = "float32") -> set:
     stay float32 when partly trained)."""
     check_frozen(frozen)
     out = set()
-    for layer in model.param_layers:
-        if not getattr(layer, "int8_capable", False):
-            continue
-        ls = subset.get(layer.name)
-        r = 0 if ls is None else ls.rows.size
+    for layer, ls, r in _int8_capable(model, subset):
         if layer.is_mixed and (np.array_equal(ls.rows, layer.trained_rows) if r else frozen == "float32"):
             out.add(layer.name)
         elif (frozen == "int8" and 0 < r < layer.weight_shape[0] and not layer.is_int8
