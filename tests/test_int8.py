@@ -527,7 +527,7 @@ def test_int8_model_exports_onnx_with_dequantised_weights(tmp_path):
 _GENERIC_CHILD = r"""
 import numpy as np, sys
 from ftte_core import _kernels as K
-from ftte_core.graph import quantize_rows
+from ftte_core.graph import Dense, quantize_rows
 rng = np.random.default_rng(3)
 out = {"name": K.sgemm_kernel_name()}
 for tag, (N, I, O) in {"dot": (20, 300, 37), "blocked": (70, 40, 19)}.items():
@@ -538,12 +538,20 @@ for tag, (N, I, O) in {"dot": (20, 300, 37), "blocked": (70, 40, 19)}.items():
     K.dense_forward(x, q, None, y, w_scale=s)
     K.dense_backward(None, q, dy, None, None, None, dx, w_scale=s)
     out.update({tag + "_x": x, tag + "_q": q, tag + "_s": s, tag + "_dy": dy, tag + "_y": y, tag + "_dx": dx})
+    # mixed: a third of the rows float32, the rest int8 (test_int8_rows.py has the rest)
+    layer = Dense("d", rng.standard_normal((O, I)).astype(np.float32))
+    layer.mix_weight(np.arange(0, O, 3, dtype=np.int32))
+    wq, kw = layer._kernel_weight()
+    ym, dxm = np.empty((N, O), np.float32), np.empty_like(x)
+    K.dense_forward(x, wq, None, ym, **kw)
+    K.dense_backward(None, wq, dy, None, None, None, dxm, **kw)
+    out.update({tag + "_wm": np.array(layer.weight), tag + "_ym": ym, tag + "_dxm": dxm})
 np.savez(sys.argv[1], **out)
 """
 
 
 def test_int8_paths_of_the_generic_kernel(tmp_path):
-    """The portable micro-kernel (what ARM devices run) with int8 weights, against NumPy."""
+    """The portable micro-kernel (what ARM devices run) with int8 and mixed weights, against NumPy."""
     import os
     import subprocess
     import sys
@@ -556,3 +564,6 @@ def test_int8_paths_of_the_generic_kernel(tmp_path):
         deq = r[tag + "_q"].astype(np.float64) * r[tag + "_s"][:, None]
         np.testing.assert_allclose(r[tag + "_y"], r[tag + "_x"].astype(np.float64) @ deq.T, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(r[tag + "_dx"], r[tag + "_dy"].astype(np.float64) @ deq, rtol=1e-4, atol=1e-4)
+        wm = r[tag + "_wm"].astype(np.float64)  # the mixed weight's dequantised values
+        np.testing.assert_allclose(r[tag + "_ym"], r[tag + "_x"].astype(np.float64) @ wm.T, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(r[tag + "_dxm"], r[tag + "_dy"].astype(np.float64) @ wm, rtol=1e-4, atol=1e-4)
