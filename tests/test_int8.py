@@ -377,6 +377,8 @@ def test_cost_model_predicts_recorded_int8_memory(zoo_args, which):
             tr = ft.Trainer(model.copy(), subset, frozen="int8")
             tr.step(x, y)
             tr.step(x, y)
+        # "sparse": the layer before the last trains a quarter of its rows, so it is mixed
+        assert getattr(tr.model.layer(names[-2]), "is_mixed", False) == (which == "sparse")
         got = tr.memory.as_dict()
         want = ft.predict_memory(model, subset, batch_size=32, threads=threads, frozen="int8")
         for cat in ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations"):
