@@ -378,3 +378,23 @@ def test_conv1d_cnn_mixed_step_matches_the_dequantised_float_model_and_saves_flo
         assert not back.layer(first).is_mixed
         np.testing.assert_array_equal(back.layer(first).weight, m.layer(first).weight)
         np.testing.assert_allclose(back.predict(x), m.predict(x), rtol=1e-5, atol=1e-6)
+
+
+def test_run_task_on_one_model_copy_across_subsets_re_mixes_the_layer():
+    """A device model reused for tasks of different subsets (tiered strategies, the simulator):
+    a layer mixed over one subset's rows takes the next subset's rows as float32."""
+    from ftte_core.local import LocalWorker, TaskConfig
+    from ftte_core.update import subset_values
+    model, subset = _mlp_and_subset()
+    l0 = model.param_layers[0]
+    other = ft.Subset.of(model, {model.param_layers[1].name: {"rows": "all", "bias": True},
+                                 l0.name: {"rows": [0, 2, 5, 11], "bias": False}})
+    hub = model.copy()
+    x = np.random.default_rng(1).standard_normal((16, 16), dtype=np.float32)
+    y = np.arange(16, dtype=np.int32) % 4
+    with _threads(1):
+        for sub, rows in ((subset, [2, 7, 9]), (other, [0, 2, 5, 11]), (subset, [2, 7, 9])):
+            values = subset_values(hub, sub)
+            LocalWorker(model, sub).run(values, 0, x, y, TaskConfig(batch_size=8, frozen="int8"))
+            assert l0.is_mixed and list(l0.trained_rows) == rows
+            assert l0.weight_trained.shape == (len(rows), 16)
