@@ -21,8 +21,10 @@ they are the predicted new bytes. They agree when
     |growth - predicted new| <= TOLERANCE x predicted new + allowance()
 
 Rows: "sparse" (fc3 whole + 25% of fc2's rows, fc2's bias frozen), "sparse_int8" (the same with
-``Trainer(frozen="int8")``: fc1, which trains nothing, held as int8 + a scale per row; converted
-before the baseline, as an agent's model is once its first int8 task arrived), "full" (every parameter), and
+``Trainer(frozen="int8")``: fc1, which trains nothing, held as int8 + a scale per row, and fc2
+mixed: its 75% untrained rows int8 + a scale per row, its trained rows float32 in a compact
+array; converted before the baseline, as an agent's model is once its first int8 task arrived),
+"full" (every parameter), and
 "overhead": the same procedure on a model with almost nothing to allocate (Dense 784-10, whole),
 whose growth beyond its tiny prediction is the fixed cost of training at all, i.e. what the
 allowance must cover (see ``allowance``).
@@ -139,9 +141,11 @@ def child(mode: str, steps: int, momentum: float = 0.0) -> dict:
     frozen = "int8" if mode == "sparse_int8" else "float32"
     predicted = ft.predict_memory(model, subset, batch_size=BATCH, momentum=momentum, frozen=frozen)
     if frozen == "int8":  # the weights the step holds are resident before the baseline, as for float32
-        from ftte_core.plan import int8_layers
+        from ftte_core.plan import int8_layers, mixed_layers
         for name in int8_layers(model, subset, frozen):
             model.layer(name).quantize_weight()
+        for name in mixed_layers(model, subset, frozen):  # fc2: its untrained rows int8, its trained ones float32
+            model.layer(name).mix_weight(subset.get(name).rows)
 
     gc.collect()
     trimmed = _free_heap()
@@ -233,7 +237,8 @@ def main() -> None:
           f"{q['predicted']['total'] / f['predicted']['total']:>9.3f}   (issue 11 target <= 0.25)")
     print(f"  whole process peak (VmHWM)     {q['peak'] / f['peak']:>8.3f}")
     print(f"frozen weights held as float32 in the sparse row: {s['predicted']['frozen_weights'] / MIB:.2f} MiB "
-          f"of {s['weights'] / MIB:.2f} MiB")
+          f"of {s['weights'] / MIB:.2f} MiB; in the sparse_int8 row (int8 + scales + row slots): "
+          f"{q['predicted']['frozen_weights'] / MIB:.2f} MiB of {q['weights'] / MIB:.2f} MiB")
 
 
 if __name__ == "__main__":

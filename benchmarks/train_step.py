@@ -619,7 +619,7 @@ def main():
                   f"{ms / 1024:>14.1f} | {ms / mf:>9.3f} | "
                   f"{row['predicted_full'] / 1024:>12.1f} / {row['predicted_sparse'] / 1024:<11.1f}")
     print("\nThe same sparse step with int8 frozen weights (Trainer(frozen=\"int8\"): layers with no trained row "
-          "held as int8 + a scale per row)")
+          "held as int8 + a scale per row, the partly trained layer's frozen rows likewise)")
     print(f"{'model':<8} {'thr':>3} | {'int8 sparse us':>20} | {'time ratio':>10} | {'int8 mem KiB':>12} | "
           f"{'mem ratio':>9} | {'predicted KiB':>13}")
     for r in results:

@@ -259,12 +259,13 @@ void register_conv(py::module_& m) {
   m.def(
       "conv2d_forward",
       [](py::object x, py::object w, py::object b, py::object y, py::object stride, py::object padding,
-         py::object w_scale) {
+         py::object w_scale, py::object w_trained, py::object row_slot) {
         const std::string fn = "conv2d_forward";
         const float* xp = checked<float>(fn, "x", x, {-1, -1, -1, -1});
         const int64_t N = dim(x, 0), C = dim(x, 1), H = dim(x, 2), W = dim(x, 3);
-        const ftte::WeightView wp = ftte::checked_weight(fn, w, w_scale, {-1, C, -1, -1});
-        const int64_t OC = dim(w, 0), KH = dim(w, 2), KW = dim(w, 3);
+        int64_t OC = 0;
+        const ftte::WeightView wp = ftte::checked_weight(fn, w, w_scale, w_trained, row_slot, {-1, C, -1, -1}, &OC);
+        const int64_t KH = dim(w, 2), KW = dim(w, 3);
         if (KH < 1 || KW < 1 || C < 1) fail(fn, "w must have C >= 1 and a kernel of at least 1x1");
         const float* bp = b.is_none() ? nullptr : checked<float>(fn, "b", b, {OC});
         const Window win = parse_window(fn, KH, KW, stride, padding);
@@ -277,17 +278,22 @@ void register_conv(py::module_& m) {
         ftte::conv2d_forward(g, xp, wp, bp, yp);
       },
       py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), py::arg("stride") = stride1,
-      py::arg("padding") = pad0, py::arg("w_scale") = py::none(),
+      py::arg("padding") = pad0, py::arg("w_scale") = py::none(), py::arg("w_trained") = py::none(),
+      py::arg("row_slot") = py::none(),
       "y[N,OC,OH,OW] = conv2d(x[N,C,H,W], w[OC,C,KH,KW]) + b[OC] (b may be None). stride (sh, sw); "
-      "padding ONNX-style (top, left, bottom, right). w float32, or int8 with w_scale float32 [OC].");
+      "padding ONNX-style (top, left, bottom, right). w float32, or int8 with w_scale float32 [OC], or mixed "
+      "(a partly trained layer): w int8 [Q,C,KH,KW] frozen channels with w_scale [Q], w_trained float32 "
+      "[R,C,KH,KW] trained ones, row_slot int32 [OC] (>= 0: a w_trained row, < 0: w row ~slot).");
 
   m.def(
       "conv2d_backward",
       [](py::object x, py::object w, py::object dy, py::object rows, py::object dw, py::object db, py::object dx,
-         py::object stride, py::object padding, bool accumulate, py::object w_scale) {
+         py::object stride, py::object padding, bool accumulate, py::object w_scale, py::object w_trained,
+         py::object row_slot) {
         const std::string fn = "conv2d_backward";
-        const ftte::WeightView wp = ftte::checked_weight(fn, w, w_scale, {-1, -1, -1, -1});
-        const int64_t OC = dim(w, 0), C = dim(w, 1), KH = dim(w, 2), KW = dim(w, 3);
+        int64_t OC = 0;
+        const ftte::WeightView wp = ftte::checked_weight(fn, w, w_scale, w_trained, row_slot, {-1, -1, -1, -1}, &OC);
+        const int64_t C = dim(w, 1), KH = dim(w, 2), KW = dim(w, 3);
         if (KH < 1 || KW < 1 || C < 1) fail(fn, "w must have C >= 1 and a kernel of at least 1x1");
         const Window win = parse_window(fn, KH, KW, stride, padding);
         // The input size comes from x, else from dx; with neither (bias gradient only) dy's
@@ -325,8 +331,8 @@ void register_conv(py::module_& m) {
       },
       py::arg("x"), py::arg("w"), py::arg("dy"), py::arg("rows"), py::arg("dw"), py::arg("db"), py::arg("dx"),
       py::arg("stride") = stride1, py::arg("padding") = pad0, py::arg("accumulate") = false,
-      py::arg("w_scale") = py::none(),
-      "Gradients of conv2d_forward (w float32, or int8 with w_scale [OC]; only dx reads it). rows: int32 [R] output channels (None: all). dw[R,C,KH,KW], db[R] "
+      py::arg("w_scale") = py::none(), py::arg("w_trained") = py::none(), py::arg("row_slot") = py::none(),
+      "Gradients of conv2d_forward (w float32, int8 with w_scale [OC], or mixed as for conv2d_forward; only dx reads it). rows: int32 [R] output channels (None: all). dw[R,C,KH,KW], db[R] "
       "(None to skip; accumulate=True adds into them) and dx[N,C,H,W] (None to skip; overwritten, all "
       "output channels contribute).");
 
@@ -334,16 +340,25 @@ void register_conv(py::module_& m) {
       "conv2d_backward_sgd",
       [](py::object x, py::object w, py::object b, py::object dy, py::object rows, py::object dx, bool train_bias,
          py::object vw, py::object vb, float lr, float momentum, float weight_decay, py::object stride,
-         py::object padding) {
+         py::object padding, py::object w_scale, py::object w_trained, py::object row_slot) {
         const std::string fn = "conv2d_backward_sgd";
-        float* wp = checked<float>(fn, "w", w, {-1, -1, -1, -1}, true);
-        const int64_t OC = dim(w, 0), C = dim(w, 1), KH = dim(w, 2), KW = dim(w, 3);
+        // float32 w is updated in place; a mixed one (w int8 frozen channels + w_trained) in w_trained.
+        const bool mixed = !w_trained.is_none() || !row_slot.is_none();
+        if (!mixed && !w_scale.is_none())
+          fail(fn, "w_scale is for a mixed weight only (a whole-int8 weight never trains)");
+        int64_t OC = 0;
+        const ftte::WeightView wp =
+            mixed ? ftte::checked_weight(fn, w, w_scale, w_trained, row_slot, {-1, -1, -1, -1}, &OC, true)
+                  : ftte::WeightView(checked<float>(fn, "w", w, {-1, -1, -1, -1}, true));
+        if (!mixed) OC = dim(w, 0);
+        const int64_t C = dim(w, 1), KH = dim(w, 2), KW = dim(w, 3);
         if (KH < 1 || KW < 1 || C < 1) fail(fn, "w must have C >= 1 and a kernel of at least 1x1");
         const Window win = parse_window(fn, KH, KW, stride, padding);
         const float* dyp = checked<float>(fn, "dy", dy, {-1, OC, -1, -1});
         const int64_t N = dim(dy, 0);
         std::vector<int32_t> sel = ftte::unique_rows_or_all(fn, rows, OC);
         const int64_t R = static_cast<int64_t>(sel.size());
+        ftte::check_mixed_rows(fn, wp, rows.is_none() ? nullptr : sel.data(), R, w_trained);
         // The input size comes from x, else from dx (x is only read for the weight rows).
         const float* xp = nullptr;
         float* dxp = nullptr;
@@ -373,9 +388,12 @@ void register_conv(py::module_& m) {
         if (momentum != 0.f && R > 0 && !vwp) fail(fn, "vw is required when momentum != 0");
         if (momentum != 0.f && train_bias && !vbp) fail(fn, "vb is required when momentum != 0");
         // Everything written (w, b, dx, vw, vb) must be disjoint from everything else.
-        const std::pair<const char*, py::handle> arrays[] = {{"w", w}, {"b", train_bias ? py::handle(b) : py::handle(Py_None)},
+        const std::pair<const char*, py::handle> arrays[] = {{mixed ? "w_trained" : "w", mixed ? w_trained : w},
+                                                             {"b", train_bias ? py::handle(b) : py::handle(Py_None)},
                                                              {"dx", dx}, {"vw", vw}, {"vb", vb},
-                                                             {"x", x}, {"dy", dy}};
+                                                             {"x", x}, {"dy", dy},
+                                                             {"w", mixed ? py::handle(w) : py::handle(Py_None)},
+                                                             {"w_scale", w_scale}, {"row_slot", row_slot}};
         for (size_t i = 0; i < 5; ++i)
           for (size_t j = i + 1; j < std::size(arrays); ++j) {
             if (arrays[i].second.is_none() || arrays[j].second.is_none()) continue;
@@ -392,27 +410,30 @@ void register_conv(py::module_& m) {
       },
       py::arg("x"), py::arg("w"), py::arg("b"), py::arg("dy"), py::arg("rows"), py::arg("dx"), py::arg("train_bias"),
       py::arg("vw"), py::arg("vb"), py::arg("lr"), py::arg("momentum") = 0.0f, py::arg("weight_decay") = 0.0f,
-      py::arg("stride") = stride1, py::arg("padding") = pad0,
+      py::arg("stride") = stride1, py::arg("padding") = pad0, py::arg("w_scale") = py::none(),
+      py::arg("w_trained") = py::none(), py::arg("row_slot") = py::none(),
       "Backward and SGD update of conv2d without gradient buffers: dx (None to skip) from the weights before "
       "the update, then the bias b[OC] (when train_bias) and output channels `rows` (unique int32 [R], None = "
       "all) of w, as sgd_update_rows would from conv2d_backward's gradients, w's in tiles of at most 256 KiB "
-      "of gradient rows. vw[R,C,KH,KW] / vb[OC]: velocity, required when momentum != 0.");
+      "of gradient rows. vw[R,C,KH,KW] / vb[OC]: velocity, required when momentum != 0. A mixed w (as for "
+      "conv2d_forward; rows = its trained channels, row_slot[rows[r]] == r): the update lands in w_trained.");
 
   m.def(
       "conv2d_backward_sgd_scratch_bytes",
       [](py::object x_shape, py::object w_shape, py::object stride, py::object padding, py::object n_rows,
-         bool train_bias, bool dx, int threads) {
+         bool train_bias, bool dx, int threads, bool int8_weight) {
         const std::string fn = "conv2d_backward_sgd_scratch_bytes";
         const ftte::ConvGeom g = scratch_geom(fn, x_shape, w_shape, stride, padding);
         const int64_t R = n_rows.is_none() ? g.OC : as_int(fn, "n_rows", n_rows);
         if (R < 0 || R > g.OC) fail(fn, "n_rows must be in [0, OC]");
         return ftte::conv2d_backward_sgd_scratch_bytes(g, R, train_bias, dx,
-                                                       threads > 0 ? threads : ftte::get_num_threads());
+                                                       threads > 0 ? threads : ftte::get_num_threads(), int8_weight);
       },
       py::arg("x_shape"), py::arg("w_shape"), py::arg("stride") = stride1, py::arg("padding") = pad0,
       py::arg("n_rows") = py::none(), py::arg("train_bias") = true, py::arg("dx") = true, py::arg("threads") = 0,
+      py::arg("int8_weight") = false,
       "Most scratch bytes conv2d_backward_sgd holds for these shapes (n_rows trained output channels, None: "
-      "all) with `threads` threads (0: the current setting); exact at one thread.");
+      "all) with `threads` threads (0: the current setting); exact at one thread. int8_weight: w is mixed.");
 
   m.def(
       "conv2d_scratch_bytes",

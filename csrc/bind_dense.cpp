@@ -49,29 +49,34 @@ void py_sgemm(py::handle a, py::handle b, py::handle c, bool trans_a, bool trans
               beta, pc, N);
 }
 
-void py_dense_forward(py::handle x, py::handle w, py::handle b, py::handle y, py::handle w_scale) {
+void py_dense_forward(py::handle x, py::handle w, py::handle b, py::handle y, py::handle w_scale,
+                      py::handle w_trained, py::handle row_slot) {
   const std::string fn = "dense_forward";
   const float* px = checked<float>(fn, "x", x, {-1, -1});
   const int64_t N = dim(x, 0), I = dim(x, 1);
-  const ftte::WeightView pw = ftte::checked_weight(fn, w, w_scale, {-1, I});
-  const int64_t O = dim(w, 0);
+  int64_t O = 0;
+  const ftte::WeightView pw = ftte::checked_weight(fn, w, w_scale, w_trained, row_slot, {-1, I}, &O);
   const float* pb = opt_f32(fn, "b", b, {O});
   float* py_ = checked<float>(fn, "y", y, {N, O}, true);
   check_no_overlap(fn, "y", y, "x", x);
   check_no_overlap(fn, "y", y, "w", w);
   check_no_overlap(fn, "y", y, "b", b);
   check_no_overlap(fn, "y", y, "w_scale", w_scale);
+  check_no_overlap(fn, "y", y, "w_trained", w_trained);
+  check_no_overlap(fn, "y", y, "row_slot", row_slot);
   py::gil_scoped_release nogil;
   ftte::dense_forward(px, pw, pb, py_, N, I, O);
 }
 
 void py_dense_backward(py::handle x, py::handle w, py::handle dy, py::handle rows, py::handle dw, py::handle db,
-                       py::handle dx, bool accumulate, py::handle w_scale) {
+                       py::handle dx, bool accumulate, py::handle w_scale, py::handle w_trained,
+                       py::handle row_slot) {
   const std::string fn = "dense_backward";
   // x is only read for dw: a caller that wants no weight gradient need not keep it.
   if (x.is_none() && !dw.is_none()) fail(fn, "x is required when dw is requested");
-  const ftte::WeightView pw = ftte::checked_weight(fn, w, w_scale, {-1, -1});
-  const int64_t O = dim(w, 0), I = dim(w, 1);
+  int64_t O = 0;
+  const ftte::WeightView pw = ftte::checked_weight(fn, w, w_scale, w_trained, row_slot, {-1, -1}, &O);
+  const int64_t I = dim(w, 1);
   const float* pdy = checked<float>(fn, "dy", dy, {-1, O});
   const int64_t N = dim(dy, 0);
   const float* px = x.is_none() ? nullptr : checked<float>(fn, "x", x, {N, I});
@@ -81,7 +86,9 @@ void py_dense_backward(py::handle x, py::handle w, py::handle dy, py::handle row
   float* pdb = const_cast<float*>(opt_f32(fn, "db", db, {R}, true));
   float* pdx = const_cast<float*>(opt_f32(fn, "dx", dx, {N, I}, true));
   const std::pair<const char*, py::handle> outs[] = {{"dw", dw}, {"db", db}, {"dx", dx}};
-  const std::pair<const char*, py::handle> ins[] = {{"x", x}, {"w", w}, {"dy", dy}, {"w_scale", w_scale}};
+  const std::pair<const char*, py::handle> ins[] = {{"x", x},         {"w", w},
+                                                    {"dy", dy},       {"w_scale", w_scale},
+                                                    {"w_trained", w_trained}, {"row_slot", row_slot}};
   for (const auto& o : outs) {
     for (const auto& i : ins) check_no_overlap(fn, o.first, o.second, i.first, i.second);
     for (const auto& o2 : outs)
@@ -119,14 +126,21 @@ void py_sgd_update_rows(py::handle param, py::handle rows, py::handle grad, py::
 
 void py_dense_backward_sgd(py::handle x, py::handle w, py::handle b, py::handle dy, py::handle rows, py::handle dx,
                            bool train_bias, py::handle vw, py::handle vb, float lr, float momentum,
-                           float weight_decay) {
+                           float weight_decay, py::handle w_scale, py::handle w_trained, py::handle row_slot) {
   const std::string fn = "dense_backward_sgd";
-  float* pw = checked<float>(fn, "w", w, {-1, -1}, true);
-  const int64_t O = dim(w, 0), I = dim(w, 1);
+  // float32 w is updated in place; a mixed one (w int8 frozen rows + w_trained) in w_trained.
+  const bool mixed = !w_trained.is_none() || !row_slot.is_none();
+  if (!mixed && !w_scale.is_none()) fail(fn, "w_scale is for a mixed weight only (a whole-int8 weight never trains)");
+  int64_t O = 0;
+  const ftte::WeightView pw = mixed ? ftte::checked_weight(fn, w, w_scale, w_trained, row_slot, {-1, -1}, &O, true)
+                                    : ftte::WeightView(checked<float>(fn, "w", w, {-1, -1}, true));
+  if (!mixed) O = dim(w, 0);
+  const int64_t I = dim(w, 1);
   const float* pdy = checked<float>(fn, "dy", dy, {-1, O});
   const int64_t N = dim(dy, 0);
   std::vector<int32_t> r = ftte::unique_rows_or_all(fn, rows, O);
   const int64_t R = static_cast<int64_t>(r.size());
+  ftte::check_mixed_rows(fn, pw, rows.is_none() ? nullptr : r.data(), R, w_trained);
   if (x.is_none() && R > 0) fail(fn, "x is required when weight rows train");
   const float* px = x.is_none() ? nullptr : checked<float>(fn, "x", x, {N, I});
   float* pb = nullptr;
@@ -140,9 +154,16 @@ void py_dense_backward_sgd(py::handle x, py::handle w, py::handle b, py::handle 
   if (momentum != 0.f && R > 0 && !pvw) fail(fn, "vw is required when momentum != 0");
   if (momentum != 0.f && train_bias && !pvb) fail(fn, "vb is required when momentum != 0");
   // Everything written (w, b, dx, vw, vb) is disjoint from everything else (b only when written).
-  const std::pair<const char*, py::handle> outs[] = {
-      {"w", w}, {"b", train_bias ? b : py::handle(Py_None)}, {"dx", dx}, {"vw", vw}, {"vb", vb}};
-  const std::pair<const char*, py::handle> ins[] = {{"x", x}, {"dy", dy}};
+  const std::pair<const char*, py::handle> outs[] = {{mixed ? "w_trained" : "w", mixed ? w_trained : w},
+                                                     {"b", train_bias ? b : py::handle(Py_None)},
+                                                     {"dx", dx},
+                                                     {"vw", vw},
+                                                     {"vb", vb}};
+  const std::pair<const char*, py::handle> ins[] = {{"x", x},
+                                                    {"dy", dy},
+                                                    {"w", mixed ? w : py::handle(Py_None)},
+                                                    {"w_scale", w_scale},
+                                                    {"row_slot", row_slot}};
   for (size_t i = 0; i < std::size(outs); ++i) {
     for (const auto& in : ins) check_no_overlap(fn, outs[i].first, outs[i].second, in.first, in.second);
     for (size_t j = i + 1; j < std::size(outs); ++j)
@@ -176,24 +197,30 @@ void register_dense(py::module_& m) {
       "Packing scratch (bytes) sgemm takes for an MxNxK product with these operand layouts (int8_a/int8_b: that "
       "operand is an int8 weight with row scales, as the dense/conv kernels take them); the cost model's source.");
   m.def("dense_forward", &py_dense_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"),
-        py::arg("w_scale") = py::none(),
+        py::arg("w_scale") = py::none(), py::arg("w_trained") = py::none(), py::arg("row_slot") = py::none(),
         "y[N,O] = x[N,I] @ w[O,I]^T + b[O] (b may be None), in place. w float32, or int8 with w_scale float32 [O] "
-        "(w = q * scale per row, dequantised inside the GEMM's packing).");
+        "(w = q * scale per row, dequantised inside the GEMM's packing), or mixed: w int8 [Q,I] frozen rows with "
+        "w_scale [Q], w_trained float32 [R,I] trained rows, row_slot int32 [O] (>= 0: a w_trained row, < 0: w "
+        "row ~slot).");
   m.def("dense_backward", &py_dense_backward, py::arg("x"), py::arg("w"), py::arg("dy"), py::arg("rows"),
         py::arg("dw"), py::arg("db"), py::arg("dx"), py::arg("accumulate") = false, py::arg("w_scale") = py::none(),
-        "w as for dense_forward (int8 + w_scale allowed: w is only read for dx). Gradients for the selected output rows (int32 [R] or None = all): dw[R,I], db[R], dx[N,I] = dy @ w "
+        py::arg("w_trained") = py::none(), py::arg("row_slot") = py::none(),
+        "w as for dense_forward (int8 or mixed allowed: w is only read for dx). Gradients for the selected output rows (int32 [R] or None = all): dw[R,I], db[R], dx[N,I] = dy @ w "
         "(each may be None). accumulate adds into dw/db; dx is always overwritten.");
   m.def("dense_backward_sgd", &py_dense_backward_sgd, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("dy"),
         py::arg("rows"), py::arg("dx"), py::arg("train_bias"), py::arg("vw"), py::arg("vb"), py::arg("lr"),
-        py::arg("momentum") = 0.0f, py::arg("weight_decay") = 0.0f,
+        py::arg("momentum") = 0.0f, py::arg("weight_decay") = 0.0f, py::arg("w_scale") = py::none(),
+        py::arg("w_trained") = py::none(), py::arg("row_slot") = py::none(),
         "Backward and SGD update of a dense layer without gradient buffers: dx[N,I] = dy @ w (None to skip) from "
         "the weights before the update, then the bias b[O] (when train_bias) and the rows `rows` of w (unique "
         "int32 [R], None = all) updated as sgd_update_rows would from dense_backward's gradients, w's in tiles "
-        "of at most 32 KiB of gradient rows. vw[R,I] / vb[O]: velocity, required when momentum != 0.");
+        "of at most 32 KiB of gradient rows. vw[R,I] / vb[O]: velocity, required when momentum != 0. A mixed w "
+        "(as for dense_forward; rows = its trained rows, row_slot[rows[r]] == r): the update lands in w_trained.");
   m.def("dense_backward_sgd_scratch_bytes", &ftte::dense_backward_sgd_scratch_bytes, py::arg("N"), py::arg("I"),
         py::arg("O"), py::arg("R"), py::arg("gather"), py::arg("train_bias"), py::arg("dx"),
+        py::arg("int8_weight") = false,
         "Most scratch bytes dense_backward_sgd holds for batch N, w [O,I], R trained rows (gather: a strict "
-        "subset), bias and dx wanted or not; the cost model's source.");
+        "subset), bias and dx wanted or not, w mixed (int8_weight) or float32; the cost model's source.");
   m.def("sgd_update_rows", &py_sgd_update_rows, py::arg("param"), py::arg("rows"), py::arg("grad"),
         py::arg("velocity"), py::arg("lr"), py::arg("momentum") = 0.0f, py::arg("weight_decay") = 0.0f,
         "PyTorch-style SGD on param rows `rows` (unique int32, or None = all): g = grad + wd*param; "

@@ -40,7 +40,7 @@ template <> inline const char* dtype_name<int32_t>() { return "int32"; }
 // Checks `a` is a C-contiguous array of T with ndim == dims.size(); dims entries >= 0 must match
 // exactly, -1 means any. Returns a pointer to its data.
 template <class T>
-T* checked(const std::string& fn, const char* name, const py::handle& obj, std::initializer_list<int64_t> dims,
+T* checked(const std::string& fn, const char* name, const py::handle& obj, const std::vector<int64_t>& dims,
            bool writable = false) {
   if (!py::isinstance<py::array>(obj)) fail(fn, std::string(name) + " must be a numpy array");
   py::array a = py::reinterpret_borrow<py::array>(obj);
@@ -66,6 +66,11 @@ T* checked(const std::string& fn, const char* name, const py::handle& obj, std::
     fail(fn, std::string(name) + " must be aligned to " + std::to_string(alignof(T)) +
                  " bytes (np.require(a, requirements='A') makes an aligned copy)");
   return static_cast<T*>(const_cast<void*>(a.data()));
+}
+template <class T>
+T* checked(const std::string& fn, const char* name, const py::handle& obj, std::initializer_list<int64_t> dims,
+           bool writable = false) {
+  return checked<T>(fn, name, obj, std::vector<int64_t>(dims), writable);
 }
 
 // A Python integer (not a bool) as int64.
@@ -109,6 +114,63 @@ inline WeightView checked_weight(const std::string& fn, const py::handle& w, con
     fail(fn, "w must have dtype int8 when w_scale is given, got " + got);
   }
   return WeightView(checked<float>(fn, "w", w, dims));
+}
+
+// A layer weight that may also be mixed (a partly trained layer, see WeightView): w_trained
+// (float32 [R, ...]) and row_slot (int32 [O]) given together, with w the int8 frozen rows
+// [Q, ...] and w_scale float32 [Q]; every slot must name a row of its array. Without them, as
+// checked_weight. dims: the whole weight's shape (-1: any; dims[0] is the row count O). *rows
+// gets O; trained_writable: w_trained is updated in place (the fused SGD).
+inline WeightView checked_weight(const std::string& fn, const py::handle& w, const py::handle& w_scale,
+                                 const py::handle& w_trained, const py::handle& row_slot,
+                                 std::initializer_list<int64_t> dims, int64_t* rows, bool trained_writable = false) {
+  if (w_trained.is_none() && row_slot.is_none()) {
+    const WeightView v = checked_weight(fn, w, w_scale, dims);
+    *rows = dim(w, 0);
+    return v;
+  }
+  if (w_trained.is_none() || row_slot.is_none())
+    fail(fn, "w_trained and row_slot must be given together (a mixed weight)");
+  if (!py::isinstance<py::array>(w) || !py::reinterpret_borrow<py::array>(w).dtype().is(py::dtype::of<int8_t>()))
+    fail(fn, "w must have dtype int8 (the frozen rows) when w_trained is given");
+  if (w_scale.is_none()) fail(fn, "w is int8, so w_scale (float32, one per frozen row) is required");
+  std::vector<int64_t> frozen(dims);
+  frozen[0] = -1;
+  const int8_t* q = checked<int8_t>(fn, "w", w, frozen);
+  const int64_t Q = dim(w, 0);
+  const int nd = static_cast<int>(py::reinterpret_borrow<py::array>(w).ndim());
+  std::vector<int64_t> trained(static_cast<size_t>(nd), -1);
+  for (int i = 1; i < nd; ++i) trained[static_cast<size_t>(i)] = dim(w, i);
+  const float* f = checked<float>(fn, "w_trained", w_trained, trained, trained_writable);
+  const int64_t R = dim(w_trained, 0);
+  const int32_t* slot = checked<int32_t>(fn, "row_slot", row_slot, {*dims.begin()});
+  const int64_t O = dim(row_slot, 0);
+  if (Q + R != O)
+    fail(fn, "w has " + std::to_string(Q) + " frozen and w_trained " + std::to_string(R) +
+                 " trained rows, but row_slot has " + std::to_string(O));
+  for (int64_t r = 0; r < O; ++r) {
+    const int32_t s = slot[r];
+    if (s >= 0 ? s >= R : ~s >= Q)
+      fail(fn, "row_slot[" + std::to_string(r) + "] = " + std::to_string(s) + " names no row (" + std::to_string(R) +
+                   " trained: 0 and up, " + std::to_string(Q) + " frozen: -1 and down)");
+  }
+  const float* scale = checked<float>(fn, "w_scale", w_scale, {Q});
+  static const int8_t no_rows[1] = {0};  // every row trains: q is never read, but marks the weight packed
+  *rows = O;
+  return WeightView(Q ? q : no_rows, scale, f, slot);
+}
+
+// For an in-place update of a mixed weight's trained rows `rows` (all R of them, in order):
+// row_slot[rows[r]] == r, so trained row rows[r] is compact row r.
+inline void check_mixed_rows(const std::string& fn, const WeightView& w, const int32_t* rows, int64_t R,
+                             const py::handle& w_trained) {
+  if (!w.mixed()) return;
+  if (!rows) fail(fn, "a mixed weight needs rows (its trained rows, in w_trained's order)");
+  if (R != dim(w_trained, 0))
+    fail(fn, "rows has " + std::to_string(R) + " entries, w_trained " + std::to_string(dim(w_trained, 0)) + " rows");
+  for (int64_t r = 0; r < R; ++r)
+    if (w.row_slot[rows[r]] != r)
+      fail(fn, "row_slot[rows[" + std::to_string(r) + "]] must be " + std::to_string(r) + " (w_trained follows rows)");
 }
 
 // Where a checked weight's values start and how many bytes they span (for overlap checks).

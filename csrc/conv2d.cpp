@@ -350,7 +350,7 @@ size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool wa
          (static_cast<size_t>(cols) * sizeof(float) + pack) * static_cast<size_t>(live_tasks(chunks, threads));
 }
 
-void conv2d_backward_sgd(const ConvGeom& g, const float* x, float* w, float* b, const float* dy,
+void conv2d_backward_sgd(const ConvGeom& g, const float* x, const WeightView& w, float* b, const float* dy,
                          const int32_t* rows, int64_t R, float* dx, bool train_bias, float* vw, float* vb,
                          const SgdStep& opt) {
   const int64_t K = g.C * g.KH * g.KW;
@@ -367,6 +367,7 @@ void conv2d_backward_sgd(const ConvGeom& g, const float* x, float* w, float* b, 
   // All channels in several tiles: a tile's channels are named by an index (conv2d_backward
   // gathers dy's rows).
   Scratch<int32_t> all(!rows && T < R ? static_cast<size_t>(T) : 0);
+  float* wf = const_cast<float*>(w.f);  // the rows that train: the binding checked them writable
   for (int64_t r0 = 0; r0 < R; r0 += T) {
     const int64_t t = std::min(T, R - r0);
     const int32_t* sel = rows ? rows + r0 : nullptr;
@@ -375,15 +376,19 @@ void conv2d_backward_sgd(const ConvGeom& g, const float* x, float* w, float* b, 
       sel = all.data();
     }
     conv2d_backward(g, x, w, dy, sel, t, tile.data(), nullptr, nullptr, false);
-    sgd_update_rows(w, g.OC, K, sel, t, tile.data(), opt.momentum != 0.f ? vw + r0 * K : nullptr, opt.lr,
-                    opt.momentum, opt.weight_decay);
+    float* vt = opt.momentum != 0.f ? vw + r0 * K : nullptr;
+    if (w.mixed())  // trained channel rows[r] is compact row r: the tile's rows are rows r0.. of w.f
+      sgd_update_rows(wf + r0 * K, t, K, nullptr, t, tile.data(), vt, opt.lr, opt.momentum, opt.weight_decay);
+    else
+      sgd_update_rows(wf, g.OC, K, sel, t, tile.data(), vt, opt.lr, opt.momentum, opt.weight_decay);
   }
 }
 
-size_t conv2d_backward_sgd_scratch_bytes(const ConvGeom& g, int64_t R, bool train_bias, bool want_dx, int threads) {
+size_t conv2d_backward_sgd_scratch_bytes(const ConvGeom& g, int64_t R, bool train_bias, bool want_dx, int threads,
+                                         bool int8_weight) {
   const int64_t K = g.C * g.KH * g.KW;
   size_t peak = 0;
-  if (want_dx) peak = conv2d_scratch_bytes(g, true, g.OC, false, true, threads);
+  if (want_dx) peak = conv2d_scratch_bytes(g, true, g.OC, false, true, threads, int8_weight);
   if (train_bias) peak = std::max(peak, static_cast<size_t>(g.OC) * sizeof(float));
   if (R > 0) {
     const int64_t T = grad_tile_rows(R, K, kConvGradTileBytes), last = R - (R - 1) / T * T;

@@ -48,13 +48,17 @@ size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool wa
 // when train_bias; then the selected output channels rows[R] (nullptr: all; unique) of w, in
 // tiles of at most kConvGradTileBytes of dW rows, each accumulated over the whole batch by
 // conv2d_backward and applied at once (vw[R,C,KH,KW], vb[OC] only when momentum != 0). A layer
-// whose trained rows need several tiles builds its im2col columns once per tile.
+// whose trained rows need several tiles builds its im2col columns once per tile. w is float32
+// (updated in place) or mixed (rows given, row_slot[rows[r]] == r: the update lands in its
+// compact float rows w.f, writable as the caller checked), as for dense_backward_sgd.
 constexpr int64_t kConvGradTileBytes = 256 * 1024;
-void conv2d_backward_sgd(const ConvGeom& g, const float* x, float* w, float* b, const float* dy,
+void conv2d_backward_sgd(const ConvGeom& g, const float* x, const WeightView& w, float* b, const float* dy,
                          const int32_t* rows, int64_t R, float* dx, bool train_bias, float* vw, float* vb,
                          const SgdStep& opt);
 
-// Most scratch bytes conv2d_backward_sgd holds with `threads` threads (exact at one thread).
-size_t conv2d_backward_sgd_scratch_bytes(const ConvGeom& g, int64_t R, bool train_bias, bool want_dx, int threads);
+// Most scratch bytes conv2d_backward_sgd holds with `threads` threads (exact at one thread);
+// int8_weight: w is mixed (its dx operand packed like an int8 one).
+size_t conv2d_backward_sgd_scratch_bytes(const ConvGeom& g, int64_t R, bool train_bias, bool want_dx, int threads,
+                                         bool int8_weight = false);
 
 }  // namespace ftte

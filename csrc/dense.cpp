@@ -51,11 +51,11 @@ void dense_backward(const float* x, const WeightView& w, const float* dy, int64_
   if (dx) sgemm(N, I, O, 1.f, GemmOperand{dy, O}, w.operand(I), 0.f, dx, I);
 }
 
-void dense_backward_sgd(const float* x, float* w, float* b, const float* dy, int64_t N, int64_t I, int64_t O,
-                        const int32_t* rows, int64_t R, float* dx, bool train_bias, float* vw, float* vb,
+void dense_backward_sgd(const float* x, const WeightView& w, float* b, const float* dy, int64_t N, int64_t I,
+                        int64_t O, const int32_t* rows, int64_t R, float* dx, bool train_bias, float* vw, float* vb,
                         const SgdStep& opt) {
   // dx first: it must read the weights as forward used them, before any row moves.
-  if (dx) sgemm(N, I, O, 1.f, GemmOperand{dy, O}, GemmOperand{w, I}, 0.f, dx, I);
+  if (dx) sgemm(N, I, O, 1.f, GemmOperand{dy, O}, w.operand(I), 0.f, dx, I);
   if (train_bias && O > 0) {
     Scratch<float> db(static_cast<size_t>(O));
     bias_gradient(dy, N, O, nullptr, O, db.data());
@@ -67,22 +67,29 @@ void dense_backward_sgd(const float* x, float* w, float* b, const float* dy, int
   // C only), so the update equals dense_backward + sgd_update_rows.
   const int64_t T = grad_tile_rows(R, I, kDenseGradTileBytes);
   Scratch<float> tile(static_cast<size_t>(T * I));
+  float* wf = const_cast<float*>(w.f);  // the rows that train: the binding checked them writable
   for (int64_t r0 = 0; r0 < R; r0 += T) {
     const int64_t t = std::min(T, R - r0);
     // All rows: the tile's rows are dy's columns r0.. (an offset, no gather).
     const GemmOperand a = rows ? GemmOperand{dy, O, true, rows + r0} : GemmOperand{dy + r0, O, true};
     sgemm(t, I, N, 1.f, a, GemmOperand{x, I}, 0.f, tile.data(), I);
-    sgd_update_rows(rows ? w : w + r0 * I, O, I, rows ? rows + r0 : nullptr, t, tile.data(),
-                    opt.momentum != 0.f ? vw + r0 * I : nullptr, opt.lr, opt.momentum, opt.weight_decay);
+    float* vt = opt.momentum != 0.f ? vw + r0 * I : nullptr;
+    if (w.mixed())  // trained row rows[r] is compact row r: the tile's rows are rows r0.. of w.f
+      sgd_update_rows(wf + r0 * I, t, I, nullptr, t, tile.data(), vt, opt.lr, opt.momentum, opt.weight_decay);
+    else
+      sgd_update_rows(rows ? wf : wf + r0 * I, O, I, rows ? rows + r0 : nullptr, t, tile.data(), vt, opt.lr,
+                      opt.momentum, opt.weight_decay);
   }
 }
 
 size_t dense_backward_sgd_scratch_bytes(int64_t N, int64_t I, int64_t O, int64_t R, bool gather, bool train_bias,
-                                        bool want_dx) {
+                                        bool want_dx, bool int8_weight) {
   const float* any = nullptr;
   static const int32_t some_rows[1] = {0};
+  static const int8_t some_q[1] = {0};  // only whether w is packed like int8 matters for sizing
   size_t peak = 0;
-  if (want_dx) peak = sgemm_scratch_bytes(N, I, O, GemmOperand{any, O}, GemmOperand{any, I});
+  if (want_dx)
+    peak = sgemm_scratch_bytes(N, I, O, GemmOperand{any, O}, GemmOperand{any, I, false, nullptr, int8_weight ? some_q : nullptr});
   if (train_bias) peak = std::max(peak, static_cast<size_t>(O) * sizeof(float));
   if (R > 0) {
     const int64_t T = grad_tile_rows(R, I, kDenseGradTileBytes), last = R - (R - 1) / T * T;

@@ -23,14 +23,18 @@ void dense_backward(const float* x, const WeightView& w, const float* dy, int64_
 // (nullptr: all, R == O; unique) of w[O,I] are updated tile by tile: each tile of at most
 // kDenseGradTileBytes of dW rows is computed by one sgemm and applied at once (velocity rows
 // vw[R,I] and vb[O] only when momentum != 0). Same numbers as dense_backward + sgd_update_rows.
+// w is float32 (updated in place), or mixed (WeightView::mixed: rows given, row_slot[rows[r]] == r)
+// with the update landing in its compact float rows w.f (writable: the caller checked); never
+// whole-int8 (nothing of it trains).
 constexpr int64_t kDenseGradTileBytes = 32 * 1024;
-void dense_backward_sgd(const float* x, float* w, float* b, const float* dy, int64_t N, int64_t I, int64_t O,
+void dense_backward_sgd(const float* x, const WeightView& w, float* b, const float* dy, int64_t N, int64_t I, int64_t O,
                         const int32_t* rows, int64_t R, float* dx, bool train_bias, float* vw, float* vb,
                         const SgdStep& opt);
 
 // Most scratch bytes dense_backward_sgd holds (weight tile and its GEMM's packing, bias gradient,
-// the dx GEMM's packing: never at once, so the largest). `gather`: rows are a strict subset.
+// the dx GEMM's packing: never at once, so the largest). `gather`: rows are a strict subset;
+// `int8_weight`: w is mixed (packed like an int8 operand for dx).
 size_t dense_backward_sgd_scratch_bytes(int64_t N, int64_t I, int64_t O, int64_t R, bool gather, bool train_bias,
-                                        bool want_dx);
+                                        bool want_dx, bool int8_weight = false);
 
 }  // namespace ftte

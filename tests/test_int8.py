@@ -218,8 +218,23 @@ def test_int8_kernels_give_identical_results_for_any_thread_count():
             yw = np.empty((8, 8, 12, 12), np.float32)
             K.depthwise_conv2d_forward(xc, qw, None, yw, (1, 1), (1, 1, 1, 1), w_scale=sw)
             out.append((y, dx, y_dot, yc, dxc, yw))
-    for other in out[1:]:
-        for a, b in zip(out[0], other):
+    assert_all_equal(out)
+
+
+def assert_scratch_as_sized(calls):
+    """(call, sizing) pairs: at one thread each call's kernel scratch peak is what its sizing says."""
+    with _threads(1):
+        for call, want in calls:
+            base = K.workspace_current_bytes()
+            K.reset_workspace_peak()
+            call()
+            assert K.workspace_peak_bytes() - base == want()
+
+
+def assert_all_equal(results):
+    """Each run's arrays (one tuple per thread count) equal the first run's, bit for bit."""
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)
 
 
@@ -277,12 +292,7 @@ def test_int8_scratch_bytes_are_what_the_kernels_take():
         (lambda: K.conv2d_backward(None, qp, dyc, None, None, None, np.empty_like(xp), w_scale=sp),
          lambda: K.conv2d_scratch_bytes(xp.shape, qp.shape, backward=True, dw=False, threads=1, int8_weight=True)),
     ]
-    with _threads(1):
-        for call, want in calls:
-            base = K.workspace_current_bytes()
-            K.reset_workspace_peak()
-            call()
-            assert K.workspace_peak_bytes() - base == want()
+    assert_scratch_as_sized(calls)
     # the small-batch int8 dense forward reads W's int8 rows in place (the dot path: no scratch);
     # a larger batch packs bounded panels, never a float copy of all of W
     assert K.sgemm_scratch_bytes(32, 2048, 2048, False, True, int8_b=True) == 0
@@ -328,15 +338,18 @@ def test_trainer_int8_holds_frozen_layers_as_int8_and_predicts_its_memory():
         tr.step(x, y)
     l0, l1, l2 = m.param_layers
     assert l0.is_int8 and l0._weight is None  # no row trains (the bias does): int8, float released
-    assert not l1.is_int8 and not l2.is_int8  # rows train: float32
+    assert l1.is_mixed and l1._weight is None  # a quarter of its rows train: those float32, the rest int8
+    assert l1.weight_trained.shape == (8, 64) and l1.weight_q.shape == (24, 64)
+    assert not l2.is_int8 and not l2.is_mixed and l2._weight is not None  # every row trains: float32
     got = tr.memory.as_dict()
     want = ft.predict_memory(model, subset, batch_size=32, frozen="int8", threads=1)
     for cat in ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations"):
         assert want[cat] == got[cat], (cat, want, got)
     assert abs(want["total"] - got["total"]) <= 0.10 * got["total"], (want, got)
     f32 = ft.predict_memory(model, subset, batch_size=32, threads=1)
-    # 64x64 weight as int8 + 64 scales instead of float32; the bias stays float32 (it trains)
-    assert f32["frozen_weights"] - want["frozen_weights"] == 64 * 64 * 3 - 64 * 4
+    # 64x64 weight as int8 + 64 scales instead of float32; the bias stays float32 (it trains); of
+    # the 32x64 layer, 24 frozen rows as int8 + 24 scales, plus its 32-entry int32 row-slot table
+    assert f32["frozen_weights"] - want["frozen_weights"] == (64 * 64 * 3 - 64 * 4) + (24 * 64 * 3 - 24 * 4 - 32 * 4)
     # a model already int8 is counted as it is, whatever frozen= says
     assert ft.predict_memory(m, subset, batch_size=32, threads=1)["frozen_weights"] == want["frozen_weights"]
 
@@ -364,6 +377,8 @@ def test_cost_model_predicts_recorded_int8_memory(zoo_args, which):
             tr = ft.Trainer(model.copy(), subset, frozen="int8")
             tr.step(x, y)
             tr.step(x, y)
+        # "sparse": the layer before the last trains a quarter of its rows, so it is mixed
+        assert getattr(tr.model.layer(names[-2]), "is_mixed", False) == (which == "sparse")
         got = tr.memory.as_dict()
         want = ft.predict_memory(model, subset, batch_size=32, threads=threads, frozen="int8")
         for cat in ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations"):
@@ -419,13 +434,19 @@ def test_task_config_carries_frozen():
         TaskConfig.from_dict({"frozen": 8})
 
 
-def test_int8_fine_tuning_on_digits_costs_at_most_half_a_point():
-    """Fine-tune the last layer of a digits MLP with float32 and with int8 frozen layers."""
+@pytest.mark.parametrize("which", ["last", "sparse"])
+def test_int8_fine_tuning_on_digits_costs_at_most_half_a_point(which):
+    """Fine-tune a digits MLP with float32 and with int8 frozen layers: the last layer alone (the
+    first layer int8), or with a quarter of the first layer's rows (that layer mixed: its other
+    rows int8)."""
     ds, tr_idx, va_idx = _digits_split()
     base = ft.zoo("mlp", ds.feature_shape, ds.num_classes, seed=0, hidden=(64,))
     ft.Trainer(base, lr=0.1, momentum=0.9).train(ds.x[tr_idx], ds.y[tr_idx], epochs=1, batch_size=32)
-    last = base.param_layers[-1].name
-    subset = ft.Subset.of(base, {last: {"rows": "all", "bias": True}})
+    first, last = base.param_layers[0].name, base.param_layers[-1].name
+    spec = {last: {"rows": "all", "bias": True}}
+    if which == "sparse":
+        spec[first] = {"rows": 0.25, "bias": False}
+    subset = ft.Subset.of(base, spec)
     acc = {}
     for frozen in ("float32", "int8"):
         m = base.copy()
@@ -508,7 +529,7 @@ def test_int8_model_exports_onnx_with_dequantised_weights(tmp_path):
 _GENERIC_CHILD = r"""
 import numpy as np, sys
 from ftte_core import _kernels as K
-from ftte_core.graph import quantize_rows
+from ftte_core.graph import Dense, quantize_rows
 rng = np.random.default_rng(3)
 out = {"name": K.sgemm_kernel_name()}
 for tag, (N, I, O) in {"dot": (20, 300, 37), "blocked": (70, 40, 19)}.items():
@@ -519,12 +540,20 @@ for tag, (N, I, O) in {"dot": (20, 300, 37), "blocked": (70, 40, 19)}.items():
     K.dense_forward(x, q, None, y, w_scale=s)
     K.dense_backward(None, q, dy, None, None, None, dx, w_scale=s)
     out.update({tag + "_x": x, tag + "_q": q, tag + "_s": s, tag + "_dy": dy, tag + "_y": y, tag + "_dx": dx})
+    # mixed: a third of the rows float32, the rest int8 (test_int8_rows.py has the rest)
+    layer = Dense("d", rng.standard_normal((O, I)).astype(np.float32))
+    layer.mix_weight(np.arange(0, O, 3, dtype=np.int32))
+    wq, kw = layer._kernel_weight()
+    ym, dxm = np.empty((N, O), np.float32), np.empty_like(x)
+    K.dense_forward(x, wq, None, ym, **kw)
+    K.dense_backward(None, wq, dy, None, None, None, dxm, **kw)
+    out.update({tag + "_wm": np.array(layer.weight), tag + "_ym": ym, tag + "_dxm": dxm})
 np.savez(sys.argv[1], **out)
 """
 
 
 def test_int8_paths_of_the_generic_kernel(tmp_path):
-    """The portable micro-kernel (what ARM devices run) with int8 weights, against NumPy."""
+    """The portable micro-kernel (what ARM devices run) with int8 and mixed weights, against NumPy."""
     import os
     import subprocess
     import sys
@@ -537,3 +566,6 @@ def test_int8_paths_of_the_generic_kernel(tmp_path):
         deq = r[tag + "_q"].astype(np.float64) * r[tag + "_s"][:, None]
         np.testing.assert_allclose(r[tag + "_y"], r[tag + "_x"].astype(np.float64) @ deq.T, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(r[tag + "_dx"], r[tag + "_dy"].astype(np.float64) @ deq, rtol=1e-4, atol=1e-4)
+        wm = r[tag + "_wm"].astype(np.float64)  # the mixed weight's dequantised values
+        np.testing.assert_allclose(r[tag + "_ym"], r[tag + "_x"].astype(np.float64) @ wm.T, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(r[tag + "_dxm"], r[tag + "_dy"].astype(np.float64) @ wm, rtol=1e-4, atol=1e-4)

@@ -70,5 +70,5 @@ def training_flops(model: Model, subset: Optional[Subset] = None, batch_size: in
             total += f
         ls = subset.get(layer.name)
         if layer.has_params and ls is not None and ls.rows.size:
-            total += f * ls.rows.size // layer.weight.shape[0]  # weight gradient of trained rows
+            total += f * ls.rows.size // layer.weight_shape[0]  # weight gradient of trained rows
     return total * batch_size + 3 * subset.num_trainable(model)

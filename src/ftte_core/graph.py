@@ -143,26 +143,42 @@ def quantize_rows(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 class _Int8Weight:
-    """Weight storage for Dense and Conv: float32 ``weight``, or -- once ``quantize_weight`` ran
+    """Weight storage for Dense and Conv: float32 ``weight``; or -- once ``quantize_weight`` ran
     (``Trainer(..., frozen="int8")`` does it for layers whose weight rows do not train) --
     ``weight_q`` (int8, the weight's shape) and ``weight_scale`` (float32, one per output row),
-    with the float array released. The kernels take the int8 form directly (dequantised while
-    packing GEMM panels), so forward, predict and the backward through the layer (dx) use it.
+    with the float array released; or *mixed* -- once ``mix_weight(rows)`` ran (``frozen="int8"``
+    on a layer of which only some rows train) -- the frozen rows as int8 (``weight_q`` [O-R, ...],
+    ``weight_scale`` [O-R], the same per-row quantisation) and the trained rows ``trained_rows``
+    (int32 [R]) as float32 ``weight_trained`` [R, ...] in that order, ``row_slot`` (int32 [O])
+    naming each row's place (>= 0: a ``weight_trained`` row, < 0: ``weight_q`` row ``~slot``),
+    the float array again released. The kernels take the int8 and mixed forms directly
+    (dequantised while packing GEMM panels), so forward, predict and the backward through the
+    layer (dx) use them, and a mixed layer's fused SGD updates ``weight_trained`` in place.
 
-    Reading ``weight`` of an int8 layer gives a dequantised, read-only float32 copy (export,
-    ``Model.state``, saving): values are what the kernels compute with. Assigning ``weight``
-    stores float32 again (and drops the int8 form)."""
+    Reading ``weight`` of an int8 or mixed layer gives a dequantised, read-only float32 copy
+    (export, ``Model.state``, saving): values are what the kernels compute with. Assigning
+    ``weight`` stores float32 again (and drops the int8 / mixed form)."""
 
     int8_capable = True
     weight_q: Optional[np.ndarray] = None
     weight_scale: Optional[np.ndarray] = None
+    weight_trained: Optional[np.ndarray] = None
+    trained_rows: Optional[np.ndarray] = None
+    row_slot: Optional[np.ndarray] = None
 
     @property
     def weight(self) -> np.ndarray:
         if self._weight is not None:
             return self._weight
-        w = self.weight_q.astype(np.float32)
-        w *= self.weight_scale.reshape((-1,) + (1,) * (w.ndim - 1))
+        if self.is_mixed:
+            w = np.empty(self.weight_shape, np.float32)
+            frozen = self.row_slot < 0
+            w[frozen] = self.weight_q
+            w[frozen] *= self.weight_scale.reshape((-1,) + (1,) * (w.ndim - 1))
+            w[self.trained_rows] = self.weight_trained
+        else:
+            w = self.weight_q.astype(np.float32)
+            w *= self.weight_scale.reshape((-1,) + (1,) * (w.ndim - 1))
         w.flags.writeable = False
         return w
 
@@ -170,23 +186,77 @@ class _Int8Weight:
     def weight(self, value: np.ndarray) -> None:
         self._weight = value
         self.weight_q = self.weight_scale = None
+        self.weight_trained = self.trained_rows = self.row_slot = None
 
     @property
     def is_int8(self) -> bool:
-        return self._weight is None
+        """The whole weight is int8 (no row of it can train)."""
+        return self._weight is None and self.weight_trained is None
+
+    @property
+    def is_mixed(self) -> bool:
+        """Frozen rows int8, the rows ``trained_rows`` float32 (see the class docstring)."""
+        return self.weight_trained is not None
 
     @property
     def weight_shape(self) -> Shape:
-        return tuple((self.weight_q if self.is_int8 else self._weight).shape)
+        if self._weight is not None:
+            return tuple(self._weight.shape)
+        if self.is_mixed:
+            return (self.row_slot.size,) + tuple(self.weight_q.shape[1:])
+        return tuple(self.weight_q.shape)
+
+    def weight_arrays(self) -> List[np.ndarray]:
+        """The arrays the weight is stored in (whatever its form), e.g. to count their bytes."""
+        if self._weight is not None:
+            return [self._weight]
+        if self.is_mixed:
+            return [self.weight_q, self.weight_scale, self.weight_trained, self.row_slot]
+        return [self.weight_q, self.weight_scale]
 
     def quantize_weight(self) -> None:
         """Hold the weight as int8 + per-row scales from now on (idempotent)."""
+        if self.is_mixed:
+            self._weight = np.array(self.weight)  # trained rows exact, then all of it quantised
         if not self.is_int8:
             self.weight_q, self.weight_scale = quantize_rows(self._weight)
             self._weight = None
+            self.weight_trained = self.trained_rows = self.row_slot = None
+
+    def mix_weight(self, rows: np.ndarray) -> None:
+        """Hold rows ``rows`` (unique, in [0, O)) as float32 in that order, the others as int8 with
+        per-row scales, the float array released. From an int8 or mixed weight the values are the
+        dequantised ones (a mixed layer already holding exactly ``rows`` stays as it is)."""
+        rows = np.ascontiguousarray(rows, dtype=np.int32).reshape(-1)
+        o = self.weight_shape[0]
+        if rows.size and (rows.min() < 0 or rows.max() >= o or np.unique(rows).size != rows.size):
+            raise ValueError(f"{self.name}: mixed rows must be unique and in [0, {o})")
+        if self.is_mixed and np.array_equal(rows, self.trained_rows):
+            return
+        full = self.weight  # float32: the array itself, or a dequantised copy
+        slot = np.empty(o, np.int32)
+        frozen = np.ones(o, bool)
+        frozen[rows] = False
+        slot[rows] = np.arange(rows.size, dtype=np.int32)
+        frozen_idx = np.flatnonzero(frozen)
+        slot[frozen_idx] = ~np.arange(frozen_idx.size, dtype=np.int32)
+        trained = np.ascontiguousarray(full[rows], dtype=np.float32)
+        q = np.empty((frozen_idx.size,) + tuple(full.shape[1:]), np.int8)
+        scale = np.empty(frozen_idx.size, np.float32)
+        block = max(1, 65536 // max(1, int(np.prod(full.shape[1:]))))  # no whole float copy of the frozen rows
+        for a in range(0, frozen_idx.size, block):
+            q[a:a + block], scale[a:a + block] = quantize_rows(full[frozen_idx[a:a + block]])
+        del full
+        self._weight = None
+        self.weight_q, self.weight_scale = q, scale
+        self.weight_trained, self.trained_rows, self.row_slot = trained, rows, slot
 
     def _kernel_weight(self) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
-        """(w, extra kernel kwargs): the float weight, or the int8 one with its scales."""
+        """(w, extra kernel kwargs): the float weight, the int8 one with its scales, or the mixed
+        one (int8 frozen rows with their scales, the trained rows and the slot table)."""
+        if self.is_mixed:
+            return self.weight_q, {"w_scale": self.weight_scale, "w_trained": self.weight_trained,
+                                   "row_slot": self.row_slot}
         if self.is_int8:
             return self.weight_q, {"w_scale": self.weight_scale}
         return self._weight, {}
@@ -254,13 +324,14 @@ class Dense(_Int8Weight, Layer):
     def forward_scratch(self, n, in_shapes, threads, int8=False):
         return K.sgemm_scratch_bytes(n, self.out_features, self.in_features, False, True, int8_b=int8)
 
-    fuses_update = True  # when its weight is float32 (an int8 weight never trains; its bias may)
+    fuses_update = True  # when its weight is float32 or mixed (an int8 weight never trains; its bias may)
 
     def backward_scratch(self, n, in_shapes, rows, bias, dx_needed, threads, int8=False, fused_update=False):
         o, f = self.out_features, self.in_features
         r = int(rows.size)
-        if fused_update:
-            return K.dense_backward_sgd_scratch_bytes(n, f, o, r, 0 < r < o, bool(bias), bool(dx_needed[0]))
+        if fused_update:  # int8 here: the weight is mixed
+            return K.dense_backward_sgd_scratch_bytes(n, f, o, r, 0 < r < o, bool(bias), bool(dx_needed[0]),
+                                                      int8_weight=int8)
         peak = K.sgemm_scratch_bytes(r, f, n, True, False, r < o) if r else 0
         if bias:
             peak = max(peak, F32 * (r if 0 < r == o else o))
@@ -275,8 +346,9 @@ class Dense(_Int8Weight, Layer):
     def backward(self, x, y, dy, dx, scope):
         sgd = None if self.is_int8 else scope.sgd(self)
         if sgd is not None:
-            K.dense_backward_sgd(x, self._weight, self.bias, dy, sgd.rows, dx, sgd.bias, sgd.vw, sgd.vb, sgd.lr,
-                                 sgd.momentum, sgd.weight_decay)
+            w, wkw = self._kernel_weight()  # float32 (updated in place) or mixed (its trained rows are)
+            K.dense_backward_sgd(x, w, self.bias, dy, sgd.rows, dx, sgd.bias, sgd.vw, sgd.vb, sgd.lr,
+                                 sgd.momentum, sgd.weight_decay, **wkw)
             return
         rows, dw, db = scope.grad_buffers(self)
         w, wkw = self._kernel_weight()
@@ -397,10 +469,10 @@ class Conv2d(_Int8Weight, Layer):
 
     def backward_scratch(self, n, in_shapes, rows, bias, dx_needed, threads, int8=False, fused_update=False):
         r, oc = int(rows.size), self.out_channels
-        if fused_update and self.fuses_update:
+        if fused_update and self.fuses_update:  # int8 here: the weight is mixed
             return K.conv2d_backward_sgd_scratch_bytes((n,) + self._in4(in_shapes[0]), self.weight_shape2,
                                                        self.stride2, self.padding2, r, bool(bias),
-                                                       bool(dx_needed[0]), threads)
+                                                       bool(dx_needed[0]), threads, int8_weight=int8)
         full = r == oc
         peak = 0
         if r or dx_needed[0]:  # the call for the weight rows (and the bias when it goes along) and dx
@@ -414,9 +486,16 @@ class Conv2d(_Int8Weight, Layer):
     def _x4(self, x):
         return x
 
-    def forward(self, x, y, scope=None):
+    def _kernel_weight4(self):
+        """``_kernel_weight`` with the weight arrays as the 2-D kernels take them (``_w4``)."""
         w, wkw = self._kernel_weight()
-        x, y, w = self._x4(x), self._x4(y), self._w4(w)
+        if "w_trained" in wkw:
+            wkw = dict(wkw, w_trained=self._w4(wkw["w_trained"]))
+        return self._w4(w), wkw
+
+    def forward(self, x, y, scope=None):
+        w, wkw = self._kernel_weight4()
+        x, y = self._x4(x), self._x4(y)
         mode = self.mode
         if mode == "dense":
             K.conv2d_forward(x, w, self.bias, y, self.stride2, self.padding2, **wkw)
@@ -426,8 +505,8 @@ class Conv2d(_Int8Weight, Layer):
             K.grouped_conv2d_forward(x, w, self.bias, y, self.group, self.stride2, self.padding2, **wkw)
 
     def _backward_call(self, x, dy, rows, dw, db, dx):
-        w, wkw = self._kernel_weight()
-        w, mode = self._w4(w), self.mode
+        w, wkw = self._kernel_weight4()
+        mode = self.mode
         if mode == "dense":
             K.conv2d_backward(x, w, dy, rows, dw, db, dx, self.stride2, self.padding2, **wkw)
         elif mode == "depthwise":
@@ -442,9 +521,10 @@ class Conv2d(_Int8Weight, Layer):
         dx = None if dx is None else self._x4(dx)
         sgd = scope.sgd(self) if self.fuses_update and not self.is_int8 else None
         if sgd is not None:
-            K.conv2d_backward_sgd(x, self._w4(self._weight), self.bias, dy, sgd.rows, dx, sgd.bias,
+            w, wkw = self._kernel_weight4()  # float32 (updated in place) or mixed (its trained rows are)
+            K.conv2d_backward_sgd(x, w, self.bias, dy, sgd.rows, dx, sgd.bias,
                                   None if sgd.vw is None else self._w4(sgd.vw), sgd.vb, sgd.lr, sgd.momentum,
-                                  sgd.weight_decay, self.stride2, self.padding2)
+                                  sgd.weight_decay, self.stride2, self.padding2, **wkw)
             return
         rows, dw, db = scope.grad_buffers(self)
         dw = None if dw is None else self._w4(dw)
@@ -1157,6 +1237,11 @@ class Model:
                 # the layer stays int8: the new values are quantised into it
                 layer.weight = np.array(state[key], dtype=np.float32)
                 layer.quantize_weight()
+            elif key.endswith(".weight") and getattr(layer, "is_mixed", False):
+                # the layer stays mixed over the same rows: frozen ones quantised, trained ones exact
+                rows = layer.trained_rows
+                layer.weight = np.array(state[key], dtype=np.float32)
+                layer.mix_weight(rows)
             else:
                 np.copyto(dst, np.asarray(state[key]), casting="same_kind")
 

@@ -149,17 +149,27 @@ class LocalWorker:
         subset.validate(model)
         self.model = model
         self.subset = subset
-        self._tensors = subset.tensors(model)
         self._trainer: Optional[Trainer] = None
         self._trainer_key = None
 
     def load_values(self, values: Dict[str, np.ndarray]) -> None:
         """Write the subset's values (as sent by the hub: key -> [R, F]) into the model."""
-        keys = {key for key, *_ in self._tensors}
+        # A layer mixed over other rows (an earlier task on this model trained another subset of it)
+        # holds this subset's rows as float32 from now on: their values come from this task anyway,
+        # and its other rows were frozen as int8 for that task or become so now.
+        for layer in self.model.param_layers:
+            ls = self.subset.get(layer.name)
+            if (getattr(layer, "is_mixed", False) and ls is not None and ls.rows.size
+                    and not np.array_equal(ls.rows, layer.trained_rows)):
+                layer.mix_weight(ls.rows)
+        # looked up each time: frozen="int8" turns a partly trained layer mixed, and its trained rows
+        # then live in a compact array of their own (Subset.tensors gives it)
+        tensors = self.subset.tensors(self.model)
+        keys = {key for key, *_ in tensors}
         if set(values) != keys:
             raise TaskError(f"task values do not match the subset: missing {sorted(keys - set(values))}, "
                              f"unexpected {sorted(set(values) - keys)}")
-        for key, _, view, rows in self._tensors:
+        for key, _, view, rows in tensors:
             v = np.asarray(values[key])
             want = (view.shape[0] if rows is None else rows.size, view.shape[1])
             if v.shape != want:

@@ -140,12 +140,30 @@ def int8_layers(model: Model, subset: Subset, frozen: str = "float32") -> set:
     """Names of the layers whose weight is int8 during a step: those already held as int8, and
     with ``frozen="int8"`` every Dense/Conv whose weight rows do not train (its bias may)."""
     check_frozen(frozen)
-    out = set()
+    return {layer.name for layer, _ls, r in _int8_capable(model, subset) if layer.is_int8 or (frozen == "int8" and r == 0)}
+
+
+def _int8_capable(model: Model, subset: Subset):
+    """(layer, its subset entry or None, trained row count) of every layer that can hold int8 weights."""
     for layer in model.param_layers:
-        if not getattr(layer, "int8_capable", False):
-            continue
-        ls = subset.get(layer.name)
-        if layer.is_int8 or (frozen == "int8" and (ls is None or ls.rows.size == 0)):
+        if getattr(layer, "int8_capable", False):
+            ls = subset.get(layer.name)
+            yield layer, ls, 0 if ls is None else ls.rows.size
+
+
+def mixed_layers(model: Model, subset: Subset, frozen: str = "float32") -> set:
+    """Names of the layers whose weight is mixed during a step (frozen rows int8, trained rows
+    float32: ``Layer.mix_weight``): those already held mixed over exactly the subset's rows (or,
+    with ``frozen="float32"``, training no rows at all), and with ``frozen="int8"`` every Dense
+    and group-1 Conv of which some but not all rows train (depthwise and grouped convolutions
+    stay float32 when partly trained)."""
+    check_frozen(frozen)
+    out = set()
+    for layer, ls, r in _int8_capable(model, subset):
+        if layer.is_mixed and (np.array_equal(ls.rows, layer.trained_rows) if r else frozen == "float32"):
+            out.add(layer.name)
+        elif (frozen == "int8" and 0 < r < layer.weight_shape[0] and not layer.is_int8
+              and getattr(layer, "mode", "dense") == "dense"):
             out.add(layer.name)
     return out
 
@@ -170,7 +188,9 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
     subs = [subset.get(layer.name) for layer in layers]
     trains_rows = [s is not None and s.rows.size > 0 for s in subs]
     int8 = int8_layers(model, subset, frozen)
-    q8 = [layer.name in int8 for layer in layers]
+    mixed = mixed_layers(model, subset, frozen)
+    q8 = [layer.name in int8 for layer in layers]  # whole-int8 weight (never updated)
+    packed = [layer.name in int8 or layer.name in mixed for layer in layers]  # the kernels pack it as int8
 
     needs_in: List[Tuple[bool, ...]] = [()] * L
     needs_out = [False] * L
@@ -286,7 +306,7 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
                 if layers[i].kind not in VIEW_KINDS:
                     forward.append((layers[i].forward, (arg(ins, i), y, None)))
                     if a == 0:
-                        scratch.append(_fwd_scratch(layers[i], b - a, in_shapes[i], q8[i]))
+                        scratch.append(_fwd_scratch(layers[i], b - a, in_shapes[i], packed[i]))
                 release_after(i)
             for s in [s for s, r in where.items() if r.kind == "slot"]:  # a chunk's scratch ends with it
                 slots.give(where.pop(s).key)
@@ -310,7 +330,7 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
             for name, (shape, dtype) in layers[i].saved_buffers(n, in_shapes[i], shapes[v]).items():
                 fixed[(i, name)] = (tuple(shape), dtype, "activations")
             forward.append((layers[i].forward, (arg(ins, i), y, ("scope", i))))
-        scratch.append(_fwd_scratch(layers[i], n, in_shapes[i], q8[i]))
+        scratch.append(_fwd_scratch(layers[i], n, in_shapes[i], packed[i]))
         release_after(i)
     logits = place(out, 0, n)
     fixed[("loss", "probs")] = ((n,) + shapes[out], np.float32, "activations")
@@ -361,8 +381,8 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
         backward.append((layer.backward, (arg(x_args, i), y_arg, dy, arg(dxs, i), ("scope", i))))
         ls = subs[i]
         rows = ls.rows if ls is not None else np.zeros(0, np.int32)
-        scratch.append(_bwd_scratch(layer, n, in_shapes[i], rows, ls is not None and ls.bias, dx_needed[i], q8[i],
-                                    fused and ls is not None and not q8[i]))
+        scratch.append(_bwd_scratch(layer, n, in_shapes[i], rows, ls is not None and ls.bias, dx_needed[i],
+                                    packed[i], fused and ls is not None and not q8[i]))
         for total, tmp in adds:
             backward.append((K.add_forward, (total, tmp, total)))
             slots.give(tmp.key)
@@ -408,7 +428,8 @@ def fused_update(model: Model, subset: Subset) -> bool:
     spans = []  # (start, end, layer index, trained): one sort finds every overlap
     for i, layer in enumerate(model.param_layers):
         trained = subset.get(layer.name) is not None
-        for a in (layer.weight_q if getattr(layer, "is_int8", False) else layer.weight, layer.bias):
+        arrays = layer.weight_arrays() if hasattr(layer, "weight_arrays") else [layer.weight]
+        for a in arrays + [layer.bias]:
             if a.nbytes:
                 start = a.__array_interface__["data"][0]
                 spans.append((start, start + a.nbytes, i, trained))
@@ -464,8 +485,11 @@ def parameter_buffers(model: Model, subset: Subset, momentum: float, fused: Opti
 
 def weight_bytes(model: Model, subset: Subset, frozen_mode: str = "float32") -> Tuple[int, int]:
     """(frozen, trainable) bytes of the parameters; constants (batch-norm statistics) are frozen.
-    An int8 weight (see ``int8_layers``) counts one byte per value plus a float32 scale per row."""
+    An int8 weight (see ``int8_layers``) counts one byte per value plus a float32 scale per row;
+    a mixed one (``mixed_layers``) its frozen rows so, its trained rows as float32 (trainable),
+    plus its slot table (int32 per row, frozen)."""
     int8 = int8_layers(model, subset, frozen_mode)
+    mixed = mixed_layers(model, subset, frozen_mode)
     frozen = trainable = 0
     for layer in model.layers:
         if not layer.has_params:
@@ -478,10 +502,14 @@ def weight_bytes(model: Model, subset: Subset, frozen_mode: str = "float32") -> 
             frozen += math.prod(shape) + F32 * shape[0] + layer.bias.nbytes * (ls is None or not ls.bias)
             trainable += layer.bias.nbytes if ls is not None and ls.bias else 0
             continue
-        row_bytes = layer.weight.nbytes // shape[0]
+        row_len = math.prod(shape[1:])
         r = 0 if ls is None else ls.rows.size
-        trainable += r * row_bytes
-        frozen += (layer.weight.shape[0] - r) * row_bytes
+        trainable += r * row_len * F32
+        if layer.name in mixed:  # int8 frozen rows + their scales, and the row -> slot table
+            held = layer.trained_rows.size if layer.is_mixed else r  # float rows (more than r if none train)
+            frozen += (shape[0] - held) * (row_len + F32) + (held - r) * row_len * F32 + shape[0] * 4
+        else:
+            frozen += (shape[0] - r) * row_len * F32
         if ls is not None and ls.bias:
             trainable += layer.bias.nbytes
         else:

@@ -89,14 +89,20 @@ class Subset:
         """The trainable pieces in a fixed order: (key, layer, 2-D param view, rows or None).
 
         A weight is viewed as [rows, row_size]; a bias as one row [1, out] (rows None). This
-        order and these views are what the update codec encodes and the merge decodes.
+        order and these views are what the update codec encodes and the merge decodes. A mixed
+        layer (``Layer.mix_weight``) over exactly the subset's rows gives its compact trained rows
+        [R, row_size] with rows None (they are the selected rows already); over other rows, a
+        read-only dequantised copy (reading works, writing raises).
         """
         out = []
         for layer in model.param_layers:
             ls = self.layers.get(layer.name)
             if ls is None:
                 continue
-            if ls.rows.size:
+            if ls.rows.size and getattr(layer, "is_mixed", False) and np.array_equal(ls.rows, layer.trained_rows):
+                # a mixed layer holds exactly these rows, in this order, as float32: the view is them
+                out.append((f"{layer.name}.weight", layer, layer.weight_trained.reshape(ls.rows.size, -1), None))
+            elif ls.rows.size:
                 out.append((f"{layer.name}.weight", layer, layer.weight.reshape(_rows(layer), -1), ls.rows))
             if ls.bias:
                 out.append((f"{layer.name}.bias", layer, layer.bias.reshape(1, -1), None))

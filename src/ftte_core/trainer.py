@@ -27,8 +27,8 @@ import numpy as np
 
 from . import _kernels as K
 from .graph import Layer, Model
-from .plan import (CATEGORIES, Ref, StepPlan, build, check_frozen, fused_update, int8_layers, parameter_buffers,
-                   requires_grad, weight_bytes)
+from .plan import (CATEGORIES, Ref, StepPlan, build, check_frozen, fused_update, int8_layers, mixed_layers,
+                   parameter_buffers, requires_grad, weight_bytes)
 from .subset import Subset
 
 
@@ -135,7 +135,8 @@ class Scope:
         rows, dw, db = self.grad_buffers(layer)
         g = t._grads[layer.name]
         if dw is not None:
-            K.sgd_update_rows(layer.weight.reshape(layer.weight.shape[0], -1), rows, dw.reshape(dw.shape[0], -1),
+            param, rows = _row_target(layer, rows)
+            K.sgd_update_rows(param, rows, dw.reshape(dw.shape[0], -1),
                               None if g.vw is None else g.vw.reshape(g.vw.shape[0], -1), t.lr, t.momentum,
                               t.weight_decay)
         if db is not None:
@@ -150,6 +151,14 @@ class Scope:
             return None
         rows = g.rows if g.trains_rows else np.zeros(0, np.int32)
         return SgdRows(rows, g.trains_bias, g.vw, g.vb, t.lr, t.momentum, t.weight_decay)
+
+
+def _row_target(layer: Layer, rows: Optional[np.ndarray]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """(2-D array, rows) an update of the weight rows ``rows`` (None: all) writes into: the weight
+    itself, or a mixed layer's compact trained rows (in the subset's row order: all of them)."""
+    if getattr(layer, "is_mixed", False):
+        return layer.weight_trained.reshape(layer.weight_trained.shape[0], -1), None
+    return layer.weight.reshape(layer.weight_shape[0], -1), rows
 
 
 @dataclass
@@ -225,7 +234,9 @@ class Trainer:
 
     ``frozen="int8"``: every Dense/Conv whose weight rows do not train is converted, in the model
     itself, to int8 with a float32 scale per output row (``Layer.quantize_weight``; its float32
-    array is released), and forward and backward run on the int8 weight. ``"float32"`` (the
+    array is released), and forward and backward run on the int8 weight. A Dense or group-1 Conv
+    of which only some rows train becomes mixed (``Layer.mix_weight``): its frozen rows int8 the
+    same way, its trained rows float32 in a compact array the update writes into. ``"float32"`` (the
     default) leaves the model as it is (layers already int8 stay so)."""
 
     def __init__(self, model: Model, subset: Optional[Subset] = None, lr: float = 0.05, momentum: float = 0.0,
@@ -249,6 +260,10 @@ class Trainer:
             if getattr(layer, "is_int8", False) and ls is not None and ls.rows.size:
                 raise ValueError(f"layer {layer.name!r} holds int8 weights, so its weight rows cannot train "
                                  f"(train them on a float32 copy of the model)")
+            if (getattr(layer, "is_mixed", False) and ls is not None and ls.rows.size and self.frozen != "int8"
+                    and not np.array_equal(ls.rows, layer.trained_rows)):
+                raise ValueError(f"layer {layer.name!r} holds int8 weights except for other rows than the subset "
+                                 f"trains (train with frozen='int8', or on a float32 copy of the model)")
         self.rng = np.random.default_rng(seed)
         self.arena = Arena()
         req = requires_grad(model, self.subset)
@@ -256,6 +271,8 @@ class Trainer:
             raise ValueError("the subset trains nothing")
         for name in int8_layers(model, self.subset, self.frozen):  # settings checked: now change the model
             model.layer(name).quantize_weight()
+        for name in mixed_layers(model, self.subset, self.frozen):  # partly trained: frozen rows int8
+            model.layer(name).mix_weight(self.subset.get(name).rows)
         #: the first layer backward reaches (layers before it, and others off the trained paths, are frozen)
         self.first = next(i for i in range(len(model.layers)) if req[i + 1])
         self._grads: Dict[str, _LayerGrads] = {}
@@ -396,8 +413,8 @@ class Trainer:
             if g is None:
                 continue
             if g.dw is not None:
-                rows_n = layer.weight.shape[0]
-                K.sgd_update_rows(layer.weight.reshape(rows_n, -1), g.rows, g.dw.reshape(g.dw.shape[0], -1),
+                param, rows = _row_target(layer, g.rows)
+                K.sgd_update_rows(param, rows, g.dw.reshape(g.dw.shape[0], -1),
                                   None if g.vw is None else g.vw.reshape(g.vw.shape[0], -1),
                                   self.lr, self.momentum, self.weight_decay)
             if g.db is not None:
