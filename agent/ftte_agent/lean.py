@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 
 #: (modules to import, the OpenSSL binding they must do without)
@@ -46,3 +47,20 @@ def import_without_openssl() -> None:
                 importlib.import_module(m)
         finally:
             del sys.modules[binding]
+
+
+_M_ARENA_MAX = -8   # glibc's <malloc.h>
+
+
+def single_malloc_arena() -> bool:
+    """Put every thread of this process on glibc's main malloc arena; True when it did."""
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ImportError, OSError, AttributeError):  # no ctypes, or a libc without mallopt
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt(_M_ARENA_MAX, 1) == 1
