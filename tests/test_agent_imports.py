@@ -7,11 +7,16 @@ does not use at runtime (benchmarks/agent_memory.py measures the process):
   ``cryptography`` package and hashes with Python's built-in SHA-256 (ftte_agent/lean.py);
 - numpy.ma: numpy 2 imports it for ``np.unique`` (subset rows are checked without it);
 - ftte_core.search, fractions, decimal: the agent only parses a size (ftte_core.sizes);
-- flwr: Flower belongs to a site hub's SuperNode (the optional `flower` extra), never to a device.
+- flwr: Flower belongs to a site hub's SuperNode (the optional `flower` extra), never to a device;
+- cryptography's OpenSSL backend module (builds an object for every OpenSSL function its cffi
+  binding declares): the handshake calls the X25519 functions without it (ftte_core.protocol).
+The agent also keeps every thread on glibc's main malloc arena (checked with malloc_info).
 Each check runs in a fresh interpreter that does what an agent does: import its modules, parse
---memory-budget, build a task's subset from explicit rows, train it and encode the update.
+--memory-budget, run a handshake, build a task's subset from explicit rows, train it and encode
+the update.
 """
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -23,19 +28,47 @@ NOT_LOADED = ("onnx", "ftte_core.onnx_io", "ssl", "_ssl", "_hashlib", "numpy.ma"
               "fractions", "decimal", "flwr")
 
 AGENT_LIKE = textwrap.dedent("""
-    import json, sys
+    import ctypes, json, os, platform, sys, tempfile, threading
     import ftte_agent.cli  # first, as in `ftte-agent`: the entry point decides how asyncio and hashlib load
     import ftte_agent.advertise, ftte_agent.device, ftte_agent.server
     import zeroconf.asyncio
     import numpy as np
     from ftte_core.local import LocalWorker, TaskConfig
     from ftte_core.modelfile import content_hash
+    from ftte_core.protocol import Connection, HandshakeComplete, _rust_x25519, generate_key
     from ftte_core.sizes import parse_size
     from ftte_core.subset import Subset
     from ftte_core.update import subset_values
     from ftte_core.zoo import zoo
 
+
+
+    def malloc_heaps():
+        # glibc's malloc_info XML has one <heap nr=...> per arena; None off glibc
+        if platform.libc_ver()[0] != "glibc":
+            return None
+        libc = ctypes.CDLL(None)
+        libc.fopen.restype = ctypes.c_void_p
+        libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.fclose.argtypes = [ctypes.c_void_p]
+        fd, path = tempfile.mkstemp()
+        os.close(fd)
+        fp = libc.fopen(path.encode(), b"w")
+        libc.malloc_info(0, fp)
+        libc.fclose(fp)
+        with open(path) as f:
+            text = f.read()
+        os.unlink(path)
+        return text.count("<heap nr=")
+
+
     assert parse_size("64MiB") == 64 << 20
+    key = generate_key()
+    c, s = Connection("client", key), Connection("server", key)
+    s.receive_data(c.initiate())
+    assert c.receive_data(s.data_to_send()) == [HandshakeComplete("server")]
+    assert s.receive_data(c.data_to_send()) == [HandshakeComplete("client")]
     model = zoo("mlp", (8,), 3, seed=0, hidden=(6,))
     subset = Subset.from_dict(model, {"fc1": {"rows": [0, 2, 5], "bias": False}, "fc2": {"rows": "all", "bias": True}})
     rng = np.random.default_rng(0)
@@ -44,7 +77,11 @@ AGENT_LIKE = textwrap.dedent("""
     result = LocalWorker(model, subset).run(subset_values(model, subset), 0, x, y,
                                             TaskConfig(lr=0.05, batch_size=8, local_epochs=1.0), bits=8, seed=1)
     assert result.steps == 2 and result.update.stats["delta_l2"] > 0
-    print(json.dumps({"modules": sorted(sys.modules), "sha256": content_hash(b"abc")}))
+    t = threading.Thread(target=lambda: bytearray(1 << 17))  # a thread's first malloc: its own arena, unless capped
+    t.start()
+    t.join()
+    print(json.dumps({"modules": sorted(sys.modules), "sha256": content_hash(b"abc"),
+                      "rust_x25519": _rust_x25519() is not None, "malloc_heaps": malloc_heaps()}))
 """)
 
 
@@ -67,6 +104,12 @@ def test_the_agent_does_not_load_what_it_does_not_use():
     not_loaded = set(NOT_LOADED) - (set() if _builtin_hashes() else {"_hashlib"}) - _loaded_by_numpy_itself()
     assert not loaded & not_loaded, sorted(loaded & not_loaded)
     assert not any(m.startswith("onnx") for m in loaded)
+    # every thread allocates from glibc's main arena (ftte_agent/lean.py: single_malloc_arena),
+    # unless the environment sets its own MALLOC_ARENA_MAX (which the agent leaves alone)
+    if not os.environ.get("MALLOC_ARENA_MAX"):
+        assert out["malloc_heaps"] in (None, 1), out["malloc_heaps"]
+    if out["rust_x25519"]:  # this cryptography has the functions behind its X25519 classes
+        assert "cryptography.hazmat.backends.openssl.backend" not in loaded
     # Python's built-in SHA-256 gives the same digests as OpenSSL's
     assert out["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 

@@ -39,6 +39,18 @@ def test_handshake_and_round_trips_both_directions():
     assert s.receive_data(wire) == [Message(1, b"a"), Message(2, b"bb"), Message(3, b"")]
 
 
+def test_handshake_between_the_direct_and_the_public_x25519_paths(monkeypatch):
+    # the handshake calls cryptography's Rust X25519 functions directly when it has them (no
+    # backend import: issue 11); the public classmethods remain the fallback, and the two agree
+    c = Connection("client", KEY)
+    monkeypatch.setattr(P, "_RUST_X25519", [None])
+    s = Connection("server", KEY)
+    assert s.receive_data(c.initiate()) == []
+    assert c.receive_data(s.data_to_send()) == [HandshakeComplete("server")]
+    assert s.receive_data(c.data_to_send()) == [HandshakeComplete("client")]
+    assert s.receive_data(c.send(5, b"both ways")) == [Message(5, b"both ways")]
+    assert c.receive_data(s.send(6, b"and back")) == [Message(6, b"and back")]
+
 def test_client_may_send_right_behind_its_finished():
     c, s = Connection("client", KEY), Connection("server", KEY)
     s.receive_data(c.initiate())

@@ -1,8 +1,9 @@
 """`ftte-agent`: serve one device of the fleet (see docs/agent.md)."""
 from __future__ import annotations
 
-from .lean import import_without_openssl
+from .lean import import_without_openssl, single_malloc_arena
 
+single_malloc_arena()     # before NumPy and the kernels start their threads: see lean.py
 import_without_openssl()  # before anything imports asyncio or hashlib: see lean.py
 
 import asyncio  # noqa: E402 (after import_without_openssl on purpose)

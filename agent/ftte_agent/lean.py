@@ -16,11 +16,27 @@ TLS support, hashlib with its built-in constructors), and code that imports ``ss
 it. A module already imported is left as it is, so this changes nothing in a process that has
 loaded them before (a test run, an embedding application). It must run before anything imports
 asyncio, hashlib or hmac: ``ftte_agent.cli`` calls it first thing.
+
+``single_malloc_arena()`` (also first thing, before NumPy and the kernels start their threads):
+glibc gives each thread that allocates its own malloc arena (up to 8 per core), and memory freed
+in one arena serves only the threads attached to it. The agent's allocations move between threads
+(a MODEL is parsed in a short-lived thread, each task trains in another, the kernels' pool has its
+own), so with one arena per thread what a finished task freed was not what the next one reused.
+``M_ARENA_MAX = 1`` puts every thread on the main heap: about 0.5 MiB off the training peak
+(benchmarks/agent_memory.py). The kernels' scratch comes from malloc on every call, possibly in
+the pool's threads, yet training the zoo models showed no slowdown from the shared arena's lock
+(2 threads, x86-64). An operator's own ``MALLOC_ARENA_MAX`` wins; off glibc this does nothing.
+
+Elsewhere for the same target: the handshake's X25519 skips cryptography's OpenSSL backend module
+(``ftte_core.protocol._rust_x25519``), and the agent drops each received frame once dispatched
+(``server.Session.run``). Measured, evaluated and rejected, and what is left: docs/benchmarks.md
+(agent_memory.py).
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 
 #: (modules to import, the OpenSSL binding they must do without)
@@ -46,3 +62,20 @@ def import_without_openssl() -> None:
                 importlib.import_module(m)
         finally:
             del sys.modules[binding]
+
+
+_M_ARENA_MAX = -8   # glibc's <malloc.h>
+
+
+def single_malloc_arena() -> bool:
+    """Put every thread of this process on glibc's main malloc arena; True when it did."""
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ImportError, OSError, AttributeError):  # no ctypes, or a libc without mallopt
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt(_M_ARENA_MAX, 1) == 1

@@ -496,6 +496,9 @@ class Session:
             while True:
                 msg_type, body = await self.ch.recv(timeout=self.agent.s.silence_timeout)
                 await self._dispatch(msg_type, body)
+                # else a TASK's frame (the size of its values, which decode_task copied) stays alive
+                # while the task trains, until the next message arrives (issue 11: peak memory)
+                del body
         except ChannelClosed as e:
             log.info("hub %s", e)
         except ChannelError as e:

@@ -52,7 +52,7 @@ from typing import List, Optional, Union
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -276,7 +276,7 @@ class Connection:
         self.max_frame = max_frame
         self._psk = bytes(key)
         self._nonce = secrets.token_bytes(NONCE_BYTES)
-        self._eph = X25519PrivateKey.generate()  # ephemeral: forward secrecy if the fleet key leaks later
+        self._eph = _x25519_generate()  # ephemeral: forward secrecy if the fleet key leaks later
         self.flags = flags
         self.peer_flags = 0              # the peer's HELLO flags, once it has arrived
         self._hello = _HELLO.pack(MAGIC, PROTOCOL_VERSION, ROLES[role], flags, self._nonce,
@@ -479,7 +479,7 @@ class Connection:
         if nonce_c == nonce_s:  # our own HELLO reflected back at us
             raise HandshakeError("peer echoed this side's nonce (reflection)")
         try:
-            dh = self._eph.exchange(X25519PublicKey.from_public_bytes(peer_pub))
+            dh = self._eph.exchange(_x25519_public(peer_pub))
         except ValueError:  # a low-order point gives the all-zero secret; OpenSSL refuses it
             raise HandshakeError("peer sent an invalid X25519 public key") from None
         self._eph = None
@@ -558,6 +558,44 @@ class Connection:
                 break
             events.append(Message(pt[0], pt[1:]))
         return pos
+
+
+def _x25519_generate():
+    """A fresh X25519 private key (``X25519PrivateKey.generate()``, see ``_rust_x25519``)."""
+    rust = _rust_x25519()
+    return rust.generate_key() if rust is not None else x25519.X25519PrivateKey.generate()
+
+
+def _x25519_public(data: bytes):
+    """``X25519PublicKey.from_public_bytes(data)`` (see ``_rust_x25519``)."""
+    rust = _rust_x25519()
+    return rust.from_public_bytes(data) if rust is not None else x25519.X25519PublicKey.from_public_bytes(data)
+
+
+_RUST_X25519: list = []
+
+
+def _rust_x25519():
+    """The module of Rust functions behind cryptography's X25519 classes, or None.
+
+    ``X25519PrivateKey.generate()`` and ``X25519PublicKey.from_public_bytes()`` first import
+    cryptography's OpenSSL backend module, only to ask whether FIPS mode forbids X25519; that
+    import builds a Python object for every OpenSSL function its cffi binding declares (about
+    0.8 MiB on an agent, most of it touched library pages: issue 11). The classmethods then call
+    these very functions, so we ask the same question (``is_fips_enabled``) and call them
+    directly. Where they do not exist (another cryptography version) or FIPS mode is on, None:
+    the public classmethods are used (and refuse X25519 under FIPS as they always did).
+    """
+    if not _RUST_X25519:
+        try:
+            from cryptography.hazmat.bindings._rust import openssl as rust_openssl
+            rust = rust_openssl.x25519
+            ok = (callable(rust.generate_key) and callable(rust.from_public_bytes)
+                  and not rust_openssl.is_fips_enabled())
+        except (ImportError, AttributeError):
+            ok = False
+        _RUST_X25519.append(rust if ok else None)
+    return _RUST_X25519[0]
 
 
 def _nonce(counter: int) -> bytes:
