@@ -227,6 +227,21 @@ def build_sim_model(cfg: SimConfig, data_shape: Sequence[int], num_classes: int)
     return model, f"model: {spec} ({model.name}), input {list(model.input_shape)}, {len(model.layers)} layers"
 
 
+def start_description(model_spec: Union[str, "ft.Model"], pretrain_samples: int) -> str:
+    """Where the start model's weights come from, for results.json's ``start``: a zoo model is
+    randomly initialised (from scratch) unless pretrained; an ONNX file or a given Model starts
+    from its own weights (which may themselves be trained), then any central pretraining."""
+    if isinstance(model_spec, ft.Model):
+        own = f"the weights of the given model {model_spec.name}"
+    elif str(model_spec) in zoo_names():
+        own = None
+    else:
+        own = f"the weights in {model_spec}"
+    if pretrain_samples:
+        return f"pretrained centrally on {pretrain_samples} samples" + (f" from {own}" if own else "")
+    return f"from {own}" if own else "from scratch (random initialisation)"
+
+
 def channels_last(model: "ft.Model") -> bool:
     """Whether the model takes channels-last samples ([H, W, C] or [L, C]): its input goes through
     a Transpose that moves the last axis first (tf2onnx's NHWC -> NCHW at a Keras model's input)."""
@@ -281,6 +296,7 @@ class _Setup:
         self.start_state = {k: v.copy() for k, v in self.model.state().items()}
         _, self.start_accuracy = self.model.evaluate(val.x, val.y)
         self.pretrained = n_pre > 0
+        self.start = start_description(cfg.model, n_pre)
         log(f"data: {self.dataset_name}, {len(fleet)} samples across {cfg.clients} devices "
             f"(Dirichlet alpha {cfg.alpha}), {len(val)} for validation, {n_pre} to pretrain "
             f"(start accuracy {self.start_accuracy:.3f})")
@@ -588,7 +604,7 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
         "seed": cfg.seed, "dataset": setup.dataset_name, "alpha": cfg.alpha, "model": setup.model_label,
         "input_shape": list(setup.model.input_shape), "data_resampled": setup.resampled,
         "buffer": cfg.buffer, "max_versions": cfg.max_versions, "time_budget_s": horizon,
-        "pretrained": setup.pretrained,
+        "pretrained": setup.pretrained, "start": setup.start,
         "augmented_device_data": setup.augmented, "samples_per_device": cfg.samples_per_device,
         "memory_budget_min": setup.m_min, "ftte_frozen": setup.ftte_frozen, "start_accuracy": setup.start_accuracy,
         "full_step_memory_bytes": setup.full_step_bytes,

@@ -1,0 +1,48 @@
+"""Issue 12: the comparison reports a pretrained start and a start from scratch (benchmarks/fleet_sim.py),
+and results.json says where the start model's weights came from."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import ftte_core as ft
+from ftte_hub.simulate import start_description
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "fleet_sim.py"
+
+
+@pytest.fixture(scope="module")
+def fleet_sim():
+    spec = importlib.util.spec_from_file_location("fleet_sim_under_test", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_both_starts_at_the_scratch_sizes_pretrained_alone_elsewhere(fleet_sim):
+    runs = fleet_sim.runs_to_make(["mlp", "cnn"], [100, 500], ["pretrained", "scratch"], {100})
+    assert runs == [("mlp", 100, "pretrained"), ("mlp", 100, "scratch"), ("mlp", 500, "pretrained"),
+                    ("cnn", 100, "pretrained"), ("cnn", 100, "scratch"), ("cnn", 500, "pretrained")]
+    # every size when asked ('all' is None), and a lone scratch start runs wherever it is asked
+    assert len(fleet_sim.runs_to_make(["mlp"], [100, 500], ["pretrained", "scratch"], None)) == 4
+    assert fleet_sim.runs_to_make(["mlp"], [500], ["scratch"], {100}) == [("mlp", 500, "scratch")]
+    # an ONNX workload starts once, from the file's weights
+    assert fleet_sim.runs_to_make(["m.onnx"], [100], ["pretrained", "scratch"], {100}) == [("m.onnx", 100, "file")]
+
+
+def test_start_fractions_and_workloads(fleet_sim):
+    assert fleet_sim.start_fraction("pretrained", 0.05) == 0.05
+    assert fleet_sim.start_fraction("scratch", 0.05) == 0.0 and fleet_sim.start_fraction("file", 0.05) == 0.0
+    assert fleet_sim.workload_config("cnn")["input_shape"] == (1, 28, 28)
+    assert fleet_sim.workload_config("/x/my.ONNX") == {"model": "/x/my.ONNX", "batch_size": 16}
+    with pytest.raises(SystemExit, match="unknown workload"):
+        fleet_sim.workload_config("resnet")
+
+
+def test_start_description():
+    assert start_description("mlp", 0) == "from scratch (random initialisation)"
+    assert start_description("mlp", 72) == "pretrained centrally on 72 samples"
+    assert start_description("m.onnx", 0) == "from the weights in m.onnx"
+    assert start_description("m.onnx", 5) == "pretrained centrally on 5 samples from the weights in m.onnx"
+    model = ft.zoo("mlp", (64,), 10, seed=0)
+    assert start_description(model, 0) == f"from the weights of the given model {model.name}"
