@@ -110,7 +110,7 @@ def test_profiles_from_a_file(tmp_path):
     good.write_text(json.dumps({"profiles": {"node": {"flops_per_s": 1e9, "memory_budget": 600000,
                                                       "down_bps": 1e6, "up_bps": 1e6}}}))
     profiles = load_profiles(str(good))
-    assert list(profiles) == ["node"] and profiles["node"].dropout == 0.0
+    assert list(profiles) == ["node"] and profiles["node"].dropout_per_s == 0.0
     r = simulate(SimConfig(strategies=("ftte",), profiles_path=str(good), **SMALL), log=lambda m: None)
     assert r["memory_budget_min"] == 600000
     bad = tmp_path / "bad.json"

@@ -46,3 +46,29 @@ def test_start_description():
     assert start_description("m.onnx", 5) == "pretrained centrally on 5 samples from the weights in m.onnx"
     model = ft.zoo("mlp", (64,), 10, seed=0)
     assert start_description(model, 0) == f"from the weights of the given model {model.name}"
+
+
+# -- devices leave at a rate in time, not with a chance per task ----------------------------------
+def test_leaving_is_a_rate_per_second_of_work():
+    import numpy as np
+    from ftte_hub.simulate import leave_after
+    rng = np.random.default_rng(0)
+    assert leave_after(0.0, rng) == float("inf")
+    draws = np.array([leave_after(2.0, rng) for _ in range(20000)])
+    # exponential: mean 1/rate, and the chance to leave within a task grows with the task's length
+    # (a per-task chance made a strategy of short tasks lose its fleet faster for the same devices)
+    assert abs(draws.mean() - 0.5) < 0.02
+    assert abs((draws < 0.01).mean() - (1 - np.exp(-0.02))) < 0.005
+    assert abs((draws < 1.0).mean() - (1 - np.exp(-2.0))) < 0.02
+
+
+def test_a_profile_with_the_former_per_task_dropout_is_refused_in_one_line(tmp_path):
+    import json
+    from ftte_hub.simulate import load_profiles
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"profiles": {"node": {"flops_per_s": 1e9, "memory_budget": 600000, "down_bps": 1e6,
+                                                     "up_bps": 1e6, "dropout": 0.01}}}))
+    with pytest.raises(ValueError, match="'dropout' .* is now 'dropout_per_s'") as e:
+        load_profiles(str(old))
+    assert "\n" not in str(e.value)
+    assert all(p.dropout_per_s > 0 for p in load_profiles().values())

@@ -61,7 +61,11 @@ class DeviceProfile:
     memory_budget: Optional[int] = None      # bytes per training step, or:
     memory_fraction: Optional[float] = None  # a share of the simulated model's full training step
     latency_s: float = 0.005
-    dropout: float = 0.0
+    # Rate (per second of a task: download, training, upload) at which a working device leaves;
+    # its work is lost and it comes back after rejoin_s. A rate in time, not a chance per task: a
+    # chance per task made a strategy with short tasks (FTTE's small subset) lose its fleet many
+    # times faster than one with long tasks, for the same devices.
+    dropout_per_s: float = 0.0
     rejoin_s: float = 30.0
     weight: float = 1.0
 
@@ -85,16 +89,25 @@ def load_profiles(path: Optional[str] = None) -> Dict[str, DeviceProfile]:
             raise ValueError(f"cannot read profiles file {path}: {e.strerror}") from None
     try:
         raw = json.loads(text)["profiles"]
+        for name, spec in raw.items():
+            if isinstance(spec, dict) and "dropout" in spec:
+                raise ValueError(f"{where}: profile {name!r}: 'dropout' (a chance per task) is now 'dropout_per_s', "
+                                 "a rate per second of work (a chance per task penalised short tasks)")
         profiles = {name: DeviceProfile(name=name, **spec) for name, spec in raw.items()}
-    except (ValueError, KeyError, TypeError) as e:
+    except ValueError as e:
+        if str(e).startswith(f"{where}: profile"):
+            raise
+        raise ValueError(f"{where}: expected {{\"profiles\": {{name: {{flops_per_s, memory_budget, down_bps, "
+                         f"up_bps, ...}}}}}}: {e}") from None
+    except (KeyError, TypeError) as e:
         raise ValueError(f"{where}: expected {{\"profiles\": {{name: {{flops_per_s, memory_budget, down_bps, "
                          f"up_bps, ...}}}}}}: {e}") from None
     for p in profiles.values():
         if (p.memory_budget is None) == (p.memory_fraction is None):
             raise ValueError(f"{where}: profile {p.name!r} needs one of memory_budget (bytes) or memory_fraction")
         budget = p.memory_budget if p.memory_budget is not None else p.memory_fraction
-        if min(p.flops_per_s, p.down_bps, p.up_bps, budget) <= 0 or not 0 <= p.dropout < 1:
-            raise ValueError(f"{where}: profile {p.name!r} needs positive speeds/budget and dropout in [0, 1)")
+        if min(p.flops_per_s, p.down_bps, p.up_bps, budget) <= 0 or not 0 <= p.dropout_per_s < float("inf"):
+            raise ValueError(f"{where}: profile {p.name!r} needs positive speeds/budget and a finite dropout_per_s >= 0")
     if not profiles:
         raise ValueError(f"{where}: no profiles")
     return profiles
@@ -188,6 +201,7 @@ class StrategyRun:
     participating: int = 0
     sat_out: int = 0
     devices_trained: int = 0
+    departures: int = 0         # tasks lost because their device left mid-task
     tiers: List[Dict[str, int]] = field(default_factory=list)
 
 
@@ -476,10 +490,11 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
         samples = steps * min(cfg.batch_size, len(dev.y))
         compute = cost.flops_per_sample * samples / dev.profile.flops_per_s * dev.slowdown
         t_down = down / dev.profile.down_bps + dev.profile.latency_s
-        if rng.random() < dev.profile.dropout:  # leaves mid-task: the work is lost
-            push(t + t_down + rng.random() * compute, "gone", dev)
+        leaves_at = t + leave_after(dev.profile.dropout_per_s, rng)
+        if leaves_at < t + t_down + compute:  # leaves mid-task: the work is lost
+            push(leaves_at, "gone", dev)
             return
-        push(t + t_down + compute, "trained", dev, (task, cost, values))
+        push(t + t_down + compute, "trained", dev, (task, cost, values, leaves_at))
 
     def evaluate() -> float:
         return model.evaluate(setup.val.x, setup.val.y)[1]
@@ -513,7 +528,7 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
         now, _, kind, dev_id, payload = heapq.heappop(events)
         dev = by_id[dev_id]
         if kind == "trained":
-            task, cost, values = payload
+            task, cost, values, leaves_at = payload
             res = cost.worker.run(values, task.base_version, dev.x, dev.y, task.config, bits=task.bits,
                                   seed=task.seed, device_id=dev.id)
             res.update.task_id = task.id
@@ -525,7 +540,11 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
             run.bytes_up += up
             run.per_task_up.append(up)
             trained_ids.add(dev.id)
-            push(now + up / dev.profile.up_bps + dev.profile.latency_s, "arrived", dev, (task, res.update))
+            arrives = now + up / dev.profile.up_bps + dev.profile.latency_s
+            if leaves_at < arrives:  # leaves while uploading: the update is lost
+                push(leaves_at, "gone", dev)
+                continue
+            push(arrives, "arrived", dev, (task, res.update))
         elif kind == "arrived":
             task, update = payload
             dev.busy = False
@@ -538,6 +557,7 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
             else:
                 dispatch(now, dev)
         elif kind == "gone":
+            run.departures += 1
             dev.busy = False
             dev.online = False
             report = driver.device_gone(dev.id)  # a shrunken FedAvg cohort may complete its round
@@ -553,6 +573,12 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
     run.devices_trained = len(trained_ids)
     run.wall_seconds = time.perf_counter() - wall0
     return run
+
+
+def leave_after(rate_per_s: float, rng: np.random.Generator) -> float:
+    """Seconds until a working device leaves: exponential with the profile's rate (a device is as
+    likely to leave in any second of work, whatever task it runs); inf when the rate is 0."""
+    return float(rng.exponential(1.0 / rate_per_s)) if rate_per_s > 0 else float("inf")
 
 
 def _fresh(d: SimDevice) -> SimDevice:
@@ -631,6 +657,7 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
             "participating_devices": r.participating,
             "devices_sat_out": r.sat_out,
             "devices_trained": r.devices_trained,
+            "departures": r.departures,
             "min_device_memory_bytes": r.min_memory_recorded,
             "peak_device_memory_bytes": r.peak_memory_recorded,
             "peak_device_memory_predicted_bytes": r.peak_memory_predicted,
