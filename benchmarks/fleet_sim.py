@@ -151,10 +151,11 @@ def main():
               f"({wall:.0f} s wall for {len(strategies)} strategies x {len(seeds)} seeds, "
               f"{wall / len(seeds):.0f} s per seed; FedAvg rounds {args.max_versions}, async cap {args.async_cap}; "
               f"load average {os.getloadavg()[0]:.1f})\n")
-        print("start: " + "; ".join(starts_seen) + "\n")
+        print("start: " + "; ".join(starts_seen) + "; time budget (virtual s) "
+              + spread([x["final_time_s"] for x in rows["fedavg"]] if "fedavg" in rows else []) + "\n")
         print("| strategy | devices (sat out) | time to target (s) | bytes to target (MiB) | final accuracy | "
-              "peak device memory (KiB) | total bytes (MiB) | merges | mean staleness |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "peak device memory (KiB) | total bytes (MiB) | merges | end (virtual s) | mean staleness | departures |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for s in strategies:
             r = rows[s]
             print(f"| {s} | {spread([x['participating_devices'] for x in r], '{:.0f}')} "
@@ -165,7 +166,9 @@ def main():
                   f"{spread([x['peak_device_memory_bytes'] / 1024 for x in r], '{:,.0f}')} | "
                   f"{spread([(x['bytes_down_total'] + x['bytes_up_total']) / 2**20 for x in r])} | "
                   f"{spread([x['merges'] for x in r], '{:.0f}')} | "
-                  f"{spread([x['mean_staleness'] for x in r])} |")
+                  f"{spread([x['final_time_s'] for x in r])} | "
+                  f"{spread([x['mean_staleness'] for x in r])} | "
+                  f"{spread([x['departures'] for x in r], '{:.0f}')} |")
         print()
         base = rows.get("fedavg")
         for s in ("ftte", "ftte-tiered"):
