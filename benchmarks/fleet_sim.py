@@ -30,6 +30,7 @@ still evaluated) to measure on a shared machine.
 Each run's results.json/results.md/curves.svg go to OUT/<workload>-n<clients>-s<seed>/.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -95,6 +96,20 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def load_results(where: str, strategies) -> dict:
+    """A run's results.json (``--from-results``), with every asked strategy in it, or a one-line exit."""
+    path = os.path.join(where, "results.json")
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"fleet_sim: cannot read {path}: {getattr(e, 'strerror', None) or e}")
+    missing = [s for s in strategies if s not in res.get("strategies", {})]
+    if missing:
+        raise SystemExit(f"fleet_sim: {path} has no {', '.join(missing)} (ran with other --strategies?)")
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", default="100,500")
@@ -115,6 +130,9 @@ def main():
     ap.add_argument("--ftte-server-lr", type=float, default=SimConfig.ftte_server_lr,
                     help="server learning rate of ftte/ftte-tiered (the baselines keep 1.0)")
     ap.add_argument("--out", default="bench-sim")
+    ap.add_argument("--from-results", action="store_true",
+                    help="run nothing: print the tables from the results.json files already in --out (seeds run "
+                         "in separate processes, e.g. side by side on a shared machine)")
     args = ap.parse_args()
     if args.quick:
         args.max_versions, args.async_cap = 20, 300
@@ -131,6 +149,14 @@ def main():
         seeds = [int(s) for s in args.seeds.split(",")]
         starts_seen = []
         for seed in seeds:
+            name = os.path.splitext(os.path.basename(workload))[0]
+            where = os.path.join(args.out, f"{name}-n{n}-s{seed}{tag}")
+            if args.from_results:
+                res = load_results(where, strategies)
+                starts_seen.append(f"{res.get('start', '?')}, start accuracy {res['start_accuracy']:.3f}")
+                for s in strategies:
+                    rows[s].append(res["strategies"][s])
+                continue
             cfg = SimConfig(clients=n, stragglers=args.stragglers, strategies=strategies, seed=seed,
                             max_versions=args.max_versions, async_version_cap=args.async_cap, threads=1,
                             age_exponent=args.age_exponent, variance_strength=args.variance_strength,
@@ -141,12 +167,13 @@ def main():
             res = simulate(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
             print(f"[{workload} n={n} {start} seed={seed}: {time.perf_counter() - t1:.0f} s wall]",
                   file=sys.stderr, flush=True)
-            name = os.path.splitext(os.path.basename(workload))[0]
-            write_results(res, os.path.join(args.out, f"{name}-n{n}-s{seed}{tag}"))
+            write_results(res, where)
             starts_seen.append(f"{res['start']}, start accuracy {res['start_accuracy']:.3f}")
             for s in strategies:
                 rows[s].append(res["strategies"][s])
         wall = time.perf_counter() - t0
+        if args.from_results:  # the strategies' own wall time as recorded (setup and search not included)
+            wall = sum(x["wall_seconds"] for r in rows.values() for x in r)
         print(f"\n## {workload}, {n} devices, {args.stragglers:.0%} stragglers, start {start}, seeds {args.seeds} "
               f"({wall:.0f} s wall for {len(strategies)} strategies x {len(seeds)} seeds, "
               f"{wall / len(seeds):.0f} s per seed; FedAvg rounds {args.max_versions}, async cap {args.async_cap}; "
@@ -168,7 +195,7 @@ def main():
                   f"{spread([x['merges'] for x in r], '{:.0f}')} | "
                   f"{spread([x['final_time_s'] for x in r])} | "
                   f"{spread([x['mean_staleness'] for x in r])} | "
-                  f"{spread([x['departures'] for x in r], '{:.0f}')} |")
+                  f"{spread([x.get('departures') for x in r], '{:.0f}')} |")
         print()
         base = rows.get("fedavg")
         for s in ("ftte", "ftte-tiered"):

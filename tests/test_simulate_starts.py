@@ -72,3 +72,15 @@ def test_a_profile_with_the_former_per_task_dropout_is_refused_in_one_line(tmp_p
         load_profiles(str(old))
     assert "\n" not in str(e.value)
     assert all(p.dropout_per_s > 0 for p in load_profiles().values())
+
+
+def test_tables_from_saved_results(fleet_sim, tmp_path):
+    import json
+    run = tmp_path / "mlp-n100-s0"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"strategies": {"ftte": {}, "fedavg": {}}}))
+    assert set(fleet_sim.load_results(str(run), ["ftte"])["strategies"]) == {"ftte", "fedavg"}
+    with pytest.raises(SystemExit, match="has no fedbuff"):
+        fleet_sim.load_results(str(run), ["ftte", "fedbuff"])
+    with pytest.raises(SystemExit, match="cannot read .*results.json"):
+        fleet_sim.load_results(str(tmp_path / "absent"), ["ftte"])
