@@ -128,7 +128,9 @@ def main():
     ap.add_argument("--age-exponent", type=float, default=SimConfig.age_exponent)
     ap.add_argument("--variance-strength", type=float, default=SimConfig.variance_strength)
     ap.add_argument("--ftte-server-lr", type=float, default=SimConfig.ftte_server_lr,
-                    help="server learning rate of ftte/ftte-tiered (the baselines keep 1.0)")
+                    help="server learning rate of ftte (the baselines keep 1.0)")
+    ap.add_argument("--tiered-server-lr", type=float, default=None,
+                    help="server learning rate of ftte-tiered (default 1.0, the strategy's own)")
     ap.add_argument("--out", default="bench-sim")
     ap.add_argument("--from-results", action="store_true",
                     help="run nothing: print the tables from the results.json files already in --out (seeds run "
@@ -160,7 +162,7 @@ def main():
             cfg = SimConfig(clients=n, stragglers=args.stragglers, strategies=strategies, seed=seed,
                             max_versions=args.max_versions, async_version_cap=args.async_cap, threads=1,
                             age_exponent=args.age_exponent, variance_strength=args.variance_strength,
-                            ftte_server_lr=args.ftte_server_lr,
+                            ftte_server_lr=args.ftte_server_lr, tiered_server_lr=args.tiered_server_lr,
                             pretrain_fraction=start_fraction(start, args.pretrain_fraction),
                             **workload_config(workload))
             t1 = time.perf_counter()

@@ -84,3 +84,13 @@ def test_tables_from_saved_results(fleet_sim, tmp_path):
         fleet_sim.load_results(str(run), ["ftte", "fedbuff"])
     with pytest.raises(SystemExit, match="cannot read .*results.json"):
         fleet_sim.load_results(str(tmp_path / "absent"), ["ftte"])
+
+
+def test_tiered_gets_its_own_server_lr_not_the_plain_ftte_sweep_value():
+    from ftte_hub.simulate import SimConfig, strategy_server_lr
+    cfg = SimConfig()
+    assert strategy_server_lr(cfg, "ftte") == 2.0 and strategy_server_lr(cfg, "ftte-novar") == 2.0
+    assert strategy_server_lr(cfg, "ftte-tiered") == 1.0
+    assert strategy_server_lr(cfg, "fedbuff") == 1.0 and strategy_server_lr(cfg, "fedavg-full") == 1.0
+    assert strategy_server_lr(SimConfig(tiered_server_lr=1.5), "ftte-tiered") == 1.5
+    assert strategy_server_lr(SimConfig(server_lr=0.5), "ftte-tiered") == 0.5
