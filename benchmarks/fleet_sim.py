@@ -176,10 +176,12 @@ def main():
         wall = time.perf_counter() - t0
         if args.from_results:  # the strategies' own wall time as recorded (setup and search not included)
             wall = sum(x["wall_seconds"] for r in rows.values() for x in r)
+        when = ("strategies' recorded wall time" if args.from_results
+                else f"wall; load average at the end {os.getloadavg()[0]:.1f}")
         print(f"\n## {workload}, {n} devices, {args.stragglers:.0%} stragglers, start {start}, seeds {args.seeds} "
-              f"({wall:.0f} s wall for {len(strategies)} strategies x {len(seeds)} seeds, "
-              f"{wall / len(seeds):.0f} s per seed; FedAvg rounds {args.max_versions}, async cap {args.async_cap}; "
-              f"load average {os.getloadavg()[0]:.1f})\n")
+              f"({wall:.0f} s for {len(strategies)} strategies x {len(seeds)} seeds, "
+              f"{wall / len(seeds):.0f} s per seed, {when}; FedAvg rounds {args.max_versions}, "
+              f"async cap {args.async_cap})\n")
         print("start: " + "; ".join(starts_seen) + "; time budget (virtual s) "
               + spread([x["final_time_s"] for x in rows["fedavg"]] if "fedavg" in rows else []) + "\n")
         print("| strategy | devices (sat out) | time to target (s) | bytes to target (MiB) | final accuracy | "
