@@ -28,9 +28,10 @@ def small_run():
 
 def test_results_have_the_documented_fields(small_run):
     r = small_run
-    for key in ("strategies", "target_accuracy", "clients", "stragglers", "seed", "dataset"):
+    for key in ("strategies", "target_accuracy", "clients", "stragglers", "seed", "dataset", "start"):
         assert key in r
     assert r["clients"] == 12 and r["seed"] == 3 and r["dataset"] == "digits"
+    assert r["start"].startswith("pretrained centrally on ") and r["pretrained"]
     best_final = max(s["final_accuracy"] for s in r["strategies"].values())
     assert r["target_accuracy"] == pytest.approx(0.95 * best_final)
     for name, s in r["strategies"].items():
@@ -109,7 +110,7 @@ def test_profiles_from_a_file(tmp_path):
     good.write_text(json.dumps({"profiles": {"node": {"flops_per_s": 1e9, "memory_budget": 600000,
                                                       "down_bps": 1e6, "up_bps": 1e6}}}))
     profiles = load_profiles(str(good))
-    assert list(profiles) == ["node"] and profiles["node"].dropout == 0.0
+    assert list(profiles) == ["node"] and profiles["node"].dropout_per_s == 0.0
     r = simulate(SimConfig(strategies=("ftte",), profiles_path=str(good), **SMALL), log=lambda m: None)
     assert r["memory_budget_min"] == 600000
     bad = tmp_path / "bad.json"

@@ -222,7 +222,7 @@ def test_cli_simulate_gives_a_model_the_presets_cannot_hold_a_workable_budget(tm
     profiles = tmp_path / "profiles.json"
     profiles.write_text(json.dumps({"profiles": {"pi-zero-2w": {
         "flops_per_s": 1.5e9, "memory_budget": 524288, "down_bps": 1.5e6, "up_bps": 7.5e5, "latency_s": 0.008,
-        "dropout": 0.0, "rejoin_s": 30.0, "weight": 1.0}}}))
+        "dropout_per_s": 0.0, "rejoin_s": 30.0, "weight": 1.0}}}))
     common = ["simulate", "--model", "dscnn", "--clients", "3", "--max-versions", "1", "--buffer", "2",
               "--samples-per-device", "16", "--strategies", "ftte", "--pretrain-fraction", "0", "--batch-size", "16",
               "--profiles", str(profiles)]

@@ -33,7 +33,7 @@ def markdown(results: Dict) -> str:
         f"{'augmented per-device samples' if results['augmented_device_data'] else 'partitioned samples'}, "
         f"{results['samples_per_device']} per device at least), model `{results['model']}`, buffer K = "
         f"{results['buffer']}, {results['max_versions']} versions per strategy, start model "
-        f"{'pretrained on a small public split' if results['pretrained'] else 'from scratch'} "
+        f"{results.get('start') or ('pretrained on a small public split' if results['pretrained'] else 'from scratch')} "
         f"(start accuracy {results['start_accuracy']:.3f}). Smallest device budget M_min = "
         f"{_kib(results['memory_budget_min'])}.",
         "",

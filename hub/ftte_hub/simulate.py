@@ -61,7 +61,11 @@ class DeviceProfile:
     memory_budget: Optional[int] = None      # bytes per training step, or:
     memory_fraction: Optional[float] = None  # a share of the simulated model's full training step
     latency_s: float = 0.005
-    dropout: float = 0.0
+    # Rate (per second of a task: download, training, upload) at which a working device leaves;
+    # its work is lost and it comes back after rejoin_s. A rate in time, not a chance per task: a
+    # chance per task made a strategy with short tasks (FTTE's small subset) lose its fleet many
+    # times faster than one with long tasks, for the same devices.
+    dropout_per_s: float = 0.0
     rejoin_s: float = 30.0
     weight: float = 1.0
 
@@ -85,16 +89,25 @@ def load_profiles(path: Optional[str] = None) -> Dict[str, DeviceProfile]:
             raise ValueError(f"cannot read profiles file {path}: {e.strerror}") from None
     try:
         raw = json.loads(text)["profiles"]
+        for name, spec in raw.items():
+            if isinstance(spec, dict) and "dropout" in spec:
+                raise ValueError(f"{where}: profile {name!r}: 'dropout' (a chance per task) is now 'dropout_per_s', "
+                                 "a rate per second of work (a chance per task penalised short tasks)")
         profiles = {name: DeviceProfile(name=name, **spec) for name, spec in raw.items()}
-    except (ValueError, KeyError, TypeError) as e:
+    except ValueError as e:
+        if str(e).startswith(f"{where}: profile"):
+            raise
+        raise ValueError(f"{where}: expected {{\"profiles\": {{name: {{flops_per_s, memory_budget, down_bps, "
+                         f"up_bps, ...}}}}}}: {e}") from None
+    except (KeyError, TypeError) as e:
         raise ValueError(f"{where}: expected {{\"profiles\": {{name: {{flops_per_s, memory_budget, down_bps, "
                          f"up_bps, ...}}}}}}: {e}") from None
     for p in profiles.values():
         if (p.memory_budget is None) == (p.memory_fraction is None):
             raise ValueError(f"{where}: profile {p.name!r} needs one of memory_budget (bytes) or memory_fraction")
         budget = p.memory_budget if p.memory_budget is not None else p.memory_fraction
-        if min(p.flops_per_s, p.down_bps, p.up_bps, budget) <= 0 or not 0 <= p.dropout < 1:
-            raise ValueError(f"{where}: profile {p.name!r} needs positive speeds/budget and dropout in [0, 1)")
+        if min(p.flops_per_s, p.down_bps, p.up_bps, budget) <= 0 or not 0 <= p.dropout_per_s < float("inf"):
+            raise ValueError(f"{where}: profile {p.name!r} needs positive speeds/budget and a finite dropout_per_s >= 0")
     if not profiles:
         raise ValueError(f"{where}: no profiles")
     return profiles
@@ -161,6 +174,12 @@ class SimConfig:
     age_exponent: float = 0.5
     variance_strength: float = 1.0
     ftte_server_lr: Optional[float] = 2.0
+    # ftte-tiered's server learning rate (None: server_lr, 1 as the strategy's default). Not
+    # ftte_server_lr: the sweep that chose 2 ran plain ftte only, and the tiered merge weighs each
+    # parameter over the updates that trained it, so a parameter only the largest tier trains
+    # takes the whole (x2) step from the few of the K updates that came from those devices: its
+    # accuracy swung by +-0.10 at lr 2 (seed 7, 100 devices) and +-0.01 at lr 1.
+    tiered_server_lr: Optional[float] = None
     # evaluate on the validation set after every merge (False: only at the start and the end,
     # the curve then holds those two points; for timing the fleet alone)
     evaluate_every_merge: bool = True
@@ -188,6 +207,7 @@ class StrategyRun:
     participating: int = 0
     sat_out: int = 0
     devices_trained: int = 0
+    departures: int = 0         # tasks lost because their device left mid-task
     tiers: List[Dict[str, int]] = field(default_factory=list)
 
 
@@ -225,6 +245,21 @@ def build_sim_model(cfg: SimConfig, data_shape: Sequence[int], num_classes: int)
     if model.num_classes < num_classes:
         raise ValueError(f"{spec} has {model.num_classes} outputs, but the data has {num_classes} classes")
     return model, f"model: {spec} ({model.name}), input {list(model.input_shape)}, {len(model.layers)} layers"
+
+
+def start_description(model_spec: Union[str, "ft.Model"], pretrain_samples: int) -> str:
+    """Where the start model's weights come from, for results.json's ``start``: a zoo model is
+    randomly initialised (from scratch) unless pretrained; an ONNX file or a given Model starts
+    from its own weights (which may themselves be trained), then any central pretraining."""
+    if isinstance(model_spec, ft.Model):
+        own = f"the weights of the given model {model_spec.name}"
+    elif str(model_spec) in zoo_names():
+        own = None
+    else:
+        own = f"the weights in {model_spec}"
+    if pretrain_samples:
+        return f"pretrained centrally on {pretrain_samples} samples" + (f" from {own}" if own else "")
+    return f"from {own}" if own else "from scratch (random initialisation)"
 
 
 def channels_last(model: "ft.Model") -> bool:
@@ -281,6 +316,7 @@ class _Setup:
         self.start_state = {k: v.copy() for k, v in self.model.state().items()}
         _, self.start_accuracy = self.model.evaluate(val.x, val.y)
         self.pretrained = n_pre > 0
+        self.start = start_description(cfg.model, n_pre)
         log(f"data: {self.dataset_name}, {len(fleet)} samples across {cfg.clients} devices "
             f"(Dirichlet alpha {cfg.alpha}), {len(val)} for validation, {n_pre} to pretrain "
             f"(start accuracy {self.start_accuracy:.3f})")
@@ -389,6 +425,16 @@ class _TierCost:
     downlink: Optional[DownlinkCounter] = None   # the ftte strategies' downlink stream for this tier
 
 
+def strategy_server_lr(cfg: SimConfig, name: str) -> float:
+    """The server learning rate the simulator gives a strategy: ftte-tiered its own
+    (``tiered_server_lr``), the other ftte strategies ``ftte_server_lr``, the baselines ``server_lr``."""
+    if name == "ftte-tiered":
+        return cfg.tiered_server_lr if cfg.tiered_server_lr is not None else cfg.server_lr
+    if name.startswith("ftte") and cfg.ftte_server_lr is not None:
+        return cfg.ftte_server_lr
+    return cfg.server_lr
+
+
 def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
                   horizon: Optional[float] = None) -> StrategyRun:
     cfg = setup.cfg
@@ -397,8 +443,7 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
         extra = {"age_exponent": cfg.age_exponent, "variance_strength": cfg.variance_strength}
     if name == "ftte-tiered":
         extra.update(tiers=[t for t, _ in setup.tiers], tier_bytes=[b for _, b in setup.tiers])
-    server_lr = cfg.ftte_server_lr if name.startswith("ftte") and cfg.ftte_server_lr is not None else cfg.server_lr
-    strategy = make_strategy(name, buffer_size=cfg.buffer, server_lr=server_lr, **extra)
+    strategy = make_strategy(name, buffer_size=cfg.buffer, server_lr=strategy_server_lr(cfg, name), **extra)
     max_versions = cfg.max_versions if horizon is None or strategy.synchronous else cfg.async_version_cap
     model = setup.model.copy()
     model.load_state(setup.start_state)
@@ -459,10 +504,11 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
         samples = steps * min(cfg.batch_size, len(dev.y))
         compute = cost.flops_per_sample * samples / dev.profile.flops_per_s * dev.slowdown
         t_down = down / dev.profile.down_bps + dev.profile.latency_s
-        if rng.random() < dev.profile.dropout:  # leaves mid-task: the work is lost
-            push(t + t_down + rng.random() * compute, "gone", dev)
+        leaves_at = t + leave_after(dev.profile.dropout_per_s, rng)
+        if leaves_at < t + t_down + compute:  # leaves mid-task: the work is lost
+            push(leaves_at, "gone", dev)
             return
-        push(t + t_down + compute, "trained", dev, (task, cost, values))
+        push(t + t_down + compute, "trained", dev, (task, cost, values, leaves_at))
 
     def evaluate() -> float:
         return model.evaluate(setup.val.x, setup.val.y)[1]
@@ -496,7 +542,7 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
         now, _, kind, dev_id, payload = heapq.heappop(events)
         dev = by_id[dev_id]
         if kind == "trained":
-            task, cost, values = payload
+            task, cost, values, leaves_at = payload
             res = cost.worker.run(values, task.base_version, dev.x, dev.y, task.config, bits=task.bits,
                                   seed=task.seed, device_id=dev.id)
             res.update.task_id = task.id
@@ -508,7 +554,11 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
             run.bytes_up += up
             run.per_task_up.append(up)
             trained_ids.add(dev.id)
-            push(now + up / dev.profile.up_bps + dev.profile.latency_s, "arrived", dev, (task, res.update))
+            arrives = now + up / dev.profile.up_bps + dev.profile.latency_s
+            if leaves_at < arrives:  # leaves while uploading: the update is lost
+                push(leaves_at, "gone", dev)
+                continue
+            push(arrives, "arrived", dev, (task, res.update))
         elif kind == "arrived":
             task, update = payload
             dev.busy = False
@@ -521,6 +571,7 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
             else:
                 dispatch(now, dev)
         elif kind == "gone":
+            run.departures += 1
             dev.busy = False
             dev.online = False
             report = driver.device_gone(dev.id)  # a shrunken FedAvg cohort may complete its round
@@ -536,6 +587,12 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
     run.devices_trained = len(trained_ids)
     run.wall_seconds = time.perf_counter() - wall0
     return run
+
+
+def leave_after(rate_per_s: float, rng: np.random.Generator) -> float:
+    """Seconds until a working device leaves: exponential with the profile's rate (a device is as
+    likely to leave in any second of work, whatever task it runs); inf when the rate is 0."""
+    return float(rng.exponential(1.0 / rate_per_s)) if rate_per_s > 0 else float("inf")
 
 
 def _fresh(d: SimDevice) -> SimDevice:
@@ -587,7 +644,7 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
         "seed": cfg.seed, "dataset": setup.dataset_name, "alpha": cfg.alpha, "model": setup.model_label,
         "input_shape": list(setup.model.input_shape), "data_resampled": setup.resampled,
         "buffer": cfg.buffer, "max_versions": cfg.max_versions, "time_budget_s": horizon,
-        "pretrained": setup.pretrained,
+        "pretrained": setup.pretrained, "start": setup.start,
         "augmented_device_data": setup.augmented, "samples_per_device": cfg.samples_per_device,
         "memory_budget_min": setup.m_min, "ftte_frozen": setup.ftte_frozen, "start_accuracy": setup.start_accuracy,
         "full_step_memory_bytes": setup.full_step_bytes,
@@ -614,6 +671,7 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
             "participating_devices": r.participating,
             "devices_sat_out": r.sat_out,
             "devices_trained": r.devices_trained,
+            "departures": r.departures,
             "min_device_memory_bytes": r.min_memory_recorded,
             "peak_device_memory_bytes": r.peak_memory_recorded,
             "peak_device_memory_predicted_bytes": r.peak_memory_predicted,
