@@ -121,6 +121,15 @@ def test_profiles_from_a_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="expected"):
         load_profiles(str(bad))
+    node = {"flops_per_s": 1e9, "memory_budget": 600000, "down_bps": 1e6, "up_bps": 1e6}
+    for profiles, why in (([], "expected"), ({"node": [1]}, "expected"), ({"node": {**node, "speed": 1}}, "expected"),
+                          ({"node": {**node, "flops_per_s": "fast"}}, "finite numbers"),
+                          ({"node": {**node, "up_bps": True}}, "finite numbers"),
+                          ({"node": {**node, "rejoin_s": -1}}, ">= 0"),
+                          ({"node": {**node, "weight": 0}}, "weight 0")):
+        bad.write_text(json.dumps({"profiles": profiles}))
+        with pytest.raises(ValueError, match=why):  # one line each, never a TypeError/AttributeError traceback
+            load_profiles(str(bad))
     shipped = load_profiles()
     assert {"pi-zero-2w", "pi4", "pi5", "jetson"} <= set(shipped)
 

@@ -15,6 +15,7 @@ before the run ends costs nothing.
 from __future__ import annotations
 
 import heapq
+import math
 import json
 import time
 from dataclasses import dataclass, field
@@ -87,29 +88,37 @@ def load_profiles(path: Optional[str] = None) -> Dict[str, DeviceProfile]:
             text = Path(path).read_text()
         except OSError as e:
             raise ValueError(f"cannot read profiles file {path}: {e.strerror}") from None
+    shape = "expected {\"profiles\": {name: {flops_per_s, memory_budget, down_bps, up_bps, ...}}}"
     try:
         raw = json.loads(text)["profiles"]
-        for name, spec in raw.items():
-            if isinstance(spec, dict) and "dropout" in spec:
-                raise ValueError(f"{where}: profile {name!r}: 'dropout' (a chance per task) is now 'dropout_per_s', "
-                                 "a rate per second of work (a chance per task penalised short tasks)")
+        if not isinstance(raw, dict) or not all(isinstance(spec, dict) for spec in raw.values()):
+            raise TypeError("profiles must be an object of objects")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{where}: {shape}: {e}") from None
+    for name, spec in raw.items():
+        if "dropout" in spec:
+            raise ValueError(f"{where}: profile {name!r}: 'dropout' (a chance per task) is now 'dropout_per_s', "
+                             "a rate per second of work (a chance per task penalised short tasks)")
+    try:
         profiles = {name: DeviceProfile(name=name, **spec) for name, spec in raw.items()}
-    except ValueError as e:
-        if str(e).startswith(f"{where}: profile"):
-            raise
-        raise ValueError(f"{where}: expected {{\"profiles\": {{name: {{flops_per_s, memory_budget, down_bps, "
-                         f"up_bps, ...}}}}}}: {e}") from None
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{where}: expected {{\"profiles\": {{name: {{flops_per_s, memory_budget, down_bps, "
-                         f"up_bps, ...}}}}}}: {e}") from None
+    except TypeError as e:
+        raise ValueError(f"{where}: {shape}: {e}") from None
     for p in profiles.values():
         if (p.memory_budget is None) == (p.memory_fraction is None):
             raise ValueError(f"{where}: profile {p.name!r} needs one of memory_budget (bytes) or memory_fraction")
         budget = p.memory_budget if p.memory_budget is not None else p.memory_fraction
-        if min(p.flops_per_s, p.down_bps, p.up_bps, budget) <= 0 or not 0 <= p.dropout_per_s < float("inf"):
-            raise ValueError(f"{where}: profile {p.name!r} needs positive speeds/budget and a finite dropout_per_s >= 0")
+        numbers = (p.flops_per_s, p.down_bps, p.up_bps, budget, p.latency_s, p.dropout_per_s, p.rejoin_s, p.weight)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+            raise ValueError(f"{where}: profile {p.name!r}: speeds, budget, latency, dropout_per_s, rejoin_s and "
+                             "weight must be finite numbers")
+        if min(p.flops_per_s, p.down_bps, p.up_bps, budget) <= 0 or min(p.dropout_per_s, p.latency_s, p.rejoin_s,
+                                                                         p.weight) < 0:
+            raise ValueError(f"{where}: profile {p.name!r} needs positive speeds/budget and latency_s, "
+                             "dropout_per_s, rejoin_s and weight >= 0")
     if not profiles:
         raise ValueError(f"{where}: no profiles")
+    if not sum(p.weight for p in profiles.values()) > 0:
+        raise ValueError(f"{where}: every profile has weight 0 (a weight is its share of the fleet)")
     return profiles
 
 
