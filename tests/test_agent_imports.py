@@ -42,7 +42,6 @@ AGENT_LIKE = textwrap.dedent("""
     from ftte_core.zoo import zoo
 
 
-
     def malloc_heaps():
         # glibc's malloc_info XML has one <heap nr=...> per arena; None off glibc
         if platform.libc_ver()[0] != "glibc":

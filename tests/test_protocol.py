@@ -51,6 +51,7 @@ def test_handshake_between_the_direct_and_the_public_x25519_paths(monkeypatch):
     assert s.receive_data(c.send(5, b"both ways")) == [Message(5, b"both ways")]
     assert c.receive_data(s.send(6, b"and back")) == [Message(6, b"and back")]
 
+
 def test_client_may_send_right_behind_its_finished():
     c, s = Connection("client", KEY), Connection("server", KEY)
     s.receive_data(c.initiate())
