@@ -3,6 +3,7 @@ import asyncio
 import json
 import re
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -263,6 +264,73 @@ def test_channel_exchanges_messages_and_counts_bytes():
     assert seen["big"] == (M.MODEL, 300_000)
     assert seen["clean"] is True
     assert ch.bytes_sent > 300_000 and ch.bytes_received > 0
+
+
+@pytest.mark.parametrize("reading", [False, True], ids=["close-reads", "recv-reads"])
+def test_a_message_that_crosses_the_close_frame_does_not_reset_the_connection(reading):
+    """The hub sends STOP and closes while an agent's UPDATE is on its way. Were the hub's socket gone
+    when that UPDATE arrived, its kernel would answer with a reset; an agent busy training reads
+    the reset together with the STOP and the close frame, and asyncio then raises "connection reset"
+    instead of handing over what was buffered (a CI run saw exactly that). close() therefore reads
+    until the peer's EOF, whether it reads itself or another task of the closer's is in recv."""
+    import threading
+    key = generate_key()
+    ended, ready = {}, threading.Event()
+
+    def closer():  # its own thread and event loop: the other side blocks its loop like a busy agent
+        async def handle(r, w):
+            ch = await Channel.open(r, w, "server", key, timeout=5)
+            await ch.recv(timeout=5)
+
+            async def read_on():  # like the hub's session reader: everything until the peer's end
+                while True:
+                    await ch.recv(timeout=10)
+
+            reader = asyncio.ensure_future(read_on()) if reading else None
+            await asyncio.sleep(0)
+            await ch.send(M.STOP, M.encode_json({"reason": "done"}))
+            await ch.close(linger=5.0)
+            time.sleep(0.5)  # the socket itself closes on the loop's next turn: the UPDATE lands before
+            if reader is not None:
+                ended["closer"] = (await asyncio.gather(reader, return_exceptions=True))[0]
+            ended["closer_done"] = True
+
+        async def serve():
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            ended["port"] = server.sockets[0].getsockname()[1]
+            ready.set()
+            for _ in range(100):
+                if ended.get("closer_done"):
+                    break
+                await asyncio.sleep(0.05)
+            server.close()
+
+        asyncio.run(serve())
+
+    thread = threading.Thread(target=closer, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+
+    async def main():
+        r, w = await asyncio.open_connection("127.0.0.1", ended["port"])
+        ch = await Channel.open(r, w, "client", key, timeout=5)
+        await ch.send(M.PING, b"{}")
+        time.sleep(0.3)                        # busy training: STOP and the close frame arrive unread
+        await ch.send(M.UPDATE, b"\x01" * 1000)
+        time.sleep(0.6)                        # still busy when the closer's socket goes
+        msg_type, _ = await ch.recv(timeout=5)
+        try:
+            await ch.recv(timeout=5)
+        except ChannelError as e:
+            ended["client"] = e
+        await ch.close()
+        return msg_type
+
+    assert asyncio.run(main()) == M.STOP
+    thread.join(10)
+    assert isinstance(ended["client"], ChannelClosed) and ended["client"].clean, ended["client"]
+    if reading:
+        assert isinstance(ended["closer"], ChannelClosed), ended["closer"]
 
 
 def test_channel_wrong_key_and_garbage_fail_with_one_line():

@@ -618,6 +618,8 @@ class Session:
             if worker in done and worker.exception() is None:
                 return  # STOP was sent: whatever the reader or heartbeat hit after that is no news
             for t in done:
+                if self.fleet.stopping and t is not worker and isinstance(t.exception(), ChannelClosed):
+                    continue  # the agent's goodbye to STOP, read while the worker lingers in close()
                 t.result()  # re-raise the reason this session ended
         finally:
             for t in tasks:
@@ -637,7 +639,9 @@ class Session:
             elif msg_type == M.UPDATE:
                 await fleet.ready.wait()
                 if fleet.stopping:
-                    return
+                    # not acknowledged, so the agent keeps it for the next run; read on until the
+                    # agent's EOF, since closing with its bytes unread would reset the connection
+                    continue
                 self.no_update_in_flight.clear()
                 try:
                     await self._on_update(body)

@@ -21,6 +21,7 @@ from .protocol import DEFAULT_MAX_FRAME, Closed, Connection, HandshakeComplete, 
 from .protocol import HandshakeCutShort as HandshakeCutShortError
 
 READ_CHUNK = 1 << 16
+CLOSE_LINGER = 1.0  # seconds close() waits for the peer's EOF after its close frame
 
 
 class ChannelError(ConnectionError):
@@ -61,6 +62,8 @@ class Channel:
         self._inbox: Deque[Tuple[int, bytes]] = deque()
         self._send_lock = asyncio.Lock()
         self._closed = False
+        self._reading = False           # a recv is waiting on the stream (close() must not read too)
+        self._eof_seen = asyncio.Event()  # the peer's EOF (or a reset) has been read
 
     @classmethod
     async def open(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, role: str, key: bytes,
@@ -141,8 +144,13 @@ class Channel:
                     pass  # the EOF that follows ends the stream
         return self._inbox.popleft()
 
-    async def close(self) -> None:
-        """Send the authenticated close (if possible) and close the stream. Never raises."""
+    async def close(self, linger: float = CLOSE_LINGER) -> None:
+        """Send the authenticated close (if possible) and close the stream. Never raises.
+
+        After the close frame it half-closes and reads (discarding) until the peer's EOF, for at most
+        ``linger`` seconds: closing a socket that still holds unread bytes (a PING or UPDATE the peer
+        sent meanwhile) makes the kernel send a reset, which can destroy the close frame in flight, so
+        the peer would log a dropped connection instead of a clean end."""
         if self._closed:
             return
         try:
@@ -150,9 +158,18 @@ class Channel:
                 async with self._send_lock:
                     self.writer.write(self.conn.close())
                     await asyncio.wait_for(self.writer.drain(), 2.0)
+                if linger > 0 and self.writer.can_write_eof():
+                    self.writer.write_eof()
+                    # a task of the caller's may be reading (recv): it sees the EOF and sets the event
+                    until_eof = self._eof_seen.wait() if self._reading else self._discard_until_eof()
+                    await asyncio.wait_for(until_eof, linger)
         except (ProtocolError, OSError, asyncio.TimeoutError, RuntimeError):
             pass
         self.abort()
+
+    async def _discard_until_eof(self) -> None:
+        while await self.reader.read(READ_CHUNK):
+            pass
 
     def abort(self) -> None:
         """Close the stream now, without the close frame."""
@@ -173,10 +190,16 @@ class Channel:
             raise ChannelError(f"{self.peer}: send failed: {e or type(e).__name__}") from None
 
     async def _read_events(self):
+        self._reading = True
         try:
             data = await self.reader.read(READ_CHUNK)
         except (OSError, RuntimeError) as e:
+            self._eof_seen.set()
             raise ChannelError(f"{self.peer}: receive failed: {e or type(e).__name__}") from None
+        finally:
+            self._reading = False
+        if not data:
+            self._eof_seen.set()
         try:
             if not data:
                 self.conn.receive_eof()
