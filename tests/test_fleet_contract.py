@@ -15,6 +15,7 @@ from ftte_core.channel import Channel, ChannelClosed, ChannelError, HandshakeCut
 from ftte_core.graph import AvgPool2d, Dense, Dropout, Flatten, MaxPool2d, Model, ReLU, Sigmoid, Tanh
 from ftte_core.local import TaskConfig
 from ftte_core.protocol import Connection, generate_key
+from slowdev import scaled
 
 
 # -- model files -------------------------------------------------------------------------------------
@@ -299,9 +300,8 @@ def test_a_message_that_crosses_the_close_frame_does_not_reset_the_connection(re
             server = await asyncio.start_server(handle, "127.0.0.1", 0)
             ended["port"] = server.sockets[0].getsockname()[1]
             ready.set()
-            for _ in range(100):
-                if ended.get("closer_done"):
-                    break
+            deadline = time.monotonic() + scaled(10)
+            while not ended.get("closer_done") and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             server.close()
 
@@ -309,7 +309,7 @@ def test_a_message_that_crosses_the_close_frame_does_not_reset_the_connection(re
 
     thread = threading.Thread(target=closer, daemon=True)
     thread.start()
-    assert ready.wait(10)
+    assert ready.wait(scaled(10))
 
     async def main():
         r, w = await asyncio.open_connection("127.0.0.1", ended["port"])
@@ -327,7 +327,7 @@ def test_a_message_that_crosses_the_close_frame_does_not_reset_the_connection(re
         return msg_type
 
     assert asyncio.run(main()) == M.STOP
-    thread.join(10)
+    thread.join(scaled(10))
     assert isinstance(ended["client"], ChannelClosed) and ended["client"].clean, ended["client"]
     if reading:
         assert isinstance(ended["closer"], ChannelClosed), ended["closer"]
