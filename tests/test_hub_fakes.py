@@ -39,7 +39,7 @@ class FakeAgent:
         assert downlink in ("off", "on", "lose"), downlink   # lose: forgets what it holds every third task
         self.downlink = downlink
         self.held: Optional[DL.Held] = None
-        self.frames: List[str] = []           # kind of every downlink frame received ("snapshot", "delta")
+        self.frames: List[str] = []           # kind of every downlink frame received ("snapshot", "delta", "direct")
         self.resyncs = 0
         self.blobs = {}                       # hash -> model file bytes (the origin of a stream)
         self.key, self.data, self.agent_id, self.budget, self.behaviour = key, data, agent_id, budget, behaviour
@@ -167,7 +167,7 @@ class FakeAgent:
         if self.downlink == "lose" and self.tasks % 3 == 0:
             self.held = None
         origin = None
-        if task.downlink.kind == "delta" and task.downlink.base is None:
+        if task.downlink.needs_origin:
             fresh = model_from_bytes(self.blobs[task.model_hash])
             origin = subset_values(fresh, Subset.from_dict(fresh, task.subset))
         try:
@@ -178,7 +178,7 @@ class FakeAgent:
             await ch.send(M.TASK_FAILED, M.encode_json({"task_id": task.task_id, "run_id": task.run_id,
                                                          "message": str(e), "downlink": "resync"}))
             return False
-        self.held = DL.Held(task.downlink.stream, task.downlink.version, task.downlink.checksum, values)
+        self.held = DL.held_after(task.downlink, values)
         task.values = values
         return True
 
