@@ -265,6 +265,7 @@ def test_downlink_task_bodies_bring_every_agent_to_the_hubs_canonical_values():
     fleet = Fleet(KEY, FleetSettings())
     fleet.model_blob = model_to_bytes(model)
     fleet.model_hash, fleet.subset_dict, fleet.run_id = "ab" * 32, subset.to_dict(), "run-1"
+    fleet.downlink_direct = False       # the canonical frames (direct steps: the next test)
     device_model = {d: model.copy() for d in ("a", "b")}
     hub_held = {"a": DL.ORIGIN, "b": DL.ORIGIN}
     agent_held = {"a": None, "b": None}
@@ -275,7 +276,8 @@ def test_downlink_task_bodies_bring_every_agent_to_the_hubs_canonical_values():
     for i in range(10):
         d = "ab"[i % 2] if i % 5 else "a"      # "a" sometimes twice in a row: same version, empty chain
         task = driver.device_idle(d)
-        body, hub_held[d] = fleet.downlink_task_body(task, hub_held[d])
+        body, sent = fleet.downlink_task_body(task, hub_held[d])
+        hub_held[d] = sent.version
         msg = M.decode_task(body)
         values = DL.resolve(msg.downlink, agent_held[d], origin)
         kinds.append((msg.downlink.kind, len(msg.downlink.steps or ())))
@@ -288,6 +290,52 @@ def test_downlink_task_bodies_bring_every_agent_to_the_hubs_canonical_values():
         upd = run_task(device_model[d], task.__class__(**{**task.__dict__, "values": values}), part.x, part.y, d)
         driver.update_arrived(d, upd)
     assert driver.version >= 3 and all(k == "delta" for k, _n in kinds) and (("delta", 0) in kinds)
+
+
+def test_downlink_agents_several_versions_behind_get_direct_steps_bit_for_bit():
+    """An agent that comes back several versions behind gets one direct step from the values it
+    holds (smaller than the chain), resolves it to exactly the hub's mirror of it, trains from it,
+    and the hub merges its update as any other; its next direct step builds on that mirror."""
+    import ftte_core as ft
+    from ftte_core import downlink as DL
+    from ftte_core import messages as M
+    from ftte_core.local import TaskConfig
+    from ftte_core.modelfile import model_to_bytes
+    from ftte_core.scheduler import RoundDriver, run_task
+    from ftte_core.strategies import make_strategy
+    from ftte_core.subset import Subset
+    from ftte_hub.fleet import Fleet, FleetSettings
+
+    val, parts = digits_split(3)
+    model = ft.zoo("mlp", (64,), 10, hidden=(16,))
+    subset = Subset.of(model, {"fc2": {"rows": "all", "bias": True}, "fc1": {"rows": [1, 5, 7], "bias": True}})
+    driver = RoundDriver(model, subset, make_strategy("ftte", buffer_size=1), TaskConfig(lr=0.2, max_steps=3))
+    fleet = Fleet(KEY, FleetSettings())
+    fleet.model_blob = model_to_bytes(model)
+    fleet.model_hash, fleet.subset_dict, fleet.run_id = "ab" * 32, subset.to_dict(), "run-1"
+    origin = subset_values_of(model, subset)
+    hub = {d: (DL.ORIGIN, None) for d in "abc"}
+    agent = {d: None for d in "abc"}
+    kinds = {d: [] for d in "abc"}
+    for d in "abc":
+        driver.device_joined(d, {})
+    for i in range(14):
+        d = "c" if i % 7 == 6 else "ab"[i % 2]          # "c" comes back every 7th task, versions behind
+        task = driver.device_idle(d)
+        body, sent = fleet.downlink_task_body(task, *hub[d])
+        hub[d] = (sent.version, sent.mirror)
+        msg = M.decode_task(body)
+        values = DL.resolve(msg.downlink, agent[d], origin)
+        agent[d] = DL.held_after(msg.downlink, values)
+        kinds[d].append(msg.downlink.kind)
+        for k in values:
+            np.testing.assert_array_equal(values[k], sent.mirror.values[k])
+        if msg.downlink.kind == "direct":
+            assert agent[d].describe() == {"stream": msg.downlink.stream, "checksum": sent.mirror.checksum}
+        upd = run_task(model.copy(), task.__class__(**{**task.__dict__, "values": values}), parts[i % 3].x,
+                       parts[i % 3].y, d)
+        assert driver.update_arrived(d, upd).accepted
+    assert kinds["c"][1:] == ["direct"] and driver.version >= 10
 
 
 def subset_values_of(model, subset):

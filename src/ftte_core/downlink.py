@@ -563,10 +563,13 @@ class DownlinkStream:
         chain from ``held`` (ORIGIN, a version, or None), or (``direct``) one direct step from the
         values the hub knows it holds (``held`` ORIGIN, or ``mirror``). Ties go to the canonical
         frames (a device at a canonical version can take chains later). Returns the frame, what the
-        device holds after it (a Mirror) and its canonical version then (None after a direct step)."""
+        device holds after it (a Mirror) and its canonical version then (None after a direct step).
+        A chain of at most one step is never replaced (a direct step is no smaller and would leave
+        the device off the canonical values)."""
         frame = self.frame_for(held)
         best = frame_bytes(frame)
-        if direct and held != self.version:
+        # a chain of at most one step is a direct step's size and lands on canonical values
+        if direct and not (frame.kind == "delta" and len(frame.steps) <= 1):
             got = self.direct_frame(mirror, held)
             if got is not None and frame_bytes(got[0]) < best:
                 return Sent(got[0], Mirror(self.stream_id, got[0].checksum, got[1], self.version), None)
