@@ -359,11 +359,73 @@ def test_downlink_agents_get_deltas_and_a_lost_agent_resyncs_from_a_snapshot(tmp
 
     summary, (keeps, loses, old) = asyncio.run(main())
     assert summary["version"] == 5
-    assert keeps.frames and set(keeps.frames) == {"delta"} and keeps.resyncs == 0
+    # (a chain of two or more steps, should it fall behind, is a direct step)
+    assert keeps.frames and set(keeps.frames) <= {"delta", "direct"} and keeps.resyncs == 0
     assert loses.resyncs >= 1 and "snapshot" in loses.frames and summary["agents"]["loses"]["accepted"] >= 2
     i = loses.frames.index("snapshot")
     assert loses.frames[i - 1] == "delta"          # the delta it could not resolve, then the snapshot
     assert old.frames == [] and summary["agents"]["old"]["accepted"] >= 1
+
+
+def test_fleet_agents_versions_behind_get_direct_steps_and_the_run_reaches_its_target(tmp_path):
+    """In a real (in-process) fleet, a slow agent comes back several versions behind: it gets
+    direct steps (not a float32 snapshot), resolves every one (no resync), and the run reaches its
+    target; the fast agents keep up with canonical chains."""
+    val, parts = digits_split(3)
+
+    async def main():
+        agents = [FakeAgent(KEY, parts[0], "fast0", downlink="on"), FakeAgent(KEY, parts[1], "fast1", downlink="on"),
+                  FakeAgent(KEY, parts[2], "slow", behaviour="slow", delay=scaled(0.3),
+                            downlink="on")]
+        for a in agents:
+            await a.start()
+        cfg = _config(tmp_path, val, agents, buffer=1, target_accuracy=0.9, lr=0.03)
+        return await _run(cfg, agents), agents
+
+    summary, (fast0, fast1, slow) = asyncio.run(main())
+    assert summary["accuracy"] >= 0.9 and summary["reason"].startswith("reached --target-accuracy")
+    assert "direct" in slow.frames and "snapshot" not in slow.frames and slow.resyncs == 0
+    assert summary["agents"]["slow"]["accepted"] >= 2
+    assert "snapshot" not in fast0.frames + fast1.frames and fast0.resyncs == fast1.resyncs == 0
+
+
+def test_a_reconnecting_agent_gets_direct_steps_only_from_values_the_hub_knows():
+    """A reconnect within the run that names the mirror its last session ended with keeps it (direct
+    steps go on); one that names values the hub does not know (another checksum, another stream, a
+    restarted agent) is at the model file's values: nothing builds on what it names."""
+    from types import SimpleNamespace
+
+    from ftte_core import downlink as DL
+    from ftte_hub.fleet import Fleet, FleetSettings, Session
+
+    rng = np.random.default_rng(3)
+    origin = {"w": rng.standard_normal((4, 3)).astype(np.float32)}
+    stream = DL.DownlinkStream(origin, "st1")
+    stream.publish(0, {"w": origin["w"] + 0.1})
+    stream.publish(1, {"w": origin["w"] + 0.2})
+    fleet = Fleet(KEY, FleetSettings())
+    fleet.downlinks[""] = stream
+    mirror = DL.Mirror("st1", "c" * 32, {"w": origin["w"] + 0.15}, 0)
+    canonical0 = stream.checksum_of(0)
+
+    def arrive(named, retired=mirror):
+        fleet.retire_mirror(SimpleNamespace(agent_id="a1", mirror=retired))
+        info = {"memory_budget": 1 << 20, "downlink_held": named}
+        return Session._held_on_arrival(SimpleNamespace(info=info, fleet=fleet, agent_id="a1"))
+
+    assert arrive(("st1", None, "c" * 32)) == (None, mirror)          # its mirror: direct steps go on
+    sent = stream.frame_for_device(None, mirror)
+    assert sent.frame.kind == "direct" and sent.frame.source == "held"
+    assert arrive(("st1", None, "d" * 32)) == (DL.ORIGIN, None)       # values the hub does not know
+    assert arrive(("st0", None, "c" * 32)) == (DL.ORIGIN, None)       # another stream (a restarted hub)
+    assert arrive(None) == (DL.ORIGIN, None)                          # a restarted agent holds nothing
+    assert arrive(("st1", 0, canonical0), retired=None) == (0, None)  # a canonical version: the chain
+    assert arrive(("st1", None, "c" * 32), retired=None) == (DL.ORIGIN, None)   # mirror dropped
+    assert "a1" not in fleet.retired_mirrors                          # taken by the new session
+    # and what the hub sends one it knows nothing of: never a step from what it named
+    assert stream.frame_for_device(None, None).frame.kind == "snapshot"
+
+
 @pytest.mark.slow
 def test_max_seconds_finishes_at_the_first_merge_past_it(tmp_path):
     # a site round (`train --site`, docs/multi-site.md) ends at --max-versions or its time limit
