@@ -1333,7 +1333,7 @@ def test_downlink_frames_reconstruct_the_hubs_canonical_values(fleet, tmp_path):
 
     async def go():
         ch, info = await hello(a.port, fleet["key"])
-        assert info["downlink"] == {"format": 1}             # holds nothing yet
+        assert info["downlink"] == {"format": 1, "direct": True}   # holds nothing yet
         await ch.send(M.MODEL, model_to_bytes(model))
         next_version(0)
         frame, t, body = await task(ch, "d0", 0, DL.ORIGIN)  # from the model file's values
@@ -1347,7 +1347,8 @@ def test_downlink_frames_reconstruct_the_hubs_canonical_values(fleet, tmp_path):
         await ack(ch, "d1")
         await ch.close()
         ch, info = await hello(a.port, fleet["key"])          # it names what it holds: the hub's canonical v3
-        assert info["downlink"] == {"format": 1, "stream": "hub-stream", "version": 3, "checksum": stream.checksum}
+        assert info["downlink"] == {"format": 1, "direct": True, "stream": "hub-stream", "version": 3,
+                                    "checksum": stream.checksum}
         next_version(4)
         frame, t, body = await task(ch, "d2", 4, 3)
         assert t == M.UPDATE
@@ -1379,7 +1380,8 @@ def test_downlink_frames_reconstruct_the_hubs_canonical_values(fleet, tmp_path):
         await ack(ch, "d5")
         await ch.close()
         ch, info = await hello(a.port, fleet["key"])          # a mirror: stream and checksum, no version
-        assert info["downlink"] == {"format": 1, "stream": "hub-stream", "checksum": sent.mirror.checksum}
+        assert info["downlink"] == {"format": 1, "direct": True, "stream": "hub-stream",
+                                    "checksum": sent.mirror.checksum}
         next_version(9)
         again = stream.frame_for_device(None, sent.mirror)    # error feedback: from the exact mirror
         assert again.frame.kind == "direct"

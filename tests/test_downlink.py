@@ -328,6 +328,15 @@ def test_hub_reads_what_an_agent_holds_and_never_trusts_garbage(downlink, fmt, h
         info["downlink"] = downlink
     got = parse_agent_info(json.dumps(info).encode())
     assert (got["downlink_format"], got["downlink_held"]) == (fmt, held)
+    assert got["downlink_direct"] is False          # it did not say it resolves direct steps
+
+
+@pytest.mark.parametrize("direct, takes", [(True, True), (False, False), ("true", False), (1, False)])
+def test_hub_sends_direct_steps_only_to_agents_that_say_they_resolve_them(direct, takes):
+    from ftte_hub.fleet import parse_agent_info
+
+    info = {"agent_id": "a1", "memory_budget": 1 << 20, "downlink": {"format": 1, "direct": direct}}
+    assert parse_agent_info(json.dumps(info).encode())["downlink_direct"] is takes
 
 
 def test_history_holds_less_than_one_snapshot_of_steps():

@@ -36,7 +36,8 @@ class FakeAgent:
                  downlink: str = "off", delay: float = 0.05):
         assert behaviour in BEHAVIOURS, behaviour
         self.delay = delay                    # behaviour "slow": seconds added to every task
-        assert downlink in ("off", "on", "lose"), downlink   # lose: forgets what it holds every third task
+        # lose: forgets what it holds every third task; chains: an agent from before direct steps
+        assert downlink in ("off", "on", "lose", "chains"), downlink
         self.downlink = downlink
         self.held: Optional[DL.Held] = None
         self.frames: List[str] = []           # kind of every downlink frame received ("snapshot", "delta", "direct")
@@ -105,7 +106,8 @@ class FakeAgent:
                 "models": self.announce + list(self.models), "pending": len(self.pending),
                 "num_samples": 0 if self.data is None else len(self.data), "arch": "test", "software": "fake"}
         if self.downlink != "off":
-            info["downlink"] = {"format": 1, **(self.held.describe() if self.held is not None else {})}
+            info["downlink"] = {"format": 1, "direct": self.downlink != "chains",
+                                **(self.held.describe() if self.held is not None else {})}
         await ch.send(M.AGENT_INFO, M.encode_json(info))
         deferred = []   # what the hub sends while kept updates wait for their ACK (MODEL, TASK): served after
         while self.pending:

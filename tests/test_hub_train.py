@@ -370,23 +370,25 @@ def test_downlink_agents_get_deltas_and_a_lost_agent_resyncs_from_a_snapshot(tmp
 def test_fleet_agents_versions_behind_get_direct_steps_and_the_run_reaches_its_target(tmp_path):
     """In a real (in-process) fleet, a slow agent comes back several versions behind: it gets
     direct steps (not a float32 snapshot), resolves every one (no resync), and the run reaches its
-    target; the fast agents keep up with canonical chains."""
-    val, parts = digits_split(3)
+    target; the fast agents keep up with canonical chains. An equally slow agent from before direct
+    steps (it does not say it resolves them) gets chains or snapshots only."""
+    val, parts = digits_split(4)
 
     async def main():
         agents = [FakeAgent(KEY, parts[0], "fast0", downlink="on"), FakeAgent(KEY, parts[1], "fast1", downlink="on"),
-                  FakeAgent(KEY, parts[2], "slow", behaviour="slow", delay=scaled(0.3),
-                            downlink="on")]
+                  FakeAgent(KEY, parts[2], "slow", behaviour="slow", delay=scaled(0.3), downlink="on"),
+                  FakeAgent(KEY, parts[3], "old", behaviour="slow", delay=scaled(0.3), downlink="chains")]
         for a in agents:
             await a.start()
         cfg = _config(tmp_path, val, agents, buffer=1, target_accuracy=0.9, lr=0.03)
         return await _run(cfg, agents), agents
 
-    summary, (fast0, fast1, slow) = asyncio.run(main())
+    summary, (fast0, fast1, slow, old) = asyncio.run(main())
     assert summary["accuracy"] >= 0.9 and summary["reason"].startswith("reached --target-accuracy")
     assert "direct" in slow.frames and "snapshot" not in slow.frames and slow.resyncs == 0
     assert summary["agents"]["slow"]["accepted"] >= 2
     assert "snapshot" not in fast0.frames + fast1.frames and fast0.resyncs == fast1.resyncs == 0
+    assert old.frames and "direct" not in old.frames and old.resyncs == 0
 
 
 def test_a_reconnecting_agent_gets_direct_steps_only_from_values_the_hub_knows():
@@ -399,7 +401,7 @@ def test_a_reconnecting_agent_gets_direct_steps_only_from_values_the_hub_knows()
     from ftte_hub.fleet import Fleet, FleetSettings, Session
 
     rng = np.random.default_rng(3)
-    origin = {"w": rng.standard_normal((4, 3)).astype(np.float32)}
+    origin = {"w": rng.standard_normal((32, 48)).astype(np.float32)}
     stream = DL.DownlinkStream(origin, "st1")
     stream.publish(0, {"w": origin["w"] + 0.1})
     stream.publish(1, {"w": origin["w"] + 0.2})

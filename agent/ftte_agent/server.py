@@ -278,7 +278,7 @@ class Agent:
                 "input_shape": [int(v) for v in d.feature_shape], "num_classes": int(d.num_classes),
                 # this agent resolves downlink frames; the canonical version it holds, if any (a
                 # mirror from a direct step: stream and checksum only)
-                "downlink": {"format": DL.FORMAT_VERSION,
+                "downlink": {"format": DL.FORMAT_VERSION, "direct": True,
                              **(self.downlink_held.describe() if self.downlink_held is not None else {})}}
 
     # -- downlink --------------------------------------------------------------------------------

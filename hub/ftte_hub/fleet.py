@@ -175,6 +175,8 @@ def parse_agent_info(body: bytes) -> Dict[str, Any]:
     fmt = dl.get("format") if isinstance(dl, dict) else None
     info["downlink_format"] = 1 if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt == 1 else 0
     info["downlink_held"] = DL.parse_held(dl) if info["downlink_format"] else None
+    # it resolves direct steps too (an agent from before them would refuse the frame kind)
+    info["downlink_direct"] = bool(info["downlink_format"]) and dl.get("direct") is True
     shape = info.get("input_shape")
     if shape is not None:
         if not (isinstance(shape, list) and 0 < len(shape) <= MAX_SHAPE_DIMS and
@@ -421,15 +423,15 @@ class Fleet:
                 task.values, shapes, b"".join(v.tobytes() for v in arrays.values()))
         return M.assemble_task(M.task_header(self._message(task), cached[1], False), cached[2])
 
-    def downlink_task_body(self, task, held: Optional[int], mirror: Optional[DL.Mirror] = None
-                           ) -> Tuple[bytes, DL.Sent]:
+    def downlink_task_body(self, task, held: Optional[int], mirror: Optional[DL.Mirror] = None,
+                           direct: bool = True) -> Tuple[bytes, DL.Sent]:
         """(TASK bytes for ``task`` carrying a downlink frame, what the agent holds after it).
 
         ``held``: the canonical version the agent holds (``downlink.ORIGIN``: the model file's
         values; None: none the hub knows); ``mirror``: the exact values the hub knows it holds, if
-        any. The frame is the smallest that brings it to the task's version
-        (``DownlinkStream.frame_for_device``, the simulator's choice too): a chain of int8 steps, a
-        direct step from its values (``downlink_direct``), or a snapshot. Publishing happens here,
+        any; ``direct``: it resolves direct steps. The frame is the smallest that brings it to the
+        task's version (``DownlinkStream.frame_for_device``, the simulator's choice too): a chain of
+        int8 steps, a direct step from its values (``direct`` and ``downlink_direct``), or a snapshot. Publishing happens here,
         so call it right after the task is issued (before any await: the stream only moves
         forward). Canonical frames are built once per (held, version); direct steps per task.
         """
@@ -438,7 +440,7 @@ class Fleet:
             stream.publish(task.base_version, task.values)
             for k in [k for k in self._frames if k[0] == stream.stream_id]:
                 del self._frames[k]
-        sent = stream.frame_for_device(held, mirror, self.downlink_direct)
+        sent = stream.frame_for_device(held, mirror, direct and self.downlink_direct)
         if sent.frame.kind == "direct":
             blob = DL.encode_frame(sent.frame)
         else:
@@ -624,6 +626,7 @@ class Session:
         self.no_update_in_flight = asyncio.Event()  # clear while an UPDATE waits for its fsync and ACK
         self.no_update_in_flight.set()
         self.downlink = bool(info.get("downlink_format"))   # the agent resolves downlink frames
+        self.direct = bool(info.get("downlink_direct"))     # ... and direct steps
         self.held: Optional[int] = DL.ORIGIN   # the canonical version the agent holds (None: none the hub knows)
         self.mirror: Optional[DL.Mirror] = None  # the exact values it holds, when the hub knows them
         self.sent_on_held = False              # its current task's frame builds on what it held (not a snapshot)
@@ -787,7 +790,7 @@ class Session:
                 if task is not None:
                     self.task_id, self.task_sent_at = task.id, time.monotonic()
                     if self.downlink and fleet.downlink_enabled:  # built before any await: the stream only moves on
-                        body, sent = fleet.downlink_task_body(task, self.held, self.mirror)
+                        body, sent = fleet.downlink_task_body(task, self.held, self.mirror, self.direct)
                         self.held, self.mirror = sent.version, sent.mirror
                         self.sent_on_held = sent.frame.kind != "snapshot"
                     else:
