@@ -244,27 +244,36 @@ def test_updates_in_flight_at_the_end_are_acknowledged_before_stop(tmp_path, mon
         assert acked == summary["agents"][a.agent_id]["accepted"], a.agent_id
 
 
-def test_downlink_task_bodies_bring_every_agent_to_the_hubs_canonical_values():
-    """The hub's TASK bytes, decoded and resolved as an agent does, give exactly the stream's
-    canonical values at each task's version, for agents at different versions; the canonical
-    values stay within a quantisation step of the hub's float values across merges."""
+def _downlink_hub(buffer):
+    """A small model, a sparse subset, its ftte driver and a Fleet that builds TASK bodies for it
+    (no sockets): the hub's downlink as the sessions use it."""
     import ftte_core as ft
-    from ftte_core import downlink as DL
-    from ftte_core import messages as M
     from ftte_core.local import TaskConfig
     from ftte_core.modelfile import model_to_bytes
-    from ftte_core.scheduler import RoundDriver, run_task
+    from ftte_core.scheduler import RoundDriver
     from ftte_core.strategies import make_strategy
     from ftte_core.subset import Subset
     from ftte_hub.fleet import Fleet, FleetSettings
 
-    val, parts = digits_split(2)
     model = ft.zoo("mlp", (64,), 10, hidden=(16,))
     subset = Subset.of(model, {"fc2": {"rows": "all", "bias": True}, "fc1": {"rows": [1, 5, 7], "bias": True}})
-    driver = RoundDriver(model, subset, make_strategy("ftte", buffer_size=2), TaskConfig(lr=0.2, max_steps=3))
+    driver = RoundDriver(model, subset, make_strategy("ftte", buffer_size=buffer), TaskConfig(lr=0.2, max_steps=3))
     fleet = Fleet(KEY, FleetSettings())
     fleet.model_blob = model_to_bytes(model)
     fleet.model_hash, fleet.subset_dict, fleet.run_id = "ab" * 32, subset.to_dict(), "run-1"
+    return model, subset, driver, fleet
+
+
+def test_downlink_task_bodies_bring_every_agent_to_the_hubs_canonical_values():
+    """The hub's TASK bytes, decoded and resolved as an agent does, give exactly the stream's
+    canonical values at each task's version, for agents at different versions; the canonical
+    values stay within a quantisation step of the hub's float values across merges."""
+    from ftte_core import downlink as DL
+    from ftte_core import messages as M
+    from ftte_core.scheduler import run_task
+
+    val, parts = digits_split(2)
+    model, subset, driver, fleet = _downlink_hub(buffer=2)
     fleet.downlink_direct = False       # the canonical frames (direct steps: the next test)
     device_model = {d: model.copy() for d in ("a", "b")}
     hub_held = {"a": DL.ORIGIN, "b": DL.ORIGIN}
@@ -296,23 +305,12 @@ def test_downlink_agents_several_versions_behind_get_direct_steps_bit_for_bit():
     """An agent that comes back several versions behind gets one direct step from the values it
     holds (smaller than the chain), resolves it to exactly the hub's mirror of it, trains from it,
     and the hub merges its update as any other; its next direct step builds on that mirror."""
-    import ftte_core as ft
     from ftte_core import downlink as DL
     from ftte_core import messages as M
-    from ftte_core.local import TaskConfig
-    from ftte_core.modelfile import model_to_bytes
-    from ftte_core.scheduler import RoundDriver, run_task
-    from ftte_core.strategies import make_strategy
-    from ftte_core.subset import Subset
-    from ftte_hub.fleet import Fleet, FleetSettings
+    from ftte_core.scheduler import run_task
 
     val, parts = digits_split(3)
-    model = ft.zoo("mlp", (64,), 10, hidden=(16,))
-    subset = Subset.of(model, {"fc2": {"rows": "all", "bias": True}, "fc1": {"rows": [1, 5, 7], "bias": True}})
-    driver = RoundDriver(model, subset, make_strategy("ftte", buffer_size=1), TaskConfig(lr=0.2, max_steps=3))
-    fleet = Fleet(KEY, FleetSettings())
-    fleet.model_blob = model_to_bytes(model)
-    fleet.model_hash, fleet.subset_dict, fleet.run_id = "ab" * 32, subset.to_dict(), "run-1"
+    model, subset, driver, fleet = _downlink_hub(buffer=1)
     origin = subset_values_of(model, subset)
     hub = {d: (DL.ORIGIN, None) for d in "abc"}
     agent = {d: None for d in "abc"}
