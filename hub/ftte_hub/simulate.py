@@ -195,6 +195,7 @@ class SimConfig:
     # the ftte strategies' downlink may send direct steps from each device's mirror (the fleet's
     # default; False = canonical frames only, the hub's --no-direct-steps)
     downlink_direct: bool = True
+    downlink_bits: int = 8              # the ftte strategies' downlink steps: int8 or packed int4 (--downlink-bits)
 
 
 @dataclass
@@ -473,7 +474,8 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
                                LocalWorker(model.copy(), tier_subset),
                                # the fleet's downlink deltas (ftte strategies; the baselines ship float32
                                # values as published)
-                               DownlinkCounter(subset_values(model, tier_subset), direct=cfg.downlink_direct)
+                               DownlinkCounter(subset_values(model, tier_subset), bits=cfg.downlink_bits,
+                                               direct=cfg.downlink_direct)
                                if strategy.sparse else None))
     cost_by_fp = {c.subset.fingerprint(): c for c in costs}
     run = StrategyRun(name, subset=driver.subset.describe(model), trainable_params=driver.subset.num_trainable(model))
