@@ -421,7 +421,8 @@ def test_direct_step_refuses_values_it_was_not_built_on():
         DL.resolve(frame, other, None)
     with pytest.raises(DL.DownlinkError, match="direct step from values"):
         DL.resolve(frame, None, origin)
-    lying = DL.Held("dir", 0, held.checksum, {k: v + 1 for k, v in held.values.items()})   # checksum says yes, values no
+    # its checksum says yes, its values no
+    lying = DL.Held("dir", 0, held.checksum, {k: v + 1 for k, v in held.values.items()})
     with pytest.raises(DL.DownlinkError, match="base values do not match"):
         DL.resolve(frame, lying, None)
     frame.checksum = "f" * 32                            # a result that does not check

@@ -160,7 +160,7 @@ class Agent:
         self._cancel: Dict[Tuple[str, str], threading.Event] = {}   # (run id, task id) -> set to cancel
         self.tasks_done = 0
         self.tasks_failed = 0
-        self.downlink_held: Optional[DL.Held] = None   # the values from the hub this agent holds (canonical or a mirror)
+        self.downlink_held: Optional[DL.Held] = None   # the hub's values it holds (canonical, or a mirror)
         self.queries = 0             # status queries being answered now
         self.started = time.time()
 

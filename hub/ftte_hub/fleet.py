@@ -431,9 +431,10 @@ class Fleet:
         values; None: none the hub knows); ``mirror``: the exact values the hub knows it holds, if
         any; ``direct``: it resolves direct steps. The frame is the smallest that brings it to the
         task's version (``DownlinkStream.frame_for_device``, the simulator's choice too): a chain of
-        int8 steps, a direct step from its values (``direct`` and ``downlink_direct``), or a snapshot. Publishing happens here,
-        so call it right after the task is issued (before any await: the stream only moves
-        forward). Canonical frames are built once per (held, version); direct steps per task.
+        int8 steps, a direct step from its values (``direct`` and ``downlink_direct``), or a
+        snapshot. Publishing happens here, so call it right after the task is issued (before any
+        await: the stream only moves forward). Canonical frames are built once per (held,
+        version); direct steps per task.
         """
         stream = self.downlink_stream(task)
         if stream.version != task.base_version:

@@ -376,7 +376,8 @@ def resolve(frame: Frame, held: Optional["Held"], origin: Optional[Mapping[str, 
             base = held.values
         elif frame.needs_origin:
             if origin is None:
-                raise DownlinkError(f"downlink {frame.kind} from the model file's values, which this side does not have")
+                raise DownlinkError(f"downlink {frame.kind} from the model file's values, which this side "
+                                    f"does not have")
             base = origin
         else:
             if held is None or held.stream != frame.stream or held.version != frame.base:
