@@ -9,7 +9,7 @@ framing and encryption included) at the first merge whose validation accuracy re
 prints each run and the median.
 
     PYTHONPATH=src:agent:hub python benchmarks/fleet_bytes.py [--runs 3] [--alpha 0.8] [--buffer 3]
-        [--no-downlink] [--update-bits 4] [--memory-budget 512KiB]
+        [--no-downlink] [--no-direct-steps] [--update-bits 4] [--memory-budget 512KiB]
         [--strategy ftte-tiered --memory-budgets 210KiB,400KiB,1MiB]
 
 ``--memory-budgets`` gives each agent its own budget (one per agent, comma-separated), so
@@ -107,6 +107,7 @@ def one_run(root: Path, args) -> dict:
                           peers=peers, mdns=False, buffer=args.buffer, max_versions=args.max_versions,
                           target_accuracy=None if args.to_max_versions else TARGETS[-1], lr=args.lr, local_epochs=args.epochs,
                           batch_size=32, seed=args.seed, wait_timeout=60.0, downlink=not args.no_downlink,
+                          downlink_direct=not args.no_direct_steps,
                           strategy=args.strategy,
                           update_bits=args.update_bits, downlink_bits=args.downlink_bits)
         hooks = Hooks(on_ready=lambda fleet: ready.setdefault("t", time.perf_counter()),
@@ -143,6 +144,7 @@ def main() -> None:
     ap.add_argument("--max-versions", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-downlink", action="store_true", help="tasks carry float32 values (as before downlink deltas)")
+    ap.add_argument("--no-direct-steps", action="store_true", help="canonical downlink chains only (no direct steps)")
     ap.add_argument("--downlink-bits", type=int, choices=(8, 4), default=8, help="the downlink stream's steps")
     ap.add_argument("--update-bits", type=int, choices=(8, 4), default=None, help="the agents' update encoding")
     ap.add_argument("--memory-budget", default=None, help="every agent's --memory-budget (default: the agent's own)")

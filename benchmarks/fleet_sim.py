@@ -131,6 +131,10 @@ def main():
                     help="server learning rate of ftte (the baselines keep 1.0)")
     ap.add_argument("--tiered-server-lr", type=float, default=None,
                     help="server learning rate of ftte-tiered (default 1.0, the strategy's own)")
+    ap.add_argument("--no-direct-steps", action="store_true",
+                    help="the ftte strategies' downlink: canonical frames only (no direct steps)")
+    ap.add_argument("--downlink-bits", type=int, choices=(8, 4), default=8,
+                    help="the ftte strategies' downlink steps: int8 or packed int4")
     ap.add_argument("--out", default="bench-sim")
     ap.add_argument("--from-results", action="store_true",
                     help="run nothing: print the tables from the results.json files already in --out (seeds run "
@@ -163,6 +167,7 @@ def main():
                             max_versions=args.max_versions, async_version_cap=args.async_cap, threads=1,
                             age_exponent=args.age_exponent, variance_strength=args.variance_strength,
                             ftte_server_lr=args.ftte_server_lr, tiered_server_lr=args.tiered_server_lr,
+                            downlink_direct=not args.no_direct_steps, downlink_bits=args.downlink_bits,
                             pretrain_fraction=start_fraction(start, args.pretrain_fraction),
                             **workload_config(workload))
             t1 = time.perf_counter()

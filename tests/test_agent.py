@@ -1333,7 +1333,7 @@ def test_downlink_frames_reconstruct_the_hubs_canonical_values(fleet, tmp_path):
 
     async def go():
         ch, info = await hello(a.port, fleet["key"])
-        assert info["downlink"] == {"format": 1}             # holds nothing yet
+        assert info["downlink"] == {"format": 1, "direct": True}   # holds nothing yet
         await ch.send(M.MODEL, model_to_bytes(model))
         next_version(0)
         frame, t, body = await task(ch, "d0", 0, DL.ORIGIN)  # from the model file's values
@@ -1347,7 +1347,8 @@ def test_downlink_frames_reconstruct_the_hubs_canonical_values(fleet, tmp_path):
         await ack(ch, "d1")
         await ch.close()
         ch, info = await hello(a.port, fleet["key"])          # it names what it holds: the hub's canonical v3
-        assert info["downlink"] == {"format": 1, "stream": "hub-stream", "version": 3, "checksum": stream.checksum}
+        assert info["downlink"] == {"format": 1, "direct": True, "stream": "hub-stream", "version": 3,
+                                    "checksum": stream.checksum}
         next_version(4)
         frame, t, body = await task(ch, "d2", 4, 3)
         assert t == M.UPDATE
@@ -1366,6 +1367,36 @@ def test_downlink_frames_reconstruct_the_hubs_canonical_values(fleet, tmp_path):
         await ch.close()
         ch, info = await hello(a.port, fleet["key"])
         assert info["downlink"]["version"] == 5 and info["downlink"]["checksum"] == stream.checksum
+        # direct steps: three versions behind, one step from what it holds (v5's values)
+        mirror = DL.Mirror("hub-stream", stream.checksum, stream.values, 5)
+        for v in (6, 7, 8):
+            next_version(v)
+        sent = stream.frame_for_device(5, mirror)
+        assert sent.frame.kind == "direct" and sent.frame.source == "held"
+        await ch.send(M.TASK, M.encode_task(task_message(model, subset, "d5", version=8, values={}),
+                                            downlink_blob=DL.encode_frame(sent.frame)))
+        t, body = await recv_skip_pings(ch)
+        assert t == M.UPDATE and Update.from_bytes(body).base_version == 8, (M.name(t), bytes(body)[:200])
+        await ack(ch, "d5")
+        await ch.close()
+        ch, info = await hello(a.port, fleet["key"])          # a mirror: stream and checksum, no version
+        assert info["downlink"] == {"format": 1, "direct": True, "stream": "hub-stream",
+                                    "checksum": sent.mirror.checksum}
+        next_version(9)
+        again = stream.frame_for_device(None, sent.mirror)    # error feedback: from the exact mirror
+        assert again.frame.kind == "direct"
+        await ch.send(M.TASK, M.encode_task(task_message(model, subset, "d6", version=9, values={}),
+                                            downlink_blob=DL.encode_frame(again.frame)))
+        t, body = await recv_skip_pings(ch)
+        assert t == M.UPDATE
+        await ack(ch, "d6")
+        next_version(10)
+        stale = stream.frame_for_device(None, sent.mirror)    # from the mirror it no longer holds
+        await ch.send(M.TASK, M.encode_task(task_message(model, subset, "d7", version=10, values={}),
+                                            downlink_blob=DL.encode_frame(stale.frame)))
+        t, body = await recv_skip_pings(ch)
+        failed = M.decode_json(body, t)
+        assert t == M.TASK_FAILED and failed["downlink"] == "resync" and "direct step from values" in failed["message"]
         await ch.close()
 
     try:

@@ -296,7 +296,7 @@ def test_int4_stream_round_trips_and_stays_within_its_step():
 def test_counter_tracks_each_device():
     rng = np.random.default_rng(10)
     origin = _values(rng, ((16, 32),))
-    c = DL.DownlinkCounter(origin)
+    c = DL.DownlinkCounter(origin, direct=False)      # canonical frames only (the hub's --no-direct-steps)
     true = _walk(rng, origin)
     n_a, vals = c.task("a", 0, true)
     n_a2, _ = c.task("a", 0, true)                # holds version 0 already
@@ -313,6 +313,12 @@ def test_counter_tracks_each_device():
     ({"format": 1, "stream": "s", "version": 4, "checksum": "a" * 32}, 1, ("s", 4, "a" * 32)),
     ({"format": 1, "stream": "s", "version": -4, "checksum": "a" * 32}, 1, None),
     ({"format": True, "stream": "s", "version": 4, "checksum": "a" * 32}, 0, None),
+    # a mirror (a direct step's result) names no version; a null or bad version is not a mirror
+    ({"format": 1, "stream": "s", "checksum": "b" * 32}, 1, ("s", None, "b" * 32)),
+    ({"format": 1, "stream": "s", "version": None, "checksum": "b" * 32}, 1, None),
+    ({"format": 1, "stream": "s", "version": "4", "checksum": "b" * 32}, 1, None),
+    ({"format": 1, "stream": "s" * 65, "checksum": "b" * 32}, 1, None),
+    ({"format": 1, "stream": "s", "checksum": "B" * 32}, 1, None),
 ])
 def test_hub_reads_what_an_agent_holds_and_never_trusts_garbage(downlink, fmt, held):
     from ftte_hub.fleet import parse_agent_info
@@ -322,6 +328,15 @@ def test_hub_reads_what_an_agent_holds_and_never_trusts_garbage(downlink, fmt, h
         info["downlink"] = downlink
     got = parse_agent_info(json.dumps(info).encode())
     assert (got["downlink_format"], got["downlink_held"]) == (fmt, held)
+    assert got["downlink_direct"] is False          # it did not say it resolves direct steps
+
+
+@pytest.mark.parametrize("direct, takes", [(True, True), (False, False), ("true", False), (1, False)])
+def test_hub_sends_direct_steps_only_to_agents_that_say_they_resolve_them(direct, takes):
+    from ftte_hub.fleet import parse_agent_info
+
+    info = {"agent_id": "a1", "memory_budget": 1 << 20, "downlink": {"format": 1, "direct": direct}}
+    assert parse_agent_info(json.dumps(info).encode())["downlink_direct"] is takes
 
 
 def test_history_holds_less_than_one_snapshot_of_steps():
@@ -336,3 +351,157 @@ def test_history_holds_less_than_one_snapshot_of_steps():
     assert len(stream.entries) == 3
     assert stream.frame_for(6).kind == "delta" and stream.frame_for(5).kind == "snapshot"
     assert stream.frame_for(9).kind == "delta"   # the latest needs no step at all
+
+
+# -- direct steps (per-device mirrors) -------------------------------------------------------------
+def _behind_stream(rng, versions=7, bits=8):
+    """A stream published ``versions`` times, an agent that holds version 0 (canonical values)."""
+    origin = _values(rng, ((32, 48), (32, 1)))
+    stream = DL.DownlinkStream(origin, "dir", bits=bits)
+    true = _walk(rng, origin, 0.05)
+    stream.publish(0, true)
+    held = DL.Held("dir", 0, stream.checksum, stream.values)
+    mirror = DL.Mirror("dir", stream.checksum, stream.values, 0)
+    for v in range(1, versions):
+        true = _walk(rng, true, 0.05)
+        stream.publish(v, true)
+    return origin, stream, held, mirror, true
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_direct_step_round_trip_resolves_bit_for_bit_and_is_smaller_than_the_chain(bits):
+    rng = np.random.default_rng(20)
+    origin, stream, held, mirror, true = _behind_stream(rng, bits=bits)
+    sent = stream.frame_for_device(0, mirror)
+    chain = stream.frame_for(0)
+    assert sent.frame.kind == "direct" and sent.frame.source == "held" and sent.version is None
+    assert DL.frame_bytes(sent.frame) < DL.frame_bytes(chain)
+    blob = DL.encode_frame(sent.frame)
+    assert len(blob) == DL.frame_bytes(sent.frame)
+    frame = DL.decode_frame(blob)
+    assert DL.encode_frame(frame) == blob
+    got = DL.resolve(frame, held, None)
+    after = DL.held_after(frame, got)
+    assert after.version is None and after.checksum == sent.mirror.checksum == DL.values_checksum(got)
+    assert after.describe() == {"stream": "dir", "checksum": sent.mirror.checksum}
+    scale = 127 if bits == 8 else 7
+    for k in got:
+        np.testing.assert_array_equal(got[k], sent.mirror.values[k])      # both sides: bit for bit
+        # one quantisation step from the canonical values, which it is not
+        err = np.abs(got[k] - stream.values[k])
+        assert np.all(err <= np.max(np.abs(stream.values[k] - held.values[k]), axis=1)[:, None] / scale * 0.5 + 1e-6)
+    # error feedback: the next direct step starts from the exact mirror, and the canonical
+    # values did not move, so the step is a zero step (it trains from what it holds)
+    again = stream.frame_for_device(None, sent.mirror)
+    assert again.frame.kind == "direct" and not any(t.scales.any() for t in again.frame.steps[0][1].values())
+    stream.publish(7, _walk(rng, true, 0.05))
+    nxt = stream.frame_for_device(None, sent.mirror)
+    got2 = DL.resolve(DL.decode_frame(DL.encode_frame(nxt.frame)), after, None)
+    assert DL.values_checksum(got2) == nxt.mirror.checksum
+
+
+def test_direct_step_from_the_model_files_values():
+    rng = np.random.default_rng(21)
+    origin, stream, _held, _mirror, _true = _behind_stream(rng)
+    sent = stream.frame_for_device(DL.ORIGIN)            # a new device: the chain from the origin is long
+    assert sent.frame.kind == "direct" and sent.frame.source == "origin" and sent.frame.needs_origin
+    frame = DL.decode_frame(DL.encode_frame(sent.frame))
+    with pytest.raises(DL.DownlinkError, match="model file"):
+        DL.resolve(frame, None, None)
+    got = DL.resolve(frame, None, origin)
+    assert DL.values_checksum(got) == sent.mirror.checksum
+
+
+def test_direct_step_refuses_values_it_was_not_built_on():
+    rng = np.random.default_rng(22)
+    origin, stream, held, mirror, _true = _behind_stream(rng)
+    frame = DL.decode_frame(DL.encode_frame(stream.frame_for_device(0, mirror).frame))
+    other = DL.Held("dir", None, "0" * 32, {k: v + 1 for k, v in held.values.items()})
+    with pytest.raises(DL.DownlinkError, match="direct step from values"):
+        DL.resolve(frame, other, None)
+    with pytest.raises(DL.DownlinkError, match="direct step from values"):
+        DL.resolve(frame, None, origin)
+    # its checksum says yes, its values no
+    lying = DL.Held("dir", 0, held.checksum, {k: v + 1 for k, v in held.values.items()})
+    with pytest.raises(DL.DownlinkError, match="base values do not match"):
+        DL.resolve(frame, lying, None)
+    frame.checksum = "f" * 32                            # a result that does not check
+    with pytest.raises(DL.DownlinkError, match="do not match checksum"):
+        DL.resolve(frame, held, None)
+    # the hub never builds on values it does not know: no mirror, no version = a snapshot
+    assert stream.frame_for_device(None, None).frame.kind == "snapshot"
+    assert stream.frame_for_device(None, DL.Mirror("other-stream", held.checksum, held.values)).frame.kind == "snapshot"
+    assert stream.frame_for_device(0, mirror, direct=False).frame.kind == stream.frame_for(0).kind
+
+
+def _direct_blob(rng):
+    _origin, stream, _held, mirror, _true = _behind_stream(rng, versions=3)
+    return DL.encode_frame(stream.frame_for_device(0, mirror).frame)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda h: h.update({"from": "elsewhere"}), "from must be"),
+    (lambda h: h.pop("from"), "exactly the fields"),
+    (lambda h: h.update({"steps": [2]}), "exactly the fields"),
+    (lambda h: h.update({"bits": 2}), "bits must be 8 or 4"),
+    (lambda h: h.update({"base_checksum": "x"}), "base_checksum"),
+    (lambda h: h.update({"kind": "mirror"}), "exactly the fields"),
+])
+def test_malformed_direct_headers_are_one_line_errors(change, match):
+    blob = _direct_blob(np.random.default_rng(23))
+    _m, _v, _f, hlen = PREFIX.unpack_from(blob, 0)
+    head = json.loads(blob[PREFIX.size:PREFIX.size + hlen])
+    change(head)
+    new = json.dumps(head).encode()
+    bad = PREFIX.pack(b"FTDL", 1, 0, len(new)) + new + blob[PREFIX.size + hlen:]
+    with pytest.raises(DL.DownlinkError, match=match) as e:
+        DL.decode_frame(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_truncated_oversized_and_padded_direct_frames_are_refused():
+    blob = _direct_blob(np.random.default_rng(24))
+    for cut in (1, 7, len(blob) // 2):
+        with pytest.raises(DL.DownlinkError):
+            DL.decode_frame(blob[:-cut])
+    with pytest.raises(DL.DownlinkError, match="left over"):
+        DL.decode_frame(blob + b"\0")
+    with pytest.raises(DL.DownlinkError):
+        DL.decode_frame(blob, max_bytes=len(blob) - 1)
+    _m, _v, _f, hlen = PREFIX.unpack_from(blob, 0)
+    bad = bytearray(blob)
+    bad[PREFIX.size + hlen:PREFIX.size + hlen + 4] = struct.pack("<f", float("nan"))
+    with pytest.raises(DL.DownlinkError, match="NaN"):
+        DL.decode_frame(bytes(bad))
+
+
+def test_counter_sends_direct_steps_and_counts_the_encoded_bytes():
+    """The simulator's count is the size of the frame the fleet would encode, and the device
+    trains from the mirror values that frame gives it (not the hub's float values)."""
+    rng = np.random.default_rng(25)
+    origin = _values(rng, ((16, 32), (16, 1)))
+    c = DL.DownlinkCounter(origin)
+    held = {}
+    true = origin
+    for v in range(12):
+        true = _walk(rng, true, 0.05)
+        for d in ("a", "b", "c")[: 1 + v % 3]:          # "b" and "c" fall several versions behind
+            n, vals = c.task(d, v, true)
+            frame = DL.decode_frame(DL.encode_frame(c.last_frame))
+            assert n == len(DL.encode_frame(c.last_frame))
+            got = DL.resolve(frame, held.get(d), origin)
+            held[d] = DL.held_after(frame, got)
+            for k in vals:
+                np.testing.assert_array_equal(got[k], vals[k])
+    assert c.kinds["direct"] > 0 and c.kinds["snapshot"] == 0
+    canonical = DL.DownlinkCounter(origin, direct=False)
+    true = origin
+    total = {True: 0, False: 0}
+    rng = np.random.default_rng(26)
+    c = DL.DownlinkCounter(origin)
+    for v in range(12):
+        true = _walk(rng, true, 0.05)
+        for d in ("a", "b", "c")[: 1 + v % 3]:
+            total[True] += c.task(d, v, true)[0]
+            total[False] += canonical.task(d, v, true)[0]
+    assert total[True] < total[False]

@@ -36,10 +36,11 @@ class FakeAgent:
                  downlink: str = "off", delay: float = 0.05):
         assert behaviour in BEHAVIOURS, behaviour
         self.delay = delay                    # behaviour "slow": seconds added to every task
-        assert downlink in ("off", "on", "lose"), downlink   # lose: forgets what it holds every third task
+        # lose: forgets what it holds every third task; chains: an agent from before direct steps
+        assert downlink in ("off", "on", "lose", "chains"), downlink
         self.downlink = downlink
         self.held: Optional[DL.Held] = None
-        self.frames: List[str] = []           # kind of every downlink frame received ("snapshot", "delta")
+        self.frames: List[str] = []           # kind of every downlink frame received ("snapshot", "delta", "direct")
         self.resyncs = 0
         self.blobs = {}                       # hash -> model file bytes (the origin of a stream)
         self.key, self.data, self.agent_id, self.budget, self.behaviour = key, data, agent_id, budget, behaviour
@@ -105,7 +106,8 @@ class FakeAgent:
                 "models": self.announce + list(self.models), "pending": len(self.pending),
                 "num_samples": 0 if self.data is None else len(self.data), "arch": "test", "software": "fake"}
         if self.downlink != "off":
-            info["downlink"] = {"format": 1, **(self.held.describe() if self.held is not None else {})}
+            info["downlink"] = {"format": 1, "direct": self.downlink != "chains",
+                                **(self.held.describe() if self.held is not None else {})}
         await ch.send(M.AGENT_INFO, M.encode_json(info))
         deferred = []   # what the hub sends while kept updates wait for their ACK (MODEL, TASK): served after
         while self.pending:
@@ -167,7 +169,7 @@ class FakeAgent:
         if self.downlink == "lose" and self.tasks % 3 == 0:
             self.held = None
         origin = None
-        if task.downlink.kind == "delta" and task.downlink.base is None:
+        if task.downlink.needs_origin:
             fresh = model_from_bytes(self.blobs[task.model_hash])
             origin = subset_values(fresh, Subset.from_dict(fresh, task.subset))
         try:
@@ -178,7 +180,7 @@ class FakeAgent:
             await ch.send(M.TASK_FAILED, M.encode_json({"task_id": task.task_id, "run_id": task.run_id,
                                                          "message": str(e), "downlink": "resync"}))
             return False
-        self.held = DL.Held(task.downlink.stream, task.downlink.version, task.downlink.checksum, values)
+        self.held = DL.held_after(task.downlink, values)
         task.values = values
         return True
 

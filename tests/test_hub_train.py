@@ -244,27 +244,37 @@ def test_updates_in_flight_at_the_end_are_acknowledged_before_stop(tmp_path, mon
         assert acked == summary["agents"][a.agent_id]["accepted"], a.agent_id
 
 
-def test_downlink_task_bodies_bring_every_agent_to_the_hubs_canonical_values():
-    """The hub's TASK bytes, decoded and resolved as an agent does, give exactly the stream's
-    canonical values at each task's version, for agents at different versions; the canonical
-    values stay within a quantisation step of the hub's float values across merges."""
+def _downlink_hub(buffer):
+    """A small model, a sparse subset, its ftte driver and a Fleet that builds TASK bodies for it
+    (no sockets): the hub's downlink as the sessions use it."""
     import ftte_core as ft
-    from ftte_core import downlink as DL
-    from ftte_core import messages as M
     from ftte_core.local import TaskConfig
     from ftte_core.modelfile import model_to_bytes
-    from ftte_core.scheduler import RoundDriver, run_task
+    from ftte_core.scheduler import RoundDriver
     from ftte_core.strategies import make_strategy
     from ftte_core.subset import Subset
     from ftte_hub.fleet import Fleet, FleetSettings
 
-    val, parts = digits_split(2)
     model = ft.zoo("mlp", (64,), 10, hidden=(16,))
     subset = Subset.of(model, {"fc2": {"rows": "all", "bias": True}, "fc1": {"rows": [1, 5, 7], "bias": True}})
-    driver = RoundDriver(model, subset, make_strategy("ftte", buffer_size=2), TaskConfig(lr=0.2, max_steps=3))
+    driver = RoundDriver(model, subset, make_strategy("ftte", buffer_size=buffer), TaskConfig(lr=0.2, max_steps=3))
     fleet = Fleet(KEY, FleetSettings())
     fleet.model_blob = model_to_bytes(model)
     fleet.model_hash, fleet.subset_dict, fleet.run_id = "ab" * 32, subset.to_dict(), "run-1"
+    return model, subset, driver, fleet
+
+
+def test_downlink_task_bodies_bring_every_agent_to_the_hubs_canonical_values():
+    """The hub's TASK bytes, decoded and resolved as an agent does, give exactly the stream's
+    canonical values at each task's version, for agents at different versions; the canonical
+    values stay within a quantisation step of the hub's float values across merges."""
+    from ftte_core import downlink as DL
+    from ftte_core import messages as M
+    from ftte_core.scheduler import run_task
+
+    val, parts = digits_split(2)
+    model, subset, driver, fleet = _downlink_hub(buffer=2)
+    fleet.downlink_direct = False       # the canonical frames (direct steps: the next test)
     device_model = {d: model.copy() for d in ("a", "b")}
     hub_held = {"a": DL.ORIGIN, "b": DL.ORIGIN}
     agent_held = {"a": None, "b": None}
@@ -275,7 +285,8 @@ def test_downlink_task_bodies_bring_every_agent_to_the_hubs_canonical_values():
     for i in range(10):
         d = "ab"[i % 2] if i % 5 else "a"      # "a" sometimes twice in a row: same version, empty chain
         task = driver.device_idle(d)
-        body, hub_held[d] = fleet.downlink_task_body(task, hub_held[d])
+        body, sent = fleet.downlink_task_body(task, hub_held[d])
+        hub_held[d] = sent.version
         msg = M.decode_task(body)
         values = DL.resolve(msg.downlink, agent_held[d], origin)
         kinds.append((msg.downlink.kind, len(msg.downlink.steps or ())))
@@ -288,6 +299,41 @@ def test_downlink_task_bodies_bring_every_agent_to_the_hubs_canonical_values():
         upd = run_task(device_model[d], task.__class__(**{**task.__dict__, "values": values}), part.x, part.y, d)
         driver.update_arrived(d, upd)
     assert driver.version >= 3 and all(k == "delta" for k, _n in kinds) and (("delta", 0) in kinds)
+
+
+def test_downlink_agents_several_versions_behind_get_direct_steps_bit_for_bit():
+    """An agent that comes back several versions behind gets one direct step from the values it
+    holds (smaller than the chain), resolves it to exactly the hub's mirror of it, trains from it,
+    and the hub merges its update as any other; its next direct step builds on that mirror."""
+    from ftte_core import downlink as DL
+    from ftte_core import messages as M
+    from ftte_core.scheduler import run_task
+
+    val, parts = digits_split(3)
+    model, subset, driver, fleet = _downlink_hub(buffer=1)
+    origin = subset_values_of(model, subset)
+    hub = {d: (DL.ORIGIN, None) for d in "abc"}
+    agent = {d: None for d in "abc"}
+    kinds = {d: [] for d in "abc"}
+    for d in "abc":
+        driver.device_joined(d, {})
+    for i in range(14):
+        d = "c" if i % 7 == 6 else "ab"[i % 2]          # "c" comes back every 7th task, versions behind
+        task = driver.device_idle(d)
+        body, sent = fleet.downlink_task_body(task, *hub[d])
+        hub[d] = (sent.version, sent.mirror)
+        msg = M.decode_task(body)
+        values = DL.resolve(msg.downlink, agent[d], origin)
+        agent[d] = DL.held_after(msg.downlink, values)
+        kinds[d].append(msg.downlink.kind)
+        for k in values:
+            np.testing.assert_array_equal(values[k], sent.mirror.values[k])
+        if msg.downlink.kind == "direct":
+            assert agent[d].describe() == {"stream": msg.downlink.stream, "checksum": sent.mirror.checksum}
+        upd = run_task(model.copy(), task.__class__(**{**task.__dict__, "values": values}), parts[i % 3].x,
+                       parts[i % 3].y, d)
+        assert driver.update_arrived(d, upd).accepted
+    assert kinds["c"][1:] == ["direct"] and driver.version >= 10
 
 
 def subset_values_of(model, subset):
@@ -311,11 +357,75 @@ def test_downlink_agents_get_deltas_and_a_lost_agent_resyncs_from_a_snapshot(tmp
 
     summary, (keeps, loses, old) = asyncio.run(main())
     assert summary["version"] == 5
-    assert keeps.frames and set(keeps.frames) == {"delta"} and keeps.resyncs == 0
+    # (a chain of two or more steps, should it fall behind, is a direct step)
+    assert keeps.frames and set(keeps.frames) <= {"delta", "direct"} and keeps.resyncs == 0
     assert loses.resyncs >= 1 and "snapshot" in loses.frames and summary["agents"]["loses"]["accepted"] >= 2
     i = loses.frames.index("snapshot")
-    assert loses.frames[i - 1] == "delta"          # the delta it could not resolve, then the snapshot
+    assert loses.frames[i - 1] in ("delta", "direct")   # the frame it could not resolve, then the snapshot
     assert old.frames == [] and summary["agents"]["old"]["accepted"] >= 1
+
+
+def test_fleet_agents_versions_behind_get_direct_steps_and_the_run_reaches_its_target(tmp_path):
+    """In a real (in-process) fleet, a slow agent comes back several versions behind: it gets
+    direct steps (not a float32 snapshot), resolves every one (no resync), and the run reaches its
+    target; the fast agents keep up with canonical chains. An equally slow agent from before direct
+    steps (it does not say it resolves them) gets chains or snapshots only."""
+    val, parts = digits_split(4)
+
+    async def main():
+        agents = [FakeAgent(KEY, parts[0], "fast0", downlink="on"), FakeAgent(KEY, parts[1], "fast1", downlink="on"),
+                  FakeAgent(KEY, parts[2], "slow", behaviour="slow", delay=scaled(0.3), downlink="on"),
+                  FakeAgent(KEY, parts[3], "old", behaviour="slow", delay=scaled(0.3), downlink="chains")]
+        for a in agents:
+            await a.start()
+        cfg = _config(tmp_path, val, agents, buffer=1, target_accuracy=0.9, lr=0.03)
+        return await _run(cfg, agents), agents
+
+    summary, (fast0, fast1, slow, old) = asyncio.run(main())
+    assert summary["accuracy"] >= 0.9 and summary["reason"].startswith("reached --target-accuracy")
+    assert "direct" in slow.frames and "snapshot" not in slow.frames and slow.resyncs == 0
+    assert summary["agents"]["slow"]["accepted"] >= 2
+    assert "snapshot" not in fast0.frames + fast1.frames and fast0.resyncs == fast1.resyncs == 0
+    assert old.frames and "direct" not in old.frames and old.resyncs == 0
+
+
+def test_a_reconnecting_agent_gets_direct_steps_only_from_values_the_hub_knows():
+    """A reconnect within the run that names the mirror its last session ended with keeps it (direct
+    steps go on); one that names values the hub does not know (another checksum, another stream, a
+    restarted agent) is at the model file's values: nothing builds on what it names."""
+    from types import SimpleNamespace
+
+    from ftte_core import downlink as DL
+    from ftte_hub.fleet import Fleet, FleetSettings, Session
+
+    rng = np.random.default_rng(3)
+    origin = {"w": rng.standard_normal((32, 48)).astype(np.float32)}
+    stream = DL.DownlinkStream(origin, "st1")
+    stream.publish(0, {"w": origin["w"] + 0.1})
+    stream.publish(1, {"w": origin["w"] + 0.2})
+    fleet = Fleet(KEY, FleetSettings())
+    fleet.downlinks[""] = stream
+    mirror = DL.Mirror("st1", "c" * 32, {"w": origin["w"] + 0.15}, 0)
+    canonical0 = stream.checksum_of(0)
+
+    def arrive(named, retired=mirror):
+        fleet.retire_mirror(SimpleNamespace(agent_id="a1", mirror=retired))
+        info = {"memory_budget": 1 << 20, "downlink_held": named}
+        return Session._held_on_arrival(SimpleNamespace(info=info, fleet=fleet, agent_id="a1"))
+
+    assert arrive(("st1", None, "c" * 32)) == (None, mirror)          # its mirror: direct steps go on
+    sent = stream.frame_for_device(None, mirror)
+    assert sent.frame.kind == "direct" and sent.frame.source == "held"
+    assert arrive(("st1", None, "d" * 32)) == (DL.ORIGIN, None)       # values the hub does not know
+    assert arrive(("st0", None, "c" * 32)) == (DL.ORIGIN, None)       # another stream (a restarted hub)
+    assert arrive(None) == (DL.ORIGIN, None)                          # a restarted agent holds nothing
+    assert arrive(("st1", 0, canonical0), retired=None) == (0, None)  # a canonical version: the chain
+    assert arrive(("st1", None, "c" * 32), retired=None) == (DL.ORIGIN, None)   # mirror dropped
+    assert "a1" not in fleet.retired_mirrors                          # taken by the new session
+    # and what the hub sends one it knows nothing of: never a step from what it named
+    assert stream.frame_for_device(None, None).frame.kind == "snapshot"
+
+
 @pytest.mark.slow
 def test_max_seconds_finishes_at_the_first_merge_past_it(tmp_path):
     # a site round (`train --site`, docs/multi-site.md) ends at --max-versions or its time limit

@@ -160,7 +160,7 @@ class Agent:
         self._cancel: Dict[Tuple[str, str], threading.Event] = {}   # (run id, task id) -> set to cancel
         self.tasks_done = 0
         self.tasks_failed = 0
-        self.downlink_held: Optional[DL.Held] = None   # the hub's canonical values this agent holds
+        self.downlink_held: Optional[DL.Held] = None   # the hub's values it holds (canonical, or a mirror)
         self.queries = 0             # status queries being answered now
         self.started = time.time()
 
@@ -276,8 +276,9 @@ class Agent:
                 "software": f"ftte-agent {__version__}",
                 # optional extras (not required by the contract): let a hub check the data fits its model
                 "input_shape": [int(v) for v in d.feature_shape], "num_classes": int(d.num_classes),
-                # this agent resolves downlink frames; the canonical version it holds, if any
-                "downlink": {"format": DL.FORMAT_VERSION,
+                # this agent resolves downlink frames; the canonical version it holds, if any (a
+                # mirror from a direct step: stream and checksum only)
+                "downlink": {"format": DL.FORMAT_VERSION, "direct": True,
                              **(self.downlink_held.describe() if self.downlink_held is not None else {})}}
 
     # -- downlink --------------------------------------------------------------------------------
@@ -287,13 +288,13 @@ class Agent:
         frame = task.downlink
         try:
             origin = None
-            if frame.kind == "delta" and frame.base is None:
+            if frame.needs_origin:
                 origin = await run_in_daemon_thread(self._origin_values, task)
             values = DL.resolve(frame, self.downlink_held, origin)
         except DL.DownlinkError as e:
             self.downlink_held = None
             return str(e)
-        self.downlink_held = DL.Held(frame.stream, frame.version, frame.checksum, values)
+        self.downlink_held = DL.held_after(frame, values)   # a direct step's result: a mirror, no version
         task.values = values
         return None
 

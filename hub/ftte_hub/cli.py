@@ -68,11 +68,16 @@ def main() -> None:
 @click.option("--profiles", "profiles_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON file of device profiles; default: the shipped Pi Zero 2 W / Pi 4 / Pi 5 / Jetson presets.")
 @click.option("--seed", type=int, default=0, help="Seed for data, devices, training.")
+@click.option("--no-direct-steps", "no_direct", is_flag=True,
+              help="The ftte strategies' downlink sends canonical frames only (no direct steps from each device's "
+                   "mirror), as train --no-direct-steps.")
+@click.option("--downlink-bits", type=click.Choice(["8", "4"]), default="8",
+              help="The ftte strategies' downlink steps: int8, or packed int4, as train --downlink-bits.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="ftte-sim", help="Output folder.")
 def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha, model, input_shape, buffer_k,
              max_versions,
              max_time, samples_per_device, local_epochs, batch_size, lr, server_lr, pretrain_fraction, memory_budget,
-             profiles_path, seed, out_dir):
+             profiles_path, seed, no_direct, downlink_bits, out_dir):
     """Run the fleet on a virtual clock and compare strategies.
 
     Training is real (the engine, real data, real encoded updates); only time is simulated.
@@ -96,7 +101,8 @@ def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha
                         max_versions=max_versions, max_time=max_time, samples_per_device=samples_per_device,
                         local_epochs=local_epochs, batch_size=batch_size, lr=lr, server_lr=server_lr,
                         pretrain_fraction=pretrain_fraction, memory_budget=budget,
-                        profiles_path=profiles_path, seed=seed)
+                        profiles_path=profiles_path, seed=seed, downlink_direct=not no_direct,
+                        downlink_bits=int(downlink_bits))
         t0 = time.perf_counter()
         results = run(cfg, log=lambda m: click.echo(m, err=True))
         paths = write_results(results, out_dir)
@@ -361,6 +367,9 @@ def keygen(path, force):
                    "error feedback catches up on).")
 @click.option("--no-downlink-deltas", "no_downlink", is_flag=True,
               help="Send every task the trained values as float32 instead of int8 deltas of what the agent holds.")
+@click.option("--no-direct-steps", "no_direct", is_flag=True,
+              help="Downlink deltas as canonical chains only: no direct step from the values each agent holds "
+                   "(its mirror) to the latest version, which is one step however far behind the agent is.")
 @click.option("--task-timeout", type=click.FloatRange(min=0.0, min_open=True), default=600.0,
               help="Seconds without an UPDATE before a task is given up (the session is re-established).")
 @click.option("--ping-interval", type=click.FloatRange(min=0.0, min_open=True), default=5.0,
@@ -385,7 +394,8 @@ def keygen(path, force):
               help="With --site: the Unix socket the ClientApp connects to; default: OUT/site.sock.")
 def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, max_versions, target_accuracy,
           interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, update_bits, downlink_bits, no_downlink,
-          task_timeout, ping_interval, dead_after, wait_timeout, stop_grace, log_format, seed, status_address, verbose,
+          no_direct, task_timeout, ping_interval, dead_after, wait_timeout, stop_grace, log_format, seed, status_address,
+          verbose,
           site, site_socket):
     """Coordinate federated training over the agents on this network.
 
@@ -420,7 +430,7 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
                       task_timeout=task_timeout, ping_interval=ping_interval, dead_after=dead_after,
                       wait_timeout=wait_timeout, stop_grace=stop_grace, seed=seed, given=given,
                       update_bits=int(update_bits) if update_bits else None, downlink=not no_downlink,
-                      downlink_bits=int(downlink_bits), status=status_address)
+                      downlink_bits=int(downlink_bits), downlink_direct=not no_direct, status=status_address)
     if site:
         _run_site(cfg, key, site_socket)
         return

@@ -35,6 +35,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Set, Tuple
 
@@ -54,6 +55,7 @@ BACKOFF_MIN = 0.5
 BACKOFF_MAX = 10.0
 HELLO_TIMEOUT = 10.0          # handshake, then AGENT_INFO
 FAILED_TASK_BACKOFF_MAX = 30.0
+MAX_RETIRED_MIRRORS = 1024    # mirrors of ended sessions kept for a reconnect (newest first; see Fleet.retire_mirror)
 MAX_BIG_SENDS = 8             # TASK/MODEL frames being encrypted and written at once
 MAX_MDNS_ADDRESSES = 256      # addresses mDNS may add (a flood of advertised services is ignored past it)
 MAX_INFO_BYTES = 64 << 10     # an AGENT_INFO body
@@ -173,6 +175,8 @@ def parse_agent_info(body: bytes) -> Dict[str, Any]:
     fmt = dl.get("format") if isinstance(dl, dict) else None
     info["downlink_format"] = 1 if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt == 1 else 0
     info["downlink_held"] = DL.parse_held(dl) if info["downlink_format"] else None
+    # it resolves direct steps too (an agent from before them would refuse the frame kind)
+    info["downlink_direct"] = bool(info["downlink_format"]) and dl.get("direct") is True
     shape = info.get("input_shape")
     if shape is not None:
         if not (isinstance(shape, list) and 0 < len(shape) <= MAX_SHAPE_DIMS and
@@ -220,6 +224,9 @@ class Fleet:
         self._subset_dicts: Dict[str, Dict[str, Any]] = {}   # subset fingerprint -> its TASK form
         self.downlink_enabled = True          # False: every task carries float32 values (as before)
         self.downlink_bits = 8                # the stream's steps: int8 or packed int4
+        self.downlink_direct = True           # direct steps from each agent's mirror when smaller
+        # what agents of ended sessions held (agent id -> Mirror), for their reconnect in this run
+        self.retired_mirrors: "OrderedDict[str, DL.Mirror]" = OrderedDict()
         self._frames: Dict[Any, bytes] = {}   # encoded frames of a stream's latest version, by (stream, held version)
         self.big_sends = asyncio.Semaphore(MAX_BIG_SENDS)
         self.draining = False                 # stopping on a signal: no new tasks, in-flight updates still taken
@@ -300,6 +307,18 @@ class Fleet:
     def agent_addresses(self) -> Dict[str, Tuple[str, int]]:
         """Each agent's latest known address (the one it last answered at)."""
         return {aid: addr for addr, aid in self._addr_agent.items()}
+
+    def retire_mirror(self, session: "Session") -> None:
+        """Keep what an ended session's agent held, so that when it reconnects in this run naming
+        the same values (stream and checksum) it gets direct steps again, not a snapshot. At most
+        MAX_RETIRED_MIRRORS (the oldest go first); a mirror is a reference to arrays the hub holds
+        anyway when it is a canonical version's values."""
+        if session.mirror is None:
+            return
+        self.retired_mirrors[session.agent_id] = session.mirror
+        self.retired_mirrors.move_to_end(session.agent_id)
+        while len(self.retired_mirrors) > MAX_RETIRED_MIRRORS:
+            self.retired_mirrors.popitem(last=False)
 
     def note_session_end(self, session: "Session") -> None:
         b_in, b_out = self.ended_bytes.get(session.agent_id, (0, 0))
@@ -404,23 +423,32 @@ class Fleet:
                 task.values, shapes, b"".join(v.tobytes() for v in arrays.values()))
         return M.assemble_task(M.task_header(self._message(task), cached[1], False), cached[2])
 
-    def downlink_task_body(self, task, held: Optional[int]) -> Tuple[bytes, int]:
-        """(TASK bytes for ``task`` carrying a downlink frame, the version the agent holds after it).
+    def downlink_task_body(self, task, held: Optional[int], mirror: Optional[DL.Mirror] = None,
+                           direct: bool = True) -> Tuple[bytes, DL.Sent]:
+        """(TASK bytes for ``task`` carrying a downlink frame, what the agent holds after it).
 
-        ``held``: the version the agent holds (``downlink.ORIGIN``: the model file's values; None:
-        unknown). The frame is the smallest that brings it to the task's version: a chain of int8
-        steps, or a snapshot. Publishing happens here, so call it right after the task is issued
-        (before any await: the stream only moves forward). Frames are built once per (held, version).
+        ``held``: the canonical version the agent holds (``downlink.ORIGIN``: the model file's
+        values; None: none the hub knows); ``mirror``: the exact values the hub knows it holds, if
+        any; ``direct``: it resolves direct steps. The frame is the smallest that brings it to the
+        task's version (``DownlinkStream.frame_for_device``, the simulator's choice too): a chain of
+        int8 steps, a direct step from its values (``direct`` and ``downlink_direct``), or a
+        snapshot. Publishing happens here, so call it right after the task is issued (before any
+        await: the stream only moves forward). Canonical frames are built once per (held,
+        version); direct steps per task.
         """
         stream = self.downlink_stream(task)
         if stream.version != task.base_version:
             stream.publish(task.base_version, task.values)
             for k in [k for k in self._frames if k[0] == stream.stream_id]:
                 del self._frames[k]
-        blob = self._frames.get((stream.stream_id, held))
-        if blob is None:
-            blob = self._frames[(stream.stream_id, held)] = DL.encode_frame(stream.frame_for(held, task.base_version))
-        return M.assemble_task(M.task_header(self._message(task), [], True), blob), stream.version
+        sent = stream.frame_for_device(held, mirror, direct and self.downlink_direct)
+        if sent.frame.kind == "direct":
+            blob = DL.encode_frame(sent.frame)
+        else:
+            blob = self._frames.get((stream.stream_id, held))
+            if blob is None:
+                blob = self._frames[(stream.stream_id, held)] = DL.encode_frame(sent.frame)
+        return M.assemble_task(M.task_header(self._message(task), [], True), blob), sent
 
     def foreign_run(self, update: Update) -> str:
         """Why ``update`` is not of this run ("" when it is): its run id differs, or it names no run
@@ -541,6 +569,7 @@ class Fleet:
                 if current:
                     del self.sessions[aid]
                 self.note_session_end(session)
+                self.retire_mirror(session)
                 if not session.done.done():
                     session.done.set_result(None)
                 if current and session.joined and self.coordinator is not None and not self.stopping and not self.fatal:
@@ -598,8 +627,10 @@ class Session:
         self.no_update_in_flight = asyncio.Event()  # clear while an UPDATE waits for its fsync and ACK
         self.no_update_in_flight.set()
         self.downlink = bool(info.get("downlink_format"))   # the agent resolves downlink frames
-        self.held: Optional[int] = DL.ORIGIN   # the canonical version the agent holds (None: unknown)
-        self.sent_from: Optional[int] = None   # what it held when its current task's frame was built
+        self.direct = bool(info.get("downlink_direct"))     # ... and direct steps
+        self.held: Optional[int] = DL.ORIGIN   # the canonical version the agent holds (None: none the hub knows)
+        self.mirror: Optional[DL.Mirror] = None  # the exact values it holds, when the hub knows them
+        self.sent_on_held = False              # its current task's frame builds on what it held (not a snapshot)
 
     def last_seen(self) -> float:
         """When the agent last sent anything (wall-clock seconds)."""
@@ -710,12 +741,12 @@ class Session:
             self.fleet.coordinator.stats_for(self.agent_id)["failed"] += 1
         resync = msg.get("downlink") == "resync"
         if resync:  # its values did not check: the next task brings a snapshot
-            self.held = None
+            self.held, self.mirror = None, None
         if msg["task_id"] == self.task_id:
             self.task_id = None
             # a delta that did not resolve is retried at once with a snapshot; a failed snapshot (or
             # anything else) backs off, so an agent that always fails cannot make the hub spin
-            if not (resync and self.sent_from is not None):
+            if not (resync and self.sent_on_held):
                 self.failures += 1
                 self.not_before = time.monotonic() + min(FAILED_TASK_BACKOFF_MAX, 0.5 * 2 ** self.failures)
             self.kick.set()
@@ -746,7 +777,7 @@ class Session:
         coord.joined(self.agent_id, self.info)
         self.joined = True
         self.usable = True
-        self.held = self._held_on_arrival()
+        self.held, self.mirror = self._held_on_arrival()
         if fleet.model_hash not in self.info["models"]:
             async with fleet.big_sends:
                 await self.ch.send(M.MODEL, fleet.model_blob)
@@ -760,8 +791,9 @@ class Session:
                 if task is not None:
                     self.task_id, self.task_sent_at = task.id, time.monotonic()
                     if self.downlink and fleet.downlink_enabled:  # built before any await: the stream only moves on
-                        self.sent_from = self.held
-                        body, self.held = fleet.downlink_task_body(task, self.held)
+                        body, sent = fleet.downlink_task_body(task, self.held, self.mirror, self.direct)
+                        self.held, self.mirror = sent.version, sent.mirror
+                        self.sent_on_held = sent.frame.kind != "snapshot"
                     else:
                         body = fleet.task_body(task)
                     async with fleet.big_sends:  # bounds the TASK bytes in flight (a burst of 200 is 80 MB)
@@ -775,15 +807,24 @@ class Session:
                 pass
             self.kick.clear()
 
-    def _held_on_arrival(self) -> int:
-        """What the agent holds as it joins: the version it names in AGENT_INFO if that is in this
-        hub's stream (same stream, same checksum), else the model file's values (ORIGIN)."""
+    def _held_on_arrival(self) -> Tuple[Optional[int], Optional[DL.Mirror]]:
+        """What the agent holds as it joins: (its canonical version, its values) as far as this hub
+        knows them. The version it names in AGENT_INFO if that is in this hub's stream (same
+        stream, same checksum); its values if they are what it held when its last session in this
+        run ended (``Fleet.retire_mirror``: same stream, same checksum; also what a mirror, which
+        names no version, needs). Else the model file's values (ORIGIN): the hub knows nothing
+        else of what it holds, so no frame builds on it."""
         named = self.info.get("downlink_held")
+        retired = self.fleet.retired_mirrors.pop(self.agent_id, None)
         stream = self.fleet.stream_for_budget(int(self.info["memory_budget"]))
-        if named is not None and stream is not None and named[0] == stream.stream_id \
-                and stream.checksum_of(named[1]) == named[2]:
-            return named[1]
-        return DL.ORIGIN
+        if named is None or stream is None or named[0] != stream.stream_id:
+            return DL.ORIGIN, None
+        mirror = retired if retired is not None and (retired.stream, retired.checksum) == (named[0], named[2]) else None
+        if named[1] is not None and stream.checksum_of(named[1]) == named[2]:
+            return named[1], mirror
+        if mirror is not None:
+            return None, mirror
+        return DL.ORIGIN, None
 
     async def _stop(self) -> None:
         # An update being made durable gets its ACK before STOP; otherwise the agent would keep an

@@ -192,6 +192,10 @@ class SimConfig:
     # evaluate on the validation set after every merge (False: only at the start and the end,
     # the curve then holds those two points; for timing the fleet alone)
     evaluate_every_merge: bool = True
+    # the ftte strategies' downlink may send direct steps from each device's mirror (the fleet's
+    # default; False = canonical frames only, the hub's --no-direct-steps)
+    downlink_direct: bool = True
+    downlink_bits: int = 8              # the ftte strategies' downlink steps: int8 or packed int4 (--downlink-bits)
 
 
 @dataclass
@@ -218,6 +222,7 @@ class StrategyRun:
     devices_trained: int = 0
     departures: int = 0         # tasks lost because their device left mid-task
     tiers: List[Dict[str, int]] = field(default_factory=list)
+    downlink_frames: Dict[str, int] = field(default_factory=dict)   # ftte strategies: frames sent by kind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,8 +416,9 @@ def downlink_bytes(task, cost: "_TierCost", device_id: str, has_frozen: bool) ->
     values the device trains from).
 
     The one place the simulator counts downlink bytes. The ftte strategies ship what the fleet's
-    downlink deltas send (exact frame bytes, ``ftte_core.downlink``), and the device trains from
-    the canonical values a real agent would hold; the baselines ship float32 values as the TASK
+    downlink deltas send (exact frame bytes of the frame the fleet would pick: snapshot, canonical
+    chain or direct step, ``ftte_core.downlink``), and the device trains from the values a real
+    agent would hold (canonical, or its mirror after a direct step); the baselines ship float32 values as the TASK
     frame carries them. On the device's first task, the frozen rest of the model goes down once
     (devices cache it)."""
     install = 0 if has_frozen else cost.frozen_bytes
@@ -468,7 +474,9 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
                                LocalWorker(model.copy(), tier_subset),
                                # the fleet's downlink deltas (ftte strategies; the baselines ship float32
                                # values as published)
-                               DownlinkCounter(subset_values(model, tier_subset)) if strategy.sparse else None))
+                               DownlinkCounter(subset_values(model, tier_subset), bits=cfg.downlink_bits,
+                                               direct=cfg.downlink_direct)
+                               if strategy.sparse else None))
     cost_by_fp = {c.subset.fingerprint(): c for c in costs}
     run = StrategyRun(name, subset=driver.subset.describe(model), trainable_params=driver.subset.num_trainable(model))
     run.peak_memory_predicted = costs[-1].predicted_bytes
@@ -594,6 +602,9 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
     if run.curve[-1][1] != driver.version:  # evaluate_every_merge=False: the end point
         run.curve.append((now, driver.version, evaluate(), run.bytes_down, run.bytes_up, run.install_bytes))
     run.devices_trained = len(trained_ids)
+    for c in costs:
+        for kind, count in (c.downlink.kinds.items() if c.downlink is not None else ()):
+            run.downlink_frames[kind] = run.downlink_frames.get(kind, 0) + count
     run.wall_seconds = time.perf_counter() - wall0
     return run
 
@@ -681,6 +692,7 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
             "devices_sat_out": r.sat_out,
             "devices_trained": r.devices_trained,
             "departures": r.departures,
+            "downlink_frames": dict(r.downlink_frames),
             "min_device_memory_bytes": r.min_memory_recorded,
             "peak_device_memory_bytes": r.peak_memory_recorded,
             "peak_device_memory_predicted_bytes": r.peak_memory_predicted,

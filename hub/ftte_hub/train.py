@@ -105,6 +105,7 @@ class TrainConfig:
                                                  # None: the strategy's default, 8)
     downlink: bool = True                        # tasks carry downlink deltas to agents that take them
     downlink_bits: int = 8                       # the downlink stream's steps: int8 or packed int4
+    downlink_direct: bool = True                 # direct steps from each agent's mirror when smaller
 
     def was_given(self, field: str) -> bool:
         return self.given is None or field in self.given
@@ -824,6 +825,7 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
     if config.downlink_bits not in (8, 4):
         raise TrainError(f"--downlink-bits must be 8 or 4, got {config.downlink_bits}")
     fleet.downlink_bits = int(config.downlink_bits)
+    fleet.downlink_direct = bool(config.downlink_direct)
     run = _Run(config, fleet, hooks)
     fleet.on_fatal = run._fail
     run.val = load_validation(config.val_data)

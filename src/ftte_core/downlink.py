@@ -16,21 +16,41 @@ names the checksum of its base and of its result (``values_checksum``: SHA-256 o
 and the device verifies both. Devices train from canonical_v (their UPDATE is a delta against
 it); the hub merges those deltas into its float values as before.
 
-A frame is a ``snapshot`` (float32 values) or a ``delta`` chain (quantised steps) from the device's
-version; the hub sends whichever is smaller, and a snapshot whenever the device's version is
-unknown, too old for the bounded history, or did not check (``Held``). Rows whose step is exactly
-zero carry their scale (0) and no levels.
+A frame is a ``snapshot`` (float32 values), a ``delta`` chain (quantised steps) from the device's
+version, or a ``direct`` step; the hub sends whichever is smallest, and a snapshot whenever it does
+not know what the device holds (its version is unknown or too old for the bounded history and it
+keeps no mirror of the device, or a frame did not check). Rows whose step is exactly zero carry
+their scale (0) and no levels.
+
+Direct steps (per-device mirrors). A device typically comes back several versions behind, and a
+chain of k steps costs about k times one step. So the hub also remembers, per device, the exact
+float32 values the device holds (its *mirror*: a canonical version's values, or the result of an
+earlier direct step) and may send ONE step from the mirror to the latest canonical values:
+
+    mirror' = mirror + Q(canonical_v - mirror)             (the same quantiser and ``apply_step``)
+
+Both sides then hold mirror' bit for bit (the frame names the checksums of mirror and mirror').
+mirror' is not canonical_v (it is within one quantisation step of it); the next direct step is
+computed against the exact mirror' again, so what one step loses the next one carries (error
+feedback per device). The device trains from mirror' and its UPDATE is a delta against mirror',
+so the hub's merge (current values + weighted deltas) is unchanged; staleness counts versions
+(the task's version v, which mirror' stands for). A device that holds a mirror names no version in
+AGENT_INFO, only its stream and checksum (``Held.describe``); a hub that no longer has those
+values (restart, mirror dropped) sends a snapshot.
 
 Wire format (``encode_frame``; little-endian; no pickle):
 
     magic "FTDL" | version u16 = 1 | flags u16 = 0 | header length u32 | JSON header | data
-    header: {"stream": id, "kind": "snapshot"|"delta", "version": v, "checksum": hex32,
+    header: {"stream": id, "kind": "snapshot"|"delta"|"direct", "version": v, "checksum": hex32,
              "tensors": [[key, R, F], ...],
              delta only: "base": a (an int, or null = the model file's values), "base_checksum": hex32,
                          "steps": [version of each step, increasing, the last = v; empty when a = v],
-                         "bits": 8 | 4}
+                         "bits": 8 | 4
+             direct only: "from": "held" (the values this device holds, whatever their version) |
+                          "origin" (the model file's values), "base_checksum": hex32, "bits": 8 | 4}
+                         ("checksum" is then that of mirror', not of canonical_v; v names the task's version)
     data: snapshot: per tensor float32 [R, F]
-          delta: per step, per tensor: scales float32 [R], then the levels of the n rows whose scale
+          delta, direct (one step): per step, per tensor: scales float32 [R], then the levels of the n rows whose scale
                  is not 0, in row order: int8 [n, F] (-127..127), or int4 uint8 [n, (F+1)//2]
                  (-7..7, two's complement nibbles, element 2i low, 2i+1 high)
 
@@ -158,7 +178,7 @@ def _finite(values: Mapping[str, np.ndarray]) -> bool:
 @dataclass
 class Frame:
     stream: str
-    kind: str                                  # "snapshot" | "delta"
+    kind: str                                  # "snapshot" | "delta" | "direct"
     version: int
     checksum: str
     shapes: List[Tuple[str, int, int]]         # (key, R, F) in order
@@ -166,7 +186,13 @@ class Frame:
     base: Optional[int] = None                 # kind == "delta": None = the model file's values
     base_checksum: str = ""
     steps: Optional[List[Tuple[int, Step]]] = None
-    bits: int = 8                              # kind == "delta": 8 (int8 levels) or 4 (packed int4)
+    bits: int = 8                              # delta, direct: 8 (int8 levels) or 4 (packed int4)
+    source: str = ""                           # kind == "direct": "held" or "origin" (its base)
+
+    @property
+    def needs_origin(self) -> bool:
+        """The frame applies to the model file's values (the agent reads them from its cached model)."""
+        return (self.kind == "delta" and self.base is None) or (self.kind == "direct" and self.source == "origin")
 
 
 def _header(frame: Frame) -> bytes:
@@ -176,6 +202,10 @@ def _header(frame: Frame) -> bytes:
         head["base"] = None if frame.base is None else int(frame.base)
         head["base_checksum"] = frame.base_checksum
         head["steps"] = [int(v) for v, _s in frame.steps]
+        head["bits"] = int(frame.bits)
+    elif frame.kind == "direct":
+        head["from"] = frame.source
+        head["base_checksum"] = frame.base_checksum
         head["bits"] = int(frame.bits)
     return json.dumps(head, separators=(",", ":"), allow_nan=False).encode()
 
@@ -220,9 +250,11 @@ def decode_frame(buf, max_bytes: int = 1 << 28) -> Frame:
         raise DownlinkError("downlink header must be a JSON object")
     kind = head.get("kind")
     want = {"stream", "kind", "version", "checksum", "tensors"} | (
-        {"base", "base_checksum", "steps", "bits"} if kind == "delta" else set())
-    if kind not in ("snapshot", "delta") or set(head) != want:
-        raise DownlinkError(f"downlink header must have exactly the fields {sorted(want)} (kind snapshot or delta)")
+        {"base", "base_checksum", "steps", "bits"} if kind == "delta" else
+        {"from", "base_checksum", "bits"} if kind == "direct" else set())
+    if kind not in ("snapshot", "delta", "direct") or set(head) != want:
+        raise DownlinkError(f"downlink header must have exactly the fields {sorted(want)} "
+                            f"(kind snapshot, delta or direct)")
     stream, version, checksum = head["stream"], head["version"], head["checksum"]
     if not isinstance(stream, str) or not STREAM_RE.fullmatch(stream):
         raise DownlinkError("downlink stream id must be 1 to 64 letters, digits, '-' or '_'")
@@ -258,13 +290,23 @@ def decode_frame(buf, max_bytes: int = 1 << 28) -> Frame:
             frame.snapshot[key] = a
             off += 4 * R * F
         return frame
-    base, base_checksum, steps, bits = head["base"], head["base_checksum"], head["steps"], head["bits"]
+    base_checksum, bits = head["base_checksum"], head["bits"]
     if not _is_int(bits) or bits not in (8, 4):
         raise DownlinkError("downlink bits must be 8 or 4")
-    if base is not None and (not _is_int(base) or not 0 <= base <= version):
-        raise DownlinkError("downlink base must be null or a non-negative integer, at most the version")
     if not isinstance(base_checksum, str) or not CHECKSUM_RE.fullmatch(base_checksum):
         raise DownlinkError("downlink base_checksum must be 32 lowercase hex digits")
+    if kind == "direct":
+        if head["from"] not in ("held", "origin"):
+            raise DownlinkError("downlink direct step: from must be \"held\" or \"origin\"")
+        frame.source, frame.base_checksum, frame.bits = head["from"], base_checksum, bits
+        step, off = _read_step(mv, off, shapes, bits, version)
+        frame.steps = [(version, step)]
+        if off != n:
+            raise DownlinkError(f"downlink frame: {n - off} bytes left over after the data")
+        return frame
+    base, steps = head["base"], head["steps"]
+    if base is not None and (not _is_int(base) or not 0 <= base <= version):
+        raise DownlinkError("downlink base must be null or a non-negative integer, at most the version")
     if not isinstance(steps, list) or len(steps) > MAX_STEPS or not all(_is_int(v) for v in steps):
         raise DownlinkError(f"downlink steps must be a list of at most {MAX_STEPS} versions")
     if not steps and base != version:
@@ -278,30 +320,37 @@ def decode_frame(buf, max_bytes: int = 1 << 28) -> Frame:
         raise DownlinkError("downlink: the last step must be the frame's version")
     frame.base, frame.base_checksum, frame.steps, frame.bits = base, base_checksum, [], bits
     for v in steps:
-        step: Step = {}
-        for key, R, F in shapes:
-            width = F if bits == 8 else (F + 1) // 2
-            if off + 4 * R > n:
-                raise DownlinkError(f"downlink step {v} {key[:40]!r}: scales run past the end of the frame")
-            scales = np.frombuffer(mv[off:off + 4 * R], dtype="<f4").astype(np.float32)
-            off += 4 * R
-            if not np.all(np.isfinite(scales)) or np.any(scales < 0):
-                raise DownlinkError(f"downlink step {v} {key[:40]!r}: scales hold NaN, Inf or negative values")
-            rows = int(np.count_nonzero(scales))
-            if off + rows * width > n:
-                raise DownlinkError(f"downlink step {v} {key[:40]!r}: levels run past the end of the frame")
-            levels = np.frombuffer(mv[off:off + rows * width], dtype=np.int8 if bits == 8 else np.uint8)
-            levels = levels.reshape(rows, width)
-            off += rows * width
-            if bits == 8 and np.any(levels == -128):
-                raise DownlinkError(f"downlink step {v} {key[:40]!r} holds level -128, outside [-127, 127]")
-            if bits == 4 and (np.any(levels & 0x0F == 0x08) or np.any(levels >> 4 == 0x08)):
-                raise DownlinkError(f"downlink step {v} {key[:40]!r} holds level -8, outside [-7, 7]")
-            step[key] = StepTensor(scales, levels)
+        step, off = _read_step(mv, off, shapes, bits, v)
         frame.steps.append((v, step))
     if off != n:
         raise DownlinkError(f"downlink frame: {n - off} bytes left over after the data")
     return frame
+
+
+def _read_step(mv: memoryview, off: int, shapes, bits: int, v: int) -> Tuple[Step, int]:
+    """One step's tensors from ``mv`` at ``off`` (every size checked before it is read)."""
+    n = mv.nbytes
+    step: Step = {}
+    for key, R, F in shapes:
+        width = F if bits == 8 else (F + 1) // 2
+        if off + 4 * R > n:
+            raise DownlinkError(f"downlink step {v} {key[:40]!r}: scales run past the end of the frame")
+        scales = np.frombuffer(mv[off:off + 4 * R], dtype="<f4").astype(np.float32)
+        off += 4 * R
+        if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+            raise DownlinkError(f"downlink step {v} {key[:40]!r}: scales hold NaN, Inf or negative values")
+        rows = int(np.count_nonzero(scales))
+        if off + rows * width > n:
+            raise DownlinkError(f"downlink step {v} {key[:40]!r}: levels run past the end of the frame")
+        levels = np.frombuffer(mv[off:off + rows * width], dtype=np.int8 if bits == 8 else np.uint8)
+        levels = levels.reshape(rows, width)
+        off += rows * width
+        if bits == 8 and np.any(levels == -128):
+            raise DownlinkError(f"downlink step {v} {key[:40]!r} holds level -128, outside [-127, 127]")
+        if bits == 4 and (np.any(levels & 0x0F == 0x08) or np.any(levels >> 4 == 0x08)):
+            raise DownlinkError(f"downlink step {v} {key[:40]!r} holds level -8, outside [-7, 7]")
+        step[key] = StepTensor(scales, levels)
+    return step, off
 
 
 def _no_constant(c):
@@ -309,19 +358,26 @@ def _no_constant(c):
 
 
 def resolve(frame: Frame, held: Optional["Held"], origin: Optional[Mapping[str, np.ndarray]]) -> Values:
-    """The canonical values the frame describes, checked against its checksums.
+    """The values the frame describes (canonical, or for a direct step the device's new mirror),
+    checked against its checksums.
 
-    ``held``: what this side holds (for a delta from a version); ``origin``: the model file's values
-    of the subset (for a delta from null). DownlinkError when the base is not what the frame needs,
-    shapes differ, a value is not finite, or a checksum does not match: the caller then asks for a
-    snapshot.
+    ``held``: what this side holds (for a delta from a version, or a direct step from "held");
+    ``origin``: the model file's values of the subset (``frame.needs_origin``). DownlinkError when
+    the base is not what the frame needs, shapes differ, a value is not finite, or a checksum does
+    not match: the caller then asks for a snapshot.
     """
     if frame.kind == "snapshot":
         values = frame.snapshot
     else:
-        if frame.base is None:
+        if frame.kind == "direct" and frame.source == "held":
+            if held is None or held.values is None or held.checksum != frame.base_checksum:
+                have = "nothing" if held is None else f"values {held.checksum}"
+                raise DownlinkError(f"downlink direct step from values {frame.base_checksum}; this side holds {have}")
+            base = held.values
+        elif frame.needs_origin:
             if origin is None:
-                raise DownlinkError("downlink delta from the model file's values, which this side does not have")
+                raise DownlinkError(f"downlink {frame.kind} from the model file's values, which this side "
+                                    f"does not have")
             base = origin
         else:
             if held is None or held.stream != frame.stream or held.version != frame.base:
@@ -330,14 +386,14 @@ def resolve(frame: Frame, held: Optional["Held"], origin: Optional[Mapping[str, 
                                     f"side holds {have}")
             base = held.values
         if [(k, *np.shape(base.get(k, ()))) for k, _r, _f in frame.shapes] != frame.shapes or len(base) != len(frame.shapes):
-            raise DownlinkError("downlink delta: its tensors do not match the values it applies to")
+            raise DownlinkError(f"downlink {frame.kind}: its tensors do not match the values it applies to")
         if values_checksum(base) != frame.base_checksum:
-            raise DownlinkError(f"downlink delta: the base values do not match checksum {frame.base_checksum}")
+            raise DownlinkError(f"downlink {frame.kind}: the base values do not match checksum {frame.base_checksum}")
         values = dict(base)
         for _v, step in frame.steps:
             values = apply_step(values, step)
         if not _finite(values):
-            raise DownlinkError("downlink delta: the result holds NaN or Inf")
+            raise DownlinkError(f"downlink {frame.kind}: the result holds NaN or Inf")
     if values_checksum(values) != frame.checksum:
         raise DownlinkError(f"downlink: the values do not match checksum {frame.checksum} (version {frame.version})")
     return values
@@ -347,23 +403,34 @@ def resolve(frame: Frame, held: Optional["Held"], origin: Optional[Mapping[str, 
 @dataclass
 class Held:
     stream: str
-    version: int
+    version: Optional[int]              # None: a mirror (a direct step's result), no canonical version
     checksum: str
-    values: Optional[Values] = None     # the agent keeps them; the hub only the version
+    values: Optional[Values] = None     # the agent keeps them; the hub a Mirror
 
     def describe(self) -> Dict[str, object]:
-        """For AGENT_INFO: which version this agent holds."""
+        """For AGENT_INFO: which version this agent holds (a mirror: no "version", only the checksum)."""
+        if self.version is None:
+            return {"stream": self.stream, "checksum": self.checksum}
         return {"stream": self.stream, "version": int(self.version), "checksum": self.checksum}
 
 
-def parse_held(obj) -> Optional[Tuple[str, int, str]]:
-    """(stream, version, checksum) from an AGENT_INFO ``downlink`` object, or None if it names none.
-    MessageError-free: anything malformed reads as 'holds nothing' (the hub then sends a snapshot)."""
+def held_after(frame: Frame, values: Values) -> Held:
+    """What a side holds once ``frame`` resolved to ``values`` (a direct step: a mirror, no version)."""
+    return Held(frame.stream, None if frame.kind == "direct" else frame.version, frame.checksum, values)
+
+
+def parse_held(obj) -> Optional[Tuple[str, Optional[int], str]]:
+    """(stream, version or None for a mirror, checksum) from an AGENT_INFO ``downlink`` object, or
+    None if it names none. MessageError-free: anything malformed reads as 'holds nothing' (the hub
+    then sends a snapshot)."""
     if not isinstance(obj, dict):
         return None
     s, v, c = obj.get("stream"), obj.get("version"), obj.get("checksum")
-    if isinstance(s, str) and STREAM_RE.fullmatch(s) and _is_int(v) and 0 <= v < 1 << 62 \
-            and isinstance(c, str) and CHECKSUM_RE.fullmatch(c):
+    if "version" not in obj:
+        v = None
+    elif not (_is_int(v) and 0 <= v < 1 << 62):
+        return None
+    if isinstance(s, str) and STREAM_RE.fullmatch(s) and isinstance(c, str) and CHECKSUM_RE.fullmatch(c):
         return s, v, c
     return None
 
@@ -467,6 +534,65 @@ class DownlinkStream:
     def held_after(self, frame: Frame) -> int:
         return frame.version
 
+    def direct_frame(self, mirror: Optional["Mirror"], held: Optional[int] = None) -> Optional[Tuple[Frame, Values]]:
+        """(a direct step from what the device holds to the latest canonical values, the device's
+        values after it), or None when the hub does not know those values: ``held`` ORIGIN (the
+        model file's values, "from": "origin"), else ``mirror`` of this stream ("from": "held")."""
+        if self.version == ORIGIN:
+            raise ValueError("direct_frame: nothing published yet")
+        if held == ORIGIN:
+            base, base_checksum, source = self.origin, self.origin_checksum, "origin"
+        elif mirror is not None and mirror.stream == self.stream_id:
+            base, base_checksum, source = mirror.values, mirror.checksum, "held"
+        else:
+            return None
+        if mirror is not None and source == "held" and mirror.version == self.version:
+            # already one step from this version: nothing new to say (a zero step; it trains from mirror)
+            step = {k: StepTensor(np.zeros(r, np.float32), np.zeros((0, f if self.bits == 8 else (f + 1) // 2),
+                                                                     np.int8 if self.bits == 8 else np.uint8))
+                    for k, r, f in self.shapes}
+        else:
+            step = quantise_step(self.values, base, self.bits)
+        after = apply_step(base, step)
+        frame = Frame(self.stream_id, "direct", self.version, values_checksum(after), list(self.shapes),
+                      base_checksum=base_checksum, steps=[(self.version, step)], bits=self.bits, source=source)
+        return frame, after
+
+    def frame_for_device(self, held: Optional[int], mirror: Optional["Mirror"] = None,
+                         direct: bool = True) -> "Sent":
+        """The smallest frame that brings a device to the latest version: a snapshot, the canonical
+        chain from ``held`` (ORIGIN, a version, or None), or (``direct``) one direct step from the
+        values the hub knows it holds (``held`` ORIGIN, or ``mirror``). Ties go to the canonical
+        frames (a device at a canonical version can take chains later). Returns the frame, what the
+        device holds after it (a Mirror) and its canonical version then (None after a direct step).
+        A chain of at most one step is never replaced (a direct step is no smaller and would leave
+        the device off the canonical values)."""
+        frame = self.frame_for(held)
+        best = frame_bytes(frame)
+        # a chain of at most one step is a direct step's size and lands on canonical values
+        if direct and not (frame.kind == "delta" and len(frame.steps) <= 1):
+            got = self.direct_frame(mirror, held)
+            if got is not None and frame_bytes(got[0]) < best:
+                return Sent(got[0], Mirror(self.stream_id, got[0].checksum, got[1], self.version), None)
+        return Sent(frame, Mirror(self.stream_id, self.checksum, self.values, self.version), self.version)
+
+
+@dataclass
+class Mirror:
+    """The exact float32 values a device holds, as the hub knows them (a canonical version's values
+    or a direct step's result), and their checksum; per stream (ftte-tiered: per tier's subset)."""
+    stream: str
+    checksum: str
+    values: Values
+    version: Optional[int] = None   # the canonical version the values stand for (None: not known)
+
+
+@dataclass
+class Sent:
+    frame: Frame
+    mirror: Mirror               # what the device holds once the frame resolves
+    version: Optional[int]       # its canonical version then; None after a direct step
+
 
 def downlink_bytes(stream: DownlinkStream, held: Optional[int], version: int,
                    values: Mapping[str, np.ndarray]) -> Tuple[int, int]:
@@ -486,20 +612,34 @@ class DownlinkCounter:
 
         counter = DownlinkCounter(subset_values(model, subset))     # every device starts at ORIGIN
         nbytes, values = counter.task(device_id, task.base_version, task.values)
-        ... the device trains from ``values`` (the canonical values a real agent would hold) ...
+        ... the device trains from ``values`` (the values a real agent would hold: canonical, or
+            after a direct step its mirror) ...
 
-    ``nbytes`` is exactly the frame the hub's fleet would put in that TASK (``frame_bytes``; the
-    TASK's JSON header comes on top, as for float32 values). ``forget(device_id)``: the device lost
-    what it held (a restart): its next task carries a snapshot.
+    ``nbytes`` is exactly the frame the hub's fleet would put in that TASK (``frame_bytes`` of the
+    frame ``DownlinkStream.frame_for_device`` picks, the fleet's own choice; the TASK's JSON header
+    comes on top, as for float32 values). ``direct=False``: canonical frames only (the hub's
+    ``--no-direct-steps``). ``forget(device_id)``: the device lost what it held (a restart): its
+    next task carries a snapshot. ``kinds`` counts the frames sent by kind.
     """
 
-    def __init__(self, origin: Mapping[str, np.ndarray], bits: int = 8, history: int = DEFAULT_HISTORY):
+    def __init__(self, origin: Mapping[str, np.ndarray], bits: int = 8, history: int = DEFAULT_HISTORY,
+                 direct: bool = True):
         self.stream = DownlinkStream(origin, "sim", history=history, bits=bits)
+        self.direct = bool(direct)
         self.held: Dict[str, Optional[int]] = {}
+        self.mirrors: Dict[str, Optional[Mirror]] = {}
+        self.kinds: Dict[str, int] = {"snapshot": 0, "delta": 0, "direct": 0}
+        self.last_frame: Optional[Frame] = None
 
     def task(self, device_id: str, version: int, values: Mapping[str, np.ndarray]) -> Tuple[int, Values]:
-        nbytes, self.held[device_id] = downlink_bytes(self.stream, self.held.get(device_id, ORIGIN), version, values)
-        return nbytes, self.stream.values
+        self.stream.publish(version, values)
+        sent = self.stream.frame_for_device(self.held.get(device_id, ORIGIN), self.mirrors.get(device_id),
+                                            self.direct)
+        self.held[device_id], self.mirrors[device_id] = sent.version, sent.mirror
+        self.kinds[sent.frame.kind] += 1
+        self.last_frame = sent.frame
+        return frame_bytes(sent.frame), sent.mirror.values
 
     def forget(self, device_id: str) -> None:
         self.held[device_id] = None
+        self.mirrors[device_id] = None

@@ -24,7 +24,8 @@ Fields (JSON bodies; sizes in bytes):
                  (protocol.PROTOCOL_VERSION), memory_budget int, speed float (measured training
                  GFLOP/s), slowdown float, models [str] (cached model hashes), pending int,
                  num_samples int, arch str, software str; optional downlink {format: 1, and when it
-                 holds canonical values: stream str, version int, checksum str} (docs/protocol.md)
+                 holds canonical values: stream str, version int, checksum str; when it holds a
+                 mirror (a direct step's result): stream str, checksum str, no version} (docs/protocol.md)
     NOT_USED     reason str, needed_bytes int, budget_bytes int
     MODEL        a modelfile blob; its hash is modelfile.content_hash(blob)
     TASK         see encode_task; ``model_hash`` names the MODEL it applies to, ``run_id`` the
