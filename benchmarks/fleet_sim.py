@@ -131,6 +131,8 @@ def main():
                     help="server learning rate of ftte (the baselines keep 1.0)")
     ap.add_argument("--tiered-server-lr", type=float, default=None,
                     help="server learning rate of ftte-tiered (default 1.0, the strategy's own)")
+    ap.add_argument("--tiered-age-exponent", type=float, default=SimConfig.tiered_age_exponent,
+                    help="staleness exponent of ftte-tiered (default 1.0, the strategy's own; --age-exponent is ftte's)")
     ap.add_argument("--out", default="bench-sim")
     ap.add_argument("--from-results", action="store_true",
                     help="run nothing: print the tables from the results.json files already in --out (seeds run "
@@ -163,6 +165,7 @@ def main():
                             max_versions=args.max_versions, async_version_cap=args.async_cap, threads=1,
                             age_exponent=args.age_exponent, variance_strength=args.variance_strength,
                             ftte_server_lr=args.ftte_server_lr, tiered_server_lr=args.tiered_server_lr,
+                            tiered_age_exponent=args.tiered_age_exponent,
                             pretrain_fraction=start_fraction(start, args.pretrain_fraction),
                             **workload_config(workload))
             t1 = time.perf_counter()
