@@ -193,7 +193,7 @@ class SimConfig:
     # (docs/aggregation.md, "Staleness and fleet size"). With age (1 + tau)^-a, while one device's
     # task is out (tau ~ participating devices / K versions, 35 at 500 devices) the model takes
     # sum_tau (1 + tau)^-a ~ 2 sqrt(tau) mean deltas of stale updates at a = 0.5 (~12 at 500
-    # devices: ftte-tiered's full-model tier overshot and swung between 0.35 and 0.88), ~ln(tau)
+    # devices: ftte-tiered's full-model tier overshot and swung between 0.35 and 0.90), ~ln(tau)
     # at a = 1; plain ftte's sweep, which chose 0.5, trained a last-layers subset at 100 devices.
     tiered_age_exponent: float = 1.0
     # evaluate on the validation set after every merge (False: only at the start and the end,
