@@ -94,3 +94,28 @@ def test_tiered_gets_its_own_server_lr_not_the_plain_ftte_sweep_value():
     assert strategy_server_lr(cfg, "fedbuff") == 1.0 and strategy_server_lr(cfg, "fedavg-full") == 1.0
     assert strategy_server_lr(SimConfig(tiered_server_lr=1.5), "ftte-tiered") == 1.5
     assert strategy_server_lr(SimConfig(server_lr=0.5), "ftte-tiered") == 0.5
+
+
+def test_tiered_stale_steps_over_one_round_trip_do_not_grow_with_the_fleet():
+    """Issue 12's 500-device ftte-tiered failure: in steady state every update is ~tau = (devices
+    taking part) / K versions old, and while one device's task is out the model takes tau merges
+    of step g = (1 + tau)^-a, all from stale updates. At plain ftte's a = 0.5 that is ~sqrt(tau)
+    mean deltas (5.8 at tau 35, 500 devices: ftte-tiered's full-model tier overshot and swung
+    between 0.35 and 0.90 accuracy); at ftte-tiered's a = 1 it stays below one, whatever the fleet."""
+    from types import SimpleNamespace
+    from ftte_core.strategies import FTTE
+    from ftte_hub.simulate import SimConfig, strategy_age_exponent
+    cfg = SimConfig()
+    assert strategy_age_exponent(cfg, "ftte-tiered") == 1.0
+    assert strategy_age_exponent(cfg, "ftte") == 0.5 and strategy_age_exponent(cfg, "ftte-noage") == 0.5
+    assert strategy_age_exponent(cfg, "fedbuff") is None
+    assert strategy_age_exponent(SimConfig(tiered_age_exponent=0.5), "ftte-tiered") == 0.5
+
+    def round_trip_steps(a, tau, k=10):
+        buffer = [SimpleNamespace(base_version=0)] * k  # k updates, each tau versions old
+        return tau * FTTE(buffer_size=k, age_exponent=a).step_scale(buffer, tau, samples=[64] * k)
+
+    tiered = strategy_age_exponent(cfg, "ftte-tiered")
+    for tau in (7, 35, 350):  # 100, 500 and 5,000 devices
+        assert round_trip_steps(tiered, tau) < 1.0
+    assert round_trip_steps(cfg.age_exponent, 35) > 5.0  # plain ftte's exponent: the overshoot
