@@ -59,6 +59,10 @@ CASES = [
     (1, 2, 10, 13, 3, 5, 3, (3, 2), (0, 2, 1, 0)),
     (2, 2, 5, 5, 3, 3, 5, (1, 2), (3, 0, 0, 3)),  # padding wider than some windows: pad-only rows
     (1, 3, 4, 4, 2, 4, 4, (1, 1), (0, 0, 0, 0)),  # kernel covers the whole input
+    # stride 1 with OW == W: im2col/col2im as one run of the plane per tap, wrapped columns zeroed
+    (2, 2, 5, 6, 3, 3, 3, (1, 1), (3, 2, 0, 0)),  # pad-only rows above, wrap on the left only
+    (1, 3, 4, 9, 2, 1, 3, (1, 1), (0, 0, 0, 2)),  # 1x3, all the padding on the right
+    (2, 1, 6, 1, 2, 3, 1, (1, 1), (2, 0, 1, 0)),  # one-column map: every row is its own run
 ]
 
 
