@@ -90,8 +90,13 @@ void maxpool2x2(const PoolGeom& g, const float* x, float* y, Index* argmax) {
       const int32_t base = window_relative ? 0 : static_cast<int32_t>(2 * oh * W);
       // Window-relative indices are 0, 1 (top row), 2, 3 (bottom row) in every window.
       const int32_t w = window_relative ? 2 : static_cast<int32_t>(W);
+      // Four outputs per step; a row of at least 4 whose width is not a multiple of 4 ends with
+      // one step over its last 4 outputs, overlapping the previous one (recomputing an output
+      // gives the same bits), instead of a scalar tail: rows are short here (7 and 14 wide in
+      // the zoo CNN, where the tail took half the row's time).
       int64_t ow = 0;
-      for (; ow + 4 <= g.OW; ow += 4) {
+      for (; ow < g.OW && g.OW >= 4; ow += 4) {
+        if (ow + 4 > g.OW) ow = g.OW - 4;
         const int64_t c = 2 * ow;
         const v4f a0 = load4(r0 + c), a1 = load4(r0 + c + 4), b0 = load4(r1 + c), b1 = load4(r1 + c + 4);
 #if defined(__clang__)
@@ -203,7 +208,43 @@ void maxpool2d_backward_window(const PoolGeom& g, const float* dy, const uint8_t
         float* r1 = r0 + g.W;
         const float* d_row = dyp + oh * g.OW;
         const uint8_t* a_row = ap + oh * g.OW;
-        for (int64_t ow = 0; ow < g.OW; ++ow) {
+        int64_t ow = 0;
+        // Four outputs per step, the last step overlapping the one before when the row's width is
+        // not a multiple of 4 (the same cells get the same bits again), as in the forward.
+        for (; ow < g.OW && g.OW >= 4; ow += 4) {
+          if (ow + 4 > g.OW) ow = g.OW - 4;
+          const v4f zero = {0.f, 0.f, 0.f, 0.f};
+          const v4f d = zero + load4(d_row + ow);
+          v4i bits;
+          std::memcpy(&bits, &d, 16);
+          // Lane k compares byte k of the four positions (in memory order, whatever the CPU's
+          // byte order) in place: no unpacking of bytes into lanes.
+          uint8_t four[4] = {a_row[ow], a_row[ow + 1], a_row[ow + 2], a_row[ow + 3]};
+          uint32_t packed;
+          std::memcpy(&packed, four, 4);
+          const uint8_t unit_bytes[16] = {1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1};
+          const uint8_t lane_bytes[16] = {255, 0, 0, 0, 0, 255, 0, 0, 0, 0, 255, 0, 0, 0, 0, 255};
+          v4i unit, lane;
+          std::memcpy(&unit, unit_bytes, 16);
+          std::memcpy(&lane, lane_bytes, 16);
+          const int32_t ps = static_cast<int32_t>(packed);
+          const v4i r = v4i{ps, ps, ps, ps} & lane;  // lane k: byte k of `four` where lane's mask puts it
+          const v4i c0 = bits & (r == unit * 0), c1 = bits & (r == unit), c2 = bits & (r == unit * 2),
+                    c3 = bits & (r == unit * 3);
+#if defined(__clang__)
+          const v4i t0 = __builtin_shufflevector(c0, c1, 0, 4, 1, 5), t1 = __builtin_shufflevector(c0, c1, 2, 6, 3, 7);
+          const v4i b0 = __builtin_shufflevector(c2, c3, 0, 4, 1, 5), b1 = __builtin_shufflevector(c2, c3, 2, 6, 3, 7);
+#else
+          const v4i lo = {0, 4, 1, 5}, hi = {2, 6, 3, 7};
+          const v4i t0 = __builtin_shuffle(c0, c1, lo), t1 = __builtin_shuffle(c0, c1, hi);
+          const v4i b0 = __builtin_shuffle(c2, c3, lo), b1 = __builtin_shuffle(c2, c3, hi);
+#endif
+          std::memcpy(r0 + 2 * ow, &t0, 16);
+          std::memcpy(r0 + 2 * ow + 4, &t1, 16);
+          std::memcpy(r1 + 2 * ow, &b0, 16);
+          std::memcpy(r1 + 2 * ow + 4, &b1, 16);
+        }
+        for (; ow < g.OW; ++ow) {
           const float d = 0.f + d_row[ow];
           uint32_t bits;
           std::memcpy(&bits, &d, 4);
