@@ -67,6 +67,16 @@ inline void take4(v4f v, v4i i, v4f& best, v4i& best_i) {
   best_i = (i & take) | (best_i & ~take);
 }
 
+// Lanes i0..i3 of the 8 lanes of a then b (GCC/Clang vector extensions: one shuffle on SSE2/NEON).
+template <int i0, int i1, int i2, int i3, class V>
+inline V shuffle4(V a, V b) {
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, i0, i1, i2, i3);
+#else
+  return __builtin_shuffle(a, b, v4i{i0, i1, i2, i3});
+#endif
+}
+
 inline v4f load4(const float* p) {
   v4f v;
   std::memcpy(&v, p, 16);
@@ -99,14 +109,8 @@ void maxpool2x2(const PoolGeom& g, const float* x, float* y, Index* argmax) {
         if (ow + 4 > g.OW) ow = g.OW - 4;
         const int64_t c = 2 * ow;
         const v4f a0 = load4(r0 + c), a1 = load4(r0 + c + 4), b0 = load4(r1 + c), b1 = load4(r1 + c + 4);
-#if defined(__clang__)
-        const v4f tl = __builtin_shufflevector(a0, a1, 0, 2, 4, 6), tr = __builtin_shufflevector(a0, a1, 1, 3, 5, 7);
-        const v4f bl = __builtin_shufflevector(b0, b1, 0, 2, 4, 6), br = __builtin_shufflevector(b0, b1, 1, 3, 5, 7);
-#else
-        const v4i ev = {0, 2, 4, 6}, od = {1, 3, 5, 7};
-        const v4f tl = __builtin_shuffle(a0, a1, ev), tr = __builtin_shuffle(a0, a1, od);
-        const v4f bl = __builtin_shuffle(b0, b1, ev), br = __builtin_shuffle(b0, b1, od);
-#endif
+        const v4f tl = shuffle4<0, 2, 4, 6>(a0, a1), tr = shuffle4<1, 3, 5, 7>(a0, a1);
+        const v4f bl = shuffle4<0, 2, 4, 6>(b0, b1), br = shuffle4<1, 3, 5, 7>(b0, b1);
         const int32_t c0 = base + static_cast<int32_t>(c);
         const v4i col = window_relative ? v4i{0, 0, 0, 0} : v4i{c0, c0 + 2, c0 + 4, c0 + 6};
         v4f best = tl;
@@ -231,14 +235,9 @@ void maxpool2d_backward_window(const PoolGeom& g, const float* dy, const uint8_t
           const v4i r = v4i{ps, ps, ps, ps} & lane;  // lane k: byte k of `four` where lane's mask puts it
           const v4i c0 = bits & (r == unit * 0), c1 = bits & (r == unit), c2 = bits & (r == unit * 2),
                     c3 = bits & (r == unit * 3);
-#if defined(__clang__)
-          const v4i t0 = __builtin_shufflevector(c0, c1, 0, 4, 1, 5), t1 = __builtin_shufflevector(c0, c1, 2, 6, 3, 7);
-          const v4i b0 = __builtin_shufflevector(c2, c3, 0, 4, 1, 5), b1 = __builtin_shufflevector(c2, c3, 2, 6, 3, 7);
-#else
-          const v4i lo = {0, 4, 1, 5}, hi = {2, 6, 3, 7};
-          const v4i t0 = __builtin_shuffle(c0, c1, lo), t1 = __builtin_shuffle(c0, c1, hi);
-          const v4i b0 = __builtin_shuffle(c2, c3, lo), b1 = __builtin_shuffle(c2, c3, hi);
-#endif
+          // Windows' cells interleaved back into rows: top row (c0, c1), bottom row (c2, c3).
+          const v4i t0 = shuffle4<0, 4, 1, 5>(c0, c1), t1 = shuffle4<2, 6, 3, 7>(c0, c1);
+          const v4i b0 = shuffle4<0, 4, 1, 5>(c2, c3), b1 = shuffle4<2, 6, 3, 7>(c2, c3);
           std::memcpy(r0 + 2 * ow, &t0, 16);
           std::memcpy(r0 + 2 * ow + 4, &t1, 16);
           std::memcpy(r1 + 2 * ow, &b0, 16);
