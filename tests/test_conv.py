@@ -140,9 +140,14 @@ def test_empty_and_repeated_rows():
     np.testing.assert_allclose(db, rdb[rows], rtol=1e-4, atol=1e-4)
 
 
-def test_finite_differences():
+@pytest.mark.parametrize("case", [
+    (2, 3, 6, 5, 4, 3, 3, (2, 1), (1, 0, 0, 2)),
+    # stride 1, OW == W: the one-run-per-tap im2col/col2im, a pad-only row above; 45 positions per
+    # plane, so the bias gradient's 16 running sums and their tail both count
+    (2, 2, 5, 9, 3, 3, 3, (1, 1), (2, 1, 0, 1)),
+])
+def test_finite_differences(case):
     """Kernel backward vs float64 central differences of L = sum(conv(x, w, b) * r)."""
-    case = (2, 3, 6, 5, 4, 3, 3, (2, 1), (1, 0, 0, 2))
     rng, x, w, b, yshape = make(case, 3)
     stride, pad = case[7], case[8]
     r = rng.standard_normal(yshape)
