@@ -19,7 +19,9 @@ Two sets of models, both in one run so the comparison shares the machine's state
 
 Every implementation does the same work: SGD with momentum 0.9 (``--momentum``) on all parameters, softmax
 cross-entropy. Each thread setting runs in its own child process (BLAS thread pools are fixed at
-import). Times are medians over `reps` steps after warm-up, with the 10th-90th percentile spread.
+import). Times are medians over `reps` steps after warm-up, with the 10th-90th percentile spread. The
+implementations of one model run in turn (classic: rounds of CLASSIC_BLOCK steps of each; tiny: one
+step of each per round), so machine load hits them alike, and ratios are medians of per-round ratios.
 """
 import argparse
 import json
@@ -32,6 +34,8 @@ BATCH = 32
 LR = 0.05
 LR_TINY = 0.01  # the deeper zoo models diverge at 0.05 from random data
 MOMENTUM = 0.9
+#: classic models: steps of one implementation per round (the median counts); reps / this rounds
+CLASSIC_BLOCK = 5
 
 
 def percentiles(samples):
@@ -51,9 +55,12 @@ def time_steps(step, reps, warmup=30):
     return percentiles(out)
 
 
-def time_rounds(steps, reps, warmup=5):
+def time_rounds(steps, reps, warmup=5, block=1):
     """Times the named steps in turn, one of each per round, so load from other processes hits
-    them alike: {name: percentiles}, and {name: median over rounds of its time / the first's}."""
+    them alike: {name: percentiles}, and {name: median over rounds of its time / the first's}.
+    With block > 1 a round runs `block` consecutive steps of each (a training loop's steady state:
+    its own buffers warm in cache rather than just evicted by the other implementations) and
+    counts their median; `reps` is then the number of rounds."""
     import numpy as np
     names = list(steps)
     for _ in range(warmup):
@@ -62,9 +69,12 @@ def time_rounds(steps, reps, warmup=5):
     times = {name: [] for name in names}
     for _ in range(reps):
         for name in names:
-            t = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - t)
+            block_times = []
+            for _ in range(block):
+                t = time.perf_counter()
+                steps[name]()
+                block_times.append(time.perf_counter() - t)
+            times[name].append(float(np.median(block_times)))
     base = np.asarray(times[names[0]])
     return ({name: percentiles(ts) for name, ts in times.items()},
             {name: float(np.median(np.asarray(ts) / base)) for name, ts in times.items()})
@@ -541,19 +551,25 @@ def child(threads, reps, tiny_reps, only):
                    "sparse": ft.Subset.of(model, {names[-1]: {"rows": "all", "bias": True},
                                                   names[-2]: {"rows": 0.25, "bias": False}})}
         subsets["sparse_int8"] = subsets["sparse"]  # the same subset, frozen weights held as int8
+        steps, trainers = {}, {}
         for label, subset in subsets.items():
             m = make_model()
             frozen = "int8" if label.endswith("_int8") else "float32"
-            tr = ft.Trainer(m, subset, lr=LR, momentum=MOMENTUM, frozen=frozen)
-            row[f"engine_{label}"] = time_steps(lambda: tr.step(x, y), reps)
-            row[f"memory_{label}"] = tr.memory.as_dict()
+            tr = trainers[label] = ft.Trainer(m, subset, lr=LR, momentum=MOMENTUM, frozen=frozen)
+            steps[f"engine_{label}"] = (lambda t: lambda: t.step(x, y))(tr)
             row[f"predicted_{label}"] = ft.predict_memory(m, subset, BATCH, momentum=MOMENTUM, frozen=frozen)["total"]
         ref = NumpyStep(make_model())
         xr = x.reshape((BATCH,) + make_model().input_shape)
-        row["numpy"] = time_steps(lambda: ref(xr, y), reps)
+        steps["numpy"] = lambda: ref(xr, y)
         if torch is not None:
-            step = torch_step(name)(xr.copy(), y)
-            row["torch"] = time_steps(step, reps)
+            steps["torch"] = torch_step(name)(xr.copy(), y)
+        # Rounds of CLASSIC_BLOCK steps of each, so load from other processes hits them alike; the
+        # ratios are medians of the per-round ratios to the engine's full step.
+        times, ratios = time_rounds(steps, max(1, reps // CLASSIC_BLOCK), warmup=20, block=CLASSIC_BLOCK)
+        row.update(times)
+        row["ratios"] = ratios
+        for label, tr in trainers.items():
+            row[f"memory_{label}"] = tr.memory.as_dict()
         out["models"][name] = row
     print(json.dumps(out))
 
@@ -599,15 +615,18 @@ def main():
 
     print(f"\nTraining step, batch {BATCH}, SGD momentum {MOMENTUM}; median us [p10-p90]; "
           f"GEMM kernel: {results[0]['gemm']}; torch: {results[0]['torch'] or 'not installed (skipped)'}")
+    print(f"engine full, sparse and sparse int8, NumPy and torch steps run in turn, {CLASSIC_BLOCK} steps of each "
+          "per round (their median counts); 'vs' and 'time ratio' columns are medians of the per-round ratios to "
+          "the engine's full step")
     print(f"{'model':<8} {'thr':>3} | {'engine full':>20} | {'numpy':>20} | {'torch':>20} | "
           f"{'vs numpy':>8} | {'vs torch':>8}")
     for r in results:
         for name, row in r["models"].items():
             e, npy = row["engine_full"], row["numpy"]
             tt = row.get("torch")
+            vs_torch = f"{row['ratios']['torch']:.2f}x" if tt else "n/a"
             print(f"{name:<8} {r['threads']:>3} | {fmt(e):>20} | {fmt(npy):>20} | "
-                  f"{fmt(tt) if tt else 'n/a':>20} | {npy[0] / e[0]:>7.2f}x | "
-                  f"{(f'{tt[0] / e[0]:.2f}x') if tt else 'n/a':>8}")
+                  f"{fmt(tt) if tt else 'n/a':>20} | {row['ratios']['numpy']:>7.2f}x | {vs_torch:>8}")
     print("\nSparse step (last layer + 25% of the rows of the layer before it) against the full step")
     print(f"{'model':<8} {'thr':>3} | {'sparse us':>20} | {'time ratio':>10} | {'full mem KiB':>12} | "
           f"{'sparse mem KiB':>14} | {'mem ratio':>9} | {'predicted full/sparse KiB':>26}")
@@ -615,8 +634,8 @@ def main():
         for name, row in r["models"].items():
             e, s = row["engine_full"], row["engine_sparse"]
             mf, ms = row["memory_full"]["total"], row["memory_sparse"]["total"]
-            print(f"{name:<8} {r['threads']:>3} | {fmt(s):>20} | {s[0] / e[0]:>10.2f} | {mf / 1024:>12.1f} | "
-                  f"{ms / 1024:>14.1f} | {ms / mf:>9.3f} | "
+            print(f"{name:<8} {r['threads']:>3} | {fmt(s):>20} | {row['ratios']['engine_sparse']:>10.2f} | "
+                  f"{mf / 1024:>12.1f} | {ms / 1024:>14.1f} | {ms / mf:>9.3f} | "
                   f"{row['predicted_full'] / 1024:>12.1f} / {row['predicted_sparse'] / 1024:<11.1f}")
     print("\nThe same sparse step with int8 frozen weights (Trainer(frozen=\"int8\"): layers with no trained row "
           "held as int8 + a scale per row, the partly trained layer's frozen rows likewise)")
@@ -626,7 +645,8 @@ def main():
         for name, row in r["models"].items():
             e, s = row["engine_full"], row["engine_sparse_int8"]
             mf, ms = row["memory_full"]["total"], row["memory_sparse_int8"]["total"]
-            print(f"{name:<8} {r['threads']:>3} | {fmt(s):>20} | {s[0] / e[0]:>10.2f} | {ms / 1024:>12.1f} | "
+            print(f"{name:<8} {r['threads']:>3} | {fmt(s):>20} | {row['ratios']['engine_sparse_int8']:>10.2f} | "
+                  f"{ms / 1024:>12.1f} | "
                   f"{ms / mf:>9.3f} | {row['predicted_sparse_int8'] / 1024:>13.1f}")
     print("\nRecorded memory by category (KiB), 1st thread setting:")
     for name, row in results[0]["models"].items():

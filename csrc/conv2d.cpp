@@ -10,6 +10,7 @@
 
 #include "gemm.h"
 #include "parallel.h"
+#include "vectorize.h"
 #include "workspace.h"
 
 namespace ftte {
@@ -54,11 +55,127 @@ inline void for_tile_rows(const ConvGeom& g, int64_t p0, int64_t p1, Row row, Fu
   if (oh * g.OW < p1) row(oh, int64_t(0), p1 - oh * g.OW);  // last row partial
 }
 
+// Sum of a plane's n floats in a grouping fixed by n alone: 16 running sums (element i goes to
+// sum i % 16), combined in a fixed order, then the tail of n % 16 in order. One running sum was
+// a chain of dependent adds, ~4 cycles per element: the bias gradient of the zoo CNN's conv1
+// (32 images x 8 planes of 784) took longer than its whole weight gradient.
+float plane_sum(const float* x, int64_t n) {
+  typedef float v4f __attribute__((vector_size(16)));
+  v4f a0 = {0.f, 0.f, 0.f, 0.f}, a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v4f b0, b1, b2, b3;
+    std::memcpy(&b0, x + i, 16);
+    std::memcpy(&b1, x + i + 4, 16);
+    std::memcpy(&b2, x + i + 8, 16);
+    std::memcpy(&b3, x + i + 12, 16);
+    a0 += b0;
+    a1 += b1;
+    a2 += b2;
+    a3 += b3;
+  }
+  const v4f a = (a0 + a1) + (a2 + a3);
+  float s = (a[0] + a[1]) + (a[2] + a[3]);
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+// Stride 1 with an output as wide as the input (pl + pr == KW - 1, "same" width: the zoo's
+// 3x3 pad-1 layers): tap (i, j) of output position p = oh*OW + ow reads input cell p + shift,
+// shift = (i - pt)*W + (j - pl), wherever that cell is inside the image. So a tile's row of
+// columns is one contiguous run of x, and only the positions whose cell is outside the image
+// (rows above or below it; the first or last columns of a row, whose p + shift wraps onto the
+// neighbouring row) need zeros. On small maps this replaces a short copy or add per output row
+// and tap (the zoo CNN's 14-wide rows spent ~40% of conv2's forward in im2col's row copies).
+bool flat_taps(const ConvGeom& g) { return g.sh == 1 && g.sw == 1 && g.OW == g.W && g.OH > 0 && g.OW > 0; }
+
+// Of the tile [p0, p1), tap (i, j): [c0, c1) is the run whose p + shift lies in x's plane and
+// whose rows are inside the image; everything before and after it reads padding. Inside the
+// run, the columns [0, lo) and [hi, OW) of each row wrap (valid_cols' lo/hi for tap j).
+struct FlatRun {
+  int64_t shift, c0, c1, lo, hi;
+};
+inline FlatRun flat_run(const ConvGeom& g, int64_t i, int64_t j, int64_t p0, int64_t p1) {
+  FlatRun r;
+  r.shift = (i - g.pt) * g.W + (j - g.pl);
+  const int64_t oh_lo = std::max<int64_t>(0, g.pt - i), oh_hi = std::min(g.OH, g.H + g.pt - i);
+  const int64_t a = std::min(std::max(oh_lo * g.OW, p0), p1);
+  const int64_t b = std::min(std::max(oh_hi * g.OW, a), p1);
+  r.c0 = std::min(std::max(-r.shift, a), b);
+  r.c1 = std::min(std::max(g.H * g.W - r.shift, r.c0), b);
+  valid_cols(g, j, r.lo, r.hi);
+  return r;
+}
+
+// Calls zero(q0, q1) for the wrapping positions [q0, q1) of every row inside the run.
+template <class Zero>
+inline void for_wrapped(const ConvGeom& g, const FlatRun& r, Zero zero) {
+  if (r.lo == 0 && r.hi == g.OW) return;  // this tap's columns all read the image
+  for (int64_t oh = r.c0 / g.OW; oh * g.OW < r.c1; ++oh) {
+    const int64_t row = oh * g.OW;
+    zero(std::max(row, r.c0), std::min(row + r.lo, r.c1));
+    zero(std::max(row + r.hi, r.c0), std::min(row + g.OW, r.c1));
+  }
+}
+
+// Zeroes a few floats (a row's padding columns: one or two per tap here). A plain loop or
+// std::fill becomes a call to memset, whose fixed cost is most of the work for so few.
+inline void zero_few(float* p, int64_t n) {
+  for (int64_t q = 0; q < n; ++q) {
+    p[q] = 0.f;
+    __asm__ volatile("");  // keeps the compiler from turning the loop into a memset call
+  }
+}
+
+FTTE_VECTOR_CLONES
+void add_run(float* __restrict out, const float* __restrict in, int64_t n) {
+  for (int64_t q = 0; q < n; ++q) out[q] += in[q];
+}
+
+// im2col of the tile [p0, p1) for a flat_taps layer, channel c (see flat_taps).
+void im2col_flat(const ConvGeom& g, const float* x, int64_t p0, int64_t p1, int64_t c, float* cols) {
+  const int64_t T = p1 - p0;
+  const float* plane = x + c * g.H * g.W;
+  for (int64_t i = 0; i < g.KH; ++i)
+    for (int64_t j = 0; j < g.KW; ++j) {
+      float* dst = cols + ((c * g.KH + i) * g.KW + j) * T - p0;  // dst[p]: position p's entry
+      const FlatRun r = flat_run(g, i, j, p0, p1);
+      zero_few(dst + p0, r.c0 - p0);
+      std::memcpy(dst + r.c0, plane + r.c0 + r.shift, static_cast<size_t>(r.c1 - r.c0) * sizeof(float));
+      zero_few(dst + r.c1, p1 - r.c1);
+      for_wrapped(g, r, [&](int64_t q0, int64_t q1) {
+        zero_few(dst + q0, q1 - q0);
+      });
+    }
+}
+
+// col2im's adjoint for a flat_taps layer, channel c: the wrapping entries of the tile's columns
+// are zeroed (cols is the caller's scratch, consumed here), then each tap adds one run onto the
+// plane. Every cell receives the same entries in the same order as the per-row scatter, plus
+// zeros where a wrapped entry lands on a real cell (x + 0 == x).
+void col2im_flat(const ConvGeom& g, float* cols, int64_t p0, int64_t p1, int64_t c, float* plane) {
+  const int64_t T = p1 - p0;
+  for (int64_t i = 0; i < g.KH; ++i)
+    for (int64_t j = 0; j < g.KW; ++j) {
+      float* src = cols + ((c * g.KH + i) * g.KW + j) * T - p0;  // src[p]: position p's entry
+      const FlatRun r = flat_run(g, i, j, p0, p1);
+      for_wrapped(g, r, [&](int64_t q0, int64_t q1) {
+        zero_few(src + q0, q1 - q0);
+      });
+      add_run(plane + r.c0 + r.shift, src + r.c0, r.c1 - r.c0);
+    }
+}
+
 // cols[(c*KH + i)*KW + j][p - p0] = x[c][oh*sh - pt + i][ow*sw - pl + j] for the output
 // positions p = oh*OW + ow in [p0, p1), zero in padding. Split over input channels (inline
 // when already inside a per-image parallel loop).
 void im2col(const ConvGeom& g, const float* x, int64_t p0, int64_t p1, float* cols) {
   const int64_t T = p1 - p0;
+  if (flat_taps(g)) {
+    parallel_for(
+        g.C, [&](int64_t c) { im2col_flat(g, x, p0, p1, c, cols); }, static_cast<double>(g.C) * g.KH * g.KW * T);
+    return;
+  }
   parallel_for(
       g.C,
       [&](int64_t c) {
@@ -100,16 +217,21 @@ void im2col(const ConvGeom& g, const float* x, int64_t p0, int64_t p1, float* co
 }
 
 // The adjoint of im2col for the tile [p0, p1): dx += every column entry at the cell it was read
-// from (dx's planes are zeroed first when `zero`). Each channel's plane only receives from that
+// from (dx's planes are zeroed first when `zero`). cols is scratch: the flat path zeroes its
+// wrapping entries. Each channel's plane only receives from that
 // channel's rows, so the split over channels never has two threads adding into one cell, and
 // every cell sums its entries in a fixed order (tiles in order, then taps, then positions).
-void col2im(const ConvGeom& g, const float* cols, int64_t p0, int64_t p1, float* dx, bool zero) {
+void col2im(const ConvGeom& g, float* cols, int64_t p0, int64_t p1, float* dx, bool zero) {
   const int64_t T = p1 - p0;
   parallel_for(
       g.C,
       [&](int64_t c) {
         float* plane = dx + c * g.H * g.W;
         if (zero) std::fill(plane, plane + g.H * g.W, 0.f);
+        if (flat_taps(g)) {
+          col2im_flat(g, cols, p0, p1, c, plane);
+          return;
+        }
         for (int64_t i = 0; i < g.KH; ++i)
           for (int64_t j = 0; j < g.KW; ++j) {
             const float* src = cols + ((c * g.KH + i) * g.KW + j) * T;  // the tile's next entry
@@ -230,10 +352,7 @@ void conv2d_backward(const ConvGeom& g, const float* x, const WeightView& w, con
           const int64_t oc = rows ? rows[r] : r;
           float total = 0.f;
           for (int64_t n = 0; n < g.N; ++n) {
-            const float* plane = dy + (n * g.OC + oc) * P;
-            float s = 0.f;
-            for (int64_t p = 0; p < P; ++p) s += plane[p];
-            total += s;
+            total += plane_sum(dy + (n * g.OC + oc) * P, P);
           }
           db[r] = accumulate ? db[r] + total : total;
         },

@@ -67,6 +67,16 @@ inline void take4(v4f v, v4i i, v4f& best, v4i& best_i) {
   best_i = (i & take) | (best_i & ~take);
 }
 
+// Lanes i0..i3 of the 8 lanes of a then b (GCC/Clang vector extensions: one shuffle on SSE2/NEON).
+template <int i0, int i1, int i2, int i3, class V>
+inline V shuffle4(V a, V b) {
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, i0, i1, i2, i3);
+#else
+  return __builtin_shuffle(a, b, v4i{i0, i1, i2, i3});
+#endif
+}
+
 inline v4f load4(const float* p) {
   v4f v;
   std::memcpy(&v, p, 16);
@@ -90,18 +100,17 @@ void maxpool2x2(const PoolGeom& g, const float* x, float* y, Index* argmax) {
       const int32_t base = window_relative ? 0 : static_cast<int32_t>(2 * oh * W);
       // Window-relative indices are 0, 1 (top row), 2, 3 (bottom row) in every window.
       const int32_t w = window_relative ? 2 : static_cast<int32_t>(W);
+      // Four outputs per step; a row of at least 4 whose width is not a multiple of 4 ends with
+      // one step over its last 4 outputs, overlapping the previous one (recomputing an output
+      // gives the same bits), instead of a scalar tail: rows are short here (7 and 14 wide in
+      // the zoo CNN, where the tail took half the row's time).
       int64_t ow = 0;
-      for (; ow + 4 <= g.OW; ow += 4) {
+      for (; ow < g.OW && g.OW >= 4; ow += 4) {
+        if (ow + 4 > g.OW) ow = g.OW - 4;
         const int64_t c = 2 * ow;
         const v4f a0 = load4(r0 + c), a1 = load4(r0 + c + 4), b0 = load4(r1 + c), b1 = load4(r1 + c + 4);
-#if defined(__clang__)
-        const v4f tl = __builtin_shufflevector(a0, a1, 0, 2, 4, 6), tr = __builtin_shufflevector(a0, a1, 1, 3, 5, 7);
-        const v4f bl = __builtin_shufflevector(b0, b1, 0, 2, 4, 6), br = __builtin_shufflevector(b0, b1, 1, 3, 5, 7);
-#else
-        const v4i ev = {0, 2, 4, 6}, od = {1, 3, 5, 7};
-        const v4f tl = __builtin_shuffle(a0, a1, ev), tr = __builtin_shuffle(a0, a1, od);
-        const v4f bl = __builtin_shuffle(b0, b1, ev), br = __builtin_shuffle(b0, b1, od);
-#endif
+        const v4f tl = shuffle4<0, 2, 4, 6>(a0, a1), tr = shuffle4<1, 3, 5, 7>(a0, a1);
+        const v4f bl = shuffle4<0, 2, 4, 6>(b0, b1), br = shuffle4<1, 3, 5, 7>(b0, b1);
         const int32_t c0 = base + static_cast<int32_t>(c);
         const v4i col = window_relative ? v4i{0, 0, 0, 0} : v4i{c0, c0 + 2, c0 + 4, c0 + 6};
         v4f best = tl;
@@ -203,7 +212,38 @@ void maxpool2d_backward_window(const PoolGeom& g, const float* dy, const uint8_t
         float* r1 = r0 + g.W;
         const float* d_row = dyp + oh * g.OW;
         const uint8_t* a_row = ap + oh * g.OW;
-        for (int64_t ow = 0; ow < g.OW; ++ow) {
+        int64_t ow = 0;
+        // Four outputs per step, the last step overlapping the one before when the row's width is
+        // not a multiple of 4 (the same cells get the same bits again), as in the forward.
+        for (; ow < g.OW && g.OW >= 4; ow += 4) {
+          if (ow + 4 > g.OW) ow = g.OW - 4;
+          const v4f zero = {0.f, 0.f, 0.f, 0.f};
+          const v4f d = zero + load4(d_row + ow);
+          v4i bits;
+          std::memcpy(&bits, &d, 16);
+          // Lane k compares byte k of the four positions (in memory order, whatever the CPU's
+          // byte order) in place: no unpacking of bytes into lanes.
+          uint8_t four[4] = {a_row[ow], a_row[ow + 1], a_row[ow + 2], a_row[ow + 3]};
+          uint32_t packed;
+          std::memcpy(&packed, four, 4);
+          const uint8_t unit_bytes[16] = {1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1};
+          const uint8_t lane_bytes[16] = {255, 0, 0, 0, 0, 255, 0, 0, 0, 0, 255, 0, 0, 0, 0, 255};
+          v4i unit, lane;
+          std::memcpy(&unit, unit_bytes, 16);
+          std::memcpy(&lane, lane_bytes, 16);
+          const int32_t ps = static_cast<int32_t>(packed);
+          const v4i r = v4i{ps, ps, ps, ps} & lane;  // lane k: byte k of `four` where lane's mask puts it
+          const v4i c0 = bits & (r == unit * 0), c1 = bits & (r == unit), c2 = bits & (r == unit * 2),
+                    c3 = bits & (r == unit * 3);
+          // Windows' cells interleaved back into rows: top row (c0, c1), bottom row (c2, c3).
+          const v4i t0 = shuffle4<0, 4, 1, 5>(c0, c1), t1 = shuffle4<2, 6, 3, 7>(c0, c1);
+          const v4i b0 = shuffle4<0, 4, 1, 5>(c2, c3), b1 = shuffle4<2, 6, 3, 7>(c2, c3);
+          std::memcpy(r0 + 2 * ow, &t0, 16);
+          std::memcpy(r0 + 2 * ow + 4, &t1, 16);
+          std::memcpy(r1 + 2 * ow, &b0, 16);
+          std::memcpy(r1 + 2 * ow + 4, &b1, 16);
+        }
+        for (; ow < g.OW; ++ow) {
           const float d = 0.f + d_row[ow];
           uint32_t bits;
           std::memcpy(&bits, &d, 4);

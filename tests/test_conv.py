@@ -59,6 +59,10 @@ CASES = [
     (1, 2, 10, 13, 3, 5, 3, (3, 2), (0, 2, 1, 0)),
     (2, 2, 5, 5, 3, 3, 5, (1, 2), (3, 0, 0, 3)),  # padding wider than some windows: pad-only rows
     (1, 3, 4, 4, 2, 4, 4, (1, 1), (0, 0, 0, 0)),  # kernel covers the whole input
+    # stride 1 with OW == W: im2col/col2im as one run of the plane per tap, wrapped columns zeroed
+    (2, 2, 5, 6, 3, 3, 3, (1, 1), (3, 2, 0, 0)),  # pad-only rows above, wrap on the left only
+    (1, 3, 4, 9, 2, 1, 3, (1, 1), (0, 0, 0, 2)),  # 1x3, all the padding on the right
+    (2, 1, 6, 1, 2, 3, 1, (1, 1), (2, 0, 1, 0)),  # one-column map: every row is its own run
 ]
 
 
@@ -136,9 +140,14 @@ def test_empty_and_repeated_rows():
     np.testing.assert_allclose(db, rdb[rows], rtol=1e-4, atol=1e-4)
 
 
-def test_finite_differences():
+@pytest.mark.parametrize("case", [
+    (2, 3, 6, 5, 4, 3, 3, (2, 1), (1, 0, 0, 2)),
+    # stride 1, OW == W: the one-run-per-tap im2col/col2im, a pad-only row above; 45 positions per
+    # plane, so the bias gradient's 16 running sums and their tail both count
+    (2, 2, 5, 9, 3, 3, 3, (1, 1), (2, 1, 0, 1)),
+])
+def test_finite_differences(case):
     """Kernel backward vs float64 central differences of L = sum(conv(x, w, b) * r)."""
-    case = (2, 3, 6, 5, 4, 3, 3, (2, 1), (1, 0, 0, 2))
     rng, x, w, b, yshape = make(case, 3)
     stride, pad = case[7], case[8]
     r = rng.standard_normal(yshape)
