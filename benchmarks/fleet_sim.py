@@ -135,6 +135,8 @@ def main():
                     help="the ftte strategies' downlink: canonical frames only (no direct steps)")
     ap.add_argument("--downlink-bits", type=int, choices=(8, 4), default=8,
                     help="the ftte strategies' downlink steps: int8 or packed int4")
+    ap.add_argument("--update-bits", type=int, choices=(8, 4), default=8,
+                    help="the ftte strategies' uplink deltas: int8 or packed int4")
     ap.add_argument("--tiered-age-exponent", type=float, default=SimConfig.tiered_age_exponent,
                     help="staleness exponent of ftte-tiered (default 1.0, the strategy's own; --age-exponent is ftte's)")
     ap.add_argument("--out", default="bench-sim")
@@ -170,6 +172,7 @@ def main():
                             age_exponent=args.age_exponent, variance_strength=args.variance_strength,
                             ftte_server_lr=args.ftte_server_lr, tiered_server_lr=args.tiered_server_lr,
                             downlink_direct=not args.no_direct_steps, downlink_bits=args.downlink_bits,
+                            update_bits=args.update_bits,
                             tiered_age_exponent=args.tiered_age_exponent,
                             pretrain_fraction=start_fraction(start, args.pretrain_fraction),
                             **workload_config(workload))

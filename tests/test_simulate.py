@@ -70,6 +70,18 @@ def test_ftte_is_sparse_int8_and_lighter_than_the_baselines(small_run):
     assert s["fedavg"]["mean_staleness"] == 0.0
 
 
+def test_update_bits_4_packs_ftte_uplink_deltas_as_int4(small_run):
+    """--update-bits 4: the simulated devices encode their deltas as the fleet's int4 updates do
+    (two levels a byte and one scale per row), so each task's upload is about half the int8 one;
+    the baselines' float32 deltas do not change."""
+    r4 = simulate(SimConfig(strategies=("ftte", "fedavg"), seed=3, update_bits=4, **SMALL), log=lambda m: None)
+    assert r4["ftte_update_bits"] == 4 and small_run["ftte_update_bits"] == 8
+    up8, up4 = small_run["strategies"]["ftte"]["bytes_up_per_task"], r4["strategies"]["ftte"]["bytes_up_per_task"]
+    assert 0.45 * up8 < up4 < 0.65 * up8, (up8, up4)
+    assert r4["strategies"]["fedavg"]["bytes_up_per_task"] == small_run["strategies"]["fedavg"]["bytes_up_per_task"]
+    assert r4["strategies"]["ftte"]["final_accuracy"] > 0.5
+
+
 def test_same_seed_same_results_different_seed_differs(small_run):
     again = simulate(SimConfig(strategies=("ftte", "fedbuff", "fedavg"), seed=3, **SMALL), log=lambda m: None)
     assert _strip_wall(again) == _strip_wall(small_run)

@@ -73,11 +73,13 @@ def main() -> None:
                    "mirror), as train --no-direct-steps.")
 @click.option("--downlink-bits", type=click.Choice(["8", "4"]), default="8",
               help="The ftte strategies' downlink steps: int8, or packed int4, as train --downlink-bits.")
+@click.option("--update-bits", type=click.Choice(["8", "4"]), default="8",
+              help="The ftte strategies' uplink deltas: int8, or packed int4, as train --update-bits.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="ftte-sim", help="Output folder.")
 def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha, model, input_shape, buffer_k,
              max_versions,
              max_time, samples_per_device, local_epochs, batch_size, lr, server_lr, pretrain_fraction, memory_budget,
-             profiles_path, seed, no_direct, downlink_bits, out_dir):
+             profiles_path, seed, no_direct, downlink_bits, update_bits, out_dir):
     """Run the fleet on a virtual clock and compare strategies.
 
     Training is real (the engine, real data, real encoded updates); only time is simulated.
@@ -102,7 +104,7 @@ def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha
                         local_epochs=local_epochs, batch_size=batch_size, lr=lr, server_lr=server_lr,
                         pretrain_fraction=pretrain_fraction, memory_budget=budget,
                         profiles_path=profiles_path, seed=seed, downlink_direct=not no_direct,
-                        downlink_bits=int(downlink_bits))
+                        downlink_bits=int(downlink_bits), update_bits=int(update_bits))
         t0 = time.perf_counter()
         results = run(cfg, log=lambda m: click.echo(m, err=True))
         paths = write_results(results, out_dir)

@@ -203,6 +203,7 @@ class SimConfig:
     # default; False = canonical frames only, the hub's --no-direct-steps)
     downlink_direct: bool = True
     downlink_bits: int = 8              # the ftte strategies' downlink steps: int8 or packed int4 (--downlink-bits)
+    update_bits: int = 8                # the ftte strategies' uplink deltas: int8 or packed int4 (--update-bits)
 
 
 @dataclass
@@ -471,7 +472,8 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
     cfg = setup.cfg
     extra = {}
     if name.startswith("ftte"):
-        extra = {"age_exponent": strategy_age_exponent(cfg, name), "variance_strength": cfg.variance_strength}
+        extra = {"age_exponent": strategy_age_exponent(cfg, name), "variance_strength": cfg.variance_strength,
+                 "bits": cfg.update_bits}
     if name == "ftte-tiered":
         extra.update(tiers=[t for t, _ in setup.tiers], tier_bytes=[b for _, b in setup.tiers])
     strategy = make_strategy(name, buffer_size=cfg.buffer, server_lr=strategy_server_lr(cfg, name), **extra)
@@ -683,6 +685,8 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
         "pretrained": setup.pretrained, "start": setup.start,
         "augmented_device_data": setup.augmented, "samples_per_device": cfg.samples_per_device,
         "memory_budget_min": setup.m_min, "ftte_frozen": setup.ftte_frozen, "start_accuracy": setup.start_accuracy,
+        "ftte_update_bits": cfg.update_bits, "ftte_downlink_bits": cfg.downlink_bits,
+        "ftte_direct_steps": cfg.downlink_direct,
         "full_step_memory_bytes": setup.full_step_bytes,
         "device_budgets": {p: sorted({d.memory_budget for d in setup.devices if d.profile.name == p})[0]
                            for p in sorted({d.profile.name for d in setup.devices})},
