@@ -426,6 +426,29 @@ def test_a_reconnecting_agent_gets_direct_steps_only_from_values_the_hub_knows()
     assert stream.frame_for_device(None, None).frame.kind == "snapshot"
 
 
+def test_retired_mirrors_are_bounded_in_count_and_bytes(monkeypatch):
+    """The mirrors kept for reconnects are bounded by count and by their values' bytes (a large
+    model's subset is MBs per agent, and agents come and go for the whole run): the oldest go."""
+    from types import SimpleNamespace
+
+    from ftte_core import downlink as DL
+    from ftte_hub import fleet as F
+
+    monkeypatch.setattr(F, "MAX_RETIRED_MIRRORS", 5)
+    monkeypatch.setattr(F, "MAX_RETIRED_MIRROR_BYTES", 3 * 4000)
+    fleet = F.Fleet(KEY, F.FleetSettings())
+    for i in range(8):
+        m = DL.Mirror("st", "c" * 32, {"w": np.zeros(1000, np.float32)}, None)   # 4000 bytes each
+        fleet.retire_mirror(SimpleNamespace(agent_id=f"a{i}", mirror=m))
+    assert list(fleet.retired_mirrors) == ["a5", "a6", "a7"]                 # the bytes bound
+    monkeypatch.setattr(F, "MAX_RETIRED_MIRROR_BYTES", 1 << 30)
+    for i in range(8, 12):
+        fleet.retire_mirror(SimpleNamespace(agent_id=f"a{i}", mirror=m))
+    assert list(fleet.retired_mirrors) == ["a7", "a8", "a9", "a10", "a11"]   # the count bound
+    fleet.retire_mirror(SimpleNamespace(agent_id="a12", mirror=None))        # held nothing known
+    assert "a12" not in fleet.retired_mirrors
+
+
 @pytest.mark.slow
 def test_max_seconds_finishes_at_the_first_merge_past_it(tmp_path):
     # a site round (`train --site`, docs/multi-site.md) ends at --max-versions or its time limit

@@ -56,6 +56,7 @@ BACKOFF_MAX = 10.0
 HELLO_TIMEOUT = 10.0          # handshake, then AGENT_INFO
 FAILED_TASK_BACKOFF_MAX = 30.0
 MAX_RETIRED_MIRRORS = 1024    # mirrors of ended sessions kept for a reconnect (newest first; see Fleet.retire_mirror)
+MAX_RETIRED_MIRROR_BYTES = 64 << 20  # ... and their values' bytes at most (a large model's subset is MBs each)
 MAX_BIG_SENDS = 8             # TASK/MODEL frames being encrypted and written at once
 MAX_MDNS_ADDRESSES = 256      # addresses mDNS may add (a flood of advertised services is ignored past it)
 MAX_INFO_BYTES = 64 << 10     # an AGENT_INFO body
@@ -317,8 +318,10 @@ class Fleet:
             return
         self.retired_mirrors[session.agent_id] = session.mirror
         self.retired_mirrors.move_to_end(session.agent_id)
-        while len(self.retired_mirrors) > MAX_RETIRED_MIRRORS:
-            self.retired_mirrors.popitem(last=False)
+        total = sum(_mirror_bytes(m) for m in self.retired_mirrors.values())
+        while self.retired_mirrors and (len(self.retired_mirrors) > MAX_RETIRED_MIRRORS
+                                        or total > MAX_RETIRED_MIRROR_BYTES):
+            total -= _mirror_bytes(self.retired_mirrors.popitem(last=False)[1])
 
     def note_session_end(self, session: "Session") -> None:
         b_in, b_out = self.ended_bytes.get(session.agent_id, (0, 0))
@@ -598,6 +601,10 @@ class Fleet:
             event("agent_left", f"{who}: session failed ({type(e).__name__}: {one_line(e)}); reconnecting",
                   logging.WARNING)
         return "served" if session.served else "bad"
+
+
+def _mirror_bytes(mirror: DL.Mirror) -> int:
+    return sum(int(v.nbytes) for v in mirror.values.values())
 
 
 async def _send_error(ch: Channel, message: str) -> None:
