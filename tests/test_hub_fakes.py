@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -36,6 +36,11 @@ class FakeAgent:
                  downlink: str = "off", delay: float = 0.05):
         assert behaviour in BEHAVIOURS, behaviour
         self.delay = delay                    # behaviour "slow": seconds added to every task
+        # behaviour "slow" with lag_behind = (other agents, n): hold each task until the others have
+        # sent n more updates (at most `delay` s), so that it comes back versions behind whatever
+        # the machine's speed (a fixed sleep does not: under emulation a merge may outlast it)
+        self.lag_behind: Optional[Tuple[List["FakeAgent"], int]] = None
+        self.updates_sent = 0
         # lose: forgets what it holds every third task; chains: an agent from before direct steps
         assert downlink in ("off", "on", "lose", "chains"), downlink
         self.downlink = downlink
@@ -144,7 +149,7 @@ class FakeAgent:
                     await ch.send(M.STOP, M.encode_json({"reason": "nonsense"}))
                     continue
                 if self.behaviour == "slow":
-                    await asyncio.sleep(self.delay)
+                    await self._lag()
                 if task.downlink is not None and not await self._resolve(ch, task):
                     continue
                 model = self.models[task.model_hash]
@@ -154,6 +159,7 @@ class FakeAgent:
                                  bits=task.bits, seed=task.seed, device_id=self.agent_id)
                 res.update.task_id = task.task_id
                 await ch.send(M.UPDATE, self._spoil(res.update))
+                self.updates_sent += 1
             elif t == M.ACK:
                 self.acks.append(M.decode_json(body, M.ACK))
             elif t == M.NOT_USED:
@@ -162,6 +168,16 @@ class FakeAgent:
                 self.stopped = M.decode_json(body, M.STOP)["reason"]
                 await ch.close()
                 return
+
+    async def _lag(self) -> None:
+        if self.lag_behind is None:
+            await asyncio.sleep(self.delay)
+            return
+        others, n = self.lag_behind
+        goal = sum(o.updates_sent for o in others) + n
+        deadline = asyncio.get_running_loop().time() + self.delay
+        while sum(o.updates_sent for o in others) < goal and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
 
     async def _resolve(self, ch: Channel, task) -> bool:
         """As the real agent does: the frame against what it holds; TASK_FAILED resync if it does not fit."""

@@ -374,8 +374,10 @@ def test_fleet_agents_versions_behind_get_direct_steps_and_the_run_reaches_its_t
 
     async def main():
         agents = [FakeAgent(KEY, parts[0], "fast0", downlink="on"), FakeAgent(KEY, parts[1], "fast1", downlink="on"),
-                  FakeAgent(KEY, parts[2], "slow", behaviour="slow", delay=scaled(0.3), downlink="on"),
-                  FakeAgent(KEY, parts[3], "old", behaviour="slow", delay=scaled(0.3), downlink="chains")]
+                  FakeAgent(KEY, parts[2], "slow", behaviour="slow", delay=scaled(30), downlink="on"),
+                  FakeAgent(KEY, parts[3], "old", behaviour="slow", delay=scaled(30), downlink="chains")]
+        for lagging in agents[2:]:  # each of its tasks comes back at least 3 versions behind (K = 1)
+            lagging.lag_behind = (agents[:2], 3)
         for a in agents:
             await a.start()
         cfg = _config(tmp_path, val, agents, buffer=1, target_accuracy=0.9, lr=0.03)
