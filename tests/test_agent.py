@@ -1179,18 +1179,21 @@ def test_stop_cancels_training_and_discards_the_partial_result(fleet, tmp_path):
 def test_a_task_of_another_run_cancels_the_old_runs_training(fleet, tmp_path):
     model, subset = make_model(seed=26)
     state = tmp_path / "state"
-    a = start_agent(fleet["key"], fleet["data"], state, "--max-task-steps", "0")
+    a = start_agent(fleet["key"], fleet["data"], state, "--max-task-steps", "0", "--log-level", "debug")
     try:
         async def go():
             ch, _ = await hello(a.port, fleet["key"])
             await ch.send(M.MODEL, model_to_bytes(model))
             long = task_message(model, subset, "t1", config=TaskConfig(batch_size=16, local_epochs=1e6))
             await ch.send(M.TASK, M.encode_task(long))
+            # the old run's task is training (and the model cached) before its hub dies: a cut
+            # that came earlier could take the MODEL and TASK still unread with it
+            await asyncio.get_running_loop().run_in_executor(None, a.wait_for, r"task t1: training")
             ch.abort()  # that hub died without STOP; a new run's hub comes
             ch, _ = await hello(a.port, fleet["key"])
             await ch.send(M.TASK, M.encode_task(task_message(model, subset, "t1", run_id="run-b")))
             t, body = await recv_skip_pings(ch)
-            assert t == M.UPDATE, M.name(t)
+            assert t == M.UPDATE, (M.name(t), bytes(body[:300]))
             upd = Update.from_bytes(body)
             await ack(ch, "t1", run_id="run-b")
             await still_alive(ch)

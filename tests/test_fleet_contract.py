@@ -272,8 +272,8 @@ def test_a_message_that_crosses_the_close_frame_does_not_reset_the_connection(re
     """The hub sends STOP and closes while an agent's UPDATE is on its way. Were the hub's socket gone
     when that UPDATE arrived, its kernel would answer with a reset; an agent busy training reads
     the reset together with the STOP and the close frame, and asyncio then raises "connection reset"
-    instead of handing over what was buffered (a CI run saw exactly that). close() therefore reads
-    until the peer's EOF, whether it reads itself or another task of the closer's is in recv."""
+    instead of handing over what was buffered (a CI run saw exactly that). close() therefore waits for the
+    peer's EOF: reading itself, or (``reader=``) waiting for the closer's own recv task to meet it."""
     import threading
     key = generate_key()
     ended, ready = {}, threading.Event()
@@ -290,7 +290,7 @@ def test_a_message_that_crosses_the_close_frame_does_not_reset_the_connection(re
             reader = asyncio.ensure_future(read_on()) if reading else None
             await asyncio.sleep(0)
             await ch.send(M.STOP, M.encode_json({"reason": "done"}))
-            await ch.close(linger=5.0)
+            await ch.close(linger=5.0, reader=reader)
             time.sleep(0.5)  # the socket itself closes on the loop's next turn: the UPDATE lands before
             if reader is not None:
                 ended["closer"] = (await asyncio.gather(reader, return_exceptions=True))[0]

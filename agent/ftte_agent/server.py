@@ -465,7 +465,9 @@ class Agent:
 
     async def shutdown(self) -> None:
         if self.session is not None:
-            await self.session.ch.close()  # the authenticated close: the hub sees a clean goodbye
+            # the authenticated close: the hub sees a clean goodbye (the session's own task reads on
+            # to the hub's EOF, so close() waits for it rather than reading beside it)
+            await self.session.ch.close(reader=self.session.task)
             self.session.cancel()
         for t in list(self._training):
             t.cancel()

@@ -43,7 +43,7 @@ import numpy as np
 
 from ftte_core import downlink as DL
 from ftte_core import messages as M
-from ftte_core.channel import Channel, ChannelClosed, ChannelError, HandshakeCutShort
+from ftte_core.channel import CLOSE_LINGER, Channel, ChannelClosed, ChannelError, HandshakeCutShort
 from ftte_core.modelfile import model_from_bytes
 from ftte_core.subset import Subset
 from ftte_core.update import Update, UpdateError, subset_values
@@ -638,6 +638,8 @@ class Session:
         self.held: Optional[int] = DL.ORIGIN   # the canonical version the agent holds (None: none the hub knows)
         self.mirror: Optional[DL.Mirror] = None  # the exact values it holds, when the hub knows them
         self.sent_on_held = False              # its current task's frame builds on what it held (not a snapshot)
+        self.stop_sent = False                 # STOP went out: the close frame follows, nothing else
+        self.reader_task: Optional[asyncio.Future] = None
 
     def last_seen(self) -> float:
         """When the agent last sent anything (wall-clock seconds)."""
@@ -650,14 +652,18 @@ class Session:
 
     async def run(self) -> None:
         worker = asyncio.ensure_future(self._worker())
-        tasks = [asyncio.ensure_future(self._reader()), worker, asyncio.ensure_future(self._heartbeat())]
+        self.reader_task = asyncio.ensure_future(self._reader())
+        tasks = [self.reader_task, worker, asyncio.ensure_future(self._heartbeat())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if worker in done and worker.exception() is None:
+            if self.stop_sent and worker not in done:
+                # the reader met the agent's EOF after STOP: let the worker finish its close
+                # (bounded: close() waits at most CLOSE_LINGER for the reader, which has ended)
+                await asyncio.wait([worker], timeout=CLOSE_LINGER + 5.0)
+                done = {t for t in tasks if t.done()}
+            if worker in done and not worker.cancelled() and worker.exception() is None:
                 return  # STOP was sent: whatever the reader or heartbeat hit after that is no news
             for t in done:
-                if self.fleet.stopping and t is not worker and isinstance(t.exception(), ChannelClosed):
-                    continue  # the agent's goodbye to STOP, read while the worker lingers in close()
                 t.result()  # re-raise the reason this session ended
         finally:
             for t in tasks:
@@ -671,7 +677,8 @@ class Session:
             msg_type, body = await self.ch.recv(timeout=fleet.settings.dead_after)
             self.last_rx = time.monotonic()
             if msg_type == M.PING:
-                await self.ch.send(M.PONG, body)
+                if not self.stop_sent:
+                    await self.ch.send(M.PONG, body)
             elif msg_type == M.PONG:
                 pass
             elif msg_type == M.UPDATE:
@@ -841,8 +848,11 @@ class Session:
         except asyncio.TimeoutError:
             pass
         reason = self.fleet.stop_reason or "the run is over"
+        self.stop_sent = True  # nothing else is sent now (PING, PONG): the close frame is next
         await self.ch.send(M.STOP, M.encode_json({"reason": reason}))
-        await self.ch.close()
+        # the reader task reads on to the agent's EOF meanwhile (an UPDATE still on its way is not
+        # left unread, which would make the kernel reset the connection under the STOP)
+        await self.ch.close(reader=self.reader_task)
 
     async def _heartbeat(self) -> None:
         s = self.fleet.settings
@@ -852,5 +862,5 @@ class Session:
             if self.task_id is not None and now - self.task_sent_at > s.task_timeout:
                 raise SessionEnd(f"no UPDATE for task {self.task_id} after {s.task_timeout:g} s "
                                  f"(--task-timeout); giving it up and reconnecting")
-            if now - self.last_rx >= s.ping_interval * 0.9:
+            if now - self.last_rx >= s.ping_interval * 0.9 and not self.stop_sent:
                 await self.ch.send(M.PING, M.encode_json({"t": time.time()}))

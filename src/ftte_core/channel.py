@@ -62,8 +62,6 @@ class Channel:
         self._inbox: Deque[Tuple[int, bytes]] = deque()
         self._send_lock = asyncio.Lock()
         self._closed = False
-        self._reading = False           # a recv is waiting on the stream (close() must not read too)
-        self._eof_seen = asyncio.Event()  # the peer's EOF (or a reset) has been read
 
     @classmethod
     async def open(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, role: str, key: bytes,
@@ -144,13 +142,16 @@ class Channel:
                     pass  # the EOF that follows ends the stream
         return self._inbox.popleft()
 
-    async def close(self, linger: float = CLOSE_LINGER) -> None:
+    async def close(self, linger: float = CLOSE_LINGER, reader: Optional[asyncio.Future] = None) -> None:
         """Send the authenticated close (if possible) and close the stream. Never raises.
 
-        After the close frame it half-closes and reads (discarding) until the peer's EOF, for at most
-        ``linger`` seconds: closing a socket that still holds unread bytes (a PING or UPDATE the peer
-        sent meanwhile) makes the kernel send a reset, which can destroy the close frame in flight, so
-        the peer would log a dropped connection instead of a clean end."""
+        After the close frame it half-closes and waits, at most ``linger`` seconds, for the peer's
+        EOF: closing a socket that still holds unread bytes (a PING or UPDATE the peer sent
+        meanwhile) makes the kernel send a reset, which can destroy the close frame in flight, so
+        the peer would log a dropped connection instead of a clean end. Without ``reader`` it reads
+        (and discards) until the EOF itself; a caller whose task keeps reading this channel (a recv
+        loop) passes that task as ``reader``, and close() waits for it to end (it ends at the EOF)
+        instead: two readers of one stream would collide."""
         if self._closed:
             return
         try:
@@ -160,9 +161,10 @@ class Channel:
                     await asyncio.wait_for(self.writer.drain(), 2.0)
                 if linger > 0 and self.writer.can_write_eof():
                     self.writer.write_eof()
-                    # a task of the caller's may be reading (recv): it sees the EOF and sets the event
-                    until_eof = self._eof_seen.wait() if self._reading else self._discard_until_eof()
-                    await asyncio.wait_for(until_eof, linger)
+                    if reader is not None:
+                        await asyncio.wait([reader], timeout=linger)
+                    else:
+                        await asyncio.wait_for(self._discard_until_eof(), linger)
         except (ProtocolError, OSError, asyncio.TimeoutError, RuntimeError):
             pass
         self.abort()
@@ -190,16 +192,10 @@ class Channel:
             raise ChannelError(f"{self.peer}: send failed: {e or type(e).__name__}") from None
 
     async def _read_events(self):
-        self._reading = True
         try:
             data = await self.reader.read(READ_CHUNK)
         except (OSError, RuntimeError) as e:
-            self._eof_seen.set()
             raise ChannelError(f"{self.peer}: receive failed: {e or type(e).__name__}") from None
-        finally:
-            self._reading = False
-        if not data:
-            self._eof_seen.set()
         try:
             if not data:
                 self.conn.receive_eof()
