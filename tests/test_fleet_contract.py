@@ -280,17 +280,17 @@ def test_a_message_that_crosses_the_close_frame_does_not_reset_the_connection(re
 
     def closer():  # its own thread and event loop: the other side blocks its loop like a busy agent
         async def handle(r, w):
-            ch = await Channel.open(r, w, "server", key, timeout=5)
-            await ch.recv(timeout=5)
+            ch = await Channel.open(r, w, "server", key, timeout=scaled(5))
+            await ch.recv(timeout=scaled(5))
 
             async def read_on():  # like the hub's session reader: everything until the peer's end
                 while True:
-                    await ch.recv(timeout=10)
+                    await ch.recv(timeout=scaled(10))
 
             reader = asyncio.ensure_future(read_on()) if reading else None
             await asyncio.sleep(0)
             await ch.send(M.STOP, M.encode_json({"reason": "done"}))
-            await ch.close(linger=5.0, reader=reader)
+            await ch.close(linger=scaled(5), reader=reader)
             time.sleep(0.5)  # the socket itself closes on the loop's next turn: the UPDATE lands before
             if reader is not None:
                 ended["closer"] = (await asyncio.gather(reader, return_exceptions=True))[0]
@@ -313,14 +313,14 @@ def test_a_message_that_crosses_the_close_frame_does_not_reset_the_connection(re
 
     async def main():
         r, w = await asyncio.open_connection("127.0.0.1", ended["port"])
-        ch = await Channel.open(r, w, "client", key, timeout=5)
+        ch = await Channel.open(r, w, "client", key, timeout=scaled(5))
         await ch.send(M.PING, b"{}")
         time.sleep(0.3)                        # busy training: STOP and the close frame arrive unread
         await ch.send(M.UPDATE, b"\x01" * 1000)
         time.sleep(0.6)                        # still busy when the closer's socket goes
-        msg_type, _ = await ch.recv(timeout=5)
+        msg_type, _ = await ch.recv(timeout=scaled(5))
         try:
-            await ch.recv(timeout=5)
+            await ch.recv(timeout=scaled(5))
         except ChannelError as e:
             ended["client"] = e
         await ch.close()

@@ -15,8 +15,8 @@ before the run ends costs nothing.
 from __future__ import annotations
 
 import heapq
-import math
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from importlib import resources
