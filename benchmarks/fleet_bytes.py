@@ -9,7 +9,7 @@ framing and encryption included) at the first merge whose validation accuracy re
 prints each run and the median.
 
     PYTHONPATH=src:agent:hub python benchmarks/fleet_bytes.py [--runs 3] [--alpha 0.8] [--buffer 3]
-        [--no-downlink] [--no-direct-steps] [--update-bits 4] [--memory-budget 512KiB]
+        [--no-downlink] [--no-direct-steps] [--float32-install] [--update-bits 4] [--memory-budget 512KiB]
         [--strategy ftte-tiered --memory-budgets 210KiB,400KiB,1MiB]
 
 ``--memory-budgets`` gives each agent its own budget (one per agent, comma-separated), so
@@ -109,17 +109,20 @@ def one_run(root: Path, args) -> dict:
                           batch_size=32, seed=args.seed, wait_timeout=60.0, downlink=not args.no_downlink,
                           downlink_direct=not args.no_direct_steps,
                           strategy=args.strategy,
-                          update_bits=args.update_bits, downlink_bits=args.downlink_bits)
+                          update_bits=args.update_bits, downlink_bits=args.downlink_bits,
+                          int8_install=not args.float32_install)
         hooks = Hooks(on_ready=lambda fleet: ready.setdefault("t", time.perf_counter()),
                       on_metrics=lambda line: ready.setdefault("lines", []).append((time.perf_counter(), line)))
         summary = asyncio.run(run_train(cfg, key, hooks))
     finally:
         stop(procs)
-    model_bytes = (root / "run" / INITIAL_MODEL).stat().st_size
+    # what each agent received in its MODEL frame (the int8 install or the float32 file), as cached
+    cached = [sum(p.stat().st_size for p in (root / f"state-{i}").rglob("*.ftm")) for i in range(3)]
     out = {"samples": [len(p) for _n, p in res.shards[:3]], "final_accuracy": summary["accuracy"],
            "bytes_total": summary["bytes_in"] + summary["bytes_out"], "versions": summary["version"],
            # one MODEL frame per agent (fresh state folders): 21 bytes of framing each
-           "model_frames_bytes": 3 * (model_bytes + 21),
+           "model_frames_bytes": sum(n + 21 for n in cached),
+           "float32_model_bytes": (root / "run" / INITIAL_MODEL).stat().st_size,
            "tiers": [t["trainable_params"] for t in summary.get("tiers", [])],
            "agent_tiers": {a["name"]: a.get("tier") for a in summary["agents"].values()}}
     t0 = ready["t"]
@@ -145,6 +148,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-downlink", action="store_true", help="tasks carry float32 values (as before downlink deltas)")
     ap.add_argument("--no-direct-steps", action="store_true", help="canonical downlink chains only (no direct steps)")
+    ap.add_argument("--float32-install", action="store_true",
+                    help="install the model as float32 (default: frozen weights int8 when the run trains so)")
     ap.add_argument("--downlink-bits", type=int, choices=(8, 4), default=8, help="the downlink stream's steps")
     ap.add_argument("--update-bits", type=int, choices=(8, 4), default=None, help="the agents' update encoding")
     ap.add_argument("--memory-budget", default=None, help="every agent's --memory-budget (default: the agent's own)")

@@ -135,6 +135,9 @@ def main():
                     help="the ftte strategies' downlink: canonical frames only (no direct steps)")
     ap.add_argument("--downlink-bits", type=int, choices=(8, 4), default=8,
                     help="the ftte strategies' downlink steps: int8 or packed int4")
+    ap.add_argument("--float32-install", action="store_true",
+                    help="the ftte strategies install the model as float32 (default: the weights a tier "
+                         "does not train int8 when it trains with frozen weights int8)")
     ap.add_argument("--update-bits", type=int, choices=(8, 4), default=8,
                     help="the ftte strategies' uplink deltas: int8 or packed int4")
     ap.add_argument("--tiered-age-exponent", type=float, default=SimConfig.tiered_age_exponent,
@@ -172,7 +175,7 @@ def main():
                             age_exponent=args.age_exponent, variance_strength=args.variance_strength,
                             ftte_server_lr=args.ftte_server_lr, tiered_server_lr=args.tiered_server_lr,
                             downlink_direct=not args.no_direct_steps, downlink_bits=args.downlink_bits,
-                            update_bits=args.update_bits,
+                            update_bits=args.update_bits, int8_install=not args.float32_install,
                             tiered_age_exponent=args.tiered_age_exponent,
                             pretrain_fraction=start_fraction(start, args.pretrain_fraction),
                             **workload_config(workload))

@@ -1,6 +1,7 @@
 """ftte-hub train --strategy ftte-tiered: nested subsets per budget tier, over the network."""
 import asyncio
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -206,7 +207,9 @@ def test_tiered_hub_and_agent_processes_reach_accuracy_and_a_resume_keeps_the_ti
             return p
 
         first = hub()
-        _wait(lambda: len(_metrics(tmp_path)) >= 3, 90, "3 merges", tmp_path)
+        # killed early (at its first merge): a resume that starts near the target can reach it
+        # with one merge of the fast tier's updates alone, and both tiers must merge after it
+        _wait(lambda: len(_metrics(tmp_path)) >= 1, 90, "a merge", tmp_path)
         os.kill(first.pid, signal.SIGKILL)              # the hub dies mid-run
         first.wait(scaled(10))
         tiers_before = ckpt.load_checkpoint(tmp_path / "run")[0]["tiers"]
@@ -234,3 +237,14 @@ def test_tiered_hub_and_agent_processes_reach_accuracy_and_a_resume_keeps_the_ti
     for i in range(3):
         alog = (tmp_path / f"agent{i}.log").read_text()
         assert "Traceback" not in alog, alog[-2000:]
+    # each agent got its tier's install once: the resumed hub rebuilt the same bytes (same hash,
+    # found cached), and with frozen weights int8 the small tier's is model file version 3
+    frozen = ckpt.load_checkpoint(tmp_path / "run")[0]["task_config"].get("frozen", "float32")
+    plain = (tmp_path / "run" / ckpt.INITIAL_MODEL).stat().st_size
+    for i in range(3):
+        files = list((tmp_path / f"s{i}" / "models").iterdir())
+        assert len(files) == 1, files
+        version = struct.unpack_from("<H", files[0].read_bytes(), 4)[0]
+        if i < 2:  # (340 KiB at batch 16 holds w* only with frozen weights int8)
+            assert frozen == "int8" and version == 3 and files[0].stat().st_size < 0.6 * plain
+        assert (tmp_path / f"agent{i}.log").read_text().count("received and cached") == 1

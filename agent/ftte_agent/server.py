@@ -52,7 +52,7 @@ from ftte_core.channel import Channel, ChannelClosed, ChannelError
 from ftte_core.data import Dataset
 from ftte_core.local import LocalWorker, StepLimits, TaskCancelled, TaskError, TaskResult
 from ftte_core.modelfile import DEFAULT_MAX_BYTES as DEFAULT_MAX_MODEL_BYTES
-from ftte_core.modelfile import ModelFileError, ModelTooLarge, content_hash, model_from_bytes
+from ftte_core.modelfile import READABLE_VERSIONS, ModelFileError, ModelTooLarge, content_hash, model_from_bytes
 from ftte_core.protocol import DEFAULT_MAX_FRAME, FLAG_QUERY, PROTOCOL_VERSION
 from ftte_core.subset import Subset
 from ftte_core.update import Update, UpdateError, subset_values
@@ -276,6 +276,8 @@ class Agent:
                 "software": f"ftte-agent {__version__}",
                 # optional extras (not required by the contract): let a hub check the data fits its model
                 "input_shape": [int(v) for v in d.feature_shape], "num_classes": int(d.num_classes),
+                # the newest model file version it reads (3: weights stored int8, a smaller MODEL)
+                "model_format": max(READABLE_VERSIONS),
                 # this agent resolves downlink frames; the canonical version it holds, if any (a
                 # mirror from a direct step: stream and checksum only)
                 "downlink": {"format": DL.FORMAT_VERSION, "direct": True,

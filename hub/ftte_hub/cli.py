@@ -71,6 +71,9 @@ def main() -> None:
 @click.option("--no-direct-steps", "no_direct", is_flag=True,
               help="The ftte strategies' downlink sends canonical frames only (no direct steps from each device's "
                    "mirror), as train --no-direct-steps.")
+@click.option("--float32-install", "float32_install", is_flag=True,
+              help="The ftte strategies install the model on devices as float32 even when they train with frozen "
+                   "weights int8, as train --float32-install.")
 @click.option("--downlink-bits", type=click.Choice(["8", "4"]), default="8",
               help="The ftte strategies' downlink steps: int8, or packed int4, as train --downlink-bits.")
 @click.option("--update-bits", type=click.Choice(["8", "4"]), default="8",
@@ -79,7 +82,7 @@ def main() -> None:
 def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha, model, input_shape, buffer_k,
              max_versions,
              max_time, samples_per_device, local_epochs, batch_size, lr, server_lr, pretrain_fraction, memory_budget,
-             profiles_path, seed, no_direct, downlink_bits, update_bits, out_dir):
+             profiles_path, seed, no_direct, float32_install, downlink_bits, update_bits, out_dir):
     """Run the fleet on a virtual clock and compare strategies.
 
     Training is real (the engine, real data, real encoded updates); only time is simulated.
@@ -104,7 +107,8 @@ def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha
                         local_epochs=local_epochs, batch_size=batch_size, lr=lr, server_lr=server_lr,
                         pretrain_fraction=pretrain_fraction, memory_budget=budget,
                         profiles_path=profiles_path, seed=seed, downlink_direct=not no_direct,
-                        downlink_bits=int(downlink_bits), update_bits=int(update_bits))
+                        downlink_bits=int(downlink_bits), update_bits=int(update_bits),
+                        int8_install=not float32_install)
         t0 = time.perf_counter()
         results = run(cfg, log=lambda m: click.echo(m, err=True))
         paths = write_results(results, out_dir)
@@ -372,6 +376,9 @@ def keygen(path, force):
 @click.option("--no-direct-steps", "no_direct", is_flag=True,
               help="Downlink deltas as canonical chains only: no direct step from the values each agent holds "
                    "(its mirror) to the latest version, which is one step however far behind the agent is.")
+@click.option("--float32-install", "float32_install", is_flag=True,
+              help="Install the model on agents as float32 even when the run trains with its frozen weights int8 "
+                   "(by default those weights go out as int8 with a scale per row, as the agents hold them).")
 @click.option("--task-timeout", type=click.FloatRange(min=0.0, min_open=True), default=600.0,
               help="Seconds without an UPDATE before a task is given up (the session is re-established).")
 @click.option("--ping-interval", type=click.FloatRange(min=0.0, min_open=True), default=5.0,
@@ -396,7 +403,8 @@ def keygen(path, force):
               help="With --site: the Unix socket the ClientApp connects to; default: OUT/site.sock.")
 def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, max_versions, target_accuracy,
           interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, update_bits, downlink_bits, no_downlink,
-          no_direct, task_timeout, ping_interval, dead_after, wait_timeout, stop_grace, log_format, seed, status_address,
+          no_direct, float32_install, task_timeout, ping_interval, dead_after, wait_timeout, stop_grace, log_format, seed,
+          status_address,
           verbose,
           site, site_socket):
     """Coordinate federated training over the agents on this network.
@@ -432,7 +440,8 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
                       task_timeout=task_timeout, ping_interval=ping_interval, dead_after=dead_after,
                       wait_timeout=wait_timeout, stop_grace=stop_grace, seed=seed, given=given,
                       update_bits=int(update_bits) if update_bits else None, downlink=not no_downlink,
-                      downlink_bits=int(downlink_bits), downlink_direct=not no_direct, status=status_address)
+                      downlink_bits=int(downlink_bits), downlink_direct=not no_direct,
+                      int8_install=not float32_install, status=status_address)
     if site:
         _run_site(cfg, key, site_socket)
         return

@@ -37,14 +37,14 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
 from ftte_core import downlink as DL
 from ftte_core import messages as M
 from ftte_core.channel import CLOSE_LINGER, Channel, ChannelClosed, ChannelError, HandshakeCutShort
-from ftte_core.modelfile import model_from_bytes
+from ftte_core.modelfile import INT8_FORMAT_VERSION, model_from_bytes
 from ftte_core.subset import Subset
 from ftte_core.update import Update, UpdateError, subset_values
 
@@ -178,6 +178,9 @@ def parse_agent_info(body: bytes) -> Dict[str, Any]:
     info["downlink_held"] = DL.parse_held(dl) if info["downlink_format"] else None
     # it resolves direct steps too (an agent from before them would refuse the frame kind)
     info["downlink_direct"] = bool(info["downlink_format"]) and dl.get("direct") is True
+    # the newest model file version it reads (absent: 2, an agent from before int8 storage)
+    fmt = info.get("model_format")
+    info["model_format"] = fmt if isinstance(fmt, int) and not isinstance(fmt, bool) and 1 <= fmt <= 1000 else 2
     shape = info.get("input_shape")
     if shape is not None:
         if not (isinstance(shape, list) and 0 < len(shape) <= MAX_SHAPE_DIMS and
@@ -206,6 +209,11 @@ class Fleet:
         self.needed_what = "this run's subset"   # (before the search: of the cheapest subset)
         self.model_blob = b""
         self.model_hash = ""
+        # the same model as installed on agents that read int8 storage (model file version 3), one
+        # per tier (ftte-tiered; else one): the weights the tier does not train as the agent holds
+        # them anyway (``modelfile.install_bytes``), as (bytes, hash). The float32 file for the
+        # others. The tier's subset has the same (origin) values in both.
+        self.installs: List[Tuple[bytes, str]] = []
         self.run_id = ""                      # this run's id ("" : no run scope, e.g. a bare test fleet)
         self.subset_dict: Dict[str, Any] = {}
         self.stopping = False
@@ -378,9 +386,19 @@ class Fleet:
             d = self._subset_dicts[fp] = task.subset.to_dict() if task.subset is not None else self.subset_dict
         return d
 
-    def _message(self, task) -> M.TaskMessage:
+    def model_for(self, info: Dict[str, Any]) -> Tuple[bytes, str]:
+        """(MODEL bytes, their hash) for an agent: its tier's int8 install if it reads version 3,
+        else the float32 file."""
+        if not self.installs or info.get("model_format", 2) < INT8_FORMAT_VERSION:
+            return self.model_blob, self.model_hash
+        strategy = self.coordinator.driver.strategy if self.coordinator is not None else None
+        tier = strategy.tier_for_budget(int(info["memory_budget"])) if strategy is not None and strategy.tiers else 0
+        return self.installs[tier] if tier is not None and tier < len(self.installs) else (self.model_blob,
+                                                                                           self.model_hash)
+
+    def _message(self, task, model_hash: Optional[str] = None) -> M.TaskMessage:
         return M.TaskMessage(task_id=task.id, run_id=self.run_id, base_version=int(task.base_version),
-                             model_hash=self.model_hash, subset=self._subset_dict(task),
+                             model_hash=model_hash or self.model_hash, subset=self._subset_dict(task),
                              subset_fingerprint=task.subset_fingerprint, config=task.config, seed=int(task.seed),
                              bits=int(task.bits), values={})
 
@@ -414,7 +432,7 @@ class Fleet:
             return None
         return self.downlinks.get(driver.tiers[tier].fingerprint())
 
-    def task_body(self, task) -> bytes:
+    def task_body(self, task, model_hash: Optional[str] = None) -> bytes:
         """TASK bytes carrying ``task``'s float32 values (an agent without downlink support), the
         values' bytes built once per version (every task of a version carries the same values;
         only the JSON header differs)."""
@@ -424,10 +442,10 @@ class Fleet:
             shapes = [[k, [int(d) for d in v.shape]] for k, v in arrays.items()]
             cached = self._task_values[task.subset_fingerprint] = (
                 task.values, shapes, b"".join(v.tobytes() for v in arrays.values()))
-        return M.assemble_task(M.task_header(self._message(task), cached[1], False), cached[2])
+        return M.assemble_task(M.task_header(self._message(task, model_hash), cached[1], False), cached[2])
 
     def downlink_task_body(self, task, held: Optional[int], mirror: Optional[DL.Mirror] = None,
-                           direct: bool = True) -> Tuple[bytes, DL.Sent]:
+                           direct: bool = True, model_hash: Optional[str] = None) -> Tuple[bytes, DL.Sent]:
         """(TASK bytes for ``task`` carrying a downlink frame, what the agent holds after it).
 
         ``held``: the canonical version the agent holds (``downlink.ORIGIN``: the model file's
@@ -451,7 +469,7 @@ class Fleet:
             blob = self._frames.get((stream.stream_id, held))
             if blob is None:
                 blob = self._frames[(stream.stream_id, held)] = DL.encode_frame(sent.frame)
-        return M.assemble_task(M.task_header(self._message(task), [], True), blob), sent
+        return M.assemble_task(M.task_header(self._message(task, model_hash), [], True), blob), sent
 
     def foreign_run(self, update: Update) -> str:
         """Why ``update`` is not of this run ("" when it is): its run id differs, or it names no run
@@ -639,6 +657,7 @@ class Session:
         self.mirror: Optional[DL.Mirror] = None  # the exact values it holds, when the hub knows them
         self.sent_on_held = False              # its current task's frame builds on what it held (not a snapshot)
         self.stop_sent = False                 # STOP went out: the close frame follows, nothing else
+        self.model_hash = ""                   # the model file this agent was given (Fleet.model_for)
         self.reader_task: Optional[asyncio.Future] = None
 
     def last_seen(self) -> float:
@@ -792,9 +811,10 @@ class Session:
         self.joined = True
         self.usable = True
         self.held, self.mirror = self._held_on_arrival()
-        if fleet.model_hash not in self.info["models"]:
+        model_blob, self.model_hash = fleet.model_for(self.info)
+        if self.model_hash not in self.info["models"]:
             async with fleet.big_sends:
-                await self.ch.send(M.MODEL, fleet.model_blob)
+                await self.ch.send(M.MODEL, model_blob)
         while True:
             if fleet.stopping or coord.driver.done:
                 await self._stop()
@@ -805,11 +825,12 @@ class Session:
                 if task is not None:
                     self.task_id, self.task_sent_at = task.id, time.monotonic()
                     if self.downlink and fleet.downlink_enabled:  # built before any await: the stream only moves on
-                        body, sent = fleet.downlink_task_body(task, self.held, self.mirror, self.direct)
+                        body, sent = fleet.downlink_task_body(task, self.held, self.mirror, self.direct,
+                                                              model_hash=self.model_hash)
                         self.held, self.mirror = sent.version, sent.mirror
                         self.sent_on_held = sent.frame.kind != "snapshot"
                     else:
-                        body = fleet.task_body(task)
+                        body = fleet.task_body(task, self.model_hash)
                     async with fleet.big_sends:  # bounds the TASK bytes in flight (a burst of 200 is 80 MB)
                         await self.ch.send(M.TASK, body)
                     self.served = True

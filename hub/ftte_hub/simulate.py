@@ -32,6 +32,7 @@ from ftte_core.cost import predict_memory, training_flops
 from ftte_core.downlink import DownlinkCounter
 from ftte_core.graph import Transpose
 from ftte_core.local import LocalWorker, TaskConfig
+from ftte_core.modelfile import install_bytes
 from ftte_core.scheduler import RoundDriver
 from ftte_core.search import BudgetTooSmall, importance_scores, nested_tiers, search_subset
 from ftte_core.strategies import make_strategy
@@ -41,7 +42,6 @@ from ftte_core.zoo import default_shape, zoo_names
 
 from .tools import ToolError, load_model as load_model_file
 
-F32 = 4
 
 #: Input shapes of the zoo's MLPerf Tiny models (CIFAR-10 images, MFCC frames, visual wake words,
 #: machine-sound features, accelerometer windows), from ``zoo.default_shape``: the simulator builds
@@ -204,6 +204,9 @@ class SimConfig:
     downlink_direct: bool = True
     downlink_bits: int = 8              # the ftte strategies' downlink steps: int8 or packed int4 (--downlink-bits)
     update_bits: int = 8                # the ftte strategies' uplink deltas: int8 or packed int4 (--update-bits)
+    # the ftte strategies install the model with the weights a tier does not train as int8 when
+    # they train with frozen weights int8 (the hub's default; False = float32, train --float32-install)
+    int8_install: bool = True
 
 
 @dataclass
@@ -420,16 +423,17 @@ def _augmented_parts(fleet: "ftdata.Dataset", clients: int, per_device: int, alp
 
 
 def downlink_bytes(task, cost: "_TierCost", device_id: str, has_frozen: bool) -> Tuple[int, int, Mapping]:
-    """(bytes a task sends down to a device, of which the one-time install of the frozen part, the
-    values the device trains from).
+    """(bytes a task sends down to a device, of which the model's one-time install, the values the
+    device trains from).
 
     The one place the simulator counts downlink bytes. The ftte strategies ship what the fleet's
     downlink deltas send (exact frame bytes of the frame the fleet would pick: snapshot, canonical
     chain or direct step, ``ftte_core.downlink``), and the device trains from the values a real
     agent would hold (canonical, or its mirror after a direct step); the baselines ship float32 values as the TASK
-    frame carries them. On the device's first task, the frozen rest of the model goes down once
-    (devices cache it)."""
-    install = 0 if has_frozen else cost.frozen_bytes
+    frame carries them. On an ftte device's first task the model file goes down once, as the hub's
+    MODEL frame carries it (``modelfile.install_bytes``: the weights its tier does not train int8
+    when it trains them so; devices cache it, and the downlink's first frame builds on its values)."""
+    install = 0 if has_frozen else cost.install_bytes
     if cost.downlink is None:
         return task.payload_bytes + install, install, task.values
     values_down, values = cost.downlink.task(device_id, task.base_version, task.values)
@@ -443,7 +447,7 @@ class _TierCost:
     subset: Subset
     predicted_bytes: int
     flops_per_sample: int
-    frozen_bytes: int
+    install_bytes: int        # the model's one-time install on a device (0: tasks carry the whole model)
     worker: LocalWorker
     downlink: Optional[DownlinkCounter] = None   # the ftte strategies' downlink stream for this tier
 
@@ -487,8 +491,10 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
     costs = []
     for tier_subset in driver.tiers:
         predicted = predict_memory(model, tier_subset, cfg.batch_size, frozen=frozen)["total"]
-        costs.append(_TierCost(tier_subset, predicted, training_flops(model, tier_subset, 1),
-                               F32 * (model.num_params() - tier_subset.num_trainable(model)),
+        install = 0
+        if strategy.sparse:  # exactly the MODEL frame the hub would send this tier's agents
+            install = len(install_bytes(model, [tier_subset], frozen if cfg.int8_install else "float32"))
+        costs.append(_TierCost(tier_subset, predicted, training_flops(model, tier_subset, 1), install,
                                LocalWorker(model.copy(), tier_subset),
                                # the fleet's downlink deltas (ftte strategies; the baselines ship float32
                                # values as published)
@@ -687,6 +693,7 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
         "memory_budget_min": setup.m_min, "ftte_frozen": setup.ftte_frozen, "start_accuracy": setup.start_accuracy,
         "ftte_update_bits": cfg.update_bits, "ftte_downlink_bits": cfg.downlink_bits,
         "ftte_direct_steps": cfg.downlink_direct,
+        "ftte_int8_install": cfg.int8_install,
         "full_step_memory_bytes": setup.full_step_bytes,
         "device_budgets": {p: sorted({d.memory_budget for d in setup.devices if d.profile.name == p})[0]
                            for p in sorted({d.profile.name for d in setup.devices})},
@@ -702,7 +709,7 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
         out["strategies"][name] = {
             "time_to_target_s": curve[hit][0] if hit is not None else None,
             "bytes_to_target": curve[hit][2] + curve[hit][3] if hit is not None else None,
-            # the same without the frozen part's one-time install (what the rounds themselves moved)
+            # the same without the model's one-time install on ftte devices (what the rounds themselves moved)
             "round_bytes_to_target": curve[hit][2] + curve[hit][3] - r.curve[hit][5] if hit is not None else None,
             "install_bytes_total": r.install_bytes,
             "final_accuracy": r.curve[-1][2],

@@ -37,7 +37,7 @@ from ftte_core import data as ftdata
 from ftte_core import messages as M
 from ftte_core.cost import predict_memory
 from ftte_core.local import TaskConfig
-from ftte_core.modelfile import ModelFileError, content_hash, model_from_bytes, model_to_bytes
+from ftte_core.modelfile import ModelFileError, content_hash, install_bytes, model_from_bytes, model_to_bytes
 from ftte_core.scheduler import RoundDriver
 from ftte_core.search import BudgetTooSmall, format_size, importance_scores, nested_tiers, search_subset
 from ftte_core.strategies import MergeReport, make_strategy
@@ -106,6 +106,7 @@ class TrainConfig:
     downlink: bool = True                        # tasks carry downlink deltas to agents that take them
     downlink_bits: int = 8                       # the downlink stream's steps: int8 or packed int4
     downlink_direct: bool = True                 # direct steps from each agent's mirror when smaller
+    int8_install: bool = True                    # agents that read it get the model with frozen weights int8
 
     def was_given(self, field: str) -> bool:
         return self.given is None or field in self.given
@@ -455,6 +456,14 @@ class _Run:
         f = self.fleet
         f.coordinator = self.coord
         f.model_blob, f.model_hash = blob, content_hash(blob)
+        f.installs = []
+        if cfg.int8_install and task_cfg.frozen == "int8":
+            # from the model file, not ``model`` (a resumed run's values moved on): the same bytes
+            # every time, so agents find them cached
+            start = model_from_bytes(blob)
+            for tier in self.driver.tiers:
+                one = install_bytes(start, [tier], task_cfg.frozen)
+                f.installs.append((one, content_hash(one)))
         f.subset_dict = self.driver.subset.to_dict()
         f.run_id = self.meta_base["run_id"]
         self.driver.task_prefix = str(self.meta_base.get("task_prefix", ""))

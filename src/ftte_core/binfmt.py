@@ -31,7 +31,7 @@ def split_prefixed(buf, what: str, magic: bytes, version: Union[int, Tuple[int, 
         raise error(f"not a{'n' if what[0] in 'aeiou' else ''} {what}: bad magic {bytes(got_magic)!r}, expected {magic!r}")
     if got_version not in versions:
         raise error(f"unsupported {what} format version {got_version} (this side reads "
-                    f"{' and '.join(map(str, versions))})")
+                    f"{', '.join(map(str, versions[:-1])) + ' and ' if len(versions) > 1 else ''}{versions[-1]})")
     if flags != 0:
         raise error(f"unknown {what} flags 0x{flags:04x}")
     if hlen > max_header or PREFIX.size + hlen > n:

@@ -143,6 +143,43 @@ def quantize_rows(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return q.reshape(w.shape), scale
 
 
+class StoredWeight:
+    """A weight as ``_Int8Weight`` stores it, for building a layer without a float32 copy (a model
+    file that carries int8 storage, ``modelfile``): ``q`` int8 and ``scale`` float32 [rows of q],
+    plus, for the mixed form, ``trained_rows`` (int32, unique, sorted or not) and ``trained``
+    (float32 [len(trained_rows), ...]). ``shape`` is the whole weight's. Checked on construction
+    (one-line ValueError): shapes agree, scales finite and >= 0, rows unique and in range, values finite."""
+
+    def __init__(self, shape: Sequence[int], q: np.ndarray, scale: np.ndarray,
+                 trained_rows: Optional[np.ndarray] = None, trained: Optional[np.ndarray] = None):
+        self.shape = tuple(int(d) for d in shape)
+        o, rest = self.shape[0], self.shape[1:]
+        rows = None if trained_rows is None else np.ascontiguousarray(trained_rows, dtype=np.int32).reshape(-1)
+        r = 0 if rows is None else rows.size
+        if (trained is None) != (rows is None):
+            raise ValueError("a mixed weight needs both its trained rows and their values")
+        if q.dtype != np.int8 or tuple(q.shape) != (o - r,) + rest:
+            raise ValueError(f"int8 rows have shape {tuple(q.shape)} ({q.dtype}), expected {(o - r,) + rest} (int8)")
+        if scale.dtype != np.float32 or tuple(scale.shape) != (o - r,):
+            raise ValueError(f"row scales have shape {tuple(scale.shape)}, expected {(o - r,)}")
+        if not np.all(np.isfinite(scale)) or np.any(scale < 0):
+            raise ValueError("row scales must be finite and >= 0")
+        if np.any(q == -128):
+            raise ValueError("int8 rows hold -128, outside the quantiser's [-127, 127]")
+        if rows is not None:
+            if r and (rows.min() < 0 or rows.max() >= o or np.unique(rows).size != r):
+                raise ValueError(f"trained rows must be unique and in [0, {o})")
+            if trained.dtype != np.float32 or tuple(trained.shape) != (r,) + rest:
+                raise ValueError(f"trained rows have shape {tuple(trained.shape)}, expected {(r,) + rest} (float32)")
+            if not np.all(np.isfinite(trained)):
+                raise ValueError("trained rows hold NaN or Inf")
+        self.q, self.scale, self.trained_rows, self.trained = q, scale, rows, trained
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
 class _Int8Weight:
     """Weight storage for Dense and Conv: float32 ``weight``; or -- once ``quantize_weight`` ran
     (``Trainer(..., frozen="int8")`` does it for layers whose weight rows do not train) --
@@ -184,7 +221,20 @@ class _Int8Weight:
         return w
 
     @weight.setter
-    def weight(self, value: np.ndarray) -> None:
+    def weight(self, value) -> None:
+        if isinstance(value, StoredWeight):  # int8 or mixed storage as given, no float copy
+            self._weight = None
+            self.weight_q, self.weight_scale = value.q, value.scale
+            self.weight_trained = self.trained_rows = self.row_slot = None
+            if value.trained_rows is not None:
+                rows = value.trained_rows
+                slot = np.empty(value.shape[0], np.int32)
+                frozen = np.ones(value.shape[0], bool)
+                frozen[rows] = False
+                slot[rows] = np.arange(rows.size, dtype=np.int32)
+                slot[frozen] = ~np.arange(int(frozen.sum()), dtype=np.int32)
+                self.weight_trained, self.trained_rows, self.row_slot = value.trained, rows, slot
+            return
         self._weight = value
         self.weight_q = self.weight_scale = None
         self.weight_trained = self.trained_rows = self.row_slot = None
@@ -276,8 +326,8 @@ def _trainable(a) -> np.ndarray:
 
 def _weight_and_bias(name: str, weight, bias, ndim, what: str) -> Tuple[np.ndarray, np.ndarray]:
     """Trainable float32 arrays (see ``_trainable``); a missing bias is zeros (every weight layer
-    has one to train)."""
-    w = _trainable(weight)
+    has one to train). A ``StoredWeight`` is kept as it is (the layer takes its storage)."""
+    w = weight if isinstance(weight, StoredWeight) else _trainable(weight)
     if w.ndim not in ((ndim,) if isinstance(ndim, int) else ndim):
         raise ValueError(f"{name}: {what}, got shape {w.shape}")
     rows = w.shape[0]
@@ -388,8 +438,10 @@ class Conv2d(_Int8Weight, Layer):
         if (len(self.stride) != self.dims or len(self.padding) != 2 * self.dims or min(self.stride) < 1
                 or min(self.padding) < 0):
             raise ValueError(f"{name}: bad stride {self.stride} or padding {self.padding}")
-        if self.group < 1 or self.weight.shape[0] % self.group:
-            raise ValueError(f"{name}: group {self.group} does not divide the {self.weight.shape[0]} output channels")
+        if self.group < 1 or self.weight_shape[0] % self.group:
+            raise ValueError(f"{name}: group {self.group} does not divide the {self.weight_shape[0]} output channels")
+        if self.is_mixed and self.group != 1:
+            raise ValueError(f"{name}: a grouped convolution cannot hold mixed int8/float32 rows")
 
     # 2-D views of the geometry (a 1-D conv is a 2-D one of height 1)
     def _w4(self, w: np.ndarray) -> np.ndarray:

@@ -11,6 +11,14 @@ model in this plain format and keeps ONNX for the files users open. No pickle; l
                      "params": [[name, shape], ...], "constants": [[name, shape], ...]}]}
     arrays           float32 (<f4), C order: each layer's params then its constants, in header order
 
+Version 3 adds int8 storage of a weight (what ``Layer.quantize_weight`` / ``mix_weight`` hold, the
+form a device trains with under ``frozen="int8"``), so the hub can install a model on a device in
+about a quarter of the bytes (``install_bytes``). A "params" entry may then be ``[name, shape,
+"int8"]``: int8 levels (C order, the weight's shape) then one float32 scale per output row; or
+``[name, shape, "mixed", R]``: the frozen rows' int8 levels ((O - R) rows) and their scales, then the
+R trained rows' indices (int32) and their float32 values. Only a Dense's or a Conv's weight takes
+these forms (a grouped Conv only "int8"). A file with no int8 storage is written as version 2.
+
 The model is a DAG (``graph.Model``): ``inputs`` lists the values a layer reads, 0 for the model
 input and j + 1 for layer j's output, so every entry names an earlier layer. ``constants`` are
 frozen arrays a layer carries besides its trainable parameters (batch-norm "mean" and "var", the
@@ -40,20 +48,27 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .binfmt import PREFIX, split_prefixed
 from .graph import (AvgPool2d, BatchNorm, Binary, Clip, Concat, Conv1d, Conv2d, Dense, Dropout, Flatten,
                     GlobalAvgPool, HardSigmoid, HardSwish, Layer, LeakyReLU, MaxPool2d, Model, Pad, ReLU, Reshape,
-                    Sigmoid, Tanh, Transpose)
+                    Sigmoid, StoredWeight, Tanh, Transpose)
+
+if TYPE_CHECKING:
+    from .subset import Subset
 
 MAGIC = b"FTMD"
 #: 2: the model is a DAG (each layer lists the values it reads) and layers carry frozen constants
 FORMAT_VERSION = 2
+#: 3: version 2 plus int8 storage of Dense/Conv weights (written only when a weight has it)
+INT8_FORMAT_VERSION = 3
 #: versions this reader accepts: 1 is the chain format of earlier releases
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
+#: the kinds whose "weight" may be stored int8 (version 3)
+INT8_KINDS = ("dense", "conv2d", "conv1d")
 MAX_HEADER_BYTES = 1 << 20
 MAX_LAYERS = 1024
 MAX_NAME_CHARS = 1000
@@ -134,19 +149,71 @@ def _attrs(layer: Layer) -> Dict[str, object]:
     raise ValueError(f"layer {layer.name!r}: kind {layer.kind!r} has no model file form")
 
 
-def model_to_bytes(model: Model) -> bytes:
-    """The model as a version-2 file: header, then each layer's parameters and constants."""
+def _stored_weight(layer: Layer) -> Optional[Tuple[list, List[bytes]]]:
+    """(header entry, arrays) of a weight held int8 or mixed, else None (float32)."""
+    if getattr(layer, "is_mixed", False):
+        rows = layer.trained_rows
+        return (["weight", list(layer.weight_shape), "mixed", int(rows.size)],
+                [layer.weight_q.tobytes(), layer.weight_scale.astype("<f4").tobytes(), rows.astype("<i4").tobytes(),
+                 np.ascontiguousarray(layer.weight_trained, dtype="<f4").tobytes()])
+    if getattr(layer, "is_int8", False):
+        return (["weight", list(layer.weight_shape), "int8"],
+                [layer.weight_q.tobytes(), layer.weight_scale.astype("<f4").tobytes()])
+    return None
+
+
+def model_to_bytes(model: Model, int8_storage: bool = False) -> bytes:
+    """The model as a file: header, then each layer's parameters and constants, float32 (version 2).
+
+    ``int8_storage``: weights the model holds int8 or mixed are written as they are held (version
+    3, when there is one), not as their dequantised float32 values."""
     layers, arrays = [], []
+    version = FORMAT_VERSION
     for layer, ins in zip(model.layers, model.inputs):
         params, consts = layer.params(), layer.constants()
+        stored = _stored_weight(layer) if int8_storage else None
+        entries = []
+        for k, v in params.items():
+            if k == "weight" and stored is not None:
+                entries.append(stored[0])
+                arrays.extend(stored[1])
+                version = INT8_FORMAT_VERSION
+            else:
+                entries.append([k, list(v.shape)])
+                arrays.append(np.ascontiguousarray(v, dtype="<f4").tobytes())
         layers.append({"kind": layer.kind, "name": layer.name, "inputs": list(ins), **_attrs(layer),
-                       "params": [[k, list(v.shape)] for k, v in params.items()],
-                       "constants": [[k, list(v.shape)] for k, v in consts.items()]})
-        for v in list(params.values()) + list(consts.values()):
+                       "params": entries, "constants": [[k, list(v.shape)] for k, v in consts.items()]})
+        for v in consts.values():
             arrays.append(np.ascontiguousarray(v, dtype="<f4").tobytes())
     header = json.dumps({"name": model.name, "input_shape": list(model.input_shape), "layers": layers},
                         separators=(",", ":"), allow_nan=False).encode()
-    return b"".join([PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header)), header] + arrays)
+    return b"".join([PREFIX.pack(MAGIC, version, 0, len(header)), header] + arrays)
+
+
+def install_bytes(model: Model, subsets: Sequence["Subset"], frozen: str) -> bytes:
+    """The model file the hub installs on a device for a run that trains ``subsets`` (one, or
+    ftte-tiered's tiers) with frozen weights ``frozen``: with "int8", every weight that no subset
+    trains a row of is stored as the device will hold it anyway (``Trainer(frozen="int8")``: int8
+    with a scale per row; partly trained: mixed, the rows some subset trains float32 and exact),
+    about a quarter of the float32 bytes; with "float32", the float32 file. Deterministic: a
+    resumed run rebuilds the same bytes (agents find it cached by its hash). ``model`` is left as
+    it was."""
+    from .plan import check_frozen, int8_layers, mixed_layers
+    from .subset import subset_union
+
+    if not subsets:
+        raise ValueError("install_bytes needs at least one subset")
+    if check_frozen(frozen) == "float32":
+        return model_to_bytes(model)
+    union = subsets[0]
+    for sub in subsets[1:]:
+        union = subset_union(union, sub)
+    held = model.copy()
+    for name in int8_layers(held, union, frozen):
+        held.layer(name).quantize_weight()
+    for name in mixed_layers(held, union, frozen):
+        held.layer(name).mix_weight(union.get(name).rows)
+    return model_to_bytes(held, int8_storage=True)
 
 
 def content_hash(blob: bytes) -> str:
@@ -300,35 +367,77 @@ def _walk_shapes(layers: List[Layer], inputs: List[List[int]], input_shape: Sequ
         shapes.append(out)
 
 
+_NATIVE = {"i1": np.int8, "<i4": np.int32, "<f4": np.float32}
+
+
+def _take(mv: memoryview, offset: int, count: int, dtype: str, shape: Tuple[int, ...], what: str
+          ) -> Tuple[np.ndarray, int]:
+    """An owned, writable copy of ``count`` items of ``dtype`` at ``offset`` (bounds checked)."""
+    size = np.dtype(dtype).itemsize * count
+    if offset + size > mv.nbytes:
+        raise ModelFileError(f"model file is truncated: {what} needs {size} bytes at offset {offset}, "
+                             f"the file has {mv.nbytes}")
+    # reshape the read-only view first, then copy once: the copy is owned and writable, which
+    # the layers need (training updates weights in place)
+    # (to the builtin native dtype object: the kernels compare dtypes by identity)
+    arr = np.frombuffer(mv[offset:offset + size], dtype=dtype).reshape(shape).astype(_NATIVE[dtype])
+    return arr, offset + size
+
+
+def _read_stored(entry: list, shape: Tuple[int, ...], what: str, mv: memoryview, offset: int
+                 ) -> Tuple[StoredWeight, int]:
+    """A version-3 weight held int8 ([name, shape, "int8"]) or mixed ([name, shape, "mixed", R])."""
+    form = entry[2]
+    o, per_row = shape[0], math.prod(shape[1:])
+    if form == "int8" and len(entry) == 3:
+        r = None
+    elif form == "mixed" and len(entry) == 4 and _is_int(entry[3]) and 0 <= entry[3] <= o:
+        r = entry[3]
+    else:
+        raise ModelFileError(f"{what}: storage must be [name, shape, \"int8\"] or [name, shape, \"mixed\", "
+                             f"rows in 0..{o}]")
+    frozen = o - (r or 0)
+    q, offset = _take(mv, offset, frozen * per_row, "i1", (frozen,) + shape[1:], what)
+    scale, offset = _take(mv, offset, frozen, "<f4", (frozen,), what)
+    rows = trained = None
+    if r is not None:
+        rows, offset = _take(mv, offset, r, "<i4", (r,), what)
+        trained, offset = _take(mv, offset, r * per_row, "<f4", (r,) + shape[1:], what)
+    try:
+        return StoredWeight(shape, q, scale, rows, trained), offset
+    except ValueError as e:
+        raise ModelFileError(f"{what}: {e}") from None
+
+
 def _read_arrays(spec: dict, field: str, name: str, mv: memoryview, offset: int, ndims: Tuple[int, int],
-                 limit: int) -> Tuple[Dict[str, np.ndarray], int]:
+                 limit: int, version: int = FORMAT_VERSION) -> Tuple[Dict[str, object], int]:
     entries = spec[field]
     if not isinstance(entries, list) or len(entries) > 4:
         raise ModelFileError(f"layer {name!r}: {field} must be a list of at most 4 [name, shape] pairs")
-    out: Dict[str, np.ndarray] = {}
-    n = mv.nbytes
+    out: Dict[str, object] = {}
+    stored_ok = version >= INT8_FORMAT_VERSION and field == "params" and spec.get("kind") in INT8_KINDS
     for entry in entries:
-        if not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str) \
-                or not isinstance(entry[1], list):
-            raise ModelFileError(f"layer {name!r}: each of its {field} must be [name, shape]")
-        aname, shape = entry
+        if not isinstance(entry, list) or not 2 <= len(entry) <= (4 if stored_ok else 2) \
+                or not isinstance(entry[0], str) or not isinstance(entry[1], list):
+            raise ModelFileError(f"layer {name!r}: each of its {field} must be [name, shape]"
+                                 + (" (or an int8 weight's [name, shape, form, ...])" if stored_ok else ""))
+        aname, shape = entry[0], entry[1]
         if aname in out:
             raise ModelFileError(f"layer {name!r}: {aname!r} appears twice in its {field}")
         if not ndims[0] <= len(shape) <= ndims[1] or not all(_is_int(d) for d in shape):
             raise ModelFileError(f"layer {name!r}: bad shape {shape[:8]} for {aname[:40]!r}")
         shape = tuple(shape)
         _check_shape(f"layer {name!r}", shape, limit, f"{aname[:40]} shape")
-        size = 4 * math.prod(shape)
-        if offset + size > n:
-            raise ModelFileError(f"model file is truncated: {name}.{aname} needs {size} bytes "
-                                 f"at offset {offset}, the file has {n}")
-        # reshape the read-only view first, then copy once: the copy is owned and
-        # writable, which the layers need (training updates weights in place)
-        arr = np.frombuffer(mv[offset:offset + size], dtype="<f4").reshape(shape).astype(np.float32)
+        what = f"{name}.{aname[:40]}"
+        if len(entry) > 2:
+            if aname != "weight":
+                raise ModelFileError(f"layer {name!r}: only its weight may be stored int8, not {aname[:40]!r}")
+            out[aname], offset = _read_stored(entry, shape, what, mv, offset)
+            continue
+        arr, offset = _take(mv, offset, math.prod(shape), "<f4", shape, what)
         if not np.all(np.isfinite(arr)):
-            raise ModelFileError(f"{name}.{aname} holds NaN or Inf")
+            raise ModelFileError(f"{what} holds NaN or Inf")
         out[aname] = arr
-        offset += size
     return out, offset
 
 
@@ -378,7 +487,8 @@ def model_from_bytes(buf, max_bytes: int = DEFAULT_MAX_BYTES, max_param_bytes: O
                 raise ModelFileError(f"layer {lname!r}: unknown kind {kind[:40]!r}")
             if version == 1 and kind not in V1_KINDS:
                 raise ModelFileError(f"layer {lname!r}: kind {kind[:40]!r} needs model file format version 2")
-            params, offset = _read_arrays(spec, "params", lname, mv, offset, (1, 4), LIMITS["param_elements"])
+            params, offset = _read_arrays(spec, "params", lname, mv, offset, (1, 4), LIMITS["param_elements"],
+                                          version)
             consts: Dict[str, np.ndarray] = {}
             if version >= 2:
                 consts, offset = _read_arrays(spec, "constants", lname, mv, offset, (0, LIMITS["input_ndim"] + 1),
