@@ -1,6 +1,6 @@
 """Peak memory of an ftte-agent process: idle, and while training zoo models on the digits data.
 
-    python benchmarks/agent_memory.py [--tasks 3] [--no-mdns]
+    python benchmarks/agent_memory.py [--tasks 3] [--no-mdns] [--install]
 
 Starts a real agent (loopback only, mDNS on 127.0.0.1 unless --no-mdns), plays the hub with
 Channel + messages, and reads the agent's /proc/PID/status: VmHWM (peak resident set), VmRSS, and
@@ -8,6 +8,11 @@ its split into RssAnon (the process's heap) and RssFile (library pages).
 One fresh agent per model, so each peak belongs to that model alone. The subset is the whole
 model (the worst case: every gradient exists); tasks are one epoch over all 1797 samples, batch 32.
 Prints a table; the target is "well inside 64 MB".
+
+``--install``: instead, a larger MLP (64-2048-2048-10, 17 MB of float32 weights) trained as FTTE
+trains it (the classifier and a quarter of the rows of the layer before, frozen weights int8),
+once installed from the float32 model file and once from the hub's int8 install
+(``modelfile.install_bytes``, model file version 3), a fresh agent each.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from ftte_core import messages as M
 from ftte_core.channel import Channel
 from ftte_core.data import load_bundled, save_npz
 from ftte_core.local import TaskConfig
-from ftte_core.modelfile import content_hash, model_to_bytes
+from ftte_core.modelfile import content_hash, install_bytes, model_to_bytes
 from ftte_core.protocol import generate_key, write_key
 from ftte_core.subset import Subset
 from ftte_core.update import Update, subset_values
@@ -59,9 +64,9 @@ def start_agent(key: Path, data: Path, state: Path, mdns: bool) -> tuple:
     raise SystemExit(f"agent_memory: the agent did not start: {proc.stderr.read()[-500:]}")
 
 
-async def drive(port: int, key: bytes, model, tasks: int) -> float:
-    subset = Subset.full(model)
-    blob = model_to_bytes(model)
+async def drive(port: int, key: bytes, model, tasks: int, subset=None, blob=None, frozen="float32") -> float:
+    subset = subset if subset is not None else Subset.full(model)
+    blob = blob if blob is not None else model_to_bytes(model)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     ch = await Channel.open(reader, writer, "client", key)
     await ch.recv(timeout=10)  # AGENT_INFO
@@ -70,7 +75,7 @@ async def drive(port: int, key: bytes, model, tasks: int) -> float:
     for i in range(tasks):
         msg = M.TaskMessage(task_id=f"bench-{i}", run_id="bench", base_version=0, model_hash=content_hash(blob),
                             subset=subset.to_dict(), subset_fingerprint=subset.fingerprint(),
-                            config=TaskConfig(lr=0.05, batch_size=32, local_epochs=1.0), seed=i, bits=8,
+                            config=TaskConfig(lr=0.05, batch_size=32, local_epochs=1.0, frozen=frozen), seed=i, bits=8,
                             values=subset_values(model, subset))
         await ch.send(M.TASK, M.encode_task(msg))
         while True:
@@ -91,7 +96,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=3, help="tasks per model")
     ap.add_argument("--no-mdns", action="store_true", help="run the agents without mDNS")
+    ap.add_argument("--install", action="store_true",
+                    help="a 64-2048-2048-10 MLP trained sparse with frozen weights int8: float32 file vs int8 install")
     args = ap.parse_args()
+    if args.install:
+        compare_installs(args)
+        return
     ds = load_bundled("digits")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,6 +130,37 @@ def main() -> None:
         print(f"{name:6} {params:>8} {idle_hwm / MIB:>9.1f}Mi {hwm / MIB:>10.1f}Mi {rss / MIB:>10.1f}Mi "
               f"{anon / MIB:>6.1f}Mi {file_ / MIB:>6.1f}Mi {s:>7.3f}")
     print("VmHWM: peak resident set; anon: the process's own heap; file: shared-library pages (shared, reclaimable)")
+
+
+def compare_installs(args) -> None:
+    ds = load_bundled("digits")
+    model = zoo("mlp", ds.feature_shape, ds.num_classes, seed=0, hidden=(2048, 2048))
+    subset = Subset.of(model, {"fc2": {"rows": list(range(0, 2048, 4)), "bias": True},
+                               "fc3": {"rows": "all", "bias": True}})
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        key = generate_key()
+        write_key(tmp / "fleet.key", key)
+        save_npz(tmp / "digits.npz", ds)
+        for form in ("float32", "int8"):
+            blob = install_bytes(model, [subset], form)
+            proc, port = start_agent(tmp / "fleet.key", tmp / "digits.npz", tmp / f"state-{form}", not args.no_mdns)
+            try:
+                time.sleep(2.5 if not args.no_mdns else 0.5)
+                idle = proc_memory(proc.pid)
+                task_s = asyncio.run(drive(port, key, model, args.tasks, subset, blob, frozen="int8"))
+                busy = proc_memory(proc.pid)
+            finally:
+                proc.terminate()
+                proc.wait(10)
+            rows.append((form, len(blob), idle["VmHWM"], busy["VmHWM"], busy["VmRSS"], task_s))
+    print(f"ftte-agent memory, MLP 64-2048-2048-10 ({model.num_params():,} parameters), subset "
+          f"{subset.describe(model)}, frozen weights int8, {args.tasks} tasks of 1 epoch, mDNS "
+          f"{'off' if args.no_mdns else 'on'}")
+    print(f"{'install':8} {'MODEL bytes':>12} {'idle VmHWM':>11} {'train VmHWM':>12} {'train VmRSS':>12} {'s/task':>7}")
+    for form, nbytes, idle_hwm, hwm, rss, s in rows:
+        print(f"{form:8} {nbytes:>12,} {idle_hwm / MIB:>9.1f}Mi {hwm / MIB:>10.1f}Mi {rss / MIB:>10.1f}Mi {s:>7.3f}")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,26 @@ def test_update_bits_4_packs_ftte_uplink_deltas_as_int4(small_run):
     assert r4["strategies"]["ftte"]["final_accuracy"] > 0.5
 
 
+def test_the_install_is_counted_as_the_model_frame_the_hub_sends(small_run):
+    """An ftte device's first task carries the model file once, as the hub's MODEL frame: with
+    frozen weights int8, the int8 install (``modelfile.install_bytes``); --float32-install: the
+    float32 file. The baselines ship the model with each task and install nothing."""
+    from ftte_core.modelfile import model_to_bytes
+    from ftte_core.zoo import zoo
+
+    plain = simulate(SimConfig(strategies=("ftte",), seed=3, int8_install=False, **SMALL), log=lambda m: None)
+    assert small_run["ftte_int8_install"] and not plain["ftte_int8_install"]
+    assert small_run["ftte_frozen"] == "int8"  # M_min is the Pi 4 share: the search holds fc1 int8
+    f8, f32 = small_run["strategies"]["ftte"], plain["strategies"]["ftte"]
+    float_file = len(model_to_bytes(zoo("mlp", (1, 8, 8), 10)))
+    assert f32["install_bytes_per_device"] == float_file
+    assert f8["install_bytes_per_device"] < 0.6 * float_file
+    for r in (f8, f32):
+        assert r["install_bytes_total"] > 0 and r["install_bytes_total"] % r["install_bytes_per_device"] == 0
+    for name in ("fedbuff", "fedavg"):
+        assert small_run["strategies"][name]["install_bytes_total"] == 0
+
+
 def test_same_seed_same_results_different_seed_differs(small_run):
     again = simulate(SimConfig(strategies=("ftte", "fedbuff", "fedavg"), seed=3, **SMALL), log=lambda m: None)
     assert _strip_wall(again) == _strip_wall(small_run)
@@ -95,6 +115,10 @@ def test_outputs_written(small_run, tmp_path):
     assert data["strategies"].keys() == small_run["strategies"].keys()
     md = (tmp_path / "results.md").read_text()
     assert "Target accuracy" in md and "| ftte |" in md and "| fedavg |" in md
+    f, a = small_run["strategies"]["ftte"], small_run["strategies"]["fedavg"]
+    if f["bytes_to_target"] is not None and a["bytes_to_target"]:
+        assert f"bytes moved until the target (down + up, installs included): " \
+               f"{f['bytes_to_target'] / a['bytes_to_target']:.2f}x" in md
     root = ET.parse(paths["svg"]).getroot()
     assert root.tag.endswith("svg")
     assert len(root.findall("{http://www.w3.org/2000/svg}polyline")) == 3

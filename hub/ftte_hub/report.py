@@ -66,6 +66,10 @@ def markdown(results: Dict) -> str:
                      f"{100 * (1 - f['peak_device_memory_bytes'] / a['peak_device_memory_bytes']):.1f}% less")
         per_task = (f["bytes_down_per_task"] + f["bytes_up_per_task"]) / (a["bytes_down_per_task"] + a["bytes_up_per_task"])
         lines.append(f"- payload per task (down + up): {100 * (1 - per_task):.1f}% less")
+        if f.get("bytes_to_target") is not None and a.get("bytes_to_target"):
+            ratio = f["bytes_to_target"] / a["bytes_to_target"]
+            lines.append(f"- bytes moved until the target (down + up, installs included): {ratio:.2f}x "
+                         f"({100 * (1 - ratio):.1f}% {'less' if ratio <= 1 else 'more'})")
         lines.append(f"- final accuracy: {100 * (f['final_accuracy'] - a['final_accuracy']):+.2f} points")
     lines.append("")
     return "\n".join(lines)

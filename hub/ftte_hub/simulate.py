@@ -227,7 +227,8 @@ class StrategyRun:
     per_task_down: List[int] = field(default_factory=list)
     per_task_up: List[int] = field(default_factory=list)
     min_memory_recorded: int = 0
-    install_bytes: int = 0      # of bytes_down: the frozen part's one-time install on each device
+    install_bytes: int = 0      # of bytes_down: the model's one-time install on the ftte devices
+    install_frame_bytes: List[int] = field(default_factory=list)   # one device's install, per tier
     participating: int = 0
     sat_out: int = 0
     devices_trained: int = 0
@@ -518,7 +519,9 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
     if strategy.tiers:
         tier_of = {d.id: strategy.tier_for_budget(d.memory_budget) for d in eligible}
         run.tiers = [{"trainable_params": c.subset.num_trainable(model), "predicted_bytes": c.predicted_bytes,
-                      "devices": sum(1 for t in tier_of.values() if t == i)} for i, c in enumerate(costs)]
+                      "devices": sum(1 for t in tier_of.values() if t == i), "install_bytes": c.install_bytes}
+                     for i, c in enumerate(costs)]
+    run.install_frame_bytes = [c.install_bytes for c in costs]
     trained_ids = set()
     events: list = []
     seq = 0
@@ -712,6 +715,9 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
             # the same without the model's one-time install on ftte devices (what the rounds themselves moved)
             "round_bytes_to_target": curve[hit][2] + curve[hit][3] - r.curve[hit][5] if hit is not None else None,
             "install_bytes_total": r.install_bytes,
+            # the model file one device gets (its tier's; ftte strategies; 0: tasks carry the model)
+            "install_bytes_per_device": r.install_frame_bytes[0] if len(r.install_frame_bytes) == 1
+            else r.install_frame_bytes,
             "final_accuracy": r.curve[-1][2],
             "best_accuracy": max(p[2] for p in r.curve),
             "final_time_s": r.curve[-1][0],
