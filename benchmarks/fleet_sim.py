@@ -226,7 +226,7 @@ def main():
             rbt = [ratio(x["round_bytes_to_target"], y["round_bytes_to_target"]) for x, y in zip(f, base)]
             print(f"- {s} / fedavg: time to target {spread(ttt)} (goal <= 0.19); peak device memory "
                   f"{spread(mem)} (goal <= 0.20); bytes to target {spread(btt)} (goal <= 0.31, aim 0.15), "
-                  f"without the one-time install of the frozen part {spread(rbt)}")
+                  f"without the one-time install of the model {spread(rbt)}")
         for a, b, goal in (("ftte", "fedbuff", ">= 0"), ("ftte", "fedavg-full", ">= -2"),
                            ("ftte-tiered", "fedbuff-full", ">= -1"), ("ftte-tiered", "fedavg-full", "")):
             if a in rows and b in rows:
