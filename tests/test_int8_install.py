@@ -234,3 +234,22 @@ def test_the_hub_sends_the_install_only_to_agents_that_read_version_3():
     assert fleet.model_for(new) == (b"int8", "a" * 64)
     fleet.installs = []  # a float32-frozen run (or --float32-install): everyone gets the float32 file
     assert fleet.model_for(new) == (b"float", "f" * 64)
+
+
+def test_reading_an_install_never_holds_its_int8_weights_as_float32():
+    """The reader checks sizes by shape: an int8 weight is not dequantised on the way (a large
+    frozen layer would otherwise exist twice on the device, once as float32)."""
+    import tracemalloc
+
+    model = ft.zoo("mlp", (64,), 10, hidden=(512, 512), seed=0)
+    subset = Subset.of(model, {"fc3": {"rows": "all", "bias": True}})
+    install = install_bytes(model, [subset], "int8")
+    float_weights = 4 * model.num_params()
+    tracemalloc.start()
+    try:
+        back = model_from_bytes(install)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert back.param_layers[1].is_int8
+    assert peak < 0.5 * float_weights, (peak, float_weights)   # int8 levels + scales + JSON, no float copy

@@ -265,8 +265,18 @@ def check_model_size(model: Model) -> None:
     _check_shape("model", model.input_shape, LIMITS["sample_elements"], "input shape")
     for layer, out_shape in zip(model.layers, model.shapes[1:]):
         _check_shape(f"layer {layer.name!r}", out_shape, LIMITS["sample_elements"], "output shape")
-        for pname, arr in {**layer.params(), **layer.constants()}.items():
-            _check_shape(f"layer {layer.name!r}", arr.shape, LIMITS["param_elements"], f"{pname} shape")
+        for pname, shape in _array_shapes(layer).items():
+            _check_shape(f"layer {layer.name!r}", shape, LIMITS["param_elements"], f"{pname} shape")
+
+
+def _array_shapes(layer: Layer) -> Dict[str, Tuple[int, ...]]:
+    """Each parameter's and constant's shape, without materialising an int8 weight as float32
+    (``params()`` would: a large frozen layer read from an install would then exist twice)."""
+    if getattr(layer, "int8_capable", False):
+        shapes = {"weight": tuple(layer.weight_shape), "bias": tuple(layer.bias.shape)}
+    else:
+        shapes = {k: tuple(v.shape) for k, v in layer.params().items()}
+    return {**shapes, **{k: tuple(v.shape) for k, v in layer.constants().items()}}
 
 
 def _build(kind: str, name: str, spec: dict, p: Dict[str, np.ndarray], c: Dict[str, np.ndarray],
