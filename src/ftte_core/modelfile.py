@@ -170,8 +170,10 @@ def model_to_bytes(model: Model, int8_storage: bool = False) -> bytes:
     layers, arrays = [], []
     version = FORMAT_VERSION
     for layer, ins in zip(model.layers, model.inputs):
-        params, consts = layer.params(), layer.constants()
         stored = _stored_weight(layer) if int8_storage else None
+        # (params() would dequantise a stored weight only for it to be skipped)
+        params = {"weight": None, "bias": layer.bias} if stored is not None else layer.params()
+        consts = layer.constants()
         entries = []
         for k, v in params.items():
             if k == "weight" and stored is not None:
