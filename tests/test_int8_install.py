@@ -162,6 +162,8 @@ def test_malformed_int8_storage_is_refused_in_one_line():
     case(lambda h: h["layers"][0]["params"][0].__setitem__(2, "int4"), "storage must be")
     case(lambda h: h["layers"][2]["params"][0].__setitem__(3, 99), "storage must be")
     case(lambda h: h["layers"][2]["params"][0].__setitem__(3, -1), "storage must be")
+    case(lambda h: h["layers"][2]["params"][0].__setitem__(3, 0), "storage must be")    # not mixed: say int8
+    case(lambda h: h["layers"][2]["params"][0].__setitem__(3, h["layers"][2]["params"][0][1][0]), "storage must be")
     case(lambda h: h["layers"][0]["params"][1].append("int8"), "only its weight may be stored int8")
     case(lambda h: None, "must be \\[name, shape\\]", version=2)          # int8 storage needs version 3
     cases.append((blob[:-3], "truncated"))

@@ -164,7 +164,7 @@ class StoredWeight:
             raise ValueError(f"row scales have shape {tuple(scale.shape)}, expected {(o - r,)}")
         if not np.all(np.isfinite(scale)) or np.any(scale < 0):
             raise ValueError("row scales must be finite and >= 0")
-        if np.any(q == -128):
+        if q.size and int(q.min()) == -128:  # (min, not q == -128: no temporary the size of q)
             raise ValueError("int8 rows hold -128, outside the quantiser's [-127, 127]")
         if rows is not None:
             if r and (rows.min() < 0 or rows.max() >= o or np.unique(rows).size != r):

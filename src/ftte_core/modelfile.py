@@ -150,13 +150,14 @@ def _attrs(layer: Layer) -> Dict[str, object]:
 
 
 def _stored_weight(layer: Layer) -> Optional[Tuple[list, List[bytes]]]:
-    """(header entry, arrays) of a weight held int8 or mixed, else None (float32)."""
-    if getattr(layer, "is_mixed", False):
+    """(header entry, arrays) of a weight held int8 or mixed, else None (float32; so is a mixed
+    weight whose rows all train; one with none trained is int8)."""
+    if getattr(layer, "is_mixed", False) and 0 < layer.trained_rows.size < layer.weight_shape[0]:
         rows = layer.trained_rows
         return (["weight", list(layer.weight_shape), "mixed", int(rows.size)],
                 [layer.weight_q.tobytes(), layer.weight_scale.astype("<f4").tobytes(), rows.astype("<i4").tobytes(),
                  np.ascontiguousarray(layer.weight_trained, dtype="<f4").tobytes()])
-    if getattr(layer, "is_int8", False):
+    if getattr(layer, "is_int8", False) or (getattr(layer, "is_mixed", False) and not layer.trained_rows.size):
         return (["weight", list(layer.weight_shape), "int8"],
                 [layer.weight_q.tobytes(), layer.weight_scale.astype("<f4").tobytes()])
     return None
@@ -403,11 +404,11 @@ def _read_stored(entry: list, shape: Tuple[int, ...], what: str, mv: memoryview,
     o, per_row = shape[0], math.prod(shape[1:])
     if form == "int8" and len(entry) == 3:
         r = None
-    elif form == "mixed" and len(entry) == 4 and _is_int(entry[3]) and 0 <= entry[3] <= o:
-        r = entry[3]
+    elif form == "mixed" and len(entry) == 4 and _is_int(entry[3]) and 0 < entry[3] < o:
+        r = entry[3]   # (0 or all rows float32 is not mixed: "int8" or a float32 weight says it)
     else:
         raise ModelFileError(f"{what}: storage must be [name, shape, \"int8\"] or [name, shape, \"mixed\", "
-                             f"rows in 0..{o}]")
+                             f"trained rows in 1..{o - 1}]")
     frozen = o - (r or 0)
     q, offset = _take(mv, offset, frozen * per_row, "i1", (frozen,) + shape[1:], what)
     scale, offset = _take(mv, offset, frozen, "<f4", (frozen,), what)
