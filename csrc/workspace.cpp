@@ -45,7 +45,7 @@ void workspace_reset_peak() { g_peak.store(g_current.load()); }
 void* workspace_alloc(size_t bytes) {
   const size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
   Arena& a = t_arena;
-  if (rounded <= kArenaBytes - a.top && !a.failed) {
+  if (rounded != 0 && rounded <= kArenaBytes - a.top && !a.failed) {  // (a 0-byte block could sit at the end)
     if (!a.base) {
       a.base = static_cast<char*>(std::aligned_alloc(kAlign, kArenaBytes));
       a.failed = a.base == nullptr;
