@@ -11,8 +11,65 @@ namespace {
 
 constexpr int MR = 6, NR = 16;
 
+// Stores rows i < m and columns j < n of the 16-wide accumulator rows acc (C = alpha * acc +
+// beta * C; beta == 0 never reads C): the edge tiles of both kernels. Missing columns use masked
+// loads/stores (slow on AMD, so only where columns are missing).
+inline void store_edge(const __m256 (*acc)[2], float* C, int64_t ldc, float alpha, float beta, int m, int n) {
+  const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i mk0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
+  const __m256i mk1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - 8), lane);
+  const bool masked = n < NR;
+  for (int i = 0; i < m; ++i) {
+    float* c = C + i * ldc;
+    __m256 r0 = _mm256_mul_ps(va, acc[i][0]), r1 = _mm256_mul_ps(va, acc[i][1]);
+    if (beta != 0.f) {
+      const __m256 o0 = masked ? _mm256_maskload_ps(c, mk0) : _mm256_loadu_ps(c);
+      const __m256 o1 = masked ? _mm256_maskload_ps(c + 8, mk1) : _mm256_loadu_ps(c + 8);
+      r0 = beta == 1.f ? _mm256_fmadd_ps(va, acc[i][0], o0) : _mm256_fmadd_ps(va, acc[i][0], _mm256_mul_ps(vb, o0));
+      r1 = beta == 1.f ? _mm256_fmadd_ps(va, acc[i][1], o1) : _mm256_fmadd_ps(va, acc[i][1], _mm256_mul_ps(vb, o1));
+    }
+    if (masked) {
+      _mm256_maskstore_ps(c, mk0, r0);
+      _mm256_maskstore_ps(c + 8, mk1, r1);
+    } else {
+      _mm256_storeu_ps(c, r0);
+      _mm256_storeu_ps(c + 8, r1);
+    }
+  }
+}
+
+// The last row panel of a product whose M is not a multiple of 6 (a batch of 32 is 5 x 6 + 2, a
+// 16-row gradient tile 2 x 6 + 4): only R = 2 or 4 rows are computed instead of 6 (1/9 of the
+// work of a 32-row product was rows that are never stored). Each C element is the same single
+// FMA chain over k in the same order as in the 6-row kernel, so results are bit-identical to it.
+template <int R>
+void ukernel_short(int64_t kc, const float* A, int64_t as, const float* B, int64_t bs, float* C, int64_t ldc,
+                   float alpha, float beta, int m, int n) {
+  static_assert(R == 2 || R == 4, "short panels of 2 or 4 rows");
+  // Named accumulators (an indexed array made GCC store them to the stack every iteration).
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(), c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(B), b1 = _mm256_loadu_ps(B + 8);
+    __m256 a;
+    a = _mm256_broadcast_ss(A + 0); c00 = _mm256_fmadd_ps(a, b0, c00); c01 = _mm256_fmadd_ps(a, b1, c01);
+    a = _mm256_broadcast_ss(A + 1); c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11);
+    if (R == 4) {
+      a = _mm256_broadcast_ss(A + 2); c20 = _mm256_fmadd_ps(a, b0, c20); c21 = _mm256_fmadd_ps(a, b1, c21);
+      a = _mm256_broadcast_ss(A + 3); c30 = _mm256_fmadd_ps(a, b0, c30); c31 = _mm256_fmadd_ps(a, b1, c31);
+    }
+    A += as;
+    B += bs;
+  }
+  const __m256 acc[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+  store_edge(acc, C, ldc, alpha, beta, m, n);
+}
+
 void ukernel_6x16(int64_t kc, const float* A, int64_t as, const float* B, int64_t bs, float* C, int64_t ldc,
                   float alpha, float beta, int m, int n) {
+  if (m <= 2) return ukernel_short<2>(kc, A, as, B, bs, C, ldc, alpha, beta, m, n);
+  if (m <= 4) return ukernel_short<4>(kc, A, as, B, bs, C, ldc, alpha, beta, m, n);
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
   __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
   __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
@@ -33,35 +90,8 @@ void ukernel_6x16(int64_t kc, const float* A, int64_t as, const float* B, int64_
   }
   const __m256 va = _mm256_set1_ps(alpha);
   __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  if (n < NR) {  // right edge: masked loads/stores (slow on AMD, so only where columns are missing)
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i mk0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
-    const __m256i mk1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - 8), lane);
-    const __m256 vb = _mm256_set1_ps(beta);
-    for (int i = 0; i < m; ++i) {
-      float* c = C + i * ldc;
-      __m256 r0 = _mm256_mul_ps(va, acc[i][0]), r1 = _mm256_mul_ps(va, acc[i][1]);
-      if (beta != 0.f) {
-        const __m256 o0 = _mm256_maskload_ps(c, mk0), o1 = _mm256_maskload_ps(c + 8, mk1);
-        r0 = beta == 1.f ? _mm256_fmadd_ps(va, acc[i][0], o0) : _mm256_fmadd_ps(va, acc[i][0], _mm256_mul_ps(vb, o0));
-        r1 = beta == 1.f ? _mm256_fmadd_ps(va, acc[i][1], o1) : _mm256_fmadd_ps(va, acc[i][1], _mm256_mul_ps(vb, o1));
-      }
-      _mm256_maskstore_ps(c, mk0, r0);
-      _mm256_maskstore_ps(c + 8, mk1, r1);
-    }
-  } else if (m < MR) {  // bottom edge: whole rows, just fewer of them
-    const __m256 vb = _mm256_set1_ps(beta);
-    for (int i = 0; i < m; ++i) {
-      float* c = C + i * ldc;
-      __m256 r0 = _mm256_mul_ps(va, acc[i][0]), r1 = _mm256_mul_ps(va, acc[i][1]);
-      if (beta != 0.f) {
-        const __m256 o0 = _mm256_loadu_ps(c), o1 = _mm256_loadu_ps(c + 8);
-        r0 = beta == 1.f ? _mm256_fmadd_ps(va, acc[i][0], o0) : _mm256_fmadd_ps(va, acc[i][0], _mm256_mul_ps(vb, o0));
-        r1 = beta == 1.f ? _mm256_fmadd_ps(va, acc[i][1], o1) : _mm256_fmadd_ps(va, acc[i][1], _mm256_mul_ps(vb, o1));
-      }
-      _mm256_storeu_ps(c, r0);
-      _mm256_storeu_ps(c + 8, r1);
-    }
+  if (n < NR || m < MR) {  // right or bottom edge
+    store_edge(acc, C, ldc, alpha, beta, m, n);
   } else if (beta == 0.f) {
     for (int i = 0; i < MR; ++i) {
       _mm256_storeu_ps(C + i * ldc, _mm256_mul_ps(va, acc[i][0]));

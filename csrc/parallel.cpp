@@ -128,13 +128,12 @@ void set_num_threads(int n) {
   g_num_threads.store(n > 0 ? n : 0);
 }
 
-void parallel_for(int64_t n_tasks, const std::function<void(int64_t)>& fn, double total_work) {
-  int threads = get_num_threads();
-  bool nested = g_in_parallel.load();
-  if (n_tasks < 2 || threads < 2 || total_work < kMinParallelWork || nested) {
-    for (int64_t t = 0; t < n_tasks; ++t) fn(t);
-    return;
-  }
+bool parallel_inline(int64_t n_tasks, double total_work) {
+  return n_tasks < 2 || total_work < kMinParallelWork || g_in_parallel.load() || get_num_threads() < 2;
+}
+
+void parallel_run(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
+  const int threads = get_num_threads();
   // One parallel region at a time: concurrent callers (several Python threads with the GIL
   // released) queue here instead of oversubscribing the cores.
   std::lock_guard<std::mutex> g(g_config_mutex);

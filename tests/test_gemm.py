@@ -113,6 +113,23 @@ def test_thread_count_bit_identical():
         K.set_num_threads(0)
 
 
+@pytest.mark.parametrize("ta", [False, True])
+def test_short_last_panel_bit_identical(ta):
+    # Rows past the last multiple of the kernel's panel height (32 = 5 x 6 + 2, 16 = 2 x 6 + 4 with
+    # AVX2) run through a shorter kernel; each element must be the same FMA chain as in a full panel.
+    rng = np.random.default_rng(3)
+    Kd, N = 70, 37
+    a_full = rng.standard_normal((Kd, 36) if ta else (36, Kd)).astype(np.float32)
+    b = rng.standard_normal((Kd, N)).astype(np.float32)
+    want = np.zeros((36, N), np.float32)
+    K.sgemm(a_full, b, want, ta, False)
+    for M in (31, 32, 33, 34, 35):
+        a = np.ascontiguousarray(a_full[:, :M] if ta else a_full[:M])
+        got = np.full((M, N), np.nan, np.float32)
+        K.sgemm(a, b, got, ta, False)
+        np.testing.assert_array_equal(got, want[:M])
+
+
 def test_kernel_name():
     assert K.sgemm_kernel_name() in ("avx2-fma", "generic")
 

@@ -391,16 +391,28 @@ class Dense(_Int8Weight, Layer):
         return peak
 
     def forward(self, x, y, scope=None):
+        w = self._weight
+        if w is not None:  # float32: the common case, without _kernel_weight's property lookups
+            K.dense_forward(x, w, self.bias, y)
+            return
         w, wkw = self._kernel_weight()
         K.dense_forward(x, w, self.bias, y, **wkw)
 
     def backward(self, x, y, dy, dx, scope):
-        sgd = None if self.is_int8 else scope.sgd(self)
-        if sgd is not None:
-            w, wkw = self._kernel_weight()  # float32 (updated in place) or mixed (its trained rows are)
-            K.dense_backward_sgd(x, w, self.bias, dy, sgd.rows, dx, sgd.bias, sgd.vw, sgd.vb, sgd.lr,
-                                 sgd.momentum, sgd.weight_decay, **wkw)
-            return
+        w = self._weight
+        if w is not None:  # float32 (updated in place): the common case, kept short (it runs every step)
+            sgd = scope.sgd(self)
+            if sgd is not None:
+                K.dense_backward_sgd(x, w, self.bias, dy, sgd.rows, dx, sgd.bias, sgd.vw, sgd.vb, sgd.lr,
+                                     sgd.momentum, sgd.weight_decay)
+                return
+        elif not self.is_int8:  # mixed: its trained rows are updated in place
+            sgd = scope.sgd(self)
+            if sgd is not None:
+                w, wkw = self._kernel_weight()
+                K.dense_backward_sgd(x, w, self.bias, dy, sgd.rows, dx, sgd.bias, sgd.vw, sgd.vb, sgd.lr,
+                                     sgd.momentum, sgd.weight_decay, **wkw)
+                return
         rows, dw, db = scope.grad_buffers(self)
         w, wkw = self._kernel_weight()
         if _separate_bias(rows, db):

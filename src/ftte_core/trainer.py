@@ -94,6 +94,7 @@ class Scope:
         self.trainer = trainer
         self.index = index
         self.layer = layer
+        self._sgd: "Optional[SgdRows]" = None  # what sgd() last returned
 
     @property
     def rng(self) -> np.random.Generator:
@@ -146,11 +147,18 @@ class Scope:
         """In a fused step, what a layer that ``fuses_update`` updates in its backward call;
         None when it trains nothing or the step keeps whole gradients (then ``grad_buffers``)."""
         t = self.trainer
+        if t._buffered:
+            return None
+        cached = self._sgd  # built once: this runs every step, for every trained layer
+        if (cached is not None and cached.lr == t.lr and cached.momentum == t.momentum
+                and cached.weight_decay == t.weight_decay and cached.grads is t._grads.get(layer.name)):
+            return cached
         g = t._grads.get(layer.name)
-        if g is None or t._buffered:
+        if g is None:
             return None
         rows = g.rows if g.trains_rows else np.zeros(0, np.int32)
-        return SgdRows(rows, g.trains_bias, g.vw, g.vb, t.lr, t.momentum, t.weight_decay)
+        self._sgd = SgdRows(rows, g.trains_bias, g.vw, g.vb, t.lr, t.momentum, t.weight_decay, g)
+        return self._sgd
 
 
 def _row_target(layer: Layer, rows: Optional[np.ndarray]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -173,6 +181,7 @@ class SgdRows:
     lr: float
     momentum: float
     weight_decay: float
+    grads: "Optional[_LayerGrads]" = None  # whose buffers these are (tells a cached SgdRows is current)
 
 
 def _run(entries, x: np.ndarray) -> None:
@@ -189,6 +198,8 @@ def _run(entries, x: np.ndarray) -> None:
 def _x_view(ref: Ref, x: np.ndarray) -> np.ndarray:
     if ref.kind != "x":
         raise AssertionError("only input-batch refs are resolved per step")
+    if ref.a == 0 and ref.shape == x.shape:  # the whole batch as it is (no view to make)
+        return x
     return x[ref.a:ref.b].reshape(ref.shape)
 
 
@@ -309,6 +320,8 @@ class Trainer:
         shared = buffers.get(("update", "grad"))
         if shared is not None:
             self._shared_grad = shared
+        for scope in getattr(self, "_scopes", ()):  # their cached SgdRows may name replaced buffers
+            scope._sgd = None
 
     def _bind(self, plan: StepPlan) -> _Bound:
         """Allocate the plan's buffers in the arena and put arrays in place of its refs."""
