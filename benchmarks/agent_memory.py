@@ -92,6 +92,28 @@ async def drive(port: int, key: bytes, model, tasks: int, subset=None, blob=None
     return seconds / tasks
 
 
+def _fleet_files(tmp: Path, ds) -> bytes:
+    """A fleet key and the data file in ``tmp``; returns the key."""
+    key = generate_key()
+    write_key(tmp / "fleet.key", key)
+    save_npz(tmp / "digits.npz", ds)
+    return key
+
+
+def measure_agent(tmp: Path, key: bytes, label: str, args, model, *drive_args, **drive_kw) -> tuple:
+    """(idle memory, memory after the tasks, seconds per task) of a fresh agent driven by ``drive``."""
+    proc, port = start_agent(tmp / "fleet.key", tmp / "digits.npz", tmp / f"state-{label}", not args.no_mdns)
+    try:
+        time.sleep(2.5 if not args.no_mdns else 0.5)  # let the advertisement settle
+        idle = proc_memory(proc.pid)
+        task_s = asyncio.run(drive(port, key, model, args.tasks, *drive_args, **drive_kw))
+        busy = proc_memory(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    return idle, busy, task_s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=3, help="tasks per model")
@@ -106,20 +128,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        key = generate_key()
-        write_key(tmp / "fleet.key", key)
-        save_npz(tmp / "digits.npz", ds)
+        key = _fleet_files(tmp, ds)
         for name in ("mlp", "cnn"):
             model = zoo(name, ds.feature_shape, ds.num_classes, seed=0)
-            proc, port = start_agent(tmp / "fleet.key", tmp / "digits.npz", tmp / f"state-{name}", not args.no_mdns)
-            try:
-                time.sleep(2.5 if not args.no_mdns else 0.5)  # let the advertisement settle
-                idle = proc_memory(proc.pid)
-                task_s = asyncio.run(drive(port, key, model, args.tasks))
-                busy = proc_memory(proc.pid)
-            finally:
-                proc.terminate()
-                proc.wait(10)
+            idle, busy, task_s = measure_agent(tmp, key, name, args, model)
             rows.append((name, model.num_params(), idle["VmHWM"], busy["VmHWM"], busy["VmRSS"], busy["RssAnon"],
                          busy["RssFile"], task_s))
     print(f"ftte-agent memory (digits, {ds.x.shape[0]} samples, full-model subset, {args.tasks} tasks of 1 epoch, "
@@ -140,20 +152,10 @@ def compare_installs(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        key = generate_key()
-        write_key(tmp / "fleet.key", key)
-        save_npz(tmp / "digits.npz", ds)
+        key = _fleet_files(tmp, ds)
         for form in ("float32", "int8"):
             blob = install_bytes(model, [subset], form)
-            proc, port = start_agent(tmp / "fleet.key", tmp / "digits.npz", tmp / f"state-{form}", not args.no_mdns)
-            try:
-                time.sleep(2.5 if not args.no_mdns else 0.5)
-                idle = proc_memory(proc.pid)
-                task_s = asyncio.run(drive(port, key, model, args.tasks, subset, blob, frozen="int8"))
-                busy = proc_memory(proc.pid)
-            finally:
-                proc.terminate()
-                proc.wait(10)
+            idle, busy, task_s = measure_agent(tmp, key, form, args, model, subset, blob, frozen="int8")
             rows.append((form, len(blob), idle["VmHWM"], busy["VmHWM"], busy["VmRSS"], task_s))
     print(f"ftte-agent memory, MLP 64-2048-2048-10 ({model.num_params():,} parameters), subset "
           f"{subset.describe(model)}, frozen weights int8, {args.tasks} tasks of 1 epoch, mDNS "
