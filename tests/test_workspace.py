@@ -8,6 +8,8 @@ import subprocess
 
 import pytest
 
+from slowdev import scaled
+
 _HARNESS = r"""
 #include "workspace.h"
 #include <cstdint>
@@ -74,6 +76,6 @@ def test_workspace_arena(tmp_path):
     src.write_text(_HARNESS)
     exe = tmp_path / "ws"
     subprocess.run([cxx, "-std=c++17", "-O1", "-I", csrc, str(src), os.path.join(csrc, "workspace.cpp"), "-o",
-                    str(exe), "-pthread"], check=True)
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+                    str(exe), "-pthread"], check=True, timeout=scaled(120))
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=scaled(10))
     assert out.returncode == 0, out.stdout + out.stderr
