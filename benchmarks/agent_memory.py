@@ -154,7 +154,7 @@ def compare_installs(args) -> None:
         tmp = Path(tmp)
         key = _fleet_files(tmp, ds)
         for form in ("float32", "int8"):
-            blob = install_bytes(model, [subset], form)
+            blob = install_bytes(model, subset, form)
             idle, busy, task_s = measure_agent(tmp, key, form, args, model, subset, blob, frozen="int8")
             rows.append((form, len(blob), idle["VmHWM"], busy["VmHWM"], busy["VmRSS"], task_s))
     print(f"ftte-agent memory, MLP 64-2048-2048-10 ({model.num_params():,} parameters), subset "

@@ -1295,7 +1295,7 @@ def test_a_model_over_the_budget_as_float32_but_not_as_int8_is_cached(fleet, tmp
     model = zoo("mlp", (64,), 10, seed=30, hidden=(256, 256))     # 332 KiB of float32 weights
     a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--memory-budget", "200KiB")
     head = Subset.of(model, {"fc2": {"rows": [3, 9], "bias": True}, "fc3": {"rows": "all", "bias": True}})
-    blobs = [model_to_bytes(model), install_bytes(model, [head], "int8")]
+    blobs = [model_to_bytes(model), install_bytes(model, head, "int8")]
     assert len(blobs[1]) < 0.45 * len(blobs[0])
     try:
         async def go():

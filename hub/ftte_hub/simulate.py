@@ -494,7 +494,7 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
         predicted = predict_memory(model, tier_subset, cfg.batch_size, frozen=frozen)["total"]
         install = 0
         if strategy.sparse:  # exactly the MODEL frame the hub would send this tier's agents
-            install = len(install_bytes(model, [tier_subset], frozen if cfg.int8_install else "float32"))
+            install = len(install_bytes(model, tier_subset, frozen if cfg.int8_install else "float32"))
         costs.append(_TierCost(tier_subset, predicted, training_flops(model, tier_subset, 1), install,
                                LocalWorker(model.copy(), tier_subset),
                                # the fleet's downlink deltas (ftte strategies; the baselines ship float32

@@ -462,7 +462,7 @@ class _Run:
             # every time, so agents find them cached
             start = model_from_bytes(blob)
             for tier in self.driver.tiers:
-                one = install_bytes(start, [tier], task_cfg.frozen)
+                one = install_bytes(start, tier, task_cfg.frozen)
                 f.installs.append((one, content_hash(one)))
         f.subset_dict = self.driver.subset.to_dict()
         f.run_id = self.meta_base["run_id"]

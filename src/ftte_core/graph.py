@@ -143,6 +143,18 @@ def quantize_rows(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return q.reshape(w.shape), scale
 
 
+def _row_slots(o: int, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(row_slot, frozen row indices) of a mixed weight of ``o`` rows whose ``rows`` train (see
+    ``_Int8Weight``: slot >= 0 a trained row's place, < 0 ``~`` a frozen row's place)."""
+    slot = np.empty(o, np.int32)
+    frozen = np.ones(o, bool)
+    frozen[rows] = False
+    slot[rows] = np.arange(rows.size, dtype=np.int32)
+    frozen_idx = np.flatnonzero(frozen)
+    slot[frozen_idx] = ~np.arange(frozen_idx.size, dtype=np.int32)
+    return slot, frozen_idx
+
+
 class StoredWeight:
     """A weight as ``_Int8Weight`` stores it, for building a layer without a float32 copy (a model
     file that carries int8 storage, ``modelfile``): ``q`` int8 and ``scale`` float32 [rows of q],
@@ -227,13 +239,8 @@ class _Int8Weight:
             self.weight_q, self.weight_scale = value.q, value.scale
             self.weight_trained = self.trained_rows = self.row_slot = None
             if value.trained_rows is not None:
-                rows = value.trained_rows
-                slot = np.empty(value.shape[0], np.int32)
-                frozen = np.ones(value.shape[0], bool)
-                frozen[rows] = False
-                slot[rows] = np.arange(rows.size, dtype=np.int32)
-                slot[frozen] = ~np.arange(int(frozen.sum()), dtype=np.int32)
-                self.weight_trained, self.trained_rows, self.row_slot = value.trained, rows, slot
+                slot, _ = _row_slots(value.shape[0], value.trained_rows)
+                self.weight_trained, self.trained_rows, self.row_slot = value.trained, value.trained_rows, slot
             return
         self._weight = value
         self.weight_q = self.weight_scale = None
@@ -285,12 +292,7 @@ class _Int8Weight:
         if self.is_mixed and np.array_equal(rows, self.trained_rows):
             return
         full = self.weight  # float32: the array itself, or a dequantised copy
-        slot = np.empty(o, np.int32)
-        frozen = np.ones(o, bool)
-        frozen[rows] = False
-        slot[rows] = np.arange(rows.size, dtype=np.int32)
-        frozen_idx = np.flatnonzero(frozen)
-        slot[frozen_idx] = ~np.arange(frozen_idx.size, dtype=np.int32)
+        slot, frozen_idx = _row_slots(o, rows)
         trained = np.ascontiguousarray(full[rows], dtype=np.float32)
         q = np.empty((frozen_idx.size,) + tuple(full.shape[1:]), np.int8)
         scale = np.empty(frozen_idx.size, np.float32)

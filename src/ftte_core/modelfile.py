@@ -193,29 +193,22 @@ def model_to_bytes(model: Model, int8_storage: bool = False) -> bytes:
     return b"".join([PREFIX.pack(MAGIC, version, 0, len(header)), header] + arrays)
 
 
-def install_bytes(model: Model, subsets: Sequence["Subset"], frozen: str) -> bytes:
-    """The model file the hub installs on a device for a run that trains ``subsets`` (one, or
-    ftte-tiered's tiers) with frozen weights ``frozen``: with "int8", every weight that no subset
-    trains a row of is stored as the device will hold it anyway (``Trainer(frozen="int8")``: int8
-    with a scale per row; partly trained: mixed, the rows some subset trains float32 and exact),
-    about a quarter of the float32 bytes; with "float32", the float32 file. Deterministic: a
-    resumed run rebuilds the same bytes (agents find it cached by its hash). ``model`` is left as
-    it was."""
+def install_bytes(model: Model, subset: "Subset", frozen: str) -> bytes:
+    """The model file the hub installs on a device that trains ``subset`` (its tier's, for
+    ftte-tiered) with frozen weights ``frozen``: with "int8", every weight the subset trains no row
+    of is stored as the device will hold it anyway (``Trainer(frozen="int8")``: int8 with a scale
+    per row; partly trained: mixed, the subset's rows float32 and exact), about a quarter of the
+    float32 bytes; with "float32", the float32 file. Deterministic: a resumed run rebuilds the same
+    bytes (agents find it cached by its hash). ``model`` is left as it was."""
     from .plan import check_frozen, int8_layers, mixed_layers
-    from .subset import subset_union
 
-    if not subsets:
-        raise ValueError("install_bytes needs at least one subset")
     if check_frozen(frozen) == "float32":
         return model_to_bytes(model)
-    union = subsets[0]
-    for sub in subsets[1:]:
-        union = subset_union(union, sub)
     held = model.copy()
-    for name in int8_layers(held, union, frozen):
+    for name in int8_layers(held, subset, frozen):
         held.layer(name).quantize_weight()
-    for name in mixed_layers(held, union, frozen):
-        held.layer(name).mix_weight(union.get(name).rows)
+    for name in mixed_layers(held, subset, frozen):
+        held.layer(name).mix_weight(subset.get(name).rows)
     return model_to_bytes(held, int8_storage=True)
 
 
