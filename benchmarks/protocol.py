@@ -56,8 +56,8 @@ for _ in range(200):
     s.receive_data(d)
     times.append(time.perf_counter() - t0)
     wire = len(a) + len(b) + len(d)
-print(f"# {platform.machine()}, Python {platform.python_version()}, cryptography "
-      f"{__import__('cryptography').__version__}")
+print(f"# {platform.machine()}, Python {platform.python_version()}, PyNaCl {__import__('nacl').__version__} "
+      "(libsodium)")
 print(f"handshake (both sides, in-process): median {statistics.median(times) * 1e6:.0f} us, "
       f"{wire} bytes on the wire")
 print()

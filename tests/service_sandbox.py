@@ -6,7 +6,7 @@ Reads the unit's ``SystemCallFilter=`` lines (resolving ``@groups`` with ``syste
 syscall-filter``), ``SystemCallErrorNumber=``, ``RestrictAddressFamilies=`` and
 ``MemoryDenyWriteExecute=``, builds the same seccomp filter with libseccomp (through ctypes),
 sets no_new_privs (``NoNewPrivileges=yes``) and execs the command. So a test can check that the
-agent and the hub still work inside the unit's filter (numpy, the kernels, cryptography,
+agent and the hub still work inside the unit's filter (numpy, the kernels, libsodium,
 zeroconf's sockets) on a machine where systemd does not run services, e.g. a CI container.
 
 Mirrors systemd's rules: an allow list, later ``~`` lines removing from it; a denied call

@@ -3,13 +3,13 @@
 Every module an agent imports costs a device resident memory, so the agent leaves out what it
 does not use at runtime (benchmarks/agent_memory.py measures the process):
 - onnx / ftte_core.onnx_io: agents receive models in the native model file, never as ONNX;
-- ssl and _hashlib: OpenSSL's Python bindings (libssl, libcrypto); the agent encrypts with the
-  ``cryptography`` package and hashes with Python's built-in SHA-256 (ftte_agent/lean.py);
+- ssl and _hashlib: OpenSSL's Python bindings (libssl, libcrypto); the agent encrypts with
+  libsodium (PyNaCl) and hashes with Python's built-in SHA-256 (ftte_agent/lean.py);
+- cryptography: the protocol used it before libsodium (6.5 MiB against PyNaCl's 1.1; it may be
+  installed, by the flower extra for one, but nothing in the agent may import it);
 - numpy.ma: numpy 2 imports it for ``np.unique`` (subset rows are checked without it);
 - ftte_core.search, fractions, decimal: the agent only parses a size (ftte_core.sizes);
-- flwr: Flower belongs to a site hub's SuperNode (the optional `flower` extra), never to a device;
-- cryptography's OpenSSL backend module (builds an object for every OpenSSL function its cffi
-  binding declares): the handshake calls the X25519 functions without it (ftte_core.protocol).
+- flwr: Flower belongs to a site hub's SuperNode (the optional `flower` extra), never to a device.
 The agent also keeps every thread on glibc's main malloc arena (checked with malloc_info).
 Each check runs in a fresh interpreter that does what an agent does: import its modules, parse
 --memory-budget, run a handshake, build a task's subset from explicit rows, train it and encode
@@ -25,7 +25,7 @@ from ftte_agent.lean import _builtin_hashes
 from slowdev import scaled
 
 NOT_LOADED = ("onnx", "ftte_core.onnx_io", "ssl", "_ssl", "_hashlib", "numpy.ma", "ftte_core.search",
-              "fractions", "decimal", "flwr")
+              "fractions", "decimal", "flwr", "cryptography")
 
 AGENT_LIKE = textwrap.dedent("""
     import ctypes, json, os, platform, sys, tempfile, threading
@@ -35,7 +35,7 @@ AGENT_LIKE = textwrap.dedent("""
     import numpy as np
     from ftte_core.local import LocalWorker, TaskConfig
     from ftte_core.modelfile import content_hash
-    from ftte_core.protocol import Connection, HandshakeComplete, _rust_x25519, generate_key
+    from ftte_core.protocol import Connection, HandshakeComplete, generate_key
     from ftte_core.sizes import parse_size
     from ftte_core.subset import Subset
     from ftte_core.update import subset_values
@@ -80,7 +80,7 @@ AGENT_LIKE = textwrap.dedent("""
     t.start()
     t.join()
     print(json.dumps({"modules": sorted(sys.modules), "sha256": content_hash(b"abc"),
-                      "rust_x25519": _rust_x25519() is not None, "malloc_heaps": malloc_heaps()}))
+                      "malloc_heaps": malloc_heaps()}))
 """)
 
 
@@ -102,13 +102,11 @@ def test_the_agent_does_not_load_what_it_does_not_use():
     # a Python built without its own digests keeps OpenSSL's (ftte_agent/lean.py)
     not_loaded = set(NOT_LOADED) - (set() if _builtin_hashes() else {"_hashlib"}) - _loaded_by_numpy_itself()
     assert not loaded & not_loaded, sorted(loaded & not_loaded)
-    assert not any(m.startswith("onnx") for m in loaded)
+    assert not any(m.startswith(("onnx", "cryptography")) for m in loaded)
     # every thread allocates from glibc's main arena (ftte_agent/lean.py: single_malloc_arena),
     # unless the environment sets its own MALLOC_ARENA_MAX (which the agent leaves alone)
     if not os.environ.get("MALLOC_ARENA_MAX"):
         assert out["malloc_heaps"] in (None, 1), out["malloc_heaps"]
-    if out["rust_x25519"]:  # this cryptography has the functions behind its X25519 classes
-        assert "cryptography.hazmat.backends.openssl.backend" not in loaded
     # Python's built-in SHA-256 gives the same digests as OpenSSL's
     assert out["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 

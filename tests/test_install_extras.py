@@ -16,7 +16,7 @@ def test_onnx_is_an_extra_and_the_test_extra_skips_it_on_armv7():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = [d.split(">")[0].split("=")[0].split(";")[0].strip() for d in project["dependencies"]]
-    assert "onnx" not in names and {"numpy", "click", "cryptography", "zeroconf"} <= set(names)
+    assert "onnx" not in names and {"numpy", "click", "pynacl", "zeroconf"} <= set(names)
     assert any(d.startswith("onnx") for d in project["optional-dependencies"]["hub"])
     for dep in project["optional-dependencies"]["test"]:
         if dep.startswith("onnx"):   # PyPI has no armv7 wheels of onnx or onnxruntime

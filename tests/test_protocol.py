@@ -39,17 +39,78 @@ def test_handshake_and_round_trips_both_directions():
     assert s.receive_data(wire) == [Message(1, b"a"), Message(2, b"bb"), Message(3, b"")]
 
 
-def test_handshake_between_the_direct_and_the_public_x25519_paths(monkeypatch):
-    # the handshake calls cryptography's Rust X25519 functions directly when it has them (no
-    # backend import: issue 11); the public classmethods remain the fallback, and the two agree
-    c = Connection("client", KEY)
-    monkeypatch.setattr(P, "_RUST_X25519", [None])
+def test_hkdf_matches_rfc5869_test_vectors():
+    ikm = b"\x0b" * 22
+    # A.1: with salt and info
+    assert P.hkdf_sha256(ikm, bytes(range(13)), bytes(range(0xF0, 0xFA)), 42).hex() == (
+        "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865")
+    # A.3: no salt (HashLen zero bytes), no info
+    assert P.hkdf_sha256(ikm, b"", b"", 42).hex() == (
+        "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8")
+    assert P.hkdf_sha256(ikm, b"s", b"i", 128)[:42] == P.hkdf_sha256(ikm, b"s", b"i", 42)
+    with pytest.raises(ValueError, match="length"):
+        P.hkdf_sha256(ikm, b"", b"", 255 * 32 + 1)
+
+
+def test_aead_matches_rfc8439_and_refuses_any_altered_byte():
+    # RFC 8439, 2.8.2
+    key, nonce = bytes(range(0x80, 0xA0)), bytes.fromhex("070000004041424344454647")
+    aad = bytes.fromhex("50515253c0c1c2c3c4c5c6c7")
+    plaintext = (b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, "
+                 b"sunscreen would be it.")
+    expected = bytes.fromhex(
+        "d31a8d34648e60db7b86afbc53ef7ec2a4aded51296e08fea9e2b5a736ee62d63dbea45e8ca9671282fafb69da92728b"
+        "1a71de0a9e060b2905d6a5b67ecd3b3692ddbd7f2d778b8c9803aee328091b58fab324e4fad675945585808b4831d7bc"
+        "3ff4def08e4b7a9de576d26586cec64b6116" + "1ae10b594f09e26a7e902ecbd0600691")
+    aead = P._ChaCha20Poly1305(key)
+    ct = aead.encrypt(nonce, plaintext, aad)
+    assert bytes(ct) == expected
+    assert bytes(aead.decrypt(nonce, memoryview(ct), aad)) == plaintext
+    for i in (0, len(ct) // 2, len(ct) - 1):   # body and tag
+        bad = bytearray(ct)
+        bad[i] ^= 1
+        assert aead.decrypt(nonce, bad, aad) is None
+    assert aead.decrypt(nonce, ct, aad[:-1]) is None
+    assert aead.decrypt(bytes(12), ct, aad) is None
+    assert aead.decrypt(nonce, ct[:15], aad) is None
+
+
+def test_handshake_with_a_peer_built_on_the_cryptography_package():
+    # Agents and hubs before the move to libsodium used the `cryptography` package for the same
+    # primitives: a client written from the protocol's description with it must still get through
+    # the handshake and exchange frames both ways (the wire format did not change).
+    import hashlib
+    import hmac
+    pytest.importorskip("cryptography")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import x25519
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    eph = x25519.X25519PrivateKey.generate()
+    nonce_c = os.urandom(32)
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    hello_c = struct.pack(">4sHBB32s32s", b"FTTE", P.PROTOCOL_VERSION, 1, 0, nonce_c, eph.public_key().public_bytes(*raw))
     s = Connection("server", KEY)
-    assert s.receive_data(c.initiate()) == []
-    assert c.receive_data(s.data_to_send()) == [HandshakeComplete("server")]
-    assert s.receive_data(c.data_to_send()) == [HandshakeComplete("client")]
-    assert s.receive_data(c.send(5, b"both ways")) == [Message(5, b"both ways")]
-    assert c.receive_data(s.send(6, b"and back")) == [Message(6, b"and back")]
+    assert s.receive_data(hello_c) == []
+    reply = s.data_to_send()
+    hello_s, fin_s = reply[:72], reply[72:]
+    nonce_s, epk_s = hello_s[8:40], hello_s[40:72]
+    th = hashlib.sha256(hello_c + hello_s).digest()
+    dh = eph.exchange(x25519.X25519PublicKey.from_public_bytes(epk_s))
+    okm = HKDF(algorithm=hashes.SHA256(), length=128, salt=nonce_c + nonce_s,
+               info=b"ftte-fleet v1 keys" + th).derive(KEY + dh)
+    k_c2s, k_s2c, mac_c, mac_s = okm[:32], okm[32:64], okm[64:96], okm[96:]
+    assert fin_s == hmac.new(mac_s, b"server finished" + th, hashlib.sha256).digest()
+    assert s.receive_data(hmac.new(mac_c, b"client finished" + th, hashlib.sha256).digest()) == [
+        HandshakeComplete("client")]
+    body = os.urandom(1000)
+    ct = ChaCha20Poly1305(k_c2s).encrypt(bytes(12), bytes((7,)) + body, struct.pack(">I", 1 + len(body) + 16))
+    assert s.receive_data(struct.pack(">I", len(ct)) + ct) == [Message(7, body)]
+    wire = s.send(9, b"and back")
+    (length,) = struct.unpack(">I", wire[:4])
+    assert ChaCha20Poly1305(k_s2c).decrypt(bytes(12), wire[4:], wire[:4]) == b"\x09and back"
+    assert length == len(wire) - 4
 
 
 def test_client_may_send_right_behind_its_finished():

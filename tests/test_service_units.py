@@ -117,7 +117,7 @@ def test_the_sandbox_enforces_the_unit(tmp_path):
 
 @needs_sandbox
 def test_agent_trains_inside_its_units_filter(tmp_path):
-    """numpy, the C++ kernels, cryptography (handshake) and, where multicast works, zeroconf."""
+    """numpy, the C++ kernels, libsodium (handshake and frames) and, where multicast works, zeroconf."""
     from mdns_support import multicast_unavailable
     from test_agent import AgentProc, agent_cmd, ack, hello, make_model, run, train_one
 

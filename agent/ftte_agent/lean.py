@@ -1,8 +1,7 @@
 """Keep OpenSSL's Python bindings out of the agent process (issue 11: <= 50 MiB peak on a device).
 
 The agent needs neither of them: its connections are authenticated and encrypted by
-``ftte_core.protocol`` with the ``cryptography`` package (which carries its own OpenSSL), never by
-TLS, and it hashes a few small things (model files, handshake transcripts) with SHA-256. Yet two
+``ftte_core.protocol`` with libsodium (PyNaCl), never by TLS, and it hashes a few small things (model files, handshake transcripts) with SHA-256. Yet two
 standard modules load the system's libssl/libcrypto as soon as they are imported:
 
 - ``asyncio`` imports ``ssl`` (for TLS transports the agent never opens): 1.3 MiB;
@@ -27,9 +26,9 @@ own), so with one arena per thread what a finished task freed was not what the n
 the pool's threads, yet training the zoo models showed no slowdown from the shared arena's lock
 (2 threads, x86-64). An operator's own ``MALLOC_ARENA_MAX`` wins; off glibc this does nothing.
 
-Elsewhere for the same target: the handshake's X25519 skips cryptography's OpenSSL backend module
-(``ftte_core.protocol._rust_x25519``), and the agent drops each received frame once dispatched
-(``server.Session.run``). Measured, evaluated and rejected, and what is left: docs/benchmarks.md
+Elsewhere for the same target: the protocol's primitives come from libsodium through PyNaCl
+(1.1 MiB, where the ``cryptography`` package with its own OpenSSL cost 6.5), and the agent drops
+each received frame once dispatched (``server.Session.run``). Measured, evaluated and rejected, and what is left: docs/benchmarks.md
 (agent_memory.py).
 """
 from __future__ import annotations

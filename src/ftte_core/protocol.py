@@ -27,7 +27,8 @@ for this connection alone:
                  salt=nonce_c | nonce_s, info=b"ftte-fleet v1 keys" | SHA256(HELLO_C | HELLO_S), 128 bytes)
 
 (epk: a fresh X25519 key per connection, so a fleet key stolen later does not decrypt recorded
-traffic.)
+traffic.) X25519 and ChaCha20-Poly1305 are libsodium's, through PyNaCl; SHA-256, HMAC and so HKDF
+(RFC 5869) are the standard library's.
 
 Records (both directions, only after the handshake): ``u32 big-endian length L | ciphertext (L
 bytes)``, ciphertext = ChaCha20-Poly1305(aead_dir, nonce = 4 zero bytes | u64 BE counter,
@@ -50,11 +51,9 @@ import struct
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import x25519
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+import nacl.bindings as sodium  # importing it runs sodium_init(): libsodium picks its fastest code
+import nacl.exceptions
+from nacl._sodium import ffi as _ffi, lib as _lib
 
 from .atomic import atomic_write
 
@@ -276,11 +275,12 @@ class Connection:
         self.max_frame = max_frame
         self._psk = bytes(key)
         self._nonce = secrets.token_bytes(NONCE_BYTES)
-        self._eph = _x25519_generate()  # ephemeral: forward secrecy if the fleet key leaks later
+        # ephemeral X25519 secret: forward secrecy if the fleet key leaks later (libsodium clamps it)
+        self._eph = secrets.token_bytes(KEY_BYTES)
         self.flags = flags
         self.peer_flags = 0              # the peer's HELLO flags, once it has arrived
         self._hello = _HELLO.pack(MAGIC, PROTOCOL_VERSION, ROLES[role], flags, self._nonce,
-                                  self._eph.public_key().public_bytes_raw())
+                                  sodium.crypto_scalarmult_base(self._eph))
         self._state = _WAIT_HELLO        # receive side; the send side needs only _handshake_done
         self._handshake_done = False
         self._initiated = False
@@ -479,19 +479,20 @@ class Connection:
         if nonce_c == nonce_s:  # our own HELLO reflected back at us
             raise HandshakeError("peer echoed this side's nonce (reflection)")
         try:
-            dh = self._eph.exchange(_x25519_public(peer_pub))
-        except ValueError:  # a low-order point gives the all-zero secret; OpenSSL refuses it
-            raise HandshakeError("peer sent an invalid X25519 public key") from None
+            dh = sodium.crypto_scalarmult(self._eph, peer_pub)
+        except nacl.exceptions.CryptoError:  # a low-order point: the all-zero secret, which libsodium refuses
+            dh = bytes(KEY_BYTES)
+        if hmac.compare_digest(dh, bytes(KEY_BYTES)):
+            raise HandshakeError("peer sent an invalid X25519 public key")
         self._eph = None
         th = hashlib.sha256(hello_c + hello_s).digest()
-        okm = HKDF(algorithm=hashes.SHA256(), length=128, salt=nonce_c + nonce_s,
-                   info=_KDF_INFO + th).derive(self._psk + dh)
+        okm = hkdf_sha256(self._psk + dh, salt=nonce_c + nonce_s, info=_KDF_INFO + th, length=128)
         k_c2s, k_s2c, mac_c, mac_s = okm[:32], okm[32:64], okm[64:96], okm[96:]
         fin_c = hmac.new(mac_c, b"client finished" + th, hashlib.sha256).digest()
         fin_s = hmac.new(mac_s, b"server finished" + th, hashlib.sha256).digest()
         self._psk = b""  # not needed any more on this connection
         if self.role == "client":
-            self._send_aead, self._recv_aead = ChaCha20Poly1305(k_c2s), ChaCha20Poly1305(k_s2c)
+            self._send_aead, self._recv_aead = _ChaCha20Poly1305(k_c2s), _ChaCha20Poly1305(k_s2c)
             got = bytes(buf[_HELLO.size:need])
             del buf[:need]
             # FIN_C goes out before FIN_S is checked: with a wrong key the server then sees a bad
@@ -504,7 +505,7 @@ class Connection:
             self._handshake_done = True
             events.append(HandshakeComplete(peer_role="server"))
         else:
-            self._send_aead, self._recv_aead = ChaCha20Poly1305(k_s2c), ChaCha20Poly1305(k_c2s)
+            self._send_aead, self._recv_aead = _ChaCha20Poly1305(k_s2c), _ChaCha20Poly1305(k_c2s)
             del buf[:need]
             self._out += self._hello + fin_s
             self._peer_fin = fin_c
@@ -539,11 +540,10 @@ class Connection:
             if self._recv_ctr > _MAX_COUNTER:
                 raise CounterExhausted("2**64 frames received; the nonce counter is exhausted")
             header = bytes(view[pos:pos + 4])
-            try:
-                pt = self._recv_aead.decrypt(_nonce(self._recv_ctr), view[pos + 4:pos + 4 + length], header)
-            except InvalidTag:
+            pt = self._recv_aead.decrypt(_nonce(self._recv_ctr), view[pos + 4:pos + 4 + length], header)
+            if pt is None:
                 raise AuthenticationFailed(f"frame {self._recv_ctr} failed authentication "
-                                           f"(tampered, replayed, reordered or dropped)") from None
+                                           f"(tampered, replayed, reordered or dropped)")
             self._recv_ctr += 1
             pos += 4 + length
             if pt[0] == MSG_CLOSE:
@@ -556,46 +556,56 @@ class Connection:
                 self._recv_aead = None
                 events.append(Closed())
                 break
-            events.append(Message(pt[0], pt[1:]))
+            events.append(Message(pt[0], bytes(memoryview(pt)[1:])))
         return pos
 
 
-def _x25519_generate():
-    """A fresh X25519 private key (``X25519PrivateKey.generate()``, see ``_rust_x25519``)."""
-    rust = _rust_x25519()
-    return rust.generate_key() if rust is not None else x25519.X25519PrivateKey.generate()
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-SHA256 (RFC 5869): extract, then expand to ``length`` bytes (at most 255 blocks).
+
+    Written out over the standard library's HMAC because libsodium has no HKDF binding in PyNaCl;
+    tests check it against the RFC's test vectors."""
+    if not 0 <= length <= 255 * 32:
+        raise ValueError(f"hkdf_sha256: length must be in [0, 8160], got {length}")
+    prk = hmac.new(salt or bytes(32), ikm, hashlib.sha256).digest()
+    okm, block = bytearray(), b""
+    for i in range(1, -(-length // 32) + 1):
+        block = hmac.new(prk, block + info + bytes((i,)), hashlib.sha256).digest()
+        okm += block
+    return bytes(okm[:length])
 
 
-def _x25519_public(data: bytes):
-    """``X25519PublicKey.from_public_bytes(data)`` (see ``_rust_x25519``)."""
-    rust = _rust_x25519()
-    return rust.from_public_bytes(data) if rust is not None else x25519.X25519PublicKey.from_public_bytes(data)
+class _ChaCha20Poly1305:
+    """ChaCha20-Poly1305 (RFC 8439, 96-bit nonce) with one key: libsodium's, called through its
+    cffi module so that the input is read in place and the output written once (PyNaCl's wrappers
+    want ``bytes`` in and copy their result out: two extra copies of every frame, which for a
+    model file on a small device is what sets the agent's peak)."""
 
+    __slots__ = ("_key",)
 
-_RUST_X25519: list = []
+    def __init__(self, key: bytes):
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"ChaCha20-Poly1305 needs a {KEY_BYTES}-byte key, got {len(key)}")
+        self._key = bytes(key)
 
+    def encrypt(self, nonce: bytes, plaintext, aad: bytes) -> bytearray:
+        src = _ffi.from_buffer(plaintext)
+        out = bytearray(len(src) + TAG_BYTES)
+        # the length out-parameters are optional (NULL): the output's length is known exactly
+        if _lib.crypto_aead_chacha20poly1305_ietf_encrypt(
+                _ffi.from_buffer(out), _ffi.NULL, src, len(src), aad, len(aad), _ffi.NULL, nonce, self._key) != 0:
+            raise RuntimeError("libsodium: ChaCha20-Poly1305 encryption failed")
+        return out
 
-def _rust_x25519():
-    """The module of Rust functions behind cryptography's X25519 classes, or None.
-
-    ``X25519PrivateKey.generate()`` and ``X25519PublicKey.from_public_bytes()`` first import
-    cryptography's OpenSSL backend module, only to ask whether FIPS mode forbids X25519; that
-    import builds a Python object for every OpenSSL function its cffi binding declares (about
-    0.8 MiB on an agent, most of it touched library pages: issue 11). The classmethods then call
-    these very functions, so we ask the same question (``is_fips_enabled``) and call them
-    directly. Where they do not exist (another cryptography version) or FIPS mode is on, None:
-    the public classmethods are used (and refuse X25519 under FIPS as they always did).
-    """
-    if not _RUST_X25519:
-        try:
-            from cryptography.hazmat.bindings._rust import openssl as rust_openssl
-            rust = rust_openssl.x25519
-            ok = (callable(rust.generate_key) and callable(rust.from_public_bytes)
-                  and not rust_openssl.is_fips_enabled())
-        except (ImportError, AttributeError):
-            ok = False
-        _RUST_X25519.append(rust if ok else None)
-    return _RUST_X25519[0]
+    def decrypt(self, nonce: bytes, ciphertext, aad: bytes) -> Optional[bytearray]:
+        """The plaintext, or None if the tag does not verify."""
+        src = _ffi.from_buffer(ciphertext)
+        if len(src) < TAG_BYTES:
+            return None
+        out = bytearray(len(src) - TAG_BYTES)
+        rc = _lib.crypto_aead_chacha20poly1305_ietf_decrypt(
+            _ffi.from_buffer(out), _ffi.NULL, _ffi.NULL, src, len(src), aad, len(aad), nonce, self._key)
+        return out if rc == 0 else None
 
 
 def _nonce(counter: int) -> bytes:
