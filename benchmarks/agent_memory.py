@@ -64,13 +64,27 @@ def start_agent(key: Path, data: Path, state: Path, mdns: bool) -> tuple:
     raise SystemExit(f"agent_memory: the agent did not start: {proc.stderr.read()[-500:]}")
 
 
-async def drive(port: int, key: bytes, model, tasks: int, subset=None, blob=None, frozen="float32") -> float:
+def wait_for_log(proc, pattern: str, timeout: float = 120) -> None:
+    """Read the agent's log until a line matches ``pattern`` (the MODEL frame has been handled)."""
+    deadline = time.monotonic() + timeout
+    for line in proc.stderr:
+        if re.search(pattern, line):
+            return
+        if time.monotonic() > deadline:
+            break
+    raise SystemExit(f"agent_memory: the agent never logged {pattern!r}")
+
+
+async def drive(port: int, key: bytes, model, tasks: int, subset=None, blob=None, frozen="float32",
+                after_model=None) -> float:
     subset = subset if subset is not None else Subset.full(model)
     blob = blob if blob is not None else model_to_bytes(model)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     ch = await Channel.open(reader, writer, "client", key)
     await ch.recv(timeout=10)  # AGENT_INFO
     await ch.send(M.MODEL, blob)
+    if after_model is not None:
+        await asyncio.to_thread(after_model)
     seconds = 0.0
     for i in range(tasks):
         msg = M.TaskMessage(task_id=f"bench-{i}", run_id="bench", base_version=0, model_hash=content_hash(blob),
@@ -101,17 +115,24 @@ def _fleet_files(tmp: Path, ds) -> bytes:
 
 
 def measure_agent(tmp: Path, key: bytes, label: str, args, model, *drive_args, **drive_kw) -> tuple:
-    """(idle memory, memory after the tasks, seconds per task) of a fresh agent driven by ``drive``."""
+    """(idle memory, memory once the MODEL frame is handled, memory after the tasks, seconds per
+    task) of a fresh agent driven by ``drive``."""
     proc, port = start_agent(tmp / "fleet.key", tmp / "digits.npz", tmp / f"state-{label}", not args.no_mdns)
+    after_model = {}
+
+    def model_handled():
+        wait_for_log(proc, r"model \S+: (received and cached|already cached)")
+        after_model.update(proc_memory(proc.pid))
+
     try:
         time.sleep(2.5 if not args.no_mdns else 0.5)  # let the advertisement settle
         idle = proc_memory(proc.pid)
-        task_s = asyncio.run(drive(port, key, model, args.tasks, *drive_args, **drive_kw))
+        task_s = asyncio.run(drive(port, key, model, args.tasks, *drive_args, after_model=model_handled, **drive_kw))
         busy = proc_memory(proc.pid)
     finally:
         proc.terminate()
         proc.wait(10)
-    return idle, busy, task_s
+    return idle, after_model, busy, task_s
 
 
 def main() -> None:
@@ -131,7 +152,7 @@ def main() -> None:
         key = _fleet_files(tmp, ds)
         for name in ("mlp", "cnn"):
             model = zoo(name, ds.feature_shape, ds.num_classes, seed=0)
-            idle, busy, task_s = measure_agent(tmp, key, name, args, model)
+            idle, _, busy, task_s = measure_agent(tmp, key, name, args, model)
             rows.append((name, model.num_params(), idle["VmHWM"], busy["VmHWM"], busy["VmRSS"], busy["RssAnon"],
                          busy["RssFile"], task_s))
     print(f"ftte-agent memory (digits, {ds.x.shape[0]} samples, full-model subset, {args.tasks} tasks of 1 epoch, "
@@ -155,14 +176,17 @@ def compare_installs(args) -> None:
         key = _fleet_files(tmp, ds)
         for form in ("float32", "int8"):
             blob = install_bytes(model, subset, form)
-            idle, busy, task_s = measure_agent(tmp, key, form, args, model, subset, blob, frozen="int8")
-            rows.append((form, len(blob), idle["VmHWM"], busy["VmHWM"], busy["VmRSS"], task_s))
+            idle, after_model, busy, task_s = measure_agent(tmp, key, form, args, model, subset, blob, frozen="int8")
+            rows.append((form, len(blob), idle["VmHWM"], after_model["VmHWM"], busy["VmHWM"], busy["VmRSS"], task_s))
     print(f"ftte-agent memory, MLP 64-2048-2048-10 ({model.num_params():,} parameters), subset "
           f"{subset.describe(model)}, frozen weights int8, {args.tasks} tasks of 1 epoch, mDNS "
           f"{'off' if args.no_mdns else 'on'}")
-    print(f"{'install':8} {'MODEL bytes':>12} {'idle VmHWM':>11} {'train VmHWM':>12} {'train VmRSS':>12} {'s/task':>7}")
-    for form, nbytes, idle_hwm, hwm, rss, s in rows:
-        print(f"{form:8} {nbytes:>12,} {idle_hwm / MIB:>9.1f}Mi {hwm / MIB:>10.1f}Mi {rss / MIB:>10.1f}Mi {s:>7.3f}")
+    print(f"{'install':8} {'MODEL bytes':>12} {'idle VmHWM':>11} {'MODEL VmHWM':>12} {'train VmHWM':>12} "
+          f"{'train VmRSS':>12} {'s/task':>7}")
+    for form, nbytes, idle_hwm, model_hwm, hwm, rss, s in rows:
+        print(f"{form:8} {nbytes:>12,} {idle_hwm / MIB:>9.1f}Mi {model_hwm / MIB:>10.1f}Mi {hwm / MIB:>10.1f}Mi "
+              f"{rss / MIB:>10.1f}Mi {s:>7.3f}")
+    print("MODEL VmHWM: the peak once the agent has received, checked and cached the model file")
 
 
 if __name__ == "__main__":

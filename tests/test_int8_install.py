@@ -253,3 +253,21 @@ def test_reading_an_install_never_holds_its_int8_weights_as_float32():
         tracemalloc.stop()
     assert back.param_layers[1].is_int8
     assert peak < 0.5 * float_weights, (peak, float_weights)   # int8 levels + scales + JSON, no float copy
+
+
+def test_the_weight_limit_counts_an_install_as_its_float32_weights():
+    # The agent refuses a model whose weights cannot fit its budget (max_param_bytes, in float32
+    # bytes). An install stores most weights int8, so its arrays are about a quarter of that: the
+    # limit must still be measured in float32, or a v3 file would pass a gate 4x looser.
+    model = _mlp()
+    subset = Subset.of(model, {"fc3": {"rows": "all", "bias": True}})
+    blob = install_bytes(model, subset, "int8")
+    full = model_to_bytes(model)
+    as_float32 = 4 * sum(p.size for layer in model.param_layers for p in layer.params().values())
+    assert len(blob) < 0.5 * len(full)
+    with pytest.raises(modelfile.ModelTooLarge) as e:
+        model_from_bytes(blob, max_param_bytes=as_float32 - 1)
+    assert e.value.param_bytes == as_float32 and "as float32" in str(e.value)
+    with pytest.raises(modelfile.ModelTooLarge):   # the float32 file at the same limit, as before
+        model_from_bytes(full, max_param_bytes=as_float32 - 1)
+    model_from_bytes(blob, max_param_bytes=as_float32)

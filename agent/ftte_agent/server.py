@@ -569,7 +569,7 @@ class Session:
             log.warning("hub %s: ignored unexpected %s message (%d bytes)", self.ch.peer, M.name(msg_type), len(body))
 
     async def _on_model(self, body: bytes) -> None:
-        blob = bytes(body)
+        blob = body  # the received plaintext itself (a bytearray no one else holds): a copy would double the peak
         model_hash = content_hash(blob)
         if self.state.has_model(model_hash):
             log.info("model %s: already cached", model_hash[:12])

@@ -447,12 +447,29 @@ def _read_arrays(spec: dict, field: str, name: str, mv: memoryview, offset: int,
     return out, offset
 
 
+def _declared_float32_bytes(specs: list) -> int:
+    """4 bytes for every element the header declares in params and constants, whatever its
+    storage. An entry that is not a [name, shape, ...] list of integers counts nothing here: the
+    reader refuses it a moment later with its own message."""
+    total = 0
+    for spec in specs:
+        for field in ("params", "constants"):
+            entries = spec.get(field)
+            for entry in entries if isinstance(entries, list) else ():
+                if isinstance(entry, list) and len(entry) >= 2 and isinstance(entry[1], list) \
+                        and len(entry[1]) <= 8 and all(_is_int(d) and d >= 0 for d in entry[1]):
+                    total += 4 * math.prod(entry[1])
+    return total
+
+
 def model_from_bytes(buf, max_bytes: int = DEFAULT_MAX_BYTES, max_param_bytes: Optional[int] = None) -> Model:
     """Parse and rebuild (format version 2, or a version-1 chain); any defect raises
     ModelFileError with a one-line reason.
 
-    ``max_param_bytes``: weights and constants larger than this raise ``ModelTooLarge`` before
-    any array is copied (a device refuses a model whose weights alone exceed its memory budget).
+    ``max_param_bytes``: weights and constants larger than this as float32 (int8-stored weights
+    count 4 bytes an element, as the float32 file of the same model) raise ``ModelTooLarge``
+    before any array is copied (a device refuses a model whose weights alone exceed its memory
+    budget).
     """
     mv, header, offset = split_prefixed(buf, "model file", MAGIC, READABLE_VERSIONS, max_bytes, MAX_HEADER_BYTES,
                                         ModelFileError)
@@ -477,6 +494,13 @@ def model_from_bytes(buf, max_bytes: int = DEFAULT_MAX_BYTES, max_param_bytes: O
         raise ModelFileError(f"bad model header: {str(e)[:200]}") from None
     except RecursionError:  # JSON nested deeper than the interpreter's stack
         raise ModelFileError("bad model header: JSON nested too deeply") from None
+    if max_param_bytes is not None and version >= INT8_FORMAT_VERSION:
+        # int8 weights are a quarter of their float32 bytes: the limit is on what the weights are
+        # as float32, as for a file without int8 storage, so it means the same for both forms
+        as_float32 = _declared_float32_bytes(specs)
+        if as_float32 > max_param_bytes:
+            raise ModelTooLarge(f"the model's weights are {as_float32:,} bytes as float32, over the limit of "
+                                f"{max_param_bytes:,}", as_float32)
     if not 1 <= len(input_shape) <= LIMITS["input_ndim"]:
         raise ModelFileError(f"input shape {input_shape[:8]} must have 1 to {LIMITS['input_ndim']} dimensions")
     _check_shape("model", input_shape, LIMITS["sample_elements"], "input shape")

@@ -243,7 +243,7 @@ class HandshakeComplete:
 @dataclass(frozen=True)
 class Message:
     type: int
-    body: bytes
+    body: bytearray    # bytes-like; received bodies are bytearrays (no copy is made to freeze them)
 
 
 @dataclass(frozen=True)
@@ -556,7 +556,12 @@ class Connection:
                 self._recv_aead = None
                 events.append(Closed())
                 break
-            events.append(Message(pt[0], bytes(memoryview(pt)[1:])))
+            # The body is the plaintext without its type byte, not a copy of it: deleting a
+            # bytearray's first byte moves its start, so a model file costs the agent one
+            # plaintext, not two.
+            msg_type = pt[0]
+            del pt[:1]
+            events.append(Message(msg_type, pt))
         return pos
 
 
