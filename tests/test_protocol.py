@@ -287,7 +287,7 @@ def test_bytes_like_input():
     buf = bytearray(c2.send(2, b"xyz"))
     (ev,) = s2.receive_data(buf)
     buf[:] = bytes(len(buf))
-    assert ev.body == b"xyz" and isinstance(ev.body, bytes)
+    assert ev.body == b"xyz" and isinstance(ev.body, bytearray)  # the decrypted plaintext: ours alone
 
 
 # -- record layer ------------------------------------------------------------------------------
