@@ -264,6 +264,11 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
     forward: list = []
     frozen = [i for i in range(L) if not active[i]]
     chunk = max(1, min(int(prefix_chunk), n))
+    if all(whole[storage[i + 1]] or storage[i + 1] == 0 for i in frozen):
+        # every value the frozen part computes is held for the whole batch anyway (an MLP's
+        # frozen first layers, whose output a trained layer reads): chunks would save no buffer,
+        # only cost a pass per chunk (and an int8 weight dequantised per chunk), so one pass
+        chunk = n
     where: Dict[int, Ref] = {}  # storage -> its buffer in the current pass
     val: Dict[int, Ref] = {}
     chunk_slot: Dict[int, int] = {}  # frozen storage -> the slot the first chunk gave it; later chunks reuse it
