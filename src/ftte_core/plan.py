@@ -7,7 +7,8 @@ the trainer allocates come from the same decisions and cannot drift apart.
 The rules, for a subset of parameters on a DAG of layers:
 - a value *requires grad* when a layer that trains, or a value that requires grad, is upstream of
   it; layers whose output does not are *frozen*: they run first, in inference mode,
-  ``prefix_chunk`` samples at a time, and keep nothing;
+  ``prefix_chunk`` samples at a time (the whole batch at once when every value they compute is
+  held for the whole batch anyway: chunks would save nothing), and keep nothing;
 - backward visits the layers that are not frozen, last to first; it computes an input's gradient
   only where that input requires grad, and where several paths meet (a residual join) later
   contributions are computed aside and added;
