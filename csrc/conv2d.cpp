@@ -312,6 +312,97 @@ int64_t live_tasks(int64_t n_tasks, int threads) {
   return n_tasks >= threads ? std::min<int64_t>(threads, n_tasks) : 1;
 }
 
+// dW of a few rows without im2col (a partly trained layer's few channels, e.g. the sparse step's
+// 4 of 16): for a flat_taps layer, column row (c, i, j) of the im2col matrix is x's plane c read
+// from `shift` on, zero where the cell is outside the image, so each dW element is a dot product
+// of dy's row with a run of x, dy's wrapping columns zeroed (one masked copy of the rows per
+// kernel column j). With few rows the im2col copy cost as much as the dot products themselves
+// (4 rows of the zoo CNN's conv2: ~110 of ~190 us), and the copy goes away with its scratch.
+constexpr int64_t kDirectDwMaxRows = 4;
+bool direct_dw(const ConvGeom& g, int64_t R, bool want_dw, bool want_dx) {
+  return want_dw && !want_dx && R > 0 && R <= kDirectDwMaxRows && flat_taps(g) && !pointwise(g);
+}
+
+// For c < C: s[c * m + r] = sum over q < len of a[r][q] * b[c * ldb + q], r < m (1..4): 8 lanes
+// per row, halves added, then pairs, then the tail in order, so the grouping depends on len alone.
+// One call per tap (not per channel): this runs ~2000 times per image batch.
+FTTE_VECTOR_CLONES
+void dot_rows(const float* const* a, int m, const float* b, int64_t ldb, int64_t C, int64_t len, float* s) {
+  typedef float v8f __attribute__((vector_size(32)));
+  typedef float v4f __attribute__((vector_size(16)));
+  const float* a0 = a[0];
+  const float* a1 = a[std::min(1, m - 1)];
+  const float* a2 = a[std::min(2, m - 1)];
+  const float* a3 = a[std::min(3, m - 1)];  // padding rows repeat a real one, never stored
+  const float* rows[4] = {a0, a1, a2, a3};
+  for (int64_t c = 0; c < C; ++c) {
+    const float* bc = b + c * ldb;
+    v8f s0 = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, s1 = s0, s2 = s0, s3 = s0;
+    int64_t q = 0;
+    for (; q + 8 <= len; q += 8) {
+      v8f bv, x0, x1, x2, x3;
+      std::memcpy(&bv, bc + q, sizeof(bv));
+      std::memcpy(&x0, a0 + q, sizeof(bv));
+      std::memcpy(&x1, a1 + q, sizeof(bv));
+      std::memcpy(&x2, a2 + q, sizeof(bv));
+      std::memcpy(&x3, a3 + q, sizeof(bv));
+      s0 += x0 * bv;
+      s1 += x1 * bv;
+      s2 += x2 * bv;
+      s3 += x3 * bv;
+    }
+    const v8f acc[4] = {s0, s1, s2, s3};
+    for (int r = 0; r < m; ++r) {
+      v4f lo, hi;
+      std::memcpy(&lo, &acc[r], sizeof(lo));
+      std::memcpy(&hi, reinterpret_cast<const char*>(&acc[r]) + sizeof(lo), sizeof(hi));
+      const v4f h = lo + hi;
+      float t = (h[0] + h[1]) + (h[2] + h[3]);
+      for (int64_t k = q; k < len; ++k) t += rows[r][k] * bc[k];
+      s[c * m + r] = t;
+    }
+  }
+}
+
+// One image's dW rows (see direct_dw): dw[r, (c, i, j)] (+)= dy[rows[r], p] * x[c, p + shift] over
+// the positions whose cell is inside the image. masked: scratch of KW * R * P floats; sums: of
+// C * R floats.
+void direct_dw_image(const ConvGeom& g, const float* xn, const float* dyn, const int32_t* rows, int64_t R,
+                     float* dw, bool add, float* masked, float* sums) {
+  const int64_t P = g.OH * g.OW, HW = g.H * g.W, taps = g.KH * g.KW;
+  const float* dyr[kDirectDwMaxRows];
+  for (int64_t r = 0; r < R; ++r) dyr[r] = dyn + (rows ? rows[r] : r) * P;
+  for (int64_t j = 0; j < g.KW; ++j) {  // dy's rows with the columns that wrap for this j zeroed
+    int64_t lo, hi;
+    valid_cols(g, j, lo, hi);
+    for (int64_t r = 0; r < R; ++r) {
+      float* m = masked + (j * R + r) * P;
+      std::memcpy(m, dyr[r], static_cast<size_t>(P) * sizeof(float));
+      if (lo == 0 && hi == g.OW) continue;
+      for (int64_t oh = 0; oh < g.OH; ++oh) {
+        zero_few(m + oh * g.OW, lo);
+        zero_few(m + oh * g.OW + hi, g.OW - hi);
+      }
+    }
+  }
+  for (int64_t i = 0; i < g.KH; ++i)
+    for (int64_t j = 0; j < g.KW; ++j) {
+      const FlatRun run = flat_run(g, i, j, 0, P);
+      const float* a[kDirectDwMaxRows];
+      for (int64_t r = 0; r < R; ++r) a[r] = masked + (j * R + r) * P + run.c0;
+      const int64_t len = run.c1 - run.c0;
+      if (len > 0) {
+        dot_rows(a, static_cast<int>(R), xn + run.c0 + run.shift, HW, g.C, len, sums);
+      } else {
+        std::fill(sums, sums + g.C * R, 0.f);
+      }
+      for (int64_t c = 0; c < g.C; ++c) {
+        float* d = dw + c * taps + i * g.KW + j;
+        for (int64_t r = 0; r < R; ++r) d[r * g.C * taps] = add ? d[r * g.C * taps] + sums[c * R + r] : sums[c * R + r];
+      }
+    }
+}
+
 }  // namespace
 
 void conv2d_forward(const ConvGeom& g, const float* x, const WeightView& w, const float* b, float* y) {
@@ -378,12 +469,19 @@ void conv2d_backward(const ConvGeom& g, const float* x, const WeightView& w, con
   // count): dW (+)= dy[rows, tile] . cols_tile^T, then dcols_tile = W^T . dy[:, tile]
   // scattered back onto the image (the first tile zeroes dx's planes).
   const int64_t T = tile_width(g);
+  const bool no_cols = direct_dw(g, R, dw != nullptr, dx != nullptr);  // dW only, few rows: no im2col
   auto run_chunk = [&](int64_t ch, float* dwc) {
     const int64_t n0 = ch * g.N / chunks, n1 = (ch + 1) * g.N / chunks;
-    Scratch<float> cols(direct ? 0 : static_cast<size_t>(K * T));
+    Scratch<float> cols(direct || no_cols ? 0 : static_cast<size_t>(K * T));
+    Scratch<float> masked(no_cols ? static_cast<size_t>(g.KW * R * P + g.C * R) : 0);  // + one tap's sums
     for (int64_t n = n0; n < n1; ++n) {
       const float* xn = x ? x + n * g.C * g.H * g.W : nullptr;  // x is only needed for dW
       const float* dyn = dy + n * g.OC * P;
+      if (no_cols) {
+        direct_dw_image(g, xn, dyn, rows, R, dwc, !(n == n0 && !(ch == 0 && accumulate)), masked.data(),
+                        masked.data() + g.KW * R * P);
+        continue;
+      }
       float* dxn = dx ? dx + n * g.C * g.H * g.W : nullptr;
       for (int64_t p0 = 0; p0 < P; p0 += T) {
         const int64_t t = std::min(T, P - p0);
@@ -456,6 +554,9 @@ size_t conv2d_scratch_bytes(const ConvGeom& g, bool backward, int64_t R, bool wa
   if ((!want_dw && !want_dx) || g.N == 0) return 0;
   const int64_t chunks = backward_chunks(g, R, want_dw);
   const int64_t partials = want_dw && chunks > 1 ? std::min(live_tasks(chunks, threads), chunks - 1) * R * K : 0;
+  if (direct_dw(g, R, want_dw, want_dx))  // no columns, no GEMM: dy's masked rows
+    return static_cast<size_t>(partials) * sizeof(float) +
+           static_cast<size_t>(g.KW * R * P + g.C * R) * sizeof(float) * static_cast<size_t>(live_tasks(chunks, threads));
   static const int32_t some_rows[1] = {0};
   size_t pack = 0;
   for (int64_t t : widths) {

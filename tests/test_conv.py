@@ -546,3 +546,95 @@ def test_dw_partials_only_for_chunks_running_at_once():
         np.testing.assert_allclose(dw, rdw, rtol=1e-4, atol=1e-3)
     finally:
         K.set_num_threads(before)
+
+
+# ---- dW of at most 4 rows, no dx, stride 1 and OW == W: dot products over runs of x, no im2col ----
+# (N, C, H, W, OC, KH, KW, padding): stride 1, pl + pr == KW - 1
+FEW_ROW_CASES = [
+    (13, 8, 14, 14, 16, 3, 3, (1, 1, 1, 1)),  # the zoo CNN's conv2 at 25%; 13 images: 8 chunks with partials
+    (2, 2, 5, 6, 3, 3, 3, (3, 2, 0, 0)),  # pad-only rows above, wrap on the left only
+    (3, 3, 4, 9, 5, 1, 3, (0, 0, 0, 2)),  # 1x3, all the padding on the right
+    (2, 1, 6, 1, 2, 3, 1, (2, 0, 1, 0)),  # one-column map
+    (2, 3, 7, 11, 6, 5, 5, (0, 2, 4, 2)),  # OH != H, 5-wide taps (runs shorter than 8 and tails)
+]
+
+
+def _few_rows(case, seed, R):
+    N, C, H, W, OC, KH, KW, pad = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    w = rng.standard_normal((OC, C, KH, KW)).astype(np.float32)
+    OH = out_size(H, KH, 1, pad[0], pad[2])
+    dy = rng.standard_normal((N, OC, OH, W)).astype(np.float32)
+    rows = rng.permutation(OC)[:min(R, OC)].astype(np.int32)
+    return x, w, dy, rows
+
+
+@pytest.mark.parametrize("ci", range(len(FEW_ROW_CASES)))
+@pytest.mark.parametrize("R", [1, 3, 4])
+def test_few_rows_dw_matches_numpy(ci, R):
+    case = FEW_ROW_CASES[ci]
+    x, w, dy, rows = _few_rows(case, 300 + ci, R)
+    pad = case[7]
+    _, rdw, _ = ref_backward(x, w, dy, (1, 1), pad)
+    dw = np.full((rows.size,) + w.shape[1:], np.nan, np.float32)
+    K.conv2d_backward(x, w, dy, rows, dw, None, None, (1, 1), pad)
+    np.testing.assert_allclose(dw, rdw[rows], rtol=1e-4, atol=1e-4)
+    dw0 = np.random.default_rng(ci).standard_normal(dw.shape).astype(np.float32)
+    dw2 = dw0.copy()
+    K.conv2d_backward(x, w, dy, rows, dw2, None, None, (1, 1), pad, accumulate=True)
+    np.testing.assert_allclose(dw2, dw0 + rdw[rows], rtol=1e-4, atol=1e-4)
+    # the fused update takes the same path: w[rows] -= lr * dW
+    w2 = w.copy()
+    K.conv2d_backward_sgd(x, w2, None, dy, rows, None, False, None, None, 0.5, stride=(1, 1), padding=pad)
+    want = w.astype(np.float64)
+    want[rows] -= 0.5 * rdw[rows]
+    np.testing.assert_allclose(w2, want, rtol=1e-4, atol=1e-4)
+
+
+def test_few_rows_dw_finite_differences():
+    """L(w) = sum(conv(x, w) * dy) in float64: its derivative in the selected rows' weights."""
+    case = FEW_ROW_CASES[4]
+    x, w, dy, rows = _few_rows(case, 9, 3)
+    pad = case[7]
+    dw = np.empty((rows.size,) + w.shape[1:], np.float32)
+    K.conv2d_backward(x, w, dy, rows, dw, None, None, (1, 1), pad)
+    w64 = w.astype(np.float64)
+    rng = np.random.default_rng(0)
+    eps = 1e-3
+    for _ in range(12):
+        r = int(rng.integers(rows.size))
+        idx = (rows[r],) + tuple(int(rng.integers(d)) for d in w.shape[1:])
+        wp, wm = w64.copy(), w64.copy()
+        wp[idx] += eps
+        wm[idx] -= eps
+        num = ((ref_forward(x, wp, None, (1, 1), pad) - ref_forward(x, wm, None, (1, 1), pad)) * dy).sum() / (2 * eps)
+        assert abs(dw[(r,) + idx[1:]] - num) <= 1e-3 * (1 + abs(num)), (idx, dw[(r,) + idx[1:]], num)
+
+
+def test_few_rows_dw_thread_count_independent_and_scratch_exact():
+    case = FEW_ROW_CASES[0]
+    x, w, dy, rows = _few_rows(case, 11, 4)
+    pad = case[7]
+    before = K.get_num_threads()
+    out = {}
+    try:
+        for threads in (1, 2, 3):
+            K.set_num_threads(threads)
+            dw = np.empty((rows.size,) + w.shape[1:], np.float32)
+            want = K.conv2d_scratch_bytes(x.shape, w.shape, (1, 1), pad, threads=threads, backward=True,
+                                          n_rows=rows.size, dx=False)
+            base = K.workspace_current_bytes()
+            K.reset_workspace_peak()
+            K.conv2d_backward(x, w, dy, rows, dw, None, None, (1, 1), pad)
+            used = K.workspace_peak_bytes() - base
+            assert used <= want, (threads, used, want)
+            if threads == 1:
+                assert used == want, (used, want)
+                # no im2col columns: one image's columns alone would take C*KH*KW*OH*OW floats
+                assert want < case[1] * 9 * case[2] * case[3] * 4
+            out[threads] = dw
+    finally:
+        K.set_num_threads(before)
+    np.testing.assert_array_equal(out[1], out[2])
+    np.testing.assert_array_equal(out[1], out[3])

@@ -226,3 +226,34 @@ def test_mul_where_only_one_operand_leads_to_training():
         tr = ft.Trainer(copy, ft.Subset.of(copy, {train: {"rows": "all", "bias": True}}))
         tr.step(x, y)
         assert tr.memory.total == pytest.approx(ft.predict_memory(copy, tr.subset, batch_size=len(x))["total"], rel=0.1)
+
+
+def _forward_calls(plan, layer):
+    return sum(1 for fn, _args in plan.forward if getattr(fn, "__self__", None) is layer)
+
+
+def test_frozen_prefix_runs_in_chunks_only_when_that_saves_a_buffer():
+    # MLP: the frozen fc1's output is the trained fc2's input, held for the whole batch anyway,
+    # so chunks would save nothing: one pass
+    mlp = ft.zoo("mlp", (12,), 5, seed=0, hidden=(16, 16))
+    names = [layer.name for layer in mlp.param_layers]
+    sub = ft.Subset.of(mlp, {names[-1]: {"rows": "all", "bias": True}, names[-2]: {"rows": 0.25, "bias": False}})
+    plan = build(mlp, sub, 16, prefix_chunk=4)
+    assert _forward_calls(plan, mlp.layer(names[0])) == 1
+    # and it trains as a chunked prefix would: same losses, same weights (up to rounding)
+    x = np.random.default_rng(1).standard_normal((16, 12)).astype(np.float32)
+    y = np.arange(16, dtype=np.int32) % 5
+    trained = []
+    for chunk in (4, 16):
+        m = ft.zoo("mlp", (12,), 5, seed=0, hidden=(16, 16))
+        tr = ft.Trainer(m, sub, lr=0.1, momentum=0.9, prefix_chunk=chunk)
+        losses = [tr.step(x, y) for _ in range(3)]
+        trained.append((losses, m.layer(names[-2]).weight.copy()))
+    np.testing.assert_allclose(trained[0][0], trained[1][0], rtol=1e-6)
+    np.testing.assert_allclose(trained[0][1], trained[1][1], rtol=1e-5, atol=1e-7)
+    # CNN: conv1's output goes through ReLU and pooling before the trained conv2 reads it, so a
+    # chunk's conv1 output is scratch of chunk size: the prefix still runs in chunks
+    cnn = ft.zoo("cnn", (1, 8, 8), 3, seed=0, channels=(4, 4))
+    names = [layer.name for layer in cnn.param_layers]
+    sub = ft.Subset.of(cnn, {names[-1]: {"rows": "all", "bias": True}, names[-2]: {"rows": 0.25, "bias": False}})
+    assert _forward_calls(build(cnn, sub, 16, prefix_chunk=4), cnn.layer(names[0])) == 4

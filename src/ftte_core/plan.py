@@ -7,7 +7,8 @@ the trainer allocates come from the same decisions and cannot drift apart.
 The rules, for a subset of parameters on a DAG of layers:
 - a value *requires grad* when a layer that trains, or a value that requires grad, is upstream of
   it; layers whose output does not are *frozen*: they run first, in inference mode,
-  ``prefix_chunk`` samples at a time, and keep nothing;
+  ``prefix_chunk`` samples at a time (the whole batch at once when every value they compute is
+  held for the whole batch anyway: chunks would save nothing), and keep nothing;
 - backward visits the layers that are not frozen, last to first; it computes an input's gradient
   only where that input requires grad, and where several paths meet (a residual join) later
   contributions are computed aside and added;
@@ -264,6 +265,11 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
     forward: list = []
     frozen = [i for i in range(L) if not active[i]]
     chunk = max(1, min(int(prefix_chunk), n))
+    if all(whole[storage[i + 1]] or storage[i + 1] == 0 for i in frozen):
+        # every value the frozen part computes is held for the whole batch anyway (an MLP's
+        # frozen first layers, whose output a trained layer reads): chunks would save no buffer,
+        # only cost a pass per chunk (and an int8 weight dequantised per chunk), so one pass
+        chunk = n
     where: Dict[int, Ref] = {}  # storage -> its buffer in the current pass
     val: Dict[int, Ref] = {}
     chunk_slot: Dict[int, int] = {}  # frozen storage -> the slot the first chunk gave it; later chunks reuse it

@@ -264,7 +264,8 @@ class Trainer:
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
         if prefix_chunk < 1:
             raise ValueError(f"prefix_chunk must be >= 1, got {prefix_chunk}")
-        self.prefix_chunk = int(prefix_chunk)  # samples per pass through the frozen layers
+        # samples per pass through the frozen layers (one pass when chunks would save no buffer: plan.build)
+        self.prefix_chunk = int(prefix_chunk)
         self.frozen = check_frozen(frozen)
         for layer in model.param_layers:
             ls = self.subset.get(layer.name)
