@@ -196,6 +196,9 @@ class SimConfig:
     # devices: ftte-tiered's full-model tier overshot and swung between 0.35 and 0.90), ~ln(tau)
     # at a = 1; plain ftte's sweep, which chose 0.5, trained a last-layers subset at 100 devices.
     tiered_age_exponent: float = 1.0
+    # plain FTTE's per-base step budget (docs/aggregation.md): the strategy's own default (None
+    # here); 0 turns it off (the ablation). ftte-tiered has none.
+    base_step_budget: Optional[float] = None
     # evaluate on the validation set after every merge (False: only at the start and the end,
     # the curve then holds those two points; for timing the fleet alone)
     evaluate_every_merge: bool = True
@@ -479,6 +482,8 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
     if name.startswith("ftte"):
         extra = {"age_exponent": strategy_age_exponent(cfg, name), "variance_strength": cfg.variance_strength,
                  "bits": cfg.update_bits}
+        if cfg.base_step_budget is not None and name != "ftte-tiered":
+            extra["base_step_budget"] = cfg.base_step_budget
     if name == "ftte-tiered":
         extra.update(tiers=[t for t, _ in setup.tiers], tier_bytes=[b for _, b in setup.tiers])
     strategy = make_strategy(name, buffer_size=cfg.buffer, server_lr=strategy_server_lr(cfg, name), **extra)
