@@ -35,7 +35,7 @@ from ftte_core.local import LocalWorker, TaskConfig
 from ftte_core.modelfile import install_bytes
 from ftte_core.scheduler import RoundDriver
 from ftte_core.search import BudgetTooSmall, importance_scores, nested_tiers, search_subset
-from ftte_core.strategies import make_strategy
+from ftte_core.strategies import FTTE, make_strategy
 from ftte_core.subset import Subset
 from ftte_core.update import subset_values
 from ftte_core.zoo import default_shape, zoo_names
@@ -702,6 +702,9 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
         "ftte_update_bits": cfg.update_bits, "ftte_downlink_bits": cfg.downlink_bits,
         "ftte_direct_steps": cfg.downlink_direct,
         "ftte_int8_install": cfg.int8_install,
+        # plain ftte's per-base step budget (None: off; ftte-tiered has none)
+        "ftte_base_step_budget": (FTTE.BASE_STEP_BUDGET if cfg.base_step_budget is None
+                                  else (float(cfg.base_step_budget) or None)),
         "full_step_memory_bytes": setup.full_step_bytes,
         "device_budgets": {p: sorted({d.memory_budget for d in setup.devices if d.profile.name == p})[0]
                            for p in sorted({d.profile.name for d in setup.devices})},
