@@ -123,8 +123,8 @@ def main():
     ap.add_argument("--cap", type=int, default=2000, help="merges at most")
     ap.add_argument("--age-exponent", type=float, default=sim.SimConfig.age_exponent)
     ap.add_argument("--tiered-age-exponent", type=float, default=sim.SimConfig.tiered_age_exponent)
-    ap.add_argument("--base-step-budget", type=float, default=None,
-                    help="ftte's per-base step budget in mean deltas (default: the strategy's; 0: off)")
+    ap.add_argument("--base-step-budget", type=float, default=sim.SimConfig.base_step_budget,
+                    help="ftte's per-base step budget in mean deltas (default: the simulator's; 0: off)")
     ap.add_argument("--ftte-server-lr", type=float, default=sim.SimConfig.ftte_server_lr)
     ap.add_argument("--tiered-server-lr", type=float, default=None)
     ap.add_argument("--line-search", choices=("ftte", "full"), help="measure the start model's margin instead")
