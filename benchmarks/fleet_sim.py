@@ -140,6 +140,9 @@ def main():
                          "does not train int8 when it trains with frozen weights int8)")
     ap.add_argument("--update-bits", type=int, choices=(8, 4), default=8,
                     help="the ftte strategies' uplink deltas: int8 or packed int4")
+    ap.add_argument("--base-step-budget", type=float, default=SimConfig.base_step_budget,
+                    help="ftte's per-base step budget in mean deltas (default 0.5, the simulator's; 0: off, "
+                         "the ablation; ftte-tiered has none)")
     ap.add_argument("--tiered-age-exponent", type=float, default=SimConfig.tiered_age_exponent,
                     help="staleness exponent of ftte-tiered (default 1.0, the strategy's own; --age-exponent is ftte's)")
     ap.add_argument("--out", default="bench-sim")
@@ -176,7 +179,7 @@ def main():
                             ftte_server_lr=args.ftte_server_lr, tiered_server_lr=args.tiered_server_lr,
                             downlink_direct=not args.no_direct_steps, downlink_bits=args.downlink_bits,
                             update_bits=args.update_bits, int8_install=not args.float32_install,
-                            tiered_age_exponent=args.tiered_age_exponent,
+                            tiered_age_exponent=args.tiered_age_exponent, base_step_budget=args.base_step_budget,
                             pretrain_fraction=start_fraction(start, args.pretrain_fraction),
                             **workload_config(workload))
             t1 = time.perf_counter()

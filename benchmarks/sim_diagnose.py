@@ -123,6 +123,8 @@ def main():
     ap.add_argument("--cap", type=int, default=2000, help="merges at most")
     ap.add_argument("--age-exponent", type=float, default=sim.SimConfig.age_exponent)
     ap.add_argument("--tiered-age-exponent", type=float, default=sim.SimConfig.tiered_age_exponent)
+    ap.add_argument("--base-step-budget", type=float, default=sim.SimConfig.base_step_budget,
+                    help="ftte's per-base step budget in mean deltas (default: the simulator's; 0: off)")
     ap.add_argument("--ftte-server-lr", type=float, default=sim.SimConfig.ftte_server_lr)
     ap.add_argument("--tiered-server-lr", type=float, default=None)
     ap.add_argument("--line-search", choices=("ftte", "full"), help="measure the start model's margin instead")
@@ -131,6 +133,7 @@ def main():
     cfg = sim.SimConfig(clients=args.clients, stragglers=0.9, strategies=args.strategies.split(","), seed=args.seed,
                         max_time=args.max_time, async_version_cap=args.cap, threads=1,
                         age_exponent=args.age_exponent, tiered_age_exponent=args.tiered_age_exponent,
+                        base_step_budget=args.base_step_budget,
                         ftte_server_lr=args.ftte_server_lr, tiered_server_lr=args.tiered_server_lr,
                         **WORKLOADS[args.workload])
     sim.K.set_num_threads(1)

@@ -232,7 +232,7 @@ def test_merge_refused_as_non_finite_keeps_the_version_and_later_merges_happen()
 class _Exploding(FTTE):
     """Writes one tensor, then raises: what a buggy strategy could do."""
 
-    def merge(self, model, subset, updates, current_version, samples=None, clip=None):
+    def merge(self, model, subset, updates, current_version, samples=None, clip=None, base_steps=None):
         key, layer, view, rows = subset.tensors(model)[0]
         view[rows if rows is not None else slice(None)] += 1.0
         raise RuntimeError("boom\nsecond line")

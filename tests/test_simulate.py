@@ -31,6 +31,7 @@ def test_results_have_the_documented_fields(small_run):
     for key in ("strategies", "target_accuracy", "clients", "stragglers", "seed", "dataset", "start"):
         assert key in r
     assert r["clients"] == 12 and r["seed"] == 3 and r["dataset"] == "digits"
+    assert r["ftte_base_step_budget"] == 0.5  # plain ftte's per-base step budget, the simulator's default
     assert r["start"].startswith("pretrained centrally on ") and r["pretrained"]
     best_final = max(s["final_accuracy"] for s in r["strategies"].values())
     assert r["target_accuracy"] == pytest.approx(0.95 * best_final)

@@ -35,7 +35,7 @@ from ftte_core.local import LocalWorker, TaskConfig
 from ftte_core.modelfile import install_bytes
 from ftte_core.scheduler import RoundDriver
 from ftte_core.search import BudgetTooSmall, importance_scores, nested_tiers, search_subset
-from ftte_core.strategies import make_strategy
+from ftte_core.strategies import FTTE, make_strategy
 from ftte_core.subset import Subset
 from ftte_core.update import subset_values
 from ftte_core.zoo import default_shape, zoo_names
@@ -196,6 +196,13 @@ class SimConfig:
     # devices: ftte-tiered's full-model tier overshot and swung between 0.35 and 0.90), ~ln(tau)
     # at a = 1; plain ftte's sweep, which chose 0.5, trained a last-layers subset at 100 devices.
     tiered_age_exponent: float = 1.0
+    # plain FTTE's per-base step budget in mean deltas (docs/aggregation.md; None: the strategy's
+    # own default, 1; 0 turns it off, the ablation; ftte-tiered has none). 0.5 here: half a mean
+    # delta is inside the margin of every start line-searched (one is not, on the CNN's seed 1),
+    # and at server lr 2 it reached 0.85 and 0.87 sooner than 1 on every MLP seed measured
+    # (0, 1, 2 and 7) and ended higher on all three CNN seeds, with a final MLP accuracy 3 points
+    # lower (docs/benchmarks.md, "FTTE's per-base step budget").
+    base_step_budget: Optional[float] = 0.5
     # evaluate on the validation set after every merge (False: only at the start and the end,
     # the curve then holds those two points; for timing the fleet alone)
     evaluate_every_merge: bool = True
@@ -479,6 +486,8 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
     if name.startswith("ftte"):
         extra = {"age_exponent": strategy_age_exponent(cfg, name), "variance_strength": cfg.variance_strength,
                  "bits": cfg.update_bits}
+        if cfg.base_step_budget is not None and name != "ftte-tiered":
+            extra["base_step_budget"] = cfg.base_step_budget
     if name == "ftte-tiered":
         extra.update(tiers=[t for t, _ in setup.tiers], tier_bytes=[b for _, b in setup.tiers])
     strategy = make_strategy(name, buffer_size=cfg.buffer, server_lr=strategy_server_lr(cfg, name), **extra)
@@ -697,6 +706,9 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
         "ftte_update_bits": cfg.update_bits, "ftte_downlink_bits": cfg.downlink_bits,
         "ftte_direct_steps": cfg.downlink_direct,
         "ftte_int8_install": cfg.int8_install,
+        # plain ftte's per-base step budget (None: off; ftte-tiered has none)
+        "ftte_base_step_budget": (FTTE.BASE_STEP_BUDGET if cfg.base_step_budget is None
+                                  else (float(cfg.base_step_budget) or None)),
         "full_step_memory_bytes": setup.full_step_bytes,
         "device_budgets": {p: sorted({d.memory_budget for d in setup.devices if d.profile.name == p})[0]
                            for p in sorted({d.profile.name for d in setup.devices})},

@@ -185,6 +185,10 @@ class RoundDriver:
         self.task_prefix = ""          # e.g. the hub's run id: task ids unique across runs
         self._values: Dict[int, tuple] = {}  # tier -> (version, read-only values) shared by that version's tasks
         self._buffer: List[_Buffered] = []
+        # FTTE's per-base step budget: the step the updates of each base version took so far
+        # (MergeReport.base_steps, summed). Only versions still in flight (an outstanding task or a
+        # buffered update) are kept, so it never holds more than the tasks do.
+        self._base_steps: Dict[int, float] = {}
         window = max(self.robust.clip_window, strategy.buffer_size)  # the buffer being merged is always inside
         self._norms = RunningMedian(window)
         # tiered: each tier above 0 clips against its own running median (an update of the full
@@ -450,6 +454,7 @@ class RoundDriver:
             **({"tier_norm_windows": {str(t): w.to_list() for t, w in sorted(self._tier_norms.items())}}
                if self._tier_norms else {}),
             "buffer_samples": [b.samples for b in self._buffer],
+            **({"base_steps": [[b, x] for b, x in sorted(self._base_steps.items())]} if self._base_steps else {}),
             "declared_samples": {d: dev.declared for d, dev in self.devices.items() if dev.declared is not None},
             # tiered: each device's budget decides its tier, so a journal replay issues the same tasks
             **({"device_budgets": {d: int(b) for d, dev in self.devices.items()
@@ -521,6 +526,10 @@ class RoundDriver:
             self.devices.setdefault(d, _Device(present=False)).declared = int(n)
         for d, b in meta.get("device_budgets", {}).items():
             self.devices.setdefault(d, _Device(present=False)).info["memory_budget"] = int(b)
+        # a checkpoint from before the per-base budget has no ledger: every version in flight then
+        # starts with its whole budget again (at most one more budget's step each, once)
+        self._base_steps = {int(b): float(x) for b, x in meta.get("base_steps", [])}
+        self._prune_base_steps()
         self._values = {}
         self.policy_changes = diffs
         return diffs
@@ -667,7 +676,8 @@ class RoundDriver:
             before = self.current_values()  # to undo any write of a strategy that fails half-way
             try:
                 report = self.strategy.merge(self.model, self.subset, [e.update for e in entries], self.version,
-                                             samples=[e.samples for e in entries], clip=clip)
+                                             samples=[e.samples for e in entries], clip=clip,
+                                             base_steps=self._base_steps)
                 if not self._subset_finite():
                     raise MergeRefused(f"{self.strategy.name}: the merged model holds NaN or Inf; the model is kept")
             except MergeRefused as e:
@@ -698,9 +708,20 @@ class RoundDriver:
             self.merged_updates += len(entries)
             self._staleness_sum += sum(report.staleness)
             self.history.append(report)
+            for b, step in report.base_steps.items():
+                self._base_steps[int(b)] = self._base_steps.get(int(b), 0.0) + float(step)
             self._expire_old_tasks()
+            self._prune_base_steps()
             return report
         return None
+
+    def _prune_base_steps(self) -> None:
+        """Forget the step ledger of base versions no outstanding task or buffered update has: no
+        update from them can arrive any more (tasks are issued at the current version only)."""
+        if not self._base_steps:
+            return
+        live = {r.base_version for r in self._outstanding.values()} | {b.update.base_version for b in self._buffer}
+        self._base_steps = {b: x for b, x in self._base_steps.items() if b in live}
 
 
 def _one_line(e: BaseException) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -42,6 +42,10 @@ class MergeReport:
     clip: List[float] = field(default_factory=list)   # per update: its norm clip factor (1 = not clipped)
     norms: List[float] = field(default_factory=list)  # per update: its decoded L2 norm (the driver fills it)
     tiers: List[int] = field(default_factory=list)    # tiered strategies, per update: the tier it trained (the driver fills it)
+    # per base version among the merged updates: the step (sum of the merge coefficients) its
+    # updates took in this merge, after FTTE's per-base step budget; the driver adds it to its
+    # ledger. Empty for strategies without a budget.
+    base_steps: Dict[int, float] = field(default_factory=dict)
 
     @property
     def mean_staleness(self) -> float:
@@ -123,18 +127,32 @@ class Strategy:
         """Multiplies the whole merge step (1: the weights alone set its size)."""
         return 1.0
 
+    def budget_factors(self, updates: Sequence[Update], alphas: np.ndarray,
+                       base_steps: Optional[Mapping[int, float]]) -> Tuple[np.ndarray, Dict[int, float]]:
+        """(f, steps): per-update factors in [0, 1] on the merge coefficients ``alphas``, and the
+        step each base version takes in this merge after them. No budget here: f = 1, and no
+        step is recorded (the driver keeps no ledger for this strategy)."""
+        return np.ones(len(updates)), {}
+
     def merge(self, model: Model, subset: Subset, updates: Sequence[Update], current_version: int,
-              samples: Optional[Sequence[float]] = None, clip: Optional[Sequence[float]] = None) -> MergeReport:
-        """model[subset] += server_lr * g * sum_k clip_k * w_k * delta_k, all or nothing.
+              samples: Optional[Sequence[float]] = None, clip: Optional[Sequence[float]] = None,
+              base_steps: Optional[Mapping[int, float]] = None) -> MergeReport:
+        """model[subset] += server_lr * g * sum_k f_k * clip_k * w_k * delta_k, all or nothing.
 
         Each tensor is merged by the fused C++ kernel into a float32 scratch copy; only when every
         tensor's result is finite is anything written to the model. Otherwise ``MergeRefused``
         (naming the updates that alone overflow) and the model is untouched. ``updates`` must
-        already have passed ``check_update`` (the driver does that on arrival).
+        already have passed ``check_update`` (the driver does that on arrival). ``base_steps``:
+        the step each base version's updates already took in earlier merges (the driver's
+        ledger), for a strategy with a per-base step budget (FTTE); ``f_k`` is 1 without one.
         """
         updates = list(updates)
         n, c, w, factors = self._weigh(updates, current_version, samples, clip)
         alphas64 = self.server_lr * self.step_scale(updates, current_version, n) * w * c
+        budget, steps = self.budget_factors(updates, alphas64, base_steps)
+        if steps:
+            alphas64 = alphas64 * budget
+            factors = {**factors, "budget": budget.tolist()}
         if not _fits_float32(alphas64):
             raise MergeRefused(f"{self.name}: merge weights are not finite float32 numbers ({alphas64.tolist()})")
         alphas = alphas64.astype(np.float32)
@@ -152,8 +170,10 @@ class Strategy:
                 raise MergeRefused(f"{self.name}: the merge makes {key!r} non-finite; the model is kept",
                                    _overflowing(view, rows, parts, alphas64, i))
             merged.append(scratch)
-        return self._write_and_report(tensors, merged, updates, current_version, n, c, w,
-                                      alphas.astype(float).tolist(), factors)
+        report = self._write_and_report(tensors, merged, updates, current_version, n, c, w,
+                                        alphas.astype(float).tolist(), factors)
+        report.base_steps = steps
+        return report
 
     def _weigh(self, updates, current_version, samples, clip):
         """(capped sample counts, clip factors, checked weights, factors) for a non-empty buffer."""
@@ -245,23 +265,36 @@ class FTTE(Strategy):
     The step is then scaled by the buffer's sample-weighted mean age factor
     g = Σ n_k (1 + τ_k)^(-a) / Σ n_k, so a buffer of stale updates moves the model less (with
     normalised weights alone, ten equally stale updates would still take a full step).
+
+    Per-base step budget (``base_step_budget`` = B, default 1; None or 0: off): the merge
+    coefficients of all updates computed from one base version, summed over every merge, never
+    exceed B (in mean deltas: a buffer's coefficients sum to server_lr * g). A fleet's first
+    wave (every device's first task at one version) would otherwise sum several mean deltas
+    computed at one point and overshoot; an update whose base has spent its budget is scaled
+    down (to 0 once it is spent). The driver keeps the ledger (``base_steps``).
     """
 
     sparse = True
     synchronous = False
+    #: the default per-base step budget, in mean deltas (docs/aggregation.md, "Per-base step budget")
+    BASE_STEP_BUDGET = 1.0
 
     def __init__(self, buffer_size: int = 10, server_lr: float = 1.0, age: bool = True, variance: bool = True,
-                 age_exponent: float = 1.0, variance_strength: float = 1.0, bits: int = 8, name: str = "ftte"):
+                 age_exponent: float = 1.0, variance_strength: float = 1.0, bits: int = 8, name: str = "ftte",
+                 base_step_budget: Optional[float] = BASE_STEP_BUDGET):
         self.name = name
         super().__init__(buffer_size, server_lr)
         if bits not in (4, 8):
             raise ValueError(f"{name}: bits must be 8 or 4, got {bits}")
-        for label, v in (("age_exponent", age_exponent), ("variance_strength", variance_strength)):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+        for label, v in (("age_exponent", age_exponent), ("variance_strength", variance_strength),
+                         ("base_step_budget", 0.0 if base_step_budget is None else base_step_budget)):
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name}: {label} must be a finite number >= 0, got {v!r}")
         self.bits = int(bits)
         self.age, self.variance = bool(age), bool(variance)
         self.age_exponent, self.variance_strength = float(age_exponent), float(variance_strength)
+        # None: off (0 means the same; None is what params() shows)
+        self.base_step_budget = float(base_step_budget) if base_step_budget else None
 
     # Relative spread below which the buffer's deltas count as identical (squared distances this
     # small relative to the deltas' energy are quantisation round-off, not disagreement).
@@ -269,7 +302,32 @@ class FTTE(Strategy):
 
     def params(self) -> Dict[str, object]:
         return {**super().params(), "age": self.age, "variance": self.variance,
-                "age_exponent": self.age_exponent, "variance_strength": self.variance_strength}
+                "age_exponent": self.age_exponent, "variance_strength": self.variance_strength,
+                "base_step_budget": self.base_step_budget}
+
+    def budget_factors(self, updates, alphas, base_steps):
+        """Scale the updates of each base version so that their merge coefficients, over this and
+        every earlier merge (``base_steps[b]``), sum to at most ``base_step_budget``.
+
+        Within a merge the updates of one base share what is left of its budget in proportion to
+        their coefficients (their relative weights are kept); other bases are untouched, so a
+        fresh update is never held back by a stale one. Off: factors 1, nothing recorded.
+        """
+        if self.base_step_budget is None:
+            return np.ones(len(updates)), {}
+        spent = base_steps or {}
+        alphas = np.asarray(alphas, dtype=np.float64)
+        bases = np.array([u.base_version for u in updates], dtype=np.int64)
+        f = np.ones(len(updates))
+        steps: Dict[int, float] = {}
+        for b in sorted(set(bases.tolist())):
+            mine = bases == b
+            want = float(alphas[mine].sum())
+            left = max(self.base_step_budget - float(spent.get(b, 0.0)), 0.0)
+            if want > left:
+                f[mine] = left / want  # want > left >= 0
+            steps[b] = min(want, left)
+        return f, steps
 
     def age_factors(self, updates: Sequence[Update], current_version: int) -> np.ndarray:
         tau = _staleness(updates, current_version)
@@ -328,7 +386,8 @@ class FTTE(Strategy):
     def describe(self) -> str:
         return (f"{self.name}(K={self.buffer_size}, server_lr={self.server_lr}, bits={self.bits}, "
                 f"age={'(1+tau)^-%g' % self.age_exponent if self.age else 'off'}, "
-                f"variance={'b=%g' % self.variance_strength if self.variance else 'off'})")
+                f"variance={'b=%g' % self.variance_strength if self.variance else 'off'}, "
+                f"base_budget={'%g' % self.base_step_budget if self.base_step_budget else 'off'})")
 
 
 class FTTETiered(FTTE):
@@ -350,6 +409,12 @@ class FTTETiered(FTTE):
 
     def __init__(self, buffer_size: int = 10, server_lr: float = 1.0, tiers: Optional[Sequence[Subset]] = None,
                  tier_bytes: Optional[Sequence[int]] = None, name: str = "ftte-tiered", **kw):
+        # the per-base step budget is built for the one-subset merge only (its per-parameter
+        # merge would need a budget per tier's rows); ftte-tiered runs at a = 1, where the first
+        # wave moves ~ln(P/K) mean deltas (docs/aggregation.md)
+        if kw.get("base_step_budget"):
+            raise ValueError(f"{name}: base_step_budget is not built for the tiered merge; leave it out")
+        kw["base_step_budget"] = None
         super().__init__(buffer_size, server_lr, name=name, **kw)
         self.tiers = None
         self.tier_bytes: List[int] = []
@@ -418,8 +483,10 @@ class FTTETiered(FTTE):
                                  "tier": [self.tier_of(u) for u in updates]}
 
     def merge(self, model: Model, subset: Subset, updates: Sequence[Update], current_version: int,
-              samples: Optional[Sequence[float]] = None, clip: Optional[Sequence[float]] = None) -> MergeReport:
-        """Per-parameter weighted merge over the updates that trained each row, all or nothing."""
+              samples: Optional[Sequence[float]] = None, clip: Optional[Sequence[float]] = None,
+              base_steps: Optional[Mapping[int, float]] = None) -> MergeReport:
+        """Per-parameter weighted merge over the updates that trained each row, all or nothing
+        (no per-base step budget: ``base_steps`` is ignored)."""
         updates = list(updates)
         n, c, w, factors = self._weigh(updates, current_version, samples, clip)
         age = np.asarray(factors["age"], dtype=np.float64)
