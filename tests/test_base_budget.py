@@ -128,3 +128,15 @@ def test_the_budget_is_a_parameter_with_an_off_switch_in_params_and_describe():
     with pytest.raises(ValueError, match="base_step_budget"):
         make_strategy("ftte-tiered", base_step_budget=1.0)
     assert make_strategy("ftte-tiered").params()["base_step_budget"] is None
+
+
+def test_the_hub_passes_its_budget_to_plain_ftte_only_and_a_resume_rebuilds_it():
+    from ftte_hub.train import budget_option
+    assert budget_option("ftte", None) == {} and budget_option("ftte", 0.0) == {"base_step_budget": 0.0}
+    assert budget_option("ftte-novar", 2) == {"base_step_budget": 2.0}
+    for other in ("ftte-tiered", "fedbuff", "fedavg-full"):
+        assert budget_option(other, 0.5) == {}
+    off = make_strategy("ftte", 4, **budget_option("ftte", 0.0))
+    assert off.base_step_budget is None and "base_budget=off" in off.describe()
+    assert make_strategy("ftte", 4, **budget_option("ftte", 0.25)).base_step_budget == 0.25
+    assert make_strategy("fedbuff", 4, **budget_option("fedbuff", 0.25)).name == "fedbuff"

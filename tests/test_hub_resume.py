@@ -94,10 +94,10 @@ def test_hub_restart_resumes_versions_and_keeps_acknowledged_updates(tmp_path):
     ftdata.save_npz(vp, val)
     out = tmp_path / "run"
 
-    def cfg(max_versions):
+    def cfg(max_versions, **kw):
         return TrainConfig(model="mlp", val_data=str(vp), out=str(out), min_agents=3, mdns=False, buffer=4,
                            max_versions=max_versions, lr=0.1, batch_size=16, ping_interval=1.0, wait_timeout=10.0,
-                           peers=[a.address for a in agents])
+                           peers=[a.address for a in agents], **kw)
 
     agents = [FakeAgent(KEY, parts[i], f"a{i}") for i in range(3)]
 
@@ -109,7 +109,7 @@ def test_hub_restart_resumes_versions_and_keeps_acknowledged_updates(tmp_path):
             await a.start()
         merged = set()
         hooks = Hooks(on_merge=lambda report, t: merged.update(report.task_ids))
-        run = asyncio.ensure_future(run_train(cfg(1000), KEY, hooks))
+        run = asyncio.ensure_future(run_train(cfg(1000, base_step_budget=0.25), KEY, hooks))
         while True:  # "crash" once the version is >= 2 and some acknowledged update waits in the buffer
             await asyncio.sleep(0.001)
             if len(merged) >= 8 and acked() - merged:  # K=4 > 3 agents: acks wait in the buffer
@@ -131,6 +131,7 @@ def test_hub_restart_resumes_versions_and_keeps_acknowledged_updates(tmp_path):
         assert not meta["finished"]
         hash_before = meta["model_hash"]
         run_before = meta["run_id"]
+        assert meta["base_step_budget"] == 0.25   # --base-step-budget is the run's: saved, and kept below
         lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
         summary = await second_run()
         return before, hash_before, run_before, lines, summary
@@ -145,7 +146,7 @@ def test_hub_restart_resumes_versions_and_keeps_acknowledged_updates(tmp_path):
     merged = {t for l in lines for t in l["tasks"]}
     assert before <= merged, f"acknowledged but never merged: {sorted(before - merged)}"
     meta = ckpt.load_checkpoint(out)[0]
-    assert meta["finished"] and meta["model_hash"] == hash_before
+    assert meta["finished"] and meta["model_hash"] == hash_before and meta["base_step_budget"] == 0.25
     # the run keeps its id across the restart, so updates acknowledged before it still count
     assert meta["run_id"] == run_before == summary["run_id"] and meta["task_prefix"] == run_before[:8] + "-"
     assert all(t.startswith(run_before[:8] + "-t") for t in merged)

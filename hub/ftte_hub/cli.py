@@ -78,11 +78,15 @@ def main() -> None:
               help="The ftte strategies' downlink steps: int8, or packed int4, as train --downlink-bits.")
 @click.option("--update-bits", type=click.Choice(["8", "4"]), default="8",
               help="The ftte strategies' uplink deltas: int8, or packed int4, as train --update-bits.")
+@click.option("--base-step-budget", type=click.FloatRange(min=0.0), default=0.5, show_default=True,
+              metavar="MEAN_DELTAS",
+              help="Plain ftte's per-base step budget, as train --base-step-budget (0: off). The simulator runs "
+                   "ftte at server lr 2, where 0.5 measured best (docs/benchmarks.md); train's default is 1.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="ftte-sim", help="Output folder.")
 def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha, model, input_shape, buffer_k,
              max_versions,
              max_time, samples_per_device, local_epochs, batch_size, lr, server_lr, pretrain_fraction, memory_budget,
-             profiles_path, seed, no_direct, float32_install, downlink_bits, update_bits, out_dir):
+             profiles_path, seed, no_direct, float32_install, downlink_bits, update_bits, base_step_budget, out_dir):
     """Run the fleet on a virtual clock and compare strategies.
 
     Training is real (the engine, real data, real encoded updates); only time is simulated.
@@ -108,7 +112,7 @@ def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha
                         pretrain_fraction=pretrain_fraction, memory_budget=budget,
                         profiles_path=profiles_path, seed=seed, downlink_direct=not no_direct,
                         downlink_bits=int(downlink_bits), update_bits=int(update_bits),
-                        int8_install=not float32_install)
+                        int8_install=not float32_install, base_step_budget=base_step_budget)
         t0 = time.perf_counter()
         results = run(cfg, log=lambda m: click.echo(m, err=True))
         paths = write_results(results, out_dir)
@@ -373,6 +377,9 @@ def keygen(path, force):
                    "error feedback catches up on).")
 @click.option("--no-downlink-deltas", "no_downlink", is_flag=True,
               help="Send every task the trained values as float32 instead of int8 deltas of what the agent holds.")
+@click.option("--base-step-budget", type=click.FloatRange(min=0.0), default=None, metavar="MEAN_DELTAS",
+              help="ftte: the updates computed from one model version move the model by at most this many mean "
+                   "deltas in all (docs/aggregation.md); 0 turns it off. Default: 1. A resume keeps the run's.")
 @click.option("--no-direct-steps", "no_direct", is_flag=True,
               help="Downlink deltas as canonical chains only: no direct step from the values each agent holds "
                    "(its mirror) to the latest version, which is one step however far behind the agent is.")
@@ -402,8 +409,8 @@ def keygen(path, force):
 @click.option("--site-socket", default=None, type=click.Path(dir_okay=False),
               help="With --site: the Unix socket the ClientApp connects to; default: OUT/site.sock.")
 def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, max_versions, target_accuracy,
-          interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, update_bits, downlink_bits, no_downlink,
-          no_direct, float32_install, task_timeout, ping_interval, dead_after, wait_timeout, stop_grace, log_format, seed,
+          interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, update_bits, downlink_bits,
+          base_step_budget, no_downlink, no_direct, float32_install, task_timeout, ping_interval, dead_after, wait_timeout, stop_grace, log_format, seed,
           status_address,
           verbose,
           site, site_socket):
@@ -441,7 +448,7 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
                       wait_timeout=wait_timeout, stop_grace=stop_grace, seed=seed, given=given,
                       update_bits=int(update_bits) if update_bits else None, downlink=not no_downlink,
                       downlink_bits=int(downlink_bits), downlink_direct=not no_direct,
-                      int8_install=not float32_install, status=status_address)
+                      int8_install=not float32_install, status=status_address, base_step_budget=base_step_budget)
     if site:
         _run_site(cfg, key, site_socket)
         return

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import logging
 import os
 import secrets
@@ -107,6 +108,8 @@ class TrainConfig:
     downlink_bits: int = 8                       # the downlink stream's steps: int8 or packed int4
     downlink_direct: bool = True                 # direct steps from each agent's mirror when smaller
     int8_install: bool = True                    # agents that read it get the model with frozen weights int8
+    base_step_budget: Optional[float] = None     # plain ftte's per-base step budget in mean deltas (0: off;
+                                                 # None: the strategy's default, 1)
 
     def was_given(self, field: str) -> bool:
         return self.given is None or field in self.given
@@ -124,6 +127,14 @@ class TrainConfig:
 def bits_option(bits: Optional[int]) -> Dict[str, Any]:
     """make_strategy's keyword for --update-bits (none: the strategy's default)."""
     return {} if bits is None else {"bits": int(bits)}
+
+
+def budget_option(strategy: str, budget: Optional[float]) -> Dict[str, Any]:
+    """make_strategy's keyword for --base-step-budget: plain ftte (and its ablations) only; none:
+    the strategy's default. 0 turns the budget off."""
+    if budget is None or not str(strategy).startswith("ftte") or strategy == "ftte-tiered":
+        return {}
+    return {"base_step_budget": float(budget)}
 
 
 def new_run_id() -> str:
@@ -262,7 +273,7 @@ class _Run:
         cfg = self.cfg
         model = build_model(cfg.model, self.val, seed=cfg.seed, options=cfg.model_options)
         strategy = make_strategy(cfg.strategy, buffer_size=cfg.buffer, server_lr=cfg.server_lr,
-                                 **bits_option(cfg.update_bits))
+                                 **bits_option(cfg.update_bits), **budget_option(cfg.strategy, cfg.base_step_budget))
         scores = None
         if strategy.sparse:
             scores = importance_scores(model, self.val.x, self.val.y, seed=cfg.seed)
@@ -314,6 +325,7 @@ class _Run:
             "server_lr": strategy.server_lr, "task_config": task_cfg.as_dict(), "subset": subset.to_dict(),
             "needed_bytes": needed, "m_min": m_min, "seed": cfg.seed, "subset_described": described,
             "update_bits": int(strategy.bits),
+            "base_step_budget": getattr(strategy, "base_step_budget", None) or 0.0,
         }
         if tiers is not None:
             self.meta_base.update(tiers_meta(model, tiers))
@@ -350,8 +362,13 @@ class _Run:
             model.load_state(params)
             check_model_fits_data(model, self.val, f"the checkpointed model in {self.out}")
             saved_bits = meta.get("update_bits")  # absent in checkpoints from before --update-bits: the default
+            saved_budget = meta.get("base_step_budget")  # absent before the budget existed: the default
+            if saved_budget is not None and (isinstance(saved_budget, bool) or not isinstance(saved_budget, (int, float))
+                                             or not math.isfinite(saved_budget) or saved_budget < 0):
+                raise ValueError(f"base_step_budget {saved_budget!r} is not a number >= 0")
             strategy = make_strategy(meta["strategy"], buffer_size=int(meta["buffer"]), server_lr=float(meta["server_lr"]),
-                                     **bits_option(saved_bits if saved_bits in (4, 8) else None))
+                                     **bits_option(saved_bits if saved_bits in (4, 8) else None),
+                                     **budget_option(meta["strategy"], saved_budget))
             subset = Subset.from_dict(model, meta["subset"])
             task_cfg = TaskConfig.from_dict(meta["task_config"])
             if hasattr(strategy, "set_tiers"):  # the tiers chosen at the start, as they were
@@ -363,7 +380,7 @@ class _Run:
             raise TrainError(f"cannot resume from {self.out}: the checkpoint is inconsistent ({e})") from None
         self.meta_base = {k: meta[k] for k in ("format", "model_hash", "model_name", "model_spec", "strategy", "buffer",
                                                "server_lr", "task_config", "subset", "needed_bytes", "m_min", "seed",
-                                               "subset_described", "run_id", "task_prefix", "update_bits",
+                                               "subset_described", "run_id", "task_prefix", "update_bits", "base_step_budget",
                                                "tiers", "tier_bytes", "tiers_described") if k in meta}
         if not isinstance(self.meta_base.get("run_id"), str) or not M.RUN_ID_RE.fullmatch(self.meta_base["run_id"]):
             # a checkpoint from before run ids: its journal replays task ids without a prefix
