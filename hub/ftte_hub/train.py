@@ -108,8 +108,8 @@ class TrainConfig:
     downlink_bits: int = 8                       # the downlink stream's steps: int8 or packed int4
     downlink_direct: bool = True                 # direct steps from each agent's mirror when smaller
     int8_install: bool = True                    # agents that read it get the model with frozen weights int8
-    base_step_budget: Optional[float] = None     # plain ftte's per-base step budget in mean deltas (0: off;
-                                                 # None: the strategy's default, 1)
+    base_step_budget: float = 0.0                # plain ftte's per-base step budget in mean deltas (0: off,
+                                                 # the hub's default: see docs/hub.md)
 
     def was_given(self, field: str) -> bool:
         return self.given is None or field in self.given
@@ -130,8 +130,8 @@ def bits_option(bits: Optional[int]) -> Dict[str, Any]:
 
 
 def budget_option(strategy: str, budget: Optional[float]) -> Dict[str, Any]:
-    """make_strategy's keyword for --base-step-budget: plain ftte (and its ablations) only; none:
-    the strategy's default. 0 turns the budget off."""
+    """make_strategy's keyword for --base-step-budget: plain ftte (and its ablations) only; None:
+    the strategy's own default. 0 turns the budget off."""
     if budget is None or not str(strategy).startswith("ftte") or strategy == "ftte-tiered":
         return {}
     return {"base_step_budget": float(budget)}
@@ -362,7 +362,8 @@ class _Run:
             model.load_state(params)
             check_model_fits_data(model, self.val, f"the checkpointed model in {self.out}")
             saved_bits = meta.get("update_bits")  # absent in checkpoints from before --update-bits: the default
-            saved_budget = meta.get("base_step_budget")  # absent before the budget existed: the default
+            # absent in checkpoints from before the budget existed: those runs ran without it
+            saved_budget = meta.get("base_step_budget", 0.0)
             if saved_budget is not None and (isinstance(saved_budget, bool) or not isinstance(saved_budget, (int, float))
                                              or not math.isfinite(saved_budget) or saved_budget < 0):
                 raise ValueError(f"base_step_budget {saved_budget!r} is not a number >= 0")
