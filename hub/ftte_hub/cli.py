@@ -412,8 +412,8 @@ def keygen(path, force):
               help="With --site: the Unix socket the ClientApp connects to; default: OUT/site.sock.")
 def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, max_versions, target_accuracy,
           interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, update_bits, downlink_bits,
-          base_step_budget, no_downlink, no_direct, float32_install, task_timeout, ping_interval, dead_after, wait_timeout, stop_grace, log_format, seed,
-          status_address,
+          base_step_budget, no_downlink, no_direct, float32_install, task_timeout, ping_interval, dead_after,
+          wait_timeout, stop_grace, log_format, seed, status_address,
           verbose,
           site, site_socket):
     """Coordinate federated training over the agents on this network.

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import logging
+import math
 import os
 import secrets
 import time
@@ -363,9 +363,10 @@ class _Run:
             check_model_fits_data(model, self.val, f"the checkpointed model in {self.out}")
             saved_bits = meta.get("update_bits")  # absent in checkpoints from before --update-bits: the default
             # absent in checkpoints from before the budget existed: those runs ran without it
-            saved_budget = meta.get("base_step_budget", 0.0)
-            if saved_budget is not None and (isinstance(saved_budget, bool) or not isinstance(saved_budget, (int, float))
-                                             or not math.isfinite(saved_budget) or saved_budget < 0):
+            saved_budget = meta.get("base_step_budget")
+            saved_budget = 0.0 if saved_budget is None else saved_budget
+            if isinstance(saved_budget, bool) or not isinstance(saved_budget, (int, float)) \
+                    or not math.isfinite(saved_budget) or saved_budget < 0:
                 raise ValueError(f"base_step_budget {saved_budget!r} is not a number >= 0")
             strategy = make_strategy(meta["strategy"], buffer_size=int(meta["buffer"]), server_lr=float(meta["server_lr"]),
                                      **bits_option(saved_bits if saved_bits in (4, 8) else None),
@@ -381,8 +382,9 @@ class _Run:
             raise TrainError(f"cannot resume from {self.out}: the checkpoint is inconsistent ({e})") from None
         self.meta_base = {k: meta[k] for k in ("format", "model_hash", "model_name", "model_spec", "strategy", "buffer",
                                                "server_lr", "task_config", "subset", "needed_bytes", "m_min", "seed",
-                                               "subset_described", "run_id", "task_prefix", "update_bits", "base_step_budget",
-                                               "tiers", "tier_bytes", "tiers_described") if k in meta}
+                                               "subset_described", "run_id", "task_prefix", "update_bits",
+                                               "base_step_budget", "tiers", "tier_bytes", "tiers_described")
+                          if k in meta}
         if not isinstance(self.meta_base.get("run_id"), str) or not M.RUN_ID_RE.fullmatch(self.meta_base["run_id"]):
             # a checkpoint from before run ids: its journal replays task ids without a prefix
             self.meta_base["run_id"], self.meta_base["task_prefix"] = new_run_id(), ""
