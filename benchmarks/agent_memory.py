@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -64,15 +65,25 @@ def start_agent(key: Path, data: Path, state: Path, mdns: bool) -> tuple:
     raise SystemExit(f"agent_memory: the agent did not start: {proc.stderr.read()[-500:]}")
 
 
-def wait_for_log(proc, pattern: str, timeout: float = 120) -> None:
-    """Read the agent's log until a line matches ``pattern`` (the MODEL frame has been handled)."""
-    deadline = time.monotonic() + timeout
-    for line in proc.stderr:
-        if re.search(pattern, line):
-            return
-        if time.monotonic() > deadline:
-            break
-    raise SystemExit(f"agent_memory: the agent never logged {pattern!r}")
+MODEL_LOG_TIMEOUT = 300  # s for the agent to log the MODEL as handled (a 17 MB model on a slow machine)
+
+
+def wait_for_log(proc, pattern: str, timeout: float = MODEL_LOG_TIMEOUT) -> None:
+    """Read the agent's log until a line matches ``pattern`` (the MODEL frame has been handled).
+    The read blocks on the pipe, so it runs in a daemon thread that a timeout abandons."""
+    found = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            if re.search(pattern, line):
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not found.is_set():
+        raise SystemExit(f"agent_memory: the agent did not log {pattern!r} within {timeout:g} s")
 
 
 async def drive(port: int, key: bytes, model, tasks: int, subset=None, blob=None, frozen="float32",
