@@ -28,22 +28,27 @@ import numpy as np
 
 from . import _kernels as K
 from .graph import VIEW_KINDS, Model
-from .plan import build, parameter_buffers, requires_grad, weight_bytes
+from .plan import build, check_micro_batch, parameter_buffers, requires_grad, weight_bytes
 from .subset import Subset
 
 F32 = 4
 
 
 def predict_memory(model: Model, subset: Optional[Subset] = None, batch_size: int = 32, momentum: float = 0.0,
-                   threads: Optional[int] = None, prefix_chunk: int = 8, frozen: str = "float32") -> Dict[str, int]:
+                   threads: Optional[int] = None, prefix_chunk: int = 8, frozen: str = "float32",
+                   micro_batch: int = 0) -> Dict[str, int]:
     """Predicted bytes of one training step by category, plus "total". ``frozen="int8"``: as
-    ``Trainer(..., frozen="int8")`` holds it (int8 weights and their scales, their kernels' scratch)."""
+    ``Trainer(..., frozen="int8")`` holds it (int8 weights and their scales, their kernels' scratch).
+    ``micro_batch``: as ``Trainer(..., micro_batch=...)`` (passes of at most that many samples)."""
     subset = subset if subset is not None else Subset.full(model)
     threads = threads or K.get_num_threads()
-    step = build(model, subset, int(batch_size), prefix_chunk, every_chunk=False, frozen=frozen)
+    n, m = int(batch_size), check_micro_batch(micro_batch)
+    step = build(model, subset, min(n, m) if m else n, prefix_chunk, every_chunk=False, frozen=frozen,
+                 fused=False if m else None)
     frozen_bytes, trainable = weight_bytes(model, subset, frozen)
     params = {"gradients": 0, "optimizer_state": 0}
-    for shape, dtype, category in parameter_buffers(model, subset, momentum, frozen=frozen).values():
+    for shape, dtype, category in parameter_buffers(model, subset, momentum, fused=False if m else None,
+                                                    frozen=frozen).values():
         params[category] += int(np.prod(shape)) * np.dtype(dtype).itemsize
     buffers = step.buffer_bytes()
     out = {"frozen_weights": frozen_bytes, "trainable_weights": trainable, "gradients": params["gradients"],

@@ -417,10 +417,11 @@ class Dense(_Int8Weight, Layer):
                 return
         rows, dw, db = scope.grad_buffers(self)
         w, wkw = self._kernel_weight()
+        acc = scope.accumulate
         if _separate_bias(rows, db):
-            K.dense_backward(None, w, dy, None, None, db, None, **wkw)
+            K.dense_backward(None, w, dy, None, None, db, None, acc, **wkw)
             db = None
-        K.dense_backward(x, w, dy, rows, dw, db, dx, **wkw)
+        K.dense_backward(x, w, dy, rows, dw, db, dx, acc, **wkw)
         scope.apply_grads(self)
 
 
@@ -571,15 +572,15 @@ class Conv2d(_Int8Weight, Layer):
         else:
             K.grouped_conv2d_forward(x, w, self.bias, y, self.group, self.stride2, self.padding2, **wkw)
 
-    def _backward_call(self, x, dy, rows, dw, db, dx):
+    def _backward_call(self, x, dy, rows, dw, db, dx, acc=False):
         w, wkw = self._kernel_weight4()
         mode = self.mode
         if mode == "dense":
-            K.conv2d_backward(x, w, dy, rows, dw, db, dx, self.stride2, self.padding2, **wkw)
+            K.conv2d_backward(x, w, dy, rows, dw, db, dx, self.stride2, self.padding2, acc, **wkw)
         elif mode == "depthwise":
-            K.depthwise_conv2d_backward(x, w, dy, rows, dw, db, dx, self.stride2, self.padding2, False, **wkw)
+            K.depthwise_conv2d_backward(x, w, dy, rows, dw, db, dx, self.stride2, self.padding2, acc, **wkw)
         else:
-            K.grouped_conv2d_backward(x, w, dy, rows, dw, db, dx, self.group, self.stride2, self.padding2, False,
+            K.grouped_conv2d_backward(x, w, dy, rows, dw, db, dx, self.group, self.stride2, self.padding2, acc,
                                       **wkw)
 
     def backward(self, x, y, dy, dx, scope):
@@ -595,10 +596,11 @@ class Conv2d(_Int8Weight, Layer):
             return
         rows, dw, db = scope.grad_buffers(self)
         dw = None if dw is None else self._w4(dw)
+        acc = scope.accumulate
         if _separate_bias(rows, db):
-            self._backward_call(None, dy, None, None, db, None)
+            self._backward_call(None, dy, None, None, db, None, acc)
             db = None
-        self._backward_call(x, dy, rows, dw, db, dx)
+        self._backward_call(x, dy, rows, dw, db, dx, acc)
         scope.apply_grads(self)
 
 
@@ -795,11 +797,12 @@ class BatchNorm(Layer):
 
     def backward(self, x, y, dy, dx, scope):
         rows, dw, db = scope.grad_buffers(self)
+        acc = scope.accumulate
         if _separate_bias(rows, db):
-            K.batchnorm_backward(None, self.weight, self.mean, self.var, self.eps, dy, None, None, db, None)
+            K.batchnorm_backward(None, self.weight, self.mean, self.var, self.eps, dy, None, None, db, None, acc)
             db = None
         if dw is not None or db is not None or dx is not None:
-            K.batchnorm_backward(x, self.weight, self.mean, self.var, self.eps, dy, rows, dw, db, dx)
+            K.batchnorm_backward(x, self.weight, self.mean, self.var, self.eps, dy, rows, dw, db, dx, acc)
         scope.apply_grads(self)
 
 

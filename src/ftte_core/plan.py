@@ -137,6 +137,13 @@ def check_frozen(frozen) -> str:
     return frozen
 
 
+def check_micro_batch(micro_batch) -> int:
+    """Samples per pass of a micro-batched step (``Trainer(micro_batch=...)``); 0 = one pass."""
+    if isinstance(micro_batch, bool) or not isinstance(micro_batch, (int, np.integer)) or micro_batch < 0:
+        raise ValueError(f"micro_batch must be an integer >= 0 (0: the whole batch in one pass), got {micro_batch!r}")
+    return int(micro_batch)
+
+
 def int8_layers(model: Model, subset: Subset, frozen: str = "float32") -> set:
     """Names of the layers whose weight is int8 during a step: those already held as int8, and
     with ``frozen="int8"`` every Dense/Conv whose weight rows do not train (its bias may)."""
@@ -170,12 +177,14 @@ def mixed_layers(model: Model, subset: Subset, frozen: str = "float32") -> set:
 
 
 def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chunk: bool = True,
-          frozen: str = "float32") -> StepPlan:
+          frozen: str = "float32", fused: Optional[bool] = None) -> StepPlan:
     """The plan of one step of batch size n (see the module docstring for the rules).
 
     ``every_chunk=False`` plans the frozen part for its first chunk only: the buffers are the
     same (later chunks reuse them), the calls are not all there; the cost model needs no more.
-    ``frozen="int8"``: kernel scratch as with int8 weights in the layers ``int8_layers`` names."""
+    ``frozen="int8"``: kernel scratch as with int8 weights in the layers ``int8_layers`` names.
+    ``fused=False``: backward fills gradient buffers instead of updating (a micro-batched step,
+    ``Trainer(micro_batch=...)``); None: ``fused_update`` decides."""
     layers, inputs, shapes = model.layers, model.inputs, model.shapes
     in_shapes = [[shapes[v] for v in ins] for ins in inputs]
     L = len(layers)
@@ -183,7 +192,7 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
     req = requires_grad(model, subset)
     if not req[out]:
         raise ValueError("the subset trains nothing")
-    fused = fused_update(model, subset)
+    fused = fused_update(model, subset) if fused is None else bool(fused)
     active = [req[i + 1] for i in range(L)]  # layers that run backward
     dx_needed = [tuple(req[v] for v in inputs[i]) for i in range(L)]
     subs = [subset.get(layer.name) for layer in layers]
@@ -460,7 +469,9 @@ def parameter_buffers(model: Model, subset: Subset, momentum: float, fused: Opti
     itself (``Layer.fuses_update``: dense and im2col convolutions, whose tiles are kernel scratch);
     the others (batch norm, depthwise and grouped convolutions: small) share one buffer
     ("update", "grad") of the largest of their gradients (rows, then bias), used by one layer at a
-    time; so does a layer with int8 weights (``int8_layers``: only its bias may train). With momentum, both add velocity buffers of the trained rows and biases (optimizer state)."""
+    time; so does a layer with int8 weights (``int8_layers``: only its bias may train). With momentum, both add velocity buffers of the trained rows and biases (optimizer state).
+    A micro-batched step (``Trainer(micro_batch=...)``) is buffered: its passes add into the whole
+    gradients."""
     if fused is None:
         fused = fused_update(model, subset)
     int8 = int8_layers(model, subset, frozen)

@@ -27,8 +27,8 @@ import numpy as np
 
 from . import _kernels as K
 from .graph import Layer, Model
-from .plan import (CATEGORIES, Ref, StepPlan, build, check_frozen, fused_update, int8_layers, mixed_layers,
-                   parameter_buffers, requires_grad, weight_bytes)
+from .plan import (CATEGORIES, Ref, StepPlan, build, check_frozen, check_micro_batch, fused_update, int8_layers,
+                   mixed_layers, parameter_buffers, requires_grad, weight_bytes)
 from .subset import Subset
 
 
@@ -61,8 +61,14 @@ class Arena:
         self._category: Dict[tuple, str] = {}
         self._flat: Dict[tuple, np.ndarray] = {}
 
-    def get(self, key: tuple, shape: tuple, dtype, category: str, zero: bool = False) -> np.ndarray:
+    def get(self, key: tuple, shape: tuple, dtype, category: str, zero: bool = False,
+            within: bool = False) -> np.ndarray:
+        """The buffer ``key`` of ``shape``; ``within``: a view of the first elements of a larger
+        one already there (a micro-batched step's last, shorter pass uses the full passes' buffers)."""
         buf = self._buffers.get(key)
+        numel = int(np.prod(shape))
+        if within and buf is not None and buf.dtype == dtype and buf.size >= numel and not zero:
+            return buf.reshape(-1)[:numel].reshape(shape)
         if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
             buf = np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
             self._buffers[key] = buf
@@ -102,7 +108,9 @@ class Scope:
 
     def saved(self, name: str, shape: tuple, dtype) -> np.ndarray:
         """A buffer kept from forward to backward (counted as activations)."""
-        return self.trainer.arena.get((self.index, name), shape, dtype, "activations")
+        # within: a micro-batched step's last, shorter pass keeps them in the full passes' buffers
+        return self.trainer.arena.get((self.index, name), shape, dtype, "activations",
+                                      within=bool(self.trainer.micro_batch))
 
     def grad_buffers(self, layer: Layer) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
         """(rows, weight-gradient buffer [R, ...] or None, bias-gradient buffer [out] or None).
@@ -142,6 +150,12 @@ class Scope:
                               t.weight_decay)
         if db is not None:
             K.sgd_update_rows(layer.bias, None, db, g.vb, t.lr, t.momentum, t.weight_decay)
+
+    @property
+    def accumulate(self) -> bool:
+        """Do the gradient buffers ``grad_buffers`` gives add this pass's gradient to what they hold
+        (the passes after the first of a micro-batched step), rather than be overwritten?"""
+        return self.trainer._pass > 0
 
     def sgd(self, layer: Layer) -> "Optional[SgdRows]":
         """In a fused step, what a layer that ``fuses_update`` updates in its backward call;
@@ -248,10 +262,18 @@ class Trainer:
     array is released), and forward and backward run on the int8 weight. A Dense or group-1 Conv
     of which only some rows train becomes mixed (``Layer.mix_weight``): its frozen rows int8 the
     same way, its trained rows float32 in a compact array the update writes into. ``"float32"`` (the
-    default) leaves the model as it is (layers already int8 stay so)."""
+    default) leaves the model as it is (layers already int8 stay so).
+
+    ``micro_batch=m`` (> 0): a step on a batch of n > m samples runs forward and backward over
+    passes of at most m samples, sums the passes' gradients in whole gradient buffers (the kernels
+    add into them) and updates once, so it is the same step as in one pass (up to float rounding:
+    the sums' order differs). Activations and workspace then scale with m instead of n; the
+    gradients of the trained parameters are held whole, and the step is slower.
+    0 (the default): one pass, the update inside backward."""
 
     def __init__(self, model: Model, subset: Optional[Subset] = None, lr: float = 0.05, momentum: float = 0.0,
-                 weight_decay: float = 0.0, seed: int = 0, prefix_chunk: int = 8, frozen: str = "float32"):
+                 weight_decay: float = 0.0, seed: int = 0, prefix_chunk: int = 8, frozen: str = "float32",
+                 micro_batch: int = 0):
         if not lr > 0 or not np.isfinite(lr):
             raise ValueError(f"learning rate must be a positive number, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -267,6 +289,7 @@ class Trainer:
         # samples per pass through the frozen layers (one pass when chunks would save no buffer: plan.build)
         self.prefix_chunk = int(prefix_chunk)
         self.frozen = check_frozen(frozen)
+        self.micro_batch = check_micro_batch(micro_batch)
         for layer in model.param_layers:
             ls = self.subset.get(layer.name)
             if getattr(layer, "is_int8", False) and ls is not None and ls.rows.size:
@@ -288,9 +311,11 @@ class Trainer:
         #: the first layer backward reaches (layers before it, and others off the trained paths, are frozen)
         self.first = next(i for i in range(len(model.layers)) if req[i + 1])
         self._grads: Dict[str, _LayerGrads] = {}
-        #: updates happen inside backward with no gradient buffers (see plan.fused_update)
-        self.fused = fused_update(model, self.subset)
+        #: updates happen inside backward with no gradient buffers (see plan.fused_update); never
+        #: in micro-batches, whose passes sum into whole gradients
+        self.fused = fused_update(model, self.subset) and not self.micro_batch
         self._buffered = not self.fused  # this pass fills whole gradient buffers
+        self._pass = 0  # which pass of a micro-batched step runs (after the first: add into the gradients)
         self._shared_grad = None
         self._alloc_grads(buffered=not self.fused)
         self._scopes = [Scope(self, i, layer) for i, layer in enumerate(model.layers)]
@@ -324,10 +349,12 @@ class Trainer:
         for scope in getattr(self, "_scopes", ()):  # their cached SgdRows may name replaced buffers
             scope._sgd = None
 
-    def _bind(self, plan: StepPlan) -> _Bound:
-        """Allocate the plan's buffers in the arena and put arrays in place of its refs."""
+    def _bind(self, plan: StepPlan, within: bool = False) -> _Bound:
+        """Allocate the plan's buffers in the arena and put arrays in place of its refs (``within``:
+        in the buffers of a larger plan already bound, see ``Arena.get``)."""
         arena = self.arena
-        fixed = {key: arena.get(key, shape, dtype, category) for key, (shape, dtype, category) in plan.fixed.items()}
+        fixed = {key: arena.get(key, shape, dtype, category, within=within)
+                 for key, (shape, dtype, category) in plan.fixed.items()}
         slots = [arena.scratch(("slot", k), (size,)) for k, size in enumerate(plan.slots)]
 
         def resolve(ref):
@@ -403,23 +430,40 @@ class Trainer:
                 out[f"{layer.name}.bias"] = g.db.reshape(1, -1).copy()
         return loss, out
 
+    def _plan(self, n: int) -> _Bound:
+        plan = self._plans.get(n)
+        if plan is None:
+            m = self.micro_batch
+            if m and n < m and m not in self._plans:  # the full passes' plan first: shorter ones live in it
+                self._plan(m)
+            plan = self._plans[n] = self._bind(build(self.model, self.subset, n, self.prefix_chunk,
+                                                     fused=False if m else None), within=bool(m) and n < m)
+        return plan
+
     def _forward_backward(self, x: np.ndarray, labels: np.ndarray) -> float:
         n = x.shape[0]
         x = self.model.check_input(x)
         labels = np.ascontiguousarray(labels, dtype=np.int32)
         if labels.shape != (n,):
             raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
-        plan = self._plans.get(n)
-        if plan is None:
-            plan = self._plans[n] = self._bind(build(self.model, self.subset, n, self.prefix_chunk))
+        m = self.micro_batch or n
         K.reset_workspace_peak()
         base = K.workspace_current_bytes()
-        _run(plan.forward, x)
-        loss = K.softmax_xent_forward(plan.logits, labels, plan.probs)
-        K.softmax_xent_backward(plan.probs, labels, plan.dlogits, 1.0 / n)
-        _run(plan.backward, x)
+        total = 0.0
+        try:
+            for self._pass, a in enumerate(range(0, n, m)):
+                b = min(n, a + m)
+                plan = self._plan(b - a)
+                xs = x if b - a == n else x[a:b]
+                _run(plan.forward, xs)
+                loss = K.softmax_xent_forward(plan.logits, labels[a:b], plan.probs)
+                K.softmax_xent_backward(plan.probs, labels[a:b], plan.dlogits, 1.0 / n)  # the batch's mean
+                _run(plan.backward, xs)
+                total += float(loss) * (b - a)
+        finally:
+            self._pass = 0
         self._workspace_peak = max(self._workspace_peak, K.workspace_peak_bytes() - base)
-        return float(loss)
+        return float(loss) if m >= n else total / n
 
     def _apply_update(self) -> None:
         for layer in self.model.param_layers:
