@@ -36,6 +36,9 @@ LR_TINY = 0.01  # the deeper zoo models diverge at 0.05 from random data
 MOMENTUM = 0.9
 #: classic models: steps of one implementation per round (the median counts); reps / this rounds
 CLASSIC_BLOCK = 5
+#: the classic steps also run in micro-batches (label -> samples per pass): the full step for reference,
+#: the sparse step float32 and int8 (Trainer(micro_batch=...), the memory lever for activation-bound models)
+MICRO_STEPS = {"full_mb4": 4, "sparse_mb4": 4, "sparse_int8_mb4": 4, "sparse_int8_mb2": 2}
 
 
 def percentiles(samples):
@@ -551,13 +554,17 @@ def child(threads, reps, tiny_reps, only):
                    "sparse": ft.Subset.of(model, {names[-1]: {"rows": "all", "bias": True},
                                                   names[-2]: {"rows": 0.25, "bias": False}})}
         subsets["sparse_int8"] = subsets["sparse"]  # the same subset, frozen weights held as int8
+        for label, micro in MICRO_STEPS.items():  # the same steps in micro-batches
+            subsets[label] = subsets[label.rsplit("_mb", 1)[0]]
         steps, trainers = {}, {}
         for label, subset in subsets.items():
             m = make_model()
-            frozen = "int8" if label.endswith("_int8") else "float32"
-            tr = trainers[label] = ft.Trainer(m, subset, lr=LR, momentum=MOMENTUM, frozen=frozen)
+            frozen = "int8" if "_int8" in label else "float32"
+            micro = MICRO_STEPS.get(label, 0)
+            tr = trainers[label] = ft.Trainer(m, subset, lr=LR, momentum=MOMENTUM, frozen=frozen, micro_batch=micro)
             steps[f"engine_{label}"] = (lambda t: lambda: t.step(x, y))(tr)
-            row[f"predicted_{label}"] = ft.predict_memory(m, subset, BATCH, momentum=MOMENTUM, frozen=frozen)["total"]
+            row[f"predicted_{label}"] = ft.predict_memory(m, subset, BATCH, momentum=MOMENTUM, frozen=frozen,
+                                                          micro_batch=micro)["total"]
         ref = NumpyStep(make_model())
         xr = x.reshape((BATCH,) + make_model().input_shape)
         steps["numpy"] = lambda: ref(xr, y)
@@ -648,11 +655,24 @@ def main():
             print(f"{name:<8} {r['threads']:>3} | {fmt(s):>20} | {row['ratios']['engine_sparse_int8']:>10.2f} | "
                   f"{ms / 1024:>12.1f} | "
                   f"{ms / mf:>9.3f} | {row['predicted_sparse_int8'] / 1024:>13.1f}")
+    print("\nThe same steps in micro-batches (Trainer(micro_batch=m): passes of m samples, gradients summed in whole "
+          "buffers, one update); ratios to the one-pass full step")
+    print(f"{'model':<8} {'thr':>3} | {'step':<16} | {'us':>20} | {'time ratio':>10} | {'mem KiB':>9} | "
+          f"{'mem ratio':>9} | {'predicted KiB':>13}")
+    for r in results:
+        for name, row in r["models"].items():
+            mf = row["memory_full"]["total"]
+            for label, micro in MICRO_STEPS.items():
+                s, ms = row[f"engine_{label}"], row[f"memory_{label}"]["total"]
+                what = f"{label.rsplit('_mb', 1)[0]}, m={micro}"
+                print(f"{name:<8} {r['threads']:>3} | {what:<16} | {fmt(s):>20} | "
+                      f"{row['ratios'][f'engine_{label}']:>10.2f} | {ms / 1024:>9.1f} | {ms / mf:>9.3f} | "
+                      f"{row[f'predicted_{label}'] / 1024:>13.1f}")
     print("\nRecorded memory by category (KiB), 1st thread setting:")
     for name, row in results[0]["models"].items():
-        for label in ("full", "sparse", "sparse_int8"):
+        for label in ("full", "sparse", "sparse_int8") + tuple(MICRO_STEPS):
             m = row[f"memory_{label}"]
-            print(f"  {name:<8} {label:<11} " + "  ".join(f"{k}={v / 1024:.1f}" for k, v in m.items()))
+            print(f"  {name:<8} {label:<15} " + "  ".join(f"{k}={v / 1024:.1f}" for k, v in m.items()))
 
 
 if __name__ == "__main__":
