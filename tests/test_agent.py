@@ -17,8 +17,9 @@ import pytest
 
 from ftte_core import messages as M
 from ftte_core.channel import Channel, ChannelClosed, ChannelError
+from ftte_core.cost import predict_memory
 from ftte_core.data import Dataset, load_bundled, save_npz
-from ftte_core.local import TaskConfig
+from ftte_core.local import LocalWorker, TaskConfig
 from ftte_core.modelfile import content_hash, install_bytes, model_to_bytes
 from ftte_core.protocol import PROTOCOL_VERSION, Connection, generate_key, read_key, write_key
 from ftte_core.subset import Subset
@@ -1322,6 +1323,46 @@ def test_a_model_over_the_budget_as_float32_but_not_as_int8_is_cached(fleet, tmp
     for x, y in zip(u.tensors, v.tensors):
         np.testing.assert_array_equal(x.data, y.data)
         np.testing.assert_array_equal(x.scales, y.scales)
+
+
+def test_a_task_that_fits_only_in_micro_batches_trains(fleet, tmp_path):
+    """A device whose budget no one-pass step of the subset fits: the agent refuses the task in one
+    pass, and trains it when the task says micro-batches (the hub's search picks them for such a
+    device), with the same update as the one-pass step would give, up to float rounding."""
+    model = zoo("mlp", (64,), 10, seed=30, hidden=(256, 256))
+    head = Subset.of(model, {"fc2": {"rows": [3, 9], "bias": True}, "fc3": {"rows": "all", "bias": True}})
+    cost = {m: predict_memory(model, head, 16, frozen="int8", micro_batch=m)["total"] for m in (0, 2)}
+    budget = 168 * 1024
+    assert cost[2] <= budget * 1.125 < cost[0]  # (the agent allows guard.MEMORY_MARGIN over its budget)
+    a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--memory-budget", f"{budget // 1024}KiB")
+    blob = install_bytes(model, head, "int8")
+    try:
+        async def go():
+            ch, _info = await hello(a.port, fleet["key"])
+            await ch.send(M.MODEL, blob)
+            got = []
+            for micro in (0, 2):
+                config = TaskConfig(lr=0.05, batch_size=16, max_steps=2, frozen="int8", micro_batch=micro)
+                await ch.send(M.TASK, M.encode_task(task_message(model, head, f"micro-{micro}", config=config,
+                                                                 model_hash=content_hash(blob))))
+                t, body = await recv_skip_pings(ch)
+                got.append((t, bytes(body)))
+            ch.abort()
+            return got
+        (t0, b0), (t2, b2) = run(go())
+    finally:
+        assert a.stop() == 0
+    assert t0 == M.TASK_FAILED and b"to train; the budget is 168 KiB" in b0, (M.name(t0), b0[:300])
+    assert t2 == M.UPDATE, (M.name(t2), b2[:300])
+    u = Update.from_bytes(b2)
+    ref = model.copy()  # the same two steps in one pass, in process, on the agent's data and seed
+    res = LocalWorker(ref, head).run(subset_values(ref, head), 0, fleet["local"].x, fleet["local"].y,
+                                     TaskConfig(lr=0.05, batch_size=16, max_steps=2, frozen="int8"), seed=7)
+    assert [x.key for x in u.tensors] == [x.key for x in res.update.tensors]
+    for x, y in zip(u.tensors, res.update.tensors):  # equal up to one quantisation level
+        got, want = x.data * x.scales[:, None], y.data * y.scales[:, None]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1.01 * float(np.max(y.scales)), err_msg=x.key)
+        assert np.abs(got - want).mean() < 0.05 * np.abs(want).mean()
 
 
 @pytest.mark.slow

@@ -93,3 +93,73 @@ def test_micro_batch_errors():
             ft.Trainer(model.copy(), subset, micro_batch=bad)
         with pytest.raises(ValueError, match="micro_batch must be an integer >= 0"):
             ft.predict_memory(model, subset, 32, micro_batch=bad)
+
+
+# -- the lever in the fleet: task setting, subset search, local training -----------------------------
+
+def test_task_config_carries_micro_batch():
+    from ftte_core.local import TaskConfig
+    assert TaskConfig().micro_batch == 0
+    assert "micro_batch" not in TaskConfig().as_dict()  # the default goes unsaid on the wire
+    assert TaskConfig.from_dict(TaskConfig(micro_batch=4).as_dict()).micro_batch == 4
+    for bad, why in ((-1, "between 0"), (1 << 20, "between 0"), (2.0, "whole number"), (True, "whole number")):
+        with pytest.raises(ValueError, match=f"micro_batch must be .*{why}"):
+            TaskConfig.from_dict({"micro_batch": bad})
+
+
+def _scores(model, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for layer in model.param_layers:
+        out[f"{layer.name}.weight"] = rng.random(layer.weight_shape[0]).tolist()
+        out[f"{layer.name}.bias"] = float(rng.random())
+    return out
+
+
+def test_search_turns_to_micro_batches_only_where_no_one_pass_step_fits():
+    from ftte_core.search import BudgetTooSmall, micro_batch_options, search_subset
+    assert micro_batch_options(32) == [16, 8, 4, 2] and micro_batch_options(4) == [2] and micro_batch_options(3) == []
+    model, _ = _cnn28()
+    scores = _scores(model)
+    with pytest.raises(BudgetTooSmall) as one_pass:
+        search_subset(model, scores, 0, batch_size=32, frozen="int8")
+    floor = one_pass.value.minimum_bytes
+    # at and above the one-pass floor the picks are as before: no micro-batches
+    for budget in (floor, int(1.5 * floor)):
+        got = search_subset(model, scores, budget, batch_size=32, frozen="auto")
+        assert got.micro_batch == 0 and got.predicted_bytes <= budget
+    # below it, micro-batched steps let a subset fit, priced as the trainer will hold it
+    for share in (0.8, 0.6, 0.45):
+        budget = int(share * floor)
+        got = search_subset(model, scores, budget, batch_size=32, frozen="auto")
+        assert got.micro_batch in micro_batch_options(32) and got.predicted_bytes <= budget, share
+        assert got.predicted_bytes == ft.predict_memory(model, got.subset, 32, frozen=got.frozen,
+                                                        micro_batch=got.micro_batch)["total"]
+        assert "micro-batches of" in got.format_table()
+    # below every lever: the refusal names the cheapest subset of all, in micro-batches of 2
+    with pytest.raises(BudgetTooSmall, match=r"batch size 32 in micro-batches of 2\) needs") as e:
+        search_subset(model, scores, 1000, batch_size=32, frozen="auto")
+    assert e.value.minimum_bytes < 0.5 * floor
+
+
+def test_local_worker_trains_in_the_tasks_micro_batches():
+    from ftte_core.local import LocalWorker, TaskConfig
+    from ftte_core.update import subset_values
+    model, subset = _cnn28()
+    x, y = _batch(model, 40)
+    K.set_num_threads(1)
+    try:
+        got = {}
+        for micro in (0, 4):
+            m = model.copy()
+            worker = LocalWorker(m, subset)
+            result = worker.run(subset_values(m, subset), 0, x, y, TaskConfig(batch_size=16, max_steps=2,
+                                                                             micro_batch=micro))
+            want = ft.predict_memory(model, subset, 16, micro_batch=micro, threads=1)
+            assert result.memory.as_dict() == want
+            got[micro] = result
+    finally:
+        K.set_num_threads(0)
+    assert got[4].memory.total < 0.6 * got[0].memory.total
+    for a, b in zip(got[4].update.tensors, got[0].update.tensors):  # the same training, the same update
+        np.testing.assert_allclose(a.data * a.scales[:, None], b.data * b.scales[:, None], rtol=0, atol=2e-2)

@@ -92,6 +92,7 @@ def check_data(path: str):
 def zoo_memory(name: str, data):
     """(full training bytes, smallest trainable subset bytes, note) of zoo model ``name`` for ``data``."""
     from ftte_core.cost import predict_memory
+    from ftte_core.search import micro_batch_options
     from ftte_core.subset import Subset
     from ftte_core.zoo import default_shape, zoo
 
@@ -105,9 +106,11 @@ def zoo_memory(name: str, data):
     batch = max(1, min(CHECK_BATCH, len(data)))
     full = int(predict_memory(model, Subset.full(model), batch_size=batch)["total"])
     last = model.param_layers[-1]
-    # the hub's search may hold frozen layers int8 (ftte_hub.train.cheapest_subset_bytes)
-    smallest = int(predict_memory(model, Subset.of(model, {last.name: {"rows": [], "bias": True}}),
-                                  batch_size=batch, frozen="int8")["total"])
+    # the hub's search may hold frozen layers int8 and, for a device no one-pass step fits, train in
+    # micro-batches (ftte_hub.train.cheapest_subset_bytes)
+    bias_only = Subset.of(model, {last.name: {"rows": [], "bias": True}})
+    smallest = min(int(predict_memory(model, bias_only, batch_size=batch, frozen="int8", micro_batch=m)["total"])
+                   for m in [0] + micro_batch_options(batch))
     return full, smallest, note
 
 

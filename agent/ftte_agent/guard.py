@@ -43,7 +43,8 @@ def training_memory(model: Model, subset: Subset, config: TaskConfig, num_sample
     """Bytes one training step of this task needs on this device (the cost model, no allocation)."""
     batch = max(1, min(int(config.batch_size), int(num_samples)))
     frozen = getattr(config, "frozen", "float32")
-    return int(predict_memory(model, subset, batch_size=batch, momentum=config.momentum, frozen=frozen)["total"])
+    return int(predict_memory(model, subset, batch_size=batch, momentum=config.momentum, frozen=frozen,
+                              micro_batch=getattr(config, "micro_batch", 0))["total"])
 
 
 def check_memory(model: Model, subset: Subset, config: TaskConfig, num_samples: int, budget: int) -> int:

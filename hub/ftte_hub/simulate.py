@@ -370,6 +370,7 @@ class _Setup:
         self.full_subset = Subset.full(self.model)
         self.ftte_subset = self.full_subset
         self.ftte_frozen = "float32"   # the search may hold the subset's frozen layers int8 (as the hub's does)
+        self.ftte_micro_batch = 0      # and, where no one-pass step fits, train in micro-batches
         self.tiers: List[Tuple[Subset, int]] = [(self.full_subset, self.full_step_bytes)]
         sparse = [n for n in cfg.strategies if make_strategy(n, buffer_size=cfg.buffer).sparse]
         if sparse:
@@ -392,10 +393,11 @@ class _Setup:
                                        frozen="auto")
             self.model.load_state(self.start_state)
             self.ftte_subset, self.ftte_frozen = search.subset, search.frozen
+            self.ftte_micro_batch = search.micro_batch
             log(f"FTTE subset for M_min {self.m_min / 1024:.0f} KiB: {self.ftte_subset.describe(self.model)} "
                 f"({self.ftte_subset.num_trainable(self.model):,}/{self.model.num_params():,} parameters, "
                 f"predicted {search.predicted_bytes / 1024:.0f} KiB"
-                f"{', frozen weights int8' if self.ftte_frozen == 'int8' else ''}; full training step "
+                f"{search.levers().replace(';', ',')}; full training step "
                 f"{self.full_step_bytes / 1024:.0f} KiB)")
             if "ftte-tiered" in sparse:
                 # searched and priced as trained: with the frozen layers int8 when the search for w*
@@ -403,7 +405,8 @@ class _Setup:
                 # real hub builds its tiers with the same call (ftte_hub.train)
                 self.tiers = nested_tiers(self.model, self.scores, self.ftte_subset,
                                           [d.memory_budget for d in self.devices],
-                                          cfg.batch_size, self.full_step_bytes, frozen=self.ftte_frozen)
+                                          cfg.batch_size, self.full_step_bytes, frozen=self.ftte_frozen,
+                                          micro_batch=self.ftte_micro_batch)
                 for i, (sub, nbytes) in enumerate(self.tiers):
                     log(f"tier {i}: {sub.num_trainable(self.model):,} parameters, {nbytes / 1024:.0f} KiB: "
                         f"{sub.describe(self.model)}")
@@ -496,11 +499,13 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
     model.load_state(setup.start_state)
     subset = setup.ftte_subset if strategy.sparse else setup.full_subset
     frozen = setup.ftte_frozen if strategy.sparse else "float32"
-    task_cfg = TaskConfig(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, frozen=frozen)
+    micro = setup.ftte_micro_batch if strategy.sparse else 0
+    task_cfg = TaskConfig(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, frozen=frozen,
+                          micro_batch=micro)
     driver = RoundDriver(model, subset, strategy, task_cfg, max_versions=max_versions)
     costs = []
     for tier_subset in driver.tiers:
-        predicted = predict_memory(model, tier_subset, cfg.batch_size, frozen=frozen)["total"]
+        predicted = predict_memory(model, tier_subset, cfg.batch_size, frozen=frozen, micro_batch=micro)["total"]
         install = 0
         if strategy.sparse:  # exactly the MODEL frame the hub would send this tier's agents
             install = len(install_bytes(model, tier_subset, frozen if cfg.int8_install else "float32"))
@@ -702,7 +707,8 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
         "buffer": cfg.buffer, "max_versions": cfg.max_versions, "time_budget_s": horizon,
         "pretrained": setup.pretrained, "start": setup.start,
         "augmented_device_data": setup.augmented, "samples_per_device": cfg.samples_per_device,
-        "memory_budget_min": setup.m_min, "ftte_frozen": setup.ftte_frozen, "start_accuracy": setup.start_accuracy,
+        "memory_budget_min": setup.m_min, "ftte_frozen": setup.ftte_frozen,
+        "ftte_micro_batch": setup.ftte_micro_batch, "start_accuracy": setup.start_accuracy,
         "ftte_update_bits": cfg.update_bits, "ftte_downlink_bits": cfg.downlink_bits,
         "ftte_direct_steps": cfg.downlink_direct,
         "ftte_int8_install": cfg.int8_install,

@@ -185,23 +185,24 @@ def check_model_fits_data(model: ft.Model, val: ftdata.Dataset, where: str) -> N
 
 
 def cheapest_subset_bytes(model: ft.Model, scores, batch_size: int) -> int:
-    """The predicted memory of the cheapest trainable subset (frozen weights int8, the search's
-    lever): below it an agent cannot take part."""
+    """The predicted memory of the cheapest trainable subset (with the search's levers: frozen
+    weights int8, micro-batched steps): below it an agent cannot take part."""
     try:
-        result = search_subset(model, scores, 0, batch_size=batch_size, frozen="int8")
+        result = search_subset(model, scores, 0, batch_size=batch_size, frozen="auto")
     except BudgetTooSmall as e:
         return int(e.minimum_bytes)
     return int(result.predicted_bytes)  # a zero budget fits (cannot happen: every subset costs something)
 
 
 def build_tiers(model: ft.Model, scores, smallest: Subset, frozen: str, budgets: Sequence[int],
-                batch_size: int) -> List[Tuple[Subset, int]]:
+                batch_size: int, micro_batch: int = 0) -> List[Tuple[Subset, int]]:
     """ftte-tiered's nested subsets for these agent budgets: ``[(subset, predicted bytes), ...]``,
     smallest first (``smallest``: w*, searched under M_min), at most ``search.MAX_TIERS``; each
-    larger tier searched under its budget with the frozen setting w*'s search chose (the same call
-    as the simulator's, ``ftte_core.search.nested_tiers``)."""
+    larger tier searched under its budget with the frozen setting and micro-batches w*'s search
+    chose (the same call as the simulator's, ``ftte_core.search.nested_tiers``)."""
     full_step = int(predict_memory(model, Subset.full(model), batch_size)["total"])
-    return nested_tiers(model, scores, smallest, budgets, batch_size, full_step, frozen=frozen)
+    return nested_tiers(model, scores, smallest, budgets, batch_size, full_step, frozen=frozen,
+                        micro_batch=micro_batch)
 
 
 def tiers_meta(model: ft.Model, tiers: Sequence[Tuple[Subset, int]]) -> Dict[str, Any]:
@@ -296,9 +297,10 @@ class _Run:
                 raise TrainError(f"the smallest usable agent budget, {format_size(m_min)} ({f.infos[who]['name']}), "
                                  f"is too small: the cheapest subset needs {format_size(e.minimum_bytes)}") from None
             subset, needed, frozen = result.subset, int(result.predicted_bytes), result.frozen
-            described = result.describe() + ("; frozen weights int8" if frozen == "int8" else "")
+            micro = result.micro_batch
+            described = result.describe() + result.levers()
         else:
-            subset, frozen = Subset.full(model), "float32"
+            subset, frozen, micro = Subset.full(model), "float32", 0
             needed = int(predict_memory(model, subset, cfg.batch_size)["total"])
             described = "the full model"
         event("subset", f"subset for M_min {format_size(m_min)} ({self.fleet.infos[who]['name']}): {described}; "
@@ -309,7 +311,7 @@ class _Run:
         tiers = None
         if hasattr(strategy, "set_tiers"):  # ftte-tiered: nested subsets, one per budget tier of these agents
             tiers = build_tiers(model, scores, subset, frozen, [int(f.infos[a]["memory_budget"]) for a in agents],
-                                cfg.batch_size)
+                                cfg.batch_size, micro)
             strategy.set_tiers([t for t, _ in tiers], [b for _, b in tiers])
             for i, (sub, nbytes) in enumerate(tiers):
                 event("tier", f"tier {i}: {sub.num_trainable(model):,} parameters, predicted memory "
@@ -318,7 +320,8 @@ class _Run:
         self._clear_leftovers()
         blob = model_to_bytes(model)
         atomic_write(self.out / ckpt.INITIAL_MODEL, lambda f: f.write(blob))
-        task_cfg = TaskConfig(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, frozen=frozen)
+        task_cfg = TaskConfig(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, frozen=frozen,
+                              micro_batch=micro)
         self.meta_base = {
             "format": ckpt.FORMAT, "model_hash": content_hash(blob), "model_name": model.name,
             "model_spec": cfg.model, "strategy": strategy.name, "buffer": strategy.buffer_size,

@@ -66,11 +66,17 @@ class TaskConfig:
     #: how the device holds weights that do not train: "float32", or "int8" (a scale per row;
     #: ``Trainer(frozen=...)``), the memory lever the hub's search may turn on
     frozen: str = "float32"
+    #: samples per pass of a micro-batched step (``Trainer(micro_batch=...)``): the memory lever for
+    #: activations the hub's search turns on after int8; 0 = the whole batch in one pass
+    micro_batch: int = 0
 
     def as_dict(self) -> Dict[str, object]:
         d = dict(self.__dict__)
-        if d["frozen"] == "float32":  # the default goes unsaid: a task reads as it did before the setting existed
+        # the defaults go unsaid: a task reads as it did before the setting existed
+        if d["frozen"] == "float32":
             del d["frozen"]
+        if d["micro_batch"] == 0:
+            del d["micro_batch"]
         return d
 
     @classmethod
@@ -110,6 +116,11 @@ class TaskConfig:
             if d["frozen"] not in ("float32", "int8"):
                 raise ValueError(f"frozen must be \"float32\" or \"int8\", got {str(d['frozen'])[:40]!r}")
             cfg.frozen = d["frozen"]
+        if "micro_batch" in d:
+            cfg.micro_batch = _integer(d, "micro_batch")
+            hi = L["batch_size"][1]
+            if not 0 <= cfg.micro_batch <= hi:
+                raise ValueError(f"micro_batch must be between 0 (one pass) and {hi}, got {cfg.micro_batch}")
         if d.get("max_steps") is not None:
             cfg.max_steps = _integer(d, "max_steps")
             lo, hi = L["max_steps"]
@@ -188,12 +199,13 @@ class LocalWorker:
         if limits.cancel is not None and limits.cancel.is_set():
             raise TaskCancelled("cancelled before training started")
         self.load_values(values)
-        key = (config.lr, config.momentum, config.weight_decay, config.frozen)
+        key = (config.lr, config.momentum, config.weight_decay, config.frozen, config.micro_batch)
         if self._trainer is None or self._trainer_key != key or config.momentum:
             # momentum state must not leak from one task into the next; frozen="int8" converts the
             # model's frozen layers once (they stay int8 for later tasks: the hub never sends them)
             self._trainer = Trainer(self.model, self.subset, lr=config.lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay, seed=seed, frozen=config.frozen)
+                                    weight_decay=config.weight_decay, seed=seed, frozen=config.frozen,
+                                    micro_batch=config.micro_batch)
             self._trainer_key = key
         else:
             self._trainer.rng = np.random.default_rng(seed)
