@@ -476,3 +476,38 @@ def test_max_seconds_finishes_at_the_first_merge_past_it(tmp_path):
     summary = asyncio.run(main())
     assert summary["finished"] and summary["version"] == 1
     assert summary["reason"].startswith("reached the time limit")
+
+
+def test_agents_no_one_pass_step_fits_train_in_micro_batches(tmp_path, caplog):
+    """Budgets between the cheapest micro-batched subset and the cheapest one-pass one: the hub's
+    search turns micro-batches on, the tasks carry them, the agents train and the run merges."""
+    import ftte_core as ft
+    from ftte_core.search import BudgetTooSmall, search_subset
+    from ftte_hub import checkpoint as ckpt
+    from ftte_hub.train import cheapest_subset_bytes
+
+    caplog.set_level(logging.INFO, logger="ftte_hub")
+    val, parts = digits_split(3)
+    model = ft.zoo("mlp", val.feature_shape, val.num_classes)
+    scores = {f"{l.name}.weight": [1.0] * l.weight_shape[0] for l in model.param_layers}
+    scores.update({f"{l.name}.bias": 1.0 for l in model.param_layers})
+    with pytest.raises(BudgetTooSmall) as one_pass:
+        search_subset(model, scores, 0, batch_size=16, frozen="int8")
+    floor = cheapest_subset_bytes(model, scores, 16)
+    assert floor < one_pass.value.minimum_bytes
+    budget = (floor + one_pass.value.minimum_bytes) // 2
+
+    async def main():
+        agents = [FakeAgent(KEY, parts[i], f"a{i}", budget=budget) for i in range(3)]
+        for a in agents:
+            await a.start()
+        cfg = _config(tmp_path, val, agents, max_versions=4)
+        return await _run(cfg, agents), agents
+
+    summary, agents = asyncio.run(main())
+    assert summary["version"] == 4 and all(a.tasks >= 1 for a in agents)
+    assert all(v["failed"] == 0 for v in summary["agents"].values()), summary["agents"]
+    picked = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "subset"]
+    assert picked and "micro-batches of" in picked[0], picked
+    micro = ckpt.load_checkpoint(tmp_path / "run")[0]["task_config"]["micro_batch"]
+    assert micro >= 2 and f"micro-batches of {micro}" in picked[0]
