@@ -216,12 +216,12 @@ def test_channels_last_models_get_channels_last_samples():
 
 @pytest.mark.slow  # whole simulated fleets: skipped only under emulation (pi-check)
 def test_cli_simulate_gives_a_model_the_presets_cannot_hold_a_workable_budget(tmp_path):
-    """DS-CNN's cheapest subset does not fit the Pi Zero preset (512 KiB): the default run says so
-    and searches under a quarter of full training instead; an explicit --memory-budget still
-    refuses in one line."""
+    """DS-CNN's cheapest subset (605 KiB at batch 16 in one pass, 225 KiB in micro-batches of 2)
+    does not fit a 192 KiB Pi Zero profile: the default run says so and searches under a quarter of
+    full training instead; an explicit --memory-budget still refuses in one line."""
     profiles = tmp_path / "profiles.json"
     profiles.write_text(json.dumps({"profiles": {"pi-zero-2w": {
-        "flops_per_s": 1.5e9, "memory_budget": 524288, "down_bps": 1.5e6, "up_bps": 7.5e5, "latency_s": 0.008,
+        "flops_per_s": 1.5e9, "memory_budget": 196608, "down_bps": 1.5e6, "up_bps": 7.5e5, "latency_s": 0.008,
         "dropout_per_s": 0.0, "rejoin_s": 30.0, "weight": 1.0}}}))
     common = ["simulate", "--model", "dscnn", "--clients", "3", "--max-versions", "1", "--buffer", "2",
               "--samples-per-device", "16", "--strategies", "ftte", "--pretrain-fraction", "0", "--batch-size", "16",
@@ -230,6 +230,6 @@ def test_cli_simulate_gives_a_model_the_presets_cannot_hold_a_workable_budget(tm
     assert res.exit_code == 0, res.output
     assert "cannot train this model" in res.output and "--memory-budget sets it" in res.output
     results = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert results["memory_budget_min"] > 512 * 1024
-    res = CliRunner().invoke(hub_cli, common + ["--memory-budget", "256KiB", "--out", str(tmp_path / "b")])
+    assert results["memory_budget_min"] > 192 * 1024
+    res = CliRunner().invoke(hub_cli, common + ["--memory-budget", "128KiB", "--out", str(tmp_path / "b")])
     assert res.exit_code == 2 and "too small" in res.output and "Traceback" not in res.output, res.output
