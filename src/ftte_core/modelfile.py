@@ -617,7 +617,7 @@ def _declared_float32_bytes(specs: list) -> int:
 
 
 def model_from_bytes(buf, max_bytes: int = DEFAULT_MAX_BYTES, max_param_bytes: Optional[int] = None) -> Model:
-    """Parse and rebuild (format version 2, or a version-1 chain); any defect raises
+    """Parse and rebuild (format versions 2 to 4, or a version-1 chain); any defect raises
     ModelFileError with a one-line reason.
 
     ``max_param_bytes``: weights and constants larger than this as float32 (int8-stored weights
