@@ -260,9 +260,11 @@ def test_the_hub_starts_quantised_and_sends_each_agent_the_install_it_reads(tmp_
     """A tight budget: ftte trains with frozen weights int8. The run's model file holds the
     quantised start; an agent of format 4 gets the version-4 install, one of format 3 the
     version-3 one, one that says nothing the float32 file; all three hold the same trained
-    values (the downlink resolves from each one's origin without a resync)."""
+    values (the downlink resolves from each one's origin without a resync). The hub is stopped
+    and resumed from its checkpoint: each agent still got one MODEL."""
     pytest.importorskip("onnx", reason="the hub needs the onnx package")
     from ftte_hub import checkpoint as ckpt
+    from ftte_hub.fleet import Hooks
     from ftte_hub.train import run_train
 
     from test_hub_fakes import FakeAgent, digits_split
@@ -271,23 +273,40 @@ def test_the_hub_starts_quantised_and_sends_each_agent_the_install_it_reads(tmp_
 
     val, parts = digits_split(3)
     formats = (4, 3, None)
+    agents = [FakeAgent(KEY, parts[i], f"a{i}", budget=340 << 10, downlink="on", model_format=f)
+              for i, f in enumerate(formats)]
 
-    async def main():
-        agents = [FakeAgent(KEY, parts[i], f"a{i}", budget=340 << 10, downlink="on", model_format=f)
-                  for i, f in enumerate(formats)]
+    async def first_run():   # "crashes" after its second merge
         for a in agents:
             await a.start()
-        cfg = _config(tmp_path, val, agents, strategy="ftte", buffer=2, max_versions=4)
+        merges = []
+        hooks = Hooks(on_merge=lambda report, t: merges.append(report))
+        run = asyncio.ensure_future(run_train(_config(tmp_path, val, agents, strategy="ftte", buffer=2,
+                                                      max_versions=1000), KEY, hooks))
+        deadline = asyncio.get_running_loop().time() + scaled(120)
+        while len(merges) < 2 and not run.done() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.001)
+        assert len(merges) >= 2, run.exception() if run.done() else "no second merge in time"
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+
+    async def resumed():
         try:
-            return await asyncio.wait_for(run_train(cfg, KEY), scaled(300)), agents
+            cfg = _config(tmp_path, val, agents, strategy="ftte", buffer=2, max_versions=6)
+            return await asyncio.wait_for(run_train(cfg, KEY), scaled(300))
         finally:
             for a in agents:
                 await a.close()
 
-    summary, agents = asyncio.run(main())
+    async def main():   # one loop: the agents serve both hubs
+        await first_run()
+        initial = (tmp_path / "run" / ckpt.INITIAL_MODEL).read_bytes()
+        return initial, await resumed()
+
+    initial, summary = asyncio.run(main())
     meta = ckpt.load_checkpoint(tmp_path / "run")[0]
     assert meta["task_config"]["frozen"] == "int8"
-    initial = (tmp_path / "run" / ckpt.INITIAL_MODEL).read_bytes()
+    assert (tmp_path / "run" / ckpt.INITIAL_MODEL).read_bytes() == initial   # the resume wrote no other
     start = model_from_bytes(initial)
     subset = Subset.from_dict(start, meta["subset"])
     for layer in start.param_layers:   # the run's file holds every trained row as its int8 round trip
@@ -298,6 +317,8 @@ def test_the_hub_starts_quantised_and_sends_each_agent_the_install_it_reads(tmp_
             "a2": initial}
     origin = subset_values(start, subset)
     for a, version in zip(agents, (4, 3, 2)):
+        # one MODEL across the restart: the resumed hub rebuilt the same bytes (found cached by
+        # hash), from the run's file, quantising nothing again
         assert a.model_downloads == 1 and list(a.blobs.values()) == [want[a.agent_id]], a.agent_id
         assert struct.unpack_from("<H", want[a.agent_id], 4)[0] == version
         held = model_from_bytes(next(iter(a.blobs.values())))   # (a.models trained on in place)
@@ -306,4 +327,4 @@ def test_the_hub_starts_quantised_and_sends_each_agent_the_install_it_reads(tmp_
             np.testing.assert_array_equal(_bits(origin[k]), _bits(got[k]))
         assert a.tasks >= 1 and a.resyncs == 0
     assert len(want["a0"]) < len(want["a1"]) < len(initial)
-    assert summary["version"] == 4
+    assert summary["version"] == 6 and all(a.connections >= 2 for a in agents)
