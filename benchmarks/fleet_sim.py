@@ -230,6 +230,13 @@ def main():
             print(f"- {s} / fedavg: time to target {spread(ttt)} (goal <= 0.19); peak device memory "
                   f"{spread(mem)} (goal <= 0.20); bytes to target {spread(btt)} (goal <= 0.31, aim 0.15), "
                   f"without the one-time install of the model {spread(rbt)}")
+            per_device = [x.get("install_bytes_per_device") for x in f]   # ftte-tiered: one per tier
+            per_device = [(v[0] if isinstance(v, list) and v else v) for v in per_device]
+            per_device = [v / 1000 if isinstance(v, int) else None for v in per_device]
+            print(f"- {s}: install {spread(per_device, '{:,.1f}')} KB per device"
+                  f"{' of tier 0' if s == 'ftte-tiered' else ''}; start accuracy "
+                  f"{spread([x.get('start_accuracy') for x in f], '{:.4f}')} (its quantised start when the "
+                  f"install is int8)")
         for a, b, goal in (("ftte", "fedbuff", ">= 0"), ("ftte", "fedavg-full", ">= -2"),
                            ("ftte-tiered", "fedbuff-full", ">= -1"), ("ftte-tiered", "fedavg-full", "")):
             if a in rows and b in rows:

@@ -20,7 +20,7 @@ from ftte_core.channel import Channel, ChannelClosed, ChannelError
 from ftte_core.cost import predict_memory
 from ftte_core.data import Dataset, load_bundled, save_npz
 from ftte_core.local import LocalWorker, TaskConfig
-from ftte_core.modelfile import content_hash, install_bytes, model_to_bytes
+from ftte_core.modelfile import content_hash, install_bytes, model_to_bytes, quantize_trained_rows
 from ftte_core.protocol import PROTOCOL_VERSION, Connection, generate_key, read_key, write_key
 from ftte_core.subset import Subset
 from ftte_core.update import Update, check_update, subset_values
@@ -1291,17 +1291,19 @@ def test_a_model_over_the_budget_as_float32_but_not_as_int8_is_cached(fleet, tmp
     float32 weights do not fit (found with ftte-tiered: such an agent refused MODEL and re-dialled
     forever); the agent must take the model and leave the pricing to each task's own check.
     Then the same model as the hub installs it for such a run (format version 3: the weights the
-    subset does not train int8; the agent says it reads it): the same task gives the same update,
-    bit for bit."""
+    subset does not train int8; version 4: the trained rows too, exactly, from the hub's quantised
+    start; the agent says it reads both): the same task gives the same update, bit for bit."""
     model = zoo("mlp", (64,), 10, seed=30, hidden=(256, 256))     # 332 KiB of float32 weights
     a = start_agent(fleet["key"], fleet["data"], tmp_path / "state", "--memory-budget", "200KiB")
     head = Subset.of(model, {"fc2": {"rows": [3, 9], "bias": True}, "fc3": {"rows": "all", "bias": True}})
-    blobs = [model_to_bytes(model), install_bytes(model, head, "int8")]
-    assert len(blobs[1]) < 0.45 * len(blobs[0])
+    quantize_trained_rows(model, [head])
+    blobs = [model_to_bytes(model), install_bytes(model, head, "int8", model_format=3),
+             install_bytes(model, head, "int8")]
+    assert len(blobs[1]) < 0.45 * len(blobs[0]) and len(blobs[2]) < len(blobs[1]) - 2 * 256 * 3
     try:
         async def go():
             ch, info = await hello(a.port, fleet["key"])
-            assert info["model_format"] == 3
+            assert info["model_format"] == 4
             got = []
             for i, blob in enumerate(blobs):
                 await ch.send(M.MODEL, blob)
@@ -1318,11 +1320,12 @@ def test_a_model_over_the_budget_as_float32_but_not_as_int8_is_cached(fleet, tmp
     for t, body in got:
         assert t == M.UPDATE, (M.name(t), body[:300])
     assert sorted(p.read_bytes() for p in (tmp_path / "state" / "models").iterdir()) == sorted(blobs)
-    u, v = (Update.from_bytes(body) for _t, body in got)
-    assert [x.key for x in u.tensors] == [x.key for x in v.tensors]
-    for x, y in zip(u.tensors, v.tensors):
-        np.testing.assert_array_equal(x.data, y.data)
-        np.testing.assert_array_equal(x.scales, y.scales)
+    u, *others = (Update.from_bytes(body) for _t, body in got)
+    for v in others:
+        assert [x.key for x in u.tensors] == [x.key for x in v.tensors]
+        for x, y in zip(u.tensors, v.tensors):
+            np.testing.assert_array_equal(x.data, y.data)
+            np.testing.assert_array_equal(x.scales, y.scales)
 
 
 def test_a_task_that_fits_only_in_micro_batches_trains(fleet, tmp_path):

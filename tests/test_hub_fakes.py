@@ -33,7 +33,7 @@ def digits_split(n_agents: int, seed: int = 0):
 class FakeAgent:
     def __init__(self, key: bytes, data: Optional[ftdata.Dataset], agent_id: str, budget: int = 64 << 20,
                  behaviour: str = "good", models: Optional[List[str]] = None, pending: Optional[List[bytes]] = None,
-                 downlink: str = "off", delay: float = 0.05):
+                 downlink: str = "off", delay: float = 0.05, model_format: Optional[int] = None):
         assert behaviour in BEHAVIOURS, behaviour
         self.delay = delay                    # behaviour "slow": seconds added to every task
         # behaviour "slow" with lag_behind = (other agents, n): hold each task until the others have
@@ -44,6 +44,7 @@ class FakeAgent:
         # lose: forgets what it holds every third task; chains: an agent from before direct steps
         assert downlink in ("off", "on", "lose", "chains"), downlink
         self.downlink = downlink
+        self.model_format = model_format      # the newest model file version it says it reads (None: says nothing)
         self.held: Optional[DL.Held] = None
         self.frames: List[str] = []           # kind of every downlink frame received ("snapshot", "delta", "direct")
         self.resyncs = 0
@@ -110,6 +111,8 @@ class FakeAgent:
                 "memory_budget": self.budget, "speed": 1.0, "slowdown": 1.0,
                 "models": self.announce + list(self.models), "pending": len(self.pending),
                 "num_samples": 0 if self.data is None else len(self.data), "arch": "test", "software": "fake"}
+        if self.model_format is not None:
+            info["model_format"] = self.model_format
         if self.downlink != "off":
             info["downlink"] = {"format": 1, "direct": self.downlink != "chains",
                                 **(self.held.describe() if self.held is not None else {})}

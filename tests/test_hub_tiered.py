@@ -238,7 +238,8 @@ def test_tiered_hub_and_agent_processes_reach_accuracy_and_a_resume_keeps_the_ti
         alog = (tmp_path / f"agent{i}.log").read_text()
         assert "Traceback" not in alog, alog[-2000:]
     # each agent got its tier's install once: the resumed hub rebuilt the same bytes (same hash,
-    # found cached), and with frozen weights int8 the small tier's is model file version 3
+    # found cached), and with frozen weights int8 the small tier's is model file version 4 (its
+    # trained rows int8 too: the run started from their int8 round trip)
     frozen = ckpt.load_checkpoint(tmp_path / "run")[0]["task_config"].get("frozen", "float32")
     plain = (tmp_path / "run" / ckpt.INITIAL_MODEL).stat().st_size
     for i in range(3):
@@ -246,5 +247,5 @@ def test_tiered_hub_and_agent_processes_reach_accuracy_and_a_resume_keeps_the_ti
         assert len(files) == 1, files
         version = struct.unpack_from("<H", files[0].read_bytes(), 4)[0]
         if i < 2:  # (340 KiB at batch 16 holds w* only with frozen weights int8)
-            assert frozen == "int8" and version == 3 and files[0].stat().st_size < 0.6 * plain
+            assert frozen == "int8" and version == 4 and files[0].stat().st_size < 0.6 * plain
         assert (tmp_path / f"agent{i}.log").read_text().count("received and cached") == 1

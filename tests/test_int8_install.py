@@ -220,20 +220,23 @@ def test_conv1d_weights_travel_int8_too():
     _assert_same_storage(model, back)
 
 
-def test_the_hub_sends_the_install_only_to_agents_that_read_version_3():
+def test_the_hub_sends_each_agent_the_newest_install_it_reads():
     from ftte_hub.fleet import Fleet, FleetSettings, parse_agent_info
     fleet = Fleet(b"k" * 32, FleetSettings())
     fleet.model_blob, fleet.model_hash = b"float", "f" * 64
-    fleet.installs = [(b"int8", "a" * 64)]
+    fleet.installs = {3: [(b"int8", "a" * 64)], 4: [(b"int8-trained", "b" * 64)]}
     base = {"agent_id": "a1", "memory_budget": 1 << 20}
     old = parse_agent_info(json.dumps(base).encode())
-    new = parse_agent_info(json.dumps({**base, "model_format": 3}).encode())
+    v3 = parse_agent_info(json.dumps({**base, "model_format": 3}).encode())
+    v4 = parse_agent_info(json.dumps({**base, "model_format": 4}).encode())
+    later = parse_agent_info(json.dumps({**base, "model_format": 9}).encode())
     odd = parse_agent_info(json.dumps({**base, "model_format": "3"}).encode())
-    assert old["model_format"] == 2 and new["model_format"] == 3 and odd["model_format"] == 2
+    assert old["model_format"] == 2 and v3["model_format"] == 3 and odd["model_format"] == 2
     assert fleet.model_for(old) == (b"float", "f" * 64)
-    assert fleet.model_for(new) == (b"int8", "a" * 64)
-    fleet.installs = []  # a float32-frozen run (or --float32-install): everyone gets the float32 file
-    assert fleet.model_for(new) == (b"float", "f" * 64)
+    assert fleet.model_for(v3) == (b"int8", "a" * 64)          # an agent of format 3 never gets version 4
+    assert fleet.model_for(v4) == fleet.model_for(later) == (b"int8-trained", "b" * 64)
+    fleet.installs = {}  # a float32-frozen run (or --float32-install): everyone gets the float32 file
+    assert fleet.model_for(v4) == (b"float", "f" * 64)
 
 
 def test_reading_an_install_never_holds_its_int8_weights_as_float32():

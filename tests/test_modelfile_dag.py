@@ -158,8 +158,8 @@ def test_a_version_1_reader_refuses_a_new_file_by_its_version():
     with pytest.raises(modelfile.ModelFileError, match=re.escape("unsupported model file format version 2 "
                                                                  "(this side reads 1)")):
         binfmt.split_prefixed(blob, "model file", b"FTMD", 1, 1 << 20, 1 << 20, modelfile.ModelFileError)
-    with pytest.raises(modelfile.ModelFileError, match=re.escape("format version 4 (this side reads 1, 2 and 3)")):
-        modelfile.model_from_bytes(blob[:4] + struct.pack("<H", 4) + blob[6:])
+    with pytest.raises(modelfile.ModelFileError, match=re.escape("format version 5 (this side reads 1, 2, 3 and 4)")):
+        modelfile.model_from_bytes(blob[:4] + struct.pack("<H", 5) + blob[6:])
 
 
 def _small_dag():

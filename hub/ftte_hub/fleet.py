@@ -44,7 +44,7 @@ import numpy as np
 from ftte_core import downlink as DL
 from ftte_core import messages as M
 from ftte_core.channel import CLOSE_LINGER, Channel, ChannelClosed, ChannelError, HandshakeCutShort
-from ftte_core.modelfile import INT8_FORMAT_VERSION, model_from_bytes
+from ftte_core.modelfile import model_from_bytes
 from ftte_core.subset import Subset
 from ftte_core.update import Update, UpdateError, subset_values
 
@@ -209,11 +209,12 @@ class Fleet:
         self.needed_what = "this run's subset"   # (before the search: of the cheapest subset)
         self.model_blob = b""
         self.model_hash = ""
-        # the same model as installed on agents that read int8 storage (model file version 3), one
-        # per tier (ftte-tiered; else one): the weights the tier does not train as the agent holds
-        # them anyway (``modelfile.install_bytes``), as (bytes, hash). The float32 file for the
-        # others. The tier's subset has the same (origin) values in both.
-        self.installs: List[Tuple[bytes, str]] = []
+        # the same model as installed on agents that read int8 storage, by model file version
+        # (3: the weights the tier does not train as the agent holds them anyway; 4: also the
+        # trained rows int8, exactly, ``modelfile.install_bytes``), one per tier (ftte-tiered;
+        # else one), as (bytes, hash). The float32 file for the others. The tier's subset has the
+        # same (origin) values in all of them.
+        self.installs: Dict[int, List[Tuple[bytes, str]]] = {}
         self.run_id = ""                      # this run's id ("" : no run scope, e.g. a bare test fleet)
         self.subset_dict: Dict[str, Any] = {}
         self.stopping = False
@@ -387,14 +388,15 @@ class Fleet:
         return d
 
     def model_for(self, info: Dict[str, Any]) -> Tuple[bytes, str]:
-        """(MODEL bytes, their hash) for an agent: its tier's int8 install if it reads version 3,
-        else the float32 file."""
-        if not self.installs or info.get("model_format", 2) < INT8_FORMAT_VERSION:
+        """(MODEL bytes, their hash) for an agent: its tier's install of the newest model file
+        version it reads (3 or 4), else the float32 file."""
+        readable = [v for v in self.installs if v <= info.get("model_format", 2)]
+        if not readable:
             return self.model_blob, self.model_hash
+        installs = self.installs[max(readable)]
         strategy = self.coordinator.driver.strategy if self.coordinator is not None else None
         tier = strategy.tier_for_budget(int(info["memory_budget"])) if strategy is not None and strategy.tiers else 0
-        return self.installs[tier] if tier is not None and tier < len(self.installs) else (self.model_blob,
-                                                                                           self.model_hash)
+        return installs[tier] if tier is not None and tier < len(installs) else (self.model_blob, self.model_hash)
 
     def _message(self, task, model_hash: Optional[str] = None) -> M.TaskMessage:
         return M.TaskMessage(task_id=task.id, run_id=self.run_id, base_version=int(task.base_version),

@@ -32,7 +32,7 @@ from ftte_core.cost import predict_memory, training_flops
 from ftte_core.downlink import DownlinkCounter
 from ftte_core.graph import Transpose
 from ftte_core.local import LocalWorker, TaskConfig
-from ftte_core.modelfile import install_bytes
+from ftte_core.modelfile import install_bytes, quantize_trained_rows
 from ftte_core.scheduler import RoundDriver
 from ftte_core.search import BudgetTooSmall, importance_scores, nested_tiers, search_subset
 from ftte_core.strategies import FTTE, make_strategy
@@ -242,6 +242,8 @@ class StrategyRun:
     departures: int = 0         # tasks lost because their device left mid-task
     tiers: List[Dict[str, int]] = field(default_factory=list)
     downlink_frames: Dict[str, int] = field(default_factory=dict)   # ftte strategies: frames sent by kind
+    start_accuracy: float = 0.0   # of the strategy's start (the ftte int8 install's: its quantised start)
+    quantised_values: int = 0     # trained weights the start holds as their int8 round trip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,12 +504,18 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
     micro = setup.ftte_micro_batch if strategy.sparse else 0
     task_cfg = TaskConfig(lr=cfg.lr, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, frozen=frozen,
                           micro_batch=micro)
+    run = StrategyRun(name, start_accuracy=setup.start_accuracy)
+    if strategy.sparse and frozen == "int8" and cfg.int8_install:
+        # as the hub does (ftte_hub.train): the trained rows start at their int8 round trip, so the
+        # install carries them int8, exactly (model file version 4)
+        run.quantised_values = quantize_trained_rows(model, list(strategy.tiers) if strategy.tiers else [subset])
+        run.start_accuracy = model.evaluate(setup.val.x, setup.val.y)[1]
     driver = RoundDriver(model, subset, strategy, task_cfg, max_versions=max_versions)
     costs = []
     for tier_subset in driver.tiers:
         predicted = predict_memory(model, tier_subset, cfg.batch_size, frozen=frozen, micro_batch=micro)["total"]
         install = 0
-        if strategy.sparse:  # exactly the MODEL frame the hub would send this tier's agents
+        if strategy.sparse:  # exactly the MODEL frame the hub would send this tier's (current) agents
             install = len(install_bytes(model, tier_subset, frozen if cfg.int8_install else "float32"))
         costs.append(_TierCost(tier_subset, predicted, training_flops(model, tier_subset, 1), install,
                                LocalWorker(model.copy(), tier_subset),
@@ -517,7 +525,7 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
                                                direct=cfg.downlink_direct)
                                if strategy.sparse else None))
     cost_by_fp = {c.subset.fingerprint(): c for c in costs}
-    run = StrategyRun(name, subset=driver.subset.describe(model), trainable_params=driver.subset.num_trainable(model))
+    run.subset, run.trainable_params = driver.subset.describe(model), driver.subset.num_trainable(model)
     run.peak_memory_predicted = costs[-1].predicted_bytes
 
     rng = np.random.default_rng(cfg.seed + 7)
@@ -589,7 +597,7 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
     last_report = time.perf_counter()
     for d in eligible:
         driver.device_joined(d.id, {"memory_budget": d.memory_budget})
-    run.curve.append((0.0, driver.version, setup.start_accuracy, 0, 0, 0))
+    run.curve.append((0.0, driver.version, run.start_accuracy, 0, 0, 0))
     for j in rng.permutation(len(eligible)):
         dispatch(0.0, eligible[j])
     wall0 = time.perf_counter()
@@ -736,6 +744,8 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
             # the model file one device gets (its tier's; ftte strategies; 0: tasks carry the model)
             "install_bytes_per_device": r.install_frame_bytes[0] if len(r.install_frame_bytes) == 1
             else r.install_frame_bytes,
+            "start_accuracy": r.start_accuracy,
+            "quantised_start_values": r.quantised_values,
             "final_accuracy": r.curve[-1][2],
             "best_accuracy": max(p[2] for p in r.curve),
             "final_time_s": r.curve[-1][0],

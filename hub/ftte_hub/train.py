@@ -38,7 +38,8 @@ from ftte_core import data as ftdata
 from ftte_core import messages as M
 from ftte_core.cost import predict_memory
 from ftte_core.local import TaskConfig
-from ftte_core.modelfile import ModelFileError, content_hash, install_bytes, model_from_bytes, model_to_bytes
+from ftte_core.modelfile import (INT8_FORMAT_VERSION, TRAINED_INT8_FORMAT_VERSION, ModelFileError, content_hash,
+                                 install_bytes, model_from_bytes, model_to_bytes, quantize_trained_rows)
 from ftte_core.scheduler import RoundDriver
 from ftte_core.search import BudgetTooSmall, format_size, importance_scores, nested_tiers, search_subset
 from ftte_core.strategies import MergeReport, make_strategy
@@ -317,6 +318,16 @@ class _Run:
                 event("tier", f"tier {i}: {sub.num_trainable(model):,} parameters, predicted memory "
                       f"{format_size(nbytes)}: {sub.describe(model)}",
                       fields={"tier": i, "trainable": sub.num_trainable(model), "predicted_bytes": nbytes})
+        if strategy.sparse and frozen == "int8" and cfg.int8_install:
+            # the trained rows start at their int8 round trip, so the install carries them int8 and
+            # exactly (model file version 4): every file of the run is written from here on, and the
+            # hub's values, the downlink's origin and every device's start agree bit for bit
+            before = model.evaluate(self.val.x, self.val.y)[1]
+            n = quantize_trained_rows(model, [t for t, _ in tiers] if tiers is not None else [subset])
+            after = model.evaluate(self.val.x, self.val.y)[1]
+            event("quantised_start", f"the {n:,} trained weights start at their int8 round trip (per row): "
+                  f"start accuracy {before:.4f} -> {after:.4f}",
+                  fields={"values": n, "accuracy_before": before, "accuracy_after": after})
         self._clear_leftovers()
         blob = model_to_bytes(model)
         atomic_write(self.out / ckpt.INITIAL_MODEL, lambda f: f.write(blob))
@@ -479,14 +490,17 @@ class _Run:
         f = self.fleet
         f.coordinator = self.coord
         f.model_blob, f.model_hash = blob, content_hash(blob)
-        f.installs = []
+        f.installs = {}
         if cfg.int8_install and task_cfg.frozen == "int8":
             # from the model file, not ``model`` (a resumed run's values moved on): the same bytes
-            # every time, so agents find them cached
+            # every time, so agents find them cached (the file holds the quantised start already:
+            # nothing is quantised again)
             start = model_from_bytes(blob)
-            for tier in self.driver.tiers:
-                one = install_bytes(start, tier, task_cfg.frozen)
-                f.installs.append((one, content_hash(one)))
+            for version in (INT8_FORMAT_VERSION, TRAINED_INT8_FORMAT_VERSION):
+                f.installs[version] = []
+                for tier in self.driver.tiers:
+                    one = install_bytes(start, tier, task_cfg.frozen, model_format=version)
+                    f.installs[version].append((one, content_hash(one)))
         f.subset_dict = self.driver.subset.to_dict()
         f.run_id = self.meta_base["run_id"]
         self.driver.task_prefix = str(self.meta_base.get("task_prefix", ""))

@@ -143,6 +143,61 @@ def quantize_rows(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return q.reshape(w.shape), scale
 
 
+def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float32(q) * scale, row by row, in float32: the one operation that turns int8 levels into
+    values wherever values must agree bit for bit (the hub's quantised start, the model file's
+    int8-stored trained rows, ``exact_int8_rows``' check)."""
+    w = np.asarray(q).astype(np.float32)
+    w *= np.asarray(scale, dtype=np.float32).reshape((-1,) + (1,) * (w.ndim - 1))
+    return w
+
+
+def round_trip_rows(w: np.ndarray) -> np.ndarray:
+    """``w``'s rows as the int8 quantiser keeps them (``quantize_rows`` then ``dequantize_rows``)."""
+    return dequantize_rows(*quantize_rows(w))
+
+
+#: float32 steps (ulps) either side of max|row| / 127 that ``exact_int8_rows`` tries as a scale
+_SCALE_NEIGHBOURS = (0, -1, 1, -2, 2, -3, 3)
+
+
+def exact_int8_rows(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q, scale, exact) with ``dequantize_rows(q[r], scale[r])`` equal bit for bit to row ``w[r]``
+    wherever ``exact[r]``; other rows' q and scale are meaningless (store them as float32).
+
+    A row that was ``round_trip_rows``' output is exact, but its scale is not always recovered by
+    computing max|row| / 127 again (the product max|q| * s was rounded to float32, then divided
+    and rounded again), so the float32 neighbours of that estimate are tried too. Levels come
+    from round(row / s); every candidate is verified, never assumed."""
+    w = np.asarray(w, dtype=np.float32)
+    o = w.shape[0]
+    flat = w.reshape(o, -1)
+    want = flat.view(np.uint32)
+    q = np.zeros(flat.shape, np.int8)
+    scale = np.zeros(o, np.float32)
+    exact = np.zeros(o, bool)
+    if flat.shape[1] == 0 or o == 0:
+        return q.reshape(w.shape), scale, np.ones(o, bool)
+    finite = np.all(np.isfinite(flat), axis=1)
+    base = (np.max(np.abs(np.where(finite[:, None], flat, 0)), axis=1) / np.float32(127.0)).astype(np.float32)
+    for k in _SCALE_NEIGHBOURS:
+        todo = np.flatnonzero(~exact & finite)
+        if not todo.size:
+            break
+        s = base[todo]
+        for _ in range(abs(k)):
+            s = np.nextafter(s, np.float32(np.inf if k > 0 else -np.inf)).astype(np.float32)
+        s = np.where(s < 0, np.float32(0), s).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            levels = np.where(s[:, None] > 0, np.rint(flat[todo] / s[:, None]), 0)
+        ok = np.all(np.abs(levels) <= 127, axis=1)
+        cand = np.clip(levels, -127, 127).astype(np.int8)
+        ok &= np.all(dequantize_rows(cand, s).view(np.uint32) == want[todo], axis=1)
+        hit = todo[ok]
+        q[hit], scale[hit], exact[hit] = cand[ok], s[ok], True
+    return q.reshape(w.shape), scale, exact
+
+
 def _row_slots(o: int, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(row_slot, frozen row indices) of a mixed weight of ``o`` rows whose ``rows`` train (see
     ``_Int8Weight``: slot >= 0 a trained row's place, < 0 ``~`` a frozen row's place)."""

@@ -19,6 +19,16 @@ about a quarter of the bytes (``install_bytes``). A "params" entry may then be `
 R trained rows' indices (int32) and their float32 values. Only a Dense's or a Conv's weight takes
 these forms (a grouped Conv only "int8"). A file with no int8 storage is written as version 2.
 
+Version 4 adds int8 storage of *trained* rows whose float32 values are exactly ``levels * scale``
+(the hub quantises the start of a run's trained rows so that they are: ``quantize_trained_rows``):
+``[name, shape, "int8-trained", R, F]``: the int8 levels of every row except F (C order, ascending
+row index) and their float32 scales, then the R trained rows' indices (int32, the order the
+device trains them in; 1 <= R <= O), then the F trained rows kept float32 (0 <= F < R: those whose
+values no int8 row reproduces exactly): their indices (int32, ascending) and float32 values. A
+trained row's value is ``float32(levels) * scale`` computed in float32 (``graph.dequantize_rows``),
+bit for bit what the hub holds. The layer is then mixed over the R rows as with "mixed" (R < O), or
+float32 (R = O). A file is version 4 only when some weight takes this form.
+
 The model is a DAG (``graph.Model``): ``inputs`` lists the values a layer reads, 0 for the model
 input and j + 1 for layer j's output, so every entry names an earlier layer. ``constants`` are
 frozen arrays a layer carries besides its trainable parameters (batch-norm "mean" and "var", the
@@ -55,7 +65,7 @@ import numpy as np
 from .binfmt import PREFIX, split_prefixed
 from .graph import (AvgPool2d, BatchNorm, Binary, Clip, Concat, Conv1d, Conv2d, Dense, Dropout, Flatten,
                     GlobalAvgPool, HardSigmoid, HardSwish, Layer, LeakyReLU, MaxPool2d, Model, Pad, ReLU, Reshape,
-                    Sigmoid, StoredWeight, Tanh, Transpose)
+                    Sigmoid, StoredWeight, Tanh, Transpose, dequantize_rows, exact_int8_rows, round_trip_rows)
 
 if TYPE_CHECKING:
     from .subset import Subset
@@ -65,8 +75,10 @@ MAGIC = b"FTMD"
 FORMAT_VERSION = 2
 #: 3: version 2 plus int8 storage of Dense/Conv weights (written only when a weight has it)
 INT8_FORMAT_VERSION = 3
+#: 4: version 3 plus int8 storage of trained rows that are exactly int8 ("int8-trained")
+TRAINED_INT8_FORMAT_VERSION = 4
 #: versions this reader accepts: 1 is the chain format of earlier releases
-READABLE_VERSIONS = (1, 2, 3)
+READABLE_VERSIONS = (1, 2, 3, 4)
 #: the kinds whose "weight" may be stored int8 (version 3)
 INT8_KINDS = ("dense", "conv2d", "conv1d")
 MAX_HEADER_BYTES = 1 << 20
@@ -163,15 +175,52 @@ def _stored_weight(layer: Layer) -> Optional[Tuple[list, List[bytes]]]:
     return None
 
 
-def model_to_bytes(model: Model, int8_storage: bool = False) -> bytes:
+def _trained_int8_weight(layer: Layer, rows: np.ndarray) -> Optional[Tuple[list, List[bytes]]]:
+    """(header entry, arrays) of ``layer``'s weight in the "int8-trained" form (version 4), its
+    rows ``rows`` trained, or None when no trained row is exactly int8 (the version-3 forms say
+    it as well). ``layer`` holds the weight mixed over ``rows`` or float32 (``rows`` all of them);
+    the frozen rows keep the int8 levels the mixed weight holds. Each trained row is stored int8
+    only if dequantising it gives its float32 bits back (``exact_int8_rows``), else float32."""
+    shape = tuple(layer.weight_shape)
+    o = shape[0]
+    if layer.is_mixed:
+        trained = layer.weight_trained
+        levels = np.empty(shape, np.int8)
+        scales = np.empty(o, np.float32)
+        frozen = layer.row_slot < 0
+        levels[frozen], scales[frozen] = layer.weight_q, layer.weight_scale
+    else:
+        trained = np.asarray(layer.weight)[rows]
+        levels, scales = np.zeros(shape, np.int8), np.zeros(o, np.float32)
+    q, scale, exact = exact_int8_rows(trained)
+    if not exact.any():
+        return None
+    levels[rows[exact]], scales[rows[exact]] = q[exact], scale[exact]
+    float_rows = np.sort(rows[~exact]).astype(np.int32)
+    keep = np.ones(o, bool)
+    keep[float_rows] = False
+    by_row = np.empty((o,) + shape[1:], np.float32)
+    by_row[rows] = trained
+    return (["weight", list(shape), "int8-trained", int(rows.size), int(float_rows.size)],
+            [levels[keep].tobytes(), scales[keep].astype("<f4").tobytes(), rows.astype("<i4").tobytes(),
+             float_rows.astype("<i4").tobytes(), np.ascontiguousarray(by_row[float_rows], dtype="<f4").tobytes()])
+
+
+def model_to_bytes(model: Model, int8_storage: bool = False,
+                   trained_int8: Optional[Dict[str, Tuple[list, List[bytes]]]] = None) -> bytes:
     """The model as a file: header, then each layer's parameters and constants, float32 (version 2).
 
     ``int8_storage``: weights the model holds int8 or mixed are written as they are held (version
-    3, when there is one), not as their dequantised float32 values."""
+    3, when there is one), not as their dequantised float32 values. ``trained_int8``: layer name
+    -> its weight in the "int8-trained" form (``_trained_int8_weight``; version 4)."""
     layers, arrays = [], []
     version = FORMAT_VERSION
+    trained_int8 = trained_int8 or {}
     for layer, ins in zip(model.layers, model.inputs):
         stored = _stored_weight(layer) if int8_storage else None
+        if layer.name in trained_int8:
+            stored = trained_int8[layer.name]
+            version = TRAINED_INT8_FORMAT_VERSION
         # (params() would dequantise a stored weight only for it to be skipped)
         params = {"weight": None, "bias": layer.bias} if stored is not None else layer.params()
         consts = layer.constants()
@@ -180,7 +229,7 @@ def model_to_bytes(model: Model, int8_storage: bool = False) -> bytes:
             if k == "weight" and stored is not None:
                 entries.append(stored[0])
                 arrays.extend(stored[1])
-                version = INT8_FORMAT_VERSION
+                version = max(version, INT8_FORMAT_VERSION)
             else:
                 entries.append([k, list(v.shape)])
                 arrays.append(np.ascontiguousarray(v, dtype="<f4").tobytes())
@@ -193,23 +242,73 @@ def model_to_bytes(model: Model, int8_storage: bool = False) -> bytes:
     return b"".join([PREFIX.pack(MAGIC, version, 0, len(header)), header] + arrays)
 
 
-def install_bytes(model: Model, subset: "Subset", frozen: str) -> bytes:
+def install_bytes(model: Model, subset: "Subset", frozen: str,
+                  model_format: int = TRAINED_INT8_FORMAT_VERSION) -> bytes:
     """The model file the hub installs on a device that trains ``subset`` (its tier's, for
     ftte-tiered) with frozen weights ``frozen``: with "int8", every weight the subset trains no row
     of is stored as the device will hold it anyway (``Trainer(frozen="int8")``: int8 with a scale
     per row; partly trained: mixed, the subset's rows float32 and exact), about a quarter of the
-    float32 bytes; with "float32", the float32 file. Deterministic: a resumed run rebuilds the same
-    bytes (agents find it cached by its hash). ``model`` is left as it was."""
+    float32 bytes; with "float32", the float32 file. ``model_format`` is the newest model file
+    version the device reads: from 4, trained rows whose values are exactly int8 (a quantised
+    start, ``quantize_trained_rows``) are stored int8 too ("int8-trained"; exactness is verified
+    row by row, the others stay float32); a model with no such row gives the version-3 install.
+    Deterministic: a resumed run rebuilds the same bytes (agents find it cached by its hash).
+    ``model`` is left as it was."""
     from .plan import check_frozen, int8_layers, mixed_layers
 
-    if check_frozen(frozen) == "float32":
+    if check_frozen(frozen) == "float32" or model_format < INT8_FORMAT_VERSION:
         return model_to_bytes(model)
     held = model.copy()
     for name in int8_layers(held, subset, frozen):
         held.layer(name).quantize_weight()
-    for name in mixed_layers(held, subset, frozen):
+    mixed = mixed_layers(held, subset, frozen)
+    for name in mixed:
         held.layer(name).mix_weight(subset.get(name).rows)
-    return model_to_bytes(held, int8_storage=True)
+    trained_int8 = {}
+    if model_format >= TRAINED_INT8_FORMAT_VERSION:
+        for layer in held.param_layers:
+            ls = subset.get(layer.name)
+            if not getattr(layer, "int8_capable", False) or ls is None or not ls.rows.size:
+                continue
+            if layer.name in mixed or (layer._weight is not None and ls.rows.size == layer.weight_shape[0]):
+                form = _trained_int8_weight(layer, ls.rows)
+                if form is not None:
+                    trained_int8[layer.name] = form
+    return model_to_bytes(held, int8_storage=True, trained_int8=trained_int8)
+
+
+def trained_int8_rows(model: Model, subsets: Sequence["Subset"]) -> Dict[str, np.ndarray]:
+    """Layer name -> the weight rows ``quantize_trained_rows`` quantises: of every Dense and Conv,
+    the rows any of ``subsets`` trains where an install can store them int8 ("int8-trained": a
+    group-1 weight, or one that subset trains whole; a grouped convolution partly trained stays
+    float32, so quantising its rows would cost accuracy for no byte)."""
+    out: Dict[str, np.ndarray] = {}
+    for layer in model.param_layers:
+        if not getattr(layer, "int8_capable", False):
+            continue
+        o = layer.weight_shape[0]
+        rows = [ls.rows for ls in (s.get(layer.name) for s in subsets) if ls is not None and ls.rows.size
+                and (getattr(layer, "mode", "dense") == "dense" or ls.rows.size == o)]
+        if rows:
+            out[layer.name] = np.unique(np.concatenate(rows)).astype(np.int32)
+    return out
+
+
+def quantize_trained_rows(model: Model, subsets: Sequence["Subset"]) -> int:
+    """Replace, in place, the values of every weight row some subset trains (``trained_int8_rows``)
+    by its per-row int8 round trip (``graph.round_trip_rows``: the quantiser of frozen int8
+    weights, then ``dequantize_rows``), so an install can carry those rows as int8 exactly
+    (version 4). The hub does it once, when a run starts, before it writes the run's model file;
+    every file and value of the run derives from the result. Biases stay as they are. Returns the
+    number of values quantised. ``model``'s weights must be float32 (a hub's model)."""
+    n = 0
+    for name, rows in trained_int8_rows(model, subsets).items():
+        layer = model.layer(name)
+        if layer._weight is None:
+            raise ValueError(f"layer {name!r} holds int8 weights: quantise the start of a float32 model")
+        layer._weight[rows] = round_trip_rows(layer._weight[rows])
+        n += int(layer._weight[rows].size)
+    return n
 
 
 def content_hash(blob: bytes) -> str:
@@ -390,18 +489,72 @@ def _take(mv: memoryview, offset: int, count: int, dtype: str, shape: Tuple[int,
     return arr, offset + size
 
 
-def _read_stored(entry: list, shape: Tuple[int, ...], what: str, mv: memoryview, offset: int
-                 ) -> Tuple[StoredWeight, int]:
-    """A version-3 weight held int8 ([name, shape, "int8"]) or mixed ([name, shape, "mixed", R])."""
+def _read_trained_int8(entry: list, shape: Tuple[int, ...], what: str, mv: memoryview, offset: int
+                       ) -> Tuple[object, int]:
+    """A version-4 weight [name, shape, "int8-trained", R, F] (see the module docstring): a
+    StoredWeight mixed over its R trained rows, or (R = O) a float32 array."""
+    o, rest = shape[0], shape[1:]
+    per_row = math.prod(rest)
+    r, f = entry[3], entry[4]
+    if not (_is_int(r) and _is_int(f) and 1 <= r <= o and 0 <= f < r):
+        raise ModelFileError(f"{what}: storage must be [name, shape, \"int8-trained\", trained rows in 1..{o}, "
+                             f"float32 rows in 0..trained rows - 1]")
+    n = o - f
+    q, offset = _take(mv, offset, n * per_row, "i1", (n,) + rest, what)
+    scale, offset = _take(mv, offset, n, "<f4", (n,), what)
+    rows, offset = _take(mv, offset, r, "<i4", (r,), what)
+    frows, offset = _take(mv, offset, f, "<i4", (f,), what)
+    fvals, offset = _take(mv, offset, f * per_row, "<f4", (f,) + rest, what)
+    if q.size and int(q.min()) == -128:  # (min, not q == -128: no temporary the size of q)
+        raise ModelFileError(f"{what}: int8 rows hold -128, outside the quantiser's [-127, 127]")
+    if not np.all(np.isfinite(scale)) or np.any(scale < 0):
+        raise ModelFileError(f"{what}: row scales must be finite and >= 0")
+    if rows.min() < 0 or rows.max() >= o or np.unique(rows).size != r:
+        raise ModelFileError(f"{what}: trained rows must be unique and in [0, {o})")
+    trains = np.zeros(o, bool)
+    trains[rows] = True
+    if f and (np.any(np.diff(frows) <= 0) or frows[0] < 0 or frows[-1] >= o or not trains[frows].all()):
+        raise ModelFileError(f"{what}: float32 rows must be ascending and among the trained rows")
+    if not np.all(np.isfinite(fvals)):
+        raise ModelFileError(f"{what}: float32 rows hold NaN or Inf")
+    slot = np.full(o, -1, np.int64)   # each row's place in q (int8) or, ~slot, in fvals (float32)
+    is_float = np.zeros(o, bool)
+    is_float[frows] = True
+    slot[~is_float] = np.arange(n)
+    slot[frows] = ~np.arange(f)
+    trained = np.empty((r,) + rest, np.float32)
+    at = slot[rows]
+    int8_rows = at >= 0
+    trained[int8_rows] = dequantize_rows(q[at[int8_rows]], scale[at[int8_rows]])
+    trained[~int8_rows] = fvals[~at[~int8_rows]]
+    if r == o:   # every row trains: a float32 weight
+        w = np.empty(shape, np.float32)
+        w[rows] = trained
+        return w, offset
+    frozen = slot[~trains]   # ascending rows, all int8 (float32 rows are trained rows)
+    try:
+        return StoredWeight(shape, q[frozen], scale[frozen], rows, trained), offset
+    except ValueError as e:
+        raise ModelFileError(f"{what}: {e}") from None
+
+
+def _read_stored(entry: list, shape: Tuple[int, ...], what: str, mv: memoryview, offset: int,
+                 version: int = INT8_FORMAT_VERSION) -> Tuple[object, int]:
+    """A version-3 weight held int8 ([name, shape, "int8"]) or mixed ([name, shape, "mixed", R]),
+    or a version-4 "int8-trained" one (``_read_trained_int8``)."""
     form = entry[2]
     o, per_row = shape[0], math.prod(shape[1:])
+    if form == "int8-trained" and version >= TRAINED_INT8_FORMAT_VERSION and len(entry) == 5:
+        return _read_trained_int8(entry, shape, what, mv, offset)
     if form == "int8" and len(entry) == 3:
         r = None
     elif form == "mixed" and len(entry) == 4 and _is_int(entry[3]) and 0 < entry[3] < o:
         r = entry[3]   # (0 or all rows float32 is not mixed: "int8" or a float32 weight says it)
     else:
         raise ModelFileError(f"{what}: storage must be [name, shape, \"int8\"] or [name, shape, \"mixed\", "
-                             f"trained rows in 1..{o - 1}]")
+                             f"trained rows in 1..{o - 1}]"
+                             + (" or [name, shape, \"int8-trained\", R, F]"
+                                if version >= TRAINED_INT8_FORMAT_VERSION else ""))
     frozen = o - (r or 0)
     q, offset = _take(mv, offset, frozen * per_row, "i1", (frozen,) + shape[1:], what)
     scale, offset = _take(mv, offset, frozen, "<f4", (frozen,), what)
@@ -423,7 +576,8 @@ def _read_arrays(spec: dict, field: str, name: str, mv: memoryview, offset: int,
     out: Dict[str, object] = {}
     stored_ok = version >= INT8_FORMAT_VERSION and field == "params" and spec.get("kind") in INT8_KINDS
     for entry in entries:
-        if not isinstance(entry, list) or not 2 <= len(entry) <= (4 if stored_ok else 2) \
+        longest = (5 if version >= TRAINED_INT8_FORMAT_VERSION else 4) if stored_ok else 2
+        if not isinstance(entry, list) or not 2 <= len(entry) <= longest \
                 or not isinstance(entry[0], str) or not isinstance(entry[1], list):
             raise ModelFileError(f"layer {name!r}: each of its {field} must be [name, shape]"
                                  + (" (or an int8 weight's [name, shape, form, ...])" if stored_ok else ""))
@@ -438,7 +592,7 @@ def _read_arrays(spec: dict, field: str, name: str, mv: memoryview, offset: int,
         if len(entry) > 2:
             if aname != "weight":
                 raise ModelFileError(f"layer {name!r}: only its weight may be stored int8, not {aname[:40]!r}")
-            out[aname], offset = _read_stored(entry, shape, what, mv, offset)
+            out[aname], offset = _read_stored(entry, shape, what, mv, offset, version)
             continue
         arr, offset = _take(mv, offset, math.prod(shape), "<f4", shape, what)
         if not np.all(np.isfinite(arr)):
@@ -463,7 +617,7 @@ def _declared_float32_bytes(specs: list) -> int:
 
 
 def model_from_bytes(buf, max_bytes: int = DEFAULT_MAX_BYTES, max_param_bytes: Optional[int] = None) -> Model:
-    """Parse and rebuild (format version 2, or a version-1 chain); any defect raises
+    """Parse and rebuild (format versions 2 to 4, or a version-1 chain); any defect raises
     ModelFileError with a one-line reason.
 
     ``max_param_bytes``: weights and constants larger than this as float32 (int8-stored weights
