@@ -163,3 +163,24 @@ def test_local_worker_trains_in_the_tasks_micro_batches():
     assert got[4].memory.total < 0.6 * got[0].memory.total
     for a, b in zip(got[4].update.tensors, got[0].update.tensors):  # the same training, the same update
         np.testing.assert_allclose(a.data * a.scales[:, None], b.data * b.scales[:, None], rtol=0, atol=2e-2)
+
+
+def test_micro_batch_shorter_batches_first_then_longer_hold_one_set_of_buffers():
+    """A batch no longer than a pass (a device with few samples) plans just that; a later longer
+    batch's passes then hold the buffers, and the shorter plan lives in them: what the arena
+    records is the prediction for the batch in force, never two sets of buffers."""
+    K.set_num_threads(1)
+    try:
+        model, subset = _cnn28()
+        tr = ft.Trainer(model, subset, micro_batch=8)
+        x, y = _batch(model, 32)
+        tr.step(x[:5], y[:5])
+        assert tr.memory.as_dict() == ft.predict_memory(model, subset, 5, threads=1, micro_batch=8)
+        tr.step(x, y)
+        want = ft.predict_memory(model, subset, 32, threads=1, micro_batch=8)
+        assert tr.memory.as_dict() == want
+        tr.step(x[:5], y[:5])  # back to the short batch: inside the longer buffers, nothing new
+        assert tr.memory.as_dict() == want
+        assert set(tr._plans) == {8, 5}
+    finally:
+        K.set_num_threads(0)

@@ -431,13 +431,18 @@ class Trainer:
         return loss, out
 
     def _plan(self, n: int) -> _Bound:
+        """The bound plan of a pass of n samples. Micro-batched, a pass shorter than one already
+        bound lives in that plan's buffers, and a longer one rebinds the shorter ones inside its
+        own, so the arena holds (and records) one set of buffers, the longest pass's."""
         plan = self._plans.get(n)
         if plan is None:
             m = self.micro_batch
-            if m and n < m and m not in self._plans:  # the full passes' plan first: shorter ones live in it
-                self._plan(m)
+            within = bool(m) and any(k > n for k in self._plans)
+            if m and not within:
+                for k in [k for k in self._plans if k < n]:
+                    del self._plans[k]
             plan = self._plans[n] = self._bind(build(self.model, self.subset, n, self.prefix_chunk,
-                                                     fused=False if m else None), within=bool(m) and n < m)
+                                                     fused=False if m else None), within=within)
         return plan
 
     def _forward_backward(self, x: np.ndarray, labels: np.ndarray) -> float:
