@@ -43,7 +43,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 from ftte_hub.report import write_results  # noqa: E402
-from ftte_hub.simulate import SimConfig, simulate  # noqa: E402
+from ftte_hub.simulate import ASYNC_MERGES_PER_DEVICE, SimConfig, simulate  # noqa: E402
 
 ALL = ("ftte", "ftte-tiered", "fedbuff", "fedbuff-full", "fedavg", "fedavg-full")
 WORKLOADS = {
@@ -123,7 +123,9 @@ def main():
     ap.add_argument("--stragglers", type=float, default=0.9)
     ap.add_argument("--strategies", default=",".join(ALL))
     ap.add_argument("--max-versions", type=int, default=60, help="FedAvg rounds (sets everyone's virtual time)")
-    ap.add_argument("--async-cap", type=int, default=2000, help="merges at most per semi-async strategy")
+    ap.add_argument("--async-cap", type=int, default=None,
+                    help="merges at most per semi-async strategy (default: 20 per device, so every fleet size runs "
+                         "to FedAvg's horizon: 2,000 for 100 devices, 10,000 for 500)")
     ap.add_argument("--quick", action="store_true", help="--max-versions 20 --async-cap 300")
     ap.add_argument("--age-exponent", type=float, default=SimConfig.age_exponent)
     ap.add_argument("--variance-strength", type=float, default=SimConfig.variance_strength)
@@ -198,7 +200,7 @@ def main():
         print(f"\n## {workload}, {n} devices, {args.stragglers:.0%} stragglers, start {start}, seeds {args.seeds} "
               f"({wall:.0f} s for {len(strategies)} strategies x {len(seeds)} seeds, "
               f"{wall / len(seeds):.0f} s per seed, {when}; FedAvg rounds {args.max_versions}, "
-              f"async cap {args.async_cap})\n")
+              f"async cap {args.async_cap or ASYNC_MERGES_PER_DEVICE * n})\n")
         print("start: " + "; ".join(starts_seen) + "; time budget (virtual s) "
               + spread([x["final_time_s"] for x in rows["fedavg"]] if "fedavg" in rows else []) + "\n")
         print("| strategy | devices (sat out) | time to target (s) | bytes to target (MiB) | final accuracy | "

@@ -161,9 +161,10 @@ class SimConfig:
     # Virtual-time horizon (s) for every strategy. None: the synchronous baseline runs its
     # max_versions rounds first and its finishing time becomes everyone's horizon, so the
     # semi-asynchronous strategies get the same time, not the same number of merges
-    # (up to async_version_cap merges).
+    # (up to async_version_cap merges; None: ASYNC_MERGES_PER_DEVICE per device, so a larger fleet,
+    # which merges more often, still runs to the horizon).
     max_time: Optional[float] = None
-    async_version_cap: int = 2000
+    async_version_cap: Optional[int] = None
     local_epochs: float = 1.0
     batch_size: int = 16
     lr: float = 0.05
@@ -465,6 +466,18 @@ class _TierCost:
     downlink: Optional[DownlinkCounter] = None   # the ftte strategies' downlink stream for this tier
 
 
+#: merges per device a semi-asynchronous strategy may make at most (``SimConfig.async_version_cap``
+#: None): 2,000 for 100 devices, which reach the digits MLP's horizon (FedAvg's 60 rounds) at
+#: about 2,000 merges; 500 devices merge five times as often in the same virtual time
+ASYNC_MERGES_PER_DEVICE = 20
+
+
+def async_cap(cfg: SimConfig) -> int:
+    """Merges at most per semi-asynchronous strategy: ``cfg.async_version_cap``, else
+    ``ASYNC_MERGES_PER_DEVICE`` per device."""
+    return int(cfg.async_version_cap) if cfg.async_version_cap is not None else ASYNC_MERGES_PER_DEVICE * cfg.clients
+
+
 def strategy_server_lr(cfg: SimConfig, name: str) -> float:
     """The server learning rate the simulator gives a strategy: ftte-tiered its own
     (``tiered_server_lr``), the other ftte strategies ``ftte_server_lr``, the baselines ``server_lr``."""
@@ -496,7 +509,7 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
     if name == "ftte-tiered":
         extra.update(tiers=[t for t, _ in setup.tiers], tier_bytes=[b for _, b in setup.tiers])
     strategy = make_strategy(name, buffer_size=cfg.buffer, server_lr=strategy_server_lr(cfg, name), **extra)
-    max_versions = cfg.max_versions if horizon is None or strategy.synchronous else cfg.async_version_cap
+    max_versions = cfg.max_versions if horizon is None or strategy.synchronous else async_cap(cfg)
     model = setup.model.copy()
     model.load_state(setup.start_state)
     subset = setup.ftte_subset if strategy.sparse else setup.full_subset
