@@ -89,7 +89,9 @@ def test_tables_from_saved_results(fleet_sim, tmp_path):
 def test_tiered_gets_its_own_server_lr_not_the_plain_ftte_sweep_value():
     from ftte_hub.simulate import SimConfig, strategy_server_lr
     cfg = SimConfig()
-    assert strategy_server_lr(cfg, "ftte") == 2.0 and strategy_server_lr(cfg, "ftte-novar") == 2.0
+    assert strategy_server_lr(cfg, "ftte") == 1.0 and strategy_server_lr(cfg, "ftte-novar") == 1.0
+    raised = SimConfig(ftte_server_lr=2.0)
+    assert strategy_server_lr(raised, "ftte") == 2.0 and strategy_server_lr(raised, "ftte-tiered") == 1.0
     assert strategy_server_lr(cfg, "ftte-tiered") == 1.0
     assert strategy_server_lr(cfg, "fedbuff") == 1.0 and strategy_server_lr(cfg, "fedavg-full") == 1.0
     assert strategy_server_lr(SimConfig(tiered_server_lr=1.5), "ftte-tiered") == 1.5

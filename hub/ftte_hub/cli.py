@@ -80,8 +80,8 @@ def main() -> None:
               help="The ftte strategies' uplink deltas: int8, or packed int4, as train --update-bits.")
 @click.option("--base-step-budget", type=click.FloatRange(min=0.0), default=0.5, show_default=True,
               metavar="MEAN_DELTAS",
-              help="Plain ftte's per-base step budget, as train --base-step-budget (0: off). The simulator runs "
-                   "ftte at server lr 2, where 0.5 measured best (docs/benchmarks.md); train's default is off.")
+              help="Plain ftte's per-base step budget, as train --base-step-budget (0: off); 0.5 measured best "
+                   "in the simulator (docs/benchmarks.md); train's default is off.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="ftte-sim", help="Output folder.")
 def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha, model, input_shape, buffer_k,
              max_versions,
