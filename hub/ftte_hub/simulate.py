@@ -183,7 +183,7 @@ class SimConfig:
     # was 2 from that sweep (two seeds, before the per-base step budget); with the budget, 1 (the
     # strategy's and the hub's) measured better on seeds 0-2 at both fleet sizes: at 100 devices
     # time to target 0.09 against 0.16 of FedAvg's, bytes 0.25 against 0.40, final 0.896 against
-    # 0.902; at 500 final 0.935 against 0.851 (docs/benchmarks.md, "Server lr 1").
+    # 0.902; at 500 final 0.935 against 0.851 (docs/simulator.md, "Server lr 1").
     age_exponent: float = 0.5
     variance_strength: float = 1.0
     ftte_server_lr: Optional[float] = 1.0
