@@ -160,6 +160,14 @@ async def recv_skip_pings(ch, timeout=TIMEOUT):
             return t, body
 
 
+async def answer_to(ch, model, subset, task_id, config, blob):
+    """(type, body bytes) of the agent's answer to one TASK on the model file ``blob`` (pings skipped)."""
+    await ch.send(M.TASK, M.encode_task(task_message(model, subset, task_id, config=config,
+                                                     model_hash=content_hash(blob))))
+    t, body = await recv_skip_pings(ch)
+    return t, bytes(body)
+
+
 async def train_one(ch, model, subset, task_id, send_model=True):
     if send_model:
         await ch.send(M.MODEL, model_to_bytes(model))
@@ -1308,10 +1316,7 @@ def test_a_model_over_the_budget_as_float32_but_not_as_int8_is_cached(fleet, tmp
             for i, blob in enumerate(blobs):
                 await ch.send(M.MODEL, blob)
                 config = TaskConfig(lr=0.05, batch_size=16, max_steps=2, frozen="int8")
-                await ch.send(M.TASK, M.encode_task(task_message(model, head, f"int8-fits-{i}", config=config,
-                                                                 model_hash=content_hash(blob))))
-                t, body = await recv_skip_pings(ch)
-                got.append((t, bytes(body)))
+                got.append(await answer_to(ch, model, head, f"int8-fits-{i}", config, blob))
             ch.abort()
             return got
         got = run(go())
@@ -1347,10 +1352,7 @@ def test_a_task_that_fits_only_in_micro_batches_trains(fleet, tmp_path):
             got = []
             for micro in (0, 2):
                 config = TaskConfig(lr=0.05, batch_size=16, max_steps=2, frozen="int8", micro_batch=micro)
-                await ch.send(M.TASK, M.encode_task(task_message(model, head, f"micro-{micro}", config=config,
-                                                                 model_hash=content_hash(blob))))
-                t, body = await recv_skip_pings(ch)
-                got.append((t, bytes(body)))
+                got.append(await answer_to(ch, model, head, f"micro-{micro}", config, blob))
             ch.abort()
             return got
         (t0, b0), (t2, b2) = run(go())
