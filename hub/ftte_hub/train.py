@@ -41,7 +41,8 @@ from ftte_core.local import TaskConfig
 from ftte_core.modelfile import (INT8_FORMAT_VERSION, TRAINED_INT8_FORMAT_VERSION, ModelFileError, content_hash,
                                  install_bytes, model_from_bytes, model_to_bytes, quantize_trained_rows)
 from ftte_core.scheduler import RoundDriver
-from ftte_core.search import BudgetTooSmall, format_size, importance_scores, nested_tiers, search_subset
+from ftte_core.search import (BudgetTooSmall, format_size, importance_scores, micro_batch_options, nested_tiers,
+                              search_subset)
 from ftte_core.strategies import MergeReport, make_strategy
 from ftte_core.atomic import atomic_write
 from ftte_core.subset import Subset
@@ -187,12 +188,18 @@ def check_model_fits_data(model: ft.Model, val: ftdata.Dataset, where: str) -> N
 
 def cheapest_subset_bytes(model: ft.Model, scores, batch_size: int) -> int:
     """The predicted memory of the cheapest trainable subset (with the search's levers: frozen
-    weights int8, micro-batched steps): below it an agent cannot take part."""
-    try:
-        result = search_subset(model, scores, 0, batch_size=batch_size, frozen="auto")
-    except BudgetTooSmall as e:
-        return int(e.minimum_bytes)
-    return int(result.predicted_bytes)  # a zero budget fits (cannot happen: every subset costs something)
+    weights int8, micro-batched steps): below it an agent cannot take part. Two searches, one pass
+    and the smallest pass "auto" tries: a shorter pass holds no more of anything (activations,
+    slots and kernel scratch shrink with it; the whole gradients do not depend on it), so no
+    other micro-batch is cheaper."""
+    least = []
+    for micro in [0] + micro_batch_options(batch_size)[-1:]:
+        try:
+            least.append(search_subset(model, scores, 0, batch_size=batch_size, frozen="int8",
+                                       micro_batch=micro).predicted_bytes)  # (a zero budget cannot fit)
+        except BudgetTooSmall as e:
+            least.append(e.minimum_bytes)
+    return int(min(least))
 
 
 def build_tiers(model: ft.Model, scores, smallest: Subset, frozen: str, budgets: Sequence[int],
