@@ -108,13 +108,19 @@ static_assert(kGenMR >= 1 && kGenMR <= 16 && kGenNV >= 1 && kGenNV <= 4, "generi
 
 KernelInfo generic_kernel() { return {"generic", kGenMR, 4 * kGenNV, &ukernel_generic<kGenMR, kGenNV>}; }
 
+// The widest kernel the CPU runs, unless FTTE_GEMM_KERNEL names a narrower one ("avx2",
+// "generic": tests and benchmarks compare them on one machine).
 KernelInfo choose_kernel() {
   const char* env = std::getenv("FTTE_GEMM_KERNEL");
   const bool force_generic = env && std::strcmp(env, "generic") == 0;
+  const bool force_avx2 = env && std::strcmp(env, "avx2") == 0;
   (void)force_generic;
+  (void)force_avx2;
 #if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
   __builtin_cpu_init();
-  if (!force_generic && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2_kernel();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!force_generic && !force_avx2 && avx2 && __builtin_cpu_supports("avx512f")) return avx512_kernel();
+  if (!force_generic && avx2) return avx2_kernel();
 #endif
   return generic_kernel();
 }
@@ -429,51 +435,68 @@ void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float a
 // C = A B^T by dot products (no packing): for the small-batch dense forward the packed path
 // spends much of its time transposing W into panels that are used only a few times.
 // An int8 or mixed B (the forward of an int8 / partly trained int8 layer) is read kDotQChunk
-// entries of K at a time: its kDotNR rows' chunk is dequantised into a stack tile (4 x 1024
+// entries of K at a time: its block's rows' chunk is dequantised into a stack tile (4 or 8 x 1024
 // floats; a mixed B's float rows are read in place), later chunks adding onto C, so nothing
 // goes to counted workspace and W is dequantised once per call, not per row block of x (a
 // 256-entry chunk and 24-row tasks made the int8 forward ~1.6x the float one at 32x784x128).
-// A float B is one chunk of all of K, its rows read in place.
-constexpr int64_t kDotQChunk = 1024;  // K entries of an int8 B per chunk (16 KiB of stack tile)
+// A float B is one chunk of all of K, its rows read in place -- except for a block that wants
+// B's rows on 64-byte boundaries (AVX-512: a load that crosses a cache line costs two, and NumPy
+// aligns arrays to 16 bytes only; measured 75 against 136 GFLOP/s at 32x256x256). Such a
+// block's misaligned B rows are copied chunk by chunk into the same (aligned) stack tile, once
+// per task and block of B rows, and reused by all of the task's rows of A.
+constexpr int64_t kDotQChunk = 1024;  // K entries per chunk (16 or 32 KiB of stack tile)
 typedef void (*DotBlock)(int64_t, const float* const*, const float* const*, float*, int64_t, float, float, int, int);
 
-template <DotBlock block>
+inline bool rows_aligned64(const GemmOperand& B, const int64_t* src, int n) {
+  for (int jj = 0; jj < n; ++jj)
+    if (reinterpret_cast<uintptr_t>(B.data + src[jj] * B.ld) % 64 != 0) return false;
+  return true;
+}
+
+template <DotBlock block, int DMR, int DNR, bool align_b>
 void sgemm_dot(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, const GemmOperand& B,
                float beta, float* C, int64_t ldc) {
-  constexpr int64_t kTaskCols = 16 * kDotNR;
+  constexpr int64_t kTaskCols = 64;
   // An int8 B's rows are dequantised once per task: its tasks take all of A's rows (M <= 64
   // here), so no row of B is converted twice.
-  const int64_t task_rows = B.q ? M : 8 * kDotMR;
+  const int64_t task_rows = B.q ? M : 8 * DMR;
   const int64_t tr = ceil_div(M, task_rows), tc = ceil_div(N, kTaskCols);
-  const int64_t chunk = B.q ? std::min(K, kDotQChunk) : K;
   parallel_for(
       tr * tc,
       [&](int64_t t) {
         const int64_t r0 = (t / tc) * task_rows, c0 = (t % tc) * kTaskCols;
         const int64_t r1 = std::min(M, r0 + task_rows), c1 = std::min(N, c0 + kTaskCols);
-        float tile[kDotNR * kDotQChunk];  // int8 / mixed B only
-        for (int64_t j = c0; j < c1; j += kDotNR) {
-          const int n = static_cast<int>(std::min<int64_t>(kDotNR, c1 - j));
-          int64_t src[kDotNR];
-          for (int jj = 0; jj < kDotNR; ++jj) {
+        alignas(64) float tile[DNR * kDotQChunk];  // int8 / mixed B, or misaligned B for align_b
+        for (int64_t j = c0; j < c1; j += DNR) {
+          const int n = static_cast<int>(std::min<int64_t>(DNR, c1 - j));
+          int64_t src[DNR];
+          for (int jj = 0; jj < DNR; ++jj) {
             const int64_t c = j + std::min(jj, n - 1);  // padding repeats a real row, never stored
             src[jj] = B.index ? B.index[c] : c;
           }
+          const bool copy = B.q || (align_b && !rows_aligned64(B, src, DNR));
+          // align_b chunks K whether it copies or not, so results never depend on addresses.
+          const int64_t chunk = B.q || align_b ? std::min(K, kDotQChunk) : K;
+          // Rows of kc floats, each starting on a 64-byte boundary of the tile.
+          const int64_t pitch = (std::min(K, chunk) + 15) / 16 * 16;
           for (int64_t k0 = 0; k0 < K; k0 += chunk) {
             const int64_t kc = std::min(chunk, K - k0);
-            const float* b[kDotNR];
-            for (int jj = 0; jj < kDotNR; ++jj) {
+            const float* b[DNR];
+            for (int jj = 0; jj < DNR; ++jj) {
               if (B.q) {
-                b[jj] = row_run(B, src[jj], k0, kc, tile + jj * kc);
+                b[jj] = row_run(B, src[jj], k0, kc, tile + jj * pitch);
+              } else if (copy) {
+                std::memcpy(tile + jj * pitch, B.data + src[jj] * B.ld + k0, sizeof(float) * kc);
+                b[jj] = tile + jj * pitch;
               } else {
                 b[jj] = B.data + src[jj] * B.ld + k0;
               }
             }
             const float beta_k = k0 == 0 ? beta : 1.f;
-            for (int64_t i = r0; i < r1; i += kDotMR) {
-              const int m = static_cast<int>(std::min<int64_t>(kDotMR, r1 - i));
-              const float* a[kDotMR];
-              for (int ii = 0; ii < kDotMR; ++ii) {
+            for (int64_t i = r0; i < r1; i += DMR) {
+              const int m = static_cast<int>(std::min<int64_t>(DMR, r1 - i));
+              const float* a[DMR];
+              for (int ii = 0; ii < DMR; ++ii) {
                 const int64_t r = i + std::min(ii, m - 1);
                 a[ii] = A.data + (A.index ? A.index[r] : r) * A.ld + k0;
               }
@@ -499,12 +522,16 @@ void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, c
   const KernelInfo& kern = kernel();
   if (use_dot_path(M, K, A, B)) {
 #if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
+    if (std::strcmp(kern.name, "avx512") == 0) {
+      sgemm_dot<dot_block_avx512, kDotMR, kDot512NR, true>(M, N, K, alpha, A, B, beta, C, ldc);
+      return;
+    }
     if (std::strcmp(kern.name, "avx2-fma") == 0) {
-      sgemm_dot<dot_block_avx2>(M, N, K, alpha, A, B, beta, C, ldc);
+      sgemm_dot<dot_block_avx2, kDotMR, kDotNR, false>(M, N, K, alpha, A, B, beta, C, ldc);
       return;
     }
 #endif
-    sgemm_dot<dot_block_generic>(M, N, K, alpha, A, B, beta, C, ldc);
+    sgemm_dot<dot_block_generic, kDotMR, kDotNR, false>(M, N, K, alpha, A, B, beta, C, ldc);
     return;
   }
   // Panel shapes are compile-time in the packers so their copies unroll and vectorise.
@@ -513,6 +540,8 @@ void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, c
 #if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
   else if (kern.mr == 6 && kern.nr == 16)
     sgemm_blocked<6, 16>(kern.fn, M, N, K, alpha, A, B, beta, C, ldc);
+  else if (kern.mr == 8 && kern.nr == 32)
+    sgemm_blocked<8, 32>(kern.fn, M, N, K, alpha, A, B, beta, C, ldc);
 #endif
 }
 

@@ -74,7 +74,7 @@ void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, c
 // Bytes of packing scratch sgemm would take for this call (0 when it reads operands in place).
 size_t sgemm_scratch_bytes(int64_t M, int64_t N, int64_t K, const GemmOperand& A, const GemmOperand& B);
 
-// Which micro-kernel sgemm uses on this CPU ("avx2-fma", "generic").
+// Which micro-kernel sgemm uses on this CPU ("avx512", "avx2-fma", "generic").
 const char* sgemm_kernel_name();
 
 }  // namespace ftte

@@ -1,5 +1,5 @@
-// Micro-kernel interface shared by gemm.cpp (driver, packing, generic kernel) and
-// gemm_avx2.cpp (compiled with -mavx2 -mfma, x86-64 only). Kept free of inline templates so the
+// Micro-kernel interface shared by gemm.cpp (driver, packing, generic kernel), gemm_avx2.cpp
+// (compiled with -mavx2 -mfma) and gemm_avx512.cpp (-mavx512f -mfma), the last two x86-64 only. Kept free of inline templates so the
 // two translation units, built with different -m flags, never share a function body the linker
 // could pick the wrong copy of.
 #pragma once
@@ -23,8 +23,9 @@ struct KernelInfo {
   MicroKernel fn;
 };
 
-// Dot-path block shape (every micro-kernel): rows of A x rows of B per block.
-constexpr int kDotMR = 3, kDotNR = 4;
+// Dot-path block shape (generic and AVX2 blocks): rows of A x rows of B per block. The AVX-512
+// block is kDotMR x kDot512NR: 32 registers hold 24 accumulators, so each load of A serves 8 rows.
+constexpr int kDotMR = 3, kDotNR = 4, kDot512NR = 8;
 
 #if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
 KernelInfo avx2_kernel();  // 6 x 16, defined in gemm_avx2.cpp
@@ -35,6 +36,11 @@ KernelInfo avx2_kernel();  // 6 x 16, defined in gemm_avx2.cpp
 // packing; kept free of std:: templates so no AVX2 copy of a shared inline function exists.
 void dot_block_avx2(int64_t K, const float* const* a, const float* const* b, float* C, int64_t ldc, float alpha,
                     float beta, int m, int n);
+
+KernelInfo avx512_kernel();  // 8 x 32, defined in gemm_avx512.cpp
+// The dot block above with 16-lane vectors, for kDotMR x kDot512NR blocks (b[8] readable rows).
+void dot_block_avx512(int64_t K, const float* const* a, const float* const* b, float* C, int64_t ldc, float alpha,
+                      float beta, int m, int n);
 #endif
 
 }  // namespace gemm_detail

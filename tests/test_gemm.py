@@ -131,16 +131,49 @@ def test_short_last_panel_bit_identical(ta):
 
 
 def test_kernel_name():
-    assert K.sgemm_kernel_name() in ("avx2-fma", "generic")
+    assert K.sgemm_kernel_name() in ("avx512", "avx2-fma", "generic")
 
+
+def _offset_copy(x, floats):
+    """x copied to an address `floats` * 4 bytes past a 64-byte boundary (NumPy aligns to 16)."""
+    buf = np.empty(x.size + 32, np.float32)
+    start = (-buf.ctypes.data % 64) // 4 + floats
+    out = buf[start:start + x.size].reshape(x.shape)
+    out[...] = x
+    return out
+
+
+@pytest.mark.parametrize("Kd", [128, 300, 1024, 1500, 2100])
+def test_dot_path_ignores_addresses(Kd):
+    # The AVX-512 dot block copies B rows that are not on 64-byte boundaries into an aligned tile,
+    # and chunks K (1024) whether it copies or not: the result must not depend on where A and B
+    # live, bit for bit, and must match NumPy.
+    rng = np.random.default_rng(Kd)
+    M, N = 29, 45
+    a = rng.standard_normal((M, Kd)).astype(np.float32)
+    b = rng.standard_normal((N, Kd)).astype(np.float32)
+    outs = []
+    for off_a, off_b in ((0, 0), (0, 4), (3, 0), (5, 7), (8, 12)):
+        c = np.full((M, N), np.nan, np.float32)
+        K.sgemm(_offset_copy(a, off_a), _offset_copy(b, off_b), c, False, True)
+        outs.append(c)
+    np.testing.assert_allclose(outs[0], a.astype(np.float64) @ b.astype(np.float64).T, rtol=1e-4, atol=1e-4)
+    for c in outs[1:]:
+        np.testing.assert_array_equal(c, outs[0])
+
+
+# (M, N, K, trans_a, trans_b): blocked products, and the dot path (A plain, B transposed, M <= 64,
+# K >= 128) with K past one 1024-entry chunk.
+_CASES = [(37, 70, 300, False, True), (13, 33, 17, True, False), (200, 90, 600, True, True),
+          (5, 7, 131, False, True), (64, 3, 128, False, True), (1, 256, 257, False, True),
+          (30, 21, 2500, False, True), (33, 130, 64, False, False)]
 
 _CHILD = r"""
 import numpy as np, sys
 from ftte_core import _kernels as K
+cases = __CASES__
 rng = np.random.default_rng(11)
 outs = []
-cases = [(37, 70, 300, False, True), (13, 33, 17, True, False), (200, 90, 600, True, True),
-         (5, 7, 131, False, True), (64, 3, 128, False, True), (1, 256, 257, False, True)]  # the last 3: dot path
 for M, N, Kd, ta, tb in cases:
     a = rng.standard_normal((Kd, M) if ta else (M, Kd)).astype(np.float32)
     b = rng.standard_normal((N, Kd) if tb else (Kd, N)).astype(np.float32)
@@ -152,24 +185,33 @@ np.savez(sys.argv[1], *outs, name=K.sgemm_kernel_name(), scratch=np.array(scratc
 """
 
 
-def test_generic_kernel_agrees_with_default(tmp_path):
-    res = {}
-    for kern in ("", "generic"):
-        env = dict(os.environ)
-        env.pop("FTTE_GEMM_KERNEL", None)
-        if kern:
-            env["FTTE_GEMM_KERNEL"] = kern
-        out = tmp_path / f"k{kern or 'default'}.npz"
-        subprocess.run([sys.executable, "-c", _CHILD, str(out)], env=env, check=True)
-        res[kern] = np.load(out)
-    assert str(res["generic"]["name"]) == "generic"
-    for i in range(6):
-        x, y = res[""][f"arr_{i}"], res["generic"][f"arr_{i}"]
+def _kernel_results(tmp_path, kern):
+    env = dict(os.environ)
+    env.pop("FTTE_GEMM_KERNEL", None)
+    if kern:
+        env["FTTE_GEMM_KERNEL"] = kern
+    out = tmp_path / f"k{kern or 'default'}.npz"
+    subprocess.run([sys.executable, "-c", _CHILD.replace("__CASES__", repr(_CASES)), str(out)], env=env, check=True)
+    return np.load(out)
+
+
+@pytest.mark.parametrize("kern", ["generic", "avx2"])
+def test_narrower_kernels_agree_with_default(tmp_path, kern):
+    # FTTE_GEMM_KERNEL picks a narrower kernel than the CPU's widest: on an AVX-512 machine all
+    # three kernels run here, on an AVX2 one two.
+    default, other = _kernel_results(tmp_path, ""), _kernel_results(tmp_path, kern)
+    want = {"generic": ("generic",), "avx2": ("avx2-fma", "generic")}[kern]
+    assert str(other["name"]) in want
+    if kern == "avx2" and str(default["name"]) in ("avx512", "avx2-fma"):
+        assert str(other["name"]) == "avx2-fma"  # a CPU with AVX-512 has AVX2 too
+    for i in range(len(_CASES)):
+        x, y = default[f"arr_{i}"], other[f"arr_{i}"]
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
     # The small-batch dense forward (A plain, B transposed, M <= 64, K >= 128) takes the dot path
     # on every CPU and packs nothing, so a hub on x86-64 predicts what an ARM device needs.
-    for i in (0, 3, 4, 5):
-        assert res[""]["scratch"][i] == res["generic"]["scratch"][i] == 0, i
+    for i, (M, N, Kd, ta, tb) in enumerate(_CASES):
+        if not ta and tb and M <= 64 and Kd >= 128:
+            assert default["scratch"][i] == other["scratch"][i] == 0, i
 
 
 # The Python binding only passes C-contiguous operands without gathers; the C++ interface also
@@ -189,6 +231,7 @@ int main() {
   for (int it = 0; it < 300; ++it) {
     int M = 1 + g() % 40, N = 1 + g() % 70, K = g() % 300;
     if (it % 50 == 0) { M = 1 + g() % 300; N = 1 + g() % 1200; K = 1 + g() % 600; }
+    if (it % 50 == 25) { M = 1 + g() % 64; N = 1 + g() % 40; K = 1000 + g() % 1200; }  // dot path, K in chunks
     bool ta = g() % 2, tb = g() % 2, ia = g() % 2, ib = g() % 2;
     int pad = g() % 3, SA = M + 3, SB = N + 2, am = ia ? SA : M, bn = ib ? SB : N;
     long lda = (ta ? am : K) + pad, ldb = (tb ? K : bn) + pad, ldc = N + pad;
@@ -224,8 +267,9 @@ int main() {
 """
 
 
-@pytest.mark.parametrize("kernel", ["default", "generic", "generic-8x12", "generic-4x4"])
+@pytest.mark.parametrize("kernel", ["default", "avx2", "generic", "generic-8x12", "generic-4x4"])
 def test_cpp_strided_and_gathered_operands(tmp_path, kernel):
+    # default: the widest x86 kernel the CPU runs; avx2: the AVX2 one forced on an AVX-512 CPU.
     # generic-8x12 is the aarch64 shape, 4x4 an odd one: both run here through the override.
     import platform
     import shutil
@@ -233,6 +277,9 @@ def test_cpp_strided_and_gathered_operands(tmp_path, kernel):
     cxx = shutil.which("g++") or shutil.which("c++")
     if not cxx:
         pytest.skip("no C++ compiler")
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    if kernel == "avx2" and not x86:
+        pytest.skip("x86-64 kernels")
     root = os.path.join(os.path.dirname(__file__), "..")
     csrc = os.path.join(root, "csrc")
     src = tmp_path / "harness.cpp"
@@ -240,15 +287,21 @@ def test_cpp_strided_and_gathered_operands(tmp_path, kernel):
     exe = tmp_path / "harness"
     cmd = [cxx, "-std=c++17", "-O2", "-I", csrc, str(src)] + [
         os.path.join(csrc, f) for f in ("gemm.cpp", "parallel.cpp", "workspace.cpp")]
-    if kernel == "default" and platform.machine() in ("x86_64", "AMD64"):
-        avx = tmp_path / "gemm_avx2.o"
-        subprocess.run([cxx, "-std=c++17", "-O2", "-mavx2", "-mfma", "-DFTTE_HAVE_AVX2_KERNEL=1", "-I", csrc, "-c",
-                        os.path.join(csrc, "gemm_avx2.cpp"), "-o", str(avx)], check=True)
-        cmd += ["-DFTTE_HAVE_AVX2_KERNEL=1", str(avx)]
+    if kernel in ("default", "avx2") and x86:
+        for name, flags in (("gemm_avx2", ["-mavx2", "-mfma"]), ("gemm_avx512", ["-mavx512f", "-mfma"])):
+            obj = tmp_path / f"{name}.o"
+            subprocess.run([cxx, "-std=c++17", "-O2", *flags, "-DFTTE_HAVE_AVX2_KERNEL=1", "-I", csrc, "-c",
+                            os.path.join(csrc, f"{name}.cpp"), "-o", str(obj)], check=True)
+            cmd.append(str(obj))
+        cmd.append("-DFTTE_HAVE_AVX2_KERNEL=1")
     if kernel == "generic-8x12":
         cmd += ["-DFTTE_GEMM_GENERIC_MR=8", "-DFTTE_GEMM_GENERIC_NV=3"]
     if kernel == "generic-4x4":
         cmd += ["-DFTTE_GEMM_GENERIC_MR=4", "-DFTTE_GEMM_GENERIC_NV=1"]
     subprocess.run(cmd + ["-o", str(exe), "-pthread"], check=True)
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    env = dict(os.environ)
+    env.pop("FTTE_GEMM_KERNEL", None)
+    if kernel == "avx2":
+        env["FTTE_GEMM_KERNEL"] = "avx2"
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
