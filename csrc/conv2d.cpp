@@ -267,9 +267,9 @@ void col2im(const ConvGeom& g, float* cols, int64_t p0, int64_t p1, float* dx, b
 // Column tiles. The column matrix of one image is [K, P] (K = C*KH*KW, P = OH*OW): 576 KiB for
 // a 16-channel 3x3 layer on a 32x32 map, megabytes for larger maps. It is built and consumed
 // in tiles of output positions (GEMM columns) of at most kTileBytes, a multiple of
-// kTileGranule positions wide (whole micro-kernel panels on every CPU's GEMM: 8, 12 and 16
-// columns wide), and never narrower than kTileGranule (so a layer with K > 4096 takes
-// K * 16 * 4 bytes, over the cap). A map that fits is one tile, as before; one that does not is
+// kTileGranule positions wide (whole micro-kernel panels on the GEMMs of Pis and Jetsons, 8,
+// 12 and 16 columns wide; half of AVX-512's 32), and never narrower than kTileGranule (so a
+// layer with K > 4096 takes K * 16 * 4 bytes, over the cap). A map that fits is one tile, as before; one that does not is
 // cut into equal tiles (rounded up to the granule), so the last tile is not a sliver.
 constexpr int64_t kTileBytes = 256 * 1024;
 constexpr int64_t kTileGranule = 16;
