@@ -437,3 +437,48 @@ def test_maxpool_window_argmax_errors():
         K.maxpool2d_backward(np.zeros((1, 2, 4, 4), np.float32), am, x, (2, 2), (2, 2), (1, 1, 1, 1))
     with pytest.raises(ValueError, match="maxpool2d_backward: dx must not be dy"):
         K.maxpool2d_backward(y, np.zeros((1, 2, 3, 3), np.uint8), y.reshape(1, 2, 3, 3), (1, 1), (1, 1))
+
+
+def test_maxpool_backward_checks_only_edge_windows_but_all_of_them():
+    """The uint8 backward's check visits only windows reaching into padding or past the end, and
+    names the first bad position in output order; the int32 check catches negatives and HW."""
+    x = np.zeros((2, 3, 6, 6), np.float32)
+    # left/right padding only: the edge windows are the first and last columns of every row
+    dy = np.zeros((2, 3, 5, 4), np.float32)
+    am = np.zeros(dy.shape, np.uint8)  # position 0 is the padded left column of window column 0
+    am[..., 1:] = 1  # and position 1 of window column 3 is the padded right column
+    with pytest.raises(ValueError, match="argmax holds 0, not a real cell of its 2x2 window"):
+        K.maxpool2d_backward(dy, am, x, (2, 2), (1, 2), (0, 1, 0, 1))
+    am[..., 0] = 1
+    with pytest.raises(ValueError, match="argmax holds 1, not a real cell"):  # the right padding
+        K.maxpool2d_backward(dy, am, x, (2, 2), (1, 2), (0, 1, 0, 1))
+    am[..., 3] = 0
+    dx = np.full(x.shape, np.nan, np.float32)
+    K.maxpool2d_backward(dy, am, dx, (2, 2), (1, 2), (0, 1, 0, 1))
+    assert not dx.any()
+    # ceil_mode: the last row of windows runs past the end (rows 6 of a 7-row input), columns do not
+    x = np.zeros((1, 2, 7, 4), np.float32)
+    dy = np.ones((1, 2, 4, 2), np.float32)
+    am = np.zeros(dy.shape, np.uint8)
+    am[0, 1, 1, 1] = 3  # inside: fine
+    am[0, 1, 3, 0] = 2  # bottom row of the last window: past the end
+    am[0, 1, 3, 1] = 3
+    with pytest.raises(ValueError, match="argmax holds 2, not a real cell"):  # the first in output order
+        K.maxpool2d_backward(dy, am, x, (2, 2), (2, 2), (0, 0, 0, 0), True)
+    am[0, 1, 3, 0] = 1
+    with pytest.raises(ValueError, match="argmax holds 3, not a real cell"):
+        K.maxpool2d_backward(dy, am, x, (2, 2), (2, 2), (0, 0, 0, 0), True)
+    am[0, 1, 3, 1] = 0
+    K.maxpool2d_backward(dy, am, x, (2, 2), (2, 2), (0, 0, 0, 0), True)
+    assert x[0, 1, 3, 3] == 1 and x[0, 1, 6, 1] == 1 and x.sum() == 16
+    # int32: a negative index, the plane size, and the first bad one is named
+    dy = np.ones((1, 1, 2, 2), np.float32)
+    for bad, first in (([0, -1, 5, 3], -1), ([0, 16, -7, 3], 16), ([15, 0, 1, 2], None)):
+        am32 = np.array(bad, np.int32).reshape(1, 1, 2, 2)
+        dx = np.empty((1, 1, 4, 4), np.float32)
+        if first is None:
+            K.maxpool2d_backward(dy, am32, dx)
+            assert dx.sum() == 4 and dx[0, 0, 3, 3] == 1
+        else:
+            with pytest.raises(ValueError, match=f"argmax holds {first}, outside the input plane"):
+                K.maxpool2d_backward(dy, am32, dx)
