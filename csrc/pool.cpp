@@ -250,19 +250,22 @@ void maxpool2d_backward_window(const PoolGeom& g, const float* dy, const uint8_t
     // Windows tile the plane without overlap: every dx cell is written once, dy or 0, with no
     // zero-fill pass and no scatter. 0 + d as the scatter computes it (a -0 dy gives +0).
     for_planes(g, static_cast<double>(HW), [&](int64_t p) {
+      // Geometry in locals: through the captured reference it was reloaded every step (the
+      // vector stores go through memcpy, which may alias anything).
+      const int64_t OH = g.OH, OW = g.OW, W = g.W;
       float* dxp = dx + p * HW;
       const float* dyp = dy + p * OHW;
       const uint8_t* ap = argmax + p * OHW;
-      for (int64_t oh = 0; oh < g.OH; ++oh) {
-        float* r0 = dxp + 2 * oh * g.W;
-        float* r1 = r0 + g.W;
-        const float* d_row = dyp + oh * g.OW;
-        const uint8_t* a_row = ap + oh * g.OW;
+      for (int64_t oh = 0; oh < OH; ++oh) {
+        float* r0 = dxp + 2 * oh * W;
+        float* r1 = r0 + W;
+        const float* d_row = dyp + oh * OW;
+        const uint8_t* a_row = ap + oh * OW;
         int64_t ow = 0;
         // Four outputs per step, the last step overlapping the one before when the row's width is
         // not a multiple of 4 (the same cells get the same bits again), as in the forward.
-        for (; ow < g.OW && g.OW >= 4; ow += 4) {
-          if (ow + 4 > g.OW) ow = g.OW - 4;
+        for (; ow < OW && OW >= 4; ow += 4) {
+          if (ow + 4 > OW) ow = OW - 4;
           const v4f zero = {0.f, 0.f, 0.f, 0.f};
           const v4f d = zero + load4(d_row + ow);
           v4i bits;
@@ -289,7 +292,7 @@ void maxpool2d_backward_window(const PoolGeom& g, const float* dy, const uint8_t
           std::memcpy(r1 + 2 * ow, &b0, 16);
           std::memcpy(r1 + 2 * ow + 4, &b1, 16);
         }
-        for (; ow < g.OW; ++ow) {
+        for (; ow < OW; ++ow) {
           const float d = 0.f + d_row[ow];
           uint32_t bits;
           std::memcpy(&bits, &d, 4);
@@ -300,10 +303,10 @@ void maxpool2d_backward_window(const PoolGeom& g, const float* dy, const uint8_t
           std::memcpy(r0 + 2 * ow, cell, 8);
           std::memcpy(r1 + 2 * ow, cell + 2, 8);
         }
-        std::fill(r0 + 2 * g.OW, r0 + g.W, 0.f);  // an odd width's last column
-        std::fill(r1 + 2 * g.OW, r1 + g.W, 0.f);
+        std::fill(r0 + 2 * OW, r0 + W, 0.f);  // an odd width's last column
+        std::fill(r1 + 2 * OW, r1 + W, 0.f);
       }
-      std::fill(dxp + 2 * g.OH * g.W, dxp + HW, 0.f);  // an odd height's last row
+      std::fill(dxp + 2 * OH * W, dxp + HW, 0.f);  // an odd height's last row
     });
     return;
   }
