@@ -437,3 +437,113 @@ def test_maxpool_window_argmax_errors():
         K.maxpool2d_backward(np.zeros((1, 2, 4, 4), np.float32), am, x, (2, 2), (2, 2), (1, 1, 1, 1))
     with pytest.raises(ValueError, match="maxpool2d_backward: dx must not be dy"):
         K.maxpool2d_backward(y, np.zeros((1, 2, 3, 3), np.uint8), y.reshape(1, 2, 3, 3), (1, 1), (1, 1))
+
+
+def test_maxpool_backward_checks_only_edge_windows_but_all_of_them():
+    """The uint8 backward's check visits only windows reaching into padding or past the end, and
+    names the first bad position in output order; the int32 check catches negatives and HW."""
+    x = np.zeros((2, 3, 6, 6), np.float32)
+    # left/right padding only: the edge windows are the first and last columns of every row
+    dy = np.zeros((2, 3, 5, 4), np.float32)
+    am = np.zeros(dy.shape, np.uint8)  # position 0 is the padded left column of window column 0
+    am[..., 1:] = 1  # and position 1 of window column 3 is the padded right column
+    with pytest.raises(ValueError, match="argmax holds 0, not a real cell of its 2x2 window"):
+        K.maxpool2d_backward(dy, am, x, (2, 2), (1, 2), (0, 1, 0, 1))
+    am[..., 0] = 1
+    with pytest.raises(ValueError, match="argmax holds 1, not a real cell"):  # the right padding
+        K.maxpool2d_backward(dy, am, x, (2, 2), (1, 2), (0, 1, 0, 1))
+    am[..., 3] = 0
+    dx = np.full(x.shape, np.nan, np.float32)
+    K.maxpool2d_backward(dy, am, dx, (2, 2), (1, 2), (0, 1, 0, 1))
+    assert not dx.any()
+    # ceil_mode: the last row of windows runs past the end (rows 6 of a 7-row input), columns do not
+    x = np.zeros((1, 2, 7, 4), np.float32)
+    dy = np.ones((1, 2, 4, 2), np.float32)
+    am = np.zeros(dy.shape, np.uint8)
+    am[0, 1, 1, 1] = 3  # inside: fine
+    am[0, 1, 3, 0] = 2  # bottom row of the last window: past the end
+    am[0, 1, 3, 1] = 3
+    with pytest.raises(ValueError, match="argmax holds 2, not a real cell"):  # the first in output order
+        K.maxpool2d_backward(dy, am, x, (2, 2), (2, 2), (0, 0, 0, 0), True)
+    am[0, 1, 3, 0] = 1
+    with pytest.raises(ValueError, match="argmax holds 3, not a real cell"):
+        K.maxpool2d_backward(dy, am, x, (2, 2), (2, 2), (0, 0, 0, 0), True)
+    am[0, 1, 3, 1] = 0
+    K.maxpool2d_backward(dy, am, x, (2, 2), (2, 2), (0, 0, 0, 0), True)
+    assert x[0, 1, 3, 3] == 1 and x[0, 1, 6, 1] == 1 and x.sum() == 16
+    # int32: a negative index, the plane size, and the first bad one is named
+    dy = np.ones((1, 1, 2, 2), np.float32)
+    for bad, first in (([0, -1, 5, 3], -1), ([0, 16, -7, 3], 16), ([15, 0, 1, 2], None)):
+        am32 = np.array(bad, np.int32).reshape(1, 1, 2, 2)
+        dx = np.empty((1, 1, 4, 4), np.float32)
+        if first is None:
+            K.maxpool2d_backward(dy, am32, dx)
+            assert dx.sum() == 4 and dx[0, 0, 3, 3] == 1
+        else:
+            with pytest.raises(ValueError, match=f"argmax holds {first}, outside the input plane"):
+                K.maxpool2d_backward(dy, am32, dx)
+
+
+def _ref_2x2_sequential(x):
+    """The window rule over (top-left, top-right, bottom-left, bottom-right) with NumPy selects:
+    take v if not (v <= best) and best == best. Returns values (bits kept) and positions 0..3."""
+    H, W = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+    cells = [x[:, :, 0:H:2, 0:W:2], x[:, :, 0:H:2, 1:W:2], x[:, :, 1:H:2, 0:W:2], x[:, :, 1:H:2, 1:W:2]]
+    best, pos = cells[0].copy(), np.zeros(cells[0].shape, np.int64)
+    with np.errstate(invalid="ignore"):
+        for k, v in enumerate(cells[1:], 1):
+            take = ~(v <= best) & (best == best)
+            best, pos = np.where(take, v, best), np.where(take, k, pos)
+    return best, pos
+
+
+@pytest.mark.parametrize("hw", [(2, 2), (4, 6), (5, 7), (6, 8), (3, 14), (8, 15), (28, 28), (14, 14), (9, 30),
+                                (7, 19), (2, 18), (4, 2)])
+def test_maxpool_2x2_fast_path_bits_ties_signed_zeros_and_nan_planes(hw):
+    """Both argmax forms of the 2x2 stride-2 path, bit for bit against the sequential rule: ties
+    (first wins), +0/-0 ties (the first zero's bits), planes with and without NaN (a NaN plane is
+    redone by the exact path; its neighbours must not be), widths below, at and off multiples of 4."""
+    H, W = hw
+    rng = np.random.default_rng(H * 100 + W)
+    x = rng.integers(-2, 3, size=(3, 5, H, W)).astype(np.float32)  # many ties
+    zeros = rng.random(x.shape) < 0.3
+    x[zeros] = np.where(rng.random(int(zeros.sum())) < 0.5, 0.0, -0.0).astype(np.float32)
+    x[x > 0] *= -1  # all <= 0 in some windows: zero ties decide the max
+    x[1] = rng.standard_normal(x[1].shape)
+    nan_planes = [(0, 1), (2, 4), (1, 0)]
+    for n, c in nan_planes:
+        x[n, c].reshape(-1)[rng.integers(0, H * W, size=max(1, H * W // 9))] = np.nan
+    x[2, 3, :2, :2] = [[np.nan, -np.nan], [np.nan, 1.0]]  # the first NaN wins (its sign bit shows it)
+    want, want_pos = _ref_2x2_sequential(x)
+    OH, OW = H // 2, W // 2
+    for dtype in (np.uint8, np.int32):
+        y = np.full((3, 5, OH, OW), 7.0, np.float32)
+        am = np.zeros((3, 5, OH, OW), dtype)
+        K.maxpool2d_forward(x, y, am, (2, 2), (2, 2))
+        np.testing.assert_array_equal(y.view(np.int32), want.view(np.int32))  # bits: -0, NaN signs
+        if dtype == np.uint8:
+            np.testing.assert_array_equal(am, want_pos)
+        else:
+            rows = 2 * np.arange(OH)[:, None] + want_pos // 2
+            cols = 2 * np.arange(OW)[None, :] + want_pos % 2
+            np.testing.assert_array_equal(am, rows * W + cols)
+    # no argmax at all (inference): the same values
+    y2 = np.empty_like(y)
+    K.maxpool2d_forward(x, y2, None, (2, 2), (2, 2))
+    np.testing.assert_array_equal(y2.view(np.int32), want.view(np.int32))
+
+
+def test_maxpool_2x2_with_padding_or_ceil_mode_takes_the_general_path():
+    rng = np.random.default_rng(9)
+    x = rng.integers(-1, 2, size=(2, 3, 7, 9)).astype(np.float32)
+    x[0, 1, 3, 4] = np.nan
+    for pad, ceil_mode in (((1, 1, 1, 1), False), ((0, 0, 0, 0), True), ((0, 1, 0, 0), True)):
+        want, want_am = ref_max(x, (2, 2), (2, 2), pad, ceil_mode)
+        y = np.empty(want.shape, np.float32)
+        am = np.empty(want.shape, np.int32)
+        K.maxpool2d_forward(x, y, am, (2, 2), (2, 2), pad, ceil_mode)
+        np.testing.assert_array_equal(y, want.astype(np.float32))
+        np.testing.assert_array_equal(am, want_am)
+        am8 = np.empty(want.shape, np.uint8)
+        K.maxpool2d_forward(x, y, am8, (2, 2), (2, 2), pad, ceil_mode)
+        np.testing.assert_array_equal(am8, window_positions(want_am, x.shape, (2, 2), (2, 2), pad))
