@@ -289,8 +289,11 @@ void pack_a(const GemmOperand& A, int64_t i0, int64_t rows, int64_t p0, int64_t 
       } else if (rows == MR) {
         const int32_t* ix = A.index + i0;
         for (int ii = 0; ii < MR; ++ii) d[ii] = s[ix[ii]];
+      } else if (!A.index) {
+        std::memcpy(d, s + i0, sizeof(float) * rows);
+        std::fill(d + rows, d + MR, 0.f);
       } else {
-        for (int64_t ii = 0; ii < MR; ++ii) d[ii] = ii < rows ? s[A.index ? A.index[i0 + ii] : i0 + ii] : 0.f;
+        for (int64_t ii = 0; ii < MR; ++ii) d[ii] = ii < rows ? s[A.index[i0 + ii]] : 0.f;
       }
     }
   }
@@ -317,8 +320,11 @@ void pack_b(const GemmOperand& B, int64_t j0, int64_t cols, int64_t p0, int64_t 
       } else if (cols == NR) {
         const int32_t* ix = B.index + j0;
         for (int jj = 0; jj < NR; ++jj) d[jj] = s[ix[jj]];
+      } else if (!B.index) {  // the right edge (a conv's 196 columns = 6 x 32 + 4): a copy and a fill
+        std::memcpy(d, s + j0, sizeof(float) * cols);
+        std::fill(d + cols, d + NR, 0.f);
       } else {
-        for (int64_t jj = 0; jj < NR; ++jj) d[jj] = jj < cols ? s[B.index ? B.index[j0 + jj] : j0 + jj] : 0.f;
+        for (int64_t jj = 0; jj < NR; ++jj) d[jj] = jj < cols ? s[B.index[j0 + jj]] : 0.f;
       }
     }
   } else {
@@ -453,7 +459,11 @@ inline bool rows_aligned64(const GemmOperand& B, const int64_t* src, int n) {
   return true;
 }
 
-template <DotBlock block, int DMR, int DNR, bool align_b>
+typedef void (*CopyFloats)(const float*, int64_t, float*);
+inline void copy_floats(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, sizeof(float) * n); }
+
+// align_b: copy_b moves B rows that are not on 64-byte boundaries into the tile (see above).
+template <DotBlock block, int DMR, int DNR, bool align_b, CopyFloats copy_b = copy_floats>
 void sgemm_dot(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, const GemmOperand& B,
                float beta, float* C, int64_t ldc) {
   constexpr int64_t kTaskCols = 64;
@@ -486,7 +496,7 @@ void sgemm_dot(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& 
               if (B.q) {
                 b[jj] = row_run(B, src[jj], k0, kc, tile + jj * pitch);
               } else if (copy) {
-                std::memcpy(tile + jj * pitch, B.data + src[jj] * B.ld + k0, sizeof(float) * kc);
+                copy_b(B.data + src[jj] * B.ld + k0, kc, tile + jj * pitch);
                 b[jj] = tile + jj * pitch;
               } else {
                 b[jj] = B.data + src[jj] * B.ld + k0;
@@ -523,7 +533,7 @@ void sgemm(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& A, c
   if (use_dot_path(M, K, A, B)) {
 #if defined(FTTE_HAVE_AVX2_KERNEL) && FTTE_HAVE_AVX2_KERNEL
     if (std::strcmp(kern.name, "avx512") == 0) {
-      sgemm_dot<dot_block_avx512, kDotMR, kDot512NR, true>(M, N, K, alpha, A, B, beta, C, ldc);
+      sgemm_dot<dot_block_avx512, kDotMR, kDot512NR, true, copy_floats_avx512>(M, N, K, alpha, A, B, beta, C, ldc);
       return;
     }
     if (std::strcmp(kern.name, "avx2-fma") == 0) {

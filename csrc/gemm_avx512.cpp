@@ -90,41 +90,43 @@ inline __m128 hsum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
 
 }  // namespace
 
-void dot_block_avx512(int64_t K, const float* const* a, const float* const* b, float* C, int64_t ldc, float alpha,
-                      float beta, int m, int n) {
+namespace {
+
+// R (1 to 3) rows of A against kDot512NR rows of B: a last block of 1 or 2 rows (batch 32 = 10 x 3
+// + 2, a 16-channel weight gradient = 5 x 3 + 1) does only its own rows' FMAs, each element the
+// same chain as in a 3-row block.
+template <int R>
+void dot_rows(int64_t K, const float* const* a, const float* const* b, float* C, int64_t ldc, float alpha,
+              float beta, int n) {
   constexpr int NB = kDot512NR;
-  __m512 acc[kDotMR][NB];
-  for (int i = 0; i < kDotMR; ++i)
+  __m512 acc[R][NB];
+  for (int i = 0; i < R; ++i)
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
-  const float *a0 = a[0], *a1 = a[1], *a2 = a[2];
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    const __m512 x0 = _mm512_loadu_ps(a0 + k), x1 = _mm512_loadu_ps(a1 + k), x2 = _mm512_loadu_ps(a2 + k);
+    __m512 x[R];
+    for (int i = 0; i < R; ++i) x[i] = _mm512_loadu_ps(a[i] + k);
     for (int j = 0; j < NB; ++j) {
       const __m512 y = _mm512_loadu_ps(b[j] + k);
-      acc[0][j] = _mm512_fmadd_ps(x0, y, acc[0][j]);
-      acc[1][j] = _mm512_fmadd_ps(x1, y, acc[1][j]);
-      acc[2][j] = _mm512_fmadd_ps(x2, y, acc[2][j]);
+      for (int i = 0; i < R; ++i) acc[i][j] = _mm512_fmadd_ps(x[i], y, acc[i][j]);
     }
   }
   if (k < K) {  // tail: masked loads read only the K - k remaining floats
     const __mmask16 mk = first_lanes(static_cast<int>(K - k));
-    const __m512 x0 = _mm512_maskz_loadu_ps(mk, a0 + k), x1 = _mm512_maskz_loadu_ps(mk, a1 + k),
-                 x2 = _mm512_maskz_loadu_ps(mk, a2 + k);
+    __m512 x[R];
+    for (int i = 0; i < R; ++i) x[i] = _mm512_maskz_loadu_ps(mk, a[i] + k);
     for (int j = 0; j < NB; ++j) {
       const __m512 y = _mm512_maskz_loadu_ps(mk, b[j] + k);
-      acc[0][j] = _mm512_fmadd_ps(x0, y, acc[0][j]);
-      acc[1][j] = _mm512_fmadd_ps(x1, y, acc[1][j]);
-      acc[2][j] = _mm512_fmadd_ps(x2, y, acc[2][j]);
+      for (int i = 0; i < R; ++i) acc[i][j] = _mm512_fmadd_ps(x[i], y, acc[i][j]);
     }
   }
   const __m128 va = _mm_set1_ps(alpha), vb = _mm_set1_ps(beta);
-  for (int i = 0; i < m; ++i) {
+  for (int i = 0; i < R; ++i) {
     float* c = C + i * ldc;
     for (int h = 0; h < NB / 4; ++h) {  // four columns at a time
-      __m128 r = _mm_mul_ps(va, hsum4(acc[i][4 * h], acc[i][4 * h + 1], acc[i][4 * h + 2], acc[i][4 * h + 3]));
       const int w = n - 4 * h;
       if (w <= 0) break;
+      __m128 r = _mm_mul_ps(va, hsum4(acc[i][4 * h], acc[i][4 * h + 1], acc[i][4 * h + 2], acc[i][4 * h + 3]));
       if (w >= 4) {
         if (beta != 0.f) r = _mm_add_ps(r, beta == 1.f ? _mm_loadu_ps(c + 4 * h) : _mm_mul_ps(vb, _mm_loadu_ps(c + 4 * h)));
         _mm_storeu_ps(c + 4 * h, r);
@@ -135,6 +137,25 @@ void dot_block_avx512(int64_t K, const float* const* a, const float* const* b, f
         for (int j = 0; j < w; ++j) d[j] = beta == 0.f ? out[j] : (beta == 1.f ? out[j] + d[j] : out[j] + beta * d[j]);
       }
     }
+  }
+}
+
+}  // namespace
+
+void dot_block_avx512(int64_t K, const float* const* a, const float* const* b, float* C, int64_t ldc, float alpha,
+                      float beta, int m, int n) {
+  static_assert(kDotMR == 3, "blocks of 1 to 3 rows");
+  if (m == 1) return dot_rows<1>(K, a, b, C, ldc, alpha, beta, n);
+  if (m == 2) return dot_rows<2>(K, a, b, C, ldc, alpha, beta, n);
+  dot_rows<3>(K, a, b, C, ldc, alpha, beta, n);
+}
+
+void copy_floats_avx512(const float* src, int64_t n, float* dst) {
+  int64_t q = 0;
+  for (; q + 16 <= n; q += 16) _mm512_storeu_ps(dst + q, _mm512_loadu_ps(src + q));
+  if (q < n) {
+    const __mmask16 mk = first_lanes(static_cast<int>(n - q));
+    _mm512_mask_storeu_ps(dst + q, mk, _mm512_maskz_loadu_ps(mk, src + q));
   }
 }
 
