@@ -92,13 +92,13 @@ inline __m128 hsum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
 
 namespace {
 
-// R (1 to 3) rows of A against kDot512NR rows of B: a last block of 1 or 2 rows (batch 32 = 10 x 3
-// + 2, a 16-channel weight gradient = 5 x 3 + 1) does only its own rows' FMAs, each element the
-// same chain as in a 3-row block.
-template <int R>
+// R (1 to 3) rows of A against NB (4 or 8) rows of B: a last block of 1 or 2 rows (batch 32 =
+// 10 x 3 + 2, a 16-channel weight gradient = 5 x 3 + 1) or of at most 4 rows of B (a 3x3
+// single-channel conv's 9 = 8 + 1 taps) does only its own FMAs, each element the same chain as
+// in a full block.
+template <int R, int NB>
 void dot_rows(int64_t K, const float* const* a, const float* const* b, float* C, int64_t ldc, float alpha,
               float beta, int n) {
-  constexpr int NB = kDot512NR;
   __m512 acc[R][NB];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -144,10 +144,15 @@ void dot_rows(int64_t K, const float* const* a, const float* const* b, float* C,
 
 void dot_block_avx512(int64_t K, const float* const* a, const float* const* b, float* C, int64_t ldc, float alpha,
                       float beta, int m, int n) {
-  static_assert(kDotMR == 3, "blocks of 1 to 3 rows");
-  if (m == 1) return dot_rows<1>(K, a, b, C, ldc, alpha, beta, n);
-  if (m == 2) return dot_rows<2>(K, a, b, C, ldc, alpha, beta, n);
-  dot_rows<3>(K, a, b, C, ldc, alpha, beta, n);
+  static_assert(kDotMR == 3 && kDot512NR == 8, "blocks of 1 to 3 rows of A, 4 or 8 of B");
+  if (n <= 4) {
+    if (m == 1) return dot_rows<1, 4>(K, a, b, C, ldc, alpha, beta, n);
+    if (m == 2) return dot_rows<2, 4>(K, a, b, C, ldc, alpha, beta, n);
+    return dot_rows<3, 4>(K, a, b, C, ldc, alpha, beta, n);
+  }
+  if (m == 1) return dot_rows<1, 8>(K, a, b, C, ldc, alpha, beta, n);
+  if (m == 2) return dot_rows<2, 8>(K, a, b, C, ldc, alpha, beta, n);
+  dot_rows<3, 8>(K, a, b, C, ldc, alpha, beta, n);
 }
 
 void copy_floats_avx512(const float* src, int64_t n, float* dst) {
