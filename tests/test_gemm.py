@@ -144,12 +144,13 @@ def _offset_copy(x, floats):
 
 
 @pytest.mark.parametrize("Kd", [128, 300, 1024, 1500, 2100])
-def test_dot_path_ignores_addresses(Kd):
+@pytest.mark.parametrize("M,N", [(29, 45), (31, 44), (1, 9), (2, 3), (16, 72)])
+def test_dot_path_ignores_addresses(Kd, M, N):
     # The AVX-512 dot block copies B rows that are not on 64-byte boundaries into an aligned tile,
     # and chunks K (1024) whether it copies or not: the result must not depend on where A and B
-    # live, bit for bit, and must match NumPy.
-    rng = np.random.default_rng(Kd)
-    M, N = 29, 45
+    # live, bit for bit, and must match NumPy. The shapes end in blocks of 1, 2 and 3 rows of A
+    # and 1-8 rows of B (its 1- and 2-row, 4- and 8-column variants).
+    rng = np.random.default_rng(Kd + M)
     a = rng.standard_normal((M, Kd)).astype(np.float32)
     b = rng.standard_normal((N, Kd)).astype(np.float32)
     outs = []
