@@ -449,7 +449,8 @@ void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float a
 // B's rows on 64-byte boundaries (AVX-512: a load that crosses a cache line costs two, and NumPy
 // aligns arrays to 16 bytes only; measured 75 against 136 GFLOP/s at 32x256x256). Such a
 // block's misaligned B rows are copied chunk by chunk into the same (aligned) stack tile, once
-// per task and block of B rows, and reused by all of the task's rows of A.
+// per task and block of B rows, and reused by all of the task's rows of A; a float B's task
+// copies its misaligned rows of A as well (24 x 1024 floats of stack at most, x86-64 only).
 constexpr int64_t kDotQChunk = 1024;  // K entries per chunk (16 or 32 KiB of stack tile)
 typedef void (*DotBlock)(int64_t, const float* const*, const float* const*, float*, int64_t, float, float, int, int);
 
@@ -477,20 +478,32 @@ void sgemm_dot(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& 
         const int64_t r0 = (t / tc) * task_rows, c0 = (t % tc) * kTaskCols;
         const int64_t r1 = std::min(M, r0 + task_rows), c1 = std::min(N, c0 + kTaskCols);
         alignas(64) float tile[DNR * kDotQChunk];  // int8 / mixed B, or misaligned B for align_b
-        for (int64_t j = c0; j < c1; j += DNR) {
-          const int n = static_cast<int>(std::min<int64_t>(DNR, c1 - j));
-          int64_t src[DNR];
-          for (int jj = 0; jj < DNR; ++jj) {
-            const int64_t c = j + std::min(jj, n - 1);  // padding repeats a real row, never stored
-            src[jj] = B.index ? B.index[c] : c;
-          }
-          const bool copy = B.q || (align_b && !rows_aligned64(B, src, DNR));
-          // align_b chunks K whether it copies or not, so results never depend on addresses.
-          const int64_t chunk = B.q || align_b ? std::min(K, kDotQChunk) : K;
-          // Rows of kc floats, each starting on a 64-byte boundary of the tile.
-          const int64_t pitch = (std::min(K, chunk) + 15) / 16 * 16;
-          for (int64_t k0 = 0; k0 < K; k0 += chunk) {
-            const int64_t kc = std::min(chunk, K - k0);
+        // align_b with a float B: the task's rows of A too, when they are misaligned (each is
+        // read once per block of B rows: 8 times in a 64-column task).
+        alignas(64) float a_tile[align_b ? 8 * DMR * kDotQChunk : 1];
+        // align_b chunks K whether it copies or not, so results never depend on addresses.
+        const int64_t chunk = B.q || align_b ? std::min(K, kDotQChunk) : K;
+        // Rows of kc floats, each starting on a 64-byte boundary of the tile.
+        const int64_t pitch = (chunk + 15) / 16 * 16;
+        auto a_row = [&](int64_t r) { return A.data + (A.index ? A.index[r] : r) * A.ld; };
+        bool copy_a = false;
+        if (align_b && !B.q)
+          for (int64_t r = r0; r < r1 && !copy_a; ++r) copy_a = reinterpret_cast<uintptr_t>(a_row(r)) % 64 != 0;
+        // Chunks of K outermost, so a copied chunk of A serves every block of B; each C element
+        // still adds its chunks in order, as a loop over B blocks first would.
+        for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+          const int64_t kc = std::min(chunk, K - k0);
+          if (copy_a)
+            for (int64_t r = r0; r < r1; ++r) copy_b(a_row(r) + k0, kc, a_tile + (r - r0) * pitch);
+          const float beta_k = k0 == 0 ? beta : 1.f;
+          for (int64_t j = c0; j < c1; j += DNR) {
+            const int n = static_cast<int>(std::min<int64_t>(DNR, c1 - j));
+            int64_t src[DNR];
+            for (int jj = 0; jj < DNR; ++jj) {
+              const int64_t c = j + std::min(jj, n - 1);  // padding repeats a real row, never stored
+              src[jj] = B.index ? B.index[c] : c;
+            }
+            const bool copy = B.q || (align_b && !rows_aligned64(B, src, DNR));
             const float* b[DNR];
             for (int jj = 0; jj < DNR; ++jj) {
               if (B.q) {
@@ -502,13 +515,12 @@ void sgemm_dot(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& 
                 b[jj] = B.data + src[jj] * B.ld + k0;
               }
             }
-            const float beta_k = k0 == 0 ? beta : 1.f;
             for (int64_t i = r0; i < r1; i += DMR) {
               const int m = static_cast<int>(std::min<int64_t>(DMR, r1 - i));
               const float* a[DMR];
               for (int ii = 0; ii < DMR; ++ii) {
                 const int64_t r = i + std::min(ii, m - 1);
-                a[ii] = A.data + (A.index ? A.index[r] : r) * A.ld + k0;
+                a[ii] = copy_a ? a_tile + (r - r0) * pitch : a_row(r) + k0;
               }
               block(kc, a, b, C + i * ldc + j, ldc, alpha, beta_k, m, n);
             }
