@@ -112,7 +112,7 @@ def test_sparse_step_uses_much_less_memory_and_gradient_rows_only():
     # scratch (gradients stop at conv2)
     assert full.memory.activations - sparse.memory.activations == 32 * 8 * 14 * 14
     assert sparse.memory.workspace < 0.75 * full.memory.workspace
-    # (0.62: the full step keeps bytes for its pools too, so what remains of
+    # (0.63: the full step keeps bytes for its pools too, so what remains of
     # the sparse step, conv2's float input and the scratch, weighs more in the ratio)
     assert sparse.memory.total < 0.65 * full.memory.total
     # no gradient buffers (SGD inside backward, tile by tile); velocity for the trained rows only
