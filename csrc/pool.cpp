@@ -285,75 +285,81 @@ void maxpool_generic(const PoolGeom& g, const float* x, float* y, Index* argmax)
 
 namespace {
 
+// The tiles_2x2 case. Windows tile the plane without overlap: every dx cell is written once, dy or
+// 0, with no zero-fill pass and no scatter. 0 + d as the scatter computes it (a -0 dy gives +0).
+// kReluPoolGated matches none of the positions 0..3 below: its window gets +0 throughout, so the
+// fused ReLU's backward is this same code (one copy: two instances timed 10% apart).
+void maxpool2x2_backward(const PoolGeom& g, const float* dy, const uint8_t* argmax, float* dx) {
+  const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
+  for_planes(g, static_cast<double>(HW), [&](int64_t p) {
+    // Geometry in locals: through the captured reference it was reloaded every step (the
+    // vector stores go through memcpy, which may alias anything).
+    const int64_t OH = g.OH, OW = g.OW, W = g.W;
+    float* dxp = dx + p * HW;
+    const float* dyp = dy + p * OHW;
+    const uint8_t* ap = argmax + p * OHW;
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      float* r0 = dxp + 2 * oh * W;
+      float* r1 = r0 + W;
+      const float* d_row = dyp + oh * OW;
+      const uint8_t* a_row = ap + oh * OW;
+      int64_t ow = 0;
+      // Four outputs per step, the last step overlapping the one before when the row's width is
+      // not a multiple of 4 (the same cells get the same bits again), as in the forward.
+      for (; ow < OW && OW >= 4; ow += 4) {
+        if (ow + 4 > OW) ow = OW - 4;
+        const v4f zero = {0.f, 0.f, 0.f, 0.f};
+        const v4f d = zero + load4(d_row + ow);
+        v4i bits;
+        std::memcpy(&bits, &d, 16);
+        // Lane k compares byte k of the four positions (in memory order, whatever the CPU's
+        // byte order) in place: no unpacking of bytes into lanes.
+        uint8_t four[4] = {a_row[ow], a_row[ow + 1], a_row[ow + 2], a_row[ow + 3]};
+        uint32_t packed;
+        std::memcpy(&packed, four, 4);
+        const uint8_t unit_bytes[16] = {1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1};
+        const uint8_t lane_bytes[16] = {255, 0, 0, 0, 0, 255, 0, 0, 0, 0, 255, 0, 0, 0, 0, 255};
+        v4i unit, lane;
+        std::memcpy(&unit, unit_bytes, 16);
+        std::memcpy(&lane, lane_bytes, 16);
+        const int32_t ps = static_cast<int32_t>(packed);
+        const v4i r = v4i{ps, ps, ps, ps} & lane;  // lane k: byte k of `four` where lane's mask puts it
+        const v4i c0 = bits & (r == unit * 0), c1 = bits & (r == unit), c2 = bits & (r == unit * 2),
+                  c3 = bits & (r == unit * 3);
+        // Windows' cells interleaved back into rows: top row (c0, c1), bottom row (c2, c3).
+        const v4i t0 = shuffle4<0, 4, 1, 5>(c0, c1), t1 = shuffle4<2, 6, 3, 7>(c0, c1);
+        const v4i b0 = shuffle4<0, 4, 1, 5>(c2, c3), b1 = shuffle4<2, 6, 3, 7>(c2, c3);
+        std::memcpy(r0 + 2 * ow, &t0, 16);
+        std::memcpy(r0 + 2 * ow + 4, &t1, 16);
+        std::memcpy(r1 + 2 * ow, &b0, 16);
+        std::memcpy(r1 + 2 * ow + 4, &b1, 16);
+      }
+      for (; ow < OW; ++ow) {
+        const float d = 0.f + d_row[ow];
+        uint32_t bits;
+        std::memcpy(&bits, &d, 4);
+        const uint32_t r = a_row[ow];
+        // Bit masks, not ?: (random positions would mispredict a branch three times in four).
+        const uint32_t cell[4] = {bits & (0u - (r == 0)), bits & (0u - (r == 1)), bits & (0u - (r == 2)),
+                                  bits & (0u - (r == 3))};
+        std::memcpy(r0 + 2 * ow, cell, 8);
+        std::memcpy(r1 + 2 * ow, cell + 2, 8);
+      }
+      std::fill(r0 + 2 * OW, r0 + W, 0.f);  // an odd width's last column
+      std::fill(r1 + 2 * OW, r1 + W, 0.f);
+    }
+    std::fill(dxp + 2 * OH * W, dxp + HW, 0.f);  // an odd height's last row
+  });
+}
+
 // Gated: argmax may hold kReluPoolGated, whose window gets no gradient (the fused ReLU's).
 template <bool Gated>
 void maxpool_backward_window(const PoolGeom& g, const float* dy, const uint8_t* argmax, float* dx) {
-  const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
   if (tiles_2x2(g)) {
-    // Windows tile the plane without overlap: every dx cell is written once, dy or 0, with no
-    // zero-fill pass and no scatter. 0 + d as the scatter computes it (a -0 dy gives +0).
-    // kReluPoolGated matches none of the positions 0..3 below: its window gets +0 throughout.
-    for_planes(g, static_cast<double>(HW), [&](int64_t p) {
-      // Geometry in locals: through the captured reference it was reloaded every step (the
-      // vector stores go through memcpy, which may alias anything).
-      const int64_t OH = g.OH, OW = g.OW, W = g.W;
-      float* dxp = dx + p * HW;
-      const float* dyp = dy + p * OHW;
-      const uint8_t* ap = argmax + p * OHW;
-      for (int64_t oh = 0; oh < OH; ++oh) {
-        float* r0 = dxp + 2 * oh * W;
-        float* r1 = r0 + W;
-        const float* d_row = dyp + oh * OW;
-        const uint8_t* a_row = ap + oh * OW;
-        int64_t ow = 0;
-        // Four outputs per step, the last step overlapping the one before when the row's width is
-        // not a multiple of 4 (the same cells get the same bits again), as in the forward.
-        for (; ow < OW && OW >= 4; ow += 4) {
-          if (ow + 4 > OW) ow = OW - 4;
-          const v4f zero = {0.f, 0.f, 0.f, 0.f};
-          const v4f d = zero + load4(d_row + ow);
-          v4i bits;
-          std::memcpy(&bits, &d, 16);
-          // Lane k compares byte k of the four positions (in memory order, whatever the CPU's
-          // byte order) in place: no unpacking of bytes into lanes.
-          uint8_t four[4] = {a_row[ow], a_row[ow + 1], a_row[ow + 2], a_row[ow + 3]};
-          uint32_t packed;
-          std::memcpy(&packed, four, 4);
-          const uint8_t unit_bytes[16] = {1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1};
-          const uint8_t lane_bytes[16] = {255, 0, 0, 0, 0, 255, 0, 0, 0, 0, 255, 0, 0, 0, 0, 255};
-          v4i unit, lane;
-          std::memcpy(&unit, unit_bytes, 16);
-          std::memcpy(&lane, lane_bytes, 16);
-          const int32_t ps = static_cast<int32_t>(packed);
-          const v4i r = v4i{ps, ps, ps, ps} & lane;  // lane k: byte k of `four` where lane's mask puts it
-          const v4i c0 = bits & (r == unit * 0), c1 = bits & (r == unit), c2 = bits & (r == unit * 2),
-                    c3 = bits & (r == unit * 3);
-          // Windows' cells interleaved back into rows: top row (c0, c1), bottom row (c2, c3).
-          const v4i t0 = shuffle4<0, 4, 1, 5>(c0, c1), t1 = shuffle4<2, 6, 3, 7>(c0, c1);
-          const v4i b0 = shuffle4<0, 4, 1, 5>(c2, c3), b1 = shuffle4<2, 6, 3, 7>(c2, c3);
-          std::memcpy(r0 + 2 * ow, &t0, 16);
-          std::memcpy(r0 + 2 * ow + 4, &t1, 16);
-          std::memcpy(r1 + 2 * ow, &b0, 16);
-          std::memcpy(r1 + 2 * ow + 4, &b1, 16);
-        }
-        for (; ow < OW; ++ow) {
-          const float d = 0.f + d_row[ow];
-          uint32_t bits;
-          std::memcpy(&bits, &d, 4);
-          const uint32_t r = a_row[ow];
-          // Bit masks, not ?: (random positions would mispredict a branch three times in four).
-          const uint32_t cell[4] = {bits & (0u - (r == 0)), bits & (0u - (r == 1)), bits & (0u - (r == 2)),
-                                    bits & (0u - (r == 3))};
-          std::memcpy(r0 + 2 * ow, cell, 8);
-          std::memcpy(r1 + 2 * ow, cell + 2, 8);
-        }
-        std::fill(r0 + 2 * OW, r0 + W, 0.f);  // an odd width's last column
-        std::fill(r1 + 2 * OW, r1 + W, 0.f);
-      }
-      std::fill(dxp + 2 * OH * W, dxp + HW, 0.f);  // an odd height's last row
-    });
+    maxpool2x2_backward(g, dy, argmax, dx);
     return;
   }
+  const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
   // Offset of each window position from the window's first (padded) cell in the plane: a table
   // lookup instead of a division per output.
   int64_t offset[256];

@@ -680,3 +680,18 @@ def test_maxpool_relu_errors():
     big[0, 0, 15, 15] = 2.0  # without an argmax any window works
     K.maxpool2d_forward(big, one, None, (16, 16), (1, 1), relu=True)
     assert one[0, 0, 0, 0] == 2.0
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_maxpool_backward_finds_a_bad_position_anywhere(relu):
+    """The position check's max runs 16 bytes at a time, then the tail: a bad value in either."""
+    x = np.zeros((1, 2, 10, 10), np.float32)
+    dy = np.ones((1, 2, 5, 5), np.float32)  # 50 positions: 3 vectors and 2 left over
+    for where in (0, 7, 31, 47, 48, 49):
+        am = np.full(dy.shape, 255 if relu else 3, np.uint8)
+        am.reshape(-1)[where] = 4
+        with pytest.raises(ValueError, match="argmax holds 4, not a real cell of its 2x2 window"):
+            K.maxpool2d_backward(dy, am, x, (2, 2), (2, 2), relu=relu)
+        am.reshape(-1)[where] = 1
+        K.maxpool2d_backward(dy, am, x, (2, 2), (2, 2), relu=relu)
+        assert x.sum() == (1 if relu else 50) and x.reshape(2, -1)[where // 25].any()
