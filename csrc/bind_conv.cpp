@@ -8,6 +8,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <iterator>
 #include <limits>
 #include <string>
@@ -237,6 +238,27 @@ const int32_t* checked_labels(const std::string& fn, const py::handle& labels, i
   return lab;
 }
 
+// The largest of p[0, n), each plus `add` mod 256 (1: the fused ReLU's sentinel 255 wraps to 0,
+// below every position). 16 bytes to a vector (GCC/Clang vector extensions: SSE2 or NEON) rather
+// than left to the auto-vectoriser, whose code for this loop varied by 10% of the whole
+// backward from one build to the next.
+uint8_t max_byte_plus(const uint8_t* p, int64_t n, uint8_t add) {
+  typedef uint8_t v16u __attribute__((vector_size(16)));
+  v16u top = {}, plus = {};
+  plus += add;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v16u v;
+    std::memcpy(&v, p + i, 16);
+    v += plus;
+    top = v > top ? v : top;
+  }
+  uint8_t m = 0;
+  for (int k = 0; k < 16; ++k) m = std::max(m, static_cast<uint8_t>(top[k]));
+  for (; i < n; ++i) m = std::max(m, static_cast<uint8_t>(p[i] + add));
+  return m;
+}
+
 }  // namespace
 
 void register_conv(py::module_& m) {
@@ -459,7 +481,7 @@ void register_conv(py::module_& m) {
   m.def(
       "maxpool2d_forward",
       [](py::object x, py::object y, py::object argmax, py::object kernel, py::object stride, py::object padding,
-         bool ceil_mode) {
+         bool ceil_mode, bool relu) {
         const std::string fn = "maxpool2d_forward";
         const float* xp = checked<float>(fn, "x", x, {-1, -1, -1, -1});
         const int64_t N = dim(x, 0), C = dim(x, 1), H = dim(x, 2), W = dim(x, 3);
@@ -470,10 +492,20 @@ void register_conv(py::module_& m) {
         if (xp == yp && N * C > 0) fail(fn, "y must not be x");
         const ftte::PoolGeom g = pool_geom(N, C, H, W, win, o);
         const int64_t outs = N * C * o[0] * o[1];
-        if (!argmax.is_none() && py::isinstance<py::array>(argmax) &&
-            py::reinterpret_borrow<py::array>(argmax).dtype().is(py::dtype::of<uint8_t>())) {
-          if (win.kh * win.kw > 256)
-            fail(fn, "a uint8 argmax holds window positions, so the kernel must have at most 256 cells, got " +
+        const bool window_argmax = !argmax.is_none() && py::isinstance<py::array>(argmax) &&
+                                   py::reinterpret_borrow<py::array>(argmax).dtype().is(py::dtype::of<uint8_t>());
+        if (relu && !argmax.is_none() && !window_argmax)
+          fail(fn, "relu=True keeps a uint8 argmax (window positions) or none");
+        if (relu && !window_argmax) {
+          py::gil_scoped_release nogil;
+          ftte::maxpool2d_relu_forward_window(g, xp, yp, nullptr);
+          return;
+        }
+        if (window_argmax) {
+          // relu: position 255 is the sentinel of an all-gated window, so no cell may have it.
+          if (win.kh * win.kw > (relu ? 255 : 256))
+            fail(fn, "a uint8 argmax holds window positions, so the kernel must have at most " +
+                         std::string(relu ? "255 cells with relu=True" : "256 cells") + ", got " +
                          std::to_string(win.kh) + "x" + std::to_string(win.kw));
           uint8_t* ap = checked<uint8_t>(fn, "argmax", argmax, {N, C, o[0], o[1]}, true);
           same_or_disjoint(fn, "x", xp, N * C * H * W * 4, "argmax", ap, outs);
@@ -481,7 +513,10 @@ void register_conv(py::module_& m) {
           if ((static_cast<const void*>(ap) == xp || static_cast<const void*>(ap) == yp) && outs > 0)
             fail(fn, "argmax must not share memory with x or y");
           py::gil_scoped_release nogil;
-          ftte::maxpool2d_forward_window(g, xp, yp, ap);
+          if (relu)
+            ftte::maxpool2d_relu_forward_window(g, xp, yp, ap);
+          else
+            ftte::maxpool2d_forward_window(g, xp, yp, ap);
           return;
         }
         if (H * W > std::numeric_limits<int32_t>::max()) fail(fn, "input plane too large for int32 argmax");
@@ -490,15 +525,16 @@ void register_conv(py::module_& m) {
         ftte::maxpool2d_forward(g, xp, yp, ap);
       },
       py::arg("x"), py::arg("y"), py::arg("argmax"), py::arg("kernel"), py::arg("stride"), py::arg("padding") = pad0,
-      py::arg("ceil_mode") = false,
+      py::arg("ceil_mode") = false, py::arg("relu") = false,
       "y = max over each window; argmax (like y, or None) gets the first max: int32 holds its flat index h*W+w in "
       "the input plane, uint8 (kernels of at most 256 cells) its position (ih - oh*sh + pt)*KW + (iw - ow*sw + pl) "
-      "inside the window. Padding never wins.");
+      "inside the window. Padding never wins. relu=True: the max over relu(x) (x > 0 ? x : +0), a ReLU fused into "
+      "the pool; a uint8 argmax (kernels of at most 255 cells) gets 255 where y is +0 (ReLU's gradient is 0 there).");
 
   m.def(
       "maxpool2d_backward",
       [](py::object dy, py::object argmax, py::object dx, py::object kernel, py::object stride, py::object padding,
-         bool ceil_mode) {
+         bool ceil_mode, bool relu) {
         const std::string fn = "maxpool2d_backward";
         const float* dyp = checked<float>(fn, "dy", dy, {-1, -1, -1, -1});
         const int64_t N = dim(dy, 0), C = dim(dy, 1), OH = dim(dy, 2), OW = dim(dy, 3);
@@ -506,8 +542,10 @@ void register_conv(py::module_& m) {
         const int64_t H = dim(dx, 2), W = dim(dx, 3), HW = H * W;
         same_or_disjoint(fn, "dy", dyp, N * C * OH * OW * 4, "dx", dxp, N * C * HW * 4);
         if (dxp == dyp && N * C * OH * OW > 0) fail(fn, "dx must not be dy");
-        if (py::isinstance<py::array>(argmax) &&
-            py::reinterpret_borrow<py::array>(argmax).dtype().is(py::dtype::of<uint8_t>())) {
+        const bool window_argmax = py::isinstance<py::array>(argmax) &&
+                                   py::reinterpret_borrow<py::array>(argmax).dtype().is(py::dtype::of<uint8_t>());
+        if (relu && !window_argmax) fail(fn, "relu=True takes the uint8 argmax of maxpool2d_forward(relu=True)");
+        if (window_argmax) {
           if (kernel.is_none() || stride.is_none())
             fail(fn, "a uint8 argmax holds window positions: kernel and stride must be given");
           const Window win = pool_window(fn, kernel, stride, padding);
@@ -519,8 +557,9 @@ void register_conv(py::module_& m) {
           const ftte::PoolGeom g = pool_geom(N, C, H, W, win, o);
           // Every position must name a real cell of its window (the scatter trusts it). Row and
           // column of each position come from tables: no division per output.
-          if (win.kh * win.kw > 256)
-            fail(fn, "a uint8 argmax holds window positions, so the kernel must have at most 256 cells");
+          if (win.kh * win.kw > (relu ? 255 : 256))
+            fail(fn, "a uint8 argmax holds window positions, so the kernel must have at most " +
+                         std::string(relu ? "255 cells with relu=True" : "256 cells"));
           std::array<int64_t, 256> row_of{}, col_of{};
           for (int64_t r = 0; r < 256; ++r) {
             const bool in = r < win.kh * win.kw;  // outside the window: a row no input has
@@ -535,9 +574,11 @@ void register_conv(py::module_& m) {
           // over all outputs covers those; only windows reaching into padding or past the end
           // are checked cell by cell.
           const int64_t outs = N * C * OH * OW;
-          uint8_t top = 0;  // a byte, not an unsigned: the max runs 16 lanes to a vector, not 4
-          for (int64_t i = 0; i < outs; ++i) top = std::max(top, ap[i]);
-          if (top >= static_cast<unsigned>(win.kh * win.kw)) refuse(top);
+          // relu: the sentinel 255 wraps to 0 and every position p to p + 1, so the sentinel is
+          // never the top; without relu 255 is a position like any other.
+          const int shift = relu ? 1 : 0;
+          const uint8_t top = max_byte_plus(ap, outs, static_cast<uint8_t>(shift));
+          if (top >= win.kh * win.kw + shift) refuse(static_cast<size_t>(top - shift));
           auto inside = [](int64_t start, int64_t k, int64_t size) { return start >= 0 && start + k <= size; };
           // Columns whose windows reach outside, listed once: a row of windows inside the input
           // visits only those (none at all without padding or ceil_mode; a loop over every output
@@ -556,12 +597,16 @@ void register_conv(py::module_& m) {
               for (const int64_t ow : inside(h_start, win.kh, H) ? edge_cols : all_cols) {
                 const int64_t w_start = ow * win.sw - win.pl;
                 const size_t r = ap[(p * OH + oh) * OW + ow];
+                if (relu && r == ftte::kReluPoolGated) continue;  // no cell: nothing to check
                 const int64_t ih = h_start + row_of[r], iw = w_start + col_of[r];
                 if (ih < 0 || ih >= H || iw < 0 || iw >= W) refuse(r);
               }
             }
           py::gil_scoped_release nogil;
-          ftte::maxpool2d_backward_window(g, dyp, ap, dxp);
+          if (relu)
+            ftte::maxpool2d_relu_backward_window(g, dyp, ap, dxp);
+          else
+            ftte::maxpool2d_backward_window(g, dyp, ap, dxp);
           return;
         }
         const int32_t* ap = checked<int32_t>(fn, "argmax", argmax, {N, C, OH, OW});
@@ -580,9 +625,11 @@ void register_conv(py::module_& m) {
         ftte::maxpool2d_backward(N * C, HW, OH * OW, dyp, ap, dxp);
       },
       py::arg("dy"), py::arg("argmax"), py::arg("dx"), py::arg("kernel") = py::none(), py::arg("stride") = py::none(),
-      py::arg("padding") = pad0, py::arg("ceil_mode") = false,
+      py::arg("padding") = pad0, py::arg("ceil_mode") = false, py::arg("relu") = false,
       "dx[N,C,H,W] = 0, then dy scattered (+=) to the argmax positions from maxpool2d_forward. A uint8 (window) "
-      "argmax needs the forward's kernel, stride, padding and ceil_mode; an int32 one ignores them.");
+      "argmax needs the forward's kernel, stride, padding and ceil_mode; an int32 one ignores them. relu=True: "
+      "the backward of maxpool2d_forward(relu=True), ReLU's gate included (a window whose argmax is 255 gets "
+      "+0): bit-identical to relu_backward_mask over the unfused pool backward.");
 
   m.def(
       "avgpool2d_forward",

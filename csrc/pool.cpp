@@ -53,6 +53,18 @@ inline void take_if_greater(float v, int32_t i, float& best, int32_t& best_i) {
   best_i = static_cast<int32_t>((static_cast<uint32_t>(i) & take) | (static_cast<uint32_t>(best_i) & ~take));
 }
 
+// The fused ReLU's rule (see maxpool2d_relu_forward_window): best starts at +0 and the sentinel,
+// and a cell takes over only when strictly above it (a NaN never is: relu gives it +0).
+inline void take_if_above(float v, int32_t i, float& best, int32_t& best_i) {
+  const uint32_t take = 0u - static_cast<uint32_t>(v > best);
+  uint32_t vb, bb;
+  std::memcpy(&vb, &v, 4);
+  std::memcpy(&bb, &best, 4);
+  bb = (vb & take) | (bb & ~take);
+  std::memcpy(&best, &bb, 4);
+  best_i = static_cast<int32_t>((static_cast<uint32_t>(i) & take) | (static_cast<uint32_t>(best_i) & ~take));
+}
+
 typedef float v4f __attribute__((vector_size(16)));
 typedef int32_t v4i __attribute__((vector_size(16)));
 
@@ -112,9 +124,13 @@ inline void store_index4(v4i v, int32_t* out) { std::memcpy(out, &v, 16); }
 // three-op test and two selects, and the index follows from the three compares. Each plane
 // also ORs an unordered-compare of its cells; a plane holding a NaN is done again with take4
 // (the exact rule), so a NaN costs one plane a second pass, never a different result.
-template <class Index>
+//
+// Relu (the fused ReLU, uint8 only): the chain starts from +0 and the sentinel, so no cell is
+// relu'd at all, and there is no NaN to look for (relu(NaN) = +0 never wins a strict >).
+template <class Index, bool Relu>
 void maxpool2x2(const PoolGeom& g, const float* x, float* y, Index* argmax) {
   constexpr bool window_relative = std::is_same<Index, uint8_t>::value;
+  static_assert(window_relative || !Relu, "the fused ReLU keeps window positions");
   for_planes(g, static_cast<double>(g.OH * g.OW * 4), [&](int64_t p) {
     // Locals of the task: read through the lambda's captures, the geometry was reloaded after
     // every argmax store (a uint8_t store may alias anything).
@@ -149,7 +165,19 @@ void maxpool2x2(const PoolGeom& g, const float* x, float* y, Index* argmax) {
           const v4i col = window_relative ? v4i{0, 0, 0, 0} : v4i{c0, c0 + 2, c0 + 4, c0 + 6};
           v4f best;
           v4i best_i;
-          if (!exact) {
+          if (Relu) {
+            const v4f zero = {0.f, 0.f, 0.f, 0.f};
+            const v4i gated = {kReluPoolGated, kReluPoolGated, kReluPoolGated, kReluPoolGated};
+            const v4i t0 = tl > zero;
+            const v4f m0 = t0 ? tl : zero;
+            const v4i t1 = tr > m0;
+            const v4f m1 = t1 ? tr : m0;
+            const v4i t2 = bl > m1;
+            const v4f m2 = t2 ? bl : m1;
+            const v4i t3 = br > m2;
+            best = t3 ? br : m2;
+            best_i = t3 ? kw1 : (t2 ? kw : (t1 ? k1 : (~t0 & gated)));
+          } else if (!exact) {
             nan_seen |= (a0 != a0) | (a1 != a1) | (b0 != b0) | (b1 != b1);
             const v4i t1 = tr > tl;
             const v4f m1 = t1 ? tr : tl;
@@ -175,11 +203,22 @@ void maxpool2x2(const PoolGeom& g, const float* x, float* y, Index* argmax) {
           const int32_t c = window_relative ? 0 : static_cast<int32_t>(2 * ow);
           const float* t = r0 + 2 * ow;
           const float* b = r1 + 2 * ow;
-          float best = t[0];
-          int32_t best_i = base + c;
-          take_if_greater(t[1], base + c + 1, best, best_i);
-          take_if_greater(b[0], base + w + c, best, best_i);
-          take_if_greater(b[1], base + w + c + 1, best, best_i);
+          float best;
+          int32_t best_i;
+          if (Relu) {
+            best = 0.f;
+            best_i = kReluPoolGated;
+            take_if_above(t[0], 0, best, best_i);
+            take_if_above(t[1], 1, best, best_i);
+            take_if_above(b[0], 2, best, best_i);
+            take_if_above(b[1], 3, best, best_i);
+          } else {
+            best = t[0];
+            best_i = base + c;
+            take_if_greater(t[1], base + c + 1, best, best_i);
+            take_if_greater(b[0], base + w + c, best, best_i);
+            take_if_greater(b[1], base + w + c + 1, best, best_i);
+          }
           y_row[ow] = best;
           if (a_row) a_row[ow] = static_cast<Index>(best_i);
         }
@@ -189,12 +228,18 @@ void maxpool2x2(const PoolGeom& g, const float* x, float* y, Index* argmax) {
   });
 }
 
-template <class Index>
+// 2x2 windows, stride 2, no padding, none running past the end: maxpool2x2's case.
+inline bool tiles_2x2(const PoolGeom& g) {
+  return g.KH == 2 && g.KW == 2 && g.sh == 2 && g.sw == 2 && g.pt == 0 && g.pl == 0 && 2 * g.OH <= g.H &&
+         2 * g.OW <= g.W;
+}
+
+template <class Index, bool Relu>
 void maxpool_generic(const PoolGeom& g, const float* x, float* y, Index* argmax) {
   constexpr bool window_relative = std::is_same<Index, uint8_t>::value;
-  if (g.KH == 2 && g.KW == 2 && g.sh == 2 && g.sw == 2 && g.pt == 0 && g.pl == 0 && 2 * g.OH <= g.H &&
-      2 * g.OW <= g.W) {
-    maxpool2x2(g, x, y, argmax);
+  static_assert(window_relative || !Relu, "the fused ReLU keeps window positions");
+  if (tiles_2x2(g)) {
+    maxpool2x2<Index, Relu>(g, x, y, argmax);
     return;
   }
   const Windows win(g);
@@ -211,8 +256,11 @@ void maxpool_generic(const PoolGeom& g, const float* x, float* y, Index* argmax)
         const int64_t w_start = ow * g.sw - g.pl;
         // Padding smaller than the kernel guarantees at least one real cell per window.
         // best_i: the plane index (int32 argmax) or the window position (uint8), whichever is stored.
-        int64_t best_i = window_relative ? (h.lo - h_start) * g.KW + (w.lo - w_start) : h.lo * g.W + w.lo;
-        float best = xp[h.lo * g.W + w.lo];
+        // Relu: +0 and the sentinel until a cell is above 0 (see maxpool2x2).
+        int64_t best_i = Relu              ? kReluPoolGated
+                         : window_relative ? (h.lo - h_start) * g.KW + (w.lo - w_start)
+                                           : h.lo * g.W + w.lo;
+        float best = Relu ? 0.f : xp[h.lo * g.W + w.lo];
         for (int64_t ih = h.lo; ih < h.hi; ++ih) {
           // best_i is row_base + iw in either form: the same loop body, so the same if-conversion
           // (a longer expression in the branch made the uint8 form 25% slower).
@@ -220,7 +268,7 @@ void maxpool_generic(const PoolGeom& g, const float* x, float* y, Index* argmax)
           for (int64_t iw = w.lo; iw < w.hi; ++iw) {
             const float v = xp[ih * g.W + iw];
             // Strict > keeps the first max; a NaN wins once (and then stays) so it propagates.
-            if (!(v <= best) && best == best) {
+            if (Relu ? v > best : !(v <= best) && best == best) {
               best = v;
               best_i = row_base + iw;
             }
@@ -235,81 +283,83 @@ void maxpool_generic(const PoolGeom& g, const float* x, float* y, Index* argmax)
 
 }  // namespace
 
-void maxpool2d_forward(const PoolGeom& g, const float* x, float* y, int32_t* argmax) {
-  maxpool_generic<int32_t>(g, x, y, argmax);
-}
+namespace {
 
-void maxpool2d_forward_window(const PoolGeom& g, const float* x, float* y, uint8_t* argmax) {
-  maxpool_generic<uint8_t>(g, x, y, argmax);
-}
-
-void maxpool2d_backward_window(const PoolGeom& g, const float* dy, const uint8_t* argmax, float* dx) {
+// The tiles_2x2 case. Windows tile the plane without overlap: every dx cell is written once, dy or
+// 0, with no zero-fill pass and no scatter. 0 + d as the scatter computes it (a -0 dy gives +0).
+// kReluPoolGated matches none of the positions 0..3 below: its window gets +0 throughout, so the
+// fused ReLU's backward is this same code (one copy: two instances timed 10% apart).
+void maxpool2x2_backward(const PoolGeom& g, const float* dy, const uint8_t* argmax, float* dx) {
   const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
-  if (g.KH == 2 && g.KW == 2 && g.sh == 2 && g.sw == 2 && g.pt == 0 && g.pl == 0 && 2 * g.OH <= g.H &&
-      2 * g.OW <= g.W) {
-    // Windows tile the plane without overlap: every dx cell is written once, dy or 0, with no
-    // zero-fill pass and no scatter. 0 + d as the scatter computes it (a -0 dy gives +0).
-    for_planes(g, static_cast<double>(HW), [&](int64_t p) {
-      // Geometry in locals: through the captured reference it was reloaded every step (the
-      // vector stores go through memcpy, which may alias anything).
-      const int64_t OH = g.OH, OW = g.OW, W = g.W;
-      float* dxp = dx + p * HW;
-      const float* dyp = dy + p * OHW;
-      const uint8_t* ap = argmax + p * OHW;
-      for (int64_t oh = 0; oh < OH; ++oh) {
-        float* r0 = dxp + 2 * oh * W;
-        float* r1 = r0 + W;
-        const float* d_row = dyp + oh * OW;
-        const uint8_t* a_row = ap + oh * OW;
-        int64_t ow = 0;
-        // Four outputs per step, the last step overlapping the one before when the row's width is
-        // not a multiple of 4 (the same cells get the same bits again), as in the forward.
-        for (; ow < OW && OW >= 4; ow += 4) {
-          if (ow + 4 > OW) ow = OW - 4;
-          const v4f zero = {0.f, 0.f, 0.f, 0.f};
-          const v4f d = zero + load4(d_row + ow);
-          v4i bits;
-          std::memcpy(&bits, &d, 16);
-          // Lane k compares byte k of the four positions (in memory order, whatever the CPU's
-          // byte order) in place: no unpacking of bytes into lanes.
-          uint8_t four[4] = {a_row[ow], a_row[ow + 1], a_row[ow + 2], a_row[ow + 3]};
-          uint32_t packed;
-          std::memcpy(&packed, four, 4);
-          const uint8_t unit_bytes[16] = {1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1};
-          const uint8_t lane_bytes[16] = {255, 0, 0, 0, 0, 255, 0, 0, 0, 0, 255, 0, 0, 0, 0, 255};
-          v4i unit, lane;
-          std::memcpy(&unit, unit_bytes, 16);
-          std::memcpy(&lane, lane_bytes, 16);
-          const int32_t ps = static_cast<int32_t>(packed);
-          const v4i r = v4i{ps, ps, ps, ps} & lane;  // lane k: byte k of `four` where lane's mask puts it
-          const v4i c0 = bits & (r == unit * 0), c1 = bits & (r == unit), c2 = bits & (r == unit * 2),
-                    c3 = bits & (r == unit * 3);
-          // Windows' cells interleaved back into rows: top row (c0, c1), bottom row (c2, c3).
-          const v4i t0 = shuffle4<0, 4, 1, 5>(c0, c1), t1 = shuffle4<2, 6, 3, 7>(c0, c1);
-          const v4i b0 = shuffle4<0, 4, 1, 5>(c2, c3), b1 = shuffle4<2, 6, 3, 7>(c2, c3);
-          std::memcpy(r0 + 2 * ow, &t0, 16);
-          std::memcpy(r0 + 2 * ow + 4, &t1, 16);
-          std::memcpy(r1 + 2 * ow, &b0, 16);
-          std::memcpy(r1 + 2 * ow + 4, &b1, 16);
-        }
-        for (; ow < OW; ++ow) {
-          const float d = 0.f + d_row[ow];
-          uint32_t bits;
-          std::memcpy(&bits, &d, 4);
-          const uint32_t r = a_row[ow];
-          // Bit masks, not ?: (random positions would mispredict a branch three times in four).
-          const uint32_t cell[4] = {bits & (0u - (r == 0)), bits & (0u - (r == 1)), bits & (0u - (r == 2)),
-                                    bits & (0u - (r == 3))};
-          std::memcpy(r0 + 2 * ow, cell, 8);
-          std::memcpy(r1 + 2 * ow, cell + 2, 8);
-        }
-        std::fill(r0 + 2 * OW, r0 + W, 0.f);  // an odd width's last column
-        std::fill(r1 + 2 * OW, r1 + W, 0.f);
+  for_planes(g, static_cast<double>(HW), [&](int64_t p) {
+    // Geometry in locals: through the captured reference it was reloaded every step (the
+    // vector stores go through memcpy, which may alias anything).
+    const int64_t OH = g.OH, OW = g.OW, W = g.W;
+    float* dxp = dx + p * HW;
+    const float* dyp = dy + p * OHW;
+    const uint8_t* ap = argmax + p * OHW;
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      float* r0 = dxp + 2 * oh * W;
+      float* r1 = r0 + W;
+      const float* d_row = dyp + oh * OW;
+      const uint8_t* a_row = ap + oh * OW;
+      int64_t ow = 0;
+      // Four outputs per step, the last step overlapping the one before when the row's width is
+      // not a multiple of 4 (the same cells get the same bits again), as in the forward.
+      for (; ow < OW && OW >= 4; ow += 4) {
+        if (ow + 4 > OW) ow = OW - 4;
+        const v4f zero = {0.f, 0.f, 0.f, 0.f};
+        const v4f d = zero + load4(d_row + ow);
+        v4i bits;
+        std::memcpy(&bits, &d, 16);
+        // Lane k compares byte k of the four positions (in memory order, whatever the CPU's
+        // byte order) in place: no unpacking of bytes into lanes.
+        uint8_t four[4] = {a_row[ow], a_row[ow + 1], a_row[ow + 2], a_row[ow + 3]};
+        uint32_t packed;
+        std::memcpy(&packed, four, 4);
+        const uint8_t unit_bytes[16] = {1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1};
+        const uint8_t lane_bytes[16] = {255, 0, 0, 0, 0, 255, 0, 0, 0, 0, 255, 0, 0, 0, 0, 255};
+        v4i unit, lane;
+        std::memcpy(&unit, unit_bytes, 16);
+        std::memcpy(&lane, lane_bytes, 16);
+        const int32_t ps = static_cast<int32_t>(packed);
+        const v4i r = v4i{ps, ps, ps, ps} & lane;  // lane k: byte k of `four` where lane's mask puts it
+        const v4i c0 = bits & (r == unit * 0), c1 = bits & (r == unit), c2 = bits & (r == unit * 2),
+                  c3 = bits & (r == unit * 3);
+        // Windows' cells interleaved back into rows: top row (c0, c1), bottom row (c2, c3).
+        const v4i t0 = shuffle4<0, 4, 1, 5>(c0, c1), t1 = shuffle4<2, 6, 3, 7>(c0, c1);
+        const v4i b0 = shuffle4<0, 4, 1, 5>(c2, c3), b1 = shuffle4<2, 6, 3, 7>(c2, c3);
+        std::memcpy(r0 + 2 * ow, &t0, 16);
+        std::memcpy(r0 + 2 * ow + 4, &t1, 16);
+        std::memcpy(r1 + 2 * ow, &b0, 16);
+        std::memcpy(r1 + 2 * ow + 4, &b1, 16);
       }
-      std::fill(dxp + 2 * OH * W, dxp + HW, 0.f);  // an odd height's last row
-    });
+      for (; ow < OW; ++ow) {
+        const float d = 0.f + d_row[ow];
+        uint32_t bits;
+        std::memcpy(&bits, &d, 4);
+        const uint32_t r = a_row[ow];
+        // Bit masks, not ?: (random positions would mispredict a branch three times in four).
+        const uint32_t cell[4] = {bits & (0u - (r == 0)), bits & (0u - (r == 1)), bits & (0u - (r == 2)),
+                                  bits & (0u - (r == 3))};
+        std::memcpy(r0 + 2 * ow, cell, 8);
+        std::memcpy(r1 + 2 * ow, cell + 2, 8);
+      }
+      std::fill(r0 + 2 * OW, r0 + W, 0.f);  // an odd width's last column
+      std::fill(r1 + 2 * OW, r1 + W, 0.f);
+    }
+    std::fill(dxp + 2 * OH * W, dxp + HW, 0.f);  // an odd height's last row
+  });
+}
+
+// Gated: argmax may hold kReluPoolGated, whose window gets no gradient (the fused ReLU's).
+template <bool Gated>
+void maxpool_backward_window(const PoolGeom& g, const float* dy, const uint8_t* argmax, float* dx) {
+  if (tiles_2x2(g)) {
+    maxpool2x2_backward(g, dy, argmax, dx);
     return;
   }
+  const int64_t HW = g.H * g.W, OHW = g.OH * g.OW;
   // Offset of each window position from the window's first (padded) cell in the plane: a table
   // lookup instead of a division per output.
   int64_t offset[256];
@@ -324,10 +374,33 @@ void maxpool2d_backward_window(const PoolGeom& g, const float* dy, const uint8_t
       const int64_t row_start = (oh * g.sh - g.pt) * g.W - g.pl;
       for (int64_t ow = 0; ow < g.OW; ++ow) {
         const int64_t o = oh * g.OW + ow;
+        if (Gated && ap[o] == kReluPoolGated) continue;
         dxp[row_start + ow * g.sw + offset[ap[o]]] += dyp[o];  // output order, as maxpool2d_backward
       }
     }
   });
+}
+
+}  // namespace
+
+void maxpool2d_forward(const PoolGeom& g, const float* x, float* y, int32_t* argmax) {
+  maxpool_generic<int32_t, false>(g, x, y, argmax);
+}
+
+void maxpool2d_forward_window(const PoolGeom& g, const float* x, float* y, uint8_t* argmax) {
+  maxpool_generic<uint8_t, false>(g, x, y, argmax);
+}
+
+void maxpool2d_relu_forward_window(const PoolGeom& g, const float* x, float* y, uint8_t* argmax) {
+  maxpool_generic<uint8_t, true>(g, x, y, argmax);
+}
+
+void maxpool2d_backward_window(const PoolGeom& g, const float* dy, const uint8_t* argmax, float* dx) {
+  maxpool_backward_window<false>(g, dy, argmax, dx);
+}
+
+void maxpool2d_relu_backward_window(const PoolGeom& g, const float* dy, const uint8_t* argmax, float* dx) {
+  maxpool_backward_window<true>(g, dy, argmax, dx);
 }
 
 void maxpool2d_backward(int64_t planes, int64_t HW, int64_t OHW, const float* dy, const int32_t* argmax,

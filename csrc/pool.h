@@ -24,6 +24,18 @@ void maxpool2d_forward_window(const PoolGeom& g, const float* x, float* y, uint8
 // argmax values must name a real (non-pad) cell of their window.
 void maxpool2d_backward_window(const PoolGeom& g, const float* dy, const uint8_t* argmax, float* dx);
 
+// ReLU fused into the max-pool that is its only reader: the pool of relu(x), relu applied as the
+// cells load (relu(x) = x > 0 ? x : +0, so a NaN x counts as +0), with the same first-max rule, so
+// y and every argmax of a positive output are those of relu_forward then maxpool2d_forward_window.
+// Where the output is +0 (no cell of the window above 0) argmax gets kReluPoolGated instead: ReLU's
+// gradient is 0 at whichever cell won, so backward writes +0 over the whole window there. Windows
+// of at most 255 cells (255 is the sentinel); argmax may be null (a frozen forward).
+constexpr uint8_t kReluPoolGated = 255;
+void maxpool2d_relu_forward_window(const PoolGeom& g, const float* x, float* y, uint8_t* argmax);
+// Bit-identical to relu_backward_mask(mask of x, maxpool2d_backward_window(dy, argmax of relu(x))):
+// a positive output's cell has x > 0, so its gate is on and dx there is what the pool scatters.
+void maxpool2d_relu_backward_window(const PoolGeom& g, const float* dy, const uint8_t* argmax, float* dx);
+
 // Divisor: real (non-pad) cells in the window, or with count_include_pad the window clipped
 // to the padded input (so ceil_mode windows running past the end padding are clipped too).
 void avgpool2d_forward(const PoolGeom& g, const float* x, float* y, bool count_include_pad);

@@ -547,3 +547,151 @@ def test_maxpool_2x2_with_padding_or_ceil_mode_takes_the_general_path():
         am8 = np.empty(want.shape, np.uint8)
         K.maxpool2d_forward(x, y, am8, (2, 2), (2, 2), pad, ceil_mode)
         np.testing.assert_array_equal(am8, window_positions(want_am, x.shape, (2, 2), (2, 2), pad))
+
+
+# -- relu=True: a ReLU fused into the max-pool that is its only reader ---------------------------
+
+RELU_CASES = [  # (shape, kernel, stride, padding, ceil_mode)
+    ((2, 3, 8, 8), (2, 2), (2, 2), (0, 0, 0, 0), False),     # the 2x2 stride-2 fast path
+    ((3, 5, 28, 28), (2, 2), (2, 2), (0, 0, 0, 0), False),   # CNN-28's pool1
+    ((2, 3, 7, 19), (2, 2), (2, 2), (0, 0, 0, 0), False),    # odd H and W: last row and column
+    ((2, 2, 6, 7), (2, 2), (2, 2), (0, 0, 0, 0), False),     # rows of 3: the scalar tail
+    ((2, 3, 9, 11), (3, 3), (2, 2), (1, 1, 1, 1), False),    # overlapping windows, padding
+    ((2, 2, 7, 9), (3, 3), (2, 2), (1, 1, 1, 1), True),      # ceil_mode
+    ((2, 2, 7, 9), (2, 2), (2, 2), (0, 0, 0, 0), True),      # 2x2 with ceil_mode: the general path
+    ((1, 2, 11, 6), (5, 3), (1, 1), (2, 1, 2, 1), False),
+]
+
+
+def _relu_pool_input(shape, seed):
+    """Negatives, all-negative windows, +0/-0 and equal-positive ties, NaN (either sign)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-3, 4, size=shape).astype(np.float32)  # many ties among positives
+    zeros = rng.random(shape) < 0.2
+    x[zeros] = np.where(rng.random(int(zeros.sum())) < 0.5, 0.0, -0.0).astype(np.float32)
+    x[0, 0] = -np.abs(x[0, 0]) - 1  # a plane with no positive cell at all
+    x[-1, -1] = rng.standard_normal(shape[2:])  # and a plane of distinct values
+    nan = rng.random(shape) < 0.05
+    x[nan] = np.where(rng.random(int(nan.sum())) < 0.5, np.nan, -np.nan).astype(np.float32)
+    return x
+
+
+def _relu_then_pool(x, kernel, stride, pad, ceil_mode, dy):
+    """The unfused kernels: relu_forward_mask, then the uint8 max-pool; backward likewise."""
+    r = np.empty_like(x)
+    mask = np.empty(((x.size + 7) // 8,), np.uint8)
+    K.relu_forward_mask(x, r, mask)
+    y = np.empty(oshape(x, kernel, stride, pad, ceil_mode), np.float32)
+    am = np.empty(y.shape, np.uint8)
+    K.maxpool2d_forward(r, y, am, kernel, stride, pad, ceil_mode)
+    d_pool = np.empty_like(x)
+    K.maxpool2d_backward(dy, am, d_pool, kernel, stride, pad, ceil_mode)
+    dx = np.empty_like(x)
+    K.relu_backward_mask(mask, d_pool, dx)
+    return y, am, dx
+
+
+@pytest.mark.parametrize("ci", range(len(RELU_CASES)))
+def test_maxpool_relu_is_relu_then_maxpool_bit_for_bit(ci):
+    shape, kernel, stride, pad, ceil_mode = RELU_CASES[ci]
+    x = _relu_pool_input(shape, 300 + ci)
+    # the NumPy rule: relu (a NaN gives +0), then the first max of each window
+    with np.errstate(invalid="ignore"):
+        relu = np.where(x > 0, x, np.float32(0))
+    want, want_am = ref_max(relu, kernel, stride, pad, ceil_mode)
+    want_pos = np.where(want > 0, window_positions(want_am, shape, kernel, stride, pad), 255)
+
+    rng = np.random.default_rng(400 + ci)
+    dy = rng.standard_normal(want.shape).astype(np.float32)
+    dy.reshape(-1)[::7] = -0.0
+    dy.reshape(-1)[3::11] = np.nan
+    ref_y, ref_am, ref_dx = _relu_then_pool(x, kernel, stride, pad, ceil_mode, dy)
+
+    y = np.full(want.shape, 7.0, np.float32)
+    am = np.full(want.shape, 17, np.uint8)
+    K.maxpool2d_forward(x, y, am, kernel, stride, pad, ceil_mode, relu=True)
+    np.testing.assert_array_equal(y.view(np.int32), want.astype(np.float32).view(np.int32))  # +0, never -0
+    np.testing.assert_array_equal(y.view(np.int32), ref_y.view(np.int32))
+    np.testing.assert_array_equal(am, want_pos)
+    np.testing.assert_array_equal(am, np.where(ref_y > 0, ref_am, 255))
+    assert (am == 255).any() and (am != 255).any()
+
+    y_frozen = np.full_like(y, 7.0)  # no argmax (a frozen forward): the same values
+    K.maxpool2d_forward(x, y_frozen, None, kernel, stride, pad, ceil_mode, relu=True)
+    np.testing.assert_array_equal(y_frozen.view(np.int32), y.view(np.int32))
+
+    dx = np.full(shape, 5.0, np.float32)
+    K.maxpool2d_backward(dy, am, dx, kernel, stride, pad, ceil_mode, relu=True)
+    np.testing.assert_array_equal(dx.view(np.int32), ref_dx.view(np.int32))  # NaN and -0 dy included
+
+
+def test_maxpool_relu_thread_count_independent():
+    x = _relu_pool_input((8, 16, 24, 24), 7)
+    before = K.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3):
+            K.set_num_threads(t)
+            res = []
+            for args in (((3, 3), (2, 2), (1, 1, 1, 1), True), ((2, 2), (2, 2), (0, 0, 0, 0), False)):
+                y = np.empty(oshape(x, *args[:3], args[3]), np.float32)
+                am = np.empty(y.shape, np.uint8)
+                K.maxpool2d_forward(x, y, am, *args, relu=True)
+                dx = np.empty_like(x)
+                K.maxpool2d_backward(y, am, dx, *args, relu=True)
+                res += [y, am, dx]
+            outs.append(res)
+    finally:
+        K.set_num_threads(before)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_maxpool_relu_errors():
+    x = np.zeros((1, 2, 6, 6), np.float32)
+    y = np.zeros((1, 2, 3, 3), np.float32)
+    am = np.full((1, 2, 3, 3), 255, np.uint8)
+    # 255 is the fused backward's sentinel, not a cell: the unfused backward refuses it
+    with pytest.raises(ValueError, match="maxpool2d_backward: argmax holds 255, not a real cell of its 2x2 window"):
+        K.maxpool2d_backward(y, am, x, (2, 2), (2, 2))
+    K.maxpool2d_backward(y, am, x, (2, 2), (2, 2), relu=True)
+    am[0, 1, 2, 2] = 4
+    with pytest.raises(ValueError, match="maxpool2d_backward: argmax holds 4, not a real cell of its 2x2 window"):
+        K.maxpool2d_backward(y, am, x, (2, 2), (2, 2), relu=True)
+    # a padding cell: window (0, 0) of a 2x2 pool with top/left padding 1 has only cell 3 real
+    am = np.full((1, 2, 4, 4), 255, np.uint8)
+    K.maxpool2d_backward(np.zeros((1, 2, 4, 4), np.float32), am, x, (2, 2), (2, 2), (1, 1, 1, 1), relu=True)
+    am[0, 0, 0, 0] = 0
+    with pytest.raises(ValueError, match="maxpool2d_backward: argmax holds 0, not a real cell of its 2x2 window"):
+        K.maxpool2d_backward(np.zeros((1, 2, 4, 4), np.float32), am, x, (2, 2), (2, 2), (1, 1, 1, 1), relu=True)
+    with pytest.raises(ValueError, match="maxpool2d_backward: relu=True takes the uint8 argmax"):
+        K.maxpool2d_backward(y, np.zeros((1, 2, 3, 3), np.int32), x, (2, 2), (2, 2), relu=True)
+    with pytest.raises(ValueError, match="maxpool2d_forward: relu=True keeps a uint8 argmax"):
+        K.maxpool2d_forward(x, y, np.zeros((1, 2, 3, 3), np.int32), (2, 2), (2, 2), relu=True)
+    # a 256-cell window has a position 255: no room for the sentinel
+    big = np.zeros((1, 1, 16, 16), np.float32)
+    one = np.zeros((1, 1, 1, 1), np.float32)
+    with pytest.raises(ValueError, match="maxpool2d_forward: a uint8 argmax holds window positions, so the kernel "
+                                         "must have at most 255 cells with relu=True, got 16x16"):
+        K.maxpool2d_forward(big, one, np.zeros((1, 1, 1, 1), np.uint8), (16, 16), (1, 1), relu=True)
+    with pytest.raises(ValueError, match="at most 255 cells with relu=True"):
+        K.maxpool2d_backward(one, np.zeros((1, 1, 1, 1), np.uint8), big, (16, 16), (1, 1), relu=True)
+    big[0, 0, 15, 15] = 2.0  # without an argmax any window works
+    K.maxpool2d_forward(big, one, None, (16, 16), (1, 1), relu=True)
+    assert one[0, 0, 0, 0] == 2.0
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_maxpool_backward_finds_a_bad_position_anywhere(relu):
+    """The position check's max runs 16 bytes at a time, then the tail: a bad value in either."""
+    x = np.zeros((1, 2, 10, 10), np.float32)
+    dy = np.ones((1, 2, 5, 5), np.float32)  # 50 positions: 3 vectors and 2 left over
+    for where in (0, 7, 31, 47, 48, 49):
+        am = np.full(dy.shape, 255 if relu else 3, np.uint8)
+        am.reshape(-1)[where] = 4
+        with pytest.raises(ValueError, match="argmax holds 4, not a real cell of its 2x2 window"):
+            K.maxpool2d_backward(dy, am, x, (2, 2), (2, 2), relu=relu)
+        am.reshape(-1)[where] = 1
+        K.maxpool2d_backward(dy, am, x, (2, 2), (2, 2), relu=relu)
+        assert x.sum() == (1 if relu else 50) and x.reshape(2, -1)[where // 25].any()

@@ -757,6 +757,26 @@ class MaxPool2d(_Pool):
         K.maxpool2d_backward(self._x4(dy), self._x4(argmax), self._x4(dx), self.kernel2, self.stride2, self.padding2,
                              self.ceil_mode)
 
+    # -- a ReLU fused in (plan.build): x is the ReLU's input, dx its input's gradient ---------------
+    @property
+    def fuses_relu(self) -> bool:
+        """Can a ReLU whose only reader is this pool run inside it (``forward_relu``)? With window
+        positions of at most 255 cells: 255 marks a window with no positive cell."""
+        return self.argmax_dtype is np.uint8 and math.prod(self.kernel) <= 255
+
+    def forward_relu(self, x, y, scope=None):
+        """forward over relu(x), relu applied as the cells load: the ReLU's own pass over the
+        larger map, and its mask, are not needed."""
+        argmax = scope.saved("argmax", y.shape, np.uint8) if scope is not None else None
+        K.maxpool2d_forward(self._x4(x), self._x4(y), None if argmax is None else self._x4(argmax),
+                            self.kernel2, self.stride2, self.padding2, self.ceil_mode, relu=True)
+
+    def backward_relu(self, x, y, dy, dx, scope):
+        """backward then the ReLU's backward, bit for bit, in one pass."""
+        argmax = scope.saved("argmax", dy.shape, np.uint8)
+        K.maxpool2d_backward(self._x4(dy), self._x4(argmax), self._x4(dx), self.kernel2, self.stride2, self.padding2,
+                             self.ceil_mode, relu=True)
+
 
 class AvgPool2d(_Pool):
     base_kind = "avgpool2d"

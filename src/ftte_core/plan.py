@@ -24,7 +24,11 @@ The rules, for a subset of parameters on a DAG of layers:
 - an elementwise layer (activation, batch norm, x+c) runs in place over its input when nobody
   else reads that input and backward does not need it; in backward it writes its input's
   gradient over its own. An Add or Sub of two tensors hands its output's gradient to its first
-  input as is (it is the same numbers).
+  input as is (it is the same numbers);
+- a ReLU whose only reader is a max-pool (``MaxPool2d.fuses_relu``) runs inside that pool
+  (``forward_relu``/``backward_relu``: the max over relu(x), ReLU's gate in the pool's backward):
+  the plan treats it as a view (no calls, no mask, its output is its input's buffer and its
+  gradient its input's) and gives the pool the ReLU's input. ``FUSE_RELU_POOL`` turns it off.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _kernels as K
-from .graph import VIEW_KINDS, Model
+from .graph import VIEW_KINDS, MaxPool2d, Model, ReLU
 from .subset import Subset
 
 F32 = 4
@@ -130,6 +134,10 @@ def requires_grad(model: Model, subset: Subset) -> List[bool]:
 
 FROZEN_MODES = ("float32", "int8")
 
+#: fuse a ReLU into the max-pool that is its only reader (``build(fuse_relu_pool=None)`` reads it;
+#: the results are bit-identical either way, tests compare the two)
+FUSE_RELU_POOL = True
+
 
 def check_frozen(frozen) -> str:
     if frozen not in FROZEN_MODES:
@@ -176,15 +184,33 @@ def mixed_layers(model: Model, subset: Subset, frozen: str = "float32") -> set:
     return out
 
 
+def relu_pool_pairs(model: Model) -> Dict[int, int]:
+    """ReLU layer index -> the max-pool that is its output's only reader and can do its work
+    (``MaxPool2d.fuses_relu``). A ReLU subclass may do other things: only ReLU itself."""
+    readers: Dict[int, List[int]] = {}
+    for i, ins in enumerate(model.inputs):
+        for v in ins:
+            readers.setdefault(v, []).append(i)
+    out = {}
+    for i, layer in enumerate(model.layers):
+        r = readers.get(i + 1, [])
+        if (type(layer) is ReLU and i + 1 != len(model.layers) and len(r) == 1
+                and isinstance(model.layers[r[0]], MaxPool2d) and model.layers[r[0]].fuses_relu):
+            out[i] = r[0]
+    return out
+
+
 def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chunk: bool = True,
-          frozen: str = "float32", fused: Optional[bool] = None) -> StepPlan:
+          frozen: str = "float32", fused: Optional[bool] = None,
+          fuse_relu_pool: Optional[bool] = None) -> StepPlan:
     """The plan of one step of batch size n (see the module docstring for the rules).
 
     ``every_chunk=False`` plans the frozen part for its first chunk only: the buffers are the
     same (later chunks reuse them), the calls are not all there; the cost model needs no more.
     ``frozen="int8"``: kernel scratch as with int8 weights in the layers ``int8_layers`` names.
     ``fused=False``: backward fills gradient buffers instead of updating (a micro-batched step,
-    ``Trainer(micro_batch=...)``); None: ``fused_update`` decides."""
+    ``Trainer(micro_batch=...)``); None: ``fused_update`` decides. ``fuse_relu_pool``: run a ReLU
+    inside the max-pool reading it (``relu_pool_pairs``); None: ``FUSE_RELU_POOL`` decides."""
     layers, inputs, shapes = model.layers, model.inputs, model.shapes
     in_shapes = [[shapes[v] for v in ins] for ins in inputs]
     L = len(layers)
@@ -201,12 +227,19 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
     mixed = mixed_layers(model, subset, frozen)
     q8 = [layer.name in int8 for layer in layers]  # whole-int8 weight (never updated)
     packed = [layer.name in int8 or layer.name in mixed for layer in layers]  # the kernels pack it as int8
+    pairs = relu_pool_pairs(model) if (FUSE_RELU_POOL if fuse_relu_pool is None else fuse_relu_pool) else {}
+    relu_pooled = set(pairs.values())  # pools that do their input ReLU's work
+    # a fused ReLU is planned as a view of its input: the pool reads that input and applies it
+    view = [layer.kind in VIEW_KINDS or i in pairs for i, layer in enumerate(layers)]
+
+    def forward_fn(i: int):
+        return layers[i].forward_relu if i in relu_pooled else layers[i].forward
 
     needs_in: List[Tuple[bool, ...]] = [()] * L
     needs_out = [False] * L
     kept_value = [False] * (L + 1)
     for i in range(L):
-        if active[i] and layers[i].kind not in VIEW_KINDS:
+        if active[i] and not view[i]:
             needs_in[i], needs_out[i] = layers[i].needs(trains_rows[i], dx_needed[i])
             for v, f in zip(inputs[i], needs_in[i]):
                 kept_value[v] |= f
@@ -223,7 +256,7 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
     members: Dict[int, List[int]] = {v: [v] for v in range(L + 1)}
     for i, layer in enumerate(layers):
         v = i + 1
-        if layer.kind in VIEW_KINDS:
+        if view[i]:
             s = storage[inputs[i][0]]
             content[v] = content[inputs[i][0]]
         else:
@@ -244,7 +277,7 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
     output_instead = [False] * L
     for i in range(L):
         v = i + 1
-        if active[i] and layers[i].output_replaces_saved and not needs_out[i]:
+        if active[i] and not view[i] and layers[i].output_replaces_saved and not needs_out[i]:
             same = [m for m in members[storage[v]] if content[m] == content[v]]
             if any(kept_value[m] for m in same):
                 output_instead[i] = needs_out[i] = True
@@ -318,8 +351,8 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
                 v = i + 1
                 ins = [place(u, a, b) for u in inputs[i]]
                 y = place(v, a, b)
-                if layers[i].kind not in VIEW_KINDS:
-                    forward.append((layers[i].forward, (arg(ins, i), y, None)))
+                if not view[i]:
+                    forward.append((forward_fn(i), (arg(ins, i), y, None)))
                     if a == 0:
                         scratch.append(_fwd_scratch(layers[i], b - a, in_shapes[i], packed[i]))
                 release_after(i)
@@ -336,15 +369,15 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
         val[v] = y
         for u, r in zip(inputs[i], ins):
             val[u] = r
-        if layers[i].kind in VIEW_KINDS:
+        if view[i]:
             release_after(i)
             continue
         if output_instead[i]:  # no scope: the layer saves nothing, backward gets its output
-            forward.append((layers[i].forward, (arg(ins, i), y, None)))
+            forward.append((forward_fn(i), (arg(ins, i), y, None)))
         else:
             for name, (shape, dtype) in layers[i].saved_buffers(n, in_shapes[i], shapes[v]).items():
                 fixed[(i, name)] = (tuple(shape), dtype, "activations")
-            forward.append((layers[i].forward, (arg(ins, i), y, ("scope", i))))
+            forward.append((forward_fn(i), (arg(ins, i), y, ("scope", i))))
         scratch.append(_fwd_scratch(layers[i], n, in_shapes[i], packed[i]))
         release_after(i)
     logits = place(out, 0, n)
@@ -355,8 +388,8 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
 
     # -- backward -------------------------------------------------------------------------------
     grad_base = list(range(L + 1))
-    for i, layer in enumerate(layers):
-        if layer.kind in VIEW_KINDS:
+    for i in range(L):
+        if view[i]:
             grad_base[i + 1] = grad_base[inputs[i][0]]
     grads: Dict[int, Ref] = {}
     dlogits = Ref("slot", slots.take(n * _numel(shapes[out])), (n,) + shapes[out])
@@ -364,7 +397,7 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
     backward: list = []
     for i in range(L - 1, -1, -1):
         layer = layers[i]
-        if not active[i] or layer.kind in VIEW_KINDS:
+        if not active[i] or view[i]:
             continue
         v = i + 1
         dy_ref = grads.get(v)
@@ -393,7 +426,8 @@ def build(model: Model, subset: Subset, n: int, prefix_chunk: int = 8, every_chu
                 adds.append((grads[gu].view((n,) + shapes[u]), tmp))
         x_args = [val[u] if f else None for u, f in zip(inputs[i], needs_in[i])]
         y_arg = val[v] if needs_out[i] else None
-        backward.append((layer.backward, (arg(x_args, i), y_arg, dy, arg(dxs, i), ("scope", i))))
+        backward_fn = layer.backward_relu if i in relu_pooled else layer.backward
+        backward.append((backward_fn, (arg(x_args, i), y_arg, dy, arg(dxs, i), ("scope", i))))
         ls = subs[i]
         rows = ls.rows if ls is not None else np.zeros(0, np.int32)
         scratch.append(_bwd_scratch(layer, n, in_shapes[i], rows, ls is not None and ls.bias, dx_needed[i],
