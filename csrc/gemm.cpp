@@ -450,7 +450,7 @@ void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float a
 // aligns arrays to 16 bytes only; measured 75 against 136 GFLOP/s at 32x256x256). Such a
 // block's misaligned B rows are copied chunk by chunk into the same (aligned) stack tile, once
 // per task and block of B rows, and reused by all of the task's rows of A; a float B's task
-// copies its misaligned rows of A as well (24 x 1024 floats of stack at most, x86-64 only).
+// copies its misaligned rows of A as well (dot_a_tile).
 constexpr int64_t kDotQChunk = 1024;  // K entries per chunk (16 or 32 KiB of stack tile)
 typedef void (*DotBlock)(int64_t, const float* const*, const float* const*, float*, int64_t, float, float, int, int);
 
@@ -462,6 +462,18 @@ inline bool rows_aligned64(const GemmOperand& B, const int64_t* src, int n) {
 
 typedef void (*CopyFloats)(const float*, int64_t, float*);
 inline void copy_floats(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, sizeof(float) * n); }
+
+// The AVX-512 dot path's copy of a task's rows of A (8 * kDotMR rows of a K chunk: 96 KiB), on
+// the heap once per thread that runs it: too large for a stack frame everywhere (musl gives a
+// thread 128 KiB). Null if the allocation fails: the rows are then read in place.
+inline float* dot_a_tile() {
+  struct Tile {
+    float* p = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * 8 * kDotMR * kDotQChunk));
+    ~Tile() { std::free(p); }
+  };
+  static thread_local Tile tile;
+  return tile.p;
+}
 
 // align_b: copy_b moves B rows that are not on 64-byte boundaries into the tile (see above).
 template <DotBlock block, int DMR, int DNR, bool align_b, CopyFloats copy_b = copy_floats>
@@ -480,14 +492,14 @@ void sgemm_dot(int64_t M, int64_t N, int64_t K, float alpha, const GemmOperand& 
         alignas(64) float tile[DNR * kDotQChunk];  // int8 / mixed B, or misaligned B for align_b
         // align_b with a float B: the task's rows of A too, when they are misaligned (each is
         // read once per block of B rows: 8 times in a 64-column task).
-        alignas(64) float a_tile[align_b ? 8 * DMR * kDotQChunk : 1];
+        float* const a_tile = align_b && !B.q ? dot_a_tile() : nullptr;
         // align_b chunks K whether it copies or not, so results never depend on addresses.
         const int64_t chunk = B.q || align_b ? std::min(K, kDotQChunk) : K;
         // Rows of kc floats, each starting on a 64-byte boundary of the tile.
         const int64_t pitch = (chunk + 15) / 16 * 16;
         auto a_row = [&](int64_t r) { return A.data + (A.index ? A.index[r] : r) * A.ld; };
         bool copy_a = false;
-        if (align_b && !B.q)
+        if (a_tile)
           for (int64_t r = r0; r < r1 && !copy_a; ++r) copy_a = reinterpret_cast<uintptr_t>(a_row(r)) % 64 != 0;
         // Chunks of K outermost, so a copied chunk of A serves every block of B; each C element
         // still adds its chunks in order, as a loop over B blocks first would.
