@@ -40,11 +40,10 @@ struct Windows {
 
 namespace {
 
-// The same first-max / NaN-propagating rule as the generic loop, as selects rather than branches
-// (random data mispredicts nearly every branch of the generic loop).
-inline void take_if_greater(float v, int32_t i, float& best, int32_t& best_i) {
-  // Bit masks rather than ?: so no branch can be emitted (the 2x2 tail columns use this).
-  const uint32_t take = 0u - static_cast<uint32_t>(!(v <= best) & (best == best));
+// best, best_i := v, i where take is all ones, else unchanged. Bit masks rather than ?: so no
+// branch can be emitted (random data mispredicts nearly every branch of the generic loop; the
+// 2x2 tail columns use these).
+inline void select_if(uint32_t take, float v, int32_t i, float& best, int32_t& best_i) {
   uint32_t vb, bb;
   std::memcpy(&vb, &v, 4);
   std::memcpy(&bb, &best, 4);
@@ -53,16 +52,15 @@ inline void take_if_greater(float v, int32_t i, float& best, int32_t& best_i) {
   best_i = static_cast<int32_t>((static_cast<uint32_t>(i) & take) | (static_cast<uint32_t>(best_i) & ~take));
 }
 
+// The same first-max / NaN-propagating rule as the generic loop.
+inline void take_if_greater(float v, int32_t i, float& best, int32_t& best_i) {
+  select_if(0u - static_cast<uint32_t>(!(v <= best) & (best == best)), v, i, best, best_i);
+}
+
 // The fused ReLU's rule (see maxpool2d_relu_forward_window): best starts at +0 and the sentinel,
 // and a cell takes over only when strictly above it (a NaN never is: relu gives it +0).
 inline void take_if_above(float v, int32_t i, float& best, int32_t& best_i) {
-  const uint32_t take = 0u - static_cast<uint32_t>(v > best);
-  uint32_t vb, bb;
-  std::memcpy(&vb, &v, 4);
-  std::memcpy(&bb, &best, 4);
-  bb = (vb & take) | (bb & ~take);
-  std::memcpy(&best, &bb, 4);
-  best_i = static_cast<int32_t>((static_cast<uint32_t>(i) & take) | (static_cast<uint32_t>(best_i) & ~take));
+  select_if(0u - static_cast<uint32_t>(v > best), v, i, best, best_i);
 }
 
 typedef float v4f __attribute__((vector_size(16)));
@@ -114,6 +112,21 @@ inline void store_index4(v4i v, uint8_t* out) {
 #endif
 }
 inline void store_index4(v4i v, int32_t* out) { std::memcpy(out, &v, 16); }
+
+// The strict > chain from `start` over a window's other three cells: their max (the first one
+// wins a tie), and the compares that took (the last one that took names the cell).
+struct StrictChain {
+  v4f best;
+  v4i t1, t2, t3;
+};
+inline StrictChain strict_chain(v4f start, v4f tr, v4f bl, v4f br) {
+  const v4i t1 = tr > start;
+  const v4f m1 = t1 ? tr : start;
+  const v4i t2 = bl > m1;
+  const v4f m2 = t2 ? bl : m1;
+  const v4i t3 = br > m2;
+  return {t3 ? br : m2, t1, t2, t3};
+}
 
 // 2x2 windows, stride 2, no padding: the zoo's pooling, and most CNNs'. Four outputs at a time
 // (even/odd columns split by shuffles), the same first-max / NaN rule as the generic loop.
@@ -169,24 +182,15 @@ void maxpool2x2(const PoolGeom& g, const float* x, float* y, Index* argmax) {
             const v4f zero = {0.f, 0.f, 0.f, 0.f};
             const v4i gated = {kReluPoolGated, kReluPoolGated, kReluPoolGated, kReluPoolGated};
             const v4i t0 = tl > zero;
-            const v4f m0 = t0 ? tl : zero;
-            const v4i t1 = tr > m0;
-            const v4f m1 = t1 ? tr : m0;
-            const v4i t2 = bl > m1;
-            const v4f m2 = t2 ? bl : m1;
-            const v4i t3 = br > m2;
-            best = t3 ? br : m2;
-            best_i = t3 ? kw1 : (t2 ? kw : (t1 ? k1 : (~t0 & gated)));
+            const StrictChain ch = strict_chain(t0 ? tl : zero, tr, bl, br);
+            best = ch.best;
+            best_i = ch.t3 ? kw1 : (ch.t2 ? kw : (ch.t1 ? k1 : (~t0 & gated)));
           } else if (!exact) {
             nan_seen |= (a0 != a0) | (a1 != a1) | (b0 != b0) | (b1 != b1);
-            const v4i t1 = tr > tl;
-            const v4f m1 = t1 ? tr : tl;
-            const v4i t2 = bl > m1;
-            const v4f m2 = t2 ? bl : m1;
-            const v4i t3 = br > m2;
-            best = t3 ? br : m2;
+            const StrictChain ch = strict_chain(tl, tr, bl, br);
+            best = ch.best;
             // The last compare that took names the cell: 3 if t3, else 2 if t2, else 1 if t1.
-            best_i = col + (t3 ? kw1 : (t2 ? kw : (t1 & k1)));
+            best_i = col + (ch.t3 ? kw1 : (ch.t2 ? kw : (ch.t1 & k1)));
           } else {
             best = tl;
             best_i = col;

@@ -386,9 +386,11 @@ def test_maxpool_window_argmax_ties_and_padding():
     assert not dx[:, :, 6, :].any() and not dx[:, :, :, 18].any()
 
 
-def test_maxpool_window_argmax_thread_count_independent():
-    rng = np.random.default_rng(2)
-    x = rng.standard_normal((8, 16, 24, 24)).astype(np.float32)
+@pytest.mark.parametrize("relu", [False, True])
+def test_maxpool_window_argmax_thread_count_independent(relu):
+    # relu: the fused ReLU's kernels, on an input with negatives, ties and zeros
+    x = _relu_pool_input((8, 16, 24, 24), 7) if relu else \
+        np.random.default_rng(2).standard_normal((8, 16, 24, 24)).astype(np.float32)
     before = K.get_num_threads()
     outs = []
     try:
@@ -398,9 +400,9 @@ def test_maxpool_window_argmax_thread_count_independent():
             for args in (((3, 3), (2, 2), (1, 1, 1, 1), True), ((2, 2), (2, 2), (0, 0, 0, 0), False)):
                 y = np.empty(oshape(x, *args[:3], args[3]), np.float32)
                 am = np.empty(y.shape, np.uint8)
-                K.maxpool2d_forward(x, y, am, *args)
+                K.maxpool2d_forward(x, y, am, *args, relu=relu)
                 dx = np.empty_like(x)
-                K.maxpool2d_backward(y, am, dx, *args)
+                K.maxpool2d_backward(y, am, dx, *args, relu=relu)
                 res += [y, am, dx]
             outs.append(res)
     finally:
@@ -623,29 +625,6 @@ def test_maxpool_relu_is_relu_then_maxpool_bit_for_bit(ci):
     dx = np.full(shape, 5.0, np.float32)
     K.maxpool2d_backward(dy, am, dx, kernel, stride, pad, ceil_mode, relu=True)
     np.testing.assert_array_equal(dx.view(np.int32), ref_dx.view(np.int32))  # NaN and -0 dy included
-
-
-def test_maxpool_relu_thread_count_independent():
-    x = _relu_pool_input((8, 16, 24, 24), 7)
-    before = K.get_num_threads()
-    outs = []
-    try:
-        for t in (1, 2, 3):
-            K.set_num_threads(t)
-            res = []
-            for args in (((3, 3), (2, 2), (1, 1, 1, 1), True), ((2, 2), (2, 2), (0, 0, 0, 0), False)):
-                y = np.empty(oshape(x, *args[:3], args[3]), np.float32)
-                am = np.empty(y.shape, np.uint8)
-                K.maxpool2d_forward(x, y, am, *args, relu=True)
-                dx = np.empty_like(x)
-                K.maxpool2d_backward(y, am, dx, *args, relu=True)
-                res += [y, am, dx]
-            outs.append(res)
-    finally:
-        K.set_num_threads(before)
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            np.testing.assert_array_equal(a, b)
 
 
 def test_maxpool_relu_errors():
