@@ -207,6 +207,9 @@ class SimConfig:
     # (0, 1, 2 and 7) and ended higher on all three CNN seeds, with a final MLP accuracy 3 points
     # lower (docs/benchmarks.md, "FTTE's per-base step budget").
     base_step_budget: Optional[float] = 0.5
+    # plain FTTE's server-step decay, in merges per device (None: off): the step at version v is
+    # scaled by 1 / sqrt(1 + v / (ftte_lr_decay x clients)) (FTTE.lr_decay)
+    ftte_lr_decay: Optional[float] = None
     # evaluate on the validation set after every merge (False: only at the start and the end,
     # the curve then holds those two points; for timing the fleet alone)
     evaluate_every_merge: bool = True
@@ -509,6 +512,8 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
                  "bits": cfg.update_bits}
         if cfg.base_step_budget is not None and name != "ftte-tiered":
             extra["base_step_budget"] = cfg.base_step_budget
+        if cfg.ftte_lr_decay and name != "ftte-tiered":
+            extra["lr_decay_merges"] = cfg.ftte_lr_decay * cfg.clients
     if name == "ftte-tiered":
         extra.update(tiers=[t for t, _ in setup.tiers], tier_bytes=[b for _, b in setup.tiers])
     strategy = make_strategy(name, buffer_size=cfg.buffer, server_lr=strategy_server_lr(cfg, name), **extra)
@@ -739,6 +744,8 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
         # plain ftte's per-base step budget (None: off; ftte-tiered has none)
         "ftte_base_step_budget": (FTTE.BASE_STEP_BUDGET if cfg.base_step_budget is None
                                   else (float(cfg.base_step_budget) or None)),
+        # plain ftte's server-step decay, in merges (None: off)
+        "ftte_lr_decay_merges": cfg.ftte_lr_decay * cfg.clients if cfg.ftte_lr_decay else None,
         "full_step_memory_bytes": setup.full_step_bytes,
         "device_budgets": {p: sorted({d.memory_budget for d in setup.devices if d.profile.name == p})[0]
                            for p in sorted({d.profile.name for d in setup.devices})},

@@ -281,13 +281,14 @@ class FTTE(Strategy):
 
     def __init__(self, buffer_size: int = 10, server_lr: float = 1.0, age: bool = True, variance: bool = True,
                  age_exponent: float = 1.0, variance_strength: float = 1.0, bits: int = 8, name: str = "ftte",
-                 base_step_budget: Optional[float] = BASE_STEP_BUDGET):
+                 base_step_budget: Optional[float] = BASE_STEP_BUDGET, lr_decay_merges: Optional[float] = None):
         self.name = name
         super().__init__(buffer_size, server_lr)
         if bits not in (4, 8):
             raise ValueError(f"{name}: bits must be 8 or 4, got {bits}")
         for label, v in (("age_exponent", age_exponent), ("variance_strength", variance_strength),
-                         ("base_step_budget", 0.0 if base_step_budget is None else base_step_budget)):
+                         ("base_step_budget", 0.0 if base_step_budget is None else base_step_budget),
+                         ("lr_decay_merges", 0.0 if lr_decay_merges is None else lr_decay_merges)):
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name}: {label} must be a finite number >= 0, got {v!r}")
         self.bits = int(bits)
@@ -295,6 +296,7 @@ class FTTE(Strategy):
         self.age_exponent, self.variance_strength = float(age_exponent), float(variance_strength)
         # None: off (0 means the same; None is what params() shows)
         self.base_step_budget = float(base_step_budget) if base_step_budget else None
+        self.lr_decay_merges = float(lr_decay_merges) if lr_decay_merges else None
 
     # Relative spread below which the buffer's deltas count as identical (squared distances this
     # small relative to the deltas' energy are quantisation round-off, not disagreement).
@@ -303,7 +305,16 @@ class FTTE(Strategy):
     def params(self) -> Dict[str, object]:
         return {**super().params(), "age": self.age, "variance": self.variance,
                 "age_exponent": self.age_exponent, "variance_strength": self.variance_strength,
-                "base_step_budget": self.base_step_budget}
+                "base_step_budget": self.base_step_budget, "lr_decay_merges": self.lr_decay_merges}
+
+    def lr_decay(self, current_version: int) -> float:
+        """The server step's decay at this version: 1 / sqrt(1 + version / lr_decay_merges) (1 when
+        off). Early merges take whole steps (the quick climb); later ones, whose stale updates
+        otherwise keep the model swinging around its optimum, take ever smaller ones, as a
+        decaying learning rate does in SGD."""
+        if self.lr_decay_merges is None:
+            return 1.0
+        return 1.0 / math.sqrt(1.0 + max(int(current_version), 0) / self.lr_decay_merges)
 
     def budget_factors(self, updates, alphas, base_steps):
         """Scale the updates of each base version so that their merge coefficients, over this and
@@ -374,7 +385,8 @@ class FTTE(Strategy):
 
     def step_scale(self, updates: Sequence[Update], current_version: int, samples=None) -> float:
         data = _sample_counts(updates, samples)
-        return float(np.dot(data, self.age_factors(updates, current_version)) / data.sum())
+        g = float(np.dot(data, self.age_factors(updates, current_version)) / data.sum())
+        return g * self.lr_decay(current_version)
 
     def weighting(self, updates, current_version, samples=None, clip=None):
         data = _sample_counts(updates, samples)
@@ -387,7 +399,8 @@ class FTTE(Strategy):
         return (f"{self.name}(K={self.buffer_size}, server_lr={self.server_lr}, bits={self.bits}, "
                 f"age={'(1+tau)^-%g' % self.age_exponent if self.age else 'off'}, "
                 f"variance={'b=%g' % self.variance_strength if self.variance else 'off'}, "
-                f"base_budget={'%g' % self.base_step_budget if self.base_step_budget else 'off'})")
+                f"base_budget={'%g' % self.base_step_budget if self.base_step_budget else 'off'}, "
+                f"lr_decay={'%g merges' % self.lr_decay_merges if self.lr_decay_merges else 'off'})")
 
 
 class FTTETiered(FTTE):
@@ -514,7 +527,7 @@ class FTTETiered(FTTE):
                     continue
                 ww, nn = w[who], n[who]
                 g = float(np.dot(nn, age[who]) / nn.sum()) if self.age else 1.0
-                alphas64 = self.server_lr * g * ww * c[who] / ww.sum()
+                alphas64 = self.server_lr * g * self.lr_decay(current_version) * ww * c[who] / ww.sum()
                 if not _fits_float32(alphas64):
                     raise MergeRefused(f"{self.name}: merge weights are not finite float32 numbers ({alphas64.tolist()})")
                 used_alpha[who] = np.maximum(used_alpha[who], alphas64)
