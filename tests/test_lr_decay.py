@@ -81,6 +81,9 @@ def test_simulator_passes_the_decay_to_plain_ftte_only(monkeypatch):
     assert res["ftte_lr_decay_merges"] == 12.0  # 2 merges per device x 6 devices
     assert made["ftte"].lr_decay_merges == 12.0
     assert made["ftte-tiered"].lr_decay_merges is None
+    default = sim.simulate(sim.SimConfig(clients=6, strategies=["ftte"], max_versions=2, async_version_cap=4, seed=0,
+                                         threads=1), log=lambda m: None)
+    assert default["ftte_lr_decay_merges"] == sim.SimConfig.ftte_lr_decay * 6 == made["ftte"].lr_decay_merges
     off = sim.simulate(sim.SimConfig(clients=6, strategies=["ftte"], max_versions=2, async_version_cap=4, seed=0,
-                                     threads=1), log=lambda m: None)
+                                     threads=1, ftte_lr_decay=None), log=lambda m: None)
     assert off["ftte_lr_decay_merges"] is None and made["ftte"].lr_decay_merges is None

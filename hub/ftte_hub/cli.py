@@ -82,11 +82,15 @@ def main() -> None:
               metavar="MEAN_DELTAS",
               help="Plain ftte's per-base step budget, as train --base-step-budget (0: off); 0.5 measured best "
                    "in the simulator (docs/benchmarks.md); train's default is off.")
+@click.option("--lr-decay", type=click.FloatRange(min=0.0), default=None, metavar="MERGES_PER_DEVICE",
+              help="Plain ftte's server-step decay: the step at merge v is scaled by 1/sqrt(1 + v / (this x "
+                   "clients)); 0: off. Default: the simulator's (docs/simulator.md).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="ftte-sim", help="Output folder.")
 def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha, model, input_shape, buffer_k,
              max_versions,
              max_time, samples_per_device, local_epochs, batch_size, lr, server_lr, pretrain_fraction, memory_budget,
-             profiles_path, seed, no_direct, float32_install, downlink_bits, update_bits, base_step_budget, out_dir):
+             profiles_path, seed, no_direct, float32_install, downlink_bits, update_bits, base_step_budget, lr_decay,
+             out_dir):
     """Run the fleet on a virtual clock and compare strategies.
 
     Training is real (the engine, real data, real encoded updates); only time is simulated.
@@ -112,7 +116,8 @@ def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha
                         pretrain_fraction=pretrain_fraction, memory_budget=budget,
                         profiles_path=profiles_path, seed=seed, downlink_direct=not no_direct,
                         downlink_bits=int(downlink_bits), update_bits=int(update_bits),
-                        int8_install=not float32_install, base_step_budget=base_step_budget)
+                        int8_install=not float32_install, base_step_budget=base_step_budget,
+                        **({} if lr_decay is None else {"ftte_lr_decay": lr_decay or None}))
         t0 = time.perf_counter()
         results = run(cfg, log=lambda m: click.echo(m, err=True))
         paths = write_results(results, out_dir)
