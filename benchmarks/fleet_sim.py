@@ -147,7 +147,7 @@ def main():
                          "the ablation; ftte-tiered has none)")
     ap.add_argument("--ftte-lr-decay", type=float, default=SimConfig.ftte_lr_decay,
                     help="ftte's server-step decay in merges per device: the step at merge v is scaled by "
-                         "1/sqrt(1 + v / (this x clients)) (default off)")
+                         "1/sqrt(1 + v / (this x clients)) (default 3, the simulator's; 0: off)")
     ap.add_argument("--tiered-age-exponent", type=float, default=SimConfig.tiered_age_exponent,
                     help="staleness exponent of ftte-tiered (default 1.0, the strategy's own; --age-exponent is ftte's)")
     ap.add_argument("--out", default="bench-sim")
