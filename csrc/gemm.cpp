@@ -446,8 +446,9 @@ void sgemm_blocked(MicroKernel ukernel, int64_t M, int64_t N, int64_t K, float a
 // goes to counted workspace and W is dequantised once per call, not per row block of x (a
 // 256-entry chunk and 24-row tasks made the int8 forward ~1.6x the float one at 32x784x128).
 // A float B is one chunk of all of K, its rows read in place -- except for a block that wants
-// B's rows on 64-byte boundaries (AVX-512: a load that crosses a cache line costs two, and NumPy
-// aligns arrays to 16 bytes only; measured 75 against 136 GFLOP/s at 32x256x256). Such a
+// B's rows on 64-byte boundaries (AVX-512: each zmm load of a misaligned row crosses a cache
+// line, and NumPy aligns arrays to 16 bytes only; measured 75 against 136 GFLOP/s at
+// 32x256x256). Such a
 // block's misaligned B rows are copied chunk by chunk into the same (aligned) stack tile, once
 // per task and block of B rows, and reused by all of the task's rows of A; a float B's task
 // copies its misaligned rows of A as well (dot_a_tile).
