@@ -1,8 +1,8 @@
-// AVX-512F micro-kernel, 8 x 32: 16 zmm accumulators + 2 for the B row, A broadcast from memory
-// into the FMA (32 registers; no spills). Only compiled on x86-64 (with -mavx512f -mfma) and only
-// called after __builtin_cpu_supports("avx512f") says the CPU has it. 8 rows divide the row counts the engine's products have most (batch
-// 32, 8/16/72 conv channels x taps, 256 features), so few panels run half empty; edges are masked
-// loads and stores, which AVX-512 does at full speed (AVX2's masked stores are slow on AMD).
+// AVX-512F micro-kernel, 8 x 32: 16 zmm accumulators + 2 for the B row, A broadcast into the FMA.
+// Only compiled on x86-64 (with -mavx512f -mfma) and only called after
+// __builtin_cpu_supports("avx512f") says the CPU has it. 8 rows divide the row counts the
+// engine's products have most (batch 32, 8/16/72 conv channels x taps, 256 features), so few
+// panels run half empty; edges are masked loads and stores.
 #include <immintrin.h>
 
 #include "gemm_kernel.h"
