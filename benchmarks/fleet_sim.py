@@ -148,6 +148,8 @@ def main():
     ap.add_argument("--ftte-lr-decay", type=float, default=SimConfig.ftte_lr_decay,
                     help="ftte's server-step decay in merges per device: the step at merge v is scaled by "
                          "1/sqrt(1 + v / (this x clients)) (default 3, the simulator's; 0: off)")
+    ap.add_argument("--tiered-lr-decay", type=float, default=SimConfig.tiered_lr_decay,
+                    help="ftte-tiered's server-step decay in merges per device, as --ftte-lr-decay (default off)")
     ap.add_argument("--tiered-age-exponent", type=float, default=SimConfig.tiered_age_exponent,
                     help="staleness exponent of ftte-tiered (default 1.0, the strategy's own; --age-exponent is ftte's)")
     ap.add_argument("--out", default="bench-sim")
@@ -185,7 +187,7 @@ def main():
                             downlink_direct=not args.no_direct_steps, downlink_bits=args.downlink_bits,
                             update_bits=args.update_bits, int8_install=not args.float32_install,
                             tiered_age_exponent=args.tiered_age_exponent, base_step_budget=args.base_step_budget,
-                            ftte_lr_decay=args.ftte_lr_decay,
+                            ftte_lr_decay=args.ftte_lr_decay, tiered_lr_decay=args.tiered_lr_decay,
                             pretrain_fraction=start_fraction(start, args.pretrain_fraction),
                             **workload_config(workload))
             t1 = time.perf_counter()

@@ -127,13 +127,19 @@ def main():
                     help="ftte's per-base step budget in mean deltas (default: the simulator's; 0: off)")
     ap.add_argument("--ftte-server-lr", type=float, default=sim.SimConfig.ftte_server_lr)
     ap.add_argument("--tiered-server-lr", type=float, default=None)
+    ap.add_argument("--variance-strength", type=float, default=sim.SimConfig.variance_strength)
+    ap.add_argument("--ftte-lr-decay", type=float, default=sim.SimConfig.ftte_lr_decay,
+                    help="ftte's server-step decay in merges per device (default: the simulator's; 0: off)")
+    ap.add_argument("--tiered-lr-decay", type=float, default=sim.SimConfig.tiered_lr_decay,
+                    help="ftte-tiered's server-step decay in merges per device (default: the simulator's; 0: off)")
     ap.add_argument("--line-search", choices=("ftte", "full"), help="measure the start model's margin instead")
     ap.add_argument("--json", help="also write the reports and curves here")
     args = ap.parse_args()
     cfg = sim.SimConfig(clients=args.clients, stragglers=0.9, strategies=args.strategies.split(","), seed=args.seed,
                         max_time=args.max_time, async_version_cap=args.cap, threads=1,
                         age_exponent=args.age_exponent, tiered_age_exponent=args.tiered_age_exponent,
-                        base_step_budget=args.base_step_budget,
+                        base_step_budget=args.base_step_budget, variance_strength=args.variance_strength,
+                        ftte_lr_decay=args.ftte_lr_decay, tiered_lr_decay=args.tiered_lr_decay,
                         ftte_server_lr=args.ftte_server_lr, tiered_server_lr=args.tiered_server_lr,
                         **WORKLOADS[args.workload])
     sim.K.set_num_threads(1)

@@ -88,7 +88,14 @@ def test_torn_journal_tail_is_dropped_but_a_broken_middle_is_an_error(tmp_path):
         list(ckpt.read_journal(path))
 
 
-def test_hub_restart_resumes_versions_and_keeps_acknowledged_updates(tmp_path):
+def test_hub_restart_resumes_versions_and_keeps_acknowledged_updates(tmp_path, monkeypatch):
+    from ftte_hub import train as train_mod
+    made = []   # every strategy the hub builds: the resumed run must rebuild the run's decay
+
+    def recording_make_strategy(*a, **kw):
+        made.append(make_strategy(*a, **kw))
+        return made[-1]
+    monkeypatch.setattr(train_mod, "make_strategy", recording_make_strategy)
     val, parts = digits_split(3)
     vp = tmp_path / "val.npz"
     ftdata.save_npz(vp, val)
@@ -109,7 +116,7 @@ def test_hub_restart_resumes_versions_and_keeps_acknowledged_updates(tmp_path):
             await a.start()
         merged = set()
         hooks = Hooks(on_merge=lambda report, t: merged.update(report.task_ids))
-        run = asyncio.ensure_future(run_train(cfg(1000, base_step_budget=0.25), KEY, hooks))
+        run = asyncio.ensure_future(run_train(cfg(1000, base_step_budget=0.25, lr_decay=2.0), KEY, hooks))
         while True:  # "crash" once the version is >= 2 and some acknowledged update waits in the buffer
             await asyncio.sleep(0.001)
             if len(merged) >= 8 and acked() - merged:  # K=4 > 3 agents: acks wait in the buffer
@@ -132,6 +139,9 @@ def test_hub_restart_resumes_versions_and_keeps_acknowledged_updates(tmp_path):
         hash_before = meta["model_hash"]
         run_before = meta["run_id"]
         assert meta["base_step_budget"] == 0.25   # --base-step-budget is the run's: saved, and kept below
+        assert meta["lr_decay_merges"] == 6.0     # --lr-decay 2 x the 3 agents at the start, in merges
+        assert made[-1].lr_decay_merges == 6.0
+        made.clear()
         lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
         summary = await second_run()
         return before, hash_before, run_before, lines, summary
@@ -147,6 +157,8 @@ def test_hub_restart_resumes_versions_and_keeps_acknowledged_updates(tmp_path):
     assert before <= merged, f"acknowledged but never merged: {sorted(before - merged)}"
     meta = ckpt.load_checkpoint(out)[0]
     assert meta["finished"] and meta["model_hash"] == hash_before and meta["base_step_budget"] == 0.25
+    # the resume was given no --lr-decay: it rebuilt the run's from the checkpoint
+    assert meta["lr_decay_merges"] == 6.0 and made[-1].lr_decay_merges == 6.0
     # the run keeps its id across the restart, so updates acknowledged before it still count
     assert meta["run_id"] == run_before == summary["run_id"] and meta["task_prefix"] == run_before[:8] + "-"
     assert all(t.startswith(run_before[:8] + "-t") for t in merged)

@@ -67,7 +67,7 @@ def test_decay_is_validated_and_reported():
             FTTE(lr_decay_merges=bad)
 
 
-def test_simulator_passes_the_decay_to_plain_ftte_only(monkeypatch):
+def test_simulator_gives_each_ftte_strategy_its_own_decay(monkeypatch):
     import ftte_hub.simulate as sim
     made = {}
 
@@ -75,15 +75,50 @@ def test_simulator_passes_the_decay_to_plain_ftte_only(monkeypatch):
         made[name] = s = make_strategy(name, **kw)
         return s
     monkeypatch.setattr(sim, "make_strategy", recording)
-    cfg = sim.SimConfig(clients=6, strategies=["ftte", "ftte-tiered"], max_versions=2, async_version_cap=4, seed=0,
-                        ftte_lr_decay=2.0, threads=1)
+    cfg = sim.SimConfig(clients=6, strategies=["ftte", "ftte-tiered", "fedbuff"], max_versions=2, async_version_cap=4,
+                        seed=0, ftte_lr_decay=2.0, tiered_lr_decay=0.5, threads=1)
     res = sim.simulate(cfg, log=lambda m: None)
     assert res["ftte_lr_decay_merges"] == 12.0  # 2 merges per device x 6 devices
-    assert made["ftte"].lr_decay_merges == 12.0
-    assert made["ftte-tiered"].lr_decay_merges is None
+    assert res["tiered_lr_decay_merges"] == 3.0
+    assert made["ftte"].lr_decay_merges == 12.0 and made["ftte-tiered"].lr_decay_merges == 3.0
+    assert not hasattr(made["fedbuff"], "lr_decay_merges")
+    sim.simulate(sim.SimConfig(clients=6, strategies=["ftte-tiered"], max_versions=2, async_version_cap=4, seed=0,
+                               threads=1, tiered_lr_decay=0), log=lambda m: None)
+    assert made["ftte-tiered"].lr_decay_merges is None   # 0: off
     default = sim.simulate(sim.SimConfig(clients=6, strategies=["ftte"], max_versions=2, async_version_cap=4, seed=0,
                                          threads=1), log=lambda m: None)
     assert default["ftte_lr_decay_merges"] == sim.SimConfig.ftte_lr_decay * 6 == made["ftte"].lr_decay_merges
     off = sim.simulate(sim.SimConfig(clients=6, strategies=["ftte"], max_versions=2, async_version_cap=4, seed=0,
                                      threads=1, ftte_lr_decay=None), log=lambda m: None)
     assert off["ftte_lr_decay_merges"] is None and made["ftte"].lr_decay_merges is None
+
+
+@pytest.mark.parametrize("strategy, decay, message", [
+    ("fedavg", 3.0, "--lr-decay applies to the ftte strategies, not fedavg"),
+    ("ftte", float("inf"), "--lr-decay inf: a finite number"),
+    ("ftte", -1.0, "--lr-decay -1.0: a finite number"),
+])
+def test_hub_refuses_a_decay_it_cannot_use(tmp_path, strategy, decay, message):
+    """ftte-hub train --lr-decay: refused before anything starts (no folder, no network)."""
+    import asyncio
+
+    pytest.importorskip("onnx", reason="the hub needs the onnx package (none for armv7)")
+    from ftte_core.protocol import generate_key
+    from ftte_hub.train import TrainConfig, TrainError, run_train
+
+    cfg = TrainConfig(model="mlp", val_data=str(tmp_path / "val.npz"), out=str(tmp_path / "run"), min_agents=1,
+                      mdns=False, peers=["127.0.0.1:9"], strategy=strategy, lr_decay=decay)
+    with pytest.raises(TrainError, match=message.replace("(", r"\(").replace(".", r"\.").replace("+", r"\+")):
+        asyncio.run(run_train(cfg, generate_key()))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv", [["simulate", "--lr-decay", "inf"], ["simulate", "--tiered-lr-decay", "nan"],
+                                  ["train", "--key", "k", "--lr-decay", "inf"],
+                                  ["train", "--key", "k", "--base-step-budget", "nan"]])
+def test_cli_refuses_non_finite_decays_at_parse_time(argv):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ftte_hub.cli", *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "must be a finite number" in proc.stderr, proc.stderr

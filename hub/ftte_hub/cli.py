@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -18,6 +19,13 @@ from ftte_core.zoo import zoo_names
 def _fail(msg: str) -> None:
     click.echo(f"ftte-hub: error: {msg}", err=True)
     sys.exit(2)
+
+
+def _finite(ctx, param, value):
+    """Refuse inf and nan at parse time (click's FloatRange lets both through a lower bound)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value!r}")
+    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -80,17 +88,23 @@ def main() -> None:
               help="The ftte strategies' uplink deltas: int8, or packed int4, as train --update-bits.")
 @click.option("--base-step-budget", type=click.FloatRange(min=0.0), default=0.5, show_default=True,
               metavar="MEAN_DELTAS",
+              callback=_finite,
               help="Plain ftte's per-base step budget, as train --base-step-budget (0: off); 0.5 measured best "
                    "in the simulator (docs/benchmarks.md); train's default is off.")
 @click.option("--lr-decay", type=click.FloatRange(min=0.0), default=None, metavar="MERGES_PER_DEVICE",
+              callback=_finite,
               help="Plain ftte's server-step decay: the step at merge v is scaled by 1/sqrt(1 + v / (this x "
                    "clients)); 0: off. Default: the simulator's (docs/simulator.md).")
+@click.option("--tiered-lr-decay", type=click.FloatRange(min=0.0), default=None, metavar="MERGES_PER_DEVICE",
+              callback=_finite,
+              help="ftte-tiered's server-step decay, as --lr-decay; 0: off. Default: the simulator's "
+                   "(docs/simulator.md).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="ftte-sim", help="Output folder.")
 def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha, model, input_shape, buffer_k,
              max_versions,
              max_time, samples_per_device, local_epochs, batch_size, lr, server_lr, pretrain_fraction, memory_budget,
              profiles_path, seed, no_direct, float32_install, downlink_bits, update_bits, base_step_budget, lr_decay,
-             out_dir):
+             tiered_lr_decay, out_dir):
     """Run the fleet on a virtual clock and compare strategies.
 
     Training is real (the engine, real data, real encoded updates); only time is simulated.
@@ -117,7 +131,8 @@ def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha
                         profiles_path=profiles_path, seed=seed, downlink_direct=not no_direct,
                         downlink_bits=int(downlink_bits), update_bits=int(update_bits),
                         int8_install=not float32_install, base_step_budget=base_step_budget,
-                        **({} if lr_decay is None else {"ftte_lr_decay": lr_decay or None}))
+                        **({} if lr_decay is None else {"ftte_lr_decay": lr_decay or None}),
+                        **({} if tiered_lr_decay is None else {"tiered_lr_decay": tiered_lr_decay or None}))
         t0 = time.perf_counter()
         results = run(cfg, log=lambda m: click.echo(m, err=True))
         paths = write_results(results, out_dir)
@@ -384,9 +399,16 @@ def keygen(path, force):
               help="Send every task the trained values as float32 instead of int8 deltas of what the agent holds.")
 @click.option("--base-step-budget", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               metavar="MEAN_DELTAS",
+              callback=_finite,
               help="ftte: the updates computed from one model version move the model by at most this many mean "
                    "deltas in all (docs/aggregation.md); 0: off (on 3 agents, 1 reached 0.90 later in 5 of 6 "
                    "runs, docs/hub.md). A resume keeps the run's.")
+@click.option("--lr-decay", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              metavar="MERGES_PER_AGENT",
+              callback=_finite,
+              help="ftte strategies: the server step at merge v is scaled by 1/sqrt(1 + v / (this x the agents the "
+                   "run starts with)), as simulate --lr-decay (docs/aggregation.md); 0: off. A resume keeps the "
+                   "run's.")
 @click.option("--no-direct-steps", "no_direct", is_flag=True,
               help="Downlink deltas as canonical chains only: no direct step from the values each agent holds "
                    "(its mirror) to the latest version, which is one step however far behind the agent is.")
@@ -417,7 +439,7 @@ def keygen(path, force):
               help="With --site: the Unix socket the ClientApp connects to; default: OUT/site.sock.")
 def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, max_versions, target_accuracy,
           interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, update_bits, downlink_bits,
-          base_step_budget, no_downlink, no_direct, float32_install, task_timeout, ping_interval, dead_after,
+          base_step_budget, lr_decay, no_downlink, no_direct, float32_install, task_timeout, ping_interval, dead_after,
           wait_timeout, stop_grace, log_format, seed, status_address,
           verbose,
           site, site_socket):
@@ -455,7 +477,8 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
                       wait_timeout=wait_timeout, stop_grace=stop_grace, seed=seed, given=given,
                       update_bits=int(update_bits) if update_bits else None, downlink=not no_downlink,
                       downlink_bits=int(downlink_bits), downlink_direct=not no_direct,
-                      int8_install=not float32_install, status=status_address, base_step_budget=base_step_budget)
+                      int8_install=not float32_install, status=status_address, base_step_budget=base_step_budget,
+                      lr_decay=lr_decay)
     if site:
         _run_site(cfg, key, site_socket)
         return

@@ -213,6 +213,8 @@ class SimConfig:
     # (ftte - fedbuff -5.01 -> +1.30 points), the MLP keeps its quick climb (bytes to target 0.18 ->
     # 0.24 of FedAvg's, time 0.06 -> 0.09), 500 devices alike.
     ftte_lr_decay: Optional[float] = 3.0
+    # ftte-tiered's server-step decay, in merges per device (None or 0: off), as ftte_lr_decay
+    tiered_lr_decay: Optional[float] = None
     # evaluate on the validation set after every merge (False: only at the start and the end,
     # the curve then holds those two points; for timing the fleet alone)
     evaluate_every_merge: bool = True
@@ -515,8 +517,9 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
                  "bits": cfg.update_bits}
         if cfg.base_step_budget is not None and name != "ftte-tiered":
             extra["base_step_budget"] = cfg.base_step_budget
-        if cfg.ftte_lr_decay and name != "ftte-tiered":
-            extra["lr_decay_merges"] = cfg.ftte_lr_decay * cfg.clients
+        decay = cfg.tiered_lr_decay if name == "ftte-tiered" else cfg.ftte_lr_decay
+        if decay:
+            extra["lr_decay_merges"] = decay * cfg.clients
     if name == "ftte-tiered":
         extra.update(tiers=[t for t, _ in setup.tiers], tier_bytes=[b for _, b in setup.tiers])
     strategy = make_strategy(name, buffer_size=cfg.buffer, server_lr=strategy_server_lr(cfg, name), **extra)
@@ -749,6 +752,7 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
                                   else (float(cfg.base_step_budget) or None)),
         # plain ftte's server-step decay, in merges (None: off)
         "ftte_lr_decay_merges": cfg.ftte_lr_decay * cfg.clients if cfg.ftte_lr_decay else None,
+        "tiered_lr_decay_merges": cfg.tiered_lr_decay * cfg.clients if cfg.tiered_lr_decay else None,
         "full_step_memory_bytes": setup.full_step_bytes,
         "device_budgets": {p: sorted({d.memory_budget for d in setup.devices if d.profile.name == p})[0]
                            for p in sorted({d.profile.name for d in setup.devices})},

@@ -112,6 +112,8 @@ class TrainConfig:
     int8_install: bool = True                    # agents that read it get the model with frozen weights int8
     base_step_budget: float = 0.0                # plain ftte's per-base step budget in mean deltas (0: off,
                                                  # the hub's default: see docs/hub.md)
+    lr_decay: float = 0.0                        # ftte strategies' server-step decay in merges per agent at
+                                                 # the start (0: off; docs/aggregation.md, "Server-step decay")
 
     def was_given(self, field: str) -> bool:
         return self.given is None or field in self.given
@@ -137,6 +139,13 @@ def budget_option(strategy: str, budget: Optional[float]) -> Dict[str, Any]:
     if budget is None or not str(strategy).startswith("ftte") or strategy == "ftte-tiered":
         return {}
     return {"base_step_budget": float(budget)}
+
+
+def decay_option(strategy: str, merges: Optional[float]) -> Dict[str, Any]:
+    """make_strategy's keyword for the server-step decay (ftte strategies; None or 0: off), in merges."""
+    if not merges or not str(strategy).startswith("ftte"):
+        return {}
+    return {"lr_decay_merges": float(merges)}
 
 
 def new_run_id() -> str:
@@ -296,6 +305,14 @@ class _Run:
         f.needed_bytes, f.needed_what = floor, "the cheapest trainable subset"
         agents = await self.wait_for_agents()
         self._warn_about_classes(model)
+        if cfg.lr_decay and strategy.sparse:
+            # in merges: --lr-decay per agent, for the agents the run starts with (fixed for the run)
+            strategy = make_strategy(cfg.strategy, buffer_size=cfg.buffer, server_lr=cfg.server_lr,
+                                     **bits_option(cfg.update_bits), **budget_option(cfg.strategy, cfg.base_step_budget),
+                                     **decay_option(cfg.strategy, cfg.lr_decay * len(agents)))
+            event("lr_decay", f"server-step decay: the step at merge v is scaled by 1/sqrt(1 + v/"
+                  f"{strategy.lr_decay_merges:g}) ({cfg.lr_decay:g} merges x {len(agents)} agents)",
+                  fields={"lr_decay_merges": strategy.lr_decay_merges})
         m_min = min(int(f.infos[a]["memory_budget"]) for a in agents)
         who = min(agents, key=lambda a: int(f.infos[a]["memory_budget"]))
         if strategy.sparse:
@@ -347,6 +364,7 @@ class _Run:
             "needed_bytes": needed, "m_min": m_min, "seed": cfg.seed, "subset_described": described,
             "update_bits": int(strategy.bits),
             "base_step_budget": getattr(strategy, "base_step_budget", None) or 0.0,
+            "lr_decay_merges": getattr(strategy, "lr_decay_merges", None) or 0.0,
         }
         if tiers is not None:
             self.meta_base.update(tiers_meta(model, tiers))
@@ -389,9 +407,15 @@ class _Run:
             if isinstance(saved_budget, bool) or not isinstance(saved_budget, (int, float)) \
                     or not math.isfinite(saved_budget) or saved_budget < 0:
                 raise ValueError(f"base_step_budget {saved_budget!r} is not a number >= 0")
+            saved_decay = meta.get("lr_decay_merges")  # absent before the decay existed: off
+            saved_decay = 0.0 if saved_decay is None else saved_decay
+            if isinstance(saved_decay, bool) or not isinstance(saved_decay, (int, float)) \
+                    or not math.isfinite(saved_decay) or saved_decay < 0:
+                raise ValueError(f"lr_decay_merges {saved_decay!r} is not a number >= 0")
             strategy = make_strategy(meta["strategy"], buffer_size=int(meta["buffer"]), server_lr=float(meta["server_lr"]),
                                      **bits_option(saved_bits if saved_bits in (4, 8) else None),
-                                     **budget_option(meta["strategy"], saved_budget))
+                                     **budget_option(meta["strategy"], saved_budget),
+                                     **decay_option(meta["strategy"], saved_decay))
             subset = Subset.from_dict(model, meta["subset"])
             task_cfg = TaskConfig.from_dict(meta["task_config"])
             if hasattr(strategy, "set_tiers"):  # the tiers chosen at the start, as they were
@@ -404,7 +428,8 @@ class _Run:
         self.meta_base = {k: meta[k] for k in ("format", "model_hash", "model_name", "model_spec", "strategy", "buffer",
                                                "server_lr", "task_config", "subset", "needed_bytes", "m_min", "seed",
                                                "subset_described", "run_id", "task_prefix", "update_bits",
-                                               "base_step_budget", "tiers", "tier_bytes", "tiers_described")
+                                               "base_step_budget", "lr_decay_merges", "tiers", "tier_bytes",
+                                               "tiers_described")
                           if k in meta}
         if not isinstance(self.meta_base.get("run_id"), str) or not M.RUN_ID_RE.fullmatch(self.meta_base["run_id"]):
             # a checkpoint from before run ids: its journal replays task ids without a prefix
@@ -852,6 +877,11 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
     if config.update_bits is not None and (config.update_bits not in (4, 8) or not config.strategy.startswith("ftte")):
         raise TrainError(f"--update-bits {config.update_bits}: 8 or 4, for the ftte strategies only "
                          f"(fedbuff and fedavg send float32 deltas)")
+    if isinstance(config.lr_decay, bool) or not isinstance(config.lr_decay, (int, float)) \
+            or not math.isfinite(config.lr_decay) or config.lr_decay < 0:
+        raise TrainError(f"--lr-decay {config.lr_decay!r}: a finite number of merges per agent >= 0 (0: off)")
+    if config.lr_decay and not config.strategy.startswith("ftte"):
+        raise TrainError(f"--lr-decay applies to the ftte strategies, not {config.strategy}")
     try:
         make_strategy(config.strategy, buffer_size=config.buffer, server_lr=config.server_lr,
                       **bits_option(config.update_bits))
