@@ -98,26 +98,36 @@ def test_tiered_gets_its_own_server_lr_not_the_plain_ftte_sweep_value():
     assert strategy_server_lr(SimConfig(server_lr=0.5), "ftte-tiered") == 0.5
 
 
-def test_tiered_stale_steps_over_one_round_trip_do_not_grow_with_the_fleet():
+def test_tiered_stale_steps_over_one_round_trip_shrink_by_the_end_of_a_run():
     """Issue 12's 500-device ftte-tiered failure: in steady state every update is ~tau = (devices
     taking part) / K versions old, and while one device's task is out the model takes tau merges
-    of step g = (1 + tau)^-a, all from stale updates. At plain ftte's a = 0.5 that is ~sqrt(tau)
-    mean deltas (5.8 at tau 35, 500 devices: ftte-tiered's full-model tier overshot and swung
-    between 0.35 and 0.90 accuracy); at ftte-tiered's a = 1 it stays below one, whatever the fleet."""
+    of step g = (1 + tau)^-a, all from stale updates: ~sqrt(tau) mean deltas at a = 0.5 (5.8 at
+    tau 35, 500 devices: without a decay ftte-tiered's full-model tier overshot and swung between
+    0.35 and 0.90 accuracy), below one at a = 1 whatever the fleet. The simulator's ftte-tiered
+    runs a = 0.5 with a server-step decay of 0.25 merges per device, which scales merge v by
+    1/sqrt(1 + v / (0.25 P)): by the end of a run (ASYNC_MERGES_PER_DEVICE merges per device) a
+    round trip is below one mean delta up to 500 devices, not at 5,000 (there, a = 1)."""
     from types import SimpleNamespace
     from ftte_core.strategies import FTTE
-    from ftte_hub.simulate import SimConfig, strategy_age_exponent
+    from ftte_hub.simulate import ASYNC_MERGES_PER_DEVICE, SimConfig, strategy_age_exponent
     cfg = SimConfig()
-    assert strategy_age_exponent(cfg, "ftte-tiered") == 1.0
+    assert strategy_age_exponent(cfg, "ftte-tiered") == 0.5 and cfg.tiered_lr_decay == 0.25
     assert strategy_age_exponent(cfg, "ftte") == 0.5 and strategy_age_exponent(cfg, "ftte-noage") == 0.5
     assert strategy_age_exponent(cfg, "fedbuff") is None
-    assert strategy_age_exponent(SimConfig(tiered_age_exponent=0.5), "ftte-tiered") == 0.5
+    assert strategy_age_exponent(SimConfig(tiered_age_exponent=1.0), "ftte-tiered") == 1.0
 
-    def round_trip_steps(a, tau, k=10):
-        buffer = [SimpleNamespace(base_version=0)] * k  # k updates, each tau versions old
-        return tau * FTTE(buffer_size=k, age_exponent=a).step_scale(buffer, tau, samples=[64] * k)
+    def round_trip_steps(a, devices, merges_per_device, decay=None, k=10):
+        tau = devices // k
+        v = merges_per_device * devices
+        buffer = [SimpleNamespace(base_version=v - tau)] * k  # k updates, each tau versions old
+        strategy = FTTE(buffer_size=k, age_exponent=a, lr_decay_merges=decay * devices if decay else None)
+        return tau * strategy.step_scale(buffer, v, samples=[64] * k)
 
-    tiered = strategy_age_exponent(cfg, "ftte-tiered")
-    for tau in (7, 35, 350):  # 100, 500 and 5,000 devices
-        assert round_trip_steps(tiered, tau) < 1.0
-    assert round_trip_steps(cfg.age_exponent, 35) > 5.0  # plain ftte's exponent: the overshoot
+    a, decay = strategy_age_exponent(cfg, "ftte-tiered"), cfg.tiered_lr_decay
+    for devices in (100, 500):
+        assert round_trip_steps(a, devices, 0, decay) > 2.0           # the early steps stay whole
+        assert round_trip_steps(a, devices, ASYNC_MERGES_PER_DEVICE, decay) < 1.0
+        assert round_trip_steps(a, devices, ASYNC_MERGES_PER_DEVICE) > 2.0   # without the decay: the overshoot
+    assert round_trip_steps(a, 5000, ASYNC_MERGES_PER_DEVICE, decay) > 1.0
+    for devices in (100, 500, 5000):  # a = 1: below one whatever the fleet
+        assert round_trip_steps(1.0, devices, 0) < 1.0
