@@ -148,6 +148,9 @@ def main():
     ap.add_argument("--ftte-lr-decay", type=float, default=SimConfig.ftte_lr_decay,
                     help="ftte's server-step decay in merges per device: the step at merge v is scaled by "
                          "1/sqrt(1 + v / (this x clients)) (default 3, the simulator's; 0: off)")
+    ap.add_argument("--agreement-damping", type=float, default=SimConfig.agreement_damping,
+                    help="ftte's agreement damping kappa: a buffer whose stale updates agree (rho) takes a step "
+                         "scaled by sum n (1 + tau)^(-kappa rho) / sum n (0: off)")
     ap.add_argument("--tiered-lr-decay", type=float, default=SimConfig.tiered_lr_decay,
                     help="ftte-tiered's server-step decay in merges per device, as --ftte-lr-decay (default off)")
     ap.add_argument("--tiered-age-exponent", type=float, default=SimConfig.tiered_age_exponent,
@@ -188,6 +191,7 @@ def main():
                             update_bits=args.update_bits, int8_install=not args.float32_install,
                             tiered_age_exponent=args.tiered_age_exponent, base_step_budget=args.base_step_budget,
                             ftte_lr_decay=args.ftte_lr_decay, tiered_lr_decay=args.tiered_lr_decay,
+                            agreement_damping=args.agreement_damping,
                             pretrain_fraction=start_fraction(start, args.pretrain_fraction),
                             **workload_config(workload))
             t1 = time.perf_counter()

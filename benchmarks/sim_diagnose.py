@@ -132,6 +132,8 @@ def main():
                     help="ftte's server-step decay in merges per device (default: the simulator's; 0: off)")
     ap.add_argument("--tiered-lr-decay", type=float, default=sim.SimConfig.tiered_lr_decay,
                     help="ftte-tiered's server-step decay in merges per device (default: the simulator's; 0: off)")
+    ap.add_argument("--agreement-damping", type=float, default=sim.SimConfig.agreement_damping,
+                    help="ftte's agreement damping kappa (default: the simulator's; 0: off)")
     ap.add_argument("--line-search", choices=("ftte", "full"), help="measure the start model's margin instead")
     ap.add_argument("--json", help="also write the reports and curves here")
     args = ap.parse_args()
@@ -140,6 +142,7 @@ def main():
                         age_exponent=args.age_exponent, tiered_age_exponent=args.tiered_age_exponent,
                         base_step_budget=args.base_step_budget, variance_strength=args.variance_strength,
                         ftte_lr_decay=args.ftte_lr_decay, tiered_lr_decay=args.tiered_lr_decay,
+                        agreement_damping=args.agreement_damping,
                         ftte_server_lr=args.ftte_server_lr, tiered_server_lr=args.tiered_server_lr,
                         **WORKLOADS[args.workload])
     sim.K.set_num_threads(1)

@@ -116,7 +116,7 @@ def test_hub_restart_resumes_versions_and_keeps_acknowledged_updates(tmp_path, m
             await a.start()
         merged = set()
         hooks = Hooks(on_merge=lambda report, t: merged.update(report.task_ids))
-        run = asyncio.ensure_future(run_train(cfg(1000, base_step_budget=0.25, lr_decay=2.0), KEY, hooks))
+        run = asyncio.ensure_future(run_train(cfg(1000, base_step_budget=0.25, lr_decay=2.0, agreement_damping=0.5), KEY, hooks))
         while True:  # "crash" once the version is >= 2 and some acknowledged update waits in the buffer
             await asyncio.sleep(0.001)
             if len(merged) >= 8 and acked() - merged:  # K=4 > 3 agents: acks wait in the buffer
@@ -141,6 +141,7 @@ def test_hub_restart_resumes_versions_and_keeps_acknowledged_updates(tmp_path, m
         assert meta["base_step_budget"] == 0.25   # --base-step-budget is the run's: saved, and kept below
         assert meta["lr_decay_merges"] == 6.0     # --lr-decay 2 x the 3 agents at the start, in merges
         assert made[-1].lr_decay_merges == 6.0
+        assert meta["agreement_damping"] == 0.5 and made[-1].agreement_damping == 0.5
         made.clear()
         lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
         summary = await second_run()
@@ -159,6 +160,7 @@ def test_hub_restart_resumes_versions_and_keeps_acknowledged_updates(tmp_path, m
     assert meta["finished"] and meta["model_hash"] == hash_before and meta["base_step_budget"] == 0.25
     # the resume was given no --lr-decay: it rebuilt the run's from the checkpoint
     assert meta["lr_decay_merges"] == 6.0 and made[-1].lr_decay_merges == 6.0
+    assert meta["agreement_damping"] == 0.5 and made[-1].agreement_damping == 0.5
     # the run keeps its id across the restart, so updates acknowledged before it still count
     assert meta["run_id"] == run_before == summary["run_id"] and meta["task_prefix"] == run_before[:8] + "-"
     assert all(t.startswith(run_before[:8] + "-t") for t in merged)

@@ -95,6 +95,11 @@ def main() -> None:
               callback=_finite,
               help="Plain ftte's server-step decay: the step at merge v is scaled by 1/sqrt(1 + v / (this x "
                    "clients)); 0: off. Default: the simulator's (docs/simulator.md).")
+@click.option("--agreement-damping", type=click.FloatRange(min=0.0), default=None, metavar="KAPPA",
+              callback=_finite,
+              help="Plain ftte's agreement damping: a buffer whose stale updates agree (rho in [0, 1]) takes a step "
+                   "scaled by sum n (1 + tau)^(-KAPPA rho) / sum n; 0: off. Default: the simulator's "
+                   "(docs/aggregation.md).")
 @click.option("--tiered-lr-decay", type=click.FloatRange(min=0.0), default=None, metavar="MERGES_PER_DEVICE",
               callback=_finite,
               help="ftte-tiered's server-step decay, as --lr-decay; 0: off. Default: the simulator's "
@@ -104,7 +109,7 @@ def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha
              max_versions,
              max_time, samples_per_device, local_epochs, batch_size, lr, server_lr, pretrain_fraction, memory_budget,
              profiles_path, seed, no_direct, float32_install, downlink_bits, update_bits, base_step_budget, lr_decay,
-             tiered_lr_decay, out_dir):
+             agreement_damping, tiered_lr_decay, out_dir):
     """Run the fleet on a virtual clock and compare strategies.
 
     Training is real (the engine, real data, real encoded updates); only time is simulated.
@@ -132,7 +137,8 @@ def simulate(clients, stragglers, straggler_slowdown, strategies, dataset, alpha
                         downlink_bits=int(downlink_bits), update_bits=int(update_bits),
                         int8_install=not float32_install, base_step_budget=base_step_budget,
                         **({} if lr_decay is None else {"ftte_lr_decay": lr_decay or None}),
-                        **({} if tiered_lr_decay is None else {"tiered_lr_decay": tiered_lr_decay or None}))
+                        **({} if tiered_lr_decay is None else {"tiered_lr_decay": tiered_lr_decay or None}),
+                        **({} if agreement_damping is None else {"agreement_damping": agreement_damping}))
         t0 = time.perf_counter()
         results = run(cfg, log=lambda m: click.echo(m, err=True))
         paths = write_results(results, out_dir)
@@ -403,6 +409,10 @@ def keygen(path, force):
               help="ftte: the updates computed from one model version move the model by at most this many mean "
                    "deltas in all (docs/aggregation.md); 0: off (on 3 agents, 1 reached 0.90 later in 5 of 6 "
                    "runs, docs/hub.md). A resume keeps the run's.")
+@click.option("--agreement-damping", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              metavar="KAPPA", callback=_finite,
+              help="ftte: a buffer whose stale updates agree (rho in [0, 1]) takes a step scaled by "
+                   "sum n (1 + tau)^(-KAPPA rho) / sum n (docs/aggregation.md); 0: off. A resume keeps the run's.")
 @click.option("--lr-decay", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               metavar="MERGES_PER_AGENT",
               callback=_finite,
@@ -439,7 +449,7 @@ def keygen(path, force):
               help="With --site: the Unix socket the ClientApp connects to; default: OUT/site.sock.")
 def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, max_versions, target_accuracy,
           interfaces, no_mdns, strategy, lr, local_epochs, batch_size, server_lr, update_bits, downlink_bits,
-          base_step_budget, lr_decay, no_downlink, no_direct, float32_install, task_timeout, ping_interval, dead_after,
+          base_step_budget, agreement_damping, lr_decay, no_downlink, no_direct, float32_install, task_timeout, ping_interval, dead_after,
           wait_timeout, stop_grace, log_format, seed, status_address,
           verbose,
           site, site_socket):
@@ -478,7 +488,7 @@ def train(key_path, model_spec, val_data, out_dir, min_agents, peers, buffer_k, 
                       update_bits=int(update_bits) if update_bits else None, downlink=not no_downlink,
                       downlink_bits=int(downlink_bits), downlink_direct=not no_direct,
                       int8_install=not float32_install, status=status_address, base_step_budget=base_step_budget,
-                      lr_decay=lr_decay)
+                      lr_decay=lr_decay, agreement_damping=agreement_damping)
     if site:
         _run_site(cfg, key, site_socket)
         return

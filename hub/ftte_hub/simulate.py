@@ -215,6 +215,10 @@ class SimConfig:
     # (ftte - fedbuff -5.01 -> +1.30 points), the MLP keeps its quick climb (bytes to target 0.18 ->
     # 0.24 of FedAvg's, time 0.06 -> 0.09), 500 devices alike.
     ftte_lr_decay: Optional[float] = 3.0
+    # plain FTTE's agreement damping kappa (FTTE.agreement_damping; 0: off; ftte-tiered has none):
+    # a buffer whose stale updates agree (rho, FTTE.agreement) takes a step scaled by
+    # sum n_k (1 + tau_k)^(-kappa rho) / sum n_k
+    agreement_damping: float = 0.0
     # ftte-tiered's server-step decay, in merges per device (None or 0: off), as ftte_lr_decay; a
     # quarter of a merge per device: 0.25, 0.5 and 1 measured -1.30, -1.76 and -2.51 points against
     # fedbuff-full on the CNN (seeds 0-2, staleness exponent 0.5), alike on the MLP
@@ -524,6 +528,8 @@ def _run_strategy(setup: _Setup, name: str, progress: Callable[[str], None],
         decay = cfg.tiered_lr_decay if name == "ftte-tiered" else cfg.ftte_lr_decay
         if decay:
             extra["lr_decay_merges"] = decay * cfg.clients
+        if cfg.agreement_damping and name != "ftte-tiered":
+            extra["agreement_damping"] = cfg.agreement_damping
     if name == "ftte-tiered":
         extra.update(tiers=[t for t, _ in setup.tiers], tier_bytes=[b for _, b in setup.tiers])
     strategy = make_strategy(name, buffer_size=cfg.buffer, server_lr=strategy_server_lr(cfg, name), **extra)
@@ -757,6 +763,8 @@ def _summarise(cfg: SimConfig, setup: _Setup, runs: Dict[str, StrategyRun],
         # plain ftte's server-step decay, in merges (None: off)
         "ftte_lr_decay_merges": cfg.ftte_lr_decay * cfg.clients if cfg.ftte_lr_decay else None,
         "tiered_lr_decay_merges": cfg.tiered_lr_decay * cfg.clients if cfg.tiered_lr_decay else None,
+        # plain ftte's agreement damping kappa (0: off)
+        "ftte_agreement_damping": float(cfg.agreement_damping or 0.0),
         "full_step_memory_bytes": setup.full_step_bytes,
         "device_budgets": {p: sorted({d.memory_budget for d in setup.devices if d.profile.name == p})[0]
                            for p in sorted({d.profile.name for d in setup.devices})},

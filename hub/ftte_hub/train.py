@@ -114,6 +114,8 @@ class TrainConfig:
                                                  # the hub's default: see docs/hub.md)
     lr_decay: float = 0.0                        # ftte strategies' server-step decay in merges per agent at
                                                  # the start (0: off; docs/aggregation.md, "Server-step decay")
+    agreement_damping: float = 0.0               # plain ftte's agreement damping kappa (0: off;
+                                                 # docs/aggregation.md, "Agreement damping")
 
     def was_given(self, field: str) -> bool:
         return self.given is None or field in self.given
@@ -141,11 +143,28 @@ def budget_option(strategy: str, budget: Optional[float]) -> Dict[str, Any]:
     return {"base_step_budget": float(budget)}
 
 
+def agreement_option(strategy: str, kappa: Optional[float]) -> Dict[str, Any]:
+    """make_strategy's keyword for --agreement-damping: plain ftte (and its ablations) only; None
+    or 0: off."""
+    if not kappa or not str(strategy).startswith("ftte") or strategy == "ftte-tiered":
+        return {}
+    return {"agreement_damping": float(kappa)}
+
+
 def decay_option(strategy: str, merges: Optional[float]) -> Dict[str, Any]:
     """make_strategy's keyword for the server-step decay (ftte strategies; None or 0: off), in merges."""
     if not merges or not str(strategy).startswith("ftte"):
         return {}
     return {"lr_decay_merges": float(merges)}
+
+
+def _saved_number(meta: Dict[str, Any], key: str) -> float:
+    """A checkpoint's number >= 0 under ``key`` (0 when absent: a run from before it existed)."""
+    value = meta.get(key)
+    value = 0.0 if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{key} {value!r} is not a number >= 0")
+    return float(value)
 
 
 def new_run_id() -> str:
@@ -291,7 +310,8 @@ class _Run:
         cfg = self.cfg
         model = build_model(cfg.model, self.val, seed=cfg.seed, options=cfg.model_options)
         strategy = make_strategy(cfg.strategy, buffer_size=cfg.buffer, server_lr=cfg.server_lr,
-                                 **bits_option(cfg.update_bits), **budget_option(cfg.strategy, cfg.base_step_budget))
+                                 **bits_option(cfg.update_bits), **budget_option(cfg.strategy, cfg.base_step_budget),
+                                 **agreement_option(cfg.strategy, cfg.agreement_damping))
         scores = None
         if strategy.sparse:
             scores = importance_scores(model, self.val.x, self.val.y, seed=cfg.seed)
@@ -309,6 +329,7 @@ class _Run:
             # in merges: --lr-decay per agent, for the agents the run starts with (fixed for the run)
             strategy = make_strategy(cfg.strategy, buffer_size=cfg.buffer, server_lr=cfg.server_lr,
                                      **bits_option(cfg.update_bits), **budget_option(cfg.strategy, cfg.base_step_budget),
+                                     **agreement_option(cfg.strategy, cfg.agreement_damping),
                                      **decay_option(cfg.strategy, cfg.lr_decay * len(agents)))
             event("lr_decay", f"server-step decay: the step at merge v is scaled by 1/sqrt(1 + v/"
                   f"{strategy.lr_decay_merges:g}) ({cfg.lr_decay:g} merges x {len(agents)} agents)",
@@ -365,6 +386,7 @@ class _Run:
             "update_bits": int(strategy.bits),
             "base_step_budget": getattr(strategy, "base_step_budget", None) or 0.0,
             "lr_decay_merges": getattr(strategy, "lr_decay_merges", None) or 0.0,
+            "agreement_damping": getattr(strategy, "agreement_damping", None) or 0.0,
         }
         if tiers is not None:
             self.meta_base.update(tiers_meta(model, tiers))
@@ -401,21 +423,15 @@ class _Run:
             model.load_state(params)
             check_model_fits_data(model, self.val, f"the checkpointed model in {self.out}")
             saved_bits = meta.get("update_bits")  # absent in checkpoints from before --update-bits: the default
-            # absent in checkpoints from before the budget existed: those runs ran without it
-            saved_budget = meta.get("base_step_budget")
-            saved_budget = 0.0 if saved_budget is None else saved_budget
-            if isinstance(saved_budget, bool) or not isinstance(saved_budget, (int, float)) \
-                    or not math.isfinite(saved_budget) or saved_budget < 0:
-                raise ValueError(f"base_step_budget {saved_budget!r} is not a number >= 0")
-            saved_decay = meta.get("lr_decay_merges")  # absent before the decay existed: off
-            saved_decay = 0.0 if saved_decay is None else saved_decay
-            if isinstance(saved_decay, bool) or not isinstance(saved_decay, (int, float)) \
-                    or not math.isfinite(saved_decay) or saved_decay < 0:
-                raise ValueError(f"lr_decay_merges {saved_decay!r} is not a number >= 0")
+            # absent in checkpoints from before the budget, the decay or the damping: those runs ran
+            # without it
+            saved_budget, saved_decay, saved_kappa = (
+                _saved_number(meta, k) for k in ("base_step_budget", "lr_decay_merges", "agreement_damping"))
             strategy = make_strategy(meta["strategy"], buffer_size=int(meta["buffer"]), server_lr=float(meta["server_lr"]),
                                      **bits_option(saved_bits if saved_bits in (4, 8) else None),
                                      **budget_option(meta["strategy"], saved_budget),
-                                     **decay_option(meta["strategy"], saved_decay))
+                                     **decay_option(meta["strategy"], saved_decay),
+                                     **agreement_option(meta["strategy"], saved_kappa))
             subset = Subset.from_dict(model, meta["subset"])
             task_cfg = TaskConfig.from_dict(meta["task_config"])
             if hasattr(strategy, "set_tiers"):  # the tiers chosen at the start, as they were
@@ -428,7 +444,8 @@ class _Run:
         self.meta_base = {k: meta[k] for k in ("format", "model_hash", "model_name", "model_spec", "strategy", "buffer",
                                                "server_lr", "task_config", "subset", "needed_bytes", "m_min", "seed",
                                                "subset_described", "run_id", "task_prefix", "update_bits",
-                                               "base_step_budget", "lr_decay_merges", "tiers", "tier_bytes",
+                                               "base_step_budget", "lr_decay_merges", "agreement_damping",
+                                               "tiers", "tier_bytes",
                                                "tiers_described")
                           if k in meta}
         if not isinstance(self.meta_base.get("run_id"), str) or not M.RUN_ID_RE.fullmatch(self.meta_base["run_id"]):
@@ -882,6 +899,11 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
         raise TrainError(f"--lr-decay {config.lr_decay!r}: a finite number of merges per agent >= 0 (0: off)")
     if config.lr_decay and not config.strategy.startswith("ftte"):
         raise TrainError(f"--lr-decay applies to the ftte strategies, not {config.strategy}")
+    if isinstance(config.agreement_damping, bool) or not isinstance(config.agreement_damping, (int, float)) \
+            or not math.isfinite(config.agreement_damping) or config.agreement_damping < 0:
+        raise TrainError(f"--agreement-damping {config.agreement_damping!r}: a finite number >= 0 (0: off)")
+    if config.agreement_damping and (not config.strategy.startswith("ftte") or config.strategy == "ftte-tiered"):
+        raise TrainError(f"--agreement-damping applies to plain ftte and its ablations, not {config.strategy}")
     try:
         make_strategy(config.strategy, buffer_size=config.buffer, server_lr=config.server_lr,
                       **bits_option(config.update_bits))

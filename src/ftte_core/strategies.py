@@ -123,7 +123,7 @@ class Strategy:
     def weights(self, updates: Sequence[Update], current_version: int, samples=None, clip=None) -> np.ndarray:
         return self.weighting(updates, current_version, samples, clip)[0]
 
-    def step_scale(self, updates: Sequence[Update], current_version: int, samples=None) -> float:
+    def step_scale(self, updates: Sequence[Update], current_version: int, samples=None, clip=None) -> float:
         """Multiplies the whole merge step (1: the weights alone set its size)."""
         return 1.0
 
@@ -148,7 +148,7 @@ class Strategy:
         """
         updates = list(updates)
         n, c, w, factors = self._weigh(updates, current_version, samples, clip)
-        alphas64 = self.server_lr * self.step_scale(updates, current_version, n) * w * c
+        alphas64 = self.server_lr * self.step_scale(updates, current_version, n, c) * w * c
         budget, steps = self.budget_factors(updates, alphas64, base_steps)
         if steps:
             alphas64 = alphas64 * budget
@@ -242,6 +242,23 @@ def _clip(updates: Sequence[Update], clip) -> np.ndarray:
     return c
 
 
+def _gram(updates: Sequence[Update], c: np.ndarray) -> np.ndarray:
+    """G[k, l] = <c_k D_k, c_l D_l> over every tensor of the (decoded, clipped) deltas, in float64:
+    one BLAS product per tensor, from which every distance and norm of the buffer follows
+    (float32 squares overflow for a delta of ~1e19; float64 keeps the cancellation error at
+    ~1e-16 of the energy)."""
+    K_ = len(updates)
+    G = np.zeros((K_, K_))
+    for i in range(len(updates[0].tensors)):
+        R, F = updates[0].tensors[i].shape
+        D = np.empty((K_, R, F), np.float64)
+        for k, u in enumerate(updates):
+            decode_tensor64(u.tensors[i], out=D[k], factor=float(c[k]))
+        D = D.reshape(K_, R * F)
+        G += D @ D.T
+    return G
+
+
 def _overflowing(view, rows, parts, alphas64, i) -> List[int]:
     """The updates whose own step, alone on the current values, leaves float32's finite range."""
     base = np.asarray(view[rows] if rows is not None else view, dtype=np.float64)
@@ -281,14 +298,16 @@ class FTTE(Strategy):
 
     def __init__(self, buffer_size: int = 10, server_lr: float = 1.0, age: bool = True, variance: bool = True,
                  age_exponent: float = 1.0, variance_strength: float = 1.0, bits: int = 8, name: str = "ftte",
-                 base_step_budget: Optional[float] = BASE_STEP_BUDGET, lr_decay_merges: Optional[float] = None):
+                 base_step_budget: Optional[float] = BASE_STEP_BUDGET, lr_decay_merges: Optional[float] = None,
+                 agreement_damping: float = 0.0):
         self.name = name
         super().__init__(buffer_size, server_lr)
         if bits not in (4, 8):
             raise ValueError(f"{name}: bits must be 8 or 4, got {bits}")
         for label, v in (("age_exponent", age_exponent), ("variance_strength", variance_strength),
                          ("base_step_budget", 0.0 if base_step_budget is None else base_step_budget),
-                         ("lr_decay_merges", 0.0 if lr_decay_merges is None else lr_decay_merges)):
+                         ("lr_decay_merges", 0.0 if lr_decay_merges is None else lr_decay_merges),
+                         ("agreement_damping", agreement_damping)):
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name}: {label} must be a finite number >= 0, got {v!r}")
         self.bits = int(bits)
@@ -297,6 +316,7 @@ class FTTE(Strategy):
         # None: off (0 means the same; None is what params() shows)
         self.base_step_budget = float(base_step_budget) if base_step_budget else None
         self.lr_decay_merges = float(lr_decay_merges) if lr_decay_merges else None
+        self.agreement_damping = float(agreement_damping)
 
     # Relative spread below which the buffer's deltas count as identical (squared distances this
     # small relative to the deltas' energy are quantisation round-off, not disagreement).
@@ -305,7 +325,8 @@ class FTTE(Strategy):
     def params(self) -> Dict[str, object]:
         return {**super().params(), "age": self.age, "variance": self.variance,
                 "age_exponent": self.age_exponent, "variance_strength": self.variance_strength,
-                "base_step_budget": self.base_step_budget, "lr_decay_merges": self.lr_decay_merges}
+                "base_step_budget": self.base_step_budget, "lr_decay_merges": self.lr_decay_merges,
+                "agreement_damping": self.agreement_damping}
 
     def lr_decay(self, current_version: int) -> float:
         """The server step's decay at this version: 1 / sqrt(1 + version / lr_decay_merges) (1 when
@@ -356,20 +377,8 @@ class FTTE(Strategy):
         if K_ < 2:
             return np.zeros(K_)
         n = _sample_counts(updates, samples)
-        c = _clip(updates, clip)
         p = n / n.sum()
-        # Gram matrix of the (clipped) decoded deltas, G[k, l] = <D_k, D_l>, summed over tensors:
-        # one BLAS product per tensor, and then every distance to the weighted mean follows from G
-        # (||D_k - mean||^2 = G_kk - 2 (G p)_k + p'Gp). float64 keeps the cancellation error at
-        # ~1e-16 of the energy, far below SPREAD_FLOOR.
-        G = np.zeros((K_, K_))
-        for i in range(len(updates[0].tensors)):
-            R, F = updates[0].tensors[i].shape
-            D = np.empty((K_, R, F), np.float64)
-            for k, u in enumerate(updates):
-                decode_tensor64(u.tensors[i], out=D[k], factor=float(c[k]))
-            D = D.reshape(K_, R * F)
-            G += D @ D.T
+        G = _gram(updates, _clip(updates, clip))
         energy = float(np.trace(G)) / K_
         Gp = G @ p
         dist = np.maximum(np.diag(G) - 2.0 * Gp + float(p @ Gp), 0.0)
@@ -378,15 +387,48 @@ class FTTE(Strategy):
             return np.zeros(K_)
         return dist / spread
 
+    def agreement(self, updates: Sequence[Update], samples=None, clip=None) -> float:
+        """rho in [0, 1]: the share of the (sample-weighted) mean delta's energy that the spread
+        between the deltas does not explain. With p the weights, m = sum p_k D_k and
+        S = sum p_k ||D_k - m||^2, the noise the mean keeps from the spread is ~S / (n_eff - 1)
+        (n_eff = 1 / sum p_k^2), so rho = max(0, 1 - S / ((n_eff - 1) ||m||^2)): 0 when the deltas
+        scatter as independent noise around a common zero, 1 when they are one shared step."""
+        K_ = len(updates)
+        if K_ < 2:
+            return 0.0
+        n = _sample_counts(updates, samples)
+        p = n / n.sum()
+        G = _gram(updates, _clip(updates, clip))
+        Gp = G @ p
+        mean_sq = float(p @ Gp)
+        spread = float(p @ np.maximum(np.diag(G) - 2.0 * Gp + mean_sq, 0.0))
+        n_eff = 1.0 / float(p @ p)
+        if not (math.isfinite(mean_sq) and math.isfinite(spread)) or mean_sq <= 0.0 or n_eff <= 1.0:
+            return 0.0
+        return min(max(1.0 - spread / ((n_eff - 1.0) * mean_sq), 0.0), 1.0)
+
+    def agreement_factor(self, updates: Sequence[Update], current_version: int, samples=None, clip=None) -> float:
+        """sum n_k (1 + tau_k)^(-kappa rho) / sum n_k (1 when ``agreement_damping`` kappa is 0).
+
+        Stale updates that agree re-apply a step the model has already taken in the merges since
+        their base: their age weighs more the more they agree (rho, ``agreement``). Updates that
+        mostly disagree (noise around a small shared step) keep the plain age factor."""
+        if not self.agreement_damping:
+            return 1.0
+        n = _sample_counts(updates, samples)
+        tau = _staleness(updates, current_version)
+        rho = self.agreement(updates, n, clip)
+        return float(np.dot(n, (1.0 + tau) ** (-self.agreement_damping * rho)) / n.sum())
+
     def variance_factors(self, updates: Sequence[Update], samples=None, clip=None) -> np.ndarray:
         if not self.variance:
             return np.ones(len(updates))
         return 1.0 / (1.0 + self.variance_strength * self.outlier_distances(updates, samples, clip))
 
-    def step_scale(self, updates: Sequence[Update], current_version: int, samples=None) -> float:
+    def step_scale(self, updates: Sequence[Update], current_version: int, samples=None, clip=None) -> float:
         data = _sample_counts(updates, samples)
         g = float(np.dot(data, self.age_factors(updates, current_version)) / data.sum())
-        return g * self.lr_decay(current_version)
+        return g * self.lr_decay(current_version) * self.agreement_factor(updates, current_version, data, clip)
 
     def weighting(self, updates, current_version, samples=None, clip=None):
         data = _sample_counts(updates, samples)
@@ -400,7 +442,8 @@ class FTTE(Strategy):
                 f"age={'(1+tau)^-%g' % self.age_exponent if self.age else 'off'}, "
                 f"variance={'b=%g' % self.variance_strength if self.variance else 'off'}, "
                 f"base_budget={'%g' % self.base_step_budget if self.base_step_budget else 'off'}, "
-                f"lr_decay={'%g merges' % self.lr_decay_merges if self.lr_decay_merges else 'off'})")
+                f"lr_decay={'%g merges' % self.lr_decay_merges if self.lr_decay_merges else 'off'}, "
+                f"agreement_damping={'%g' % self.agreement_damping if self.agreement_damping else 'off'})")
 
 
 class FTTETiered(FTTE):
@@ -425,8 +468,9 @@ class FTTETiered(FTTE):
         # the per-base step budget is built for the one-subset merge only (its per-parameter
         # merge would need a budget per tier's rows); ftte-tiered runs at a = 1, where the first
         # wave moves ~ln(P/K) mean deltas (docs/aggregation.md)
-        if kw.get("base_step_budget"):
-            raise ValueError(f"{name}: base_step_budget is not built for the tiered merge; leave it out")
+        for knob in ("base_step_budget", "agreement_damping"):
+            if kw.get(knob):
+                raise ValueError(f"{name}: {knob} is not built for the tiered merge; leave it out")
         kw["base_step_budget"] = None
         super().__init__(buffer_size, server_lr, name=name, **kw)
         self.tiers = None
