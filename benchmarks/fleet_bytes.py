@@ -9,7 +9,8 @@ framing and encryption included) at the first merge whose validation accuracy re
 prints each run and the median.
 
     PYTHONPATH=src:agent:hub python benchmarks/fleet_bytes.py [--runs 3] [--alpha 0.8] [--buffer 3]
-        [--no-downlink] [--no-direct-steps] [--float32-install] [--update-bits 4] [--base-step-budget B] [--lr-decay D] [--memory-budget 512KiB]
+        [--no-downlink] [--no-direct-steps] [--float32-install] [--update-bits 4] [--base-step-budget B] [--lr-decay D] [--agreement-damping K]
+        [--memory-budget 512KiB]
         [--strategy ftte-tiered --memory-budgets 210KiB,400KiB,1MiB]
 
 ``--memory-budgets`` gives each agent its own budget (one per agent, comma-separated), so
@@ -111,6 +112,7 @@ def one_run(root: Path, args) -> dict:
                           strategy=args.strategy,
                           update_bits=args.update_bits, downlink_bits=args.downlink_bits,
                           base_step_budget=args.base_step_budget, lr_decay=args.lr_decay,
+                          agreement_damping=args.agreement_damping,
                           int8_install=not args.float32_install)
         hooks = Hooks(on_ready=lambda fleet: ready.setdefault("t", time.perf_counter()),
                       on_metrics=lambda line: ready.setdefault("lines", []).append((time.perf_counter(), line)))
@@ -153,6 +155,8 @@ def main() -> None:
                     help="install the model as float32 (default: frozen weights int8 when the run trains so)")
     ap.add_argument("--downlink-bits", type=int, choices=(8, 4), default=8, help="the downlink stream's steps")
     ap.add_argument("--update-bits", type=int, choices=(8, 4), default=None, help="the agents' update encoding")
+    ap.add_argument("--agreement-damping", type=float, default=0.0,
+                    help="ftte's agreement damping kappa (train --agreement-damping; default 0, off)")
     ap.add_argument("--lr-decay", type=float, default=0.0,
                     help="ftte's server-step decay in merges per agent (train --lr-decay; default 0, off)")
     ap.add_argument("--base-step-budget", type=float, default=0.0,
