@@ -120,5 +120,5 @@ def test_cli_refuses_non_finite_decays_at_parse_time(argv):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "ftte_hub.cli", *argv], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "ftte_hub.cli", *argv], capture_output=True, text=True)
     assert proc.returncode == 2 and "must be a finite number" in proc.stderr, proc.stderr
