@@ -163,8 +163,12 @@ def test_namespaces_are_gone_after_close():
 
 
 # -- the fleet on the emulated LAN -----------------------------------------------------------------
-ACCURACY_FLOOR = 0.80   # digits, 3 agents, 15 versions of K=3: the runs here reach 0.85-0.93
-MAX_VERSIONS = 15
+ACCURACY_FLOOR = 0.80   # digits, 3 agents, versions of K=3: 15 versions reached 0.85-0.93 here
+# Long enough for the agent behind the lossy link: the two fast agents made 15 versions in ~1 s on
+# an AVX-512 machine, and one TCP retransmission timeout on the slow link (200 ms and up, doubling)
+# then left its first update out of the run in 3 of 12 runs. 60 versions give it ~4 s; a slower
+# machine slows the fast agents, not the link, so the margin only grows there.
+MAX_VERSIONS = 60
 RUN_TIMEOUT_S = 150
 
 
