@@ -219,7 +219,7 @@ class SimConfig:
     # a buffer whose stale updates agree (rho, FTTE.agreement) takes a step scaled by
     # sum n_k (1 + tau_k)^(-kappa rho) / sum n_k. 0.25 measured on seeds 0-2 (docs/aggregation.md,
     # "Agreement damping"): the CNN's classifier-only ftte, whose buffers agree (mean rho 0.69-0.86
-    # on seed 1), reaches the target in 0.25 virtual s instead of 0.81 (10.7 MB instead of 26.6);
+    # on seed 1), reaches the target in 0.25 virtual s instead of 0.81 (10.7 MiB instead of 26.6);
     # the MLP's, whose buffers mostly do not (0.45 in its first tenth, 0.06-0.27 after, seed 0),
     # keeps its pace (0.21 s against 0.24, final -0.7 points).
     agreement_damping: float = 0.25
