@@ -309,9 +309,13 @@ class _Run:
     async def setup_fresh(self) -> None:
         cfg = self.cfg
         model = build_model(cfg.model, self.val, seed=cfg.seed, options=cfg.model_options)
-        strategy = make_strategy(cfg.strategy, buffer_size=cfg.buffer, server_lr=cfg.server_lr,
+        def build_strategy(decay_merges: Optional[float] = None):
+            return make_strategy(cfg.strategy, buffer_size=cfg.buffer, server_lr=cfg.server_lr,
                                  **bits_option(cfg.update_bits), **budget_option(cfg.strategy, cfg.base_step_budget),
-                                 **agreement_option(cfg.strategy, cfg.agreement_damping))
+                                 **agreement_option(cfg.strategy, cfg.agreement_damping),
+                                 **decay_option(cfg.strategy, decay_merges))
+
+        strategy = build_strategy()
         scores = None
         if strategy.sparse:
             scores = importance_scores(model, self.val.x, self.val.y, seed=cfg.seed)
@@ -327,10 +331,7 @@ class _Run:
         self._warn_about_classes(model)
         if cfg.lr_decay and strategy.sparse:
             # in merges: --lr-decay per agent, for the agents the run starts with (fixed for the run)
-            strategy = make_strategy(cfg.strategy, buffer_size=cfg.buffer, server_lr=cfg.server_lr,
-                                     **bits_option(cfg.update_bits), **budget_option(cfg.strategy, cfg.base_step_budget),
-                                     **agreement_option(cfg.strategy, cfg.agreement_damping),
-                                     **decay_option(cfg.strategy, cfg.lr_decay * len(agents)))
+            strategy = build_strategy(cfg.lr_decay * len(agents))
             event("lr_decay", f"server-step decay: the step at merge v is scaled by 1/sqrt(1 + v/"
                   f"{strategy.lr_decay_merges:g}) ({cfg.lr_decay:g} merges x {len(agents)} agents)",
                   fields={"lr_decay_merges": strategy.lr_decay_merges})

@@ -466,8 +466,9 @@ class FTTETiered(FTTE):
     def __init__(self, buffer_size: int = 10, server_lr: float = 1.0, tiers: Optional[Sequence[Subset]] = None,
                  tier_bytes: Optional[Sequence[int]] = None, name: str = "ftte-tiered", **kw):
         # the per-base step budget is built for the one-subset merge only (its per-parameter
-        # merge would need a budget per tier's rows); ftte-tiered runs at a = 1, where the first
-        # wave moves ~ln(P/K) mean deltas (docs/aggregation.md)
+        # merge would need a budget per tier's rows); at the strategy's a = 1 the first wave moves
+        # ~ln(P/K) mean deltas, and the simulator runs a = 0.5 with lr_decay_merges instead
+        # (docs/aggregation.md); the agreement damping is likewise built for one subset's step
         for knob in ("base_step_budget", "agreement_damping"):
             if kw.get(knob):
                 raise ValueError(f"{name}: {knob} is not built for the tiered merge; leave it out")
