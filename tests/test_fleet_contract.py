@@ -238,21 +238,21 @@ def test_channel_exchanges_messages_and_counts_bytes():
 
     async def main():
         async def handle(r, w):
-            ch = await Channel.open(r, w, "server", key, timeout=5)
-            t, body = await ch.recv(timeout=5)
+            ch = await Channel.open(r, w, "server", key, timeout=scaled(5))
+            t, body = await ch.recv(timeout=scaled(5))
             await ch.send(M.PONG, body)
-            big_t, big = await ch.recv(timeout=5)
+            big_t, big = await ch.recv(timeout=scaled(5))
             seen["big"] = (big_t, len(big))
             try:
-                await ch.recv(timeout=5)
+                await ch.recv(timeout=scaled(5))
             except ChannelClosed as e:
                 seen["clean"] = e.clean
 
         server, port = await _serve(key, handle)
         r, w = await asyncio.open_connection("127.0.0.1", port)
-        ch = await Channel.open(r, w, "client", key, timeout=5)
+        ch = await Channel.open(r, w, "client", key, timeout=scaled(5))
         await ch.send(M.PING, M.encode_json({"t": 1.5}))
-        reply = await ch.recv(timeout=5)
+        reply = await ch.recv(timeout=scaled(5))
         await ch.send(M.MODEL, b"\x07" * 300_000)  # many reads on the other side
         await ch.close()
         await asyncio.sleep(0.1)

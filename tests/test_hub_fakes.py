@@ -18,6 +18,7 @@ from ftte_core.local import LocalWorker
 from ftte_core.modelfile import content_hash, model_from_bytes
 from ftte_core.subset import Subset
 from ftte_core.update import Update, subset_values
+from slowdev import scaled
 
 BEHAVIOURS = ("good", "garbage", "nan", "wrong_shape", "silent", "bad_info", "raw_garbage", "unexpected", "fails", "slow")
 
@@ -84,7 +85,7 @@ class FakeAgent:
     async def _handle(self, reader, writer):
         self._handlers.add(asyncio.current_task())
         try:
-            ch = await Channel.open(reader, writer, "server", self.key, timeout=5)
+            ch = await Channel.open(reader, writer, "server", self.key, timeout=scaled(5))
         except ChannelError:
             writer.close()
             return
@@ -101,11 +102,11 @@ class FakeAgent:
         if self.behaviour == "raw_garbage":  # bytes that are no frame at all
             ch.writer.write(os.urandom(300))
             await ch.writer.drain()
-            await ch.recv(timeout=5)
+            await ch.recv(timeout=scaled(5))
             return
         if self.behaviour == "bad_info":
             await ch.send(M.AGENT_INFO, b'{"agent_id": 7}')
-            await ch.recv(timeout=5)
+            await ch.recv(timeout=scaled(5))
             return
         info = {"agent_id": self.agent_id, "name": f"fake-{self.agent_id}", "protocol": 1,
                 "memory_budget": self.budget, "speed": 1.0, "slowdown": 1.0,
@@ -121,7 +122,7 @@ class FakeAgent:
         while self.pending:
             await ch.send(M.UPDATE, self.pending[0])
             while True:
-                t, body = await ch.recv(timeout=10)
+                t, body = await ch.recv(timeout=scaled(10))
                 if t == M.ACK:
                     self.acks.append(M.decode_json(body, M.ACK))
                     self.pending.pop(0)
@@ -132,7 +133,7 @@ class FakeAgent:
                     deferred.append((t, bytes(body)))
         worker = None
         while True:
-            t, body = deferred.pop(0) if deferred else await ch.recv(timeout=60)
+            t, body = deferred.pop(0) if deferred else await ch.recv(timeout=scaled(60))
             if t == M.PING:
                 await ch.send(M.PONG, body)
             elif t == M.MODEL:
