@@ -67,9 +67,13 @@ class AgentProc:
                 self._cond.wait(min(left, 0.2))
 
     def __repr__(self) -> str:
-        # pytest prints this in a failed `assert a.stop() == 0`: the agent's own account of why
-        tail = "\n".join(self.lines[-30:])
-        return f"<agent pid {self.proc.pid}, exit {self.proc.returncode}; its last log lines:\n{tail}\n>"
+        # pytest prints this in a failed `assert a.stop() == 0`, cut to 240 characters: the end of
+        # the agent's last two log lines fits whole
+        tail = " | ".join(line[-90:] for line in self.lines[-2:])
+        return f"<agent exit {self.proc.returncode}; last log lines: {tail}>"
+
+    def log_tail(self, n: int = 20) -> str:
+        return "\n".join(self.lines[-n:])
 
     def _alive_reader(self) -> bool:
         return not self.proc.stderr.closed and self.proc.poll() is None
@@ -1289,10 +1293,13 @@ def test_a_model_whose_weights_alone_exceed_the_budget_is_refused_on_arrival(fle
             t, body = await recv_skip_pings(ch)
             ch.abort()
             return t, bytes(body)
-        t, body = run(go())
+        try:
+            t, body = run(go())
+        except Exception as e:  # a timeout or a dropped connection: say what the agent saw
+            raise AssertionError(f"{type(e).__name__}: {e}; the agent's log:\n{a.log_tail()}") from e
     finally:
         assert a.stop() == 0
-    assert t == M.ERROR, (M.name(t), body[:300], a)
+    assert t == M.ERROR, f"{M.name(t)} {body[:300]!r}; the agent's log:\n{a.log_tail()}"
     reason = M.decode_json(body, t)["message"]
     assert re.fullmatch(r"MODEL: the model's weights alone are \d+(\.\d)? MiB \(\d+(\.\d)? MiB even as int8\); "
                         r"the budget is 1 MiB \(--memory-budget\)",
