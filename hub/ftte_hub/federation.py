@@ -170,7 +170,7 @@ class Federation:
         samples = [self._capped(r.samples) for r in results]
         w, factors = self.strategy.weighting(full, self.version, samples, clip)
         w = np.asarray(w, np.float64)
-        g = self.strategy.server_lr * self.strategy.step_scale(full, self.version, samples)
+        g = self.strategy.server_lr * self.strategy.step_scale(full, self.version, samples, clip)
         new = {}
         for key, layer, view, _rows in Subset.full(self.model).tensors(self.model):
             num = np.zeros(view.shape, np.float64)

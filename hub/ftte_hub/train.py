@@ -158,11 +158,16 @@ def decay_option(strategy: str, merges: Optional[float]) -> Dict[str, Any]:
     return {"lr_decay_merges": float(merges)}
 
 
+def _finite_ge0(value: Any) -> bool:
+    """A real, finite number >= 0 (a bool is not one)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+
+
 def _saved_number(meta: Dict[str, Any], key: str) -> float:
     """A checkpoint's number >= 0 under ``key`` (0 when absent: a run from before it existed)."""
     value = meta.get(key)
     value = 0.0 if value is None else value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not _finite_ge0(value):
         raise ValueError(f"{key} {value!r} is not a number >= 0")
     return float(value)
 
@@ -895,13 +900,11 @@ async def run_train(config: TrainConfig, key: bytes, hooks: Optional[Hooks] = No
     if config.update_bits is not None and (config.update_bits not in (4, 8) or not config.strategy.startswith("ftte")):
         raise TrainError(f"--update-bits {config.update_bits}: 8 or 4, for the ftte strategies only "
                          f"(fedbuff and fedavg send float32 deltas)")
-    if isinstance(config.lr_decay, bool) or not isinstance(config.lr_decay, (int, float)) \
-            or not math.isfinite(config.lr_decay) or config.lr_decay < 0:
+    if not _finite_ge0(config.lr_decay):
         raise TrainError(f"--lr-decay {config.lr_decay!r}: a finite number of merges per agent >= 0 (0: off)")
     if config.lr_decay and not config.strategy.startswith("ftte"):
         raise TrainError(f"--lr-decay applies to the ftte strategies, not {config.strategy}")
-    if isinstance(config.agreement_damping, bool) or not isinstance(config.agreement_damping, (int, float)) \
-            or not math.isfinite(config.agreement_damping) or config.agreement_damping < 0:
+    if not _finite_ge0(config.agreement_damping):
         raise TrainError(f"--agreement-damping {config.agreement_damping!r}: a finite number >= 0 (0: off)")
     if config.agreement_damping and (not config.strategy.startswith("ftte") or config.strategy == "ftte-tiered"):
         raise TrainError(f"--agreement-damping applies to plain ftte and its ablations, not {config.strategy}")
