@@ -94,13 +94,18 @@ def test_simulator_gives_each_ftte_strategy_its_own_decay(monkeypatch):
     assert off["ftte_lr_decay_merges"] is None and made["ftte"].lr_decay_merges is None
 
 
-@pytest.mark.parametrize("strategy, decay, message", [
-    ("fedavg", 3.0, "--lr-decay applies to the ftte strategies, not fedavg"),
-    ("ftte", float("inf"), "--lr-decay inf: a finite number"),
-    ("ftte", -1.0, "--lr-decay -1.0: a finite number"),
+@pytest.mark.parametrize("field, strategy, value, message", [
+    ("lr_decay", "fedavg", 3.0, "--lr-decay applies to the ftte strategies, not fedavg"),
+    ("lr_decay", "ftte", float("inf"), "--lr-decay inf: a finite number"),
+    ("lr_decay", "ftte", -1.0, "--lr-decay -1.0: a finite number"),
+    ("agreement_damping", "fedbuff", 0.5, "--agreement-damping applies to plain ftte and its ablations, not fedbuff"),
+    ("agreement_damping", "ftte-tiered", 0.5,
+     "--agreement-damping applies to plain ftte and its ablations, not ftte-tiered"),
+    ("agreement_damping", "ftte", float("nan"), "--agreement-damping nan: a finite number"),
 ])
-def test_hub_refuses_a_decay_it_cannot_use(tmp_path, strategy, decay, message):
-    """ftte-hub train --lr-decay: refused before anything starts (no folder, no network)."""
+def test_hub_refuses_a_decay_or_damping_it_cannot_use(tmp_path, field, strategy, value, message):
+    """ftte-hub train --lr-decay / --agreement-damping: refused before anything starts (no folder,
+    no network)."""
     import asyncio
 
     pytest.importorskip("onnx", reason="the hub needs the onnx package (none for armv7)")
@@ -108,7 +113,7 @@ def test_hub_refuses_a_decay_it_cannot_use(tmp_path, strategy, decay, message):
     from ftte_hub.train import TrainConfig, TrainError, run_train
 
     cfg = TrainConfig(model="mlp", val_data=str(tmp_path / "val.npz"), out=str(tmp_path / "run"), min_agents=1,
-                      mdns=False, peers=["127.0.0.1:9"], strategy=strategy, lr_decay=decay)
+                      mdns=False, peers=["127.0.0.1:9"], strategy=strategy, **{field: value})
     with pytest.raises(TrainError, match=re.escape(message)):
         asyncio.run(run_train(cfg, generate_key()))
     assert not (tmp_path / "run").exists()
